@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Brings up a local mediafarm on this machine and runs a real job through each worker:
+# installs/starts RabbitMQ and Redis if needed, builds the release binaries, starts every
+# worker in the background (logs in var/log, pids in var/run) and submits one job to each.
+# Stop the farm with deploy/down.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+
+CONFIG=${MEDIAFARM_CONFIG:-deploy/mediafarm.example.toml}
+echo "[up] building release binaries (first build takes a few minutes on 2 cores)"
+cargo build --release --locked -q -p mediafarm --bin mediafarm --example echo-worker
+BIN=target/release
+mkdir -p var/run var/log
+
+http_status() { # port path -> first line of the response, or nothing
+  (exec 3<>"/dev/tcp/127.0.0.1/$1" && printf 'GET %s HTTP/1.0\r\n\r\n' "$2" >&3 && head -1 <&3) 2>/dev/null || true
+}
+
+start_worker() { # name binary metrics-port
+  local name=$1 bin=$2 port=$3 pidfile=var/run/$1.pid
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "[up] restarting $name"
+    kill -TERM "$(cat "$pidfile")" && sleep 1
+  fi
+  nohup "$bin" --config "$CONFIG" --metrics-addr "127.0.0.1:$port" --loglevel info \
+    >"var/log/$name.log" 2>&1 </dev/null &
+  echo $! >"$pidfile"
+  for _ in $(seq 100); do
+    case "$(http_status "$port" /readyz)" in *" 200"*) echo "[up] $name ready (metrics on 127.0.0.1:$port)"; return 0;; esac
+    kill -0 "$(cat "$pidfile")" 2>/dev/null || { echo "[up] $name exited:"; tail -20 "var/log/$name.log"; return 1; }
+    sleep 0.2
+  done
+  echo "[up] $name did not become ready; see var/log/$name.log"; return 1
+}
+
+start_worker echo-worker "$BIN/examples/echo-worker" 9808
+
+echo "[up] echo.echo through echo-worker:"
+"$BIN/mediafarm" --config "$CONFIG" submit echo.echo --json '{"hello": "mediafarm", "sleep_ms": 10}' --wait --timeout 30
+
+echo "[up] the farm is running: logs in var/log, stop it with deploy/down.sh"

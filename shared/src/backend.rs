@@ -1,0 +1,216 @@
+//! The Redis result backend in Celery's layout: `celery-task-meta-<id>` holds the JSON record,
+//! written with its expiry and published on the channel of the same name in one transaction,
+//! which is how Celery's Redis backend wakes `AsyncResult.get()` waiters.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+use crate::result::{ResultMeta, TaskState};
+
+pub const KEY_PREFIX: &str = "celery-task-meta-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("result backend {url} is unreachable: {source}")]
+    Connect {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("result backend error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("result for {id} is not valid Celery result JSON: {source}")]
+    Corrupt {
+        id: String,
+        source: serde_json::Error,
+    },
+    #[error("no result for {id} within {waited:?}")]
+    Timeout { id: String, waited: Duration },
+}
+
+/// A handle to the result backend; cheap to clone, reconnects by itself.
+#[derive(Clone)]
+pub struct ResultBackend {
+    client: redis::Client,
+    conn: ConnectionManager,
+    expires: Option<u64>,
+    url: String,
+}
+
+pub fn result_key(id: &str) -> String {
+    format!("{KEY_PREFIX}{id}")
+}
+
+impl ResultBackend {
+    /// Connects to `url`; `expires` is how long results are kept, in seconds (`None`: forever).
+    pub async fn connect(url: &str, expires: Option<u64>) -> Result<ResultBackend, BackendError> {
+        let connect_err = |source| BackendError::Connect {
+            url: redact(url),
+            source,
+        };
+        let client = redis::Client::open(url).map_err(connect_err)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .map_err(connect_err)?;
+        Ok(ResultBackend {
+            client,
+            conn,
+            expires,
+            url: redact(url),
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stores `meta` and tells waiters, atomically.
+    pub async fn store(&self, meta: &ResultMeta) -> Result<(), BackendError> {
+        let key = result_key(&meta.task_id);
+        // Serialising a struct of JSON values cannot fail.
+        let value = serde_json::to_string(meta).unwrap_or_default();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match self.expires {
+            Some(secs) => pipe.set_ex(&key, &value, secs).ignore(),
+            None => pipe.set(&key, &value).ignore(),
+        };
+        pipe.publish(&key, &value).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// The stored record, or `None` while the job is PENDING (no record yet).
+    pub async fn get(&self, id: &str) -> Result<Option<ResultMeta>, BackendError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = conn.get(result_key(id)).await?;
+        raw.map(|text| parse(id, &text)).transpose()
+    }
+
+    /// The state of a job: PENDING when nothing is stored.
+    pub async fn state(&self, id: &str) -> Result<TaskState, BackendError> {
+        Ok(self
+            .get(id)
+            .await?
+            .map(|m| m.status)
+            .unwrap_or(TaskState::Pending))
+    }
+
+    /// Waits until the job reaches a ready state (SUCCESS, FAILURE, REVOKED).
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ResultMeta, BackendError> {
+        let key = result_key(id);
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        // Subscribe first, then read: a result stored between the two is not missed.
+        pubsub.subscribe(&key).await?;
+        if let Some(meta) = self.get(id).await?.filter(|m| m.status.is_ready()) {
+            return Ok(meta);
+        }
+        let mut messages = pubsub.on_message();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // A slow poll backs up the publish, in case a message was lost with a connection.
+            let tick = tokio::time::Instant::now() + Duration::from_secs(1);
+            match tokio::time::timeout_at(deadline.min(tick), messages.next()).await {
+                Ok(Some(msg)) => {
+                    let text: String = msg.get_payload()?;
+                    let meta = parse(id, &text)?;
+                    if meta.status.is_ready() {
+                        return Ok(meta);
+                    }
+                }
+                Ok(None) => return self.poll_until(id, deadline, timeout).await,
+                Err(_) if tokio::time::Instant::now() >= deadline => {
+                    return Err(BackendError::Timeout {
+                        id: id.to_owned(),
+                        waited: timeout,
+                    })
+                }
+                Err(_) => {
+                    if let Some(meta) = self.get(id).await?.filter(|m| m.status.is_ready()) {
+                        return Ok(meta);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn poll_until(
+        &self,
+        id: &str,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<ResultMeta, BackendError> {
+        while tokio::time::Instant::now() < deadline {
+            if let Some(meta) = self.get(id).await?.filter(|m| m.status.is_ready()) {
+                return Ok(meta);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(BackendError::Timeout {
+            id: id.to_owned(),
+            waited: timeout,
+        })
+    }
+
+    /// Deletes a stored result.
+    pub async fn forget(&self, id: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        conn.del::<_, ()>(result_key(id)).await?;
+        Ok(())
+    }
+
+    /// Answers PING: used by readiness checks.
+    pub async fn ping(&self) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// A connection for helpers that need Redis beyond results (leases, idempotency).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}
+
+fn parse(id: &str, text: &str) -> Result<ResultMeta, BackendError> {
+    serde_json::from_str(text).map_err(|source| BackendError::Corrupt {
+        id: id.to_owned(),
+        source,
+    })
+}
+
+/// A URL with its password replaced, for logs and error messages.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("amqp://guest:secret@h:5672//"),
+            "amqp://guest:***@h:5672//"
+        );
+        assert_eq!(redact("redis://h:6379/0"), "redis://h:6379/0");
+    }
+}

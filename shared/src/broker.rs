@@ -1,0 +1,349 @@
+//! RabbitMQ: connecting (Celery-style URLs), declaring queues exactly as kombu does, and a
+//! pooled publisher that waits for publisher confirms.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueuePurgeOptions,
+};
+use lapin::types::FieldTable;
+use lapin::uri::AMQPUri;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::amqp_table::write_properties;
+use crate::backend::redact;
+use crate::protocol::TaskMessage;
+use crate::settings::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker URL {url} is not valid: {reason}")]
+    Url { url: String, reason: String },
+    #[error("cannot connect to the broker at {url}: {source}")]
+    Connect { url: String, source: lapin::Error },
+    #[error("broker error: {0}")]
+    Amqp(#[from] lapin::Error),
+    #[error("the broker refused message {id} (publisher confirm was a nack)")]
+    Nacked { id: String },
+    #[error("queue name {0:?} is not valid: 1 to 200 characters, no spaces")]
+    QueueName(String),
+}
+
+/// Parses a Celery/kombu-style AMQP URL: `//` and an empty path both mean vhost `/`.
+pub fn parse_url(url: &str, heartbeat: u16) -> Result<AMQPUri, BrokerError> {
+    let mut uri: AMQPUri = url.parse().map_err(|reason: String| BrokerError::Url {
+        url: redact(url),
+        reason,
+    })?;
+    if uri.vhost.is_empty() {
+        uri.vhost = "/".into();
+    }
+    if uri.query.heartbeat.is_none() {
+        uri.query.heartbeat = Some(heartbeat);
+    }
+    Ok(uri)
+}
+
+/// Opens a connection named for the RabbitMQ management UI.
+pub async fn connect(settings: &Settings, name: &str) -> Result<Connection, BrokerError> {
+    let uri = parse_url(&settings.broker_url, settings.broker_heartbeat)?;
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    let connect = Connection::connect_uri(uri, props);
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(source)) => Err(BrokerError::Connect {
+            url: redact(&settings.broker_url),
+            source,
+        }),
+        Err(_) => Err(BrokerError::Connect {
+            url: redact(&settings.broker_url),
+            source: lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s"),
+            ))),
+        }),
+    }
+}
+
+pub fn check_queue_name(name: &str) -> Result<(), BrokerError> {
+    if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_whitespace()) {
+        return Err(BrokerError::QueueName(name.to_owned()));
+    }
+    Ok(())
+}
+
+/// Declares `queue` as kombu does for `Queue(name)`: a durable direct exchange of the same
+/// name, a durable queue with no arguments, bound with the queue's name as routing key.
+/// Anything else makes RabbitMQ refuse a Python producer's declaration (PRECONDITION_FAILED).
+pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+    check_queue_name(queue)?;
+    channel
+        .exchange_declare(
+            queue.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            queue.into(),
+            queue.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Removes every ready message from `queue`; returns how many were removed.
+pub async fn purge(settings: &Settings, queue: &str) -> Result<u32, BrokerError> {
+    let conn = connect(settings, "mediafarm purge").await?;
+    let channel = conn.create_channel().await?;
+    declare_queue(&channel, queue).await?;
+    let n = channel
+        .queue_purge(queue.into(), QueuePurgeOptions::default())
+        .await?;
+    let _ = conn.close(200, "purged".into()).await;
+    Ok(n)
+}
+
+/// One pooled connection with a confirm-mode channel.
+struct Slot {
+    conn: Connection,
+    channel: Channel,
+    declared: HashSet<String>,
+}
+
+/// Publishes task messages with publisher confirms over at most `broker_pool_limit`
+/// connections, reconnecting when a connection is lost.
+#[derive(Clone)]
+pub struct Publisher {
+    inner: Arc<PublisherInner>,
+}
+
+struct PublisherInner {
+    settings: Settings,
+    idle: Mutex<Vec<Slot>>,
+    limit: Semaphore,
+    opened: AtomicUsize,
+}
+
+const PUBLISH_ATTEMPTS: u32 = 5;
+
+impl Publisher {
+    pub fn new(settings: &Settings) -> Publisher {
+        Publisher {
+            inner: Arc::new(PublisherInner {
+                settings: settings.clone(),
+                idle: Mutex::new(Vec::new()),
+                limit: Semaphore::new(settings.broker_pool_limit),
+                opened: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Connections opened so far (reconnects included).
+    pub fn connections_opened(&self) -> usize {
+        self.inner.opened.load(Ordering::Relaxed)
+    }
+
+    /// Publishes one message to `queue` and waits for the broker's confirm.
+    pub async fn publish(&self, queue: &str, msg: &TaskMessage) -> Result<(), BrokerError> {
+        self.publish_batch(queue, std::slice::from_ref(msg)).await
+    }
+
+    /// Publishes messages to `queue` back to back and waits for all confirms; on a lost
+    /// connection the unconfirmed ones are published again (at-least-once).
+    pub async fn publish_batch(
+        &self,
+        queue: &str,
+        msgs: &[TaskMessage],
+    ) -> Result<(), BrokerError> {
+        check_queue_name(queue)?;
+        let _permit = self
+            .inner
+            .limit
+            .acquire()
+            .await
+            .map_err(|_| BrokerError::QueueName(queue.to_owned()))?;
+        let mut attempt = 0;
+        let mut done = 0;
+        loop {
+            let mut slot = match self.take_slot().await {
+                Ok(slot) => slot,
+                Err(e) if attempt + 1 < PUBLISH_ATTEMPTS => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "publish: broker unreachable, retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            match publish_on(&mut slot, queue, &msgs[done..]).await {
+                Ok(()) => {
+                    self.inner.idle.lock().await.push(slot);
+                    return Ok(());
+                }
+                Err((confirmed, e)) => {
+                    done += confirmed;
+                    let _ = slot.conn.close(200, "publish failed".into()).await;
+                    if matches!(e, BrokerError::Nacked { .. } | BrokerError::QueueName(_))
+                        || attempt + 1 >= PUBLISH_ATTEMPTS
+                    {
+                        return Err(e);
+                    }
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "publish failed, reconnecting");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
+        }
+    }
+
+    async fn take_slot(&self) -> Result<Slot, BrokerError> {
+        while let Some(slot) = self.inner.idle.lock().await.pop() {
+            if slot.conn.status().connected() && slot.channel.status().connected() {
+                return Ok(slot);
+            }
+        }
+        let conn = connect(&self.inner.settings, "mediafarm producer").await?;
+        self.inner.opened.fetch_add(1, Ordering::Relaxed);
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Slot {
+            conn,
+            channel,
+            declared: HashSet::new(),
+        })
+    }
+}
+
+/// Publishes `msgs` on one channel. On error, says how many were confirmed before it.
+async fn publish_on(
+    slot: &mut Slot,
+    queue: &str,
+    msgs: &[TaskMessage],
+) -> Result<(), (usize, BrokerError)> {
+    if !slot.declared.contains(queue) {
+        declare_queue(&slot.channel, queue)
+            .await
+            .map_err(|e| (0, e))?;
+        slot.declared.insert(queue.to_owned());
+    }
+    let mut confirms = Vec::with_capacity(msgs.len());
+    for msg in msgs {
+        let (props, headers, body) = msg.encode();
+        // Celery publishes to the default exchange with the queue's name as routing key.
+        let confirm = slot
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                &body,
+                write_properties(&props, &headers),
+            )
+            .await;
+        match confirm {
+            Ok(c) => confirms.push((msg.id.as_str(), c)),
+            Err(e) => {
+                let confirmed = settle(confirms).await;
+                return Err((confirmed, e.into()));
+            }
+        }
+    }
+    let total = confirms.len();
+    let mut confirmed = 0;
+    for (id, confirm) in confirms {
+        match confirm.await {
+            Ok(c) if c.is_ack() => confirmed += 1,
+            Ok(_) => return Err((confirmed, BrokerError::Nacked { id: id.to_owned() })),
+            Err(e) => return Err((confirmed, e.into())),
+        }
+    }
+    debug_assert_eq!(confirmed, total);
+    Ok(())
+}
+
+/// Counts the leading confirmed messages of a batch cut short.
+async fn settle(confirms: Vec<(&str, lapin::PublisherConfirm)>) -> usize {
+    let mut n = 0;
+    for (_, c) in confirms {
+        match c.await {
+            Ok(c) if c.is_ack() => n += 1,
+            _ => break,
+        }
+    }
+    n
+}
+
+/// Exponential backoff with jitter: 200 ms doubling to 10 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let base = 200u64.saturating_mul(1 << attempt.min(6)).min(10_000);
+    Duration::from_millis(base / 2 + fastrand::u64(0..=base / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn celery_style_urls_mean_vhost_slash() {
+        for url in [
+            "amqp://guest:guest@127.0.0.1:5672//",
+            "amqp://guest:guest@127.0.0.1:5672/",
+            "amqp://guest:guest@127.0.0.1:5672",
+            "amqp://guest:guest@127.0.0.1:5672/%2f",
+        ] {
+            let uri = parse_url(url, 30).unwrap();
+            assert_eq!(uri.vhost, "/", "{url}");
+            assert_eq!(uri.query.heartbeat, Some(30));
+        }
+        assert_eq!(
+            parse_url("amqp://h/prod?heartbeat=5", 30).unwrap().vhost,
+            "prod"
+        );
+        assert_eq!(
+            parse_url("amqp://h/prod?heartbeat=5", 30)
+                .unwrap()
+                .query
+                .heartbeat,
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(0) <= Duration::from_millis(200));
+        assert!(backoff(10) <= Duration::from_secs(10));
+        assert!(backoff(10) >= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn queue_names_are_checked() {
+        assert!(check_queue_name("image").is_ok());
+        assert!(check_queue_name("").is_err());
+        assert!(check_queue_name("a b").is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! The producer side: send a job (typed or by task name) and read its result, as Celery's
+//! `send_task` and `AsyncResult` do.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use serde_json::{Map, Value};
+
+use crate::backend::{BackendError, ResultBackend};
+use crate::broker::{BrokerError, Publisher};
+use crate::protocol::{TaskMessage, TimeLimits};
+use crate::result::{ResultMeta, TaskError, TaskState};
+use crate::settings::Settings;
+use crate::task::Job;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("job arguments must serialise to a JSON object of kwargs; got {0}")]
+    NotAnObject(String),
+    /// The job ended in FAILURE or REVOKED.
+    #[error("job {id} failed: {error}")]
+    Failed { id: String, error: TaskError },
+}
+
+/// How to send a job, beyond its arguments (Celery's `apply_async` options).
+#[derive(Debug, Clone, Default)]
+pub struct SendOptions {
+    /// Queue name; default: the part of the task name before the first dot.
+    pub queue: Option<String>,
+    /// Run no earlier than this many seconds from now.
+    pub countdown: Option<f64>,
+    /// Do not run after this many seconds from now.
+    pub expires: Option<f64>,
+    pub priority: Option<u8>,
+    pub time_limit: Option<f64>,
+    pub soft_time_limit: Option<f64>,
+    /// Use this task id instead of a new UUID.
+    pub task_id: Option<String>,
+}
+
+/// Publishes jobs and reads results.
+#[derive(Clone)]
+pub struct Client {
+    publisher: Publisher,
+    backend: ResultBackend,
+}
+
+impl Client {
+    pub async fn connect(settings: &Settings) -> Result<Client, ClientError> {
+        crate::broker::parse_url(&settings.broker_url, settings.broker_heartbeat)?;
+        Ok(Client {
+            publisher: Publisher::new(settings),
+            backend: ResultBackend::connect(
+                &settings.result_backend,
+                settings.result_expires_secs(),
+            )
+            .await?,
+        })
+    }
+
+    /// Sends a typed job to its queue.
+    pub async fn send<J: Job>(&self, job: &J) -> Result<AsyncResult, ClientError> {
+        let kwargs = match serde_json::to_value(job) {
+            Ok(Value::Object(m)) => m,
+            Ok(other) => return Err(ClientError::NotAnObject(other.to_string())),
+            Err(e) => return Err(ClientError::NotAnObject(e.to_string())),
+        };
+        let opts = SendOptions {
+            queue: Some(J::QUEUE.to_owned()),
+            ..Default::default()
+        };
+        self.send_task(J::TASK, kwargs, &opts).await
+    }
+
+    /// Sends a job by task name with keyword arguments.
+    pub async fn send_task(
+        &self,
+        task: &str,
+        kwargs: Map<String, Value>,
+        opts: &SendOptions,
+    ) -> Result<AsyncResult, ClientError> {
+        let msg = build_message(task, kwargs, opts);
+        let queue = opts.queue.clone().unwrap_or_else(|| default_queue(task));
+        self.publisher.publish(&queue, &msg).await?;
+        Ok(self.result(&msg.id))
+    }
+
+    /// Publishes ready-made messages to one queue, waiting for every confirm.
+    pub async fn publish_batch(
+        &self,
+        queue: &str,
+        msgs: &[TaskMessage],
+    ) -> Result<(), ClientError> {
+        Ok(self.publisher.publish_batch(queue, msgs).await?)
+    }
+
+    /// A handle to the result of job `id`.
+    pub fn result(&self, id: &str) -> AsyncResult {
+        AsyncResult {
+            id: id.to_owned(),
+            backend: self.backend.clone(),
+        }
+    }
+
+    pub fn backend(&self) -> &ResultBackend {
+        &self.backend
+    }
+}
+
+/// Builds the protocol message for `task` as `send_task` would.
+pub fn build_message(task: &str, kwargs: Map<String, Value>, opts: &SendOptions) -> TaskMessage {
+    let mut msg = TaskMessage::new(task, kwargs);
+    if let Some(id) = &opts.task_id {
+        msg.id = id.clone();
+        msg.root_id = Some(id.clone());
+    }
+    let at = |secs: f64| Utc::now() + chrono::Duration::milliseconds((secs * 1000.0) as i64);
+    msg.eta = opts.countdown.filter(|s| *s > 0.0).map(at);
+    msg.expires = opts.expires.map(at);
+    msg.priority = opts.priority;
+    msg.timelimit = TimeLimits {
+        hard: opts.time_limit,
+        soft: opts.soft_time_limit,
+    };
+    msg
+}
+
+/// The queue a task goes to when none is named: `image.transform` → `image`.
+pub fn default_queue(task: &str) -> String {
+    task.split('.').next().unwrap_or(task).to_owned()
+}
+
+/// A job's result, as Celery's `AsyncResult`.
+#[derive(Clone)]
+pub struct AsyncResult {
+    pub id: String,
+    backend: ResultBackend,
+}
+
+impl AsyncResult {
+    /// Waits for the job to end; its return value, or `ClientError::Failed`.
+    pub async fn get(&self, timeout: Duration) -> Result<Value, ClientError> {
+        let meta = self.backend.wait(&self.id, timeout).await?;
+        into_value(meta)
+    }
+
+    /// The current state; PENDING when nothing is stored yet.
+    pub async fn state(&self) -> Result<TaskState, ClientError> {
+        Ok(self.backend.state(&self.id).await?)
+    }
+
+    /// The stored record, if any.
+    pub async fn meta(&self) -> Result<Option<ResultMeta>, ClientError> {
+        Ok(self.backend.get(&self.id).await?)
+    }
+}
+
+fn into_value(meta: ResultMeta) -> Result<Value, ClientError> {
+    match meta.error() {
+        Some(error) => Err(ClientError::Failed {
+            id: meta.task_id,
+            error,
+        }),
+        None => Ok(meta.result),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_become_headers() {
+        let opts = SendOptions {
+            countdown: Some(10.0),
+            expires: Some(60.0),
+            time_limit: Some(5.0),
+            task_id: Some("fixed".into()),
+            ..Default::default()
+        };
+        let msg = build_message("image.transform", Map::new(), &opts);
+        assert_eq!(msg.id, "fixed");
+        let eta = msg.eta.unwrap();
+        assert!(eta > Utc::now() + chrono::Duration::seconds(9));
+        assert!(msg.expires.unwrap() > eta);
+        assert_eq!(msg.timelimit.hard, Some(5.0));
+        assert_eq!(default_queue("image.transform"), "image");
+        assert_eq!(default_queue("plain"), "plain");
+    }
+}

@@ -1,0 +1,197 @@
+//! The worker's HTTP endpoints on `metrics_addr`: `/metrics` (Prometheus text), `/healthz`
+//! (the process answers) and `/readyz` (connected to RabbitMQ and Redis and consuming).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// What `/readyz` reports; set by the worker as connections come and go.
+#[derive(Default)]
+pub struct Readiness {
+    pub broker: AtomicBool,
+    pub backend: AtomicBool,
+    pub consuming: AtomicBool,
+}
+
+impl Readiness {
+    /// `None` when ready, else what is missing.
+    pub fn problem(&self) -> Option<String> {
+        let mut missing = Vec::new();
+        if !self.broker.load(Ordering::Relaxed) {
+            missing.push("broker (RabbitMQ) not connected");
+        }
+        if !self.backend.load(Ordering::Relaxed) {
+            missing.push("result backend (Redis) not reachable");
+        }
+        if !self.consuming.load(Ordering::Relaxed) {
+            missing.push("not consuming");
+        }
+        (!missing.is_empty()).then(|| missing.join("; "))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on metrics_addr = {addr}: {source}")]
+pub struct BindError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// Binds `addr` and serves until `stop`; returns the bound address (port 0 picks one).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+    stop: CancellationToken,
+) -> Result<SocketAddr, BindError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| BindError { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| BindError { addr, source })?;
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => break,
+                a = listener.accept() => a,
+            };
+            let Ok((stream, _)) = accepted else { continue };
+            let (metrics, readiness) = (metrics.clone(), readiness.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let response = route(&req, &metrics, &readiness);
+                    async move { Ok::<_, Infallible>(response) }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}
+
+fn route(
+    req: &Request<Incoming>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
+    }
+    match req.uri().path() {
+        "/metrics" => {
+            let mut r = text(StatusCode::OK, metrics.render());
+            r.headers_mut().insert(
+                hyper::header::CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        "/readyz" => match readiness.problem() {
+            None => text(StatusCode::OK, "ready\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_health_readiness_and_metrics() {
+        let readiness = Arc::new(Readiness::default());
+        let stop = CancellationToken::new();
+        let metrics = Metrics::new();
+        metrics
+            .up
+            .get_or_create(&crate::metrics::WorkerLabels {
+                hostname: "w".into(),
+            })
+            .set(1);
+        let addr = serve(
+            "127.0.0.1:0".parse().unwrap(),
+            metrics,
+            readiness.clone(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        let r = get(addr, "/readyz").await;
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.contains("broker (RabbitMQ) not connected"),
+            "{r}"
+        );
+        for flag in [&readiness.broker, &readiness.backend, &readiness.consuming] {
+            flag.store(true, Ordering::Relaxed);
+        }
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        let m = get(addr, "/metrics").await;
+        assert!(m.contains("celery_worker_up{hostname=\"w\"} 1"), "{m}");
+        assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_names_the_setting() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let err = serve(
+            addr,
+            Metrics::new(),
+            Arc::default(),
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("metrics_addr"), "{err}");
+    }
+}

@@ -1,0 +1,31 @@
+//! mediafarm: a Celery-compatible worker farm for media work. This crate holds everything two
+//! workers would otherwise write twice: settings, the Celery protocol v2 wire format, the
+//! RabbitMQ broker, the Redis result backend, the worker runtime, metrics and health
+//! endpoints, the producer client and the `mediafarm` CLI.
+
+pub mod amqp_table;
+pub mod backend;
+pub mod broker;
+pub mod client;
+pub mod cpu;
+pub mod http;
+pub mod logging;
+pub mod metrics;
+pub mod protocol;
+pub mod result;
+pub mod settings;
+pub mod task;
+pub mod worker;
+pub mod worker_cli;
+
+pub use backend::ResultBackend;
+pub use client::{AsyncResult, Client, ClientError, SendOptions};
+pub use result::{FailureKind, ResultMeta, TaskError, TaskState};
+pub use settings::Settings;
+pub use task::{Job, Registry, Task, TaskContext};
+pub use worker::{Worker, WorkerHandle};
+
+/// This machine's host name, for node names and message origins.
+pub fn hostname() -> String {
+    gethostname::gethostname().to_string_lossy().into_owned()
+}

@@ -1,0 +1,626 @@
+//! Settings: one type read from a TOML file with `MEDIAFARM_<NAME>` environment variables over
+//! it. Names follow Celery's where Celery has one. Every value is checked at start-up and a bad
+//! one is reported with the setting's name, the value given and what is accepted.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A settings file or variable that cannot be used; start-up stops with this message.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("settings file {path} is not valid TOML: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("setting `{name}` = {value} is not accepted: {accepted}")]
+    Invalid {
+        name: String,
+        value: String,
+        accepted: String,
+    },
+    #[error("unknown setting `{name}` in {origin}{hint}")]
+    Unknown {
+        name: String,
+        origin: String,
+        hint: String,
+    },
+}
+
+/// Why `pickle` is never accepted, said wherever someone asks for it.
+pub const PICKLE_REFUSAL: &str = "pickle is refused: loading a pickle runs code chosen by whoever \
+     wrote the message; mediafarm speaks JSON only (use \"json\")";
+
+/// Every setting mediafarm reads, with its default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`, Celery's `//` means vhost `/`).
+    pub broker_url: String,
+    /// Connections the producer side keeps open at most (kombu's pool limit).
+    pub broker_pool_limit: usize,
+    /// AMQP heartbeat in seconds (0 turns heartbeats off).
+    pub broker_heartbeat: u16,
+    /// Redis URL of the result backend.
+    pub result_backend: String,
+    /// How long results are kept.
+    pub result_expires: Duration,
+    pub task_serializer: String,
+    pub result_serializer: String,
+    pub accept_content: Vec<String>,
+    /// IANA time zone used for schedules; timestamps on the wire are always UTC.
+    pub timezone: String,
+    /// Jobs a worker process runs at once.
+    pub worker_concurrency: usize,
+    /// Unacknowledged messages held per unit of concurrency.
+    pub worker_prefetch_multiplier: u16,
+    /// Always true: a message is acknowledged only after its result is stored.
+    pub task_acks_late: bool,
+    /// Store a STARTED state when a job begins.
+    pub task_track_started: bool,
+    pub task_time_limit: Option<Duration>,
+    pub task_soft_time_limit: Option<Duration>,
+    pub task_default_retry_delay: Duration,
+    pub task_max_retries: u32,
+    /// How long a stopping worker lets running jobs finish before returning them to the broker.
+    pub worker_shutdown_grace: Duration,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; port 0 picks a free port.
+    pub metrics_addr: SocketAddr,
+    /// Largest message body accepted, in bytes.
+    pub task_message_max_bytes: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            broker_url: "amqp://guest:guest@127.0.0.1:5672//".into(),
+            broker_pool_limit: 10,
+            broker_heartbeat: 60,
+            result_backend: "redis://127.0.0.1:6379/0".into(),
+            result_expires: Duration::from_secs(86_400),
+            task_serializer: "json".into(),
+            result_serializer: "json".into(),
+            accept_content: vec!["json".into()],
+            timezone: "UTC".into(),
+            worker_concurrency: default_concurrency(),
+            worker_prefetch_multiplier: 4,
+            task_acks_late: true,
+            task_track_started: false,
+            task_time_limit: None,
+            task_soft_time_limit: None,
+            task_default_retry_delay: Duration::from_secs(180),
+            task_max_retries: 3,
+            worker_shutdown_grace: Duration::from_secs(30),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9808)),
+            task_message_max_bytes: 1 << 20,
+        }
+    }
+}
+
+fn default_concurrency() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Every setting name, for unknown-name checks and for the environment overlay.
+pub const SETTING_NAMES: &[&str] = &[
+    "broker_url",
+    "broker_pool_limit",
+    "broker_heartbeat",
+    "result_backend",
+    "result_expires",
+    "task_serializer",
+    "result_serializer",
+    "accept_content",
+    "timezone",
+    "worker_concurrency",
+    "worker_prefetch_multiplier",
+    "task_acks_late",
+    "task_track_started",
+    "task_time_limit",
+    "task_soft_time_limit",
+    "task_default_retry_delay",
+    "task_max_retries",
+    "worker_shutdown_grace",
+    "metrics_addr",
+    "task_message_max_bytes",
+];
+
+const ENV_PREFIX: &str = "MEDIAFARM_";
+
+impl Settings {
+    /// Reads `path` (a missing file is an error only when `required`), then the process
+    /// environment over it.
+    pub fn load(path: &Path, required: bool) -> Result<Settings, SettingsError> {
+        let table = match std::fs::read_to_string(path) {
+            Ok(text) => parse_toml(path, &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => toml::Table::new(),
+            Err(source) => {
+                return Err(SettingsError::Read {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        };
+        Self::from_sources(table, &path.display().to_string(), std::env::vars())
+    }
+
+    /// Builds settings from a parsed file and an environment; the environment wins.
+    pub fn from_sources(
+        file: toml::Table,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, SettingsError> {
+        let mut values: BTreeMap<String, Raw> = BTreeMap::new();
+        for (name, value) in file {
+            if !SETTING_NAMES.contains(&name.as_str()) {
+                return Err(unknown(&name, origin));
+            }
+            values.insert(name, Raw::Toml(value));
+        }
+        for (var, value) in env {
+            let Some(suffix) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let name = suffix.to_ascii_lowercase();
+            if SETTING_NAMES.contains(&name.as_str()) {
+                values.insert(name, Raw::Env(value));
+            }
+        }
+        let reader = Reader { values };
+        let d = Settings::default();
+        let settings = Settings {
+            broker_url: reader.url("broker_url", d.broker_url, &["amqp", "amqps"])?,
+            broker_pool_limit: reader.int("broker_pool_limit", d.broker_pool_limit, 1, 1000)?,
+            broker_heartbeat: reader.int("broker_heartbeat", d.broker_heartbeat, 0, 3600)?,
+            result_backend: reader.url("result_backend", d.result_backend, &["redis", "rediss"])?,
+            result_expires: reader
+                .seconds("result_expires", Some(d.result_expires))?
+                .unwrap_or(
+                    // 0 or none: Celery keeps results forever; Redis needs no expiry then.
+                    Duration::ZERO,
+                ),
+            task_serializer: reader.serializer("task_serializer", d.task_serializer)?,
+            result_serializer: reader.serializer("result_serializer", d.result_serializer)?,
+            accept_content: reader.accept_content(d.accept_content)?,
+            timezone: reader.timezone(d.timezone)?,
+            worker_concurrency: reader.int(
+                "worker_concurrency",
+                d.worker_concurrency,
+                1,
+                10_000,
+            )?,
+            worker_prefetch_multiplier: reader.int(
+                "worker_prefetch_multiplier",
+                d.worker_prefetch_multiplier,
+                1,
+                1000,
+            )?,
+            task_acks_late: reader.acks_late()?,
+            task_track_started: reader.bool("task_track_started", d.task_track_started)?,
+            task_time_limit: reader.seconds("task_time_limit", None)?,
+            task_soft_time_limit: reader.seconds("task_soft_time_limit", None)?,
+            task_default_retry_delay: reader
+                .seconds("task_default_retry_delay", Some(d.task_default_retry_delay))?
+                .unwrap_or(Duration::ZERO),
+            task_max_retries: reader.int("task_max_retries", d.task_max_retries, 0, 1_000_000)?,
+            worker_shutdown_grace: reader
+                .seconds("worker_shutdown_grace", Some(d.worker_shutdown_grace))?
+                .unwrap_or(Duration::ZERO),
+            metrics_addr: reader.socket_addr("metrics_addr", d.metrics_addr)?,
+            task_message_max_bytes: reader.int(
+                "task_message_max_bytes",
+                d.task_message_max_bytes,
+                1024,
+                512 << 20,
+            )?,
+        };
+        if let (Some(soft), Some(hard)) = (settings.task_soft_time_limit, settings.task_time_limit)
+        {
+            if soft >= hard {
+                return Err(SettingsError::Invalid {
+                    name: "task_soft_time_limit".into(),
+                    value: format!("{}", soft.as_secs_f64()),
+                    accepted: format!(
+                        "a limit below task_time_limit ({} s), so the job is warned before it is stopped",
+                        hard.as_secs_f64()
+                    ),
+                });
+            }
+        }
+        Ok(settings)
+    }
+
+    /// Unacknowledged messages the broker may hand this worker at once.
+    pub fn prefetch_count(&self) -> u16 {
+        let n = self
+            .worker_concurrency
+            .saturating_mul(self.worker_prefetch_multiplier as usize);
+        n.min(u16::MAX as usize) as u16
+    }
+
+    /// Expiry in whole seconds for Redis, `None` when results are kept forever.
+    pub fn result_expires_secs(&self) -> Option<u64> {
+        let s = self.result_expires.as_secs();
+        (s > 0).then_some(s)
+    }
+}
+
+fn parse_toml(path: &Path, text: &str) -> Result<toml::Table, SettingsError> {
+    text.parse::<toml::Table>()
+        .map_err(|e| SettingsError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })
+}
+
+fn unknown(name: &str, origin: &str) -> SettingsError {
+    let hint = SETTING_NAMES
+        .iter()
+        .map(|known| (edit_distance(name, known), known))
+        .filter(|(d, _)| *d <= 3)
+        .min()
+        .map(|(_, known)| format!("; did you mean `{known}`?"))
+        .unwrap_or_else(|| "; see deploy/mediafarm.example.toml for every setting".into());
+    SettingsError::Unknown {
+        name: name.into(),
+        origin: origin.into(),
+        hint,
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// A value as it was written: in the TOML file, or as an environment variable's text.
+enum Raw {
+    Toml(toml::Value),
+    Env(String),
+}
+
+impl Raw {
+    fn shown(&self) -> String {
+        match self {
+            Raw::Toml(v) => v.to_string(),
+            Raw::Env(s) => format!("{s:?} (from the environment)"),
+        }
+    }
+}
+
+struct Reader {
+    values: BTreeMap<String, Raw>,
+}
+
+impl Reader {
+    fn invalid(&self, name: &str, accepted: impl Into<String>) -> SettingsError {
+        SettingsError::Invalid {
+            name: name.into(),
+            value: self
+                .values
+                .get(name)
+                .map(Raw::shown)
+                .unwrap_or_else(|| "(unset)".into()),
+            accepted: accepted.into(),
+        }
+    }
+
+    fn string(&self, name: &str) -> Result<Option<String>, SettingsError> {
+        match self.values.get(name) {
+            None => Ok(None),
+            Some(Raw::Env(s)) => Ok(Some(s.clone())),
+            Some(Raw::Toml(toml::Value::String(s))) => Ok(Some(s.clone())),
+            Some(Raw::Toml(_)) => Err(self.invalid(name, "a string")),
+        }
+    }
+
+    fn int<T>(&self, name: &str, default: T, min: T, max: T) -> Result<T, SettingsError>
+    where
+        T: TryFrom<i64> + TryInto<i64> + Copy + std::fmt::Display,
+    {
+        let accepted = || format!("a whole number from {min} to {max}");
+        let n: i64 = match self.values.get(name) {
+            None => return Ok(default),
+            Some(Raw::Toml(toml::Value::Integer(n))) => *n,
+            Some(Raw::Env(s)) => s
+                .trim()
+                .parse()
+                .map_err(|_| self.invalid(name, accepted()))?,
+            Some(Raw::Toml(_)) => return Err(self.invalid(name, accepted())),
+        };
+        let (lo, hi) = (
+            min.try_into().unwrap_or(i64::MIN),
+            max.try_into().unwrap_or(i64::MAX),
+        );
+        if n < lo || n > hi {
+            return Err(self.invalid(name, accepted()));
+        }
+        T::try_from(n).map_err(|_| self.invalid(name, accepted()))
+    }
+
+    fn bool(&self, name: &str, default: bool) -> Result<bool, SettingsError> {
+        const ACCEPTED: &str = "true or false (the environment also takes 1/0, yes/no, on/off)";
+        match self.values.get(name) {
+            None => Ok(default),
+            Some(Raw::Toml(toml::Value::Boolean(b))) => Ok(*b),
+            Some(Raw::Env(s)) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => Ok(true),
+                "false" | "0" | "no" | "off" => Ok(false),
+                _ => Err(self.invalid(name, ACCEPTED)),
+            },
+            Some(Raw::Toml(_)) => Err(self.invalid(name, ACCEPTED)),
+        }
+    }
+
+    /// Seconds as a number (Celery's form); `0` or an empty variable means "none".
+    fn seconds(
+        &self,
+        name: &str,
+        default: Option<Duration>,
+    ) -> Result<Option<Duration>, SettingsError> {
+        const ACCEPTED: &str = "a number of seconds, 0 or more (0 means none)";
+        let secs: f64 = match self.values.get(name) {
+            None => return Ok(default),
+            Some(Raw::Toml(toml::Value::Integer(n))) => *n as f64,
+            Some(Raw::Toml(toml::Value::Float(f))) => *f,
+            Some(Raw::Env(s)) if s.trim().is_empty() || s.trim() == "none" => return Ok(None),
+            Some(Raw::Env(s)) => s.trim().parse().map_err(|_| self.invalid(name, ACCEPTED))?,
+            Some(Raw::Toml(_)) => return Err(self.invalid(name, ACCEPTED)),
+        };
+        if !secs.is_finite() || !(0.0..=31_536_000.0 * 10.0).contains(&secs) {
+            return Err(self.invalid(name, ACCEPTED));
+        }
+        Ok((secs > 0.0).then(|| Duration::from_secs_f64(secs)))
+    }
+
+    fn url(&self, name: &str, default: String, schemes: &[&str]) -> Result<String, SettingsError> {
+        let Some(url) = self.string(name)? else {
+            return Ok(default);
+        };
+        let scheme_ok = url
+            .split_once("://")
+            .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty());
+        if !scheme_ok {
+            let list: Vec<String> = schemes.iter().map(|s| format!("{s}://…")).collect();
+            return Err(self.invalid(name, format!("a URL starting with {}", list.join(" or "))));
+        }
+        Ok(url)
+    }
+
+    fn serializer(&self, name: &str, default: String) -> Result<String, SettingsError> {
+        let Some(value) = self.string(name)? else {
+            return Ok(default);
+        };
+        check_content_type(&value).map_err(|why| self.invalid(name, why))?;
+        Ok("json".into())
+    }
+
+    fn accept_content(&self, default: Vec<String>) -> Result<Vec<String>, SettingsError> {
+        const NAME: &str = "accept_content";
+        let items: Vec<String> = match self.values.get(NAME) {
+            None => return Ok(default),
+            Some(Raw::Env(s)) => s.split(',').map(|p| p.trim().to_owned()).collect(),
+            Some(Raw::Toml(toml::Value::Array(a))) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| self.invalid(NAME, "a list of content types, e.g. [\"json\"]"))?,
+            Some(Raw::Toml(_)) => {
+                return Err(self.invalid(NAME, "a list of content types, e.g. [\"json\"]"))
+            }
+        };
+        for item in &items {
+            check_content_type(item).map_err(|why| self.invalid(NAME, why))?;
+        }
+        if items.is_empty() {
+            return Err(self.invalid(NAME, "[\"json\"]"));
+        }
+        Ok(vec!["json".into()])
+    }
+
+    fn acks_late(&self) -> Result<bool, SettingsError> {
+        let v = self.bool("task_acks_late", true)?;
+        if !v {
+            return Err(self.invalid(
+                "task_acks_late",
+                "true only: mediafarm acknowledges a message after its result is stored, so a \
+                 worker that dies loses nothing (make side effects idempotent instead)",
+            ));
+        }
+        Ok(v)
+    }
+
+    fn timezone(&self, default: String) -> Result<String, SettingsError> {
+        let Some(tz) = self.string("timezone")? else {
+            return Ok(default);
+        };
+        let known = matches!(tz.as_str(), "UTC" | "Etc/UTC")
+            || (!tz.contains("..")
+                && !tz.starts_with('/')
+                && Path::new("/usr/share/zoneinfo").join(&tz).is_file());
+        if !known {
+            return Err(self.invalid(
+                "timezone",
+                "an IANA time zone name such as \"UTC\" or \"Europe/Berlin\"",
+            ));
+        }
+        Ok(tz)
+    }
+
+    fn socket_addr(&self, name: &str, default: SocketAddr) -> Result<SocketAddr, SettingsError> {
+        let Some(text) = self.string(name)? else {
+            return Ok(default);
+        };
+        text.parse().map_err(|_| {
+            self.invalid(
+                name,
+                "host:port with a numeric address, e.g. \"0.0.0.0:9808\"",
+            )
+        })
+    }
+}
+
+/// Accepts JSON under its names and says why anything else is refused.
+pub fn check_content_type(value: &str) -> Result<(), String> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "json" | "application/json" => Ok(()),
+        "pickle" | "application/x-python-serialize" => Err(PICKLE_REFUSAL.into()),
+        _ => Err("\"json\" (the only serializer mediafarm speaks)".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(toml_text: &str, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let table: toml::Table = toml_text.parse().expect("test TOML parses");
+        Settings::from_sources(
+            table,
+            "test.toml",
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_when_nothing_is_set() {
+        let s = from("", &[]).unwrap();
+        assert_eq!(s, Settings::default());
+        assert_eq!(s.prefetch_count() as usize, s.worker_concurrency * 4);
+    }
+
+    #[test]
+    fn file_values_are_read_and_env_wins() {
+        let s = from(
+            "worker_concurrency = 3\nresult_expires = 60\ntask_track_started = true\nmetrics_addr = \"0.0.0.0:9100\"",
+            &[("MEDIAFARM_WORKER_CONCURRENCY", "7"), ("OTHER", "x")],
+        )
+        .unwrap();
+        assert_eq!(s.worker_concurrency, 7);
+        assert_eq!(s.result_expires, Duration::from_secs(60));
+        assert!(s.task_track_started);
+        assert_eq!(s.metrics_addr.port(), 9100);
+    }
+
+    #[test]
+    fn env_lists_bools_and_seconds() {
+        let s = from(
+            "",
+            &[
+                ("MEDIAFARM_ACCEPT_CONTENT", "json, application/json"),
+                ("MEDIAFARM_TASK_TRACK_STARTED", "yes"),
+                ("MEDIAFARM_TASK_TIME_LIMIT", "2.5"),
+                ("MEDIAFARM_TASK_SOFT_TIME_LIMIT", "1"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.accept_content, vec!["json"]);
+        assert!(s.task_track_started);
+        assert_eq!(s.task_time_limit, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn pickle_is_refused_with_the_reason() {
+        for (toml_text, env) in [
+            ("task_serializer = \"pickle\"", vec![]),
+            ("accept_content = [\"json\", \"pickle\"]", vec![]),
+            ("", vec![("MEDIAFARM_RESULT_SERIALIZER", "pickle")]),
+            (
+                "",
+                vec![("MEDIAFARM_ACCEPT_CONTENT", "application/x-python-serialize")],
+            ),
+        ] {
+            let err = from(toml_text, &env).unwrap_err().to_string();
+            assert!(err.contains("runs code chosen by whoever"), "{err}");
+        }
+    }
+
+    #[test]
+    fn wrong_values_name_setting_value_and_what_is_accepted() {
+        let err = from("worker_concurrency = 0", &[]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "setting `worker_concurrency` = 0 is not accepted: a whole number from 1 to 10000"
+        );
+        let err = from("", &[("MEDIAFARM_BROKER_URL", "http://x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`broker_url`") && err.contains("\"http://x\""),
+            "{err}"
+        );
+        assert!(err.contains("amqp://"), "{err}");
+        let err = from("task_acks_late = false", &[]).unwrap_err().to_string();
+        assert!(err.contains("after its result is stored"), "{err}");
+        let err = from("timezone = \"Mars/Olympus\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("IANA"), "{err}");
+        let err = from("metrics_addr = \"localhost\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("host:port"), "{err}");
+        let err = from("worker_prefetch_multiplier = \"4\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("whole number"), "{err}");
+    }
+
+    #[test]
+    fn soft_limit_must_be_below_hard_limit() {
+        let err = from("task_time_limit = 10\ntask_soft_time_limit = 10", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("below task_time_limit"), "{err}");
+        assert!(from("task_time_limit = 10\ntask_soft_time_limit = 9", &[]).is_ok());
+    }
+
+    #[test]
+    fn unknown_names_get_a_suggestion() {
+        let err = from("worker_concurency = 2", &[]).unwrap_err().to_string();
+        assert!(err.contains("did you mean `worker_concurrency`"), "{err}");
+    }
+
+    #[test]
+    fn missing_optional_file_is_defaults_but_required_file_is_an_error() {
+        let missing = Path::new("/nonexistent/mediafarm.toml");
+        assert!(Settings::load(missing, false).is_ok());
+        let err = Settings::load(missing, true).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/mediafarm.toml"), "{err}");
+    }
+
+    #[test]
+    fn the_example_settings_file_is_valid_and_all_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/mediafarm.example.toml");
+        let table: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        let s = Settings::from_sources(table, "example", std::iter::empty()).unwrap();
+        assert_eq!(s, Settings::default());
+    }
+
+    #[test]
+    fn bad_toml_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("mf-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "worker_concurrency = = 2").unwrap();
+        let err = Settings::load(&path, true).unwrap_err().to_string();
+        assert!(
+            err.contains("bad.toml") && err.contains("not valid TOML"),
+            "{err}"
+        );
+    }
+}

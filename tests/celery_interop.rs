@@ -1,0 +1,186 @@
+//! Interop with the real Python `celery` package, both ways: a Python producer's
+//! `send_task` + `AsyncResult.get()` against a Rust worker, and a Rust producer against a
+//! Python Celery worker.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use mediafarm::client::SendOptions;
+use mediafarm::{Client, ClientError, Worker};
+use mediafarm_tests::{
+    delete_queue, echo_registry, python, python_env, run_python, settings, unique_queue,
+    workspace_root,
+};
+use serde_json::{json, Map, Value};
+
+async fn python_producer(scenario: &str) -> Value {
+    let s = settings();
+    let q = unique_queue(&format!("py-{scenario}"));
+    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
+        .start()
+        .await
+        .expect("worker starts");
+    let env = python_env(&s);
+    let (q2, scenario2) = (q.clone(), scenario.to_owned());
+    let out =
+        tokio::task::spawn_blocking(move || run_python("producer.py", &[&q2, &scenario2], &env))
+            .await
+            .unwrap();
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("producer.py printed {out:?}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_send_task_gets_the_rust_result() {
+    let out = python_producer("roundtrip").await;
+    assert_eq!(out["state"], "SUCCESS");
+    assert_eq!(
+        out["ok"],
+        json!({"x": 1, "s": "中文", "nested": {"l": [1, 2.5, null]}})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_failure_is_a_python_exception_with_the_message() {
+    let out = python_producer("failure").await;
+    assert_eq!(out["state"], "FAILURE");
+    assert_eq!(out["exc_type"], "EchoFailure");
+    assert_eq!(out["message"], "source image is 61 MP; the limit is 50 MP");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_positional_args_and_unknown_tasks_fail_clearly() {
+    let out = python_producer("positional").await;
+    assert_eq!(out["exc_type"], "InvalidArguments");
+    assert!(
+        out["message"]
+            .as_str()
+            .unwrap()
+            .contains("keyword arguments only"),
+        "{out}"
+    );
+    let out = python_producer("unknown").await;
+    assert_eq!(out["exc_type"], "NotRegistered");
+    assert!(
+        out["message"].as_str().unwrap().contains("echo.nope"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_countdown_and_expires_are_honoured() {
+    let out = python_producer("countdown").await;
+    assert_eq!(out["ok"], json!({"c": 1}));
+    assert!(
+        out["elapsed"].as_f64().unwrap() >= 1.4,
+        "ran before its countdown: {out}"
+    );
+    let out = python_producer("expired").await;
+    assert_eq!(out["state"], "REVOKED", "{out}");
+    assert_eq!(out["exc_type"], "TaskRevokedError", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_many_jobs_all_answered() {
+    let out = python_producer("many").await;
+    assert_eq!(out["ok"], json!((0..50).collect::<Vec<_>>()));
+}
+
+/// A Python Celery worker consuming `queue`; killed on drop.
+struct PythonWorker(Child);
+
+impl PythonWorker {
+    fn start(queue: &str) -> PythonWorker {
+        let s = settings();
+        let child = Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args([
+                "-m",
+                "celery",
+                "-A",
+                "celery_app",
+                "worker",
+                "-P",
+                "solo",
+                "-Q",
+                queue,
+            ])
+            .args([
+                "-l",
+                "warning",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .args(["-n", &format!("py-{queue}@%h")])
+            .envs(python_env(&s))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python celery worker starts");
+        PythonWorker(child)
+    }
+}
+
+impl Drop for PythonWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_producer_to_python_celery_worker() {
+    let s = settings();
+    let q = unique_queue("pyworker");
+    let client = Client::connect(&s).await.unwrap();
+    // Publish first: the Python worker must accept the queue mediafarm declared.
+    let opts = SendOptions {
+        queue: Some(q.clone()),
+        countdown: Some(0.5),
+        time_limit: Some(30.0),
+        soft_time_limit: Some(20.0),
+        ..Default::default()
+    };
+    let kwargs: Map<String, Value> = json!({"from": "rust", "t": "ü"})
+        .as_object()
+        .cloned()
+        .unwrap();
+    let ok = client.send_task("echo.echo", kwargs, &opts).await.unwrap();
+    let fail_kwargs = json!({"message": "python says no"})
+        .as_object()
+        .cloned()
+        .unwrap();
+    let bad = client
+        .send_task(
+            "echo.fail",
+            fail_kwargs,
+            &SendOptions {
+                queue: Some(q.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    let _worker = PythonWorker::start(&q);
+    let v = ok.get(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(v["worker"], "python");
+    assert_eq!(v["kwargs"], json!({"from": "rust", "t": "ü"}));
+    assert_eq!(v["timelimit"], json!([30.0, 20.0]));
+    assert!(
+        v["eta"].as_str().is_some_and(|e| e.ends_with("+00:00")),
+        "{v}"
+    );
+    match bad.get(Duration::from_secs(60)).await {
+        Err(ClientError::Failed { error, .. }) => {
+            assert_eq!(error.exc_type, "ValueError");
+            assert_eq!(error.exc_module, "builtins");
+            assert_eq!(error.message, "python says no");
+        }
+        other => panic!("expected ValueError, got {other:?}"),
+    }
+    drop(_worker);
+    delete_queue(&s, &q).await;
+}

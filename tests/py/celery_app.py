@@ -1,0 +1,37 @@
+"""A plain Python Celery worker app, to prove a Python worker accepts what mediafarm publishes.
+
+Run: python -m celery -A celery_app worker -Q QUEUE -P solo (cwd tests/py).
+"""
+import os
+
+from celery import Celery
+
+app = Celery(
+    "interop",
+    broker=os.environ.get("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+    backend=os.environ.get("RESULT_BACKEND", "redis://127.0.0.1:6379/0"),
+)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    worker_hijack_root_logger=False,
+)
+
+
+@app.task(name="echo.echo", bind=True)
+def echo(self, **kwargs):
+    return {
+        "worker": "python",
+        "kwargs": kwargs,
+        "retries": self.request.retries,
+        "eta": self.request.eta,
+        "timelimit": list(self.request.timelimit or []),
+    }
+
+
+@app.task(name="echo.fail")
+def fail(message):
+    raise ValueError(message)

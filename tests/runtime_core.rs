@@ -1,0 +1,543 @@
+//! The worker runtime against the real RabbitMQ and Redis on 127.0.0.1: results, failures,
+//! bad messages, limits, concurrency, graceful stop, metrics and the producer pool.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use mediafarm::client::SendOptions;
+use mediafarm::{
+    Client, ClientError, Job, Registry, Settings, Task, TaskContext, TaskError, TaskState, Worker,
+};
+use mediafarm_tests::{delete_queue, echo_registry, ready_count, settings, unique_queue};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn kwargs(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().expect("an object")
+}
+
+fn to(queue: &str) -> SendOptions {
+    SendOptions {
+        queue: Some(queue.to_owned()),
+        ..Default::default()
+    }
+}
+
+async fn start(settings: &Settings, registry: Registry, queue: &str) -> mediafarm::WorkerHandle {
+    Worker::new(settings.clone(), registry, vec![queue.to_owned()])
+        .hostname(format!("test@{queue}"))
+        .start()
+        .await
+        .expect("worker starts")
+}
+
+fn failed(outcome: Result<Value, ClientError>) -> TaskError {
+    match outcome {
+        Err(ClientError::Failed { error, .. }) => error,
+        other => panic!("expected a FAILURE, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_producer_to_rust_worker_success_and_failure() {
+    let s = settings();
+    let q = unique_queue("rt");
+    let worker = start(&s, echo_registry(), &q).await;
+    let client = Client::connect(&s).await.unwrap();
+
+    let r = client
+        .send_task("echo.echo", kwargs(json!({"a": 1, "t": "日本語"})), &to(&q))
+        .await
+        .unwrap();
+    assert_eq!(r.get(WAIT).await.unwrap(), json!({"a": 1, "t": "日本語"}));
+    assert_eq!(r.state().await.unwrap(), TaskState::Success);
+    let meta = r.meta().await.unwrap().unwrap();
+    assert!(meta.date_done.is_some());
+    assert_eq!(meta.task_id, r.id);
+
+    let r = client
+        .send_task("echo.echo", kwargs(json!({"fail": "disk full"})), &to(&q))
+        .await
+        .unwrap();
+    let err = failed(r.get(WAIT).await);
+    assert_eq!(
+        (err.exc_type.as_ref(), err.message.as_str()),
+        ("EchoFailure", "disk full")
+    );
+    let meta = r.meta().await.unwrap().unwrap();
+    assert_eq!(meta.status, TaskState::Failure);
+    assert!(meta
+        .traceback
+        .unwrap()
+        .contains(&format!("echo.echo[{}]", r.id)));
+
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Resize {
+    width: u32,
+    label: Option<String>,
+}
+
+impl Job for Resize {
+    const TASK: &'static str = "test.resize";
+    const QUEUE: &'static str = "unused-by-test";
+}
+
+struct ResizeTask;
+
+impl Task for ResizeTask {
+    const NAME: &'static str = "test.resize";
+    const POSITIONAL: &'static [&'static str] = &["width"];
+    type Args = Resize;
+    type Output = Value;
+
+    async fn run(&self, ctx: TaskContext, args: Resize) -> Result<Value, TaskError> {
+        let doubled = ctx.cpu(move || args.width * 2).await?;
+        Ok(json!({"doubled": doubled, "label": args.label, "id": ctx.id}))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn typed_kwargs_are_checked_and_documented_positionals_accepted() {
+    let s = settings();
+    let q = unique_queue("typed");
+    let worker = start(&s, Registry::new().register(ResizeTask), &q).await;
+    let client = Client::connect(&s).await.unwrap();
+
+    let r = client
+        .send_task("test.resize", kwargs(json!({"width": 21})), &to(&q))
+        .await
+        .unwrap();
+    let v = r.get(WAIT).await.unwrap();
+    assert_eq!(v["doubled"], 42);
+    assert_eq!(v["id"], json!(r.id));
+
+    let r = client
+        .send_task("test.resize", kwargs(json!({"width": "wide"})), &to(&q))
+        .await
+        .unwrap();
+    let err = failed(r.get(WAIT).await);
+    assert_eq!(err.exc_type, "InvalidArguments");
+    assert!(err.message.contains("kwarg `width`"), "{}", err.message);
+
+    let r = client
+        .send_task(
+            "test.resize",
+            kwargs(json!({"width": 1, "hieght": 2})),
+            &to(&q),
+        )
+        .await
+        .unwrap();
+    assert!(failed(r.get(WAIT).await)
+        .message
+        .contains("unknown field `hieght`"));
+
+    // A documented positional argument, as Python's send_task(args=[5]) sends it.
+    let mut msg =
+        mediafarm::client::build_message("test.resize", Map::new(), &SendOptions::default());
+    msg.args = vec![json!(5)];
+    client
+        .publish_batch(&q, std::slice::from_ref(&msg))
+        .await
+        .unwrap();
+    assert_eq!(
+        client.result(&msg.id).get(WAIT).await.unwrap()["doubled"],
+        10
+    );
+
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+}
+
+async fn publish_raw(s: &Settings, queue: &str, props: BasicProperties, body: &[u8]) {
+    let conn = mediafarm::broker::connect(s, "test raw").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    mediafarm::broker::declare_queue(&ch, queue).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+    let _ = conn.close(200, "done".into()).await;
+}
+
+fn celery_props(id: &str, task: &str) -> BasicProperties {
+    let (props, mut headers, _) =
+        mediafarm::client::build_message(task, Map::new(), &SendOptions::default()).encode();
+    headers.insert("id".into(), json!(id));
+    mediafarm::amqp_table::write_properties(&props, &headers).with_correlation_id(id.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_fail_with_a_reason_and_the_worker_keeps_going() {
+    let mut s = settings();
+    s.task_message_max_bytes = 4096;
+    let q = unique_queue("bad");
+    let worker = start(&s, echo_registry(), &q).await;
+    let client = Client::connect(&s).await.unwrap();
+
+    let cases: Vec<(&str, BasicProperties, Vec<u8>, &str)> = vec![
+        (
+            "not-json",
+            celery_props("bad-1", "echo.echo"),
+            b"{nope".to_vec(),
+            "not valid JSON",
+        ),
+        (
+            "not-a-list",
+            celery_props("bad-2", "echo.echo"),
+            b"{\"a\": 1}".to_vec(),
+            "must be a JSON list",
+        ),
+        (
+            "two-items",
+            celery_props("bad-3", "echo.echo"),
+            b"[[], {}]".to_vec(),
+            "3 items",
+        ),
+        (
+            "pickle",
+            celery_props("bad-4", "echo.echo")
+                .with_content_type("application/x-python-serialize".into()),
+            b"\x80\x04N.".to_vec(),
+            "runs code chosen by whoever",
+        ),
+        (
+            "unknown-task",
+            celery_props("bad-5", "echo.nope"),
+            b"[[], {}, {}]".to_vec(),
+            "unknown task \"echo.nope\"",
+        ),
+        (
+            "oversized",
+            celery_props("bad-6", "echo.echo"),
+            vec![b' '; 5000],
+            "task_message_max_bytes",
+        ),
+        (
+            "kwargs-list",
+            celery_props("bad-7", "echo.echo"),
+            b"[[], [1], {}]".to_vec(),
+            "(kwargs) must be an object",
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (label, props, body, _) in &cases {
+        let id = format!("{label}-{}", uuid::Uuid::new_v4());
+        let props = props.clone().with_correlation_id(id.as_str().into());
+        let mut headers = props.headers().clone().unwrap_or_default();
+        headers.insert(
+            "id".into(),
+            lapin::types::AMQPValue::LongString(id.as_str().into()),
+        );
+        publish_raw(&s, &q, props.with_headers(headers), body).await;
+        ids.push(id);
+    }
+    // No `id` header and no correlation id: nothing to store under, only a rejection.
+    publish_raw(
+        &s,
+        &q,
+        BasicProperties::default().with_content_type("application/json".into()),
+        b"[]",
+    )
+    .await;
+
+    for ((label, _, _, want), id) in cases.iter().zip(&ids) {
+        let err = failed(client.result(id).get(WAIT).await);
+        assert!(err.message.contains(want), "{label}: {}", err.message);
+    }
+    // Still consuming, and every bad message left the queue.
+    let r = client
+        .send_task("echo.echo", kwargs(json!({"after": true})), &to(&q))
+        .await
+        .unwrap();
+    assert_eq!(r.get(WAIT).await.unwrap(), json!({"after": true}));
+    assert_eq!(ready_count(&s, &q).await, 0);
+
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_panics_expiry_and_started_state() {
+    let mut s = settings();
+    s.task_track_started = true;
+    let q = unique_queue("limits");
+    let worker = start(&s, echo_registry(), &q).await;
+    let client = Client::connect(&s).await.unwrap();
+
+    let slow = SendOptions {
+        time_limit: Some(0.3),
+        ..to(&q)
+    };
+    let r = client
+        .send_task("echo.echo", kwargs(json!({"sleep_ms": 5000})), &slow)
+        .await
+        .unwrap();
+    let err = failed(r.get(WAIT).await);
+    assert_eq!(
+        (err.exc_type.as_ref(), err.exc_module.as_ref()),
+        ("TimeLimitExceeded", "celery.exceptions")
+    );
+
+    let r = client
+        .send_task("echo.echo", kwargs(json!({"panic": 1})), &to(&q))
+        .await
+        .unwrap();
+    let err = failed(r.get(WAIT).await);
+    assert_eq!(err.exc_type, "InternalError");
+    assert!(
+        err.message.contains("echo was asked to panic"),
+        "{}",
+        err.message
+    );
+
+    let expired = SendOptions {
+        expires: Some(-1.0),
+        ..to(&q)
+    };
+    let r = client
+        .send_task("echo.echo", Map::new(), &expired)
+        .await
+        .unwrap();
+    let err = failed(r.get(WAIT).await);
+    assert_eq!(r.state().await.unwrap(), TaskState::Revoked);
+    assert_eq!(err.exc_type, "TaskRevokedError");
+
+    let r = client
+        .send_task("echo.echo", kwargs(json!({"sleep_ms": 1500})), &to(&q))
+        .await
+        .unwrap();
+    let mut saw_started = false;
+    for _ in 0..100 {
+        match r.state().await.unwrap() {
+            TaskState::Started => {
+                saw_started = true;
+                break;
+            }
+            TaskState::Success => break,
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    assert!(
+        saw_started,
+        "STARTED was never stored with task_track_started"
+    );
+    r.get(WAIT).await.unwrap();
+
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+}
+
+struct Gauge {
+    now: AtomicUsize,
+    peak: AtomicUsize,
+}
+
+struct Measured(Arc<Gauge>);
+
+impl Task for Measured {
+    const NAME: &'static str = "test.measured";
+    type Args = Map<String, Value>;
+    type Output = ();
+
+    async fn run(&self, _ctx: TaskContext, _args: Self::Args) -> Result<(), TaskError> {
+        let now = self.0.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.0.peak.fetch_max(now, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_bounds_running_jobs() {
+    let mut s = settings();
+    s.worker_concurrency = 3;
+    let q = unique_queue("conc");
+    let gauge = Arc::new(Gauge {
+        now: AtomicUsize::new(0),
+        peak: AtomicUsize::new(0),
+    });
+    let worker = start(&s, Registry::new().register(Measured(gauge.clone())), &q).await;
+    let client = Client::connect(&s).await.unwrap();
+    let mut results = Vec::new();
+    for _ in 0..12 {
+        results.push(
+            client
+                .send_task("test.measured", Map::new(), &to(&q))
+                .await
+                .unwrap(),
+        );
+    }
+    for r in results {
+        r.get(WAIT).await.unwrap();
+    }
+    assert_eq!(gauge.peak.load(Ordering::SeqCst), 3);
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_finishes_running_jobs_and_returns_the_rest() {
+    let mut s = settings();
+    s.worker_concurrency = 4;
+    let q = unique_queue("stop");
+    let worker = start(&s, echo_registry(), &q).await;
+    let client = Client::connect(&s).await.unwrap();
+    let mut results = Vec::new();
+    for i in 0..40 {
+        let r = client
+            .send_task(
+                "echo.echo",
+                kwargs(json!({"i": i, "sleep_ms": 150})),
+                &to(&q),
+            )
+            .await
+            .unwrap();
+        results.push(r);
+    }
+    // Stop once some jobs are done and others are running or waiting in prefetch.
+    results[3].get(WAIT).await.unwrap();
+    worker.shutdown().await;
+    let mut done = 0;
+    for r in &results {
+        if r.state().await.unwrap() == TaskState::Success {
+            done += 1;
+        }
+    }
+    assert!(done < 40, "the stop came too late to test anything");
+    assert_eq!(
+        ready_count(&s, &q).await as usize,
+        40 - done,
+        "every unfinished job is back in the queue"
+    );
+
+    let worker = start(&s, echo_registry(), &q).await;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.get(WAIT).await.unwrap()["i"], i);
+    }
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_readiness_are_served() {
+    let s = settings();
+    let q = unique_queue("metrics");
+    let worker = start(&s, echo_registry(), &q).await;
+    let client = Client::connect(&s).await.unwrap();
+    client
+        .send_task("echo.echo", Map::new(), &to(&q))
+        .await
+        .unwrap()
+        .get(WAIT)
+        .await
+        .unwrap();
+    let r = client
+        .send_task("echo.echo", kwargs(json!({"fail": "x"})), &to(&q))
+        .await
+        .unwrap();
+    let _ = r.get(WAIT).await;
+
+    let get = |path: &'static str| {
+        let addr = worker.metrics_addr;
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            c.read_to_string(&mut out).await.unwrap();
+            out
+        }
+    };
+    let ready = get("/readyz").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let m = get("/metrics").await;
+    let labels = format!(r#"name="echo.echo",hostname="test@{q}",queue_name="{q}""#);
+    assert!(
+        m.contains(&format!("celery_task_succeeded_total{{{labels}}} 1")),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!("celery_task_failed_total{{{labels}}} 1")),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!("celery_task_received_total{{{labels}}} 2")),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!("celery_task_runtime_count{{{labels}}} 2")),
+        "{m}"
+    );
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_pool_honours_broker_pool_limit() {
+    let mut s = settings();
+    s.broker_pool_limit = 2;
+    let q = unique_queue("pool");
+    let publisher = mediafarm::broker::Publisher::new(&s);
+    let sends = (0..40).map(|i| {
+        let (publisher, q) = (publisher.clone(), q.clone());
+        tokio::spawn(async move {
+            let msg = mediafarm::client::build_message(
+                "echo.echo",
+                kwargs(json!({"i": i})),
+                &SendOptions::default(),
+            );
+            publisher.publish(&q, &msg).await
+        })
+    });
+    for send in sends.collect::<Vec<_>>() {
+        send.await.unwrap().unwrap();
+    }
+    assert!(
+        publisher.connections_opened() <= 2,
+        "opened {}",
+        publisher.connections_opened()
+    );
+    assert_eq!(ready_count(&s, &q).await, 40);
+    delete_queue(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_refuses_bad_settings() {
+    let mut s = settings();
+    s.result_backend = "redis://127.0.0.1:1/0".into();
+    let err = Worker::new(s, echo_registry(), vec!["x".into()])
+        .start()
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("redis://127.0.0.1:1/0"), "{err}");
+    let err = Worker::new(settings(), echo_registry(), vec![])
+        .start()
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("--queues"), "{err}");
+}

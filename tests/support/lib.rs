@@ -1,0 +1,208 @@
+//! Helpers shared by the end-to-end tests: settings pointed at the real RabbitMQ and Redis on
+//! 127.0.0.1, unique queue names, the Python interpreter that has `celery`, built binaries,
+//! and an in-process echo task.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use mediafarm::{Registry, Settings, Task, TaskContext, TaskError};
+use serde_json::{Map, Value};
+
+/// Settings for tests: the machine's RabbitMQ and Redis (or `MEDIAFARM_*` overrides), any free
+/// metrics port, short grace period.
+pub fn settings() -> Settings {
+    let mut s = Settings::load(Path::new("/nonexistent/mediafarm.toml"), false)
+        .expect("MEDIAFARM_* variables in the test environment are valid");
+    s.metrics_addr = "127.0.0.1:0".parse().expect("static address");
+    s.worker_shutdown_grace = Duration::from_secs(10);
+    s.worker_concurrency = 4;
+    s
+}
+
+/// A queue name no other test uses.
+pub fn unique_queue(prefix: &str) -> String {
+    format!(
+        "t-{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..10]
+    )
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ sits in the workspace")
+        .to_owned()
+}
+
+/// The Python that has `celery`: `MEDIAFARM_TEST_PYTHON`, else the project's `.venv`, else
+/// `python3`. Panics with the fix when celery is missing, so interop tests never pass vacuously.
+pub fn python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let candidate = std::env::var_os("MEDIAFARM_TEST_PYTHON")
+            .map(PathBuf::from)
+            .or_else(|| {
+                let venv = workspace_root().join(".venv/bin/python");
+                venv.exists().then_some(venv)
+            })
+            .unwrap_or_else(|| PathBuf::from("python3"));
+        let ok = Command::new(&candidate)
+            .args(["-c", "import celery, redis"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(
+            ok,
+            "{} cannot import celery and redis: run scripts/setup.sh (it creates .venv with them)",
+            candidate.display()
+        );
+        candidate
+    })
+    .clone()
+}
+
+/// Path to a built binary (`mediafarm`) or example (`echo-worker`), building it if needed.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "mediafarm",
+                "--bin",
+                "mediafarm",
+                "--example",
+                "echo-worker",
+            ])
+            .status()
+            .expect("cargo runs");
+        assert!(
+            status.success(),
+            "building mediafarm and echo-worker failed"
+        );
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let debug = target.join("debug");
+    let path = if name == "mediafarm" {
+        debug.join(name)
+    } else {
+        debug.join("examples").join(name)
+    };
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Deletes a queue and its exchange when a test is done with them.
+pub async fn delete_queue(settings: &Settings, queue: &str) {
+    if let Ok(conn) = mediafarm::broker::connect(settings, "test cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            let _ = ch
+                .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
+                .await;
+            let _ = ch
+                .exchange_delete(
+                    queue.into(),
+                    lapin::options::ExchangeDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+}
+
+/// Messages ready in `queue` (declaring it as kombu would if it does not exist).
+pub async fn ready_count(settings: &Settings, queue: &str) -> u32 {
+    let conn = mediafarm::broker::connect(settings, "test count")
+        .await
+        .expect("broker up");
+    let ch = conn.create_channel().await.expect("channel");
+    mediafarm::broker::declare_queue(&ch, queue)
+        .await
+        .expect("declare");
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                durable: true,
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("passive declare");
+    let _ = conn.close(200, "done".into()).await;
+    q.message_count()
+}
+
+/// `echo.echo`: returns its kwargs; `sleep_ms` waits first, `fail` fails with that message,
+/// `panic` panics, `spin_ms` burns CPU on the blocking pool.
+pub struct Echo;
+
+impl Task for Echo {
+    const NAME: &'static str = "echo.echo";
+    type Args = Map<String, Value>;
+    type Output = Map<String, Value>;
+
+    async fn run(&self, ctx: TaskContext, kwargs: Self::Args) -> Result<Self::Output, TaskError> {
+        if let Some(ms) = kwargs.get("sleep_ms").and_then(Value::as_u64) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if let Some(ms) = kwargs.get("spin_ms").and_then(Value::as_u64) {
+            ctx.cpu(move || {
+                let end = std::time::Instant::now() + Duration::from_millis(ms);
+                while std::time::Instant::now() < end {
+                    std::hint::spin_loop();
+                }
+            })
+            .await?;
+        }
+        if let Some(msg) = kwargs.get("fail").and_then(Value::as_str) {
+            return Err(TaskError::permanent("EchoFailure", msg.to_owned()));
+        }
+        if kwargs.get("panic").is_some() {
+            panic!("echo was asked to panic");
+        }
+        Ok(kwargs)
+    }
+}
+
+pub fn echo_registry() -> Registry {
+    Registry::new().register(Echo)
+}
+
+/// Runs a Python script from tests/py with arguments; returns stdout, panicking with stderr
+/// when it fails.
+pub fn run_python(script: &str, args: &[&str], env: &[(&str, String)]) -> String {
+    let out = Command::new(python())
+        .arg(workspace_root().join("tests/py").join(script))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{script} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The URLs the Python side should use: the same as the Rust side's settings.
+pub fn python_env(settings: &Settings) -> Vec<(&'static str, String)> {
+    vec![
+        ("BROKER_URL", settings.broker_url.clone()),
+        ("RESULT_BACKEND", settings.result_backend.clone()),
+    ]
+}
