@@ -12,4 +12,8 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build (binaries and examples the process tests start)"
 cargo build --workspace --all-targets --locked
 echo "== cargo test"
-cargo test --workspace --locked -- --test-threads 4
+mkdir -p var
+cargo test --workspace --locked -- --test-threads 4 2>&1 | tee var/test-output.log
+# One closing line for every test binary together.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' var/test-output.log

@@ -89,7 +89,8 @@ struct Resize {
 
 impl Job for Resize {
     const TASK: &'static str = "test.resize";
-    const QUEUE: &'static str = "unused-by-test";
+    // Only the typed-kwargs test consumes this queue.
+    const QUEUE: &'static str = "t-typed-resize";
 }
 
 struct ResizeTask;
@@ -109,15 +110,17 @@ impl Task for ResizeTask {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_kwargs_are_checked_and_documented_positionals_accepted() {
     let s = settings();
-    let q = unique_queue("typed");
+    let q = Resize::QUEUE.to_owned();
     let worker = start(&s, Registry::new().register(ResizeTask), &q).await;
     let client = Client::connect(&s).await.unwrap();
 
-    let r = client
-        .send_task("test.resize", kwargs(json!({"width": 21})), &to(&q))
-        .await
-        .unwrap();
+    let typed = Resize {
+        width: 21,
+        label: Some("typed".into()),
+    };
+    let r = client.send(&typed).await.unwrap();
     let v = r.get(WAIT).await.unwrap();
+    assert_eq!(v["label"], "typed");
     assert_eq!(v["doubled"], 42);
     assert_eq!(v["id"], json!(r.id));
 
@@ -540,4 +543,91 @@ async fn start_up_refuses_bad_settings() {
         .err()
         .unwrap();
     assert!(err.to_string().contains("--queues"), "{err}");
+}
+
+/// Closes the AMQP connections whose client-given name is `name`, as an operator or a broker
+/// failover would; returns how many were closed.
+fn close_connections_named(name: &str) -> usize {
+    let rabbitmqctl = |args: &[&str]| {
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(args)
+            .output()
+            .expect("rabbitmqctl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // JSON shows the client-given name, but prints pids in a form close_connection refuses;
+    // the plain listing gives usable pids. The peer address ("name") joins the two.
+    let json = rabbitmqctl(&[
+        "list_connections",
+        "name",
+        "client_properties",
+        "--formatter",
+        "json",
+    ]);
+    let rows: Vec<Value> = serde_json::from_str(&json).expect("rabbitmqctl prints JSON");
+    let peers: Vec<String> = rows
+        .iter()
+        .filter(|row| {
+            row["client_properties"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|p| p[0] == "connection_name" && p[2] == name)
+        })
+        .filter_map(|row| row["name"].as_str().map(str::to_owned))
+        .collect();
+    let plain = rabbitmqctl(&["list_connections", "-q", "pid", "name"]);
+    let mut closed = 0;
+    for line in plain.lines() {
+        let Some((pid, peer)) = line.split_once('\t') else {
+            continue;
+        };
+        if peers.iter().any(|p| p == peer) {
+            rabbitmqctl(&["close_connection", pid, "test: simulated broker-side close"]);
+            closed += 1;
+        }
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_reconnects_after_the_broker_drops_its_connection() {
+    let s = settings();
+    let q = unique_queue("reconnect");
+    let hostname = format!("reconnect-{}", uuid::Uuid::new_v4().simple());
+    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
+        .hostname(hostname.clone())
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(&s).await.unwrap();
+    client
+        .send_task("echo.echo", Map::new(), &to(&q))
+        .await
+        .unwrap()
+        .get(WAIT)
+        .await
+        .unwrap();
+
+    let name = format!("{hostname} worker");
+    let closed = tokio::task::spawn_blocking(move || close_connections_named(&name))
+        .await
+        .unwrap();
+    assert_eq!(closed, 1, "the worker's connection was found and closed");
+
+    let r = client
+        .send_task("echo.echo", kwargs(json!({"after": "reconnect"})), &to(&q))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.get(Duration::from_secs(30)).await.unwrap(),
+        json!({"after": "reconnect"})
+    );
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
 }
