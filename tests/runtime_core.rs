@@ -631,3 +631,31 @@ async fn worker_reconnects_after_the_broker_drops_its_connection() {
     worker.shutdown().await;
     delete_queue(&s, &q).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producer_reconnects_after_the_broker_drops_its_connection() {
+    let s = settings();
+    let q = unique_queue("prod-reconnect");
+    let name = format!("test-producer-{}", uuid::Uuid::new_v4().simple());
+    let publisher = mediafarm::broker::Publisher::named(&s, &name);
+    let msg = |i: i32| {
+        mediafarm::client::build_message(
+            "echo.echo",
+            kwargs(json!({"i": i})),
+            &SendOptions::default(),
+        )
+    };
+    publisher.publish(&q, &msg(1)).await.unwrap();
+    let closed = tokio::task::spawn_blocking(move || close_connections_named(&name))
+        .await
+        .unwrap();
+    assert_eq!(closed, 1);
+    publisher.publish(&q, &msg(2)).await.unwrap();
+    assert_eq!(
+        publisher.connections_opened(),
+        2,
+        "a new connection replaced the closed one"
+    );
+    assert_eq!(ready_count(&s, &q).await, 2);
+    delete_queue(&s, &q).await;
+}

@@ -142,6 +142,7 @@ pub struct Publisher {
 
 struct PublisherInner {
     settings: Settings,
+    name: String,
     idle: Mutex<Vec<Slot>>,
     limit: Semaphore,
     opened: AtomicUsize,
@@ -151,9 +152,15 @@ const PUBLISH_ATTEMPTS: u32 = 5;
 
 impl Publisher {
     pub fn new(settings: &Settings) -> Publisher {
+        Publisher::named(settings, "mediafarm producer")
+    }
+
+    /// A publisher whose connections carry `name` in the RabbitMQ management UI.
+    pub fn named(settings: &Settings, name: &str) -> Publisher {
         Publisher {
             inner: Arc::new(PublisherInner {
                 settings: settings.clone(),
+                name: name.to_owned(),
                 idle: Mutex::new(Vec::new()),
                 limit: Semaphore::new(settings.broker_pool_limit),
                 opened: AtomicUsize::new(0),
@@ -225,7 +232,7 @@ impl Publisher {
                 return Ok(slot);
             }
         }
-        let conn = connect(&self.inner.settings, "mediafarm producer").await?;
+        let conn = connect(&self.inner.settings, &self.inner.name).await?;
         self.inner.opened.fetch_add(1, Ordering::Relaxed);
         let channel = conn.create_channel().await?;
         channel
