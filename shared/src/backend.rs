@@ -1,5 +1,5 @@
 //! The Redis result backend in Celery's layout: `celery-task-meta-<id>` holds the JSON record,
-//! written with its expiry and published on the channel of the same name in one transaction,
+//! written with its expiry and then published on the channel of the same name in one round trip,
 //! which is how Celery's Redis backend wakes `AsyncResult.get()` waiters.
 
 use std::time::Duration;
@@ -76,8 +76,9 @@ impl ResultBackend {
         let key = result_key(&meta.task_id);
         // Serialising a struct of JSON values cannot fail.
         let value = serde_json::to_string(meta).unwrap_or_default();
+        // One round trip; SET before PUBLISH on the same connection, so a woken waiter always
+        // finds the record. (Celery wraps the pair in MULTI/EXEC; the order alone suffices.)
         let mut pipe = redis::pipe();
-        pipe.atomic();
         match self.expires {
             Some(secs) => pipe.set_ex(&key, &value, secs).ignore(),
             None => pipe.set(&key, &value).ignore(),

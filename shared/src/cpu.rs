@@ -66,7 +66,11 @@ pub fn panic_text(e: tokio::task::JoinError) -> String {
     if e.is_cancelled() {
         return "cancelled".into();
     }
-    let payload = e.into_panic();
+    panic_message(e.into_panic().as_ref())
+}
+
+/// The text of a panic payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

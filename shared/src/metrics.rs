@@ -35,6 +35,20 @@ fn runtime_histogram() -> Histogram {
     Histogram::new(RUNTIME_BUCKETS)
 }
 
+/// The metric handles of one task on one queue, looked up once and then shared: the hot path
+/// touches atomics only, with no label allocation or family lookup per message.
+#[derive(Clone)]
+pub struct TaskMetrics {
+    pub received: Counter,
+    pub started: Counter,
+    pub succeeded: Counter,
+    pub failed: Counter,
+    pub retried: Counter,
+    pub rejected: Counter,
+    pub revoked: Counter,
+    pub runtime: Histogram,
+}
+
 /// Every metric a worker exports; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -124,6 +138,20 @@ impl Metrics {
             runtime,
             active,
             up,
+        }
+    }
+
+    /// Handles for one label set (creating the series on first use).
+    pub fn task(&self, labels: &TaskLabels) -> TaskMetrics {
+        TaskMetrics {
+            received: self.received.get_or_create(labels).clone(),
+            started: self.started.get_or_create(labels).clone(),
+            succeeded: self.succeeded.get_or_create(labels).clone(),
+            failed: self.failed.get_or_create(labels).clone(),
+            retried: self.retried.get_or_create(labels).clone(),
+            rejected: self.rejected.get_or_create(labels).clone(),
+            revoked: self.revoked.get_or_create(labels).clone(),
+            runtime: self.runtime.get_or_create(labels).clone(),
         }
     }
 

@@ -4,11 +4,13 @@
 //! the worker keeps going. Connection loss is retried with backoff. On stop: cancel the
 //! consumers, let running jobs finish within the grace period, return the rest to the broker.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{select_all, StreamExt};
+use futures_util::FutureExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -23,13 +25,14 @@ use tokio_util::task::TaskTracker;
 use crate::amqp_table::read_properties;
 use crate::backend::{BackendError, ResultBackend};
 use crate::broker::{self, backoff, BrokerError};
-use crate::cpu::{panic_text, CpuPool};
+use crate::cpu::{panic_message, CpuPool};
 use crate::http::{self, Readiness};
-use crate::metrics::{Metrics, TaskLabels, WorkerLabels};
+use crate::metrics::{Metrics, TaskLabels, TaskMetrics, WorkerLabels};
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::result::{ResultMeta, TaskError, TaskState};
 use crate::settings::Settings;
 use crate::task::{Registry, TaskContext};
+use prometheus_client::metrics::gauge::Gauge;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -90,6 +93,28 @@ struct Shared {
     slots: Arc<Semaphore>,
     stop: CancellationToken,
     jobs: TaskTracker,
+    /// Metric handles by queue, then task name.
+    task_metrics: Mutex<HashMap<String, HashMap<String, TaskMetrics>>>,
+    active: Gauge,
+}
+
+impl Shared {
+    fn metrics_for(&self, task: &str, queue: &str) -> TaskMetrics {
+        let mut cache = self.task_metrics.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(queue).and_then(|by_task| by_task.get(task)) {
+            return m.clone();
+        }
+        let m = self.metrics.task(&TaskLabels {
+            name: task.to_owned(),
+            hostname: self.hostname.to_string(),
+            queue_name: queue.to_owned(),
+        });
+        cache
+            .entry(queue.to_owned())
+            .or_default()
+            .insert(task.to_owned(), m.clone());
+        m
+    }
 }
 
 impl Worker {
@@ -138,7 +163,17 @@ impl Worker {
             http_stop.clone(),
         )
         .await?;
+        let hostname: Arc<str> = self.hostname.into();
+        let active = self
+            .metrics
+            .active
+            .get_or_create(&WorkerLabels {
+                hostname: hostname.to_string(),
+            })
+            .clone();
         let shared = Arc::new(Shared {
+            task_metrics: Mutex::new(HashMap::new()),
+            active,
             slots: Arc::new(Semaphore::new(self.settings.worker_concurrency)),
             settings: self.settings,
             registry: self.registry,
@@ -146,7 +181,7 @@ impl Worker {
             cpu: CpuPool::per_core(),
             metrics: self.metrics,
             readiness,
-            hostname: self.hostname.into(),
+            hostname,
             stop: stop.clone(),
             jobs: TaskTracker::new(),
         });
@@ -352,18 +387,10 @@ async fn consume(
     outcome
 }
 
-fn labels(shared: &Shared, task: &str, queue: &str) -> TaskLabels {
-    TaskLabels {
-        name: task.to_owned(),
-        hostname: shared.hostname.to_string(),
-        queue_name: queue.to_owned(),
-    }
-}
-
 async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery) {
     let queue = delivery.routing_key.as_str().to_owned();
     let (props, headers) = read_properties(&delivery.properties);
-    let msg = match TaskMessage::decode(
+    let mut msg = match TaskMessage::decode(
         &props,
         &headers,
         &delivery.data,
@@ -372,8 +399,8 @@ async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery) {
         Ok(msg) => msg,
         Err(e) => return refuse(&shared, &delivery, &queue, e).await,
     };
-    let l = labels(&shared, &msg.task, &queue);
-    shared.metrics.received.get_or_create(&l).inc();
+    let l = shared.metrics_for(&msg.task, &queue);
+    l.received.inc();
     if !shared.registry.contains(&msg.task) {
         let reason = format!(
             "unknown task {:?}: this worker runs {}",
@@ -412,22 +439,24 @@ async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery) {
             Err(_) => return requeue(&delivery).await,
         },
     };
-    run_job(&shared, &delivery, &msg, &l).await;
+    run_job(&shared, &delivery, &mut msg, &l).await;
 }
 
-async fn expire(shared: &Shared, delivery: &Delivery, msg: &TaskMessage, l: &TaskLabels) {
+async fn expire(shared: &Shared, delivery: &Delivery, msg: &TaskMessage, l: &TaskMetrics) {
     tracing::info!(id = %msg.id, task = %msg.task, "expired before it ran; not running it");
-    shared.metrics.revoked.get_or_create(l).inc();
+    l.revoked.inc();
     let meta = ResultMeta::revoked(&msg.id, "expired");
     finish(shared, delivery, msg, meta).await;
 }
 
-async fn run_job(shared: &Arc<Shared>, delivery: &Delivery, msg: &TaskMessage, l: &TaskLabels) {
-    let worker = WorkerLabels {
-        hostname: shared.hostname.to_string(),
-    };
-    shared.metrics.started.get_or_create(l).inc();
-    shared.metrics.active.get_or_create(&worker).inc();
+async fn run_job(
+    shared: &Arc<Shared>,
+    delivery: &Delivery,
+    msg: &mut TaskMessage,
+    l: &TaskMetrics,
+) {
+    l.started.inc();
+    shared.active.inc();
     if shared.settings.task_track_started {
         let started = ResultMeta::new(
             &msg.id,
@@ -447,10 +476,11 @@ async fn run_job(shared: &Arc<Shared>, delivery: &Delivery, msg: &TaskMessage, l
         shared.cpu.clone(),
     );
     let began = Instant::now();
-    let outcome = match shared
-        .registry
-        .call(&msg.task, ctx, msg.args.clone(), msg.kwargs.clone())
-    {
+    let (args, kwargs) = (
+        std::mem::take(&mut msg.args),
+        std::mem::take(&mut msg.kwargs),
+    );
+    let outcome = match shared.registry.call(&msg.task, ctx, args, kwargs) {
         Some(job) => run_with_limit(job, hard_limit(shared, msg)).await,
         None => Err(TaskError::permanent(
             "NotRegistered",
@@ -458,20 +488,16 @@ async fn run_job(shared: &Arc<Shared>, delivery: &Delivery, msg: &TaskMessage, l
         )),
     };
     let elapsed = began.elapsed();
-    shared
-        .metrics
-        .runtime
-        .get_or_create(l)
-        .observe(elapsed.as_secs_f64());
-    shared.metrics.active.get_or_create(&worker).dec();
+    l.runtime.observe(elapsed.as_secs_f64());
+    shared.active.dec();
     let meta = match outcome {
         Ok(value) => {
-            shared.metrics.succeeded.get_or_create(l).inc();
+            l.succeeded.inc();
             tracing::debug!(id = %msg.id, task = %msg.task, ?elapsed, "succeeded");
             ResultMeta::success(&msg.id, value)
         }
         Err(e) => {
-            shared.metrics.failed.get_or_create(l).inc();
+            l.failed.inc();
             tracing::warn!(id = %msg.id, task = %msg.task, error = %e, ?elapsed, "failed");
             ResultMeta::failure(&msg.id, &e, traceback(shared, &msg.task, &msg.id, &e))
         }
@@ -486,18 +512,17 @@ fn hard_limit(shared: &Shared, msg: &TaskMessage) -> Option<Duration> {
         .or(shared.settings.task_time_limit)
 }
 
-/// Runs the job in its own Tokio task so a panic is contained, under the hard time limit.
+/// Runs the job under the hard time limit; a panic inside it becomes an `InternalError`
+/// instead of taking the worker down.
 async fn run_with_limit(
     job: crate::task::BoxFuture<Result<serde_json::Value, TaskError>>,
     limit: Option<Duration>,
 ) -> Result<serde_json::Value, TaskError> {
-    let handle = tokio::spawn(job);
-    let abort = handle.abort_handle();
-    let joined = match limit {
-        Some(limit) => match tokio::time::timeout(limit, handle).await {
-            Ok(j) => j,
+    let guarded = std::panic::AssertUnwindSafe(job).catch_unwind();
+    let outcome = match limit {
+        Some(limit) => match tokio::time::timeout(limit, guarded).await {
+            Ok(outcome) => outcome,
             Err(_) => {
-                abort.abort();
                 return Err(TaskError::permanent(
                     "TimeLimitExceeded",
                     format!(
@@ -505,15 +530,15 @@ async fn run_with_limit(
                         limit.as_secs_f64()
                     ),
                 )
-                .in_module("celery.exceptions"));
+                .in_module("celery.exceptions"))
             }
         },
-        None => handle.await,
+        None => guarded.await,
     };
-    joined.unwrap_or_else(|e| {
+    outcome.unwrap_or_else(|payload| {
         Err(TaskError::permanent(
             "InternalError",
-            format!("the task crashed: {}", panic_text(e)),
+            format!("the task crashed: {}", panic_message(payload.as_ref())),
         ))
     })
 }
@@ -532,11 +557,7 @@ fn traceback(shared: &Shared, task: &str, id: &str, e: &TaskError) -> String {
 /// A message that cannot run: store FAILURE where the producer will look, then reject it.
 async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, e: DecodeError) {
     let task = e.task.clone().unwrap_or_else(|| "unknown".into());
-    shared
-        .metrics
-        .rejected
-        .get_or_create(&labels(shared, &task, queue))
-        .inc();
+    shared.metrics_for(&task, queue).rejected.inc();
     tracing::error!(id = ?e.id, task = %task, reason = %e.reason, "rejecting message");
     if let Some(id) = &e.id {
         let error = TaskError::invalid(
