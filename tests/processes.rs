@@ -240,3 +240,16 @@ async fn cli_submit_result_and_purge() {
     assert_eq!(ready_count(&s, &q).await, 0);
     delete_queue(&s, &q).await;
 }
+
+#[test]
+fn sigterm_stops_a_worker_whose_log_reader_has_gone() {
+    // Found by hand: a worker logging into a pipe whose reader exited (`| head`) ignored
+    // SIGTERM, because the log subscriber's own error report panicked the signal task.
+    let mut cmd = worker_cmd(&unique_queue("closed-stderr"));
+    let mut child = cmd.env("MEDIAFARM_LOG_FORMAT", "json").spawn().unwrap();
+    drop(child.stderr.take());
+    std::thread::sleep(Duration::from_millis(1500));
+    sigterm(child.id());
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(status.success(), "{status:?}");
+}

@@ -24,9 +24,12 @@ pub fn init(loglevel: &str) -> Result<(), String> {
         EnvFilter::new(format!("{level},lapin=warn,amq_protocol=warn,redis=warn"))
     });
     let json = std::env::var("MEDIAFARM_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    // A log line that cannot be written (stderr a closed pipe) is dropped: the subscriber's
+    // own error report would go to the same stderr and panic, killing whatever task logged.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = if json {
         builder.json().try_init()
     } else {

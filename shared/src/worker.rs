@@ -213,8 +213,8 @@ impl Worker {
         let stop = handle.stop.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
-            tracing::info!("stop requested: finishing running jobs, returning the rest");
             stop.cancel();
+            tracing::info!("stop requested: finishing running jobs, returning the rest");
             wait_for_signal().await;
             tracing::warn!(
                 "second stop signal: exiting now; unacknowledged jobs return to the broker"
