@@ -14,9 +14,13 @@ use mediafarm_tests::{
 use serde_json::{json, Map, Value};
 
 async fn python_producer(scenario: &str) -> Value {
-    let s = settings();
+    python_producer_with(scenario, settings()).await
+}
+
+async fn python_producer_with(scenario: &str, s: mediafarm::Settings) -> Value {
     let q = unique_queue(&format!("py-{scenario}"));
     let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
+        .hostname("interop@%h")
         .start()
         .await
         .expect("worker starts");
@@ -79,6 +83,23 @@ async fn python_countdown_and_expires_are_honoured() {
     let out = python_producer("expired").await;
     assert_eq!(out["state"], "REVOKED", "{out}");
     assert_eq!(out["exc_type"], "TaskRevokedError", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_extended_gives_python_the_task_details() {
+    let mut s = settings();
+    s.result_extended = true;
+    let out = python_producer_with("extended", s).await;
+    assert_eq!(out["ok"], json!({"k": 1}));
+    assert_eq!(out["name"], "echo.echo");
+    assert_eq!(out["kwargs"], json!({"k": 1}));
+    assert_eq!(out["args"], json!([]));
+    assert_eq!(out["retries"], 0);
+    assert!(
+        out["queue"].as_str().unwrap().starts_with("t-py-extended-"),
+        "{out}"
+    );
+    assert_eq!(out["worker"], format!("interop@{}", mediafarm::hostname()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -61,6 +61,9 @@ pub struct Settings {
     pub task_acks_late: bool,
     /// Store a STARTED state when a job begins.
     pub task_track_started: bool,
+    /// Add the task name, args, kwargs, worker, retries and queue to stored results (Celery's
+    /// `result_extended`, which Flower and `AsyncResult.name` read).
+    pub result_extended: bool,
     pub task_time_limit: Option<Duration>,
     pub task_soft_time_limit: Option<Duration>,
     pub task_default_retry_delay: Duration,
@@ -89,6 +92,7 @@ impl Default for Settings {
             worker_prefetch_multiplier: 4,
             task_acks_late: true,
             task_track_started: false,
+            result_extended: false,
             task_time_limit: None,
             task_soft_time_limit: None,
             task_default_retry_delay: Duration::from_secs(180),
@@ -121,6 +125,7 @@ pub const SETTING_NAMES: &[&str] = &[
     "worker_prefetch_multiplier",
     "task_acks_late",
     "task_track_started",
+    "result_extended",
     "task_time_limit",
     "task_soft_time_limit",
     "task_default_retry_delay",
@@ -177,7 +182,11 @@ impl Settings {
             broker_url: reader.url("broker_url", d.broker_url, &["amqp", "amqps"])?,
             broker_pool_limit: reader.int("broker_pool_limit", d.broker_pool_limit, 1, 1000)?,
             broker_heartbeat: reader.int("broker_heartbeat", d.broker_heartbeat, 0, 3600)?,
-            result_backend: reader.url("result_backend", d.result_backend, &["redis", "rediss"])?,
+            result_backend: reader.url(
+                "result_backend",
+                d.result_backend,
+                &["redis", "redis+unix", "unix"],
+            )?,
             result_expires: reader
                 .seconds("result_expires", Some(d.result_expires))?
                 .unwrap_or(
@@ -202,6 +211,7 @@ impl Settings {
             )?,
             task_acks_late: reader.acks_late()?,
             task_track_started: reader.bool("task_track_started", d.task_track_started)?,
+            result_extended: reader.bool("result_extended", d.result_extended)?,
             task_time_limit: reader.seconds("task_time_limit", None)?,
             task_soft_time_limit: reader.seconds("task_soft_time_limit", None)?,
             task_default_retry_delay: reader
@@ -396,7 +406,15 @@ impl Reader {
             .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty());
         if !scheme_ok {
             let list: Vec<String> = schemes.iter().map(|s| format!("{s}://…")).collect();
-            return Err(self.invalid(name, format!("a URL starting with {}", list.join(" or "))));
+            let tls_note = if url.starts_with("rediss://") {
+                " (TLS to Redis is not built into this release; reach Redis over a private network or a TLS sidecar)"
+            } else {
+                ""
+            };
+            return Err(self.invalid(
+                name,
+                format!("a URL starting with {}{tls_note}", list.join(" or ")),
+            ));
         }
         Ok(url)
     }
@@ -564,6 +582,10 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("amqp://"), "{err}");
+        let err = from("result_backend = \"rediss://h:6380/0\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TLS to Redis is not built in"), "{err}");
         let err = from("task_acks_late = false", &[]).unwrap_err().to_string();
         assert!(err.contains("after its result is stored"), "{err}");
         let err = from("timezone = \"Mars/Olympus\"", &[])

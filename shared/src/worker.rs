@@ -128,9 +128,10 @@ impl Worker {
         }
     }
 
-    /// The node name reported in results and metrics (Celery's `-n`).
+    /// The node name reported in results and metrics (Celery's `-n`): `%h` is this host's
+    /// name, `%n` its first label and `%d` the rest (its domain), as in Celery.
     pub fn hostname(mut self, hostname: impl Into<String>) -> Worker {
-        self.hostname = hostname.into();
+        self.hostname = expand_node_name(&hostname.into(), &crate::hostname());
         self
     }
 
@@ -185,6 +186,12 @@ impl Worker {
             stop: stop.clone(),
             jobs: TaskTracker::new(),
         });
+        if shared.settings.task_soft_time_limit.is_some() {
+            tracing::warn!(
+                "task_soft_time_limit is set but not enforced yet: jobs are stopped only at \
+                 task_time_limit (the hard limit)"
+            );
+        }
         tracing::info!(
             hostname = %shared.hostname,
             queues = ?self.queues,
@@ -225,6 +232,31 @@ impl Worker {
         tracing::info!("worker stopped");
         Ok(())
     }
+}
+
+/// Celery's node-name expansion: `%h` host, `%n` first label, `%d` domain, `%%` a percent.
+pub fn expand_node_name(template: &str, host: &str) -> String {
+    let (name, domain) = host.split_once('.').unwrap_or((host, ""));
+    let mut out = String::with_capacity(template.len() + host.len());
+    let mut chars = template.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('h') => out.push_str(host),
+            Some('n') => out.push_str(name),
+            Some('d') => out.push_str(domain),
+            Some('%') => out.push('%'),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 async fn wait_for_signal() {
@@ -476,6 +508,16 @@ async fn run_job(
         shared.cpu.clone(),
     );
     let began = Instant::now();
+    let extended = shared.settings.result_extended.then(|| {
+        json!({
+            "name": msg.task,
+            "args": msg.args,
+            "kwargs": msg.kwargs,
+            "worker": &*shared.hostname,
+            "retries": msg.retries,
+            "queue": delivery.routing_key.as_str(),
+        })
+    });
     let (args, kwargs) = (
         std::mem::take(&mut msg.args),
         std::mem::take(&mut msg.kwargs),
@@ -490,7 +532,7 @@ async fn run_job(
     let elapsed = began.elapsed();
     l.runtime.observe(elapsed.as_secs_f64());
     shared.active.dec();
-    let meta = match outcome {
+    let mut meta = match outcome {
         Ok(value) => {
             l.succeeded.inc();
             tracing::debug!(id = %msg.id, task = %msg.task, ?elapsed, "succeeded");
@@ -502,6 +544,9 @@ async fn run_job(
             ResultMeta::failure(&msg.id, &e, traceback(shared, &msg.task, &msg.id, &e))
         }
     };
+    if let Some(serde_json::Value::Object(fields)) = extended {
+        meta.extra.extend(fields);
+    }
     finish(shared, delivery, msg, meta).await;
 }
 
@@ -619,4 +664,23 @@ async fn requeue(delivery: &Delivery) {
             multiple: false,
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::expand_node_name;
+
+    #[test]
+    fn node_names_expand_like_celerys() {
+        let host = "web-1.prod.example";
+        assert_eq!(
+            expand_node_name("image@%h", host),
+            "image@web-1.prod.example"
+        );
+        assert_eq!(
+            expand_node_name("%n-worker.%d", host),
+            "web-1-worker.prod.example"
+        );
+        assert_eq!(expand_node_name("100%% %x %", "h"), "100% %x %");
+    }
 }

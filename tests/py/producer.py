@@ -49,6 +49,11 @@ def main():
         out["elapsed"] = time.monotonic() - start
     elif scenario == "expired":
         out = outcome(send("echo.echo", kwargs={"e": 1}, countdown=2, expires=1))
+    elif scenario == "extended":
+        result = send("echo.echo", kwargs={"k": 1})
+        out = outcome(result)
+        out.update(name=result.name, kwargs=result.kwargs, args=result.args,
+                   queue=result.queue, worker=result.worker, retries=result.retries)
     elif scenario == "many":
         results = [send("echo.echo", kwargs={"i": i}) for i in range(50)]
         out = {"ok": [r.get(timeout=30)["i"] for r in results]}
