@@ -659,3 +659,73 @@ async fn producer_reconnects_after_the_broker_drops_its_connection() {
     assert_eq!(ready_count(&s, &q).await, 2);
     delete_queue(&s, &q).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_waiting_for_their_eta_do_not_block_ready_jobs() {
+    let mut s = settings();
+    s.worker_concurrency = 1;
+    s.worker_prefetch_multiplier = 1;
+    let q = unique_queue("eta");
+    let worker = start(&s, echo_registry(), &q).await;
+    let client = Client::connect(&s).await.unwrap();
+    let later = SendOptions {
+        countdown: Some(4.0),
+        ..to(&q)
+    };
+    let mut waiting = Vec::new();
+    for i in 0..3 {
+        let kw = kwargs(json!({"later": i}));
+        waiting.push(client.send_task("echo.echo", kw, &later).await.unwrap());
+    }
+    let now = client
+        .send_task("echo.echo", kwargs(json!({"now": true})), &to(&q))
+        .await
+        .unwrap();
+    // The ready job is answered while all three countdown jobs still wait for their ETA.
+    assert_eq!(now.get(WAIT).await.unwrap(), json!({"now": true}));
+    for r in &waiting {
+        assert_eq!(r.state().await.unwrap(), TaskState::Pending);
+    }
+    for (i, r) in waiting.iter().enumerate() {
+        assert_eq!(r.get(WAIT).await.unwrap(), json!({"later": i}));
+    }
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_is_shared_by_all_queues_of_a_worker() {
+    let mut s = settings();
+    s.worker_concurrency = 1;
+    s.worker_prefetch_multiplier = 1;
+    s.worker_shutdown_grace = Duration::from_secs(3);
+    let (q1, q2) = (unique_queue("pf1"), unique_queue("pf2"));
+    let client = Client::connect(&s).await.unwrap();
+    for q in [&q1, &q2] {
+        for i in 0..5 {
+            let kw = kwargs(json!({"i": i, "sleep_ms": 1500}));
+            client.send_task("echo.echo", kw, &to(q)).await.unwrap();
+        }
+    }
+    let worker = Worker::new(s.clone(), echo_registry(), vec![q1.clone(), q2.clone()])
+        .start()
+        .await
+        .unwrap();
+    // Once a job runs (1.5 s each), the worker holds one message across both queues.
+    let ready = || async { ready_count(&s, &q1).await + ready_count(&s, &q2).await };
+    for _ in 0..200 {
+        if ready().await < 10 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ready().await,
+        9,
+        "one message held in all, not one per queue"
+    );
+    worker.shutdown().await;
+    delete_queue(&s, &q1).await;
+    delete_queue(&s, &q2).await;
+}

@@ -352,8 +352,13 @@ async fn consume(
     let conn = broker::connect(&shared.settings, &format!("{} worker", shared.hostname)).await?;
     let channel = conn.create_channel().await?;
     channel
-        .basic_qos(shared.settings.prefetch_count(), BasicQosOptions::default())
+        .basic_qos(shared.settings.prefetch_count(), CHANNEL_WIDE)
         .await?;
+    let prefetch = Arc::new(Prefetch {
+        channel: channel.clone(),
+        base: shared.settings.prefetch_count(),
+        held: tokio::sync::Mutex::new(0),
+    });
     let mut consumers = Vec::with_capacity(queues.len());
     let mut tags = Vec::with_capacity(queues.len());
     for queue in queues {
@@ -394,7 +399,7 @@ async fn consume(
             next = deliveries.next() => match next {
                 Some(Ok(delivery)) => {
                     let shared2 = shared.clone();
-                    shared.jobs.spawn(handle_delivery(shared2, delivery));
+                    shared.jobs.spawn(handle_delivery(shared2, delivery, prefetch.clone()));
                 }
                 Some(Err(e)) => break Err(BrokerError::from(e)),
                 None => break Err(BrokerError::Amqp(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
@@ -419,7 +424,7 @@ async fn consume(
     outcome
 }
 
-async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery) {
+async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery, prefetch: Arc<Prefetch>) {
     let queue = delivery.routing_key.as_str().to_owned();
     let (props, headers) = read_properties(&delivery.properties);
     let mut msg = match TaskMessage::decode(
@@ -454,9 +459,14 @@ async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery) {
         // broker; a stop returns the message unharmed.
         let wait = (eta - chrono::Utc::now()).to_std().unwrap_or_default();
         if !wait.is_zero() {
-            tokio::select! {
-                _ = shared.stop.cancelled() => return requeue(&delivery).await,
-                _ = tokio::time::sleep(wait) => {},
+            prefetch.hold().await;
+            let stopped = tokio::select! {
+                _ = shared.stop.cancelled() => true,
+                _ = tokio::time::sleep(wait) => false,
+            };
+            prefetch.release().await;
+            if stopped {
+                return requeue(&delivery).await;
             }
             if msg.is_expired(chrono::Utc::now()) {
                 return expire(&shared, &delivery, &msg, &l).await;
@@ -548,6 +558,39 @@ async fn run_job(
         meta.extra.extend(fields);
     }
     finish(shared, delivery, msg, meta).await;
+}
+
+/// Prefetch is channel-wide (RabbitMQ's `global` QoS, as Celery sets it), so a worker on
+/// several queues holds `concurrency × multiplier` messages in all, not per queue.
+const CHANNEL_WIDE: BasicQosOptions = BasicQosOptions { global: true };
+
+/// Raises the channel's prefetch by one for each job held waiting for its ETA, as Celery
+/// does, so waiting jobs never take the places of ready ones.
+struct Prefetch {
+    channel: lapin::Channel,
+    base: u16,
+    held: tokio::sync::Mutex<u16>,
+}
+
+impl Prefetch {
+    async fn hold(&self) {
+        let mut held = self.held.lock().await;
+        *held = held.saturating_add(1);
+        self.apply(*held).await;
+    }
+
+    async fn release(&self) {
+        let mut held = self.held.lock().await;
+        *held = held.saturating_sub(1);
+        self.apply(*held).await;
+    }
+
+    async fn apply(&self, held: u16) {
+        let count = self.base.saturating_add(held);
+        if let Err(e) = self.channel.basic_qos(count, CHANNEL_WIDE).await {
+            tracing::warn!(error = %e, count, "could not change prefetch");
+        }
+    }
 }
 
 fn hard_limit(shared: &Shared, msg: &TaskMessage) -> Option<Duration> {
