@@ -458,6 +458,11 @@ async fn metrics_and_readiness_are_served() {
         .await
         .unwrap();
     let _ = r.get(WAIT).await;
+    let r = client
+        .send_task("no.such.task", Map::new(), &to(&q))
+        .await
+        .unwrap();
+    let _ = r.get(WAIT).await;
 
     let get = |path: &'static str| {
         let addr = worker.metrics_addr;
@@ -494,6 +499,13 @@ async fn metrics_and_readiness_are_served() {
         m.contains(&format!("celery_task_runtime_count{{{labels}}} 2")),
         "{m}"
     );
+    // Names from the wire never become labels unless a task of that name is registered.
+    let unknown = format!(r#"name="unknown",hostname="test@{q}",queue_name="{q}""#);
+    assert!(
+        m.contains(&format!("celery_task_rejected_total{{{unknown}}} 1")),
+        "{m}"
+    );
+    assert!(!m.contains("no.such.task"), "{m}");
     worker.shutdown().await;
     delete_queue(&s, &q).await;
 }

@@ -436,8 +436,6 @@ async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery, prefetch: Arc<
         Ok(msg) => msg,
         Err(e) => return refuse(&shared, &delivery, &queue, e).await,
     };
-    let l = shared.metrics_for(&msg.task, &queue);
-    l.received.inc();
     if !shared.registry.contains(&msg.task) {
         let reason = format!(
             "unknown task {:?}: this worker runs {}",
@@ -451,6 +449,8 @@ async fn handle_delivery(shared: Arc<Shared>, delivery: Delivery, prefetch: Arc<
         };
         return refuse(&shared, &delivery, &queue, e).await;
     }
+    let l = shared.metrics_for(&msg.task, &queue);
+    l.received.inc();
     if msg.is_expired(chrono::Utc::now()) {
         return expire(&shared, &delivery, &msg, &l).await;
     }
@@ -645,7 +645,13 @@ fn traceback(shared: &Shared, task: &str, id: &str, e: &TaskError) -> String {
 /// A message that cannot run: store FAILURE where the producer will look, then reject it.
 async fn refuse(shared: &Shared, delivery: &Delivery, queue: &str, e: DecodeError) {
     let task = e.task.clone().unwrap_or_else(|| "unknown".into());
-    shared.metrics_for(&task, queue).rejected.inc();
+    // Only registered names become metric labels: names from the wire are unbounded.
+    let label = if shared.registry.contains(&task) {
+        task.as_str()
+    } else {
+        "unknown"
+    };
+    shared.metrics_for(label, queue).rejected.inc();
     tracing::error!(id = ?e.id, task = %task, reason = %e.reason, "rejecting message");
     if let Some(id) = &e.id {
         let error = TaskError::invalid(
