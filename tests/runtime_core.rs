@@ -482,13 +482,16 @@ async fn metrics_and_readiness_are_served() {
     let ready = get("/readyz").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     let m = get("/metrics").await;
-    let labels = format!(r#"name="echo.echo",hostname="test@{q}",queue_name="{q}""#);
+    // celery-exporter's hostname label is the host part of the node name ("test@<q>").
+    let labels = format!(r#"name="echo.echo",hostname="{q}",queue_name="{q}""#);
     assert!(
         m.contains(&format!("celery_task_succeeded_total{{{labels}}} 1")),
         "{m}"
     );
     assert!(
-        m.contains(&format!("celery_task_failed_total{{{labels}}} 1")),
+        m.contains(&format!(
+            r#"celery_task_failed_total{{name="echo.echo",hostname="{q}",exception="EchoFailure",queue_name="{q}"}} 1"#
+        )),
         "{m}"
     );
     assert!(
@@ -500,7 +503,7 @@ async fn metrics_and_readiness_are_served() {
         "{m}"
     );
     // Names from the wire never become labels unless a task of that name is registered.
-    let unknown = format!(r#"name="unknown",hostname="test@{q}",queue_name="{q}""#);
+    let unknown = format!(r#"name="unknown",hostname="{q}",queue_name="{q}""#);
     assert!(
         m.contains(&format!("celery_task_rejected_total{{{unknown}}} 1")),
         "{m}"

@@ -1,6 +1,7 @@
-//! Prometheus metrics of a worker, named as celery-exporter names them so existing dashboards
-//! and alerts keep working: tasks received/started/succeeded/failed/retried/rejected/revoked by
-//! task name, a runtime histogram, and the in-flight gauge.
+//! Prometheus metrics of a worker, named and labelled as celery-exporter exports them so
+//! existing dashboards and alerts keep working: tasks received/started/succeeded/failed/
+//! retried/rejected/revoked by task name, host and queue (failed also by exception type), a
+//! runtime histogram, the in-flight gauge and `worker_up`.
 
 use std::sync::Arc;
 
@@ -16,6 +17,15 @@ use prometheus_client::registry::Registry;
 pub struct TaskLabels {
     pub name: String,
     pub hostname: String,
+    pub queue_name: String,
+}
+
+/// celery-exporter's labels for `celery_task_failed`, in its order.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailedLabels {
+    pub name: String,
+    pub hostname: String,
+    pub exception: String,
     pub queue_name: String,
 }
 
@@ -39,14 +49,42 @@ fn runtime_histogram() -> Histogram {
 /// touches atomics only, with no label allocation or family lookup per message.
 #[derive(Clone)]
 pub struct TaskMetrics {
+    labels: TaskLabels,
+    failed_by_type: Family<FailedLabels, Counter>,
     pub received: Counter,
     pub started: Counter,
     pub succeeded: Counter,
-    pub failed: Counter,
     pub retried: Counter,
     pub rejected: Counter,
     pub revoked: Counter,
     pub runtime: Histogram,
+}
+
+impl TaskMetrics {
+    /// Counts a failure with its exception type. Types come from the worker's own errors, not
+    /// from message content, so the label stays bounded.
+    pub fn failed(&self, exception: &str) {
+        self.failed_series(exception).inc();
+    }
+
+    fn failed_series(&self, exception: &str) -> Counter {
+        self.failed_by_type
+            .get_or_create(&FailedLabels {
+                name: self.labels.name.clone(),
+                hostname: self.labels.hostname.clone(),
+                exception: exception.to_owned(),
+                queue_name: self.labels.queue_name.clone(),
+            })
+            .clone()
+    }
+}
+
+/// celery-exporter's `hostname` label: the host part of a node name (`image@web-1` → `web-1`).
+pub fn host_label(node_name: &str) -> String {
+    node_name
+        .split_once('@')
+        .map_or(node_name, |(_, host)| host)
+        .to_owned()
 }
 
 /// Every metric a worker exports; cheap to clone.
@@ -56,7 +94,7 @@ pub struct Metrics {
     pub received: Counters,
     pub started: Counters,
     pub succeeded: Counters,
-    pub failed: Counters,
+    pub failed: Family<FailedLabels, Counter>,
     pub retried: Counters,
     pub rejected: Counters,
     pub revoked: Counters,
@@ -90,7 +128,12 @@ impl Metrics {
             "celery_task_succeeded",
             "Tasks that succeeded",
         );
-        let failed = counter(&mut registry, "celery_task_failed", "Tasks that failed");
+        let failed = Family::<FailedLabels, Counter>::default();
+        registry.register(
+            "celery_task_failed",
+            "Tasks that failed, by exception type",
+            failed.clone(),
+        );
         let retried = counter(
             &mut registry,
             "celery_task_retried",
@@ -143,16 +186,20 @@ impl Metrics {
 
     /// Handles for one label set (creating the series on first use).
     pub fn task(&self, labels: &TaskLabels) -> TaskMetrics {
-        TaskMetrics {
+        let handles = TaskMetrics {
+            labels: labels.clone(),
+            failed_by_type: self.failed.clone(),
             received: self.received.get_or_create(labels).clone(),
             started: self.started.get_or_create(labels).clone(),
             succeeded: self.succeeded.get_or_create(labels).clone(),
-            failed: self.failed.get_or_create(labels).clone(),
             retried: self.retried.get_or_create(labels).clone(),
             rejected: self.rejected.get_or_create(labels).clone(),
             revoked: self.revoked.get_or_create(labels).clone(),
             runtime: self.runtime.get_or_create(labels).clone(),
-        }
+        };
+        // As celery-exporter does, the failure series exists (at 0) before the first failure.
+        handles.failed_series("");
+        handles
     }
 
     /// The Prometheus text exposition of every metric.
@@ -183,7 +230,18 @@ mod tests {
                 hostname: "w1".into(),
             })
             .set(2);
+        m.task(&labels).failed("EchoFailure");
         let text = m.render();
+        assert!(
+            text.contains(r#"celery_task_failed_total{name="echo.echo",hostname="w1",exception="EchoFailure",queue_name="echo"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"celery_task_failed_total{name="echo.echo",hostname="w1",exception="",queue_name="echo"} 0"#),
+            "{text}"
+        );
+        assert_eq!(host_label("image@web-1.prod"), "web-1.prod");
+        assert_eq!(host_label("plain"), "plain");
         assert!(
             text.contains(
                 r#"celery_task_received_total{name="echo.echo",hostname="w1",queue_name="echo"} 1"#

@@ -27,7 +27,7 @@ use crate::backend::{BackendError, ResultBackend};
 use crate::broker::{self, backoff, BrokerError};
 use crate::cpu::{panic_message, CpuPool};
 use crate::http::{self, Readiness};
-use crate::metrics::{Metrics, TaskLabels, TaskMetrics, WorkerLabels};
+use crate::metrics::{host_label, Metrics, TaskLabels, TaskMetrics, WorkerLabels};
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::result::{ResultMeta, TaskError, TaskState};
 use crate::settings::Settings;
@@ -106,7 +106,7 @@ impl Shared {
         }
         let m = self.metrics.task(&TaskLabels {
             name: task.to_owned(),
-            hostname: self.hostname.to_string(),
+            hostname: host_label(&self.hostname),
             queue_name: queue.to_owned(),
         });
         cache
@@ -169,7 +169,7 @@ impl Worker {
             .metrics
             .active
             .get_or_create(&WorkerLabels {
-                hostname: hostname.to_string(),
+                hostname: host_label(&hostname),
             })
             .clone();
         let shared = Arc::new(Shared {
@@ -301,7 +301,7 @@ async fn watch_backend(shared: Arc<Shared>) {
 /// Reconnects with backoff until stopped.
 async fn consume_until_stopped(shared: Arc<Shared>, queues: &[String]) {
     let up = WorkerLabels {
-        hostname: shared.hostname.to_string(),
+        hostname: host_label(&shared.hostname),
     };
     let mut attempt = 0;
     loop {
@@ -381,13 +381,19 @@ async fn consume(
         consumers.push(consumer);
     }
     *attempt = 0;
+    // Every series exists from the start (at 0), so dashboards show zero, not "no data".
+    for queue in queues {
+        for task in shared.registry.names() {
+            shared.metrics_for(task, queue);
+        }
+    }
     shared.readiness.broker.store(true, Ordering::Relaxed);
     shared.readiness.consuming.store(true, Ordering::Relaxed);
     shared
         .metrics
         .up
         .get_or_create(&WorkerLabels {
-            hostname: shared.hostname.to_string(),
+            hostname: host_label(&shared.hostname),
         })
         .set(1);
     tracing::info!(?queues, "consuming");
@@ -549,7 +555,7 @@ async fn run_job(
             ResultMeta::success(&msg.id, value)
         }
         Err(e) => {
-            l.failed.inc();
+            l.failed(&e.exc_type);
             tracing::warn!(id = %msg.id, task = %msg.task, error = %e, ?elapsed, "failed");
             ResultMeta::failure(&msg.id, &e, traceback(shared, &msg.task, &msg.id, &e))
         }
