@@ -11,7 +11,7 @@ use mediafarm::client::SendOptions;
 use mediafarm::{
     Client, ClientError, Job, Registry, Settings, Task, TaskContext, TaskError, TaskState, Worker,
 };
-use mediafarm_tests::{delete_queue, echo_registry, ready_count, settings, unique_queue};
+use mediafarm_tests::{delete_queue, echo_registry, ready_count, settings, unique_queue, Farm};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -28,14 +28,6 @@ fn to(queue: &str) -> SendOptions {
     }
 }
 
-async fn start(settings: &Settings, registry: Registry, queue: &str) -> mediafarm::WorkerHandle {
-    Worker::new(settings.clone(), registry, vec![queue.to_owned()])
-        .hostname(format!("test@{queue}"))
-        .start()
-        .await
-        .expect("worker starts")
-}
-
 fn failed(outcome: Result<Value, ClientError>) -> TaskError {
     match outcome {
         Err(ClientError::Failed { error, .. }) => error,
@@ -46,12 +38,11 @@ fn failed(outcome: Result<Value, ClientError>) -> TaskError {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_producer_to_rust_worker_success_and_failure() {
     let s = settings();
-    let q = unique_queue("rt");
-    let worker = start(&s, echo_registry(), &q).await;
-    let client = Client::connect(&s).await.unwrap();
+    let farm = Farm::start("rt", s, echo_registry()).await;
+    let (q, client) = (&farm.queue, &farm.client);
 
     let r = client
-        .send_task("echo.echo", kwargs(json!({"a": 1, "t": "日本語"})), &to(&q))
+        .send_task("echo.echo", kwargs(json!({"a": 1, "t": "日本語"})), &to(q))
         .await
         .unwrap();
     assert_eq!(r.get(WAIT).await.unwrap(), json!({"a": 1, "t": "日本語"}));
@@ -61,7 +52,7 @@ async fn rust_producer_to_rust_worker_success_and_failure() {
     assert_eq!(meta.task_id, r.id);
 
     let r = client
-        .send_task("echo.echo", kwargs(json!({"fail": "disk full"})), &to(&q))
+        .send_task("echo.echo", kwargs(json!({"fail": "disk full"})), &to(q))
         .await
         .unwrap();
     let err = failed(r.get(WAIT).await);
@@ -76,8 +67,7 @@ async fn rust_producer_to_rust_worker_success_and_failure() {
         .unwrap()
         .contains(&format!("echo.echo[{}]", r.id)));
 
-    worker.shutdown().await;
-    delete_queue(&s, &q).await;
+    farm.stop().await;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -110,9 +100,13 @@ impl Task for ResizeTask {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_kwargs_are_checked_and_documented_positionals_accepted() {
     let s = settings();
-    let q = Resize::QUEUE.to_owned();
-    let worker = start(&s, Registry::new().register(ResizeTask), &q).await;
-    let client = Client::connect(&s).await.unwrap();
+    let farm = Farm::start_on(
+        Resize::QUEUE.into(),
+        s,
+        Registry::new().register(ResizeTask),
+    )
+    .await;
+    let (q, client) = (&farm.queue, &farm.client);
 
     let typed = Resize {
         width: 21,
@@ -125,7 +119,7 @@ async fn typed_kwargs_are_checked_and_documented_positionals_accepted() {
     assert_eq!(v["id"], json!(r.id));
 
     let r = client
-        .send_task("test.resize", kwargs(json!({"width": "wide"})), &to(&q))
+        .send_task("test.resize", kwargs(json!({"width": "wide"})), &to(q))
         .await
         .unwrap();
     let err = failed(r.get(WAIT).await);
@@ -136,7 +130,7 @@ async fn typed_kwargs_are_checked_and_documented_positionals_accepted() {
         .send_task(
             "test.resize",
             kwargs(json!({"width": 1, "hieght": 2})),
-            &to(&q),
+            &to(q),
         )
         .await
         .unwrap();
@@ -149,7 +143,7 @@ async fn typed_kwargs_are_checked_and_documented_positionals_accepted() {
         mediafarm::client::build_message("test.resize", Map::new(), &SendOptions::default());
     msg.args = vec![json!(5)];
     client
-        .publish_batch(&q, std::slice::from_ref(&msg))
+        .publish_batch(q, std::slice::from_ref(&msg))
         .await
         .unwrap();
     assert_eq!(
@@ -157,8 +151,7 @@ async fn typed_kwargs_are_checked_and_documented_positionals_accepted() {
         10
     );
 
-    worker.shutdown().await;
-    delete_queue(&s, &q).await;
+    farm.stop().await;
 }
 
 async fn publish_raw(s: &Settings, queue: &str, props: BasicProperties, body: &[u8]) {
@@ -191,9 +184,8 @@ fn celery_props(id: &str, task: &str) -> BasicProperties {
 async fn bad_messages_fail_with_a_reason_and_the_worker_keeps_going() {
     let mut s = settings();
     s.task_message_max_bytes = 4096;
-    let q = unique_queue("bad");
-    let worker = start(&s, echo_registry(), &q).await;
-    let client = Client::connect(&s).await.unwrap();
+    let farm = Farm::start("bad", s, echo_registry()).await;
+    let (s, q, client) = (&farm.settings, &farm.queue, &farm.client);
 
     let cases: Vec<(&str, BasicProperties, Vec<u8>, &str)> = vec![
         (
@@ -249,13 +241,13 @@ async fn bad_messages_fail_with_a_reason_and_the_worker_keeps_going() {
             "id".into(),
             lapin::types::AMQPValue::LongString(id.as_str().into()),
         );
-        publish_raw(&s, &q, props.with_headers(headers), body).await;
+        publish_raw(s, q, props.with_headers(headers), body).await;
         ids.push(id);
     }
     // No `id` header and no correlation id: nothing to store under, only a rejection.
     publish_raw(
-        &s,
-        &q,
+        s,
+        q,
         BasicProperties::default().with_content_type("application/json".into()),
         b"[]",
     )
@@ -267,27 +259,25 @@ async fn bad_messages_fail_with_a_reason_and_the_worker_keeps_going() {
     }
     // Still consuming, and every bad message left the queue.
     let r = client
-        .send_task("echo.echo", kwargs(json!({"after": true})), &to(&q))
+        .send_task("echo.echo", kwargs(json!({"after": true})), &to(q))
         .await
         .unwrap();
     assert_eq!(r.get(WAIT).await.unwrap(), json!({"after": true}));
-    assert_eq!(ready_count(&s, &q).await, 0);
+    assert_eq!(ready_count(s, q).await, 0);
 
-    worker.shutdown().await;
-    delete_queue(&s, &q).await;
+    farm.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limits_panics_expiry_and_started_state() {
     let mut s = settings();
     s.task_track_started = true;
-    let q = unique_queue("limits");
-    let worker = start(&s, echo_registry(), &q).await;
-    let client = Client::connect(&s).await.unwrap();
+    let farm = Farm::start("limits", s, echo_registry()).await;
+    let (q, client) = (&farm.queue, &farm.client);
 
     let slow = SendOptions {
         time_limit: Some(0.3),
-        ..to(&q)
+        ..to(q)
     };
     let r = client
         .send_task("echo.echo", kwargs(json!({"sleep_ms": 5000})), &slow)
@@ -300,7 +290,7 @@ async fn limits_panics_expiry_and_started_state() {
     );
 
     let r = client
-        .send_task("echo.echo", kwargs(json!({"panic": 1})), &to(&q))
+        .send_task("echo.echo", kwargs(json!({"panic": 1})), &to(q))
         .await
         .unwrap();
     let err = failed(r.get(WAIT).await);
@@ -313,7 +303,7 @@ async fn limits_panics_expiry_and_started_state() {
 
     let expired = SendOptions {
         expires: Some(-1.0),
-        ..to(&q)
+        ..to(q)
     };
     let r = client
         .send_task("echo.echo", Map::new(), &expired)
@@ -324,7 +314,7 @@ async fn limits_panics_expiry_and_started_state() {
     assert_eq!(err.exc_type, "TaskRevokedError");
 
     let r = client
-        .send_task("echo.echo", kwargs(json!({"sleep_ms": 1500})), &to(&q))
+        .send_task("echo.echo", kwargs(json!({"sleep_ms": 1500})), &to(q))
         .await
         .unwrap();
     let mut saw_started = false;
@@ -344,8 +334,7 @@ async fn limits_panics_expiry_and_started_state() {
     );
     r.get(WAIT).await.unwrap();
 
-    worker.shutdown().await;
-    delete_queue(&s, &q).await;
+    farm.stop().await;
 }
 
 struct Gauge {
@@ -373,18 +362,17 @@ impl Task for Measured {
 async fn concurrency_bounds_running_jobs() {
     let mut s = settings();
     s.worker_concurrency = 3;
-    let q = unique_queue("conc");
     let gauge = Arc::new(Gauge {
         now: AtomicUsize::new(0),
         peak: AtomicUsize::new(0),
     });
-    let worker = start(&s, Registry::new().register(Measured(gauge.clone())), &q).await;
-    let client = Client::connect(&s).await.unwrap();
+    let farm = Farm::start("conc", s, Registry::new().register(Measured(gauge.clone()))).await;
+    let (q, client) = (&farm.queue, &farm.client);
     let mut results = Vec::new();
     for _ in 0..12 {
         results.push(
             client
-                .send_task("test.measured", Map::new(), &to(&q))
+                .send_task("test.measured", Map::new(), &to(q))
                 .await
                 .unwrap(),
         );
@@ -393,17 +381,19 @@ async fn concurrency_bounds_running_jobs() {
         r.get(WAIT).await.unwrap();
     }
     assert_eq!(gauge.peak.load(Ordering::SeqCst), 3);
-    worker.shutdown().await;
-    delete_queue(&s, &q).await;
+    farm.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_finishes_running_jobs_and_returns_the_rest() {
     let mut s = settings();
     s.worker_concurrency = 4;
-    let q = unique_queue("stop");
-    let worker = start(&s, echo_registry(), &q).await;
-    let client = Client::connect(&s).await.unwrap();
+    let Farm {
+        settings: s,
+        queue: q,
+        client,
+        worker,
+    } = Farm::start("stop", s, echo_registry()).await;
     let mut results = Vec::new();
     for i in 0..40 {
         let r = client
@@ -432,40 +422,38 @@ async fn stop_finishes_running_jobs_and_returns_the_rest() {
         "every unfinished job is back in the queue"
     );
 
-    let worker = start(&s, echo_registry(), &q).await;
+    let farm = Farm::start_on(q.clone(), s.clone(), echo_registry()).await;
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.get(WAIT).await.unwrap()["i"], i);
     }
-    worker.shutdown().await;
-    delete_queue(&s, &q).await;
+    farm.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_readiness_are_served() {
     let s = settings();
-    let q = unique_queue("metrics");
-    let worker = start(&s, echo_registry(), &q).await;
-    let client = Client::connect(&s).await.unwrap();
+    let farm = Farm::start("metrics", s, echo_registry()).await;
+    let (q, client) = (&farm.queue, &farm.client);
     client
-        .send_task("echo.echo", Map::new(), &to(&q))
+        .send_task("echo.echo", Map::new(), &to(q))
         .await
         .unwrap()
         .get(WAIT)
         .await
         .unwrap();
     let r = client
-        .send_task("echo.echo", kwargs(json!({"fail": "x"})), &to(&q))
+        .send_task("echo.echo", kwargs(json!({"fail": "x"})), &to(q))
         .await
         .unwrap();
     let _ = r.get(WAIT).await;
     let r = client
-        .send_task("no.such.task", Map::new(), &to(&q))
+        .send_task("no.such.task", Map::new(), &to(q))
         .await
         .unwrap();
     let _ = r.get(WAIT).await;
 
     let get = |path: &'static str| {
-        let addr = worker.metrics_addr;
+        let addr = farm.worker.metrics_addr;
         async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -509,8 +497,7 @@ async fn metrics_and_readiness_are_served() {
         "{m}"
     );
     assert!(!m.contains("no.such.task"), "{m}");
-    worker.shutdown().await;
-    delete_queue(&s, &q).await;
+    farm.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -612,39 +599,32 @@ fn close_connections_named(name: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_reconnects_after_the_broker_drops_its_connection() {
-    let s = settings();
-    let q = unique_queue("reconnect");
-    let hostname = format!("reconnect-{}", uuid::Uuid::new_v4().simple());
-    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
-        .hostname(hostname.clone())
-        .start()
-        .await
-        .unwrap();
-    let client = Client::connect(&s).await.unwrap();
+    let farm = Farm::start("reconnect", settings(), echo_registry()).await;
+    let (q, client) = (&farm.queue, &farm.client);
     client
-        .send_task("echo.echo", Map::new(), &to(&q))
+        .send_task("echo.echo", Map::new(), &to(q))
         .await
         .unwrap()
         .get(WAIT)
         .await
         .unwrap();
 
-    let name = format!("{hostname} worker");
+    // The fixture names the worker test@<queue>; its connection is "<node> worker".
+    let name = format!("test@{q} worker");
     let closed = tokio::task::spawn_blocking(move || close_connections_named(&name))
         .await
         .unwrap();
     assert_eq!(closed, 1, "the worker's connection was found and closed");
 
     let r = client
-        .send_task("echo.echo", kwargs(json!({"after": "reconnect"})), &to(&q))
+        .send_task("echo.echo", kwargs(json!({"after": "reconnect"})), &to(q))
         .await
         .unwrap();
     assert_eq!(
         r.get(Duration::from_secs(30)).await.unwrap(),
         json!({"after": "reconnect"})
     );
-    worker.shutdown().await;
-    delete_queue(&s, &q).await;
+    farm.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -680,12 +660,11 @@ async fn jobs_waiting_for_their_eta_do_not_block_ready_jobs() {
     let mut s = settings();
     s.worker_concurrency = 1;
     s.worker_prefetch_multiplier = 1;
-    let q = unique_queue("eta");
-    let worker = start(&s, echo_registry(), &q).await;
-    let client = Client::connect(&s).await.unwrap();
+    let farm = Farm::start("eta", s, echo_registry()).await;
+    let (q, client) = (&farm.queue, &farm.client);
     let later = SendOptions {
         countdown: Some(4.0),
-        ..to(&q)
+        ..to(q)
     };
     let mut waiting = Vec::new();
     for i in 0..3 {
@@ -693,7 +672,7 @@ async fn jobs_waiting_for_their_eta_do_not_block_ready_jobs() {
         waiting.push(client.send_task("echo.echo", kw, &later).await.unwrap());
     }
     let now = client
-        .send_task("echo.echo", kwargs(json!({"now": true})), &to(&q))
+        .send_task("echo.echo", kwargs(json!({"now": true})), &to(q))
         .await
         .unwrap();
     // The ready job is answered while all three countdown jobs still wait for their ETA.
@@ -704,8 +683,7 @@ async fn jobs_waiting_for_their_eta_do_not_block_ready_jobs() {
     for (i, r) in waiting.iter().enumerate() {
         assert_eq!(r.get(WAIT).await.unwrap(), json!({"later": i}));
     }
-    worker.shutdown().await;
-    delete_queue(&s, &q).await;
+    farm.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

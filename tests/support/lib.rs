@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use mediafarm::{Registry, Settings, Task, TaskContext, TaskError};
+use mediafarm::{Client, Registry, Settings, Task, TaskContext, TaskError, Worker, WorkerHandle};
 use serde_json::{Map, Value};
 
 /// Settings for tests: the machine's RabbitMQ and Redis (or `MEDIAFARM_*` overrides), any free
@@ -205,4 +205,40 @@ pub fn python_env(settings: &Settings) -> Vec<(&'static str, String)> {
         ("BROKER_URL", settings.broker_url.clone()),
         ("RESULT_BACKEND", settings.result_backend.clone()),
     ]
+}
+
+/// The fixture most tests start from: a worker consuming a fresh queue, and a client.
+pub struct Farm {
+    pub settings: Settings,
+    pub queue: String,
+    pub client: Client,
+    pub worker: WorkerHandle,
+}
+
+impl Farm {
+    /// Starts a worker named `test@<queue>` on a new queue named after `prefix`.
+    pub async fn start(prefix: &str, settings: Settings, registry: Registry) -> Farm {
+        Farm::start_on(unique_queue(prefix), settings, registry).await
+    }
+
+    pub async fn start_on(queue: String, settings: Settings, registry: Registry) -> Farm {
+        let worker = Worker::new(settings.clone(), registry, vec![queue.clone()])
+            .hostname(format!("test@{queue}"))
+            .start()
+            .await
+            .expect("worker starts");
+        let client = Client::connect(&settings).await.expect("client connects");
+        Farm {
+            settings,
+            queue,
+            client,
+            worker,
+        }
+    }
+
+    /// Stops the worker as on SIGTERM and deletes the queue.
+    pub async fn stop(self) {
+        self.worker.shutdown().await;
+        delete_queue(&self.settings, &self.queue).await;
+    }
 }
