@@ -1,31 +1,74 @@
 //! `echo-worker`: the smallest mediafarm worker. Queue `echo`, task `echo.echo`, which returns
-//! its keyword arguments (after `sleep_ms`, if given). Used by the tests and the benchmark.
+//! its keyword arguments. Used by the tests and the benchmarks, so it can also misbehave on
+//! request: `sleep_ms` waits first, `fail` fails permanently with that message, `fail_times: n`
+//! fails transiently while the job's `retries` is below n (`retry_after_s` asks for that
+//! delay), and `spin_ms` burns CPU on the blocking pool, stopping early when told to.
 
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mediafarm::{Registry, Task, TaskContext, TaskError};
 use serde_json::{Map, Value};
 
 struct Echo;
 
+fn whole_number(kwargs: &Map<String, Value>, name: &str) -> Result<Option<u64>, TaskError> {
+    match kwargs.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            TaskError::invalid(
+                "InvalidArguments",
+                format!("echo.echo kwarg `{name}` must be a whole number; got {v}"),
+            )
+        }),
+    }
+}
+
 impl Task for Echo {
     const NAME: &'static str = "echo.echo";
     type Args = Map<String, Value>;
     type Output = Map<String, Value>;
 
-    async fn run(&self, _ctx: TaskContext, kwargs: Self::Args) -> Result<Self::Output, TaskError> {
-        match kwargs.get("sleep_ms") {
-            None => {}
-            Some(v) => match v.as_u64() {
-                Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
-                None => {
-                    return Err(TaskError::invalid(
-                        "InvalidArguments",
-                        format!("echo.echo kwarg `sleep_ms` must be a whole number of milliseconds; got {v}"),
-                    ))
+    async fn run(&self, ctx: TaskContext, kwargs: Self::Args) -> Result<Self::Output, TaskError> {
+        if let Some(ms) = whole_number(&kwargs, "sleep_ms")? {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        if let Some(ms) = whole_number(&kwargs, "spin_ms")? {
+            let stop = ctx.cancel_flag();
+            let finished = ctx
+                .cpu(move || {
+                    let end = Instant::now() + Duration::from_millis(ms);
+                    while Instant::now() < end {
+                        if stop.is_set() {
+                            return false;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    true
+                })
+                .await?;
+            if !finished {
+                return Err(TaskError::permanent(
+                    "SoftTimeLimitExceeded",
+                    "echo.echo stopped spinning at its soft time limit",
+                ));
+            }
+        }
+        if let Some(times) = whole_number(&kwargs, "fail_times")? {
+            if u64::from(ctx.retries) < times {
+                let mut e = TaskError::transient(
+                    "EchoTransient",
+                    format!(
+                        "attempt {} of {} fails on request",
+                        ctx.retries + 1,
+                        times + 1
+                    ),
+                );
+                if let Some(s) = kwargs.get("retry_after_s").and_then(Value::as_f64) {
+                    e = e.retry_after(Duration::from_secs_f64(s.max(0.0)));
                 }
-            },
+                return Err(e);
+            }
         }
         if let Some(msg) = kwargs.get("fail").and_then(Value::as_str) {
             return Err(TaskError::permanent("EchoFailure", msg.to_owned()));

@@ -1,5 +1,8 @@
 //! The bounded pool for CPU-heavy work (decode, resize, encode): at most one job per core runs
-//! there at a time, so the async threads stay free for I/O.
+//! there at a time, so the async threads stay free for I/O. A slot belongs to the job waiting
+//! for the work, not to the thread doing it: a job stopped at its hard time limit frees its
+//! slot at once, while its thread runs on until the closure returns (closures check the job's
+//! `StopSignal` to return early).
 
 use std::sync::Arc;
 
@@ -47,12 +50,9 @@ impl CpuPool {
             .acquire_owned()
             .await
             .map_err(|_| TaskError::permanent("InternalError", "CPU pool is closed"))?;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            f()
-        })
-        .await
-        .map_err(|e| {
+        let outcome = tokio::task::spawn_blocking(f).await;
+        drop(permit);
+        outcome.map_err(|e| {
             TaskError::permanent(
                 "InternalError",
                 format!("CPU work failed: {}", panic_text(e)),

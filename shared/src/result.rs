@@ -232,6 +232,14 @@ impl TaskError {
         )
     }
 
+    /// Asks for the retry of a transient failure to wait `delay` instead of the backoff.
+    pub fn retry_after(mut self, delay: Duration) -> TaskError {
+        if let FailureKind::Transient { retry_after } = &mut self.kind {
+            *retry_after = Some(delay);
+        }
+        self
+    }
+
     pub fn in_module(mut self, module: impl Into<Cow<'static, str>>) -> TaskError {
         self.exc_module = module.into();
         self

@@ -66,8 +66,16 @@ pub struct Settings {
     pub result_extended: bool,
     pub task_time_limit: Option<Duration>,
     pub task_soft_time_limit: Option<Duration>,
+    /// Base delay of a retry; each further retry doubles it, up to `task_retry_backoff_max`.
     pub task_default_retry_delay: Duration,
+    /// Cap on the delay between retries.
+    pub task_retry_backoff_max: Duration,
+    /// Spread retry delays at random over their upper half, so a burst does not retry in step.
+    pub task_retry_jitter: bool,
     pub task_max_retries: u32,
+    /// RabbitMQ's `consumer_timeout`: a delivery not acknowledged within it closes the channel.
+    /// Every job's hard time limit is kept below it (see `ack_deadline_margin`).
+    pub broker_consumer_timeout: Duration,
     /// How long a stopping worker lets running jobs finish before returning them to the broker.
     pub worker_shutdown_grace: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; port 0 picks a free port.
@@ -96,7 +104,10 @@ impl Default for Settings {
             task_time_limit: None,
             task_soft_time_limit: None,
             task_default_retry_delay: Duration::from_secs(180),
+            task_retry_backoff_max: Duration::from_secs(600),
+            task_retry_jitter: true,
             task_max_retries: 3,
+            broker_consumer_timeout: Duration::from_secs(1800),
             worker_shutdown_grace: Duration::from_secs(30),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9808)),
             task_message_max_bytes: 1 << 20,
@@ -129,7 +140,10 @@ pub const SETTING_NAMES: &[&str] = &[
     "task_time_limit",
     "task_soft_time_limit",
     "task_default_retry_delay",
+    "task_retry_backoff_max",
+    "task_retry_jitter",
     "task_max_retries",
+    "broker_consumer_timeout",
     "worker_shutdown_grace",
     "metrics_addr",
     "task_message_max_bytes",
@@ -217,7 +231,14 @@ impl Settings {
             task_default_retry_delay: reader
                 .seconds("task_default_retry_delay", Some(d.task_default_retry_delay))?
                 .unwrap_or(Duration::ZERO),
+            task_retry_backoff_max: reader
+                .seconds("task_retry_backoff_max", Some(d.task_retry_backoff_max))?
+                .unwrap_or(Duration::ZERO),
+            task_retry_jitter: reader.bool("task_retry_jitter", d.task_retry_jitter)?,
             task_max_retries: reader.int("task_max_retries", d.task_max_retries, 0, 1_000_000)?,
+            broker_consumer_timeout: reader
+                .seconds("broker_consumer_timeout", Some(d.broker_consumer_timeout))?
+                .unwrap_or(Duration::ZERO),
             worker_shutdown_grace: reader
                 .seconds("worker_shutdown_grace", Some(d.worker_shutdown_grace))?
                 .unwrap_or(Duration::ZERO),
@@ -242,7 +263,44 @@ impl Settings {
                 });
             }
         }
+        if settings.broker_consumer_timeout < Duration::from_secs(10) {
+            return Err(SettingsError::Invalid {
+                name: "broker_consumer_timeout".into(),
+                value: format!("{}", settings.broker_consumer_timeout.as_secs_f64()),
+                accepted:
+                    "RabbitMQ's consumer_timeout in seconds, 10 or more (its default is 1800)"
+                        .into(),
+            });
+        }
+        if let Some(hard) = settings.task_time_limit {
+            let most = settings.longest_hard_limit();
+            if hard > most {
+                return Err(SettingsError::Invalid {
+                    name: "task_time_limit".into(),
+                    value: format!("{}", hard.as_secs_f64()),
+                    accepted: format!(
+                        "at most {} s: broker_consumer_timeout ({} s) less {} s to store the result \
+                         and acknowledge, or RabbitMQ closes the channel under a long job",
+                        most.as_secs_f64(),
+                        settings.broker_consumer_timeout.as_secs_f64(),
+                        settings.ack_deadline_margin().as_secs_f64()
+                    ),
+                });
+            }
+        }
         Ok(settings)
+    }
+
+    /// Time kept free between a job's hard limit and RabbitMQ's delivery-ack timeout, for
+    /// storing the result and acknowledging: a quarter of the timeout, at most two minutes.
+    pub fn ack_deadline_margin(&self) -> Duration {
+        (self.broker_consumer_timeout / 4).min(Duration::from_secs(120))
+    }
+
+    /// The longest hard time limit any job may have (jobs with none get this one).
+    pub fn longest_hard_limit(&self) -> Duration {
+        self.broker_consumer_timeout
+            .saturating_sub(self.ack_deadline_margin())
     }
 
     /// Unacknowledged messages the broker may hand this worker at once.

@@ -6,10 +6,12 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{Map, Value};
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::ResultBackend;
 use crate::cpu::CpuPool;
@@ -20,6 +22,13 @@ pub trait Task: Send + Sync + 'static {
     const NAME: &'static str;
     /// Names given to positional `args`, in order. Empty: keyword arguments only.
     const POSITIONAL: &'static [&'static str] = &[];
+    /// Retries after transient failures; `None`: the `task_max_retries` setting.
+    const MAX_RETRIES: Option<u32> = None;
+    /// Hard time limit in seconds; `None`: the `task_time_limit` setting. A message's own
+    /// `timelimit` header wins over both.
+    const TIME_LIMIT: Option<f64> = None;
+    /// Soft time limit in seconds; `None`: the `task_soft_time_limit` setting.
+    const SOFT_TIME_LIMIT: Option<f64> = None;
     type Args: DeserializeOwned + Send + 'static;
     type Output: Serialize + Send + 'static;
 
@@ -38,6 +47,34 @@ pub trait Job: Serialize {
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// A task's limits and retry policy, from its `Task` constants.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TaskPolicy {
+    pub max_retries: Option<u32>,
+    pub time_limit: Option<Duration>,
+    pub soft_time_limit: Option<Duration>,
+}
+
+/// Tells a running job to wrap up: set at its soft time limit, when it is revoked with
+/// `terminate`, or when it was abandoned at its hard limit. CPU loops check `is_set()`;
+/// async code can `wait()` on it in a `select!`.
+#[derive(Clone, Default)]
+pub struct StopSignal(CancellationToken);
+
+impl StopSignal {
+    pub fn is_set(&self) -> bool {
+        self.0.is_cancelled()
+    }
+
+    pub async fn wait(&self) {
+        self.0.cancelled().await
+    }
+
+    pub(crate) fn set(&self) {
+        self.0.cancel()
+    }
+}
+
 /// What the runtime knows about a running job, and the services it may use.
 #[derive(Clone)]
 pub struct TaskContext {
@@ -47,6 +84,7 @@ pub struct TaskContext {
     pub hostname: Arc<str>,
     backend: ResultBackend,
     cpu: CpuPool,
+    stop: StopSignal,
 }
 
 impl TaskContext {
@@ -65,16 +103,38 @@ impl TaskContext {
             hostname,
             backend,
             cpu,
+            stop: StopSignal::default(),
         }
     }
 
-    /// Runs CPU-heavy work on the bounded pool.
+    /// Runs CPU-heavy work on the bounded pool. Long loops should check `cancel_flag()`: work
+    /// abandoned at the hard limit frees its pool slot at once, but its thread runs until the
+    /// closure returns.
     pub async fn cpu<F, R>(&self, f: F) -> Result<R, TaskError>
     where
         F: FnOnce() -> R + Send + 'static,
         R: Send + 'static,
     {
         self.cpu.run(f).await
+    }
+
+    /// Set when the job should stop: its soft time limit passed, it was revoked with
+    /// `terminate`, or it was abandoned at its hard limit. Clone it into CPU closures.
+    pub fn cancel_flag(&self) -> StopSignal {
+        self.stop.clone()
+    }
+
+    /// Resolves when the soft time limit passes (or the job is told to stop otherwise).
+    pub async fn soft_time_limit_reached(&self) {
+        self.stop.wait().await
+    }
+
+    /// Claims a once-only side effect (sending an email, charging a card) under `key`, so a
+    /// redelivered job does not repeat it. See [`crate::once`].
+    pub async fn once(&self, key: &str, lease: Duration) -> Result<crate::once::Claim, TaskError> {
+        crate::once::claim(&self.backend, key, lease)
+            .await
+            .map_err(|e| TaskError::transient("BackendError", e.to_string()))
     }
 
     /// Stores a progress state (for example `PROGRESS` with counters) that readers can poll.
@@ -93,6 +153,8 @@ impl TaskContext {
 }
 
 trait ErasedTask: Send + Sync {
+    fn policy(&self) -> TaskPolicy;
+
     fn call(
         &self,
         ctx: TaskContext,
@@ -104,6 +166,15 @@ trait ErasedTask: Send + Sync {
 struct Erased<T: Task>(Arc<T>);
 
 impl<T: Task> ErasedTask for Erased<T> {
+    fn policy(&self) -> TaskPolicy {
+        let secs = |s: Option<f64>| s.filter(|s| *s > 0.0).map(Duration::from_secs_f64);
+        TaskPolicy {
+            max_retries: T::MAX_RETRIES,
+            time_limit: secs(T::TIME_LIMIT),
+            soft_time_limit: secs(T::SOFT_TIME_LIMIT),
+        }
+    }
+
     fn call(
         &self,
         ctx: TaskContext,
@@ -205,6 +276,11 @@ impl Registry {
 
     pub fn contains(&self, name: &str) -> bool {
         self.tasks.contains_key(name)
+    }
+
+    /// A registered task's limits and retry policy.
+    pub fn policy(&self, name: &str) -> Option<TaskPolicy> {
+        self.tasks.get(name).map(|t| t.policy())
     }
 
     /// Starts a job: `None` when no task of that name is registered.

@@ -1,4 +1,5 @@
-//! The `mediafarm` command: submit jobs, read results, purge queues.
+//! The `mediafarm` command: submit jobs, read results, revoke jobs, purge queues, and list or
+//! replay dead letters.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,38 @@ enum Command {
     },
     /// Remove every waiting message from a queue.
     Purge { queue: String },
+    /// Revoke jobs: workers skip them (stored as REVOKED); with --terminate running ones stop.
+    Revoke {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Also stop the job if it is running.
+        #[arg(long)]
+        terminate: bool,
+    },
+    /// Dead letters: messages that can never succeed, kept in <queue>.dead with the reason.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// Show a queue's dead letters, oldest first, without removing them.
+    List {
+        queue: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send dead letters back to their queue (all, or one job's with --id).
+    Replay {
+        queue: String,
+        #[arg(long)]
+        id: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -152,6 +185,60 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Purge { queue } => {
             let n = mediafarm::broker::purge(&settings, &queue).await?;
             println!("purged {n} message(s) from {queue}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Revoke { ids, terminate } => {
+            let backend = mediafarm::ResultBackend::connect(
+                &settings.result_backend,
+                settings.result_expires_secs(),
+            )
+            .await?;
+            mediafarm::revoke::broadcast(&settings, &backend, &ids, terminate).await?;
+            let how = if terminate {
+                " (terminating if running)"
+            } else {
+                ""
+            };
+            println!("revoked {}{how}", ids.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dead { command } => dead(&settings, command).await,
+    }
+}
+
+async fn dead(settings: &Settings, command: DeadCommand) -> anyhow::Result<ExitCode> {
+    use mediafarm::deadletter;
+    match command {
+        DeadCommand::List { queue, limit, json } => {
+            let letters = deadletter::list(settings, &queue, limit).await?;
+            if json {
+                for l in &letters {
+                    println!("{}", serde_json::to_string(l)?);
+                }
+            } else if letters.is_empty() {
+                println!("{queue}.dead is empty");
+            } else {
+                let dash = || "-".to_owned();
+                for l in &letters {
+                    println!(
+                        "{}  {}  {}  {}  {}: {}",
+                        l.at.clone().unwrap_or_else(dash),
+                        l.id.clone().unwrap_or_else(dash),
+                        l.task.clone().unwrap_or_else(dash),
+                        l.worker.clone().unwrap_or_else(dash),
+                        l.kind.clone().unwrap_or_else(dash),
+                        l.reason.clone().unwrap_or_else(dash),
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DeadCommand::Replay { queue, id } => {
+            let n = deadletter::replay(settings, &queue, id.as_deref()).await?;
+            println!("replayed {n} message(s) from {queue}.dead to {queue}");
+            if n == 0 && id.is_some() {
+                return Ok(ExitCode::from(1));
+            }
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,0 +1,661 @@
+//! One delivery's life inside a worker: decode it, skip it if revoked, expired or already
+//! done, send it to a delay queue while its ETA is ahead, run it under its time limits, then
+//! store the outcome (SUCCESS, RETRY with a delayed copy, FAILURE with a dead letter, REVOKED)
+//! and only then acknowledge. When the outcome cannot be stored or published, the message goes
+//! back to the broker instead: nothing is acknowledged before its result is safe.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::FutureExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::AMQPValue;
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::json;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::amqp_table::read_properties;
+use crate::backend::ResultBackend;
+use crate::broker::backoff;
+use crate::cpu::{panic_message, CpuPool};
+use crate::http::Readiness;
+use crate::metrics::{host_label, Metrics, TaskLabels, TaskMetrics};
+use crate::protocol::{DecodeError, TaskMessage};
+use crate::reroute::{time_header, DeadReason, Rerouter, MIN_DELAY};
+use crate::result::{FailureKind, ResultMeta, TaskError, TaskState};
+use crate::revoke::Revocations;
+use crate::settings::Settings;
+use crate::task::{Registry, TaskContext, TaskPolicy};
+
+/// What every job of a worker shares.
+pub(crate) struct Shared {
+    pub settings: Settings,
+    pub registry: Registry,
+    pub backend: ResultBackend,
+    pub cpu: CpuPool,
+    pub metrics: Metrics,
+    pub readiness: Arc<Readiness>,
+    pub hostname: Arc<str>,
+    pub slots: Arc<Semaphore>,
+    pub stop: CancellationToken,
+    pub jobs: TaskTracker,
+    pub revocations: Arc<Revocations>,
+    /// Metric handles by queue, then task name.
+    pub task_metrics: Mutex<HashMap<String, HashMap<String, TaskMetrics>>>,
+    pub active: Gauge,
+}
+
+impl Shared {
+    pub fn metrics_for(&self, task: &str, queue: &str) -> TaskMetrics {
+        let mut cache = self.task_metrics.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = cache.get(queue).and_then(|by_task| by_task.get(task)) {
+            return m.clone();
+        }
+        let m = self.metrics.task(&TaskLabels {
+            name: task.to_owned(),
+            hostname: host_label(&self.hostname),
+            queue_name: queue.to_owned(),
+        });
+        cache
+            .entry(queue.to_owned())
+            .or_default()
+            .insert(task.to_owned(), m.clone());
+        m
+    }
+}
+
+/// A delivery and where it came from.
+pub(crate) struct Incoming {
+    pub delivery: Delivery,
+    pub queue: String,
+    pub received_at: Instant,
+    pub rerouter: Arc<Rerouter>,
+}
+
+pub(crate) async fn handle(shared: Arc<Shared>, job: Incoming) {
+    let (props, headers) = read_properties(&job.delivery.properties);
+    let msg = match TaskMessage::decode(
+        &props,
+        &headers,
+        &job.delivery.data,
+        shared.settings.task_message_max_bytes,
+    ) {
+        Ok(msg) => msg,
+        Err(e) => return refuse(&shared, &job, e).await,
+    };
+    let Some(policy) = shared.registry.policy(&msg.task) else {
+        let reason = format!(
+            "unknown task {:?}: this worker runs {}",
+            msg.task,
+            shared.registry.names().join(", ")
+        );
+        let e = DecodeError {
+            id: Some(msg.id.clone()),
+            task: Some(msg.task.clone()),
+            reason,
+        };
+        return refuse(&shared, &job, e).await;
+    };
+    let l = shared.metrics_for(&msg.task, &job.queue);
+    l.received.inc();
+    if shared.revocations.is_revoked(&msg.id) {
+        return revoked(&shared, &job, &msg, &l, "revoked before it ran").await;
+    }
+    if msg.is_expired(Utc::now()) {
+        return expire(&shared, &job, &msg, &l).await;
+    }
+    if job.delivery.redelivered && already_done(&shared, &job, &msg).await {
+        return;
+    }
+    if let Some(eta) = msg.eta {
+        let remaining = (eta - Utc::now()).to_std().unwrap_or_default();
+        if remaining >= MIN_DELAY {
+            return delay(&shared, &job, &msg, remaining).await;
+        }
+        if !remaining.is_zero() {
+            // Under the shortest delay bucket: not worth a trip through the broker.
+            tokio::select! {
+                _ = shared.stop.cancelled() => return requeue(&job.delivery).await,
+                _ = tokio::time::sleep(remaining) => {},
+            }
+        }
+    }
+    let _slot = tokio::select! {
+        biased;
+        _ = shared.stop.cancelled() => return requeue(&job.delivery).await,
+        permit = shared.slots.clone().acquire_owned() => match permit {
+            Ok(p) => p,
+            Err(_) => return requeue(&job.delivery).await,
+        },
+    };
+    let limits = Limits::for_job(&shared.settings, &msg, &policy);
+    if !limits.fits_ack_deadline(&shared.settings, job.received_at.elapsed()) {
+        tracing::warn!(
+            id = %msg.id,
+            waited = ?job.received_at.elapsed(),
+            hard_limit = ?limits.hard,
+            "job waited so long for a slot that it could not finish before RabbitMQ's \
+             consumer_timeout; returning it to the queue"
+        );
+        return requeue(&job.delivery).await;
+    }
+    run(&shared, &job, msg, &l, policy, limits).await;
+}
+
+/// A message redelivered after its result was stored (its worker died before the ack): do not
+/// run it again. Only redelivered messages pay for this lookup.
+async fn already_done(shared: &Shared, job: &Incoming, msg: &TaskMessage) -> bool {
+    let meta = match shared.backend.get(&msg.id).await {
+        Ok(Some(meta)) if meta.status.is_ready() => meta,
+        _ => return false,
+    };
+    tracing::info!(id = %msg.id, state = %meta.status, "redelivered job already has its result; not running it again");
+    if meta.status == TaskState::Failure {
+        // The worker died between storing FAILURE and dead-lettering: finish the dead letter.
+        let error = meta
+            .error()
+            .unwrap_or_else(|| TaskError::permanent("Failed", "the job failed"));
+        let why = dead_reason(shared, job, &error.exc_type, error.message.clone());
+        if !dead_letter(job, &why).await {
+            requeue(&job.delivery).await;
+            return true;
+        }
+    }
+    ack(&job.delivery, &msg.id).await;
+    true
+}
+
+/// Effective time limits of one job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Limits {
+    pub hard: Duration,
+    pub soft: Option<Duration>,
+}
+
+impl Limits {
+    /// The message's `timelimit` header, else the task's own, else the settings; the hard
+    /// limit is capped so the job is acknowledged before RabbitMQ's consumer_timeout.
+    pub fn for_job(settings: &Settings, msg: &TaskMessage, policy: &TaskPolicy) -> Limits {
+        let secs = |s: Option<f64>| {
+            s.filter(|s| s.is_finite() && *s > 0.0)
+                .map(Duration::from_secs_f64)
+        };
+        let longest = settings.longest_hard_limit();
+        let hard = secs(msg.timelimit.hard)
+            .or(policy.time_limit)
+            .or(settings.task_time_limit)
+            .unwrap_or(longest);
+        if hard > longest {
+            tracing::warn!(
+                id = %msg.id,
+                asked = ?hard,
+                cap = ?longest,
+                "hard time limit capped below broker_consumer_timeout"
+            );
+        }
+        let hard = hard.min(longest);
+        let soft = secs(msg.timelimit.soft)
+            .or(policy.soft_time_limit)
+            .or(settings.task_soft_time_limit)
+            .filter(|soft| *soft < hard);
+        Limits { hard, soft }
+    }
+
+    /// Whether a job that has already waited `waited` since delivery can still run to its hard
+    /// limit and be acknowledged before the broker's delivery-ack timeout.
+    pub fn fits_ack_deadline(&self, settings: &Settings, waited: Duration) -> bool {
+        let deadline = settings
+            .broker_consumer_timeout
+            .saturating_sub(settings.ack_deadline_margin() / 2);
+        waited + self.hard <= deadline
+    }
+}
+
+/// How a job's run ended, before it is stored.
+enum Ended {
+    Done(Result<serde_json::Value, TaskError>),
+    Terminated,
+}
+
+async fn run(
+    shared: &Arc<Shared>,
+    job: &Incoming,
+    mut msg: TaskMessage,
+    l: &TaskMetrics,
+    policy: TaskPolicy,
+    limits: Limits,
+) {
+    l.started.inc();
+    shared.active.inc();
+    if shared.settings.task_track_started {
+        let started = ResultMeta::new(
+            &msg.id,
+            TaskState::Started,
+            json!({"pid": std::process::id(), "hostname": &*shared.hostname}),
+        );
+        if let Err(e) = shared.backend.store(&started).await {
+            tracing::warn!(id = %msg.id, error = %e, "could not store STARTED");
+        }
+    }
+    let ctx = TaskContext::new(
+        msg.id.clone(),
+        msg.task.clone(),
+        msg.retries,
+        shared.hostname.clone(),
+        shared.backend.clone(),
+        shared.cpu.clone(),
+    );
+    let stop_signal = ctx.cancel_flag();
+    let began = Instant::now();
+    let extended = shared.settings.result_extended.then(|| {
+        json!({
+            "name": msg.task,
+            "args": msg.args,
+            "kwargs": msg.kwargs,
+            "worker": &*shared.hostname,
+            "retries": msg.retries,
+            "queue": job.queue,
+        })
+    });
+    let (args, kwargs) = (
+        std::mem::take(&mut msg.args),
+        std::mem::take(&mut msg.kwargs),
+    );
+    let terminate = shared.revocations.started(&msg.id);
+    let ended = match shared.registry.call(&msg.task, ctx, args, kwargs) {
+        Some(future) => {
+            let guarded = std::panic::AssertUnwindSafe(future).catch_unwind();
+            let soft = async {
+                if let Some(soft) = limits.soft {
+                    tokio::time::sleep(soft).await;
+                    tracing::info!(id = %msg.id, ?soft, "soft time limit reached; the job is told to stop");
+                    stop_signal.set();
+                }
+                std::future::pending::<Ended>().await
+            };
+            tokio::select! {
+                outcome = guarded => Ended::Done(outcome.unwrap_or_else(|payload| {
+                    Err(TaskError::permanent(
+                        "InternalError",
+                        format!("the task crashed: {}", panic_message(payload.as_ref())),
+                    ))
+                })),
+                _ = tokio::time::sleep(limits.hard) => Ended::Done(Err(TaskError::permanent(
+                    "TimeLimitExceeded",
+                    format!(
+                        "job ran longer than its hard time limit of {} s",
+                        limits.hard.as_secs_f64()
+                    ),
+                )
+                .in_module("celery.exceptions"))),
+                _ = terminate.cancelled() => Ended::Terminated,
+                never = soft => never,
+            }
+        }
+        None => Ended::Done(Err(TaskError::permanent(
+            "NotRegistered",
+            format!("task {} is not registered", msg.task),
+        ))),
+    };
+    // Whatever still runs for this job (CPU work abandoned at the hard limit) is told to stop.
+    stop_signal.set();
+    shared.revocations.finished(&msg.id);
+    let elapsed = began.elapsed();
+    l.runtime.observe(elapsed.as_secs_f64());
+    shared.active.dec();
+    let outcome = match ended {
+        Ended::Terminated => {
+            return revoked(shared, job, &msg, l, "terminated while running").await;
+        }
+        Ended::Done(outcome) => outcome,
+    };
+    let (mut meta, dead) = match outcome {
+        Ok(value) => {
+            l.succeeded.inc();
+            tracing::debug!(id = %msg.id, task = %msg.task, ?elapsed, "succeeded");
+            (ResultMeta::success(&msg.id, value), None)
+        }
+        Err(e) => {
+            if let FailureKind::Transient { retry_after } = e.kind {
+                let max = policy
+                    .max_retries
+                    .unwrap_or(shared.settings.task_max_retries);
+                if msg.retries < max {
+                    return retry(shared, job, &msg, l, &e, retry_after).await;
+                }
+                let e = TaskError::permanent(
+                    e.exc_type.clone(),
+                    format!("{} (gave up after {} retries)", e.message, msg.retries),
+                )
+                .in_module(e.exc_module.clone());
+                l.failed(&e.exc_type);
+                tracing::warn!(id = %msg.id, task = %msg.task, error = %e, "failed; no retries left");
+                let why = dead_reason(shared, job, "MaxRetriesExceeded", e.to_string());
+                let meta = ResultMeta::failure(&msg.id, &e, traceback(shared, &msg, &e));
+                (meta, Some(why))
+            } else {
+                l.failed(&e.exc_type);
+                tracing::warn!(id = %msg.id, task = %msg.task, error = %e, ?elapsed, "failed");
+                let why = dead_reason(shared, job, &e.exc_type, e.message.clone());
+                let meta = ResultMeta::failure(&msg.id, &e, traceback(shared, &msg, &e));
+                (meta, Some(why))
+            }
+        }
+    };
+    if let Some(serde_json::Value::Object(fields)) = extended {
+        meta.extra.extend(fields);
+    }
+    let store = !msg.ignore_result || meta.status != TaskState::Success;
+    if store && !store_with_retry(shared, &meta).await {
+        return requeue(&job.delivery).await;
+    }
+    if let Some(why) = dead {
+        if !dead_letter(job, &why).await {
+            return requeue(&job.delivery).await;
+        }
+    }
+    ack(&job.delivery, &msg.id).await;
+}
+
+/// The delay before retry number `retries + 1`: the task's wish, else exponential backoff from
+/// `task_default_retry_delay`, capped, with jitter over the upper half.
+pub fn retry_delay(settings: &Settings, retries: u32, asked: Option<Duration>) -> Duration {
+    if let Some(d) = asked {
+        return d;
+    }
+    let base = settings.task_default_retry_delay.as_secs_f64();
+    let cap = settings.task_retry_backoff_max.as_secs_f64();
+    let full = (base * 2f64.powi(retries.min(60) as i32)).min(cap).max(0.0);
+    let secs = if settings.task_retry_jitter {
+        full / 2.0 + fastrand::f64() * full / 2.0
+    } else {
+        full
+    };
+    Duration::from_secs_f64(secs)
+}
+
+/// Stores RETRY, sends a copy with `retries + 1` and its new ETA into a delay queue, then acks.
+async fn retry(
+    shared: &Shared,
+    job: &Incoming,
+    msg: &TaskMessage,
+    l: &TaskMetrics,
+    e: &TaskError,
+    asked: Option<Duration>,
+) {
+    let wait = retry_delay(&shared.settings, msg.retries, asked);
+    let eta = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
+    tracing::info!(id = %msg.id, task = %msg.task, error = %e, retry = msg.retries + 1, in_ = ?wait, "retrying");
+    l.retried.inc();
+    let mut meta = ResultMeta::new(&msg.id, TaskState::Retry, e.to_celery_json());
+    meta.traceback = Some(traceback(shared, msg, e));
+    if !store_with_retry(shared, &meta).await {
+        return requeue(&job.delivery).await;
+    }
+    let headers = [
+        (
+            "retries",
+            AMQPValue::LongLongInt(i64::from(msg.retries) + 1),
+        ),
+        ("eta", time_header(eta)),
+    ];
+    let sent = job
+        .rerouter
+        .delay(
+            &job.queue,
+            &job.delivery.properties,
+            &job.delivery.data,
+            wait,
+            &headers,
+        )
+        .await;
+    match sent {
+        Ok(_) => ack(&job.delivery, &msg.id).await,
+        Err(err) => {
+            tracing::warn!(id = %msg.id, error = %err, "could not send the retry; returning the message to the queue");
+            requeue(&job.delivery).await
+        }
+    }
+}
+
+/// The ETA is ahead: park the message in a delay queue and let it go.
+async fn delay(shared: &Shared, job: &Incoming, msg: &TaskMessage, remaining: Duration) {
+    match job
+        .rerouter
+        .delay(
+            &job.queue,
+            &job.delivery.properties,
+            &job.delivery.data,
+            remaining,
+            &[],
+        )
+        .await
+    {
+        Ok(hop) => {
+            tracing::debug!(id = %msg.id, ?remaining, ?hop, "waiting for its ETA in a delay queue");
+            ack(&job.delivery, &msg.id).await
+        }
+        Err(e) => {
+            tracing::warn!(id = %msg.id, error = %e, "could not delay the message; returning it to the queue");
+            shared.readiness.broker.store(false, Ordering::Relaxed);
+            requeue(&job.delivery).await
+        }
+    }
+}
+
+async fn expire(shared: &Shared, job: &Incoming, msg: &TaskMessage, l: &TaskMetrics) {
+    tracing::info!(id = %msg.id, task = %msg.task, "expired before it ran; not running it");
+    l.revoked.inc();
+    let meta = ResultMeta::revoked(&msg.id, "expired");
+    if !store_with_retry(shared, &meta).await {
+        return requeue(&job.delivery).await;
+    }
+    let expires = msg
+        .expires
+        .map(crate::protocol::format_time)
+        .unwrap_or_default();
+    let why = dead_reason(
+        shared,
+        job,
+        "Expired",
+        format!("expired at {expires} before it ran"),
+    );
+    if !dead_letter(job, &why).await {
+        return requeue(&job.delivery).await;
+    }
+    ack(&job.delivery, &msg.id).await;
+}
+
+async fn revoked(shared: &Shared, job: &Incoming, msg: &TaskMessage, l: &TaskMetrics, how: &str) {
+    tracing::info!(id = %msg.id, task = %msg.task, "{how}");
+    l.revoked.inc();
+    let meta = ResultMeta::revoked(&msg.id, how);
+    if !store_with_retry(shared, &meta).await {
+        return requeue(&job.delivery).await;
+    }
+    ack(&job.delivery, &msg.id).await;
+}
+
+fn traceback(shared: &Shared, msg: &TaskMessage, e: &TaskError) -> String {
+    traceback_for(shared, &msg.task, &msg.id, e)
+}
+
+fn traceback_for(shared: &Shared, task: &str, id: &str, e: &TaskError) -> String {
+    format!(
+        "{}.{}: {}\n  in task {task}[{id}] on {} (mediafarm {})",
+        e.exc_module,
+        e.exc_type,
+        e.message,
+        shared.hostname,
+        env!("CARGO_PKG_VERSION")
+    )
+}
+
+fn dead_reason(shared: &Shared, job: &Incoming, kind: &str, reason: String) -> DeadReason {
+    DeadReason {
+        kind: kind.to_owned(),
+        reason,
+        queue: job.queue.clone(),
+        worker: shared.hostname.to_string(),
+    }
+}
+
+/// A message that can never run: store FAILURE where the producer will look (when its id is
+/// known), send it to the dead-letter queue with the reason, then acknowledge it.
+async fn refuse(shared: &Shared, job: &Incoming, e: DecodeError) {
+    let task = e.task.clone().unwrap_or_else(|| "unknown".into());
+    // Only registered names become metric labels: names from the wire are unbounded.
+    let label = if shared.registry.contains(&task) {
+        task.as_str()
+    } else {
+        "unknown"
+    };
+    shared.metrics_for(label, &job.queue).rejected.inc();
+    tracing::error!(id = ?e.id, task = %task, reason = %e.reason, "rejecting message");
+    let kind = if e.reason.starts_with("unknown task") {
+        "NotRegistered"
+    } else {
+        "InvalidMessage"
+    };
+    if let Some(id) = &e.id {
+        let error = TaskError::invalid(kind, e.reason.clone());
+        let meta = ResultMeta::failure(id, &error, traceback_for(shared, &task, id, &error));
+        if !store_with_retry(shared, &meta).await {
+            return requeue(&job.delivery).await;
+        }
+    }
+    let why = dead_reason(shared, job, kind, e.reason.clone());
+    if !dead_letter(job, &why).await {
+        return requeue(&job.delivery).await;
+    }
+    let id = e.id.as_deref().unwrap_or("?");
+    ack(&job.delivery, id).await;
+}
+
+async fn dead_letter(job: &Incoming, why: &DeadReason) -> bool {
+    match job
+        .rerouter
+        .dead(&job.delivery.properties, &job.delivery.data, why)
+        .await
+    {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, queue = %why.queue, "could not dead-letter the message; returning it to the queue");
+            false
+        }
+    }
+}
+
+/// Retries a result write with backoff for about a minute; `false` sends the message back to
+/// the broker.
+async fn store_with_retry(shared: &Shared, meta: &ResultMeta) -> bool {
+    for attempt in 0..12u32 {
+        match shared.backend.store(meta).await {
+            Ok(()) => {
+                if attempt > 0 {
+                    shared.readiness.backend.store(true, Ordering::Relaxed);
+                }
+                return true;
+            }
+            Err(e) => {
+                shared.readiness.backend.store(false, Ordering::Relaxed);
+                tracing::warn!(id = %meta.task_id, error = %e, attempt, "storing result failed; retrying");
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        }
+    }
+    tracing::error!(id = %meta.task_id, "result could not be stored; returning the message to the broker");
+    false
+}
+
+async fn ack(delivery: &Delivery, id: &str) {
+    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+        tracing::warn!(%id, error = %e, "ack failed after the outcome was stored; the broker will redeliver and the copy will be skipped");
+    }
+}
+
+pub(crate) async fn requeue(delivery: &Delivery) {
+    let _ = delivery
+        .acker
+        .nack(BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::TimeLimits;
+
+    #[test]
+    fn retry_delays_grow_are_capped_and_jittered() {
+        let mut s = Settings {
+            task_default_retry_delay: Duration::from_secs(2),
+            task_retry_backoff_max: Duration::from_secs(30),
+            task_retry_jitter: false,
+            ..Settings::default()
+        };
+        assert_eq!(retry_delay(&s, 0, None), Duration::from_secs(2));
+        assert_eq!(retry_delay(&s, 3, None), Duration::from_secs(16));
+        assert_eq!(retry_delay(&s, 10, None), Duration::from_secs(30));
+        assert_eq!(
+            retry_delay(&s, 10, Some(Duration::from_secs(1))),
+            Duration::from_secs(1)
+        );
+        s.task_retry_jitter = true;
+        for _ in 0..100 {
+            let d = retry_delay(&s, 3, None);
+            assert!(d >= Duration::from_secs(8) && d <= Duration::from_secs(16));
+        }
+    }
+
+    #[test]
+    fn limits_come_from_the_message_then_the_task_then_settings_and_stay_under_the_ack_timeout() {
+        let s = Settings {
+            task_time_limit: Some(Duration::from_secs(60)),
+            task_soft_time_limit: Some(Duration::from_secs(50)),
+            ..Settings::default()
+        };
+        let mut msg = TaskMessage::new("t", Default::default());
+        let none = TaskPolicy::default();
+        let l = Limits::for_job(&s, &msg, &none);
+        assert_eq!(l.hard, Duration::from_secs(60));
+        assert_eq!(l.soft, Some(Duration::from_secs(50)));
+        let task = TaskPolicy {
+            time_limit: Some(Duration::from_secs(10)),
+            soft_time_limit: Some(Duration::from_secs(5)),
+            max_retries: None,
+        };
+        assert_eq!(
+            Limits::for_job(&s, &msg, &task).hard,
+            Duration::from_secs(10)
+        );
+        msg.timelimit = TimeLimits {
+            hard: Some(3.0),
+            soft: Some(1.0),
+        };
+        let l = Limits::for_job(&s, &msg, &task);
+        assert_eq!(
+            (l.hard, l.soft),
+            (Duration::from_secs(3), Some(Duration::from_secs(1)))
+        );
+        msg.timelimit.hard = Some(100_000.0);
+        msg.timelimit.soft = None;
+        let l = Limits::for_job(&s, &msg, &task);
+        assert_eq!(l.hard, s.longest_hard_limit());
+        // No limit anywhere: the longest allowed, so the ack always beats consumer_timeout.
+        let bare = Settings::default();
+        let l = Limits::for_job(&bare, &TaskMessage::new("t", Default::default()), &none);
+        assert_eq!(l.hard, Duration::from_secs(1800 - 120));
+        assert!(l.fits_ack_deadline(&bare, Duration::from_secs(30)));
+        assert!(!l.fits_ack_deadline(&bare, Duration::from_secs(90)));
+    }
+}

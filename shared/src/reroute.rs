@@ -1,0 +1,385 @@
+//! Re-publishing a received message unchanged but for its headers: into a delay queue (ETA,
+//! countdown and retries wait in RabbitMQ, not in worker memory), to its queue's dead-letter
+//! queue with the reason, and back to a work queue (replaying a dead letter). Every publish
+//! waits for the broker's confirm, so the original may be acknowledged only afterwards.
+//!
+//! Delays use fixed-TTL buckets: queue `mediafarm.delay.<ms>` holds messages for exactly
+//! `<ms>` (a queue-wide TTL, so expiry is first-in first-out and exact), then dead-letters
+//! them to the default exchange under their original routing key, which is the work queue's
+//! name. Buckets are powers of two from 128 ms to about 24 days; a delay takes the largest
+//! bucket that fits and the worker re-delays what is left when the message comes back, so a
+//! delay of any length takes at most ~25 hops and never ends early.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use tokio::sync::Mutex;
+
+use crate::broker::BrokerError;
+use crate::protocol::format_time;
+
+/// Prefix of the delay exchanges and queues.
+pub const DELAY_PREFIX: &str = "mediafarm.delay.";
+/// Shortest bucket; a shorter remainder is waited out by the worker.
+pub const MIN_DELAY: Duration = Duration::from_millis(128);
+const MAX_BUCKET_EXP: u32 = 31;
+const MIN_BUCKET_EXP: u32 = 7;
+
+/// Headers a dead letter carries, besides the original message's.
+pub const DEAD_REASON: &str = "x-mediafarm-dead-reason";
+pub const DEAD_TYPE: &str = "x-mediafarm-dead-type";
+pub const DEAD_AT: &str = "x-mediafarm-dead-at";
+pub const DEAD_QUEUE: &str = "x-mediafarm-dead-queue";
+pub const DEAD_WORKER: &str = "x-mediafarm-dead-worker";
+
+/// Headers RabbitMQ adds on dead-lettering; dropped on re-publishing so they do not grow.
+const BROKER_DEATH_HEADERS: &[&str] = &[
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+];
+
+/// The dead-letter queue of `queue`.
+pub fn dead_queue(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+/// The bucket (in ms) a message with `remaining` to wait goes to; `None` below `MIN_DELAY`.
+pub fn delay_bucket(remaining: Duration) -> Option<u64> {
+    let ms = u64::try_from(remaining.as_millis()).unwrap_or(u64::MAX);
+    if ms < 1 << MIN_BUCKET_EXP {
+        return None;
+    }
+    let exp = (63 - ms.leading_zeros()).min(MAX_BUCKET_EXP);
+    Some(1u64 << exp)
+}
+
+/// Why a message goes to the dead-letter queue.
+#[derive(Debug, Clone)]
+pub struct DeadReason {
+    /// A short type, such as `InvalidMessage`, `NotRegistered`, `MaxRetriesExceeded`.
+    pub kind: String,
+    /// What a person reads to decide what to do.
+    pub reason: String,
+    pub queue: String,
+    pub worker: String,
+}
+
+/// A confirm-mode channel for re-publishing, and the delay and dead queues declared on it.
+pub struct Rerouter {
+    channel: Channel,
+    declared: Mutex<HashSet<String>>,
+}
+
+impl Rerouter {
+    pub async fn open(conn: &Connection) -> Result<Rerouter, BrokerError> {
+        let channel = conn.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Rerouter {
+            channel,
+            declared: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Sends the message into the delay bucket for `remaining`, to come back to `queue`.
+    /// Returns how long it will wait there.
+    pub async fn delay(
+        &self,
+        queue: &str,
+        props: &BasicProperties,
+        body: &[u8],
+        remaining: Duration,
+        headers: &[(&str, AMQPValue)],
+    ) -> Result<Duration, BrokerError> {
+        let bucket = delay_bucket(remaining).unwrap_or(1 << MIN_BUCKET_EXP);
+        let name = format!("{DELAY_PREFIX}{bucket}");
+        self.declare_delay(&name, bucket).await?;
+        let props = rewrite(props, headers, &[]);
+        self.publish(&name, queue, props, body).await?;
+        Ok(Duration::from_millis(bucket))
+    }
+
+    /// Sends the message to `<queue>.dead` with why and when.
+    pub async fn dead(
+        &self,
+        props: &BasicProperties,
+        body: &[u8],
+        why: &DeadReason,
+    ) -> Result<(), BrokerError> {
+        let dead = dead_queue(&why.queue);
+        self.declare_plain(&dead).await?;
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+        let props = rewrite(
+            props,
+            &[
+                (DEAD_REASON, text(&why.reason)),
+                (DEAD_TYPE, text(&why.kind)),
+                (DEAD_AT, text(&format_time(Utc::now()))),
+                (DEAD_QUEUE, text(&why.queue)),
+                (DEAD_WORKER, text(&why.worker)),
+            ],
+            &[],
+        );
+        self.publish("", &dead, props, body).await
+    }
+
+    /// Publishes the message to `queue` without dead-letter headers and with its retry count
+    /// back at 0, so a replayed job gets its full retries again.
+    pub async fn to_queue(
+        &self,
+        queue: &str,
+        props: &BasicProperties,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        self.declare_work_queue(queue).await?;
+        let props = rewrite(
+            props,
+            &[("retries", AMQPValue::LongLongInt(0))],
+            &[DEAD_REASON, DEAD_TYPE, DEAD_AT, DEAD_QUEUE, DEAD_WORKER],
+        );
+        self.publish("", queue, props, body).await
+    }
+
+    async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        props: BasicProperties,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                props,
+            )
+            .await?
+            .await?;
+        if confirm.is_ack() {
+            Ok(())
+        } else {
+            Err(BrokerError::Nacked {
+                id: routing_key.to_owned(),
+            })
+        }
+    }
+
+    async fn declare_delay(&self, name: &str, ttl_ms: u64) -> Result<(), BrokerError> {
+        let mut declared = self.declared.lock().await;
+        if declared.contains(name) {
+            return Ok(());
+        }
+        self.channel
+            .exchange_declare(
+                name.into(),
+                ExchangeKind::Fanout,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(ttl_ms as i64),
+        );
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(LongString::from("")),
+        );
+        self.channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                args,
+            )
+            .await?;
+        self.channel
+            .queue_bind(
+                name.into(),
+                name.into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        declared.insert(name.to_owned());
+        Ok(())
+    }
+
+    async fn declare_plain(&self, name: &str) -> Result<(), BrokerError> {
+        let mut declared = self.declared.lock().await;
+        if declared.contains(name) {
+            return Ok(());
+        }
+        self.channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        declared.insert(name.to_owned());
+        Ok(())
+    }
+
+    async fn declare_work_queue(&self, name: &str) -> Result<(), BrokerError> {
+        let mut declared = self.declared.lock().await;
+        if declared.contains(name) {
+            return Ok(());
+        }
+        crate::broker::declare_queue(&self.channel, name).await?;
+        declared.insert(name.to_owned());
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        let _ = self.channel.close(200, "done".into()).await;
+    }
+}
+
+/// The same properties with `set` headers added or replaced, `drop` headers and the broker's
+/// dead-lettering headers removed, no per-message TTL, and persistent delivery.
+pub fn rewrite(
+    props: &BasicProperties,
+    set: &[(&str, AMQPValue)],
+    drop: &[&str],
+) -> BasicProperties {
+    let mut table = FieldTable::default();
+    if let Some(old) = props.headers() {
+        for (k, v) in old.inner() {
+            let name = k.as_str();
+            if BROKER_DEATH_HEADERS.contains(&name)
+                || drop.contains(&name)
+                || set.iter().any(|(s, _)| *s == name)
+            {
+                continue;
+            }
+            table.insert(k.clone(), v.clone());
+        }
+    }
+    for (k, v) in set {
+        table.insert(ShortString::from(*k), v.clone());
+    }
+    let mut p = props.clone().with_headers(table).with_delivery_mode(2);
+    if p.expiration().is_some() {
+        p = strip_expiration(p);
+    }
+    p
+}
+
+/// `BasicProperties` has no way to unset a field, so rebuild without `expiration`.
+fn strip_expiration(p: BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = p.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = p.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = p.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = p.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = p.user_id() {
+        out = out.with_user_id(v.clone());
+    }
+    if let Some(v) = p.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    out
+}
+
+/// A header value for a time, in Celery's ISO format.
+pub fn time_header(t: DateTime<Utc>) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(format_time(t).as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_the_largest_power_of_two_that_fits() {
+        assert_eq!(delay_bucket(Duration::from_millis(100)), None);
+        assert_eq!(delay_bucket(Duration::from_millis(128)), Some(128));
+        assert_eq!(delay_bucket(Duration::from_millis(1000)), Some(512));
+        assert_eq!(delay_bucket(Duration::from_secs(20)), Some(16_384));
+        assert_eq!(
+            delay_bucket(Duration::from_secs(400 * 86_400)),
+            Some(1 << 31)
+        );
+        // Never past the remaining time, so a message never comes back late by a bucket.
+        for ms in [128u64, 300, 4097, 65_535, 1_000_000] {
+            let b = delay_bucket(Duration::from_millis(ms)).unwrap();
+            assert!(b <= ms && b * 2 > ms, "{ms} -> {b}");
+        }
+    }
+
+    #[test]
+    fn rewriting_drops_broker_death_headers_and_ttl() {
+        let mut h = FieldTable::default();
+        h.insert("id".into(), AMQPValue::LongString("a".into()));
+        h.insert("x-death".into(), AMQPValue::LongString("x".into()));
+        h.insert("retries".into(), AMQPValue::LongLongInt(0));
+        let p = BasicProperties::default()
+            .with_headers(h)
+            .with_expiration("5000".into())
+            .with_correlation_id("a".into());
+        let out = rewrite(&p, &[("retries", AMQPValue::LongLongInt(1))], &[]);
+        let headers = out.headers().clone().unwrap();
+        assert!(headers.contains_key("id"));
+        assert!(!headers.contains_key("x-death"));
+        assert_eq!(
+            headers.inner().get("retries"),
+            Some(&AMQPValue::LongLongInt(1))
+        );
+        assert!(out.expiration().is_none());
+        assert_eq!(out.correlation_id().as_ref().unwrap().as_str(), "a");
+        assert_eq!(*out.delivery_mode(), Some(2));
+    }
+}
