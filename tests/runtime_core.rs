@@ -5,13 +5,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use mediafarm::client::SendOptions;
 use mediafarm::{
     Client, ClientError, Job, Registry, Settings, Task, TaskContext, TaskError, TaskState, Worker,
 };
-use mediafarm_tests::{delete_queue, echo_registry, ready_count, settings, unique_queue, Farm};
+use mediafarm_tests::{
+    celery_props, delete_queue, echo_registry, publish_raw, ready_count, settings, unique_queue,
+    Farm,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -152,32 +154,6 @@ async fn typed_kwargs_are_checked_and_documented_positionals_accepted() {
     );
 
     farm.stop().await;
-}
-
-async fn publish_raw(s: &Settings, queue: &str, props: BasicProperties, body: &[u8]) {
-    let conn = mediafarm::broker::connect(s, "test raw").await.unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    ch.confirm_select(Default::default()).await.unwrap();
-    mediafarm::broker::declare_queue(&ch, queue).await.unwrap();
-    let confirm = ch
-        .basic_publish(
-            "".into(),
-            queue.into(),
-            BasicPublishOptions::default(),
-            body,
-            props,
-        )
-        .await
-        .unwrap();
-    assert!(confirm.await.unwrap().is_ack());
-    let _ = conn.close(200, "done".into()).await;
-}
-
-fn celery_props(id: &str, task: &str) -> BasicProperties {
-    let (props, mut headers, _) =
-        mediafarm::client::build_message(task, Map::new(), &SendOptions::default()).encode();
-    headers.insert("id".into(), json!(id));
-    mediafarm::amqp_table::write_properties(&props, &headers).with_correlation_id(id.into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

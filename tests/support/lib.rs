@@ -143,8 +143,12 @@ pub async fn ready_count(settings: &Settings, queue: &str) -> u32 {
     q.message_count()
 }
 
-/// `echo.echo`: returns its kwargs; `sleep_ms` waits first, `fail` fails with that message,
-/// `panic` panics, `spin_ms` burns CPU on the blocking pool.
+/// `echo.echo`: returns its kwargs. On request it misbehaves: `sleep_ms` waits first (with
+/// `until_soft: true` it returns early at the soft time limit), `spin_ms` burns CPU on the
+/// blocking pool (with `cooperative: true` it stops at the job's stop signal), `fail` fails
+/// permanently, `fail_times: n` fails transiently while `retries < n` (`retry_after_s` asks
+/// for that delay), `require_key` fails permanently unless that Redis key exists, and `panic`
+/// panics.
 pub struct Echo;
 
 impl Task for Echo {
@@ -153,17 +157,66 @@ impl Task for Echo {
     type Output = Map<String, Value>;
 
     async fn run(&self, ctx: TaskContext, kwargs: Self::Args) -> Result<Self::Output, TaskError> {
+        let flag = |k: &str| kwargs.get(k).and_then(Value::as_bool).unwrap_or(false);
         if let Some(ms) = kwargs.get("sleep_ms").and_then(Value::as_u64) {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
+            let sleep = tokio::time::sleep(Duration::from_millis(ms));
+            if flag("until_soft") {
+                tokio::select! {
+                    _ = sleep => {},
+                    _ = ctx.soft_time_limit_reached() => {
+                        let mut out = kwargs.clone();
+                        out.insert("stopped_at_soft_limit".into(), Value::Bool(true));
+                        return Ok(out);
+                    }
+                }
+            } else {
+                sleep.await;
+            }
         }
         if let Some(ms) = kwargs.get("spin_ms").and_then(Value::as_u64) {
-            ctx.cpu(move || {
-                let end = std::time::Instant::now() + Duration::from_millis(ms);
-                while std::time::Instant::now() < end {
-                    std::hint::spin_loop();
+            let stop = flag("cooperative").then(|| ctx.cancel_flag());
+            let finished = ctx
+                .cpu(move || {
+                    let end = std::time::Instant::now() + Duration::from_millis(ms);
+                    while std::time::Instant::now() < end {
+                        if stop.as_ref().is_some_and(|s| s.is_set()) {
+                            return false;
+                        }
+                        std::hint::spin_loop();
+                    }
+                    true
+                })
+                .await?;
+            if !finished {
+                return Err(TaskError::permanent(
+                    "SoftTimeLimitExceeded",
+                    "stopped spinning when told to",
+                ));
+            }
+        }
+        if let Some(times) = kwargs.get("fail_times").and_then(Value::as_u64) {
+            if u64::from(ctx.retries) < times {
+                let mut e =
+                    TaskError::transient("EchoTransient", format!("attempt {}", ctx.retries + 1));
+                if let Some(secs) = kwargs.get("retry_after_s").and_then(Value::as_f64) {
+                    e = e.retry_after(Duration::from_secs_f64(secs));
                 }
-            })
-            .await?;
+                return Err(e);
+            }
+        }
+        if let Some(key) = kwargs.get("require_key").and_then(Value::as_str) {
+            let mut conn = ctx.backend().connection();
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .map_err(|e| TaskError::transient("BackendError", e.to_string()))?;
+            if !exists {
+                return Err(TaskError::permanent(
+                    "MissingKey",
+                    format!("Redis key {key} does not exist"),
+                ));
+            }
         }
         if let Some(msg) = kwargs.get("fail").and_then(Value::as_str) {
             return Err(TaskError::permanent("EchoFailure", msg.to_owned()));
@@ -241,4 +294,33 @@ impl Farm {
         self.worker.shutdown().await;
         delete_queue(&self.settings, &self.queue).await;
     }
+}
+
+/// Publishes a hand-made message straight to `queue` (declared as kombu does), confirmed.
+pub async fn publish_raw(s: &Settings, queue: &str, props: lapin::BasicProperties, body: &[u8]) {
+    let conn = mediafarm::broker::connect(s, "test raw").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(Default::default()).await.unwrap();
+    mediafarm::broker::declare_queue(&ch, queue).await.unwrap();
+    let confirm = ch
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .unwrap();
+    assert!(confirm.await.unwrap().is_ack());
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// The properties and headers Celery would send for job `id` of `task`.
+pub fn celery_props(id: &str, task: &str) -> lapin::BasicProperties {
+    let (props, mut headers, _) =
+        mediafarm::client::build_message(task, Map::new(), &mediafarm::SendOptions::default())
+            .encode();
+    headers.insert("id".into(), Value::String(id.to_owned()));
+    mediafarm::amqp_table::write_properties(&props, &headers).with_correlation_id(id.into())
 }

@@ -1,0 +1,575 @@
+//! Fault tolerance inside one worker process, against the real RabbitMQ and Redis: delays and
+//! retries that wait in RabbitMQ, dead letters with their reasons (one test per kind of bad
+//! message), soft and hard time limits (also for CPU-bound work), revokes from Rust and from
+//! Python's `app.control.revoke`, dead-letter replay, and the once-only helper.
+
+use std::time::{Duration, Instant};
+
+use lapin::types::AMQPValue;
+use lapin::BasicProperties;
+use mediafarm::deadletter::{self, DeadLetter};
+use mediafarm::once::Claim;
+use mediafarm::{ClientError, SendOptions, Settings, TaskError, TaskState};
+use mediafarm_tests::{
+    celery_props, echo_registry, publish_raw, python_env, ready_count, run_python, settings, Farm,
+};
+use serde_json::{json, Map, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn kwargs(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().expect("an object")
+}
+
+fn to(queue: &str) -> SendOptions {
+    SendOptions {
+        queue: Some(queue.to_owned()),
+        ..Default::default()
+    }
+}
+
+fn failed(outcome: Result<Value, ClientError>) -> TaskError {
+    match outcome {
+        Err(ClientError::Failed { error, .. }) => error,
+        other => panic!("expected a failed job, got {other:?}"),
+    }
+}
+
+/// Waits until `<queue>.dead` holds `n` letters; returns them.
+async fn dead_letters(s: &Settings, queue: &str, n: usize) -> Vec<DeadLetter> {
+    let end = Instant::now() + WAIT;
+    loop {
+        let letters = deadletter::list(s, queue, 100).await.expect("dead list");
+        if letters.len() >= n || Instant::now() > end {
+            assert_eq!(letters.len(), n, "dead letters of {queue}: {letters:?}");
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn delete_dead(s: &Settings, queue: &str) {
+    mediafarm_tests::delete_queue(s, &mediafarm::reroute::dead_queue(queue)).await;
+}
+
+/// After a bad message: the worker still answers a good job.
+async fn still_consuming(farm: &Farm) {
+    let r = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"after": 1})), &to(&farm.queue))
+        .await
+        .unwrap();
+    assert_eq!(r.get(WAIT).await.unwrap(), json!({"after": 1}));
+}
+
+/// Publishes one bad message; checks the FAILURE (when an id is known), the dead letter's
+/// reason and that the worker goes on.
+async fn bad_message(
+    label: &str,
+    settings: Settings,
+    props: BasicProperties,
+    body: &[u8],
+    id: Option<&str>,
+    reason: &str,
+) {
+    let farm = Farm::start(label, settings, echo_registry()).await;
+    publish_raw(&farm.settings, &farm.queue, props, body).await;
+    let letters = dead_letters(&farm.settings, &farm.queue, 1).await;
+    let letter = &letters[0];
+    assert!(
+        letter.reason.as_deref().unwrap_or("").contains(reason),
+        "{label}: {letter:?}"
+    );
+    assert_eq!(letter.queue.as_deref(), Some(farm.queue.as_str()));
+    assert!(letter.at.is_some() && letter.worker.is_some(), "{letter:?}");
+    if let Some(id) = id {
+        let err = failed(farm.client.result(id).get(WAIT).await);
+        assert!(err.message.contains(reason), "{label}: {}", err.message);
+        assert_eq!(letter.id.as_deref(), Some(id));
+    }
+    still_consuming(&farm).await;
+    assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
+    let (s, q) = (farm.settings.clone(), farm.queue.clone());
+    farm.stop().await;
+    delete_dead(&s, &q).await;
+}
+
+fn new_id(label: &str) -> String {
+    format!("{label}-{}", uuid::Uuid::new_v4())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_body_not_json_is_dead_lettered() {
+    let id = new_id("notjson");
+    let props = celery_props(&id, "echo.echo");
+    bad_message(
+        "notjson",
+        settings(),
+        props,
+        b"{nope",
+        Some(&id),
+        "not valid JSON",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_body_not_a_three_item_list_is_dead_lettered() {
+    let id = new_id("twoitems");
+    let props = celery_props(&id, "echo.echo");
+    bad_message(
+        "twoitems",
+        settings(),
+        props,
+        b"[[], {}]",
+        Some(&id),
+        "3 items",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_task_is_dead_lettered() {
+    let id = new_id("unknown");
+    let props = celery_props(&id, "echo.nope");
+    let reason = "unknown task \"echo.nope\"";
+    bad_message(
+        "unknown",
+        settings(),
+        props,
+        b"[[], {}, {}]",
+        Some(&id),
+        reason,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positional_args_where_kwargs_are_expected_are_dead_lettered() {
+    let id = new_id("positional");
+    let props = celery_props(&id, "echo.echo");
+    let body = b"[[1, 2], {}, {}]";
+    bad_message(
+        "positional",
+        settings(),
+        props,
+        body,
+        Some(&id),
+        "keyword arguments only",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_field_types_are_dead_lettered() {
+    let id = new_id("types");
+    let props = celery_props(&id, "echo.echo");
+    // kwargs must be an object; the header `retries` must be a number.
+    let body = b"[[], [\"a\"], {}]";
+    bad_message(
+        "types",
+        settings(),
+        props,
+        body,
+        Some(&id),
+        "must be an object",
+    )
+    .await;
+
+    let id = new_id("types-header");
+    let mut headers = celery_props(&id, "echo.echo").headers().clone().unwrap();
+    headers.insert("retries".into(), AMQPValue::LongString("many".into()));
+    let props = celery_props(&id, "echo.echo").with_headers(headers);
+    bad_message(
+        "types-header",
+        settings(),
+        props,
+        b"[[], {}, {}]",
+        Some(&id),
+        "retries",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pickle_content_is_dead_lettered_unread() {
+    let id = new_id("pickle");
+    let props =
+        celery_props(&id, "echo.echo").with_content_type("application/x-python-serialize".into());
+    let reason = "runs code chosen by whoever";
+    bad_message(
+        "pickle",
+        settings(),
+        props,
+        b"\x80\x04N.",
+        Some(&id),
+        reason,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_id_header_is_dead_lettered() {
+    let (mut props, mut headers, body) =
+        mediafarm::client::build_message("echo.echo", Map::new(), &SendOptions::default()).encode();
+    headers.remove("id");
+    props.correlation_id = None;
+    let props = mediafarm::amqp_table::write_properties(&props, &headers);
+    bad_message("noid", settings(), props, &body, None, "no `id` header").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_is_dead_lettered() {
+    let mut s = settings();
+    s.task_message_max_bytes = 4096;
+    let id = new_id("big");
+    let props = celery_props(&id, "echo.echo");
+    let body = format!("[[], {{\"pad\": \"{}\"}}, {{}}]", "x".repeat(5000));
+    let reason = "task_message_max_bytes";
+    bad_message("big", s, props, body.as_bytes(), Some(&id), reason).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_job_is_revoked_and_dead_lettered() {
+    let farm = Farm::start("expired", settings(), echo_registry()).await;
+    let opts = SendOptions {
+        countdown: Some(1.0),
+        expires: Some(0.5),
+        ..to(&farm.queue)
+    };
+    let r = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"late": 1})), &opts)
+        .await
+        .unwrap();
+    let err = failed(r.get(WAIT).await);
+    assert_eq!(err.exc_type, "TaskRevokedError");
+    assert_eq!(r.state().await.unwrap(), TaskState::Revoked);
+    let letters = dead_letters(&farm.settings, &farm.queue, 1).await;
+    assert_eq!(letters[0].kind.as_deref(), Some("Expired"));
+    assert!(letters[0].reason.as_deref().unwrap().contains("expired at"));
+    still_consuming(&farm).await;
+    let (s, q) = (farm.settings.clone(), farm.queue.clone());
+    farm.stop().await;
+    delete_dead(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn countdown_waits_in_rabbitmq_and_survives_the_worker() {
+    let farm = Farm::start("countdown", settings(), echo_registry()).await;
+    let (s, q) = (farm.settings.clone(), farm.queue.clone());
+    let opts = SendOptions {
+        countdown: Some(3.0),
+        ..to(&q)
+    };
+    let sent = chrono::Utc::now();
+    let r = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"c": 1})), &opts)
+        .await
+        .unwrap();
+    // The worker hands the job to a delay queue at once and holds nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    farm.worker.shutdown().await;
+    assert_eq!(ready_count(&s, &q).await, 0);
+    assert_eq!(r.state().await.unwrap(), TaskState::Pending);
+
+    let farm = Farm::start_on(q, s, echo_registry()).await;
+    assert_eq!(r.get(WAIT).await.unwrap(), json!({"c": 1}));
+    let meta = r.meta().await.unwrap().unwrap();
+    let done = mediafarm::protocol::parse_time(meta.date_done.as_deref().unwrap()).unwrap();
+    assert!(
+        done >= sent + chrono::Duration::milliseconds(3000),
+        "ran before its ETA: sent {sent}, done {done}"
+    );
+    assert!(
+        done < sent + chrono::Duration::seconds(10),
+        "ran late: {done}"
+    );
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_retry_with_backoff_until_they_succeed() {
+    let mut s = settings();
+    s.task_default_retry_delay = Duration::from_millis(300);
+    s.result_extended = true;
+    let farm = Farm::start("retry", s, echo_registry()).await;
+    let started = Instant::now();
+    let r = farm
+        .client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"fail_times": 3})),
+            &to(&farm.queue),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.get(WAIT).await.unwrap(), json!({"fail_times": 3}));
+    let meta = r.meta().await.unwrap().unwrap();
+    assert_eq!(meta.extra["retries"], 3, "{meta:?}");
+    // Backoff 0.3 s, 0.6 s, 1.2 s, each jittered over its upper half: at least 1.05 s.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1050),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_run_out_into_failure_and_a_dead_letter_that_can_be_replayed() {
+    let mut s = settings();
+    s.task_max_retries = 2;
+    s.task_default_retry_delay = Duration::from_millis(200);
+    let farm = Farm::start("giveup", s, echo_registry()).await;
+    let (s, q) = (farm.settings.clone(), farm.queue.clone());
+    let r = farm
+        .client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"fail_times": 10, "retry_after_s": 0.2})),
+            &to(&q),
+        )
+        .await
+        .unwrap();
+    let err = failed(r.get(WAIT).await);
+    assert_eq!(err.exc_type, "EchoTransient");
+    assert!(
+        err.message.contains("gave up after 2 retries"),
+        "{}",
+        err.message
+    );
+    let letters = dead_letters(&s, &q, 1).await;
+    assert_eq!(letters[0].kind.as_deref(), Some("MaxRetriesExceeded"));
+    assert_eq!(letters[0].id.as_deref(), Some(r.id.as_str()));
+
+    // A permanent failure whose cause is then fixed: replaying it by id runs it again.
+    let key = format!("t-replay-{}", uuid::Uuid::new_v4());
+    let fixable = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"require_key": key})), &to(&q))
+        .await
+        .unwrap();
+    assert_eq!(failed(fixable.get(WAIT).await).exc_type, "MissingKey");
+    dead_letters(&s, &q, 2).await;
+    let mut conn = farm.client.backend().connection();
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg(1)
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let replayed = deadletter::replay(&s, &q, Some(&fixable.id)).await.unwrap();
+    assert_eq!(replayed, 1);
+    let end = Instant::now() + WAIT;
+    while fixable.state().await.unwrap() != TaskState::Success {
+        assert!(Instant::now() < end, "replayed job did not succeed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The other letter stays.
+    let left = dead_letters(&s, &q, 1).await;
+    assert_eq!(left[0].id.as_deref(), Some(r.id.as_str()));
+    farm.stop().await;
+    delete_dead(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hard_limit_frees_the_slot_even_from_cpu_bound_work() {
+    let mut s = settings();
+    s.worker_concurrency = 1;
+    let farm = Farm::start("cpuhard", s, echo_registry()).await;
+    let (s, q) = (farm.settings.clone(), farm.queue.clone());
+    let hard = SendOptions {
+        time_limit: Some(1.0),
+        ..to(&q)
+    };
+    // Spins for 6 s without ever looking at its stop signal.
+    let stuck = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"spin_ms": 6000})), &hard)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = failed(stuck.get(WAIT).await);
+    assert_eq!(err.exc_type, "TimeLimitExceeded");
+    // With one slot, the next job runs while the abandoned spin is still going.
+    let next = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"n": 2})), &to(&q))
+        .await
+        .unwrap();
+    assert_eq!(next.get(WAIT).await.unwrap(), json!({"n": 2}));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the slot was not freed at the hard limit"
+    );
+    let letters = dead_letters(&s, &q, 1).await;
+    assert_eq!(letters[0].kind.as_deref(), Some("TimeLimitExceeded"));
+    farm.stop().await;
+    delete_dead(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn soft_limit_tells_the_job_which_can_clean_up() {
+    let farm = Farm::start("soft", settings(), echo_registry()).await;
+    let q = farm.queue.clone();
+    let limits = SendOptions {
+        time_limit: Some(20.0),
+        soft_time_limit: Some(0.5),
+        ..to(&q)
+    };
+    // Async work notices the soft limit and returns what it has.
+    let r = farm
+        .client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"sleep_ms": 15000, "until_soft": true})),
+            &limits,
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(r.get(WAIT).await.unwrap()["stopped_at_soft_limit"], true);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // CPU work checks its stop signal and ends early too.
+    let r = farm
+        .client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"spin_ms": 15000, "cooperative": true})),
+            &limits,
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    assert_eq!(failed(r.get(WAIT).await).exc_type, "SoftTimeLimitExceeded");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let s = farm.settings.clone();
+    farm.stop().await;
+    delete_dead(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoke_skips_waiting_jobs_and_terminates_running_ones() {
+    let farm = Farm::start("revoke", settings(), echo_registry()).await;
+    let (s, q) = (farm.settings.clone(), farm.queue.clone());
+    let backend = farm.client.backend().clone();
+    // Waiting for its countdown in a delay queue when revoked.
+    let later = farm
+        .client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"x": 1})),
+            &SendOptions {
+                countdown: Some(2.0),
+                ..to(&q)
+            },
+        )
+        .await
+        .unwrap();
+    mediafarm::revoke::broadcast(&s, &backend, std::slice::from_ref(&later.id), false)
+        .await
+        .unwrap();
+    assert_eq!(failed(later.get(WAIT).await).exc_type, "TaskRevokedError");
+    assert_eq!(later.state().await.unwrap(), TaskState::Revoked);
+
+    // Running for 60 s when revoked with terminate.
+    let long = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"sleep_ms": 60000})), &to(&q))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    mediafarm::revoke::broadcast(&s, &backend, std::slice::from_ref(&long.id), true)
+        .await
+        .unwrap();
+    let err = failed(long.get(WAIT).await);
+    assert_eq!(err.exc_type, "TaskRevokedError");
+    assert!(err.message.contains("terminated"), "{}", err.message);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    still_consuming(&farm).await;
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_control_revoke_reaches_the_worker() {
+    let farm = Farm::start("pyrevoke", settings(), echo_registry()).await;
+    let q = farm.queue.clone();
+    let long = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"sleep_ms": 60000})), &to(&q))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out = run_python(
+        "control.py",
+        &["revoke", &long.id, "--terminate"],
+        &python_env(&farm.settings),
+    );
+    assert!(out.contains("sent"), "{out}");
+    let err = failed(long.get(WAIT).await);
+    assert_eq!(err.exc_type, "TaskRevokedError");
+
+    // A plain revoke (no terminate) of a job that has not arrived yet.
+    let id = uuid::Uuid::new_v4().to_string();
+    run_python("control.py", &["revoke", &id], &python_env(&farm.settings));
+    let opts = SendOptions {
+        task_id: Some(id.clone()),
+        ..to(&q)
+    };
+    let r = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"y": 1})), &opts)
+        .await
+        .unwrap();
+    assert_eq!(failed(r.get(WAIT).await).exc_type, "TaskRevokedError");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_claims_a_side_effect_for_one_attempt_only() {
+    let s = settings();
+    let backend = mediafarm::ResultBackend::connect(&s.result_backend, None)
+        .await
+        .unwrap();
+    let key = format!("t-once-{}", uuid::Uuid::new_v4());
+    let lease = Duration::from_secs(30);
+    let Claim::Run(guard) = mediafarm::once::claim(&backend, &key, lease).await.unwrap() else {
+        panic!("the first claim runs");
+    };
+    assert!(matches!(
+        mediafarm::once::claim(&backend, &key, lease).await.unwrap(),
+        Claim::Busy { .. }
+    ));
+    // Released (the effect did not happen): the next attempt may claim it.
+    guard.release().await.unwrap();
+    let Claim::Run(guard) = mediafarm::once::claim(&backend, &key, lease).await.unwrap() else {
+        panic!("claimable after release");
+    };
+    assert!(guard.complete(&json!({"message_id": "m-1"})).await.unwrap());
+    match mediafarm::once::claim(&backend, &key, lease).await.unwrap() {
+        Claim::Done(v) => assert_eq!(v, json!({"message_id": "m-1"})),
+        other => panic!("expected Done, got {other:?}"),
+    }
+    // A lease that runs out (its holder died) can be claimed again.
+    let key2 = format!("{key}-lease");
+    let short = Duration::from_millis(200);
+    assert!(matches!(
+        mediafarm::once::claim(&backend, &key2, short)
+            .await
+            .unwrap(),
+        Claim::Run(_)
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(matches!(
+        mediafarm::once::claim(&backend, &key2, short)
+            .await
+            .unwrap(),
+        Claim::Run(_)
+    ));
+}
