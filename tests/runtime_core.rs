@@ -8,7 +8,7 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use mediafarm::client::SendOptions;
 use mediafarm::{
-    Client, ClientError, Job, Registry, Settings, Task, TaskContext, TaskError, TaskState, Worker,
+    Client, ClientError, Job, Registry, Task, TaskContext, TaskError, TaskState, Worker,
 };
 use mediafarm_tests::{
     celery_props, delete_queue, echo_registry, publish_raw, ready_count, settings, unique_queue,

@@ -1,5 +1,7 @@
 //! `bench-publisher`: publishes `--count` `echo.echo` jobs to `--queue` with publisher
 //! confirms, for the throughput benchmark's pre-published backlog. Ids are `<prefix>-<n>`.
+//! With `--retry-every K`, every K-th job (n % K == 0) fails once transiently and is retried
+//! through the broker's delay queues.
 
 use std::path::Path;
 use std::time::Instant;
@@ -20,6 +22,8 @@ struct Args {
     id_prefix: String,
     #[arg(long, default_value_t = 1_000)]
     batch: usize,
+    #[arg(long)]
+    retry_every: Option<usize>,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -33,7 +37,13 @@ async fn main() -> anyhow::Result<()> {
         let end = (next + args.batch.max(1)).min(args.count);
         let batch: Vec<_> = (next..end)
             .map(|i| {
-                let kwargs = json!({"n": i}).as_object().cloned().unwrap_or_default();
+                let retried = args.retry_every.is_some_and(|k| k > 0 && i % k == 0);
+                let kwargs = if retried {
+                    json!({"n": i, "fail_times": 1, "retry_after_s": 0})
+                } else {
+                    json!({"n": i})
+                };
+                let kwargs = kwargs.as_object().cloned().unwrap_or_default();
                 let mut msg = build_message("echo.echo", kwargs, &SendOptions::default());
                 msg.id = format!("{}-{i}", args.id_prefix);
                 msg

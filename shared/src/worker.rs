@@ -277,7 +277,7 @@ async fn watch_backend(shared: Arc<Shared>) {
             .is_ok_and(|r| r.is_ok());
         shared.readiness.backend.store(ok, Ordering::Relaxed);
         round = round.wrapping_add(1);
-        if ok && round % 5 == 0 {
+        if ok && round.is_multiple_of(5) {
             if let Err(e) = shared.revocations.refresh(&shared.backend).await {
                 tracing::debug!(error = %e, "could not refresh revoked ids");
             }
