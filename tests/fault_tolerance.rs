@@ -573,3 +573,85 @@ async fn once_claims_a_side_effect_for_one_attempt_only() {
         Claim::Run(_)
     ));
 }
+
+/// A task with its own limits: sleeps `ms`, stopping at its soft limit if `until_soft`.
+struct Limited;
+
+impl mediafarm::Task for Limited {
+    const NAME: &'static str = "limited.sleep";
+    const TIME_LIMIT: Option<f64> = Some(1.0);
+    const SOFT_TIME_LIMIT: Option<f64> = Some(0.3);
+    const MAX_RETRIES: Option<u32> = Some(0);
+    type Args = Map<String, Value>;
+    type Output = Value;
+
+    async fn run(&self, ctx: mediafarm::TaskContext, args: Self::Args) -> Result<Value, TaskError> {
+        let ms = args.get("ms").and_then(Value::as_u64).unwrap_or(0);
+        if args.get("transient").is_some() {
+            return Err(TaskError::transient("Flaky", "not now"));
+        }
+        let soft_seen = tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => false,
+            _ = ctx.soft_time_limit_reached(), if args.get("until_soft").is_some() => true,
+        };
+        Ok(json!({"soft_seen": soft_seen}))
+    }
+}
+
+/// A task whose own hard limit is past RabbitMQ's delivery-ack timeout.
+struct TooLong;
+
+impl mediafarm::Task for TooLong {
+    const NAME: &'static str = "limited.too_long";
+    const TIME_LIMIT: Option<f64> = Some(7200.0);
+    type Args = Map<String, Value>;
+    type Output = ();
+
+    async fn run(&self, _: mediafarm::TaskContext, _: Self::Args) -> Result<(), TaskError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tasks_own_limits_and_retry_count_apply_and_must_fit_the_ack_timeout() {
+    let registry = mediafarm::Registry::new().register(Limited);
+    let farm = Farm::start("limited", settings(), registry).await;
+    let (s, q) = (farm.settings.clone(), farm.queue.clone());
+    let send = |kw: Value| {
+        let client = farm.client.clone();
+        let q = q.clone();
+        async move {
+            client
+                .send_task("limited.sleep", kwargs(kw), &to(&q))
+                .await
+                .unwrap()
+        }
+    };
+    let r = send(json!({"ms": 5000})).await;
+    assert_eq!(failed(r.get(WAIT).await).exc_type, "TimeLimitExceeded");
+    let r = send(json!({"ms": 5000, "until_soft": true})).await;
+    assert_eq!(r.get(WAIT).await.unwrap(), json!({"soft_seen": true}));
+    // MAX_RETRIES = 0: a transient failure is final at once.
+    let r = send(json!({"transient": true})).await;
+    let err = failed(r.get(WAIT).await);
+    assert!(
+        err.message.contains("gave up after 0 retries"),
+        "{}",
+        err.message
+    );
+    farm.stop().await;
+    delete_dead(&s, &q).await;
+
+    let refused = mediafarm::Worker::new(
+        settings(),
+        mediafarm::Registry::new().register(TooLong),
+        vec!["t-never-consumed".into()],
+    )
+    .start()
+    .await;
+    let err = refused.err().expect("start-up is refused").to_string();
+    assert!(
+        err.contains("limited.too_long") && err.contains("broker_consumer_timeout"),
+        "{err}"
+    );
+}

@@ -105,7 +105,8 @@ pub async fn replay(
     id: Option<&str>,
 ) -> Result<usize, BrokerError> {
     let (conn, channel, count) = open(settings, queue, "mediafarm dead replay").await?;
-    let rerouter = Rerouter::open(&conn).await?;
+    let conn = std::sync::Arc::new(conn);
+    let rerouter = Rerouter::open(conn.clone()).await?;
     let mut replayed = 0;
     for _ in 0..count {
         let Some(msg) = channel

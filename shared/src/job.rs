@@ -163,7 +163,7 @@ async fn already_done(shared: &Shared, job: &Incoming, msg: &TaskMessage) -> boo
             .unwrap_or_else(|| TaskError::permanent("Failed", "the job failed"));
         let why = dead_reason(shared, job, &error.exc_type, error.message.clone());
         if !dead_letter(job, &why).await {
-            requeue(&job.delivery).await;
+            requeue_after_pause(shared, &job.delivery).await;
             return true;
         }
     }
@@ -357,7 +357,7 @@ async fn run(
     }
     if let Some(why) = dead {
         if !dead_letter(job, &why).await {
-            return requeue(&job.delivery).await;
+            return requeue_after_pause(shared, &job.delivery).await;
         }
     }
     ack(&job.delivery, &msg.id).await;
@@ -419,7 +419,7 @@ async fn retry(
         Ok(_) => ack(&job.delivery, &msg.id).await,
         Err(err) => {
             tracing::warn!(id = %msg.id, error = %err, "could not send the retry; returning the message to the queue");
-            requeue(&job.delivery).await
+            requeue_after_pause(shared, &job.delivery).await
         }
     }
 }
@@ -443,8 +443,7 @@ async fn delay(shared: &Shared, job: &Incoming, msg: &TaskMessage, remaining: Du
         }
         Err(e) => {
             tracing::warn!(id = %msg.id, error = %e, "could not delay the message; returning it to the queue");
-            shared.readiness.broker.store(false, Ordering::Relaxed);
-            requeue(&job.delivery).await
+            requeue_after_pause(shared, &job.delivery).await
         }
     }
 }
@@ -467,7 +466,7 @@ async fn expire(shared: &Shared, job: &Incoming, msg: &TaskMessage, l: &TaskMetr
         format!("expired at {expires} before it ran"),
     );
     if !dead_letter(job, &why).await {
-        return requeue(&job.delivery).await;
+        return requeue_after_pause(shared, &job.delivery).await;
     }
     ack(&job.delivery, &msg.id).await;
 }
@@ -532,7 +531,7 @@ async fn refuse(shared: &Shared, job: &Incoming, e: DecodeError) {
     }
     let why = dead_reason(shared, job, kind, e.reason.clone());
     if !dead_letter(job, &why).await {
-        return requeue(&job.delivery).await;
+        return requeue_after_pause(shared, &job.delivery).await;
     }
     let id = e.id.as_deref().unwrap_or("?");
     ack(&job.delivery, id).await;
@@ -578,6 +577,16 @@ async fn ack(delivery: &Delivery, id: &str) {
     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
         tracing::warn!(%id, error = %e, "ack failed after the outcome was stored; the broker will redeliver and the copy will be skipped");
     }
+}
+
+/// Returns a message whose re-publishing failed, after a pause, so a lasting fault (a dead
+/// queue declared with other arguments, say) does not turn into a hot redelivery loop.
+async fn requeue_after_pause(shared: &Shared, delivery: &Delivery) {
+    tokio::select! {
+        _ = shared.stop.cancelled() => {},
+        _ = tokio::time::sleep(Duration::from_secs(1)) => {},
+    }
+    requeue(delivery).await
 }
 
 pub(crate) async fn requeue(delivery: &Delivery) {

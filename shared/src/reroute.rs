@@ -11,6 +11,7 @@
 //! delay of any length takes at most ~25 hops and never ends early.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -77,21 +78,45 @@ pub struct DeadReason {
 }
 
 /// A confirm-mode channel for re-publishing, and the delay and dead queues declared on it.
+/// A channel the broker closed (a refused declaration, say) is replaced on next use.
 pub struct Rerouter {
+    conn: Arc<Connection>,
+    state: Mutex<RerouteChannel>,
+}
+
+struct RerouteChannel {
     channel: Channel,
-    declared: Mutex<HashSet<String>>,
+    declared: HashSet<String>,
+}
+
+async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 impl Rerouter {
-    pub async fn open(conn: &Connection) -> Result<Rerouter, BrokerError> {
-        let channel = conn.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+    pub async fn open(conn: Arc<Connection>) -> Result<Rerouter, BrokerError> {
+        let channel = confirm_channel(&conn).await?;
         Ok(Rerouter {
-            channel,
-            declared: Mutex::new(HashSet::new()),
+            conn,
+            state: Mutex::new(RerouteChannel {
+                channel,
+                declared: HashSet::new(),
+            }),
         })
+    }
+
+    /// The channel, re-opened if the broker closed it.
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        let mut state = self.state.lock().await;
+        if !state.channel.status().connected() {
+            state.channel = confirm_channel(&self.conn).await?;
+            state.declared.clear();
+        }
+        Ok(state.channel.clone())
     }
 
     /// Sends the message into the delay bucket for `remaining`, to come back to `queue`.
@@ -161,7 +186,8 @@ impl Rerouter {
         body: &[u8],
     ) -> Result<(), BrokerError> {
         let confirm = self
-            .channel
+            .channel()
+            .await?
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -180,85 +206,94 @@ impl Rerouter {
         }
     }
 
-    async fn declare_delay(&self, name: &str, ttl_ms: u64) -> Result<(), BrokerError> {
-        let mut declared = self.declared.lock().await;
-        if declared.contains(name) {
+    /// Runs `declare` once per name on the current channel.
+    async fn declare_once<F, Fut>(&self, name: &str, declare: F) -> Result<(), BrokerError>
+    where
+        F: FnOnce(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<(), BrokerError>>,
+    {
+        let channel = self.channel().await?;
+        if self.state.lock().await.declared.contains(name) {
             return Ok(());
         }
-        self.channel
-            .exchange_declare(
-                name.into(),
-                ExchangeKind::Fanout,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(ttl_ms as i64),
-        );
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString(LongString::from("")),
-        );
-        self.channel
-            .queue_declare(
-                name.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
-            .await?;
-        self.channel
-            .queue_bind(
-                name.into(),
-                name.into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        declared.insert(name.to_owned());
+        declare(channel).await?;
+        self.state.lock().await.declared.insert(name.to_owned());
         Ok(())
+    }
+
+    async fn declare_delay(&self, name: &str, ttl_ms: u64) -> Result<(), BrokerError> {
+        self.declare_once(name, |channel| async move {
+            channel
+                .exchange_declare(
+                    name.into(),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            let mut args = FieldTable::default();
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(ttl_ms as i64),
+            );
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(LongString::from("")),
+            );
+            channel
+                .queue_declare(
+                    name.into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    args,
+                )
+                .await?;
+            channel
+                .queue_bind(
+                    name.into(),
+                    name.into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn declare_plain(&self, name: &str) -> Result<(), BrokerError> {
-        let mut declared = self.declared.lock().await;
-        if declared.contains(name) {
-            return Ok(());
-        }
-        self.channel
-            .queue_declare(
-                name.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        declared.insert(name.to_owned());
-        Ok(())
+        self.declare_once(name, |channel| async move {
+            channel
+                .queue_declare(
+                    name.into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn declare_work_queue(&self, name: &str) -> Result<(), BrokerError> {
-        let mut declared = self.declared.lock().await;
-        if declared.contains(name) {
-            return Ok(());
-        }
-        crate::broker::declare_queue(&self.channel, name).await?;
-        declared.insert(name.to_owned());
-        Ok(())
+        self.declare_once(name, |channel| async move {
+            crate::broker::declare_queue(&channel, name).await
+        })
+        .await
     }
 
     pub async fn close(&self) {
-        let _ = self.channel.close(200, "done".into()).await;
+        let channel = self.state.lock().await.channel.clone();
+        let _ = channel.close(200, "done".into()).await;
     }
 }
 

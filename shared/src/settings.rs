@@ -561,6 +561,48 @@ pub fn check_content_type(value: &str) -> Result<(), String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn hard_limits_must_fit_under_rabbitmqs_consumer_timeout() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect::<Vec<_>>()
+        };
+        let d = Settings::default();
+        assert_eq!(d.longest_hard_limit(), Duration::from_secs(1680));
+        let err = Settings::from_sources(
+            toml::Table::new(),
+            "test",
+            env(&[("MEDIAFARM_TASK_TIME_LIMIT", "1700")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("task_time_limit") && err.contains("at most 1680 s"),
+            "{err}"
+        );
+        let ok = Settings::from_sources(
+            toml::Table::new(),
+            "test",
+            env(&[
+                ("MEDIAFARM_BROKER_CONSUMER_TIMEOUT", "3600"),
+                ("MEDIAFARM_TASK_TIME_LIMIT", "3000"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(ok.longest_hard_limit(), Duration::from_secs(3480));
+        let err = Settings::from_sources(
+            toml::Table::new(),
+            "test",
+            env(&[("MEDIAFARM_BROKER_CONSUMER_TIMEOUT", "5")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("broker_consumer_timeout"), "{err}");
+    }
+
     use super::*;
 
     fn from(toml_text: &str, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {

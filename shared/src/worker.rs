@@ -334,26 +334,54 @@ async fn drain(shared: &Shared) {
     }
 }
 
-/// One connection's life: declare, consume, dispatch. `Ok` means stopped on request.
+/// One connection's life: declare, consume, dispatch. `Ok` means stopped on request. On an
+/// error the connection is closed, so a half-broken one (a channel closed by the broker, say)
+/// does not linger beside its replacement.
 async fn consume(
     shared: &Arc<Shared>,
     queues: &[String],
     attempt: &mut u32,
 ) -> Result<(), BrokerError> {
     let conn = broker::connect(&shared.settings, &format!("{} worker", shared.hostname)).await?;
+    let conn = Arc::new(conn);
+    let outcome = consume_on(shared, &conn, queues, attempt).await;
+    if outcome.is_err() {
+        let close = conn.close(320, "worker reconnecting".into());
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+    }
+    outcome
+}
+
+async fn consume_on(
+    shared: &Arc<Shared>,
+    conn: &Arc<lapin::Connection>,
+    queues: &[String],
+    attempt: &mut u32,
+) -> Result<(), BrokerError> {
     let channel = conn.create_channel().await?;
     channel
         .basic_qos(shared.settings.prefetch_count(), CHANNEL_WIDE)
         .await?;
-    let rerouter = Arc::new(Rerouter::open(&conn).await?);
+    let rerouter = Arc::new(Rerouter::open(conn.clone()).await?);
     let control = conn.create_channel().await?;
-    tokio::spawn(revoke::listen(
+    let listen = revoke::listen(
         control,
         shared.hostname.to_string(),
         shared.revocations.clone(),
         shared.backend.clone(),
         shared.settings.clone(),
-    ));
+    );
+    let hostname = shared.hostname.clone();
+    tokio::spawn(async move {
+        if let Err(e) = listen.await {
+            tracing::warn!(
+                error = %e,
+                node = %hostname,
+                "stopped listening for broadcast revokes; they still arrive through Redis within \
+                 10 s (two workers with one node name cannot both listen: give each its own -n)"
+            );
+        }
+    });
     let mut consumers = Vec::with_capacity(queues.len());
     let mut tags = Vec::with_capacity(queues.len());
     for queue in queues {
