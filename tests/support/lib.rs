@@ -68,7 +68,16 @@ pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
+        let mut cmd = Command::new(cargo);
+        // `cargo test` gives this process variables such as CARGO_MANIFEST_DIR that a plain
+        // `cargo build` does not have; build scripts watching them (ring's) would rebuild.
+        for (var, _) in std::env::vars_os() {
+            let var = var.to_string_lossy().into_owned();
+            if var.starts_with("CARGO_") && var != "CARGO_HOME" && var != "CARGO_TARGET_DIR" {
+                cmd.env_remove(var);
+            }
+        }
+        let status = cmd
             .current_dir(workspace_root())
             .args([
                 "build",
