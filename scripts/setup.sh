@@ -44,8 +44,9 @@ command -v cc >/dev/null || apt_install build-essential
 command -v pkg-config >/dev/null || apt_install pkg-config
 
 # --- Redis --------------------------------------------------------------------------------
+# redis-server is needed even when Redis already runs: the fault tests restart a private one.
+command -v redis-server >/dev/null || apt_install redis-server
 if ! port_open 6379; then
-  command -v redis-server >/dev/null || apt_install redis-server
   log "starting Redis on 127.0.0.1:6379"
   mkdir -p var/redis
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
