@@ -11,7 +11,11 @@ against the same RabbitMQ and Redis in one run. Each variant gets a fresh queue 
 published before it starts; the rate is measured from the first stored result to the N-th
 (polling Redis DBSIZE on a dedicated database), so process start-up is not counted.
 
+With `--baseline-worker PATH` (an echo-worker built from an earlier commit, e.g. the runtime
+core as it landed) that build runs too, for a before/after ratio in the same run.
+
 Usage: .venv/bin/python bench/echo_throughput.py [--jobs 20000] [--rounds 1] [--quick]
+       [--baseline-worker PATH]
 Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
 """
 import argparse
@@ -107,9 +111,10 @@ def drain(label, command, jobs, timeout, cwd=None, env=None, retry_every=None):
     return (jobs - first[1]) / seconds if seconds > 0 else float("inf")
 
 
-def echo_worker(concurrency):
-    return lambda q: [RELEASE / "examples" / "echo-worker", "--concurrency", str(concurrency),
-                      "--queues", q, "--loglevel", "warning"]
+def echo_worker(concurrency, binary=None):
+    binary = binary or RELEASE / "examples" / "echo-worker"
+    return lambda q: [binary, "--concurrency", str(concurrency), "--queues", q,
+                      "--loglevel", "warning"]
 
 
 def bare(prefetch):
@@ -129,6 +134,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=1, help="repeat and take the median")
     parser.add_argument("--quick", action="store_true", help="2,000 jobs, for a smoke run")
     parser.add_argument("--high-concurrency", type=int, default=64)
+    parser.add_argument("--baseline-worker", type=Path,
+                        help="an earlier build of echo-worker to compare with")
     args = parser.parse_args()
     jobs = 2_000 if args.quick else args.jobs
     build()
@@ -148,6 +155,10 @@ def main():
         (f"echo-worker -c {hc}, 1 % retried once", echo_worker(hc), 300, None, worker_env, hc * 4),
     ]
     retry_every = {f"echo-worker -c {hc}, 1 % retried once": 100}
+    baseline = f"baseline echo-worker -c {hc}"
+    if args.baseline_worker:
+        variants.append((baseline, echo_worker(hc, args.baseline_worker.resolve()), 300, None,
+                         worker_env, hc * 4))
     rates = {label: [] for label, *_ in variants}
     for _ in range(args.rounds):
         for label, command, timeout, cwd, env, _prefetch in variants:
@@ -168,6 +179,11 @@ def main():
     plain, retrying = f"echo-worker -c {hc}", f"echo-worker -c {hc}, 1 % retried once"
     print(f"\nwith 1 % of jobs retried once through the delay queues: "
           f"{100 * rate[retrying] / rate[plain]:.0f} % of the plain rate (goal ≥ 90 %)")
+    if args.baseline_worker:
+        print(f"this build vs the baseline build ({args.baseline_worker}): "
+              f"{100 * rate[plain] / rate[baseline]:.0f} % plain, "
+              f"{100 * rate[retrying] / rate[baseline]:.0f} % with 1 % retried once "
+              f"(goal ≥ 90 %)")
     best = max((l for l in rate if l.startswith("echo-worker") and "retried" not in l),
                key=lambda l: rate[l])
     best_prefetch = next(p for l, *_, p in variants if l == best)

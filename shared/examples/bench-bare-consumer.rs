@@ -27,6 +27,9 @@ struct Args {
     max_seconds: u64,
 }
 
+#[global_allocator]
+static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

@@ -26,6 +26,9 @@ struct Args {
     retry_every: Option<usize>,
 }
 
+#[global_allocator]
+static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();

@@ -77,6 +77,9 @@ impl Task for Echo {
     }
 }
 
+#[global_allocator]
+static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
+
 fn main() -> ExitCode {
     mediafarm::worker_cli::run_worker_main("echo-worker", &["echo"], |_settings| {
         Ok(Registry::new().register(Echo))

@@ -23,6 +23,11 @@ pub mod task;
 pub mod worker;
 pub mod worker_cli;
 
+/// The allocator every mediafarm binary installs (`#[global_allocator] static A:
+/// mediafarm::FastAllocator = mediafarm::FastAllocator;`): mimalloc, which keeps the
+/// per-message allocations of many worker threads off glibc's arena locks.
+pub use mimalloc::MiMalloc as FastAllocator;
+
 pub use backend::ResultBackend;
 pub use client::{AsyncResult, Client, ClientError, SendOptions};
 pub use result::{FailureKind, ResultMeta, TaskError, TaskState};

@@ -119,8 +119,9 @@ impl Rerouter {
         Ok(state.channel.clone())
     }
 
-    /// Sends the message into the delay bucket for `remaining`, to come back to `queue`.
-    /// Returns how long it will wait there.
+    /// Sends the message into the delay bucket for `remaining`, to come back to `queue`; a
+    /// delay under the shortest bucket goes straight back to `queue` (the worker that takes it
+    /// waits out the rest). Returns how long it will wait in the broker.
     pub async fn delay(
         &self,
         queue: &str,
@@ -129,10 +130,14 @@ impl Rerouter {
         remaining: Duration,
         headers: &[(&str, AMQPValue)],
     ) -> Result<Duration, BrokerError> {
-        let bucket = delay_bucket(remaining).unwrap_or(1 << MIN_BUCKET_EXP);
+        let props = rewrite(props, headers, &[]);
+        let Some(bucket) = delay_bucket(remaining) else {
+            self.declare_work_queue(queue).await?;
+            self.publish("", queue, props, body).await?;
+            return Ok(Duration::ZERO);
+        };
         let name = format!("{DELAY_PREFIX}{bucket}");
         self.declare_delay(&name, bucket).await?;
-        let props = rewrite(props, headers, &[]);
         self.publish(&name, queue, props, body).await?;
         Ok(Duration::from_millis(bucket))
     }

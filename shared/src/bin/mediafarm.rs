@@ -95,6 +95,9 @@ enum DeadCommand {
     },
 }
 
+#[global_allocator]
+static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = mediafarm::logging::init("warning") {
