@@ -363,7 +363,9 @@ async fn retries_run_out_into_failure_and_a_dead_letter_that_can_be_replayed() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let replayed = deadletter::replay(&s, &q, Some(&fixable.id)).await.unwrap();
+    let replayed = deadletter::replay(&s, farm.client.backend(), &q, Some(&fixable.id))
+        .await
+        .unwrap();
     assert_eq!(replayed, 1);
     let end = Instant::now() + WAIT;
     while fixable.state().await.unwrap() != TaskState::Success {

@@ -241,6 +241,79 @@ async fn cli_submit_result_and_purge() {
     delete_queue(&s, &q).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_lists_and_replays_dead_letters_and_revokes() {
+    let s = settings();
+    let q = unique_queue("cli-dead");
+    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(&s).await.unwrap();
+    let opts = SendOptions {
+        queue: Some(q.clone()),
+        ..Default::default()
+    };
+    let kwargs = json!({"fail": "disk full"}).as_object().cloned().unwrap();
+    let r = client.send_task("echo.echo", kwargs, &opts).await.unwrap();
+    assert!(r.get(Duration::from_secs(30)).await.is_err());
+    let cli = binary("mediafarm");
+    let list = |json: bool| {
+        let mut cmd = Command::new(&cli);
+        cmd.args(["dead", "list", &q]);
+        if json {
+            cmd.arg("--json");
+        }
+        run(&mut cmd)
+    };
+    // The dead letter is published right after the FAILURE is stored.
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut out = list(true);
+    while out.1.trim().is_empty() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        out = list(true);
+    }
+    assert_eq!(out.0, Some(0), "{out:?}");
+    let letter: Value = serde_json::from_str(out.1.trim()).unwrap();
+    assert_eq!(letter["id"], r.id.as_str());
+    assert_eq!(letter["kind"], "EchoFailure");
+    assert_eq!(letter["reason"], "disk full");
+    let table = list(false);
+    assert!(
+        table.1.contains(&r.id) && table.1.contains("EchoFailure: disk full"),
+        "{table:?}"
+    );
+    // Listing leaves the letter where it was; replaying an unknown id replays nothing.
+    let (code, out, _) = run(Command::new(&cli).args(["dead", "replay", &q, "--id", "nope"]));
+    assert_eq!(
+        (code, out.trim()),
+        (
+            Some(1),
+            format!("replayed 0 message(s) from {q}.dead to {q}").as_str()
+        )
+    );
+    let (code, out, _) = run(Command::new(&cli).args(["dead", "replay", &q, "--id", &r.id]));
+    assert_eq!(code, Some(0));
+    assert!(out.contains("replayed 1 message(s)"), "{out}");
+    // It fails again (the cause is still there) and is back in the dead-letter queue.
+    let end = Instant::now() + Duration::from_secs(10);
+    while list(true).1.trim().is_empty() {
+        assert!(
+            Instant::now() < end,
+            "the replayed job did not come back dead"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(r.state().await.unwrap(), TaskState::Failure);
+
+    let (code, out, _) = run(Command::new(&cli).args(["revoke", "some-id", "--terminate"]));
+    assert_eq!(code, Some(0));
+    assert_eq!(out.trim(), "revoked some-id (terminating if running)");
+    worker.shutdown().await;
+    delete_queue(&s, &q).await;
+    delete_queue(&s, &format!("{q}.dead")).await;
+}
+
 #[test]
 fn sigterm_stops_a_worker_whose_log_reader_has_gone() {
     // Found by hand: a worker logging into a pipe whose reader exited (`| head`) ignored

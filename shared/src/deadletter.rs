@@ -1,13 +1,15 @@
 //! Looking into and replaying a queue's dead letters (`<queue>.dead`), for `mediafarm dead`.
 //! Listing takes messages without acknowledging them and closes the channel, so the broker
-//! puts every one back; replaying publishes a copy to the work queue (confirmed) before it
-//! acknowledges the dead letter, so a crash in between duplicates rather than loses.
+//! puts every one back; replaying forgets the job's stored FAILURE (it is pending again) and
+//! publishes a copy to the work queue (confirmed) before it acknowledges the dead letter, so a
+//! crash in between duplicates rather than loses.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde::Serialize;
 
+use crate::backend::{BackendError, ResultBackend};
 use crate::broker::{self, BrokerError};
 use crate::reroute::{
     dead_queue, Rerouter, DEAD_AT, DEAD_QUEUE, DEAD_REASON, DEAD_TYPE, DEAD_WORKER,
@@ -97,13 +99,24 @@ pub async fn list(
     Ok(out)
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
 /// Publishes `queue`'s dead letters (only `id`'s, when given) back to `queue`; returns how
-/// many were replayed. Others stay where they are.
+/// many were replayed. Others stay where they are. Each replayed job's stored result is
+/// forgotten first: the job is pending again, and a worker that gets it redelivered later
+/// must not mistake the old FAILURE for its outcome.
 pub async fn replay(
     settings: &Settings,
+    backend: &ResultBackend,
     queue: &str,
     id: Option<&str>,
-) -> Result<usize, BrokerError> {
+) -> Result<usize, ReplayError> {
     let (conn, channel, count) = open(settings, queue, "mediafarm dead replay").await?;
     let conn = std::sync::Arc::new(conn);
     let rerouter = Rerouter::open(conn.clone()).await?;
@@ -114,17 +127,24 @@ pub async fn replay(
                 dead_queue(queue).as_str().into(),
                 BasicGetOptions { no_ack: false },
             )
-            .await?
+            .await
+            .map_err(BrokerError::from)?
         else {
             break;
         };
         let d = msg.delivery;
-        let matches = id.is_none_or(|want| header(&d.properties, "id").as_deref() == Some(want));
-        if !matches {
+        let job_id = header(&d.properties, "id");
+        if id.is_some_and(|want| job_id.as_deref() != Some(want)) {
             continue;
         }
+        if let Some(job_id) = &job_id {
+            backend.forget(job_id).await?;
+        }
         rerouter.to_queue(queue, &d.properties, &d.data).await?;
-        d.acker.ack(BasicAckOptions::default()).await?;
+        d.acker
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(BrokerError::from)?;
         replayed += 1;
     }
     rerouter.close().await;

@@ -103,7 +103,6 @@ pub(crate) async fn handle(shared: Arc<Shared>, job: Incoming) {
         return refuse(&shared, &job, e).await;
     };
     let l = shared.metrics_for(&msg.task, &job.queue);
-    l.received.inc();
     if shared.revocations.is_revoked(&msg.id) {
         return revoked(&shared, &job, &msg, &l, "revoked before it ran").await;
     }
@@ -126,6 +125,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, job: Incoming) {
             }
         }
     }
+    // Counted once per job, not once per hop through the delay queues.
+    l.received.inc();
     let _slot = tokio::select! {
         biased;
         _ = shared.stop.cancelled() => return requeue(&job.delivery).await,

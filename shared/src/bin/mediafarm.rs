@@ -237,7 +237,12 @@ async fn dead(settings: &Settings, command: DeadCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
         DeadCommand::Replay { queue, id } => {
-            let n = deadletter::replay(settings, &queue, id.as_deref()).await?;
+            let backend = mediafarm::ResultBackend::connect(
+                &settings.result_backend,
+                settings.result_expires_secs(),
+            )
+            .await?;
+            let n = deadletter::replay(settings, &backend, &queue, id.as_deref()).await?;
             println!("replayed {n} message(s) from {queue}.dead to {queue}");
             if n == 0 && id.is_some() {
                 return Ok(ExitCode::from(1));
