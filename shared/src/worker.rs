@@ -115,6 +115,21 @@ impl Worker {
         for q in &self.queues {
             broker::check_queue_name(q)?;
         }
+        let longest = self.settings.longest_hard_limit();
+        for task in self.registry.names() {
+            if let Some(limit) = self
+                .registry
+                .policy(task)
+                .and_then(|p| p.time_limit)
+                .filter(|l| *l > longest)
+            {
+                return Err(WorkerError::TimeLimit {
+                    task: task.to_owned(),
+                    limit,
+                    longest,
+                });
+            }
+        }
         // Parse the broker URL now, so a bad one stops start-up instead of being retried.
         broker::parse_url(&self.settings.broker_url, self.settings.broker_heartbeat)?;
         let backend = ResultBackend::connect(
@@ -160,20 +175,6 @@ impl Worker {
             stop: stop.clone(),
             jobs: TaskTracker::new(),
         });
-        for task in shared.registry.names() {
-            let longest = shared.settings.longest_hard_limit();
-            if let Some(limit) = shared
-                .registry
-                .policy(task)
-                .and_then(|p| p.time_limit)
-                .filter(|l| *l > longest)
-            {
-                return Err(WorkerError::TimeLimit {
-                    task: task.to_owned(),
-                    limit,
-                    longest,
-                });
-            }
         }
         tracing::info!(
             hostname = %shared.hostname,
