@@ -175,7 +175,6 @@ impl Worker {
             stop: stop.clone(),
             jobs: TaskTracker::new(),
         });
-        }
         tracing::info!(
             hostname = %shared.hostname,
             queues = ?self.queues,
