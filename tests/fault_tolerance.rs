@@ -657,3 +657,43 @@ async fn a_tasks_own_limits_and_retry_count_apply_and_must_fit_the_ack_timeout()
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_resumes_after_its_queue_is_deleted_under_it() {
+    // RabbitMQ cancels the consumer when its queue goes (deleted, or lost with a node); the
+    // worker re-connects, re-declares the queue and consumes again.
+    let farm = Farm::start("cancelled", settings(), echo_registry()).await;
+    let (s, q) = (farm.settings.clone(), farm.queue.clone());
+    still_consuming(&farm).await;
+    mediafarm_tests::delete_queue(&s, &q).await;
+    // The worker re-declares the queue itself: wait for it to exist again, without declaring it.
+    let end = Instant::now() + WAIT;
+    loop {
+        let conn = mediafarm::broker::connect(&s, "test passive")
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let exists = ch
+            .queue_declare(
+                q.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .is_ok();
+        let _ = conn.close(200, "done".into()).await;
+        if exists {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the worker did not re-declare its queue"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    still_consuming(&farm).await;
+    farm.stop().await;
+}

@@ -373,13 +373,15 @@ async fn consume_on(
     );
     let hostname = shared.hostname.clone();
     tokio::spawn(async move {
-        if let Err(e) = listen.await {
-            tracing::warn!(
-                error = %e,
+        match listen.await {
+            Err(e) if e.to_string().contains("RESOURCE_LOCKED") => tracing::warn!(
                 node = %hostname,
-                "stopped listening for broadcast revokes; they still arrive through Redis within \
-                 10 s (two workers with one node name cannot both listen: give each its own -n)"
-            );
+                "another worker listens for broadcast revokes under this node name; this one gets \
+                 them through Redis within 10 s (give each worker its own -n)"
+            ),
+            // The connection went: the next one listens again.
+            Err(e) => tracing::debug!(error = %e, "revoke listener ended"),
+            Ok(()) => {}
         }
     });
     let mut consumers = Vec::with_capacity(queues.len());
