@@ -82,6 +82,19 @@ pub struct Settings {
     pub metrics_addr: SocketAddr,
     /// Largest message body accepted, in bytes.
     pub task_message_max_bytes: usize,
+    /// Where workers store media: `file://<dir>` (relative to the working directory) or
+    /// `s3://<bucket>[/<prefix>]`. S3 credentials come from `AWS_ACCESS_KEY_ID`,
+    /// `AWS_SECRET_ACCESS_KEY` (and `AWS_SESSION_TOKEN`) in the environment.
+    pub storage_url: String,
+    /// URLs in results are this base plus the key; unset: presigned URLs (S3) or `file://`.
+    pub storage_public_base_url: Option<String>,
+    /// An S3-compatible endpoint (MinIO, Ceph, R2, `http://127.0.0.1:9000`); unset: AWS.
+    pub storage_s3_endpoint: Option<String>,
+    pub storage_s3_region: String,
+    /// Path-style requests (`endpoint/bucket/key`), which most S3-compatible servers need.
+    pub storage_s3_path_style: bool,
+    /// How long a presigned URL stays valid.
+    pub storage_url_expires: Duration,
 }
 
 impl Default for Settings {
@@ -111,6 +124,12 @@ impl Default for Settings {
             worker_shutdown_grace: Duration::from_secs(30),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9808)),
             task_message_max_bytes: 1 << 20,
+            storage_url: "file://./var/storage".into(),
+            storage_public_base_url: None,
+            storage_s3_endpoint: None,
+            storage_s3_region: "us-east-1".into(),
+            storage_s3_path_style: true,
+            storage_url_expires: Duration::from_secs(3600),
         }
     }
 }
@@ -147,6 +166,12 @@ pub const SETTING_NAMES: &[&str] = &[
     "worker_shutdown_grace",
     "metrics_addr",
     "task_message_max_bytes",
+    "storage_url",
+    "storage_public_base_url",
+    "storage_s3_endpoint",
+    "storage_s3_region",
+    "storage_s3_path_style",
+    "storage_url_expires",
 ];
 
 const ENV_PREFIX: &str = "MEDIAFARM_";
@@ -249,6 +274,22 @@ impl Settings {
                 1024,
                 512 << 20,
             )?,
+            storage_url: reader.url("storage_url", d.storage_url, &["file", "s3"])?,
+            storage_public_base_url: reader
+                .string("storage_public_base_url")?
+                .map(|u| reader.url("storage_public_base_url", u, &["http", "https"]))
+                .transpose()?,
+            storage_s3_endpoint: reader
+                .string("storage_s3_endpoint")?
+                .map(|u| reader.url("storage_s3_endpoint", u, &["http", "https"]))
+                .transpose()?,
+            storage_s3_region: reader
+                .string("storage_s3_region")?
+                .unwrap_or(d.storage_s3_region),
+            storage_s3_path_style: reader.bool("storage_s3_path_style", d.storage_s3_path_style)?,
+            storage_url_expires: reader
+                .seconds("storage_url_expires", Some(d.storage_url_expires))?
+                .unwrap_or(d.storage_url_expires),
         };
         if let (Some(soft), Some(hard)) = (settings.task_soft_time_limit, settings.task_time_limit)
         {
