@@ -19,6 +19,7 @@ pub mod reroute;
 pub mod result;
 pub mod revoke;
 pub mod settings;
+pub mod sources;
 pub mod storage;
 pub mod task;
 pub mod worker;

@@ -95,6 +95,18 @@ pub struct Settings {
     pub storage_s3_path_style: bool,
     /// How long a presigned URL stays valid.
     pub storage_url_expires: Duration,
+    /// Hosts `https://` sources may come from: exact names, or `*.example.com` for its
+    /// subdomains. Empty: no web sources.
+    pub source_allowed_hosts: Vec<String>,
+    /// Directories `file://` sources may come from. Empty: no `file://` sources.
+    pub source_allowed_roots: Vec<String>,
+    /// Let web sources resolve to loopback, private, link-local or other internal addresses
+    /// (off: a job cannot make the worker reach inside the network).
+    pub source_allow_private: bool,
+    /// Accept plain `http://` web sources (off: `https://` only).
+    pub source_allow_http: bool,
+    /// Whole-download time limit for a web source.
+    pub source_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -130,6 +142,11 @@ impl Default for Settings {
             storage_s3_region: "us-east-1".into(),
             storage_s3_path_style: true,
             storage_url_expires: Duration::from_secs(3600),
+            source_allowed_hosts: Vec::new(),
+            source_allowed_roots: Vec::new(),
+            source_allow_private: false,
+            source_allow_http: false,
+            source_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -172,6 +189,11 @@ pub const SETTING_NAMES: &[&str] = &[
     "storage_s3_region",
     "storage_s3_path_style",
     "storage_url_expires",
+    "source_allowed_hosts",
+    "source_allowed_roots",
+    "source_allow_private",
+    "source_allow_http",
+    "source_timeout",
 ];
 
 const ENV_PREFIX: &str = "MEDIAFARM_";
@@ -290,6 +312,13 @@ impl Settings {
             storage_url_expires: reader
                 .seconds("storage_url_expires", Some(d.storage_url_expires))?
                 .unwrap_or(d.storage_url_expires),
+            source_allowed_hosts: reader.list("source_allowed_hosts")?,
+            source_allowed_roots: reader.list("source_allowed_roots")?,
+            source_allow_private: reader.bool("source_allow_private", d.source_allow_private)?,
+            source_allow_http: reader.bool("source_allow_http", d.source_allow_http)?,
+            source_timeout: reader
+                .seconds("source_timeout", Some(d.source_timeout))?
+                .unwrap_or(d.source_timeout),
         };
         if let (Some(soft), Some(hard)) = (settings.task_soft_time_limit, settings.task_time_limit)
         {
@@ -524,6 +553,24 @@ impl Reader {
         };
         check_content_type(&value).map_err(|why| self.invalid(name, why))?;
         Ok("json".into())
+    }
+
+    /// A list: a TOML array of strings, or comma-separated in the environment.
+    fn list(&self, name: &str) -> Result<Vec<String>, SettingsError> {
+        match self.values.get(name) {
+            None => Ok(Vec::new()),
+            Some(Raw::Env(s)) => Ok(s
+                .split(',')
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .collect()),
+            Some(Raw::Toml(toml::Value::Array(a))) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned))
+                .collect::<Option<_>>()
+                .ok_or_else(|| self.invalid(name, "a list of strings")),
+            Some(Raw::Toml(_)) => Err(self.invalid(name, "a list of strings")),
+        }
     }
 
     fn accept_content(&self, default: Vec<String>) -> Result<Vec<String>, SettingsError> {
