@@ -107,6 +107,10 @@ pub struct Settings {
     pub source_allow_http: bool,
     /// Whole-download time limit for a web source.
     pub source_timeout: Duration,
+    /// Largest source image accepted, in bytes (checked before it is read).
+    pub image_max_src_bytes: u64,
+    /// Largest source image accepted, in pixels (checked from its header, before decoding).
+    pub image_max_src_pixels: u64,
 }
 
 impl Default for Settings {
@@ -147,6 +151,8 @@ impl Default for Settings {
             source_allow_private: false,
             source_allow_http: false,
             source_timeout: Duration::from_secs(30),
+            image_max_src_bytes: 50 << 20,
+            image_max_src_pixels: 50_000_000,
         }
     }
 }
@@ -194,6 +200,8 @@ pub const SETTING_NAMES: &[&str] = &[
     "source_allow_private",
     "source_allow_http",
     "source_timeout",
+    "image_max_src_bytes",
+    "image_max_src_pixels",
 ];
 
 const ENV_PREFIX: &str = "MEDIAFARM_";
@@ -319,6 +327,18 @@ impl Settings {
             source_timeout: reader
                 .seconds("source_timeout", Some(d.source_timeout))?
                 .unwrap_or(d.source_timeout),
+            image_max_src_bytes: reader.int(
+                "image_max_src_bytes",
+                d.image_max_src_bytes,
+                1024,
+                1 << 32,
+            )?,
+            image_max_src_pixels: reader.int(
+                "image_max_src_pixels",
+                d.image_max_src_pixels,
+                1,
+                1 << 32,
+            )?,
         };
         if let (Some(soft), Some(hard)) = (settings.task_soft_time_limit, settings.task_time_limit)
         {

@@ -54,6 +54,13 @@ def main():
         out = outcome(result)
         out.update(name=result.name, kwargs=result.kwargs, args=result.args,
                    queue=result.queue, worker=result.worker, retries=result.retries)
+    elif scenario == "avatar":
+        # A Django view after an upload: one job, every variant's URL back.
+        user = os.environ["AVATAR_USER"]
+        outputs = [{"key": f"avatars/{user}/{size}.jpg", "width": size, "height": size,
+                    "fit": "cover", "format": "jpeg", "quality": 82} for size in (512, 128, 64)]
+        out = outcome(send("image.transform", kwargs={
+            "source": os.environ["AVATAR_SOURCE"], "outputs": outputs}), timeout=60)
     elif scenario == "many":
         results = [send("echo.echo", kwargs={"i": i}) for i in range(50)]
         out = {"ok": [r.get(timeout=30)["i"] for r in results]}
