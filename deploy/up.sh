@@ -9,7 +9,7 @@ scripts/setup.sh
 
 CONFIG=${MEDIAFARM_CONFIG:-deploy/mediafarm.example.toml}
 echo "[up] building release binaries (first build takes a few minutes on 2 cores)"
-cargo build --release --locked -q -p mediafarm --bin mediafarm --example echo-worker
+cargo build --release --locked -q -p mediafarm -p image-worker --bin mediafarm --bin image-worker --example echo-worker
 BIN=target/release
 mkdir -p var/run var/log
 
@@ -35,8 +35,21 @@ start_worker() { # name binary metrics-port
 }
 
 start_worker echo-worker "$BIN/examples/echo-worker" 9808
+start_worker image-worker "$BIN/image-worker" 9809
 
 echo "[up] echo.echo through echo-worker:"
 "$BIN/mediafarm" --config "$CONFIG" submit echo.echo --json '{"hello": "mediafarm", "sleep_ms": 10}' --wait --timeout 30
+
+echo "[up] image.transform through image-worker (an upload into 512, 128 and 64 px avatars):"
+STORAGE_DIR=var/storage   # storage_url = file://./var/storage in the example settings
+mkdir -p "$STORAGE_DIR/demo"
+python3 deploy/demo_image.py "$STORAGE_DIR/demo/original.png"
+"$BIN/mediafarm" --config "$CONFIG" submit image.transform --wait --timeout 60 --json '{
+  "source": "demo/original.png",
+  "outputs": [
+    {"key": "demo/avatar-512.jpg", "width": 512, "height": 512, "fit": "cover", "format": "jpeg", "quality": 82},
+    {"key": "demo/avatar-128.webp", "width": 128, "height": 128, "fit": "cover", "format": "webp"},
+    {"key": "demo/avatar-64.png", "width": 64, "height": 64, "fit": "cover", "format": "png"}
+  ]}'
 
 echo "[up] the farm is running: logs in var/log, stop it with deploy/down.sh"
