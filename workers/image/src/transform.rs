@@ -271,23 +271,50 @@ pub fn process(
         None => img,
     };
     let mut resizer = Resizer::new();
-    let mut out = Vec::with_capacity(args.outputs.len());
-    for (i, spec) in args.outputs.iter().enumerate() {
-        let resized = resize(&mut resizer, &img, spec)?;
-        let data = encode(&resized, spec).map_err(|e| match e.kind {
+    let sizes: Vec<(u32, u32)> = args
+        .outputs
+        .iter()
+        .map(|spec| target_size((img.width(), img.height()), spec))
+        .collect();
+    // Largest first, so smaller outputs can be derived from a larger one already made (as
+    // libvips does) instead of from the full source each time.
+    let mut order: Vec<usize> = (0..args.outputs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(u64::from(sizes[i].0) * u64::from(sizes[i].1)));
+    let mut derived: Vec<DynamicImage> = Vec::new();
+    let mut out: Vec<Option<Encoded>> = (0..args.outputs.len()).map(|_| None).collect();
+    for i in order {
+        let spec = &args.outputs[i];
+        let (w, h) = sizes[i];
+        // A smaller whole-picture image still has at least twice the detail the output needs.
+        let base = derived
+            .iter()
+            .filter(|d| d.width() >= w.saturating_mul(2) && d.height() >= h.saturating_mul(2))
+            .min_by_key(|d| u64::from(d.width()) * u64::from(d.height()))
+            .unwrap_or(&img);
+        let scaled = scale(&mut resizer, base, (w, h), spec.fit)?;
+        let keeps_whole_picture = matches!(spec.fit, Fit::Inside | Fit::Contain);
+        let shown = if spec.fit == Fit::Contain {
+            pad(&scaled, spec)
+        } else {
+            scaled.clone()
+        };
+        let data = encode(&shown, spec).map_err(|e| match e.kind {
             mediafarm::FailureKind::Invalid => invalid(
                 "OutputTooLarge",
                 format!("outputs[{i}] ({}): {}", spec.key, e.message),
             ),
             _ => e,
         })?;
-        out.push(Encoded {
+        out[i] = Some(Encoded {
             data,
-            width: resized.width(),
-            height: resized.height(),
+            width: shown.width(),
+            height: shown.height(),
         });
+        if keeps_whole_picture && (w, h) != (img.width(), img.height()) {
+            derived.push(scaled);
+        }
     }
-    Ok((info, out))
+    Ok((info, out.into_iter().flatten().collect()))
 }
 
 fn decode(
@@ -417,51 +444,53 @@ pub fn target_size(src: (u32, u32), spec: &OutputSpec) -> (u32, u32) {
     }
 }
 
-fn resize(
+/// Resizes `src` to `(w, h)`: cropped around the centre to the box's aspect ratio for cover,
+/// stretched for fill, as is otherwise (the size already keeps the aspect ratio).
+fn scale(
     resizer: &mut Resizer,
-    img: &DynamicImage,
-    spec: &OutputSpec,
+    src: &DynamicImage,
+    (w, h): (u32, u32),
+    fit: Fit,
 ) -> Result<DynamicImage, TaskError> {
-    let (w, h) = target_size((img.width(), img.height()), spec);
-    let resized = if (w, h) == (img.width(), img.height()) {
-        img.clone()
-    } else {
-        let mut dst = DynamicImage::new(w, h, img.color());
-        let mut opts =
-            ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
-        if spec.fit == Fit::Cover {
-            opts = opts.fit_into_destination(Some((0.5, 0.5)));
-        }
-        resizer
-            .resize(img, &mut dst, &opts)
-            .map_err(|e| TaskError::permanent("ResizeError", e.to_string()))?;
-        dst
-    };
-    if spec.fit != Fit::Contain {
-        return Ok(resized);
+    if (w, h) == (src.width(), src.height()) {
+        return Ok(src.clone());
     }
-    // Pad to the box, centred.
+    let mut dst = DynamicImage::new(w, h, src.color());
+    let mut opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
+    if fit == Fit::Cover {
+        opts = opts.fit_into_destination(Some((0.5, 0.5)));
+    }
+    resizer
+        .resize(src, &mut dst, &opts)
+        .map_err(|e| TaskError::permanent("ResizeError", e.to_string()))?;
+    Ok(dst)
+}
+
+/// Contain: the picture centred on the output box, padded (transparent, white for JPEG).
+fn pad(picture: &DynamicImage, spec: &OutputSpec) -> DynamicImage {
+    let (w, h) = (picture.width(), picture.height());
     let (bw, bh) = (spec.width.unwrap_or(w), spec.height.unwrap_or(h));
     if (bw, bh) == (w, h) {
-        return Ok(resized);
+        return picture.clone();
     }
-    let mut canvas = if spec.format == Format::Jpeg {
-        DynamicImage::ImageRgb8(RgbImage::from_pixel(bw, bh, Rgb(JPEG_BACKGROUND)))
+    let (mut canvas, picture) = if spec.format == Format::Jpeg {
+        (
+            DynamicImage::ImageRgb8(RgbImage::from_pixel(bw, bh, Rgb(JPEG_BACKGROUND))),
+            DynamicImage::ImageRgb8(flatten(picture)),
+        )
     } else {
-        DynamicImage::new_rgba8(bw, bh)
-    };
-    let resized = if spec.format == Format::Jpeg {
-        DynamicImage::ImageRgb8(flatten(&resized))
-    } else {
-        DynamicImage::ImageRgba8(resized.to_rgba8())
+        (
+            DynamicImage::new_rgba8(bw, bh),
+            DynamicImage::ImageRgba8(picture.to_rgba8()),
+        )
     };
     image::imageops::overlay(
         &mut canvas,
-        &resized,
+        &picture,
         i64::from((bw - w) / 2),
         i64::from((bh - h) / 2),
     );
-    Ok(canvas)
+    canvas
 }
 
 /// Composes transparent pixels onto the JPEG background.

@@ -1,0 +1,142 @@
+"""Image pipeline benchmark (issue 4): one source → 1280, 640 and 160 px wide JPEG q80, on
+one core each (taskset -c 0), side by side in one run:
+
+  (a) image-worker's pipeline (workers/image/examples/pipeline-bench.rs: decode once, derive
+      every output, encode; no broker, no storage),
+  (b) libvips through pyvips: thumbnail to 1280 with shrink-on-load, the rest derived from it,
+  (c) Pillow: decode, LANCZOS resize to 1280, the rest derived from it.
+
+Corpus: the large JPEGs of Debian's plasma-workspace-wallpapers package (5120×2880 and
+2560×1600), fetched with `apt-get download` into bench/corpus/ (never committed). Installs
+libvips42 (apt) and bench/image_requirements.txt (.venv) when missing.
+
+Usage: .venv/bin/python bench/image_pipeline.py [--rounds 3] [--max-files 8]
+Only local files are read; every phase has a time limit.
+"""
+import argparse
+import glob
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "bench" / "corpus"
+WIDTHS = (1280, 640, 160)
+
+
+def sh(*cmd, **kw):
+    return subprocess.run(cmd, check=True, timeout=900, **kw)
+
+
+def ensure_tools():
+    if subprocess.run(["dpkg", "-s", "libvips42"], capture_output=True).returncode != 0:
+        sudo = [] if os.geteuid() == 0 else ["sudo"]
+        sh(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "libvips42")
+    try:
+        import pyvips  # noqa: F401
+        import PIL  # noqa: F401
+    except ImportError:
+        sh(sys.executable, "-m", "pip", "install", "-q", "-r", str(ROOT / "bench" / "image_requirements.txt"))
+    sh("cargo", "build", "--release", "--locked", "-q", "-p", "image-worker", "--example", "pipeline-bench",
+       cwd=ROOT)
+
+
+def ensure_corpus():
+    found = sorted(glob.glob(str(CORPUS / "**" / "*.jpg"), recursive=True))
+    if not found:
+        CORPUS.mkdir(parents=True, exist_ok=True)
+        sh("apt-get", "download", "plasma-workspace-wallpapers", cwd=CORPUS)
+        deb = next(CORPUS.glob("plasma-workspace-wallpapers_*.deb"))
+        sh("dpkg-deb", "-x", str(deb), str(CORPUS / "extracted"))
+        found = sorted(glob.glob(str(CORPUS / "**" / "*.jpg"), recursive=True))
+    from PIL import Image
+    by_size = {}
+    for f in found:
+        with Image.open(f) as im:
+            by_size.setdefault(im.size, []).append(f)
+    return by_size
+
+
+def one_core(cmd):
+    return ["taskset", "-c", "0", *cmd]
+
+
+def time_rust(files, rounds):
+    out = subprocess.run(one_core([str(ROOT / "target/release/examples/pipeline-bench"),
+                                   "--rounds", str(rounds), *files]),
+                         check=True, capture_output=True, text=True, timeout=900)
+    return float(out.stdout.strip())
+
+
+PY_TIMER = r'''
+import sys, time, statistics, io
+which, rounds, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+W = (1280, 640, 160)
+def vips(path):
+    import pyvips
+    # Decoded once (shrink-on-load), held in memory, every output derived from it.
+    big = pyvips.Image.thumbnail(path, W[0], size="down").copy_memory()
+    outs = [big.write_to_buffer(".jpg[Q=80]")]
+    for w in W[1:]:
+        outs.append(big.resize(w / big.width, kernel="lanczos3").write_to_buffer(".jpg[Q=80]"))
+    return outs
+def pillow(path):
+    from PIL import Image
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        big = im.resize((W[0], round(im.height * W[0] / im.width)), Image.LANCZOS)
+    outs = []
+    for w in W:
+        img = big if w == W[0] else big.resize((w, round(big.height * w / big.width)), Image.LANCZOS)
+        buf = io.BytesIO(); img.save(buf, "JPEG", quality=80); outs.append(buf.getvalue())
+    return outs
+fn = vips if which == "vips" else pillow
+if which == "vips":
+    import pyvips; pyvips.cache_set_max(0); pyvips.concurrency_set(1) if hasattr(pyvips, "concurrency_set") else None
+per = []
+for _ in range(rounds):
+    t = time.perf_counter()
+    for f in files:
+        fn(f)
+    per.append((time.perf_counter() - t) * 1000 / len(files))
+print(f"{statistics.median(per):.1f}")
+'''
+
+
+def time_python(which, files, rounds):
+    env = {**os.environ, "VIPS_CONCURRENCY": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(one_core([sys.executable, "-c", PY_TIMER, which, str(rounds), *files]),
+                         capture_output=True, text=True, timeout=1800, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{which} failed:\n{out.stderr[-2000:]}")
+    return float(out.stdout.strip())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-files", type=int, default=8)
+    args = parser.parse_args()
+    ensure_tools()
+    by_size = ensure_corpus()
+    print(f"one source → {', '.join(map(str, WIDTHS))} px wide JPEG q80; one core each; "
+          f"median of {args.rounds} rounds; {time.strftime('%Y-%m-%d')}")
+    print("| source size | files | image-worker ms/image | libvips ms/image | Pillow ms/image | image-worker ÷ libvips |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for size in ((5120, 2880), (2560, 1600)):
+        files = by_size.get(size, [])[: args.max_files]
+        if not files:
+            print(f"| {size[0]}×{size[1]} | 0 | – | – | – | – |")
+            continue
+        rust = time_rust(files, args.rounds)
+        vips = time_python("vips", files, args.rounds)
+        pil = time_python("pillow", files, args.rounds)
+        print(f"| {size[0]}×{size[1]} | {len(files)} | {rust:.0f} | {vips:.0f} | {pil:.0f} | "
+              f"{rust / vips:.2f}× (target ≤ 0.5×) |")
+
+
+if __name__ == "__main__":
+    main()
