@@ -9,31 +9,14 @@ use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 use mediafarm::deadletter::{self, DeadLetter};
 use mediafarm::once::Claim;
-use mediafarm::{ClientError, SendOptions, Settings, TaskError, TaskState};
+use mediafarm::{SendOptions, Settings, TaskError, TaskState};
 use mediafarm_tests::{
-    celery_props, echo_registry, publish_raw, python_env, ready_count, run_python, settings, Farm,
+    celery_props, echo_registry, failed, kwargs, publish_raw, python_env, ready_count, run_python,
+    settings, to, Farm,
 };
 use serde_json::{json, Map, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn kwargs(v: Value) -> Map<String, Value> {
-    v.as_object().cloned().expect("an object")
-}
-
-fn to(queue: &str) -> SendOptions {
-    SendOptions {
-        queue: Some(queue.to_owned()),
-        ..Default::default()
-    }
-}
-
-fn failed(outcome: Result<Value, ClientError>) -> TaskError {
-    match outcome {
-        Err(ClientError::Failed { error, .. }) => error,
-        other => panic!("expected a failed job, got {other:?}"),
-    }
-}
 
 /// Waits until `<queue>.dead` holds `n` letters; returns them.
 async fn dead_letters(s: &Settings, queue: &str, n: usize) -> Vec<DeadLetter> {

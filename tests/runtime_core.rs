@@ -7,35 +7,15 @@ use std::time::Duration;
 
 use lapin::BasicProperties;
 use mediafarm::client::SendOptions;
-use mediafarm::{
-    Client, ClientError, Job, Registry, Task, TaskContext, TaskError, TaskState, Worker,
-};
+use mediafarm::{Client, Job, Registry, Task, TaskContext, TaskError, TaskState, Worker};
 use mediafarm_tests::{
-    celery_props, delete_queue, echo_registry, publish_raw, ready_count, settings, unique_queue,
-    Farm,
+    celery_props, delete_queue, echo_registry, failed, kwargs, publish_raw, ready_count, settings,
+    to, unique_queue, Farm,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 const WAIT: Duration = Duration::from_secs(20);
-
-fn kwargs(v: Value) -> Map<String, Value> {
-    v.as_object().cloned().expect("an object")
-}
-
-fn to(queue: &str) -> SendOptions {
-    SendOptions {
-        queue: Some(queue.to_owned()),
-        ..Default::default()
-    }
-}
-
-fn failed(outcome: Result<Value, ClientError>) -> TaskError {
-    match outcome {
-        Err(ClientError::Failed { error, .. }) => error,
-        other => panic!("expected a FAILURE, got {other:?}"),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rust_producer_to_rust_worker_success_and_failure() {

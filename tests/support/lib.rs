@@ -333,3 +333,24 @@ pub fn celery_props(id: &str, task: &str) -> lapin::BasicProperties {
     headers.insert("id".into(), Value::String(id.to_owned()));
     mediafarm::amqp_table::write_properties(&props, &headers).with_correlation_id(id.into())
 }
+
+/// A JSON object literal as kwargs.
+pub fn kwargs(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().expect("an object")
+}
+
+/// Send options for `queue`.
+pub fn to(queue: &str) -> mediafarm::SendOptions {
+    mediafarm::SendOptions {
+        queue: Some(queue.to_owned()),
+        ..Default::default()
+    }
+}
+
+/// The error of a job that was expected to fail.
+pub fn failed(outcome: Result<Value, mediafarm::ClientError>) -> TaskError {
+    match outcome {
+        Err(mediafarm::ClientError::Failed { error, .. }) => error,
+        other => panic!("expected a failed job, got {other:?}"),
+    }
+}
