@@ -156,6 +156,28 @@ async fn every_exif_orientation_is_applied() {
             (red_first, !red_first),
             "orientation {o}: red should be {side}"
         );
+        // A quarter-size output takes the shrink-on-load path (a JPEG decoded at 1/4 scale):
+        // the same orientation, the full size reported for the source.
+        let quarter = f
+            .transform(json!({
+                "source": format!("src/o{o}.jpg"),
+                "outputs": [{"key": format!("out/o{o}-q.png"), "width": w / 4, "format": "png"}],
+            }))
+            .await
+            .unwrap();
+        assert_eq!(quarter["source"]["width"], w, "orientation {o}");
+        let small = f.output(&format!("out/o{o}-q.png")).await.to_rgba8();
+        let (sw, sh) = small.dimensions();
+        assert_eq!((sw, sh), (w / 4, h / 4), "orientation {o}");
+        let (a, b) = match side {
+            "left" | "right" => (small.get_pixel(0, sh / 2), small.get_pixel(sw - 1, sh / 2)),
+            _ => (small.get_pixel(sw / 2, 0), small.get_pixel(sw / 2, sh - 1)),
+        };
+        assert_eq!(
+            (is_red(*a), is_red(*b)),
+            (red_first, !red_first),
+            "orientation {o} after shrink-on-load: red should be {side}"
+        );
     }
     // auto_orient = false keeps the stored pixel layout.
     f.transform(json!({

@@ -265,16 +265,30 @@ pub fn process(
     args: &TransformArgs,
     max_pixels: u64,
 ) -> Result<(SourceInfo, Vec<Encoded>), TaskError> {
-    let (img, info) = decode(data, args.auto_orient, max_pixels)?;
+    // Shrink-on-load: a JPEG whose outputs all need at most half its size is decoded at
+    // 1/2, 1/4 or 1/8 scale by the IDCT itself, which skips most of the decoding work.
+    let shrunk = match args.crop {
+        None => decode_jpeg_shrunk(data, args, max_pixels)?,
+        Some(_) => None,
+    };
+    let (img, info) = match shrunk {
+        Some(found) => found,
+        None => decode(data, args.auto_orient, max_pixels)?,
+    };
     let img = match args.crop {
         Some(c) => crop(img, c)?,
         None => img,
+    };
+    // Sizes follow the (cropped) source's full size, whatever scale it was decoded at.
+    let full = match args.crop {
+        Some(c) => (c.width, c.height),
+        None => (info.width, info.height),
     };
     let mut resizer = Resizer::new();
     let sizes: Vec<(u32, u32)> = args
         .outputs
         .iter()
-        .map(|spec| target_size((img.width(), img.height()), spec))
+        .map(|spec| target_size(full, spec))
         .collect();
     // Largest first, so smaller outputs can be derived from a larger one already made (as
     // libvips does) instead of from the full source each time.
@@ -310,11 +324,98 @@ pub fn process(
             width: shown.width(),
             height: shown.height(),
         });
-        if keeps_whole_picture && (w, h) != (img.width(), img.height()) {
+        if keeps_whole_picture && (w, h) != full {
             derived.push(scaled);
         }
     }
     Ok((info, out.into_iter().flatten().collect()))
+}
+
+/// The scaled decode of a JPEG when every output needs at most half of it, with the full
+/// size reported; `None` when it does not apply (not a JPEG, CMYK or 16-bit, no saving).
+fn decode_jpeg_shrunk(
+    data: &[u8],
+    args: &TransformArgs,
+    max_pixels: u64,
+) -> Result<Option<(DynamicImage, SourceInfo)>, TaskError> {
+    if !data.starts_with(&[0xFF, 0xD8, 0xFF]) {
+        return Ok(None);
+    }
+    let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(data));
+    if decoder.read_info().is_err() {
+        return Ok(None); // the full decoder reports the error in its own words
+    }
+    let Some(meta) = decoder.info() else {
+        return Ok(None);
+    };
+    if !matches!(
+        meta.pixel_format,
+        jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8
+    ) {
+        return Ok(None);
+    }
+    let (sw, sh) = (u32::from(meta.width), u32::from(meta.height));
+    if u64::from(sw) * u64::from(sh) > max_pixels {
+        return Ok(None); // refused with the full message by `decode`
+    }
+    let orientation = if args.auto_orient {
+        decoder
+            .exif_data()
+            .and_then(image::metadata::Orientation::from_exif_chunk)
+    } else {
+        None
+    };
+    let swaps = matches!(
+        orientation,
+        Some(
+            image::metadata::Orientation::Rotate90
+                | image::metadata::Orientation::Rotate270
+                | image::metadata::Orientation::Rotate90FlipH
+                | image::metadata::Orientation::Rotate270FlipH
+        )
+    );
+    let full = if swaps { (sh, sw) } else { (sw, sh) };
+    // The share of the source's resolution the most demanding output needs.
+    let need = args
+        .outputs
+        .iter()
+        .map(|spec| {
+            let (w, h) = target_size(full, spec);
+            (f64::from(w) / f64::from(full.0)).max(f64::from(h) / f64::from(full.1))
+        })
+        .fold(0.0f64, f64::max);
+    if need > 0.5 {
+        return Ok(None);
+    }
+    let want =
+        |side: u32| ((f64::from(side) * need).ceil() as u32).clamp(1, u32::from(u16::MAX)) as u16;
+    let scaled = decoder
+        .scale(want(sw), want(sh))
+        .map_err(|e| invalid("InvalidImage", format!("cannot decode the jpeg: {e}")))?;
+    let pixels = decoder
+        .decode()
+        .map_err(|e| invalid("InvalidImage", format!("cannot decode the jpeg: {e}")))?;
+    let (w, h) = (u32::from(scaled.0), u32::from(scaled.1));
+    let img = match meta.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 => {
+            RgbImage::from_raw(w, h, pixels).map(DynamicImage::ImageRgb8)
+        }
+        _ => image::GrayImage::from_raw(w, h, pixels)
+            .map(|g| DynamicImage::ImageRgb8(DynamicImage::ImageLuma8(g).to_rgb8())),
+    };
+    let Some(mut img) = img else {
+        return Ok(None);
+    };
+    if let Some(o) = orientation {
+        img.apply_orientation(o);
+    }
+    let info = SourceInfo {
+        width: full.0,
+        height: full.1,
+        format: "jpeg".into(),
+        bytes: data.len() as u64,
+    };
+    Ok(Some((img, info)))
 }
 
 fn decode(
