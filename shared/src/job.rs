@@ -103,7 +103,14 @@ pub(crate) async fn handle(shared: Arc<Shared>, job: Incoming) {
         return refuse(&shared, &job, e).await;
     };
     let l = shared.metrics_for(&msg.task, &job.queue);
-    if shared.revocations.is_revoked(&msg.id) {
+    let waited = msg.eta.is_some() || msg.retries > 0;
+    if shared.revocations.is_revoked(&msg.id)
+        || (waited
+            && shared
+                .revocations
+                .check_stored(&shared.backend, &msg.id)
+                .await)
+    {
         return revoked(&shared, &job, &msg, &l, "revoked before it ran").await;
     }
     if msg.is_expired(Utc::now()) {

@@ -92,6 +92,28 @@ impl Revocations {
             .remove(id);
     }
 
+    /// Asks Redis whether `id` was revoked (and remembers it if so). For jobs that waited —
+    /// delayed or retried — a revoke broadcast while this worker was starting or disconnected
+    /// must still stop them, and they are rare enough to afford the round trip.
+    pub async fn check_stored(&self, backend: &ResultBackend, id: &str) -> bool {
+        let mut conn = backend.connection();
+        let score: Result<Option<f64>, _> = redis::cmd("ZSCORE")
+            .arg(REVOKED_KEY)
+            .arg(id)
+            .query_async(&mut conn)
+            .await;
+        match score {
+            Ok(Some(until)) if until > unix_now() => {
+                self.revoked
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(id.to_owned(), until);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Replaces the known set with what Redis holds (forgetting expired entries).
     pub async fn refresh(&self, backend: &ResultBackend) -> Result<(), BackendError> {
         let now = unix_now();
