@@ -298,10 +298,11 @@ impl Farm {
         }
     }
 
-    /// Stops the worker as on SIGTERM and deletes the queue.
+    /// Stops the worker as on SIGTERM and deletes the queue and its dead-letter queue.
     pub async fn stop(self) {
         self.worker.shutdown().await;
         delete_queue(&self.settings, &self.queue).await;
+        delete_queue(&self.settings, &mediafarm::reroute::dead_queue(&self.queue)).await;
     }
 }
 
