@@ -47,8 +47,10 @@ pub struct Revocations {
 
 impl Revocations {
     pub fn is_revoked(&self, id: &str) -> bool {
-        let revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
-        !revoked.is_empty() && revoked.contains_key(id)
+        self.revoked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(id)
     }
 
     /// Marks `ids` revoked here; with `terminate`, stops those running. Returns how many

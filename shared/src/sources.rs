@@ -11,14 +11,13 @@ use std::path::{Path as FsPath, PathBuf};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use object_store::aws::AmazonS3Builder;
 use object_store::path::Path;
 use object_store::ObjectStore;
 use url::Url;
 
 use crate::result::TaskError;
 use crate::settings::Settings;
-use crate::storage::{check_key, Storage, StorageError};
+use crate::storage::{check_key, s3_builder, Storage, StorageError};
 
 const MAX_REDIRECTS: usize = 5;
 
@@ -143,16 +142,7 @@ impl Sources {
 
     async fn read_s3(&self, bucket: &str, key: &str, max: u64) -> Result<Bytes, SourceError> {
         let shown = format!("s3://{bucket}/{key}");
-        let mut builder = AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
-            .with_region(&self.settings.storage_s3_region)
-            .with_virtual_hosted_style_request(!self.settings.storage_s3_path_style);
-        if let Some(endpoint) = &self.settings.storage_s3_endpoint {
-            builder = builder
-                .with_endpoint(endpoint)
-                .with_allow_http(endpoint.starts_with("http://"));
-        }
-        let store = builder
+        let store = s3_builder(&self.settings, bucket)
             .build()
             .map_err(|e| refused(&shown, e.to_string()))?;
         let path = Path::parse(key).map_err(|e| refused(&shown, e.to_string()))?;

@@ -12,7 +12,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::signer::Signer;
-use object_store::{Attribute, Attributes, ObjectStore, PutOptions, PutPayload};
+use object_store::{Attribute, ObjectStore, PutOptions, PutPayload};
 
 use crate::result::TaskError;
 use crate::settings::Settings;
@@ -131,16 +131,11 @@ impl Storage {
                 if bucket.is_empty() {
                     return Err(config("no bucket after s3://".into()));
                 }
-                let mut builder = AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_region(&settings.storage_s3_region)
-                    .with_virtual_hosted_style_request(!settings.storage_s3_path_style);
-                if let Some(endpoint) = &settings.storage_s3_endpoint {
-                    builder = builder
-                        .with_endpoint(endpoint)
-                        .with_allow_http(endpoint.starts_with("http://"));
-                }
-                let store = Arc::new(builder.build().map_err(|e| config(e.to_string()))?);
+                let store = Arc::new(
+                    s3_builder(settings, bucket)
+                        .build()
+                        .map_err(|e| config(e.to_string()))?,
+                );
                 let prefix = prefix.trim_matches('/');
                 let prefix = if prefix.is_empty() {
                     None
@@ -184,17 +179,12 @@ impl Storage {
     ) -> Result<Stored, StorageError> {
         let path = self.path(key)?;
         let bytes = data.len() as u64;
-        let mut attributes = Attributes::new();
-        attributes.insert(Attribute::ContentType, content_type.to_owned().into());
-        let opts = PutOptions {
-            attributes,
-            ..Default::default()
-        };
+        let mut opts = PutOptions::default();
         // The local store keeps no attributes; it refuses them rather than dropping them.
-        let opts = match self.inner.kind {
-            Kind::Local { .. } => PutOptions::default(),
-            Kind::S3 { .. } => opts,
-        };
+        if let Kind::S3 { .. } = self.inner.kind {
+            opts.attributes
+                .insert(Attribute::ContentType, content_type.to_owned().into());
+        }
         self.inner
             .store
             .put_opts(&path, PutPayload::from_bytes(data), opts)
@@ -283,6 +273,21 @@ impl Storage {
                 .map_err(|e| StorageError::backend(key, e)),
         }
     }
+}
+
+/// A client for `bucket` on the configured S3 endpoint, region and addressing style, with
+/// credentials from the environment; used for the storage bucket and for `s3://` sources.
+pub fn s3_builder(settings: &Settings, bucket: &str) -> AmazonS3Builder {
+    let mut builder = AmazonS3Builder::from_env()
+        .with_bucket_name(bucket)
+        .with_region(&settings.storage_s3_region)
+        .with_virtual_hosted_style_request(!settings.storage_s3_path_style);
+    if let Some(endpoint) = &settings.storage_s3_endpoint {
+        builder = builder
+            .with_endpoint(endpoint)
+            .with_allow_http(endpoint.starts_with("http://"));
+    }
+    builder
 }
 
 /// A key is a relative `/`-separated path: no empty, `.` or `..` segments, no backslashes or
