@@ -68,6 +68,15 @@ if ! port_open 5672; then
   $SUDO rabbitmqctl await_startup >/dev/null 2>&1 || sleep 5
 fi
 
+# --- per-component extras -------------------------------------------------------------------
+# Each worker or deploy piece that needs more (Debian -dev packages, servers for its tests) keeps
+# its own script here; they are sourced so they can use apt_install, port_open and wait_port.
+for extra in scripts/setup.d/*.sh; do
+  [ -e "$extra" ] || continue
+  # shellcheck source=/dev/null
+  . "$extra"
+done
+
 # --- Python with celery -------------------------------------------------------------------
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || apt_install python3

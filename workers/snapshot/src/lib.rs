@@ -1,0 +1,1 @@
+//! snapshot-worker: snapshot.capture and snapshot.watch (being built; see the open issue).
