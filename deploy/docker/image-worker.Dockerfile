@@ -1,0 +1,23 @@
+# syntax=docker/dockerfile:1.7
+# image-worker: build in the Rust image, run on distroless cc (glibc + libgcc + CA certificates,
+# no shell, no package manager). Build from the repository root:
+#   docker build -f deploy/docker/image-worker.Dockerfile -t mediafarm/image-worker .
+
+FROM rust:1.95-bookworm AS builder
+WORKDIR /src
+COPY . .
+# The registry and target caches survive between builds; the binary is copied out of the cache
+# mount in the same step because the mount is gone afterwards.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p image-worker --bin image-worker \
+ && install -D -m 0755 target/release/image-worker /out/image-worker
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=builder /out/image-worker /usr/local/bin/image-worker
+# Containers serve /metrics, /healthz and /readyz on every interface.
+ENV MEDIAFARM_METRICS_ADDR=0.0.0.0:9808
+EXPOSE 9808
+USER 65532:65532
+ENTRYPOINT ["/usr/local/bin/image-worker"]
+CMD ["--config", "/etc/mediafarm/mediafarm.toml", "--queues", "image"]

@@ -1,0 +1,40 @@
+# syntax=docker/dockerfile:1.7
+# snapshot-worker: the only image with FFmpeg. It links libavcodec, libavformat, libavutil and
+# libswscale, so the runtime is Debian bookworm slim with exactly those shared libraries (the
+# versions the builder linked against: both stages are bookworm). Build from the repository root:
+#   docker build -f deploy/docker/snapshot-worker.Dockerfile -t mediafarm/snapshot-worker .
+
+FROM rust:1.95-bookworm AS builder
+# FFmpeg headers for the bindings; clang for bindgen. Versions float with bookworm's security
+# updates on purpose: pinning them breaks the build at the next point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      clang libclang-dev pkg-config \
+      libavcodec-dev libavformat-dev libavutil-dev libswscale-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p snapshot-worker --bin snapshot-worker \
+ && install -D -m 0755 target/release/snapshot-worker /out/snapshot-worker
+
+FROM debian:bookworm-slim
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# Runtime libraries only (no ffmpeg CLI, no -dev packages); CA certificates for TLS streams,
+# S3 and webhooks. Same reason as above for floating versions.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends \
+      ca-certificates libavcodec59 libavformat59 libavutil57 libswscale6 \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin mediafarm
+COPY --from=builder /out/snapshot-worker /usr/local/bin/snapshot-worker
+# Fail the image build, not the first pod, if the binary needs a library this stage lacks.
+RUN if ldd /usr/local/bin/snapshot-worker | grep 'not found'; then exit 1; fi
+ENV MEDIAFARM_METRICS_ADDR=0.0.0.0:9808
+EXPOSE 9808
+USER 10001:10001
+ENTRYPOINT ["/usr/local/bin/snapshot-worker"]
+CMD ["--config", "/etc/mediafarm/mediafarm.toml", "--queues", "snapshot"]
