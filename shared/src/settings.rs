@@ -107,10 +107,89 @@ pub struct Settings {
     pub source_allow_http: bool,
     /// Whole-download time limit for a web source.
     pub source_timeout: Duration,
+    /// snapshot-worker: the default `timeout_s` of `snapshot.capture` (open, read, decode).
+    pub snapshot_capture_timeout: Duration,
+    /// snapshot-worker: most `snapshot.watch` sessions one worker runs at once; the worker's
+    /// concurrency defaults to this plus one per core (for captures).
+    pub snapshot_max_sessions: usize,
+    /// snapshot-worker: a session hands itself on as a continuation message after this long,
+    /// so no delivery stays unacknowledged near RabbitMQ's consumer_timeout.
+    pub snapshot_session_slice: Duration,
+    /// snapshot-worker: how long a session keeps reconnecting to a dropped stream (with
+    /// backoff) before it ends with its summary.
+    pub snapshot_reconnect_window: Duration,
     /// Largest source image accepted, in bytes (checked before it is read).
     pub image_max_src_bytes: u64,
     /// Largest source image accepted, in pixels (checked from its header, before decoding).
     pub image_max_src_pixels: u64,
+    /// `mediafarm beat`'s periodic entries: `[beat_schedule.<name>]` tables in the file, or a
+    /// JSON object of entries in `MEDIAFARM_BEAT_SCHEDULE`.
+    pub beat_schedule: Vec<crate::schedule::ScheduleEntry>,
+    /// Prefix of beat's Redis keys (lease, tick records, `mediafarm schedule` entries); beats
+    /// sharing a prefix share one schedule and elect one leader.
+    pub beat_key_prefix: String,
+    /// How long the beat leader's lease lasts unrenewed (it is renewed every third of this):
+    /// within it, another beat replaces a leader that died.
+    pub beat_lease_ttl: Duration,
+    /// SMTP server for notify-worker's email: `smtp://host:25` (plain), `smtp://host:587?tls=required`
+    /// (STARTTLS), `smtps://host:465` (implicit TLS); user and password may sit in the URL.
+    /// Unset: emails are written to `email_outbox_dir` as `.eml` files.
+    pub smtp_url: Option<String>,
+    /// SMTP login (over any user in `smtp_url`).
+    pub smtp_username: Option<String>,
+    /// SMTP password; best given as `MEDIAFARM_SMTP_PASSWORD`.
+    pub smtp_password: Option<String>,
+    /// SMTP connections one worker keeps open and reuses across jobs.
+    pub smtp_pool_size: u32,
+    /// Time limit of one SMTP command (connect, EHLO, DATA, ...).
+    pub smtp_timeout: Duration,
+    /// Cluster-wide cap on emails sent, e.g. `"50/s"`, `"1000/m"`; unset: none.
+    pub smtp_rate_limit: Option<RateLimit>,
+    /// The `From` of emails whose job gives none.
+    pub email_from: String,
+    /// Where emails go as `.eml` files when `smtp_url` is unset.
+    pub email_outbox_dir: String,
+    /// Largest total size of an email's attachments, in bytes.
+    pub email_attachment_max_bytes: u64,
+    /// Directory of notify templates (`<name>.subject.txt`, `<name>.txt`, `<name>.html`,
+    /// `<name>.sms.txt`), in Jinja2 syntax.
+    pub notify_template_dir: String,
+    /// `outbox` (files in `sms_outbox_dir`), `twilio` or `http` (the generic JSON provider).
+    pub sms_provider: String,
+    pub sms_outbox_dir: String,
+    /// Cluster-wide cap on SMS sent per provider, e.g. `"10/s"`; unset: none.
+    pub sms_rate_limit: Option<RateLimit>,
+    pub twilio_account_sid: Option<String>,
+    /// Best given as `MEDIAFARM_TWILIO_AUTH_TOKEN`.
+    pub twilio_auth_token: Option<String>,
+    /// Sender number (E.164) or messaging service's sender.
+    pub twilio_from: Option<String>,
+    /// Twilio's API base URL (tests point it at a local server).
+    pub twilio_base_url: String,
+    /// URL Twilio calls with delivery status updates (`StatusCallback`).
+    pub twilio_status_callback: Option<String>,
+    /// The generic provider's endpoint: a JSON POST per message.
+    pub sms_http_url: Option<String>,
+    /// The generic provider's `Authorization` header value (e.g. `Bearer ...`); best from env.
+    pub sms_http_authorization: Option<String>,
+    pub sms_http_from: Option<String>,
+    /// The generic provider's request body, a Jinja2 template over `to`, `from` and `body`.
+    pub sms_http_body: String,
+    /// JSON pointers to the message id and status in the generic provider's answer.
+    pub sms_http_id_pointer: String,
+    pub sms_http_status_pointer: String,
+    /// HMAC-SHA256 key signing webhook bodies; best given as `MEDIAFARM_WEBHOOK_SECRET`.
+    pub webhook_secret: Option<String>,
+    /// Hosts webhooks may go to (exact or `*.example.com`); empty: any public host.
+    pub webhook_allowed_hosts: Vec<String>,
+    /// Let webhooks reach loopback, private, link-local or other internal addresses.
+    pub webhook_allow_private: bool,
+    /// Accept plain `http://` webhook URLs (`https://` only when false).
+    pub webhook_allow_http: bool,
+    /// Whole-request time limit of a webhook or HTTP SMS provider call.
+    pub webhook_timeout: Duration,
+    /// Cluster-wide cap on webhook calls, e.g. `"20/s"`; unset: none.
+    pub webhook_rate_limit: Option<RateLimit>,
 }
 
 impl Default for Settings {
@@ -151,8 +230,45 @@ impl Default for Settings {
             source_allow_private: false,
             source_allow_http: false,
             source_timeout: Duration::from_secs(30),
+            snapshot_capture_timeout: Duration::from_secs(15),
+            snapshot_max_sessions: 100,
+            snapshot_session_slice: Duration::from_secs(600),
+            snapshot_reconnect_window: Duration::from_secs(60),
             image_max_src_bytes: 50 << 20,
             image_max_src_pixels: 50_000_000,
+            beat_schedule: Vec::new(),
+            beat_key_prefix: "mediafarm-beat".into(),
+            beat_lease_ttl: Duration::from_secs(10),
+            smtp_url: None,
+            smtp_username: None,
+            smtp_password: None,
+            smtp_pool_size: 4,
+            smtp_timeout: Duration::from_secs(30),
+            smtp_rate_limit: None,
+            email_from: "mediafarm <mediafarm@localhost>".into(),
+            email_outbox_dir: "./var/outbox/email".into(),
+            email_attachment_max_bytes: 10 << 20,
+            notify_template_dir: "./templates".into(),
+            sms_provider: "outbox".into(),
+            sms_outbox_dir: "./var/outbox/sms".into(),
+            sms_rate_limit: None,
+            twilio_account_sid: None,
+            twilio_auth_token: None,
+            twilio_from: None,
+            twilio_base_url: "https://api.twilio.com".into(),
+            twilio_status_callback: None,
+            sms_http_url: None,
+            sms_http_authorization: None,
+            sms_http_from: None,
+            sms_http_body: DEFAULT_SMS_HTTP_BODY.into(),
+            sms_http_id_pointer: "/id".into(),
+            sms_http_status_pointer: "/status".into(),
+            webhook_secret: None,
+            webhook_allowed_hosts: Vec::new(),
+            webhook_allow_private: false,
+            webhook_allow_http: false,
+            webhook_timeout: Duration::from_secs(10),
+            webhook_rate_limit: None,
         }
     }
 }
@@ -200,8 +316,45 @@ pub const SETTING_NAMES: &[&str] = &[
     "source_allow_private",
     "source_allow_http",
     "source_timeout",
+    "snapshot_capture_timeout",
+    "snapshot_max_sessions",
+    "snapshot_session_slice",
+    "snapshot_reconnect_window",
     "image_max_src_bytes",
     "image_max_src_pixels",
+    "beat_schedule",
+    "beat_key_prefix",
+    "beat_lease_ttl",
+    "smtp_url",
+    "smtp_username",
+    "smtp_password",
+    "smtp_pool_size",
+    "smtp_timeout",
+    "smtp_rate_limit",
+    "email_from",
+    "email_outbox_dir",
+    "email_attachment_max_bytes",
+    "notify_template_dir",
+    "sms_provider",
+    "sms_outbox_dir",
+    "sms_rate_limit",
+    "twilio_account_sid",
+    "twilio_auth_token",
+    "twilio_from",
+    "twilio_base_url",
+    "twilio_status_callback",
+    "sms_http_url",
+    "sms_http_authorization",
+    "sms_http_from",
+    "sms_http_body",
+    "sms_http_id_pointer",
+    "sms_http_status_pointer",
+    "webhook_secret",
+    "webhook_allowed_hosts",
+    "webhook_allow_private",
+    "webhook_allow_http",
+    "webhook_timeout",
+    "webhook_rate_limit",
 ];
 
 const ENV_PREFIX: &str = "MEDIAFARM_";
@@ -327,6 +480,24 @@ impl Settings {
             source_timeout: reader
                 .seconds("source_timeout", Some(d.source_timeout))?
                 .unwrap_or(d.source_timeout),
+            snapshot_capture_timeout: reader
+                .seconds("snapshot_capture_timeout", Some(d.snapshot_capture_timeout))?
+                .unwrap_or(d.snapshot_capture_timeout),
+            snapshot_max_sessions: reader.int(
+                "snapshot_max_sessions",
+                d.snapshot_max_sessions,
+                1,
+                100_000,
+            )?,
+            snapshot_session_slice: reader
+                .seconds("snapshot_session_slice", Some(d.snapshot_session_slice))?
+                .unwrap_or(d.snapshot_session_slice),
+            snapshot_reconnect_window: reader
+                .seconds(
+                    "snapshot_reconnect_window",
+                    Some(d.snapshot_reconnect_window),
+                )?
+                .unwrap_or(d.snapshot_reconnect_window),
             image_max_src_bytes: reader.int(
                 "image_max_src_bytes",
                 d.image_max_src_bytes,
@@ -339,6 +510,73 @@ impl Settings {
                 1,
                 1 << 32,
             )?,
+            beat_schedule: reader.beat_schedule()?,
+            beat_key_prefix: reader.beat_key_prefix(d.beat_key_prefix)?,
+            beat_lease_ttl: reader.beat_lease_ttl(d.beat_lease_ttl)?,
+            smtp_url: reader
+                .string("smtp_url")?
+                .map(|u| reader.url("smtp_url", u, &["smtp", "smtps"]))
+                .transpose()?,
+            smtp_username: reader.string("smtp_username")?,
+            smtp_password: reader.string("smtp_password")?,
+            smtp_pool_size: reader.int("smtp_pool_size", d.smtp_pool_size, 1, 1000)?,
+            smtp_timeout: reader
+                .seconds("smtp_timeout", Some(d.smtp_timeout))?
+                .unwrap_or(d.smtp_timeout),
+            smtp_rate_limit: reader.rate_limit("smtp_rate_limit")?,
+            email_from: reader.string("email_from")?.unwrap_or(d.email_from),
+            email_outbox_dir: reader
+                .string("email_outbox_dir")?
+                .unwrap_or(d.email_outbox_dir),
+            email_attachment_max_bytes: reader.int(
+                "email_attachment_max_bytes",
+                d.email_attachment_max_bytes,
+                0,
+                1 << 30,
+            )?,
+            notify_template_dir: reader
+                .string("notify_template_dir")?
+                .unwrap_or(d.notify_template_dir),
+            sms_provider: reader.one_of(
+                "sms_provider",
+                d.sms_provider,
+                &["outbox", "twilio", "http"],
+            )?,
+            sms_outbox_dir: reader.string("sms_outbox_dir")?.unwrap_or(d.sms_outbox_dir),
+            sms_rate_limit: reader.rate_limit("sms_rate_limit")?,
+            twilio_account_sid: reader.string("twilio_account_sid")?,
+            twilio_auth_token: reader.string("twilio_auth_token")?,
+            twilio_from: reader.string("twilio_from")?,
+            twilio_base_url: reader.url(
+                "twilio_base_url",
+                d.twilio_base_url,
+                &["http", "https"],
+            )?,
+            twilio_status_callback: reader
+                .string("twilio_status_callback")?
+                .map(|u| reader.url("twilio_status_callback", u, &["http", "https"]))
+                .transpose()?,
+            sms_http_url: reader
+                .string("sms_http_url")?
+                .map(|u| reader.url("sms_http_url", u, &["http", "https"]))
+                .transpose()?,
+            sms_http_authorization: reader.string("sms_http_authorization")?,
+            sms_http_from: reader.string("sms_http_from")?,
+            sms_http_body: reader.string("sms_http_body")?.unwrap_or(d.sms_http_body),
+            sms_http_id_pointer: reader
+                .string("sms_http_id_pointer")?
+                .unwrap_or(d.sms_http_id_pointer),
+            sms_http_status_pointer: reader
+                .string("sms_http_status_pointer")?
+                .unwrap_or(d.sms_http_status_pointer),
+            webhook_secret: reader.string("webhook_secret")?,
+            webhook_allowed_hosts: reader.list("webhook_allowed_hosts")?,
+            webhook_allow_private: reader.bool("webhook_allow_private", d.webhook_allow_private)?,
+            webhook_allow_http: reader.bool("webhook_allow_http", d.webhook_allow_http)?,
+            webhook_timeout: reader
+                .seconds("webhook_timeout", Some(d.webhook_timeout))?
+                .unwrap_or(d.webhook_timeout),
+            webhook_rate_limit: reader.rate_limit("webhook_rate_limit")?,
         };
         if let (Some(soft), Some(hard)) = (settings.task_soft_time_limit, settings.task_time_limit)
         {
@@ -645,6 +883,32 @@ impl Reader {
         Ok(tz)
     }
 
+    fn rate_limit(&self, name: &str) -> Result<Option<RateLimit>, SettingsError> {
+        match self.string(name)? {
+            None => Ok(None),
+            Some(t) if t.trim().is_empty() => Ok(None),
+            Some(t) => RateLimit::parse(&t).map(Some).ok_or_else(|| {
+                self.invalid(
+                    name,
+                    "a rate such as \"10/s\", \"600/m\" or \"1000/h\" (count above 0)",
+                )
+            }),
+        }
+    }
+
+    fn one_of(
+        &self,
+        name: &str,
+        default: String,
+        choices: &[&str],
+    ) -> Result<String, SettingsError> {
+        match self.string(name)? {
+            None => Ok(default),
+            Some(v) if choices.contains(&v.trim()) => Ok(v.trim().to_owned()),
+            Some(_) => Err(self.invalid(name, format!("one of {}", choices.join(", ")))),
+        }
+    }
+
     fn socket_addr(&self, name: &str, default: SocketAddr) -> Result<SocketAddr, SettingsError> {
         let Some(text) = self.string(name)? else {
             return Ok(default);
@@ -655,6 +919,90 @@ impl Reader {
                 "host:port with a numeric address, e.g. \"0.0.0.0:9808\"",
             )
         })
+    }
+}
+
+/// The generic SMS provider's default request body.
+pub const DEFAULT_SMS_HTTP_BODY: &str =
+    r#"{"to": {{ to|tojson }}, "from": {{ from|tojson }}, "body": {{ body|tojson }}}"#;
+
+/// A cluster-wide send rate: `count` per `per` (Celery's `"10/s"`, `"100/m"`, `"1000/h"`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl RateLimit {
+    /// Parses `"10/s"`, `"100/m"`, `"1000/h"` or a bare number (per second), as Celery does.
+    pub fn parse(text: &str) -> Option<RateLimit> {
+        let text = text.trim();
+        let (count, unit) = text.split_once('/').unwrap_or((text, "s"));
+        let per = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            "h" => Duration::from_secs(3600),
+            _ => return None,
+        };
+        let count: u32 = count.trim().parse().ok()?;
+        (count > 0).then_some(RateLimit { count, per })
+    }
+}
+
+/// `mediafarm beat`'s settings.
+impl Reader {
+    /// Entries as TOML tables, or a JSON object in the environment; an entry's bad field is
+    /// named as `beat_schedule.<entry>.<field>`.
+    fn beat_schedule(&self) -> Result<Vec<crate::schedule::ScheduleEntry>, SettingsError> {
+        const NAME: &str = "beat_schedule";
+        const ACCEPTED: &str = "a table of entries, [beat_schedule.<name>] with task = \"...\" and \
+             every = \"20s\" (in the environment: a JSON object of such entries)";
+        let json = match self.values.get(NAME) {
+            None => return Ok(Vec::new()),
+            Some(Raw::Toml(v)) => {
+                serde_json::to_value(v).map_err(|_| self.invalid(NAME, ACCEPTED))?
+            }
+            Some(Raw::Env(s)) => {
+                serde_json::from_str(s).map_err(|_| self.invalid(NAME, ACCEPTED))?
+            }
+        };
+        crate::schedule::parse_table(&json).map_err(|e| {
+            let name = match (e.entry.as_str(), e.field.as_str()) {
+                ("(all)", _) => NAME.to_owned(),
+                (entry, field) if field.starts_with('(') => format!("{NAME}.{entry}"),
+                (entry, field) => format!("{NAME}.{entry}.{field}"),
+            };
+            SettingsError::Invalid {
+                name,
+                value: e.value,
+                accepted: e.accepted,
+            }
+        })
+    }
+
+    fn beat_key_prefix(&self, default: String) -> Result<String, SettingsError> {
+        let Some(prefix) = self.string("beat_key_prefix")? else {
+            return Ok(default);
+        };
+        if prefix.is_empty()
+            || prefix.len() > 100
+            || prefix.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(self.invalid(
+                "beat_key_prefix",
+                "1 to 100 characters without spaces, e.g. \"mediafarm-beat\"",
+            ));
+        }
+        Ok(prefix)
+    }
+
+    fn beat_lease_ttl(&self, default: Duration) -> Result<Duration, SettingsError> {
+        const NAME: &str = "beat_lease_ttl";
+        const ACCEPTED: &str = "seconds from 0.5 to 3600 (the leader renews it every third)";
+        match self.seconds(NAME, Some(default)) {
+            Ok(Some(ttl)) if (0.5..=3600.0).contains(&ttl.as_secs_f64()) => Ok(ttl),
+            _ => Err(self.invalid(NAME, ACCEPTED)),
+        }
     }
 }
 

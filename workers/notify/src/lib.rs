@@ -1,1 +1,47 @@
-//! notify-worker: notify.email, notify.sms and notify.webhook (being built; see the open issue).
+//! notify-worker: `notify.email` (SMTP through a pooled connection, or `.eml` files in an
+//! outbox), `notify.sms` (Twilio, a configurable JSON-over-HTTP provider, or an outbox) and
+//! `notify.webhook` (signed JSON POSTs). Each message is sent once per idempotency key, even
+//! when its job is redelivered; see [`once_only`] for the one window where it may repeat.
+
+pub mod email;
+pub mod http_status;
+pub mod once_only;
+pub mod rate_limit;
+pub mod signing;
+pub mod sms;
+pub mod templates;
+pub mod validate;
+pub mod webhook;
+
+use std::sync::Arc;
+
+use mediafarm::{Registry, Settings};
+
+pub use email::Email;
+pub use sms::Sms;
+pub use webhook::Webhook;
+
+/// A setting notify-worker cannot start with.
+#[derive(Debug, thiserror::Error)]
+#[error("setting `{name}` is not usable: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+/// The three notify tasks, built from one worker's settings.
+pub fn registry(settings: &Settings) -> Result<Registry, ConfigError> {
+    let templates = Arc::new(templates::Templates::new(&settings.notify_template_dir));
+    let http = reqwest::Client::builder()
+        .timeout(settings.webhook_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| ConfigError {
+            name: "webhook_timeout",
+            reason: format!("cannot build the HTTP client: {e}"),
+        })?;
+    Ok(Registry::new()
+        .register(Email::new(settings, templates.clone())?)
+        .register(Sms::new(settings, templates, http)?)
+        .register(Webhook::new(settings)))
+}

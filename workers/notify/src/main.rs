@@ -1,12 +1,13 @@
-//! `notify-worker`: consumes queue `notify` (being built; see the open issue).
+//! `notify-worker`: consumes queue `notify` and runs `notify.email`, `notify.sms` and
+//! `notify.webhook`.
 
 use std::process::ExitCode;
-
-use mediafarm::Registry;
 
 #[global_allocator]
 static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
 
 fn main() -> ExitCode {
-    mediafarm::worker_cli::run_worker_main("notify-worker", &["notify"], |_settings| Ok(Registry::new()))
+    mediafarm::worker_cli::run_worker_main("notify-worker", &["notify"], |settings| {
+        notify_worker::registry(settings).map_err(|e| e.to_string())
+    })
 }

@@ -1,0 +1,157 @@
+//! Where emails go: an SMTP server through lettre's connection pool (opened on first use,
+//! inside the worker's runtime, and reused by every job after), or, with no `smtp_url`, `.eml`
+//! files in `email_outbox_dir`. SMTP replies decide retries: 4xx passes, 5xx never will.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::{AsyncSmtpTransportBuilder, PoolConfig};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use mediafarm::{Settings, TaskError};
+use tokio::sync::OnceCell;
+
+use crate::ConfigError;
+
+/// How long an idle pooled connection is kept before it is closed.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+pub struct Smtp {
+    builder: AsyncSmtpTransportBuilder,
+    transport: OnceCell<AsyncSmtpTransport<Tokio1Executor>>,
+}
+
+pub enum Mailer {
+    Smtp(Box<Smtp>),
+    Outbox { dir: PathBuf },
+}
+
+impl Mailer {
+    pub fn from_settings(settings: &Settings) -> Result<Mailer, ConfigError> {
+        let Some(url) = &settings.smtp_url else {
+            return Ok(Mailer::Outbox {
+                dir: PathBuf::from(&settings.email_outbox_dir),
+            });
+        };
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+            .map_err(|e| ConfigError {
+                name: "smtp_url",
+                reason: format!(
+                    "{e}; use smtp://host:25, smtp://host:587?tls=required (STARTTLS) or \
+                     smtps://host:465"
+                ),
+            })?
+            .timeout(Some(settings.smtp_timeout))
+            .pool_config(
+                PoolConfig::new()
+                    .max_size(settings.smtp_pool_size)
+                    .idle_timeout(POOL_IDLE),
+            );
+        match (&settings.smtp_username, &settings.smtp_password) {
+            (Some(user), Some(password)) => {
+                builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
+            }
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError {
+                    name: "smtp_username",
+                    reason: "smtp_username and smtp_password go together; set both or neither"
+                        .into(),
+                })
+            }
+        }
+        Ok(Mailer::Smtp(Box::new(Smtp {
+            builder,
+            transport: OnceCell::new(),
+        })))
+    }
+
+    /// The rate-limit bucket this mailer draws from.
+    pub fn provider(&self) -> &'static str {
+        match self {
+            Mailer::Smtp(_) => "smtp",
+            Mailer::Outbox { .. } => "email-outbox",
+        }
+    }
+
+    /// Sends (or files) `message`; returns its Message-ID.
+    pub async fn send(&self, message: &Message) -> Result<String, TaskError> {
+        let message_id = message
+            .headers()
+            .get_raw("Message-ID")
+            .unwrap_or_default()
+            .to_owned();
+        match self {
+            Mailer::Smtp(smtp) => {
+                // lettre's pool starts its reaper task when built, so build it inside the runtime.
+                let transport = smtp
+                    .transport
+                    .get_or_init(|| async { smtp.builder.clone().build() })
+                    .await;
+                let response = transport
+                    .send(message.clone())
+                    .await
+                    .map_err(smtp_failure)?;
+                tracing::debug!(code = %response.code(), "SMTP server accepted the message");
+            }
+            Mailer::Outbox { dir } => write_outbox(dir, &message_id, &message.formatted()).await?,
+        }
+        Ok(message_id)
+    }
+}
+
+/// 4xx: the server asks to come back later; 5xx: it refused the message for good; no reply
+/// (connection, TLS, timeout): passing. A client-side refusal (e.g. a non-ASCII address to a
+/// server without SMTPUTF8) never works.
+pub fn smtp_failure(e: lettre::transport::smtp::Error) -> TaskError {
+    let code = e.status().map(|c| c.to_string());
+    let shown = match &code {
+        Some(code) => format!("SMTP {code}: {e}"),
+        None => e.to_string(),
+    };
+    if e.is_permanent() {
+        TaskError::permanent(
+            "SmtpRejected",
+            format!("the SMTP server refused the email ({shown})"),
+        )
+    } else if e.is_transient() {
+        TaskError::transient(
+            "SmtpDeferred",
+            format!("the SMTP server deferred the email ({shown}); it will be retried"),
+        )
+    } else if e.is_client() {
+        TaskError::permanent("SmtpRefused", format!("the email cannot be sent: {shown}"))
+    } else {
+        TaskError::transient(
+            "SmtpUnavailable",
+            format!("the SMTP server could not be reached or dropped the connection ({shown})"),
+        )
+    }
+}
+
+/// Writes one `.eml` file atomically (a temporary name, then a rename), named by time and
+/// Message-ID so the outbox lists in sending order.
+async fn write_outbox(dir: &PathBuf, message_id: &str, data: &[u8]) -> Result<(), TaskError> {
+    let io = |e: std::io::Error| {
+        TaskError::transient(
+            "OutboxError",
+            format!("cannot write to email_outbox_dir {}: {e}", dir.display()),
+        )
+    };
+    tokio::fs::create_dir_all(dir).await.map_err(io)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let id: String = message_id
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(40)
+        .collect();
+    let name = format!("{stamp}-{id}.eml");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    tokio::fs::write(&tmp, data).await.map_err(io)?;
+    tokio::fs::rename(&tmp, dir.join(&name)).await.map_err(io)?;
+    tracing::info!(file = %dir.join(name).display(), "email written to the outbox");
+    Ok(())
+}

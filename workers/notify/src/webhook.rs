@@ -1,0 +1,335 @@
+//! `notify.webhook`: POST `json` to `url`, signed (see [`crate::signing`]) when
+//! `webhook_secret` is set, sent once per idempotency key. The URL is held to the rules of
+//! image sources: `https://` only (unless `webhook_allow_http`), hosts from
+//! `webhook_allowed_hosts` when that list is set, and no loopback, private, link-local or other
+//! internal addresses (unless `webhook_allow_private`); the checked addresses are the ones
+//! connected to, and redirects are not followed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mediafarm::settings::RateLimit;
+use mediafarm::sources::{host_allowed, is_internal};
+use mediafarm::{Settings, Task, TaskContext, TaskError};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use url::Url;
+
+use crate::{http_status, signing, validate};
+
+/// Largest JSON body a webhook carries.
+const MAX_BODY_BYTES: usize = 1 << 20;
+/// Headers the worker sets itself.
+const RESERVED: &[&str] = &[
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    signing::TIMESTAMP_HEADER,
+    signing::SIGNATURE_HEADER,
+    signing::ID_HEADER,
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookArgs {
+    pub url: String,
+    pub json: Value,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+}
+
+/// The receiver's status code and the size of the body sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookResult {
+    pub status: u16,
+    pub bytes: usize,
+}
+
+pub struct Webhook {
+    secret: Option<Vec<u8>>,
+    allowed_hosts: Vec<String>,
+    allow_private: bool,
+    allow_http: bool,
+    timeout: Duration,
+    rate_limit: Option<RateLimit>,
+}
+
+impl Webhook {
+    pub fn new(settings: &Settings) -> Webhook {
+        Webhook {
+            secret: settings
+                .webhook_secret
+                .as_ref()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.as_bytes().to_vec()),
+            allowed_hosts: settings.webhook_allowed_hosts.clone(),
+            allow_private: settings.webhook_allow_private,
+            allow_http: settings.webhook_allow_http,
+            timeout: settings.webhook_timeout,
+            rate_limit: settings.webhook_rate_limit,
+        }
+    }
+
+    /// Checks the URL and resolves it to the addresses that may be connected to.
+    async fn vet(&self, url: &Url) -> Result<Vec<SocketAddr>, TaskError> {
+        let refused = |why: String| {
+            TaskError::invalid(
+                "WebhookRefused",
+                format!("webhook URL {url} is refused: {why}"),
+            )
+        };
+        match url.scheme() {
+            "https" => {}
+            "http" if self.allow_http => {}
+            other => {
+                return Err(refused(format!(
+                    "{other}:// is not allowed (https only; see webhook_allow_http)"
+                )))
+            }
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(refused(
+                "credentials in the URL; send them in `headers`".into(),
+            ));
+        }
+        let host = url
+            .host_str()
+            .ok_or_else(|| refused("no host".into()))?
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if !self.allowed_hosts.is_empty() && !host_allowed(&host, &self.allowed_hosts) {
+            return Err(refused(format!(
+                "host {host} is not in webhook_allowed_hosts"
+            )));
+        }
+        let port = url.port_or_known_default().unwrap_or(443);
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
+            .await
+            .map_err(|e| {
+                TaskError::transient(
+                    "ProviderUnreachable",
+                    format!("cannot resolve webhook host {host}: {e}"),
+                )
+            })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(TaskError::transient(
+                "ProviderUnreachable",
+                format!("webhook host {host} has no addresses"),
+            ));
+        }
+        if !self.allow_private {
+            if let Some(bad) = addrs.iter().find(|a| is_internal(a.ip())) {
+                return Err(refused(format!(
+                    "{host} resolves to {}, an internal address (loopback, private, link-local \
+                     or reserved); see webhook_allow_private",
+                    bad.ip()
+                )));
+            }
+        }
+        Ok(addrs)
+    }
+
+    async fn post(
+        &self,
+        url: &Url,
+        body: &[u8],
+        headers: &BTreeMap<String, String>,
+        delivery_id: &str,
+    ) -> Result<WebhookResult, TaskError> {
+        let addrs = self.vet(url).await?;
+        let host = url.host_str().unwrap_or_default();
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .timeout(self.timeout)
+            .resolve_to_addrs(host, &addrs)
+            .build()
+            .map_err(|e| TaskError::transient("ProviderUnreachable", e.to_string()))?;
+        let mut request = client
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(signing::ID_HEADER, delivery_id);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        if let Some(secret) = &self.secret {
+            let timestamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs();
+            request = request
+                .header(signing::TIMESTAMP_HEADER, timestamp.to_string())
+                .header(
+                    signing::SIGNATURE_HEADER,
+                    signing::sign(secret, timestamp, body),
+                );
+        }
+        let response = request
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|e| http_status::unreachable("the webhook receiver", &e))?;
+        let status = response.status();
+        if !status.is_success() {
+            let headers = response.headers().clone();
+            let text = response.text().await.unwrap_or_default();
+            let detail: String = text.chars().take(300).collect();
+            return Err(http_status::failure(
+                &format!("the webhook receiver at {url}"),
+                status,
+                &headers,
+                &detail,
+            ));
+        }
+        Ok(WebhookResult {
+            status: status.as_u16(),
+            bytes: body.len(),
+        })
+    }
+}
+
+fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), TaskError> {
+    for (name, value) in headers {
+        validate::header_value(&format!("headers.{name}"), value)?;
+        let lower = name.to_ascii_lowercase();
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token {
+            return Err(TaskError::invalid(
+                "InvalidHeader",
+                format!("header name {name:?} is not a valid HTTP header name"),
+            ));
+        }
+        if RESERVED.contains(&lower.as_str()) {
+            return Err(TaskError::invalid(
+                "InvalidHeader",
+                format!("header {name:?} is set by the worker, not by `headers`"),
+            ));
+        }
+        if reqwest::header::HeaderValue::from_str(value).is_err() {
+            return Err(TaskError::invalid(
+                "InvalidHeader",
+                format!("header {name:?} has a value HTTP cannot carry"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Task for Webhook {
+    const NAME: &'static str = "notify.webhook";
+    type Args = WebhookArgs;
+    type Output = Value;
+
+    async fn run(&self, ctx: TaskContext, args: WebhookArgs) -> Result<Value, TaskError> {
+        let url = Url::parse(&args.url).map_err(|e| {
+            TaskError::invalid(
+                "InvalidArguments",
+                format!("`url` = {:?} is not a URL: {e}", args.url),
+            )
+        })?;
+        check_headers(&args.headers)?;
+        let body = serde_json::to_vec(&args.json)
+            .map_err(|e| TaskError::invalid("InvalidArguments", format!("`json`: {e}")))?;
+        if body.len() > MAX_BODY_BYTES {
+            return Err(TaskError::invalid(
+                "BodyTooLarge",
+                format!(
+                    "the webhook body is {} bytes; the limit is {MAX_BODY_BYTES}",
+                    body.len()
+                ),
+            ));
+        }
+        // Refuse a bad URL before claiming anything.
+        self.vet(&url).await?;
+        let key =
+            crate::once_only::once_key(&ctx, args.idempotency_key.as_deref(), &[url.as_str()]);
+        let delivery_id = args
+            .idempotency_key
+            .clone()
+            .unwrap_or_else(|| ctx.id.clone());
+        validate::header_value("idempotency_key", &delivery_id)?;
+        let lease = self.timeout * 3 + Duration::from_secs(10);
+        crate::once_only::send_once(&ctx, &key, lease, || async {
+            crate::rate_limit::acquire(&ctx, "webhook", self.rate_limit).await?;
+            let sent = self.post(&url, &body, &args.headers, &delivery_id).await?;
+            tracing::info!(job = %ctx.id, status = sent.status, "webhook delivered");
+            serde_json::to_value(sent)
+                .map_err(|e| TaskError::permanent("InternalError", e.to_string()))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(tweak: impl FnOnce(&mut Settings)) -> Webhook {
+        let mut s = Settings::default();
+        tweak(&mut s);
+        Webhook::new(&s)
+    }
+
+    #[tokio::test]
+    async fn internal_and_plain_http_targets_are_refused_by_default() {
+        let w = hook(|_| {});
+        for url in [
+            "https://127.0.0.1/x",
+            "https://10.1.2.3/x",
+            "https://[::1]/x",
+            "https://169.254.169.254/latest/meta-data",
+            "http://example.com/x",
+            "ftp://example.com/x",
+            "https://user:pw@example.com/x",
+        ] {
+            let e = w.vet(&Url::parse(url).unwrap()).await.unwrap_err();
+            assert_eq!(e.exc_type, "WebhookRefused", "{url}: {}", e.message);
+        }
+        let w = hook(|s| s.webhook_allowed_hosts = vec!["hooks.example.com".into()]);
+        let e = w
+            .vet(&Url::parse("https://other.example.com/").unwrap())
+            .await
+            .unwrap_err();
+        assert!(e.message.contains("webhook_allowed_hosts"), "{}", e.message);
+        let w = hook(|s| {
+            s.webhook_allow_private = true;
+            s.webhook_allow_http = true;
+        });
+        assert!(w
+            .vet(&Url::parse("http://127.0.0.1:9/x").unwrap())
+            .await
+            .is_ok());
+    }
+
+    #[test]
+    fn header_rules() {
+        let h = |k: &str, v: &str| BTreeMap::from([(k.to_owned(), v.to_owned())]);
+        assert!(check_headers(&h("X-Event", "order.paid")).is_ok());
+        assert_eq!(
+            check_headers(&h("X-Event", "a\r\nX-Injected: 1"))
+                .unwrap_err()
+                .exc_type,
+            "HeaderInjection"
+        );
+        assert_eq!(
+            check_headers(&h("X-Mediafarm-Signature", "v1=forged"))
+                .unwrap_err()
+                .exc_type,
+            "InvalidHeader"
+        );
+        assert_eq!(
+            check_headers(&h("Bad Name", "x")).unwrap_err().exc_type,
+            "InvalidHeader"
+        );
+    }
+}
