@@ -1,6 +1,8 @@
 //! `image.transform` end to end in a worker on the real RabbitMQ and Redis, with local-directory
-//! storage: every EXIF orientation, alpha onto JPEG, padding, grayscale, 16-bit, CMYK, GIF and
-//! WebP sources, `max_bytes`, and bad inputs (empty, truncated, HTML, SVG, a decompression
+//! storage: every EXIF orientation, alpha onto JPEG (white or a named background), padding,
+//! gravity, grayscale, 16-bit, CMYK, GIF and WebP sources, lossy WebP and AVIF outputs (AVIF
+//! decoded by Pillow), Display P3 / Adobe RGB profiles converted to sRGB or kept with
+//! `strip_metadata: false`, `max_bytes`, and bad inputs (empty, truncated, HTML, SVG, a decompression
 //! bomb's header, over the byte limit) that each fail with a clear message while the worker
 //! keeps going. Fixtures are generated here, so nothing binary is committed.
 
@@ -503,5 +505,388 @@ async fn python_celery_client_runs_the_avatar_pipeline() {
         let img = image::open(url.to_file_path().unwrap()).unwrap();
         assert_eq!((img.width(), img.height()), (size, size));
     }
+    f.stop().await;
+}
+
+/// Pixels of `img` at `(x, y)` as RGB.
+fn rgb_at(img: &DynamicImage, x: u32, y: u32) -> [u8; 3] {
+    img.to_rgb8().get_pixel(x, y).0
+}
+
+fn close(a: [u8; 3], b: [u8; 3], tolerance: u8) -> bool {
+    a.iter().zip(b).all(|(x, y)| x.abs_diff(y) <= tolerance)
+}
+
+/// Decodes `data` with Pillow (its own libavif/libwebp), an independent decoder: `(width,
+/// height, [r, g, b] at the centre)`.
+fn pillow_decode(data: &[u8]) -> (u32, u32, [u8; 3]) {
+    let path = std::env::temp_dir().join(format!("mf-img-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, data).unwrap();
+    let out = std::process::Command::new(mediafarm_tests::python())
+        .args([
+            "-c",
+            "import sys; from PIL import Image\n\
+             im = Image.open(sys.argv[1]); im.load(); rgb = im.convert('RGB')\n\
+             print(im.format, im.width, im.height, *rgb.getpixel((im.width // 2, im.height // 2)))",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: Vec<&str> = text.split_whitespace().collect();
+    let n = |i: usize| v[i].parse::<u32>().unwrap();
+    (n(1), n(2), [n(3) as u8, n(4) as u8, n(5) as u8])
+}
+
+/// A photo-like 300×200 picture: smooth gradients, mid-grey-blue at the centre.
+fn gradient() -> RgbImage {
+    RgbImage::from_fn(300, 200, |x, y| {
+        Rgb([(x * 255 / 299) as u8, (y * 255 / 199) as u8, 128])
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lossy_webp_and_avif_outputs_decode_at_their_size() {
+    let f = ImageFarm::start("codecs", |_| {}).await;
+    f.upload(
+        "g.jpg",
+        encode(&DynamicImage::ImageRgb8(gradient()), ImageFormat::Png),
+    )
+    .await;
+    let out = f
+        .transform(json!({"source": "g.jpg", "outputs": [
+            {"key": "g/lossy.webp", "width": 150, "format": "webp", "quality": 70},
+            {"key": "g/lossless.webp", "width": 150, "format": "webp", "lossless": true},
+            {"key": "g/fast.avif", "width": 120, "height": 120, "fit": "cover", "format": "avif", "speed": 10, "quality": 60},
+            {"key": "g/default.avif", "width": 100, "format": "avif"},
+        ]}))
+        .await
+        .unwrap();
+    let dims: Vec<(u64, u64)> = out["outputs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| (o["width"].as_u64().unwrap(), o["height"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(dims, [(150, 100), (150, 100), (120, 120), (100, 67)]);
+    let centre = gradient().get_pixel(150, 100).0;
+    // Lossy WebP is a VP8 bitstream, lossless a VP8L one; both decode to the picture.
+    for (key, chunk) in [("g/lossy.webp", b"VP8 "), ("g/lossless.webp", b"VP8L")] {
+        let data = f.storage.get(key, 1 << 20).await.unwrap();
+        assert_eq!(&data[12..16], chunk, "{key}");
+        let img = image::load_from_memory(&data).unwrap();
+        assert_eq!((img.width(), img.height()), (150, 100), "{key}");
+        let px = rgb_at(&img, 75, 50);
+        assert!(close(px, centre, 12), "{key}: {px:?} vs {centre:?}");
+    }
+    for (key, size) in [("g/fast.avif", (120, 120)), ("g/default.avif", (100, 67))] {
+        let data = f.storage.get(key, 1 << 20).await.unwrap();
+        assert_eq!(&data[4..12], b"ftypavif", "{key}");
+        let (w, h, px) = pillow_decode(&data);
+        assert_eq!((w, h), size, "{key}");
+        assert!(close(px, centre, 16), "{key}: {px:?} vs {centre:?}");
+    }
+    // Options that only make sense for another format are refused.
+    for (output, text) in [
+        (
+            json!({"key": "x.jpg", "format": "jpeg", "speed": 5}),
+            "speed is for AVIF",
+        ),
+        (
+            json!({"key": "x.avif", "format": "avif", "speed": 11}),
+            "use 1 to 10",
+        ),
+        (
+            json!({"key": "x.png", "format": "png", "lossless": true}),
+            "lossless is for WebP",
+        ),
+    ] {
+        let err = failed(
+            f.transform(json!({"source": "g.jpg", "outputs": [output]}))
+                .await,
+        );
+        assert_eq!(err.exc_type, "InvalidArguments");
+        assert!(err.message.contains(text), "{text}: {}", err.message);
+    }
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gravity_chooses_what_cover_keeps_and_where_contain_places() {
+    let f = ImageFarm::start("gravity", |_| {}).await;
+    let (red, green, blue) = ([255, 0, 0], [0, 255, 0], [0, 0, 255]);
+    // Wide: red | green | blue columns; tall: red / green / blue rows. 30 px bands.
+    let band = |i: u32| match i / 30 {
+        0 => red,
+        1 => green,
+        _ => blue,
+    };
+    let wide = RgbImage::from_fn(90, 30, |x, _| Rgb(band(x)));
+    let tall = RgbImage::from_fn(30, 90, |_, y| Rgb(band(y)));
+    f.upload(
+        "wide.png",
+        encode(&DynamicImage::ImageRgb8(wide), ImageFormat::Png),
+    )
+    .await;
+    f.upload(
+        "tall.png",
+        encode(&DynamicImage::ImageRgb8(tall), ImageFormat::Png),
+    )
+    .await;
+    for (src, gravity, want) in [
+        ("wide.png", "west", red),
+        ("wide.png", "centre", green),
+        ("wide.png", "center", green),
+        ("wide.png", "east", blue),
+        ("wide.png", "northwest", red),
+        ("wide.png", "southeast", blue),
+        ("wide.png", "northeast", blue),
+        ("tall.png", "north", red),
+        ("tall.png", "south", blue),
+        ("tall.png", "southwest", blue),
+        ("tall.png", "northeast", red),
+    ] {
+        let key = format!("cover/{src}-{gravity}.png");
+        f.transform(json!({"source": src, "outputs": [
+            {"key": key, "width": 10, "height": 10, "fit": "cover", "gravity": gravity, "format": "png"},
+        ]}))
+        .await
+        .unwrap();
+        let img = f.output(&key).await;
+        for (x, y) in [(1, 1), (5, 5), (8, 8)] {
+            assert_eq!(rgb_at(&img, x, y), want, "{src} {gravity} at ({x}, {y})");
+        }
+    }
+    // Contain: the 90×30 picture in a 90×90 box, at the top, middle or bottom.
+    for (gravity, picture_rows) in [("north", 0..30), ("centre", 30..60), ("south", 60..90)] {
+        let key = format!("contain/{gravity}.png");
+        f.transform(json!({"source": "wide.png", "outputs": [
+            {"key": key, "width": 90, "height": 90, "fit": "contain", "gravity": gravity, "format": "png"},
+        ]}))
+        .await
+        .unwrap();
+        let img = f.output(&key).await.to_rgba8();
+        for y in [5u32, 45, 85] {
+            let opaque = img.get_pixel(45, y)[3] == 255;
+            assert_eq!(opaque, picture_rows.contains(&y), "{gravity}: row {y}");
+        }
+    }
+    let err = failed(
+        f.transform(json!({"source": "wide.png", "outputs": [
+            {"key": "x.png", "width": 9, "height": 9, "fit": "cover", "gravity": "up", "format": "png"},
+        ]}))
+        .await,
+    );
+    assert!(
+        err.message.contains("gravity") || err.message.contains("up"),
+        "{}",
+        err.message
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_pixels_take_the_background_asked_for() {
+    let f = ImageFarm::start("background", |_| {}).await;
+    // 40×20: left half opaque green, right half fully transparent.
+    let src = RgbaImage::from_fn(40, 20, |x, _| {
+        if x < 20 {
+            Rgba([0, 200, 0, 255])
+        } else {
+            Rgba([0, 0, 0, 0])
+        }
+    });
+    f.upload(
+        "a.png",
+        encode(&DynamicImage::ImageRgba8(src), ImageFormat::Png),
+    )
+    .await;
+    f.transform(json!({"source": "a.png", "outputs": [
+        {"key": "flat.jpg", "format": "jpeg", "quality": 95, "background": "#ff0000"},
+        {"key": "white.jpg", "format": "jpeg", "quality": 95},
+        {"key": "box.jpg", "width": 40, "height": 40, "fit": "contain", "format": "jpeg", "quality": 95, "background": "#00f"},
+        {"key": "flat.png", "format": "png", "background": "#ffff00"},
+    ]}))
+    .await
+    .unwrap();
+    let flat = f.output("flat.jpg").await;
+    assert!(close(rgb_at(&flat, 5, 10), [0, 200, 0], 12));
+    assert!(
+        close(rgb_at(&flat, 35, 10), [255, 0, 0], 12),
+        "{:?}",
+        rgb_at(&flat, 35, 10)
+    );
+    let white = f.output("white.jpg").await;
+    assert!(close(rgb_at(&white, 35, 10), [255, 255, 255], 8));
+    // Contain's padding (rows 0–9 and 30–39) and the transparent half both take the colour.
+    let boxed = f.output("box.jpg").await;
+    assert!(
+        close(rgb_at(&boxed, 5, 3), [0, 0, 255], 12),
+        "{:?}",
+        rgb_at(&boxed, 5, 3)
+    );
+    assert!(close(rgb_at(&boxed, 35, 20), [0, 0, 255], 12));
+    assert!(close(rgb_at(&boxed, 5, 20), [0, 200, 0], 12));
+    // Other formats keep alpha unless a background is named.
+    let png = f.output("flat.png").await;
+    assert!(!png.color().has_alpha());
+    assert_eq!(rgb_at(&png, 35, 10), [255, 255, 0]);
+    let err = failed(
+        f.transform(json!({"source": "a.png", "outputs": [{"key": "x.jpg", "format": "jpeg", "background": "white"}]}))
+            .await,
+    );
+    assert_eq!(err.exc_type, "InvalidArguments");
+    assert!(err.message.contains("#ffffff"), "{}", err.message);
+    f.stop().await;
+}
+
+fn icc(profile: moxcms::ColorProfile) -> Vec<u8> {
+    profile.encode().unwrap()
+}
+
+fn png_with_profile(pixel: [u8; 3], profile: Option<&[u8]>) -> Vec<u8> {
+    use image::ImageEncoder;
+    let img = RgbImage::from_pixel(16, 16, Rgb(pixel));
+    let mut out = Vec::new();
+    let mut encoder = image::codecs::png::PngEncoder::new(&mut out);
+    if let Some(p) = profile {
+        encoder.set_icc_profile(p.to_vec()).unwrap();
+    }
+    encoder
+        .write_image(img.as_raw(), 16, 16, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    out
+}
+
+/// A 16×8 JPEG carrying `profile` in APP2 and an EXIF orientation of 6 (turn 90° clockwise).
+fn jpeg_with_profile(pixel: [u8; 3], profile: &[u8]) -> Vec<u8> {
+    use image::ImageEncoder;
+    let img = RgbImage::from_pixel(16, 8, Rgb(pixel));
+    let mut plain = Vec::new();
+    let mut encoder = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut plain, 100);
+    encoder.set_icc_profile(profile.to_vec()).unwrap();
+    encoder
+        .write_image(img.as_raw(), 16, 8, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    let oriented = jpeg_with_orientation(6);
+    // Splice the EXIF segment of `jpeg_with_orientation` in after SOI.
+    let exif_len = u16::from_be_bytes([oriented[4], oriented[5]]) as usize + 2;
+    let mut out = plain[..2].to_vec();
+    out.extend_from_slice(&oriented[2..2 + exif_len]);
+    out.extend_from_slice(&plain[2..]);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_colour_profiles_are_converted_to_srgb() {
+    let f = ImageFarm::start("icc", |_| {}).await;
+    let p3 = icc(moxcms::ColorProfile::new_display_p3());
+    let adobe = icc(moxcms::ColorProfile::new_adobe_rgb());
+    // sRGB's pure red written in each space (CSS Color 4: color(display-p3 0.9175 0.2003
+    // 0.1386); Adobe RGB shares sRGB's red primary at a higher luminance: (0.858, 0, 0)).
+    let p3_red = [234, 51, 35];
+    let adobe_red = [219, 0, 0];
+    f.upload("p3.png", png_with_profile(p3_red, Some(&p3)))
+        .await;
+    f.upload("untagged.png", png_with_profile(p3_red, None))
+        .await;
+    f.upload("adobe.jpg", jpeg_with_profile(adobe_red, &adobe))
+        .await;
+    f.upload("p3.jpg", jpeg_with_profile(p3_red, &p3)).await;
+    for (src, format, want) in [
+        ("p3.png", "png", [255, 0, 0]),
+        ("untagged.png", "png", p3_red),
+        ("adobe.jpg", "png", [255, 0, 0]),
+        ("p3.jpg", "jpeg", [255, 0, 0]),
+        ("p3.png", "webp", [255, 0, 0]),
+    ] {
+        let key = format!("c/{src}.{format}");
+        let mut output = json!({"key": key, "format": format});
+        if format == "webp" {
+            output["lossless"] = json!(true);
+        }
+        f.transform(json!({"source": src, "outputs": [output]}))
+            .await
+            .unwrap();
+        let img = f.output(&key).await;
+        let px = rgb_at(&img, img.width() / 2, img.height() / 2);
+        assert!(
+            close(px, want, 6),
+            "{src} → {format}: {px:?}, want {want:?}"
+        );
+    }
+    // A quarter-size output takes the scaled JPEG decode: converted all the same.
+    f.transform(json!({"source": "p3.jpg", "outputs": [{"key": "c/small.png", "width": 2, "format": "png"}]}))
+        .await
+        .unwrap();
+    let small = f.output("c/small.png").await;
+    assert!(
+        close(rgb_at(&small, 1, 1), [255, 0, 0], 8),
+        "{:?}",
+        rgb_at(&small, 1, 1)
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strip_metadata_false_keeps_the_profile_and_exif() {
+    use image::metadata::Orientation;
+    use image::ImageDecoder;
+    let f = ImageFarm::start("keepmeta", |_| {}).await;
+    let p3 = icc(moxcms::ColorProfile::new_display_p3());
+    let p3_red = [234, 51, 35];
+    f.upload("p3.jpg", jpeg_with_profile(p3_red, &p3)).await;
+    let out = f
+        .transform(
+            json!({"source": "p3.jpg", "strip_metadata": false, "outputs": [
+                {"key": "k/keep.jpg", "format": "jpeg", "quality": 100},
+                {"key": "k/keep.png", "format": "png"},
+                {"key": "k/keep.webp", "format": "webp", "quality": 100},
+                {"key": "k/small.jpg", "width": 4, "format": "jpeg", "quality": 100},
+            ]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["outputs"][0]["width"], 8, "turned upright: 8×16");
+    for key in ["k/keep.jpg", "k/keep.png", "k/keep.webp", "k/small.jpg"] {
+        let data = f.storage.get(key, 1 << 20).await.unwrap();
+        let reader = image::ImageReader::new(Cursor::new(&data))
+            .with_guessed_format()
+            .unwrap();
+        let mut decoder = reader.into_decoder().unwrap();
+        assert_eq!(
+            decoder.icc_profile().unwrap().as_deref(),
+            Some(&p3[..]),
+            "{key}"
+        );
+        let exif = decoder
+            .exif_metadata()
+            .unwrap()
+            .unwrap_or_else(|| panic!("{key}: no EXIF"));
+        // Already turned, so the kept EXIF says "as stored".
+        assert_eq!(
+            Orientation::from_exif_chunk(&exif),
+            Some(Orientation::NoTransforms),
+            "{key}"
+        );
+        let img = DynamicImage::from_decoder(decoder).unwrap();
+        let px = rgb_at(&img, img.width() / 2, img.height() / 2);
+        // Pixels stay in the profile's space; the profile travels with them.
+        assert!(close(px, p3_red, 8), "{key}: {px:?}");
+    }
+    // Stripped (the default): no profile, no EXIF, sRGB pixels.
+    f.transform(json!({"source": "p3.jpg", "outputs": [{"key": "k/strip.jpg", "format": "jpeg"}]}))
+        .await
+        .unwrap();
+    let data = f.storage.get("k/strip.jpg", 1 << 20).await.unwrap();
+    let mut decoder = image::codecs::jpeg::JpegDecoder::new(Cursor::new(&data)).unwrap();
+    assert_eq!(decoder.icc_profile().unwrap(), None);
+    assert_eq!(decoder.exif_metadata().unwrap(), None);
     f.stop().await;
 }

@@ -6,7 +6,8 @@
 
 use std::time::Instant;
 
-use image_worker::transform::{process, Fit, Format, OutputSpec, TransformArgs};
+use image_worker::spec::{Fit, Format, Gravity, OutputSpec, TransformArgs};
+use image_worker::transform::process;
 
 #[global_allocator]
 static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
@@ -50,8 +51,12 @@ fn main() -> Result<(), String> {
                 width: Some(*w),
                 height: None,
                 fit: Fit::Inside,
+                gravity: Gravity::Centre,
                 format: Format::Jpeg,
                 quality: Some(quality),
+                lossless: false,
+                speed: None,
+                background: None,
                 max_bytes: None,
             })
             .collect(),

@@ -1,6 +1,13 @@
 //! image-worker: the `image.transform` task (crop, resize and compress an upload into stored
 //! variants). The binary in `main.rs` runs it as a Celery-compatible worker on queue `image`.
 
+pub mod colour;
+pub mod decode;
+pub mod encode;
+pub mod geometry;
+pub mod jpeg;
+pub mod spec;
 pub mod transform;
+mod webp_meta;
 
 pub use transform::Transform;

@@ -1,0 +1,5 @@
+# image-worker: nasm assembles libjpeg-turbo's x86 SIMD code when mozjpeg-sys builds it (its
+# `nasm_simd` feature; the SIMD decode/encode is what the benchmark figures rely on). The C
+# codecs (libjpeg-turbo via mozjpeg-sys, libwebp via libwebp-sys) are compiled from their crates
+# with the C compiler setup.sh already installs. Sourced by scripts/setup.sh (uses apt_install).
+command -v nasm >/dev/null || apt_install nasm

@@ -1,0 +1,222 @@
+//! Reading a source once: its type and pixel count checked from the header before any pixel
+//! is decoded, JPEGs through libjpeg-turbo at the smallest IDCT scale every output allows
+//! (shrink-on-load), other types through `image`; EXIF orientation applied; the ICC profile
+//! and EXIF block kept for the outputs.
+
+use std::io::Cursor;
+
+use image::metadata::Orientation;
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use mediafarm::TaskError;
+
+use crate::jpeg;
+use crate::spec::{invalid, SourceInfo};
+
+/// A decoded source, 8-bit RGB or RGBA, oriented.
+pub struct Decoded {
+    pub image: DynamicImage,
+    /// The full size (oriented), whatever scale the pixels were decoded at.
+    pub info: SourceInfo,
+    pub icc: Option<Vec<u8>>,
+    /// The EXIF block (TIFF header onwards), its orientation reset when it was applied.
+    pub exif: Option<Vec<u8>>,
+}
+
+/// Decodes `data`. `share_needed` gets the full oriented size and returns the largest share
+/// of it (0–1, per side) any output needs: JPEGs are decoded at 1/2, 1/4 or 1/8 scale when
+/// that is enough.
+pub fn decode(
+    data: &[u8],
+    auto_orient: bool,
+    max_pixels: u64,
+    share_needed: impl Fn((u32, u32)) -> f64,
+) -> Result<Decoded, TaskError> {
+    if data.is_empty() {
+        return Err(invalid("InvalidImage", "the source is empty (0 bytes)"));
+    }
+    let format = sniff(data)?;
+    if format == ImageFormat::Jpeg {
+        if let Some(decoded) = decode_jpeg(data, auto_orient, max_pixels, share_needed)? {
+            return Ok(decoded);
+        }
+    }
+    decode_other(data, format, auto_orient, max_pixels)
+}
+
+fn sniff(data: &[u8]) -> Result<ImageFormat, TaskError> {
+    match image::guess_format(data) {
+        Ok(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP)) => {
+            Ok(f)
+        }
+        Ok(other) => Err(invalid(
+            "UnsupportedImage",
+            format!("{other:?} sources are not accepted; send JPEG, PNG, GIF or WebP"),
+        )),
+        Err(_) => {
+            let start = String::from_utf8_lossy(&data[..data.len().min(16)]).into_owned();
+            Err(invalid(
+                "UnsupportedImage",
+                format!(
+                    "the source is not a JPEG, PNG, GIF or WebP image (it starts with {start:?})"
+                ),
+            ))
+        }
+    }
+}
+
+fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), TaskError> {
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(invalid(
+            "SourceTooLarge",
+            format!(
+                "source image is {width}×{height} ({:.1} MP); the limit is {:.1} MP \
+                 (image_max_src_pixels)",
+                pixels as f64 / 1e6,
+                max_pixels as f64 / 1e6
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn swaps_sides(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// The orientation to apply, and the EXIF block as the outputs should carry it.
+fn orientation(exif: Option<Vec<u8>>, auto_orient: bool) -> (Option<Orientation>, Option<Vec<u8>>) {
+    match exif {
+        Some(mut block) if auto_orient => {
+            let o = Orientation::remove_from_exif_chunk(&mut block);
+            (o, Some(block))
+        }
+        other => (None, other),
+    }
+}
+
+/// The IDCT scale (in eighths) that still leaves every output its full detail.
+fn eighths_for(share: f64) -> u8 {
+    match share {
+        s if s <= 0.125 => 1,
+        s if s <= 0.25 => 2,
+        s if s <= 0.5 => 4,
+        _ => 8,
+    }
+}
+
+/// `None` for CMYK/YCCK JPEGs, which `image` decodes (with the Adobe inversion).
+fn decode_jpeg(
+    data: &[u8],
+    auto_orient: bool,
+    max_pixels: u64,
+    share_needed: impl Fn((u32, u32)) -> f64,
+) -> Result<Option<Decoded>, TaskError> {
+    let cannot =
+        |e: jpeg::JpegError| invalid("InvalidImage", format!("cannot decode the jpeg: {e}"));
+    let header = jpeg::header(data)
+        .map_err(|e| invalid("InvalidImage", format!("cannot read the jpeg header: {e}")))?;
+    check_pixels(header.width, header.height, max_pixels)?;
+    if header.cmyk {
+        return Ok(None);
+    }
+    let (orient, exif) = orientation(header.exif, auto_orient);
+    let full = match orient {
+        Some(o) if swaps_sides(o) => (header.height, header.width),
+        _ => (header.width, header.height),
+    };
+    let eighths = eighths_for(share_needed(full));
+    let Some(rgb) = jpeg::decode_rgb(data, eighths).map_err(cannot)? else {
+        return Ok(None);
+    };
+    let mut image = RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels)
+        .map(DynamicImage::ImageRgb8)
+        .ok_or_else(|| invalid("InvalidImage", "cannot decode the jpeg: short pixel data"))?;
+    if let Some(o) = orient {
+        image.apply_orientation(o);
+    }
+    Ok(Some(Decoded {
+        image,
+        info: SourceInfo {
+            width: full.0,
+            height: full.1,
+            format: "jpeg".into(),
+            bytes: data.len() as u64,
+        },
+        icc: header.icc,
+        exif,
+    }))
+}
+
+fn decode_other(
+    data: &[u8],
+    format: ImageFormat,
+    auto_orient: bool,
+    max_pixels: u64,
+) -> Result<Decoded, TaskError> {
+    let name = format!("{format:?}").to_lowercase();
+    let cannot =
+        |e: image::ImageError| invalid("InvalidImage", format!("cannot decode the {name}: {e}"));
+    let mut reader = ImageReader::with_format(Cursor::new(data), format);
+    let (width, height) = ImageReader::with_format(Cursor::new(data), format)
+        .into_dimensions()
+        .map_err(|e| {
+            invalid(
+                "InvalidImage",
+                format!("cannot read the {name} header: {e}"),
+            )
+        })?;
+    check_pixels(width, height, max_pixels)?;
+    let mut limits = Limits::default();
+    // Room for the decoded image at 16 bits per channel with alpha, and decoder scratch.
+    let pixels = u64::from(width) * u64::from(height);
+    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(cannot)?;
+    let icc = decoder.icc_profile().ok().flatten();
+    let exif = decoder.exif_metadata().ok().flatten();
+    let (orient, exif) = orientation(exif, auto_orient);
+    // GIF and animated WebP: the first frame.
+    let mut image = DynamicImage::from_decoder(decoder).map_err(cannot)?;
+    if let Some(o) = orient {
+        image.apply_orientation(o);
+    }
+    // 8 bits per channel, RGB or RGBA: grayscale, 16-bit and palette sources alike.
+    let image = if image.color().has_alpha() {
+        DynamicImage::ImageRgba8(image.to_rgba8())
+    } else {
+        DynamicImage::ImageRgb8(image.to_rgb8())
+    };
+    Ok(Decoded {
+        info: SourceInfo {
+            width: image.width(),
+            height: image.height(),
+            format: name,
+            bytes: data.len() as u64,
+        },
+        image,
+        icc,
+        exif,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idct_scale_keeps_the_detail_asked_for() {
+        assert_eq!(eighths_for(1.0), 8);
+        assert_eq!(eighths_for(0.51), 8);
+        assert_eq!(eighths_for(0.5), 4);
+        assert_eq!(eighths_for(0.25), 2);
+        assert_eq!(eighths_for(0.2), 2);
+        assert_eq!(eighths_for(0.1), 1);
+    }
+}

@@ -1,0 +1,229 @@
+//! JPEG through libjpeg-turbo's SIMD code (as built into mozjpeg): the header with its EXIF and
+//! ICC markers, a decode to RGB scaled by the IDCT itself (shrink-on-load), and a progressive
+//! 4:2:0 encode with libjpeg-turbo's fast settings.
+//!
+//! libjpeg reports errors by calling back into an error manager that must not return; the
+//! mozjpeg crate unwinds from there, so every call here runs inside `catch_unwind` and the
+//! unwind becomes a [`JpegError`].
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use mozjpeg::{ColorSpace, Compress, Decompress, Marker};
+use mozjpeg_sys::{jpeg_common_struct, jpeg_error_mgr};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct JpegError(String);
+
+/// What the header says, read before any pixel is decoded.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub width: u32,
+    pub height: u32,
+    /// CMYK or YCCK: not decoded here (the caller's fallback handles the inversion).
+    pub cmyk: bool,
+    /// The EXIF block (TIFF header onwards, without the `Exif\0\0` prefix).
+    pub exif: Option<Vec<u8>>,
+    /// The ICC profile, reassembled from its APP2 chunks.
+    pub icc: Option<Vec<u8>>,
+}
+
+/// 8-bit RGB pixels, row by row.
+pub struct Rgb {
+    pub pixels: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+}
+
+const SAVED_MARKERS: &[Marker] = &[Marker::APP(1), Marker::APP(2)];
+/// Profile bytes per APP2 marker (65,533 less the `ICC_PROFILE\0`, sequence and count bytes).
+const ICC_CHUNK: usize = 65_519;
+
+/// Runs `f`, turning libjpeg's unwinding errors into [`JpegError`].
+fn guarded<T>(f: impl FnOnce() -> Result<T, JpegError>) -> Result<T, JpegError> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(result) => result,
+        Err(payload) => Err(JpegError(
+            payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "libjpeg failed".to_owned()),
+        )),
+    }
+}
+
+fn io_error(e: std::io::Error) -> JpegError {
+    JpegError(e.to_string())
+}
+
+/// The error manager: libjpeg's own messages, and a premature end of data (a truncated
+/// upload) is an error rather than a warning that pads the rest of the picture with grey.
+fn strict_errors() -> jpeg_error_mgr {
+    // SAFETY: `jpeg_std_error` fills every field of the zeroed struct.
+    let mut err: jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
+    err.error_exit = Some(unwind_with_message);
+    err.emit_message = Some(fail_on_truncation);
+    err
+}
+
+fn message(cinfo: &mut jpeg_common_struct) -> String {
+    // SAFETY: `err` points at the manager installed by `strict_errors` for this decompressor.
+    let Some(err) = (unsafe { cinfo.err.as_ref() }) else {
+        return "libjpeg failed".to_owned();
+    };
+    if err.msg_code == mozjpeg_sys::JWRN_JPEG_EOF {
+        return "the data ends before the picture does (truncated file)".to_owned();
+    }
+    let Some(format) = err.format_message else {
+        return format!("libjpeg error {}", err.msg_code);
+    };
+    let mut buffer = [0u8; 80];
+    // SAFETY: `format_message` writes at most JMSG_LENGTH_MAX (80) bytes, NUL included; the
+    // binding declares the buffer as shared, but the C side writes into it.
+    unsafe {
+        let format: unsafe extern "C-unwind" fn(&mut jpeg_common_struct, &mut [u8; 80]) =
+            std::mem::transmute(format);
+        format(cinfo, &mut buffer);
+    }
+    let text = buffer.split(|&b| b == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(text).into_owned()
+}
+
+extern "C-unwind" fn unwind_with_message(cinfo: &mut jpeg_common_struct) {
+    let text = message(cinfo);
+    std::panic::resume_unwind(Box::new(text));
+}
+
+extern "C-unwind" fn fail_on_truncation(cinfo: &mut jpeg_common_struct, level: i32) {
+    // SAFETY: as in `message`.
+    let eof = unsafe { cinfo.err.as_ref() }
+        .is_some_and(|err| level < 0 && err.msg_code == mozjpeg_sys::JWRN_JPEG_EOF);
+    if eof {
+        unwind_with_message(cinfo);
+    }
+}
+
+fn open(data: &[u8]) -> Result<(Decompress<&[u8]>, Header), JpegError> {
+    let dec = Decompress::with_markers(SAVED_MARKERS)
+        .with_err(strict_errors())
+        .from_mem(data)
+        .map_err(io_error)?;
+    let (width, height) = dec.size();
+    let mut exif = None;
+    let mut icc_chunks: Vec<(u8, &[u8])> = Vec::new();
+    for marker in dec.markers() {
+        match marker.marker {
+            Marker::APP(1) if exif.is_none() => {
+                if let Some(rest) = marker.data.strip_prefix(b"Exif\0\0") {
+                    exif = Some(rest.to_vec());
+                }
+            }
+            Marker::APP(2) => {
+                if let Some([seq, _count, chunk @ ..]) = marker.data.strip_prefix(b"ICC_PROFILE\0")
+                {
+                    icc_chunks.push((*seq, chunk));
+                }
+            }
+            _ => {}
+        }
+    }
+    icc_chunks.sort_by_key(|(seq, _)| *seq);
+    let icc =
+        (!icc_chunks.is_empty()).then(|| icc_chunks.iter().flat_map(|c| c.1).copied().collect());
+    let cmyk = matches!(
+        dec.color_space(),
+        ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK
+    );
+    let header = Header {
+        width: u32::try_from(width).unwrap_or(u32::MAX),
+        height: u32::try_from(height).unwrap_or(u32::MAX),
+        cmyk,
+        exif,
+        icc,
+    };
+    Ok((dec, header))
+}
+
+/// Reads the header only.
+pub fn header(data: &[u8]) -> Result<Header, JpegError> {
+    guarded(|| open(data).map(|(_, header)| header))
+}
+
+/// Decodes to RGB at `eighths`/8 of the full size (1 to 8; the IDCT does the scaling, so
+/// 1/2, 1/4 and 1/8 skip most of the work). `None` for CMYK, which is left to the caller.
+pub fn decode_rgb(data: &[u8], eighths: u8) -> Result<Option<Rgb>, JpegError> {
+    guarded(|| {
+        let (mut dec, header) = open(data)?;
+        if header.cmyk {
+            return Ok(None);
+        }
+        dec.scale(eighths.clamp(1, 8));
+        let mut started = dec.rgb().map_err(io_error)?;
+        let (width, height) = (started.width(), started.height());
+        let pixels = started.read_scanlines::<u8>().map_err(io_error)?;
+        started.finish().map_err(io_error)?;
+        Ok(Some(Rgb {
+            width: u32::try_from(width).map_err(|e| JpegError(e.to_string()))?,
+            height: u32::try_from(height).map_err(|e| JpegError(e.to_string()))?,
+            pixels,
+        }))
+    })
+}
+
+/// Metadata written into an output.
+#[derive(Default)]
+pub struct Metadata<'a> {
+    pub icc: Option<&'a [u8]>,
+    pub exif: Option<&'a [u8]>,
+}
+
+/// Progressive JPEG, 4:2:0, libjpeg-turbo's settings (mozjpeg's trellis quantisation and scan
+/// search cost several times the encode time for a few per cent of size).
+pub fn encode_rgb(
+    rgb: &[u8],
+    width: u32,
+    height: u32,
+    quality: u8,
+    metadata: &Metadata<'_>,
+) -> Result<Vec<u8>, JpegError> {
+    if width > 65_535 || height > 65_535 {
+        return Err(JpegError("JPEG sides are at most 65535 pixels".into()));
+    }
+    guarded(|| {
+        let mut comp = Compress::new(ColorSpace::JCS_RGB);
+        comp.set_fastest_defaults();
+        comp.set_size(width as usize, height as usize);
+        comp.set_quality(f32::from(quality));
+        comp.set_progressive_mode();
+        comp.set_chroma_sampling_pixel_sizes((2, 2), (2, 2));
+        let mut started = comp
+            .start_compress(Vec::with_capacity(rgb.len() / 8))
+            .map_err(io_error)?;
+        if let Some(exif) = metadata.exif {
+            let mut block = Vec::with_capacity(exif.len() + 6);
+            block.extend_from_slice(b"Exif\0\0");
+            block.extend_from_slice(exif);
+            if block.len() <= 65_533 {
+                started.write_marker(Marker::APP(1), &block);
+            }
+        }
+        if let Some(icc) = metadata.icc.filter(|icc| !icc.is_empty()) {
+            // Written here rather than with the crate's `write_icc_profile`, which numbers the
+            // chunks from 0; the ICC specification (and every reader) counts from 1.
+            let chunks = icc.chunks(ICC_CHUNK);
+            let count = u8::try_from(chunks.len())
+                .map_err(|_| JpegError("the ICC profile is too large for a JPEG".into()))?;
+            for (seq, chunk) in (1u8..).zip(chunks) {
+                let mut marker = Vec::with_capacity(chunk.len() + 14);
+                marker.extend_from_slice(b"ICC_PROFILE\0");
+                marker.extend_from_slice(&[seq, count]);
+                marker.extend_from_slice(chunk);
+                started.write_marker(Marker::APP(2), &marker);
+            }
+        }
+        started.write_scanlines(rgb).map_err(io_error)?;
+        started.finish().map_err(io_error)
+    })
+}

@@ -1,0 +1,265 @@
+//! The job's arguments and result (the `image.transform` contract), and the checks that can be
+//! made before the source is read.
+
+use mediafarm::TaskError;
+use serde::{Deserialize, Serialize};
+
+/// Most outputs one job may ask for.
+pub const MAX_OUTPUTS: usize = 16;
+/// Largest output side.
+pub const MAX_SIDE: u32 = 16_384;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformArgs {
+    /// Storage key, `s3://`, `file://` (allowed roots) or `https://` (allowed hosts).
+    pub source: String,
+    #[serde(default)]
+    pub crop: Option<Crop>,
+    #[serde(default = "yes")]
+    pub auto_orient: bool,
+    /// `true` (the default): outputs carry no metadata and colours are converted to sRGB.
+    /// `false`: outputs keep the source's ICC profile (pixels left in its colour space) and
+    /// EXIF (orientation reset when the picture was turned), in JPEG, PNG and WebP.
+    #[serde(default = "yes")]
+    pub strip_metadata: bool,
+    pub outputs: Vec<OutputSpec>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A rectangle of the (oriented) source, in pixels.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Crop {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub key: String,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    #[serde(default)]
+    pub fit: Fit,
+    /// Which part is kept by `cover` and where the picture sits in `contain`'s box.
+    #[serde(default)]
+    pub gravity: Gravity,
+    pub format: Format,
+    /// JPEG, lossy WebP and AVIF quality, 1–100.
+    pub quality: Option<u8>,
+    /// WebP only: lossless instead of lossy.
+    #[serde(default)]
+    pub lossless: bool,
+    /// AVIF only: encoder speed, 1 (smallest file) to 10 (fastest).
+    pub speed: Option<u8>,
+    /// What transparent pixels become in a JPEG, and `contain`'s padding there:
+    /// `#rrggbb` or `#rgb` (default white).
+    pub background: Option<String>,
+    pub max_bytes: Option<u64>,
+}
+
+/// How the source fills the output box (as in sharp and imgproxy).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fit {
+    /// Fill the box, cropping the overflow away from the gravity side.
+    Cover,
+    /// Fit inside the box and pad the rest (transparent, or the background for JPEG).
+    Contain,
+    /// Stretch to the box, ignoring the aspect ratio.
+    Fill,
+    /// Fit inside the box, never enlarging; the output may be smaller than the box.
+    #[default]
+    Inside,
+}
+
+/// The side or corner of the picture that `cover` keeps and `contain` aligns to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Gravity {
+    #[default]
+    #[serde(alias = "center")]
+    Centre,
+    North,
+    South,
+    East,
+    West,
+    Northeast,
+    Northwest,
+    Southeast,
+    Southwest,
+}
+
+impl Gravity {
+    /// Where the kept window sits, as fractions of the spare room (0 = left/top, 1 = right/bottom).
+    pub fn anchor(self) -> (f64, f64) {
+        match self {
+            Gravity::Centre => (0.5, 0.5),
+            Gravity::North => (0.5, 0.0),
+            Gravity::South => (0.5, 1.0),
+            Gravity::East => (1.0, 0.5),
+            Gravity::West => (0.0, 0.5),
+            Gravity::Northeast => (1.0, 0.0),
+            Gravity::Northwest => (0.0, 0.0),
+            Gravity::Southeast => (1.0, 1.0),
+            Gravity::Southwest => (0.0, 1.0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Jpeg,
+    Png,
+    Webp,
+    Avif,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Jpeg => "JPEG",
+            Format::Png => "PNG",
+            Format::Webp => "WebP",
+            Format::Avif => "AVIF",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Jpeg => "image/jpeg",
+            Format::Png => "image/png",
+            Format::Webp => "image/webp",
+            Format::Avif => "image/avif",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SourceInfo {
+    pub width: u32,
+    pub height: u32,
+    pub format: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OutputInfo {
+    pub key: String,
+    pub url: String,
+    pub width: u32,
+    pub height: u32,
+    pub format: Format,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TransformResult {
+    pub source: SourceInfo,
+    pub outputs: Vec<OutputInfo>,
+}
+
+pub fn invalid(kind: &'static str, message: impl Into<String>) -> TaskError {
+    TaskError::invalid(kind, message)
+}
+
+/// `#rrggbb` or `#rgb`.
+pub fn parse_colour(text: &str) -> Option<[u8; 3]> {
+    let hex = text.strip_prefix('#')?;
+    if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let digit = |i: usize| u8::from_str_radix(&hex[i..=i], 16).ok();
+    match hex.len() {
+        6 => {
+            let byte = |i: usize| u8::from_str_radix(&hex[i..i + 2], 16).ok();
+            Some([byte(0)?, byte(2)?, byte(4)?])
+        }
+        3 => Some([digit(0)? * 17, digit(1)? * 17, digit(2)? * 17]),
+        _ => None,
+    }
+}
+
+/// Checks what can be checked before reading the source.
+pub fn check_args(args: &TransformArgs) -> Result<(), TaskError> {
+    if args.outputs.is_empty() {
+        return Err(invalid(
+            "InvalidArguments",
+            "outputs is empty: ask for at least one variant",
+        ));
+    }
+    if args.outputs.len() > MAX_OUTPUTS {
+        return Err(invalid(
+            "InvalidArguments",
+            format!(
+                "{} outputs asked; at most {MAX_OUTPUTS} per job",
+                args.outputs.len()
+            ),
+        ));
+    }
+    for (i, o) in args.outputs.iter().enumerate() {
+        let bad = |message: String| Err(invalid("InvalidArguments", message));
+        for (name, value) in [("width", o.width), ("height", o.height)] {
+            match value {
+                Some(0) => return bad(format!("outputs[{i}].{name} is 0")),
+                Some(v) if v > MAX_SIDE => {
+                    return bad(format!("outputs[{i}].{name} is {v}; at most {MAX_SIDE}"))
+                }
+                _ => {}
+            }
+        }
+        if o.fit != Fit::Inside && (o.width.is_none() || o.height.is_none()) {
+            return bad(
+                format!("outputs[{i}]: fit {:?} needs both width and height", o.fit).to_lowercase(),
+            );
+        }
+        if let Some(q) = o.quality.filter(|q| !(1..=100).contains(q)) {
+            return bad(format!("outputs[{i}].quality is {q}; use 1 to 100"));
+        }
+        if let Some(speed) = o.speed {
+            if o.format != Format::Avif {
+                return bad(format!("outputs[{i}].speed is for AVIF output only"));
+            }
+            if !(1..=10).contains(&speed) {
+                return bad(format!("outputs[{i}].speed is {speed}; use 1 to 10"));
+            }
+        }
+        if o.lossless && o.format != Format::Webp {
+            return bad(format!(
+                "outputs[{i}].lossless is for WebP output only (PNG is always lossless)"
+            ));
+        }
+        if let Some(bg) = &o.background {
+            if parse_colour(bg).is_none() {
+                return bad(format!(
+                    "outputs[{i}].background is {bg:?}; use a colour like \"#ffffff\" or \"#fff\""
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_parse_in_both_forms() {
+        assert_eq!(parse_colour("#ffffff"), Some([255, 255, 255]));
+        assert_eq!(parse_colour("#1a2B3c"), Some([0x1a, 0x2b, 0x3c]));
+        assert_eq!(parse_colour("#f00"), Some([255, 0, 0]));
+        assert_eq!(parse_colour("ffffff"), None);
+        assert_eq!(parse_colour("#ffff"), None);
+        assert_eq!(parse_colour("#gggggg"), None);
+        assert_eq!(parse_colour("#ééé"), None);
+    }
+}
