@@ -5,6 +5,8 @@
 
 pub mod amqp_table;
 pub mod backend;
+pub mod beat;
+pub mod beat_lease;
 pub mod broker;
 pub mod client;
 pub mod cpu;
@@ -18,6 +20,8 @@ pub mod protocol;
 pub mod reroute;
 pub mod result;
 pub mod revoke;
+pub mod schedule;
+pub mod schedule_store;
 pub mod settings;
 pub mod sources;
 pub mod storage;

@@ -955,7 +955,8 @@ impl Reader {
     /// named as `beat_schedule.<entry>.<field>`.
     fn beat_schedule(&self) -> Result<Vec<crate::schedule::ScheduleEntry>, SettingsError> {
         const NAME: &str = "beat_schedule";
-        const ACCEPTED: &str = "a table of entries, [beat_schedule.<name>] with task = \"...\" and \
+        const ACCEPTED: &str =
+            "a table of entries, [beat_schedule.<name>] with task = \"...\" and \
              every = \"20s\" (in the environment: a JSON object of such entries)";
         let json = match self.values.get(NAME) {
             None => return Ok(Vec::new()),

@@ -11,6 +11,13 @@ use mediafarm::client::{Client, ClientError, SendOptions};
 use mediafarm::Settings;
 use serde_json::Value;
 
+#[derive(Subcommand)]
+enum StreamsCommand {
+    /// Ask the session watching STREAM_ID to stop: it ends within a second with its summary,
+    /// wherever it runs (the request waits in Redis for a session being handed on).
+    Stop { stream_id: String },
+}
+
 #[derive(Parser)]
 #[command(
     name = "mediafarm",
@@ -61,6 +68,11 @@ enum Command {
     },
     /// Remove every waiting message from a queue.
     Purge { queue: String },
+    /// Live-stream sessions (`snapshot.watch` on snapshot-worker).
+    Streams {
+        #[command(subcommand)]
+        command: StreamsCommand,
+    },
     /// Revoke jobs: workers skip them (stored as REVOKED); with --terminate running ones stop.
     Revoke {
         #[arg(required = true)]
@@ -74,6 +86,48 @@ enum Command {
         #[command(subcommand)]
         command: DeadCommand,
     },
+    /// Run the periodic scheduler (Celery beat): publishes each entry of `beat_schedule` and of
+    /// `mediafarm schedule` once per tick. Run two or more for high availability: one leads
+    /// (a Redis lease), and each tick is published once.
+    Beat {
+        /// Log level: debug, info, warning, error.
+        #[arg(long, default_value = "info")]
+        loglevel: String,
+    },
+    /// Periodic entries kept in Redis, which running beats pick up at their next tick.
+    Schedule {
+        #[command(subcommand)]
+        command: ScheduleCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ScheduleCommand {
+    /// Add (or replace) an entry: TASK with --json kwargs, once every --every.
+    Add {
+        name: String,
+        task: String,
+        /// Period: seconds (20, 2.5) or with a unit ("500ms", "20s", "5m", "1h", "1d").
+        #[arg(long)]
+        every: String,
+        /// Keyword arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        json: String,
+        /// Queue (default: the task name's prefix).
+        #[arg(long)]
+        queue: Option<String>,
+        /// Workers drop a tick's job this long after the tick was due (same forms as --every).
+        #[arg(long)]
+        expires: Option<String>,
+    },
+    /// Show every entry (settings and Redis) and its last tick.
+    List {
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an entry from Redis; no tick of it is claimed after this returns.
+    Remove { name: String },
 }
 
 #[derive(Subcommand)]
@@ -100,7 +154,11 @@ static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = mediafarm::logging::init("warning") {
+    let loglevel = match &cli.command {
+        Command::Beat { loglevel } => loglevel.as_str(),
+        _ => "warning",
+    };
+    if let Err(e) = mediafarm::logging::init(loglevel) {
         eprintln!("mediafarm: {e}");
         return ExitCode::from(2);
     }
@@ -190,6 +248,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("purged {n} message(s) from {queue}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Streams {
+            command: StreamsCommand::Stop { stream_id },
+        } => {
+            let backend = mediafarm::ResultBackend::connect(
+                &settings.result_backend,
+                settings.result_expires_secs(),
+            )
+            .await?;
+            let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
+            let mut conn = backend.connection();
+            // The key snapshot-worker's sessions poll (workers/snapshot/src/watch/state.rs);
+            // a session obeys requests made after it began.
+            redis::cmd("SET")
+                .arg(format!("mediafarm-snapshot-stop-{stream_id}"))
+                .arg(format!("{now:.3}"))
+                .arg("EX")
+                .arg(7 * 86_400)
+                .query_async::<()>(&mut conn)
+                .await?;
+            println!("asked the session of stream {stream_id} to stop");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Revoke { ids, terminate } => {
             let backend = mediafarm::ResultBackend::connect(
                 &settings.result_backend,
@@ -206,6 +286,136 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dead { command } => dead(&settings, command).await,
+        Command::Beat { .. } => {
+            let beat = mediafarm::beat::Beat::connect(&settings).await?;
+            beat.run(stop_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schedule { command } => schedule(&settings, command).await,
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Result<ExitCode> {
+    use mediafarm::schedule::{format_every, parse_entry};
+    use mediafarm::schedule_store::{BeatKeys, ScheduleStore};
+    let in_settings = |name: &str| settings.beat_schedule.iter().any(|e| e.name == name);
+    let backend =
+        mediafarm::ResultBackend::connect(&settings.result_backend, settings.result_expires_secs())
+            .await?;
+    let store = ScheduleStore::new(
+        backend.connection(),
+        BeatKeys::new(&settings.beat_key_prefix),
+    );
+    match command {
+        ScheduleCommand::Add {
+            name,
+            task,
+            every,
+            json,
+            queue,
+            expires,
+        } => {
+            let kwargs: Value = serde_json::from_str(&json)
+                .with_context(|| format!("--json is not valid JSON: {json}"))?;
+            let mut fields = serde_json::json!({"task": task, "every": every, "kwargs": kwargs});
+            if let Some(q) = queue {
+                fields["queue"] = Value::String(q);
+            }
+            if let Some(e) = expires {
+                fields["expires"] = Value::String(e);
+            }
+            let entry = parse_entry(&name, &fields)?;
+            if in_settings(&name) {
+                bail!("entry {name} is defined in the settings file ([beat_schedule.{name}]); change it there or pick another name");
+            }
+            store.add(&entry).await?;
+            println!(
+                "added {name}: {} every {} to queue {}",
+                entry.task,
+                format_every(entry.every),
+                entry.queue()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        ScheduleCommand::Remove { name } => {
+            if in_settings(&name) {
+                bail!("entry {name} is defined in the settings file ([beat_schedule.{name}]); remove it there");
+            }
+            if store.remove(&name).await? {
+                println!("removed {name}");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("no schedule entry named {name} in Redis");
+                Ok(ExitCode::from(1))
+            }
+        }
+        ScheduleCommand::List { json } => {
+            let mut rows = Vec::new();
+            for e in &settings.beat_schedule {
+                rows.push(("settings", Ok(e.clone())));
+            }
+            for e in store.list().await? {
+                rows.push(("redis", e));
+            }
+            for (source, entry) in rows {
+                let entry = match entry {
+                    Ok(e) => e,
+                    Err(err) => {
+                        eprintln!("bad entry in Redis (beat skips it): {err}");
+                        continue;
+                    }
+                };
+                let last = store
+                    .last_tick(&entry.name)
+                    .await?
+                    .map(|(tick, every, state)| {
+                        let due = mediafarm::beat::due_time(tick, every)
+                            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                        (due, state)
+                    });
+                if json {
+                    let mut v = entry.to_json();
+                    v["name"] = Value::String(entry.name.clone());
+                    v["source"] = Value::String(source.into());
+                    v["queue"] = Value::String(entry.queue());
+                    if let Some((due, state)) = &last {
+                        v["last_due"] = Value::String(due.clone());
+                        v["last_state"] = Value::String(state.clone());
+                    }
+                    println!("{v}");
+                } else {
+                    let last = last
+                        .map(|(due, state)| format!("last {due} ({state})"))
+                        .unwrap_or_else(|| "no tick yet".into());
+                    println!(
+                        "{}  every {}  {}  queue {}  {}  [{source}]  {last}",
+                        entry.name,
+                        format_every(entry.every),
+                        entry.task,
+                        entry.queue(),
+                        Value::Object(entry.kwargs.clone()),
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

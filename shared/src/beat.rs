@@ -1,0 +1,518 @@
+//! `mediafarm beat`: Celery-beat-style periodic publishing that several processes can run at
+//! once for high availability, publishing each tick once.
+//!
+//! Ticks sit on a fixed grid: tick k of an entry is due at k·every after the Unix epoch, so
+//! they never drift and every beat numbers them alike. One beat leads (the Redis lease in
+//! `beat_lease`); for each due tick the leader first *claims* it in Redis with a Lua
+//! compare-and-set that also checks the leader's fencing token, then publishes it (publisher
+//! confirms), then marks it sent. A tick is claimed at most once, by the one leader Redis
+//! recognised at that instant, so two beats never both publish it, whatever their pauses.
+//!
+//! Crash windows (documented in README, "mediafarm beat"):
+//! - leader dies after the claim, before the confirm: that tick is lost, not sent twice
+//!   (at-most-once per tick); the next leader logs it as a probable gap.
+//! - leader paused past its lease after claiming: its publish arrives late, still once; the
+//!   job's `expires` counts from the tick's due time, so workers drop a stale one.
+//! - no leader for a while (lease running out after a crash): when one takes over it publishes
+//!   the latest due tick and logs the ticks missed before it.
+//! - the broker connection drops after the broker took a message but before the confirm: the
+//!   publisher sends it again (at-least-once on the wire) under the same task id, which is
+//!   derived from the entry and the tick, so consumers can drop the repeat.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::ConnectionManager;
+use serde_json::Value;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::BackendError;
+use crate::beat_lease::{node_name, Lease};
+use crate::client::{build_message, Client, ClientError, SendOptions};
+use crate::protocol::TaskMessage;
+use crate::schedule::ScheduleEntry;
+use crate::schedule_store::{BeatKeys, ScheduleStore};
+use crate::settings::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BeatError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("beat's Redis state: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock (beat hosts must keep NTP time).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The task id of tick `due_ms` of entry `name`: a UUID (v5) derived from both, the same in
+/// every beat, so a consumer can recognise a repeated tick.
+pub fn tick_task_id(prefix: &str, name: &str, due_ms: u64) -> String {
+    const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d65_6469_6166_6172_6d2d_6265_6174_0001);
+    uuid::Uuid::new_v5(&NAMESPACE, format!("{prefix}\n{name}\n{due_ms}").as_bytes()).to_string()
+}
+
+/// Claims due ticks for many entries in one round trip, only while `ARGV[1]` holds the lease.
+/// Per entry (4 ARGV: tick, every_ms, dynamic, name) it answers `start` (first sight: the
+/// grid starts here, nothing to publish), `done` (this tick or a later one was claimed
+/// already), `gone` (a Redis entry removed meanwhile) or `claimed`, with the previous tick
+/// and its state.
+const CLAIM: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'fenced'} end
+local out = {'ok'}
+local function answer(code, tick, state)
+  table.insert(out, code); table.insert(out, tick or ''); table.insert(out, state or '')
+end
+for i = 1, tonumber(ARGV[2]) do
+  local key = KEYS[i + 2]
+  local base = 2 + (i - 1) * 4
+  local tick, every, dynamic, name = ARGV[base + 1], ARGV[base + 2], ARGV[base + 3], ARGV[base + 4]
+  if dynamic == '1' and redis.call('HEXISTS', KEYS[2], name) == 0 then
+    answer('gone')
+  else
+    local cur = redis.call('HMGET', key, 'tick', 'every_ms', 'state')
+    if not cur[1] or cur[2] ~= every then
+      redis.call('HSET', key, 'tick', tick, 'every_ms', every, 'state', 'start', 'by', ARGV[1])
+      answer('start', cur[1], cur[3])
+    elseif tonumber(cur[1]) >= tonumber(tick) then
+      answer('done', cur[1], cur[3])
+    else
+      redis.call('HSET', key, 'tick', tick, 'state', 'claimed', 'by', ARGV[1])
+      answer('claimed', cur[1], cur[3])
+    end
+  end
+end
+return out
+"#;
+
+/// Marks claimed ticks as confirmed by the broker (bookkeeping for the gap report).
+const MARK_SENT: &str = r#"
+for i = 1, #KEYS do
+  local cur = redis.call('HMGET', KEYS[i], 'tick', 'by')
+  if cur[1] == ARGV[i + 1] and cur[2] == ARGV[1] then
+    redis.call('HSET', KEYS[i], 'state', 'sent')
+  end
+end
+return 1
+"#;
+
+/// How often a leader re-reads the Redis entries when no tick is due sooner.
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// A running beat's parts.
+pub struct Beat {
+    settings: Settings,
+    client: Client,
+    conn: ConnectionManager,
+    keys: BeatKeys,
+    store: ScheduleStore,
+    lease: Lease,
+    /// Redis entries already reported as bad or shadowed, so each is logged once.
+    reported: HashSet<String>,
+    /// Entry name → (every_ms, last tick handled), to skip claims already made.
+    known: HashMap<String, (u64, u64)>,
+}
+
+/// An entry that is due, with where it came from.
+struct Due<'a> {
+    entry: &'a ScheduleEntry,
+    tick: u64,
+    dynamic: bool,
+}
+
+impl Beat {
+    /// Connects to the broker (lazily, on first publish) and to Redis.
+    pub async fn connect(settings: &Settings) -> Result<Beat, BeatError> {
+        let client = Client::connect(settings).await?;
+        let conn = client.backend().connection();
+        let keys = BeatKeys::new(&settings.beat_key_prefix);
+        let lease = Lease::new(
+            conn.clone(),
+            keys.clone(),
+            node_name(),
+            settings.beat_lease_ttl,
+        );
+        Ok(Beat {
+            settings: settings.clone(),
+            store: ScheduleStore::new(conn.clone(), keys.clone()),
+            client,
+            conn,
+            keys,
+            lease,
+            reported: HashSet::new(),
+            known: HashMap::new(),
+        })
+    }
+
+    /// Runs until `shutdown` resolves, then finishes the tick in hand and releases the lease.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), BeatError> {
+        let (token_tx, mut token_rx) = watch::channel(None::<String>);
+        let stop_keeper = CancellationToken::new();
+        let keeper = tokio::spawn(keep_lease(
+            self.lease.clone(),
+            token_tx,
+            stop_keeper.clone(),
+        ));
+        tracing::info!(
+            entries = self.settings.beat_schedule.len(),
+            prefix = self.keys.prefix(),
+            lease_ttl_s = self.lease.ttl().as_secs_f64(),
+            "beat started; waiting for the leader lease"
+        );
+        tokio::pin!(shutdown);
+        let mut wake = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep_until(wake) => {}
+                changed = token_rx.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+            }
+            let token = token_rx.borrow_and_update().clone();
+            let Some(token) = token else {
+                self.known.clear();
+                wake = tokio::time::Instant::now() + Duration::from_secs(3600);
+                continue;
+            };
+            let next = match self.step(&token).await {
+                Ok(next) => next,
+                Err(e) => {
+                    tracing::warn!(error = %e, "beat step failed; retrying");
+                    Duration::from_millis(500)
+                }
+            };
+            wake = tokio::time::Instant::now() + next;
+        }
+        stop_keeper.cancel();
+        let _ = keeper.await;
+        tracing::info!("beat stopped");
+        Ok(())
+    }
+
+    /// Claims and publishes what is due; how long to sleep before the next step.
+    async fn step(&mut self, token: &str) -> Result<Duration, BeatError> {
+        let entries = self.entries().await?;
+        let now = unix_ms();
+        let due: Vec<Due> = entries
+            .iter()
+            .filter_map(|(entry, dynamic)| {
+                let every = entry.every_ms();
+                let tick = now / every;
+                let handled = self
+                    .known
+                    .get(&entry.name)
+                    .is_some_and(|&(e, t)| e == every && t >= tick);
+                (!handled).then_some(Due {
+                    entry,
+                    tick,
+                    dynamic: *dynamic,
+                })
+            })
+            .collect();
+        if !due.is_empty() {
+            let claimed = self.claim(token, &due).await?;
+            self.publish(token, claimed).await;
+        }
+        let now = unix_ms();
+        let next_due = entries
+            .iter()
+            .map(|(e, _)| {
+                let every = e.every_ms();
+                (now / every + 1) * every - now
+            })
+            .min()
+            .unwrap_or(u64::MAX);
+        Ok(Duration::from_millis(next_due).min(REFRESH))
+    }
+
+    /// The settings entries, then the Redis entries whose names the settings do not use.
+    async fn entries(&mut self) -> Result<Vec<(ScheduleEntry, bool)>, BeatError> {
+        let mut all: BTreeMap<String, (ScheduleEntry, bool)> = self
+            .settings
+            .beat_schedule
+            .iter()
+            .map(|e| (e.name.clone(), (e.clone(), false)))
+            .collect();
+        for stored in self.store.list().await? {
+            match stored {
+                Ok(entry) if all.contains_key(&entry.name) => {
+                    if self.reported.insert(format!("shadowed {}", entry.name)) {
+                        tracing::warn!(
+                            entry = %entry.name,
+                            "a Redis schedule entry has the name of a settings entry; the settings one is used"
+                        );
+                    }
+                }
+                Ok(entry) => {
+                    all.insert(entry.name.clone(), (entry, true));
+                }
+                Err(e) => {
+                    if self.reported.insert(e.to_string()) {
+                        tracing::error!(error = %e, "skipping a bad schedule entry in Redis");
+                    }
+                }
+            }
+        }
+        Ok(all.into_values().collect())
+    }
+
+    /// Claims the due ticks; those to publish now.
+    async fn claim<'a>(&mut self, token: &str, due: &[Due<'a>]) -> Result<Vec<Due<'a>>, BeatError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(CLAIM)
+            .arg(due.len() + 2)
+            .arg(self.keys.leader())
+            .arg(self.keys.entries());
+        for d in due {
+            cmd.arg(self.keys.tick(&d.entry.name));
+        }
+        cmd.arg(token).arg(due.len());
+        for d in due {
+            cmd.arg(d.tick)
+                .arg(d.entry.every_ms())
+                .arg(if d.dynamic { "1" } else { "0" })
+                .arg(&d.entry.name);
+        }
+        let mut conn = self.conn.clone();
+        let answer: Vec<String> = cmd.query_async(&mut conn).await?;
+        if answer.first().map(String::as_str) != Some("ok") {
+            tracing::warn!("tick claim refused: this beat no longer holds the lease");
+            self.known.clear();
+            return Ok(Vec::new());
+        }
+        let mut to_publish = Vec::new();
+        for (d, parts) in due.iter().zip(answer[1..].chunks(3)) {
+            let [code, prev, prev_state] = parts else {
+                continue;
+            };
+            let name = &d.entry.name;
+            let every = d.entry.every_ms();
+            let prev_tick: Option<u64> = prev.parse().ok();
+            match code.as_str() {
+                "start" => {
+                    self.known.insert(name.clone(), (every, d.tick));
+                    tracing::info!(
+                        entry = %name,
+                        first_due = %due_time(d.tick + 1, every),
+                        "schedule entry starts"
+                    );
+                }
+                "done" => {
+                    let t = prev_tick.unwrap_or(d.tick);
+                    self.known.insert(name.clone(), (every, t));
+                }
+                "gone" => {
+                    self.known.remove(name);
+                }
+                _ => {
+                    self.known.insert(name.clone(), (every, d.tick));
+                    if let Some(prev) = prev_tick {
+                        report_gap(name, every, prev, prev_state, d.tick);
+                    }
+                    to_publish.push(Due {
+                        entry: d.entry,
+                        tick: d.tick,
+                        dynamic: d.dynamic,
+                    });
+                }
+            }
+        }
+        Ok(to_publish)
+    }
+
+    /// Publishes claimed ticks, one confirmed batch per queue, and marks them sent.
+    async fn publish(&self, token: &str, claimed: Vec<Due<'_>>) {
+        let mut by_queue: BTreeMap<String, Vec<(TaskMessage, &Due)>> = BTreeMap::new();
+        for d in &claimed {
+            let msg = self.message(d);
+            by_queue.entry(d.entry.queue()).or_default().push((msg, d));
+        }
+        for (queue, batch) in by_queue {
+            let msgs: Vec<TaskMessage> = batch.iter().map(|(m, _)| m.clone()).collect();
+            match self.client.publish_batch(&queue, &msgs).await {
+                Ok(()) => {
+                    for (m, d) in &batch {
+                        tracing::info!(
+                            entry = %d.entry.name,
+                            task = %d.entry.task,
+                            queue = %queue,
+                            id = %m.id,
+                            due = %due_time(d.tick, d.entry.every_ms()),
+                            "published"
+                        );
+                    }
+                    if let Err(e) = self.mark_sent(token, &batch).await {
+                        tracing::warn!(error = %e, "could not record published ticks");
+                    }
+                }
+                Err(e) => {
+                    for (_, d) in &batch {
+                        tracing::error!(
+                            entry = %d.entry.name,
+                            queue = %queue,
+                            due = %due_time(d.tick, d.entry.every_ms()),
+                            error = %e,
+                            "publish failed: this tick is lost (claimed ticks are never sent twice)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn message(&self, d: &Due) -> TaskMessage {
+        let every = d.entry.every_ms();
+        let due_ms = d.tick * every;
+        let opts = SendOptions {
+            task_id: Some(tick_task_id(self.keys.prefix(), &d.entry.name, due_ms)),
+            ..Default::default()
+        };
+        let mut msg = build_message(&d.entry.task, d.entry.kwargs.clone(), &opts);
+        let due = due_time(d.tick, every);
+        msg.expires = d
+            .entry
+            .expires
+            .and_then(|e| chrono::Duration::from_std(e).ok())
+            .map(|e| due + e);
+        msg.extra_headers
+            .insert("beat_entry".into(), Value::String(d.entry.name.clone()));
+        msg.extra_headers.insert(
+            "beat_due".into(),
+            Value::String(due.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        );
+        msg
+    }
+
+    async fn mark_sent(
+        &self,
+        token: &str,
+        batch: &[(TaskMessage, &Due<'_>)],
+    ) -> Result<(), redis::RedisError> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(MARK_SENT).arg(batch.len());
+        for (_, d) in batch {
+            cmd.arg(self.keys.tick(&d.entry.name));
+        }
+        cmd.arg(token);
+        for (_, d) in batch {
+            cmd.arg(d.tick);
+        }
+        let mut conn = self.conn.clone();
+        cmd.query_async::<i64>(&mut conn).await.map(drop)
+    }
+}
+
+/// When tick `tick` of a grid of `every_ms` is due.
+pub fn due_time(tick: u64, every_ms: u64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(tick.saturating_mul(every_ms) as i64).unwrap_or_default()
+}
+
+/// Logs what a new claim shows about the ticks before it.
+fn report_gap(name: &str, every: u64, prev: u64, prev_state: &str, tick: u64) {
+    if prev_state == "claimed" {
+        tracing::warn!(
+            entry = %name,
+            due = %due_time(prev, every),
+            "a beat claimed this tick but never confirmed its publish (it stopped or lost the \
+             broker in between): the tick was probably not sent"
+        );
+    }
+    let missed = tick.saturating_sub(prev + 1);
+    if missed > 0 {
+        tracing::warn!(
+            entry = %name,
+            missed,
+            from = %due_time(prev + 1, every),
+            "ticks were missed while no beat was leading"
+        );
+    }
+}
+
+/// Holds the lease while it can: acquires it when free, renews it every third of its TTL,
+/// publishes the current token (or `None`) to the scheduler, and releases it when stopped.
+async fn keep_lease(lease: Lease, tx: watch::Sender<Option<String>>, stop: CancellationToken) {
+    let period = lease.ttl() / 3;
+    let mut token: Option<String> = None;
+    let mut renewed_at = tokio::time::Instant::now();
+    loop {
+        match &token {
+            None => match lease.acquire().await {
+                Ok(Some(t)) => {
+                    tracing::info!(token = %t, "this beat is the leader now");
+                    renewed_at = tokio::time::Instant::now();
+                    token = Some(t);
+                    tx.send_replace(token.clone());
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot reach Redis for the beat lease"),
+            },
+            Some(t) => {
+                let lost = match lease.renew(t).await {
+                    Ok(true) => {
+                        renewed_at = tokio::time::Instant::now();
+                        false
+                    }
+                    Ok(false) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the beat lease");
+                        renewed_at.elapsed() >= lease.ttl()
+                    }
+                };
+                if lost {
+                    tracing::warn!(token = %t, "lost the beat lease; another beat leads now");
+                    token = None;
+                    tx.send_replace(None);
+                }
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(period) => {}
+        }
+    }
+    tx.send_replace(None);
+    if let Some(t) = token {
+        match lease.release(&t).await {
+            Ok(()) => tracing::info!("released the beat lease"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the beat lease; it expires by itself")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tick_ids_are_stable_and_distinct() {
+        let a = tick_task_id("p", "room", 20_000);
+        assert_eq!(a, tick_task_id("p", "room", 20_000));
+        assert_ne!(a, tick_task_id("p", "room", 40_000));
+        assert_ne!(a, tick_task_id("p", "room2", 20_000));
+        assert_ne!(a, tick_task_id("q", "room", 20_000));
+        assert_eq!(uuid::Uuid::parse_str(&a).unwrap().get_version_num(), 5);
+    }
+
+    #[test]
+    fn due_times_sit_on_the_grid() {
+        assert_eq!(
+            due_time(3, 20_000).to_rfc3339(),
+            "1970-01-01T00:01:00+00:00"
+        );
+    }
+}
