@@ -356,6 +356,10 @@ def reference_problems(objs: list[dict]) -> list[str]:
                                    f"(--concurrency {per_pod})")
                     if env_value(c, "MEDIAFARM_WORKER_PREFETCH_MULTIPLIER") != "1":
                         out.append(f"{kn(so)}: snapshot pods need MEDIAFARM_WORKER_PREFETCH_MULTIPLIER=1")
+                    sessions = env_value(c, "MEDIAFARM_SNAPSHOT_MAX_SESSIONS")
+                    if sessions != per_pod:
+                        out.append(f"{kn(so)}: MEDIAFARM_SNAPSHOT_MAX_SESSIONS {sessions} must equal "
+                                   f"--concurrency {per_pod} (a slot for every session, none beyond)")
     for worker in WORKER_QUEUES:
         if ("Deployment", worker) in names and worker not in scaled:
             out.append(f"Deployment/{worker}: no ScaledObject scales it")

@@ -4,6 +4,13 @@
 #   docker build -f deploy/docker/image-worker.Dockerfile -t mediafarm/image-worker .
 
 FROM rust:1.95-bookworm AS builder
+# nasm assembles libjpeg-turbo's x86 SIMD code when mozjpeg-sys builds it (libjpeg-turbo and
+# libwebp are compiled from their crates and linked statically: the runtime needs neither).
+# Debian's nasm floats with bookworm's updates on purpose; pinning breaks at the next point release.
+# hadolint ignore=DL3008
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nasm \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
 # The registry and target caches survive between builds; the binary is copied out of the cache

@@ -5,13 +5,14 @@
 #   docker build -f deploy/docker/snapshot-worker.Dockerfile -t mediafarm/snapshot-worker .
 
 FROM rust:1.95-bookworm AS builder
-# FFmpeg headers for the bindings; clang for bindgen. Versions float with bookworm's security
-# updates on purpose: pinning them breaks the build at the next point release.
+# FFmpeg headers for the bindings (the set scripts/setup.d/snapshot.sh installs; the binary
+# links only avcodec, avformat, avutil and swscale); clang for bindgen. Versions float with
+# bookworm's security updates on purpose: pinning them breaks the build at the next point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
       clang libclang-dev pkg-config \
-      libavcodec-dev libavformat-dev libavutil-dev libswscale-dev \
+      libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libavfilter-dev libavdevice-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
