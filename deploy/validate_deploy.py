@@ -234,12 +234,11 @@ def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known:
             if cm_ref is not None:
                 if cm_ref not in config_maps:
                     out.append(f"{where}: volume {v['name']} refers to missing ConfigMap {cm_ref}")
-                else:
-                    text = (config_maps[cm_ref].get("data") or {}).get("mediafarm.toml", "")
+                elif "mediafarm.toml" in (config_maps[cm_ref].get("data") or {}):
                     try:
-                        settings = tomllib.loads(text)
+                        settings = tomllib.loads(config_maps[cm_ref]["data"]["mediafarm.toml"])
                     except tomllib.TOMLDecodeError:
-                        pass
+                        pass  # reported with the ConfigMap
         for c in pod["containers"]:
             cw = f"{where} container {c['name']}"
             sc = c.get("securityContext") or {}
@@ -288,6 +287,10 @@ def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known:
                     get = (c.get(probe) or {}).get("httpGet") or {}
                     if get.get("path") != path or get.get("port") not in ("metrics", METRICS_PORT):
                         out.append(f"{cw}: {probe} must GET {path} on port metrics")
+                if name == "notify-worker":
+                    tdir = str(settings.get("notify_template_dir", "./templates"))
+                    if tdir not in mounts:
+                        out.append(f"{cw}: notify_template_dir {tdir} is not a mounted volume")
                 grace = pod.get("terminationGracePeriodSeconds", 30)
                 drain = shutdown_grace(settings, c)
                 if grace <= drain:
@@ -296,9 +299,27 @@ def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known:
     return out
 
 
+PERCENT_OR_INT = ("maxUnavailable", "maxSurge", "minAvailable")
+
+
+def int_or_percent_problems(node: Any, path: str) -> list[str]:
+    """maxUnavailable, maxSurge and minAvailable: the schema says int-or-string, the API server
+    takes a whole number or a percentage only."""
+    out: list[str] = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in PERCENT_OR_INT and not isinstance(v, int) and not re.fullmatch(r"\d+%", str(v)):
+                out.append(f"{path}.{k} {v!r} is neither a whole number nor a percentage")
+            out.extend(int_or_percent_problems(v, f"{path}.{k}"))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out.extend(int_or_percent_problems(v, f"{path}[{i}]"))
+    return out
+
+
 def reference_problems(objs: list[dict]) -> list[str]:
     """Selectors and names that must point at something: Services, PDBs, KEDA, ServiceMonitor."""
-    out: list[str] = []
+    out: list[str] = [p for o in objs for p in int_or_percent_problems(o.get("spec"), f"{kn(o)}: spec")]
     deployments = [o for o in objs if o["kind"] == "Deployment"]
     services = [o for o in objs if o["kind"] == "Service"]
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
