@@ -849,6 +849,7 @@ async fn strip_metadata_false_keeps_the_profile_and_exif() {
                 {"key": "k/keep.png", "format": "png"},
                 {"key": "k/keep.webp", "format": "webp", "quality": 100},
                 {"key": "k/small.jpg", "width": 4, "format": "jpeg", "quality": 100},
+                {"key": "k/keep.avif", "format": "avif", "quality": 100, "speed": 10},
             ]}),
         )
         .await
@@ -880,6 +881,10 @@ async fn strip_metadata_false_keeps_the_profile_and_exif() {
         // Pixels stay in the profile's space; the profile travels with them.
         assert!(close(px, p3_red, 8), "{key}: {px:?}");
     }
+    // AVIF output carries no ICC profile here, so its pixels are converted to sRGB.
+    let avif = f.storage.get("k/keep.avif", 1 << 20).await.unwrap();
+    let (_, _, px) = pillow_decode(&avif);
+    assert!(close(px, [255, 0, 0], 12), "k/keep.avif: {px:?}");
     // Stripped (the default): no profile, no EXIF, sRGB pixels.
     f.transform(json!({"source": "p3.jpg", "outputs": [{"key": "k/strip.jpg", "format": "jpeg"}]}))
         .await

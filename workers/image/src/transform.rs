@@ -128,18 +128,11 @@ pub fn process(
         None => (info.width, info.height),
     };
     // Stripped outputs carry no profile, so their pixels must be sRGB; kept ones carry the
-    // source's profile and keep its pixels.
-    let (to_srgb, meta) = if args.strip_metadata {
-        (
-            icc.as_deref().and_then(ToSrgb::from_icc),
-            Metadata::default(),
-        )
-    } else {
-        let meta = Metadata {
-            icc: icc.as_deref(),
-            exif: exif.as_deref(),
-        };
-        (None, meta)
+    // source's profile and keep its pixels — except AVIF, whose encoder here writes no ICC.
+    let to_srgb = icc.as_deref().and_then(ToSrgb::from_icc);
+    let kept = Metadata {
+        icc: icc.as_deref(),
+        exif: exif.as_deref(),
     };
     let mut resizer = Resizer::new();
     let sizes: Vec<(u32, u32)> = args
@@ -167,7 +160,12 @@ pub fn process(
             derived.push(scaled.clone());
         }
         let mut shown = scaled;
-        if let Some(conversion) = &to_srgb {
+        let (convert, meta) = match (args.strip_metadata, spec.format) {
+            (true, _) => (true, Metadata::default()),
+            (false, Format::Avif) => (true, Metadata { icc: None, ..kept }),
+            (false, _) => (false, kept),
+        };
+        if let Some(conversion) = to_srgb.as_ref().filter(|_| convert) {
             conversion.apply(&mut shown);
         }
         let background = match (
