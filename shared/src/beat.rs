@@ -13,8 +13,9 @@
 //!   (at-most-once per tick); the next leader logs it as a probable gap.
 //! - leader paused past its lease after claiming: its publish arrives late, still once; the
 //!   job's `expires` counts from the tick's due time, so workers drop a stale one.
-//! - no leader for a while (lease running out after a crash): when one takes over it publishes
-//!   the latest due tick and logs the ticks missed before it.
+//! - no leader for a while (the lease running out after a crash): the next leader publishes,
+//!   late, the ticks due within the catch-up window (lease TTL + 1 s, longer than a failover)
+//!   and logs older ones as missed (a beat restarted after an hour does not send an hour).
 //! - the broker connection drops after the broker took a message but before the confirm: the
 //!   publisher sends it again (at-least-once on the wire) under the same task id, which is
 //!   derived from the entry and the tick, so consumers can drop the repeat.
@@ -294,6 +295,7 @@ impl Beat {
             return Ok(Vec::new());
         }
         let mut to_publish = Vec::new();
+        let now_ms = unix_ms();
         for (d, parts) in due.iter().zip(answer[1..].chunks(3)) {
             let [code, prev, prev_state] = parts else {
                 continue;
@@ -319,14 +321,22 @@ impl Beat {
                 }
                 _ => {
                     self.known.insert(name.clone(), (every, d.tick));
-                    if let Some(prev) = prev_tick {
-                        report_gap(name, every, prev, prev_state, d.tick);
+                    let prev = prev_tick.unwrap_or(d.tick.saturating_sub(1));
+                    // The claim covers every tick after the previous one; those still inside
+                    // the catch-up window (a failover's length) are published late rather
+                    // than lost, older ones are reported as missed.
+                    let oldest = now_ms
+                        .saturating_sub(self.catch_up().as_millis() as u64)
+                        .div_ceil(every);
+                    let first = (prev + 1).max(oldest).min(d.tick);
+                    report_gap(name, every, prev, prev_state, first);
+                    for tick in first..=d.tick {
+                        to_publish.push(Due {
+                            entry: d.entry,
+                            tick,
+                            dynamic: d.dynamic,
+                        });
                     }
-                    to_publish.push(Due {
-                        entry: d.entry,
-                        tick: d.tick,
-                        dynamic: d.dynamic,
-                    });
                 }
             }
         }
@@ -371,6 +381,12 @@ impl Beat {
                 }
             }
         }
+    }
+
+    /// How far back a new claim still publishes missed ticks: the longest a failover takes
+    /// (the lease running out, then the next acquisition attempt and entry refresh).
+    fn catch_up(&self) -> Duration {
+        self.lease.ttl() + REFRESH
     }
 
     fn message(&self, d: &Due) -> TaskMessage {
@@ -420,8 +436,8 @@ pub fn due_time(tick: u64, every_ms: u64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(tick.saturating_mul(every_ms) as i64).unwrap_or_default()
 }
 
-/// Logs what a new claim shows about the ticks before it.
-fn report_gap(name: &str, every: u64, prev: u64, prev_state: &str, tick: u64) {
+/// Logs what a new claim shows about the ticks before it; `first` is the first it publishes.
+fn report_gap(name: &str, every: u64, prev: u64, prev_state: &str, first: u64) {
     if prev_state == "claimed" {
         tracing::warn!(
             entry = %name,
@@ -430,13 +446,13 @@ fn report_gap(name: &str, every: u64, prev: u64, prev_state: &str, tick: u64) {
              broker in between): the tick was probably not sent"
         );
     }
-    let missed = tick.saturating_sub(prev + 1);
+    let missed = first.saturating_sub(prev + 1);
     if missed > 0 {
         tracing::warn!(
             entry = %name,
             missed,
             from = %due_time(prev + 1, every),
-            "ticks were missed while no beat was leading"
+            "ticks were missed while no beat was leading (older than the catch-up window)"
         );
     }
 }

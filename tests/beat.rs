@@ -1,0 +1,529 @@
+//! `mediafarm beat` end to end: the real `mediafarm` binary (beat and schedule commands) against
+//! the machine's RabbitMQ and Redis. Every test has its own queue and its own beat key prefix,
+//! and entries tick every second, so a test takes a few seconds. The ticks published are read
+//! back from the queue (each message carries its entry and due time in headers) and checked
+//! for duplicates, gaps, grid alignment and their deterministic task ids.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use lapin::options::BasicGetOptions;
+use mediafarm::beat::{tick_task_id, unix_ms};
+use mediafarm::Settings;
+use mediafarm_tests::{binary, delete_queue, ready_count, settings, unique_queue};
+use serde_json::{json, Value};
+
+/// Entries in these tests tick every second.
+const EVERY_MS: u64 = 1000;
+/// The lease TTL the beats run with: a dead leader is replaced within about a second.
+const LEASE_TTL: &str = "1";
+/// Liveness bound for waiting on a condition (a failure guard, not a timing assertion).
+const PATIENCE: Duration = Duration::from_secs(40);
+
+/// One published tick, as read back from the queue.
+#[derive(Debug, Clone)]
+struct Tick {
+    id: String,
+    entry: String,
+    due_ms: u64,
+    kwargs: Value,
+    expires: Option<String>,
+}
+
+/// A test's queue, key prefix, settings file and beat processes.
+struct BeatTest {
+    settings: Settings,
+    queue: String,
+    prefix: String,
+    dir: PathBuf,
+    config: PathBuf,
+    beats: Vec<Child>,
+}
+
+impl BeatTest {
+    /// `config` is the settings file's text; `{queue}` in it becomes the test's queue.
+    fn new(label: &str, config: &str) -> BeatTest {
+        let queue = unique_queue(label);
+        let prefix = format!(
+            "t-beat-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..10]
+        );
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mediafarm.toml");
+        std::fs::write(&path, config.replace("{queue}", &queue)).unwrap();
+        BeatTest {
+            settings: settings(),
+            queue,
+            prefix,
+            dir,
+            config: path,
+            beats: Vec::new(),
+        }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(binary("mediafarm"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("MEDIAFARM_BEAT_KEY_PREFIX", &self.prefix)
+            .env("MEDIAFARM_BEAT_LEASE_TTL", LEASE_TTL)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `mediafarm <args>` to the end.
+    fn cli(&self, args: &[&str]) -> Output {
+        self.command().args(args).output().expect("mediafarm runs")
+    }
+
+    /// Starts `mediafarm beat`; returns its index. Its log goes to `beat-<i>.log`.
+    fn start_beat(&mut self) -> usize {
+        let i = self.beats.len();
+        let log = File::create(self.log_path(i)).unwrap();
+        let child = self
+            .command()
+            .arg("beat")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mediafarm beat starts");
+        self.beats.push(child);
+        i
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.join(format!("beat-{i}.log"))
+    }
+
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    fn pid(&self, i: usize) -> u32 {
+        self.beats[i].id()
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid(i).to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} beat {i}");
+    }
+
+    /// SIGTERM, then the exit status (a clean stop is success).
+    async fn stop(&mut self, i: usize) -> std::process::ExitStatus {
+        self.signal(i, "TERM");
+        let child = &mut self.beats[i];
+        for _ in 0..400 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "beat {i} did not stop within 20 s of SIGTERM:\n{}",
+            self.log(i)
+        );
+    }
+
+    async fn redis(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.settings.result_backend.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// The lease's holder now: (fencing epoch, pid), if any.
+    async fn leader(&self) -> Option<(u64, u32)> {
+        let mut conn = self.redis().await;
+        let token: Option<String> = redis::cmd("GET")
+            .arg(format!("{}:leader", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let token = token?;
+        let parts: Vec<&str> = token.split(':').collect();
+        Some((parts[0].parse().unwrap(), parts[2].parse().unwrap()))
+    }
+
+    /// Which of the beats holds the lease, once one does.
+    async fn wait_leader(&self, not: Option<usize>) -> usize {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while tokio::time::Instant::now() < deadline {
+            if let Some((_, pid)) = self.leader().await {
+                if let Some(i) = (0..self.beats.len()).find(|&i| self.pid(i) == pid) {
+                    if Some(i) != not {
+                        return i;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no beat (other than {not:?}) took the lease");
+    }
+
+    /// The record of an entry's last claimed tick: (tick, state).
+    async fn last_tick(&self, entry: &str) -> Option<(u64, String)> {
+        let mut conn = self.redis().await;
+        let (tick, state): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+            .arg(format!("{}:tick:{entry}", self.prefix))
+            .arg("tick")
+            .arg("state")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        tick.map(|t| (t, state.unwrap_or_default()))
+    }
+
+    /// Waits until the queue holds at least `n` messages.
+    async fn wait_messages(&self, n: u32) -> u32 {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let have = ready_count(&self.settings, &self.queue).await;
+            if have >= n {
+                return have;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "only {have} of {n} messages arrived; beat logs:\n{}",
+                (0..self.beats.len())
+                    .map(|i| self.log(i))
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Takes every message off the queue, sorted by due time.
+    async fn drain(&self) -> Vec<Tick> {
+        let conn = mediafarm::broker::connect(&self.settings, "beat test drain")
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let mut ticks = Vec::new();
+        while let Some(msg) = ch
+            .basic_get(self.queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            let (_, headers) = mediafarm::amqp_table::read_properties(&msg.delivery.properties);
+            let body: Value = serde_json::from_slice(&msg.delivery.data).unwrap();
+            let due = headers["beat_due"].as_str().expect("beat_due header");
+            ticks.push(Tick {
+                id: headers["id"].as_str().unwrap().to_owned(),
+                entry: headers["beat_entry"].as_str().unwrap().to_owned(),
+                due_ms: chrono::DateTime::parse_from_rfc3339(due)
+                    .unwrap()
+                    .timestamp_millis() as u64,
+                kwargs: body[1].clone(),
+                expires: headers["expires"].as_str().map(str::to_owned),
+            });
+        }
+        let _ = conn.close(200, "done".into()).await;
+        ticks.sort_by_key(|t| t.due_ms);
+        ticks
+    }
+
+    /// Kills what is left, deletes the queue and every Redis key under the prefix.
+    async fn cleanup(mut self) {
+        for child in &mut self.beats {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        delete_queue(&self.settings, &self.queue).await;
+        let mut conn = self.redis().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(keys)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Checks the ticks of `entry` are on the grid, each once, with the derived task id; returns
+/// the missing ticks between the first and the last.
+fn check_ticks(prefix: &str, entry: &str, ticks: &[Tick]) -> Vec<u64> {
+    assert!(!ticks.is_empty());
+    let mut ids = std::collections::HashSet::new();
+    for t in ticks {
+        assert_eq!(t.entry, entry);
+        assert_eq!(t.due_ms % EVERY_MS, 0, "off the grid: {t:?}");
+        assert!(ids.insert(t.id.clone()), "task id published twice: {t:?}");
+        assert_eq!(t.id, tick_task_id(prefix, entry, t.due_ms));
+    }
+    for pair in ticks.windows(2) {
+        assert!(
+            pair[1].due_ms > pair[0].due_ms,
+            "tick due {} published twice",
+            pair[0].due_ms
+        );
+    }
+    let (first, last) = (
+        ticks[0].due_ms / EVERY_MS,
+        ticks[ticks.len() - 1].due_ms / EVERY_MS,
+    );
+    let have: std::collections::HashSet<u64> = ticks.iter().map(|t| t.due_ms / EVERY_MS).collect();
+    (first..=last).filter(|k| !have.contains(k)).collect()
+}
+
+#[tokio::test]
+async fn settings_entries_are_published_once_per_tick_on_the_grid() {
+    let mut t = BeatTest::new(
+        "beat-settings",
+        "[beat_schedule.grid]\ntask = \"echo.echo\"\nevery = \"1s\"\nqueue = \"{queue}\"\n\
+         expires = 30\nkwargs = { room = 7, name = \"lobby\" }\n",
+    );
+    let started_ms = unix_ms();
+    let beat = t.start_beat();
+    t.wait_messages(3).await;
+    let status = t.stop(beat).await;
+    assert!(status.success(), "{status}: {}", t.log(beat));
+    assert_eq!(t.leader().await, None, "SIGTERM releases the lease");
+
+    let ticks = t.drain().await;
+    let missing = check_ticks(&t.prefix, "grid", &ticks);
+    assert_eq!(missing, Vec::<u64>::new(), "{ticks:?}");
+    // The grid starts at the first tick after the beat first saw the entry.
+    assert!(ticks[0].due_ms > started_ms, "{ticks:?}");
+    for tick in &ticks {
+        assert_eq!(tick.kwargs, json!({"room": 7, "name": "lobby"}));
+        // Expiry counts from the tick's due time, not from when it was published.
+        let expires = chrono::DateTime::parse_from_rfc3339(tick.expires.as_deref().unwrap())
+            .unwrap()
+            .timestamp_millis() as u64;
+        assert_eq!(expires, tick.due_ms + 30_000);
+    }
+    let last = ticks.last().unwrap().due_ms / EVERY_MS;
+    assert_eq!(t.last_tick("grid").await, Some((last, "sent".into())));
+    assert!(t.log(beat).contains("released the beat lease"));
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_bad_entry_stops_start_up_naming_entry_field_value_and_what_is_accepted() {
+    let t = BeatTest::new(
+        "beat-bad",
+        "[beat_schedule.snap]\ntask = \"snapshot.capture\"\nevery = \"20x\"\n",
+    );
+    let out = t.cli(&["beat"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("setting `beat_schedule.snap.every` = \"20x\" is not accepted")
+            && err.contains("\"20s\", \"5m\""),
+        "{err}"
+    );
+    std::fs::write(
+        &t.config,
+        "[beat_schedule.snap]\ntask = \"snapshot.capture\"\nevery = 20\nargs = [1]\n",
+    )
+    .unwrap();
+    let out = t.cli(&["beat"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        err.contains("`beat_schedule.snap.args` = [1]")
+            && err.contains("one of task, every, kwargs, queue, expires"),
+        "{err}"
+    );
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn schedule_commands_add_list_remove_and_a_running_beat_follows_them() {
+    let mut t = BeatTest::new(
+        "beat-dyn",
+        "[beat_schedule.hourly]\ntask = \"echo.echo\"\nevery = \"1h\"\nqueue = \"{queue}\"\n",
+    );
+    let beat = t.start_beat();
+    t.wait_leader(None).await;
+
+    let bad = t.cli(&["schedule", "add", "x", "echo.echo", "--every", "20x"]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("`every` = \"20x\" is not accepted"), "{err}");
+    let clash = t.cli(&["schedule", "add", "hourly", "echo.echo", "--every", "1s"]);
+    assert!(!clash.status.success());
+    assert!(String::from_utf8_lossy(&clash.stderr).contains("settings file"));
+
+    let before_add = unix_ms();
+    let q = t.queue.clone();
+    let added = t.cli(&[
+        "schedule",
+        "add",
+        "dyn",
+        "echo.echo",
+        "--every",
+        "1s",
+        "--json",
+        r#"{"n": 1}"#,
+        "--queue",
+        &q,
+    ]);
+    let after_add = unix_ms();
+    assert!(added.status.success(), "{added:?}");
+    t.wait_messages(2).await;
+
+    let list = t.cli(&["schedule", "list", "--json"]);
+    assert!(list.status.success());
+    let rows: Vec<Value> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let names: Vec<(&str, &str)> = rows
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["source"].as_str().unwrap()))
+        .collect();
+    assert_eq!(names, [("hourly", "settings"), ("dyn", "redis")]);
+    assert_eq!(rows[1]["kwargs"], json!({"n": 1}));
+    assert_eq!(rows[1]["queue"], json!(t.queue));
+    assert!(rows[1]["last_due"].is_string());
+
+    let removed = t.cli(&["schedule", "remove", "dyn"]);
+    assert!(removed.status.success(), "{removed:?}");
+    let count_at_remove = ready_count(&t.settings, &t.queue).await;
+    // Two more ticks' time: a claim checks the entry still exists, so at most one tick
+    // claimed just before the removal can still arrive.
+    tokio::time::sleep(Duration::from_millis(2 * EVERY_MS + 500)).await;
+    let ticks = t.drain().await;
+    assert!(
+        ticks.len() as u32 <= count_at_remove + 1,
+        "{} ticks after removal at {count_at_remove}",
+        ticks.len()
+    );
+    assert_eq!(check_ticks(&t.prefix, "dyn", &ticks), Vec::<u64>::new());
+    // The grid starts at the first tick after `schedule add`.
+    let first = ticks[0].due_ms / EVERY_MS;
+    assert!(
+        (before_add / EVERY_MS + 1..=after_add / EVERY_MS + 1).contains(&first),
+        "first tick {first} for an add between {before_add} and {after_add}"
+    );
+    let again = t.cli(&["schedule", "remove", "dyn"]);
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(t.stop(beat).await.code(), Some(0));
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_beats_publish_each_tick_exactly_once() {
+    let mut t = BeatTest::new("beat-ha", "");
+    let a = t.start_beat();
+    let b = t.start_beat();
+    let leader = t.wait_leader(None).await;
+    let q = t.queue.clone();
+    let added = t.cli(&[
+        "schedule",
+        "add",
+        "ha",
+        "echo.echo",
+        "--every",
+        "1s",
+        "--queue",
+        &q,
+    ]);
+    assert!(added.status.success(), "{added:?}");
+    t.wait_messages(3).await;
+
+    // A clean handover: the leader stops and releases the lease; the other takes over.
+    let follower = if leader == a { b } else { a };
+    assert!(t.stop(leader).await.success());
+    let have = ready_count(&t.settings, &t.queue).await;
+    assert_eq!(t.wait_leader(Some(leader)).await, follower);
+    t.wait_messages(have + 3).await;
+    assert!(t.stop(follower).await.success());
+
+    let ticks = t.drain().await;
+    let missing = check_ticks(&t.prefix, "ha", &ticks);
+    assert_eq!(missing, Vec::<u64>::new(), "{ticks:?}");
+    let (first, last) = (
+        ticks[0].due_ms / EVERY_MS,
+        ticks[ticks.len() - 1].due_ms / EVERY_MS,
+    );
+    assert_eq!(ticks.len() as u64, last - first + 1);
+    assert_eq!(t.last_tick("ha").await, Some((last, "sent".into())));
+    // Both beats published: the follower's ticks follow the leader's.
+    assert!(t.log(leader).contains("published") && t.log(follower).contains("published"));
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_paused_then_a_killed_leader_cause_no_duplicates_and_at_most_one_missed_tick() {
+    let mut t = BeatTest::new("beat-fence", "");
+    let a = t.start_beat();
+    let b = t.start_beat();
+    let first_leader = t.wait_leader(None).await;
+    let other = if first_leader == a { b } else { a };
+    let q = t.queue.clone();
+    let added = t.cli(&[
+        "schedule",
+        "add",
+        "fence",
+        "echo.echo",
+        "--every",
+        "1s",
+        "--queue",
+        &q,
+    ]);
+    assert!(added.status.success(), "{added:?}");
+    let have = t.wait_messages(2).await;
+
+    // Paused past its lease: the other beat takes over; when the paused one resumes it still
+    // believes it leads until its next renewal, and any claim it makes is fenced off.
+    t.signal(first_leader, "STOP");
+    assert_eq!(t.wait_leader(Some(first_leader)).await, other);
+    let have = t.wait_messages(have + 2).await;
+    t.signal(first_leader, "CONT");
+    let have = t.wait_messages(have + 2).await;
+
+    // Killed outright: the resumed beat takes over once the lease runs out.
+    let (epoch_before, _) = t.leader().await.unwrap();
+    t.beats[other].kill().unwrap();
+    t.beats[other].wait().unwrap();
+    assert_eq!(t.wait_leader(Some(other)).await, first_leader);
+    let (epoch_after, _) = t.leader().await.unwrap();
+    assert!(
+        epoch_after > epoch_before,
+        "each acquisition takes a new fencing token"
+    );
+    t.wait_messages(have + 3).await;
+    assert!(t.stop(first_leader).await.success());
+
+    let ticks = t.drain().await;
+    let missing = check_ticks(&t.prefix, "fence", &ticks);
+    assert!(
+        missing.len() <= 1,
+        "missed ticks {missing:?} in {:?}",
+        ticks
+            .iter()
+            .map(|t| t.due_ms / EVERY_MS)
+            .collect::<Vec<_>>()
+    );
+    let (first, last) = (
+        ticks[0].due_ms / EVERY_MS,
+        ticks[ticks.len() - 1].due_ms / EVERY_MS,
+    );
+    assert_eq!(ticks.len() as u64 + missing.len() as u64, last - first + 1);
+    let log = t.log(first_leader);
+    assert!(
+        log.contains("lost the beat lease") || log.contains("tick claim refused"),
+        "the resumed beat noticed it no longer leads:\n{log}"
+    );
+    t.cleanup().await;
+}
