@@ -15,6 +15,8 @@ There is no Docker engine or cluster here, so the files are kept correct by chec
 - Dockerfiles: hadolint, and the `cargo build -p <crate> --bin <bin>` line against the
   workspace.
 - Grafana: the dashboard's queries use only metrics the workers export.
+- Settings values: every settings file with each container's literal MEDIAFARM_* variables goes
+  through `mediafarm check-settings` (the workers' own parser and checks).
 
 Prints one line per check and a summary; exits 1 when any check failed.
 """
@@ -27,6 +29,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +109,34 @@ def env_problems(names: Iterable[str], origin: str, known: set[str]) -> list[str
             if name[len("MEDIAFARM_"):].lower() not in known:
                 out.append(f"{origin}: {name} names no setting")
     return out
+
+
+def check_settings(binary: Path, toml_text: str, env: dict[str, str], origin: str) -> list[str]:
+    """Runs the real settings parser on a file plus environment, in an otherwise clean
+    environment so this machine's MEDIAFARM_* variables play no part."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(toml_text)
+        f.flush()
+        clean = {"PATH": "/usr/bin:/bin"} | {k: str(v) for k, v in env.items()}
+        r = subprocess.run([str(binary), "--config", f.name, "check-settings"], env=clean,
+                           capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return [f"{origin}: {(r.stderr or r.stdout).strip().replace(f.name, 'settings file')}"]
+    return []
+
+
+def literal_mediafarm_env(env: Any) -> dict[str, str]:
+    """MEDIAFARM_* variables given as values (Compose mapping or list, or Kubernetes env)."""
+    if isinstance(env, dict):
+        items = env.items()
+    else:
+        items = []
+        for e in env or []:
+            if isinstance(e, dict) and "value" in e:
+                items.append((e["name"], e["value"]))
+            elif isinstance(e, str) and "=" in e:
+                items.append(tuple(e.split("=", 1)))
+    return {k: str(v) for k, v in items if k.startswith("MEDIAFARM_") and k != "MEDIAFARM_LOG_FORMAT"}
 
 
 def kn(obj: dict) -> str:
@@ -317,6 +348,21 @@ def int_or_percent_problems(node: Any, path: str) -> list[str]:
     return out
 
 
+def settings_value_problems(objs: list[dict], binary: Path) -> list[str]:
+    """Each container's settings file (its ConfigMap) with its literal MEDIAFARM_* values."""
+    out: list[str] = []
+    cms = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ConfigMap"}
+    for d in (o for o in objs if o["kind"] == "Deployment"):
+        pod = d["spec"]["template"]["spec"]
+        texts = [cms[v["configMap"]["name"]]["data"]["mediafarm.toml"] for v in pod.get("volumes") or []
+                 if "configMap" in v and "mediafarm.toml" in (cms.get(v["configMap"]["name"], {}).get("data") or {})]
+        for c in pod["containers"]:
+            for text in texts:
+                out.extend(check_settings(binary, text, literal_mediafarm_env(c.get("env")),
+                                          f"{kn(d)} container {c['name']}"))
+    return out
+
+
 def reference_problems(objs: list[dict]) -> list[str]:
     """Selectors and names that must point at something: Services, PDBs, KEDA, ServiceMonitor."""
     out: list[str] = [p for o in objs for p in int_or_percent_problems(o.get("spec"), f"{kn(o)}: spec")]
@@ -414,7 +460,7 @@ def render(kustomization_dir: Path) -> tuple[list[dict], list[str]]:
     return [o for o in yaml.safe_load_all(r.stdout) if o], []
 
 
-def check_k8s(report: Report, known: set[str]) -> None:
+def check_k8s(report: Report, known: set[str], binary: Path) -> None:
     if not shutil.which("kubectl"):
         report.check("kubectl", ["kubectl (with built-in kustomize) is not installed: run scripts/setup.sh"])
         return
@@ -441,13 +487,15 @@ def check_k8s(report: Report, known: set[str]) -> None:
                      workload_problems(objs, secret_keys, known))
         report.check(f"{label}: references (Services, PDBs, KEDA, ServiceMonitor)",
                      reference_problems(objs))
+        report.check(f"{label}: settings values per container (mediafarm check-settings)",
+                     settings_value_problems(objs, binary))
         for kind in ("Deployment", "ScaledObject", "TriggerAuthentication", "PodDisruptionBudget",
                      "ServiceMonitor", "ConfigMap", "Service"):
             if not any(o["kind"] == kind for o in objs):
                 report.check(f"{label}: has a {kind}", [f"no {kind} rendered"])
 
 
-def check_compose(report: Report, known: set[str], tools: Path) -> None:
+def check_compose(report: Report, known: set[str], tools: Path, binary: Path) -> None:
     compose_file = ROOT / "deploy/compose.yaml"
     dclint = tools / "node_modules/.bin/dclint"
     if not dclint.exists():
@@ -501,6 +549,14 @@ def check_compose(report: Report, known: set[str], tools: Path) -> None:
                 if host != "localhost" and host not in services:
                     out.append(f"prometheus.yml: target {target} is no compose service")
     report.check("deploy/compose.yaml: services, mounts, settings, Prometheus targets", out)
+    values: list[str] = []
+    for name, svc in services.items():
+        for vol in svc.get("volumes") or []:
+            src, _, dest = vol.partition(":")
+            if dest.startswith("/etc/mediafarm/mediafarm.toml") and (compose_file.parent / src).is_file():
+                values.extend(check_settings(binary, (compose_file.parent / src).read_text(),
+                                             literal_mediafarm_env(svc.get("environment")), name))
+    report.check("deploy/compose.yaml: settings values per service (mediafarm check-settings)", values)
 
 
 def check_dashboards(report: Report) -> None:
@@ -583,14 +639,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tools", type=Path, default=ROOT / "var/deploy-tools",
                         help="npm prefix holding dclint")
+    parser.add_argument("--mediafarm", type=Path, default=ROOT / "target/debug/mediafarm",
+                        help="the mediafarm CLI, for check-settings")
     parser.add_argument("--hadolint", default=shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint"))
     args = parser.parse_args()
     hadolint = args.hadolint if Path(args.hadolint).exists() or shutil.which(args.hadolint) else None
     known = setting_names()
     report = Report()
+    if not args.mediafarm.is_file():
+        report.check("mediafarm CLI", [f"{args.mediafarm} is missing: cargo build -p mediafarm --bin mediafarm"])
     checks: list[Callable[[], None]] = [
-        lambda: check_k8s(report, known),
-        lambda: check_compose(report, known, args.tools),
+        lambda: check_k8s(report, known, args.mediafarm),
+        lambda: check_compose(report, known, args.tools, args.mediafarm),
         lambda: check_dashboards(report),
         lambda: check_dockerfiles(report, hadolint),
     ]

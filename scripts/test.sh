@@ -5,13 +5,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export MEDIAFARM_TEST_PYTHON="$PWD/.venv/bin/python"
-scripts/validate_deploy.sh
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build (binaries and examples the process tests start)"
 cargo build --workspace --all-targets --locked
+# Offline checks of deploy/ and k8s/ (no Docker engine or cluster here); uses the CLI just built.
+scripts/validate_deploy.sh
 echo "== cargo test"
 mkdir -p var
 cargo test --workspace --locked -- --test-threads 4 2>&1 | tee var/test-output.log

@@ -99,6 +99,9 @@ enum Command {
         #[command(subcommand)]
         command: ScheduleCommand,
     },
+    /// Check the settings (file and MEDIAFARM_* environment) without connecting anywhere: exit
+    /// 0 when every value is accepted, 2 with the problem otherwise (deploy validation uses it).
+    CheckSettings,
 }
 
 #[derive(Subcommand)]
@@ -292,6 +295,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Schedule { command } => schedule(&settings, command).await,
+        Command::CheckSettings => {
+            println!("settings accepted: {}", cli.config.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
