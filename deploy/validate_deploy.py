@@ -14,7 +14,8 @@ There is no Docker engine or cluster here, so the files are kept correct by chec
   mounted files, Dockerfiles, settings names, Prometheus targets.
 - Dockerfiles: hadolint, and the `cargo build -p <crate> --bin <bin>` line against the
   workspace.
-- Grafana: the dashboard's queries use only metrics the workers export.
+- Grafana: every panel query parses as PromQL (promql-parser) and uses only metrics the workers
+  export.
 - Settings values: every settings file with each container's literal MEDIAFARM_* variables goes
   through `mediafarm check-settings` (the workers' own parser and checks).
 
@@ -559,7 +560,15 @@ def check_compose(report: Report, known: set[str], tools: Path, binary: Path) ->
     report.check("deploy/compose.yaml: settings values per service (mediafarm check-settings)", values)
 
 
+def grafana_to_promql(expr: str) -> str:
+    """A panel query as Prometheus receives it: Grafana's interval macros and variables filled."""
+    expr = re.sub(r"\$__(rate_interval|interval|range)\b", "5m", expr)
+    return re.sub(r"\$\{?[A-Za-z_][A-Za-z0-9_]*\}?", ".*", expr)
+
+
 def check_dashboards(report: Report) -> None:
+    import promql_parser
+
     metrics = exported_metrics()
     out: list[str] = []
     files = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
@@ -575,6 +584,11 @@ def check_dashboards(report: Report) -> None:
         exprs += [v.get("definition", "") for v in dash.get("templating", {}).get("list", [])]
         if not exprs:
             out.append(f"{f.name}: no queries")
+        for e in (t["expr"] for p in dash.get("panels", []) for t in p.get("targets", [])):
+            try:
+                promql_parser.parse(grafana_to_promql(e))
+            except ValueError as err:
+                out.append(f"{f.name}: PromQL does not parse ({err}): {e}")
         for e in exprs:
             for name in set(re.findall(r"\b(celery_[a-z_]+)", e)):
                 if name not in metrics:
@@ -582,7 +596,7 @@ def check_dashboards(report: Report) -> None:
         ids = [p.get("id") for p in dash.get("panels", [])]
         if len(ids) != len(set(ids)):
             out.append(f"{f.name}: panel ids repeat")
-    report.check("deploy/grafana: dashboards query exported metrics only", out)
+    report.check("deploy/grafana: dashboards (PromQL parses, exported metrics only)", out)
 
 
 def workspace_bins() -> dict[str, set[str]]:
