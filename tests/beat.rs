@@ -82,10 +82,16 @@ impl BeatTest {
 
     /// Starts `mediafarm beat`; returns its index. Its log goes to `beat-<i>.log`.
     fn start_beat(&mut self) -> usize {
+        self.start_beat_with(&[])
+    }
+
+    /// Starts `mediafarm beat` with extra environment variables.
+    fn start_beat_with(&mut self, env: &[(&str, &str)]) -> usize {
         let i = self.beats.len();
         let log = File::create(self.log_path(i)).unwrap();
         let child = self
             .command()
+            .envs(env.iter().copied())
             .arg("beat")
             .stdout(Stdio::null())
             .stderr(log)
@@ -525,5 +531,47 @@ async fn a_paused_then_a_killed_leader_cause_no_duplicates_and_at_most_one_misse
         log.contains("lost the beat lease") || log.contains("tick claim refused"),
         "the resumed beat noticed it no longer leads:\n{log}"
     );
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_leader_stuck_on_an_unanswering_broker_hands_the_lease_on() {
+    // A broker address that accepts connections and never says a word: the stuck beat's
+    // publish waits there (10 s per connection attempt, retried), far longer than its lease.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("amqp://guest:guest@{}//", silent.local_addr().unwrap());
+    let mut t = BeatTest::new("beat-stuck", "");
+    let stuck = t.start_beat_with(&[("MEDIAFARM_BROKER_URL", &silent_url)]);
+    assert_eq!(t.wait_leader(None).await, stuck);
+    let healthy = t.start_beat();
+    let q = t.queue.clone();
+    let added = t.cli(&[
+        "schedule",
+        "add",
+        "stuck",
+        "echo.echo",
+        "--every",
+        "1s",
+        "--queue",
+        &q,
+    ]);
+    assert!(added.status.success(), "{added:?}");
+
+    // Without the hand-over nothing would arrive for the best part of a minute.
+    assert_eq!(t.wait_leader(Some(stuck)).await, healthy);
+    t.wait_messages(3).await;
+    assert!(t.stop(healthy).await.success());
+    let ticks = t.drain().await;
+    // The stuck leader's claimed tick never left it: at most that one is missing.
+    assert!(
+        check_ticks(&t.prefix, "stuck", &ticks).len() <= 1,
+        "{ticks:?}"
+    );
+    assert!(
+        t.log(stuck).contains("handing the lease to another beat"),
+        "{}",
+        t.log(stuck)
+    );
+    drop(silent);
     t.cleanup().await;
 }

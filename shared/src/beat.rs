@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -159,9 +160,11 @@ impl Beat {
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), BeatError> {
         let (token_tx, mut token_rx) = watch::channel(None::<String>);
         let stop_keeper = CancellationToken::new();
+        let busy = Busy::default();
         let keeper = tokio::spawn(keep_lease(
             self.lease.clone(),
             token_tx,
+            busy.clone(),
             stop_keeper.clone(),
         ));
         tracing::info!(
@@ -188,7 +191,10 @@ impl Beat {
                 wake = tokio::time::Instant::now() + Duration::from_secs(3600);
                 continue;
             };
-            let next = match self.step(&token).await {
+            busy.start();
+            let outcome = self.step(&token).await;
+            busy.end();
+            let next = match outcome {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::warn!(error = %e, "beat step failed; retrying");
@@ -457,14 +463,48 @@ fn report_gap(name: &str, every: u64, prev: u64, prev_state: &str, first: u64) {
     }
 }
 
-/// Holds the lease while it can: acquires it when free, renews it every third of its TTL,
-/// publishes the current token (or `None`) to the scheduler, and releases it when stopped.
-async fn keep_lease(lease: Lease, tx: watch::Sender<Option<String>>, stop: CancellationToken) {
+/// When the scheduler entered the step it is in, if it is in one. The lease keeper renews only
+/// while the scheduler makes progress: a leader stuck in a step longer than the lease TTL
+/// (a publish waiting on a broker that stopped answering) hands the lease on instead of
+/// keeping it with no ticks going out.
+#[derive(Clone, Default)]
+struct Busy(Arc<Mutex<Option<tokio::time::Instant>>>);
+
+impl Busy {
+    fn start(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::time::Instant::now());
+    }
+
+    fn end(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// How long the current step has taken so far.
+    fn stuck_for(&self) -> Duration {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|since| since.elapsed())
+            .unwrap_or_default()
+    }
+}
+
+/// Holds the lease while it can: acquires it when free, renews it every third of its TTL
+/// while the scheduler makes progress, publishes the current token (or `None`) to the
+/// scheduler, and releases it when stopped.
+async fn keep_lease(
+    lease: Lease,
+    tx: watch::Sender<Option<String>>,
+    busy: Busy,
+    stop: CancellationToken,
+) {
     let period = lease.ttl() / 3;
     let mut token: Option<String> = None;
     let mut renewed_at = tokio::time::Instant::now();
     loop {
         match &token {
+            // A scheduler still stuck does not take the lease back.
+            None if busy.stuck_for() >= lease.ttl() => {}
             None => match lease.acquire().await {
                 Ok(Some(t)) => {
                     tracing::info!(token = %t, "this beat is the leader now");
@@ -475,6 +515,18 @@ async fn keep_lease(lease: Lease, tx: watch::Sender<Option<String>>, stop: Cance
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot reach Redis for the beat lease"),
             },
+            Some(t) if busy.stuck_for() >= lease.ttl() => {
+                tracing::warn!(
+                    stuck_s = busy.stuck_for().as_secs_f64(),
+                    "the scheduler is stuck in a step (broker or Redis not answering); \
+                     handing the lease to another beat"
+                );
+                if let Err(e) = lease.release(t).await {
+                    tracing::warn!(error = %e, "could not release the beat lease; it expires by itself");
+                }
+                token = None;
+                tx.send_replace(None);
+            }
             Some(t) => {
                 let lost = match lease.renew(t).await {
                     Ok(true) => {
