@@ -38,6 +38,24 @@ pub fn bucket_key(provider: &str) -> String {
     format!("mediafarm-rate-notify-{provider}")
 }
 
+/// Takes one token from the bucket at `key` if there is one: 0, else the milliseconds until
+/// there will be one.
+pub async fn take<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    key: &str,
+    limit: RateLimit,
+) -> Result<u64, redis::RedisError> {
+    let period_ms = limit.per.as_millis().max(1) as u64;
+    redis::cmd("EVAL")
+        .arg(TAKE)
+        .arg(1)
+        .arg(key)
+        .arg(limit.count)
+        .arg(period_ms)
+        .query_async(conn)
+        .await
+}
+
 /// Takes one token from `provider`'s bucket, waiting briefly when the bucket is about to
 /// refill; a longer wait becomes a transient `RateLimited` retried after that wait.
 pub async fn acquire(
@@ -46,17 +64,9 @@ pub async fn acquire(
     limit: Option<RateLimit>,
 ) -> Result<(), TaskError> {
     let Some(limit) = limit else { return Ok(()) };
-    let key = bucket_key(provider);
-    let period_ms = limit.per.as_millis().max(1) as u64;
     loop {
         let mut conn = ctx.backend().connection();
-        let wait_ms: u64 = redis::cmd("EVAL")
-            .arg(TAKE)
-            .arg(1)
-            .arg(&key)
-            .arg(limit.count)
-            .arg(period_ms)
-            .query_async(&mut conn)
+        let wait_ms = take(&mut conn, &bucket_key(provider), limit)
             .await
             .map_err(|e| TaskError::transient("BackendError", format!("rate limit: {e}")))?;
         if wait_ms == 0 {

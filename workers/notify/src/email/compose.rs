@@ -4,8 +4,8 @@
 //! written as RFC 2047 encoded words and bodies as UTF-8 quoted-printable or base64 by lettre,
 //! so any MTA carries them; a non-ASCII address is sent with SMTPUTF8.
 
-use lettre::message::header::{HeaderName, HeaderValue};
-use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::message::header::{ContentTransferEncoding, HeaderName, HeaderValue};
+use lettre::message::{Attachment, Body as MimeBody, Mailbox, MultiPart, SinglePart};
 use lettre::Message;
 use mediafarm::TaskError;
 use sha2::{Digest, Sha256};
@@ -252,8 +252,14 @@ impl Draft {
                 Body::Single(s) => MultiPart::mixed().singlepart(s),
             };
             for f in files {
-                mixed = mixed
-                    .singlepart(Attachment::new(f.filename).body(f.data.to_vec(), f.content_type));
+                // Base64 always: a file must arrive byte for byte, and a "7bit" text file with
+                // bare LFs would break SMTP's line rules.
+                let body = MimeBody::new_with_encoding(
+                    f.data.to_vec(),
+                    ContentTransferEncoding::Base64,
+                )
+                .map_err(|_| TaskError::permanent("InternalError", "base64 is always valid"))?;
+                mixed = mixed.singlepart(Attachment::new(f.filename).body(body, f.content_type));
             }
             builder.multipart(mixed)
         };
@@ -321,5 +327,47 @@ mod tests {
         assert_eq!(e.exc_type, "InvalidHeader");
         let a = args(serde_json::json!({"to": "a@example.com", "subject": "s", "text": "  "}));
         assert_eq!(content(&a, &t).unwrap_err().exc_type, "EmptyBody");
+    }
+}
+
+#[cfg(test)]
+mod line_length_tests {
+    use super::*;
+    use crate::email::attachments::{guess, File};
+
+    #[test]
+    fn no_line_is_longer_than_smtp_allows() {
+        let a: EmailArgs = serde_json::from_value(serde_json::json!({
+            "to": "张三 <zhang@example.com>", "subject": "您的订单已发货 — order #42 shipped",
+            "text": "你好，张三！\n您的包裹已经发出。", "html": "<p>你好，<b>张三</b>！</p>",
+            "headers": {"X-Campaign": "发货通知"}
+        }))
+        .unwrap();
+        let t = Templates::new("/nonexistent");
+        let c = content(&a, &t).unwrap();
+        let d = Draft::new(&a, "订单系统 <orders@shop.example>", c).unwrap();
+        let pdf = b"%PDF-1.4\n% test document\n".repeat(40);
+        let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDRxxxx".to_vec();
+        let files = vec![
+            File {
+                filename: "report.pdf".into(),
+                content_type: guess("report.pdf", &pdf),
+                data: pdf.into(),
+            },
+            File {
+                filename: "图表".into(),
+                content_type: guess("x", &png),
+                data: png.into(),
+            },
+        ];
+        let m = d.build("k", files).unwrap().formatted();
+        let text = String::from_utf8(m).unwrap();
+        assert!(
+            !text.replace("\r\n", "").contains('\n'),
+            "no bare LF:\n{text}"
+        );
+        for line in text.split("\r\n") {
+            assert!(line.len() <= 998, "{line}");
+        }
     }
 }
