@@ -12,7 +12,9 @@ use std::time::Duration;
 use lapin::options::BasicGetOptions;
 use mediafarm::beat::{tick_task_id, unix_ms};
 use mediafarm::Settings;
-use mediafarm_tests::{binary, delete_queue, ready_count, settings, unique_queue};
+use mediafarm_tests::{
+    binary, delete_queue, python, python_env, ready_count, settings, unique_queue, workspace_root,
+};
 use serde_json::{json, Value};
 
 /// Entries in these tests tick every second.
@@ -573,5 +575,57 @@ async fn a_leader_stuck_on_an_unanswering_broker_hands_the_lease_on() {
         t.log(stuck)
     );
     drop(silent);
+    t.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_python_celery_worker_runs_what_beat_publishes() {
+    let mut t = BeatTest::new(
+        "beat-py",
+        "[beat_schedule.py]\ntask = \"echo.echo\"\nevery = 1\nqueue = \"{queue}\"\n\
+         expires = 60\nkwargs = { from = \"beat\" }\n",
+    );
+    let beat = t.start_beat();
+    let mut worker = Command::new(python())
+        .current_dir(workspace_root().join("tests/py"))
+        .args([
+            "-m",
+            "celery",
+            "-A",
+            "celery_app",
+            "worker",
+            "-P",
+            "solo",
+            "-Q",
+        ])
+        .arg(&t.queue)
+        .args(["-l", "warning", "--without-gossip", "--without-mingle"])
+        .args(["--without-heartbeat", "-n", &format!("py-{}@%h", t.queue)])
+        .envs(python_env(&t.settings))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("python celery worker starts");
+
+    // The tick recorded as sent has the task id derived from it; Python stores its result there.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let tick = loop {
+        if let Some((tick, state)) = t.last_tick("py").await {
+            if state == "sent" {
+                break tick;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{}", t.log(beat));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let id = tick_task_id(&t.prefix, "py", tick * EVERY_MS);
+    let client = mediafarm::Client::connect(&t.settings).await.unwrap();
+    let result = client.result(&id).get(PATIENCE).await.unwrap();
+    assert_eq!(result["worker"], "python");
+    assert_eq!(result["kwargs"], json!({"from": "beat"}));
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(t.stop(beat).await.success());
+    client.backend().forget(&id).await.unwrap();
     t.cleanup().await;
 }
