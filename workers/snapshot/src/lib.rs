@@ -1,1 +1,13 @@
-//! snapshot-worker: snapshot.capture and snapshot.watch (being built; see the open issue).
+//! snapshot-worker: `snapshot.capture` (one frame from a file or a live stream) and
+//! `snapshot.watch` (a session: a frame every `interval_s` from a live stream, decoding only
+//! the keyframe chosen for each tick). The binary in `main.rs` runs them on queue `snapshot`.
+
+pub mod capture;
+pub mod cpu_gate;
+pub mod media;
+pub mod source;
+pub mod template;
+pub mod watch;
+
+pub use capture::Capture;
+pub use watch::Watch;

@@ -1,0 +1,1003 @@
+//! snapshot-worker end to end: the real `snapshot-worker` binary on the real RabbitMQ and
+//! Redis, with streams made at test time by the FFmpeg CLI (`testsrc2` → H.264, small sizes,
+//! short GOPs) and served for real — a file, HLS from a local HTTP server while ffmpeg is still
+//! writing the playlist, RTMP through nginx with the RTMP module on a free port. Checks frame
+//! timing in stream time, JPEG/PNG/WebP validity and sizes, crash-resume after `kill -9`, the
+//! hand-off to a continuation, stopping by CLI and by revoke, signed webhook delivery, every
+//! bad source, and the Python celery client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use mediafarm::{Client, ClientError, SendOptions, Settings, TaskState};
+use mediafarm_tests::{delete_queue, failed, kwargs, python, unique_queue, workspace_root};
+use serde_json::{json, Value};
+use sha2::Sha256;
+
+const WAIT: Duration = Duration::from_secs(120);
+const SECRET: &str = "test-webhook-secret";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn ffmpeg(args: &[&str]) {
+    let status = Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-y"])
+        .args(args)
+        .stdin(Stdio::null())
+        .status()
+        .expect("ffmpeg runs (scripts/setup.d/snapshot.sh installs it)");
+    assert!(status.success(), "ffmpeg {args:?} failed");
+}
+
+/// H.264 test pattern of `secs` seconds at 30 fps with a keyframe every `gop` frames.
+fn h264_args(size: &str, gop: u32) -> Vec<String> {
+    [
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-tune",
+        "zerolatency",
+        "-g",
+        &gop.to_string(),
+        "-keyint_min",
+        &gop.to_string(),
+        "-sc_threshold",
+        "0",
+        "-pix_fmt",
+        "yuv420p",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain(std::iter::once("-s".to_owned()))
+    .chain(std::iter::once(size.to_owned()))
+    .collect()
+}
+
+fn make_video(path: &Path, secs: u32, size: &str, gop: u32) {
+    let mut args: Vec<String> = vec![
+        "-f".into(),
+        "lavfi".into(),
+        "-i".into(),
+        format!("testsrc2=size={size}:rate=30"),
+        "-t".into(),
+        secs.to_string(),
+    ];
+    args.extend(h264_args(size, gop));
+    args.push(path.display().to_string());
+    ffmpeg(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+/// Builds snapshot-worker once per test run.
+fn snapshot_binary() -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        for (var, _) in std::env::vars_os() {
+            let var = var.to_string_lossy().into_owned();
+            if var.starts_with("CARGO_") && var != "CARGO_HOME" && var != "CARGO_TARGET_DIR" {
+                cmd.env_remove(var);
+            }
+        }
+        let status = cmd
+            .current_dir(workspace_root())
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "snapshot-worker",
+                "--bin",
+                "snapshot-worker",
+            ])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building snapshot-worker failed");
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("debug/snapshot-worker")
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Proc {
+        Proc(cmd.stdin(Stdio::null()).spawn().expect("process starts"))
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// One test's world: a queue, a directory for media and storage, a client, the worker's
+/// environment.
+struct World {
+    settings: Settings,
+    queue: String,
+    dir: PathBuf,
+    client: Client,
+    env: Vec<(String, String)>,
+    workers: Vec<Proc>,
+}
+
+impl World {
+    async fn new(label: &str, extra: &[(&str, &str)]) -> World {
+        let settings = mediafarm_tests::settings();
+        let queue = unique_queue(label);
+        let dir =
+            std::env::temp_dir().join(format!("mf-snap-{label}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(dir.join("media")).unwrap();
+        std::fs::create_dir_all(dir.join("storage")).unwrap();
+        let mut env: Vec<(String, String)> = vec![
+            ("MEDIAFARM_BROKER_URL", settings.broker_url.clone()),
+            ("MEDIAFARM_RESULT_BACKEND", settings.result_backend.clone()),
+            (
+                "MEDIAFARM_STORAGE_URL",
+                format!("file://{}", dir.join("storage").display()),
+            ),
+            (
+                "MEDIAFARM_SOURCE_ALLOWED_ROOTS",
+                dir.join("media").display().to_string(),
+            ),
+            ("MEDIAFARM_SOURCE_ALLOWED_HOSTS", "127.0.0.1".into()),
+            ("MEDIAFARM_SOURCE_ALLOW_PRIVATE", "true".into()),
+            ("MEDIAFARM_SOURCE_ALLOW_HTTP", "true".into()),
+            ("MEDIAFARM_WEBHOOK_ALLOW_PRIVATE", "true".into()),
+            ("MEDIAFARM_WEBHOOK_ALLOW_HTTP", "true".into()),
+            ("MEDIAFARM_WEBHOOK_SECRET", SECRET.into()),
+            ("MEDIAFARM_WORKER_SHUTDOWN_GRACE", "5".into()),
+            ("MEDIAFARM_SNAPSHOT_RECONNECT_WINDOW", "3".into()),
+            ("MEDIAFARM_TASK_DEFAULT_RETRY_DELAY", "1".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        for (k, v) in extra {
+            env.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        let client = Client::connect(&settings).await.expect("client connects");
+        World {
+            settings,
+            queue,
+            dir,
+            client,
+            env,
+            workers: Vec::new(),
+        }
+    }
+
+    fn media(&self, name: &str) -> PathBuf {
+        self.dir.join("media").join(name)
+    }
+
+    fn file_url(&self, name: &str) -> String {
+        format!("file://{}", self.media(name).display())
+    }
+
+    /// Starts a worker; returns its index. Waits until it consumes (its log says so).
+    fn start_worker(&mut self, name: &str) -> usize {
+        let log = self.dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let proc = Proc::spawn(
+            Command::new(snapshot_binary())
+                .args(["-Q", &self.queue, "-n", &format!("{name}@{}", self.queue)])
+                .args(["--metrics-addr", "127.0.0.1:0", "-c", "8", "-l", "info"])
+                .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .env("NO_COLOR", "1")
+                .stdout(out.try_clone().unwrap())
+                .stderr(out),
+        );
+        for _ in 0..600 {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("consuming") {
+                self.workers.push(proc);
+                return self.workers.len() - 1;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "worker {name} did not start:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+
+    async fn send(&self, task: &str, kw: Value) -> mediafarm::AsyncResult {
+        let opts = SendOptions {
+            queue: Some(self.queue.clone()),
+            ..Default::default()
+        };
+        self.client
+            .send_task(task, kwargs(kw), &opts)
+            .await
+            .expect("published")
+    }
+
+    async fn run(&self, task: &str, kw: Value) -> Result<Value, ClientError> {
+        self.send(task, kw).await.get(WAIT).await
+    }
+
+    fn stored(&self, key: &str) -> Vec<u8> {
+        std::fs::read(self.dir.join("storage").join(key))
+            .unwrap_or_else(|e| panic!("stored {key}: {e}"))
+    }
+
+    fn stored_keys(&self, under: &str) -> Vec<String> {
+        let mut keys: Vec<String> = std::fs::read_dir(self.dir.join("storage").join(under))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| format!("{under}/{}", e.file_name().to_string_lossy()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        keys.sort();
+        keys
+    }
+
+    /// Polls a job until it is PROGRESS with at least `frames` frames; returns its meta.
+    async fn progress(&self, id: &str, frames: u64) -> Value {
+        for _ in 0..1200 {
+            if let Some(meta) = self.client.backend().get(id).await.unwrap() {
+                assert!(
+                    !meta.status.is_ready(),
+                    "job ended before {frames} frames: {:?}",
+                    meta.result
+                );
+                if meta.status == TaskState::Custom("PROGRESS".into())
+                    && meta.result["frames"].as_u64().unwrap_or(0) >= frames
+                {
+                    return meta.result;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("job {id} never reached {frames} frames");
+    }
+
+    async fn stop(mut self) {
+        self.workers.clear();
+        delete_queue(&self.settings, &self.queue).await;
+        delete_queue(&self.settings, &mediafarm::reroute::dead_queue(&self.queue)).await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn decode(data: &[u8], format: image::ImageFormat) -> image::DynamicImage {
+    image::load_from_memory_with_format(data, format).expect("a valid image")
+}
+
+fn assert_jpeg(data: &[u8], width: u32, height: u32) {
+    assert_eq!(&data[..3], &[0xFF, 0xD8, 0xFF], "JPEG magic");
+    assert_eq!(&data[data.len() - 2..], &[0xFF, 0xD9], "JPEG end marker");
+    let img = decode(data, image::ImageFormat::Jpeg);
+    assert_eq!((img.width(), img.height()), (width, height));
+    // testsrc2 is colourful: a grey or black picture would mean a broken conversion.
+    let rgb = img.to_rgb8();
+    let colourful = rgb.pixels().filter(|p| {
+        let (r, g, b) = (i32::from(p[0]), i32::from(p[1]), i32::from(p[2]));
+        (r - g).abs() > 60 || (g - b).abs() > 60
+    });
+    assert!(
+        colourful.count() > (width * height / 10) as usize,
+        "the picture has the test pattern's colours"
+    );
+}
+
+fn f(v: &Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("a number: {v}"))
+}
+
+// ---------------------------------------------------------------------------------------
+// snapshot.capture
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn capture_from_a_file_at_a_time_in_every_format() {
+    let mut w = World::new("cap-file", &[]).await;
+    make_video(&w.media("clip.mp4"), 6, "320x240", 15);
+    w.start_worker("a");
+    let url = w.file_url("clip.mp4");
+    let out = w
+        .run(
+            "snapshot.capture",
+            json!({"stream_url": url, "key": "caps/at-{time}.jpg", "at_s": 3.5}),
+        )
+        .await
+        .unwrap();
+    // The frame shown at 3.5 s: not the keyframe before it (3.0 s).
+    assert!((f(&out["pts_s"]) - 3.5).abs() < 0.02, "{out}");
+    assert_eq!(
+        (out["width"].as_u64(), out["height"].as_u64()),
+        (Some(320), Some(240))
+    );
+    let key = out["key"].as_str().unwrap();
+    assert!(
+        key.starts_with("caps/at-2") && key.ends_with("Z.jpg"),
+        "{key}"
+    );
+    let data = w.stored(key);
+    assert_eq!(out["bytes"].as_u64(), Some(data.len() as u64));
+    assert_jpeg(&data, 320, 240);
+    assert!(out["url"].as_str().unwrap().starts_with("file://"));
+    assert!(out["captured_at"].as_str().unwrap().ends_with("+00:00"));
+
+    let small = w
+        .run("snapshot.capture", json!({"stream_url": url, "key": "caps/small.jpg", "at_s": 0, "max_width": 160, "quality": 40}))
+        .await
+        .unwrap();
+    assert_eq!(f(&small["pts_s"]), 0.0);
+    assert_jpeg(&w.stored("caps/small.jpg"), 160, 120);
+    assert!(
+        small["bytes"].as_u64() < out["bytes"].as_u64(),
+        "quality 40 at half size is smaller"
+    );
+
+    let png = w
+        .run("snapshot.capture", json!({"stream_url": url, "key": "caps/p.png", "at_s": 1, "format": "png", "max_width": 200}))
+        .await
+        .unwrap();
+    let img = decode(&w.stored("caps/p.png"), image::ImageFormat::Png);
+    assert_eq!((img.width(), img.height()), (200, 150));
+    assert_eq!(png["format"], "png");
+    w.run(
+        "snapshot.capture",
+        json!({"stream_url": url, "key": "caps/w.webp", "at_s": 2, "format": "webp"}),
+    )
+    .await
+    .unwrap();
+    let img = decode(&w.stored("caps/w.webp"), image::ImageFormat::WebP);
+    assert_eq!((img.width(), img.height()), (320, 240));
+
+    let err = failed(
+        w.run(
+            "snapshot.capture",
+            json!({"stream_url": url, "key": "x.jpg", "at_s": 60}),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "AtPastEnd");
+    assert!(err.message.contains("past the end"), "{}", err.message);
+    let err = failed(
+        w.run(
+            "snapshot.capture",
+            json!({"stream_url": url, "key": "x-{nope}.jpg"}),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "InvalidKeyTemplate");
+    let err = failed(
+        w.run(
+            "snapshot.capture",
+            json!({"stream_url": url, "key": "x.jpg", "quality": 0}),
+        )
+        .await,
+    );
+    assert!(err.message.contains("quality"), "{}", err.message);
+    let err = failed(
+        w.run(
+            "snapshot.capture",
+            json!({"stream_url": "file:///etc/hostname", "key": "x.jpg"}),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "SourceRefused");
+    w.stop().await;
+}
+
+/// A TCP server that accepts connections and never says anything.
+fn silent_listener() -> (u16, std::thread::JoinHandle<()>, Arc<Mutex<bool>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    listener.set_nonblocking(true).unwrap();
+    let done = Arc::new(Mutex::new(false));
+    let flag = done.clone();
+    let handle = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while !*flag.lock().unwrap() {
+            if let Ok((s, _)) = listener.accept() {
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    (port, handle, done)
+}
+
+/// `python3 -m http.server` on a free port serving `dir`.
+fn http_server(dir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let proc = Proc::spawn(
+        Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_port(port);
+    (proc, port)
+}
+
+fn wait_port(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {port}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_sources_fail_clearly_within_the_timeout() {
+    let mut w = World::new("cap-bad", &[]).await;
+    ffmpeg(&[
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=2",
+        "-c:a",
+        "aac",
+        w.media("tone.m4a").to_str().unwrap(),
+    ]);
+    std::fs::write(w.media("junk.mp4"), b"this is not a video at all").unwrap();
+    w.start_worker("a");
+    let (silent, handle, done) = silent_listener();
+    let (_http, http_port) = http_server(&w.dir.join("media"));
+
+    let err = failed(
+        w.run(
+            "snapshot.capture",
+            json!({"stream_url": w.file_url("tone.m4a"), "key": "x.jpg"}),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "NoVideoStream");
+    assert!(
+        err.message.contains("has no video stream"),
+        "{}",
+        err.message
+    );
+
+    let err = failed(
+        w.run(
+            "snapshot.capture",
+            json!({"stream_url": w.file_url("junk.mp4"), "key": "x.jpg"}),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "SourceUnreachable");
+    assert!(err.message.contains("cannot open"), "{}", err.message);
+
+    for url in [
+        format!("http://127.0.0.1:{silent}/live/index.m3u8"),
+        format!("rtmp://127.0.0.1:{silent}/live/room"),
+        format!("rtsp://127.0.0.1:{silent}/cam"),
+    ] {
+        let err = failed(
+            w.run(
+                "snapshot.capture",
+                json!({"stream_url": url, "key": "x.jpg", "timeout_s": 2}),
+            )
+            .await,
+        );
+        assert_eq!(err.exc_type, "SourceTimeout", "{url}: {err:?}");
+        assert!(err.message.contains("within 2 s"), "{}", err.message);
+    }
+
+    let missing = format!("http://127.0.0.1:{http_port}/nope/index.m3u8");
+    let err = failed(
+        w.run(
+            "snapshot.capture",
+            json!({"stream_url": missing, "key": "x.jpg", "timeout_s": 5}),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "SourceNotFound", "{err:?}");
+    assert!(err.message.contains("404"), "{}", err.message);
+
+    // A watch fails the same way when its stream never worked.
+    let err = failed(
+        w.run(
+            "snapshot.watch",
+            json!({"stream_id": "gone", "stream_url": missing, "key": "w/{seq}.jpg", "interval_s": 1}),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "SourceNotFound", "{err:?}");
+    // The worker is still there.
+    make_video(&w.media("ok.mp4"), 1, "160x120", 15);
+    w.run(
+        "snapshot.capture",
+        json!({"stream_url": w.file_url("ok.mp4"), "key": "ok.jpg"}),
+    )
+    .await
+    .unwrap();
+    *done.lock().unwrap() = true;
+    let _ = handle.join();
+    w.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// snapshot.watch
+
+/// Ticks `interval` apart in stream time, within one GOP.
+fn assert_timing(pts: &[f64], interval: f64, gop: f64) {
+    assert!(pts.len() >= 2, "{pts:?}");
+    for pair in pts.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= interval - gop - 0.01 && gap <= interval + gop + 0.01,
+            "ticks {pts:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_a_file_ticks_in_stream_time_and_ends_with_the_file() {
+    let mut w = World::new("watch-file", &[]).await;
+    // 30 fps, a keyframe every 0.5 s, 12 s.
+    make_video(&w.media("room.mp4"), 12, "320x240", 15);
+    w.start_worker("a");
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": "room-1", "stream_url": w.file_url("room.mp4"), "interval_s": 2, "key": "rooms/{stream_id}/{seq}.jpg", "max_width": 240}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["ended"], "stream_ended", "{out}");
+    assert_eq!(out["frames"], 6, "{out}");
+    let keys = w.stored_keys("rooms/room-1");
+    let want: Vec<String> = (0..6).map(|i| format!("rooms/room-1/{i:06}.jpg")).collect();
+    assert_eq!(keys, want);
+    for key in &keys {
+        assert_jpeg(&w.stored(key), 240, 180);
+    }
+    let last = &out["last_frame"];
+    assert_eq!(last["seq"], 5);
+    assert!((f(&last["pts_s"]) - 10.0).abs() < 0.6, "{last}");
+    w.stop().await;
+}
+
+/// Receives webhook POSTs; records (timestamp header, signature header, body).
+struct Hook {
+    port: u16,
+    got: Arc<Mutex<Vec<(String, String, Value)>>>,
+}
+
+impl Hook {
+    fn start() -> Hook {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = got.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream);
+                let (mut len, mut ts, mut sig) = (0usize, String::new(), String::new());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    let value = line
+                        .split_once(':')
+                        .map(|(_, v)| v.trim().to_owned())
+                        .unwrap_or_default();
+                    if lower.starts_with("content-length:") {
+                        len = value.parse().unwrap_or(0);
+                    } else if lower.starts_with("x-mediafarm-timestamp:") {
+                        ts = value;
+                    } else if lower.starts_with("x-mediafarm-signature:") {
+                        sig = value;
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                let mut stream = reader.into_inner();
+                let _ = stream.write_all(
+                    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+                mac.update(format!("{ts}.").as_bytes());
+                mac.update(&body);
+                let want: String = mac
+                    .finalize()
+                    .into_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                assert_eq!(sig, format!("v1={want}"), "webhook signature");
+                let json: Value = serde_json::from_slice(&body).unwrap();
+                sink.lock().unwrap().push((ts, sig, json));
+            }
+        });
+        Hook { port, got }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/frames", self.port)
+    }
+
+    fn bodies(&self) -> Vec<Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, b)| b.clone())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_resume_after_kill_9_misses_no_tick() {
+    let mut w = World::new("watch-crash", &[]).await;
+    // 20 s at its own pace, a keyframe every 0.5 s, a tick every second.
+    make_video(&w.media("live.mp4"), 20, "320x240", 15);
+    let hook = Hook::start();
+    let first = w.start_worker("a");
+    let job = w
+        .send(
+            "snapshot.watch",
+            json!({"stream_id": "crashy", "stream_url": w.file_url("live.mp4"), "interval_s": 1, "realtime": true,
+                   "key": "c/{seq}.jpg", "deliver": hook.url()}),
+        )
+        .await;
+    let before = w.progress(&job.id, 3).await;
+    // The other worker is consuming before the first dies, so the redelivery goes straight to it.
+    w.start_worker("b");
+    w.workers[first].kill9();
+    let out = job.get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "stream_ended", "{out}");
+    assert!(
+        out["frames_this_job"].as_u64().unwrap() < out["frames"].as_u64().unwrap(),
+        "the second worker resumed: {out}"
+    );
+    assert!(f(&before["last_frame"]["pts_s"]) < f(&out["last_frame"]["pts_s"]));
+    // Every seq once, none missing: the resumed session went on from the last recorded tick.
+    let frames = out["frames"].as_u64().unwrap();
+    let keys = w.stored_keys("c");
+    assert_eq!(keys.len() as u64, frames, "{keys:?}");
+    assert!(
+        (19..=21).contains(&frames),
+        "a tick a second for 20 s: {frames}"
+    );
+    // Deliveries carry each frame's stream time: ticks stay a second apart across the crash.
+    let mut by_seq: Vec<(u64, f64)> = hook
+        .bodies()
+        .iter()
+        .map(|b| (b["seq"].as_u64().unwrap(), f(&b["pts_s"])))
+        .collect();
+    by_seq.sort_by_key(|x| x.0);
+    by_seq.dedup_by_key(|x| x.0);
+    // At most the delivery in flight when the worker died is lost.
+    assert!(by_seq.len() as u64 >= frames - 1, "{by_seq:?}");
+    for pair in by_seq.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        let ticks = (b.0 - a.0) as f64;
+        let gap = b.1 - a.1;
+        assert!(
+            gap >= ticks - 0.5 - 0.01 && gap <= ticks + 0.5 + 0.01,
+            "{by_seq:?}"
+        );
+    }
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_session_hands_itself_on_before_the_ack_timeout() {
+    let mut w = World::new("watch-slice", &[("MEDIAFARM_SNAPSHOT_SESSION_SLICE", "3")]).await;
+    make_video(&w.media("long.mp4"), 9, "160x120", 15);
+    w.start_worker("a");
+    let first = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": "sliced", "stream_url": w.file_url("long.mp4"), "interval_s": 1, "realtime": true, "key": "s/{seq}.jpg"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first["ended"], "continued", "{first}");
+    let session = first["session_id"].as_str().unwrap().to_owned();
+    let mut next = first["continued_as"].as_str().unwrap().to_owned();
+    let mut hops = 1;
+    let last = loop {
+        let out = w.client.result(&next).get(WAIT).await.unwrap();
+        assert_eq!(
+            out["session_id"],
+            session.as_str(),
+            "one session across jobs"
+        );
+        if out["ended"] != "continued" {
+            break out;
+        }
+        hops += 1;
+        next = out["continued_as"].as_str().unwrap().to_owned();
+    };
+    assert!(
+        hops >= 2,
+        "a 9 s stream in 3 s slices is handed on at least twice"
+    );
+    assert_eq!(last["ended"], "stream_ended", "{last}");
+    let frames = last["frames"].as_u64().unwrap();
+    assert!((8..=10).contains(&frames), "{last}");
+    assert_eq!(w.stored_keys("s").len() as u64, frames);
+    w.stop().await;
+}
+
+/// ffmpeg writing a live HLS playlist (1 s segments) into `dir` at real time.
+fn hls_writer(dir: &Path, secs: u32) -> Proc {
+    let mut args: Vec<String> = vec![
+        "-hide_banner".into(),
+        "-loglevel".into(),
+        "error".into(),
+        "-re".into(),
+        "-f".into(),
+        "lavfi".into(),
+        "-i".into(),
+        "testsrc2=size=320x240:rate=30".into(),
+        "-t".into(),
+        secs.to_string(),
+    ];
+    args.extend(h264_args("320x240", 15));
+    args.extend(
+        [
+            "-f",
+            "hls",
+            "-hls_time",
+            "1",
+            "-hls_list_size",
+            "6",
+            "-hls_flags",
+            "delete_segments",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned()),
+    );
+    args.push(dir.join("index.m3u8").display().to_string());
+    let proc = Proc::spawn(Command::new("ffmpeg").args(&args).stdout(Stdio::null()));
+    for _ in 0..200 {
+        if dir.join("index.m3u8").exists() {
+            return proc;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("ffmpeg wrote no playlist");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hls_while_written_capture_and_watch_until_duration() {
+    let mut w = World::new("hls", &[]).await;
+    let live = w.dir.join("media/hls");
+    std::fs::create_dir_all(&live).unwrap();
+    let _writer = hls_writer(&live, 60);
+    let (_http, port) = http_server(&w.dir.join("media"));
+    w.start_worker("a");
+    let url = format!("http://127.0.0.1:{port}/hls/index.m3u8");
+    let cap = w
+        .run(
+            "snapshot.capture",
+            json!({"stream_url": url, "key": "hls/cap.jpg", "timeout_s": 20}),
+        )
+        .await
+        .unwrap();
+    assert_jpeg(&w.stored("hls/cap.jpg"), 320, 240);
+    assert!(f(&cap["pts_s"]) >= 0.0);
+    let hook = Hook::start();
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": "hls-1", "stream_url": url, "interval_s": 1.5, "duration_s": 7, "key": "hls/{stream_id}/{seq}.jpg", "deliver": hook.url()}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["ended"], "duration", "{out}");
+    let frames = out["frames"].as_u64().unwrap();
+    assert!(frames >= 3, "{out}");
+    let bodies = hook.bodies();
+    assert_eq!(bodies.len() as u64, frames, "one signed delivery per frame");
+    let pts: Vec<f64> = bodies.iter().map(|b| f(&b["pts_s"])).collect();
+    assert_timing(&pts, 1.5, 0.5);
+    for b in &bodies {
+        assert_eq!(b["stream_id"], "hls-1");
+        assert_jpeg(&w.stored(b["key"].as_str().unwrap()), 320, 240);
+    }
+    w.stop().await;
+}
+
+/// nginx with the RTMP module on a free port, its config and files in `dir`, run as this user.
+fn nginx_rtmp(dir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let module = [
+        "/usr/lib/nginx/modules/ngx_rtmp_module.so",
+        "/usr/lib64/nginx/modules/ngx_rtmp_module.so",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("nginx's RTMP module (libnginx-mod-rtmp; scripts/setup.d/snapshot.sh)");
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let conf = format!(
+        "load_module {module};\n\
+         daemon off;\nmaster_process off;\nerror_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
+         events {{ worker_connections 256; }}\n\
+         rtmp {{ server {{ listen 127.0.0.1:{port}; application live {{ live on; record off; }} }} }}\n",
+        d = dir.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let proc = Proc::spawn(
+        Command::new("nginx")
+            .args([
+                "-p",
+                dir.to_str().unwrap(),
+                "-c",
+                dir.join("nginx.conf").to_str().unwrap(),
+                "-e",
+                dir.join("logs/error.log").to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_port(port);
+    (proc, port)
+}
+
+fn rtmp_publisher(url: &str, secs: u32) -> Proc {
+    let mut args: Vec<String> = vec![
+        "-hide_banner".into(),
+        "-loglevel".into(),
+        "error".into(),
+        "-re".into(),
+        "-f".into(),
+        "lavfi".into(),
+        "-i".into(),
+        "testsrc2=size=320x240:rate=30".into(),
+        "-t".into(),
+        secs.to_string(),
+    ];
+    args.extend(h264_args("320x240", 15));
+    args.extend(["-f".to_owned(), "flv".to_owned(), url.to_owned()]);
+    Proc::spawn(Command::new("ffmpeg").args(&args).stdout(Stdio::null()))
+}
+
+fn mediafarm_cli(w: &World, args: &[&str]) -> String {
+    let out = Command::new(mediafarm_tests::binary("mediafarm"))
+        .args(args)
+        .envs(w.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("mediafarm runs");
+    assert!(
+        out.status.success(),
+        "mediafarm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_through_nginx_stopped_by_the_cli_and_by_revoke() {
+    let mut w = World::new("rtmp", &[]).await;
+    let (_nginx, port) = nginx_rtmp(&w.dir.join("nginx"));
+    let url = format!("rtmp://127.0.0.1:{port}/live/room7");
+    let _publisher = rtmp_publisher(&url, 90);
+    w.start_worker("a");
+    let cap = w
+        .run(
+            "snapshot.capture",
+            json!({"stream_url": url, "key": "r/cap.jpg", "timeout_s": 20}),
+        )
+        .await
+        .unwrap();
+    assert_jpeg(&w.stored("r/cap.jpg"), 320, 240);
+    assert!(cap["pts_s"].is_number());
+
+    let hook = Hook::start();
+    let job = w
+        .send("snapshot.watch", json!({"stream_id": "room7", "stream_url": url, "interval_s": 1, "key": "r/{stream_id}/{seq}.jpg", "deliver": hook.url()}))
+        .await;
+    let progress = w.progress(&job.id, 3).await;
+    assert_eq!(progress["stream_id"], "room7");
+    assert!(progress["last_frame"]["key"]
+        .as_str()
+        .unwrap()
+        .starts_with("r/room7/"));
+    let said = mediafarm_cli(&w, &["streams", "stop", "room7"]);
+    assert!(said.contains("room7"), "{said}");
+    let out = job.get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "stopped", "{out}");
+    let pts: Vec<f64> = hook.bodies().iter().map(|b| f(&b["pts_s"])).collect();
+    assert_timing(&pts, 1.0, 0.5);
+
+    // Revoking the job (no terminate) ends a running session too, with its summary.
+    let job = w
+        .send("snapshot.watch", json!({"stream_id": "room7b", "stream_url": url, "interval_s": 1, "key": "r/{stream_id}/{seq}.jpg"}))
+        .await;
+    w.progress(&job.id, 2).await;
+    mediafarm_cli(&w, &["revoke", &job.id]);
+    let out = job.get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "revoked", "{out}");
+    assert!(out["frames"].as_u64().unwrap() >= 2);
+
+    // Revoke with terminate: the runtime stops the job and stores REVOKED.
+    let job = w
+        .send("snapshot.watch", json!({"stream_id": "room7c", "stream_url": url, "interval_s": 1, "key": "r/{stream_id}/{seq}.jpg"}))
+        .await;
+    w.progress(&job.id, 1).await;
+    mediafarm_cli(&w, &["revoke", "--terminate", &job.id]);
+    let err = failed(job.get(WAIT).await);
+    assert_eq!(err.exc_type, "TaskRevokedError");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_celery_client_captures_and_reads_progress() {
+    let mut w = World::new("py", &[]).await;
+    make_video(&w.media("py.mp4"), 30, "320x240", 15);
+    w.start_worker("a");
+    let script = r#"
+import json, os, sys, time
+from celery import Celery
+app = Celery("p", broker=os.environ["BROKER_URL"], backend=os.environ["RESULT_BACKEND"])
+app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+queue, url = sys.argv[1], sys.argv[2]
+cap = app.send_task("snapshot.capture", kwargs={"stream_url": url, "key": "py/cap.jpg", "at_s": 2}, queue=queue).get(timeout=60)
+watch = app.send_task("snapshot.watch", kwargs={"stream_id": "py", "stream_url": url, "interval_s": 1, "realtime": True, "duration_s": 60, "key": "py/{seq}.jpg"}, queue=queue)
+seen = None
+for _ in range(600):
+    if watch.state == "PROGRESS" and watch.info.get("frames", 0) >= 2:
+        seen = {"state": watch.state, "info": watch.info}
+        break
+    time.sleep(0.1)
+print(json.dumps({"capture": cap, "progress": seen, "watch_id": watch.id}))
+"#;
+    let out = Command::new(python())
+        .args(["-c", script, &w.queue, &w.file_url("py.mp4")])
+        .env("BROKER_URL", &w.settings.broker_url)
+        .env("RESULT_BACKEND", &w.settings.result_backend)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!((f(&seen["capture"]["pts_s"]) - 2.0).abs() < 0.02, "{seen}");
+    assert_eq!(seen["capture"]["width"], 320);
+    assert_jpeg(&w.stored("py/cap.jpg"), 320, 240);
+    assert_eq!(seen["progress"]["state"], "PROGRESS", "{seen}");
+    assert!(seen["progress"]["info"]["frames"].as_u64().unwrap() >= 2);
+    assert_eq!(seen["progress"]["info"]["stream_id"], "py");
+    mediafarm_cli(&w, &["streams", "stop", "py"]);
+    let id = seen["watch_id"].as_str().unwrap();
+    let out = w.client.result(id).get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "stopped");
+    w.stop().await;
+}

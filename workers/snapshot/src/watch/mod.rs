@@ -1,0 +1,438 @@
+//! `snapshot.watch`: a session that stores one picture every `interval_s` of a stream until
+//! `duration_s`, a stop request (`mediafarm streams stop`), a revoke, or the stream's end. The
+//! blocking demux/decode half runs on its own thread ([`session`]); this async half stores each
+//! frame, records the session in Redis ([`state`]), reports PROGRESS, delivers webhooks
+//! ([`deliver`]) and, before RabbitMQ's ack timeout could matter, hands the session on as a
+//! continuation message and ends its own job.
+
+pub mod deliver;
+pub mod schedule;
+pub mod session;
+pub mod state;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mediafarm::broker::Publisher;
+use mediafarm::storage::Storage;
+use mediafarm::{Settings, Task, TaskContext, TaskError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::capture::{check_image_args, StopOnDrop};
+use crate::media::Format;
+use crate::source::{SourceKind, StreamSource};
+use crate::template;
+use session::{End, Event, SessionParams};
+use state::{LastFrame, SessionState};
+
+pub const DEFAULT_INTERVAL_S: f64 = 20.0;
+const MIN_INTERVAL_S: f64 = 0.5;
+/// How often the job looks for stop requests, revokes and the end of `duration_s`.
+const POLL: Duration = Duration::from_millis(500);
+/// How long one open or read of the stream may block before it counts as a drop.
+const STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time kept between the hand-off and the job's hard limit.
+const SLICE_MARGIN: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchArgs {
+    pub stream_id: String,
+    pub stream_url: String,
+    #[serde(default = "default_interval")]
+    pub interval_s: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_s: Option<f64>,
+    /// Storage key template: `{stream_id}`, `{seq}`, `{time}`.
+    pub key: String,
+    #[serde(default)]
+    pub format: Format,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_width: Option<u32>,
+    /// Webhook each frame is POSTed to, signed with HMAC-SHA256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliver: Option<String>,
+    /// Files: read at the stream's own pace (as a live source would arrive).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub realtime: bool,
+    /// Files: start over at the end.
+    #[serde(default, rename = "loop", skip_serializing_if = "std::ops::Not::not")]
+    pub looped: bool,
+    /// Set on continuations: the session this job carries on (the first job's id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
+}
+
+fn default_interval() -> f64 {
+    DEFAULT_INTERVAL_S
+}
+
+/// Why a session (or this job's slice of it) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Ended {
+    Duration,
+    Stopped,
+    Revoked,
+    StreamEnded,
+    /// This job's slice is over; the session goes on in `continued_as`.
+    Continued,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct WatchSummary {
+    pub stream_id: String,
+    pub session_id: String,
+    pub ended: Ended,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub continued_as: Option<String>,
+    pub frames: u64,
+    pub frames_this_job: u64,
+    pub reconnects: u64,
+    pub started_at: String,
+    pub last_frame: Option<LastFrame>,
+    pub deliveries_failed: u64,
+}
+
+pub struct Watch {
+    settings: Settings,
+    storage: Storage,
+    sessions: Arc<Semaphore>,
+    queue: String,
+    publisher: Publisher,
+    deliver: deliver::Deliverer,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WatchSetupError {
+    #[error(
+        "snapshot_session_slice = {slice} s leaves no room before the longest hard time limit ({longest} s): \
+         set it at most {most} s"
+    )]
+    Slice { slice: f64, longest: f64, most: f64 },
+}
+
+impl Watch {
+    /// The task for a worker whose continuations go to `queue`.
+    pub fn new(
+        settings: &Settings,
+        storage: Storage,
+        queue: String,
+    ) -> Result<Watch, WatchSetupError> {
+        let longest = settings
+            .task_time_limit
+            .unwrap_or_else(|| settings.longest_hard_limit());
+        let most = longest.saturating_sub(SLICE_MARGIN.min(longest / 4));
+        if settings.snapshot_session_slice > most {
+            return Err(WatchSetupError::Slice {
+                slice: settings.snapshot_session_slice.as_secs_f64(),
+                longest: longest.as_secs_f64(),
+                most: most.as_secs_f64(),
+            });
+        }
+        Ok(Watch {
+            settings: settings.clone(),
+            storage,
+            sessions: Arc::new(Semaphore::new(settings.snapshot_max_sessions)),
+            queue,
+            publisher: Publisher::named(settings, "snapshot-worker continuations"),
+            deliver: deliver::Deliverer::new(settings),
+        })
+    }
+}
+
+fn invalid(msg: String) -> TaskError {
+    TaskError::invalid("InvalidArguments", msg)
+}
+
+fn check_args(args: &WatchArgs) -> Result<u8, TaskError> {
+    let id_ok = !args.stream_id.is_empty()
+        && args.stream_id.len() <= 128
+        && args
+            .stream_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !id_ok {
+        return Err(invalid(format!(
+            "stream_id {:?} is not accepted: 1 to 128 of A-Z a-z 0-9 - _ .",
+            args.stream_id
+        )));
+    }
+    if !args.interval_s.is_finite() || args.interval_s < MIN_INTERVAL_S {
+        return Err(invalid(format!(
+            "interval_s {} is not accepted: {MIN_INTERVAL_S} or more",
+            args.interval_s
+        )));
+    }
+    if let Some(d) = args.duration_s.filter(|d| !d.is_finite() || *d <= 0.0) {
+        return Err(invalid(format!(
+            "duration_s {d} is not accepted: more than 0"
+        )));
+    }
+    template::expand(
+        &args.key,
+        &[
+            ("stream_id", &args.stream_id),
+            ("seq", "000000"),
+            ("time", "t"),
+        ],
+    )?;
+    check_image_args(args.quality, args.max_width)
+}
+
+impl Task for Watch {
+    const NAME: &'static str = "snapshot.watch";
+    // Transient failures here are "this worker is full" and Redis hiccups: keep trying.
+    const MAX_RETRIES: Option<u32> = Some(1000);
+    type Args = WatchArgs;
+    type Output = WatchSummary;
+
+    async fn run(&self, ctx: TaskContext, args: WatchArgs) -> Result<WatchSummary, TaskError> {
+        let quality = check_args(&args)?;
+        let source = StreamSource::vet(&args.stream_url, &self.settings).await?;
+        if (args.realtime || args.looped) && source.kind != SourceKind::File {
+            return Err(invalid("realtime and loop apply to files only".into()));
+        }
+        let deliver_to = match &args.deliver {
+            Some(url) => Some(self.deliver.vet(url).await?),
+            None => None,
+        };
+        let Ok(_session_slot) = self.sessions.clone().try_acquire_owned() else {
+            return Err(TaskError::transient(
+                "TooManySessions",
+                format!(
+                    "this worker runs snapshot_max_sessions = {} sessions already",
+                    self.settings.snapshot_max_sessions
+                ),
+            )
+            .retry_after(Duration::from_secs(5)));
+        };
+        let backend = ctx.backend().clone();
+        let session_id = args.session.clone().unwrap_or_else(|| ctx.id.clone());
+        let mut st = match state::load(&backend, &args.stream_id).await? {
+            Some(s) if s.session_id == session_id => s,
+            _ => SessionState {
+                session_id: session_id.clone(),
+                task_id: ctx.id.clone(),
+                started_at: session::unix_now(),
+                next_seq: 0,
+                frames: 0,
+                reconnects: 0,
+                slices: 0,
+                last: None,
+            },
+        };
+        st.task_id = ctx.id.clone();
+        st.slices += 1;
+        state::save(&backend, &args.stream_id, &st).await?;
+        tracing::info!(stream_id = %args.stream_id, session = %session_id, resume_seq = st.next_seq, "session running");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let _guard = StopOnDrop(stop.clone());
+        let (tx, mut rx) = mpsc::channel(2);
+        let params = SessionParams {
+            source,
+            interval_s: args.interval_s,
+            last: st.last_tick(),
+            fresh: st.frames == 0,
+            realtime: args.realtime,
+            looped: args.looped,
+            stall_timeout: STALL_TIMEOUT,
+            reconnect_window: self.settings.snapshot_reconnect_window,
+            format: args.format,
+            quality,
+            max_width: args.max_width,
+        };
+        let thread_stop = stop.clone();
+        std::thread::Builder::new()
+            .name(format!("session-{}", args.stream_id))
+            .spawn(move || session::run(params, thread_stop, tx))
+            .map_err(|e| {
+                TaskError::transient("ThreadError", format!("cannot start a session thread: {e}"))
+            })?;
+
+        let slice_end = tokio::time::Instant::now() + self.settings.snapshot_session_slice;
+        let mut poll = tokio::time::interval(POLL);
+        let mut why: Option<Ended> = None;
+        let mut frames_this_job = 0u64;
+        let mut deliveries_failed = 0u64;
+        let end = loop {
+            tokio::select! {
+                event = rx.recv() => match event {
+                    Some(Event::Frame { picture, pts_s, wall_s }) => {
+                        let last = self.store(&args, &mut st, picture, pts_s, wall_s).await?;
+                        frames_this_job += 1;
+                        state::save(&backend, &args.stream_id, &st).await?;
+                        let progress = json!({
+                            "stream_id": args.stream_id,
+                            "session_id": session_id,
+                            "frames": st.frames,
+                            "last_frame": last,
+                        });
+                        ctx.update_state("PROGRESS", progress).await?;
+                        if let Some(to) = &deliver_to {
+                            if let Err(e) = self.deliver.send(to, &args.stream_id, &session_id, &last).await {
+                                deliveries_failed += 1;
+                                tracing::warn!(stream_id = %args.stream_id, error = %e, "frame delivery failed");
+                            }
+                        }
+                    }
+                    Some(Event::Reconnecting { attempt, error }) => {
+                        st.reconnects += 1;
+                        tracing::info!(stream_id = %args.stream_id, attempt, %error, "reconnecting");
+                    }
+                    Some(Event::Ended(end)) => break end,
+                    None => break End::Stopped,
+                },
+                _ = poll.tick(), if why.is_none() => {
+                    why = self.should_stop(&backend, &args, &st, &ctx.id).await;
+                    if why.is_some() {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                _ = tokio::time::sleep_until(slice_end), if why.is_none() => {
+                    why = Some(Ended::Continued);
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        };
+        let (ended, detail) = match (end, why) {
+            (End::Failed(e), _) => {
+                state::finish(&backend, &args.stream_id).await?;
+                return Err(e.into());
+            }
+            (End::StreamEnded { detail }, _) => (Ended::StreamEnded, Some(detail)),
+            (End::Stopped, Some(why)) => (why, None),
+            (End::Stopped, None) => (Ended::Stopped, None),
+        };
+        let mut summary = WatchSummary {
+            stream_id: args.stream_id.clone(),
+            session_id: session_id.clone(),
+            ended,
+            detail,
+            continued_as: None,
+            frames: st.frames,
+            frames_this_job,
+            reconnects: st.reconnects,
+            started_at: mediafarm::protocol::format_time(
+                chrono::DateTime::from_timestamp_millis((st.started_at * 1000.0) as i64)
+                    .unwrap_or_else(chrono::Utc::now),
+            ),
+            last_frame: st.last.clone(),
+            deliveries_failed,
+        };
+        if ended == Ended::Continued {
+            state::save(&backend, &args.stream_id, &st).await?;
+            summary.continued_as = Some(self.hand_on(&args, &session_id).await?);
+        } else {
+            state::finish(&backend, &args.stream_id).await?;
+        }
+        tracing::info!(stream_id = %args.stream_id, ended = ?summary.ended, frames = summary.frames, "session slice over");
+        Ok(summary)
+    }
+}
+
+impl Watch {
+    /// Stores one picture under the next `{seq}` and records it as the last frame.
+    async fn store(
+        &self,
+        args: &WatchArgs,
+        st: &mut SessionState,
+        picture: crate::media::Encoded,
+        pts_s: f64,
+        wall_s: f64,
+    ) -> Result<LastFrame, TaskError> {
+        let at = chrono::DateTime::from_timestamp_millis((wall_s * 1000.0) as i64)
+            .unwrap_or_else(chrono::Utc::now);
+        let seq = st.next_seq;
+        let seq_text = format!("{seq:06}");
+        let key = template::expand(
+            &args.key,
+            &[
+                ("stream_id", &args.stream_id),
+                ("seq", &seq_text),
+                ("time", &template::time_value(at)),
+            ],
+        )?;
+        let (width, height) = (picture.width, picture.height);
+        let stored = self
+            .storage
+            .put(&key, Bytes::from(picture.data), args.format.content_type())
+            .await?;
+        let last = LastFrame {
+            seq,
+            key: stored.key,
+            url: stored.url,
+            width,
+            height,
+            bytes: stored.bytes,
+            pts_s,
+            captured_at: mediafarm::protocol::format_time(at),
+            wall_s,
+        };
+        st.next_seq += 1;
+        st.frames += 1;
+        st.last = Some(last.clone());
+        Ok(last)
+    }
+
+    /// Stop request, revoke (of this job or of the session's first job), or `duration_s` over.
+    async fn should_stop(
+        &self,
+        backend: &mediafarm::ResultBackend,
+        args: &WatchArgs,
+        st: &SessionState,
+        task_id: &str,
+    ) -> Option<Ended> {
+        if args
+            .duration_s
+            .is_some_and(|d| session::unix_now() - st.started_at >= d)
+        {
+            return Some(Ended::Duration);
+        }
+        if let Ok(Some(at)) = state::stop_requested(backend, &args.stream_id).await {
+            if at >= st.started_at {
+                return Some(Ended::Stopped);
+            }
+        }
+        if state::revoked(backend, task_id).await || state::revoked(backend, &st.session_id).await {
+            return Some(Ended::Revoked);
+        }
+        None
+    }
+
+    /// Publishes the continuation (same stream and session) and returns its job id.
+    async fn hand_on(&self, args: &WatchArgs, session_id: &str) -> Result<String, TaskError> {
+        let mut next = args.clone();
+        next.session = Some(session_id.to_owned());
+        let kwargs = match serde_json::to_value(&next) {
+            Ok(Value::Object(m)) => m,
+            _ => {
+                return Err(TaskError::permanent(
+                    "InternalError",
+                    "continuation kwargs are not an object",
+                ))
+            }
+        };
+        let msg = mediafarm::client::build_message(Self::NAME, kwargs, &Default::default());
+        self.publisher
+            .publish(&self.queue, &msg)
+            .await
+            .map_err(|e| {
+                TaskError::transient(
+                    "BrokerError",
+                    format!("cannot publish the continuation: {e}"),
+                )
+            })?;
+        tracing::info!(stream_id = %args.stream_id, next = %msg.id, "session handed on");
+        Ok(msg.id)
+    }
+}
