@@ -108,8 +108,17 @@ end
 return 1
 "#;
 
-/// How often a leader re-reads the Redis entries when no tick is due sooner.
+/// How often a leader looks for changed entries when no tick is due sooner.
 const REFRESH: Duration = Duration::from_secs(1);
+/// How often a leader re-reads every Redis entry even if their version did not move.
+const FULL_REFRESH: Duration = Duration::from_secs(30);
+
+/// The entries as last read, and the Redis entries' version then.
+struct EntryCache {
+    version: u64,
+    read_at: tokio::time::Instant,
+    entries: Arc<Vec<(ScheduleEntry, bool)>>,
+}
 
 /// A running beat's parts.
 pub struct Beat {
@@ -123,6 +132,7 @@ pub struct Beat {
     reported: HashSet<String>,
     /// Entry name → (every_ms, last tick handled), to skip claims already made.
     known: HashMap<String, (u64, u64)>,
+    cache: Option<EntryCache>,
 }
 
 /// An entry that is due, with where it came from.
@@ -153,6 +163,7 @@ impl Beat {
             lease,
             reported: HashSet::new(),
             known: HashMap::new(),
+            cache: None,
         })
     }
 
@@ -246,7 +257,25 @@ impl Beat {
     }
 
     /// The settings entries, then the Redis entries whose names the settings do not use.
-    async fn entries(&mut self) -> Result<Vec<(ScheduleEntry, bool)>, BeatError> {
+    /// The entries, re-read only when the Redis entries' version moved (and at least every
+    /// `FULL_REFRESH`, for entries written into Redis by hand).
+    async fn entries(&mut self) -> Result<Arc<Vec<(ScheduleEntry, bool)>>, BeatError> {
+        let version = self.store.version().await?;
+        if let Some(cached) = &self.cache {
+            if cached.version == version && cached.read_at.elapsed() < FULL_REFRESH {
+                return Ok(cached.entries.clone());
+            }
+        }
+        let entries = Arc::new(self.read_entries().await?);
+        self.cache = Some(EntryCache {
+            version,
+            read_at: tokio::time::Instant::now(),
+            entries: entries.clone(),
+        });
+        Ok(entries)
+    }
+
+    async fn read_entries(&mut self) -> Result<Vec<(ScheduleEntry, bool)>, BeatError> {
         let mut all: BTreeMap<String, (ScheduleEntry, bool)> = self
             .settings
             .beat_schedule

@@ -2,6 +2,8 @@
 //! Every key starts with `beat_key_prefix`, so separate farms (or tests) can share one Redis.
 //!
 //! - `<prefix>:entries`: hash, entry name → entry JSON
+//! - `<prefix>:version`: counter, raised by every add and remove, so beats re-read the entries
+//!   only when they changed
 //! - `<prefix>:leader`: the leader lease, `"<epoch>:<node>"`, with a TTL
 //! - `<prefix>:epoch`: counter; each lease acquisition takes the next number (fencing token)
 //! - `<prefix>:tick:<name>`: hash `tick`, `every_ms`, `state`, `by`: the last tick claimed
@@ -27,6 +29,10 @@ impl BeatKeys {
         format!("{}:entries", self.prefix)
     }
 
+    pub fn version(&self) -> String {
+        format!("{}:version", self.prefix)
+    }
+
     pub fn leader(&self) -> String {
         format!("{}:leader", self.prefix)
     }
@@ -50,12 +56,14 @@ const ADD: &str = r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], 'tick', ARGV[3], 'every_ms', ARGV[4], 'state', 'start', 'by', 'schedule add')
+redis.call('INCR', KEYS[3])
 return 1
 "#;
 
 const REMOVE: &str = r#"
 local n = redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('DEL', KEYS[2])
+redis.call('INCR', KEYS[3])
 return n
 "#;
 
@@ -78,9 +86,10 @@ impl ScheduleStore {
         let mut conn = self.conn.clone();
         redis::cmd("EVAL")
             .arg(ADD)
-            .arg(2)
+            .arg(3)
             .arg(self.keys.entries())
             .arg(self.keys.tick(&entry.name))
+            .arg(self.keys.version())
             .arg(&entry.name)
             .arg(entry.to_json().to_string())
             .arg(now_ms / every)
@@ -95,9 +104,10 @@ impl ScheduleStore {
         let mut conn = self.conn.clone();
         let n: i64 = redis::cmd("EVAL")
             .arg(REMOVE)
-            .arg(2)
+            .arg(3)
             .arg(self.keys.entries())
             .arg(self.keys.tick(name))
+            .arg(self.keys.version())
             .arg(name)
             .query_async(&mut conn)
             .await?;
@@ -121,6 +131,16 @@ impl ScheduleStore {
             (Some(t), Some(e)) => Some((t, e, state.unwrap_or_default())),
             _ => None,
         })
+    }
+
+    /// The entries' version: it changes whenever `add` or `remove` runs.
+    pub async fn version(&self) -> Result<u64, redis::RedisError> {
+        let mut conn = self.conn.clone();
+        let v: Option<u64> = redis::cmd("GET")
+            .arg(self.keys.version())
+            .query_async(&mut conn)
+            .await?;
+        Ok(v.unwrap_or(0))
     }
 
     /// Every stored entry, by name; one that does not parse is returned as its error (so a
