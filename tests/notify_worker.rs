@@ -1232,3 +1232,140 @@ fn failure_kinds_match_the_retry_rules() {
         }
     ));
 }
+
+/// A test CA and a certificate for `localhost` it signed (openssl CLI): (ca.pem, cert, key).
+fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs (scripts/setup.d/notify.sh installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=mediafarm test CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    ]
+    .concat());
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]);
+    (
+        dir.join("ca.pem"),
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_and_implicit_tls_with_a_verified_certificate() {
+    let bin = notify_worker_binary();
+    let root = temp_dir("tls");
+    let (ca, cert, key) = test_certificates(&root);
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let mut s = settings();
+    s.storage_url = format!("file://{}", root.join("storage").display());
+    s.email_outbox_dir = root.join("outbox").display().to_string();
+    let client = mediafarm::Client::connect(&s).await.unwrap();
+    for mode in ["starttls", "implicit"] {
+        let sink = SmtpSink::start(&["--tls", mode, "--cert", cert, "--key", key]);
+        let url = match mode {
+            "starttls" => format!("smtp://localhost:{}?tls=required", sink.port),
+            _ => format!("smtps://localhost:{}", sink.port),
+        };
+        let queue = mediafarm_tests::unique_queue("notify-tls");
+        let mut worker = Command::new(&bin);
+        worker
+            .args(["-Q", &queue, "--metrics-addr", "127.0.0.1:0"])
+            .current_dir(&root)
+            .env("MEDIAFARM_BROKER_URL", &s.broker_url)
+            .env("MEDIAFARM_RESULT_BACKEND", &s.result_backend)
+            .env("MEDIAFARM_STORAGE_URL", &s.storage_url)
+            .env("MEDIAFARM_SMTP_URL", &url)
+            .env("SSL_CERT_FILE", &ca)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let mut worker = worker.spawn().expect("notify-worker starts");
+        let to_addr = unique_addr(mode);
+        let job = client
+            .send_task(
+                "notify.email",
+                json!({"to": to_addr, "subject": "über TLS", "text": "verschlüsselt"})
+                    .as_object()
+                    .cloned()
+                    .unwrap(),
+                &to(&queue),
+            )
+            .await
+            .unwrap();
+        let out = job.get(WAIT).await;
+        let _ = worker.kill();
+        let _ = worker.wait();
+        mediafarm_tests::delete_queue(&s, &queue).await;
+        mediafarm_tests::delete_queue(&s, &mediafarm::reroute::dead_queue(&queue)).await;
+        out.unwrap_or_else(|e| panic!("{mode}: {e:?}"));
+        let got = sink.to(&to_addr);
+        assert_eq!(got.len(), 1, "{mode}");
+        assert_eq!(got[0].0["tls"], mode, "the message travelled over {mode}");
+        assert_eq!(parse_eml(&got[0].1)["subject"], "über TLS");
+    }
+    let _ = std::fs::remove_dir_all(&root);
+}

@@ -1,9 +1,9 @@
 """A real SMTP server on 127.0.0.1 for the notify-worker tests and benchmark (aiosmtpd).
 
-Usage: smtp_sink.py DIR [--auth USER:PASS] [--delay-ms N]
+Usage: smtp_sink.py DIR [--auth USER:PASS] [--delay-ms N] [--tls starttls|implicit --cert PEM --key PEM]
 Listens on a free port and prints it as the first line of stdout. Every accepted message is
 saved as DIR/<n>.eml with DIR/<n>.json beside it ({mail_from, rcpt_tos, smtp_utf8, connection,
-auth}); DIR/connections holds the number of connections accepted so far. Recipients steer it:
+auth, tls}); DIR/connections holds the number of connections accepted so far. Recipients steer it:
   reject@...        RCPT answered 550 (permanent)
   defer-once@...    the first DATA for it is answered 451 (transient), later ones accepted
 --delay-ms holds each DATA reply that long after the message is saved.
@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import os
+import ssl
 import sys
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
@@ -21,6 +22,9 @@ args = argparse.ArgumentParser()
 args.add_argument("dir")
 args.add_argument("--auth")
 args.add_argument("--delay-ms", type=int, default=0)
+args.add_argument("--tls", choices=["starttls", "implicit"])
+args.add_argument("--cert")
+args.add_argument("--key")
 opts = args.parse_args()
 os.makedirs(opts.dir, exist_ok=True)
 
@@ -57,6 +61,7 @@ class Handler:
             "smtp_utf8": envelope.smtp_utf8,
             "connection": session.connection_id,
             "auth": session.login_data.decode() if session.login_data else None,
+            "tls": "starttls" if session.ssl else ("implicit" if session.implicit_tls else None),
         }
         write_atomic(base + ".json", json.dumps(meta).encode())
         if opts.delay_ms:
@@ -66,7 +71,14 @@ class Handler:
 
 class CountingSMTP(SMTP):
     def connection_made(self, transport):
+        upgrade = self._original_transport is not None  # called again after STARTTLS
+        before = getattr(self, "session", None)
         super().connection_made(transport)
+        if upgrade:
+            self.session.connection_id = before.connection_id
+            self.session.implicit_tls = False
+            return
+        self.session.implicit_tls = transport.get_extra_info("sslcontext") is not None
         self.session.connection_id = next(connections)
         write_atomic(os.path.join(opts.dir, "connections"),
                      str(self.session.connection_id).encode())
@@ -85,7 +97,16 @@ async def main():
     kwargs = dict(enable_SMTPUTF8=True, decode_data=False, hostname="sink.test")
     if opts.auth:
         kwargs.update(auth_required=True, auth_require_tls=False, authenticator=authenticator)
-    server = await loop.create_server(lambda: CountingSMTP(Handler(), **kwargs), "127.0.0.1", 0)
+    server_tls = None
+    if opts.tls:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(opts.cert, opts.key)
+        if opts.tls == "starttls":
+            kwargs.update(tls_context=context, require_starttls=True)
+        else:
+            server_tls = context
+    server = await loop.create_server(lambda: CountingSMTP(Handler(), **kwargs), "127.0.0.1", 0,
+                                      ssl=server_tls)
     print(server.sockets[0].getsockname()[1], flush=True)
     # Stop when the test that started us goes away (stdin closes).
     await loop.run_in_executor(None, sys.stdin.read)
