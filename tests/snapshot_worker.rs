@@ -848,7 +848,7 @@ fn nginx_rtmp(dir: &Path) -> (Proc, u16) {
         "load_module {module};\n\
          daemon off;\nmaster_process off;\nerror_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
          events {{ worker_connections 256; }}\n\
-         rtmp {{ server {{ listen 127.0.0.1:{port}; application live {{ live on; record off; }} }} }}\n",
+         rtmp {{ server {{ listen 127.0.0.1:{port}; application live {{ live on; record off; idle_streams off; }} }} }}\n",
         d = dir.display()
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
@@ -999,5 +999,38 @@ print(json.dumps({"capture": cap, "progress": seen, "watch_id": watch.id}))
     let id = seen["watch_id"].as_str().unwrap();
     let out = w.client.result(id).get(WAIT).await.unwrap();
     assert_eq!(out["ended"], "stopped");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_stream_is_reconnected_and_an_ended_one_ends_the_session() {
+    let mut w = World::new("rtmp-drop", &[]).await;
+    let (_nginx, port) = nginx_rtmp(&w.dir.join("nginx"));
+    let url = format!("rtmp://127.0.0.1:{port}/live/flaky");
+    let mut first = rtmp_publisher(&url, 60);
+    w.start_worker("a");
+    let job = w
+        .send(
+            "snapshot.watch",
+            json!({"stream_id": "flaky", "stream_url": url, "interval_s": 1, "key": "d/{seq}.jpg"}),
+        )
+        .await;
+    w.progress(&job.id, 3).await;
+    // The publisher goes away; a new one comes back a moment later.
+    first.kill9();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut second = rtmp_publisher(&url, 60);
+    let before = w.progress(&job.id, 3).await["frames"].as_u64().unwrap();
+    w.progress(&job.id, before + 3).await;
+    // Then the stream ends for good: after the reconnect window the session ends by itself.
+    second.kill9();
+    let out = job.get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "stream_ended", "{out}");
+    assert!(out["reconnects"].as_u64().unwrap() >= 1, "{out}");
+    let frames = out["frames"].as_u64().unwrap();
+    assert!(frames >= before + 3, "{out}");
+    let keys = w.stored_keys("d");
+    let want: Vec<String> = (0..frames).map(|i| format!("d/{i:06}.jpg")).collect();
+    assert_eq!(keys, want);
     w.stop().await;
 }
