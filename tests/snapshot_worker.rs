@@ -1,10 +1,10 @@
 //! snapshot-worker end to end: the real `snapshot-worker` binary on the real RabbitMQ and
 //! Redis, with streams made at test time by the FFmpeg CLI (`testsrc2` → H.264, small sizes,
 //! short GOPs) and served for real — a file, HLS from a local HTTP server while ffmpeg is still
-//! writing the playlist, RTMP through nginx with the RTMP module on a free port. Checks frame
-//! timing in stream time, JPEG/PNG/WebP validity and sizes, crash-resume after `kill -9`, the
-//! hand-off to a continuation, stopping by CLI and by revoke, signed webhook delivery, every
-//! bad source, and the Python celery client.
+//! writing the playlist, RTMP through nginx with the RTMP module on a free port, RTSP over TCP
+//! from GStreamer's RTSP server. Checks frame timing in stream time, JPEG/PNG/WebP validity and
+//! sizes, crash-resume after `kill -9`, the hand-off to a continuation, stopping by CLI and by
+//! revoke, reconnecting, signed webhook delivery, every bad source, and the Python celery client.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -1032,5 +1032,75 @@ async fn a_dropped_stream_is_reconnected_and_an_ended_one_ends_the_session() {
     let keys = w.stored_keys("d");
     let want: Vec<String> = (0..frames).map(|i| format!("d/{i:06}.jpg")).collect();
     assert_eq!(keys, want);
+    w.stop().await;
+}
+
+/// An RTSP server from Debian (GStreamer's libgstrtspserver, driven through python3-gi): a
+/// live H.264 test pattern at `rtsp://127.0.0.1:<port>/cam`, TCP interleaved only.
+fn rtsp_server(dir: &Path) -> (Proc, u16) {
+    let port = free_port();
+    let script = r#"
+import sys, gi
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+gi.require_version("GstRtsp", "1.0")
+from gi.repository import Gst, GstRtsp, GstRtspServer, GLib
+Gst.init(None)
+server = GstRtspServer.RTSPServer()
+server.set_address("127.0.0.1")
+server.set_service(sys.argv[1])
+factory = GstRtspServer.RTSPMediaFactory()
+factory.set_launch("( videotestsrc is-live=true pattern=smpte ! video/x-raw,width=320,height=240,framerate=30/1 "
+                   "! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=15 "
+                   "! rtph264pay name=pay0 pt=96 config-interval=1 )")
+factory.set_shared(True)
+factory.set_protocols(GstRtsp.RTSPLowerTrans.TCP)
+server.get_mount_points().add_factory("/cam", factory)
+server.attach(None)
+GLib.MainLoop().run()
+"#;
+    let log = std::fs::File::create(dir.join("rtsp.log")).unwrap();
+    let proc = Proc::spawn(
+        // Debian's python3: python3-gi and the GStreamer typelibs are system packages.
+        Command::new("/usr/bin/python3")
+            .args(["-c", script, &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log),
+    );
+    wait_port(port);
+    (proc, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtsp_over_tcp_capture_and_watch() {
+    let mut w = World::new("rtsp", &[]).await;
+    let (_server, port) = rtsp_server(&w.dir);
+    w.start_worker("a");
+    let url = format!("rtsp://127.0.0.1:{port}/cam");
+    let cap = w
+        .run(
+            "snapshot.capture",
+            json!({"stream_url": url, "key": "rtsp/cap.jpg", "timeout_s": 20, "max_width": 160}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (cap["width"].as_u64(), cap["height"].as_u64()),
+        (Some(160), Some(120))
+    );
+    assert_jpeg(&w.stored("rtsp/cap.jpg"), 160, 120);
+    let hook = Hook::start();
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": "cam", "stream_url": url, "interval_s": 1, "duration_s": 5, "key": "rtsp/{seq}.jpg", "deliver": hook.url()}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["ended"], "duration", "{out}");
+    let pts: Vec<f64> = hook.bodies().iter().map(|b| f(&b["pts_s"])).collect();
+    assert!(pts.len() >= 3, "{out}");
+    assert_timing(&pts, 1.0, 0.5);
+    assert_jpeg(&w.stored("rtsp/000000.jpg"), 320, 240);
     w.stop().await;
 }
