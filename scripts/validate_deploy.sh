@@ -14,5 +14,5 @@ if [ ! -x "$BIN" ] || [ -n "$(find shared/src shared/Cargo.toml Cargo.lock -newe
   cargo build -q --locked -p mediafarm --bin mediafarm
 fi
 echo "== deploy validation (kustomize + schemas, compose, Dockerfiles, dashboards, settings)"
-exec "$PY" deploy/validate_deploy.py --tools "$PWD/var/deploy-tools" --hadolint "$(dirname "$PY")/hadolint" \
+exec "$PY" deploy/validate --tools "$PWD/var/deploy-tools" --hadolint "$(dirname "$PY")/hadolint" \
   --mediafarm "$PWD/$BIN" "$@"

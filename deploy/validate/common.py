@@ -1,0 +1,113 @@
+"""What several checks share: the repository's paths, its settings names and metrics, the real
+settings parser (`mediafarm check-settings`), and small lookups in manifests."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER_QUEUES = {"image-worker": "image", "snapshot-worker": "snapshot", "notify-worker": "notify"}
+METRICS_PORT = 9808
+
+
+def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+
+
+def setting_names() -> set[str]:
+    """SETTING_NAMES as shared/src/settings.rs has it now (other work adds settings)."""
+    text = (ROOT / "shared/src/settings.rs").read_text()
+    block = re.search(r"pub const SETTING_NAMES: &\[&str\] = &\[(.*?)\];", text, re.S)
+    if not block:
+        raise SystemExit("cannot find SETTING_NAMES in shared/src/settings.rs")
+    return set(re.findall(r'"([a-z0-9_]+)"', block.group(1)))
+
+
+def exported_metrics() -> set[str]:
+    """Metric names the workers export, with the suffixes Prometheus gives each type."""
+    text = (ROOT / "shared/src/metrics.rs").read_text()
+    names: set[str] = set()
+    for name in re.findall(r'"(celery_[a-z_]+)"', text):
+        names.update({name, f"{name}_total", f"{name}_bucket", f"{name}_sum", f"{name}_count"})
+    return names
+
+
+def settings_problems(toml_text: str, origin: str, known: set[str]) -> list[str]:
+    try:
+        table = tomllib.loads(toml_text)
+    except tomllib.TOMLDecodeError as e:
+        return [f"{origin} is not valid TOML: {e}"]
+    return [f"{origin}: unknown setting `{k}`" for k in table if k not in known]
+
+
+def env_problems(names: Iterable[str], origin: str, known: set[str]) -> list[str]:
+    out = []
+    for name in names:
+        if name.startswith("MEDIAFARM_") and name != "MEDIAFARM_LOG_FORMAT":
+            if name[len("MEDIAFARM_"):].lower() not in known:
+                out.append(f"{origin}: {name} names no setting")
+    return out
+
+
+def check_settings(binary: Path, toml_text: str, env: dict[str, str], origin: str) -> list[str]:
+    """Runs the real settings parser on a file plus environment, in an otherwise clean
+    environment so this machine's MEDIAFARM_* variables play no part."""
+    with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+        f.write(toml_text)
+        f.flush()
+        clean = {"PATH": "/usr/bin:/bin"} | {k: str(v) for k, v in env.items()}
+        r = subprocess.run([str(binary), "--config", f.name, "check-settings"], env=clean,
+                           capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        return [f"{origin}: {(r.stderr or r.stdout).strip().replace(f.name, 'settings file')}"]
+    return []
+
+
+def literal_mediafarm_env(env: Any) -> dict[str, str]:
+    """MEDIAFARM_* variables given as values (Compose mapping or list, or Kubernetes env)."""
+    if isinstance(env, dict):
+        items = env.items()
+    else:
+        items = []
+        for e in env or []:
+            if isinstance(e, dict) and "value" in e:
+                items.append((e["name"], e["value"]))
+            elif isinstance(e, str) and "=" in e:
+                items.append(tuple(e.split("=", 1)))
+    return {k: str(v) for k, v in items if k.startswith("MEDIAFARM_") and k != "MEDIAFARM_LOG_FORMAT"}
+
+
+def kn(obj: dict) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{obj.get('kind')}/{meta.get('name')}"
+
+
+def matches(selector: dict, labels: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def container_args(c: dict) -> list[str]:
+    return list(c.get("command") or []) + list(c.get("args") or [])
+
+
+def flag(args: list[str], *names: str) -> str | None:
+    for i, a in enumerate(args):
+        for n in names:
+            if a == n and i + 1 < len(args):
+                return args[i + 1]
+            if a.startswith(n + "="):
+                return a.split("=", 1)[1]
+    return None
+
+
+def env_value(c: dict, name: str) -> str | None:
+    for e in c.get("env") or []:
+        if e.get("name") == name:
+            return e.get("value")
+    return None

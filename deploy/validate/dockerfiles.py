@@ -1,0 +1,60 @@
+"""deploy/docker: hadolint, and each Dockerfile's build line, user and runtime libraries."""
+
+from __future__ import annotations
+
+import re
+
+import tomllib
+
+from common import ROOT, run
+from report import Report
+
+
+def workspace_bins() -> dict[str, set[str]]:
+    """Package name -> binary names, from the workspace's Cargo.toml files."""
+    root = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    out: dict[str, set[str]] = {}
+    for member in root["workspace"]["members"]:
+        manifest = tomllib.loads((ROOT / member / "Cargo.toml").read_text())
+        bins = {b["name"] for b in manifest.get("bin", [])}
+        bins |= {p.stem for p in (ROOT / member / "src/bin").glob("*.rs")}
+        out[manifest["package"]["name"]] = bins
+    return out
+
+
+def check_dockerfiles(report: Report, hadolint: str | None) -> None:
+    files = sorted((ROOT / "deploy/docker").glob("*.Dockerfile"))
+    if hadolint is None:
+        report.check("Dockerfiles: hadolint", ["hadolint is not installed: run scripts/setup.sh"])
+    else:
+        r = run([hadolint, "--no-color", *[str(f.relative_to(ROOT)) for f in files]])
+        report.check(f"Dockerfiles: hadolint ({len(files)} files)",
+                     r.stdout.splitlines() + r.stderr.splitlines() if r.returncode else [])
+    bins = workspace_bins()
+    out: list[str] = []
+    for f in files:
+        text = f.read_text()
+        m = re.search(r"cargo build --release --locked -p (\S+) --bin (\S+)", text)
+        if not m:
+            out.append(f"{f.name}: no `cargo build --release --locked -p <crate> --bin <bin>`")
+            continue
+        pkg, binary = m.groups()
+        if pkg not in bins:
+            out.append(f"{f.name}: -p {pkg} is no workspace package")
+        elif binary not in bins[pkg]:
+            out.append(f"{f.name}: package {pkg} has no binary {binary}")
+        if f"target/release/{binary}" not in text:
+            out.append(f"{f.name}: does not copy target/release/{binary}")
+        if not re.search(r"^FROM rust:1\.95-bookworm AS builder$", text, re.M):
+            out.append(f"{f.name}: builder must be rust:1.95-bookworm")
+        user = re.findall(r"^USER (\S+)$", text, re.M)
+        if not user or not re.fullmatch(r"[1-9]\d*:[1-9]\d*", user[-1]):
+            out.append(f"{f.name}: the runtime stage must run as a numeric non-root USER uid:gid")
+        ffmpeg = "libavcodec" in text.split("AS builder", 1)[-1].split("FROM", 1)[-1]
+        if ffmpeg != (binary == "snapshot-worker"):
+            out.append(f"{f.name}: only the snapshot-worker runtime carries FFmpeg's libraries")
+    ignore = (ROOT / ".dockerignore").read_text().split() if (ROOT / ".dockerignore").exists() else []
+    for heavy in ("target", ".git", ".venv"):
+        if heavy not in ignore:
+            out.append(f".dockerignore: does not leave out {heavy}")
+    report.check("Dockerfiles: cargo build lines, users, FFmpeg only in snapshot, .dockerignore", out)

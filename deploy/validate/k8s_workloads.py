@@ -1,0 +1,128 @@
+"""The worker contract on rendered Deployments: security context, resources, probes, grace
+period, settings names and values, secret keys, queues."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import tomllib
+
+from common import (METRICS_PORT, WORKER_QUEUES, check_settings, container_args, env_problems,
+                    env_value, flag, kn, literal_mediafarm_env, settings_problems)
+
+# A Kubernetes resource quantity ("500m", "2", "1.5Gi", "128974848", "129e6"); the OpenAPI
+# schema types it only as int-or-string, the API server parses it.
+QUANTITY = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?\d+)?$")
+
+
+def shutdown_grace(settings: dict, c: dict) -> float:
+    env = env_value(c, "MEDIAFARM_WORKER_SHUTDOWN_GRACE")
+    return float(env if env is not None else settings.get("worker_shutdown_grace", 30))
+
+
+def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known: set[str]) -> list[str]:
+    """Every Deployment: security, resources, probes, settings, secrets, grace period."""
+    out: list[str] = []
+    by_kind: dict[str, dict[str, dict]] = {}
+    for o in objs:
+        by_kind.setdefault(o["kind"], {})[o["metadata"]["name"]] = o
+    config_maps = by_kind.get("ConfigMap", {})
+    for name, cm in config_maps.items():
+        for fname, text in (cm.get("data") or {}).items():
+            if fname.endswith(".toml"):
+                out.extend(settings_problems(text, f"ConfigMap/{name} {fname}", known))
+    for name, d in by_kind.get("Deployment", {}).items():
+        where = f"Deployment/{name}"
+        pod = d["spec"]["template"]["spec"]
+        psc = pod.get("securityContext") or {}
+        if not psc.get("runAsNonRoot") or not psc.get("runAsUser"):
+            out.append(f"{where}: pod must set runAsNonRoot and a numeric runAsUser")
+        if pod.get("automountServiceAccountToken") is not False:
+            out.append(f"{where}: automountServiceAccountToken must be false")
+        volumes = {v["name"]: v for v in pod.get("volumes") or []}
+        settings: dict = {}
+        for v in volumes.values():
+            cm_ref = (v.get("configMap") or {}).get("name")
+            if cm_ref is not None:
+                if cm_ref not in config_maps:
+                    out.append(f"{where}: volume {v['name']} refers to missing ConfigMap {cm_ref}")
+                elif "mediafarm.toml" in (config_maps[cm_ref].get("data") or {}):
+                    try:
+                        settings = tomllib.loads(config_maps[cm_ref]["data"]["mediafarm.toml"])
+                    except tomllib.TOMLDecodeError:
+                        pass  # reported with the ConfigMap
+        for c in pod["containers"]:
+            cw = f"{where} container {c['name']}"
+            sc = c.get("securityContext") or {}
+            if sc.get("allowPrivilegeEscalation") is not False:
+                out.append(f"{cw}: allowPrivilegeEscalation must be false")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                out.append(f"{cw}: readOnlyRootFilesystem must be true")
+            if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+                out.append(f"{cw}: capabilities must drop ALL")
+            res = c.get("resources") or {}
+            for part in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    value = (res.get(part) or {}).get(r)
+                    if value is None:
+                        out.append(f"{cw}: resources.{part}.{r} is missing")
+                    elif not QUANTITY.match(str(value)):
+                        out.append(f"{cw}: resources.{part}.{r} {value!r} is not a quantity")
+            mounts = {m["mountPath"]: m for m in c.get("volumeMounts") or []}
+            tmp = mounts.get("/tmp")
+            if not tmp or "emptyDir" not in volumes.get(tmp["name"], {}):
+                out.append(f"{cw}: /tmp must be an emptyDir (the root filesystem is read-only)")
+            for m in mounts.values():
+                if m["name"] not in volumes:
+                    out.append(f"{cw}: mounts missing volume {m['name']}")
+            args = container_args(c)
+            if flag(args, "--config") != "/etc/mediafarm/mediafarm.toml" or "/etc/mediafarm" not in mounts:
+                out.append(f"{cw}: must read --config /etc/mediafarm/mediafarm.toml from the settings ConfigMap")
+            env_names = [e["name"] for e in c.get("env") or []]
+            out.extend(env_problems(env_names, cw, known))
+            for e in c.get("env") or []:
+                ref = (e.get("valueFrom") or {}).get("secretKeyRef")
+                if ref and ref.get("key") not in secret_keys.get(ref.get("name"), set()):
+                    out.append(f"{cw}: env {e['name']} refers to {ref.get('name')}/{ref.get('key')}, "
+                               f"which k8s/secret.example.yaml does not define")
+            if name in WORKER_QUEUES:
+                queue = flag(args, "--queues", "-Q")
+                if queue != WORKER_QUEUES[name]:
+                    out.append(f"{cw}: consumes {queue!r}, expected queue {WORKER_QUEUES[name]!r}")
+                ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+                if ports.get("metrics") != METRICS_PORT:
+                    out.append(f"{cw}: needs container port `metrics` = {METRICS_PORT}")
+                addr = (flag(args, "--metrics-addr") or env_value(c, "MEDIAFARM_METRICS_ADDR")
+                        or str(settings.get("metrics_addr", "")))
+                if addr != f"0.0.0.0:{METRICS_PORT}":
+                    out.append(f"{cw}: settings metrics_addr is {addr!r}, probes need 0.0.0.0:{METRICS_PORT}")
+                for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
+                    get = (c.get(probe) or {}).get("httpGet") or {}
+                    if get.get("path") != path or get.get("port") not in ("metrics", METRICS_PORT):
+                        out.append(f"{cw}: {probe} must GET {path} on port metrics")
+                if name == "notify-worker":
+                    tdir = str(settings.get("notify_template_dir", "./templates"))
+                    if tdir not in mounts:
+                        out.append(f"{cw}: notify_template_dir {tdir} is not a mounted volume")
+                grace = pod.get("terminationGracePeriodSeconds", 30)
+                drain = shutdown_grace(settings, c)
+                if grace <= drain:
+                    out.append(f"{cw}: terminationGracePeriodSeconds {grace} must exceed "
+                               f"worker_shutdown_grace {drain:g}")
+    return out
+
+
+def settings_value_problems(objs: list[dict], binary: Path) -> list[str]:
+    """Each container's settings file (its ConfigMap) with its literal MEDIAFARM_* values."""
+    out: list[str] = []
+    cms = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ConfigMap"}
+    for d in (o for o in objs if o["kind"] == "Deployment"):
+        pod = d["spec"]["template"]["spec"]
+        texts = [cms[v["configMap"]["name"]]["data"]["mediafarm.toml"] for v in pod.get("volumes") or []
+                 if "configMap" in v and "mediafarm.toml" in (cms.get(v["configMap"]["name"], {}).get("data") or {})]
+        for c in pod["containers"]:
+            for text in texts:
+                out.extend(check_settings(binary, text, literal_mediafarm_env(c.get("env")),
+                                          f"{kn(d)} container {c['name']}"))
+    return out
