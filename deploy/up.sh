@@ -9,7 +9,7 @@ scripts/setup.sh
 
 CONFIG=${MEDIAFARM_CONFIG:-deploy/mediafarm.example.toml}
 echo "[up] building release binaries (first build takes a few minutes on 2 cores)"
-cargo build --release --locked -q -p mediafarm -p image-worker --bin mediafarm --bin image-worker --example echo-worker
+cargo build --release --locked -q -p mediafarm -p image-worker -p notify-worker -p snapshot-worker --bin mediafarm --bin image-worker --bin notify-worker --bin snapshot-worker --example echo-worker
 BIN=target/release
 mkdir -p var/run var/log
 
@@ -51,6 +51,31 @@ python3 deploy/demo_image.py "$STORAGE_DIR/demo/original.png"
     {"key": "demo/avatar-128.webp", "width": 128, "height": 128, "fit": "cover", "format": "webp"},
     {"key": "demo/avatar-64.png", "width": 64, "height": 64, "fit": "cover", "format": "png"}
   ]}'
+
+# notify-worker: with no smtp_url and sms_provider = "outbox" (the example settings), email goes
+# to var/outbox/email as .eml files and SMS to var/outbox/sms as JSON.
+start_worker notify-worker "$BIN/notify-worker" 9811
+echo "[up] notify.email and notify.sms through notify-worker (to the outboxes):"
+"$BIN/mediafarm" --config "$CONFIG" submit notify.email --wait --timeout 30 --json '{
+  "to": "张三 <zhang@example.com>", "subject": "欢迎 to mediafarm",
+  "text": "Hello from notify-worker.", "html": "<p>Hello from <b>notify-worker</b>.</p>"}'
+"$BIN/mediafarm" --config "$CONFIG" submit notify.sms --wait --timeout 30 --json '{
+  "to": "+14155550123", "body": "Your mediafarm code is 123456"}'
+echo "[up] outbox: $(ls -t var/outbox/email/*.eml | head -1), $(ls -t var/outbox/sms/*.json | head -1)"
+
+# snapshot-worker: a generated local H.264 file as the stream (file:// sources are allowed only
+# under source_allowed_roots, given to this worker alone); one frame at 2.5 s, then a session
+# taking a frame every 2 s of the stream until the file ends.
+mkdir -p var/media
+[ -s var/media/demo.mp4 ] || ffmpeg -hide_banner -loglevel error -y -f lavfi -i testsrc2=size=640x360:rate=30 \
+  -t 10 -c:v libx264 -preset veryfast -g 30 -pix_fmt yuv420p var/media/demo.mp4
+MEDIAFARM_SOURCE_ALLOWED_ROOTS="$PWD/var/media" start_worker snapshot-worker "$BIN/snapshot-worker" 9810
+echo "[up] snapshot.capture and snapshot.watch through snapshot-worker (into $STORAGE_DIR/demo):"
+"$BIN/mediafarm" --config "$CONFIG" submit snapshot.capture --wait --timeout 60 --json "{
+  \"stream_url\": \"file://$PWD/var/media/demo.mp4\", \"at_s\": 2.5, \"key\": \"demo/frame-{time}.jpg\", \"max_width\": 320}"
+"$BIN/mediafarm" --config "$CONFIG" submit snapshot.watch --wait --timeout 60 --json "{
+  \"stream_id\": \"demo\", \"stream_url\": \"file://$PWD/var/media/demo.mp4\", \"interval_s\": 2,
+  \"key\": \"demo/watch/{stream_id}-{seq}.jpg\"}"
 
 # One beat (periodic jobs); a second one anywhere with the same settings makes it highly
 # available (README, "mediafarm beat"). It publishes nothing until an entry is added.
