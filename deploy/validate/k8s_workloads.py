@@ -77,6 +77,11 @@ def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known:
                 if m["name"] not in volumes:
                     out.append(f"{cw}: mounts missing volume {m['name']}")
             args = container_args(c)
+            # The image is the one built for the binary the container runs (deploy/docker).
+            image_repo = c.get("image", "").rsplit("/", 1)[-1].split(":")[0]
+            program = Path(args[0]).name if args else ""
+            if image_repo != program:
+                out.append(f"{cw}: runs {program or 'no command'} from image {c.get('image')}")
             if flag(args, "--config") != "/etc/mediafarm/mediafarm.toml" or "/etc/mediafarm" not in mounts:
                 out.append(f"{cw}: must read --config /etc/mediafarm/mediafarm.toml from the settings ConfigMap")
             env_names = [e["name"] for e in c.get("env") or []]
