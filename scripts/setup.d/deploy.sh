@@ -19,6 +19,10 @@ fi
 if [ ! -x var/deploy-tools/node_modules/.bin/dclint ] \
    || [ "$(node -p 'require("./var/deploy-tools/node_modules/dclint/package.json").version' 2>/dev/null)" != "$DCLINT_VERSION" ]; then
   command -v npm >/dev/null || apt_install nodejs npm
+  # dclint 3 needs Node >= 20.19 (this project's machines have 20.x from NodeSource; Debian
+  # bookworm's own nodejs is 18, on which dclint will not start and the validation fails).
+  node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)' \
+    || log "node $(node --version) is older than dclint $DCLINT_VERSION needs (>= 20.19)"
   log "installing dclint $DCLINT_VERSION into var/deploy-tools"
   mkdir -p var/deploy-tools
   npm install --prefix var/deploy-tools --no-save --no-package-lock --no-audit --no-fund --silent \
