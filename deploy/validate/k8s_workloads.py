@@ -38,6 +38,8 @@ def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known:
         psc = pod.get("securityContext") or {}
         if not psc.get("runAsNonRoot") or not psc.get("runAsUser"):
             out.append(f"{where}: pod must set runAsNonRoot and a numeric runAsUser")
+        if (psc.get("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{where}: pod must set seccompProfile RuntimeDefault (restricted Pod Security)")
         if pod.get("automountServiceAccountToken") is not False:
             out.append(f"{where}: automountServiceAccountToken must be false")
         volumes = {v["name"]: v for v in pod.get("volumes") or []}
