@@ -1083,7 +1083,13 @@ fn notify_worker_binary() -> PathBuf {
     target.join("debug/notify-worker")
 }
 
-fn spawn_worker(bin: &Path, s: &Settings, queue: &str, smtp: &str, pause_ms: Option<u64>) -> Child {
+fn spawn_worker(
+    bin: &Path,
+    s: &Settings,
+    queue: &str,
+    smtp: &str,
+    pause: Option<(&str, u64)>,
+) -> Child {
     let mut cmd = Command::new(bin);
     cmd.args([
         "-Q",
@@ -1102,10 +1108,12 @@ fn spawn_worker(bin: &Path, s: &Settings, queue: &str, smtp: &str, pause_ms: Opt
     .env("MEDIAFARM_STORAGE_URL", &s.storage_url)
     .env("MEDIAFARM_EMAIL_OUTBOX_DIR", &s.email_outbox_dir)
     .env("MEDIAFARM_TASK_DEFAULT_RETRY_DELAY", "0.3")
+    // A lease of 6 x 1 s + 10 s, so the crash-window test waits 16 s, not minutes.
+    .env("MEDIAFARM_SMTP_TIMEOUT", "1")
     .stdout(Stdio::null())
     .stderr(Stdio::null());
-    if let Some(ms) = pause_ms {
-        cmd.env("MEDIAFARM_NOTIFY_PAUSE_AFTER_SEND_MS", ms.to_string());
+    if let Some((variable, ms)) = pause {
+        cmd.env(variable, ms.to_string());
     }
     cmd.spawn().expect("notify-worker starts")
 }
@@ -1122,7 +1130,13 @@ async fn kill_9_between_send_and_ack_still_sends_once() {
     let client = mediafarm::Client::connect(&s).await.unwrap();
     let to_addr = unique_addr("kill9");
     let key = format!("k9-{}", uuid::Uuid::new_v4().simple());
-    let mut first = spawn_worker(&bin, &s, &queue, &sink.url(), Some(120_000));
+    let mut first = spawn_worker(
+        &bin,
+        &s,
+        &queue,
+        &sink.url(),
+        Some(("MEDIAFARM_NOTIFY_PAUSE_AFTER_SEND_MS", 120_000)),
+    );
     let job = client
         .send_task(
             "notify.email",
@@ -1367,5 +1381,83 @@ async fn starttls_and_implicit_tls_with_a_verified_certificate() {
         assert_eq!(got[0].0["tls"], mode, "the message travelled over {mode}");
         assert_eq!(parse_eml(&got[0].1)["subject"], "über TLS");
     }
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_between_acceptance_and_record_repeats_with_the_same_message_id() {
+    // The documented crash window: the server accepted the email, the worker died before the
+    // claim recorded it. After the lease a redelivery sends again, with the same Message-ID.
+    let bin = notify_worker_binary();
+    let sink = SmtpSink::start(&[]);
+    let root = temp_dir("window");
+    let mut s = settings();
+    s.storage_url = format!("file://{}", root.join("storage").display());
+    s.email_outbox_dir = root.join("outbox").display().to_string();
+    let queue = mediafarm_tests::unique_queue("notify-window");
+    let client = mediafarm::Client::connect(&s).await.unwrap();
+    let to_addr = unique_addr("window");
+    let mut first = spawn_worker(
+        &bin,
+        &s,
+        &queue,
+        &sink.url(),
+        Some(("MEDIAFARM_NOTIFY_PAUSE_BEFORE_RECORD_MS", 120_000)),
+    );
+    let job = client
+        .send_task(
+            "notify.email",
+            json!({"to": to_addr, "subject": "window", "text": "x"})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            &to(&queue),
+        )
+        .await
+        .unwrap();
+    for _ in 0..600 {
+        if !sink.to(&to_addr).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sink.to(&to_addr).len(), 1, "the server accepted the email");
+    first.kill().expect("SIGKILL");
+    first.wait().unwrap();
+    // A short SMTP timeout makes the lease (6 x timeout + 10 s) 16 s.
+    let mut second = Command::new(&bin);
+    second
+        .args(["-Q", &queue, "--metrics-addr", "127.0.0.1:0"])
+        .current_dir(&root)
+        .env("MEDIAFARM_BROKER_URL", &s.broker_url)
+        .env("MEDIAFARM_RESULT_BACKEND", &s.result_backend)
+        .env("MEDIAFARM_STORAGE_URL", &s.storage_url)
+        .env("MEDIAFARM_SMTP_URL", sink.url())
+        .env("MEDIAFARM_SMTP_TIMEOUT", "1")
+        .env("MEDIAFARM_TASK_MAX_RETRIES", "10")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(root.join("second.log")).unwrap());
+    let mut second = second.spawn().expect("notify-worker starts");
+    let out = job.get(Duration::from_secs(120)).await;
+    let _ = second.kill();
+    let _ = second.wait();
+    mediafarm_tests::delete_queue(&s, &queue).await;
+    mediafarm_tests::delete_queue(&s, &mediafarm::reroute::dead_queue(&queue)).await;
+    let out = out.unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(root.join("second.log")).unwrap_or_default();
+        panic!("the redelivered job did not succeed after the lease: {e:?}\n{log}")
+    });
+    let got = sink.to(&to_addr);
+    assert_eq!(
+        got.len(),
+        2,
+        "at-least-once in the window: sent again after the lease"
+    );
+    let (a, b) = (parse_eml(&got[0].1), parse_eml(&got[1].1));
+    assert_eq!(
+        a["message_id"], b["message_id"],
+        "the repeat can be recognised"
+    );
+    assert_eq!(out["message_id"], a["message_id"]);
     let _ = std::fs::remove_dir_all(&root);
 }

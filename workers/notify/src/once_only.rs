@@ -57,6 +57,7 @@ where
         .retry_after(retry_in)),
         Claim::Run(guard) => match send().await {
             Ok(output) => {
+                pause_for_fault_tests("MEDIAFARM_NOTIFY_PAUSE_BEFORE_RECORD_MS").await;
                 match guard.complete(&output).await {
                     Ok(true) => {}
                     Ok(false) => tracing::warn!(
@@ -68,7 +69,7 @@ where
                         "sent, but recording it failed; a redelivery after the lease would send again"
                     ),
                 }
-                pause_for_fault_tests().await;
+                pause_for_fault_tests("MEDIAFARM_NOTIFY_PAUSE_AFTER_SEND_MS").await;
                 Ok(output)
             }
             Err(error) => {
@@ -82,19 +83,19 @@ where
     }
 }
 
-/// Fault injection for the crash tests, in debug builds only: with
-/// `MEDIAFARM_NOTIFY_PAUSE_AFTER_SEND_MS` set, a job waits after its send is recorded and
-/// before its result is stored and acknowledged, so a test can kill the worker in that gap.
-async fn pause_for_fault_tests() {
+/// Fault injection for the crash tests, in debug builds only, so a test can kill the worker
+/// in a chosen gap: `MEDIAFARM_NOTIFY_PAUSE_BEFORE_RECORD_MS` waits between the provider's
+/// acceptance and recording it (the crash window), `MEDIAFARM_NOTIFY_PAUSE_AFTER_SEND_MS`
+/// between recording it and storing the result and acknowledging.
+async fn pause_for_fault_tests(variable: &str) {
     #[cfg(debug_assertions)]
-    if let Some(ms) = std::env::var("MEDIAFARM_NOTIFY_PAUSE_AFTER_SEND_MS")
+    if let Some(ms) = std::env::var(variable)
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
     {
-        tracing::warn!(
-            ms,
-            "pausing after the send (MEDIAFARM_NOTIFY_PAUSE_AFTER_SEND_MS)"
-        );
+        tracing::warn!(ms, variable, "pausing for a fault test");
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
+    #[cfg(not(debug_assertions))]
+    let _ = variable;
 }
