@@ -22,6 +22,27 @@ def workspace_bins() -> dict[str, set[str]]:
     return out
 
 
+# Debian packages a crate's build needs (as opposed to what its tests need, like the ffmpeg CLI):
+# headers and the compilers and generators build scripts call.
+BUILD_TOOLS = {"nasm", "yasm", "clang", "cmake", "pkg-config", "protobuf-compiler", "meson",
+               "ninja-build", "build-essential"}
+
+
+def setup_build_packages(binary: str) -> set[str]:
+    """Build packages scripts/setup.d/<kind>.sh installs for a worker's crate; its Dockerfile's
+    builder must install them too, or the image build breaks where the tests passed."""
+    script = ROOT / "scripts/setup.d" / f"{binary.removesuffix('-worker')}.sh"
+    if not binary.endswith("-worker") or not script.is_file():
+        return set()
+    text = script.read_text().replace("\\\n", " ")
+    packages: set[str] = set()
+    for line in text.splitlines():
+        line = line.split("#", 1)[0]
+        if "apt_install" in line:
+            packages.update(line.split("apt_install", 1)[1].split())
+    return {p for p in packages if p.endswith("-dev") or p in BUILD_TOOLS}
+
+
 def check_dockerfiles(report: Report, hadolint: str | None) -> None:
     files = sorted((ROOT / "deploy/docker").glob("*.Dockerfile"))
     if hadolint is None:
@@ -47,6 +68,11 @@ def check_dockerfiles(report: Report, hadolint: str | None) -> None:
             out.append(f"{f.name}: does not copy target/release/{binary}")
         if not re.search(r"^FROM rust:1\.95-bookworm AS builder$", text, re.M):
             out.append(f"{f.name}: builder must be rust:1.95-bookworm")
+        builder = text.split("AS builder", 1)[-1].split("\nFROM ", 1)[0]
+        for package in sorted(setup_build_packages(binary)):
+            if not re.search(rf"(?<![\w.+-]){re.escape(package)}(?![\w.+-])", builder):
+                out.append(f"{f.name}: the builder lacks {package}, which "
+                           f"scripts/setup.d/{binary.removesuffix('-worker')}.sh installs to build it")
         user = re.findall(r"^USER (\S+)$", text, re.M)
         if not user or not re.fullmatch(r"[1-9]\d*:[1-9]\d*", user[-1]):
             out.append(f"{f.name}: the runtime stage must run as a numeric non-root USER uid:gid")
