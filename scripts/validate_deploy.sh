@@ -8,10 +8,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${MEDIAFARM_TEST_PYTHON:-$PWD/.venv/bin/python}
 BIN=target/debug/mediafarm
-# Build the CLI only when it is missing or older than the crate (test.sh has just built it).
-if [ ! -x "$BIN" ] || [ -n "$(find shared/src shared/Cargo.toml Cargo.lock -newer "$BIN" -print -quit)" ]; then
-  echo "== building the mediafarm CLI for check-settings"
-  cargo build -q --locked -p mediafarm --bin mediafarm
+# The checks run the CLI (check-settings) and read what each binary links. scripts/test.sh has
+# just built them; run alone, build with test.sh's own command (the same features, so test.sh
+# rebuilds nothing afterwards) when one is missing or older than the sources.
+stale=""
+for bin in mediafarm image-worker snapshot-worker notify-worker; do
+  if [ ! -x "target/debug/$bin" ] \
+     || [ -n "$(find shared workers Cargo.lock -newer "target/debug/$bin" \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -print -quit)" ]; then
+    stale=1
+  fi
+done
+if [ -n "$stale" ]; then
+  echo "== cargo build --workspace --all-targets --locked (binaries for the deploy checks)"
+  cargo build -q --workspace --all-targets --locked
 fi
 echo "== deploy validation (kustomize + schemas, compose, Dockerfiles, dashboards, settings)"
 exec "$PY" deploy/validate --tools "$PWD/var/deploy-tools" --hadolint "$(dirname "$PY")/hadolint" \

@@ -1,8 +1,10 @@
-"""deploy/docker: hadolint, and each Dockerfile's build line, user and runtime libraries."""
+"""deploy/docker: hadolint, each Dockerfile's build line, user and build packages, and that its
+runtime image has every shared library the binary links."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import tomllib
 
@@ -84,3 +86,49 @@ def check_dockerfiles(report: Report, hadolint: str | None) -> None:
         if heavy not in ignore:
             out.append(f".dockerignore: does not leave out {heavy}")
     report.check("Dockerfiles: cargo build lines, users, FFmpeg only in snapshot, .dockerignore", out)
+    report.check("Dockerfiles: each runtime image has every library its binary links",
+                 runtime_library_problems(files))
+
+
+# What distroless cc (and any Debian image) has: glibc and libgcc.
+BASE_LIBRARIES = {"libc.so.6", "libm.so.6", "libgcc_s.so.1", "ld-linux-x86-64.so.2",
+                  "libpthread.so.0", "libdl.so.2", "librt.so.1"}
+
+
+def runtime_libraries(text: str) -> set[str]:
+    """Shared libraries the runtime stage provides: the base ones, plus the sonames of the
+    Debian runtime packages it installs (Debian names them lib<name><soversion>)."""
+    runtime = text.rsplit("\nFROM ", 1)[-1]
+    libs = set(BASE_LIBRARIES)
+    for name, version in re.findall(r"(?<![\w-])(lib[a-z]+?)(\d+)(?![\w.+-])", runtime):
+        libs.add(f"{name}.so.{version}")
+    return libs
+
+
+def linked_libraries(binary: Path) -> set[str] | None:
+    r = run(["readelf", "-d", str(binary)])
+    if r.returncode != 0:
+        return None
+    return set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", r.stdout))
+
+
+def runtime_library_problems(files: list[Path]) -> list[str]:
+    """The debug build of each binary (scripts/test.sh builds them first) links the same
+    system libraries as the release build in the image; each must be in the runtime stage."""
+    out: list[str] = []
+    for f in files:
+        text = f.read_text()
+        m = re.search(r"cargo build --release --locked -p \S+ --bin (\S+)", text)
+        if not m:
+            continue
+        built = ROOT / "target/debug" / m.group(1)
+        needed = linked_libraries(built) if built.is_file() else None
+        if needed is None:
+            out.append(f"{f.name}: {built.relative_to(ROOT)} is not built (cargo build --workspace)")
+            continue
+        runtime = text.rsplit("\nFROM ", 1)[-1]
+        if "distroless" in runtime.splitlines()[0] and re.search(r"^RUN ", runtime, re.M):
+            out.append(f"{f.name}: a distroless runtime stage has no shell or apt-get to RUN")
+        for lib in sorted(needed - runtime_libraries(text)):
+            out.append(f"{f.name}: {m.group(1)} links {lib}, which its runtime image does not install")
+    return out
