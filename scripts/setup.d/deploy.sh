@@ -1,6 +1,6 @@
 # Tools for scripts/validate_deploy.sh (sourced by scripts/setup.sh; idempotent):
 # - kubectl with its built-in kustomize (v5), to render k8s/ offline;
-# - Node's dclint (Compose schema + lint) under var/deploy-tools;
+# - Node's dclint (Compose schema + lint) under var/deploy-tools; binutils' readelf;
 # - kubernetes-validate, the KEDA / Prometheus Operator models and hadolint are Python packages
 #   in tests/py/requirements.txt, installed into .venv by setup.sh itself.
 DCLINT_VERSION=3.1.0
@@ -15,6 +15,9 @@ if ! kubectl kustomize --help >/dev/null 2>&1; then
     log "kubectl is not installable from the configured apt sources: install kubectl >= 1.27 (kustomize v5) for scripts/validate_deploy.sh"
   fi
 fi
+
+# readelf: which shared libraries each binary links (against its runtime image).
+command -v readelf >/dev/null || apt_install binutils
 
 if [ ! -x var/deploy-tools/node_modules/.bin/dclint ] \
    || [ "$(node -p 'require("./var/deploy-tools/node_modules/dclint/package.json").version' 2>/dev/null)" != "$DCLINT_VERSION" ]; then
