@@ -7,14 +7,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${MEDIAFARM_TEST_PYTHON:-$PWD/.venv/bin/python}
-BIN=target/debug/mediafarm
+DEBUG="${CARGO_TARGET_DIR:-$PWD/target}/debug"
 # The checks run the CLI (check-settings) and read what each binary links. scripts/test.sh has
 # just built them; run alone, build with test.sh's own command (the same features, so test.sh
 # rebuilds nothing afterwards) when one is missing or older than the sources.
 stale=""
 for bin in mediafarm image-worker snapshot-worker notify-worker; do
-  if [ ! -x "target/debug/$bin" ] \
-     || [ -n "$(find shared workers Cargo.lock -newer "target/debug/$bin" \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -print -quit)" ]; then
+  if [ ! -x "$DEBUG/$bin" ] \
+     || [ -n "$(find shared workers Cargo.lock -newer "$DEBUG/$bin" \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -print -quit)" ]; then
     stale=1
   fi
 done
@@ -24,4 +24,4 @@ if [ -n "$stale" ]; then
 fi
 echo "== deploy validation (kustomize + schemas, compose, Dockerfiles, dashboards, settings)"
 exec "$PY" deploy/validate --tools "$PWD/var/deploy-tools" --hadolint "$(dirname "$PY")/hadolint" \
-  --mediafarm "$PWD/$BIN" "$@"
+  --mediafarm "$DEBUG/mediafarm" "$@"

@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from common import ROOT, setting_names
+from common import DEBUG_BINARIES, ROOT, setting_names
 from compose import check_compose
 from dashboards import check_dashboards
 from dockerfiles import check_dockerfiles
@@ -42,7 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tools", type=Path, default=ROOT / "var/deploy-tools",
                         help="npm prefix holding dclint")
-    parser.add_argument("--mediafarm", type=Path, default=ROOT / "target/debug/mediafarm",
+    parser.add_argument("--mediafarm", type=Path, default=DEBUG_BINARIES / "mediafarm",
                         help="the mediafarm CLI, for check-settings")
     parser.add_argument("--hadolint", default=shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint"))
     args = parser.parse_args()

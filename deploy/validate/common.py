@@ -3,6 +3,7 @@ settings parser (`mediafarm check-settings`), and small lookups in manifests."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -12,6 +13,8 @@ from typing import Any, Iterable
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
+# Where `cargo build` puts the debug binaries the checks run and inspect.
+DEBUG_BINARIES = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "debug"
 WORKER_QUEUES = {"image-worker": "image", "snapshot-worker": "snapshot", "notify-worker": "notify"}
 METRICS_PORT = 9808
 

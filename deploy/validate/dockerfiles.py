@@ -8,7 +8,7 @@ from pathlib import Path
 
 import tomllib
 
-from common import ROOT, run
+from common import DEBUG_BINARIES, ROOT, run
 from report import Report
 
 
@@ -121,10 +121,10 @@ def runtime_library_problems(files: list[Path]) -> list[str]:
         m = re.search(r"cargo build --release --locked -p \S+ --bin (\S+)", text)
         if not m:
             continue
-        built = ROOT / "target/debug" / m.group(1)
+        built = DEBUG_BINARIES / m.group(1)
         needed = linked_libraries(built) if built.is_file() else None
         if needed is None:
-            out.append(f"{f.name}: {built.relative_to(ROOT)} is not built (cargo build --workspace)")
+            out.append(f"{f.name}: {built} is not built (cargo build --workspace)")
             continue
         runtime = text.rsplit("\nFROM ", 1)[-1]
         if "distroless" in runtime.splitlines()[0] and re.search(r"^RUN ", runtime, re.M):
