@@ -114,3 +114,12 @@ def env_value(c: dict, name: str) -> str | None:
         if e.get("name") == name:
             return e.get("value")
     return None
+
+
+def image_user(binary: str) -> str | None:
+    """The `uid:gid` the image built by deploy/docker/<binary>.Dockerfile runs as."""
+    dockerfile = ROOT / "deploy/docker" / f"{binary}.Dockerfile"
+    if not dockerfile.is_file():
+        return None
+    users = re.findall(r"^USER (\S+)$", dockerfile.read_text(), re.M)
+    return users[-1] if users else None

@@ -9,7 +9,7 @@ from pathlib import Path
 import tomllib
 
 from common import (METRICS_PORT, WORKER_QUEUES, check_settings, container_args, env_problems,
-                    env_value, flag, kn, literal_mediafarm_env, settings_problems)
+                    env_value, flag, image_user, kn, literal_mediafarm_env, settings_problems)
 
 # A Kubernetes resource quantity ("500m", "2", "1.5Gi", "128974848", "129e6"); the OpenAPI
 # schema types it only as int-or-string, the API server parses it.
@@ -84,6 +84,10 @@ def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known:
             program = Path(args[0]).name if args else ""
             if image_repo != program:
                 out.append(f"{cw}: runs {program or 'no command'} from image {c.get('image')}")
+            user = image_user(program)
+            if user is not None and user != f"{psc.get('runAsUser')}:{psc.get('runAsGroup')}":
+                out.append(f"{cw}: runs as {psc.get('runAsUser')}:{psc.get('runAsGroup')}, "
+                           f"its image's USER is {user}")
             if flag(args, "--config") != "/etc/mediafarm/mediafarm.toml" or "/etc/mediafarm" not in mounts:
                 out.append(f"{cw}: must read --config /etc/mediafarm/mediafarm.toml from the settings ConfigMap")
             env_names = [e["name"] for e in c.get("env") or []]
