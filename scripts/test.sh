@@ -11,7 +11,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== build (binaries and examples the process tests start)"
 cargo build --workspace --all-targets --locked
-# Offline checks of deploy/ and k8s/ (no Docker engine or cluster here); uses the CLI just built.
+# Offline checks of deploy/ and k8s/ (no Docker engine or cluster here); uses the binaries just built.
 scripts/validate_deploy.sh
 echo "== cargo test"
 mkdir -p var
