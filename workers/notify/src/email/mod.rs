@@ -4,6 +4,7 @@
 
 pub mod attachments;
 pub mod compose;
+pub mod smtp_pool;
 pub mod transport;
 
 use std::collections::BTreeMap;

@@ -1,28 +1,17 @@
-//! Where emails go: an SMTP server through lettre's connection pool (opened on first use,
-//! inside the worker's runtime, and reused by every job after), or, with no `smtp_url`, `.eml`
-//! files in `email_outbox_dir`. SMTP replies decide retries: 4xx passes, 5xx never will.
+//! Where emails go: an SMTP server through a pool of open connections (see [`super::smtp_pool`],
+//! opened on first use and reused by every job after), or, with no `smtp_url`, `.eml` files in
+//! `email_outbox_dir`. SMTP replies decide retries: 4xx passes, 5xx never will.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::{AsyncSmtpTransportBuilder, PoolConfig};
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::Message;
 use mediafarm::{Settings, TaskError};
-use tokio::sync::OnceCell;
 
+use super::smtp_pool::{SendError, SmtpPool, Target};
 use crate::ConfigError;
 
-/// How long an idle pooled connection is kept before it is closed.
-const POOL_IDLE: Duration = Duration::from_secs(60);
-
-pub struct Smtp {
-    builder: AsyncSmtpTransportBuilder,
-    transport: OnceCell<AsyncSmtpTransport<Tokio1Executor>>,
-}
-
 pub enum Mailer {
-    Smtp(Box<Smtp>),
+    Smtp(Box<SmtpPool>),
     Outbox { dir: PathBuf },
 }
 
@@ -33,37 +22,23 @@ impl Mailer {
                 dir: PathBuf::from(&settings.email_outbox_dir),
             });
         };
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
-            .map_err(|e| ConfigError {
-                name: "smtp_url",
-                reason: format!(
-                    "{e}; use smtp://host:25, smtp://host:587?tls=required (STARTTLS) or \
-                     smtps://host:465"
-                ),
-            })?
-            .timeout(Some(settings.smtp_timeout))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(settings.smtp_pool_size)
-                    .idle_timeout(POOL_IDLE),
-            );
-        match (&settings.smtp_username, &settings.smtp_password) {
-            (Some(user), Some(password)) => {
-                builder = builder.credentials(Credentials::new(user.clone(), password.clone()));
-            }
-            (None, None) => {}
-            (Some(_), None) | (None, Some(_)) => {
-                return Err(ConfigError {
-                    name: "smtp_username",
-                    reason: "smtp_username and smtp_password go together; set both or neither"
-                        .into(),
-                })
-            }
-        }
-        Ok(Mailer::Smtp(Box::new(Smtp {
-            builder,
-            transport: OnceCell::new(),
-        })))
+        let target = Target::parse(
+            url,
+            settings.smtp_username.as_deref(),
+            settings.smtp_password.as_deref(),
+            settings.smtp_timeout,
+        )
+        .map_err(|reason| ConfigError {
+            name: "smtp_url",
+            reason: format!(
+                "{reason}; use smtp://host:25, smtp://host:587?tls=required (STARTTLS) or \
+                 smtps://host:465"
+            ),
+        })?;
+        Ok(Mailer::Smtp(Box::new(SmtpPool::new(
+            target,
+            settings.smtp_pool_size,
+        ))))
     }
 
     /// The rate-limit bucket this mailer draws from.
@@ -82,14 +57,9 @@ impl Mailer {
             .unwrap_or_default()
             .to_owned();
         match self {
-            Mailer::Smtp(smtp) => {
-                // lettre's pool starts its reaper task when built, so build it inside the runtime.
-                let transport = smtp
-                    .transport
-                    .get_or_init(|| async { smtp.builder.clone().build() })
-                    .await;
-                let response = transport
-                    .send(message.clone())
+            Mailer::Smtp(pool) => {
+                let response = pool
+                    .send(message.envelope(), &message.formatted())
                     .await
                     .map_err(smtp_failure)?;
                 tracing::debug!(code = %response.code(), "SMTP server accepted the message");
@@ -103,7 +73,16 @@ impl Mailer {
 /// 4xx: the server asks to come back later; 5xx: it refused the message for good; no reply
 /// (connection, TLS, timeout): passing. A client-side refusal (e.g. a non-ASCII address to a
 /// server without SMTPUTF8) never works.
-pub fn smtp_failure(e: lettre::transport::smtp::Error) -> TaskError {
+pub fn smtp_failure(e: SendError) -> TaskError {
+    let e = match e {
+        SendError::Smtp(e) => e,
+        SendError::Network(why) => {
+            return TaskError::transient(
+                "SmtpUnavailable",
+                format!("the SMTP server could not be reached ({why})"),
+            )
+        }
+    };
     let code = e.status().map(|c| c.to_string());
     let shown = match &code {
         Some(code) => format!("SMTP {code}: {e}"),
