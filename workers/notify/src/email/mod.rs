@@ -4,6 +4,7 @@
 
 pub mod attachments;
 pub mod compose;
+pub mod implicit_tls;
 pub mod smtp_pool;
 pub mod transport;
 

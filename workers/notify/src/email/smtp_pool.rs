@@ -2,7 +2,8 @@
 //! without TCP_NODELAY, and lettre writes a message's body and its closing `CRLF.CRLF` as two
 //! writes: Nagle's algorithm then holds the terminator until the server's delayed ACK (40 ms on
 //! Linux), capping a connection at ~25 emails/s. This pool connects the socket itself with
-//! TCP_NODELAY and hands it to lettre's SMTP client (EHLO, STARTTLS, AUTH, MAIL/RCPT/DATA).
+//! TCP_NODELAY (and does the TLS handshake of `smtps://` itself) and hands it to lettre's SMTP
+//! client (EHLO, STARTTLS, AUTH, MAIL/RCPT/DATA).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -170,31 +171,20 @@ impl SmtpPool {
     async fn open(&self) -> Result<AsyncSmtpConnection, SendError> {
         let t = &self.target;
         let work = async {
-            let mut conn = match t.security {
-                // lettre does the TLS handshake before the greeting; its socket has no NODELAY.
-                Security::Implicit => {
-                    AsyncSmtpConnection::connect_tokio1(
-                        (t.host.as_str(), t.port),
-                        Some(t.timeout),
-                        &self.hello,
-                        Some(TlsParameters::new(t.host.clone())?),
-                        None,
-                    )
-                    .await?
-                }
-                _ => {
-                    let tcp = TcpStream::connect((t.host.as_str(), t.port))
-                        .await
-                        .map_err(|e| {
-                            SendError::Network(format!(
-                                "cannot connect to {}:{}: {e}",
-                                t.host, t.port
-                            ))
-                        })?;
-                    tcp.set_nodelay(true)
-                        .map_err(|e| SendError::Network(e.to_string()))?;
-                    AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?
-                }
+            let tcp = TcpStream::connect((t.host.as_str(), t.port))
+                .await
+                .map_err(|e| {
+                    SendError::Network(format!("cannot connect to {}:{}: {e}", t.host, t.port))
+                })?;
+            tcp.set_nodelay(true)
+                .map_err(|e| SendError::Network(e.to_string()))?;
+            let mut conn = if t.security == Security::Implicit {
+                let tls = super::implicit_tls::connect(tcp, &t.host)
+                    .await
+                    .map_err(SendError::Network)?;
+                AsyncSmtpConnection::connect_with_transport(Box::new(tls), &self.hello).await?
+            } else {
+                AsyncSmtpConnection::connect_with_transport(Box::new(tcp), &self.hello).await?
             };
             let starttls = match t.security {
                 Security::StartTls => true,
