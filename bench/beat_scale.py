@@ -69,7 +69,8 @@ def measure(name, proc, queue, entries, ticks, every, due_of):
                 except TimeoutError:
                     pass
     cpu_per_tick = (cpu_s(proc.pid) - cpu_after_first) / ticks
-    return bursts, cpu_per_tick
+    # A callback batch can run past the last full burst; keep whole bursts only.
+    return [b for b in bursts if b[2] == entries], cpu_per_tick
 
 
 def declare(queue):

@@ -110,6 +110,8 @@ return 1
 
 /// How often a leader looks for changed entries when no tick is due sooner.
 const REFRESH: Duration = Duration::from_secs(1);
+/// Ticks claimed by one Lua script at most.
+const CLAIM_SLICE: usize = 2000;
 /// How often a leader re-reads every Redis entry even if their version did not move.
 const FULL_REFRESH: Duration = Duration::from_secs(30);
 
@@ -240,8 +242,10 @@ impl Beat {
                 })
             })
             .collect();
-        if !due.is_empty() {
-            let claimed = self.claim(token, &due).await?;
+        // In slices, so one script never holds Redis for long and the first jobs go out
+        // while later ones are still being claimed.
+        for slice in due.chunks(CLAIM_SLICE) {
+            let claimed = self.claim(token, slice).await?;
             self.publish(token, claimed).await;
         }
         let now = unix_ms();
