@@ -51,11 +51,16 @@ impl BeatKeys {
 }
 
 /// Adds an entry and starts its grid at the current tick: the first one published is the
-/// next grid point, not a catch-up of the past (also when an entry is replaced).
+/// next grid point, not a catch-up of the past (also when an entry is replaced). A replaced
+/// entry on the same period keeps a later tick already claimed, so a clock behind the beats'
+/// cannot make a tick due again.
 const ADD: &str = r#"
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+local cur = redis.call('HMGET', KEYS[2], 'tick', 'every_ms')
+local tick = tonumber(ARGV[3])
+if cur[1] and cur[2] == ARGV[4] and tonumber(cur[1]) > tick then tick = tonumber(cur[1]) end
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], 'tick', ARGV[3], 'every_ms', ARGV[4], 'state', 'start', 'by', 'schedule add')
+redis.call('HSET', KEYS[2], 'tick', tick, 'every_ms', ARGV[4], 'state', 'start', 'by', 'schedule add')
 redis.call('INCR', KEYS[3])
 return 1
 "#;
