@@ -389,8 +389,29 @@ async fn schedule_commands_add_list_remove_and_a_running_beat_follows_them() {
     assert!(added.status.success(), "{added:?}");
     t.wait_messages(2).await;
 
+    // An entry written into Redis by hand that does not parse is reported and skipped; the
+    // others keep going.
+    let mut conn = t.redis().await;
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}:entries", t.prefix))
+        .arg("broken")
+        .arg(r#"{"task": "echo.echo", "every": "often"}"#)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Hand edits are read within 30 s, or at the next tick once the version moves.
+    let _: () = redis::cmd("INCR")
+        .arg(format!("{}:version", t.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     let list = t.cli(&["schedule", "list", "--json"]);
     assert!(list.status.success());
+    let err = String::from_utf8_lossy(&list.stderr);
+    assert!(
+        err.contains("schedule entry `broken`: `every` = \"often\" is not accepted"),
+        "{err}"
+    );
     let rows: Vec<Value> = String::from_utf8_lossy(&list.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -404,6 +425,15 @@ async fn schedule_commands_add_list_remove_and_a_running_beat_follows_them() {
     assert_eq!(rows[1]["queue"], json!(t.queue));
     assert!(rows[1]["last_due"].is_string());
 
+    let have = ready_count(&t.settings, &t.queue).await;
+    t.wait_messages(have + 1).await;
+    assert!(
+        t.log(beat)
+            .contains("skipping a bad schedule entry in Redis"),
+        "{}",
+        t.log(beat)
+    );
+    assert!(t.cli(&["schedule", "remove", "broken"]).status.success());
     let removed = t.cli(&["schedule", "remove", "dyn"]);
     assert!(removed.status.success(), "{removed:?}");
     let count_at_remove = ready_count(&t.settings, &t.queue).await;
