@@ -122,7 +122,11 @@ async fn write_outbox(dir: &PathBuf, message_id: &str, data: &[u8]) -> Result<()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    let id: String = message_id
+    let local = message_id.trim_start_matches('<');
+    let id: String = local
+        .split('@')
+        .next()
+        .unwrap_or(local)
         .chars()
         .filter(|c| c.is_ascii_alphanumeric())
         .take(40)
