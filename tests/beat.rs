@@ -348,7 +348,7 @@ async fn a_bad_entry_stops_start_up_naming_entry_field_value_and_what_is_accepte
     assert_eq!(out.status.code(), Some(2));
     assert!(
         err.contains("`beat_schedule.snap.args` = [1]")
-            && err.contains("one of task, every, kwargs, queue, expires"),
+            && err.contains("one of task, every, crontab, kwargs, queue, expires"),
         "{err}"
     );
     t.cleanup().await;
@@ -367,12 +367,46 @@ async fn schedule_commands_add_list_remove_and_a_running_beat_follows_them() {
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("`every` = \"20x\" is not accepted"), "{err}");
+    let bad_cron = t.cli(&[
+        "schedule",
+        "add",
+        "x",
+        "echo.echo",
+        "--crontab",
+        "* 24 * * *",
+    ]);
+    assert!(!bad_cron.status.success());
+    let err = String::from_utf8_lossy(&bad_cron.stderr);
+    assert!(err.contains("the hour field \"24\""), "{err}");
+    let both = t.cli(&[
+        "schedule",
+        "add",
+        "x",
+        "echo.echo",
+        "--crontab",
+        "* * * * *",
+        "--every",
+        "1s",
+    ]);
+    assert!(!both.status.success());
+    // A crontab entry (UTC), listed with its schedule; it never matches within this test.
+    let q = t.queue.clone();
+    let cron = t.cli(&[
+        "schedule",
+        "add",
+        "yearly",
+        "echo.echo",
+        "--crontab",
+        "0 0 1 1 *",
+        "--queue",
+        &q,
+    ]);
+    assert!(cron.status.success(), "{cron:?}");
     let clash = t.cli(&["schedule", "add", "hourly", "echo.echo", "--every", "1s"]);
     assert!(!clash.status.success());
     assert!(String::from_utf8_lossy(&clash.stderr).contains("settings file"));
 
     let before_add = unix_ms();
-    let q = t.queue.clone();
     let added = t.cli(&[
         "schedule",
         "add",
@@ -420,7 +454,15 @@ async fn schedule_commands_add_list_remove_and_a_running_beat_follows_them() {
         .iter()
         .map(|r| (r["name"].as_str().unwrap(), r["source"].as_str().unwrap()))
         .collect();
-    assert_eq!(names, [("hourly", "settings"), ("dyn", "redis")]);
+    assert_eq!(
+        names,
+        [
+            ("hourly", "settings"),
+            ("dyn", "redis"),
+            ("yearly", "redis")
+        ]
+    );
+    assert_eq!(rows[2]["crontab"], "0 0 1 1 *");
     assert_eq!(rows[1]["kwargs"], json!({"n": 1}));
     assert_eq!(rows[1]["queue"], json!(t.queue));
     assert!(rows[1]["last_due"].is_string());

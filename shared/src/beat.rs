@@ -97,12 +97,13 @@ end
 return out
 "#;
 
-/// Marks claimed ticks as confirmed by the broker (bookkeeping for the gap report).
-const MARK_SENT: &str = r#"
+/// Records what became of claimed ticks (`ARGV[2]`: `sent` once the broker confirmed them,
+/// `not-due` for a crontab minute that does not match), for the gap report and `schedule list`.
+const MARK: &str = r#"
 for i = 1, #KEYS do
   local cur = redis.call('HMGET', KEYS[i], 'tick', 'by')
-  if cur[1] == ARGV[i + 1] and cur[2] == ARGV[1] then
-    redis.call('HSET', KEYS[i], 'state', 'sent')
+  if cur[1] == ARGV[i + 2] and cur[2] == ARGV[1] then
+    redis.call('HSET', KEYS[i], 'state', ARGV[2])
   end
 end
 return 1
@@ -140,7 +141,10 @@ pub struct Beat {
 /// An entry that is due, with where it came from.
 struct Due<'a> {
     entry: &'a ScheduleEntry,
+    /// The tick to claim, or (after the claim) to publish.
     tick: u64,
+    /// The tick the claim recorded in Redis (for a late catch-up tick, a later one).
+    claimed: u64,
     dynamic: bool,
 }
 
@@ -238,6 +242,7 @@ impl Beat {
                 (!handled).then_some(Due {
                     entry,
                     tick,
+                    claimed: tick,
                     dynamic: *dynamic,
                 })
             })
@@ -334,6 +339,7 @@ impl Beat {
             return Ok(Vec::new());
         }
         let mut to_publish = Vec::new();
+        let mut idle = Vec::new();
         let now_ms = unix_ms();
         for (d, parts) in due.iter().zip(answer[1..].chunks(3)) {
             let [code, prev, prev_state] = parts else {
@@ -345,9 +351,12 @@ impl Beat {
             match code.as_str() {
                 "start" => {
                     self.known.insert(name.clone(), (every, d.tick));
+                    // A crontab's next match is looked for a day ahead at most (cheap).
+                    let first = (d.tick + 1..=d.tick + 1440).find(|&t| d.entry.is_due_tick(t));
                     tracing::info!(
                         entry = %name,
-                        first_due = %due_time(d.tick + 1, every),
+                        schedule = %d.entry.describe(),
+                        first_due = ?first.map(|t| due_time(t, every)),
                         "schedule entry starts"
                     );
                 }
@@ -368,16 +377,25 @@ impl Beat {
                         .saturating_sub(self.catch_up().as_millis() as u64)
                         .div_ceil(every);
                     let first = (prev + 1).max(oldest).min(d.tick);
-                    report_gap(name, every, prev, prev_state, first);
-                    for tick in first..=d.tick {
+                    report_gap(d.entry, prev, prev_state, first);
+                    let before = to_publish.len();
+                    for tick in (first..=d.tick).filter(|&t| d.entry.is_due_tick(t)) {
                         to_publish.push(Due {
                             entry: d.entry,
                             tick,
+                            claimed: d.tick,
                             dynamic: d.dynamic,
                         });
                     }
+                    if to_publish.len() == before {
+                        // A crontab minute that does not match: nothing to send, done.
+                        idle.push((name.as_str(), d.tick));
+                    }
                 }
             }
+        }
+        if !idle.is_empty() {
+            self.mark(token, "not-due", &idle).await?;
         }
         Ok(to_publish)
     }
@@ -403,7 +421,11 @@ impl Beat {
                             "published"
                         );
                     }
-                    if let Err(e) = self.mark_sent(token, &batch).await {
+                    let sent: Vec<(&str, u64)> = batch
+                        .iter()
+                        .map(|(_, d)| (d.entry.name.as_str(), d.claimed))
+                        .collect();
+                    if let Err(e) = self.mark(token, "sent", &sent).await {
                         tracing::warn!(error = %e, "could not record published ticks");
                     }
                 }
@@ -451,19 +473,21 @@ impl Beat {
         msg
     }
 
-    async fn mark_sent(
+    /// Records `state` for `(entry, tick)` claims; one whose record moved on since is left alone.
+    async fn mark(
         &self,
         token: &str,
-        batch: &[(TaskMessage, &Due<'_>)],
+        state: &str,
+        sent: &[(&str, u64)],
     ) -> Result<(), redis::RedisError> {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(MARK_SENT).arg(batch.len());
-        for (_, d) in batch {
-            cmd.arg(self.keys.tick(&d.entry.name));
+        cmd.arg(MARK).arg(sent.len());
+        for (name, _) in sent {
+            cmd.arg(self.keys.tick(name));
         }
-        cmd.arg(token);
-        for (_, d) in batch {
-            cmd.arg(d.tick);
+        cmd.arg(token).arg(state);
+        for (_, tick) in sent {
+            cmd.arg(*tick);
         }
         let mut conn = self.conn.clone();
         cmd.query_async::<i64>(&mut conn).await.map(drop)
@@ -476,8 +500,9 @@ pub fn due_time(tick: u64, every_ms: u64) -> DateTime<Utc> {
 }
 
 /// Logs what a new claim shows about the ticks before it; `first` is the first it publishes.
-fn report_gap(name: &str, every: u64, prev: u64, prev_state: &str, first: u64) {
-    if prev_state == "claimed" {
+fn report_gap(entry: &ScheduleEntry, prev: u64, prev_state: &str, first: u64) {
+    let (name, every) = (&entry.name, entry.every_ms());
+    if prev_state == "claimed" && entry.is_due_tick(prev) {
         tracing::warn!(
             entry = %name,
             due = %due_time(prev, every),
@@ -485,7 +510,10 @@ fn report_gap(name: &str, every: u64, prev: u64, prev_state: &str, first: u64) {
              broker in between): the tick was probably not sent"
         );
     }
-    let missed = first.saturating_sub(prev + 1);
+    let missed = match entry.crontab {
+        None => first.saturating_sub(prev + 1),
+        Some(_) => (prev + 1..first).filter(|&t| entry.is_due_tick(t)).count() as u64,
+    };
     if missed > 0 {
         tracing::warn!(
             entry = %name,

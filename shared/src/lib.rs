@@ -21,6 +21,7 @@ pub mod reroute;
 pub mod result;
 pub mod revoke;
 pub mod schedule;
+pub mod schedule_cron;
 pub mod schedule_store;
 pub mod settings;
 pub mod sources;

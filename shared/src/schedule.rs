@@ -7,21 +7,27 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
+use crate::schedule_cron::{Cron, CRON_ACCEPTED};
+
 /// Shortest and longest period accepted.
 pub const MIN_EVERY: Duration = Duration::from_millis(100);
 pub const MAX_EVERY: Duration = Duration::from_secs(365 * 86_400);
 
 const EVERY_ACCEPTED: &str = "a period from 100 ms to 365 days: seconds as a number (20, 2.5) \
      or a string with a unit (\"500ms\", \"20s\", \"5m\", \"1h\", \"1d\")";
-const FIELDS: &str = "task, every, kwargs, queue, expires";
+const FIELDS: &str = "task, every, crontab, kwargs, queue, expires";
 
-/// One periodic entry: `task` with `kwargs`, published once per tick of `every`.
+/// One periodic entry: `task` with `kwargs`, published once per tick of `every`, or at the
+/// minutes its `crontab` matches.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScheduleEntry {
     pub name: String,
     pub task: String,
     /// The period; tick k is due at k·every after the Unix epoch (a fixed grid, no drift).
+    /// One minute for a crontab entry.
     pub every: Duration,
+    /// Only the ticks (minutes) this matches are due.
+    pub crontab: Option<Cron>,
     pub kwargs: Map<String, Value>,
     /// Queue; default: the task name's prefix, as for `mediafarm submit`.
     pub queue: Option<String>,
@@ -46,6 +52,19 @@ impl ScheduleEntry {
         self.every.as_millis() as u64
     }
 
+    /// Whether tick `tick` of the grid is due (every tick, unless a crontab says otherwise).
+    pub fn is_due_tick(&self, tick: u64) -> bool {
+        self.crontab.as_ref().is_none_or(|c| c.matches_minute(tick))
+    }
+
+    /// `every 20s` or `crontab */5 * * * *`, for people.
+    pub fn describe(&self) -> String {
+        match &self.crontab {
+            Some(c) => format!("crontab {c}"),
+            None => format!("every {}", format_every(self.every)),
+        }
+    }
+
     /// The queue the entry's jobs go to.
     pub fn queue(&self) -> String {
         self.queue
@@ -55,11 +74,11 @@ impl ScheduleEntry {
 
     /// The entry as the JSON object `parse_entry` reads (how Redis keeps it).
     pub fn to_json(&self) -> Value {
-        let mut v = json!({
-            "task": self.task,
-            "every": self.every.as_secs_f64(),
-            "kwargs": self.kwargs,
-        });
+        let mut v = json!({"task": self.task, "kwargs": self.kwargs});
+        match &self.crontab {
+            Some(c) => v["crontab"] = json!(c.to_string()),
+            None => v["every"] = json!(self.every.as_secs_f64()),
+        }
         if let Some(q) = &self.queue {
             v["queue"] = json!(q);
         }
@@ -122,15 +141,27 @@ pub fn parse_entry(name: &str, value: &Value) -> Result<ScheduleEntry, EntryErro
             ))
         }
     };
-    let every = match fields.get("every") {
-        Some(v) => parse_every(v).ok_or_else(|| bad("every", v, EVERY_ACCEPTED))?,
-        None => {
+    let (every, crontab) = match (fields.get("every"), fields.get("crontab")) {
+        (Some(v), None) => (
+            parse_every(v).ok_or_else(|| bad("every", v, EVERY_ACCEPTED))?,
+            None,
+        ),
+        (None, Some(Value::String(text))) => match Cron::parse(text) {
+            Ok(cron) => (Duration::from_secs(60), Some(cron)),
+            Err(why) => {
+                let accepted = format!("{CRON_ACCEPTED}; here: {why}");
+                return Err(bad("crontab", &fields["crontab"], &accepted));
+            }
+        },
+        (None, Some(other)) => return Err(bad("crontab", other, CRON_ACCEPTED)),
+        (None, None) => {
             return Err(bad(
                 "every",
                 &Value::Null,
-                &format!("{EVERY_ACCEPTED} (required)"),
+                &format!("{EVERY_ACCEPTED} (required, or a crontab)"),
             ))
         }
+        (Some(_), Some(c)) => return Err(bad("crontab", c, "either every or crontab, not both")),
     };
     let kwargs = match fields.get("kwargs") {
         None => Map::new(),
@@ -165,6 +196,7 @@ pub fn parse_entry(name: &str, value: &Value) -> Result<ScheduleEntry, EntryErro
         name: name.to_owned(),
         task,
         every,
+        crontab,
         kwargs,
         queue,
         expires,
@@ -313,6 +345,36 @@ mod tests {
         assert!(e.contains("`queue`"), "{e}");
         let e = parse_entry("a b", &json!({})).unwrap_err().to_string();
         assert!(e.contains("`name`"), "{e}");
+    }
+
+    #[test]
+    fn crontab_entries_sit_on_the_minute_grid() {
+        let e = parse_entry(
+            "digest",
+            &json!({"task": "notify.email", "crontab": "0 9 * * mon-fri"}),
+        )
+        .unwrap();
+        assert_eq!(e.every, Duration::from_secs(60));
+        assert_eq!(e.describe(), "crontab 0 9 * * mon-fri");
+        assert_eq!(parse_entry("digest", &e.to_json()).unwrap(), e);
+        // Wednesday 25 November 2026, 09:00 and 09:01 UTC, as minutes since the epoch.
+        let nine = 1_795_597_200 / 60;
+        assert!(e.is_due_tick(nine));
+        assert!(!e.is_due_tick(nine + 1));
+        let every = parse_entry("x", &json!({"task": "a.b", "every": 5})).unwrap();
+        assert!(every.is_due_tick(nine + 1));
+        assert_eq!(every.describe(), "every 5s");
+
+        let err = |v: Value| parse_entry("c", &v).unwrap_err().to_string();
+        let e = err(json!({"task": "a.b", "crontab": "61 * * * *"}));
+        assert!(
+            e.contains("`crontab` = \"61 * * * *\"") && e.contains("the minute field \"61\""),
+            "{e}"
+        );
+        let e = err(json!({"task": "a.b", "crontab": "* * * * *", "every": 5}));
+        assert!(e.contains("either every or crontab"), "{e}");
+        let e = err(json!({"task": "a.b"}));
+        assert!(e.contains("or a crontab"), "{e}");
     }
 
     fn settings(toml_text: &str, env: &[(&str, &str)]) -> Result<crate::Settings, String> {

@@ -106,13 +106,17 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ScheduleCommand {
-    /// Add (or replace) an entry: TASK with --json kwargs, once every --every.
+    /// Add (or replace) an entry: TASK with --json kwargs, once every --every (or at the
+    /// minutes --crontab matches).
     Add {
         name: String,
         task: String,
         /// Period: seconds (20, 2.5) or with a unit ("500ms", "20s", "5m", "1h", "1d").
+        #[arg(long, required_unless_present = "crontab", conflicts_with = "crontab")]
+        every: Option<String>,
+        /// Five cron fields in UTC instead of --every, e.g. "*/5 * * * *" or "0 9 * * mon-fri".
         #[arg(long)]
-        every: String,
+        crontab: Option<String>,
         /// Keyword arguments as a JSON object.
         #[arg(long, default_value = "{}")]
         json: String,
@@ -320,7 +324,7 @@ async fn stop_signal() {
 }
 
 async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Result<ExitCode> {
-    use mediafarm::schedule::{format_every, parse_entry};
+    use mediafarm::schedule::parse_entry;
     use mediafarm::schedule_store::{BeatKeys, ScheduleStore};
     let in_settings = |name: &str| settings.beat_schedule.iter().any(|e| e.name == name);
     let backend =
@@ -335,13 +339,20 @@ async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Resu
             name,
             task,
             every,
+            crontab,
             json,
             queue,
             expires,
         } => {
             let kwargs: Value = serde_json::from_str(&json)
                 .with_context(|| format!("--json is not valid JSON: {json}"))?;
-            let mut fields = serde_json::json!({"task": task, "every": every, "kwargs": kwargs});
+            let mut fields = serde_json::json!({"task": task, "kwargs": kwargs});
+            if let Some(e) = every {
+                fields["every"] = Value::String(e);
+            }
+            if let Some(c) = crontab {
+                fields["crontab"] = Value::String(c);
+            }
             if let Some(q) = queue {
                 fields["queue"] = Value::String(q);
             }
@@ -354,9 +365,9 @@ async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Resu
             }
             store.add(&entry).await?;
             println!(
-                "added {name}: {} every {} to queue {}",
+                "added {name}: {} {} to queue {}",
                 entry.task,
-                format_every(entry.every),
+                entry.describe(),
                 entry.queue()
             );
             Ok(ExitCode::SUCCESS)
@@ -412,9 +423,9 @@ async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Resu
                         .map(|(due, state)| format!("last {due} ({state})"))
                         .unwrap_or_else(|| "no tick yet".into());
                     println!(
-                        "{}  every {}  {}  queue {}  {}  [{source}]  {last}",
+                        "{}  {}  {}  queue {}  {}  [{source}]  {last}",
                         entry.name,
-                        format_every(entry.every),
+                        entry.describe(),
                         entry.task,
                         entry.queue(),
                         Value::Object(entry.kwargs.clone()),
