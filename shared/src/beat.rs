@@ -2,7 +2,8 @@
 //! once for high availability, publishing each tick once.
 //!
 //! Ticks sit on a fixed grid: tick k of an entry is due at k·every after the Unix epoch, so
-//! they never drift and every beat numbers them alike. One beat leads (the Redis lease in
+//! they never drift and every beat numbers them alike (a crontab entry sits on the one-minute
+//! grid, and only the minutes it matches are due). One beat leads (the Redis lease in
 //! `beat_lease`); for each due tick the leader first *claims* it in Redis with a Lua
 //! compare-and-set that also checks the leader's fencing token, then publishes it (publisher
 //! confirms), then marks it sent. A tick is claimed at most once, by the one leader Redis
