@@ -190,7 +190,7 @@ pub fn grab(
     encoder: &mut FrameEncoder,
 ) -> Result<(Encoded, f64), MediaError> {
     let mut input = Input::open(&src.url, &src.shown, src.kind, interrupt, timeout)?;
-    let mut dec = KeyDecoder::new(&input)?;
+    let mut dec = KeyDecoder::new(&input, at_s.is_none())?;
     let mut pkt = ff::Packet::empty();
     match at_s {
         Some(at) => frame_at(&mut input, &mut dec, &mut pkt, at, encoder),

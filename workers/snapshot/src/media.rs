@@ -291,7 +291,9 @@ pub struct KeyDecoder {
 }
 
 impl KeyDecoder {
-    pub fn new(input: &Input) -> Result<KeyDecoder, MediaError> {
+    /// `keyframes_only`: the decoder will only ever see keyframes, so it may hand each picture
+    /// out at once (no reordering delay) and keep its state between them.
+    pub fn new(input: &Input, keyframes_only: bool) -> Result<KeyDecoder, MediaError> {
         let err = |reason: String| MediaError::Decode {
             url: input.url.clone(),
             reason,
@@ -308,6 +310,9 @@ impl KeyDecoder {
             count: 1,
             ..Default::default()
         });
+        if keyframes_only {
+            ctx.set_flags(ff::codec::Flags::LOW_DELAY);
+        }
         let dec = ctx.decoder().video().map_err(|e| err(e.to_string()))?;
         Ok(KeyDecoder {
             dec,
@@ -323,12 +328,17 @@ impl KeyDecoder {
         }
     }
 
-    /// Decodes one keyframe packet on its own: send it, drain, reset.
+    /// Decodes one keyframe packet on its own. A low-delay decoder gives the picture at once;
+    /// otherwise the decoder is drained and reset (which frees and rebuilds its tables, so it
+    /// is the slow path).
     pub fn keyframe(&mut self, pkt: &ff::Packet) -> Result<&ff::frame::Video, MediaError> {
-        self.dec.flush();
-        self.dec
-            .send_packet(pkt)
-            .map_err(|e| self.err(e.to_string()))?;
+        if let Err(e) = self.dec.send_packet(pkt) {
+            self.dec.flush();
+            return Err(self.err(e.to_string()));
+        }
+        if self.dec.receive_frame(&mut self.frame).is_ok() {
+            return Ok(&self.frame);
+        }
         let _ = self.dec.send_eof();
         let got = self.dec.receive_frame(&mut self.frame);
         self.dec.flush();

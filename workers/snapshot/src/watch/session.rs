@@ -175,7 +175,7 @@ fn stream(
         stop,
         events,
     } = *link;
-    let mut dec = KeyDecoder::new(&input)?;
+    let mut dec = KeyDecoder::new(&input, true)?;
     let mut pkt = ff::Packet::empty();
     let file = p.source.kind == SourceKind::File;
     if file {

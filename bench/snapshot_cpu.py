@@ -1,0 +1,287 @@
+"""snapshot-worker benchmark (issue 5), two parts, every contender in the same run:
+
+1. CPU per snapshot. Same input for all: 1080p30 H.264, 2 s GOP, 120 s (made here with the
+   ffmpeg CLI from `testsrc2`), one full-size JPEG every 20 s (6 per pass):
+     (a) a `snapshot.watch` session in the release snapshot-worker (a real worker on the real
+         RabbitMQ and Redis, job sent with the Python celery client), CPU read from
+         /proc/<pid>/stat of the worker around the session, less the worker's idle CPU;
+     (b) `ffmpeg -i IN -vf fps=1/20 OUT%03d.jpg` (decodes every frame);
+     (c) `ffmpeg -skip_frame nokey -i IN -vf fps=1/20 OUT%03d.jpg` (decodes keyframes only);
+   ffmpeg's CPU from getrusage(RUSAGE_CHILDREN). Rounds interleaved; medians printed with the
+   ratios.
+2. Sessions per core: one worker pinned to one core (`taskset -c 0`) runs N watch sessions on
+   looping local copies of the input read at their own pace (`realtime`, `loop`), one tick per
+   20 s, each frame delivered to a local webhook. A session is on schedule when no tick lands
+   later than one GOP (2 s) behind its stream time; the largest N that keeps every session on
+   schedule is printed. Bounded: each level runs --level-seconds.
+
+Usage: .venv/bin/python bench/snapshot_cpu.py [--rounds 3] [--levels 50,100,200] [--level-seconds 50]
+Needs ffmpeg (scripts/setup.d/snapshot.sh), RabbitMQ and Redis on 127.0.0.1. Local only.
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from celery import Celery
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "target" / "snapshot-bench"
+INPUT = WORK / "in-1080p30-gop2-120s.mp4"
+WORKER = ROOT / "target" / "release" / "snapshot-worker"
+BROKER = os.environ.get("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BACKEND = os.environ.get("RESULT_BACKEND", "redis://127.0.0.1:6379/0")
+TICKS = os.sysconf("SC_CLK_TCK")
+GOP_S = 2.0
+INTERVAL_S = 20
+
+
+def sh(*cmd, **kw):
+    return subprocess.run(cmd, check=True, timeout=1800, **kw)
+
+
+def ensure_input():
+    WORK.mkdir(parents=True, exist_ok=True)
+    if not INPUT.exists():
+        print("making the 120 s 1080p30 input (once)...", file=sys.stderr)
+        tmp = INPUT.with_suffix(".part.mp4")
+        sh("ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
+           "-i", "testsrc2=size=1920x1080:rate=30", "-t", "120", "-c:v", "libx264",
+           "-preset", "veryfast", "-g", "60", "-keyint_min", "60", "-sc_threshold", "0",
+           "-pix_fmt", "yuv420p", str(tmp))
+        tmp.rename(INPUT)
+    sh("cargo", "build", "--release", "-q", "-p", "snapshot-worker", "--bin", "snapshot-worker", cwd=ROOT)
+
+
+def proc_cpu_s(pid):
+    """utime + stime of a process (its finished threads included), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def proc_rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Worker:
+    def __init__(self, queue, storage, extra_env=None, pin=None, concurrency=4):
+        self.queue = queue
+        env = dict(os.environ)
+        env.update({
+            "MEDIAFARM_BROKER_URL": BROKER,
+            "MEDIAFARM_RESULT_BACKEND": BACKEND,
+            "MEDIAFARM_STORAGE_URL": f"file://{storage}",
+            "MEDIAFARM_SOURCE_ALLOWED_ROOTS": str(WORK),
+            "MEDIAFARM_WEBHOOK_ALLOW_PRIVATE": "true",
+            "MEDIAFARM_WEBHOOK_ALLOW_HTTP": "true",
+            "NO_COLOR": "1",
+        })
+        env.update(extra_env or {})
+        cmd = [str(WORKER), "-Q", queue, "-n", f"bench@{queue}", "--metrics-addr", "127.0.0.1:0",
+               "-c", str(concurrency), "-l", "warning"]
+        if pin is not None:
+            cmd = ["taskset", "-c", str(pin)] + cmd
+        self.log = tempfile.NamedTemporaryFile(prefix="snapbench-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL)
+        time.sleep(1.5)
+        if self.proc.poll() is not None:
+            raise SystemExit("snapshot-worker did not start: " + Path(self.log.name).read_text())
+
+    def cpu(self):
+        return proc_cpu_s(self.proc.pid)
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        os.unlink(self.log.name)
+
+
+def celery_app():
+    app = Celery("snapbench", broker=BROKER, backend=BACKEND)
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
+    return app
+
+
+def run_watch(app, worker, idle_rate):
+    kwargs = {"stream_id": f"cpu-{uuid.uuid4().hex[:8]}", "stream_url": f"file://{INPUT}",
+              "interval_s": INTERVAL_S, "key": "cpu/{stream_id}/{seq}.jpg", "quality": 80}
+    before, t0 = worker.cpu(), time.monotonic()
+    out = app.send_task("snapshot.watch", kwargs=kwargs, queue=worker.queue).get(timeout=600)
+    cpu = worker.cpu() - before - idle_rate * (time.monotonic() - t0)
+    return cpu, out["frames"]
+
+
+def run_ffmpeg(extra, outdir):
+    shutil.rmtree(outdir, ignore_errors=True)
+    outdir.mkdir(parents=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    sh("ffmpeg", "-hide_banner", "-loglevel", "error", "-y", *extra, "-i", str(INPUT),
+       "-vf", f"fps=1/{INTERVAL_S}", "-q:v", "3", str(outdir / "f%03d.jpg"))
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return cpu, len(list(outdir.glob("*.jpg")))
+
+
+def cpu_per_snapshot(rounds):
+    storage = WORK / "storage-cpu"
+    queue = f"bench-snap-{uuid.uuid4().hex[:8]}"
+    worker = Worker(queue, storage)
+    app = celery_app()
+    # One warm-up session (page cache, first connections), then the idle rate over 3 s.
+    run_watch(app, worker, 0.0)
+    c0, t0 = worker.cpu(), time.monotonic()
+    time.sleep(3)
+    idle_rate = (worker.cpu() - c0) / (time.monotonic() - t0)
+    results = {"mediafarm watch": [], "ffmpeg fps=1/20": [], "ffmpeg -skip_frame nokey fps=1/20": []}
+    frames = {}
+    try:
+        for r in range(rounds):
+            # Three sessions per round: /proc counts CPU in 10 ms ticks.
+            total, n = 0.0, 0
+            for _ in range(3):
+                cpu, k = run_watch(app, worker, idle_rate)
+                total, n = total + cpu, n + k
+            results["mediafarm watch"].append(total * 1000 / n)
+            frames["mediafarm watch"] = n // 3
+            cpu, k = run_ffmpeg([], WORK / "ffmpeg-all")
+            results["ffmpeg fps=1/20"].append(cpu * 1000 / k)
+            frames["ffmpeg fps=1/20"] = k
+            cpu, k = run_ffmpeg(["-skip_frame", "nokey"], WORK / "ffmpeg-nokey")
+            results["ffmpeg -skip_frame nokey fps=1/20"].append(cpu * 1000 / k)
+            frames["ffmpeg -skip_frame nokey fps=1/20"] = k
+            print(f"round {r + 1}: " + ", ".join(f"{name} {v[-1]:.1f} ms" for name, v in results.items()),
+                  file=sys.stderr)
+    finally:
+        worker.stop()
+        shutil.rmtree(storage, ignore_errors=True)
+    ours = statistics.median(results["mediafarm watch"])
+    print(f"\nCPU per snapshot (1080p30 H.264, 2 s GOP, 120 s, one full-size JPEG per 20 s), median of {rounds}:")
+    print(f"{'contender':40} {'snapshots':>9} {'CPU ms/snapshot':>16} {'÷ mediafarm':>12}")
+    for name, values in results.items():
+        med = statistics.median(values)
+        print(f"{name:40} {frames[name]:>9} {med:>16.1f} {med / ours:>11.1f}×")
+    print(f"target ≤ 20 ms per snapshot: {'met' if ours <= 20 else 'NOT met'} ({ours:.1f} ms)")
+
+
+class Deliveries(BaseHTTPRequestHandler):
+    got = []
+    lock = threading.Lock()
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with Deliveries.lock:
+            Deliveries.got.append(json.loads(body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def when(text):
+    return datetime.fromisoformat(text).timestamp()
+
+
+def sessions_level(n, seconds, hook_port):
+    storage = WORK / f"storage-sessions-{n}"
+    queue = f"bench-sessions-{uuid.uuid4().hex[:8]}"
+    worker = Worker(queue, storage, pin=0, concurrency=n + 4,
+                    extra_env={"MEDIAFARM_SNAPSHOT_MAX_SESSIONS": str(n)})
+    app = celery_app()
+    with Deliveries.lock:
+        Deliveries.got.clear()
+    ids = [f"s{n}-{i}" for i in range(n)]
+    for sid in ids:
+        app.send_task("snapshot.watch", queue=queue, kwargs={
+            "stream_id": sid, "stream_url": f"file://{INPUT}", "interval_s": INTERVAL_S,
+            "realtime": True, "loop": True, "key": "sessions/{stream_id}/{seq}.jpg",
+            "deliver": f"http://127.0.0.1:{hook_port}/hook"})
+    c0, t0 = worker.cpu(), time.monotonic()
+    time.sleep(seconds)
+    cpu = worker.cpu() - c0
+    wall = time.monotonic() - t0
+    rss_mb = proc_rss_mb(worker.proc.pid)
+    threads = len(os.listdir(f"/proc/{worker.proc.pid}/task"))
+    # Stop every session (the stop key each polls), then the worker.
+    import redis
+    r = redis.Redis.from_url(BACKEND)
+    now = f"{time.time():.3f}"
+    for sid in ids:
+        r.set(f"mediafarm-snapshot-stop-{sid}", now, ex=3600)
+    time.sleep(3)
+    worker.stop()
+    for sid in ids:
+        r.delete(f"mediafarm-snapshot-stop-{sid}", f"mediafarm-snapshot-session-{sid}")
+    shutil.rmtree(storage, ignore_errors=True)
+    with Deliveries.lock:
+        frames = list(Deliveries.got)
+    by_stream = {}
+    for f in frames:
+        by_stream.setdefault(f["stream_id"], []).append(f)
+    worst, ticks, missing = 0.0, 0, 0
+    expected = int(seconds // INTERVAL_S) + 1
+    for sid in ids:
+        fs = sorted(by_stream.get(sid, []), key=lambda f: f["seq"])
+        ticks += len(fs)
+        # Ticks that never came within the run count as late.
+        if len(fs) < expected - 1:
+            missing += 1
+        for f in fs[1:]:
+            late = (when(f["captured_at"]) - when(fs[0]["captured_at"])) - (f["pts_s"] - fs[0]["pts_s"])
+            worst = max(worst, late)
+    on_schedule = worst <= GOP_S and missing == 0
+    print(f"{n:>8} sessions: {ticks:>5} ticks, worst lateness {worst:5.2f} s, sessions short of ticks {missing:>4}, "
+          f"worker CPU {100 * cpu / wall:5.1f} % of one core, RSS {rss_mb:.0f} MB, {threads} threads "
+          f"→ {'on schedule' if on_schedule else 'LATE'}")
+    return on_schedule
+
+
+def sessions_per_core(levels, seconds):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Deliveries)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    print(f"\nWatch sessions on one core (taskset -c 0), 1080p30 looping files read at their own pace, "
+          f"a tick per {INTERVAL_S} s, {seconds} s per level:")
+    best = 0
+    for n in levels:
+        if sessions_level(n, seconds, server.server_address[1]):
+            best = n
+        else:
+            break
+    server.shutdown()
+    print(f"most sessions kept on schedule (no tick later than one GOP): {best}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--levels", default="50,100,200")
+    ap.add_argument("--level-seconds", type=int, default=50)
+    ap.add_argument("--skip-sessions", action="store_true")
+    ap.add_argument("--skip-cpu", action="store_true")
+    args = ap.parse_args()
+    ensure_input()
+    if not args.skip_cpu:
+        cpu_per_snapshot(args.rounds)
+    if not args.skip_sessions:
+        sessions_per_core([int(x) for x in args.levels.split(",")], args.level_seconds)
+
+
+if __name__ == "__main__":
+    main()
