@@ -15,7 +15,9 @@ use mediafarm::{Settings, Task, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
 
 use crate::cpu_gate::CpuGate;
-use crate::media::{Encoded, Format, FrameEncoder, Input, Interrupt, KeyDecoder, MediaError, Read};
+use crate::media::{
+    EncodeSpec, Encoded, EncoderPool, Format, Input, Interrupt, KeyDecoder, MediaError, Read,
+};
 use crate::source::{SourceKind, StreamSource};
 use crate::template;
 
@@ -151,8 +153,12 @@ impl Task for Capture {
         let (encoded, pts_s) = tokio::task::spawn_blocking(move || {
             let interrupt = Interrupt::new(stop);
             interrupt.arm_at(deadline);
-            let mut encoder = FrameEncoder::new(format, quality, max_width);
-            let out = grab(&src, at_s, &interrupt, timeout, &mut encoder);
+            let spec = EncodeSpec {
+                format,
+                quality,
+                max_width,
+            };
+            let out = grab(&src, at_s, &interrupt, timeout, spec);
             if job_stop.is_set() {
                 return Err(MediaError::Stopped);
             }
@@ -187,13 +193,13 @@ pub fn grab(
     at_s: Option<f64>,
     interrupt: &Interrupt,
     timeout: Duration,
-    encoder: &mut FrameEncoder,
+    spec: EncodeSpec,
 ) -> Result<(Encoded, f64), MediaError> {
     let mut input = Input::open(&src.url, &src.shown, src.kind, interrupt, timeout)?;
     let mut dec = KeyDecoder::new(&input, at_s.is_none())?;
     let mut pkt = ff::Packet::empty();
     match at_s {
-        Some(at) => frame_at(&mut input, &mut dec, &mut pkt, at, encoder),
+        Some(at) => frame_at(&mut input, &mut dec, &mut pkt, at, spec),
         None => loop {
             match input.read(&mut pkt)? {
                 Read::Video if pkt.is_key() => {
@@ -211,7 +217,7 @@ pub fn grab(
                     } else {
                         t
                     };
-                    return Ok((encoder.encode(frame)?, t));
+                    return Ok((EncoderPool::global().encode(spec, frame)?, t));
                 }
                 Read::Video | Read::Other => {}
                 Read::Eof => {
@@ -230,7 +236,7 @@ fn frame_at(
     dec: &mut KeyDecoder,
     pkt: &mut ff::Packet,
     at: f64,
-    encoder: &mut FrameEncoder,
+    spec: EncodeSpec,
 ) -> Result<(Encoded, f64), MediaError> {
     if let Some(duration) = input.duration_s().filter(|d| at > *d) {
         return Err(MediaError::PastEnd {
@@ -250,7 +256,7 @@ fn frame_at(
                 if let Some(frame) = dec.feed(pkt)? {
                     let t = input.frame_seconds(frame).unwrap_or(f64::MIN) - start;
                     if t >= wanted {
-                        return Ok((encoder.encode(frame)?, t));
+                        return Ok((EncoderPool::global().encode(spec, frame)?, t));
                     }
                 }
             }
@@ -260,7 +266,7 @@ fn frame_at(
                 let mut last: Option<(Encoded, f64)> = None;
                 while let Some(frame) = dec.drain() {
                     let t = input.frame_seconds(frame).unwrap_or(f64::MIN) - start;
-                    let encoded = encoder.encode(frame)?;
+                    let encoded = EncoderPool::global().encode(spec, frame)?;
                     if t >= wanted {
                         return Ok((encoded, t));
                     }

@@ -4,7 +4,7 @@
 //! YUV → YUV (swscale) → MJPEG with no RGB step; only PNG needs RGB.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use ff::codec::threading;
@@ -564,6 +564,60 @@ impl FrameEncoder {
         }
         enc.open_as_with(codec, opts)
             .map_err(|err| e("cannot open the encoder", err))
+    }
+}
+
+/// What an output picture should be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncodeSpec {
+    pub format: Format,
+    pub quality: u8,
+    pub max_width: Option<u32>,
+}
+
+// SAFETY: FFmpeg's scaler and codec contexts may be used from any thread, one at a time; the
+// pool below hands each encoder to one user at a time.
+unsafe impl Send for FrameEncoder {}
+
+/// Scalers and encoders shared by every session and capture of the process. Encoding runs
+/// inside a CPU gate slot, so about one encoder per core is in use at once: memory for them
+/// no longer grows with the number of sessions (a 1080p MJPEG encoder alone holds tens of MB).
+pub struct EncoderPool {
+    free: Mutex<Vec<(EncodeSpec, FrameEncoder)>>,
+    keep: usize,
+}
+
+impl EncoderPool {
+    pub fn global() -> &'static EncoderPool {
+        static POOL: OnceLock<EncoderPool> = OnceLock::new();
+        POOL.get_or_init(|| EncoderPool {
+            free: Mutex::new(Vec::new()),
+            keep: 2 * std::thread::available_parallelism().map_or(1, |n| n.get()),
+        })
+    }
+
+    pub fn encode(
+        &self,
+        spec: EncodeSpec,
+        frame: &ff::frame::Video,
+    ) -> Result<Encoded, MediaError> {
+        let found = {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            free.iter()
+                .position(|(s, _)| *s == spec)
+                .map(|i| free.swap_remove(i).1)
+        };
+        let mut enc =
+            found.unwrap_or_else(|| FrameEncoder::new(spec.format, spec.quality, spec.max_width));
+        let out = enc.encode(frame);
+        if out.is_ok() {
+            let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
+            if free.len() >= self.keep {
+                free.remove(0);
+            }
+            free.push((spec, enc));
+        }
+        out
     }
 }
 

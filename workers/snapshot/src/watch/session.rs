@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 
 use super::schedule::{LastTick, Schedule};
 use crate::cpu_gate::CpuGate;
-use crate::media::{Encoded, Format, FrameEncoder, Input, Interrupt, KeyDecoder, MediaError, Read};
+use crate::media::{
+    EncodeSpec, Encoded, EncoderPool, Format, Input, Interrupt, KeyDecoder, MediaError, Read,
+};
 use crate::source::{SourceKind, StreamSource};
 
 /// What the session thread tells the job.
@@ -66,15 +68,18 @@ pub fn unix_now() -> f64 {
 
 /// Runs a session until it ends; always sends `Event::Ended` last (unless the job is gone).
 pub fn run(p: SessionParams, stop: Arc<AtomicBool>, events: mpsc::Sender<Event>) {
-    // FFmpeg's scaler and encoder are not Send: they are made on this thread.
-    let mut encoder = FrameEncoder::new(p.format, p.quality, p.max_width);
-    let end = run_inner(&p, &mut encoder, &stop, &events);
+    let spec = EncodeSpec {
+        format: p.format,
+        quality: p.quality,
+        max_width: p.max_width,
+    };
+    let end = run_inner(&p, spec, &stop, &events);
     let _ = events.blocking_send(Event::Ended(end));
 }
 
 fn run_inner(
     p: &SessionParams,
-    encoder: &mut FrameEncoder,
+    spec: EncodeSpec,
     stop: &Arc<AtomicBool>,
     events: &mpsc::Sender<Event>,
 ) -> End {
@@ -105,7 +110,7 @@ fn run_inner(
                 stop,
                 events,
             };
-            stream(&link, encoder, input, &mut sched, &mut last_progress)
+            stream(&link, spec, input, &mut sched, &mut last_progress)
         });
         let error = match outcome {
             Ok(end) => return end,
@@ -164,7 +169,7 @@ struct Link<'a> {
 /// Reads one connection until it ends. `Ok` ends the session; `Err` asks for a reconnect.
 fn stream(
     link: &Link<'_>,
-    encoder: &mut FrameEncoder,
+    spec: EncodeSpec,
     mut input: Input,
     sched: &mut Schedule,
     last_progress: &mut Instant,
@@ -236,7 +241,7 @@ fn stream(
         let picture = {
             let _slot = CpuGate::global().enter();
             match dec.keyframe(&pkt) {
-                Ok(frame) => encoder.encode(frame)?,
+                Ok(frame) => EncoderPool::global().encode(spec, frame)?,
                 // A keyframe that does not decode alone: the next one serves the tick.
                 Err(e) => {
                     tracing::debug!(error = %e, "keyframe did not decode; waiting for the next");
