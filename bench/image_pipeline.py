@@ -1,5 +1,5 @@
 """Image pipeline benchmark (issue 4): one source → 1280, 640 and 160 px wide JPEG q80, on
-one core each (taskset -c 0), side by side in one run:
+one core each (taskset -c 0), side by side in one run, rounds interleaved:
 
   (a) image-worker's pipeline (workers/image/examples/pipeline-bench.rs: decode once, derive
       every output, encode; no broker, no storage),
@@ -142,9 +142,14 @@ def main():
             if not files:
                 print(f"| {size[0]}×{size[1]} | {kind} | 0 | – | – | – | – |")
                 continue
-            rust = time_rust(files, args.rounds)
-            vips = time_python("vips", files, args.rounds)
-            pil = time_python("pillow", files, args.rounds)
+            # Rounds interleaved (one of each contender per round), so a change in the load
+            # from other processes falls on all three alike; the median round counts.
+            runs = {"rust": [], "vips": [], "pillow": []}
+            for _ in range(args.rounds):
+                runs["rust"].append(time_rust(files, 1))
+                runs["vips"].append(time_python("vips", files, 1))
+                runs["pillow"].append(time_python("pillow", files, 1))
+            rust, vips, pil = (statistics.median(runs[k]) for k in ("rust", "vips", "pillow"))
             print(f"| {size[0]}×{size[1]} | {kind} | {len(files)} | {rust:.0f} | {vips:.0f} | {pil:.0f} | "
                   f"{rust / vips:.2f}× (target ≤ 0.5×) |", flush=True)
 

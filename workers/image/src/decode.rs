@@ -9,6 +9,7 @@ use image::metadata::Orientation;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 use mediafarm::TaskError;
 
+use crate::budget::{reserve, Reservation};
 use crate::jpeg;
 use crate::spec::{invalid, SourceInfo};
 
@@ -20,6 +21,8 @@ pub struct Decoded {
     pub icc: Option<Vec<u8>>,
     /// The EXIF block (TIFF header onwards), its orientation reset when it was applied.
     pub exif: Option<Vec<u8>>,
+    /// This job's share of the worker's decode-memory budget, held while the image is.
+    pub reservation: Reservation,
 }
 
 /// Decodes `data`. `share_needed` gets the full oriented size and returns the largest share
@@ -132,6 +135,12 @@ fn decode_jpeg(
         _ => (header.width, header.height),
     };
     let eighths = eighths_for(share_needed(full));
+    let scaled = |side: u32| u64::from(side.div_ceil(8 / u32::from(eighths)));
+    let mut need = scaled(header.width) * scaled(header.height) * 3;
+    if header.progressive {
+        need += header.coefficient_bytes;
+    }
+    let reservation = reserve(need);
     let Some(rgb) = jpeg::decode_rgb(data, eighths).map_err(cannot)? else {
         return Ok(None);
     };
@@ -151,6 +160,7 @@ fn decode_jpeg(
         },
         icc: header.icc,
         exif,
+        reservation,
     }))
 }
 
@@ -178,6 +188,8 @@ fn decode_other(
     let pixels = u64::from(width) * u64::from(height);
     limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
+    // The decoded picture, up to 8 bytes a pixel (16-bit RGBA) before it becomes 8-bit.
+    let reservation = reserve(pixels.saturating_mul(8));
     let mut decoder = reader.into_decoder().map_err(cannot)?;
     let icc = decoder.icc_profile().ok().flatten();
     let exif = decoder.exif_metadata().ok().flatten();
@@ -187,11 +199,12 @@ fn decode_other(
     if let Some(o) = orient {
         image.apply_orientation(o);
     }
-    // 8 bits per channel, RGB or RGBA: grayscale, 16-bit and palette sources alike.
-    let image = if image.color().has_alpha() {
-        DynamicImage::ImageRgba8(image.to_rgba8())
-    } else {
-        DynamicImage::ImageRgb8(image.to_rgb8())
+    // 8 bits per channel, RGB or RGBA: grayscale, 16-bit and palette sources alike (an
+    // 8-bit RGB(A) picture is kept as it is, not copied).
+    let image = match image {
+        DynamicImage::ImageRgb8(_) | DynamicImage::ImageRgba8(_) => image,
+        other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.into_rgba8()),
+        other => DynamicImage::ImageRgb8(other.into_rgb8()),
     };
     Ok(Decoded {
         info: SourceInfo {
@@ -203,6 +216,7 @@ fn decode_other(
         image,
         icc,
         exif,
+        reservation,
     })
 }
 

@@ -26,6 +26,11 @@ pub struct Header {
     pub exif: Option<Vec<u8>>,
     /// The ICC profile, reassembled from its APP2 chunks.
     pub icc: Option<Vec<u8>>,
+    /// Progressive (or other multi-scan) coding: libjpeg keeps every coefficient of the
+    /// picture while decoding, whatever the output scale.
+    pub progressive: bool,
+    /// The size of those coefficients (64 × 2 bytes per 8×8 block of every component).
+    pub coefficient_bytes: u64,
 }
 
 /// 8-bit RGB pixels, row by row.
@@ -136,14 +141,40 @@ fn open(data: &[u8]) -> Result<(Decompress<&[u8]>, Header), JpegError> {
         dec.color_space(),
         ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK
     );
+    let coefficient_bytes = dec
+        .components()
+        .iter()
+        .map(|c| u64::from(c.width_in_blocks) * u64::from(c.height_in_blocks) * 128)
+        .sum();
     let header = Header {
         width: u32::try_from(width).unwrap_or(u32::MAX),
         height: u32::try_from(height).unwrap_or(u32::MAX),
         cmyk,
         exif,
         icc,
+        progressive: is_multiscan(data),
+        coefficient_bytes,
     };
     Ok((dec, header))
+}
+
+/// Whether the frame header (SOF) before the first scan is a progressive or lossless one.
+fn is_multiscan(data: &[u8]) -> bool {
+    let mut at = 2; // after SOI
+    while at + 4 <= data.len() {
+        if data[at] != 0xFF {
+            return false;
+        }
+        let marker = data[at + 1];
+        match marker {
+            0xFF => at += 1, // fill byte
+            // SOF2, SOF6, SOF10, SOF14: progressive; SOF3/7/11/15: lossless (also multi-pass).
+            0xC2 | 0xC3 | 0xC6 | 0xC7 | 0xCA | 0xCB | 0xCE | 0xCF => return true,
+            0xC0 | 0xC1 | 0xC5 | 0xC9 | 0xCD | 0xDA => return false,
+            _ => at += 2 + usize::from(u16::from_be_bytes([data[at + 2], data[at + 3]])),
+        }
+    }
+    false
 }
 
 /// Reads the header only.
@@ -226,4 +257,24 @@ pub fn encode_rgb(
         started.write_scanlines(rgb).map_err(io_error)?;
         started.finish().map_err(io_error)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_tells_progressive_coding_and_its_coefficient_memory() {
+        let (w, h) = (64u32, 48u32);
+        let rgb = vec![128u8; (w * h * 3) as usize];
+        let data = encode_rgb(&rgb, w, h, 80, &Metadata::default()).unwrap();
+        let header = header(&data).unwrap();
+        assert!(header.progressive);
+        assert_eq!((header.width, header.height), (64, 48));
+        // 4:2:0: 8×6 luma blocks and 4×3 for each chroma component, 128 bytes each.
+        assert_eq!(header.coefficient_bytes, (8 * 6 + 2 * 4 * 3) * 128);
+        let truncated = &data[..data.len() / 2];
+        let err = decode_rgb(truncated, 8).err().unwrap();
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
 }

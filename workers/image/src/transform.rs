@@ -112,11 +112,13 @@ pub fn process(
             })
             .fold(0.0f64, f64::max)
     };
+    // The reservation is held until every output is made from the decoded image.
     let Decoded {
         image: img,
         info,
         icc,
         exif,
+        reservation: _held,
     } = decode(data, args.auto_orient, max_pixels, share_needed)?;
     let img = match args.crop {
         Some(c) => crop(img, c)?,

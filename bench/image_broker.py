@@ -1,0 +1,239 @@
+"""Image jobs through the broker (issue 4): images/s of `image-worker -c 2` against a Celery 5.7
+prefork worker (`-c 2`) doing the same job with Pillow (bench/image_celery_app.py), and the peak
+RSS of image-worker at concurrency 2 on 50 MP sources.
+
+Job: one source → 1280, 640 and 160 px wide JPEG q80, stored in a local storage directory
+(var/bench/image-storage, both workers read and write it); results in Redis; late acks. Each
+variant gets a fresh queue holding N jobs published (by the Python celery client) before its
+worker starts; the rate counts from the first stored result to the N-th, so start-up is left out.
+
+Sources: the distinct JPEGs of bench/image_pipeline.py's corpus (Debian's
+plasma-workspace-wallpapers, 5120×2880 and 2560×1600, baseline and progressive). For the
+memory run, 50 MP sources (9400×5300, baseline and progressive) are made from a wallpaper with
+libvips and written under var/bench/ (never committed); image-worker's peak RSS is its
+/proc/<pid>/status VmHWM when the drain ends (Celery's is the largest of its processes').
+
+Usage: .venv/bin/python bench/image_broker.py [--jobs 48] [--big-jobs 12] [--rounds 1]
+       [--memory-only]
+Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
+"""
+import argparse
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import image_pipeline  # noqa: E402  (corpus fetching and tool installs)
+
+BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BACKEND = os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/12")
+WORK = ROOT / "var" / "bench"
+STORAGE = WORK / "image-storage"
+BIG = WORK / "image-50mp"
+WIDTHS = (1280, 640, 160)
+
+
+def build():
+    subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "image-worker",
+                    "--bin", "image-worker"], cwd=ROOT, check=True, timeout=1800)
+
+
+def stage(files, prefix):
+    """Copies `files` into the storage directory; returns their keys."""
+    keys = []
+    for i, f in enumerate(files):
+        key = f"src/{prefix}{i}.jpg"
+        (STORAGE / key).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, STORAGE / key)
+        keys.append(key)
+    return keys
+
+
+def make_50mp():
+    """9400×5300 (49.8 MP) JPEGs from one wallpaper: baseline and progressive with 4:2:0 chroma
+    (as cameras and most encoders write them), and progressive 4:4:4."""
+    import pyvips
+    BIG.mkdir(parents=True, exist_ok=True)
+    variants = {"baseline.jpg": dict(subsample_mode="on"),
+                "progressive.jpg": dict(subsample_mode="on", interlace=True),
+                "progressive-444.jpg": dict(subsample_mode="off", interlace=True)}
+    out = {name: BIG / name for name in variants}
+    if all(p.exists() for p in out.values()):
+        return out
+    by_size = image_pipeline.ensure_corpus()
+    src = next(f for f, kind in by_size[(5120, 2880)] if kind == "baseline")
+    img = pyvips.Image.new_from_file(src).resize(9400 / 5120, vscale=5300 / 2880)
+    for name, options in variants.items():
+        img.write_to_file(str(out[name]), Q=90, **options)
+    return out
+
+
+def publish(app, queue, keys, jobs):
+    for i in range(jobs):
+        key = keys[i % len(keys)]
+        outputs = [{"key": f"out/{queue}/{i}/{w}.jpg", "width": w, "format": "jpeg", "quality": 80}
+                   for w in WIDTHS]
+        app.send_task("image.transform", kwargs={"source": key, "outputs": outputs},
+                      queue=queue, task_id=f"{queue}-{i}")
+
+
+def delete_queue(queue):
+    from kombu import Connection
+    with Connection(BROKER) as conn:
+        channel = conn.channel()
+        channel.queue_delete(queue)
+        channel.exchange_delete(queue)
+
+
+def stop(proc):
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def peak_rss_mb(pid):
+    """VmHWM of `pid` and, for Celery, the largest among its children."""
+    pids = [pid]
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        pids += [int(c) for c in children]
+    except OSError:
+        pass
+    best = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    best = max(best, int(line.split()[1]))
+        except OSError:
+            pass
+    return best / 1024
+
+
+def drain(app, label, command, keys, jobs, timeout, env):
+    """Publishes `jobs`, starts `command(queue)`, waits until every job has a result; returns
+    (images/s, peak RSS MB)."""
+    queue = f"bench-img-{uuid.uuid4().hex[:8]}"
+    store = redis.Redis.from_url(BACKEND)
+    ids = [f"celery-task-meta-{queue}-{i}" for i in range(jobs)]
+    publish(app, queue, keys, jobs)
+    log_path = WORK / f"{label.replace(' ', '_')}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command(queue), cwd=ROOT / "bench", env={**os.environ, **env},
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            began = time.monotonic()
+            first = None
+            while True:
+                values = store.mget(ids)
+                done = sum(v is not None for v in values)
+                now = time.monotonic()
+                if done and first is None:
+                    first = (now, done)
+                if done >= jobs:
+                    rss = peak_rss_mb(proc.pid)
+                    break
+                if proc.poll() is not None:
+                    raise SystemExit(f"{label} exited early ({proc.returncode}); see {log_path}")
+                if now - began > timeout:
+                    raise SystemExit(f"{label}: only {done}/{jobs} results after {timeout} s")
+                time.sleep(0.01)
+            failed = [v for v in values if b'"SUCCESS"' not in v]
+            if failed:
+                raise SystemExit(f"{label}: {len(failed)} jobs did not succeed: {failed[0][:300]!r}")
+        finally:
+            stop(proc)
+            delete_queue(queue)
+            store.delete(*ids)
+    seconds = now - first[0]
+    rate = (jobs - first[1]) / seconds if seconds > 0 else float("inf")
+    return rate, rss
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=48)
+    parser.add_argument("--big-jobs", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--memory-only", action="store_true", help="only the 50 MP peak-RSS runs")
+    args = parser.parse_args()
+    image_pipeline.ensure_tools()
+    build()
+    by_size = image_pipeline.ensure_corpus()
+    shutil.rmtree(STORAGE, ignore_errors=True)
+    files = []
+    for size in ((5120, 2880), (2560, 1600)):
+        seen = set()
+        for f, _kind in by_size.get(size, []):
+            digest = Path(f).stat().st_size, Path(f).read_bytes()[-4096:]
+            if digest not in seen:
+                seen.add(digest)
+                files.append(f)
+    keys = stage(files, "w")
+    big = make_50mp()
+    big_keys = {
+        "baseline 4:2:0": stage([big["baseline.jpg"]], "b"),
+        "baseline + progressive, 4:2:0": stage([big["baseline.jpg"], big["progressive.jpg"]], "bp"),
+        "progressive 4:4:4": stage([big["progressive-444.jpg"]], "p444"),
+    }
+
+    os.environ.update({"BENCH_BROKER_URL": BROKER, "BENCH_RESULT_BACKEND": BACKEND,
+                       "BENCH_STORAGE_DIR": str(STORAGE)})
+    from celery import Celery
+    app = Celery("image_bench_client", broker=BROKER, backend=BACKEND)
+    worker_env = {"MEDIAFARM_BROKER_URL": BROKER, "MEDIAFARM_RESULT_BACKEND": BACKEND,
+                  "MEDIAFARM_STORAGE_URL": STORAGE.as_uri(), "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0"}
+
+    def rust(q):
+        return [ROOT / "target/release/image-worker", "--concurrency", "2", "--queues", q,
+                "--loglevel", "warning"]
+
+    def celery(q):
+        return [sys.executable, "-m", "celery", "-A", "image_celery_app", "worker", "-P", "prefork",
+                "-c", "2", "-Q", q, "-l", "warning", "--without-gossip", "--without-mingle",
+                "--without-heartbeat"]
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    rates = {"image-worker -c 2": [], "celery prefork -c 2 (Pillow)": []}
+    rss = {label: [] for label in rates}
+    for _ in range(0 if args.memory_only else args.rounds):
+        for label, command, env in (("image-worker -c 2", rust, worker_env),
+                                    ("celery prefork -c 2 (Pillow)", celery, {})):
+            rate, peak = drain(app, label, command, keys, args.jobs, 900, env)
+            rates[label].append(rate)
+            rss[label].append(peak)
+    print(f"\n{args.jobs} jobs per variant over {len(keys)} distinct wallpapers (5120×2880 and "
+          f"2560×1600), each → {', '.join(map(str, WIDTHS))} px JPEG q80; median of "
+          f"{args.rounds} round(s); {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+    print("| worker | images/s | peak RSS MB | × Celery |")
+    print("| --- | ---: | ---: | ---: |")
+    base = statistics.median(rates["celery prefork -c 2 (Pillow)"] or [float("nan")])
+    for label in rates if not args.memory_only else ():
+        r = statistics.median(rates[label])
+        print(f"| {label} | {r:.1f} | {max(rss[label]):.0f} | {r / base:.2f}× |")
+
+    print(f"\n50 MP sources (9400×5300), {args.big_jobs} jobs, image-worker -c 2:")
+    print("| sources | images/s | peak RSS MB (VmHWM) | target |")
+    print("| --- | ---: | ---: | --- |")
+    for label, ks in big_keys.items():
+        rate, peak = drain(app, f"image-worker 50MP {label}", rust, ks, args.big_jobs, 900,
+                           worker_env)
+        print(f"| {label} | {rate:.1f} | {peak:.0f} | ≤ 256 MB: {'met' if peak <= 256 else 'NOT met'} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
