@@ -111,6 +111,12 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         os.unlink(self.log.name)
+        with celery_app().connection_for_write() as conn:
+            for q in (self.queue, f"{self.queue}.dead"):
+                try:
+                    conn.default_channel.queue_delete(q)
+                except Exception:  # already gone
+                    pass
 
 
 def celery_app():

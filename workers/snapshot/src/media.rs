@@ -227,6 +227,10 @@ impl Input {
 
     /// Reads the next packet into `pkt`.
     pub fn read(&mut self, pkt: &mut ff::Packet) -> Result<Read, MediaError> {
+        // `Packet::read` hands the packet to av_read_frame as it is, and av_read_frame does not
+        // free what a reused packet still holds: without this every packet's buffer leaked.
+        // SAFETY: the packet is ours and not borrowed; unref leaves it blank and reusable.
+        unsafe { ff::ffi::av_packet_unref(ff::packet::Mut::as_mut_ptr(pkt)) };
         match pkt.read(&mut self.ctx) {
             Ok(()) if pkt.stream() == self.video => Ok(Read::Video),
             Ok(()) => Ok(Read::Other),
@@ -369,10 +373,6 @@ impl KeyDecoder {
             .receive_frame(&mut self.frame)
             .ok()
             .map(|_| &self.frame)
-    }
-
-    pub fn reset(&mut self) {
-        self.dec.flush();
     }
 }
 

@@ -180,7 +180,9 @@ fn stream(
         stop,
         events,
     } = *link;
-    let mut dec = KeyDecoder::new(&input, true)?;
+    // Made now so a stream FFmpeg cannot decode fails at once, then dropped: a decoder lives
+    // only for the tick it serves, so idle sessions hold no picture buffers.
+    KeyDecoder::new(&input, true)?;
     let mut pkt = ff::Packet::empty();
     let file = p.source.kind == SourceKind::File;
     if file {
@@ -200,7 +202,6 @@ fn stream(
                 offset += newest_in_loop.max(0.0) + 0.04;
                 newest_in_loop = f64::MIN;
                 input.seek(0.0)?;
-                dec.reset();
                 continue;
             }
             Read::Eof if file => {
@@ -240,6 +241,7 @@ fn stream(
         }
         let picture = {
             let _slot = CpuGate::global().enter();
+            let mut dec = KeyDecoder::new(&input, true)?;
             match dec.keyframe(&pkt) {
                 Ok(frame) => EncoderPool::global().encode(spec, frame)?,
                 // A keyframe that does not decode alone: the next one serves the tick.
