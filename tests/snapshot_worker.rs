@@ -1104,3 +1104,29 @@ async fn rtsp_over_tcp_capture_and_watch() {
     assert_jpeg(&w.stored("rtsp/000000.jpg"), 320, 240);
     w.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_beyond_the_limit_wait_for_a_free_slot() {
+    let mut w = World::new("limit", &[("MEDIAFARM_SNAPSHOT_MAX_SESSIONS", "1")]).await;
+    make_video(&w.media("a.mp4"), 4, "160x120", 15);
+    w.start_worker("a");
+    let url = w.file_url("a.mp4");
+    let kw = |id: &str| json!({"stream_id": id, "stream_url": url, "interval_s": 1, "realtime": true, "key": "l/{stream_id}/{seq}.jpg"});
+    let first = w.send("snapshot.watch", kw("one")).await;
+    w.progress(&first.id, 1).await;
+    let second = w.send("snapshot.watch", kw("two")).await;
+    let a = first.get(WAIT).await.unwrap();
+    let b = second.get(WAIT).await.unwrap();
+    assert_eq!(
+        (a["ended"].as_str(), b["ended"].as_str()),
+        (Some("stream_ended"), Some("stream_ended"))
+    );
+    assert_eq!(a["frames"], b["frames"], "both sessions ran in full");
+    // The second began only after the first had taken its last frame.
+    let ended_a =
+        chrono::DateTime::parse_from_rfc3339(a["last_frame"]["captured_at"].as_str().unwrap())
+            .unwrap();
+    let began_b = chrono::DateTime::parse_from_rfc3339(b["started_at"].as_str().unwrap()).unwrap();
+    assert!(began_b >= ended_a, "{a}\n{b}");
+    w.stop().await;
+}
