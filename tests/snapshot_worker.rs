@@ -953,6 +953,13 @@ async fn rtmp_through_nginx_stopped_by_the_cli_and_by_revoke() {
     mediafarm_cli(&w, &["revoke", "--terminate", &job.id]);
     let err = failed(job.get(WAIT).await);
     assert_eq!(err.exc_type, "TaskRevokedError");
+    // A terminated job leaves its session record (it would resume a redelivery); drop it.
+    let mut redis = w.client.backend().connection();
+    redis::cmd("DEL")
+        .arg("mediafarm-snapshot-session-room7c")
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
     w.stop().await;
 }
 
