@@ -72,6 +72,8 @@ impl BeatTest {
             .arg(&self.config)
             .env("MEDIAFARM_BEAT_KEY_PREFIX", &self.prefix)
             .env("MEDIAFARM_BEAT_LEASE_TTL", LEASE_TTL)
+            // Every beat serves its endpoints on a port of its own choosing.
+            .env("MEDIAFARM_METRICS_ADDR", "127.0.0.1:0")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null());
         cmd
@@ -89,12 +91,18 @@ impl BeatTest {
 
     /// Starts `mediafarm beat` with extra environment variables.
     fn start_beat_with(&mut self, env: &[(&str, &str)]) -> usize {
+        self.start_beat_with_args(env, &[])
+    }
+
+    /// Starts `mediafarm beat ARGS` with extra environment variables.
+    fn start_beat_with_args(&mut self, env: &[(&str, &str)], args: &[&str]) -> usize {
         let i = self.beats.len();
         let log = File::create(self.log_path(i)).unwrap();
         let child = self
             .command()
             .envs(env.iter().copied())
             .arg("beat")
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -109,6 +117,26 @@ impl BeatTest {
 
     fn log(&self, i: usize) -> String {
         std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    /// Where beat `i` (started with JSON logs) serves its endpoints, once it says so.
+    async fn metrics_addr(&self, i: usize) -> std::net::SocketAddr {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let found = self.log(i).lines().find_map(|line| {
+                let v: Value = serde_json::from_str(line).ok()?;
+                v["fields"]["metrics_addr"].as_str()?.parse().ok()
+            });
+            if let Some(addr) = found {
+                return addr;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "beat {i} never logged its metrics_addr:\n{}",
+                self.log(i)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn pid(&self, i: usize) -> u32 {
@@ -702,5 +730,135 @@ async fn a_python_celery_worker_runs_what_beat_publishes() {
     let _ = worker.wait();
     assert!(t.stop(beat).await.success());
     client.backend().forget(&id).await.unwrap();
+    t.cleanup().await;
+}
+
+/// `GET path` on `addr`: the status code and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: beat\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {out:?}"));
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    (status, body.to_owned())
+}
+
+/// The value of an unlabelled metric (or of one exact `name{labels}`) in a Prometheus text.
+fn metric(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{series} not in\n{text}"))
+}
+
+#[tokio::test]
+async fn two_beats_serve_metrics_health_and_readiness_and_count_what_they_publish() {
+    let mut t = BeatTest::new("beat-metrics", "");
+    let json_logs = [("MEDIAFARM_LOG_FORMAT", "json")];
+    // One by the flag, one by the setting (the environment's 127.0.0.1:0).
+    let a = t.start_beat_with_args(&json_logs, &["--metrics-addr", "127.0.0.1:0"]);
+    let b = t.start_beat_with(&json_logs);
+    let addrs = [t.metrics_addr(a).await, t.metrics_addr(b).await];
+    assert_ne!(addrs[0], addrs[1]);
+    let q = t.queue.clone();
+    let added = t.cli(&[
+        "schedule",
+        "add",
+        "m",
+        "echo.echo",
+        "--every",
+        "1s",
+        "--queue",
+        &q,
+    ]);
+    assert!(added.status.success(), "{added:?}");
+    t.wait_messages(3).await;
+
+    // Exactly one beat reports leading, and it is the lease's holder in Redis. Re-read
+    // while the lease is moving (a starved host can let it lapse for a moment).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let leader = loop {
+        let holder = t.wait_leader(None).await;
+        let mut flags = Vec::new();
+        for addr in addrs {
+            flags.push(metric(
+                &http_get(addr, "/metrics").await.1,
+                "mediafarm_beat_leader",
+            ));
+        }
+        if flags.iter().sum::<u64>() == 1 && flags[holder] == 1 {
+            break holder;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "leader flags {flags:?}, lease held by beat {holder}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let text = http_get(addrs[leader], "/metrics").await.1;
+    assert_eq!(metric(&text, "mediafarm_beat_entries"), 1, "{text}");
+    assert!(
+        metric(&text, "mediafarm_beat_lease_acquisitions_total") >= 1,
+        "{text}"
+    );
+    for reason in ["no_leader", "unconfirmed", "publish_failed"] {
+        metric(
+            &text,
+            &format!("mediafarm_beat_ticks_missed_total{{reason=\"{reason}\"}}"),
+        );
+    }
+    for addr in addrs {
+        assert_eq!(http_get(addr, "/healthz").await, (200, "ok\n".into()));
+        // Readiness is checked every 2 s from the start; both answered long ago.
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let (status, body) = http_get(addr, "/readyz").await;
+            if status == 200 {
+                assert_eq!(body, "ready\n");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{status} {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(http_get(addr, "/nope").await.0, 404);
+    }
+
+    // With the entry removed, publishing stops; then the beats' counters add up to the
+    // messages in the queue.
+    assert!(t.cli(&["schedule", "remove", "m"]).status.success());
+    let published = || async {
+        let mut sum = 0;
+        for addr in addrs {
+            sum += metric(
+                &http_get(addr, "/metrics").await.1,
+                "mediafarm_beat_ticks_published_total",
+            );
+        }
+        sum
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while published().await != u64::from(ready_count(&t.settings, &t.queue).await) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "counters never matched the queue"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ticks = t.drain().await;
+    assert_eq!(published().await, ticks.len() as u64);
+    assert!(ticks.len() >= 3);
+    assert_eq!(check_ticks(&t.prefix, "m", &ticks), Vec::<u64>::new());
+    for i in [a, b] {
+        assert!(t.stop(i).await.success());
+    }
     t.cleanup().await;
 }

@@ -9,6 +9,9 @@
 //! confirms), then marks it sent. A tick is claimed at most once, by the one leader Redis
 //! recognised at that instant, so two beats never both publish it, whatever their pauses.
 //!
+//! The beat serves `/metrics`, `/healthz` and `/readyz` on `metrics_addr` (`beat_metrics`,
+//! `beat_probe`).
+//!
 //! Crash windows (documented in README, "mediafarm beat"):
 //! - leader dies after the claim, before the confirm: that tick is lost, not sent twice
 //!   (at-most-once per tick); the next leader logs it as a probable gap.
@@ -34,6 +37,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backend::BackendError;
 use crate::beat_lease::{node_name, Lease};
+use crate::beat_metrics::{BeatMetrics, Miss};
+use crate::beat_probe::BeatProbe;
 use crate::client::{build_message, Client, ClientError, SendOptions};
 use crate::protocol::TaskMessage;
 use crate::schedule::ScheduleEntry;
@@ -48,6 +53,8 @@ pub enum BeatError {
     Backend(#[from] BackendError),
     #[error("beat's Redis state: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Http(#[from] crate::http::BindError),
 }
 
 /// Milliseconds since the Unix epoch by this machine's clock (beat hosts must keep NTP time).
@@ -137,6 +144,7 @@ pub struct Beat {
     /// Entry name → (every_ms, last tick handled), to skip claims already made.
     known: HashMap<String, (u64, u64)>,
     cache: Option<EntryCache>,
+    metrics: BeatMetrics,
 }
 
 /// An entry that is due, with where it came from.
@@ -171,6 +179,7 @@ impl Beat {
             reported: HashSet::new(),
             known: HashMap::new(),
             cache: None,
+            metrics: BeatMetrics::new(),
         })
     }
 
@@ -179,16 +188,38 @@ impl Beat {
         let (token_tx, mut token_rx) = watch::channel(None::<String>);
         let stop_keeper = CancellationToken::new();
         let busy = Busy::default();
+        // The loop turns at least once per lease TTL (leader: once a second); a few TTLs
+        // without a turn is stuck. Never under 10 s, so a short TTL on a busy host does not
+        // get beats restarted for a slow moment.
+        let stuck_after = (self.lease.ttl() * 3).max(Duration::from_secs(10));
+        let probe = BeatProbe::new(self.metrics.clone(), stuck_after);
+        probe.turned();
+        self.metrics
+            .entries
+            .set(self.settings.beat_schedule.len() as i64);
+        let metrics_addr = crate::http::serve_probe(
+            self.settings.metrics_addr,
+            Arc::new(probe.clone()),
+            stop_keeper.clone(),
+        )
+        .await?;
+        tokio::spawn(probe.clone().watch_connections(
+            self.settings.clone(),
+            self.conn.clone(),
+            stop_keeper.clone(),
+        ));
         let keeper = tokio::spawn(keep_lease(
             self.lease.clone(),
             token_tx,
             busy.clone(),
+            self.metrics.clone(),
             stop_keeper.clone(),
         ));
         tracing::info!(
             entries = self.settings.beat_schedule.len(),
             prefix = self.keys.prefix(),
             lease_ttl_s = self.lease.ttl().as_secs_f64(),
+            %metrics_addr,
             "beat started; waiting for the leader lease"
         );
         tokio::pin!(shutdown);
@@ -203,15 +234,18 @@ impl Beat {
                     }
                 }
             }
+            probe.turned();
             let token = token_rx.borrow_and_update().clone();
             let Some(token) = token else {
                 self.known.clear();
-                wake = tokio::time::Instant::now() + Duration::from_secs(3600);
+                // A follower turns too, so /healthz sees its loop alive.
+                wake = tokio::time::Instant::now() + self.lease.ttl();
                 continue;
             };
             busy.start();
             let outcome = self.step(&token).await;
             busy.end();
+            probe.turned();
             let next = match outcome {
                 Ok(next) => next,
                 Err(e) => {
@@ -230,6 +264,7 @@ impl Beat {
     /// Claims and publishes what is due; how long to sleep before the next step.
     async fn step(&mut self, token: &str) -> Result<Duration, BeatError> {
         let entries = self.entries().await?;
+        self.metrics.entries.set(entries.len() as i64);
         let now = unix_ms();
         let due: Vec<Due> = entries
             .iter()
@@ -378,7 +413,7 @@ impl Beat {
                         .saturating_sub(self.catch_up().as_millis() as u64)
                         .div_ceil(every);
                     let first = (prev + 1).max(oldest).min(d.tick);
-                    report_gap(d.entry, prev, prev_state, first);
+                    report_gap(&self.metrics, d.entry, prev, prev_state, first);
                     let before = to_publish.len();
                     for tick in (first..=d.tick).filter(|&t| d.entry.is_due_tick(t)) {
                         to_publish.push(Due {
@@ -412,6 +447,7 @@ impl Beat {
             let msgs: Vec<TaskMessage> = batch.iter().map(|(m, _)| m.clone()).collect();
             match self.client.publish_batch(&queue, &msgs).await {
                 Ok(()) => {
+                    self.metrics.published.inc_by(batch.len() as u64);
                     for (m, d) in &batch {
                         tracing::info!(
                             entry = %d.entry.name,
@@ -431,6 +467,7 @@ impl Beat {
                     }
                 }
                 Err(e) => {
+                    self.metrics.missed(Miss::PublishFailed, batch.len() as u64);
                     for (_, d) in &batch {
                         tracing::error!(
                             entry = %d.entry.name,
@@ -501,9 +538,16 @@ pub fn due_time(tick: u64, every_ms: u64) -> DateTime<Utc> {
 }
 
 /// Logs what a new claim shows about the ticks before it; `first` is the first it publishes.
-fn report_gap(entry: &ScheduleEntry, prev: u64, prev_state: &str, first: u64) {
+fn report_gap(
+    metrics: &BeatMetrics,
+    entry: &ScheduleEntry,
+    prev: u64,
+    prev_state: &str,
+    first: u64,
+) {
     let (name, every) = (&entry.name, entry.every_ms());
     if prev_state == "claimed" && entry.is_due_tick(prev) {
+        metrics.missed(Miss::Unconfirmed, 1);
         tracing::warn!(
             entry = %name,
             due = %due_time(prev, every),
@@ -516,6 +560,7 @@ fn report_gap(entry: &ScheduleEntry, prev: u64, prev_state: &str, first: u64) {
         Some(_) => (prev + 1..first).filter(|&t| entry.is_due_tick(t)).count() as u64,
     };
     if missed > 0 {
+        metrics.missed(Miss::NoLeader, missed);
         tracing::warn!(
             entry = %name,
             missed,
@@ -558,6 +603,7 @@ async fn keep_lease(
     lease: Lease,
     tx: watch::Sender<Option<String>>,
     busy: Busy,
+    metrics: BeatMetrics,
     stop: CancellationToken,
 ) {
     let period = lease.ttl() / 3;
@@ -570,6 +616,8 @@ async fn keep_lease(
             None => match lease.acquire().await {
                 Ok(Some(t)) => {
                     tracing::info!(token = %t, "this beat is the leader now");
+                    metrics.lease_acquisitions.inc();
+                    metrics.leader.set(1);
                     renewed_at = tokio::time::Instant::now();
                     token = Some(t);
                     tx.send_replace(token.clone());
@@ -587,6 +635,7 @@ async fn keep_lease(
                     tracing::warn!(error = %e, "could not release the beat lease; it expires by itself");
                 }
                 token = None;
+                metrics.leader.set(0);
                 tx.send_replace(None);
             }
             Some(t) => {
@@ -603,6 +652,7 @@ async fn keep_lease(
                 };
                 if lost {
                     tracing::warn!(token = %t, "lost the beat lease; another beat leads now");
+                    metrics.leader.set(0);
                     token = None;
                     tx.send_replace(None);
                 }
@@ -614,6 +664,7 @@ async fn keep_lease(
         }
     }
     tx.send_replace(None);
+    metrics.leader.set(0);
     if let Some(t) = token {
         match lease.release(&t).await {
             Ok(()) => tracing::info!("released the beat lease"),

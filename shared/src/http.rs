@@ -1,5 +1,7 @@
-//! The worker's HTTP endpoints on `metrics_addr`: `/metrics` (Prometheus text), `/healthz`
-//! (the process answers) and `/readyz` (connected to RabbitMQ and Redis and consuming).
+//! The HTTP endpoints on `metrics_addr`: `/metrics` (Prometheus text), `/healthz` (alive) and
+//! `/readyz` (ready for work). A worker is alive while the process answers and ready while
+//! connected to RabbitMQ and Redis and consuming; other processes (`mediafarm beat`) say what
+//! the endpoints report through [`Probe`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -42,6 +44,34 @@ impl Readiness {
     }
 }
 
+/// What the endpoints report, for one kind of process.
+pub trait Probe: Send + Sync + 'static {
+    /// The Prometheus text exposition for `/metrics`.
+    fn metrics(&self) -> String;
+    /// `None` while alive, else why not (`/healthz` answers 503).
+    fn unhealthy(&self) -> Option<String> {
+        None
+    }
+    /// `None` when ready, else what is missing (`/readyz` answers 503).
+    fn not_ready(&self) -> Option<String>;
+}
+
+/// A worker's endpoints: alive while it answers, ready as `Readiness` says.
+struct WorkerProbe {
+    metrics: Metrics,
+    readiness: Arc<Readiness>,
+}
+
+impl Probe for WorkerProbe {
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    fn not_ready(&self) -> Option<String> {
+        self.readiness.problem()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve metrics on metrics_addr = {addr}: {source}")]
 pub struct BindError {
@@ -49,11 +79,21 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
-/// Binds `addr` and serves until `stop`; returns the bound address (port 0 picks one).
+/// Binds `addr` and serves a worker's endpoints until `stop`; returns the bound address
+/// (port 0 picks one).
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
     readiness: Arc<Readiness>,
+    stop: CancellationToken,
+) -> Result<SocketAddr, BindError> {
+    serve_probe(addr, Arc::new(WorkerProbe { metrics, readiness }), stop).await
+}
+
+/// Binds `addr` and serves what `probe` reports until `stop`; returns the bound address.
+pub async fn serve_probe(
+    addr: SocketAddr,
+    probe: Arc<dyn Probe>,
     stop: CancellationToken,
 ) -> Result<SocketAddr, BindError> {
     let listener = TcpListener::bind(addr)
@@ -69,10 +109,10 @@ pub async fn serve(
                 a = listener.accept() => a,
             };
             let Ok((stream, _)) = accepted else { continue };
-            let (metrics, readiness) = (metrics.clone(), readiness.clone());
+            let probe = probe.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
-                    let response = route(&req, &metrics, &readiness);
+                    let response = route(&req, probe.as_ref());
                     async move { Ok::<_, Infallible>(response) }
                 });
                 let _ = http1::Builder::new()
@@ -84,17 +124,13 @@ pub async fn serve(
     Ok(local)
 }
 
-fn route(
-    req: &Request<Incoming>,
-    metrics: &Metrics,
-    readiness: &Readiness,
-) -> Response<Full<Bytes>> {
+fn route(req: &Request<Incoming>, probe: &dyn Probe) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n".into());
     }
     match req.uri().path() {
         "/metrics" => {
-            let mut r = text(StatusCode::OK, metrics.render());
+            let mut r = text(StatusCode::OK, probe.metrics());
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static(
@@ -103,8 +139,14 @@ fn route(
             );
             r
         }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => match readiness.problem() {
+        "/healthz" => match probe.unhealthy() {
+            None => text(StatusCode::OK, "ok\n".into()),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("unhealthy: {why}\n"),
+            ),
+        },
+        "/readyz" => match probe.not_ready() {
             None => text(StatusCode::OK, "ready\n".into()),
             Some(why) => text(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -7,6 +7,8 @@ pub mod amqp_table;
 pub mod backend;
 pub mod beat;
 pub mod beat_lease;
+pub mod beat_metrics;
+pub mod beat_probe;
 pub mod broker;
 pub mod client;
 pub mod cpu;

@@ -93,6 +93,9 @@ enum Command {
         /// Log level: debug, info, warning, error.
         #[arg(long, default_value = "info")]
         loglevel: String,
+        /// Where /metrics, /healthz and /readyz are served (overrides metrics_addr).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
     },
     /// Periodic entries kept in Redis, which running beats pick up at their next tick.
     Schedule {
@@ -162,7 +165,7 @@ static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let loglevel = match &cli.command {
-        Command::Beat { loglevel } => loglevel.as_str(),
+        Command::Beat { loglevel, .. } => loglevel.as_str(),
         _ => "warning",
     };
     if let Err(e) = mediafarm::logging::init(loglevel) {
@@ -293,7 +296,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dead { command } => dead(&settings, command).await,
-        Command::Beat { .. } => {
+        Command::Beat { metrics_addr, .. } => {
+            let mut settings = settings;
+            if let Some(addr) = metrics_addr {
+                settings.metrics_addr = addr;
+            }
             let beat = mediafarm::beat::Beat::connect(&settings).await?;
             beat.run(stop_signal()).await?;
             Ok(ExitCode::SUCCESS)
