@@ -101,6 +101,8 @@ def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known:
                 queue = flag(args, "--queues", "-Q")
                 if queue != WORKER_QUEUES[name]:
                     out.append(f"{cw}: consumes {queue!r}, expected queue {WORKER_QUEUES[name]!r}")
+            # Workers and beat serve /metrics, /healthz and /readyz on metrics_addr.
+            if name in WORKER_QUEUES or name == "mediafarm-beat":
                 ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
                 if ports.get("metrics") != METRICS_PORT:
                     out.append(f"{cw}: needs container port `metrics` = {METRICS_PORT}")
@@ -112,10 +114,11 @@ def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known:
                     get = (c.get(probe) or {}).get("httpGet") or {}
                     if get.get("path") != path or get.get("port") not in ("metrics", METRICS_PORT):
                         out.append(f"{cw}: {probe} must GET {path} on port metrics")
-                if name == "notify-worker":
-                    tdir = str(settings.get("notify_template_dir", "./templates"))
-                    if tdir not in mounts:
-                        out.append(f"{cw}: notify_template_dir {tdir} is not a mounted volume")
+            if name == "notify-worker":
+                tdir = str(settings.get("notify_template_dir", "./templates"))
+                if tdir not in mounts:
+                    out.append(f"{cw}: notify_template_dir {tdir} is not a mounted volume")
+            if name in WORKER_QUEUES:
                 grace = pod.get("terminationGracePeriodSeconds", 30)
                 drain = shutdown_grace(settings, c)
                 if grace <= drain:
