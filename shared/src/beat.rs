@@ -55,6 +55,8 @@ pub enum BeatError {
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
     Http(#[from] crate::http::BindError),
+    #[error("timezone = {0:?} is not a time zone this build knows (an IANA name such as \"UTC\" or \"Europe/Berlin\")")]
+    UnknownTimezone(String),
 }
 
 /// Milliseconds since the Unix epoch by this machine's clock (beat hosts must keep NTP time).
@@ -145,6 +147,8 @@ pub struct Beat {
     known: HashMap<String, (u64, u64)>,
     cache: Option<EntryCache>,
     metrics: BeatMetrics,
+    /// The `timezone` setting, whose wall clock crontab entries match.
+    tz: chrono_tz::Tz,
 }
 
 /// An entry that is due, with where it came from.
@@ -160,6 +164,10 @@ struct Due<'a> {
 impl Beat {
     /// Connects to the broker (lazily, on first publish) and to Redis.
     pub async fn connect(settings: &Settings) -> Result<Beat, BeatError> {
+        let tz = settings
+            .timezone
+            .parse()
+            .map_err(|_| BeatError::UnknownTimezone(settings.timezone.clone()))?;
         let client = Client::connect(settings).await?;
         let conn = client.backend().connection();
         let keys = BeatKeys::new(&settings.beat_key_prefix);
@@ -180,6 +188,7 @@ impl Beat {
             known: HashMap::new(),
             cache: None,
             metrics: BeatMetrics::new(),
+            tz,
         })
     }
 
@@ -388,7 +397,8 @@ impl Beat {
                 "start" => {
                     self.known.insert(name.clone(), (every, d.tick));
                     // A crontab's next match is looked for a day ahead at most (cheap).
-                    let first = (d.tick + 1..=d.tick + 1440).find(|&t| d.entry.is_due_tick(t));
+                    let first =
+                        (d.tick + 1..=d.tick + 1440).find(|&t| d.entry.is_due_tick(t, self.tz));
                     tracing::info!(
                         entry = %name,
                         schedule = %d.entry.describe(),
@@ -413,9 +423,9 @@ impl Beat {
                         .saturating_sub(self.catch_up().as_millis() as u64)
                         .div_ceil(every);
                     let first = (prev + 1).max(oldest).min(d.tick);
-                    report_gap(&self.metrics, d.entry, prev, prev_state, first);
+                    report_gap(&self.metrics, self.tz, d.entry, prev, prev_state, first);
                     let before = to_publish.len();
-                    for tick in (first..=d.tick).filter(|&t| d.entry.is_due_tick(t)) {
+                    for tick in (first..=d.tick).filter(|&t| d.entry.is_due_tick(t, self.tz)) {
                         to_publish.push(Due {
                             entry: d.entry,
                             tick,
@@ -540,13 +550,14 @@ pub fn due_time(tick: u64, every_ms: u64) -> DateTime<Utc> {
 /// Logs what a new claim shows about the ticks before it; `first` is the first it publishes.
 fn report_gap(
     metrics: &BeatMetrics,
+    tz: chrono_tz::Tz,
     entry: &ScheduleEntry,
     prev: u64,
     prev_state: &str,
     first: u64,
 ) {
     let (name, every) = (&entry.name, entry.every_ms());
-    if prev_state == "claimed" && entry.is_due_tick(prev) {
+    if prev_state == "claimed" && entry.is_due_tick(prev, tz) {
         metrics.missed(Miss::Unconfirmed, 1);
         tracing::warn!(
             entry = %name,
@@ -557,7 +568,9 @@ fn report_gap(
     }
     let missed = match entry.crontab {
         None => first.saturating_sub(prev + 1),
-        Some(_) => (prev + 1..first).filter(|&t| entry.is_due_tick(t)).count() as u64,
+        Some(_) => (prev + 1..first)
+            .filter(|&t| entry.is_due_tick(t, tz))
+            .count() as u64,
     };
     if missed > 0 {
         metrics.missed(Miss::NoLeader, missed);

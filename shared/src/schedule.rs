@@ -53,8 +53,11 @@ impl ScheduleEntry {
     }
 
     /// Whether tick `tick` of the grid is due (every tick, unless a crontab says otherwise).
-    pub fn is_due_tick(&self, tick: u64) -> bool {
-        self.crontab.as_ref().is_none_or(|c| c.matches_minute(tick))
+    /// A crontab matches the wall clock of `tz` (the `timezone` setting).
+    pub fn is_due_tick(&self, tick: u64, tz: chrono_tz::Tz) -> bool {
+        self.crontab
+            .as_ref()
+            .is_none_or(|c| c.matches_minute(tick, tz))
     }
 
     /// `every 20s` or `crontab */5 * * * *`, for people.
@@ -359,10 +362,10 @@ mod tests {
         assert_eq!(parse_entry("digest", &e.to_json()).unwrap(), e);
         // Wednesday 25 November 2026, 09:00 and 09:01 UTC, as minutes since the epoch.
         let nine = 1_795_597_200 / 60;
-        assert!(e.is_due_tick(nine));
-        assert!(!e.is_due_tick(nine + 1));
+        assert!(e.is_due_tick(nine, chrono_tz::Tz::UTC));
+        assert!(!e.is_due_tick(nine + 1, chrono_tz::Tz::UTC));
         let every = parse_entry("x", &json!({"task": "a.b", "every": 5})).unwrap();
-        assert!(every.is_due_tick(nine + 1));
+        assert!(every.is_due_tick(nine + 1, chrono_tz::Tz::UTC));
         assert_eq!(every.describe(), "every 5s");
 
         let err = |v: Value| parse_entry("c", &v).unwrap_err().to_string();

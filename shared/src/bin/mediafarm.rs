@@ -117,7 +117,7 @@ enum ScheduleCommand {
         /// Period: seconds (20, 2.5) or with a unit ("500ms", "20s", "5m", "1h", "1d").
         #[arg(long, required_unless_present = "crontab", conflicts_with = "crontab")]
         every: Option<String>,
-        /// Five cron fields in UTC instead of --every, e.g. "*/5 * * * *" or "0 9 * * mon-fri".
+        /// Five cron fields in the timezone setting instead of --every, e.g. "*/5 * * * *" or "0 9 * * mon-fri".
         #[arg(long)]
         crontab: Option<String>,
         /// Keyword arguments as a JSON object.
