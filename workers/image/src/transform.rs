@@ -61,7 +61,18 @@ impl Task for Transform {
         let max_pixels = self.max_src_pixels;
         let specs = args.clone();
         let (info, encoded) = ctx
-            .cpu(move || process(&data, &specs, max_pixels))
+            .cpu(move || {
+                let made = process(&data, &specs, max_pixels);
+                drop(data);
+                // Jobs run on the CPU pool's threads in turn, and mimalloc returns a thread's
+                // freed pages to the OS only when that thread next allocates: the image
+                // buffers of a job whose thread then sat idle stayed resident (RSS grew from
+                // 56 to 173 MB over 16 jobs on 50 MP sources). One collection per job
+                // returns them; purging on every free instead cost 40 % of the throughput.
+                // SAFETY: `mi_collect` only releases this thread's free memory.
+                unsafe { libmimalloc_sys::mi_collect(true) };
+                made
+            })
             .await??;
         let mut outputs = Vec::with_capacity(encoded.len());
         for (spec, out) in args.outputs.iter().zip(encoded) {
