@@ -1056,31 +1056,7 @@ async fn the_rate_limit_bucket_is_shared_through_redis() {
 
 /// Builds `notify-worker` and returns its path.
 fn notify_worker_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    for (var, _) in std::env::vars_os() {
-        let var = var.to_string_lossy().into_owned();
-        if var.starts_with("CARGO_") && var != "CARGO_HOME" && var != "CARGO_TARGET_DIR" {
-            cmd.env_remove(var);
-        }
-    }
-    let status = cmd
-        .current_dir(workspace_root())
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "notify-worker",
-            "--bin",
-            "notify-worker",
-        ])
-        .status()
-        .expect("cargo runs");
-    assert!(status.success(), "building notify-worker failed");
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    target.join("debug/notify-worker")
+    mediafarm_tests::worker_binary("notify-worker")
 }
 
 fn spawn_worker(

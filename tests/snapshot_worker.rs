@@ -10,12 +10,12 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use mediafarm::{Client, ClientError, SendOptions, Settings, TaskState};
-use mediafarm_tests::{delete_queue, failed, kwargs, python, unique_queue, workspace_root};
+use mediafarm_tests::{delete_queue, failed, kwargs, python, unique_queue};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
@@ -80,34 +80,7 @@ fn make_video(path: &Path, secs: u32, size: &str, gop: u32) {
 
 /// Builds snapshot-worker once per test run.
 fn snapshot_binary() -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        for (var, _) in std::env::vars_os() {
-            let var = var.to_string_lossy().into_owned();
-            if var.starts_with("CARGO_") && var != "CARGO_HOME" && var != "CARGO_TARGET_DIR" {
-                cmd.env_remove(var);
-            }
-        }
-        let status = cmd
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "snapshot-worker",
-                "--bin",
-                "snapshot-worker",
-            ])
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "building snapshot-worker failed");
-    });
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    target.join("debug/snapshot-worker")
+    mediafarm_tests::worker_binary("snapshot-worker")
 }
 
 /// A child process killed when dropped.

@@ -63,48 +63,71 @@ pub fn python() -> PathBuf {
     .clone()
 }
 
+/// Runs `cargo build -q <args>` in the workspace, without the variables `cargo test` gives this
+/// process (such as CARGO_MANIFEST_DIR) that a plain `cargo build` does not have: build scripts
+/// watching them (ring's) would rebuild.
+fn cargo_build(args: &[&str]) {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    for (var, _) in std::env::vars_os() {
+        let var = var.to_string_lossy().into_owned();
+        if var.starts_with("CARGO_") && var != "CARGO_HOME" && var != "CARGO_TARGET_DIR" {
+            cmd.env_remove(var);
+        }
+    }
+    let status = cmd
+        .current_dir(workspace_root())
+        .arg("build")
+        .arg("-q")
+        .args(args)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build {} failed", args.join(" "));
+}
+
+/// The debug build directory (`CARGO_TARGET_DIR` honoured).
+fn debug_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+        .join("debug")
+}
+
 /// Path to a built binary (`mediafarm`) or example (`echo-worker`), building it if needed.
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        // `cargo test` gives this process variables such as CARGO_MANIFEST_DIR that a plain
-        // `cargo build` does not have; build scripts watching them (ring's) would rebuild.
-        for (var, _) in std::env::vars_os() {
-            let var = var.to_string_lossy().into_owned();
-            if var.starts_with("CARGO_") && var != "CARGO_HOME" && var != "CARGO_TARGET_DIR" {
-                cmd.env_remove(var);
-            }
-        }
-        let status = cmd
-            .current_dir(workspace_root())
-            .args([
-                "build",
-                "-q",
-                "-p",
-                "mediafarm",
-                "--bin",
-                "mediafarm",
-                "--example",
-                "echo-worker",
-            ])
-            .status()
-            .expect("cargo runs");
-        assert!(
-            status.success(),
-            "building mediafarm and echo-worker failed"
-        );
+        cargo_build(&[
+            "-p",
+            "mediafarm",
+            "--bin",
+            "mediafarm",
+            "--example",
+            "echo-worker",
+        ])
     });
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("target"));
-    let debug = target.join("debug");
+    let debug = debug_dir();
     let path = if name == "mediafarm" {
         debug.join(name)
     } else {
         debug.join("examples").join(name)
     };
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Path to a worker binary whose package and binary share a name (`notify-worker`), built
+/// (once per test process) if needed.
+pub fn worker_binary(package: &'static str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    {
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        if !built.contains(&package) {
+            cargo_build(&["-p", package, "--bin", package]);
+            built.push(package);
+        }
+    }
+    let path = debug_dir().join(package);
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
