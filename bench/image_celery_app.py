@@ -11,21 +11,10 @@ import io
 import os
 from pathlib import Path
 
-from celery import Celery
+from bench_celery import bench_app
 from PIL import Image, ImageOps
 
-app = Celery(
-    "image_bench",
-    broker=os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-    backend=os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/12"),
-)
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    task_acks_late=True,
-    worker_prefetch_multiplier=4,
-)
+app = bench_app("image_bench", "redis://127.0.0.1:6379/12")
 STORAGE = Path(os.environ.get("BENCH_STORAGE_DIR", "var/bench/image-storage"))
 
 

@@ -7,20 +7,9 @@ import os
 import smtplib
 from email.message import EmailMessage
 
-from celery import Celery
+from bench_celery import bench_app
 
-app = Celery(
-    "bench_notify",
-    broker=os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-    backend=os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/14"),
-)
-app.conf.update(
-    task_serializer="json",
-    result_serializer="json",
-    accept_content=["json"],
-    task_acks_late=True,
-    worker_prefetch_multiplier=4,
-)
+app = bench_app("bench_notify", "redis://127.0.0.1:6379/14")
 SMTP_PORT = int(os.environ.get("BENCH_SMTP_PORT", "25"))
 
 
