@@ -3,7 +3,7 @@
 Broker and backend come from BENCH_BROKER_URL / BENCH_RESULT_BACKEND.
 """
 
-from bench_celery import bench_app
+from bench_common import bench_app
 
 app = bench_app("bench", "redis://127.0.0.1:6379/14")
 

@@ -21,7 +21,6 @@ Only 127.0.0.1 is contacted; every phase has a time limit and every process is s
 import argparse
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import uuid
 from pathlib import Path
 
 import redis
-from kombu import Connection
+from bench_common import delete_queue, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
@@ -56,23 +55,6 @@ def publish(queue, jobs, retry_every=None):
         check=True,
         stderr=subprocess.DEVNULL,
     )
-
-
-def delete_queue(queue):
-    with Connection(BROKER) as conn:
-        channel = conn.channel()
-        channel.queue_delete(queue)
-        channel.exchange_delete(queue)
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def drain(label, command, jobs, timeout, cwd=None, env=None, retry_every=None):
@@ -106,7 +88,7 @@ def drain(label, command, jobs, timeout, cwd=None, env=None, retry_every=None):
                 time.sleep(0.005)
         finally:
             stop(proc)
-            delete_queue(queue)
+            delete_queue(BROKER, queue)
     seconds = now - first[0]
     return (jobs - first[1]) / seconds if seconds > 0 else float("inf")
 

@@ -20,7 +20,6 @@ Only 127.0.0.1 is contacted; every phase has a time limit and every process is s
 import argparse
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import image_pipeline  # noqa: E402  (corpus fetching and tool installs)
+from bench_common import delete_queue, stop
 
 BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 BACKEND = os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/12")
@@ -86,24 +86,6 @@ def publish(app, queue, keys, jobs):
                       queue=queue, task_id=f"{queue}-{i}")
 
 
-def delete_queue(queue):
-    from kombu import Connection
-    with Connection(BROKER) as conn:
-        channel = conn.channel()
-        channel.queue_delete(queue)
-        channel.exchange_delete(queue)
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def peak_rss_mb(pid):
     """VmHWM of `pid` and, for Celery, the largest among its children."""
     pids = [pid]
@@ -155,8 +137,8 @@ def drain(app, label, command, keys, jobs, timeout, env):
             if failed:
                 raise SystemExit(f"{label}: {len(failed)} jobs did not succeed: {failed[0][:300]!r}")
         finally:
-            stop(proc)
-            delete_queue(queue)
+            stop(proc, grace=60)
+            delete_queue(BROKER, queue)
             store.delete(*ids)
     seconds = now - first[0]
     rate = (jobs - first[1]) / seconds if seconds > 0 else float("inf")

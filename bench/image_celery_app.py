@@ -11,7 +11,7 @@ import io
 import os
 from pathlib import Path
 
-from bench_celery import bench_app
+from bench_common import bench_app
 from PIL import Image, ImageOps
 
 app = bench_app("image_bench", "redis://127.0.0.1:6379/12")

@@ -7,7 +7,7 @@ import os
 import smtplib
 from email.message import EmailMessage
 
-from bench_celery import bench_app
+from bench_common import bench_app
 
 app = bench_app("bench_notify", "redis://127.0.0.1:6379/14")
 SMTP_PORT = int(os.environ.get("BENCH_SMTP_PORT", "25"))

@@ -18,7 +18,6 @@ import asyncio
 import json
 import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import uuid
 from pathlib import Path
 
 from celery import Celery
-from kombu import Connection
+from bench_common import delete_queue, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -112,16 +111,6 @@ class Sink:
             p.join(5)
 
 
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def publish(queue, jobs):
     app = Celery("bench_producer", broker=BROKER, backend=BACKEND)
     app.conf.update(task_serializer="json", accept_content=["json"])
@@ -132,13 +121,6 @@ def publish(queue, jobs):
                 "subject": f"Your receipt #{i}",
                 "text": "Thank you for your order.\nThe receipt is attached as text.\n" * 8,
             })
-
-
-def delete_queue(queue):
-    with Connection(BROKER) as conn:
-        channel = conn.channel()
-        channel.queue_delete(queue)
-        channel.exchange_delete(queue)
 
 
 def run(label, command, env, sink, jobs, timeout):
@@ -160,7 +142,7 @@ def run(label, command, env, sink, jobs, timeout):
                 time.sleep(0.01)
         finally:
             stop(proc)
-            delete_queue(queue)
+            delete_queue(BROKER, queue)
     seconds = sink.last - sink.first
     rate = (jobs - 1) / seconds if seconds > 0 else float("inf")
     return rate, sink.connections

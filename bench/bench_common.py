@@ -1,0 +1,45 @@
+"""What the benchmark scripts share: the Celery app their Celery side runs, configured as
+mediafarm's workers are (JSON only, late acks, prefetch multiplier 4, Redis backend; broker and
+backend from BENCH_BROKER_URL / BENCH_RESULT_BACKEND), stopping a contender, and deleting a
+benchmark queue with its exchange.
+"""
+import os
+import signal
+import subprocess
+
+from celery import Celery
+from kombu import Connection
+
+
+def bench_app(name, default_backend):
+    app = Celery(
+        name,
+        broker=os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+        backend=os.environ.get("BENCH_RESULT_BACKEND", default_backend),
+    )
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        worker_prefetch_multiplier=4,
+    )
+    return app
+
+
+def stop(proc, grace=30):
+    """SIGTERM (the contender drains), then SIGKILL after `grace` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def delete_queue(broker, queue):
+    with Connection(broker) as conn:
+        channel = conn.channel()
+        channel.queue_delete(queue)
+        channel.exchange_delete(queue)
