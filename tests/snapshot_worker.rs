@@ -558,18 +558,26 @@ async fn watch_a_file_ticks_in_stream_time_and_ends_with_the_file() {
     w.stop().await;
 }
 
-/// Receives webhook POSTs; records (timestamp header, signature header, body).
+/// Receives webhook POSTs; records (timestamp header, signature header, body) of those it
+/// accepts, and the `X-Mediafarm-Id` of every request.
 struct Hook {
     port: u16,
     got: Arc<Mutex<Vec<(String, String, Value)>>>,
+    ids: Arc<Mutex<Vec<String>>>,
 }
 
 impl Hook {
     fn start() -> Hook {
+        Hook::flaky(0)
+    }
+
+    /// Answers the first `unavailable` requests with 503, then accepts.
+    fn flaky(unavailable: usize) -> Hook {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let got = Arc::new(Mutex::new(Vec::new()));
-        let sink = got.clone();
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        let (sink, seen) = (got.clone(), ids.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let mut reader = BufReader::new(stream);
@@ -590,6 +598,8 @@ impl Hook {
                         ts = value;
                     } else if lower.starts_with("x-mediafarm-signature:") {
                         sig = value;
+                    } else if lower.starts_with("x-mediafarm-id:") {
+                        seen.lock().unwrap().push(value);
                     }
                 }
                 let mut body = vec![0u8; len];
@@ -597,6 +607,12 @@ impl Hook {
                     continue;
                 }
                 let mut stream = reader.into_inner();
+                if seen.lock().unwrap().len() <= unavailable {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
                 let _ = stream.write_all(
                     b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 );
@@ -614,7 +630,7 @@ impl Hook {
                 sink.lock().unwrap().push((ts, sig, json));
             }
         });
-        Hook { port, got }
+        Hook { port, got, ids }
     }
 
     fn url(&self) -> String {
@@ -1108,5 +1124,66 @@ async fn sessions_beyond_the_limit_wait_for_a_free_slot() {
             .unwrap();
     let began_b = chrono::DateTime::parse_from_rfc3339(b["started_at"].as_str().unwrap()).unwrap();
     assert!(began_b >= ended_a, "{a}\n{b}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_session_for_a_watched_stream_is_refused() {
+    let mut w = World::new("dup", &[]).await;
+    make_video(&w.media("d.mp4"), 30, "160x120", 15);
+    w.start_worker("a");
+    let url = w.file_url("d.mp4");
+    let kw = json!({"stream_id": "dup", "stream_url": url, "interval_s": 1, "realtime": true, "key": "d/{seq}.jpg"});
+    let first = w.send("snapshot.watch", kw.clone()).await;
+    w.progress(&first.id, 1).await;
+    let second = w.send("snapshot.watch", kw.clone()).await;
+    let err = failed(second.get(WAIT).await);
+    assert_eq!(err.exc_type, "StreamBusy", "{}", err.message);
+    assert!(err.message.contains(&first.id), "{}", err.message);
+    // The refused one did not disturb the running session, and once that one is stopped the
+    // stream can be watched again.
+    mediafarm_cli(&w, &["streams", "stop", "dup"]);
+    let out = first.get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "stopped", "{out}");
+    let third = w.send("snapshot.watch", kw).await;
+    w.progress(&third.id, 1).await;
+    mediafarm_cli(&w, &["streams", "stop", "dup"]);
+    let out = third.get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "stopped", "{out}");
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_delivery_refused_for_a_while_is_tried_again() {
+    let mut w = World::new("deliver-retry", &[]).await;
+    make_video(&w.media("r.mp4"), 6, "160x120", 15);
+    w.start_worker("a");
+    // The receiver is unavailable for its first three requests.
+    let hook = Hook::flaky(3);
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": "retried", "stream_url": w.file_url("r.mp4"), "interval_s": 2, "key": "rt/{seq}.jpg", "deliver": hook.url()}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["deliveries_failed"], 0, "{out}");
+    let seqs: Vec<u64> = hook
+        .bodies()
+        .iter()
+        .map(|b| b["seq"].as_u64().unwrap())
+        .collect();
+    let frames = out["frames"].as_u64().unwrap();
+    assert!(frames >= 3, "{out}");
+    assert_eq!(
+        seqs,
+        (0..frames).collect::<Vec<_>>(),
+        "each frame once, in order"
+    );
+    // The first frame was tried four times under one id.
+    let ids = hook.ids.lock().unwrap().clone();
+    assert_eq!(ids.len() as u64, frames + 3, "{ids:?}");
+    assert!(ids[..4].iter().all(|id| id == &ids[0]), "{ids:?}");
+    assert!(ids[0].ends_with("-0"), "{ids:?}");
     w.stop().await;
 }

@@ -37,6 +37,12 @@ const POLL: Duration = Duration::from_millis(500);
 const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time kept between the hand-off and the job's hard limit.
 const SLICE_MARGIN: Duration = Duration::from_secs(60);
+/// A running session renews its claim on the stream this often; a claim not renewed for
+/// `CLAIM_TTL` (its worker died, its job was terminated) lapses.
+const CLAIM_RENEW: Duration = Duration::from_secs(5);
+const CLAIM_TTL: Duration = Duration::from_secs(30);
+/// How long the end of a job waits for its frames' deliveries still under way.
+const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +89,9 @@ pub enum Ended {
     StreamEnded,
     /// This job's slice is over; the session goes on in `continued_as`.
     Continued,
+    /// Its claim on the stream lapsed (Redis unreachable past the claim's TTL) and another
+    /// session holds the stream now.
+    Superseded,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -146,6 +155,47 @@ impl Watch {
             publisher: Publisher::named(settings, "snapshot-worker continuations"),
             deliver: deliver::Deliverer::new(settings),
         })
+    }
+}
+
+/// Gives the stream's claim up when the job ends without handing the session on, however it
+/// ends (also when the runtime drops it: terminate, hard time limit), so a new session need not
+/// wait for the claim to lapse.
+struct ClaimGuard {
+    backend: mediafarm::ResultBackend,
+    stream_id: String,
+    session_id: String,
+    keep: bool,
+}
+
+impl ClaimGuard {
+    /// Gives the claim up now (before the job's result is stored, so whoever reads that
+    /// result can start a new session on the stream at once).
+    async fn release(mut self) {
+        self.keep = true;
+        if let Err(e) = state::release(&self.backend, &self.stream_id, &self.session_id).await {
+            tracing::warn!(stream_id = %self.stream_id, error = %e, "cannot release the stream's claim");
+        }
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (backend, stream_id, session_id) = (
+                self.backend.clone(),
+                std::mem::take(&mut self.stream_id),
+                std::mem::take(&mut self.session_id),
+            );
+            rt.spawn(async move {
+                if let Err(e) = state::release(&backend, &stream_id, &session_id).await {
+                    tracing::warn!(%stream_id, error = %e, "cannot release the stream's claim");
+                }
+            });
+        }
     }
 }
 
@@ -217,6 +267,27 @@ impl Task for Watch {
         };
         let backend = ctx.backend().clone();
         let session_id = args.session.clone().unwrap_or_else(|| ctx.id.clone());
+        if let Some(holder) =
+            state::claim(&backend, &args.stream_id, &session_id, CLAIM_TTL).await?
+        {
+            return Err(TaskError::invalid(
+                "StreamBusy",
+                format!(
+                    "stream {:?} is already watched by session {holder}; stop that one first \
+                     (mediafarm streams stop {} or revoke its job)",
+                    args.stream_id, args.stream_id
+                ),
+            ));
+        }
+        let courier = deliver_to.map(|to| {
+            deliver::Courier::start(self.deliver.clone(), to, &args.stream_id, &session_id)
+        });
+        let mut claim = ClaimGuard {
+            backend: backend.clone(),
+            stream_id: args.stream_id.clone(),
+            session_id: session_id.clone(),
+            keep: false,
+        };
         let mut st = match state::load(&backend, &args.stream_id).await? {
             Some(s) if s.session_id == session_id => s,
             _ => SessionState {
@@ -261,9 +332,9 @@ impl Task for Watch {
 
         let slice_end = tokio::time::Instant::now() + self.settings.snapshot_session_slice;
         let mut poll = tokio::time::interval(POLL);
+        let mut renew_at = tokio::time::Instant::now() + CLAIM_RENEW;
         let mut why: Option<Ended> = None;
         let mut frames_this_job = 0u64;
-        let mut deliveries_failed = 0u64;
         let end = loop {
             tokio::select! {
                 event = rx.recv() => match event {
@@ -278,11 +349,8 @@ impl Task for Watch {
                             "last_frame": last,
                         });
                         ctx.update_state("PROGRESS", progress).await?;
-                        if let Some(to) = &deliver_to {
-                            if let Err(e) = self.deliver.send(to, &args.stream_id, &session_id, &last).await {
-                                deliveries_failed += 1;
-                                tracing::warn!(stream_id = %args.stream_id, error = %e, "frame delivery failed");
-                            }
+                        if let Some(courier) = &courier {
+                            courier.offer(&last);
                         }
                     }
                     Some(Event::Reconnecting { attempt, error }) => {
@@ -294,6 +362,17 @@ impl Task for Watch {
                 },
                 _ = poll.tick(), if why.is_none() => {
                     why = self.should_stop(&backend, &args, &st, &ctx.id).await;
+                    if why.is_none() && tokio::time::Instant::now() >= renew_at {
+                        renew_at = tokio::time::Instant::now() + CLAIM_RENEW;
+                        match state::claim(&backend, &args.stream_id, &session_id, CLAIM_TTL).await {
+                            Ok(None) => {}
+                            Ok(Some(holder)) => {
+                                tracing::warn!(stream_id = %args.stream_id, %holder, "the stream's claim went to another session; ending this one");
+                                why = Some(Ended::Superseded);
+                            }
+                            Err(e) => tracing::warn!(stream_id = %args.stream_id, error = %e, "cannot renew the stream's claim"),
+                        }
+                    }
                     if why.is_some() {
                         stop.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
@@ -307,11 +386,16 @@ impl Task for Watch {
         let (ended, detail) = match (end, why) {
             (End::Failed(e), _) => {
                 state::finish(&backend, &args.stream_id).await?;
+                claim.release().await;
                 return Err(e.into());
             }
             (End::StreamEnded { detail }, _) => (Ended::StreamEnded, Some(detail)),
             (End::Stopped, Some(why)) => (why, None),
             (End::Stopped, None) => (Ended::Stopped, None),
+        };
+        let deliveries_failed = match courier {
+            Some(courier) => courier.finish(DELIVERY_GRACE).await,
+            None => 0,
         };
         let mut summary = WatchSummary {
             stream_id: args.stream_id.clone(),
@@ -332,8 +416,11 @@ impl Task for Watch {
         if ended == Ended::Continued {
             state::save(&backend, &args.stream_id, &st).await?;
             summary.continued_as = Some(self.hand_on(&args, &session_id).await?);
-        } else {
+            // The continuation carries the same session id and takes the claim on.
+            claim.keep = true;
+        } else if ended != Ended::Superseded {
             state::finish(&backend, &args.stream_id).await?;
+            claim.release().await;
         }
         tracing::info!(stream_id = %args.stream_id, ended = ?summary.ended, frames = summary.frames, "session slice over");
         Ok(summary)

@@ -1,7 +1,8 @@
 //! A session's record in Redis, keyed by stream id: which session owns the stream, when it
 //! began, the next sequence number and the last tick. Written after every stored frame, so a
 //! worker that picks up a redelivered or continued session resumes from the last tick. Also
-//! the stop request `mediafarm streams stop` leaves for a stream.
+//! the stop request `mediafarm streams stop` leaves for a stream, and the claim that keeps a
+//! stream to one session at a time.
 
 use mediafarm::{ResultBackend, TaskError};
 use serde::{Deserialize, Serialize};
@@ -11,8 +12,24 @@ use super::schedule::LastTick;
 pub const SESSION_PREFIX: &str = "mediafarm-snapshot-session-";
 /// `mediafarm streams stop STREAM_ID` sets this (to the unix time of the request).
 pub const STOP_PREFIX: &str = "mediafarm-snapshot-stop-";
+/// Holds the id of the session that watches a stream while it runs (renewed, with a TTL).
+pub const OWNER_PREFIX: &str = "mediafarm-snapshot-owner-";
 /// How long a stop request or an idle session record is kept.
 const KEEP_S: u64 = 7 * 86_400;
+
+/// Takes or renews the claim when it is free or already ours; else returns the holder.
+const CLAIM_LUA: &str = r"
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return holder end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return false
+";
+
+/// Drops the claim only if it is still ours.
+const RELEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LastFrame {
@@ -83,6 +100,46 @@ pub async fn save(
         .arg(KEEP_S)
         .query_async::<()>(&mut conn)
         .await
+        .map_err(backend_error)
+}
+
+/// Claims `stream_id` for `session_id` for `ttl`, or renews the claim it already holds.
+/// `Ok(Some(holder))`: another session watches the stream now. A crashed session's claim
+/// lapses after `ttl`; its redelivery or continuation carries the same session id and so takes
+/// the claim back at once.
+pub async fn claim(
+    backend: &ResultBackend,
+    stream_id: &str,
+    session_id: &str,
+    ttl: std::time::Duration,
+) -> Result<Option<String>, TaskError> {
+    let mut conn = backend.connection();
+    redis::cmd("EVAL")
+        .arg(CLAIM_LUA)
+        .arg(1)
+        .arg(format!("{OWNER_PREFIX}{stream_id}"))
+        .arg(session_id)
+        .arg(ttl.as_millis().max(1) as u64)
+        .query_async(&mut conn)
+        .await
+        .map_err(backend_error)
+}
+
+/// Gives up the claim on `stream_id` if `session_id` holds it.
+pub async fn release(
+    backend: &ResultBackend,
+    stream_id: &str,
+    session_id: &str,
+) -> Result<(), TaskError> {
+    let mut conn = backend.connection();
+    redis::cmd("EVAL")
+        .arg(RELEASE_LUA)
+        .arg(1)
+        .arg(format!("{OWNER_PREFIX}{stream_id}"))
+        .arg(session_id)
+        .query_async::<i64>(&mut conn)
+        .await
+        .map(drop)
         .map_err(backend_error)
 }
 
