@@ -15,7 +15,7 @@
    later than one GOP (2 s) behind its stream time; the largest N that keeps every session on
    schedule is printed. Bounded: each level runs --level-seconds.
 
-Usage: .venv/bin/python bench/snapshot_cpu.py [--rounds 3] [--levels 50,100,200] [--level-seconds 50]
+Usage: .venv/bin/python bench/snapshot_cpu.py [--rounds 3] [--levels 50,100,200] [--level-seconds 50] [--stagger 20]
 Needs ffmpeg (scripts/setup.d/snapshot.sh), RabbitMQ and Redis on 127.0.0.1. Local only.
 """
 import argparse
@@ -205,7 +205,7 @@ def when(text):
     return datetime.fromisoformat(text).timestamp()
 
 
-def sessions_level(n, seconds, hook_port):
+def sessions_level(n, seconds, hook_port, stagger):
     storage = WORK / f"storage-sessions-{n}"
     queue = f"bench-sessions-{uuid.uuid4().hex[:8]}"
     worker = Worker(queue, storage, pin=0, concurrency=n + 4,
@@ -215,6 +215,9 @@ def sessions_level(n, seconds, hook_port):
         Deliveries.got.clear()
     ids = [f"s{n}-{i}" for i in range(n)]
     for sid in ids:
+        # Rooms go live at different moments: spread over `stagger` seconds, the sessions'
+        # ticks are spread too; with 0 every session ticks at the same instant (a burst).
+        time.sleep(stagger / n)
         app.send_task("snapshot.watch", queue=queue, kwargs={
             "stream_id": sid, "stream_url": f"file://{INPUT}", "interval_s": INTERVAL_S,
             "realtime": True, "loop": True, "key": "sessions/{stream_id}/{seq}.jpg",
@@ -259,14 +262,14 @@ def sessions_level(n, seconds, hook_port):
     return on_schedule
 
 
-def sessions_per_core(levels, seconds):
+def sessions_per_core(levels, seconds, stagger):
     server = ThreadingHTTPServer(("127.0.0.1", 0), Deliveries)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     print(f"\nWatch sessions on one core (taskset -c 0), 1080p30 looping files read at their own pace, "
-          f"a tick per {INTERVAL_S} s, {seconds} s per level:")
+          f"a tick per {INTERVAL_S} s, starts spread over {stagger:g} s, {seconds} s per level after the last start:")
     best = 0
     for n in levels:
-        if sessions_level(n, seconds, server.server_address[1]):
+        if sessions_level(n, seconds, server.server_address[1], stagger):
             best = n
         else:
             break
@@ -279,6 +282,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--levels", default="50,100,200")
     ap.add_argument("--level-seconds", type=int, default=50)
+    ap.add_argument("--stagger", type=float, default=0.0,
+                    help="spread the sessions' starts over this many seconds (default 0: all at once)")
     ap.add_argument("--skip-sessions", action="store_true")
     ap.add_argument("--skip-cpu", action="store_true")
     args = ap.parse_args()
@@ -286,7 +291,7 @@ def main():
     if not args.skip_cpu:
         cpu_per_snapshot(args.rounds)
     if not args.skip_sessions:
-        sessions_per_core([int(x) for x in args.levels.split(",")], args.level_seconds)
+        sessions_per_core([int(x) for x in args.levels.split(",")], args.level_seconds, args.stagger)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,13 @@
 
 FROM rust:1.95-bookworm AS builder
 # FFmpeg headers for the bindings (the set scripts/setup.d/snapshot.sh installs; the binary
-# links only avcodec, avformat, avutil and swscale); clang for bindgen. Versions float with
+# links only avcodec, avformat, avutil and swscale); clang for bindgen; nasm for libjpeg-turbo's
+# SIMD code (the JPEG encoder, linked statically as in the image worker). Versions float with
 # bookworm's security updates on purpose: pinning them breaks the build at the next point release.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
-      clang libclang-dev pkg-config \
+      clang libclang-dev pkg-config nasm \
       libavcodec-dev libavformat-dev libavutil-dev libswscale-dev libavfilter-dev libavdevice-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src

@@ -1,7 +1,8 @@
 //! Where a watch session's time goes on one file: open, demux, keyframe decode, scale+encode.
 //! `cargo run --release -p snapshot-worker --example keyframe-cost -- FILE [INTERVAL_S]`; with
 //! `FRESH_DECODER=1` a decoder is made per tick, as the sessions do (≈ 1 ms more per 1080p
-//! keyframe, for not holding a decoder's picture buffers between ticks).
+//! keyframe, for not holding a decoder's picture buffers between ticks); `QUALITY=N` sets the
+//! JPEG quality (default 80).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -28,7 +29,11 @@ fn main() {
     .unwrap();
     let open = t.elapsed();
     let mut dec = KeyDecoder::new(&input, true).unwrap();
-    let mut enc = FrameEncoder::new(Format::Jpeg, 80, None);
+    let quality = std::env::var("QUALITY")
+        .ok()
+        .and_then(|q| q.parse().ok())
+        .unwrap_or(80);
+    let mut enc = FrameEncoder::new(Format::Jpeg, quality, None);
     let mut pkt = ff::Packet::empty();
     let (mut demux, mut decode, mut encode) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
     let mut due = 0.0;

@@ -4,6 +4,7 @@
 
 pub mod capture;
 pub mod cpu_gate;
+pub mod jpeg;
 pub mod media;
 pub mod source;
 pub mod template;

@@ -1,7 +1,8 @@
 //! FFmpeg plumbing shared by both tasks: open a source under an interrupt callback (a deadline
 //! and a stop flag that FFmpeg polls inside every blocking call), read its video packets, decode
 //! one keyframe with a single-threaded decoder, and scale plus encode the frame. JPEG goes
-//! YUV → YUV (swscale) → MJPEG with no RGB step; only PNG needs RGB.
+//! from the decoder's 4:2:0 planes straight to libjpeg-turbo ([`crate::jpeg`]), through
+//! swscale only when the picture is resized or in another pixel format; only PNG needs RGB.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once, OnceLock};
@@ -12,6 +13,7 @@ use ff::format::Pixel;
 use ff::software::scaling;
 use ffmpeg_next as ff;
 
+use crate::jpeg::{Plane, Range, Yuv420Jpeg};
 use crate::source::SourceKind;
 
 /// Why a source could not give a frame.
@@ -428,15 +430,13 @@ pub struct FrameEncoder {
     scaler: Option<(ScaleKey, scaling::Context)>,
     scaled: ff::frame::Video,
     encoder: Option<((u32, u32), ff::encoder::Video)>,
+    jpeg: Yuv420Jpeg,
     packet: ff::Packet,
     /// Encoders want rising timestamps.
     next_pts: i64,
 }
 
 type ScaleKey = (Pixel, u32, u32, u32, u32);
-
-/// MJPEG's lambda per quantiser step (FFmpeg's FF_QP2LAMBDA).
-const QP2LAMBDA: i32 = 118;
 
 impl FrameEncoder {
     pub fn new(format: Format, quality: u8, max_width: Option<u32>) -> FrameEncoder {
@@ -448,6 +448,7 @@ impl FrameEncoder {
             scaler: None,
             scaled: ff::frame::Video::empty(),
             encoder: None,
+            jpeg: Yuv420Jpeg::default(),
             packet: ff::Packet::empty(),
             next_pts: 0,
         }
@@ -469,34 +470,15 @@ impl FrameEncoder {
             return Err(MediaError::Encode("the decoded frame is empty".into()));
         }
         let (tw, th) = self.target_size(w, h);
-        let dst = self.format.pixel();
-        let key: ScaleKey = (frame.format(), w, h, tw, th);
-        if self.scaler.as_ref().map(|(k, _)| *k) != Some(key) {
-            let flags = if tw < w {
-                scaling::Flags::AREA
-            } else {
-                scaling::Flags::BILINEAR
-            };
-            let ctx = scaling::Context::get(frame.format(), w, h, dst, tw, th, flags)
-                .map_err(|e| MediaError::Encode(format!("no scaler for this frame: {e}")))?;
-            self.scaler = Some((key, ctx));
-            self.scaled = ff::frame::Video::new(dst, tw, th);
+        if self.format == Format::Jpeg {
+            return self.encode_jpeg(frame, tw, th);
         }
-        if let Some((_, scaler)) = self.scaler.as_mut() {
-            scaler
-                .run(frame, &mut self.scaled)
-                .map_err(|e| MediaError::Encode(format!("scaling failed: {e}")))?;
-        }
+        self.scale(frame, tw, th)?;
         if self.encoder.as_ref().map(|(size, _)| *size) != Some((tw, th)) {
             self.encoder = Some(((tw, th), self.open_encoder(tw, th)?));
         }
-        let lambda = self.jpeg_qscale() * QP2LAMBDA;
         self.scaled.set_pts(Some(self.next_pts));
         self.next_pts += 1;
-        // SAFETY: the frame is ours; `quality` is a plain int field MJPEG reads with QSCALE.
-        unsafe {
-            (*self.scaled.as_mut_ptr()).quality = lambda;
-        }
         let Some((_, enc)) = self.encoder.as_mut() else {
             return Err(MediaError::Encode("no encoder".into()));
         };
@@ -523,15 +505,69 @@ impl FrameEncoder {
         })
     }
 
-    /// MJPEG quantiser from a 1–100 quality: 100 → 2 (best), 1 → 31.
-    fn jpeg_qscale(&self) -> i32 {
-        2 + (i32::from(100 - self.quality) * 29) / 99
+    /// `frame` resized to `tw`×`th` in the format's pixel layout, into `self.scaled`.
+    fn scale(&mut self, frame: &ff::frame::Video, tw: u32, th: u32) -> Result<(), MediaError> {
+        let (w, h) = (frame.width(), frame.height());
+        let dst = self.format.pixel();
+        let key: ScaleKey = (frame.format(), w, h, tw, th);
+        if self.scaler.as_ref().map(|(k, _)| *k) != Some(key) {
+            let flags = if tw < w {
+                scaling::Flags::AREA
+            } else {
+                scaling::Flags::BILINEAR
+            };
+            let ctx = scaling::Context::get(frame.format(), w, h, dst, tw, th, flags)
+                .map_err(|e| MediaError::Encode(format!("no scaler for this frame: {e}")))?;
+            self.scaler = Some((key, ctx));
+            self.scaled = ff::frame::Video::new(dst, tw, th);
+        }
+        if let Some((_, scaler)) = self.scaler.as_mut() {
+            scaler
+                .run(frame, &mut self.scaled)
+                .map_err(|e| MediaError::Encode(format!("scaling failed: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// JPEG straight from an 8-bit 4:2:0 frame of the right size (its range expanded on the
+    /// way), else from swscale's full-range 4:2:0 copy.
+    fn encode_jpeg(
+        &mut self,
+        frame: &ff::frame::Video,
+        tw: u32,
+        th: u32,
+    ) -> Result<Encoded, MediaError> {
+        let as_is = (frame.width(), frame.height()) == (tw, th)
+            && matches!(frame.format(), Pixel::YUV420P | Pixel::YUVJ420P);
+        let (picture, range) = if as_is {
+            let full =
+                frame.format() == Pixel::YUVJ420P || frame.color_range() == ff::color::Range::JPEG;
+            (frame, if full { Range::Full } else { Range::Limited })
+        } else {
+            self.scale(frame, tw, th)?;
+            (&self.scaled, Range::Full)
+        };
+        let planes = [0, 1, 2].map(|i| Plane {
+            data: picture.data(i),
+            stride: picture.stride(i),
+            width: picture.plane_width(i) as usize,
+            height: picture.plane_height(i) as usize,
+        });
+        let data = self
+            .jpeg
+            .encode(planes, range, tw as usize, th as usize, self.quality)
+            .map_err(MediaError::Encode)?;
+        Ok(Encoded {
+            data,
+            width: tw,
+            height: th,
+        })
     }
 
     fn open_encoder(&self, w: u32, h: u32) -> Result<ff::encoder::Video, MediaError> {
         let e = |what: &str, err: ff::Error| MediaError::Encode(format!("{what}: {err}"));
         let codec = match self.format {
-            Format::Jpeg => ff::encoder::find(ff::codec::Id::MJPEG),
+            Format::Jpeg => None,
             Format::Png => ff::encoder::find(ff::codec::Id::PNG),
             Format::Webp => ff::encoder::find_by_name("libwebp"),
         }
@@ -551,16 +587,11 @@ impl FrameEncoder {
         enc.set_time_base((1, 25));
         let mut opts = ff::Dictionary::new();
         match self.format {
-            Format::Jpeg => {
-                enc.set_flags(ff::codec::Flags::QSCALE);
-                enc.set_global_quality(self.jpeg_qscale() * QP2LAMBDA);
-                enc.set_color_range(ff::color::Range::JPEG);
-            }
             Format::Webp => {
                 opts.set("quality", &self.quality.to_string());
                 opts.set("lossless", "0");
             }
-            Format::Png => {}
+            Format::Png | Format::Jpeg => {}
         }
         enc.open_as_with(codec, opts)
             .map_err(|err| e("cannot open the encoder", err))
@@ -581,7 +612,7 @@ unsafe impl Send for FrameEncoder {}
 
 /// Scalers and encoders shared by every session and capture of the process. Encoding runs
 /// inside a CPU gate slot, so about one encoder per core is in use at once: memory for them
-/// no longer grows with the number of sessions (a 1080p MJPEG encoder alone holds tens of MB).
+/// no longer grows with the number of sessions (with the padded planes of a 1080p JPEG encode, or a PNG or WebP encoder, each holds megabytes).
 pub struct EncoderPool {
     free: Mutex<Vec<(EncodeSpec, FrameEncoder)>>,
     keep: usize,

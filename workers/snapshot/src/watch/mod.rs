@@ -485,15 +485,16 @@ impl Watch {
         {
             return Some(Ended::Duration);
         }
-        if let Ok(Some(at)) = state::stop_requested(backend, &args.stream_id).await {
-            if at >= st.started_at {
-                return Some(Ended::Stopped);
-            }
+        let signals = state::signals(backend, &args.stream_id, [task_id, &st.session_id])
+            .await
+            .ok()?;
+        if signals
+            .stop_requested_at
+            .is_some_and(|at| at >= st.started_at)
+        {
+            return Some(Ended::Stopped);
         }
-        if state::revoked(backend, task_id).await || state::revoked(backend, &st.session_id).await {
-            return Some(Ended::Revoked);
-        }
-        None
+        signals.revoked.then_some(Ended::Revoked)
     }
 
     /// Publishes the continuation (same stream and session) and returns its job id.

@@ -17,6 +17,9 @@ use crate::media::{
 };
 use crate::source::{SourceKind, StreamSource};
 
+/// A `realtime` file is read in batches of this much stream time.
+const PACE_BATCH: Duration = Duration::from_millis(100);
+
 /// What the session thread tells the job.
 pub enum Event {
     Frame {
@@ -228,7 +231,10 @@ fn stream(
         if p.realtime {
             let (wall0, t0) = *pace.get_or_insert((Instant::now(), t));
             let at = wall0 + Duration::from_secs_f64((t - t0).max(0.0));
-            if sleep_unless_stopped(at.saturating_duration_since(Instant::now()), stop) {
+            // Packets come in batches, as a network source's do: a packet due within
+            // PACE_BATCH is read now, so the thread wakes a few times a second, not per frame.
+            let ahead = at.saturating_duration_since(Instant::now());
+            if ahead > PACE_BATCH && sleep_unless_stopped(ahead, stop) {
                 return Err(MediaError::Stopped);
             }
         }

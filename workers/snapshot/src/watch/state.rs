@@ -4,6 +4,7 @@
 //! the stop request `mediafarm streams stop` leaves for a stream, and the claim that keeps a
 //! stream to one session at a time.
 
+use mediafarm::revoke::REVOKED_KEY;
 use mediafarm::{ResultBackend, TaskError};
 use serde::{Deserialize, Serialize};
 
@@ -158,18 +159,43 @@ pub async fn finish(backend: &ResultBackend, stream_id: &str) -> Result<(), Task
         .map_err(backend_error)
 }
 
-/// When a stop was asked for this stream (unix seconds), if it was.
-pub async fn stop_requested(
+/// What a running session looks for in Redis every poll.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Signals {
+    /// When a stop was asked for the stream (unix seconds), if it was.
+    pub stop_requested_at: Option<f64>,
+    /// Whether any of the ids asked about was revoked (Celery's revoke, kept in Redis by the
+    /// runtime until it lapses).
+    pub revoked: bool,
+}
+
+/// A stop request for `stream_id` and revokes of `ids`, in one round trip.
+pub async fn signals(
     backend: &ResultBackend,
     stream_id: &str,
-) -> Result<Option<f64>, TaskError> {
+    ids: [&str; 2],
+) -> Result<Signals, TaskError> {
     let mut conn = backend.connection();
-    let raw: Option<String> = redis::cmd("GET")
+    let (stop, first, second): (Option<String>, Option<f64>, Option<f64>) = redis::pipe()
+        .cmd("GET")
         .arg(format!("{STOP_PREFIX}{stream_id}"))
+        .cmd("ZSCORE")
+        .arg(REVOKED_KEY)
+        .arg(ids[0])
+        .cmd("ZSCORE")
+        .arg(REVOKED_KEY)
+        .arg(ids[1])
         .query_async(&mut conn)
         .await
         .map_err(backend_error)?;
-    Ok(raw.and_then(|s| s.trim().parse().ok()))
+    let now = super::session::unix_now();
+    Ok(Signals {
+        stop_requested_at: stop.and_then(|s| s.trim().parse().ok()),
+        revoked: [first, second]
+            .into_iter()
+            .flatten()
+            .any(|until| until > now),
+    })
 }
 
 /// Asks the session of `stream_id` (running, or picked up later) to stop.
@@ -187,11 +213,4 @@ pub async fn request_stop(
         .query_async::<()>(&mut conn)
         .await
         .map_err(backend_error)
-}
-
-/// Whether job `id` was revoked (Celery's revoke, kept in Redis by the runtime).
-pub async fn revoked(backend: &ResultBackend, id: &str) -> bool {
-    mediafarm::revoke::Revocations::default()
-        .check_stored(backend, id)
-        .await
 }
