@@ -612,7 +612,8 @@ unsafe impl Send for FrameEncoder {}
 
 /// Scalers and encoders shared by every session and capture of the process. Encoding runs
 /// inside a CPU gate slot, so about one encoder per core is in use at once: memory for them
-/// no longer grows with the number of sessions (with the padded planes of a 1080p JPEG encode, or a PNG or WebP encoder, each holds megabytes).
+/// no longer grows with the number of sessions (the padded planes of a 1080p JPEG encode, or
+/// a PNG or WebP encoder, hold megabytes each).
 pub struct EncoderPool {
     free: Mutex<Vec<(EncodeSpec, FrameEncoder)>>,
     keep: usize,
