@@ -5,12 +5,14 @@ one core each (taskset -c 0), side by side in one run, rounds interleaved:
       every output, encode; no broker, no storage),
   (b) libvips through pyvips: thumbnail to 1280 with shrink-on-load, the rest derived from it,
   (c) Pillow: decode, LANCZOS resize to 1280, the rest derived from it.
+Every contender writes the same kind of JPEG: progressive 4:2:0 (image-worker's default), or
+baseline 4:2:0 with standard Huffman tables with --jpeg baseline (libvips' and Pillow's default).
 
 Corpus: the large JPEGs of Debian's plasma-workspace-wallpapers package (5120×2880 and
 2560×1600), fetched with `apt-get download` into bench/corpus/ (never committed). Installs
 libvips42 (apt) and bench/image_requirements.txt (.venv) when missing.
 
-Usage: .venv/bin/python bench/image_pipeline.py [--rounds 3] [--max-files 8]
+Usage: .venv/bin/python bench/image_pipeline.py [--rounds 3] [--max-files 8] [--jpeg progressive|baseline]
 Only local files are read; every phase has a time limit.
 """
 import argparse
@@ -65,24 +67,27 @@ def one_core(cmd):
     return ["taskset", "-c", "0", *cmd]
 
 
-def time_rust(files, rounds):
+def time_rust(files, rounds, kind):
+    extra = ["--baseline"] if kind == "baseline" else []
     out = subprocess.run(one_core([str(ROOT / "target/release/examples/pipeline-bench"),
-                                   "--rounds", str(rounds), *files]),
+                                   "--rounds", str(rounds), *extra, *files]),
                          check=True, capture_output=True, text=True, timeout=900)
     return float(out.stdout.strip())
 
 
 PY_TIMER = r'''
 import sys, time, statistics, io
-which, rounds, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+which, rounds, kind, files = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
 W = (1280, 640, 160)
+PROGRESSIVE = kind == "progressive"
+VIPS_JPEG = ".jpg[Q=80,interlace=true]" if PROGRESSIVE else ".jpg[Q=80]"
 def vips(path):
     import pyvips
     # Decoded once (shrink-on-load), held in memory, every output derived from it.
     big = pyvips.Image.thumbnail(path, W[0], size="down").copy_memory()
-    outs = [big.write_to_buffer(".jpg[Q=80]")]
+    outs = [big.write_to_buffer(VIPS_JPEG)]
     for w in W[1:]:
-        outs.append(big.resize(w / big.width, kernel="lanczos3").write_to_buffer(".jpg[Q=80]"))
+        outs.append(big.resize(w / big.width, kernel="lanczos3").write_to_buffer(VIPS_JPEG))
     return outs
 def pillow(path):
     from PIL import Image
@@ -92,7 +97,9 @@ def pillow(path):
     outs = []
     for w in W:
         img = big if w == W[0] else big.resize((w, round(big.height * w / big.width)), Image.LANCZOS)
-        buf = io.BytesIO(); img.save(buf, "JPEG", quality=80); outs.append(buf.getvalue())
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=80, subsampling=2, progressive=PROGRESSIVE)
+        outs.append(buf.getvalue())
     return outs
 fn = vips if which == "vips" else pillow
 if which == "vips":
@@ -107,9 +114,9 @@ print(f"{statistics.median(per):.1f}")
 '''
 
 
-def time_python(which, files, rounds):
+def time_python(which, files, rounds, kind):
     env = {**os.environ, "VIPS_CONCURRENCY": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(one_core([sys.executable, "-c", PY_TIMER, which, str(rounds), *files]),
+    out = subprocess.run(one_core([sys.executable, "-c", PY_TIMER, which, str(rounds), kind, *files]),
                          capture_output=True, text=True, timeout=1800, env=env)
     if out.returncode != 0:
         raise SystemExit(f"{which} failed:\n{out.stderr[-2000:]}")
@@ -120,12 +127,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-files", type=int, default=8)
+    parser.add_argument("--jpeg", choices=("progressive", "baseline"), default="progressive",
+                        help="the kind of JPEG every contender writes")
     args = parser.parse_args()
     ensure_tools()
     by_size = ensure_corpus()
-    print(f"one source → {', '.join(map(str, WIDTHS))} px wide JPEG q80; one core each; "
+    print(f"one source → {', '.join(map(str, WIDTHS))} px wide {args.jpeg} JPEG q80; one core each; "
           f"median of {args.rounds} rounds; {time.strftime('%Y-%m-%d')}")
-    print("| source size | JPEG kind | files | image-worker ms/image | libvips ms/image | Pillow ms/image | image-worker ÷ libvips |")
+    print("| source size | source JPEG kind | files | image-worker ms/image | libvips ms/image | Pillow ms/image | image-worker ÷ libvips |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for size in ((5120, 2880), (2560, 1600)):
         # Distinct files only (several wallpapers ship the same picture), at most --max-files.
@@ -146,9 +155,9 @@ def main():
             # from other processes falls on all three alike; the median round counts.
             runs = {"rust": [], "vips": [], "pillow": []}
             for _ in range(args.rounds):
-                runs["rust"].append(time_rust(files, 1))
-                runs["vips"].append(time_python("vips", files, 1))
-                runs["pillow"].append(time_python("pillow", files, 1))
+                runs["rust"].append(time_rust(files, 1, args.jpeg))
+                runs["vips"].append(time_python("vips", files, 1, args.jpeg))
+                runs["pillow"].append(time_python("pillow", files, 1, args.jpeg))
             rust, vips, pil = (statistics.median(runs[k]) for k in ("rust", "vips", "pillow"))
             print(f"| {size[0]}×{size[1]} | {kind} | {len(files)} | {rust:.0f} | {vips:.0f} | {pil:.0f} | "
                   f"{rust / vips:.2f}× (target ≤ 0.5×) |", flush=True)

@@ -565,6 +565,8 @@ async fn lossy_webp_and_avif_outputs_decode_at_their_size() {
             {"key": "g/lossless.webp", "width": 150, "format": "webp", "lossless": true},
             {"key": "g/fast.avif", "width": 120, "height": 120, "fit": "cover", "format": "avif", "speed": 10, "quality": 60},
             {"key": "g/default.avif", "width": 100, "format": "avif"},
+            {"key": "g/progressive.jpg", "width": 150, "format": "jpeg"},
+            {"key": "g/baseline.jpg", "width": 150, "format": "jpeg", "progressive": false},
         ]}))
         .await
         .unwrap();
@@ -574,7 +576,17 @@ async fn lossy_webp_and_avif_outputs_decode_at_their_size() {
         .iter()
         .map(|o| (o["width"].as_u64().unwrap(), o["height"].as_u64().unwrap()))
         .collect();
-    assert_eq!(dims, [(150, 100), (150, 100), (120, 120), (100, 67)]);
+    assert_eq!(
+        dims,
+        [
+            (150, 100),
+            (150, 100),
+            (120, 120),
+            (100, 67),
+            (150, 100),
+            (150, 100)
+        ]
+    );
     let centre = gradient().get_pixel(150, 100).0;
     // Lossy WebP is a VP8 bitstream, lossless a VP8L one; both decode to the picture.
     for (key, chunk) in [("g/lossy.webp", b"VP8 "), ("g/lossless.webp", b"VP8L")] {
@@ -592,8 +604,24 @@ async fn lossy_webp_and_avif_outputs_decode_at_their_size() {
         assert_eq!((w, h), size, "{key}");
         assert!(close(px, centre, 16), "{key}: {px:?} vs {centre:?}");
     }
+    // JPEG is progressive (SOF2) unless asked for baseline (SOF0).
+    for (key, sof) in [("g/progressive.jpg", 0xC2u8), ("g/baseline.jpg", 0xC0)] {
+        let data = f.storage.get(key, 1 << 20).await.unwrap();
+        let frames: Vec<u8> = data
+            .windows(2)
+            .filter(|w| w[0] == 0xFF && matches!(w[1], 0xC0 | 0xC2))
+            .map(|w| w[1])
+            .collect();
+        assert_eq!(frames.first(), Some(&sof), "{key}");
+        let img = image::load_from_memory(&data).unwrap();
+        assert!(close(rgb_at(&img, 75, 50), centre, 12), "{key}");
+    }
     // Options that only make sense for another format are refused.
     for (output, text) in [
+        (
+            json!({"key": "x.png", "format": "png", "progressive": true}),
+            "progressive is for JPEG",
+        ),
         (
             json!({"key": "x.jpg", "format": "jpeg", "speed": 5}),
             "speed is for AVIF",

@@ -2,7 +2,8 @@
 //! on files, without the broker or storage, for `bench/image_pipeline.py`. Prints one line:
 //! `<ms per image>` (median over `--rounds`).
 //!
-//! Usage: pipeline-bench [--rounds 3] [--widths 1280,640,160] [--quality 80] FILE...
+//! Usage: pipeline-bench [--rounds 3] [--widths 1280,640,160] [--quality 80] [--baseline] FILE...
+//! (`--baseline`: baseline JPEG outputs instead of progressive ones.)
 
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ fn main() -> Result<(), String> {
     let mut rounds = 3usize;
     let mut widths = vec![1280u32, 640, 160];
     let mut quality = 80u8;
+    let mut progressive = true;
     let mut files = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -23,6 +25,7 @@ fn main() -> Result<(), String> {
         match a.as_str() {
             "--rounds" => rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
             "--quality" => quality = value()?.parse().map_err(|e| format!("--quality: {e}"))?,
+            "--baseline" => progressive = false,
             "--widths" => {
                 widths = value()?
                     .split(',')
@@ -55,6 +58,7 @@ fn main() -> Result<(), String> {
                 format: Format::Jpeg,
                 quality: Some(quality),
                 lossless: false,
+                progressive: Some(progressive),
                 speed: None,
                 background: None,
                 max_bytes: None,

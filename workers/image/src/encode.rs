@@ -82,8 +82,17 @@ pub fn encode(
                 icc: meta.icc,
                 exif: meta.exif,
             };
+            let progressive = spec.progressive.unwrap_or(true);
             lowering_quality(spec, |q| {
-                jpeg::encode_rgb(rgb.as_raw(), rgb.width(), rgb.height(), q, &meta).map_err(|e| {
+                jpeg::encode_rgb(
+                    rgb.as_raw(),
+                    rgb.width(),
+                    rgb.height(),
+                    q,
+                    progressive,
+                    &meta,
+                )
+                .map_err(|e| {
                     if rgb.width() > 65_535 || rgb.height() > 65_535 {
                         invalid("OutputTooLarge", e.to_string())
                     } else {

@@ -185,12 +185,33 @@ pub fn header(data: &[u8]) -> Result<Header, JpegError> {
 /// Decodes to RGB at `eighths`/8 of the full size (1 to 8; the IDCT does the scaling, so
 /// 1/2, 1/4 and 1/8 skip most of the work). `None` for CMYK, which is left to the caller.
 pub fn decode_rgb(data: &[u8], eighths: u8) -> Result<Option<Rgb>, JpegError> {
+    decode_rgb_scans(data, eighths, true)
+}
+
+/// As [`decode_rgb`]; `select_scans: false` decodes every scan of a progressive file even at
+/// 1/4 and 1/8 scale (for comparisons: `examples/scan-selection.rs`).
+pub fn decode_rgb_scans(
+    data: &[u8],
+    eighths: u8,
+    select_scans: bool,
+) -> Result<Option<Rgb>, JpegError> {
+    let eighths = eighths.clamp(1, 8);
+    // A progressive file at 1/4 or 1/8 scale: only the scans that scale reads.
+    let selected = select_scans
+        .then(|| crate::scans::for_scale(data, eighths))
+        .flatten();
     guarded(|| {
-        let (mut dec, header) = open(data)?;
+        let (mut dec, header) = open(selected.as_deref().unwrap_or(data))?;
         if header.cmyk {
             return Ok(None);
         }
-        dec.scale(eighths.clamp(1, 8));
+        if selected.is_some() {
+            // libjpeg would guess the missing low bits from neighbouring blocks; measured on
+            // the benchmark's wallpapers that costs as much as the scans it saves and brings
+            // the picture no closer to an every-scan decode.
+            dec.do_block_smoothing(false);
+        }
+        dec.scale(eighths);
         let mut started = dec.rgb().map_err(io_error)?;
         let (width, height) = (started.width(), started.height());
         let pixels = started.read_scanlines::<u8>().map_err(io_error)?;
@@ -210,13 +231,15 @@ pub struct Metadata<'a> {
     pub exif: Option<&'a [u8]>,
 }
 
-/// Progressive JPEG, 4:2:0, libjpeg-turbo's settings (mozjpeg's trellis quantisation and scan
-/// search cost several times the encode time for a few per cent of size).
+/// JPEG, 4:2:0, progressive (Huffman tables optimised, as progressive coding needs) or
+/// baseline (standard tables), with libjpeg-turbo's settings (mozjpeg's trellis quantisation
+/// and scan search cost several times the encode time for a few per cent of size).
 pub fn encode_rgb(
     rgb: &[u8],
     width: u32,
     height: u32,
     quality: u8,
+    progressive: bool,
     metadata: &Metadata<'_>,
 ) -> Result<Vec<u8>, JpegError> {
     if width > 65_535 || height > 65_535 {
@@ -227,7 +250,9 @@ pub fn encode_rgb(
         comp.set_fastest_defaults();
         comp.set_size(width as usize, height as usize);
         comp.set_quality(f32::from(quality));
-        comp.set_progressive_mode();
+        if progressive {
+            comp.set_progressive_mode();
+        }
         comp.set_chroma_sampling_pixel_sizes((2, 2), (2, 2));
         let mut started = comp
             .start_compress(Vec::with_capacity(rgb.len() / 8))
@@ -267,7 +292,7 @@ mod tests {
     fn the_header_tells_progressive_coding_and_its_coefficient_memory() {
         let (w, h) = (64u32, 48u32);
         let rgb = vec![128u8; (w * h * 3) as usize];
-        let data = encode_rgb(&rgb, w, h, 80, &Metadata::default()).unwrap();
+        let data = encode_rgb(&rgb, w, h, 80, true, &Metadata::default()).unwrap();
         let header = header(&data).unwrap();
         assert!(header.progressive);
         assert_eq!((header.width, header.height), (64, 48));

@@ -57,6 +57,8 @@ pub struct OutputSpec {
     /// WebP only: lossless instead of lossy.
     #[serde(default)]
     pub lossless: bool,
+    /// JPEG only: progressive (the default) or baseline.
+    pub progressive: Option<bool>,
     /// AVIF only: encoder speed, 1 (smallest file) to 10 (fastest).
     pub speed: Option<u8>,
     /// What transparent pixels become in a JPEG, and `contain`'s padding there:
@@ -231,6 +233,9 @@ pub fn check_args(args: &TransformArgs) -> Result<(), TaskError> {
             if !(1..=10).contains(&speed) {
                 return bad(format!("outputs[{i}].speed is {speed}; use 1 to 10"));
             }
+        }
+        if o.progressive.is_some() && o.format != Format::Jpeg {
+            return bad(format!("outputs[{i}].progressive is for JPEG output only"));
         }
         if o.lossless && o.format != Format::Webp {
             return bad(format!(
