@@ -186,7 +186,9 @@ impl Deliverer {
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
-                    .map_or(Duration::ZERO, Duration::from_secs),
+                    // Capped: past the deadline it only means "give up", and an absurd value
+                    // must not overflow the clock arithmetic.
+                    .map_or(Duration::ZERO, |s| Duration::from_secs(s.min(3600))),
             ),
             408 | 500..=599 => Some(Duration::ZERO),
             _ => None,
