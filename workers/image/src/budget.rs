@@ -1,7 +1,8 @@
 //! A worker-wide budget for decode memory: each job reserves what its decode will hold (from
 //! the source's header) before decoding, and waits while other jobs' reservations would take
 //! the total over the budget. Small decodes run side by side; a huge one (a 50 MP progressive
-//! JPEG needs ~150 MB of coefficients whatever its output size) runs alone, so peak memory
+//! JPEG needs ~150 MB of coefficients in libjpeg whatever its output size; see `lowres.rs` for
+//! when it does not) runs alone, so peak memory
 //! stays near the budget at any concurrency. A job that needs more than the whole budget
 //! waits for every other reservation to end and then runs alone.
 
@@ -39,6 +40,13 @@ pub fn reserve(bytes: u64) -> Reservation {
     *held += bytes;
     tracing::debug!(bytes, held = *held, "decode memory reserved");
     Reservation { bytes }
+}
+
+impl Reservation {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
 }
 
 impl Drop for Reservation {

@@ -10,8 +10,8 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbIma
 use mediafarm::TaskError;
 
 use crate::budget::{reserve, Reservation};
-use crate::jpeg;
 use crate::spec::{invalid, SourceInfo};
+use crate::{jpeg, lowres};
 
 /// A decoded source, 8-bit RGB or RGBA, oriented.
 pub struct Decoded {
@@ -104,6 +104,11 @@ fn orientation(exif: Option<Vec<u8>>, auto_orient: bool) -> (Option<Orientation>
     }
 }
 
+/// Progressive JPEGs whose libjpeg coefficient buffer would be larger than this (above ~16 MP
+/// at 4:4:4, ~33 MP at 4:2:0) go to the low-memory decoder when decoded at 1/4 or 1/8 scale.
+/// Smaller ones stay with libjpeg, which is faster at that size.
+const LOWRES_ABOVE: u64 = 96 << 20;
+
 /// The IDCT scale (in eighths) that still leaves every output its full detail.
 fn eighths_for(share: f64) -> u8 {
     match share {
@@ -136,13 +141,33 @@ fn decode_jpeg(
     };
     let eighths = eighths_for(share_needed(full));
     let scaled = |side: u32| u64::from(side.div_ceil(8 / u32::from(eighths)));
-    let mut need = scaled(header.width) * scaled(header.height) * 3;
-    if header.progressive {
-        need += header.coefficient_bytes;
-    }
-    let reservation = reserve(need);
-    let Some(rgb) = jpeg::decode_rgb(data, eighths).map_err(cannot)? else {
-        return Ok(None);
+    let pixels = scaled(header.width) * scaled(header.height) * 3;
+    // A huge progressive source at 1/4 or 1/8 scale: the low-memory decoder keeps 4 of each
+    // block's 64 coefficients (or 1); libjpeg, if it cannot, keeps them all.
+    let light = header.progressive && eighths <= 2 && header.coefficient_bytes > LOWRES_ABOVE;
+    let coefficients = match (header.progressive, light) {
+        (false, _) => 0,
+        (true, true) => header.coefficient_bytes / 16,
+        (true, false) => header.coefficient_bytes,
+    };
+    let mut reservation = reserve(pixels + coefficients);
+    let low = if light {
+        lowres::decode(data, eighths)
+    } else {
+        None
+    };
+    let rgb = match low {
+        Some(rgb) => rgb,
+        None => {
+            if light {
+                drop(reservation);
+                reservation = reserve(pixels + header.coefficient_bytes);
+            }
+            let Some(rgb) = jpeg::decode_rgb(data, eighths).map_err(cannot)? else {
+                return Ok(None);
+            };
+            rgb
+        }
     };
     let mut image = RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels)
         .map(DynamicImage::ImageRgb8)
@@ -232,5 +257,47 @@ mod tests {
         assert_eq!(eighths_for(0.25), 2);
         assert_eq!(eighths_for(0.2), 2);
         assert_eq!(eighths_for(0.1), 1);
+    }
+
+    #[test]
+    fn a_huge_progressive_source_at_a_quarter_takes_the_low_memory_decoder() {
+        // 4200×4200 at 4:4:4: 106 MB of libjpeg coefficients, over LOWRES_ABOVE.
+        let (w, h) = (4200u32, 4200u32);
+        let rgb: Vec<u8> = (0..w * h)
+            .flat_map(|i| {
+                let (x, y) = (i % w, i / w);
+                [(x * 255 / w) as u8, (y * 255 / h) as u8, 90]
+            })
+            .collect();
+        let mut c = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        c.set_fastest_defaults();
+        c.set_size(w as usize, h as usize);
+        c.set_quality(85.0);
+        c.set_progressive_mode();
+        c.set_chroma_sampling_pixel_sizes((1, 1), (1, 1));
+        let mut s = c.start_compress(Vec::new()).unwrap();
+        s.write_scanlines(&rgb).unwrap();
+        let file = s.finish().unwrap();
+        let header = jpeg::header(&file).unwrap();
+        assert!(header.coefficient_bytes > LOWRES_ABOVE);
+        let decoded = decode(&file, true, 50_000_000, |_| 0.25).unwrap();
+        assert_eq!(
+            (decoded.image.width(), decoded.image.height()),
+            (1050, 1050)
+        );
+        // Reserved for 4 coefficients a block, not libjpeg's 64.
+        assert!(
+            decoded.reservation.bytes() < header.coefficient_bytes / 8,
+            "{}",
+            decoded.reservation.bytes()
+        );
+        let px = decoded.image.to_rgb8();
+        for (x, y) in [(10u32, 10u32), (525, 525), (1000, 200)] {
+            let got = px.get_pixel(x, y).0;
+            let want = [(x * 4 * 255 / w) as u8, (y * 4 * 255 / h) as u8, 90];
+            for (g, e) in got.iter().zip(want) {
+                assert!(g.abs_diff(e) <= 4, "({x},{y}): {got:?} vs {want:?}");
+            }
+        }
     }
 }

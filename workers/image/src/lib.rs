@@ -7,6 +7,7 @@ pub mod decode;
 pub mod encode;
 pub mod geometry;
 pub mod jpeg;
+pub mod lowres;
 pub mod scans;
 pub mod spec;
 pub mod transform;
