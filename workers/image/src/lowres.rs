@@ -217,8 +217,10 @@ pub fn decode(data: &[u8], eighths: u8) -> Option<Rgb> {
         2 => 4,
         _ => return None,
     };
-    let selected = crate::scans::for_scale(data, eighths)?;
-    Decoder::new(slots).run(&selected)
+    // Without the scans the scale does not read (when there are any to drop); an AC
+    // refinement still left makes `scan` give up.
+    let selected = crate::scans::for_scale(data, eighths);
+    Decoder::new(slots).run(selected.as_deref().unwrap_or(data))
 }
 
 struct Decoder {
@@ -678,6 +680,66 @@ mod tests {
                 let p = psnr(&ours.pixels, &theirs.pixels);
                 assert!(p > 30.0, "{sampling:?} 1/{}: {p:.1} dB", 8 / eighths);
             }
+        }
+    }
+
+    /// mozjpeg's own progressive script (its default profile) with a restart marker every 7
+    /// MCUs: libjpeg's C API, as the crate exposes no restart setting.
+    fn progressive_with_restarts(rgb: &[u8], w: u32, h: u32) -> Vec<u8> {
+        use mozjpeg_sys::*;
+        // SAFETY: the libjpeg compress sequence on zeroed structs, as its manual gives it; the
+        // rows point into `rgb`, which outlives the calls; the output buffer is freed once.
+        unsafe {
+            let mut err: jpeg_error_mgr = std::mem::zeroed();
+            let mut cinfo: jpeg_compress_struct = std::mem::zeroed();
+            cinfo.common.err = jpeg_std_error(&mut err);
+            jpeg_create_compress(&mut cinfo);
+            let mut buffer: *mut u8 = std::ptr::null_mut();
+            let mut size: std::ffi::c_ulong = 0;
+            jpeg_mem_dest(&mut cinfo, &mut buffer, &mut size);
+            cinfo.image_width = w;
+            cinfo.image_height = h;
+            cinfo.input_components = 3;
+            cinfo.in_color_space = J_COLOR_SPACE::JCS_RGB;
+            jpeg_set_defaults(&mut cinfo);
+            jpeg_set_quality(&mut cinfo, 88, 1);
+            jpeg_simple_progression(&mut cinfo);
+            // In MCUs for every scan (`restart_in_rows` would differ per scan, and mozjpeg's
+            // optimised scans then keep the first scan's DRI).
+            cinfo.restart_interval = 7;
+            jpeg_start_compress(&mut cinfo, 1);
+            while cinfo.next_scanline < h {
+                let row = rgb
+                    .as_ptr()
+                    .add(cinfo.next_scanline as usize * w as usize * 3);
+                jpeg_write_scanlines(&mut cinfo, &row, 1);
+            }
+            jpeg_finish_compress(&mut cinfo);
+            let out = std::slice::from_raw_parts(buffer, size as usize).to_vec();
+            jpeg_destroy_compress(&mut cinfo);
+            libc::free(buffer.cast());
+            out
+        }
+    }
+
+    #[test]
+    fn restart_markers_and_another_scan_script_decode() {
+        let (w, h) = (150u32, 90u32);
+        let rgb = photo(w, h);
+        let file = progressive_with_restarts(&rgb, w, h);
+        assert!(
+            file.windows(2)
+                .any(|p| p[0] == 0xFF && (0xD0..=0xD7).contains(&p[1])),
+            "the file has restart markers"
+        );
+        for eighths in [1u8, 2] {
+            let ours = decode(&file, eighths).expect("covered");
+            let theirs = crate::jpeg::decode_rgb_scans(&file, eighths, false)
+                .unwrap()
+                .unwrap();
+            assert_eq!((ours.width, ours.height), (theirs.width, theirs.height));
+            let p = psnr(&ours.pixels, &theirs.pixels);
+            assert!(p > 30.0, "1/{}: {p:.1} dB", 8 / eighths);
         }
     }
 
