@@ -32,6 +32,8 @@ async fn python_producer_with(scenario: &str, s: mediafarm::Settings) -> Value {
             .unwrap();
     worker.shutdown().await;
     delete_queue(&s, &q).await;
+    // Scenarios that fail leave dead letters behind.
+    delete_queue(&s, &format!("{q}.dead")).await;
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("producer.py printed {out:?}: {e}"))
 }
 

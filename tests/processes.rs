@@ -318,11 +318,15 @@ async fn cli_lists_and_replays_dead_letters_and_revokes() {
 fn sigterm_stops_a_worker_whose_log_reader_has_gone() {
     // Found by hand: a worker logging into a pipe whose reader exited (`| head`) ignored
     // SIGTERM, because the log subscriber's own error report panicked the signal task.
-    let mut cmd = worker_cmd(&unique_queue("closed-stderr"));
+    let queue = unique_queue("closed-stderr");
+    let mut cmd = worker_cmd(&queue);
     let mut child = cmd.env("MEDIAFARM_LOG_FORMAT", "json").spawn().unwrap();
     drop(child.stderr.take());
     std::thread::sleep(Duration::from_millis(1500));
     sigterm(child.id());
     let status = wait_exit(&mut child, Duration::from_secs(30));
     assert!(status.success(), "{status:?}");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(delete_queue(&settings(), &queue));
 }
