@@ -527,8 +527,11 @@ impl Decoder {
     }
 
     fn picture(self) -> Option<Rgb> {
-        if self.components.len() == 3 && self.adobe_transform == Some(0) {
-            return None; // RGB or CMYK-like, not YCbCr
+        let ids: Vec<u8> = self.components.iter().map(|c| c.id).collect();
+        // Adobe's "no transform", or libjpeg's guess from component ids 'R', 'G', 'B': the
+        // samples are RGB, not YCbCr.
+        if self.components.len() == 3 && (self.adobe_transform == Some(0) || ids == b"RGB") {
+            return None;
         }
         let scale = if self.slots == 4 { 4 } else { 8 };
         let (w, h) = (self.width.div_ceil(scale), self.height.div_ceil(scale));
