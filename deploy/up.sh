@@ -82,11 +82,12 @@ echo "[up] snapshot.capture and snapshot.watch through snapshot-worker (into $ST
 if [ -f var/run/beat.pid ] && kill -0 "$(cat var/run/beat.pid)" 2>/dev/null; then
   kill -TERM "$(cat var/run/beat.pid)" && sleep 1
 fi
-nohup "$BIN/mediafarm" --config "$CONFIG" beat >var/log/beat.log 2>&1 </dev/null &
+# Its own metrics port: the workers above hold 9808-9811.
+nohup "$BIN/mediafarm" --config "$CONFIG" beat --metrics-addr 127.0.0.1:9812 >var/log/beat.log 2>&1 </dev/null &
 echo $! >var/run/beat.pid
 for _ in $(seq 50); do grep -q "this beat is the leader now" var/log/beat.log && break
   kill -0 "$(cat var/run/beat.pid)" 2>/dev/null || { echo "[up] beat exited:"; tail -20 var/log/beat.log; exit 1; }
   sleep 0.2; done
-echo "[up] beat running (var/log/beat.log); periodic jobs: $BIN/mediafarm --config $CONFIG schedule add NAME TASK --every 20s --json '{...}'"
+echo "[up] beat running (var/log/beat.log, metrics on 127.0.0.1:9812); periodic jobs: $BIN/mediafarm --config $CONFIG schedule add NAME TASK --every 20s --json '{...}'"
 
 echo "[up] the farm is running: logs in var/log, stop it with deploy/down.sh"
