@@ -239,6 +239,8 @@ async fn cli_submit_result_and_purge() {
     assert_eq!(out.trim(), format!("purged 3 message(s) from {q}"));
     assert_eq!(ready_count(&s, &q).await, 0);
     delete_queue(&s, &q).await;
+    // The failed submission left a dead letter.
+    delete_queue(&s, &format!("{q}.dead")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
