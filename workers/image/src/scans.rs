@@ -122,7 +122,7 @@ pub fn for_scale(data: &[u8], eighths: u8) -> Option<Vec<u8>> {
 
 /// Where a scan's entropy-coded data that begins at `from` ends: at the next marker other
 /// than a stuffed 0xFF00 or a restart marker.
-fn entropy_end(data: &[u8], from: usize) -> Option<usize> {
+pub(crate) fn entropy_end(data: &[u8], from: usize) -> Option<usize> {
     let mut at = from;
     loop {
         at += memchr::memchr(0xFF, data.get(at..)?)?;

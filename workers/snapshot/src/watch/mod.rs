@@ -173,9 +173,13 @@ impl ClaimGuard {
     /// result can start a new session on the stream at once).
     async fn release(mut self) {
         self.keep = true;
-        if let Err(e) = state::release(&self.backend, &self.stream_id, &self.session_id).await {
-            tracing::warn!(stream_id = %self.stream_id, error = %e, "cannot release the stream's claim");
-        }
+        give_up(&self.backend, &self.stream_id, &self.session_id).await;
+    }
+}
+
+async fn give_up(backend: &mediafarm::ResultBackend, stream_id: &str, session_id: &str) {
+    if let Err(e) = state::release(backend, stream_id, session_id).await {
+        tracing::warn!(%stream_id, error = %e, "cannot release the stream's claim");
     }
 }
 
@@ -190,11 +194,7 @@ impl Drop for ClaimGuard {
                 std::mem::take(&mut self.stream_id),
                 std::mem::take(&mut self.session_id),
             );
-            rt.spawn(async move {
-                if let Err(e) = state::release(&backend, &stream_id, &session_id).await {
-                    tracing::warn!(%stream_id, error = %e, "cannot release the stream's claim");
-                }
-            });
+            rt.spawn(async move { give_up(&backend, &stream_id, &session_id).await });
         }
     }
 }
