@@ -474,10 +474,8 @@ async fn schedule_commands_add_list_remove_and_a_running_beat_follows_them() {
         err.contains("schedule entry `broken`: `every` = \"often\" is not accepted"),
         "{err}"
     );
-    let rows: Vec<Value> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows: Vec<Value> =
+        serde_json::from_slice(&list.stdout).expect("--json prints one JSON array");
     let names: Vec<(&str, &str)> = rows
         .iter()
         .map(|r| (r["name"].as_str().unwrap(), r["source"].as_str().unwrap()))

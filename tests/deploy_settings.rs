@@ -132,3 +132,32 @@ fn a_missing_settings_file_given_explicitly_is_refused() {
         stderr(&out)
     );
 }
+
+#[test]
+fn list_settings_from_the_environment_are_read_as_a_json_array_or_commas_and_printed() {
+    let config = workspace_root().join("deploy/mediafarm.container.toml");
+    for given in [
+        r#"["cdn.example.com", "img.example.org"]"#,
+        "cdn.example.com,img.example.org",
+    ] {
+        let out = check_settings(&config, &[("MEDIAFARM_SOURCE_ALLOWED_HOSTS", given)]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{given}: {}", stderr(&out));
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l == r#"source_allowed_hosts = ["cdn.example.com","img.example.org"]"#),
+            "{given}: {stdout}"
+        );
+    }
+    let out = check_settings(
+        &config,
+        &[("MEDIAFARM_SOURCE_ALLOWED_HOSTS", r#"'cdn.example.com'"#)],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("source_allowed_hosts") && stderr(&out).contains("a JSON array"),
+        "{}",
+        stderr(&out)
+    );
+}

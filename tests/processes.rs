@@ -270,13 +270,18 @@ async fn cli_lists_and_replays_dead_letters_and_revokes() {
     };
     // The dead letter is published right after the FAILURE is stored.
     let end = Instant::now() + Duration::from_secs(10);
+    let listed = |out: &(Option<i32>, String, String)| -> Vec<Value> {
+        serde_json::from_str(out.1.trim()).expect("--json prints one JSON array")
+    };
     let mut out = list(true);
-    while out.1.trim().is_empty() && Instant::now() < end {
+    while out.0 == Some(0) && listed(&out).is_empty() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(100));
         out = list(true);
     }
     assert_eq!(out.0, Some(0), "{out:?}");
-    let letter: Value = serde_json::from_str(out.1.trim()).unwrap();
+    let letters = listed(&out);
+    assert_eq!(letters.len(), 1, "{out:?}");
+    let letter = &letters[0];
     assert_eq!(letter["id"], r.id.as_str());
     assert_eq!(letter["kind"], "EchoFailure");
     assert_eq!(letter["reason"], "disk full");

@@ -1,6 +1,7 @@
 //! The HTTP endpoints on `metrics_addr`: `/metrics` (Prometheus text), `/healthz` (alive) and
-//! `/readyz` (ready for work). A worker is alive while the process answers and ready while
-//! connected to RabbitMQ and Redis and consuming; other processes (`mediafarm beat`) say what
+//! `/readyz` (ready for work). A worker is alive while the process answers and no job has
+//! overrun its hard time limit (`watchdog`), and ready while alive, connected to RabbitMQ and
+//! Redis and consuming; other processes (`mediafarm beat`) say what
 //! the endpoints report through [`Probe`].
 
 use std::convert::Infallible;
@@ -18,18 +19,29 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
+use crate::watchdog::RunningJobs;
 
-/// What `/readyz` reports; set by the worker as connections come and go.
+/// What `/readyz` and `/healthz` report; set by the worker as connections come and go and as
+/// jobs start and end.
 #[derive(Default)]
 pub struct Readiness {
     pub broker: AtomicBool,
     pub backend: AtomicBool,
     pub consuming: AtomicBool,
+    pub running: RunningJobs,
 }
 
 impl Readiness {
+    /// `None` while alive, else why not: a job overran its hard time limit (see `watchdog`).
+    pub fn wedged(&self) -> Option<String> {
+        self.running.overdue(std::time::Instant::now())
+    }
+
     /// `None` when ready, else what is missing.
     pub fn problem(&self) -> Option<String> {
+        if let Some(wedged) = self.wedged() {
+            return Some(wedged);
+        }
         let mut missing = Vec::new();
         if !self.broker.load(Ordering::Relaxed) {
             missing.push("broker (RabbitMQ) not connected");
@@ -65,6 +77,10 @@ struct WorkerProbe {
 impl Probe for WorkerProbe {
     fn metrics(&self) -> String {
         self.metrics.render()
+    }
+
+    fn unhealthy(&self) -> Option<String> {
+        self.readiness.wedged()
     }
 
     fn not_ready(&self) -> Option<String> {

@@ -5,6 +5,7 @@
 //! back to the broker instead: nothing is acknowledged before its result is safe.
 
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures_util::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::json;
@@ -78,7 +79,51 @@ pub(crate) struct Incoming {
     pub rerouter: Arc<Rerouter>,
 }
 
+/// Handles one delivery to its end. A panic anywhere on the way (decode, policy, limits, run,
+/// store) still ends the message: FAILURE `InternalError` where the producer looks, a dead
+/// letter with the reason, then the ack — and if even that panics, the message is rejected
+/// without requeue. No path leaves a message unacknowledged and unresolved.
 pub(crate) async fn handle(shared: Arc<Shared>, job: Incoming) {
+    let processed = AssertUnwindSafe(process(&shared, &job))
+        .catch_unwind()
+        .await;
+    if let Err(payload) = processed {
+        settle_after_panic(&shared, &job, panic_message(payload.as_ref())).await;
+    }
+}
+
+async fn settle_after_panic(shared: &Shared, job: &Incoming, what: String) {
+    let reason = format!(
+        "mediafarm failed while handling this message (a bug: please report it with this \
+         text): {what}"
+    );
+    tracing::error!(queue = %job.queue, %reason, "a message's handling panicked; failing it");
+    let (id, task) = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        let (props, headers) = read_properties(&job.delivery.properties);
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+        };
+        (text("id").or(props.correlation_id), text("task"))
+    }))
+    .unwrap_or_default();
+    let e = DecodeError { id, task, reason };
+    let settled = AssertUnwindSafe(refuse_as(shared, job, "InternalError", e))
+        .catch_unwind()
+        .await;
+    if settled.is_err() {
+        tracing::error!(queue = %job.queue, "failing the message panicked too; rejecting it without requeue");
+        let _ = job
+            .delivery
+            .acker
+            .reject(BasicRejectOptions { requeue: false })
+            .await;
+    }
+}
+
+async fn process(shared: &Arc<Shared>, job: &Incoming) {
     let (props, headers) = read_properties(&job.delivery.properties);
     let msg = match TaskMessage::decode(
         &props,
@@ -87,7 +132,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, job: Incoming) {
         shared.settings.task_message_max_bytes,
     ) {
         Ok(msg) => msg,
-        Err(e) => return refuse(&shared, &job, e).await,
+        Err(e) => return refuse(shared, job, e).await,
     };
     let Some(policy) = shared.registry.policy(&msg.task) else {
         let reason = format!(
@@ -100,7 +145,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, job: Incoming) {
             task: Some(msg.task.clone()),
             reason,
         };
-        return refuse(&shared, &job, e).await;
+        return refuse(shared, job, e).await;
     };
     let l = shared.metrics_for(&msg.task, &job.queue);
     let waited = msg.eta.is_some() || msg.retries > 0;
@@ -111,18 +156,18 @@ pub(crate) async fn handle(shared: Arc<Shared>, job: Incoming) {
                 .check_stored(&shared.backend, &msg.id)
                 .await)
     {
-        return revoked(&shared, &job, &msg, &l, "revoked before it ran").await;
+        return revoked(shared, job, &msg, &l, "revoked before it ran").await;
     }
     if msg.is_expired(Utc::now()) {
-        return expire(&shared, &job, &msg, &l).await;
+        return expire(shared, job, &msg, &l).await;
     }
-    if job.delivery.redelivered && already_done(&shared, &job, &msg).await {
+    if job.delivery.redelivered && already_done(shared, job, &msg).await {
         return;
     }
     if let Some(eta) = msg.eta {
         let remaining = (eta - Utc::now()).to_std().unwrap_or_default();
         if remaining >= MIN_DELAY {
-            return delay(&shared, &job, &msg, remaining).await;
+            return delay(shared, job, &msg, remaining).await;
         }
         if !remaining.is_zero() {
             // Under the shortest delay bucket: not worth a trip through the broker.
@@ -153,7 +198,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, job: Incoming) {
         );
         return requeue(&job.delivery).await;
     }
-    run(&shared, &job, msg, &l, policy, limits).await;
+    run(shared, job, msg, &l, policy, limits).await;
 }
 
 /// A message redelivered after its result was stored (its worker died before the ack): do not
@@ -190,9 +235,10 @@ impl Limits {
     /// The message's `timelimit` header, else the task's own, else the settings; the hard
     /// limit is capped so the job is acknowledged before RabbitMQ's consumer_timeout.
     pub fn for_job(settings: &Settings, msg: &TaskMessage, policy: &TaskPolicy) -> Limits {
+        // The protocol refuses limits out of range; this never panics on one that slipped by.
         let secs = |s: Option<f64>| {
-            s.filter(|s| s.is_finite() && *s > 0.0)
-                .map(Duration::from_secs_f64)
+            s.filter(|s| *s > 0.0)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
         };
         let longest = settings.longest_hard_limit();
         let hard = secs(msg.timelimit.hard)
@@ -260,6 +306,7 @@ async fn run(
         shared.cpu.clone(),
     );
     let stop_signal = ctx.cancel_flag();
+    let running = shared.readiness.running.start(&msg.id, limits.hard);
     let began = Instant::now();
     let extended = shared.settings.result_extended.then(|| {
         json!({
@@ -311,6 +358,7 @@ async fn run(
             format!("task {} is not registered", msg.task),
         ))),
     };
+    drop(running);
     // Whatever still runs for this job (CPU work abandoned at the hard limit) is told to stop.
     stop_signal.set();
     shared.revocations.finished(&msg.id);
@@ -516,6 +564,16 @@ fn dead_reason(shared: &Shared, job: &Incoming, kind: &str, reason: String) -> D
 /// A message that can never run: store FAILURE where the producer will look (when its id is
 /// known), send it to the dead-letter queue with the reason, then acknowledge it.
 async fn refuse(shared: &Shared, job: &Incoming, e: DecodeError) {
+    let kind = if e.reason.starts_with("unknown task") {
+        "NotRegistered"
+    } else {
+        "InvalidMessage"
+    };
+    refuse_as(shared, job, kind, e).await
+}
+
+/// [`refuse`] with the error type to store.
+async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: DecodeError) {
     let task = e.task.clone().unwrap_or_else(|| "unknown".into());
     // Only registered names become metric labels: names from the wire are unbounded.
     let label = if shared.registry.contains(&task) {
@@ -525,11 +583,6 @@ async fn refuse(shared: &Shared, job: &Incoming, e: DecodeError) {
     };
     shared.metrics_for(label, &job.queue).rejected.inc();
     tracing::error!(id = ?e.id, task = %task, reason = %e.reason, "rejecting message");
-    let kind = if e.reason.starts_with("unknown task") {
-        "NotRegistered"
-    } else {
-        "InvalidMessage"
-    };
     if let Some(id) = &e.id {
         let error = TaskError::invalid(kind, e.reason.clone());
         let meta = ResultMeta::failure(id, &error, traceback_for(shared, &task, id, &error));

@@ -11,6 +11,7 @@ pub mod beat_metrics;
 pub mod beat_probe;
 pub mod broker;
 pub mod client;
+pub mod compression;
 pub mod cpu;
 pub mod deadletter;
 pub mod http;
@@ -29,6 +30,7 @@ pub mod settings;
 pub mod sources;
 pub mod storage;
 pub mod task;
+pub mod watchdog;
 pub mod worker;
 pub mod worker_cli;
 

@@ -2,7 +2,7 @@
 //! encoding messages a Python Celery worker accepts. Pure data: the AMQP property and header
 //! types are converted at the broker edge (`amqp_table`).
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 
 /// Content types as Celery names them.
@@ -91,6 +91,8 @@ const KNOWN_HEADERS: &[&str] = &[
     "replaced_task_nesting",
     "stamped_headers",
     "stamps",
+    // Consumed here: the body is decompressed, so re-encoding must not claim it still is.
+    "compression",
 ];
 
 const REPR_MAX: usize = 1024;
@@ -164,9 +166,12 @@ impl TaskMessage {
             }
         }
         if let Some(enc) = props.content_encoding.as_deref() {
-            if !enc.eq_ignore_ascii_case("utf-8") && !enc.eq_ignore_ascii_case("utf8") {
+            // kombu labels raw bytes published as JSON "binary"; the bytes are still UTF-8 JSON.
+            let accepted = ["utf-8", "utf8", "binary"];
+            if !accepted.iter().any(|a| enc.eq_ignore_ascii_case(a)) {
                 return Err(fail(format!(
-                    "content encoding {enc} refused: JSON bodies must be utf-8"
+                    "content encoding {enc} refused: JSON bodies must be utf-8 \
+                     (content_encoding utf-8, or binary as kombu labels raw bytes)"
                 )));
             }
         }
@@ -195,8 +200,21 @@ impl TaskMessage {
             )));
         };
 
-        let parsed: Value = serde_json::from_slice(body)
-            .map_err(|e| fail(format!("message body is not valid JSON: {e}")))?;
+        check_header_types(headers).map_err(&fail)?;
+        let inflated;
+        let body = match headers.get("compression") {
+            None | Some(Value::Null) => body,
+            Some(Value::String(method)) => {
+                inflated = crate::compression::decompress(method, body, max_body_bytes)
+                    .map_err(|e| fail(e.to_string()))?;
+                &inflated[..]
+            }
+            Some(other) => return Err(fail(format!(
+                "header `compression` must name a method such as \"application/x-gzip\"; got {}",
+                preview(other)
+            ))),
+        };
+        let parsed = parse_body(body).map_err(&fail)?;
         let Value::Array(mut parts) = parsed else {
             return Err(fail(format!(
                 "message body must be a JSON list [args, kwargs, embed]; got {}",
@@ -248,7 +266,13 @@ impl TaskMessage {
             Some(v) => v
                 .as_u64()
                 .and_then(|n| u32::try_from(n).ok())
-                .ok_or_else(|| fail(format!("header `retries` must be a whole number; got {v}")))?,
+                .ok_or_else(|| {
+                    fail(format!(
+                        "header `retries` must be a whole number from 0 to {}; got {}",
+                        u32::MAX,
+                        preview(v)
+                    ))
+                })?,
         };
         let timelimit = parse_timelimit(headers.get("timelimit")).map_err(&fail)?;
         let eta = parse_time_header(headers, "eta").map_err(&fail)?;
@@ -432,25 +456,39 @@ fn looks_like_protocol_v1(body: &[u8]) -> bool {
         .unwrap_or(false)
 }
 
+/// The longest time limit a message may ask for: ten years, as for the time settings. Larger
+/// values (Python's `time_limit=1e20`) are refused rather than silently meaning "none".
+pub const MAX_TIME_LIMIT_SECS: f64 = 315_360_000.0;
+
 fn parse_timelimit(v: Option<&Value>) -> Result<TimeLimits, String> {
-    let limit = |v: &Value| -> Result<Option<f64>, String> {
+    let limit = |which: &str, v: &Value| -> Result<Option<f64>, String> {
+        let bad = || {
+            format!(
+                "header `timelimit` has a bad {which} limit {}: accepted is null or a number of \
+                 seconds from 0 to {MAX_TIME_LIMIT_SECS} (ten years)",
+                preview(v)
+            )
+        };
         match v {
             Value::Null => Ok(None),
             Value::Number(n) => match n.as_f64() {
-                Some(f) if f.is_finite() && f >= 0.0 => Ok((f > 0.0).then_some(f)),
-                _ => Err(format!("header `timelimit` has a bad limit {n}")),
+                Some(f) if f.is_finite() && (0.0..=MAX_TIME_LIMIT_SECS).contains(&f) => {
+                    Ok((f > 0.0).then_some(f))
+                }
+                _ => Err(bad()),
             },
-            other => Err(format!("header `timelimit` has a bad limit {other}")),
+            _ => Err(bad()),
         }
     };
     match v {
         None | Some(Value::Null) => Ok(TimeLimits::default()),
         Some(Value::Array(a)) if a.len() == 2 => Ok(TimeLimits {
-            hard: limit(&a[0])?,
-            soft: limit(&a[1])?,
+            hard: limit("hard", &a[0])?,
+            soft: limit("soft", &a[1])?,
         }),
         Some(other) => Err(format!(
-            "header `timelimit` must be [hard, soft] in seconds; got {other}"
+            "header `timelimit` must be [hard, soft] in seconds; got {}",
+            preview(other)
         )),
     }
 }
@@ -461,13 +499,157 @@ fn parse_time_header(
 ) -> Result<Option<DateTime<Utc>>, String> {
     match headers.get(name) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => parse_time(s)
-            .map(Some)
-            .ok_or_else(|| format!("header `{name}` is not an ISO 8601 time: {s:?}")),
+        Some(Value::String(s)) => {
+            let t = parse_time(s).ok_or_else(|| {
+                format!(
+                    "header `{name}` is not an ISO 8601 time: {}",
+                    preview(&Value::String(s.clone()))
+                )
+            })?;
+            // Python's datetime stops at year 9999; anything later was not written by Celery
+            // and would only circle through the delay queues for millennia.
+            if !(1..=9999).contains(&t.year()) {
+                return Err(format!(
+                    "header `{name}` is {s:?}: accepted are times from year 1 to 9999 \
+                     (Python's datetime range)"
+                ));
+            }
+            Ok(Some(t))
+        }
         Some(other) => Err(format!(
-            "header `{name}` must be an ISO 8601 time string; got {other}"
+            "header `{name}` must be an ISO 8601 time string; got {}",
+            preview(other)
         )),
     }
+}
+
+/// The JSON type each header Celery defines must have (null is always accepted); a header of
+/// another type is refused by name instead of being silently ignored.
+fn check_header_types(headers: &Map<String, Value>) -> Result<(), String> {
+    const STRINGS: &[&str] = &[
+        "lang",
+        "task",
+        "id",
+        "shadow",
+        "group",
+        "root_id",
+        "parent_id",
+        "argsrepr",
+        "kwargsrepr",
+        "origin",
+    ];
+    for name in STRINGS {
+        match headers.get(*name) {
+            None | Some(Value::Null | Value::String(_)) => {}
+            Some(other) => {
+                return Err(format!(
+                    "header `{name}` must be a string or null; got {}",
+                    preview(other)
+                ))
+            }
+        }
+    }
+    let check = |name: &str, ok: fn(&Value) -> bool, what: &str| match headers.get(name) {
+        Some(v) if !v.is_null() && !ok(v) => Err(format!(
+            "header `{name}` must be {what} or null; got {}",
+            preview(v)
+        )),
+        _ => Ok(()),
+    };
+    check("ignore_result", Value::is_boolean, "true or false")?;
+    check("group_index", Value::is_i64, "a whole number")?;
+    check(
+        "replaced_task_nesting",
+        |v| v.as_u64().is_some_and(|n| n <= u64::from(u32::MAX)),
+        "a whole number from 0 to 4294967295",
+    )?;
+    check("stamped_headers", Value::is_array, "a list")?;
+    check("stamps", Value::is_object, "an object")?;
+    Ok(())
+}
+
+/// A value as it may appear in an error a person reads: its JSON, cut short.
+fn preview(v: &Value) -> String {
+    const MAX: usize = 80;
+    let text = v.to_string();
+    if text.len() <= MAX {
+        return text;
+    }
+    let mut cut = MAX;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… ({} bytes)", &text[..cut], text.len())
+}
+
+/// Parses the (decompressed) body. Python's `json.dumps` writes a str holding a lone UTF-16
+/// surrogate as `"\ud800"`, which Celery accepts but which is no Unicode scalar value: such an
+/// escape becomes U+FFFD (the replacement character), with a warning, and the job runs.
+fn parse_body(body: &[u8]) -> Result<Value, String> {
+    match serde_json::from_slice(body) {
+        Ok(v) => Ok(v),
+        Err(e) => {
+            if let Some(repaired) = replace_lone_surrogates(body) {
+                if let Ok(v) = serde_json::from_slice(&repaired) {
+                    tracing::warn!(
+                        "message body has lone UTF-16 surrogate escapes (Python's json.dumps \
+                         writes them for such str values); each became U+FFFD"
+                    );
+                    return Ok(v);
+                }
+            }
+            Err(format!("message body is not valid JSON: {e}"))
+        }
+    }
+}
+
+/// Rewrites every `\uD800`–`\uDFFF` escape that is not half of a proper surrogate pair as
+/// `\uFFFD`; `None` when there is none.
+fn replace_lone_surrogates(body: &[u8]) -> Option<Vec<u8>> {
+    let hex4 = |at: usize| -> Option<u16> {
+        let digits = body.get(at..at + 4)?;
+        let text = std::str::from_utf8(digits).ok()?;
+        u16::from_str_radix(text, 16).ok()
+    };
+    let escape_at = |at: usize| -> Option<u16> {
+        (body.get(at) == Some(&b'\\') && body.get(at + 1) == Some(&b'u'))
+            .then(|| hex4(at + 2))
+            .flatten()
+    };
+    let mut out = Vec::with_capacity(body.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < body.len() {
+        if body[i] != b'\\' {
+            out.push(body[i]);
+            i += 1;
+            continue;
+        }
+        match escape_at(i) {
+            Some(0xD800..=0xDBFF) => {
+                if matches!(escape_at(i + 6), Some(0xDC00..=0xDFFF)) {
+                    out.extend_from_slice(&body[i..i + 12]);
+                    i += 12;
+                } else {
+                    out.extend_from_slice(b"\\ufffd");
+                    changed = true;
+                    i += 6;
+                }
+            }
+            Some(0xDC00..=0xDFFF) => {
+                out.extend_from_slice(b"\\ufffd");
+                changed = true;
+                i += 6;
+            }
+            // Any other escape: copy the backslash and the escaped character together, so an
+            // escaped backslash is never read as the start of another escape.
+            _ => {
+                out.extend_from_slice(&body[i..(i + 2).min(body.len())]);
+                i += 2;
+            }
+        }
+    }
+    changed.then_some(out)
 }
 
 /// Parses Python's `datetime.isoformat()` output; a time without offset is taken as UTC.
@@ -719,6 +901,150 @@ mod tests {
         let v1 = br#"{"task": "echo.echo", "id": "x", "args": [], "kwargs": {}}"#;
         let e = decode_err(&json_props(), &Map::new(), v1);
         assert!(e.reason.contains("protocol v1"), "{}", e.reason);
+    }
+
+    #[test]
+    fn numbers_out_of_range_are_refused_naming_the_header_value_and_range() {
+        let p = json_props();
+        // What Python's send_task(..., time_limit=1e20) and soft_time_limit=1e20 send.
+        for (limits, which) in [
+            (json!([1e20, null]), "hard"),
+            (json!([null, 1e20]), "soft"),
+            (json!([-1, null]), "hard"),
+            (json!([null, "30"]), "soft"),
+        ] {
+            let mut h = celery_headers();
+            h.insert("timelimit".into(), limits.clone());
+            let e = decode_err(&p, &h, CELERY_BODY);
+            assert!(
+                e.reason.contains(&format!("bad {which} limit"))
+                    && e.reason.contains("from 0 to 315360000"),
+                "{limits}: {}",
+                e.reason
+            );
+            assert_eq!(
+                e.id.as_deref(),
+                Some("efb3dc1f-091a-4b70-b9e9-d735d9bcdd31")
+            );
+        }
+        let mut h = celery_headers();
+        h.insert("timelimit".into(), json!([315360000, 1]));
+        assert!(TaskMessage::decode(&p, &h, CELERY_BODY, 4096).is_ok());
+        for bad in [json!(-1), json!(1.5), json!(5_000_000_000u64), json!(1e300)] {
+            let mut h = celery_headers();
+            h.insert("retries".into(), bad.clone());
+            let e = decode_err(&p, &h, CELERY_BODY);
+            assert!(
+                e.reason.contains("from 0 to 4294967295"),
+                "{bad}: {}",
+                e.reason
+            );
+        }
+        for (name, time, why) in [
+            ("eta", "0000-01-01T00:00:00Z", "from year 1 to 9999"),
+            (
+                "expires",
+                "0000-12-31T23:59:59.999999",
+                "from year 1 to 9999",
+            ),
+            ("eta", "+275760-09-13T00:00:00Z", "not an ISO 8601 time"),
+        ] {
+            let mut h = celery_headers();
+            h.insert(name.into(), json!(time));
+            let e = decode_err(&p, &h, CELERY_BODY);
+            assert!(
+                e.reason.contains(&format!("header `{name}`")) && e.reason.contains(why),
+                "{name}={time}: {}",
+                e.reason
+            );
+        }
+    }
+
+    #[test]
+    fn headers_of_the_wrong_type_are_refused_by_name() {
+        let p = json_props();
+        for (name, value) in [
+            ("group", json!(5)),
+            ("parent_id", json!(["x"])),
+            ("origin", json!({"a": 1})),
+            ("ignore_result", json!("yes")),
+            ("group_index", json!("1")),
+            ("replaced_task_nesting", json!(-3)),
+            ("stamped_headers", json!("a")),
+            ("stamps", json!([1])),
+            ("compression", json!(1)),
+        ] {
+            let mut h = celery_headers();
+            h.insert(name.into(), value.clone());
+            let e = decode_err(&p, &h, CELERY_BODY);
+            assert!(
+                e.reason.contains(&format!("header `{name}`")),
+                "{name}: {}",
+                e.reason
+            );
+        }
+        let mut h = celery_headers();
+        h.insert("argsrepr".into(), json!("x".repeat(100_000)));
+        h.insert("lang".into(), json!(7));
+        let e = decode_err(&p, &h, CELERY_BODY);
+        assert!(e.reason.len() < 300, "values are cut short: {}", e.reason);
+    }
+
+    #[test]
+    fn compressed_bodies_as_kombu_writes_them_decode() {
+        use std::io::Write;
+        let mut z = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        z.write_all(CELERY_BODY).unwrap();
+        let z = z.finish().unwrap();
+        let mut h = celery_headers();
+        h.insert("compression".into(), json!("application/x-gzip"));
+        let m = TaskMessage::decode(&json_props(), &h, &z, 4096).unwrap();
+        assert_eq!(m.kwargs, *json!({"a": 1}).as_object().unwrap());
+        assert!(!m.extra_headers.contains_key("compression"));
+        let (_, encoded, body) = m.encode();
+        assert!(
+            !encoded.contains_key("compression"),
+            "re-encoded bodies are plain"
+        );
+        assert_eq!(
+            TaskMessage::decode(&json_props(), &encoded, &body, 4096)
+                .unwrap()
+                .kwargs,
+            m.kwargs
+        );
+        // The body was not JSON because it is compressed: say which compression failed.
+        h.insert("compression".into(), json!("application/x-bz2"));
+        let e = decode_err(&json_props(), &h, &z);
+        assert!(
+            e.reason.contains("application/x-bz2") && e.reason.contains("decompress"),
+            "{}",
+            e.reason
+        );
+    }
+
+    #[test]
+    fn binary_content_encoding_is_json_bytes() {
+        let p = Properties {
+            content_encoding: Some("binary".into()),
+            ..json_props()
+        };
+        assert!(TaskMessage::decode(&p, &celery_headers(), CELERY_BODY, 4096).is_ok());
+    }
+
+    #[test]
+    fn lone_surrogates_become_replacement_characters() {
+        let body = br#"[[], {"a": "x\ud800y", "b": "\udfff", "pair": "\ud83d\ude00", "esc": "\\ud800"}, {}]"#;
+        let m = TaskMessage::decode(&json_props(), &celery_headers(), body, 4096).unwrap();
+        assert_eq!(m.kwargs["a"], "x\u{fffd}y");
+        assert_eq!(m.kwargs["b"], "\u{fffd}");
+        assert_eq!(m.kwargs["pair"], "\u{1f600}");
+        assert_eq!(
+            m.kwargs["esc"], "\\ud800",
+            "an escaped backslash is not an escape"
+        );
+        // A body that is broken for another reason still says why.
+        let e = decode_err(&json_props(), &celery_headers(), br#"[[], {"a": "\ud800"}"#);
+        assert!(e.reason.contains("not valid JSON"), "{}", e.reason);
     }
 
     #[test]

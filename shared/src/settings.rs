@@ -360,6 +360,17 @@ pub const SETTING_NAMES: &[&str] = &[
 const ENV_PREFIX: &str = "MEDIAFARM_";
 
 impl Settings {
+    /// The list-valued settings by name, as parsed (what `mediafarm check-settings` prints, so
+    /// a list given in the environment can be checked item by item).
+    pub fn lists(&self) -> [(&'static str, &[String]); 4] {
+        [
+            ("accept_content", &self.accept_content),
+            ("source_allowed_hosts", &self.source_allowed_hosts),
+            ("source_allowed_roots", &self.source_allowed_roots),
+            ("webhook_allowed_hosts", &self.webhook_allowed_hosts),
+        ]
+    }
+
     /// Reads `path` (a missing file is an error only when `required`), then the process
     /// environment over it.
     pub fn load(path: &Path, required: bool) -> Result<Settings, SettingsError> {
@@ -813,15 +824,38 @@ impl Reader {
         Ok("json".into())
     }
 
-    /// A list: a TOML array of strings, or comma-separated in the environment.
+    /// A list: a TOML array of strings; in the environment a JSON array of strings
+    /// (`["a.example", "b.example"]`) or comma-separated (`a.example,b.example`). Items with
+    /// brackets, quotes or spaces are refused: they are a JSON array gone wrong, never a value.
     fn list(&self, name: &str) -> Result<Vec<String>, SettingsError> {
+        const ACCEPTED: &str = "a JSON array of strings such as [\"a.example\", \"b.example\"], \
+                                or a comma-separated list such as a.example,b.example";
         match self.values.get(name) {
             None => Ok(Vec::new()),
-            Some(Raw::Env(s)) => Ok(s
-                .split(',')
-                .map(|p| p.trim().to_owned())
-                .filter(|p| !p.is_empty())
-                .collect()),
+            Some(Raw::Env(s)) if s.trim_start().starts_with('[') => {
+                serde_json::from_str::<Vec<String>>(s.trim())
+                    .map(|items| {
+                        items
+                            .into_iter()
+                            .map(|i| i.trim().to_owned())
+                            .filter(|i| !i.is_empty())
+                            .collect()
+                    })
+                    .map_err(|_| self.invalid(name, ACCEPTED))
+            }
+            Some(Raw::Env(s)) => {
+                let items: Vec<String> = s
+                    .split(',')
+                    .map(|p| p.trim().to_owned())
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                let stray =
+                    |i: &String| i.contains(|c: char| "[]\"'".contains(c) || c.is_whitespace());
+                if items.iter().any(stray) {
+                    return Err(self.invalid(name, ACCEPTED));
+                }
+                Ok(items)
+            }
             Some(Raw::Toml(toml::Value::Array(a))) => a
                 .iter()
                 .map(|v| v.as_str().map(str::to_owned))
@@ -835,7 +869,7 @@ impl Reader {
         const NAME: &str = "accept_content";
         let items: Vec<String> = match self.values.get(NAME) {
             None => return Ok(default),
-            Some(Raw::Env(s)) => s.split(',').map(|p| p.trim().to_owned()).collect(),
+            Some(Raw::Env(_)) => self.list(NAME)?,
             Some(Raw::Toml(toml::Value::Array(a))) => a
                 .iter()
                 .map(|v| v.as_str().map(str::to_owned))
@@ -1103,6 +1137,41 @@ mod tests {
         assert_eq!(s.accept_content, vec!["json"]);
         assert!(s.task_track_started);
         assert_eq!(s.task_time_limit, Some(Duration::from_millis(2500)));
+    }
+
+    #[test]
+    fn env_lists_are_a_json_array_or_comma_separated_and_nothing_else() {
+        for given in [
+            r#"["cdn.example.com", "img.example.org"]"#,
+            " [\"cdn.example.com\",\"img.example.org\"] ",
+            "cdn.example.com,img.example.org",
+            " cdn.example.com , img.example.org ,",
+        ] {
+            let s = from("", &[("MEDIAFARM_SOURCE_ALLOWED_HOSTS", given)]).unwrap();
+            assert_eq!(
+                s.source_allowed_hosts,
+                ["cdn.example.com", "img.example.org"],
+                "{given}"
+            );
+        }
+        let s = from("", &[("MEDIAFARM_ACCEPT_CONTENT", r#"["json"]"#)]).unwrap();
+        assert_eq!(s.accept_content, ["json"]);
+        for bad in [
+            r#"["cdn.example.com""#,
+            r#"[1, 2]"#,
+            r#"'cdn.example.com'"#,
+            "cdn.example.com img.example.org",
+            r#"cdn.example.com,"img.example.org""#,
+        ] {
+            let e = from("", &[("MEDIAFARM_SOURCE_ALLOWED_HOSTS", bad)]).unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.contains("source_allowed_hosts")
+                    && text.contains("a JSON array of strings")
+                    && text.contains("comma-separated"),
+                "{bad}: {text}"
+            );
+        }
     }
 
     #[test]

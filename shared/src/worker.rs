@@ -89,7 +89,7 @@ impl WorkerHandle {
 impl Worker {
     pub fn new(settings: Settings, registry: Registry, queues: Vec<String>) -> Worker {
         Worker {
-            hostname: format!("mediafarm@{}", crate::hostname()),
+            hostname: default_node_name(&crate::hostname()),
             settings,
             registry,
             queues,
@@ -214,6 +214,21 @@ impl Worker {
         handle.wait().await;
         tracing::info!("worker stopped");
         Ok(())
+    }
+}
+
+/// The node name a worker gets without `-n`: `mediafarm.<pid>@<host>`, and `…<pid>-<n>@<host>`
+/// for the n-th worker started in one process. Unique per process, so two workers on one host
+/// never contend for one control queue (Celery's default `celery@%h` is not, and Celery warns
+/// with DuplicateNodenameWarning instead).
+fn default_node_name(host: &str) -> String {
+    static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nth = STARTED.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    if nth == 0 {
+        format!("mediafarm.{pid}@{host}")
+    } else {
+        format!("mediafarm.{pid}-{}@{host}", nth + 1)
     }
 }
 
@@ -376,8 +391,10 @@ async fn consume_on(
         match listen.await {
             Err(e) if e.to_string().contains("RESOURCE_LOCKED") => tracing::warn!(
                 node = %hostname,
-                "another worker listens for broadcast revokes under this node name; this one gets \
-                 them through Redis within 10 s (give each worker its own -n)"
+                "DuplicateNodenameWarning: another running worker already has the node name \
+                 {hostname} (its control queue is taken), so control commands sent to that name \
+                 reach only the other one; this worker gets revokes through Redis within 10 s. \
+                 Give each worker its own -n (the default, mediafarm.<pid>@<host>, is unique)"
             ),
             // The connection went: the next one listens again.
             Err(e) => tracing::debug!(error = %e, "revoke listener ended"),
@@ -481,5 +498,19 @@ mod tests {
             "web-1-worker.prod.example"
         );
         assert_eq!(expand_node_name("100%% %x %", "h"), "100% %x %");
+    }
+
+    #[test]
+    fn default_node_names_differ_between_workers_of_one_process() {
+        let pid = std::process::id();
+        let a = super::default_node_name("h");
+        let b = super::default_node_name("h");
+        assert_ne!(a, b);
+        for name in [&a, &b] {
+            assert!(
+                name.starts_with(&format!("mediafarm.{pid}")) && name.ends_with("@h"),
+                "{name}"
+            );
+        }
     }
 }

@@ -24,7 +24,8 @@ pub struct WorkerArgs {
     /// Comma-separated queues to consume.
     #[arg(short = 'Q', long, value_delimiter = ',')]
     pub queues: Vec<String>,
-    /// Node name reported in results and metrics (default: mediafarm@<host>).
+    /// Node name reported in results and metrics (default: mediafarm.<pid>@<host>, unique per
+    /// process; `%h`, `%n`, `%d` expand as in Celery).
     #[arg(short = 'n', long)]
     pub hostname: Option<String>,
     /// Where /metrics, /healthz and /readyz are served (overrides metrics_addr).

@@ -308,6 +308,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schedule { command } => schedule(&settings, command).await,
         Command::CheckSettings => {
             println!("settings accepted: {}", cli.config.display());
+            for (name, items) in settings.lists() {
+                println!("{name} = {}", serde_json::to_string(items)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -392,6 +395,7 @@ async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Resu
             }
         }
         ScheduleCommand::List { json } => {
+            let mut listed = Vec::new();
             let mut rows = Vec::new();
             for e in &settings.beat_schedule {
                 rows.push(("settings", Ok(e.clone())));
@@ -424,7 +428,7 @@ async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Resu
                         v["last_due"] = Value::String(due.clone());
                         v["last_state"] = Value::String(state.clone());
                     }
-                    println!("{v}");
+                    listed.push(v);
                 } else {
                     let last = last
                         .map(|(due, state)| format!("last {due} ({state})"))
@@ -439,6 +443,9 @@ async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Resu
                     );
                 }
             }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&listed)?);
+            }
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -450,9 +457,7 @@ async fn dead(settings: &Settings, command: DeadCommand) -> anyhow::Result<ExitC
         DeadCommand::List { queue, limit, json } => {
             let letters = deadletter::list(settings, &queue, limit).await?;
             if json {
-                for l in &letters {
-                    println!("{}", serde_json::to_string(l)?);
-                }
+                println!("{}", serde_json::to_string_pretty(&letters)?);
             } else if letters.is_empty() {
                 println!("{queue}.dead is empty");
             } else {
