@@ -86,9 +86,10 @@ STAMP=.venv/.requirements.sha256
 want=$(sha256sum "$REQ" | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] \
    || ! .venv/bin/python -c 'import celery, redis' >/dev/null 2>&1; then
-  log "creating .venv with $(grep -v '^#' "$REQ" | xargs)"
-  rm -rf .venv
-  "$PY" -m venv .venv
+  log "installing into .venv: $(grep -v '^#' "$REQ" | xargs)"
+  # Installed over an existing venv (pins win), so a changed list does not pull the venv away
+  # from a test or benchmark that is using it.
+  [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --disable-pip-version-check -r "$REQ"
   echo "$want" > "$STAMP"
 fi

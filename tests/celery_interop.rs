@@ -207,3 +207,52 @@ async fn rust_producer_to_python_celery_worker() {
     drop(_worker);
     delete_queue(&s, &q).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_time_limit_1e20_fails_clearly_and_leaves_a_two_slot_worker_working() {
+    let mut s = settings();
+    s.worker_concurrency = 2;
+    let out = python_producer_with("huge-limits", s).await;
+    let limits = out["limits"].as_array().expect("eight outcomes");
+    assert_eq!(limits.len(), 8, "{out}");
+    for (i, o) in limits.iter().enumerate() {
+        let which = if i < 4 { "hard" } else { "soft" };
+        assert_eq!(o["state"], "FAILURE", "{o}");
+        assert_eq!(o["exc_type"], "InvalidMessage", "{o}");
+        let message = o["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("header `timelimit` has a bad {which} limit"))
+                && message.contains("ten years"),
+            "{message}"
+        );
+    }
+    assert_eq!(out["after"]["ok"], json!({"after": true}), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_compressed_messages_decode_with_every_kombu_compression() {
+    let out = python_producer("compressed").await;
+    for method in ["gzip", "bzip2", "lzma", "zstd", "brotli"] {
+        assert_eq!(out[method]["state"], "SUCCESS", "{method}: {}", out[method]);
+        assert_eq!(out[method]["ok"]["method"], method);
+        assert_eq!(out[method]["ok"]["pad"], "é".repeat(2000));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_raw_bytes_labelled_binary_are_read_as_json() {
+    let out = python_producer("binary").await;
+    assert_eq!(out["state"], "SUCCESS", "{out}");
+    assert_eq!(out["ok"], json!({"raw": "bytes"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_lone_surrogates_arrive_as_replacement_characters() {
+    let out = python_producer("surrogate").await;
+    assert!(
+        out["sent"].as_str().unwrap_or_default().contains("\\ud800"),
+        "Python wrote the escape: {out}"
+    );
+    assert_eq!(out["state"], "SUCCESS", "{out}");
+    assert_eq!(out["ok"], json!({"s": "a\u{fffd}b", "pair": "\u{1f600}"}));
+}

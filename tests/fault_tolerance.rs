@@ -175,6 +175,127 @@ async fn wrong_field_types_are_dead_lettered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_limits_out_of_range_are_dead_lettered_not_a_wedged_slot() {
+    // Python's send_task(..., time_limit=1e20) and soft_time_limit=1e20: these panicked where
+    // the limits became a Duration, leaving the message unacked and its result PENDING forever.
+    for (label, limits, which) in [
+        (
+            "tl-hard",
+            [AMQPValue::Double(1e20), AMQPValue::Void],
+            "hard",
+        ),
+        (
+            "tl-soft",
+            [AMQPValue::Void, AMQPValue::Double(1e20)],
+            "soft",
+        ),
+    ] {
+        let id = new_id(label);
+        let mut headers = celery_props(&id, "echo.echo").headers().clone().unwrap();
+        headers.insert(
+            "timelimit".into(),
+            AMQPValue::FieldArray(limits.to_vec().into()),
+        );
+        let props = celery_props(&id, "echo.echo").with_headers(headers);
+        let mut s = settings();
+        s.worker_concurrency = 1;
+        bad_message(
+            label,
+            s,
+            props,
+            b"[[], {}, {}]",
+            Some(&id),
+            &format!("header `timelimit` has a bad {which} limit 1e+20"),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_while_reading_the_kwargs_is_a_failure_and_a_dead_letter() {
+    // A task whose argument type panics while it is deserialised: the panic happens on the
+    // message's path before the task runs, and still ends in FAILURE + dead letter.
+    #[derive(serde::Serialize)]
+    struct Never;
+    impl<'de> serde::Deserialize<'de> for Never {
+        fn deserialize<D: serde::Deserializer<'de>>(_: D) -> Result<Never, D::Error> {
+            panic!("arguments nobody can read")
+        }
+    }
+    struct Fragile;
+    impl mediafarm::Task for Fragile {
+        const NAME: &'static str = "echo.fragile";
+        type Args = Never;
+        type Output = Never;
+        async fn run(&self, _: mediafarm::TaskContext, a: Never) -> Result<Never, TaskError> {
+            Ok(a)
+        }
+    }
+    let farm = Farm::start("panic", settings(), echo_registry().register(Fragile)).await;
+    let r = farm
+        .client
+        .send_task("echo.fragile", kwargs(json!({})), &to(&farm.queue))
+        .await
+        .unwrap();
+    let e = failed(r.get(WAIT).await);
+    assert!(
+        e.message.contains("arguments nobody can read"),
+        "{}",
+        e.message
+    );
+    let letters = dead_letters(&farm.settings, &farm.queue, 1).await;
+    assert_eq!(letters[0].id.as_deref(), Some(r.id.as_str()));
+    still_consuming(&farm).await;
+    let (s, q) = (farm.settings.clone(), farm.queue.clone());
+    farm.stop().await;
+    delete_dead(&s, &q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_that_blocks_its_thread_past_the_hard_limit_makes_the_worker_unhealthy() {
+    let farm = Farm::start("wedged", settings(), echo_registry()).await;
+    let addr = farm.worker.metrics_addr;
+    let health = |path: &'static str| async move {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.unwrap();
+        text
+    };
+    assert!(health("/healthz").await.starts_with("HTTP/1.1 200"));
+    let opts = SendOptions {
+        time_limit: Some(1.0),
+        ..to(&farm.queue)
+    };
+    // Blocks a runtime thread for 9 s: the 1 s hard limit cannot fire while it does.
+    let r = farm
+        .client
+        .send_task("echo.echo", kwargs(json!({"block_ms": 9000})), &opts)
+        .await
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(8);
+    let mut seen = String::new();
+    while Instant::now() < end {
+        seen = health("/healthz").await;
+        if seen.starts_with("HTTP/1.1 503") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        seen.starts_with("HTTP/1.1 503") && seen.contains("past its hard time limit of 1 s"),
+        "{seen}"
+    );
+    assert!(health("/readyz").await.starts_with("HTTP/1.1 503"));
+    // Once the thread is free again the job ends (whichever way) and the worker is healthy.
+    let _ = r.get(WAIT).await;
+    assert!(health("/healthz").await.starts_with("HTTP/1.1 200"));
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pickle_content_is_dead_lettered_unread() {
     let id = new_id("pickle");
     let props =

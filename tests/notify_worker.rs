@@ -462,6 +462,34 @@ async fn one_pooled_authenticated_connection_carries_many_jobs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferral_that_never_clears_fails_with_a_message_that_does_not_promise_a_retry() {
+    let sink = SmtpSink::start(&[]);
+    let f = NotifyFarm::start("defer-always", |s| {
+        s.smtp_url = Some(sink.url());
+        s.task_max_retries = 2;
+        s.task_default_retry_delay = Duration::from_millis(200);
+        s.task_retry_jitter = false;
+    })
+    .await;
+    let to_addr = format!("defer-always@{}.example.com", uuid::Uuid::new_v4().simple());
+    let e = failed(
+        f.send(
+            "notify.email",
+            json!({"to": to_addr, "subject": "s", "text": "x"}),
+        )
+        .await,
+    );
+    assert_eq!(e.exc_type, "SmtpDeferred", "{}", e.message);
+    assert!(
+        e.message.contains("452") && e.message.ends_with("(gave up after 2 retries)"),
+        "{}",
+        e.message
+    );
+    assert!(!e.message.contains("will be retried"), "{}", e.message);
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_4xx_is_retried_and_5xx_fails_for_good() {
     let sink = SmtpSink::start(&[]);
     let f = NotifyFarm::start("codes", |s| s.smtp_url = Some(sink.url())).await;

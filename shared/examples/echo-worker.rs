@@ -37,7 +37,9 @@ impl Task for Echo {
             let stop = ctx.cancel_flag();
             let finished = ctx
                 .cpu(move || {
-                    let end = Instant::now() + Duration::from_millis(ms);
+                    let Some(end) = Instant::now().checked_add(Duration::from_millis(ms)) else {
+                        return false;
+                    };
                     while Instant::now() < end {
                         if stop.is_set() {
                             return false;
@@ -65,7 +67,9 @@ impl Task for Echo {
                     ),
                 );
                 if let Some(s) = kwargs.get("retry_after_s").and_then(Value::as_f64) {
-                    e = e.retry_after(Duration::from_secs_f64(s.max(0.0)));
+                    if let Ok(d) = Duration::try_from_secs_f64(s.max(0.0)) {
+                        e = e.retry_after(d);
+                    }
                 }
                 return Err(e);
             }

@@ -209,10 +209,12 @@ impl TaskMessage {
                     .map_err(|e| fail(e.to_string()))?;
                 &inflated[..]
             }
-            Some(other) => return Err(fail(format!(
+            Some(other) => {
+                return Err(fail(format!(
                 "header `compression` must name a method such as \"application/x-gzip\"; got {}",
                 preview(other)
-            ))),
+            )))
+            }
         };
         let parsed = parse_body(body).map_err(&fail)?;
         let Value::Array(mut parts) = parsed else {

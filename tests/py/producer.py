@@ -61,6 +61,33 @@ def main():
                     "fit": "cover", "format": "jpeg", "quality": 82} for size in (512, 128, 64)]
         out = outcome(send("image.transform", kwargs={
             "source": os.environ["AVATAR_SOURCE"], "outputs": outputs}), timeout=60)
+    elif scenario == "huge-limits":
+        # Python's way of saying "no limit": exactly what wedged workers before (issue 12).
+        results = [send("echo.echo", kwargs={"i": i}, time_limit=1e20) for i in range(4)]
+        results += [send("echo.echo", kwargs={"i": i}, soft_time_limit=1e20) for i in range(4, 8)]
+        after = send("echo.echo", kwargs={"after": True})
+        out = {"limits": [outcome(r) for r in results], "after": outcome(after),
+               "ids": [r.id for r in results]}
+    elif scenario == "compressed":
+        # Every compression kombu registers, as task_compression / compression= sends it.
+        out = {}
+        for method in ("gzip", "bzip2", "lzma", "zstd", "brotli"):
+            out[method] = outcome(send("echo.echo", kwargs={"method": method, "pad": "é" * 2000},
+                                       compression=method))
+    elif scenario == "binary":
+        # Raw bytes published as JSON: kombu labels them content_encoding "binary".
+        import uuid
+        task_id = str(uuid.uuid4())
+        body = json.dumps([[], {"raw": "bytes"}, {}]).encode()
+        with app.producer_or_acquire() as producer:
+            producer.publish(
+                body, routing_key=queue, exchange="", content_type="application/json",
+                content_encoding="binary", headers={"task": "echo.echo", "id": task_id, "lang": "py"},
+                retry=True, declare=[], delivery_mode=2)
+        out = outcome(app.AsyncResult(task_id))
+    elif scenario == "surrogate":
+        out = outcome(send("echo.echo", kwargs={"s": "a\ud800b", "pair": "\U0001F600"}))
+        out["sent"] = json.dumps({"s": "a\ud800b"})
     elif scenario == "many":
         results = [send("echo.echo", kwargs={"i": i}) for i in range(50)]
         out = {"ok": [r.get(timeout=30)["i"] for r in results]}

@@ -6,6 +6,7 @@ saved as DIR/<n>.eml with DIR/<n>.json beside it ({mail_from, rcpt_tos, smtp_utf
 auth, tls}); DIR/connections holds the number of connections accepted so far. Recipients steer it:
   reject@...        RCPT answered 550 (permanent)
   defer-once@...    the first DATA for it is answered 451 (transient), later ones accepted
+  defer-always@...  every DATA for it is answered 452 (transient: insufficient storage)
 --delay-ms holds each DATA reply that long after the message is saved.
 """
 import argparse
@@ -49,6 +50,8 @@ class Handler:
 
     async def handle_DATA(self, server, session, envelope):
         for rcpt in envelope.rcpt_tos:
+            if rcpt.lower().startswith("defer-always@"):
+                return "452 4.3.1 insufficient system storage"
             if rcpt.lower().startswith("defer-once@") and rcpt not in deferred:
                 deferred.add(rcpt)
                 return "451 4.3.0 try again later"

@@ -205,11 +205,19 @@ impl Task for Echo {
                 sleep.await;
             }
         }
+        if let Some(ms) = kwargs.get("block_ms").and_then(Value::as_u64) {
+            // A task that wrongly blocks its async thread: no timer can stop it meanwhile.
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         if let Some(ms) = kwargs.get("spin_ms").and_then(Value::as_u64) {
             let stop = flag("cooperative").then(|| ctx.cancel_flag());
             let finished = ctx
                 .cpu(move || {
-                    let end = std::time::Instant::now() + Duration::from_millis(ms);
+                    let Some(end) =
+                        std::time::Instant::now().checked_add(Duration::from_millis(ms))
+                    else {
+                        return false;
+                    };
                     while std::time::Instant::now() < end {
                         if stop.as_ref().is_some_and(|s| s.is_set()) {
                             return false;
@@ -231,7 +239,9 @@ impl Task for Echo {
                 let mut e =
                     TaskError::transient("EchoTransient", format!("attempt {}", ctx.retries + 1));
                 if let Some(secs) = kwargs.get("retry_after_s").and_then(Value::as_f64) {
-                    e = e.retry_after(Duration::from_secs_f64(secs));
+                    if let Ok(d) = Duration::try_from_secs_f64(secs.max(0.0)) {
+                        e = e.retry_after(d);
+                    }
                 }
                 return Err(e);
             }

@@ -96,7 +96,8 @@ pub fn smtp_failure(e: SendError) -> TaskError {
     } else if e.is_transient() {
         TaskError::transient(
             "SmtpDeferred",
-            format!("the SMTP server deferred the email ({shown}); it will be retried"),
+            // The runtime says what became of it: RETRY, or "(gave up after N retries)".
+            format!("the SMTP server deferred the email ({shown}), a temporary refusal"),
         )
     } else if e.is_client() {
         TaskError::permanent("SmtpRefused", format!("the email cannot be sent: {shown}"))
