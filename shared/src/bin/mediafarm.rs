@@ -192,10 +192,12 @@ fn main() -> ExitCode {
 }
 
 fn timeout(secs: f64) -> anyhow::Result<Duration> {
-    if !(secs.is_finite() && secs > 0.0) {
-        bail!("--timeout must be a positive number of seconds");
+    match Duration::try_from_secs_f64(secs) {
+        Ok(d) if secs > 0.0 && d <= Duration::from_secs(315_360_000) => Ok(d),
+        _ => bail!(
+            "--timeout {secs} is not accepted: a number of seconds above 0, at most ten years"
+        ),
     }
-    Ok(Duration::from_secs_f64(secs))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {

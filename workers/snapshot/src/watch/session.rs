@@ -230,7 +230,11 @@ fn stream(
         }
         if p.realtime {
             let (wall0, t0) = *pace.get_or_insert((Instant::now(), t));
-            let at = wall0 + Duration::from_secs_f64((t - t0).max(0.0));
+            // Timestamps come from the file: a wild jump must not overflow the clock.
+            let at = Duration::try_from_secs_f64((t - t0).max(0.0))
+                .ok()
+                .and_then(|d| wall0.checked_add(d))
+                .unwrap_or_else(Instant::now);
             // Packets come in batches, as a network source's do: a packet due within
             // PACE_BATCH is read now, so the thread wakes a few times a second, not per frame.
             let ahead = at.saturating_duration_since(Instant::now());
