@@ -8,9 +8,18 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 
 CONFIG=${MEDIAFARM_CONFIG:-deploy/mediafarm.example.toml}
-echo "[up] building release binaries (first build takes a few minutes on 2 cores)"
-cargo build --release --locked -q -p mediafarm -p image-worker -p notify-worker -p snapshot-worker --bin mediafarm --bin image-worker --bin notify-worker --bin snapshot-worker --example echo-worker
-BIN=target/release
+# MEDIAFARM_PROFILE=debug runs the debug build (what scripts/test.sh has already built: its
+# smoke test of this script then costs no build); release is what a user runs.
+PROFILE=${MEDIAFARM_PROFILE:-release}
+case "$PROFILE" in
+  release) PROFILE_FLAG=--release ;;
+  debug) PROFILE_FLAG= ;;
+  *) echo "[up] MEDIAFARM_PROFILE=$PROFILE is not accepted: release or debug"; exit 2 ;;
+esac
+echo "[up] building $PROFILE binaries (a first release build takes a few minutes on 2 cores)"
+# shellcheck disable=SC2086
+cargo build $PROFILE_FLAG --locked -q -p mediafarm -p image-worker -p notify-worker -p snapshot-worker --bin mediafarm --bin image-worker --bin notify-worker --bin snapshot-worker --example echo-worker
+BIN=target/$PROFILE
 mkdir -p var/run var/log
 
 http_status() { # port path -> first line of the response, or nothing

@@ -16,6 +16,19 @@ scripts/validate_deploy.sh
 echo "== cargo test"
 mkdir -p var
 cargo test --workspace --locked -- --test-threads 4 2>&1 | tee var/test-output.log
-# One closing line for every test binary together.
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
-     END { printf "%d passed, %d failed, %d skipped\n", p, f, s }' var/test-output.log
+# The README's first command, on the debug build just made: every demo job must succeed
+# (`submit --wait` exits 1 on a failed job, and up.sh stops there); then the farm is stopped.
+echo "== deploy/up.sh smoke test (debug build)"
+smoke=0
+MEDIAFARM_PROFILE=debug deploy/up.sh > var/up-smoke.log 2>&1 || smoke=$?
+deploy/down.sh >> var/up-smoke.log 2>&1 || true
+if [ "$smoke" != 0 ]; then
+  tail -40 var/up-smoke.log
+  echo "deploy/up.sh failed (exit $smoke); the whole log is var/up-smoke.log"
+else
+  grep -E '^\[up\]' var/up-smoke.log | tail -3
+fi
+# One closing line for every test binary together (the smoke test counts as one).
+awk -v smoke="$smoke" '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i; if ($(i+1) ~ /^ignored/) s += $i } }
+     END { if (smoke == 0) p += 1; else f += 1; printf "%d passed, %d failed, %d skipped\n", p, f, s }' var/test-output.log
+[ "$smoke" = 0 ]
