@@ -11,6 +11,13 @@
 //! Implements the full set of AMQP scalar types ([`AMQPValue`], [`AMQPType`]),
 //! compound types ([`FieldTable`], [`FieldArray`]), and wire-format
 //! serialisation/deserialisation via the [`generation`] and [`parsing`] modules.
+//!
+//! The parsers decode field tables and field arrays nested up to
+//! [`parsing::MAX_NESTING`] levels. One nested deeper is skipped (its bytes are
+//! length-prefixed) and replaced by the long string [`parsing::NESTING_LIMIT_MARKER`], so
+//! parsing uses a bounded stack whatever the input. The marker starts with a NUL byte, which
+//! makes a collision with a real producer's string practically impossible; compare a header's
+//! values against it to tell that part of a message was not decoded.
 
 mod types;
 mod value;

@@ -2,9 +2,8 @@ use crate::{flags::*, types::*, value::*};
 use nom::{
     self, Parser,
     bytes::streaming::take,
-    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser, map_res},
+    combinator::{flat_map, map, map_opt, map_res},
     error::{ContextError, ErrorKind, ParseError, context},
-    multi::fold_many0,
     number::streaming::{
         be_f32, be_f64, be_i16, be_i32, be_i64, be_u16, be_u32, be_u64, i8 as be_i8, u8 as be_u8,
     },
@@ -95,6 +94,19 @@ impl fmt::Display for ParserErrors {
 
 impl error::Error for ParserErrors {}
 
+/// Deepest nesting of field tables and field arrays that the parsers decode; the same limit as
+/// serde_json's recursion limit. The parsers recurse once per level, so without a limit a
+/// crafted header (a few kilobytes of nested arrays) overflows the stack of the thread parsing
+/// it. A table or array nested deeper is not decoded: it is length-prefixed, so its bytes are
+/// skipped in one step and [`NESTING_LIMIT_MARKER`] stands in its place.
+pub const MAX_NESTING: usize = 128;
+
+/// The [`LongString`] that replaces a field table or field array nested deeper than
+/// [`MAX_NESTING`] levels. It starts with a NUL byte so that no real producer's text is
+/// mistaken for it; callers compare against it to refuse such a message.
+pub const NESTING_LIMIT_MARKER: &str =
+    "\u{0}amq-protocol: table or array nested deeper than 128 levels was not decoded";
+
 /// Error returned by parsers
 pub type ParserError = nom::Err<ParserErrors>;
 /// Return type of parsers
@@ -131,7 +143,7 @@ pub fn parse_raw_value<I: ParsableInput>(
 
 /// Parse an [AMQPValue](../type.AMQPValue.html)
 pub fn parse_value<I: ParsableInput>(i: I) -> ParserResult<I, AMQPValue> {
-    context("parse_value", flat_map(parse_type, parse_raw_value)).parse(i)
+    parse_value_at(i, 0)
 }
 
 /// Parse an [AMQPType](../type.AMQPType.html)
@@ -244,21 +256,7 @@ pub fn parse_long_string<I: ParsableInput>(i: I) -> ParserResult<I, LongString> 
 
 /// Parse a [FieldArray](../type.FieldArray.html)
 pub fn parse_field_array<I: ParsableInput>(i: I) -> ParserResult<I, FieldArray> {
-    context(
-        "parse_field_array",
-        map_parser(
-            flat_map(parse_long_uint, take),
-            all_consuming(fold_many0(
-                context("parse_field_array_entry", complete(parse_value)),
-                FieldArray::default,
-                |mut acc, elem| {
-                    acc.push(elem);
-                    acc
-                },
-            )),
-        ),
-    )
-    .parse(i)
+    parse_field_array_at(i, 1)
 }
 
 /// Parse a [Timestamp](../type.Timestamp.html)
@@ -268,24 +266,7 @@ pub fn parse_timestamp<I: ParsableInput>(i: I) -> ParserResult<I, Timestamp> {
 
 /// Parse a [FieldTable](../type.FieldTable.html)
 pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> {
-    context(
-        "parse_field_table",
-        map_parser(
-            flat_map(parse_long_uint, take),
-            all_consuming(fold_many0(
-                context(
-                    "parse_field_table_entry",
-                    complete(pair(parse_short_string, parse_value)),
-                ),
-                FieldTable::default,
-                |mut acc, (key, value)| {
-                    acc.insert(key, value);
-                    acc
-                },
-            )),
-        ),
-    )
-    .parse(i)
+    parse_field_table_at(i, 1)
 }
 
 /// Parse a [ByteArray](../type.ByteArray.html)
@@ -297,6 +278,98 @@ pub fn parse_byte_array<I: ParsableInput>(i: I) -> ParserResult<I, ByteArray> {
         }),
     )
     .parse(i)
+}
+
+// The parsers of nested values below recurse once per level of nesting, so they are plain
+// loops rather than nom combinators: each combinator adds a stack frame of its own (several
+// hundred bytes each in unoptimised builds), which would make even `MAX_NESTING` levels cost
+// more than a megabyte of stack. They behave as the combinator versions did: the same values,
+// `Incomplete` only for a truncated outer length, an error for any bad entry (with the
+// `verbose-errors` feature, that entry's own error rather than nom's `Eof`).
+
+/// `depth` is the number of tables and arrays around the value.
+fn parse_value_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, AMQPValue> {
+    let start = i.clone();
+    let (i, amqp_type) = in_context(&start, "parse_value", parse_type(i))?;
+    let value = match amqp_type {
+        AMQPType::FieldArray | AMQPType::FieldTable if depth >= MAX_NESTING => {
+            map(flat_map(parse_long_uint, take), |_| {
+                AMQPValue::LongString(NESTING_LIMIT_MARKER.into())
+            })
+            .parse(i)
+        }
+        AMQPType::FieldArray => {
+            parse_field_array_at(i, depth + 1).map(|(i, a)| (i, AMQPValue::FieldArray(a)))
+        }
+        AMQPType::FieldTable => {
+            parse_field_table_at(i, depth + 1).map(|(i, t)| (i, AMQPValue::FieldTable(t)))
+        }
+        scalar => parse_raw_value(scalar).parse(i),
+    };
+    in_context(&start, "parse_value", value)
+}
+
+/// `level` counts this array: 1 for an outermost one.
+fn parse_field_array_at<I: ParsableInput>(i: I, level: usize) -> ParserResult<I, FieldArray> {
+    let start = i.clone();
+    let (rest, mut entries) = in_context(
+        &start,
+        "parse_field_array",
+        flat_map(parse_long_uint, take).parse(i),
+    )?;
+    let mut array = FieldArray::default();
+    while entries.input_len() > 0 {
+        let entry = entries.clone();
+        let value = complete_entry(&entry, parse_value_at(entries, level));
+        let value = in_context(&entry, "parse_field_array_entry", value);
+        let (next, value) = in_context(&start, "parse_field_array", value)?;
+        array.push(value);
+        entries = next;
+    }
+    Ok((rest, array))
+}
+
+/// `level` counts this table: 1 for an outermost one.
+fn parse_field_table_at<I: ParsableInput>(i: I, level: usize) -> ParserResult<I, FieldTable> {
+    let start = i.clone();
+    let (rest, mut entries) = in_context(
+        &start,
+        "parse_field_table",
+        flat_map(parse_long_uint, take).parse(i),
+    )?;
+    let mut table = FieldTable::default();
+    while entries.input_len() > 0 {
+        let entry = entries.clone();
+        let pair = parse_short_string(entries)
+            .and_then(|(i, key)| parse_value_at(i, level).map(|(i, value)| (i, (key, value))));
+        let pair = complete_entry(&entry, pair);
+        let pair = in_context(&entry, "parse_field_table_entry", pair);
+        let (next, (key, value)) = in_context(&start, "parse_field_table", pair)?;
+        table.insert(key, value);
+        entries = next;
+    }
+    Ok((rest, table))
+}
+
+/// What nom's `context` does to a result.
+fn in_context<I: Clone, O>(
+    i: &I,
+    ctx: &'static str,
+    result: ParserResult<I, O>,
+) -> ParserResult<I, O> {
+    result.map_err(|e| e.map(|e| ParserErrors::add_context(i.clone(), ctx, e)))
+}
+
+/// What nom's `complete` does to a result: an entry cut short is an error, not a request for
+/// more input (the entries' length is known).
+fn complete_entry<I: Clone, O>(i: &I, result: ParserResult<I, O>) -> ParserResult<I, O> {
+    match result {
+        Err(nom::Err::Incomplete(_)) => Err(nom::Err::Error(ParserErrors::from_error_kind(
+            i.clone(),
+            ErrorKind::Complete,
+        ))),
+        other => other,
+    }
 }
 
 /// Parse the [AMQPFlags](../type.AMQPFlags.html) for which the names are provided
@@ -543,6 +616,43 @@ mod test {
             ),
             Ok((EMPTY, table))
         );
+    }
+
+    /// `levels` arrays, each holding the next, built without recursion.
+    fn nested_arrays(levels: usize) -> Vec<u8> {
+        let mut out = Vec::with_capacity(levels * 5);
+        for level in 0..levels {
+            if level > 0 {
+                out.push(b'A');
+            }
+            let inner = (levels - level - 1) * 5;
+            out.extend_from_slice(&(inner as u32).to_be_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn test_parse_field_array_nested_beyond_the_limit() {
+        let bytes = nested_arrays(100_000);
+        let parsed = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(move || parse_field_array(&bytes[..]).map(|(rest, a)| (rest.len(), a)))
+            .unwrap()
+            .join()
+            .unwrap();
+        let (rest, mut array) = parsed.unwrap();
+        assert_eq!(rest, 0);
+        for _ in 1..MAX_NESTING {
+            array = match array.as_slice() {
+                [AMQPValue::FieldArray(inner)] => inner.clone(),
+                other => panic!("expected one nested array, got {other:?}"),
+            };
+        }
+        assert_eq!(
+            array.as_slice(),
+            [AMQPValue::LongString(NESTING_LIMIT_MARKER.into())]
+        );
+        assert!(NESTING_LIMIT_MARKER.contains(&MAX_NESTING.to_string()));
     }
 
     #[test]
