@@ -21,7 +21,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp_table::read_properties;
+use crate::amqp_table::{read_job_properties, read_properties};
 use crate::backend::ResultBackend;
 use crate::broker::backoff;
 use crate::cpu::{panic_message, CpuPool};
@@ -124,7 +124,10 @@ async fn settle_after_panic(shared: &Shared, job: &Incoming, what: String) {
 }
 
 async fn process(shared: &Arc<Shared>, job: &Incoming) {
-    let (props, headers) = read_properties(&job.delivery.properties);
+    let (props, headers) = match read_job_properties(&job.delivery.properties) {
+        Ok(read) => read,
+        Err(e) => return refuse(shared, job, e).await,
+    };
     let msg = match TaskMessage::decode(
         &props,
         &headers,
