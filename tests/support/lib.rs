@@ -1,6 +1,9 @@
 //! Helpers shared by the end-to-end tests: settings pointed at the real RabbitMQ and Redis on
 //! 127.0.0.1, unique queue names, the Python interpreter that has `celery`, built binaries,
-//! and an in-process echo task.
+//! an in-process echo task, and a raw AMQP publisher for messages lapin cannot send
+//! (`raw_amqp`).
+
+pub mod raw_amqp;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
