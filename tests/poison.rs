@@ -170,9 +170,15 @@ async fn header_table_of_10_000_keys_runs_as_a_normal_job() {
         .collect();
     let headers = wire::celery_headers(&id, "echo.echo", wide);
     let kwargs = json!({"wide": true});
-    publish_raw(&farm.settings, &farm.queue, headers, &id, body(kwargs.clone()))
-        .await
-        .expect("the broker takes the message");
+    publish_raw(
+        &farm.settings,
+        &farm.queue,
+        headers,
+        &id,
+        body(kwargs.clone()),
+    )
+    .await
+    .expect("the broker takes the message");
     assert_ran(&farm, &id, kwargs).await;
     farm.stop().await;
 }
@@ -213,7 +219,10 @@ async fn echo_worker_process_survives_a_deep_header() {
             .expect("echo-worker starts"),
     );
     let client = Client::connect(&s).await.unwrap();
-    let err = failed(client.result(&id).get(WAIT).await);
+    let outcome = client.result(&id).get(WAIT).await;
+    let exited = worker.0.try_wait().unwrap();
+    assert_eq!(exited, None, "the worker process exited ({outcome:?})");
+    let err = failed(outcome);
     assert_eq!(err.exc_type, "InvalidMessage", "{}", err.message);
     assert!(err.message.contains(TOO_DEEP), "{}", err.message);
     let after = client
@@ -221,13 +230,13 @@ async fn echo_worker_process_survives_a_deep_header() {
         .await
         .unwrap();
     assert_eq!(after.get(WAIT).await.unwrap(), json!({"after": 1}));
-    assert_eq!(
-        worker.0.try_wait().unwrap(),
-        None,
-        "the worker process exited"
-    );
+    assert_eq!(worker.0.try_wait().unwrap(), None, "the worker exited");
     let letters = dead_letters(&s, &q, 1).await;
-    assert!(letters[0].reason.as_deref().unwrap_or("").contains(TOO_DEEP));
+    assert!(letters[0]
+        .reason
+        .as_deref()
+        .unwrap_or("")
+        .contains(TOO_DEEP));
     assert_eq!(ready_count(&s, &q).await, 0);
 
     let status = Command::new("kill")

@@ -250,8 +250,12 @@ mod tests {
     fn headers_nested_past_the_limit_are_cut_there_with_a_bounded_stack() {
         for levels in [1_000, 100_000, 1_000_000] {
             for tables in [true, false] {
-                let what = format!("{levels} nested {}", if tables { "tables" } else { "arrays" });
-                let parsed = parse_on_small_stack(job_headers("x-deep", nested_value(levels, tables)));
+                let what = format!(
+                    "{levels} nested {}",
+                    if tables { "tables" } else { "arrays" }
+                );
+                let parsed =
+                    parse_on_small_stack(job_headers("x-deep", nested_value(levels, tables)));
                 let headers = table_to_json(&parsed);
                 // The headers table is level 1, so `x-deep` holds levels 2..: 127 containers,
                 // then the marker where level 129 was.

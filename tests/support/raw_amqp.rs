@@ -15,11 +15,17 @@ use std::time::Duration;
 pub enum RawError {
     Io(std::io::Error),
     /// `connection.close` or `channel.close` from the broker: reply code and text.
-    Closed { code: u16, text: String },
+    Closed {
+        code: u16,
+        text: String,
+    },
     /// `basic.nack` from the broker.
     Nacked,
     /// `basic.return`: no queue took the message (it is published as mandatory).
-    Returned { code: u16, text: String },
+    Returned {
+        code: u16,
+        text: String,
+    },
     Protocol(String),
 }
 
@@ -166,7 +172,9 @@ impl Conn {
                     let id = u16::from_be_bytes([payload[2], payload[3]]);
                     let args = payload.split_off(4);
                     if (class, id) == (10, 50) || (class, id) == (20, 40) {
-                        let code = args.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+                        let code = args
+                            .get(..2)
+                            .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
                         let n = args.get(2).copied().unwrap_or(0) as usize;
                         let text = args.get(3..3 + n).unwrap_or_default();
                         return Err(RawError::Closed {
@@ -297,7 +305,9 @@ pub fn publish(
         (60, 80, _) => {}
         (60, 120, _) => return Err(RawError::Nacked),
         (60, 50, args) => {
-            let code = args.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+            let code = args
+                .get(..2)
+                .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
             let n = args.get(2).copied().unwrap_or(0) as usize;
             let text = args.get(3..3 + n).unwrap_or_default();
             return Err(RawError::Returned {
