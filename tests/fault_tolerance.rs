@@ -7,29 +7,17 @@ use std::time::{Duration, Instant};
 
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
-use mediafarm::deadletter::{self, DeadLetter};
+
+use mediafarm::deadletter;
 use mediafarm::once::Claim;
 use mediafarm::{SendOptions, Settings, TaskError, TaskState};
 use mediafarm_tests::{
-    celery_props, echo_registry, failed, kwargs, publish_raw, python_env, ready_count, run_python,
-    settings, to, Farm,
+    celery_props, dead_letters, echo_registry, failed, kwargs, publish_raw, python_env,
+    ready_count, run_python, settings, to, Farm,
 };
 use serde_json::{json, Map, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Waits until `<queue>.dead` holds `n` letters; returns them.
-async fn dead_letters(s: &Settings, queue: &str, n: usize) -> Vec<DeadLetter> {
-    let end = Instant::now() + WAIT;
-    loop {
-        let letters = deadletter::list(s, queue, 100).await.expect("dead list");
-        if letters.len() >= n || Instant::now() > end {
-            assert_eq!(letters.len(), n, "dead letters of {queue}: {letters:?}");
-            return letters;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 async fn delete_dead(s: &Settings, queue: &str) {
     mediafarm_tests::delete_queue(s, &mediafarm::reroute::dead_queue(queue)).await;

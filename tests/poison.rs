@@ -13,12 +13,11 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mediafarm::deadletter::{self, DeadLetter};
 use mediafarm::{Client, Settings};
 use mediafarm_tests::raw_amqp::{self, wire, RawError};
 use mediafarm_tests::{
-    binary, delete_queue, echo_registry, failed, kwargs, ready_count, settings, to, unique_queue,
-    Farm,
+    binary, dead_letters, delete_queue, echo_registry, failed, kwargs, ready_count, settings, to,
+    unique_queue, Farm,
 };
 use serde_json::{json, Value};
 
@@ -52,19 +51,6 @@ async fn publish_raw(
     tokio::task::spawn_blocking(move || raw_amqp::publish(&url, &queue, &headers, &id, &body))
         .await
         .expect("publisher thread")
-}
-
-/// Waits until `<queue>.dead` holds `n` letters; returns them.
-async fn dead_letters(s: &Settings, queue: &str, n: usize) -> Vec<DeadLetter> {
-    let end = Instant::now() + WAIT;
-    loop {
-        let letters = deadletter::list(s, queue, 100).await.expect("dead list");
-        if letters.len() >= n || Instant::now() > end {
-            assert_eq!(letters.len(), n, "dead letters of {queue}: {letters:?}");
-            return letters;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// The worker still answers a good job, and nothing is left waiting in its queue.
@@ -239,6 +225,232 @@ async fn echo_worker_process_survives_a_deep_header() {
         .contains(TOO_DEEP));
     assert_eq!(ready_count(&s, &q).await, 0);
 
+    let status = Command::new("kill")
+        .args(["-TERM", &worker.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let end = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = worker.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "the worker did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(exit.success(), "{exit:?}");
+    delete_queue(&s, &q).await;
+    delete_queue(&s, &mediafarm::reroute::dead_queue(&q)).await;
+}
+
+/// The poison class, generated: for every header Celery defines, values of every wrong type,
+/// huge numbers and a huge string; bodies with huge numbers, deep JSON and huge strings; all
+/// published at once to the real `echo-worker` binary at `-c 2`. Every message must end
+/// resolved — a stored result (a FAILURE naming what was wrong, or SUCCESS where the value is
+/// in range) and a dead letter for each failure — and the process must stay up, keep
+/// consuming, leave nothing in its queue, and stop cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_poison_against_the_worker_binary_is_all_resolved() {
+    let s = settings();
+    let q = unique_queue("poison");
+    let huge_string = "x".repeat(100_000);
+    // Infinity and NaN doubles are not here: RabbitMQ itself closes the publisher's connection
+    // (541 INTERNAL_ERROR) on them, so no worker can receive one.
+    let wrong_values: Vec<(&str, Vec<u8>)> = vec![
+        ("a string", wire::long_string("not-what-was-expected")),
+        ("a huge string", wire::long_string(&huge_string)),
+        ("a whole number", wire::long_long_int(i64::MAX)),
+        ("a negative number", wire::long_long_int(i64::MIN)),
+        ("a huge double", wire::double(1e308)),
+        ("a boolean", wire::boolean(true)),
+        ("an array", wire::array(&[wire::double(1e20), wire::void()])),
+        (
+            "a table",
+            wire::table_value(&[("k".to_owned(), wire::long_long_int(1))]),
+        ),
+    ];
+    let headers = [
+        "id",
+        "task",
+        "lang",
+        "shadow",
+        "eta",
+        "expires",
+        "group",
+        "group_index",
+        "retries",
+        "timelimit",
+        "root_id",
+        "parent_id",
+        "argsrepr",
+        "kwargsrepr",
+        "origin",
+        "ignore_result",
+        "replaced_task_nesting",
+        "stamped_headers",
+        "stamps",
+        "compression",
+    ];
+    // (label, header bytes, body, the id its result is stored under)
+    let mut cases: Vec<(String, Vec<u8>, Vec<u8>, String)> = Vec::new();
+    for header in headers {
+        for (what, value) in &wrong_values {
+            if header == "ignore_result" && *what == "a boolean" {
+                // The right type: the job runs and, as asked, stores no result.
+                continue;
+            }
+            let mut id = new_id("poison");
+            let mut value = value.clone();
+            if header == "id" && value[0] == b'S' {
+                // A string id is an id: the job is stored under it (made unique here).
+                let long = if *what == "a huge string" { 90_000 } else { 0 };
+                let text = format!("{}{id}", &huge_string[..long]);
+                value = wire::long_string(&text);
+                id = text;
+            }
+            let value = &value;
+            let mut entries = vec![
+                ("lang".to_owned(), wire::long_string("py")),
+                ("task".to_owned(), wire::long_string("echo.echo")),
+                ("id".to_owned(), wire::long_string(&id)),
+            ];
+            entries.retain(|(k, _)| k != header);
+            entries.push((header.to_owned(), value.clone()));
+            let label = format!("header {header} = {what}");
+            cases.push((label, wire::table(&entries), body(json!({})), id));
+        }
+    }
+    let time_limits = [
+        wire::array(&[wire::double(1e20), wire::void()]),
+        wire::array(&[wire::void(), wire::double(1e20)]),
+        wire::array(&[wire::long_long_int(i64::MAX), wire::long_long_int(i64::MAX)]),
+        wire::array(&[wire::double(-1.0), wire::void()]),
+    ];
+    for limits in time_limits {
+        let id = new_id("poison");
+        let extra = vec![("timelimit".to_owned(), limits)];
+        cases.push((
+            "a huge time limit".into(),
+            wire::celery_headers(&id, "echo.echo", extra),
+            body(json!({})),
+            id,
+        ));
+    }
+    for time in [
+        "0000-01-01T00:00:00",
+        "9999-12-31T23:59:59.999999+00:00",
+        "+99999-01-01T00:00:00Z",
+    ] {
+        for name in ["eta", "expires"] {
+            if name == "eta" && time.starts_with("9999") {
+                // In range: it would wait in the delay queues until then, as asked.
+                continue;
+            }
+            let id = new_id("poison");
+            let extra = vec![(name.to_owned(), wire::long_string(time))];
+            cases.push((
+                format!("{name} = {time}"),
+                wire::celery_headers(&id, "echo.echo", extra),
+                body(json!({})),
+                id,
+            ));
+        }
+    }
+    let deep_json = format!(
+        "[[], {{\"a\": {}1{}}}, {{}}]",
+        "[".repeat(10_000),
+        "]".repeat(10_000)
+    );
+    let bodies: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "a body number past f64",
+            b"[[], {\"n\": 1e999999}, {}]".to_vec(),
+        ),
+        (
+            "a body integer past u64",
+            format!("[[], {{\"n\": {}}}, {{}}]", "9".repeat(5_000)).into_bytes(),
+        ),
+        ("a body nested 10,000 deep", deep_json.into_bytes()),
+        (
+            "a huge kwarg string",
+            body(json!({"s": "y".repeat(500_000)})),
+        ),
+        (
+            "a body past task_message_max_bytes",
+            body(json!({"s": "z".repeat(11 << 20)})),
+        ),
+        ("a body of NUL bytes", vec![0u8; 4096]),
+        ("an empty body", Vec::new()),
+    ];
+    for (label, raw) in bodies {
+        let id = new_id("poison");
+        cases.push((
+            label.into(),
+            wire::celery_headers(&id, "echo.echo", vec![]),
+            raw,
+            id,
+        ));
+    }
+
+    for (label, headers, raw, id) in &cases {
+        // The correlation id is a short string (255 bytes at most): the id's tail.
+        let correlation = &id[id.len().saturating_sub(200)..];
+        publish_raw(&s, &q, headers.clone(), correlation, raw.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{label}: the broker refused it: {e}"));
+    }
+    let mut worker = Running(
+        Command::new(binary("echo-worker"))
+            .args(["--concurrency", "2", "--queues", &q, "--loglevel", "error"])
+            .env("MEDIAFARM_METRICS_ADDR", "127.0.0.1:0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("echo-worker starts"),
+    );
+    let client = Client::connect(&s).await.unwrap();
+    let mut failures = 0;
+    for (label, _, _, id) in &cases {
+        let outcome = client.result(id).get(WAIT).await;
+        assert_eq!(
+            worker.0.try_wait().unwrap(),
+            None,
+            "the worker exited at {label}"
+        );
+        match outcome {
+            Ok(_) => {}
+            Err(mediafarm::ClientError::Failed { error, .. }) => {
+                failures += 1;
+                assert!(
+                    !error.message.is_empty() && error.message.len() < 2_000,
+                    "{label}: the message is short and says something: {}",
+                    error.message
+                );
+            }
+            Err(e) => panic!("{label}: no result for {id}: {e}"),
+        }
+    }
+    assert!(
+        failures > cases.len() / 2,
+        "most of these are refused: {failures} of {}",
+        cases.len()
+    );
+    let letters = dead_letters(&s, &q, failures).await;
+    assert!(
+        letters.iter().all(|l| l.reason.is_some()),
+        "every dead letter says why"
+    );
+    let after = client
+        .send_task("echo.echo", kwargs(json!({"after": 1})), &to(&q))
+        .await
+        .unwrap();
+    assert_eq!(after.get(WAIT).await.unwrap(), json!({"after": 1}));
+    assert_eq!(ready_count(&s, &q).await, 0);
     let status = Command::new("kill")
         .args(["-TERM", &worker.0.id().to_string()])
         .status()

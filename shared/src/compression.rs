@@ -60,9 +60,9 @@ pub fn decompress(method: &str, body: &[u8], limit: usize) -> Result<Vec<u8>, Co
     let Some((name, kind, _)) = METHODS.iter().find(|(name, _, aliases)| {
         name.eq_ignore_ascii_case(wanted) || aliases.iter().any(|a| a.eq_ignore_ascii_case(wanted))
     }) else {
-        return Err(CompressionError::Unknown {
-            method: method.to_owned(),
-        });
+        // The name comes from the wire: keep what an error shows of it short.
+        let shown: String = method.chars().take(80).collect();
+        return Err(CompressionError::Unknown { method: shown });
     };
     let corrupt = |reason: String| CompressionError::Corrupt {
         method: (*name).to_owned(),

@@ -139,8 +139,8 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
     };
     let Some(policy) = shared.registry.policy(&msg.task) else {
         let reason = format!(
-            "unknown task {:?}: this worker runs {}",
-            msg.task,
+            "unknown task {}: this worker runs {}",
+            crate::protocol::preview_str(&msg.task),
             shared.registry.names().join(", ")
         );
         let e = DecodeError {

@@ -196,7 +196,8 @@ impl TaskMessage {
         };
         let Some(task_id) = header_str(headers, "id") else {
             return Err(fail(format!(
-                "message for task {task_name} has no `id` header (Celery protocol v2)"
+                "message for task {} has no `id` header (Celery protocol v2)",
+                preview_str(&task_name)
             )));
         };
 
@@ -568,6 +569,11 @@ fn check_header_types(headers: &Map<String, Value>) -> Result<(), String> {
     check("stamped_headers", Value::is_array, "a list")?;
     check("stamps", Value::is_object, "an object")?;
     Ok(())
+}
+
+/// A string from the wire as it may appear in an error a person reads: quoted, cut short.
+pub fn preview_str(s: &str) -> String {
+    preview(&Value::String(s.to_owned()))
 }
 
 /// A value as it may appear in an error a person reads: its JSON, cut short.

@@ -391,3 +391,31 @@ pub fn failed(outcome: Result<Value, mediafarm::ClientError>) -> TaskError {
         other => panic!("expected a failed job, got {other:?}"),
     }
 }
+
+/// Waits until `<queue>.dead` holds `n` letters (up to 30 s); returns them. On a mismatch the
+/// panic shows each letter's kind and the start of its reason.
+pub async fn dead_letters(
+    s: &Settings,
+    queue: &str,
+    n: usize,
+) -> Vec<mediafarm::deadletter::DeadLetter> {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let letters = mediafarm::deadletter::list(s, queue, n + 100)
+            .await
+            .expect("dead list");
+        if letters.len() >= n || std::time::Instant::now() > end {
+            let shown: Vec<String> = letters
+                .iter()
+                .map(|l| {
+                    let reason = l.reason.as_deref().unwrap_or("");
+                    let cut: String = reason.chars().take(120).collect();
+                    format!("{:?}: {cut}", l.kind)
+                })
+                .collect();
+            assert_eq!(letters.len(), n, "dead letters of {queue}: {shown:#?}");
+            return letters;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

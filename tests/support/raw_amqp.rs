@@ -66,6 +66,36 @@ pub mod wire {
         vec![b'B', n]
     }
 
+    pub fn double(f: f64) -> Vec<u8> {
+        let mut out = vec![b'd'];
+        out.extend_from_slice(&f.to_be_bytes());
+        out
+    }
+
+    pub fn boolean(b: bool) -> Vec<u8> {
+        vec![b't', u8::from(b)]
+    }
+
+    pub fn void() -> Vec<u8> {
+        vec![b'V']
+    }
+
+    /// A field array value of already-encoded values.
+    pub fn array(values: &[Vec<u8>]) -> Vec<u8> {
+        let body: Vec<u8> = values.concat();
+        let mut out = vec![b'A'];
+        out.extend_from_slice(&len32(body.len()));
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// A field table as a value (with its type byte).
+    pub fn table_value(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
+        let mut out = vec![b'F'];
+        out.extend_from_slice(&table(entries));
+        out
+    }
+
     /// A field table as it stands in message properties (no type byte).
     pub fn table(entries: &[(String, Vec<u8>)]) -> Vec<u8> {
         let body_len: usize = entries.iter().map(|(k, v)| 1 + k.len() + v.len()).sum();
