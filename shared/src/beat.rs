@@ -59,13 +59,7 @@ pub enum BeatError {
     UnknownTimezone(String),
 }
 
-/// Milliseconds since the Unix epoch by this machine's clock (beat hosts must keep NTP time).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+pub use crate::schedule_store::unix_ms;
 
 /// The task id of tick `due_ms` of entry `name`: a UUID (v5) derived from both, the same in
 /// every beat, so a consumer can recognise a repeated tick.

@@ -70,7 +70,7 @@ pub async fn connect(settings: &Settings, name: &str) -> Result<Connection, Brok
 }
 
 pub fn check_queue_name(name: &str) -> Result<(), BrokerError> {
-    if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_whitespace()) {
+    if !crate::protocol::is_valid_queue_name(name) {
         return Err(BrokerError::QueueName(name.to_owned()));
     }
     Ok(())

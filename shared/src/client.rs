@@ -130,9 +130,7 @@ pub fn build_message(task: &str, kwargs: Map<String, Value>, opts: &SendOptions)
 }
 
 /// The queue a task goes to when none is named: `image.transform` → `image`.
-pub fn default_queue(task: &str) -> String {
-    task.split('.').next().unwrap_or(task).to_owned()
-}
+pub use crate::protocol::default_queue;
 
 /// A job's result, as Celery's `AsyncResult`.
 #[derive(Clone)]

@@ -16,6 +16,8 @@ pub mod cpu;
 pub mod deadletter;
 pub mod http;
 pub mod job;
+#[cfg(test)]
+mod layering;
 pub mod logging;
 pub mod metrics;
 pub mod once;

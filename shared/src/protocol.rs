@@ -9,6 +9,22 @@ use serde_json::{Map, Value};
 pub const JSON_CONTENT_TYPE: &str = "application/json";
 const PICKLE_CONTENT_TYPE: &str = "application/x-python-serialize";
 
+/// Why `pickle` is never accepted, said wherever someone asks for it (a message's content type
+/// or a setting).
+pub const PICKLE_REFUSAL: &str = "pickle is refused: loading a pickle runs code chosen by whoever \
+     wrote the message; mediafarm speaks JSON only (use \"json\")";
+
+/// The queue a task goes to when none is named: the task name's prefix before the first dot
+/// (`image.transform` → `image`).
+pub fn default_queue(task: &str) -> String {
+    task.split('.').next().unwrap_or(task).to_owned()
+}
+
+/// Whether RabbitMQ (and kombu) take `name` as a queue name: 1 to 200 characters, no spaces.
+pub fn is_valid_queue_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 200 && !name.chars().any(char::is_whitespace)
+}
+
 /// Why a message could not be turned into a job. `id`/`task` are set when they could be read,
 /// so the failure can still be stored where the producer looks for it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -151,7 +167,7 @@ impl TaskMessage {
             PICKLE_CONTENT_TYPE => {
                 return Err(fail(format!(
                     "content type {PICKLE_CONTENT_TYPE} (pickle) refused: {}",
-                    crate::settings::PICKLE_REFUSAL
+                    PICKLE_REFUSAL
                 )))
             }
             "" => {

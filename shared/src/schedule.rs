@@ -72,7 +72,7 @@ impl ScheduleEntry {
     pub fn queue(&self) -> String {
         self.queue
             .clone()
-            .unwrap_or_else(|| crate::client::default_queue(&self.task))
+            .unwrap_or_else(|| crate::protocol::default_queue(&self.task))
     }
 
     /// The entry as the JSON object `parse_entry` reads (how Redis keeps it).
@@ -179,7 +179,7 @@ pub fn parse_entry(name: &str, value: &Value) -> Result<ScheduleEntry, EntryErro
     };
     let queue = match fields.get("queue") {
         None => None,
-        Some(Value::String(q)) if crate::broker::check_queue_name(q).is_ok() => Some(q.clone()),
+        Some(Value::String(q)) if crate::protocol::is_valid_queue_name(q) => Some(q.clone()),
         Some(other) => {
             return Err(bad(
                 "queue",

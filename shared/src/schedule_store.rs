@@ -86,7 +86,7 @@ impl ScheduleStore {
 
     /// Adds or replaces `entry`; beats pick it up at their next tick.
     pub async fn add(&self, entry: &ScheduleEntry) -> Result<(), redis::RedisError> {
-        let now_ms = crate::beat::unix_ms();
+        let now_ms = unix_ms();
         let every = entry.every_ms();
         let mut conn = self.conn.clone();
         redis::cmd("EVAL")
@@ -178,4 +178,12 @@ fn entry_name(e: &Result<ScheduleEntry, EntryError>) -> &str {
         Ok(e) => &e.name,
         Err(e) => &e.entry,
     }
+}
+
+/// Milliseconds since the Unix epoch by this machine's clock (beat hosts must keep NTP time).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

@@ -31,9 +31,7 @@ pub enum SettingsError {
     },
 }
 
-/// Why `pickle` is never accepted, said wherever someone asks for it.
-pub const PICKLE_REFUSAL: &str = "pickle is refused: loading a pickle runs code chosen by whoever \
-     wrote the message; mediafarm speaks JSON only (use \"json\")";
+pub use crate::protocol::PICKLE_REFUSAL;
 
 /// Every setting mediafarm reads, with its default.
 #[derive(Debug, Clone, PartialEq)]
