@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use mediafarm::client::{build_message, SendOptions};
 use mediafarm::{Client, Settings, TaskState};
-use mediafarm_tests::{binary, delete_queue, ready_count, settings, unique_queue};
+use mediafarm_tests::{binary, delete_queue, free_port, ready_count, settings, unique_queue};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -58,15 +58,6 @@ impl Drop for Scratch {
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-}
-
-/// A free TCP port on the loopback interface (free when this returns).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Deletes a test's queue (and its exchange) when dropped, also when the test fails.

@@ -15,19 +15,12 @@ use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use mediafarm::{Client, ClientError, SendOptions, Settings, TaskState};
-use mediafarm_tests::{delete_queue, failed, kwargs, python, unique_queue};
+use mediafarm_tests::{delete_queue, failed, free_port, kwargs, python, unique_queue};
 use serde_json::{json, Value};
 use sha2::Sha256;
 
 const WAIT: Duration = Duration::from_secs(120);
 const SECRET: &str = "test-webhook-secret";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 fn ffmpeg(args: &[&str]) {
     let status = Command::new("ffmpeg")

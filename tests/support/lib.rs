@@ -419,3 +419,11 @@ pub async fn dead_letters(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A free TCP port on the loopback interface (free when this returns).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
