@@ -1,21 +1,28 @@
-"""Runtime-core throughput benchmark (issues 2 and 3): drain a pre-published backlog of
+"""Runtime-core throughput benchmark (issues 2, 3 and 12): drain a pre-published backlog of
 `echo.echo` jobs, every result stored in Redis and every message acknowledged after its result,
 with
 
-  (a) mediafarm's echo-worker, also with 1 job in 100 failing once and retried through the
-      broker's delay queues (issue 3's "throughput with retries enabled"),
-  (b) a plain Celery 5.7 worker (prefork -c 2, JSON, task_acks_late, prefetch multiplier 4),
-  (c) a bare lapin consumer that writes one Redis key per message and acks it (the ceiling),
+  (a) mediafarm's echo-worker: the headline at `--concurrency 8` with default settings
+      (prefetch multiplier 4), and with --set full also at -c 2 and -c 64, and at -c 64 with
+      1 job in 100 failing once and retried through the broker's delay queues (issue 3),
+  (b) a plain Celery 5.7 worker (JSON, task_acks_late, prefetch multiplier 4, Redis backend),
+      in each set-up given by --celery (default prefork -c 2, its fastest on two cores for
+      this task; see BENCHMARKS.md); the fastest by median is the competitor,
+  (c) a bare lapin consumer that reads the id header, writes one Redis key per message and acks
+      it (the ceiling, at the same prefetch as the echo-worker it is compared with),
 
-against the same RabbitMQ and Redis in one run. Each variant gets a fresh queue holding N jobs
-published before it starts; the rate is measured from the first stored result to the N-th
-(polling Redis DBSIZE on a dedicated database), so process start-up is not counted.
+against the same RabbitMQ and Redis in one run, rounds interleaved. Each variant gets a fresh
+queue holding N jobs published before it starts — by default with Python Celery's own client
+(bench/celery_publish.py: every header Celery writes), or with --publisher lean by mediafarm's
+bench-publisher — and the rate is measured from the first stored result to the N-th (polling
+Redis DBSIZE on a dedicated database), so publishing and process start-up are not counted.
 
 With `--baseline-worker PATH` (an echo-worker built from an earlier commit, e.g. the runtime
 core as it landed) that build runs too, for a before/after ratio in the same run.
 
-Usage: .venv/bin/python bench/echo_throughput.py [--jobs 20000] [--rounds 1] [--quick]
-       [--baseline-worker PATH]
+Usage: .venv/bin/python bench/echo_throughput.py [--jobs 20000] [--rounds 3] [--quick]
+       [--publisher celery|lean] [--celery prefork:2] [--concurrency 8] [--set headline|full]
+       [--baseline-worker PATH] [--no-build]
 Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
 """
 import argparse
@@ -46,25 +53,40 @@ def build():
     )
 
 
-def publish(queue, jobs, retry_every=None):
+def publish(queue, jobs, retry_every=None, publisher="celery"):
+    """Puts `jobs` on `queue` before the consumer starts; returns the ids of the jobs that fail
+    once. "celery": Python Celery's own client with its defaults (every header Celery writes);
+    "lean": mediafarm's bench-publisher (only what mediafarm's client writes, ids
+    `<queue>-<n>`)."""
     extra = ["--retry-every", str(retry_every)] if retry_every else []
+    if publisher == "celery":
+        out = subprocess.run(
+            [sys.executable, ROOT / "bench" / "celery_publish.py", "--queue", queue,
+             "--count", str(jobs), *extra],
+            env={**os.environ, "BENCH_BROKER_URL": BROKER},
+            check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            timeout=600,
+        )
+        return out.stdout.split()
     subprocess.run(
         [RELEASE / "examples" / "bench-publisher", "--queue", queue, "--count", str(jobs),
          "--id-prefix", queue, *extra],
         env={**os.environ, "MEDIAFARM_BROKER_URL": BROKER},
         check=True,
         stderr=subprocess.DEVNULL,
+        timeout=600,
     )
+    return [f"{queue}-{i}" for i in range(0, jobs, retry_every)] if retry_every else []
 
 
-def drain(label, command, jobs, timeout, cwd=None, env=None, retry_every=None):
+def drain(label, command, jobs, timeout, cwd=None, env=None, retry_every=None,
+          publisher="celery"):
     """Publishes `jobs` to a fresh queue, starts `command(queue)`, times the drain (until every
     job has a result, and every retried one its final SUCCESS)."""
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     store = redis.Redis.from_url(BACKEND)
     store.flushdb()
-    publish(queue, jobs, retry_every)
-    retried = [f"celery-task-meta-{queue}-{i}" for i in range(0, jobs, retry_every)] if retry_every else []
+    retried = [f"celery-task-meta-{i}" for i in publish(queue, jobs, retry_every, publisher)]
     LOGS.mkdir(parents=True, exist_ok=True)
     log_path = LOGS / f"{label.replace(' ', '_')}.log"
     with open(log_path, "w") as log:
@@ -104,73 +126,112 @@ def bare(prefetch):
                       "--prefetch", str(prefetch), "--redis", BACKEND, "--max-seconds", "600"]
 
 
-def celery(q):
-    return [sys.executable, "-m", "celery", "-A", "celery_echo_app", "worker", "-P", "prefork",
-            "-c", "2", "-Q", q, "-l", "warning", "--without-gossip", "--without-mingle",
-            "--without-heartbeat"]
+def celery(pool, concurrency):
+    return lambda q: [sys.executable, "-m", "celery", "-A", "celery_echo_app", "worker",
+                      "-P", pool, "-c", str(concurrency), "-Q", q, "-l", "warning",
+                      "--without-gossip", "--without-mingle", "--without-heartbeat"]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=1, help="repeat and take the median")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds, variants interleaved within each; medians")
     parser.add_argument("--quick", action="store_true", help="2,000 jobs, for a smoke run")
+    parser.add_argument("--publisher", choices=("celery", "lean"), default="celery",
+                        help="celery: Python Celery's client with its defaults (the headline); "
+                             "lean: mediafarm's bench-publisher")
+    parser.add_argument("--celery", default="prefork:2",
+                        help="Celery set-ups, POOL:CONCURRENCY, comma-separated; the fastest by "
+                             "median is the competitor")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="the headline echo-worker's --concurrency (default settings otherwise)")
     parser.add_argument("--high-concurrency", type=int, default=64)
+    parser.add_argument("--set", choices=("headline", "full"), default="full",
+                        help="headline: Celery, echo-worker --concurrency N and its bare ceiling; "
+                             "full: also -c 2, -c HIGH, HIGH with retries and their ceilings")
     parser.add_argument("--baseline-worker", type=Path,
                         help="an earlier build of echo-worker to compare with")
+    parser.add_argument("--no-build", action="store_true")
     args = parser.parse_args()
     jobs = 2_000 if args.quick else args.jobs
-    build()
+    if not args.no_build:
+        build()
     worker_env = {
         "MEDIAFARM_BROKER_URL": BROKER,
         "MEDIAFARM_RESULT_BACKEND": BACKEND,
         "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0",
     }
     celery_env = {"BENCH_BROKER_URL": BROKER, "BENCH_RESULT_BACKEND": BACKEND}
-    hc = args.high_concurrency
-    variants = [
-        ("celery prefork -c 2", celery, jobs * 40 // 1000 + 300, ROOT / "bench", celery_env, 8),
-        ("echo-worker -c 2", echo_worker(2), 300, None, worker_env, 8),
-        ("bare lapin prefetch 8", bare(8), 300, None, None, 8),
-        (f"echo-worker -c {hc}", echo_worker(hc), 300, None, worker_env, hc * 4),
-        (f"bare lapin prefetch {hc * 4}", bare(hc * 4), 300, None, None, hc * 4),
-        (f"echo-worker -c {hc}, 1 % retried once", echo_worker(hc), 300, None, worker_env, hc * 4),
+    c, hc = args.concurrency, args.high_concurrency
+    celery_timeout = jobs * 40 // 1000 + 300
+    variants = []
+    for setup in filter(None, args.celery.split(",")):
+        pool, cc = setup.split(":")
+        prefetch = 4 * (1 if pool == "solo" else int(cc))
+        variants.append((f"celery {pool} -c {cc}", celery(pool, cc), celery_timeout,
+                         ROOT / "bench", celery_env, prefetch))
+    variants += [
+        (f"echo-worker -c {c}", echo_worker(c), 300, None, worker_env, c * 4),
+        (f"bare lapin prefetch {c * 4}", bare(c * 4), 300, None, None, c * 4),
     ]
-    retry_every = {f"echo-worker -c {hc}, 1 % retried once": 100}
-    baseline = f"baseline echo-worker -c {hc}"
+    retrying = f"echo-worker -c {hc}, 1 % retried once"
+    if args.set == "full":
+        variants += [
+            ("echo-worker -c 2", echo_worker(2), 300, None, worker_env, 8),
+            ("bare lapin prefetch 8", bare(8), 300, None, None, 8),
+            (f"echo-worker -c {hc}", echo_worker(hc), 300, None, worker_env, hc * 4),
+            (f"bare lapin prefetch {hc * 4}", bare(hc * 4), 300, None, None, hc * 4),
+            (retrying, echo_worker(hc), 300, None, worker_env, hc * 4),
+        ]
+    # The earlier build runs at the headline concurrency, right after this build's headline.
+    baseline = f"baseline echo-worker -c {c}"
     if args.baseline_worker:
-        variants.append((baseline, echo_worker(hc, args.baseline_worker.resolve()), 300, None,
-                         worker_env, hc * 4))
+        variants.insert(len([v for v in variants if v[0].startswith("celery")]) + 1,
+                        (baseline, echo_worker(c, args.baseline_worker.resolve()), 300, None,
+                         worker_env, c * 4))
     rates = {label: [] for label, *_ in variants}
-    for _ in range(args.rounds):
+    for r in range(args.rounds):
         for label, command, timeout, cwd, env, _prefetch in variants:
-            rates[label].append(drain(label, command, jobs, timeout, cwd, env,
-                                      retry_every.get(label)))
+            rate = drain(label, command, jobs, timeout, cwd, env,
+                         100 if label == retrying else None, args.publisher)
+            rates[label].append(rate)
+            print(f"round {r + 1}: {label} {rate:,.0f} jobs/s", file=sys.stderr, flush=True)
     rate = {label: statistics.median(r) for label, r in rates.items()}
-    celery_rate = rate["celery prefork -c 2"]
+    celery_labels = [l for l in rate if l.startswith("celery")]
+    competitor = max(celery_labels, key=rate.get)
+    celery_rate = rate[competitor]
     bare_by_prefetch = {p: rate[l] for l, *_, p in variants if l.startswith("bare")}
 
-    print(f"\n{jobs} echo.echo jobs per variant, median of {args.rounds} round(s); "
-          f"{os.cpu_count()} cores, {platform.platform()}, {time.strftime('%Y-%m-%d')}")
-    print("| variant | prefetch | jobs/s | × Celery | % of bare ceiling (same prefetch) |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"\n{jobs} echo.echo jobs per variant, published by "
+          f"{'Python Celery' if args.publisher == 'celery' else 'bench-publisher (lean)'}; "
+          f"median of {args.rounds} interleaved round(s); {os.cpu_count()} cores, "
+          f"{platform.platform()}, {time.strftime('%Y-%m-%d')}")
+    print(f"| variant | prefetch | jobs/s (median) | rounds | × {competitor} | "
+          f"% of bare ceiling (same prefetch) |")
+    print("| --- | ---: | ---: | --- | ---: | ---: |")
     for label, *_, prefetch in variants:
-        ceiling = bare_by_prefetch[prefetch]
-        share = "—" if label.startswith("bare") else f"{100 * rate[label] / ceiling:.0f} %"
-        print(f"| {label} | {prefetch} | {rate[label]:,.0f} | {rate[label] / celery_rate:.1f} | {share} |")
-    plain, retrying = f"echo-worker -c {hc}", f"echo-worker -c {hc}, 1 % retried once"
-    print(f"\nwith 1 % of jobs retried once through the delay queues: "
-          f"{100 * rate[retrying] / rate[plain]:.0f} % of the plain rate (goal ≥ 90 %)")
+        ceiling = bare_by_prefetch.get(prefetch)
+        share = ("—" if label.startswith(("bare", "celery")) or not ceiling
+                 else f"{100 * rate[label] / ceiling:.0f} %")
+        spread = " / ".join(f"{x:,.0f}" for x in rates[label])
+        print(f"| {label} | {prefetch} | {rate[label]:,.0f} | {spread} | "
+              f"{rate[label] / celery_rate:.1f} | {share} |")
+    head = f"echo-worker -c {c}"
+    per_round = [a / b for a, b in zip(rates[head], rates[competitor])]
+    print(f"\nheadline: {head} (default settings) = {rate[head] / celery_rate:.1f}× "
+          f"{competitor} (per round {min(per_round):.1f}–{max(per_round):.1f}×; target ≥ 10×), "
+          f"{100 * rate[head] / bare_by_prefetch[c * 4]:.0f} % of the bare ceiling")
     if args.baseline_worker:
-        print(f"this build vs the baseline build ({args.baseline_worker}): "
-              f"{100 * rate[plain] / rate[baseline]:.0f} % plain, "
-              f"{100 * rate[retrying] / rate[baseline]:.0f} % with 1 % retried once "
-              f"(goal ≥ 90 %)")
-    best = max((l for l in rate if l.startswith("echo-worker") and "retried" not in l),
-               key=lambda l: rate[l])
-    best_prefetch = next(p for l, *_, p in variants if l == best)
-    print(f"\nbest echo-worker ({best}): {rate[best] / celery_rate:.1f}× Celery (target ≥ 10×), "
-          f"{100 * rate[best] / bare_by_prefetch[best_prefetch]:.0f} % of the bare ceiling (target ≥ 85 %)")
+        per_round = [a / b for a, b in zip(rates[head], rates[baseline])]
+        print(f"this build vs the baseline build ({args.baseline_worker}), both -c {c}: "
+              f"{100 * rate[head] / rate[baseline]:.0f} % (per round "
+              f"{100 * min(per_round):.0f}–{100 * max(per_round):.0f} %)")
+    if args.set == "full":
+        plain = f"echo-worker -c {hc}"
+        print(f"with 1 % of jobs retried once through the delay queues: "
+              f"{100 * rate[retrying] / rate[plain]:.0f} % of the plain rate (goal ≥ 90 %)")
+
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 //! written with its expiry and then published on the channel of the same name in one round trip,
 //! which is how Celery's Redis backend wakes `AsyncResult.get()` waiters.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -30,17 +31,30 @@ pub enum BackendError {
     Timeout { id: String, waited: Duration },
 }
 
-/// A handle to the result backend; cheap to clone, reconnects by itself.
+/// A handle to the result backend; cheap to clone (two reference counts: every job's context
+/// holds one), reconnects by itself.
 #[derive(Clone)]
 pub struct ResultBackend {
-    client: redis::Client,
     conn: ConnectionManager,
+    fixed: Arc<Fixed>,
+}
+
+/// What never changes after connecting.
+struct Fixed {
+    client: redis::Client,
     expires: Option<u64>,
     url: String,
 }
 
+/// Bytes reserved for a serialised result record before writing it: a SUCCESS record of a small
+/// result (status, task id, `date_done`, empty traceback and children) fits.
+const RECORD_CAPACITY: usize = 256;
+
 pub fn result_key(id: &str) -> String {
-    format!("{KEY_PREFIX}{id}")
+    let mut key = String::with_capacity(KEY_PREFIX.len() + id.len());
+    key.push_str(KEY_PREFIX);
+    key.push_str(id);
+    key
 }
 
 impl ResultBackend {
@@ -60,26 +74,30 @@ impl ResultBackend {
             .await
             .map_err(connect_err)?;
         Ok(ResultBackend {
-            client,
             conn,
-            expires,
-            url: redact(url),
+            fixed: Arc::new(Fixed {
+                client,
+                expires,
+                url: redact(url),
+            }),
         })
     }
 
     pub fn url(&self) -> &str {
-        &self.url
+        &self.fixed.url
     }
 
     /// Stores `meta` and tells waiters, atomically.
     pub async fn store(&self, meta: &ResultMeta) -> Result<(), BackendError> {
         let key = result_key(&meta.task_id);
-        // Serialising a struct of JSON values cannot fail.
-        let value = serde_json::to_string(meta).unwrap_or_default();
+        // Sized for a typical record up front: growing the buffer from empty was a visible part
+        // of storing a small result. Serialising a struct of JSON values cannot fail.
+        let mut value = Vec::with_capacity(RECORD_CAPACITY);
+        let _ = serde_json::to_writer(&mut value, meta);
         // One round trip; SET before PUBLISH on the same connection, so a woken waiter always
         // finds the record. (Celery wraps the pair in MULTI/EXEC; the order alone suffices.)
         let mut pipe = redis::pipe();
-        match self.expires {
+        match self.fixed.expires {
             Some(secs) => pipe.set_ex(&key, &value, secs).ignore(),
             None => pipe.set(&key, &value).ignore(),
         };
@@ -108,7 +126,7 @@ impl ResultBackend {
     /// Waits until the job reaches a ready state (SUCCESS, FAILURE, REVOKED).
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<ResultMeta, BackendError> {
         let key = result_key(id);
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        let mut pubsub = self.fixed.client.get_async_pubsub().await?;
         // Subscribe first, then read: a result stored between the two is not missed.
         pubsub.subscribe(&key).await?;
         if let Some(meta) = self.get(id).await?.filter(|m| m.status.is_ready()) {

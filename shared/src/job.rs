@@ -17,7 +17,7 @@ use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -182,7 +182,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
     }
     // Counted once per job, not once per hop through the delay queues.
     l.received.inc();
-    let _slot = tokio::select! {
+    let slot = tokio::select! {
         biased;
         _ = shared.stop.cancelled() => return requeue(&job.delivery).await,
         permit = shared.slots.clone().acquire_owned() => match permit {
@@ -201,7 +201,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
         );
         return requeue(&job.delivery).await;
     }
-    run(shared, job, msg, &l, policy, limits).await;
+    run(shared, job, msg, &l, policy, limits, slot).await;
 }
 
 /// A message redelivered after its result was stored (its worker died before the ack): do not
@@ -287,6 +287,7 @@ async fn run(
     l: &TaskMetrics,
     policy: TaskPolicy,
     limits: Limits,
+    slot: OwnedSemaphorePermit,
 ) {
     l.started.inc();
     shared.active.inc();
@@ -414,6 +415,10 @@ async fn run(
     if store && !store_with_retry(shared, &meta).await {
         return requeue(&job.delivery).await;
     }
+    // The outcome is safe: the slot goes to the next job while the dead letter and the ack are
+    // on their way (two hops through lapin's threads), as Celery's pool takes a new job once
+    // the task has returned and its result is stored.
+    drop(slot);
     if let Some(why) = dead {
         if !dead_letter(job, &why).await {
             return requeue_after_pause(shared, &job.delivery).await;

@@ -46,9 +46,13 @@ fn runtime_histogram() -> Histogram {
 }
 
 /// The metric handles of one task on one queue, looked up once and then shared: the hot path
-/// touches atomics only, with no label allocation or family lookup per message.
+/// touches atomics only, with no label allocation or family lookup per message. Cloning is one
+/// reference-count increment (a job takes its own handle from the cache on every message).
 #[derive(Clone)]
-pub struct TaskMetrics {
+pub struct TaskMetrics(Arc<TaskHandles>);
+
+/// The handles themselves; reached through `TaskMetrics` (`l.received.inc()`).
+pub struct TaskHandles {
     labels: TaskLabels,
     failed_by_type: Family<FailedLabels, Counter>,
     pub received: Counter,
@@ -60,7 +64,15 @@ pub struct TaskMetrics {
     pub runtime: Histogram,
 }
 
-impl TaskMetrics {
+impl std::ops::Deref for TaskMetrics {
+    type Target = TaskHandles;
+
+    fn deref(&self) -> &TaskHandles {
+        &self.0
+    }
+}
+
+impl TaskHandles {
     /// Counts a failure with its exception type. Types come from the worker's own errors, not
     /// from message content, so the label stays bounded.
     pub fn failed(&self, exception: &str) {
@@ -186,7 +198,7 @@ impl Metrics {
 
     /// Handles for one label set (creating the series on first use).
     pub fn task(&self, labels: &TaskLabels) -> TaskMetrics {
-        let handles = TaskMetrics {
+        let handles = TaskHandles {
             labels: labels.clone(),
             failed_by_type: self.failed.clone(),
             received: self.received.get_or_create(labels).clone(),
@@ -199,7 +211,7 @@ impl Metrics {
         };
         // As celery-exporter does, the failure series exists (at 0) before the first failure.
         handles.failed_series("");
-        handles
+        TaskMetrics(Arc::new(handles))
     }
 
     /// The Prometheus text exposition of every metric.

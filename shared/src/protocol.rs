@@ -111,6 +111,36 @@ const KNOWN_HEADERS: &[&str] = &[
     "compression",
 ];
 
+/// `KNOWN_HEADERS.contains(name)`, as one `match` (a jump on the length, then one compare)
+/// instead of a scan of 19 strings for each of a message's ~19 headers.
+fn is_known_header(name: &str) -> bool {
+    let known = matches!(
+        name,
+        "lang"
+            | "task"
+            | "id"
+            | "shadow"
+            | "eta"
+            | "expires"
+            | "group"
+            | "group_index"
+            | "retries"
+            | "timelimit"
+            | "root_id"
+            | "parent_id"
+            | "argsrepr"
+            | "kwargsrepr"
+            | "origin"
+            | "ignore_result"
+            | "replaced_task_nesting"
+            | "stamped_headers"
+            | "stamps"
+            | "compression"
+    );
+    debug_assert_eq!(known, KNOWN_HEADERS.contains(&name));
+    known
+}
+
 const REPR_MAX: usize = 1024;
 
 impl TaskMessage {
@@ -299,7 +329,7 @@ impl TaskMessage {
 
         let extra_headers = headers
             .iter()
-            .filter(|(k, _)| !KNOWN_HEADERS.contains(&k.as_str()))
+            .filter(|(k, _)| !is_known_header(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
 
@@ -981,6 +1011,16 @@ mod tests {
                 "{name}={time}: {}",
                 e.reason
             );
+        }
+    }
+
+    #[test]
+    fn known_headers_are_recognised_by_the_fast_check() {
+        for name in KNOWN_HEADERS {
+            assert!(is_known_header(name), "{name}");
+        }
+        for name in ["x-custom", "", "tas", "tasks", "ID", "stamp", "retries "] {
+            assert!(!is_known_header(name), "{name}");
         }
     }
 

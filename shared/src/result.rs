@@ -101,7 +101,7 @@ impl ResultMeta {
     pub fn new(task_id: &str, status: TaskState, result: Value) -> ResultMeta {
         let date_done = status
             .is_ready()
-            .then(|| crate::protocol::format_time(chrono::Utc::now()));
+            .then(|| format_date_done(chrono::Utc::now()));
         ResultMeta {
             status,
             result,
@@ -167,6 +167,38 @@ impl ResultMeta {
                 .in_module(module.to_owned()),
         )
     }
+}
+
+/// `date_done` exactly as `protocol::format_time` writes it (Python's `isoformat()` of an aware
+/// UTC datetime), without chrono's format-string interpreter: it runs once per stored result,
+/// and the interpreter was a quarter of building and serialising a SUCCESS record.
+fn format_date_done(d: chrono::DateTime<chrono::Utc>) -> String {
+    use chrono::{Datelike, Timelike};
+    use std::fmt::Write;
+    let year = d.year();
+    if !(0..=9999).contains(&year) {
+        // Outside four digits chrono adds a sign; leave that rare case to chrono itself.
+        return crate::protocol::format_time(d);
+    }
+    // A leap second is nanosecond ≥ 1e9 in chrono, printed as second 60.
+    let nanos = d.nanosecond();
+    let (second, nanos) = if nanos >= 1_000_000_000 {
+        (d.second() + 1, nanos - 1_000_000_000)
+    } else {
+        (d.second(), nanos)
+    };
+    let mut out = String::with_capacity(32);
+    // Writing into a String cannot fail.
+    let _ = write!(
+        out,
+        "{year:04}-{:02}-{:02}T{:02}:{:02}:{second:02}.{:06}+00:00",
+        d.month(),
+        d.day(),
+        d.hour(),
+        d.minute(),
+        nanos / 1000
+    );
+    out
 }
 
 /// How a failure should be treated by the runtime.
@@ -258,6 +290,24 @@ impl TaskError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn date_done_is_written_as_format_time_writes_it() {
+        use chrono::{TimeZone, Utc};
+        let mut t = Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 58).unwrap();
+        for step in 0..5_000i64 {
+            // Every microsecond digit, day, month and year boundary comes by.
+            t += chrono::Duration::microseconds(step * 7_919_301 + 1);
+            assert_eq!(format_date_done(t), crate::protocol::format_time(t));
+        }
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31)
+            .and_then(|d| d.and_hms_nano_opt(23, 59, 59, 1_500_000_000))
+            .unwrap()
+            .and_utc();
+        assert_eq!(format_date_done(leap), crate::protocol::format_time(leap));
+        let far = Utc.with_ymd_and_hms(12345, 1, 2, 3, 4, 5).unwrap();
+        assert_eq!(format_date_done(far), crate::protocol::format_time(far));
+    }
 
     #[test]
     fn meta_serialises_in_celerys_layout() {
