@@ -10,7 +10,7 @@ use lapin::BasicProperties;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::amqp_table::{read_properties, write_properties};
+use crate::amqp_table::{read_job_properties, read_properties, try_write_properties};
 use crate::protocol::{DecodeError, Properties, TaskMessage, JSON_CONTENT_TYPE};
 use crate::result::TaskError;
 use crate::task::{typed_args, Task, TaskContext};
@@ -21,8 +21,9 @@ const MAX_BODY_BYTES: usize = 1 << 20;
 /// What one message became.
 #[derive(Debug)]
 pub enum MessageOutcome {
-    /// The content header's properties do not parse; lapin closes the connection on such a
-    /// frame, so no job ever sees it.
+    /// The properties cannot be on the wire: they do not parse (lapin closes the connection on
+    /// such a frame), or, for `message_json`, py-amqp could not have written them (a header
+    /// key over 255 bytes). No job ever sees these.
     BadFrame(String),
     /// Refused before any task ran, as the worker stores and dead-letters it.
     Refused(DecodeError),
@@ -75,13 +76,19 @@ pub fn message_json(data: &[u8]) -> MessageOutcome {
         ..Properties::default()
     };
     // Through the field-table conversion the broker edge does on the way out and back in.
-    delivered(&write_properties(&props, &headers), body)
+    match try_write_properties(&props, &headers) {
+        Ok(basic) => delivered(&basic, body),
+        Err(e) => MessageOutcome::BadFrame(e.to_string()),
+    }
 }
 
 /// From here on, the path of `job::handle`: properties and headers read, the message decoded,
 /// the task looked up and its kwargs made into its argument struct.
 fn delivered(basic: &BasicProperties, body: &[u8]) -> MessageOutcome {
-    let (props, headers) = read_properties(basic);
+    let (props, headers) = match read_job_properties(basic) {
+        Ok(read) => read,
+        Err(e) => return MessageOutcome::Refused(e),
+    };
     let message = match TaskMessage::decode(&props, &headers, body, MAX_BODY_BYTES) {
         Ok(m) => m,
         Err(e) => return MessageOutcome::Refused(e),
@@ -98,7 +105,7 @@ fn delivered(basic: &BasicProperties, body: &[u8]) -> MessageOutcome {
         });
     }
     let _ = message.is_expired(Utc::now());
-    republish_round_trip(&message);
+    encode_round_trip(&message);
     let args = typed_args::<Probe>(message.args.clone(), message.kwargs.clone());
     MessageOutcome::Decoded {
         message: Box::new(message),
@@ -106,14 +113,17 @@ fn delivered(basic: &BasicProperties, body: &[u8]) -> MessageOutcome {
     }
 }
 
-/// A retry, a delay or a hand-on re-publishes the decoded message; a worker must accept that
-/// copy again, or the job dies on its second hop.
-fn republish_round_trip(message: &TaskMessage) {
+/// What mediafarm publishes (the client, beat, snapshot hand-ons) its workers must accept; a
+/// decoded message is a wide sample of the messages a producer can build. Publishing may
+/// refuse one with a clear error (a task id over 255 bytes), never panic.
+fn encode_round_trip(message: &TaskMessage) {
     let (props, headers, body) = message.encode();
-    let basic = write_properties(&props, &headers);
+    let Ok(basic) = try_write_properties(&props, &headers) else {
+        return;
+    };
     let (props, headers) = read_properties(&basic);
     if let Err(e) = TaskMessage::decode(&props, &headers, &body, usize::MAX) {
-        panic!("a message that was accepted is refused when re-published: {e}");
+        panic!("a message mediafarm encoded is refused by its own decoder: {e}");
     }
 }
 
@@ -257,6 +267,14 @@ mod tests {
             Some("`retries` must be a whole number"),
         ),
         ("message_json/seeds/no-id", Some("has no `id` header")),
+        (
+            "message_json/crashes/header-key-over-255-bytes",
+            Some("is 324 bytes; AMQP carries it as a short string of at most 255 bytes"),
+        ),
+        (
+            "message_json/crashes/task-id-over-255-bytes",
+            Some("the task id (correlation_id) is 258 bytes"),
+        ),
     ];
 
     fn check(target: &str, entry: fn(&[u8]) -> MessageOutcome) {
