@@ -58,16 +58,40 @@ fn float(f: f64) -> Value {
         .unwrap_or(Value::Null)
 }
 
-pub fn json_to_table(map: &Map<String, Value>) -> FieldTable {
-    let mut table = FieldTable::default();
-    for (k, v) in map {
-        table.insert(ShortString::from(k.as_str()), json_to_value(v));
-    }
-    table
+/// A value AMQP can only carry as a short string (a property, a table key) that is longer than
+/// 255 bytes. lapin's `ShortString::from` panics on one, so every conversion goes through
+/// [`short`] instead.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{what} is {bytes} bytes; AMQP carries it as a short string of at most 255 bytes")]
+pub struct TooLong {
+    pub what: String,
+    pub bytes: usize,
 }
 
-pub fn json_to_value(v: &Value) -> AMQPValue {
-    match v {
+fn short(s: &str, what: impl FnOnce() -> String) -> Result<ShortString, TooLong> {
+    ShortString::try_new(s).map_err(|_| TooLong {
+        what: what(),
+        bytes: s.len(),
+    })
+}
+
+/// A header key as an error shows it: quoted and cut to its first 40 characters.
+fn shown_key(k: &str) -> String {
+    let cut: String = k.chars().take(40).collect();
+    let more = if cut.len() < k.len() { "…" } else { "" };
+    format!("header key {:?}{more}", cut)
+}
+
+pub fn json_to_table(map: &Map<String, Value>) -> Result<FieldTable, TooLong> {
+    let mut table = FieldTable::default();
+    for (k, v) in map {
+        table.insert(short(k, || shown_key(k))?, json_to_value(v)?);
+    }
+    Ok(table)
+}
+
+pub fn json_to_value(v: &Value) -> Result<AMQPValue, TooLong> {
+    Ok(match v {
         Value::Null => AMQPValue::Void,
         Value::Bool(b) => AMQPValue::Boolean(*b),
         Value::Number(n) => match (n.as_i64(), n.as_f64()) {
@@ -77,10 +101,10 @@ pub fn json_to_value(v: &Value) -> AMQPValue {
         },
         Value::String(s) => AMQPValue::LongString(LongString::from(s.as_bytes().to_vec())),
         Value::Array(a) => AMQPValue::FieldArray(FieldArray::from(
-            a.iter().map(json_to_value).collect::<Vec<_>>(),
+            a.iter().map(json_to_value).collect::<Result<Vec<_>, _>>()?,
         )),
-        Value::Object(m) => AMQPValue::FieldTable(json_to_table(m)),
-    }
+        Value::Object(m) => AMQPValue::FieldTable(json_to_table(m)?),
+    })
 }
 
 /// Reads the protocol-relevant properties and the headers of a delivered message.
@@ -142,30 +166,45 @@ fn holds_nesting_marker(v: &Value) -> bool {
     false
 }
 
-/// Builds persistent message properties as Celery sets them.
-pub fn write_properties(props: &Properties, headers: &Map<String, Value>) -> BasicProperties {
+/// Builds persistent message properties as Celery sets them; refuses what AMQP cannot carry
+/// (a task id, reply-to or header key over 255 bytes) instead of panicking in lapin.
+pub fn try_write_properties(
+    props: &Properties,
+    headers: &Map<String, Value>,
+) -> Result<BasicProperties, TooLong> {
     let mut p = BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
-        .with_headers(json_to_table(headers));
+        .with_headers(json_to_table(headers)?);
     if let Some(v) = &props.content_type {
-        p = p.with_content_type(v.as_str().into());
+        p = p.with_content_type(short(v, || "content_type".into())?);
     }
     if let Some(v) = &props.content_encoding {
-        p = p.with_content_encoding(v.as_str().into());
+        p = p.with_content_encoding(short(v, || "content_encoding".into())?);
     }
     if let Some(v) = &props.correlation_id {
-        p = p.with_correlation_id(v.as_str().into());
+        p = p.with_correlation_id(short(v, || "the task id (correlation_id)".into())?);
     }
     if let Some(v) = &props.reply_to {
-        p = p.with_reply_to(v.as_str().into());
+        p = p.with_reply_to(short(v, || "reply_to".into())?);
     }
     if let Some(v) = props.priority {
         p = p.with_priority(v);
     }
     if let Some(v) = &props.expiration {
-        p = p.with_expiration(v.as_str().into());
+        p = p.with_expiration(short(v, || "expiration".into())?);
     }
-    p
+    Ok(p)
+}
+
+/// [`try_write_properties`] for values known to fit (tests, fixed properties).
+///
+/// # Panics
+/// When a property or header key is longer than 255 bytes.
+pub fn write_properties(props: &Properties, headers: &Map<String, Value>) -> BasicProperties {
+    match try_write_properties(props, headers) {
+        Ok(p) => p,
+        Err(e) => panic!("write_properties: {e}"),
+    }
 }
 
 #[cfg(test)]
@@ -173,13 +212,40 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// Found by the `message_json` fuzz target: lapin's `ShortString::from` panics past 255
+    /// bytes, so a producer-chosen task id or header key crashed the publishing thread.
+    #[test]
+    fn values_amqp_cannot_carry_are_refused_not_panicked_on() {
+        let props = Properties {
+            correlation_id: Some("i".repeat(256)),
+            ..Properties::default()
+        };
+        let e = try_write_properties(&props, &Map::new()).unwrap_err();
+        assert_eq!(e.bytes, 256);
+        assert!(e.to_string().contains("task id"), "{e}");
+        let long_key = "k".repeat(300);
+        let headers = json!({"stamps": {long_key.clone(): 1}})
+            .as_object()
+            .cloned()
+            .unwrap();
+        let e = try_write_properties(&Properties::default(), &headers).unwrap_err();
+        assert!(e.to_string().contains("header key \"kkkk"), "{e}");
+        assert!(e.to_string().contains("300 bytes"), "{e}");
+        let fits = Properties {
+            correlation_id: Some("i".repeat(255)),
+            ..Properties::default()
+        };
+        let headers = json!({"k".repeat(255): 1}).as_object().cloned().unwrap();
+        assert!(try_write_properties(&fits, &headers).is_ok());
+    }
+
     #[test]
     fn json_survives_a_round_trip_through_a_field_table() {
         let original = json!({
             "lang": "py", "retries": 3, "timelimit": [30, 2.5], "eta": null,
             "ignore_result": false, "stamps": {"a": ["x"]}, "kwargsrepr": "{'é': 1}"
         });
-        let table = json_to_table(original.as_object().unwrap());
+        let table = json_to_table(original.as_object().unwrap()).unwrap();
         assert_eq!(Value::Object(table_to_json(&table)), original);
     }
 

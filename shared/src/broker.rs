@@ -15,7 +15,7 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::amqp_table::write_properties;
+use crate::amqp_table::{try_write_properties, TooLong};
 use crate::backend::redact;
 use crate::protocol::TaskMessage;
 use crate::settings::Settings;
@@ -32,6 +32,8 @@ pub enum BrokerError {
     Nacked { id: String },
     #[error("queue name {0:?} is not valid: 1 to 200 characters, no spaces")]
     QueueName(String),
+    #[error("message {id} cannot be published: {reason}")]
+    Unpublishable { id: String, reason: TooLong },
 }
 
 /// Parses a Celery/kombu-style AMQP URL: `//` and an empty path both mean vhost `/`.
@@ -213,8 +215,12 @@ impl Publisher {
                 Err((confirmed, e)) => {
                     done += confirmed;
                     let _ = slot.conn.close(200, "publish failed".into()).await;
-                    if matches!(e, BrokerError::Nacked { .. } | BrokerError::QueueName(_))
-                        || attempt + 1 >= PUBLISH_ATTEMPTS
+                    if matches!(
+                        e,
+                        BrokerError::Nacked { .. }
+                            | BrokerError::QueueName(_)
+                            | BrokerError::Unpublishable { .. }
+                    ) || attempt + 1 >= PUBLISH_ATTEMPTS
                     {
                         return Err(e);
                     }
@@ -261,6 +267,14 @@ async fn publish_on(
     let mut confirms = Vec::with_capacity(msgs.len());
     for msg in msgs {
         let (props, headers, body) = msg.encode();
+        let properties = match try_write_properties(&props, &headers) {
+            Ok(p) => p,
+            Err(reason) => {
+                let confirmed = settle(confirms).await;
+                let id = msg.id.chars().take(64).collect();
+                return Err((confirmed, BrokerError::Unpublishable { id, reason }));
+            }
+        };
         // Celery publishes to the default exchange with the queue's name as routing key.
         let confirm = slot
             .channel
@@ -269,7 +283,7 @@ async fn publish_on(
                 queue.into(),
                 BasicPublishOptions::default(),
                 &body,
-                write_properties(&props, &headers),
+                properties,
             )
             .await;
         match confirm {

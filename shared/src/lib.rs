@@ -14,6 +14,8 @@ pub mod client;
 pub mod compression;
 pub mod cpu;
 pub mod deadletter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod job;
 #[cfg(test)]

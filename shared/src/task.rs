@@ -183,8 +183,7 @@ impl<T: Task> ErasedTask for Erased<T> {
     ) -> BoxFuture<Result<Value, TaskError>> {
         let task = self.0.clone();
         Box::pin(async move {
-            let kwargs = merge_positional(T::NAME, T::POSITIONAL, args, kwargs)?;
-            let typed: T::Args = deserialize_kwargs(T::NAME, kwargs)?;
+            let typed = typed_args::<T>(args, kwargs)?;
             let output = task.run(ctx, typed).await?;
             serde_json::to_value(output).map_err(|e| {
                 TaskError::permanent(
@@ -194,6 +193,17 @@ impl<T: Task> ErasedTask for Erased<T> {
             })
         })
     }
+}
+
+/// A message's `args` and `kwargs` as the task's argument struct, exactly as the runtime
+/// makes them before `run`: positional arguments merged under their names, then deserialised
+/// with errors naming the bad field.
+pub fn typed_args<T: Task>(
+    args: Vec<Value>,
+    kwargs: Map<String, Value>,
+) -> Result<T::Args, TaskError> {
+    let kwargs = merge_positional(T::NAME, T::POSITIONAL, args, kwargs)?;
+    deserialize_kwargs(T::NAME, kwargs)
 }
 
 fn merge_positional(

@@ -5,6 +5,8 @@ pub mod budget;
 pub mod colour;
 pub mod decode;
 pub mod encode;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod geometry;
 pub mod jpeg;
 pub mod lowres;

@@ -52,11 +52,7 @@ impl Task for Transform {
         ctx: TaskContext,
         args: TransformArgs,
     ) -> Result<TransformResult, TaskError> {
-        check_args(&args)?;
-        for out in &args.outputs {
-            mediafarm::storage::check_key(&out.key)?;
-        }
-        let source = Source::parse(&args.source)?;
+        let source = vet(&args)?;
         let data = self.sources.read(&source, self.max_src_bytes).await?;
         let max_pixels = self.max_src_pixels;
         let specs = args.clone();
@@ -94,6 +90,15 @@ impl Task for Transform {
             outputs,
         })
     }
+}
+
+/// Everything checked before the source is read: the outputs, their keys, the source's form.
+pub fn vet(args: &TransformArgs) -> Result<Source, TaskError> {
+    check_args(args)?;
+    for out in &args.outputs {
+        mediafarm::storage::check_key(&out.key)?;
+    }
+    Ok(Source::parse(&args.source)?)
 }
 
 /// One encoded output.

@@ -4,6 +4,8 @@
 //! when its job is redelivered; see [`once_only`] for the one window where it may repeat.
 
 pub mod email;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http_status;
 pub mod once_only;
 pub mod rate_limit;

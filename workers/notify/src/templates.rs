@@ -29,6 +29,20 @@ impl Templates {
         Templates { env, dir }
     }
 
+    /// Templates given as (file name, source) pairs instead of read from a directory; a name
+    /// not among them is `Missing`. For tests and the fuzz targets.
+    pub fn from_sources(files: &[(&str, &str)]) -> Result<Templates, minijinja::Error> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        for (name, source) in files {
+            env.add_template_owned(name.to_string(), source.to_string())?;
+        }
+        Ok(Templates {
+            env,
+            dir: PathBuf::from("(in memory)"),
+        })
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

@@ -225,30 +225,38 @@ fn check_headers(headers: &BTreeMap<String, String>) -> Result<(), TaskError> {
     Ok(())
 }
 
+/// Everything checked before the host is resolved: the URL parses, the headers are ones HTTP
+/// can carry and the worker does not set, the body is within [`MAX_BODY_BYTES`]. Returns the
+/// URL and the body bytes.
+pub fn prepare(args: &WebhookArgs) -> Result<(Url, Vec<u8>), TaskError> {
+    let url = Url::parse(&args.url).map_err(|e| {
+        TaskError::invalid(
+            "InvalidArguments",
+            format!("`url` = {:?} is not a URL: {e}", args.url),
+        )
+    })?;
+    check_headers(&args.headers)?;
+    let body = serde_json::to_vec(&args.json)
+        .map_err(|e| TaskError::invalid("InvalidArguments", format!("`json`: {e}")))?;
+    if body.len() > MAX_BODY_BYTES {
+        return Err(TaskError::invalid(
+            "BodyTooLarge",
+            format!(
+                "the webhook body is {} bytes; the limit is {MAX_BODY_BYTES}",
+                body.len()
+            ),
+        ));
+    }
+    Ok((url, body))
+}
+
 impl Task for Webhook {
     const NAME: &'static str = "notify.webhook";
     type Args = WebhookArgs;
     type Output = Value;
 
     async fn run(&self, ctx: TaskContext, args: WebhookArgs) -> Result<Value, TaskError> {
-        let url = Url::parse(&args.url).map_err(|e| {
-            TaskError::invalid(
-                "InvalidArguments",
-                format!("`url` = {:?} is not a URL: {e}", args.url),
-            )
-        })?;
-        check_headers(&args.headers)?;
-        let body = serde_json::to_vec(&args.json)
-            .map_err(|e| TaskError::invalid("InvalidArguments", format!("`json`: {e}")))?;
-        if body.len() > MAX_BODY_BYTES {
-            return Err(TaskError::invalid(
-                "BodyTooLarge",
-                format!(
-                    "the webhook body is {} bytes; the limit is {MAX_BODY_BYTES}",
-                    body.len()
-                ),
-            ));
-        }
+        let (url, body) = prepare(&args)?;
         // Refuse a bad URL before claiming anything.
         self.vet(&url).await?;
         let key =

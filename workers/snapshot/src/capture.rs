@@ -100,6 +100,33 @@ pub fn check_image_args(quality: Option<u8>, max_width: Option<u32>) -> Result<u
     Ok(quality)
 }
 
+/// Everything checked before the stream is opened: the JPEG/WebP options, `timeout_s`
+/// (`default_timeout` when absent), `at_s` and the key template. Returns quality and timeout.
+pub fn check_args(
+    args: &CaptureArgs,
+    default_timeout: Duration,
+) -> Result<(u8, Duration), TaskError> {
+    let quality = check_image_args(args.quality, args.max_width)?;
+    let timeout = match args.timeout_s {
+        None => default_timeout,
+        Some(t) if t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_S => Duration::from_secs_f64(t),
+        Some(t) => {
+            return Err(TaskError::invalid(
+                "InvalidArguments",
+                format!("timeout_s {t} is not accepted: more than 0, at most {MAX_TIMEOUT_S}"),
+            ))
+        }
+    };
+    if let Some(at) = args.at_s.filter(|a| !a.is_finite() || *a < 0.0) {
+        return Err(TaskError::invalid(
+            "InvalidArguments",
+            format!("at_s {at} is not accepted: seconds from the file's start, 0 or more"),
+        ));
+    }
+    template::expand(&args.key, &[("time", "t")])?;
+    Ok((quality, timeout))
+}
+
 impl Task for Capture {
     const NAME: &'static str = "snapshot.capture";
     // A frame is about now: a retry minutes later would answer another question.
@@ -108,24 +135,7 @@ impl Task for Capture {
     type Output = CaptureResult;
 
     async fn run(&self, ctx: TaskContext, args: CaptureArgs) -> Result<CaptureResult, TaskError> {
-        let quality = check_image_args(args.quality, args.max_width)?;
-        let timeout = match args.timeout_s {
-            None => self.settings.snapshot_capture_timeout,
-            Some(t) if t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_S => Duration::from_secs_f64(t),
-            Some(t) => {
-                return Err(TaskError::invalid(
-                    "InvalidArguments",
-                    format!("timeout_s {t} is not accepted: more than 0, at most {MAX_TIMEOUT_S}"),
-                ))
-            }
-        };
-        if let Some(at) = args.at_s.filter(|a| !a.is_finite() || *a < 0.0) {
-            return Err(TaskError::invalid(
-                "InvalidArguments",
-                format!("at_s {at} is not accepted: seconds from the file's start, 0 or more"),
-            ));
-        }
-        template::expand(&args.key, &[("time", "t")])?;
+        let (quality, timeout) = check_args(&args, self.settings.snapshot_capture_timeout)?;
         let deadline = Instant::now() + timeout;
         let src =
             tokio::time::timeout(timeout, StreamSource::vet(&args.stream_url, &self.settings))

@@ -4,6 +4,8 @@
 
 pub mod capture;
 pub mod cpu_gate;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod jpeg;
 pub mod media;
 pub mod source;

@@ -109,6 +109,18 @@ pub fn content(args: &EmailArgs, templates: &Templates) -> Result<Content, TaskE
     Ok(content)
 }
 
+/// Everything checked before attachments are read: the content (rendered when a template is
+/// named), the addresses and the extra headers. `default_from` is the `email_from` setting.
+pub fn draft(
+    args: &EmailArgs,
+    templates: &Templates,
+    default_from: &str,
+) -> Result<Draft, TaskError> {
+    let content = content(args, templates)?;
+    let from = args.from.as_deref().unwrap_or(default_from);
+    Draft::new(args, from, content)
+}
+
 /// One address as given in a job: `a@example.com` or `Name <a@example.com>`.
 pub fn mailbox(field: &str, text: &str) -> Result<Mailbox, TaskError> {
     validate::header_value(field, text)?;

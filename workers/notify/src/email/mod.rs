@@ -122,9 +122,7 @@ impl Task for Email {
     type Output = Value;
 
     async fn run(&self, ctx: TaskContext, args: EmailArgs) -> Result<Value, TaskError> {
-        let content = compose::content(&args, &self.templates)?;
-        let from = args.from.as_deref().unwrap_or(&self.default_from);
-        let draft = compose::Draft::new(&args, from, content)?;
+        let draft = compose::draft(&args, &self.templates, &self.default_from)?;
         let recipients = draft.recipients();
         let key = crate::once_only::once_key(
             &ctx,

@@ -103,41 +103,44 @@ impl Sms {
             lease: settings.webhook_timeout * 3 + Duration::from_secs(10),
         })
     }
+}
 
-    fn body(&self, args: &SmsArgs) -> Result<String, TaskError> {
-        let body = match (&args.body, &args.template) {
-            (Some(body), None) => body.clone(),
-            (None, Some(name)) => {
-                Templates::check_name(name)?;
-                let file = format!("{name}.sms.txt");
-                match self.templates.render(&file, &args.context)? {
-                    Rendered::Text(t) => t,
-                    Rendered::Missing => return Err(self.templates.unknown(name, &[file])),
-                }
+/// The text to send, checked: the number is E.164 and the body (literal, or rendered from
+/// `<template>.sms.txt`) is neither empty nor longer than [`MAX_BODY_CHARS`].
+pub fn check(args: &SmsArgs, templates: &Templates) -> Result<String, TaskError> {
+    validate::e164("to", &args.to)?;
+    let body = match (&args.body, &args.template) {
+        (Some(body), None) => body.clone(),
+        (None, Some(name)) => {
+            Templates::check_name(name)?;
+            let file = format!("{name}.sms.txt");
+            match templates.render(&file, &args.context)? {
+                Rendered::Text(t) => t,
+                Rendered::Missing => return Err(templates.unknown(name, &[file])),
             }
-            (Some(_), Some(_)) => {
-                return Err(TaskError::invalid(
-                    "InvalidArguments",
-                    "give either `body` or `template` (+ `context`), not both",
-                ))
-            }
-            (None, None) => {
-                return Err(TaskError::invalid(
-                    "EmptyBody",
-                    "notify.sms needs `body` or a `template`",
-                ))
-            }
-        };
-        validate::non_empty("the SMS body", &body)?;
-        let chars = body.chars().count();
-        if chars > MAX_BODY_CHARS {
-            return Err(TaskError::invalid(
-                "BodyTooLong",
-                format!("the SMS body is {chars} characters; the limit is {MAX_BODY_CHARS}"),
-            ));
         }
-        Ok(body)
+        (Some(_), Some(_)) => {
+            return Err(TaskError::invalid(
+                "InvalidArguments",
+                "give either `body` or `template` (+ `context`), not both",
+            ))
+        }
+        (None, None) => {
+            return Err(TaskError::invalid(
+                "EmptyBody",
+                "notify.sms needs `body` or a `template`",
+            ))
+        }
+    };
+    validate::non_empty("the SMS body", &body)?;
+    let chars = body.chars().count();
+    if chars > MAX_BODY_CHARS {
+        return Err(TaskError::invalid(
+            "BodyTooLong",
+            format!("the SMS body is {chars} characters; the limit is {MAX_BODY_CHARS}"),
+        ));
     }
+    Ok(body)
 }
 
 impl Task for Sms {
@@ -146,8 +149,7 @@ impl Task for Sms {
     type Output = Value;
 
     async fn run(&self, ctx: TaskContext, args: SmsArgs) -> Result<Value, TaskError> {
-        validate::e164("to", &args.to)?;
-        let body = self.body(&args)?;
+        let body = check(&args, &self.templates)?;
         let name = args.provider.as_deref().unwrap_or(&self.default_provider);
         let provider = self.providers.get(name).cloned().ok_or_else(|| {
             TaskError::invalid(

@@ -203,7 +203,9 @@ fn invalid(msg: String) -> TaskError {
     TaskError::invalid("InvalidArguments", msg)
 }
 
-fn check_args(args: &WatchArgs) -> Result<u8, TaskError> {
+/// Everything checked before the stream is opened: the stream id, the interval and duration,
+/// the key template and the image options. Returns the quality.
+pub fn check_args(args: &WatchArgs) -> Result<u8, TaskError> {
     let id_ok = !args.stream_id.is_empty()
         && args.stream_id.len() <= 128
         && args

@@ -1,0 +1,8 @@
+//! See `image_worker::fuzzing::transform_kwargs`: kwargs are accepted or refused, never a panic.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = image_worker::fuzzing::transform_kwargs(data);
+});
