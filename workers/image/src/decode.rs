@@ -1,7 +1,8 @@
 //! Reading a source once: its type and pixel count checked from the header before any pixel
 //! is decoded, JPEGs through libjpeg-turbo at the smallest IDCT scale every output allows
-//! (shrink-on-load), other types through `image`; EXIF orientation applied; the ICC profile
-//! and EXIF block kept for the outputs.
+//! (shrink-on-load), other types through `image`; the EXIF orientation read (and returned, not
+//! applied: `orient.rs` turns each output after its resize); the ICC profile and EXIF block
+//! kept for the outputs.
 
 use std::io::Cursor;
 
@@ -10,14 +11,17 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbIma
 use mediafarm::TaskError;
 
 use crate::budget::{reserve, Reservation};
+use crate::orient::swap_size;
 use crate::spec::{invalid, SourceInfo};
 use crate::{jpeg, lowres};
 
-/// A decoded source, 8-bit RGB or RGBA, oriented.
+/// A decoded source, 8-bit RGB or RGBA, as stored (not yet turned by its orientation).
 pub struct Decoded {
     pub image: DynamicImage,
-    /// The full size (oriented), whatever scale the pixels were decoded at.
+    /// The full size as shown (after orientation), whatever scale the pixels were decoded at.
     pub info: SourceInfo,
+    /// The EXIF orientation still to apply (when `auto_orient`), to each finished output.
+    pub orientation: Option<Orientation>,
     pub icc: Option<Vec<u8>>,
     /// The EXIF block (TIFF header onwards), its orientation reset when it was applied.
     pub exif: Option<Vec<u8>>,
@@ -25,7 +29,7 @@ pub struct Decoded {
     pub reservation: Reservation,
 }
 
-/// Decodes `data`. `share_needed` gets the full oriented size and returns the largest share
+/// Decodes `data`. `share_needed` gets the full size as shown and returns the largest share
 /// of it (0–1, per side) any output needs: JPEGs are decoded at 1/2, 1/4 or 1/8 scale when
 /// that is enough.
 pub fn decode(
@@ -83,16 +87,6 @@ fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), TaskErro
     Ok(())
 }
 
-fn swaps_sides(o: Orientation) -> bool {
-    matches!(
-        o,
-        Orientation::Rotate90
-            | Orientation::Rotate270
-            | Orientation::Rotate90FlipH
-            | Orientation::Rotate270FlipH
-    )
-}
-
 /// The orientation to apply, and the EXIF block as the outputs should carry it.
 fn orientation(exif: Option<Vec<u8>>, auto_orient: bool) -> (Option<Orientation>, Option<Vec<u8>>) {
     match exif {
@@ -135,10 +129,7 @@ fn decode_jpeg(
         return Ok(None);
     }
     let (orient, exif) = orientation(header.exif, auto_orient);
-    let full = match orient {
-        Some(o) if swaps_sides(o) => (header.height, header.width),
-        _ => (header.width, header.height),
-    };
+    let full = swap_size(orient, (header.width, header.height));
     let eighths = eighths_for(share_needed(full));
     let scaled = |side: u32| u64::from(side.div_ceil(8 / u32::from(eighths)));
     let pixels = scaled(header.width) * scaled(header.height) * 3;
@@ -169,14 +160,12 @@ fn decode_jpeg(
             rgb
         }
     };
-    let mut image = RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels)
+    let image = RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels)
         .map(DynamicImage::ImageRgb8)
         .ok_or_else(|| invalid("InvalidImage", "cannot decode the jpeg: short pixel data"))?;
-    if let Some(o) = orient {
-        image.apply_orientation(o);
-    }
     Ok(Some(Decoded {
         image,
+        orientation: orient,
         info: SourceInfo {
             width: full.0,
             height: full.1,
@@ -220,10 +209,7 @@ fn decode_other(
     let exif = decoder.exif_metadata().ok().flatten();
     let (orient, exif) = orientation(exif, auto_orient);
     // GIF and animated WebP: the first frame.
-    let mut image = DynamicImage::from_decoder(decoder).map_err(cannot)?;
-    if let Some(o) = orient {
-        image.apply_orientation(o);
-    }
+    let image = DynamicImage::from_decoder(decoder).map_err(cannot)?;
     // 8 bits per channel, RGB or RGBA: grayscale, 16-bit and palette sources alike (an
     // 8-bit RGB(A) picture is kept as it is, not copied).
     let image = match image {
@@ -231,14 +217,16 @@ fn decode_other(
         other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.into_rgba8()),
         other => DynamicImage::ImageRgb8(other.into_rgb8()),
     };
+    let (width, height) = swap_size(orient, (image.width(), image.height()));
     Ok(Decoded {
         info: SourceInfo {
-            width: image.width(),
-            height: image.height(),
+            width,
+            height,
             format: name,
             bytes: data.len() as u64,
         },
         image,
+        orientation: orient,
         icc,
         exif,
         reservation,

@@ -8,6 +8,7 @@ pub mod encode;
 pub mod geometry;
 pub mod jpeg;
 pub mod lowres;
+pub mod orient;
 pub mod scans;
 pub mod spec;
 pub mod transform;
