@@ -532,7 +532,13 @@ async fn bad_inputs_fail_clearly_and_the_worker_goes_on() {
             "page.jpg",
             b"<!DOCTYPE html><html><body>404</body></html>".to_vec(),
             "UnsupportedImage",
-            "not a JPEG, PNG",
+            "(first bytes: 3c 21 44 4f 43 54 59 50 45 20 68 74 6d 6c 3e 3c …, \"<!DOCTYPE html><\")",
+        ),
+        (
+            "clip.jpg",
+            vec![0x00, 0x00, 0x01, 0xba, 0x44, 0x00, 0x04, 0x00, 0x04, 0x01],
+            "UnsupportedImage",
+            "not a JPEG, PNG, GIF or WebP image (first bytes: 00 00 01 ba 44 00 04 00 04 01)",
         ),
         (
             "logo.svg",

@@ -59,16 +59,34 @@ fn sniff(data: &[u8]) -> Result<ImageFormat, TaskError> {
             "UnsupportedImage",
             format!("{other:?} sources are not accepted; send JPEG, PNG, GIF or WebP"),
         )),
-        Err(_) => {
-            let start = String::from_utf8_lossy(&data[..data.len().min(16)]).into_owned();
-            Err(invalid(
-                "UnsupportedImage",
-                format!(
-                    "the source is not a JPEG, PNG, GIF or WebP image (it starts with {start:?})"
-                ),
-            ))
-        }
+        Err(_) => Err(invalid(
+            "UnsupportedImage",
+            format!(
+                "the source is not a JPEG, PNG, GIF or WebP image (first bytes: {})",
+                first_bytes(data)
+            ),
+        )),
     }
+}
+
+/// At most 16 leading bytes as hex, for a person to recognise the format by its magic number;
+/// followed by the text when every byte of it is printable ASCII (an HTML error page, say).
+/// Binary data printed as text was unreadable mojibake.
+fn first_bytes(data: &[u8]) -> String {
+    const SHOWN: usize = 16;
+    let head = &data[..data.len().min(SHOWN)];
+    let mut text = head
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if data.len() > SHOWN {
+        text.push_str(" …");
+    }
+    if head.iter().all(|b| (0x20..0x7f).contains(b)) {
+        text.push_str(&format!(", \"{}\"", String::from_utf8_lossy(head)));
+    }
+    text
 }
 
 fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), TaskError> {
@@ -236,6 +254,26 @@ fn decode_other(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_sources_show_their_first_bytes_as_hex() {
+        // An MPEG program stream: binary, so hex only.
+        let mpeg = [0x00, 0x00, 0x01, 0xba, 0x47, 0x49, 0xff, 0x10, 0x80];
+        assert_eq!(first_bytes(&mpeg), "00 00 01 ba 47 49 ff 10 80");
+        // More than 16 bytes: the first 16 and an ellipsis; printable, so the text too.
+        assert_eq!(
+            first_bytes(b"<!DOCTYPE html><html>"),
+            "3c 21 44 4f 43 54 59 50 45 20 68 74 6d 6c 3e 3c …, \"<!DOCTYPE html><\""
+        );
+        let err = sniff(&mpeg).err().unwrap();
+        assert_eq!(err.exc_type, "UnsupportedImage");
+        assert!(
+            err.message
+                .ends_with("(first bytes: 00 00 01 ba 47 49 ff 10 80)"),
+            "{}",
+            err.message
+        );
+    }
 
     #[test]
     fn the_idct_scale_keeps_the_detail_asked_for() {
