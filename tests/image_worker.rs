@@ -100,6 +100,11 @@ fn red_left() -> RgbImage {
 /// A JPEG carrying an EXIF APP1 segment with `orientation`.
 fn jpeg_with_orientation(orientation: u16) -> Vec<u8> {
     let jpeg = encode(&DynamicImage::ImageRgb8(red_left()), ImageFormat::Jpeg);
+    with_orientation(jpeg, orientation)
+}
+
+/// `jpeg` with an EXIF APP1 segment carrying `orientation` spliced in after SOI.
+fn with_orientation(jpeg: Vec<u8>, orientation: u16) -> Vec<u8> {
     let mut exif = b"Exif\0\0MM\0\x2a\0\0\0\x08\0\x01".to_vec();
     exif.extend_from_slice(&[0x01, 0x12, 0x00, 0x03, 0, 0, 0, 1]);
     exif.extend_from_slice(&orientation.to_be_bytes());
@@ -189,6 +194,135 @@ async fn every_exif_orientation_is_applied() {
     .await
     .unwrap();
     assert_eq!(f.output("out/raw.png").await.width(), 40);
+    f.stop().await;
+}
+
+/// A 192×128 picture whose every part is told apart: red grows to the right, green downwards,
+/// and blue rings around an off-centre point, so a wrong turn, flip or window shows.
+fn landmarks() -> RgbImage {
+    RgbImage::from_fn(192, 128, |x, y| {
+        let (dx, dy) = (x as f64 - 60.0, y as f64 - 40.0);
+        let ring = ((dx * dx + dy * dy).sqrt() / 6.0).sin();
+        Rgb([
+            (x * 255 / 191) as u8,
+            (y * 255 / 127) as u8,
+            (128.0 + 100.0 * ring) as u8,
+        ])
+    })
+}
+
+/// PSNR over every RGBA channel of two equal-size pictures, in dB.
+fn psnr(a: &DynamicImage, b: &DynamicImage) -> f64 {
+    let (a, b) = (a.to_rgba8(), b.to_rgba8());
+    assert_eq!(a.dimensions(), b.dimensions());
+    let n = a.as_raw().len() as f64;
+    let mse = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&p, &q)| (f64::from(p) - f64::from(q)).powi(2))
+        .sum::<f64>()
+        / n;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+fn jpeg_q95(img: &DynamicImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    img.write_with_encoder(image::codecs::jpeg::JpegEncoder::new_with_quality(
+        &mut out, 95,
+    ))
+    .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oriented_sources_give_the_same_outputs_as_upright_ones() {
+    // The worker crops and resizes in the stored frame and turns only the finished output:
+    // every orientation must still give what the same picture stored upright gives, with and
+    // without a crop, for every fit (cover with a corner gravity, both ways of cutting),
+    // and at a 1/4-scale decode.
+    let f = ImageFarm::start("orient-same", |_| {}).await;
+    let shown = DynamicImage::ImageRgb8(landmarks());
+    let outputs = |tag: &str| {
+        json!([
+            {"key": format!("{tag}/cover-wide.png"), "format": "png", "fit": "cover",
+             "width": 60, "height": 30, "gravity": "northeast"},
+            {"key": format!("{tag}/cover-tall.png"), "format": "png", "fit": "cover",
+             "width": 30, "height": 60, "gravity": "southwest"},
+            {"key": format!("{tag}/contain.png"), "format": "png", "fit": "contain",
+             "width": 80, "height": 80, "gravity": "south"},
+            {"key": format!("{tag}/fill.png"), "format": "png", "fit": "fill",
+             "width": 50, "height": 70},
+            {"key": format!("{tag}/inside.png"), "format": "png", "fit": "inside",
+             "width": 90},
+        ])
+    };
+    let names = [
+        "cover-wide",
+        "cover-tall",
+        "contain",
+        "fill",
+        "inside",
+        "quarter",
+    ];
+    let crop = json!({"x": 20, "y": 10, "width": 150, "height": 100});
+    let run = |o: u16, data: Vec<u8>| {
+        let f = &f;
+        let outputs = &outputs;
+        let crop = crop.clone();
+        async move {
+            let src = format!("src/same{o}.jpg");
+            f.upload(&src, data).await;
+            for (tag, crop) in [(format!("o{o}"), None), (format!("o{o}c"), Some(crop))] {
+                let mut kwargs = json!({"source": src, "outputs": outputs(&tag)});
+                if let Some(c) = crop {
+                    kwargs["crop"] = c;
+                }
+                let out = f.transform(kwargs).await.unwrap();
+                assert_eq!(out["source"]["width"], 192, "orientation {o}");
+                assert_eq!(out["source"]["height"], 128, "orientation {o}");
+            }
+            // Small enough for a 1/4-scale decode (shrink-on-load).
+            f.transform(json!({"source": src, "outputs": [
+                {"key": format!("o{o}/quarter.png"), "format": "png", "width": 40}
+            ]}))
+            .await
+            .unwrap();
+        }
+    };
+    run(1, jpeg_q95(&shown)).await;
+    for o in 2..=8u16 {
+        // Stored so that orientation `o` shows `shown`: turned by the inverse (6 and 8 undo
+        // each other; every other orientation undoes itself).
+        let inverse = match o {
+            6 => 8,
+            8 => 6,
+            o => o,
+        };
+        let mut stored = shown.clone();
+        stored.apply_orientation(image::metadata::Orientation::from_exif(inverse as u8).unwrap());
+        run(o, with_orientation(jpeg_q95(&stored), o)).await;
+        for suffix in ["", "c"] {
+            for name in names {
+                if name == "quarter" && suffix == "c" {
+                    continue;
+                }
+                let want = f.output(&format!("o1{suffix}/{name}.png")).await;
+                let got = f.output(&format!("o{o}{suffix}/{name}.png")).await;
+                assert_eq!(
+                    (got.width(), got.height()),
+                    (want.width(), want.height()),
+                    "orientation {o}{suffix} {name}"
+                );
+                let db = psnr(&got, &want);
+                assert!(db >= 35.0, "orientation {o}{suffix} {name}: {db:.1} dB");
+            }
+        }
+    }
     f.stop().await;
 }
 
@@ -398,7 +532,13 @@ async fn bad_inputs_fail_clearly_and_the_worker_goes_on() {
             "page.jpg",
             b"<!DOCTYPE html><html><body>404</body></html>".to_vec(),
             "UnsupportedImage",
-            "not a JPEG, PNG",
+            "(first bytes: 3c 21 44 4f 43 54 59 50 45 20 68 74 6d 6c 3e 3c …, \"<!DOCTYPE html><\")",
+        ),
+        (
+            "clip.jpg",
+            vec![0x00, 0x00, 0x01, 0xba, 0x44, 0x00, 0x04, 0x00, 0x04, 0x01],
+            "UnsupportedImage",
+            "not a JPEG, PNG, GIF or WebP image (first bytes: 00 00 01 ba 44 00 04 00 04 01)",
         ),
         (
             "logo.svg",

@@ -2,12 +2,14 @@
 //! on files, without the broker or storage, for `bench/image_pipeline.py`. Prints one line:
 //! `<ms per image>` (median over `--rounds`).
 //!
-//! Usage: pipeline-bench [--rounds 3] [--widths 1280,640,160] [--quality 80] [--baseline] FILE...
-//! (`--baseline`: baseline JPEG outputs instead of progressive ones.)
+//! Usage: pipeline-bench [--rounds 3] [--widths 1280,640,160] [--quality 80] [--baseline]
+//! [--crop X,Y,W,H] FILE...
+//! (`--baseline`: baseline JPEG outputs instead of progressive ones; `--crop`: the job's crop,
+//! in the picture as shown.)
 
 use std::time::Instant;
 
-use image_worker::spec::{Fit, Format, Gravity, OutputSpec, TransformArgs};
+use image_worker::spec::{Crop, Fit, Format, Gravity, OutputSpec, TransformArgs};
 use image_worker::transform::process;
 
 #[global_allocator]
@@ -18,6 +20,7 @@ fn main() -> Result<(), String> {
     let mut widths = vec![1280u32, 640, 160];
     let mut quality = 80u8;
     let mut progressive = true;
+    let mut crop = None;
     let mut files = Vec::new();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -26,6 +29,21 @@ fn main() -> Result<(), String> {
             "--rounds" => rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
             "--quality" => quality = value()?.parse().map_err(|e| format!("--quality: {e}"))?,
             "--baseline" => progressive = false,
+            "--crop" => {
+                let v: Vec<u32> = value()?
+                    .split(',')
+                    .map(|n| n.parse().map_err(|e| format!("--crop: {e}")))
+                    .collect::<Result<_, _>>()?;
+                let [x, y, width, height] = v[..] else {
+                    return Err("--crop takes X,Y,W,H".into());
+                };
+                crop = Some(Crop {
+                    x,
+                    y,
+                    width,
+                    height,
+                });
+            }
             "--widths" => {
                 widths = value()?
                     .split(',')
@@ -44,7 +62,7 @@ fn main() -> Result<(), String> {
         .collect::<Result<_, _>>()?;
     let job = TransformArgs {
         source: String::new(),
-        crop: None,
+        crop,
         auto_orient: true,
         strip_metadata: true,
         outputs: widths

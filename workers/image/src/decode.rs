@@ -1,7 +1,8 @@
 //! Reading a source once: its type and pixel count checked from the header before any pixel
 //! is decoded, JPEGs through libjpeg-turbo at the smallest IDCT scale every output allows
-//! (shrink-on-load), other types through `image`; EXIF orientation applied; the ICC profile
-//! and EXIF block kept for the outputs.
+//! (shrink-on-load), other types through `image`; the EXIF orientation read (and returned, not
+//! applied: `orient.rs` turns each output after its resize); the ICC profile and EXIF block
+//! kept for the outputs.
 
 use std::io::Cursor;
 
@@ -10,14 +11,17 @@ use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbIma
 use mediafarm::TaskError;
 
 use crate::budget::{reserve, Reservation};
+use crate::orient::swap_size;
 use crate::spec::{invalid, SourceInfo};
 use crate::{jpeg, lowres};
 
-/// A decoded source, 8-bit RGB or RGBA, oriented.
+/// A decoded source, 8-bit RGB or RGBA, as stored (not yet turned by its orientation).
 pub struct Decoded {
     pub image: DynamicImage,
-    /// The full size (oriented), whatever scale the pixels were decoded at.
+    /// The full size as shown (after orientation), whatever scale the pixels were decoded at.
     pub info: SourceInfo,
+    /// The EXIF orientation still to apply (when `auto_orient`), to each finished output.
+    pub orientation: Option<Orientation>,
     pub icc: Option<Vec<u8>>,
     /// The EXIF block (TIFF header onwards), its orientation reset when it was applied.
     pub exif: Option<Vec<u8>>,
@@ -25,7 +29,7 @@ pub struct Decoded {
     pub reservation: Reservation,
 }
 
-/// Decodes `data`. `share_needed` gets the full oriented size and returns the largest share
+/// Decodes `data`. `share_needed` gets the full size as shown and returns the largest share
 /// of it (0–1, per side) any output needs: JPEGs are decoded at 1/2, 1/4 or 1/8 scale when
 /// that is enough.
 pub fn decode(
@@ -55,16 +59,34 @@ fn sniff(data: &[u8]) -> Result<ImageFormat, TaskError> {
             "UnsupportedImage",
             format!("{other:?} sources are not accepted; send JPEG, PNG, GIF or WebP"),
         )),
-        Err(_) => {
-            let start = String::from_utf8_lossy(&data[..data.len().min(16)]).into_owned();
-            Err(invalid(
-                "UnsupportedImage",
-                format!(
-                    "the source is not a JPEG, PNG, GIF or WebP image (it starts with {start:?})"
-                ),
-            ))
-        }
+        Err(_) => Err(invalid(
+            "UnsupportedImage",
+            format!(
+                "the source is not a JPEG, PNG, GIF or WebP image (first bytes: {})",
+                first_bytes(data)
+            ),
+        )),
     }
+}
+
+/// At most 16 leading bytes as hex, for a person to recognise the format by its magic number;
+/// followed by the text when every byte of it is printable ASCII (an HTML error page, say).
+/// Binary data printed as text was unreadable mojibake.
+fn first_bytes(data: &[u8]) -> String {
+    const SHOWN: usize = 16;
+    let head = &data[..data.len().min(SHOWN)];
+    let mut text = head
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    if data.len() > SHOWN {
+        text.push_str(" …");
+    }
+    if head.iter().all(|b| (0x20..0x7f).contains(b)) {
+        text.push_str(&format!(", \"{}\"", String::from_utf8_lossy(head)));
+    }
+    text
 }
 
 fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), TaskError> {
@@ -81,16 +103,6 @@ fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), TaskErro
         ));
     }
     Ok(())
-}
-
-fn swaps_sides(o: Orientation) -> bool {
-    matches!(
-        o,
-        Orientation::Rotate90
-            | Orientation::Rotate270
-            | Orientation::Rotate90FlipH
-            | Orientation::Rotate270FlipH
-    )
 }
 
 /// The orientation to apply, and the EXIF block as the outputs should carry it.
@@ -135,10 +147,7 @@ fn decode_jpeg(
         return Ok(None);
     }
     let (orient, exif) = orientation(header.exif, auto_orient);
-    let full = match orient {
-        Some(o) if swaps_sides(o) => (header.height, header.width),
-        _ => (header.width, header.height),
-    };
+    let full = swap_size(orient, (header.width, header.height));
     let eighths = eighths_for(share_needed(full));
     let scaled = |side: u32| u64::from(side.div_ceil(8 / u32::from(eighths)));
     let pixels = scaled(header.width) * scaled(header.height) * 3;
@@ -169,14 +178,12 @@ fn decode_jpeg(
             rgb
         }
     };
-    let mut image = RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels)
+    let image = RgbImage::from_raw(rgb.width, rgb.height, rgb.pixels)
         .map(DynamicImage::ImageRgb8)
         .ok_or_else(|| invalid("InvalidImage", "cannot decode the jpeg: short pixel data"))?;
-    if let Some(o) = orient {
-        image.apply_orientation(o);
-    }
     Ok(Some(Decoded {
         image,
+        orientation: orient,
         info: SourceInfo {
             width: full.0,
             height: full.1,
@@ -220,10 +227,7 @@ fn decode_other(
     let exif = decoder.exif_metadata().ok().flatten();
     let (orient, exif) = orientation(exif, auto_orient);
     // GIF and animated WebP: the first frame.
-    let mut image = DynamicImage::from_decoder(decoder).map_err(cannot)?;
-    if let Some(o) = orient {
-        image.apply_orientation(o);
-    }
+    let image = DynamicImage::from_decoder(decoder).map_err(cannot)?;
     // 8 bits per channel, RGB or RGBA: grayscale, 16-bit and palette sources alike (an
     // 8-bit RGB(A) picture is kept as it is, not copied).
     let image = match image {
@@ -231,14 +235,16 @@ fn decode_other(
         other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.into_rgba8()),
         other => DynamicImage::ImageRgb8(other.into_rgb8()),
     };
+    let (width, height) = swap_size(orient, (image.width(), image.height()));
     Ok(Decoded {
         info: SourceInfo {
-            width: image.width(),
-            height: image.height(),
+            width,
+            height,
             format: name,
             bytes: data.len() as u64,
         },
         image,
+        orientation: orient,
         icc,
         exif,
         reservation,
@@ -248,6 +254,26 @@ fn decode_other(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_sources_show_their_first_bytes_as_hex() {
+        // An MPEG program stream: binary, so hex only.
+        let mpeg = [0x00, 0x00, 0x01, 0xba, 0x47, 0x49, 0xff, 0x10, 0x80];
+        assert_eq!(first_bytes(&mpeg), "00 00 01 ba 47 49 ff 10 80");
+        // More than 16 bytes: the first 16 and an ellipsis; printable, so the text too.
+        assert_eq!(
+            first_bytes(b"<!DOCTYPE html><html>"),
+            "3c 21 44 4f 43 54 59 50 45 20 68 74 6d 6c 3e 3c …, \"<!DOCTYPE html><\""
+        );
+        let err = sniff(&mpeg).err().unwrap();
+        assert_eq!(err.exc_type, "UnsupportedImage");
+        assert!(
+            err.message
+                .ends_with("(first bytes: 00 00 01 ba 47 49 ff 10 80)"),
+            "{}",
+            err.message
+        );
+    }
 
     #[test]
     fn the_idct_scale_keeps_the_detail_asked_for() {

@@ -31,37 +31,41 @@ pub fn target_size(
     }
 }
 
-/// Cuts the crop rectangle out of the (oriented) source.
-pub fn crop(img: DynamicImage, c: Crop) -> Result<DynamicImage, TaskError> {
+/// Checks that the crop rectangle lies inside the source as shown (after orientation), the
+/// frame the job gives it in.
+pub fn check_crop(c: Crop, (width, height): (u32, u32)) -> Result<(), TaskError> {
     let fits = c.width > 0
         && c.height > 0
-        && u64::from(c.x) + u64::from(c.width) <= u64::from(img.width())
-        && u64::from(c.y) + u64::from(c.height) <= u64::from(img.height());
+        && u64::from(c.x) + u64::from(c.width) <= u64::from(width)
+        && u64::from(c.y) + u64::from(c.height) <= u64::from(height);
     if !fits {
         return Err(invalid(
             "InvalidArguments",
             format!(
-                "crop {}×{} at ({}, {}) is not inside the {}×{} source (after orientation)",
-                c.width,
-                c.height,
-                c.x,
-                c.y,
-                img.width(),
-                img.height()
+                "crop {}×{} at ({}, {}) is not inside the {width}×{height} source (after \
+                 orientation)",
+                c.width, c.height, c.x, c.y,
             ),
         ));
     }
+    Ok(())
+}
+
+/// Cuts the rectangle `c` (already in the decoded picture's own frame) out of `img`.
+pub fn crop(img: DynamicImage, c: Crop) -> Result<DynamicImage, TaskError> {
+    check_crop(c, (img.width(), img.height()))?;
     Ok(img.crop_imm(c.x, c.y, c.width, c.height))
 }
 
 /// Resizes `src` to `(w, h)`: for `cover`, first cut to the box's aspect ratio keeping the
-/// gravity side; for `fill`, stretched; otherwise as is (the size already keeps the ratio).
+/// window at `anchor` (a gravity's, as fractions of the spare room); for `fill`, stretched;
+/// otherwise as is (the size already keeps the ratio).
 pub fn scale(
     resizer: &mut Resizer,
     src: &DynamicImage,
     (w, h): (u32, u32),
     fit: Fit,
-    gravity: Gravity,
+    anchor: (f64, f64),
 ) -> Result<DynamicImage, TaskError> {
     if (w, h) == (src.width(), src.height()) {
         return Ok(src.clone());
@@ -69,7 +73,7 @@ pub fn scale(
     let mut dst = DynamicImage::new(w, h, src.color());
     let mut opts = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3));
     if fit == Fit::Cover {
-        opts = opts.fit_into_destination(Some(gravity.anchor()));
+        opts = opts.fit_into_destination(Some(anchor));
     }
     resizer
         .resize(src, &mut dst, &opts)

@@ -10,6 +10,7 @@ pub mod fuzzing;
 pub mod geometry;
 pub mod jpeg;
 pub mod lowres;
+pub mod orient;
 pub mod scans;
 pub mod spec;
 pub mod transform;

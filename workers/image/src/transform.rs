@@ -1,6 +1,7 @@
 //! `image.transform`: read one source, decode it once, crop it, then derive every output from
-//! that one decode — resized to its fit, converted to sRGB, padded or flattened, encoded to its
-//! format within `max_bytes` — and store each variant. The CPU part runs on the worker's
+//! that one decode — resized to its fit, turned by its EXIF orientation (at output size, see
+//! `orient.rs`), converted to sRGB, padded or flattened, encoded to its format within
+//! `max_bytes` — and store each variant. The CPU part runs on the worker's
 //! bounded pool.
 
 use bytes::Bytes;
@@ -13,7 +14,8 @@ use mediafarm::{Settings, Task, TaskContext, TaskError};
 use crate::colour::ToSrgb;
 use crate::decode::{decode, Decoded};
 use crate::encode::{encode, Metadata};
-use crate::geometry::{crop, flatten, pad, scale, target_size};
+use crate::geometry::{check_crop, crop, flatten, pad, scale, target_size};
+use crate::orient::{plan_output, stored_crop, OutputPlan};
 use crate::spec::{
     check_args, invalid, parse_colour, Fit, Format, OutputInfo, SourceInfo, TransformArgs,
     TransformResult,
@@ -132,18 +134,26 @@ pub fn process(
     let Decoded {
         image: img,
         info,
+        orientation,
         icc,
         exif,
         reservation: _held,
     } = decode(data, args.auto_orient, max_pixels, share_needed)?;
+    // The pixels stay as stored until each output is made: the crop and every size are
+    // mapped into the stored frame, and only the output-size picture is turned (orient.rs).
+    let shown_full = (info.width, info.height);
     let img = match args.crop {
-        Some(c) => crop(img, c)?,
+        Some(c) => {
+            check_crop(c, shown_full)?;
+            // Crops decode at full scale (share 1), so the rectangle is in decoded pixels.
+            crop(img, stored_crop(orientation, c, shown_full))?
+        }
         None => img,
     };
     // Sizes follow the (cropped) source's full size, whatever scale it was decoded at.
     let full = match args.crop {
         Some(c) => (c.width, c.height),
-        None => (info.width, info.height),
+        None => shown_full,
     };
     // Stripped outputs carry no profile, so their pixels must be sRGB; kept ones carry the
     // source's profile and keep its pixels — except AVIF, whose encoder here writes no ICC.
@@ -153,31 +163,37 @@ pub fn process(
         exif: exif.as_deref(),
     };
     let mut resizer = Resizer::new();
-    let sizes: Vec<(u32, u32)> = args
+    let plans: Vec<OutputPlan> = args
         .outputs
         .iter()
-        .map(|spec| target_size(full, spec.fit, spec.width, spec.height))
+        .map(|spec| plan_output(full, orientation, spec))
         .collect();
     // Largest first, so smaller outputs can be derived from a larger one already made (as
     // libvips does) instead of from the full source each time.
     let mut order: Vec<usize> = (0..args.outputs.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(u64::from(sizes[i].0) * u64::from(sizes[i].1)));
+    order.sort_by_key(|&i| {
+        let (w, h) = plans[i].shown;
+        std::cmp::Reverse(u64::from(w) * u64::from(h))
+    });
+    // Stored-frame resizes, like `img`.
     let mut derived: Vec<DynamicImage> = Vec::new();
     let mut out: Vec<Option<Encoded>> = (0..args.outputs.len()).map(|_| None).collect();
     for i in order {
         let spec = &args.outputs[i];
-        let (w, h) = sizes[i];
+        let plan = plans[i];
+        let (w, h) = plan.shown;
+        let (rw, rh) = plan.resize_to;
         // A smaller whole-picture image still has at least twice the detail the output needs.
         let base = derived
             .iter()
-            .filter(|d| d.width() >= w.saturating_mul(2) && d.height() >= h.saturating_mul(2))
+            .filter(|d| d.width() >= rw.saturating_mul(2) && d.height() >= rh.saturating_mul(2))
             .min_by_key(|d| u64::from(d.width()) * u64::from(d.height()))
             .unwrap_or(&img);
-        let scaled = scale(&mut resizer, base, (w, h), spec.fit, spec.gravity)?;
+        let scaled = scale(&mut resizer, base, plan.resize_to, spec.fit, plan.anchor)?;
         if matches!(spec.fit, Fit::Inside | Fit::Contain) && (w, h) != full {
             derived.push(scaled.clone());
         }
-        let mut shown = scaled;
+        let mut shown = plan.finish(scaled);
         let (convert, meta) = match (args.strip_metadata, spec.format) {
             (true, _) => (true, Metadata::default()),
             (false, Format::Avif) => (true, Metadata { icc: None, ..kept }),
