@@ -177,13 +177,13 @@ def main():
     ]
     retrying = f"echo-worker -c {hc}, 1 % retried once"
     if args.set == "full":
-        variants += [
-            ("echo-worker -c 2", echo_worker(2), 300, None, worker_env, 8),
-            ("bare lapin prefetch 8", bare(8), 300, None, None, 8),
-            (f"echo-worker -c {hc}", echo_worker(hc), 300, None, worker_env, hc * 4),
-            (f"bare lapin prefetch {hc * 4}", bare(hc * 4), 300, None, None, hc * 4),
-            (retrying, echo_worker(hc), 300, None, worker_env, hc * 4),
-        ]
+        for n in (2, hc):
+            if n != c:  # the headline's pair is there already
+                variants += [
+                    (f"echo-worker -c {n}", echo_worker(n), 300, None, worker_env, n * 4),
+                    (f"bare lapin prefetch {n * 4}", bare(n * 4), 300, None, None, n * 4),
+                ]
+        variants.append((retrying, echo_worker(hc), 300, None, worker_env, hc * 4))
     # The earlier build runs at the headline concurrency, right after this build's headline.
     baseline = f"baseline echo-worker -c {c}"
     if args.baseline_worker:
