@@ -269,11 +269,11 @@ mod tests {
         ("message_json/seeds/no-id", Some("has no `id` header")),
         (
             "message_json/crashes/header-key-over-255-bytes",
-            Some("is 324 bytes; AMQP carries it as a short string of at most 255 bytes"),
+            Some("is 256 bytes; AMQP carries it as a short string of at most 255 bytes"),
         ),
         (
             "message_json/crashes/task-id-over-255-bytes",
-            Some("the task id (correlation_id) is 258 bytes"),
+            Some("the task id (correlation_id) is 256 bytes"),
         ),
     ];
 
