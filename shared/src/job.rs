@@ -218,12 +218,10 @@ async fn already_done(shared: &Shared, job: &Incoming, msg: &TaskMessage) -> boo
             .error()
             .unwrap_or_else(|| TaskError::permanent("Failed", "the job failed"));
         let why = dead_reason(shared, job, &error.exc_type, error.message.clone());
-        if !dead_letter(job, &why).await {
-            requeue_after_pause(shared, &job.delivery).await;
-            return true;
-        }
+        settle(shared, job, &msg.id, Ending::dead_only(why)).await;
+        return true;
     }
-    ack(&job.delivery, &msg.id).await;
+    settle(shared, job, &msg.id, Ending::ack_only()).await;
     true
 }
 
@@ -412,19 +410,15 @@ async fn run(
         meta.extra.extend(fields);
     }
     let store = !msg.ignore_result || meta.status != TaskState::Success;
-    if store && !store_with_retry(shared, &meta).await {
-        return requeue(&job.delivery).await;
-    }
-    // The outcome is safe: the slot goes to the next job while the dead letter and the ack are
-    // on their way (two hops through lapin's threads), as Celery's pool takes a new job once
-    // the task has returned and its result is stored.
-    drop(slot);
-    if let Some(why) = dead {
-        if !dead_letter(job, &why).await {
-            return requeue_after_pause(shared, &job.delivery).await;
-        }
-    }
-    ack(&job.delivery, &msg.id).await;
+    let ending = Ending {
+        store: store.then_some(&meta),
+        // The slot goes to the next job once the outcome is stored, while the dead letter and
+        // the ack are on their way (two hops through lapin's threads), as Celery's pool takes
+        // a new job once the task has returned and its result is stored.
+        slot: Some(slot),
+        dead,
+    };
+    settle(shared, job, &msg.id, ending).await;
 }
 
 /// The delay before retry number `retries + 1`: the task's wish, else exponential backoff from
@@ -516,9 +510,6 @@ async fn expire(shared: &Shared, job: &Incoming, msg: &TaskMessage, l: &TaskMetr
     tracing::info!(id = %msg.id, task = %msg.task, "expired before it ran; not running it");
     l.revoked.inc();
     let meta = ResultMeta::revoked(&msg.id, "expired");
-    if !store_with_retry(shared, &meta).await {
-        return requeue(&job.delivery).await;
-    }
     let expires = msg
         .expires
         .map(crate::protocol::format_time)
@@ -529,20 +520,14 @@ async fn expire(shared: &Shared, job: &Incoming, msg: &TaskMessage, l: &TaskMetr
         "Expired",
         format!("expired at {expires} before it ran"),
     );
-    if !dead_letter(job, &why).await {
-        return requeue_after_pause(shared, &job.delivery).await;
-    }
-    ack(&job.delivery, &msg.id).await;
+    settle(shared, job, &msg.id, Ending::stored(&meta).dead(why)).await;
 }
 
 async fn revoked(shared: &Shared, job: &Incoming, msg: &TaskMessage, l: &TaskMetrics, how: &str) {
     tracing::info!(id = %msg.id, task = %msg.task, "{how}");
     l.revoked.inc();
     let meta = ResultMeta::revoked(&msg.id, how);
-    if !store_with_retry(shared, &meta).await {
-        return requeue(&job.delivery).await;
-    }
-    ack(&job.delivery, &msg.id).await;
+    settle(shared, job, &msg.id, Ending::stored(&meta)).await;
 }
 
 fn traceback(shared: &Shared, msg: &TaskMessage, e: &TaskError) -> String {
@@ -591,18 +576,69 @@ async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: Decod
     };
     shared.metrics_for(label, &job.queue).rejected.inc();
     tracing::error!(id = ?e.id, task = %task, reason = %e.reason, "rejecting message");
-    if let Some(id) = &e.id {
+    let meta = e.id.as_ref().map(|id| {
         let error = TaskError::invalid(kind, e.reason.clone());
-        let meta = ResultMeta::failure(id, &error, traceback_for(shared, &task, id, &error));
-        if !store_with_retry(shared, &meta).await {
+        ResultMeta::failure(id, &error, traceback_for(shared, &task, id, &error))
+    });
+    let why = dead_reason(shared, job, kind, e.reason.clone());
+    let ending = Ending {
+        store: meta.as_ref(),
+        slot: None,
+        dead: Some(why),
+    };
+    settle(shared, job, e.id.as_deref().unwrap_or("?"), ending).await;
+}
+
+/// How a message ends, in the one order that keeps the promise of this module: store the
+/// outcome (if there is one to store), free the job's slot, copy the message to its dead-letter
+/// queue (if it failed for good), and only then acknowledge. A store that fails returns the
+/// message to the broker; a dead letter that cannot be published returns it after a pause.
+struct Ending<'a> {
+    store: Option<&'a ResultMeta>,
+    slot: Option<OwnedSemaphorePermit>,
+    dead: Option<DeadReason>,
+}
+
+impl<'a> Ending<'a> {
+    fn ack_only() -> Ending<'a> {
+        Ending {
+            store: None,
+            slot: None,
+            dead: None,
+        }
+    }
+
+    fn stored(meta: &'a ResultMeta) -> Ending<'a> {
+        Ending {
+            store: Some(meta),
+            ..Ending::ack_only()
+        }
+    }
+
+    fn dead_only(why: DeadReason) -> Ending<'a> {
+        Ending::ack_only().dead(why)
+    }
+
+    fn dead(self, why: DeadReason) -> Ending<'a> {
+        Ending {
+            dead: Some(why),
+            ..self
+        }
+    }
+}
+
+async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
+    if let Some(meta) = ending.store {
+        if !store_with_retry(shared, meta).await {
             return requeue(&job.delivery).await;
         }
     }
-    let why = dead_reason(shared, job, kind, e.reason.clone());
-    if !dead_letter(job, &why).await {
-        return requeue_after_pause(shared, &job.delivery).await;
+    drop(ending.slot);
+    if let Some(why) = &ending.dead {
+        if !dead_letter(job, why).await {
+            return requeue_after_pause(shared, &job.delivery).await;
+        }
     }
-    let id = e.id.as_deref().unwrap_or("?");
     ack(&job.delivery, id).await;
 }
 
