@@ -230,11 +230,12 @@ async fn wait_readyz(port: u16, want: u16, limit: Duration) -> Option<Duration> 
     None
 }
 
-/// Job lengths for the restart tests, 20 to 80 ms: at 16 at once a batch then outlasts the
-/// second or so `rabbitmqctl stop_app` takes to close connections (with 5 to 20 ms jobs every
-/// job finished before the broker went away).
+/// Job lengths for the restart tests, 60 to 180 ms: at 16 at once a batch then outlasts, by
+/// several seconds, the time `rabbitmqctl stop_app` takes to close connections on a loaded
+/// machine (with 5 to 20 ms jobs every job finished before the broker went away, and with
+/// 20 to 80 ms jobs now and then too, once a finished job's slot was freed before its ack).
 fn restart_sleep_ms(i: usize) -> u64 {
-    20 + pseudo(i) % 61
+    60 + pseudo(i) % 121
 }
 
 /// Deterministic pseudo-random numbers (splitmix64 of the index).
