@@ -67,11 +67,8 @@ impl Schedule {
             pts_s: t,
             wall_s: now,
         });
-        let mut due = self.next_due.unwrap_or(t) + self.interval;
-        while due <= t {
-            due += self.interval;
-        }
-        self.next_due = Some(due);
+        let due = self.next_due.unwrap_or(t) + self.interval;
+        self.next_due = Some(next_after(due, t, self.interval));
     }
 
     /// Records a packet time; true when it is new (the stream made progress), counting a
@@ -95,6 +92,23 @@ impl Schedule {
     pub fn resume_point(&self) -> Option<f64> {
         self.last
             .map(|l| (l.pts_s + self.interval - 0.001).max(0.0))
+    }
+}
+
+/// The first of `due`, `due + interval`, `due + 2 interval`, … that is after `t`, computed
+/// rather than stepped: timestamps come from the stream, and a wild one (1e18 s, where adding
+/// 20 s changes nothing in an f64) must not loop forever.
+fn next_after(due: f64, t: f64, interval: f64) -> f64 {
+    if due > t || !(t.is_finite() && due.is_finite() && interval > 0.0) {
+        return due;
+    }
+    let steps = ((t - due) / interval).floor() + 1.0;
+    let next = due + steps * interval;
+    if next > t {
+        next
+    } else {
+        // Past f64's precision at this magnitude: the next representable time after `t`.
+        t + interval.max(t.abs() * f64::EPSILON)
     }
 }
 
@@ -161,5 +175,16 @@ mod tests {
         assert!(s.progressed(10.5));
         assert!(!s.progressed(4.0));
         assert!(s.progressed(-100.0));
+    }
+
+    #[test]
+    fn the_next_tick_is_computed_and_a_wild_timestamp_does_not_loop() {
+        assert_eq!(next_after(20.0, 5.0, 20.0), 20.0);
+        assert_eq!(next_after(20.0, 20.0, 20.0), 40.0);
+        assert_eq!(next_after(20.0, 65.0, 20.0), 80.0);
+        let far = next_after(20.0, 1e18, 20.0);
+        assert!(far > 1e18, "{far}");
+        assert_eq!(next_after(20.0, f64::INFINITY, 20.0), 20.0);
+        assert_eq!(next_after(20.0, f64::NAN, 20.0), 20.0);
     }
 }
