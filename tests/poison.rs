@@ -169,6 +169,28 @@ async fn header_table_of_10_000_keys_runs_as_a_normal_job() {
     farm.stop().await;
 }
 
+/// Sends SIGTERM and waits (up to `WAIT`) for the worker to exit with status 0.
+async fn stops_cleanly_on_sigterm(mut worker: Running) {
+    let status = Command::new("kill")
+        .args(["-TERM", &worker.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::task::spawn_blocking(move || {
+        let end = Instant::now() + WAIT;
+        loop {
+            if let Some(status) = worker.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "the worker did not stop on SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(exit.success(), "{exit:?}");
+}
+
 /// Kills the worker process if a test fails before it stops it.
 struct Running(Child);
 
@@ -225,24 +247,7 @@ async fn echo_worker_process_survives_a_deep_header() {
         .contains(TOO_DEEP));
     assert_eq!(ready_count(&s, &q).await, 0);
 
-    let status = Command::new("kill")
-        .args(["-TERM", &worker.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || {
-        let end = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = worker.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < end, "the worker did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    stops_cleanly_on_sigterm(worker).await;
     delete_queue(&s, &q).await;
     delete_queue(&s, &mediafarm::reroute::dead_queue(&q)).await;
 }
@@ -451,24 +456,7 @@ async fn generated_poison_against_the_worker_binary_is_all_resolved() {
         .unwrap();
     assert_eq!(after.get(WAIT).await.unwrap(), json!({"after": 1}));
     assert_eq!(ready_count(&s, &q).await, 0);
-    let status = Command::new("kill")
-        .args(["-TERM", &worker.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::task::spawn_blocking(move || {
-        let end = Instant::now() + WAIT;
-        loop {
-            if let Some(status) = worker.0.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < end, "the worker did not stop on SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    })
-    .await
-    .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    stops_cleanly_on_sigterm(worker).await;
     delete_queue(&s, &q).await;
     delete_queue(&s, &mediafarm::reroute::dead_queue(&q)).await;
 }

@@ -228,6 +228,31 @@ pub fn replay(dir: &std::path::Path, entry: impl Fn(&str, &[u8])) -> usize {
     files.len()
 }
 
+/// [`replay`] for a target whose entry returns a refusal or nothing: each file named in
+/// `expected` must be refused with an error containing its text (`Some`) or accepted (`None`),
+/// every other file only must not panic. Each file named must exist.
+pub fn replay_expecting(
+    dir: &std::path::Path,
+    expected: &[(&str, Option<&str>)],
+    entry: impl Fn(&[u8]) -> Option<String>,
+) -> usize {
+    for (file, _) in expected {
+        assert!(dir.join(file).is_file(), "{file} is missing");
+    }
+    replay(dir, |name, data| {
+        let got = entry(data);
+        if let Some((_, want)) = expected.iter().find(|(file, _)| *file == name) {
+            match (want, &got) {
+                (None, None) => {}
+                (Some(want), Some(got)) => {
+                    assert!(got.contains(want), "{name}: got {got:?}, want {want:?}")
+                }
+                _ => panic!("{name}: got {got:?}, want {want:?}"),
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
