@@ -13,7 +13,7 @@ use mediafarm::once::Claim;
 use mediafarm::{SendOptions, Settings, TaskError, TaskState};
 use mediafarm_tests::{
     celery_props, dead_letters, echo_registry, failed, kwargs, publish_raw, python_env,
-    ready_count, run_python, settings, to, Farm,
+    ready_count, run_python, settings, still_consuming, to, Farm,
 };
 use serde_json::{json, Map, Value};
 
@@ -21,16 +21,6 @@ const WAIT: Duration = Duration::from_secs(30);
 
 async fn delete_dead(s: &Settings, queue: &str) {
     mediafarm_tests::delete_queue(s, &mediafarm::reroute::dead_queue(queue)).await;
-}
-
-/// After a bad message: the worker still answers a good job.
-async fn still_consuming(farm: &Farm) {
-    let r = farm
-        .client
-        .send_task("echo.echo", kwargs(json!({"after": 1})), &to(&farm.queue))
-        .await
-        .unwrap();
-    assert_eq!(r.get(WAIT).await.unwrap(), json!({"after": 1}));
 }
 
 /// Publishes one bad message; checks the FAILURE (when an id is known), the dead letter's

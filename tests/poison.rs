@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use mediafarm::{Client, Settings};
 use mediafarm_tests::raw_amqp::{self, wire, RawError};
 use mediafarm_tests::{
-    binary, dead_letters, delete_queue, echo_registry, failed, kwargs, ready_count, settings, to,
-    unique_queue, Farm,
+    binary, dead_letters, delete_queue, echo_registry, failed, kwargs, ready_count, settings,
+    still_consuming, to, unique_queue, Farm,
 };
 use serde_json::{json, Value};
 
@@ -55,12 +55,7 @@ async fn publish_raw(
 
 /// The worker still answers a good job, and nothing is left waiting in its queue.
 async fn assert_still_consuming(farm: &Farm) {
-    let r = farm
-        .client
-        .send_task("echo.echo", kwargs(json!({"after": 1})), &to(&farm.queue))
-        .await
-        .unwrap();
-    assert_eq!(r.get(WAIT).await.unwrap(), json!({"after": 1}));
+    still_consuming(farm).await;
     assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
 }
 
@@ -194,6 +189,29 @@ async fn stops_cleanly_on_sigterm(mut worker: Running) {
 /// Kills the worker process if a test fails before it stops it.
 struct Running(Child);
 
+impl Running {
+    /// The real `echo-worker` binary on `queue` at `-c 2`, its output discarded.
+    fn echo_worker(queue: &str) -> Running {
+        Running(
+            Command::new(binary("echo-worker"))
+                .args([
+                    "--concurrency",
+                    "2",
+                    "--queues",
+                    queue,
+                    "--loglevel",
+                    "error",
+                ])
+                .env("MEDIAFARM_METRICS_ADDR", "127.0.0.1:0")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("echo-worker starts"),
+        )
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if self.0.try_wait().ok().flatten().is_none() {
@@ -216,16 +234,7 @@ async fn echo_worker_process_survives_a_deep_header() {
         .await
         .expect("the broker takes the message");
 
-    let mut worker = Running(
-        Command::new(binary("echo-worker"))
-            .args(["--concurrency", "2", "--queues", &q, "--loglevel", "warn"])
-            .env("MEDIAFARM_METRICS_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("echo-worker starts"),
-    );
+    let mut worker = Running::echo_worker(&q);
     let client = Client::connect(&s).await.unwrap();
     let outcome = client.result(&id).get(WAIT).await;
     let exited = worker.0.try_wait().unwrap();
@@ -408,16 +417,7 @@ async fn generated_poison_against_the_worker_binary_is_all_resolved() {
             .await
             .unwrap_or_else(|e| panic!("{label}: the broker refused it: {e}"));
     }
-    let mut worker = Running(
-        Command::new(binary("echo-worker"))
-            .args(["--concurrency", "2", "--queues", &q, "--loglevel", "error"])
-            .env("MEDIAFARM_METRICS_ADDR", "127.0.0.1:0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("echo-worker starts"),
-    );
+    let mut worker = Running::echo_worker(&q);
     let client = Client::connect(&s).await.unwrap();
     let mut failures = 0;
     for (label, _, _, id) in &cases {

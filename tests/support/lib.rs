@@ -427,3 +427,22 @@ pub fn free_port() -> u16 {
         .expect("a free port")
         .port()
 }
+
+/// After a bad message: the farm's worker still answers a good job.
+pub async fn still_consuming(farm: &Farm) {
+    let r = farm
+        .client
+        .send_task(
+            "echo.echo",
+            kwargs(serde_json::json!({"after": 1})),
+            &to(&farm.queue),
+        )
+        .await
+        .expect("a good job is published");
+    assert_eq!(
+        r.get(Duration::from_secs(30))
+            .await
+            .expect("a good job succeeds"),
+        serde_json::json!({"after": 1})
+    );
+}
