@@ -866,7 +866,21 @@ fn rtmp_publisher(url: &str, secs: u32) -> Proc {
     ];
     args.extend(h264_args("320x240", 15));
     args.extend(["-f".to_owned(), "flv".to_owned(), url.to_owned()]);
-    Proc::spawn(Command::new("ffmpeg").args(&args).stdout(Stdio::null()))
+    let publisher = Proc::spawn(Command::new("ffmpeg").args(&args).stdout(Stdio::null()));
+    // nginx-rtmp refuses a player until the stream is published ("Operation not permitted"):
+    // wait, up to 15 s, until ffprobe can read it, so a test never races the publisher.
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < end {
+        let probed = Command::new("timeout")
+            .args(["5", "ffprobe", "-v", "quiet", url])
+            .status()
+            .is_ok_and(|s| s.success());
+        if probed {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    publisher
 }
 
 fn mediafarm_cli(w: &World, args: &[&str]) -> String {
