@@ -241,7 +241,7 @@ impl BeatTest {
 
     /// Takes every message off the queue, sorted by due time.
     async fn drain(&self) -> Vec<Tick> {
-        let conn = mediafarm::broker::connect(&self.settings, "beat test drain")
+        let conn = mediafarm::amqp::broker::connect(&self.settings, "beat test drain")
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();
@@ -251,7 +251,7 @@ impl BeatTest {
             .await
             .unwrap()
         {
-            let (_, headers) = mediafarm::amqp_table::read_properties(&msg.delivery.properties);
+            let (_, headers) = mediafarm::amqp::table::read_properties(&msg.delivery.properties);
             let body: Value = serde_json::from_slice(&msg.delivery.data).unwrap();
             let due = headers["beat_due"].as_str().expect("beat_due header");
             ticks.push(Tick {

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
-use mediafarm::deadletter;
-use mediafarm::once::Claim;
+use mediafarm::amqp::dead_letters;
+use mediafarm::backend::once::Claim;
 use mediafarm::{SendOptions, Settings, TaskError, TaskState};
 use mediafarm_tests::{
     celery_props, dead_letters, echo_registry, failed, kwargs, publish_raw, python_env,
@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn delete_dead(s: &Settings, queue: &str) {
-    mediafarm_tests::delete_queue(s, &mediafarm::reroute::dead_queue(queue)).await;
+    mediafarm_tests::delete_queue(s, &mediafarm::amqp::reroute::dead_queue(queue)).await;
 }
 
 /// Publishes one bad message; checks the FAILURE (when an id is known), the dead letter's
@@ -296,7 +296,7 @@ async fn missing_id_header_is_dead_lettered() {
         mediafarm::client::build_message("echo.echo", Map::new(), &SendOptions::default()).encode();
     headers.remove("id");
     props.correlation_id = None;
-    let props = mediafarm::amqp_table::write_properties(&props, &headers);
+    let props = mediafarm::amqp::table::write_properties(&props, &headers);
     bad_message("noid", settings(), props, &body, None, "no `id` header").await;
 }
 
@@ -445,7 +445,7 @@ async fn retries_run_out_into_failure_and_a_dead_letter_that_can_be_replayed() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let replayed = deadletter::replay(&s, farm.client.backend(), &q, Some(&fixable.id))
+    let replayed = dead_letters::replay(&s, farm.client.backend(), &q, Some(&fixable.id))
         .await
         .unwrap();
     assert_eq!(replayed, 1);
@@ -555,7 +555,7 @@ async fn revoke_skips_waiting_jobs_and_terminates_running_ones() {
         )
         .await
         .unwrap();
-    mediafarm::revoke::broadcast(&s, &backend, std::slice::from_ref(&later.id), false)
+    mediafarm::amqp::pidbox::broadcast(&s, &backend, std::slice::from_ref(&later.id), false)
         .await
         .unwrap();
     assert_eq!(failed(later.get(WAIT).await).exc_type, "TaskRevokedError");
@@ -569,7 +569,7 @@ async fn revoke_skips_waiting_jobs_and_terminates_running_ones() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
-    mediafarm::revoke::broadcast(&s, &backend, std::slice::from_ref(&long.id), true)
+    mediafarm::amqp::pidbox::broadcast(&s, &backend, std::slice::from_ref(&long.id), true)
         .await
         .unwrap();
     let err = failed(long.get(WAIT).await);
@@ -623,20 +623,31 @@ async fn once_claims_a_side_effect_for_one_attempt_only() {
         .unwrap();
     let key = format!("t-once-{}", uuid::Uuid::new_v4());
     let lease = Duration::from_secs(30);
-    let Claim::Run(guard) = mediafarm::once::claim(&backend, &key, lease).await.unwrap() else {
+    let Claim::Run(guard) = mediafarm::backend::once::claim(&backend, &key, lease)
+        .await
+        .unwrap()
+    else {
         panic!("the first claim runs");
     };
     assert!(matches!(
-        mediafarm::once::claim(&backend, &key, lease).await.unwrap(),
+        mediafarm::backend::once::claim(&backend, &key, lease)
+            .await
+            .unwrap(),
         Claim::Busy { .. }
     ));
     // Released (the effect did not happen): the next attempt may claim it.
     guard.release().await.unwrap();
-    let Claim::Run(guard) = mediafarm::once::claim(&backend, &key, lease).await.unwrap() else {
+    let Claim::Run(guard) = mediafarm::backend::once::claim(&backend, &key, lease)
+        .await
+        .unwrap()
+    else {
         panic!("claimable after release");
     };
     assert!(guard.complete(&json!({"message_id": "m-1"})).await.unwrap());
-    match mediafarm::once::claim(&backend, &key, lease).await.unwrap() {
+    match mediafarm::backend::once::claim(&backend, &key, lease)
+        .await
+        .unwrap()
+    {
         Claim::Done(v) => assert_eq!(v, json!({"message_id": "m-1"})),
         other => panic!("expected Done, got {other:?}"),
     }
@@ -644,14 +655,14 @@ async fn once_claims_a_side_effect_for_one_attempt_only() {
     let key2 = format!("{key}-lease");
     let short = Duration::from_millis(200);
     assert!(matches!(
-        mediafarm::once::claim(&backend, &key2, short)
+        mediafarm::backend::once::claim(&backend, &key2, short)
             .await
             .unwrap(),
         Claim::Run(_)
     ));
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(matches!(
-        mediafarm::once::claim(&backend, &key2, short)
+        mediafarm::backend::once::claim(&backend, &key2, short)
             .await
             .unwrap(),
         Claim::Run(_)
@@ -751,7 +762,7 @@ async fn worker_resumes_after_its_queue_is_deleted_under_it() {
     // The worker re-declares the queue itself: wait for it to exist again, without declaring it.
     let end = Instant::now() + WAIT;
     loop {
-        let conn = mediafarm::broker::connect(&s, "test passive")
+        let conn = mediafarm::amqp::broker::connect(&s, "test passive")
             .await
             .unwrap();
         let ch = conn.create_channel().await.unwrap();

@@ -1155,7 +1155,10 @@ async fn kill_9_between_send_and_ack_still_sends_once() {
     // Wait until the message reached the server and the send was recorded in Redis; the
     // worker now sits between the send and the ack.
     let mut conn = client.backend().connection();
-    let pattern = format!("{}notify.email:{key}:*", mediafarm::once::KEY_PREFIX);
+    let pattern = format!(
+        "{}notify.email:{key}:*",
+        mediafarm::backend::once::KEY_PREFIX
+    );
     let mut recorded = false;
     for _ in 0..600 {
         let keys: Vec<String> = redis::cmd("KEYS")
@@ -1198,7 +1201,7 @@ async fn kill_9_between_send_and_ack_still_sends_once() {
     );
     assert_eq!(out["message_id"], parse_eml(&received[0].1)["message_id"]);
     mediafarm_tests::delete_queue(&s, &queue).await;
-    mediafarm_tests::delete_queue(&s, &mediafarm::reroute::dead_queue(&queue)).await;
+    mediafarm_tests::delete_queue(&s, &mediafarm::amqp::reroute::dead_queue(&queue)).await;
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -1378,7 +1381,7 @@ async fn starttls_and_implicit_tls_with_a_verified_certificate() {
         let _ = worker.kill();
         let _ = worker.wait();
         mediafarm_tests::delete_queue(&s, &queue).await;
-        mediafarm_tests::delete_queue(&s, &mediafarm::reroute::dead_queue(&queue)).await;
+        mediafarm_tests::delete_queue(&s, &mediafarm::amqp::reroute::dead_queue(&queue)).await;
         out.unwrap_or_else(|e| panic!("{mode}: {e:?}"));
         let got = sink.to(&to_addr);
         assert_eq!(got.len(), 1, "{mode}");
@@ -1446,7 +1449,7 @@ async fn kill_9_between_acceptance_and_record_repeats_with_the_same_message_id()
     let _ = second.kill();
     let _ = second.wait();
     mediafarm_tests::delete_queue(&s, &queue).await;
-    mediafarm_tests::delete_queue(&s, &mediafarm::reroute::dead_queue(&queue)).await;
+    mediafarm_tests::delete_queue(&s, &mediafarm::amqp::reroute::dead_queue(&queue)).await;
     let out = out.unwrap_or_else(|e| {
         let log = std::fs::read_to_string(root.join("second.log")).unwrap_or_default();
         panic!("the redelivered job did not succeed after the lease: {e:?}\n{log}")

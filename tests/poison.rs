@@ -258,7 +258,7 @@ async fn echo_worker_process_survives_a_deep_header() {
 
     stops_cleanly_on_sigterm(worker).await;
     delete_queue(&s, &q).await;
-    delete_queue(&s, &mediafarm::reroute::dead_queue(&q)).await;
+    delete_queue(&s, &mediafarm::amqp::reroute::dead_queue(&q)).await;
 }
 
 /// The poison class, generated: for every header Celery defines, values of every wrong type,
@@ -458,5 +458,5 @@ async fn generated_poison_against_the_worker_binary_is_all_resolved() {
     assert_eq!(ready_count(&s, &q).await, 0);
     stops_cleanly_on_sigterm(worker).await;
     delete_queue(&s, &q).await;
-    delete_queue(&s, &mediafarm::reroute::dead_queue(&q)).await;
+    delete_queue(&s, &mediafarm::amqp::reroute::dead_queue(&q)).await;
 }

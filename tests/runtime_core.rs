@@ -461,7 +461,7 @@ async fn producer_pool_honours_broker_pool_limit() {
     let mut s = settings();
     s.broker_pool_limit = 2;
     let q = unique_queue("pool");
-    let publisher = mediafarm::broker::Publisher::new(&s);
+    let publisher = mediafarm::amqp::broker::Publisher::new(&s);
     let sends = (0..40).map(|i| {
         let (publisher, q) = (publisher.clone(), q.clone());
         tokio::spawn(async move {
@@ -588,7 +588,7 @@ async fn producer_reconnects_after_the_broker_drops_its_connection() {
     let s = settings();
     let q = unique_queue("prod-reconnect");
     let name = format!("test-producer-{}", uuid::Uuid::new_v4().simple());
-    let publisher = mediafarm::broker::Publisher::named(&s, &name);
+    let publisher = mediafarm::amqp::broker::Publisher::named(&s, &name);
     let msg = |i: i32| {
         mediafarm::client::build_message(
             "echo.echo",

@@ -243,7 +243,11 @@ impl World {
     async fn stop(mut self) {
         self.workers.clear();
         delete_queue(&self.settings, &self.queue).await;
-        delete_queue(&self.settings, &mediafarm::reroute::dead_queue(&self.queue)).await;
+        delete_queue(
+            &self.settings,
+            &mediafarm::amqp::reroute::dead_queue(&self.queue),
+        )
+        .await;
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

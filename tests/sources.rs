@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use mediafarm::sources::{Source, SourceError, Sources};
+use mediafarm::storage::sources::{Source, SourceError, Sources};
 use mediafarm::storage::Storage;
 use mediafarm::{FailureKind, Settings, TaskError};
 use mediafarm_tests::settings;

@@ -24,17 +24,17 @@ def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 def setting_names() -> set[str]:
-    """SETTING_NAMES as shared/src/settings.rs has it now (other work adds settings)."""
-    text = (ROOT / "shared/src/settings.rs").read_text()
+    """SETTING_NAMES as shared/src/settings/mod.rs has it now (other work adds settings)."""
+    text = (ROOT / "shared/src/settings/mod.rs").read_text()
     block = re.search(r"pub const SETTING_NAMES: &\[&str\] = &\[(.*?)\];", text, re.S)
     if not block:
-        raise SystemExit("cannot find SETTING_NAMES in shared/src/settings.rs")
+        raise SystemExit("cannot find SETTING_NAMES in shared/src/settings/mod.rs")
     return set(re.findall(r'"([a-z0-9_]+)"', block.group(1)))
 
 
 def exported_metrics() -> set[str]:
     """Metric names the workers export, with the suffixes Prometheus gives each type."""
-    text = (ROOT / "shared/src/metrics.rs").read_text()
+    text = (ROOT / "shared/src/observe/metrics.rs").read_text()
     names: set[str] = set()
     for name in re.findall(r'"(celery_[a-z_]+)"', text):
         names.update({name, f"{name}_total", f"{name}_bucket", f"{name}_sum", f"{name}_count"})

@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::BasicProperties;
-use mediafarm::amqp_table::read_properties;
-use mediafarm::metrics::{Metrics, TaskLabels};
+use mediafarm::amqp::table::read_properties;
+use mediafarm::observe::metrics::{Metrics, TaskLabels};
 use mediafarm::protocol::TaskMessage;
 use mediafarm::ResultMeta;
 use serde_json::Value;

@@ -85,7 +85,7 @@ impl Task for Echo {
 static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
 
 fn main() -> ExitCode {
-    mediafarm::worker_cli::run_worker_main("echo-worker", &["echo"], |_settings| {
+    mediafarm::runtime::cli::run_worker_main("echo-worker", &["echo"], |_settings| {
         Ok(Registry::new().register(Echo))
     })
 }

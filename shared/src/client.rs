@@ -6,12 +6,12 @@ use std::time::Duration;
 use chrono::Utc;
 use serde_json::{Map, Value};
 
+use crate::amqp::broker::{BrokerError, Publisher};
+use crate::backend::result::{ResultMeta, TaskError, TaskState};
 use crate::backend::{BackendError, ResultBackend};
-use crate::broker::{BrokerError, Publisher};
 use crate::protocol::{TaskMessage, TimeLimits};
-use crate::result::{ResultMeta, TaskError, TaskState};
+use crate::runtime::task::Job;
 use crate::settings::Settings;
-use crate::task::Job;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -51,7 +51,7 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(settings: &Settings) -> Result<Client, ClientError> {
-        crate::broker::parse_url(&settings.broker_url, settings.broker_heartbeat)?;
+        crate::amqp::broker::parse_url(&settings.broker_url, settings.broker_heartbeat)?;
         Ok(Client {
             publisher: Publisher::new(settings),
             backend: ResultBackend::connect(

@@ -10,10 +10,10 @@ use lapin::BasicProperties;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::amqp_table::{read_job_properties, read_properties, try_write_properties};
+use crate::amqp::table::{read_job_properties, read_properties, try_write_properties};
+use crate::backend::result::TaskError;
 use crate::protocol::{DecodeError, Properties, TaskMessage, JSON_CONTENT_TYPE};
-use crate::result::TaskError;
-use crate::task::{typed_args, Task, TaskContext};
+use crate::runtime::task::{typed_args, Task, TaskContext};
 
 /// `task_message_max_bytes`' default: what a worker with default settings accepts.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -82,7 +82,7 @@ pub fn message_json(data: &[u8]) -> MessageOutcome {
     }
 }
 
-/// From here on, the path of `job::handle`: properties and headers read, the message decoded,
+/// From here on, the path of `message::handle`: properties and headers read, the message decoded,
 /// the task looked up and its kwargs made into its argument struct.
 fn delivered(basic: &BasicProperties, body: &[u8]) -> MessageOutcome {
     let (props, headers) = match read_job_properties(basic) {
@@ -221,7 +221,7 @@ pub fn replay(dir: &std::path::Path, entry: impl Fn(&str, &[u8])) -> usize {
             panic!(
                 "{}: {}",
                 path.display(),
-                crate::cpu::panic_message(panic.as_ref())
+                crate::runtime::cpu::panic_message(panic.as_ref())
             );
         }
     }

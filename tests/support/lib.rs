@@ -137,7 +137,7 @@ pub fn worker_binary(package: &'static str) -> PathBuf {
 
 /// Deletes a queue and its exchange when a test is done with them.
 pub async fn delete_queue(settings: &Settings, queue: &str) {
-    if let Ok(conn) = mediafarm::broker::connect(settings, "test cleanup").await {
+    if let Ok(conn) = mediafarm::amqp::broker::connect(settings, "test cleanup").await {
         if let Ok(ch) = conn.create_channel().await {
             let _ = ch
                 .queue_delete(queue.into(), lapin::options::QueueDeleteOptions::default())
@@ -155,11 +155,11 @@ pub async fn delete_queue(settings: &Settings, queue: &str) {
 
 /// Messages ready in `queue` (declaring it as kombu would if it does not exist).
 pub async fn ready_count(settings: &Settings, queue: &str) -> u32 {
-    let conn = mediafarm::broker::connect(settings, "test count")
+    let conn = mediafarm::amqp::broker::connect(settings, "test count")
         .await
         .expect("broker up");
     let ch = conn.create_channel().await.expect("channel");
-    mediafarm::broker::declare_queue(&ch, queue)
+    mediafarm::amqp::broker::declare_queue(&ch, queue)
         .await
         .expect("declare");
     let q = ch
@@ -338,16 +338,24 @@ impl Farm {
     pub async fn stop(self) {
         self.worker.shutdown().await;
         delete_queue(&self.settings, &self.queue).await;
-        delete_queue(&self.settings, &mediafarm::reroute::dead_queue(&self.queue)).await;
+        delete_queue(
+            &self.settings,
+            &mediafarm::amqp::reroute::dead_queue(&self.queue),
+        )
+        .await;
     }
 }
 
 /// Publishes a hand-made message straight to `queue` (declared as kombu does), confirmed.
 pub async fn publish_raw(s: &Settings, queue: &str, props: lapin::BasicProperties, body: &[u8]) {
-    let conn = mediafarm::broker::connect(s, "test raw").await.unwrap();
+    let conn = mediafarm::amqp::broker::connect(s, "test raw")
+        .await
+        .unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
-    mediafarm::broker::declare_queue(&ch, queue).await.unwrap();
+    mediafarm::amqp::broker::declare_queue(&ch, queue)
+        .await
+        .unwrap();
     let confirm = ch
         .basic_publish(
             "".into(),
@@ -368,7 +376,7 @@ pub fn celery_props(id: &str, task: &str) -> lapin::BasicProperties {
         mediafarm::client::build_message(task, Map::new(), &mediafarm::SendOptions::default())
             .encode();
     headers.insert("id".into(), Value::String(id.to_owned()));
-    mediafarm::amqp_table::write_properties(&props, &headers).with_correlation_id(id.into())
+    mediafarm::amqp::table::write_properties(&props, &headers).with_correlation_id(id.into())
 }
 
 /// A JSON object literal as kwargs.
@@ -398,10 +406,10 @@ pub async fn dead_letters(
     s: &Settings,
     queue: &str,
     n: usize,
-) -> Vec<mediafarm::deadletter::DeadLetter> {
+) -> Vec<mediafarm::amqp::dead_letters::DeadLetter> {
     let end = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let letters = mediafarm::deadletter::list(s, queue, n + 100)
+        let letters = mediafarm::amqp::dead_letters::list(s, queue, n + 100)
             .await
             .expect("dead list");
         if letters.len() >= n || std::time::Instant::now() > end {

@@ -168,7 +168,7 @@ fn main() -> ExitCode {
         Command::Beat { loglevel, .. } => loglevel.as_str(),
         _ => "warning",
     };
-    if let Err(e) = mediafarm::logging::init(loglevel) {
+    if let Err(e) = mediafarm::observe::logging::init(loglevel) {
         eprintln!("mediafarm: {e}");
         return ExitCode::from(2);
     }
@@ -256,7 +256,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Purge { queue } => {
-            let n = mediafarm::broker::purge(&settings, &queue).await?;
+            let n = mediafarm::amqp::broker::purge(&settings, &queue).await?;
             println!("purged {n} message(s) from {queue}");
             Ok(ExitCode::SUCCESS)
         }
@@ -288,7 +288,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 settings.result_expires_secs(),
             )
             .await?;
-            mediafarm::revoke::broadcast(&settings, &backend, &ids, terminate).await?;
+            mediafarm::amqp::pidbox::broadcast(&settings, &backend, &ids, terminate).await?;
             let how = if terminate {
                 " (terminating if running)"
             } else {
@@ -336,8 +336,8 @@ async fn stop_signal() {
 }
 
 async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Result<ExitCode> {
+    use mediafarm::beat::store::{BeatKeys, ScheduleStore};
     use mediafarm::schedule::parse_entry;
-    use mediafarm::schedule_store::{BeatKeys, ScheduleStore};
     let in_settings = |name: &str| settings.beat_schedule.iter().any(|e| e.name == name);
     let backend =
         mediafarm::ResultBackend::connect(&settings.result_backend, settings.result_expires_secs())
@@ -454,10 +454,10 @@ async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Resu
 }
 
 async fn dead(settings: &Settings, command: DeadCommand) -> anyhow::Result<ExitCode> {
-    use mediafarm::deadletter;
+    use mediafarm::amqp::dead_letters;
     match command {
         DeadCommand::List { queue, limit, json } => {
-            let letters = deadletter::list(settings, &queue, limit).await?;
+            let letters = dead_letters::list(settings, &queue, limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
             } else if letters.is_empty() {
@@ -484,7 +484,7 @@ async fn dead(settings: &Settings, command: DeadCommand) -> anyhow::Result<ExitC
                 settings.result_expires_secs(),
             )
             .await?;
-            let n = deadletter::replay(settings, &backend, &queue, id.as_deref()).await?;
+            let n = dead_letters::replay(settings, &backend, &queue, id.as_deref()).await?;
             println!("replayed {n} message(s) from {queue}.dead to {queue}");
             if n == 0 && id.is_some() {
                 return Ok(ExitCode::from(1));

@@ -2,7 +2,7 @@
 //! as JSON bytes through the runtime's deserialisation, the checks made before the source is
 //! read, and the output sizes each fit gives. No I/O. Not part of the supported API.
 
-use mediafarm::sources::Source;
+use mediafarm::storage::sources::Source;
 use mediafarm::TaskError;
 
 use crate::geometry::target_size;

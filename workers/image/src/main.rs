@@ -16,7 +16,7 @@ fn main() -> ExitCode {
     // SAFETY: called once, before any other thread exists; `mallopt` only changes glibc's
     // allocator settings.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    mediafarm::worker_cli::run_worker_main("image-worker", &["image"], |settings| {
+    mediafarm::runtime::cli::run_worker_main("image-worker", &["image"], |settings| {
         let transform = Transform::new(settings).map_err(|e| e.to_string())?;
         Ok(Registry::new().register(transform))
     })

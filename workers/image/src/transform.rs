@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use fast_image_resize::Resizer;
 use image::DynamicImage;
-use mediafarm::sources::{Source, Sources};
+use mediafarm::storage::sources::{Source, Sources};
 use mediafarm::storage::Storage;
 use mediafarm::{Settings, Task, TaskContext, TaskError};
 

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
 
 fn main() -> ExitCode {
-    mediafarm::worker_cli::run_worker_main("notify-worker", &["notify"], |settings| {
+    mediafarm::runtime::cli::run_worker_main("notify-worker", &["notify"], |settings| {
         notify_worker::registry(settings).map_err(|e| e.to_string())
     })
 }

@@ -12,7 +12,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use mediafarm::once::Claim;
+use mediafarm::backend::once::Claim;
 use mediafarm::{TaskContext, TaskError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};

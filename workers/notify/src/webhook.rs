@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mediafarm::settings::RateLimit;
-use mediafarm::sources::{host_allowed, is_internal};
+use mediafarm::storage::sources::{host_allowed, is_internal};
 use mediafarm::{Settings, Task, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;

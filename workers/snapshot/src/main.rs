@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use clap::Parser;
-use mediafarm::worker_cli::WorkerArgs;
+use mediafarm::runtime::cli::WorkerArgs;
 use mediafarm::Registry;
 use snapshot_worker::{Capture, Watch};
 
@@ -26,7 +26,7 @@ fn main() -> ExitCode {
     if let Some(args) = &parsed {
         default_concurrency(args);
     }
-    mediafarm::worker_cli::run_worker_main("snapshot-worker", &["snapshot"], move |settings| {
+    mediafarm::runtime::cli::run_worker_main("snapshot-worker", &["snapshot"], move |settings| {
         let storage =
             mediafarm::storage::Storage::from_settings(settings).map_err(|e| e.to_string())?;
         let watch = Watch::new(settings, storage.clone(), queues[0].trim().to_owned())

@@ -1,12 +1,12 @@
 //! Which stream URLs a job may name, checked before FFmpeg sees them: `file://` under
 //! `source_allowed_roots`; HLS over `https://` (or `http://` with `source_allow_http`), `rtmp://`
 //! and `rtsp://` from hosts on `source_allowed_hosts`, refusing internal addresses unless
-//! `source_allow_private` — the same rules as `mediafarm::sources` applies to web sources.
+//! `source_allow_private` — the same rules as `mediafarm::storage::sources` applies to web sources.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use mediafarm::sources::{host_allowed, is_internal};
+use mediafarm::storage::sources::{host_allowed, is_internal};
 use mediafarm::{Settings, TaskError};
 use url::Url;
 

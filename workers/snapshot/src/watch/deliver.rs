@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use mediafarm::sources::{host_allowed, is_internal};
+use mediafarm::storage::sources::{host_allowed, is_internal};
 use mediafarm::{Settings, TaskError};
 use sha2::Sha256;
 use tokio::sync::mpsc;

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mediafarm::broker::Publisher;
+use mediafarm::amqp::broker::Publisher;
 use mediafarm::storage::Storage;
 use mediafarm::{Settings, Task, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};

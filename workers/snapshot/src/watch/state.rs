@@ -4,7 +4,7 @@
 //! the stop request `mediafarm streams stop` leaves for a stream, and the claim that keeps a
 //! stream to one session at a time.
 
-use mediafarm::revoke::REVOKED_KEY;
+use mediafarm::amqp::pidbox::REVOKED_KEY;
 use mediafarm::{ResultBackend, TaskError};
 use serde::{Deserialize, Serialize};
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 
-use crate::schedule_store::BeatKeys;
+use crate::beat::store::BeatKeys;
 
 const ACQUIRE: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 1 then return false end

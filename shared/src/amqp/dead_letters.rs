@@ -9,11 +9,11 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
 use serde::Serialize;
 
-use crate::backend::{BackendError, ResultBackend};
-use crate::broker::{self, BrokerError};
-use crate::reroute::{
+use crate::amqp::broker::{self, BrokerError};
+use crate::amqp::reroute::{
     dead_queue, Rerouter, DEAD_AT, DEAD_QUEUE, DEAD_REASON, DEAD_TYPE, DEAD_WORKER,
 };
+use crate::backend::{BackendError, ResultBackend};
 use crate::settings::Settings;
 
 /// One dead letter as `mediafarm dead list` shows it.

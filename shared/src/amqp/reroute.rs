@@ -23,7 +23,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use tokio::sync::Mutex;
 
-use crate::broker::BrokerError;
+use crate::amqp::broker::BrokerError;
 use crate::protocol::format_time;
 
 /// Prefix of the delay exchanges and queues.
@@ -291,7 +291,7 @@ impl Rerouter {
 
     async fn declare_work_queue(&self, name: &str) -> Result<(), BrokerError> {
         self.declare_once(name, |channel| async move {
-            crate::broker::declare_queue(&channel, name).await
+            crate::amqp::broker::declare_queue(&channel, name).await
         })
         .await
     }

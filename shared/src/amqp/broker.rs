@@ -15,7 +15,7 @@ use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::amqp_table::{try_write_properties, TooLong};
+use crate::amqp::table::{try_write_properties, TooLong};
 use crate::backend::redact;
 use crate::protocol::TaskMessage;
 use crate::settings::Settings;

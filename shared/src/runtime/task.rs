@@ -13,9 +13,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::result::{ResultMeta, TaskError, TaskState};
 use crate::backend::ResultBackend;
-use crate::cpu::CpuPool;
-use crate::result::{ResultMeta, TaskError, TaskState};
+use crate::runtime::cpu::CpuPool;
 
 /// A job type a worker runs. `NAME` is the Celery task name (`image.transform`).
 pub trait Task: Send + Sync + 'static {
@@ -130,9 +130,13 @@ impl TaskContext {
     }
 
     /// Claims a once-only side effect (sending an email, charging a card) under `key`, so a
-    /// redelivered job does not repeat it. See [`crate::once`].
-    pub async fn once(&self, key: &str, lease: Duration) -> Result<crate::once::Claim, TaskError> {
-        crate::once::claim(&self.backend, key, lease)
+    /// redelivered job does not repeat it. See [`crate::backend::once`].
+    pub async fn once(
+        &self,
+        key: &str,
+        lease: Duration,
+    ) -> Result<crate::backend::once::Claim, TaskError> {
+        crate::backend::once::claim(&self.backend, key, lease)
             .await
             .map_err(|e| TaskError::transient("BackendError", e.to_string()))
     }
@@ -342,7 +346,7 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.message.contains("unknown field `x`"), "{}", err.message);
-        assert_eq!(err.kind, crate::result::FailureKind::Invalid);
+        assert_eq!(err.kind, crate::backend::result::FailureKind::Invalid);
     }
 
     #[test]

@@ -24,6 +24,11 @@
 //!   publisher sends it again (at-least-once on the wire) under the same task id, which is
 //!   derived from the entry and the tick, so consumers can drop the repeat.
 
+pub mod lease;
+pub mod metrics;
+pub mod probe;
+pub mod store;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -36,13 +41,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::BackendError;
-use crate::beat_lease::{node_name, Lease};
-use crate::beat_metrics::{BeatMetrics, Miss};
-use crate::beat_probe::BeatProbe;
+use crate::beat::lease::{node_name, Lease};
+use crate::beat::metrics::{BeatMetrics, Miss};
+use crate::beat::probe::BeatProbe;
+use crate::beat::store::{BeatKeys, ScheduleStore};
 use crate::client::{build_message, Client, ClientError, SendOptions};
 use crate::protocol::TaskMessage;
 use crate::schedule::ScheduleEntry;
-use crate::schedule_store::{BeatKeys, ScheduleStore};
 use crate::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
@@ -54,12 +59,12 @@ pub enum BeatError {
     #[error("beat's Redis state: {0}")]
     Redis(#[from] redis::RedisError),
     #[error(transparent)]
-    Http(#[from] crate::http::BindError),
+    Http(#[from] crate::observe::http::BindError),
     #[error("timezone = {0:?} is not a time zone this build knows (an IANA name such as \"UTC\" or \"Europe/Berlin\")")]
     UnknownTimezone(String),
 }
 
-pub use crate::schedule_store::unix_ms;
+pub use crate::beat::store::unix_ms;
 
 /// The task id of tick `due_ms` of entry `name`: a UUID (v5) derived from both, the same in
 /// every beat, so a consumer can recognise a repeated tick.
@@ -200,7 +205,7 @@ impl Beat {
         self.metrics
             .entries
             .set(self.settings.beat_schedule.len() as i64);
-        let metrics_addr = crate::http::serve_probe(
+        let metrics_addr = crate::observe::http::serve_probe(
             self.settings.metrics_addr,
             Arc::new(probe.clone()),
             stop_keeper.clone(),

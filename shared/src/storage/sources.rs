@@ -15,7 +15,7 @@ use object_store::path::Path;
 use object_store::ObjectStore;
 use url::Url;
 
-use crate::result::TaskError;
+use crate::backend::result::TaskError;
 use crate::settings::Settings;
 use crate::storage::{check_key, s3_builder, Storage, StorageError};
 

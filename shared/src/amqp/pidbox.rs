@@ -18,8 +18,8 @@ use lapin::{BasicProperties, Channel, ExchangeKind};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::broker::BrokerError;
 use crate::backend::{BackendError, ResultBackend};
-use crate::broker::BrokerError;
 use crate::settings::Settings;
 
 /// Celery's control exchange (kombu `Mailbox` "celery", `<namespace>.pidbox`).
@@ -283,7 +283,7 @@ pub async fn broadcast(
     terminate: bool,
 ) -> Result<(), RevokeError> {
     record(backend, ids, remember_until(settings)).await?;
-    let conn = crate::broker::connect(settings, "mediafarm revoke").await?;
+    let conn = crate::amqp::broker::connect(settings, "mediafarm revoke").await?;
     let channel = conn.create_channel().await.map_err(BrokerError::from)?;
     declare_exchange(&channel).await?;
     let task_id = if ids.len() == 1 {

@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+use crate::runtime::task::Registry;
+use crate::runtime::worker::Worker;
 use crate::settings::Settings;
-use crate::task::Registry;
-use crate::worker::Worker;
 
 #[derive(Debug, Parser)]
 pub struct WorkerArgs {
@@ -41,7 +41,7 @@ pub fn run_worker_main(
     build: impl FnOnce(&Settings) -> Result<Registry, String>,
 ) -> ExitCode {
     let args = WorkerArgs::parse();
-    if let Err(e) = crate::logging::init(&args.loglevel) {
+    if let Err(e) = crate::observe::logging::init(&args.loglevel) {
         eprintln!("{binary}: {e}");
         return ExitCode::from(2);
     }

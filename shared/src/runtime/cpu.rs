@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
-use crate::result::TaskError;
+use crate::backend::result::TaskError;
 
 #[derive(Clone)]
 pub struct CpuPool {

@@ -17,16 +17,16 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::amqp::broker::{self, backoff, BrokerError};
+use crate::amqp::pidbox::{self, Revocations};
+use crate::amqp::reroute::Rerouter;
 use crate::backend::{BackendError, ResultBackend};
-use crate::broker::{self, backoff, BrokerError};
-use crate::cpu::CpuPool;
-use crate::http::{self, Readiness};
-use crate::job::{self, Incoming, Shared};
-use crate::metrics::{host_label, Metrics, WorkerLabels};
-use crate::reroute::Rerouter;
-use crate::revoke::{self, Revocations};
+use crate::observe::http::{self, Readiness};
+use crate::observe::metrics::{host_label, Metrics, WorkerLabels};
+use crate::runtime::cpu::CpuPool;
+use crate::runtime::message::{self, Incoming, Shared};
+use crate::runtime::task::Registry;
 use crate::settings::Settings;
-use crate::task::Registry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -379,7 +379,7 @@ async fn consume_on(
         .await?;
     let rerouter = Arc::new(Rerouter::open(conn.clone()).await?);
     let control = conn.create_channel().await?;
-    let listen = revoke::listen(
+    let listen = pidbox::listen(
         control,
         shared.hostname.to_string(),
         shared.revocations.clone(),
@@ -453,7 +453,7 @@ async fn consume_on(
                         received_at: Instant::now(),
                         rerouter: rerouter.clone(),
                     };
-                    shared.jobs.spawn(job::handle(shared.clone(), incoming));
+                    shared.jobs.spawn(message::handle(shared.clone(), incoming));
                 }
                 Some((_, Err(e))) => break Err(BrokerError::from(e)),
                 None => break Err(BrokerError::Amqp(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(

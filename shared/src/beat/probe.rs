@@ -11,8 +11,8 @@ use redis::aio::ConnectionManager;
 use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::beat_metrics::BeatMetrics;
-use crate::http::Probe;
+use crate::beat::metrics::BeatMetrics;
+use crate::observe::http::Probe;
 use crate::settings::Settings;
 
 /// How often Redis and RabbitMQ are checked, and how long a check may take.
@@ -82,7 +82,9 @@ impl BeatProbe {
             let redis_ok = matches!(tokio::time::timeout(CHECK_EVERY, ping).await, Ok(Ok(_)));
             self.redis.store(redis_ok, Ordering::Relaxed);
             if !amqp.as_ref().is_some_and(|c| c.status().connected()) {
-                amqp = match crate::broker::connect(&settings, "mediafarm beat (readiness)").await {
+                amqp = match crate::amqp::broker::connect(&settings, "mediafarm beat (readiness)")
+                    .await
+                {
                     Ok(c) => Some(c),
                     Err(e) => {
                         tracing::debug!(error = %e, "readiness: RabbitMQ not reachable");

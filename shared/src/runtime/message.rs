@@ -21,18 +21,18 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp_table::{read_job_properties, read_properties};
+use crate::amqp::broker::backoff;
+use crate::amqp::pidbox::Revocations;
+use crate::amqp::reroute::{time_header, DeadReason, Rerouter, MIN_DELAY};
+use crate::amqp::table::{read_job_properties, read_properties};
+use crate::backend::result::{FailureKind, ResultMeta, TaskError, TaskState};
 use crate::backend::ResultBackend;
-use crate::broker::backoff;
-use crate::cpu::{panic_message, CpuPool};
-use crate::http::Readiness;
-use crate::metrics::{host_label, Metrics, TaskLabels, TaskMetrics};
+use crate::observe::http::Readiness;
+use crate::observe::metrics::{host_label, Metrics, TaskLabels, TaskMetrics};
 use crate::protocol::{DecodeError, TaskMessage};
-use crate::reroute::{time_header, DeadReason, Rerouter, MIN_DELAY};
-use crate::result::{FailureKind, ResultMeta, TaskError, TaskState};
-use crate::revoke::Revocations;
+use crate::runtime::cpu::{panic_message, CpuPool};
+use crate::runtime::task::{Registry, TaskContext, TaskPolicy};
 use crate::settings::Settings;
-use crate::task::{Registry, TaskContext, TaskPolicy};
 
 /// What every job of a worker shares.
 pub(crate) struct Shared {

@@ -2,6 +2,9 @@
 //! written with its expiry and then published on the channel of the same name in one round trip,
 //! which is how Celery's Redis backend wakes `AsyncResult.get()` waiters.
 
+pub mod once;
+pub mod result;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,7 +12,7 @@ use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
-use crate::result::{ResultMeta, TaskState};
+use crate::backend::result::{ResultMeta, TaskState};
 
 pub const KEY_PREFIX: &str = "celery-task-meta-";
 

@@ -3,6 +3,8 @@
 //! and the URL a result hands back for each stored object (a public base URL, a presigned S3
 //! URL, or a `file://` URL). Keys are checked so no key escapes its root or prefix.
 
+pub mod sources;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +16,7 @@ use object_store::path::Path;
 use object_store::signer::Signer;
 use object_store::{Attribute, ObjectStore, PutOptions, PutPayload};
 
-use crate::result::TaskError;
+use crate::backend::result::TaskError;
 use crate::settings::Settings;
 
 /// Longest key accepted (S3's own limit).
@@ -346,7 +348,7 @@ mod tests {
     #[test]
     fn storage_errors_say_whose_fault_they_are() {
         let e: TaskError = StorageError::NotFound { key: "k".into() }.into();
-        assert_eq!(e.kind, crate::result::FailureKind::Invalid);
+        assert_eq!(e.kind, crate::backend::result::FailureKind::Invalid);
         let e: TaskError = StorageError::Backend {
             key: "k".into(),
             source: object_store::Error::NotImplemented,
@@ -354,7 +356,7 @@ mod tests {
         .into();
         assert!(matches!(
             e.kind,
-            crate::result::FailureKind::Transient { .. }
+            crate::backend::result::FailureKind::Transient { .. }
         ));
     }
 }

@@ -18,8 +18,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
-use crate::watchdog::RunningJobs;
+use crate::observe::metrics::Metrics;
+use crate::observe::watchdog::RunningJobs;
 
 /// What `/readyz` and `/healthz` report; set by the worker as connections come and go and as
 /// jobs start and end.
@@ -210,7 +210,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics
             .up
-            .get_or_create(&crate::metrics::WorkerLabels {
+            .get_or_create(&crate::observe::metrics::WorkerLabels {
                 hostname: "w".into(),
             })
             .set(1);

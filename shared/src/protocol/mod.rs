@@ -2,6 +2,8 @@
 //! encoding messages a Python Celery worker accepts. Pure data: the AMQP property and header
 //! types are converted at the broker edge (`amqp_table`).
 
+pub mod compression;
+
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
 
@@ -252,7 +254,7 @@ impl TaskMessage {
         let body = match headers.get("compression") {
             None | Some(Value::Null) => body,
             Some(Value::String(method)) => {
-                inflated = crate::compression::decompress(method, body, max_body_bytes)
+                inflated = crate::protocol::compression::decompress(method, body, max_body_bytes)
                     .map_err(|e| fail(e.to_string()))?;
                 &inflated[..]
             }

@@ -3,11 +3,13 @@
 //! schedule add`); both go through the same checks, and a bad entry is reported with its name,
 //! the field, the value given and what is accepted.
 
+pub mod cron;
+
 use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use crate::schedule_cron::{Cron, CRON_ACCEPTED};
+use crate::schedule::cron::{Cron, CRON_ACCEPTED};
 
 /// Shortest and longest period accepted.
 pub const MIN_EVERY: Duration = Duration::from_millis(100);

@@ -1,0 +1,9 @@
+//! The worker runtime: the consume loop (`worker`), one message's life from delivery to
+//! acknowledgement (`message`), the task trait, registry and context a job sees (`task`), the
+//! bounded CPU pool (`cpu`) and the command line every worker binary shares (`cli`).
+
+pub mod cli;
+pub mod cpu;
+pub mod message;
+pub mod task;
+pub mod worker;
