@@ -340,6 +340,56 @@ async fn concurrency_bounds_running_jobs() {
     farm.stop().await;
 }
 
+/// Hands itself on `hops` times, carrying the first job's id, then reports where it ran.
+struct Relay;
+
+impl Task for Relay {
+    const NAME: &'static str = "test.relay";
+    type Args = Map<String, Value>;
+    type Output = Value;
+
+    async fn run(&self, ctx: TaskContext, args: Self::Args) -> Result<Value, TaskError> {
+        let hops = args.get("hops").and_then(Value::as_u64).unwrap_or(0);
+        let first = args
+            .get("first")
+            .and_then(Value::as_str)
+            .unwrap_or(&ctx.id)
+            .to_owned();
+        if hops == 0 {
+            return Ok(json!({"first": first, "queue": &*ctx.queue, "id": ctx.id}));
+        }
+        let next = ctx
+            .continue_with(kwargs(json!({"hops": hops - 1, "first": first})))
+            .await?;
+        Ok(json!({"continued_as": next}))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_hands_itself_on_to_the_queue_it_came_from() {
+    let farm = Farm::start("relay", settings(), Registry::new().register(Relay)).await;
+    let (q, client) = (&farm.queue, &farm.client);
+    let r = client
+        .send_task("test.relay", kwargs(json!({"hops": 2})), &to(q))
+        .await
+        .unwrap();
+    let mut ids = vec![r.id.clone()];
+    let mut out = r.get(WAIT).await.unwrap();
+    while let Some(next) = out.get("continued_as").and_then(Value::as_str) {
+        assert!(
+            !ids.iter().any(|id| id == next),
+            "a new id each hop: {ids:?}"
+        );
+        ids.push(next.to_owned());
+        out = client.result(next).get(WAIT).await.unwrap();
+    }
+    assert_eq!(ids.len(), 3, "two hand-offs: {ids:?}");
+    assert_eq!(out["first"], r.id.as_str(), "{out}");
+    assert_eq!(out["queue"], q.as_str(), "{out}");
+    assert_eq!(out["id"], ids[2].as_str(), "{out}");
+    farm.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_finishes_running_jobs_and_returns_the_rest() {
     let mut s = settings();

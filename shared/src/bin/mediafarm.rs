@@ -11,6 +11,9 @@ use mediafarm::client::{Client, ClientError, SendOptions};
 use mediafarm::Settings;
 use serde_json::Value;
 
+/// The stop scope snapshot-worker's sessions are asked to stop under (its `watch::STOP_SCOPE`).
+const STREAMS_SCOPE: &str = "snapshot";
+
 #[derive(Subcommand)]
 enum StreamsCommand {
     /// Ask the session watching STREAM_ID to stop: it ends within a second with its summary,
@@ -268,17 +271,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 settings.result_expires_secs(),
             )
             .await?;
-            let now = chrono::Utc::now().timestamp_millis() as f64 / 1000.0;
-            let mut conn = backend.connection();
-            // The key snapshot-worker's sessions poll (workers/snapshot/src/watch/state.rs);
-            // a session obeys requests made after it began.
-            redis::cmd("SET")
-                .arg(format!("mediafarm-snapshot-stop-{stream_id}"))
-                .arg(format!("{now:.3}"))
-                .arg("EX")
-                .arg(7 * 86_400)
-                .query_async::<()>(&mut conn)
-                .await?;
+            // A session obeys requests made after it began.
+            mediafarm::runtime::stop::request(&backend, STREAMS_SCOPE, &stream_id).await?;
             println!("asked the session of stream {stream_id} to stop");
             Ok(ExitCode::SUCCESS)
         }

@@ -21,7 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp::broker::backoff;
+use crate::amqp::broker::{backoff, Publisher};
 use crate::amqp::pidbox::Revocations;
 use crate::amqp::reroute::{time_header, DeadReason, Rerouter, MIN_DELAY};
 use crate::amqp::table::{read_job_properties, read_properties};
@@ -31,7 +31,7 @@ use crate::observe::http::Readiness;
 use crate::observe::metrics::{host_label, Metrics, TaskLabels, TaskMetrics};
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::runtime::cpu::{panic_message, CpuPool};
-use crate::runtime::task::{Registry, TaskContext, TaskPolicy};
+use crate::runtime::task::{Registry, Services, TaskContext, TaskPolicy};
 use crate::settings::Settings;
 
 /// What every job of a worker shares.
@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub settings: Settings,
     pub registry: Registry,
     pub backend: ResultBackend,
+    /// Publishes what jobs send on (continuations), with confirms; connects on first use.
+    pub publisher: Publisher,
     pub cpu: CpuPool,
     pub metrics: Metrics,
     pub readiness: Arc<Readiness>,
@@ -299,13 +301,18 @@ async fn run(
             tracing::warn!(id = %msg.id, error = %e, "could not store STARTED");
         }
     }
+    let services = Services {
+        hostname: shared.hostname.clone(),
+        backend: shared.backend.clone(),
+        publisher: shared.publisher.clone(),
+        cpu: shared.cpu.clone(),
+    };
     let ctx = TaskContext::new(
         msg.id.clone(),
         msg.task.clone(),
         msg.retries,
-        shared.hostname.clone(),
-        shared.backend.clone(),
-        shared.cpu.clone(),
+        job.queue.as_str().into(),
+        &services,
     );
     let stop_signal = ctx.cancel_flag();
     let running = shared.readiness.running.start(&msg.id, limits.hard);

@@ -1,6 +1,11 @@
 //! Typed tasks: the `Task` trait a worker implements, the registry that maps Celery task names
 //! to tasks, and the context a running job sees. Keyword arguments are deserialised with serde
 //! into the task's argument struct; a mismatch names the field that is wrong.
+//!
+//! A job reaches the broker and the backend only through its context: progress
+//! ([`TaskContext::update_state`]), once-only side effects ([`TaskContext::once`]), its
+//! continuation ([`TaskContext::continue_with`]) and the signals of a long-running job
+//! ([`TaskContext::signals`], see [`crate::runtime::stop`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -13,9 +18,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 
+use crate::amqp::broker::Publisher;
 use crate::backend::result::{ResultMeta, TaskError, TaskState};
 use crate::backend::ResultBackend;
+use crate::protocol::TaskMessage;
 use crate::runtime::cpu::CpuPool;
+use crate::runtime::stop::{self, Signals};
 
 /// A job type a worker runs. `NAME` is the Celery task name (`image.transform`).
 pub trait Task: Send + Sync + 'static {
@@ -82,9 +90,22 @@ pub struct TaskContext {
     pub task: String,
     pub retries: u32,
     pub hostname: Arc<str>,
+    /// The queue the job was delivered from.
+    pub queue: Arc<str>,
     backend: ResultBackend,
+    publisher: Publisher,
     cpu: CpuPool,
     stop: StopSignal,
+}
+
+/// The runtime's services a job's context hands out.
+#[derive(Clone)]
+pub(crate) struct Services {
+    pub hostname: Arc<str>,
+    pub backend: ResultBackend,
+    /// Confirmed publishing for continuations (connects on first use).
+    pub publisher: Publisher,
+    pub cpu: CpuPool,
 }
 
 impl TaskContext {
@@ -92,17 +113,18 @@ impl TaskContext {
         id: String,
         task: String,
         retries: u32,
-        hostname: Arc<str>,
-        backend: ResultBackend,
-        cpu: CpuPool,
+        queue: Arc<str>,
+        services: &Services,
     ) -> TaskContext {
         TaskContext {
             id,
             task,
             retries,
-            hostname,
-            backend,
-            cpu,
+            hostname: services.hostname.clone(),
+            queue,
+            backend: services.backend.clone(),
+            publisher: services.publisher.clone(),
+            cpu: services.cpu.clone(),
             stop: StopSignal::default(),
         }
     }
@@ -154,6 +176,51 @@ impl TaskContext {
     pub fn backend(&self) -> &ResultBackend {
         &self.backend
     }
+
+    /// Hands the running job on: publishes a new job of the same task with `kwargs` to the
+    /// queue this one was delivered from (waiting for the broker's confirm) and returns its
+    /// id. A job too long for one delivery (RabbitMQ's ack timeout) ends its slice with this
+    /// and returns; the continuation carries only the task, the kwargs and a new id — no ETA,
+    /// expiry, priority, time limits or canvas — so pass in `kwargs` whatever it must resume.
+    pub async fn continue_with(&self, kwargs: Map<String, Value>) -> Result<String, TaskError> {
+        let msg = continuation(&self.task, kwargs);
+        self.publisher
+            .publish(&self.queue, &msg)
+            .await
+            .map_err(|e| {
+                TaskError::transient(
+                    "BrokerError",
+                    format!("cannot publish the continuation: {e}"),
+                )
+            })?;
+        tracing::debug!(id = %self.id, next = %msg.id, queue = %self.queue, "job handed on");
+        Ok(msg.id)
+    }
+
+    /// A stop request for `subject` of `scope` (made with [`stop::request`]) and whether any
+    /// of `ids` is revoked, in one round trip: what a long-running job polls.
+    pub async fn signals(
+        &self,
+        scope: &str,
+        subject: &str,
+        ids: &[&str],
+    ) -> Result<Signals, TaskError> {
+        stop::signals(&self.backend, scope, subject, ids)
+            .await
+            .map_err(|e| TaskError::transient("BackendError", e.to_string()))
+    }
+
+    /// Forgets the stop request for `subject` of `scope`: its session has ended.
+    pub async fn clear_stop(&self, scope: &str, subject: &str) -> Result<(), TaskError> {
+        stop::clear(&self.backend, scope, subject)
+            .await
+            .map_err(|e| TaskError::transient("BackendError", e.to_string()))
+    }
+}
+
+/// The message that continues a job of `task`: as a producer's `send_task(task, kwargs)`.
+fn continuation(task: &str, kwargs: Map<String, Value>) -> TaskMessage {
+    TaskMessage::new(task, kwargs)
 }
 
 trait ErasedTask: Send + Sync {
@@ -347,6 +414,21 @@ mod tests {
             .unwrap();
         assert!(err.message.contains("unknown field `x`"), "{}", err.message);
         assert_eq!(err.kind, crate::backend::result::FailureKind::Invalid);
+    }
+
+    #[test]
+    fn a_continuation_is_a_plain_new_job_of_the_same_task() {
+        let kwargs = kw(json!({"stream_id": "s", "session": "first"}));
+        let a = continuation("snapshot.watch", kwargs.clone());
+        let b = continuation("snapshot.watch", kwargs.clone());
+        assert_eq!(a.task, "snapshot.watch");
+        assert_eq!(a.kwargs, kwargs);
+        assert!(a.args.is_empty());
+        assert_ne!(a.id, b.id, "every continuation has a new id");
+        assert_eq!(a.root_id.as_deref(), Some(a.id.as_str()));
+        assert_eq!(a.parent_id, None);
+        assert_eq!((a.eta, a.expires, a.priority), (None, None, None));
+        assert_eq!(a.timelimit, crate::protocol::TimeLimits::default());
     }
 
     #[test]

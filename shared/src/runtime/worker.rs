@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp::broker::{self, backoff, BrokerError};
+use crate::amqp::broker::{self, backoff, BrokerError, Publisher};
 use crate::amqp::pidbox::{self, Revocations};
 use crate::amqp::reroute::Rerouter;
 use crate::backend::{BackendError, ResultBackend};
@@ -165,6 +165,8 @@ impl Worker {
             task_metrics: Mutex::new(HashMap::new()),
             active,
             slots: Arc::new(Semaphore::new(self.settings.worker_concurrency)),
+            // Opens its connection only when a job first hands itself on.
+            publisher: Publisher::named(&self.settings, &format!("{hostname} continuations")),
             settings: self.settings,
             registry: self.registry,
             backend,

@@ -17,20 +17,13 @@ static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
 const CONCURRENCY_VAR: &str = "MEDIAFARM_WORKER_CONCURRENCY";
 
 fn main() -> ExitCode {
-    let parsed = WorkerArgs::try_parse().ok();
-    let queues = parsed
-        .as_ref()
-        .map(|a| a.queues.clone())
-        .filter(|q| !q.is_empty())
-        .unwrap_or_else(|| vec!["snapshot".to_owned()]);
-    if let Some(args) = &parsed {
-        default_concurrency(args);
+    if let Ok(args) = WorkerArgs::try_parse() {
+        default_concurrency(&args);
     }
     mediafarm::runtime::cli::run_worker_main("snapshot-worker", &["snapshot"], move |settings| {
         let storage =
             mediafarm::storage::Storage::from_settings(settings).map_err(|e| e.to_string())?;
-        let watch = Watch::new(settings, storage.clone(), queues[0].trim().to_owned())
-            .map_err(|e| e.to_string())?;
+        let watch = Watch::new(settings, storage.clone()).map_err(|e| e.to_string())?;
         Ok(Registry::new()
             .register(Capture::new(settings, storage))
             .register(watch))

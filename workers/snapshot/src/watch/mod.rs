@@ -3,7 +3,9 @@
 //! blocking demux/decode half runs on its own thread ([`session`]); this async half stores each
 //! frame, records the session in Redis ([`state`]), reports PROGRESS, delivers webhooks
 //! ([`deliver`]) and, before RabbitMQ's ack timeout could matter, hands the session on as a
-//! continuation message and ends its own job.
+//! continuation ([`TaskContext::continue_with`]) and ends its own job. Stop requests and
+//! revokes come through the runtime's signals ([`mediafarm::runtime::stop`], scope
+//! [`STOP_SCOPE`]).
 
 pub mod deliver;
 pub mod schedule;
@@ -15,7 +17,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mediafarm::amqp::broker::Publisher;
 use mediafarm::storage::Storage;
 use mediafarm::{Settings, Task, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
@@ -30,6 +31,9 @@ use session::{End, Event, SessionParams};
 use state::{LastFrame, SessionState};
 
 pub const DEFAULT_INTERVAL_S: f64 = 20.0;
+/// The scope of sessions' stop requests, by stream id (`mediafarm streams stop STREAM_ID`).
+/// Fixed: running farms hold requests under it.
+pub const STOP_SCOPE: &str = "snapshot";
 const MIN_INTERVAL_S: f64 = 0.5;
 /// How often the job looks for stop requests, revokes and the end of `duration_s`.
 const POLL: Duration = Duration::from_millis(500);
@@ -115,8 +119,6 @@ pub struct Watch {
     settings: Settings,
     storage: Storage,
     sessions: Arc<Semaphore>,
-    queue: String,
-    publisher: Publisher,
     deliver: deliver::Deliverer,
 }
 
@@ -130,12 +132,8 @@ pub enum WatchSetupError {
 }
 
 impl Watch {
-    /// The task for a worker whose continuations go to `queue`.
-    pub fn new(
-        settings: &Settings,
-        storage: Storage,
-        queue: String,
-    ) -> Result<Watch, WatchSetupError> {
+    /// The task; its continuations go back to the queue each job came from.
+    pub fn new(settings: &Settings, storage: Storage) -> Result<Watch, WatchSetupError> {
         let longest = settings
             .task_time_limit
             .unwrap_or_else(|| settings.longest_hard_limit());
@@ -151,8 +149,6 @@ impl Watch {
             settings: settings.clone(),
             storage,
             sessions: Arc::new(Semaphore::new(settings.snapshot_max_sessions)),
-            queue,
-            publisher: Publisher::named(settings, "snapshot-worker continuations"),
             deliver: deliver::Deliverer::new(settings),
         })
     }
@@ -363,7 +359,7 @@ impl Task for Watch {
                     None => break End::Stopped,
                 },
                 _ = poll.tick(), if why.is_none() => {
-                    why = self.should_stop(&backend, &args, &st, &ctx.id).await;
+                    why = should_stop(&ctx, &args, &st).await;
                     if why.is_none() && tokio::time::Instant::now() >= renew_at {
                         renew_at = tokio::time::Instant::now() + CLAIM_RENEW;
                         match state::claim(&backend, &args.stream_id, &session_id, CLAIM_TTL).await {
@@ -387,7 +383,7 @@ impl Task for Watch {
         };
         let (ended, detail) = match (end, why) {
             (End::Failed(e), _) => {
-                state::finish(&backend, &args.stream_id).await?;
+                finish(&ctx, &args.stream_id).await?;
                 claim.release().await;
                 return Err(e.into());
             }
@@ -417,11 +413,11 @@ impl Task for Watch {
         };
         if ended == Ended::Continued {
             state::save(&backend, &args.stream_id, &st).await?;
-            summary.continued_as = Some(self.hand_on(&args, &session_id).await?);
+            summary.continued_as = Some(hand_on(&ctx, &args, &session_id).await?);
             // The continuation carries the same session id and takes the claim on.
             claim.keep = true;
         } else if ended != Ended::Superseded {
-            state::finish(&backend, &args.stream_id).await?;
+            finish(&ctx, &args.stream_id).await?;
             claim.release().await;
         }
         tracing::info!(stream_id = %args.stream_id, ended = ?summary.ended, frames = summary.frames, "session slice over");
@@ -472,57 +468,50 @@ impl Watch {
         st.last = Some(last.clone());
         Ok(last)
     }
+}
 
-    /// Stop request, revoke (of this job or of the session's first job), or `duration_s` over.
-    async fn should_stop(
-        &self,
-        backend: &mediafarm::ResultBackend,
-        args: &WatchArgs,
-        st: &SessionState,
-        task_id: &str,
-    ) -> Option<Ended> {
-        if args
-            .duration_s
-            .is_some_and(|d| session::unix_now() - st.started_at >= d)
-        {
-            return Some(Ended::Duration);
-        }
-        let signals = state::signals(backend, &args.stream_id, [task_id, &st.session_id])
-            .await
-            .ok()?;
-        if signals
-            .stop_requested_at
-            .is_some_and(|at| at >= st.started_at)
-        {
-            return Some(Ended::Stopped);
-        }
-        signals.revoked.then_some(Ended::Revoked)
+/// Stop request, revoke (of this job or of the session's first job), or `duration_s` over.
+async fn should_stop(ctx: &TaskContext, args: &WatchArgs, st: &SessionState) -> Option<Ended> {
+    if args
+        .duration_s
+        .is_some_and(|d| session::unix_now() - st.started_at >= d)
+    {
+        return Some(Ended::Duration);
     }
+    let signals = ctx
+        .signals(STOP_SCOPE, &args.stream_id, &[&ctx.id, &st.session_id])
+        .await
+        .ok()?;
+    if signals.stop_requested_since(st.started_at) {
+        return Some(Ended::Stopped);
+    }
+    signals.revoked.then_some(Ended::Revoked)
+}
 
-    /// Publishes the continuation (same stream and session) and returns its job id.
-    async fn hand_on(&self, args: &WatchArgs, session_id: &str) -> Result<String, TaskError> {
-        let mut next = args.clone();
-        next.session = Some(session_id.to_owned());
-        let kwargs = match serde_json::to_value(&next) {
-            Ok(Value::Object(m)) => m,
-            _ => {
-                return Err(TaskError::permanent(
-                    "InternalError",
-                    "continuation kwargs are not an object",
-                ))
-            }
-        };
-        let msg = mediafarm::client::build_message(Self::NAME, kwargs, &Default::default());
-        self.publisher
-            .publish(&self.queue, &msg)
-            .await
-            .map_err(|e| {
-                TaskError::transient(
-                    "BrokerError",
-                    format!("cannot publish the continuation: {e}"),
-                )
-            })?;
-        tracing::info!(stream_id = %args.stream_id, next = %msg.id, "session handed on");
-        Ok(msg.id)
-    }
+/// Forgets an ended session: its record, and any stop request it obeyed.
+async fn finish(ctx: &TaskContext, stream_id: &str) -> Result<(), TaskError> {
+    state::finish(ctx.backend(), stream_id).await?;
+    ctx.clear_stop(STOP_SCOPE, stream_id).await
+}
+
+/// Publishes the continuation (same stream and session) and returns its job id.
+async fn hand_on(
+    ctx: &TaskContext,
+    args: &WatchArgs,
+    session_id: &str,
+) -> Result<String, TaskError> {
+    let mut next = args.clone();
+    next.session = Some(session_id.to_owned());
+    let kwargs = match serde_json::to_value(&next) {
+        Ok(Value::Object(m)) => m,
+        _ => {
+            return Err(TaskError::permanent(
+                "InternalError",
+                "continuation kwargs are not an object",
+            ))
+        }
+    };
+    let id = ctx.continue_with(kwargs).await?;
+    tracing::info!(stream_id = %args.stream_id, next = %id, "session handed on");
+    Ok(id)
 }

@@ -1,21 +1,18 @@
 //! A session's record in Redis, keyed by stream id: which session owns the stream, when it
 //! began, the next sequence number and the last tick. Written after every stored frame, so a
 //! worker that picks up a redelivered or continued session resumes from the last tick. Also
-//! the stop request `mediafarm streams stop` leaves for a stream, and the claim that keeps a
-//! stream to one session at a time.
+//! the claim that keeps a stream to one session at a time. (Stop requests and revokes are the
+//! runtime's: `mediafarm::runtime::stop`.)
 
-use mediafarm::amqp::pidbox::REVOKED_KEY;
 use mediafarm::{ResultBackend, TaskError};
 use serde::{Deserialize, Serialize};
 
 use super::schedule::LastTick;
 
 pub const SESSION_PREFIX: &str = "mediafarm-snapshot-session-";
-/// `mediafarm streams stop STREAM_ID` sets this (to the unix time of the request).
-pub const STOP_PREFIX: &str = "mediafarm-snapshot-stop-";
 /// Holds the id of the session that watches a stream while it runs (renewed, with a TTL).
 pub const OWNER_PREFIX: &str = "mediafarm-snapshot-owner-";
-/// How long a stop request or an idle session record is kept.
+/// How long an idle session record is kept.
 const KEEP_S: u64 = 7 * 86_400;
 
 /// Takes or renews the claim when it is free or already ours; else returns the holder.
@@ -144,72 +141,11 @@ pub async fn release(
         .map_err(backend_error)
 }
 
-/// Forgets an ended session, and any stop request it obeyed.
+/// Forgets an ended session's record.
 pub async fn finish(backend: &ResultBackend, stream_id: &str) -> Result<(), TaskError> {
     let mut conn = backend.connection();
-    redis::pipe()
-        .cmd("DEL")
+    redis::cmd("DEL")
         .arg(format!("{SESSION_PREFIX}{stream_id}"))
-        .ignore()
-        .cmd("DEL")
-        .arg(format!("{STOP_PREFIX}{stream_id}"))
-        .ignore()
-        .query_async::<()>(&mut conn)
-        .await
-        .map_err(backend_error)
-}
-
-/// What a running session looks for in Redis every poll.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Signals {
-    /// When a stop was asked for the stream (unix seconds), if it was.
-    pub stop_requested_at: Option<f64>,
-    /// Whether any of the ids asked about was revoked (Celery's revoke, kept in Redis by the
-    /// runtime until it lapses).
-    pub revoked: bool,
-}
-
-/// A stop request for `stream_id` and revokes of `ids`, in one round trip.
-pub async fn signals(
-    backend: &ResultBackend,
-    stream_id: &str,
-    ids: [&str; 2],
-) -> Result<Signals, TaskError> {
-    let mut conn = backend.connection();
-    let (stop, first, second): (Option<String>, Option<f64>, Option<f64>) = redis::pipe()
-        .cmd("GET")
-        .arg(format!("{STOP_PREFIX}{stream_id}"))
-        .cmd("ZSCORE")
-        .arg(REVOKED_KEY)
-        .arg(ids[0])
-        .cmd("ZSCORE")
-        .arg(REVOKED_KEY)
-        .arg(ids[1])
-        .query_async(&mut conn)
-        .await
-        .map_err(backend_error)?;
-    let now = super::session::unix_now();
-    Ok(Signals {
-        stop_requested_at: stop.and_then(|s| s.trim().parse().ok()),
-        revoked: [first, second]
-            .into_iter()
-            .flatten()
-            .any(|until| until > now),
-    })
-}
-
-/// Asks the session of `stream_id` (running, or picked up later) to stop.
-pub async fn request_stop(
-    backend: &ResultBackend,
-    stream_id: &str,
-    now: f64,
-) -> Result<(), TaskError> {
-    let mut conn = backend.connection();
-    redis::cmd("SET")
-        .arg(format!("{STOP_PREFIX}{stream_id}"))
-        .arg(format!("{now:.3}"))
-        .arg("EX")
-        .arg(KEEP_S)
         .query_async::<()>(&mut conn)
         .await
         .map_err(backend_error)
