@@ -11,9 +11,6 @@ use mediafarm::client::{Client, ClientError, SendOptions};
 use mediafarm::Settings;
 use serde_json::Value;
 
-/// The stop scope snapshot-worker's sessions are asked to stop under (its `watch::STOP_SCOPE`).
-const STREAMS_SCOPE: &str = "snapshot";
-
 #[derive(Subcommand)]
 enum StreamsCommand {
     /// Ask the session watching STREAM_ID to stop: it ends within a second with its summary,
@@ -272,7 +269,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             )
             .await?;
             // A session obeys requests made after it began.
-            mediafarm::runtime::stop::request(&backend, STREAMS_SCOPE, &stream_id).await?;
+            mediafarm::runtime::stop::request(
+                &backend,
+                mediafarm::runtime::stop::STREAM_SESSIONS,
+                &stream_id,
+            )
+            .await?;
             println!("asked the session of stream {stream_id} to stop");
             Ok(ExitCode::SUCCESS)
         }

@@ -33,6 +33,11 @@
 use crate::amqp::pidbox::REVOKED_KEY;
 use crate::backend::{BackendError, ResultBackend};
 
+/// The scope of live-stream sessions, by stream id: what `mediafarm streams stop STREAM_ID` asks
+/// and snapshot-worker's `snapshot.watch` obeys. Named here, once, so the CLI and the worker
+/// cannot drift apart; fixed, because running farms hold requests under it.
+pub const STREAM_SESSIONS: &str = "snapshot";
+
 /// How long a stop request is kept when nobody clears it.
 const KEEP_S: u64 = 7 * 86_400;
 

@@ -32,8 +32,7 @@ use state::{LastFrame, SessionState};
 
 pub const DEFAULT_INTERVAL_S: f64 = 20.0;
 /// The scope of sessions' stop requests, by stream id (`mediafarm streams stop STREAM_ID`).
-/// Fixed: running farms hold requests under it.
-pub const STOP_SCOPE: &str = "snapshot";
+pub use mediafarm::runtime::stop::STREAM_SESSIONS as STOP_SCOPE;
 const MIN_INTERVAL_S: f64 = 0.5;
 /// How often the job looks for stop requests, revokes and the end of `duration_s`.
 const POLL: Duration = Duration::from_millis(500);
