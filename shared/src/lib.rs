@@ -11,6 +11,7 @@ pub mod client;
 pub mod fuzzing;
 #[cfg(test)]
 mod layering;
+pub mod net;
 pub mod observe;
 pub mod protocol;
 pub mod runtime;

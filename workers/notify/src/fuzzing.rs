@@ -7,13 +7,14 @@
 
 use std::sync::OnceLock;
 
+use mediafarm::net::signing;
 use mediafarm::TaskError;
 
 use crate::email::{compose, Email};
 use crate::sms::{self, Sms};
 use crate::templates::Templates;
+use crate::validate;
 use crate::webhook::{self, Webhook};
-use crate::{signing, validate};
 
 /// Templates that use what real ones do: variables, loops over the context, filters, HTML
 /// auto-escaping.

@@ -9,7 +9,6 @@ pub mod fuzzing;
 pub mod http_status;
 pub mod once_only;
 pub mod rate_limit;
-pub mod signing;
 pub mod sms;
 pub mod templates;
 pub mod validate;

@@ -1,22 +1,22 @@
-//! `notify.webhook`: POST `json` to `url`, signed (see [`crate::signing`]) when
-//! `webhook_secret` is set, sent once per idempotency key. The URL is held to the rules of
-//! image sources: `https://` only (unless `webhook_allow_http`), hosts from
-//! `webhook_allowed_hosts` when that list is set, and no loopback, private, link-local or other
-//! internal addresses (unless `webhook_allow_private`); the checked addresses are the ones
-//! connected to, and redirects are not followed.
+//! `notify.webhook`: POST `json` to `url`, signed (see [`mediafarm::net::signing`]) when
+//! `webhook_secret` is set, sent once per idempotency key. The URL is held to the outbound
+//! policy of image sources ([`mediafarm::net::outbound`]): `https://` only (unless
+//! `webhook_allow_http`), no credentials in the URL, hosts from `webhook_allowed_hosts` when
+//! that list is set, and no loopback, private, link-local or other internal addresses (unless
+//! `webhook_allow_private`); the checked addresses are the ones connected to, and a redirect is
+//! not followed but answered as a failure.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use mediafarm::net::{signing, Checked, OutboundError, OutboundPolicy, Redirects, SettingNames};
 use mediafarm::settings::RateLimit;
-use mediafarm::storage::sources::{host_allowed, is_internal};
 use mediafarm::{Settings, Task, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::Url;
 
-use crate::{http_status, signing, validate};
+use crate::{http_status, validate};
 
 /// Largest JSON body a webhook carries.
 const MAX_BODY_BYTES: usize = 1 << 20;
@@ -52,9 +52,7 @@ pub struct WebhookResult {
 
 pub struct Webhook {
     secret: Option<Vec<u8>>,
-    allowed_hosts: Vec<String>,
-    allow_private: bool,
-    allow_http: bool,
+    policy: OutboundPolicy,
     timeout: Duration,
     rate_limit: Option<RateLimit>,
 }
@@ -67,73 +65,57 @@ impl Webhook {
                 .as_ref()
                 .filter(|s| !s.is_empty())
                 .map(|s| s.as_bytes().to_vec()),
-            allowed_hosts: settings.webhook_allowed_hosts.clone(),
-            allow_private: settings.webhook_allow_private,
-            allow_http: settings.webhook_allow_http,
+            policy: OutboundPolicy {
+                allow_http: settings.webhook_allow_http,
+                allowed_hosts: settings.webhook_allowed_hosts.clone(),
+                any_host_when_empty: true,
+                allow_private: settings.webhook_allow_private,
+                refuse_credentials: true,
+                timeout: Some(settings.webhook_timeout),
+                redirects: Redirects::Return,
+                ..OutboundPolicy::new(SettingNames {
+                    allow_http: "webhook_allow_http",
+                    allowed_hosts: "webhook_allowed_hosts",
+                    allow_private: "webhook_allow_private",
+                })
+            },
             timeout: settings.webhook_timeout,
             rate_limit: settings.webhook_rate_limit,
         }
     }
 
-    /// Checks the URL and resolves it to the addresses that may be connected to.
-    async fn vet(&self, url: &Url) -> Result<Vec<SocketAddr>, TaskError> {
-        let refused = |why: String| {
-            TaskError::invalid(
-                "WebhookRefused",
-                format!("webhook URL {url} is refused: {why}"),
-            )
-        };
-        match url.scheme() {
-            "https" => {}
-            "http" if self.allow_http => {}
-            other => {
-                return Err(refused(format!(
-                    "{other}:// is not allowed (https only; see webhook_allow_http)"
-                )))
-            }
-        }
-        if !url.username().is_empty() || url.password().is_some() {
-            return Err(refused(
-                "credentials in the URL; send them in `headers`".into(),
-            ));
-        }
-        let host = url
-            .host_str()
-            .ok_or_else(|| refused("no host".into()))?
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        if !self.allowed_hosts.is_empty() && !host_allowed(&host, &self.allowed_hosts) {
-            return Err(refused(format!(
-                "host {host} is not in webhook_allowed_hosts"
-            )));
-        }
-        let port = url.port_or_known_default().unwrap_or(443);
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare, port))
-            .await
-            .map_err(|e| {
-                TaskError::transient(
-                    "ProviderUnreachable",
-                    format!("cannot resolve webhook host {host}: {e}"),
-                )
-            })?
-            .collect();
-        if addrs.is_empty() {
-            return Err(TaskError::transient(
+    /// The task error for a URL the policy refused or could not reach.
+    fn error(url: &Url, e: OutboundError) -> TaskError {
+        match e {
+            OutboundError::Unresolvable { host, error } => TaskError::transient(
+                "ProviderUnreachable",
+                format!("cannot resolve webhook host {host}: {error}"),
+            ),
+            OutboundError::NoAddresses { host } => TaskError::transient(
                 "ProviderUnreachable",
                 format!("webhook host {host} has no addresses"),
-            ));
+            ),
+            OutboundError::Client(e) => TaskError::transient("ProviderUnreachable", e.to_string()),
+            OutboundError::Request(e) => http_status::unreachable("the webhook receiver", &e),
+            OutboundError::Credentials => TaskError::invalid(
+                "WebhookRefused",
+                format!(
+                    "webhook URL {url} is refused: credentials in the URL; send them in `headers`"
+                ),
+            ),
+            refusal => TaskError::invalid(
+                "WebhookRefused",
+                format!("webhook URL {url} is refused: {refusal}"),
+            ),
         }
-        if !self.allow_private {
-            if let Some(bad) = addrs.iter().find(|a| is_internal(a.ip())) {
-                return Err(refused(format!(
-                    "{host} resolves to {}, an internal address (loopback, private, link-local \
-                     or reserved); see webhook_allow_private",
-                    bad.ip()
-                )));
-            }
-        }
-        Ok(addrs)
+    }
+
+    /// Checks the URL and resolves it to the addresses that may be connected to.
+    async fn vet(&self, url: &Url) -> Result<Checked, TaskError> {
+        self.policy
+            .resolve(url)
+            .await
+            .map_err(|e| Self::error(url, e))
     }
 
     async fn post(
@@ -143,39 +125,29 @@ impl Webhook {
         headers: &BTreeMap<String, String>,
         delivery_id: &str,
     ) -> Result<WebhookResult, TaskError> {
-        let addrs = self.vet(url).await?;
-        let host = url.host_str().unwrap_or_default();
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(self.timeout)
-            .resolve_to_addrs(host, &addrs)
-            .build()
-            .map_err(|e| TaskError::transient("ProviderUnreachable", e.to_string()))?;
-        let mut request = client
-            .post(url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(signing::ID_HEADER, delivery_id);
-        for (name, value) in headers {
-            request = request.header(name, value);
-        }
-        if let Some(secret) = &self.secret {
-            let timestamp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_secs();
-            request = request
-                .header(signing::TIMESTAMP_HEADER, timestamp.to_string())
-                .header(
-                    signing::SIGNATURE_HEADER,
-                    signing::sign(secret, timestamp, body),
-                );
-        }
-        let response = request
-            .body(body.to_vec())
-            .send()
+        let signed = self.secret.as_ref().map(|secret| {
+            let timestamp = signing::now();
+            (timestamp, signing::sign(secret, timestamp, body))
+        });
+        let response = self
+            .policy
+            .send(url, |client, url| {
+                let mut request = client
+                    .post(url)
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .header(signing::ID_HEADER, delivery_id);
+                for (name, value) in headers {
+                    request = request.header(name, value);
+                }
+                if let Some((timestamp, signature)) = &signed {
+                    request = request
+                        .header(signing::TIMESTAMP_HEADER, timestamp.to_string())
+                        .header(signing::SIGNATURE_HEADER, signature);
+                }
+                request.body(body.to_vec())
+            })
             .await
-            .map_err(|e| http_status::unreachable("the webhook receiver", &e))?;
+            .map_err(|e| Self::error(url, e))?;
         let status = response.status();
         if !status.is_success() {
             let headers = response.headers().clone();

@@ -1,12 +1,12 @@
 //! Which stream URLs a job may name, checked before FFmpeg sees them: `file://` under
 //! `source_allowed_roots`; HLS over `https://` (or `http://` with `source_allow_http`), `rtmp://`
 //! and `rtsp://` from hosts on `source_allowed_hosts`, refusing internal addresses unless
-//! `source_allow_private` — the same rules as `mediafarm::storage::sources` applies to web sources.
+//! `source_allow_private` — the same [`mediafarm::net::outbound`] rules as
+//! `mediafarm::storage::sources` applies to web sources.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 
-use mediafarm::storage::sources::{host_allowed, is_internal};
+use mediafarm::net::{OutboundPolicy, SettingNames};
 use mediafarm::{Settings, TaskError};
 use url::Url;
 
@@ -51,12 +51,6 @@ impl StreamSource {
                 })
             }
             scheme @ ("http" | "https" | "rtmp" | "rtsp") => {
-                if scheme == "http" && !settings.source_allow_http {
-                    return Err(refused(
-                        text,
-                        "http:// is not allowed (https only; see source_allow_http)",
-                    ));
-                }
                 check_host(text, &url, settings).await?;
                 let kind = match scheme {
                     "rtmp" => SourceKind::Rtmp,
@@ -101,45 +95,31 @@ fn check_root(text: &str, path: PathBuf, roots: &[String]) -> Result<PathBuf, Ta
     Ok(real)
 }
 
+/// The outbound policy for stream URLs: the `source_*` rules of web sources, with `rtmp://` and
+/// `rtsp://` beside `https://`. FFmpeg opens the URL itself, so only [`OutboundPolicy::vet`]
+/// applies: the address cannot be pinned.
+fn policy(settings: &Settings) -> OutboundPolicy {
+    OutboundPolicy {
+        allow_http: settings.source_allow_http,
+        other_schemes: &["rtmp", "rtsp"],
+        allowed_hosts: settings.source_allowed_hosts.clone(),
+        allow_private: settings.source_allow_private,
+        ..OutboundPolicy::new(SettingNames {
+            allow_http: "source_allow_http",
+            allowed_hosts: "source_allowed_hosts",
+            allow_private: "source_allow_private",
+        })
+    }
+}
+
 async fn check_host(text: &str, url: &Url, settings: &Settings) -> Result<(), TaskError> {
-    let host = url
-        .host_str()
-        .ok_or_else(|| refused(text, "no host"))?
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    if !host_allowed(&host, &settings.source_allowed_hosts) {
-        return Err(refused(
-            text,
-            format!("host {host} is not in source_allowed_hosts"),
-        ));
-    }
-    if settings.source_allow_private {
-        return Ok(());
-    }
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let port = url.port_or_known_default().unwrap_or(1935);
-    let addrs: Vec<IpAddr> = match bare.parse::<IpAddr>() {
-        Ok(ip) => vec![ip],
-        Err(_) => tokio::net::lookup_host((bare, port))
-            .await
-            .map_err(|e| {
-                TaskError::permanent(
-                    "SourceUnreachable",
-                    format!("stream_url {text}: cannot resolve {host}: {e}"),
-                )
-            })?
-            .map(|a| a.ip())
-            .collect(),
-    };
-    if let Some(bad) = addrs.iter().find(|ip| is_internal(**ip)) {
-        return Err(refused(
-            text,
-            format!(
-                "{host} resolves to {bad}, an internal address (loopback, private, link-local or reserved); see source_allow_private"
-            ),
-        ));
-    }
-    Ok(())
+    policy(settings).vet(url).await.map_err(|e| {
+        if e.is_refusal() {
+            refused(text, e)
+        } else {
+            TaskError::permanent("SourceUnreachable", format!("stream_url {text}: {e}"))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -1,21 +1,18 @@
 //! Delivery of each frame to the session's webhook: a JSON POST signed like notify-worker's
-//! webhooks — `X-Mediafarm-Timestamp: <unix seconds>` and
+//! webhooks ([`mediafarm::net::signing`]) — `X-Mediafarm-Timestamp: <unix seconds>` and
 //! `X-Mediafarm-Signature: v1=<hex HMAC-SHA256(webhook_secret, "<timestamp>.<body>")>`. The URL
-//! follows the webhook rules (`webhook_allowed_hosts`, `webhook_allow_http`,
-//! `webhook_allow_private`); the request connects to the addresses that were checked (no DNS
-//! rebinding) and follows no redirects. Each session's deliveries go out in order from their
+//! follows the webhook rules of [`mediafarm::net::outbound`] (`webhook_allowed_hosts`,
+//! `webhook_allow_http`, `webhook_allow_private`); the request connects to the addresses that
+//! were checked (no DNS rebinding) and follows no redirects. Each session's deliveries go out in order from their
 //! own task ([`Courier`]), so a slow receiver never holds up the frames, and a delivery that
 //! meets a network error, a timeout, 408, 429 or 5xx is tried again for up to a minute.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
-use mediafarm::storage::sources::{host_allowed, is_internal};
+use mediafarm::net::{signing, OutboundError, OutboundPolicy, Redirects, SettingNames};
 use mediafarm::{Settings, TaskError};
-use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use url::Url;
@@ -34,10 +31,7 @@ const QUEUE: usize = 16;
 #[derive(Clone)]
 pub struct Deliverer {
     secret: Option<String>,
-    allowed_hosts: Vec<String>,
-    allow_private: bool,
-    allow_http: bool,
-    timeout: Duration,
+    policy: OutboundPolicy,
 }
 
 /// A checked webhook URL, and a client that connects only to the addresses checked.
@@ -62,110 +56,69 @@ fn refused(url: &str, why: impl std::fmt::Display) -> TaskError {
     )
 }
 
-/// The signature header's value for `body` sent at `timestamp`.
-pub fn sign(secret: &str, timestamp: u64, body: &[u8]) -> String {
-    // HMAC takes keys of any length.
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("HMAC accepts any key");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    let digest = mac.finalize().into_bytes();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("v1={hex}")
+/// The task error for a deliver URL the policy refused or could not reach.
+fn policy_error(url: &str, e: OutboundError) -> TaskError {
+    match e {
+        // Shorter than the policy's own text, as it always was for deliveries.
+        OutboundError::Internal { host, ip, setting } => refused(
+            url,
+            format!("{host} resolves to {ip}, an internal address; see {setting}"),
+        ),
+        e if e.is_refusal() => refused(url, e),
+        e => TaskError::permanent("DeliverUnreachable", format!("deliver URL {url}: {e}")),
+    }
 }
 
 impl Deliverer {
     pub fn new(settings: &Settings) -> Deliverer {
         Deliverer {
             secret: settings.webhook_secret.clone(),
-            allowed_hosts: settings.webhook_allowed_hosts.clone(),
-            allow_private: settings.webhook_allow_private,
-            allow_http: settings.webhook_allow_http,
-            timeout: settings.webhook_timeout,
+            policy: OutboundPolicy {
+                allow_http: settings.webhook_allow_http,
+                allowed_hosts: settings.webhook_allowed_hosts.clone(),
+                any_host_when_empty: true,
+                allow_private: settings.webhook_allow_private,
+                timeout: Some(settings.webhook_timeout),
+                redirects: Redirects::Return,
+                // Deliveries have always gone through a proxy set in the environment.
+                system_proxy: true,
+                ..OutboundPolicy::new(SettingNames {
+                    allow_http: "webhook_allow_http",
+                    allowed_hosts: "webhook_allowed_hosts",
+                    allow_private: "webhook_allow_private",
+                })
+            },
         }
     }
 
     /// Checks a webhook URL once, when the session starts.
     pub async fn vet(&self, text: &str) -> Result<Target, TaskError> {
         let url = Url::parse(text).map_err(|e| refused(text, e))?;
-        match url.scheme() {
-            "https" => {}
-            "http" if self.allow_http => {}
-            other => {
-                return Err(refused(
-                    text,
-                    format!("{other}:// is not allowed (https only; see webhook_allow_http)"),
-                ))
-            }
-        }
-        let host = url
-            .host_str()
-            .ok_or_else(|| refused(text, "no host"))?
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        if !self.allowed_hosts.is_empty() && !host_allowed(&host, &self.allowed_hosts) {
-            return Err(refused(
-                text,
-                format!("host {host} is not in webhook_allowed_hosts"),
-            ));
-        }
-        let port = url.port_or_known_default().unwrap_or(443);
-        let bare = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((bare.as_str(), port))
+        let checked = self
+            .policy
+            .resolve(&url)
             .await
-            .map_err(|e| {
-                TaskError::permanent(
-                    "DeliverUnreachable",
-                    format!("deliver URL {text}: cannot resolve {host}: {e}"),
-                )
-            })?
-            .collect();
-        if addrs.is_empty() {
-            return Err(TaskError::permanent(
-                "DeliverUnreachable",
-                format!("deliver URL {text}: {host} has no addresses"),
-            ));
-        }
-        if !self.allow_private {
-            if let Some(bad) = addrs.iter().find(|a| is_internal(a.ip())) {
-                return Err(refused(
-                    text,
-                    format!(
-                        "{host} resolves to {}, an internal address; see webhook_allow_private",
-                        bad.ip()
-                    ),
-                ));
-            }
-        }
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(self.timeout)
-            .resolve_to_addrs(&bare, &addrs)
-            .build()
-            .map_err(|e| {
-                TaskError::permanent("DeliverUnreachable", format!("deliver URL {text}: {e}"))
-            })?;
+            .map_err(|e| policy_error(text, e))?;
+        let client = self
+            .policy
+            .client(&checked)
+            .map_err(|e| policy_error(text, e))?;
         Ok(Target { url, client })
     }
 
     /// One try at POSTing `body`, signed now.
     async fn post(&self, to: &Target, id: &str, body: &str) -> Result<(), Refusal> {
-        let timestamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let timestamp = signing::now();
         let mut req = to
             .client
             .post(to.url.clone())
             .header("Content-Type", "application/json")
-            .header("X-Mediafarm-Id", id)
-            .header("X-Mediafarm-Timestamp", timestamp.to_string());
+            .header(signing::ID_HEADER, id)
+            .header(signing::TIMESTAMP_HEADER, timestamp.to_string());
         if let Some(secret) = &self.secret {
             req = req.header(
-                "X-Mediafarm-Signature",
-                sign(secret, timestamp, body.as_bytes()),
+                signing::SIGNATURE_HEADER,
+                signing::sign(secret.as_bytes(), timestamp, body.as_bytes()),
             );
         }
         let resp = req
@@ -318,19 +271,5 @@ impl Courier {
                 .fetch_add(self.pending.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         self.failed.load(Ordering::Relaxed)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signatures_match_an_independent_hmac() {
-        // printf '1700000000.{"a":1}' | openssl dgst -sha256 -hmac k
-        assert_eq!(
-            sign("k", 1_700_000_000, br#"{"a":1}"#),
-            "v1=1b6ad1bc9bf48c52ce01939866d5877c6cc4e87ddad27e16673cb8c4964394a3"
-        );
     }
 }
