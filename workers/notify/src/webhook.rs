@@ -10,8 +10,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mediafarm::settings::RateLimit;
+use mediafarm::settings::WebhookSettings;
 use mediafarm::storage::sources::{host_allowed, is_internal};
-use mediafarm::{Settings, Task, TaskContext, TaskError};
+use mediafarm::{Task, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::Url;
@@ -60,18 +61,18 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    pub fn new(settings: &Settings) -> Webhook {
+    pub fn new(webhook: &WebhookSettings) -> Webhook {
         Webhook {
-            secret: settings
+            secret: webhook
                 .webhook_secret
                 .as_ref()
                 .filter(|s| !s.is_empty())
                 .map(|s| s.as_bytes().to_vec()),
-            allowed_hosts: settings.webhook_allowed_hosts.clone(),
-            allow_private: settings.webhook_allow_private,
-            allow_http: settings.webhook_allow_http,
-            timeout: settings.webhook_timeout,
-            rate_limit: settings.webhook_rate_limit,
+            allowed_hosts: webhook.webhook_allowed_hosts.clone(),
+            allow_private: webhook.webhook_allow_private,
+            allow_http: webhook.webhook_allow_http,
+            timeout: webhook.webhook_timeout,
+            rate_limit: webhook.webhook_rate_limit,
         }
     }
 
@@ -282,8 +283,8 @@ impl Task for Webhook {
 mod tests {
     use super::*;
 
-    fn hook(tweak: impl FnOnce(&mut Settings)) -> Webhook {
-        let mut s = Settings::default();
+    fn hook(tweak: impl FnOnce(&mut WebhookSettings)) -> Webhook {
+        let mut s = WebhookSettings::default();
         tweak(&mut s);
         Webhook::new(&s)
     }

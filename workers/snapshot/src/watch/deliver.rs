@@ -13,8 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
+use mediafarm::settings::WebhookSettings;
 use mediafarm::storage::sources::{host_allowed, is_internal};
-use mediafarm::{Settings, TaskError};
+use mediafarm::TaskError;
 use sha2::Sha256;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -75,13 +76,13 @@ pub fn sign(secret: &str, timestamp: u64, body: &[u8]) -> String {
 }
 
 impl Deliverer {
-    pub fn new(settings: &Settings) -> Deliverer {
+    pub fn new(webhook: &WebhookSettings) -> Deliverer {
         Deliverer {
-            secret: settings.webhook_secret.clone(),
-            allowed_hosts: settings.webhook_allowed_hosts.clone(),
-            allow_private: settings.webhook_allow_private,
-            allow_http: settings.webhook_allow_http,
-            timeout: settings.webhook_timeout,
+            secret: webhook.webhook_secret.clone(),
+            allowed_hosts: webhook.webhook_allowed_hosts.clone(),
+            allow_private: webhook.webhook_allow_private,
+            allow_http: webhook.webhook_allow_http,
+            timeout: webhook.webhook_timeout,
         }
     }
 
