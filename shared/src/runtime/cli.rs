@@ -109,15 +109,11 @@ pub fn run_worker_main<G: Groups>(
         print_accepted(&args.config, &lists);
         return ExitCode::SUCCESS;
     }
-    if let Some(c) = args.concurrency {
-        if c == 0 {
-            eprintln!("{binary}: --concurrency 0 is not accepted: a whole number from 1 up");
+    match concurrency(&spec, args.concurrency, &sources, &settings, &group) {
+        Ok(c) => settings.worker_concurrency = c,
+        Err(e) => {
+            eprintln!("{binary}: {e}");
             return ExitCode::from(2);
-        }
-        settings.worker_concurrency = c;
-    } else if let Some(default) = spec.default_concurrency {
-        if !sources.is_set("worker_concurrency") {
-            settings.worker_concurrency = default(&settings, &group);
         }
     }
     if let Some(addr) = args.metrics_addr {
@@ -163,5 +159,64 @@ pub fn run_worker_main<G: Groups>(
             eprintln!("{binary}: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Jobs at once: `-c`, else `worker_concurrency` when the file or the environment sets it, else
+/// the worker's own default, else `worker_concurrency`'s.
+fn concurrency<G>(
+    spec: &WorkerSpec<G>,
+    given: Option<usize>,
+    sources: &Sources,
+    settings: &Settings,
+    group: &G,
+) -> Result<usize, String> {
+    match (given, spec.default_concurrency) {
+        (Some(0), _) => Err("--concurrency 0 is not accepted: a whole number from 1 up".into()),
+        (Some(c), _) => Ok(c),
+        (None, Some(default)) if !sources.is_set("worker_concurrency") => {
+            Ok(default(settings, group))
+        }
+        (None, _) => Ok(settings.worker_concurrency),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrency_comes_from_the_flag_then_the_settings_then_the_worker() {
+        let spec = WorkerSpec::<usize> {
+            binary: "test-worker",
+            default_queues: &["test"],
+            default_concurrency: Some(|_, sessions| sessions + 1),
+        };
+        let sources = |env: &[(&str, &str)]| {
+            let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+            Sources::new(toml::Table::new(), "test", env.collect::<Vec<_>>())
+        };
+        let settings = |s: &Sources| s.read::<()>().unwrap().0;
+        let unset = sources(&[]);
+        let set = sources(&[("MEDIAFARM_WORKER_CONCURRENCY", "3")]);
+        assert_eq!(
+            concurrency(&spec, Some(5), &set, &settings(&set), &40),
+            Ok(5)
+        );
+        assert_eq!(concurrency(&spec, None, &set, &settings(&set), &40), Ok(3));
+        assert_eq!(
+            concurrency(&spec, None, &unset, &settings(&unset), &40),
+            Ok(41)
+        );
+        assert!(concurrency(&spec, Some(0), &unset, &settings(&unset), &40).is_err());
+        let plain = WorkerSpec::<usize> {
+            default_concurrency: None,
+            ..spec
+        };
+        let s = settings(&unset);
+        assert_eq!(
+            concurrency(&plain, None, &unset, &s, &40),
+            Ok(s.worker_concurrency)
+        );
     }
 }
