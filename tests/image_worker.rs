@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
-use image_worker::Transform;
+use image_worker::{ImageSettings, Transform};
 use mediafarm::storage::Storage;
-use mediafarm::{ClientError, Registry, SendOptions, Settings, TaskError};
+use mediafarm::{ClientError, Registry, SendOptions, TaskError};
 use mediafarm_tests::{python_env, run_python, settings, Farm};
 use serde_json::{json, Value};
 
@@ -26,13 +26,14 @@ struct ImageFarm {
 }
 
 impl ImageFarm {
-    async fn start(label: &str, tweak: impl FnOnce(&mut Settings)) -> ImageFarm {
+    async fn start(label: &str, tweak: impl FnOnce(&mut ImageSettings)) -> ImageFarm {
         let dir = std::env::temp_dir().join(format!("mf-img-{}", uuid::Uuid::new_v4().simple()));
         let mut s = settings();
         s.storage_url = format!("file://{}", dir.display());
-        tweak(&mut s);
+        let mut image = ImageSettings::default();
+        tweak(&mut image);
         let storage = Storage::from_settings(&s).unwrap();
-        let registry = Registry::new().register(Transform::new(&s).unwrap());
+        let registry = Registry::new().register(Transform::new(&s, &image).unwrap());
         let farm = Farm::start(label, s, registry).await;
         ImageFarm { farm, storage, dir }
     }

@@ -15,9 +15,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
+use mediafarm::settings::WebhookSettings;
 use mediafarm::storage::Storage;
 use mediafarm::{ClientError, FailureKind, Settings, TaskError};
 use mediafarm_tests::{failed, python, python_env, run_python, settings, to, workspace_root, Farm};
+use notify_worker::NotifySettings;
 use serde_json::{json, Value};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -238,27 +240,42 @@ async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Request> {
 /// template directory, and quick retries.
 struct NotifyFarm {
     farm: Farm,
+    notify: NotifySettings,
     storage: Storage,
     root: PathBuf,
 }
 
+/// The core settings, notify-worker's own and the webhook rules, for a test to change.
+struct Config {
+    core: Settings,
+    notify: NotifySettings,
+    webhook: WebhookSettings,
+}
+
 impl NotifyFarm {
-    async fn start(label: &str, tweak: impl FnOnce(&mut Settings)) -> NotifyFarm {
+    async fn start(label: &str, tweak: impl FnOnce(&mut Config)) -> NotifyFarm {
         let root = temp_dir(label);
-        let mut s = settings();
-        s.storage_url = format!("file://{}", root.join("storage").display());
-        s.email_outbox_dir = root.join("outbox/email").display().to_string();
-        s.sms_outbox_dir = root.join("outbox/sms").display().to_string();
-        s.notify_template_dir = root.join("templates").display().to_string();
-        s.task_default_retry_delay = Duration::from_millis(300);
-        s.task_retry_jitter = false;
-        s.task_max_retries = 3;
-        tweak(&mut s);
+        let mut g = Config {
+            core: settings(),
+            notify: NotifySettings::default(),
+            webhook: WebhookSettings::default(),
+        };
+        g.core.storage_url = format!("file://{}", root.join("storage").display());
+        g.notify.email_outbox_dir = root.join("outbox/email").display().to_string();
+        g.notify.sms_outbox_dir = root.join("outbox/sms").display().to_string();
+        g.notify.notify_template_dir = root.join("templates").display().to_string();
+        g.core.task_default_retry_delay = Duration::from_millis(300);
+        g.core.task_retry_jitter = false;
+        g.core.task_max_retries = 3;
+        tweak(&mut g);
+        let s = g.core;
         let storage = Storage::from_settings(&s).unwrap();
-        let registry = notify_worker::registry(&s).expect("notify settings are usable");
+        let registry =
+            notify_worker::registry(&s, &g.notify, &g.webhook).expect("notify settings are usable");
         let farm = Farm::start(label, s, registry).await;
         NotifyFarm {
             farm,
+            notify: g.notify,
             storage,
             root,
         }
@@ -314,7 +331,7 @@ fn sha256_hex(data: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn email_arrives_with_utf8_headers_alternatives_and_attachments() {
     let sink = SmtpSink::start(&[]);
-    let f = NotifyFarm::start("mail", |s| s.smtp_url = Some(sink.url())).await;
+    let f = NotifyFarm::start("mail", |s| s.notify.smtp_url = Some(sink.url())).await;
     let pdf = b"%PDF-1.4\n% test document\n".repeat(40);
     let png = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDRxxxx".to_vec();
     f.storage
@@ -422,9 +439,9 @@ async fn email_arrives_with_utf8_headers_alternatives_and_attachments() {
 async fn one_pooled_authenticated_connection_carries_many_jobs() {
     let sink = SmtpSink::start(&["--auth", "mailer:s3cret"]);
     let f = NotifyFarm::start("pool", |s| {
-        s.smtp_url = Some(sink.url());
-        s.smtp_username = Some("mailer".into());
-        s.smtp_password = Some("s3cret".into());
+        s.notify.smtp_url = Some(sink.url());
+        s.notify.smtp_username = Some("mailer".into());
+        s.notify.smtp_password = Some("s3cret".into());
     })
     .await;
     let to_addr = unique_addr("pool");
@@ -444,9 +461,9 @@ async fn one_pooled_authenticated_connection_carries_many_jobs() {
 
     // Wrong password: the server's 535 is permanent.
     let f = NotifyFarm::start("badauth", |s| {
-        s.smtp_url = Some(sink.url());
-        s.smtp_username = Some("mailer".into());
-        s.smtp_password = Some("wrong".into());
+        s.notify.smtp_url = Some(sink.url());
+        s.notify.smtp_username = Some("mailer".into());
+        s.notify.smtp_password = Some("wrong".into());
     })
     .await;
     let e = failed(
@@ -465,10 +482,10 @@ async fn one_pooled_authenticated_connection_carries_many_jobs() {
 async fn a_deferral_that_never_clears_fails_with_a_message_that_does_not_promise_a_retry() {
     let sink = SmtpSink::start(&[]);
     let f = NotifyFarm::start("defer-always", |s| {
-        s.smtp_url = Some(sink.url());
-        s.task_max_retries = 2;
-        s.task_default_retry_delay = Duration::from_millis(200);
-        s.task_retry_jitter = false;
+        s.notify.smtp_url = Some(sink.url());
+        s.core.task_max_retries = 2;
+        s.core.task_default_retry_delay = Duration::from_millis(200);
+        s.core.task_retry_jitter = false;
     })
     .await;
     let to_addr = format!("defer-always@{}.example.com", uuid::Uuid::new_v4().simple());
@@ -492,7 +509,7 @@ async fn a_deferral_that_never_clears_fails_with_a_message_that_does_not_promise
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smtp_4xx_is_retried_and_5xx_fails_for_good() {
     let sink = SmtpSink::start(&[]);
-    let f = NotifyFarm::start("codes", |s| s.smtp_url = Some(sink.url())).await;
+    let f = NotifyFarm::start("codes", |s| s.notify.smtp_url = Some(sink.url())).await;
     let deferred = format!("defer-once@{}.example.com", uuid::Uuid::new_v4().simple());
     let r = f
         .farm
@@ -537,7 +554,7 @@ async fn smtp_4xx_is_retried_and_5xx_fails_for_good() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn templates_render_and_bad_input_fails_clearly() {
     let sink = SmtpSink::start(&[]);
-    let f = NotifyFarm::start("tpl", |s| s.smtp_url = Some(sink.url())).await;
+    let f = NotifyFarm::start("tpl", |s| s.notify.smtp_url = Some(sink.url())).await;
     f.template("welcome.subject.txt", "欢迎, {{ name }}!\n");
     f.template("welcome.txt", "Hello {{ name }}, your code is {{ code }}.");
     f.template("welcome.html", "<p>Hello {{ name }}</p>");
@@ -651,11 +668,8 @@ async fn templates_render_and_bad_input_fails_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_smtp_or_a_provider_messages_go_to_the_outboxes() {
     let f = NotifyFarm::start("outbox", |_| {}).await;
-    assert_eq!(
-        f.farm.settings.smtp_url, None,
-        "the default has no SMTP server"
-    );
-    assert_eq!(f.farm.settings.sms_provider, "outbox");
+    assert_eq!(f.notify.smtp_url, None, "the default has no SMTP server");
+    assert_eq!(f.notify.sms_provider, "outbox");
     let out = f
         .send(
             "notify.email",
@@ -736,12 +750,12 @@ async fn twilio_fake() -> HttpFake {
 async fn twilio_messages_api_201_400_429_and_500() {
     let fake = twilio_fake().await;
     let f = NotifyFarm::start("twilio", |s| {
-        s.sms_provider = "twilio".into();
-        s.twilio_account_sid = Some("AC0123456789abcdef".into());
-        s.twilio_auth_token = Some("tok".into());
-        s.twilio_from = Some("+15005550006".into());
-        s.twilio_base_url = fake.url("");
-        s.twilio_status_callback = Some("https://app.example.com/sms/status".into());
+        s.notify.sms_provider = "twilio".into();
+        s.notify.twilio_account_sid = Some("AC0123456789abcdef".into());
+        s.notify.twilio_auth_token = Some("tok".into());
+        s.notify.twilio_from = Some("+15005550006".into());
+        s.notify.twilio_base_url = fake.url("");
+        s.notify.twilio_status_callback = Some("https://app.example.com/sms/status".into());
     })
     .await;
     let ok = f
@@ -853,13 +867,13 @@ async fn generic_json_provider_and_sms_templates() {
     })
     .await;
     let f = NotifyFarm::start("smshttp", |s| {
-        s.sms_provider = "http".into();
-        s.sms_http_url = Some(fake.url("/v1/send"));
-        s.sms_http_authorization = Some("Bearer k-123".into());
-        s.sms_http_from = Some("ACME".into());
-        s.sms_http_body = r#"{"recipient": {{ to|tojson }}, "sender": {{ from|tojson }}, "text": {{ body|tojson }}}"#.into();
-        s.sms_http_id_pointer = "/messages/0/id".into();
-        s.sms_http_status_pointer = "/messages/0/state".into();
+        s.notify.sms_provider = "http".into();
+        s.notify.sms_http_url = Some(fake.url("/v1/send"));
+        s.notify.sms_http_authorization = Some("Bearer k-123".into());
+        s.notify.sms_http_from = Some("ACME".into());
+        s.notify.sms_http_body = r#"{"recipient": {{ to|tojson }}, "sender": {{ from|tojson }}, "text": {{ body|tojson }}}"#.into();
+        s.notify.sms_http_id_pointer = "/messages/0/id".into();
+        s.notify.sms_http_status_pointer = "/messages/0/state".into();
     })
     .await;
     f.template("code.sms.txt", "Your code is {{ code }} — \"{{ app }}\"");
@@ -890,9 +904,9 @@ async fn generic_json_provider_and_sms_templates() {
     f.stop().await;
 
     let f = NotifyFarm::start("smshttp401", |s| {
-        s.sms_provider = "http".into();
-        s.sms_http_url = Some(fake.url("/v1/send"));
-        s.sms_http_authorization = Some("Bearer wrong".into());
+        s.notify.sms_provider = "http".into();
+        s.notify.sms_http_url = Some(fake.url("/v1/send"));
+        s.notify.sms_http_authorization = Some("Bearer wrong".into());
     })
     .await;
     let e = failed(
@@ -937,9 +951,9 @@ async fn webhooks_are_signed_retried_by_cause_and_kept_off_internal_addresses() 
     })
     .await;
     let f = NotifyFarm::start("hook", |s| {
-        s.webhook_secret = Some(SECRET.into());
-        s.webhook_allow_private = true;
-        s.webhook_allow_http = true;
+        s.webhook.webhook_secret = Some(SECRET.into());
+        s.webhook.webhook_allow_private = true;
+        s.webhook.webhook_allow_http = true;
     })
     .await;
     let payload = json!({"event": "order.paid", "订单": 42, "items": [1, 2]});
@@ -999,7 +1013,7 @@ async fn webhooks_are_signed_retried_by_cause_and_kept_off_internal_addresses() 
     f.stop().await;
 
     // With the default rules, loopback and plain http are refused before any request.
-    let f = NotifyFarm::start("hookssrf", |s| s.webhook_allow_http = true).await;
+    let f = NotifyFarm::start("hookssrf", |s| s.webhook.webhook_allow_http = true).await;
     let before = fake.requests().len();
     let e = failed(
         f.send(
@@ -1029,7 +1043,7 @@ async fn webhooks_are_signed_retried_by_cause_and_kept_off_internal_addresses() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_repeated_idempotency_key_returns_the_stored_result_without_sending() {
     let sink = SmtpSink::start(&[]);
-    let f = NotifyFarm::start("idem", |s| s.smtp_url = Some(sink.url())).await;
+    let f = NotifyFarm::start("idem", |s| s.notify.smtp_url = Some(sink.url())).await;
     let to_addr = unique_addr("idem");
     let key = format!("welcome-{}", uuid::Uuid::new_v4().simple());
     let kwargs = json!({"to": to_addr, "subject": "s", "text": "x", "idempotency_key": key});
@@ -1090,6 +1104,7 @@ fn notify_worker_binary() -> PathBuf {
 fn spawn_worker(
     bin: &Path,
     s: &Settings,
+    notify: &NotifySettings,
     queue: &str,
     smtp: &str,
     pause: Option<(&str, u64)>,
@@ -1110,7 +1125,7 @@ fn spawn_worker(
     .env("MEDIAFARM_RESULT_BACKEND", &s.result_backend)
     .env("MEDIAFARM_SMTP_URL", smtp)
     .env("MEDIAFARM_STORAGE_URL", &s.storage_url)
-    .env("MEDIAFARM_EMAIL_OUTBOX_DIR", &s.email_outbox_dir)
+    .env("MEDIAFARM_EMAIL_OUTBOX_DIR", &notify.email_outbox_dir)
     .env("MEDIAFARM_TASK_DEFAULT_RETRY_DELAY", "0.3")
     // A lease of 6 x 1 s + 10 s, so the crash-window test waits 16 s, not minutes.
     .env("MEDIAFARM_SMTP_TIMEOUT", "1")
@@ -1129,7 +1144,10 @@ async fn kill_9_between_send_and_ack_still_sends_once() {
     let root = temp_dir("kill9");
     let mut s = settings();
     s.storage_url = format!("file://{}", root.join("storage").display());
-    s.email_outbox_dir = root.join("outbox").display().to_string();
+    let notify = NotifySettings {
+        email_outbox_dir: root.join("outbox").display().to_string(),
+        ..Default::default()
+    };
     let queue = mediafarm_tests::unique_queue("notify-kill9");
     let client = mediafarm::Client::connect(&s).await.unwrap();
     let to_addr = unique_addr("kill9");
@@ -1137,6 +1155,7 @@ async fn kill_9_between_send_and_ack_still_sends_once() {
     let mut first = spawn_worker(
         &bin,
         &s,
+        &notify,
         &queue,
         &sink.url(),
         Some(("MEDIAFARM_NOTIFY_PAUSE_AFTER_SEND_MS", 120_000)),
@@ -1188,7 +1207,7 @@ async fn kill_9_between_send_and_ack_still_sends_once() {
         "no result was stored before the kill"
     );
 
-    let mut second = spawn_worker(&bin, &s, &queue, &sink.url(), None);
+    let mut second = spawn_worker(&bin, &s, &notify, &queue, &sink.url(), None);
     let out = job.get(WAIT).await;
     let _ = second.kill();
     let _ = second.wait();
@@ -1208,7 +1227,7 @@ async fn kill_9_between_send_and_ack_still_sends_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_celery_client_sends_email_and_sms() {
     let sink = SmtpSink::start(&[]);
-    let f = NotifyFarm::start("py", |s| s.smtp_url = Some(sink.url())).await;
+    let f = NotifyFarm::start("py", |s| s.notify.smtp_url = Some(sink.url())).await;
     let to_addr = unique_addr("py");
     let queue = f.farm.queue.clone();
     let env = python_env(&f.farm.settings);
@@ -1344,7 +1363,6 @@ async fn starttls_and_implicit_tls_with_a_verified_certificate() {
     let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
     let mut s = settings();
     s.storage_url = format!("file://{}", root.join("storage").display());
-    s.email_outbox_dir = root.join("outbox").display().to_string();
     let client = mediafarm::Client::connect(&s).await.unwrap();
     for mode in ["starttls", "implicit"] {
         let sink = SmtpSink::start(&["--tls", mode, "--cert", cert, "--key", key]);
@@ -1400,13 +1418,17 @@ async fn kill_9_between_acceptance_and_record_repeats_with_the_same_message_id()
     let root = temp_dir("window");
     let mut s = settings();
     s.storage_url = format!("file://{}", root.join("storage").display());
-    s.email_outbox_dir = root.join("outbox").display().to_string();
+    let notify = NotifySettings {
+        email_outbox_dir: root.join("outbox").display().to_string(),
+        ..Default::default()
+    };
     let queue = mediafarm_tests::unique_queue("notify-window");
     let client = mediafarm::Client::connect(&s).await.unwrap();
     let to_addr = unique_addr("window");
     let mut first = spawn_worker(
         &bin,
         &s,
+        &notify,
         &queue,
         &sink.url(),
         Some(("MEDIAFARM_NOTIFY_PAUSE_BEFORE_RECORD_MS", 120_000)),

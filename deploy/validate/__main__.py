@@ -16,8 +16,10 @@ There is no Docker engine or cluster here, so the files are kept correct by chec
   workspace.
 - Grafana: every panel query parses as PromQL (promql-parser) and uses only metrics the workers
   export.
-- Settings values: every settings file with each container's literal MEDIAFARM_* variables goes
-  through `mediafarm check-settings` (the workers' own parser and checks).
+- Settings: the names known are those the built programs list (`mediafarm setting-names`,
+  `<worker> --setting-names`: each declares its own). Every settings file with each container's
+  literal MEDIAFARM_* variables goes through the check of the program that container runs
+  (`mediafarm check-settings` for beat, `<worker> --check-settings`: its own parser and checks).
 
 Prints one line per check and a summary; exits 1 when any check failed.
 """
@@ -43,17 +45,16 @@ def main() -> int:
     parser.add_argument("--tools", type=Path, default=ROOT / "var/deploy-tools",
                         help="npm prefix holding dclint")
     parser.add_argument("--mediafarm", type=Path, default=DEBUG_BINARIES / "mediafarm",
-                        help="the mediafarm CLI, for check-settings")
+                        help="the mediafarm CLI; the worker binaries are looked for beside it")
     parser.add_argument("--hadolint", default=shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint"))
     args = parser.parse_args()
     hadolint = args.hadolint if Path(args.hadolint).exists() or shutil.which(args.hadolint) else None
-    known = setting_names()
+    binaries = args.mediafarm.parent
+    known = setting_names(binaries)
     report = Report()
-    if not args.mediafarm.is_file():
-        report.check("mediafarm CLI", [f"{args.mediafarm} is missing: cargo build -p mediafarm --bin mediafarm"])
     checks: list[Callable[[], None]] = [
-        lambda: check_k8s(report, known, args.mediafarm),
-        lambda: check_compose(report, known, args.tools, args.mediafarm),
+        lambda: check_k8s(report, known, binaries),
+        lambda: check_compose(report, known, args.tools, binaries),
         lambda: check_dashboards(report),
         lambda: check_dockerfiles(report, hadolint),
     ]

@@ -1,5 +1,7 @@
 """What several checks share: the repository's paths, its settings names and metrics, the real
-settings parser (`mediafarm check-settings`), and small lookups in manifests."""
+settings parsers (each program checks what it reads: `mediafarm check-settings` the core and
+beat settings, `<worker> --check-settings` the core and that worker's), and small lookups in
+manifests."""
 
 from __future__ import annotations
 
@@ -23,13 +25,38 @@ def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
 
 
-def setting_names() -> set[str]:
-    """SETTING_NAMES as shared/src/settings/mod.rs has it now (other work adds settings)."""
-    text = (ROOT / "shared/src/settings/mod.rs").read_text()
-    block = re.search(r"pub const SETTING_NAMES: &\[&str\] = &\[(.*?)\];", text, re.S)
-    if not block:
-        raise SystemExit("cannot find SETTING_NAMES in shared/src/settings/mod.rs")
-    return set(re.findall(r'"([a-z0-9_]+)"', block.group(1)))
+# The programs that read the settings file, and how each is asked to list or check them.
+PROGRAMS = ("mediafarm", *WORKER_QUEUES)
+
+
+def program_args(program: str, cli_form: str) -> list[str]:
+    """`setting-names` / `check-settings` for the CLI, `--setting-names` / `--check-settings`
+    for a worker."""
+    return [cli_form] if program == "mediafarm" else [f"--{cli_form}"]
+
+
+def setting_names(binaries: Path = DEBUG_BINARIES) -> set[str]:
+    """Every name some program reads, as the built binaries list them (each declares its own)."""
+    names: set[str] = set()
+    for program in PROGRAMS:
+        binary = binaries / program
+        if not binary.is_file():
+            raise SystemExit(f"{binary} is missing: cargo build --workspace")
+        r = subprocess.run([str(binary), *program_args(program, "setting-names")],
+                           env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            raise SystemExit(f"{binary} --setting-names failed: {r.stderr.strip()}")
+        names.update(line.strip() for line in r.stdout.splitlines() if line.strip())
+    return names
+
+
+def program_of(command: list[str], service: str = "") -> str:
+    """The binary a container or service runs: its command's first word if that names one of
+    ours, else the service's name if it is a worker's, else the CLI (beat)."""
+    first = Path(command[0]).name if command else ""
+    if first in PROGRAMS:
+        return first
+    return service if service in WORKER_QUEUES else "mediafarm"
 
 
 def exported_metrics() -> set[str]:
@@ -59,13 +86,15 @@ def env_problems(names: Iterable[str], origin: str, known: set[str]) -> list[str
 
 
 def check_settings(binary: Path, toml_text: str, env: dict[str, str], origin: str) -> list[str]:
-    """Runs the real settings parser on a file plus environment, in an otherwise clean
-    environment so this machine's MEDIAFARM_* variables play no part."""
+    """Runs a program's own settings check (`binary` is the CLI or a worker) on a file plus
+    environment, in an otherwise clean environment so this machine's MEDIAFARM_* variables play
+    no part."""
     with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
         f.write(toml_text)
         f.flush()
         clean = {"PATH": "/usr/bin:/bin"} | {k: str(v) for k, v in env.items()}
-        r = subprocess.run([str(binary), "--config", f.name, "check-settings"], env=clean,
+        check = program_args(binary.name, "check-settings")
+        r = subprocess.run([str(binary), "--config", f.name, *check], env=clean,
                            capture_output=True, text=True, check=False)
     if r.returncode != 0:
         return [f"{origin}: {(r.stderr or r.stdout).strip().replace(f.name, 'settings file')}"]

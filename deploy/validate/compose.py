@@ -9,13 +9,13 @@ from pathlib import Path
 import yaml
 
 from common import (ROOT, WORKER_QUEUES, check_settings, env_problems, flag, literal_mediafarm_env,
-                    run, settings_problems)
+                    program_of, run, settings_problems)
 from report import Report
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def check_compose(report: Report, known: set[str], tools: Path, binary: Path) -> None:
+def check_compose(report: Report, known: set[str], tools: Path, binaries: Path) -> None:
     compose_file = ROOT / "deploy/compose.yaml"
     dclint = tools / "node_modules/.bin/dclint"
     if not dclint.exists():
@@ -74,6 +74,8 @@ def check_compose(report: Report, known: set[str], tools: Path, binary: Path) ->
         for vol in svc.get("volumes") or []:
             src, _, dest = vol.partition(":")
             if dest.startswith("/etc/mediafarm/mediafarm.toml") and (compose_file.parent / src).is_file():
-                values.extend(check_settings(binary, (compose_file.parent / src).read_text(),
-                                             literal_mediafarm_env(svc.get("environment")), name))
-    report.check("deploy/compose.yaml: settings values per service (mediafarm check-settings)", values)
+                program = binaries / program_of([], name)
+                values.extend(check_settings(program, (compose_file.parent / src).read_text(),
+                                             literal_mediafarm_env(svc.get("environment")),
+                                             f"{name} ({program.name})"))
+    report.check("deploy/compose.yaml: settings values per service (each program's own check)", values)

@@ -22,7 +22,7 @@ def render(kustomization_dir: Path) -> tuple[list[dict], list[str]]:
     return [o for o in yaml.safe_load_all(r.stdout) if o], []
 
 
-def check_k8s(report: Report, known: set[str], binary: Path) -> None:
+def check_k8s(report: Report, known: set[str], binaries: Path) -> None:
     if not shutil.which("kubectl"):
         report.check("kubectl", ["kubectl (with built-in kustomize) is not installed: run scripts/setup.sh"])
         return
@@ -49,8 +49,8 @@ def check_k8s(report: Report, known: set[str], binary: Path) -> None:
                      workload_problems(objs, secret_keys, known))
         report.check(f"{label}: references (Services, PDBs, KEDA, ServiceMonitor)",
                      reference_problems(objs))
-        report.check(f"{label}: settings values per container (mediafarm check-settings)",
-                     settings_value_problems(objs, binary))
+        report.check(f"{label}: settings values per container (each program's own check)",
+                     settings_value_problems(objs, binaries))
         for kind in ("Deployment", "ScaledObject", "TriggerAuthentication", "PodDisruptionBudget",
                      "ServiceMonitor", "ConfigMap", "Service"):
             if not any(o["kind"] == kind for o in objs):

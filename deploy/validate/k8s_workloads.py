@@ -9,7 +9,8 @@ from pathlib import Path
 import tomllib
 
 from common import (METRICS_PORT, WORKER_QUEUES, check_settings, container_args, env_problems,
-                    env_value, flag, image_user, kn, literal_mediafarm_env, settings_problems)
+                    env_value, flag, image_user, kn, literal_mediafarm_env, program_of,
+                    settings_problems)
 
 # A Kubernetes resource quantity ("500m", "2", "1.5Gi", "128974848", "129e6"); the OpenAPI
 # schema types it only as int-or-string, the API server parses it.
@@ -127,8 +128,9 @@ def workload_problems(objs: list[dict], secret_keys: dict[str, set[str]], known:
     return out
 
 
-def settings_value_problems(objs: list[dict], binary: Path) -> list[str]:
-    """Each container's settings file (its ConfigMap) with its literal MEDIAFARM_* values."""
+def settings_value_problems(objs: list[dict], binaries: Path) -> list[str]:
+    """Each container's settings file (its ConfigMap) with its literal MEDIAFARM_* values,
+    through the check of the program the container runs."""
     out: list[str] = []
     cms = {o["metadata"]["name"]: o for o in objs if o["kind"] == "ConfigMap"}
     for d in (o for o in objs if o["kind"] == "Deployment"):
@@ -136,7 +138,8 @@ def settings_value_problems(objs: list[dict], binary: Path) -> list[str]:
         texts = [cms[v["configMap"]["name"]]["data"]["mediafarm.toml"] for v in pod.get("volumes") or []
                  if "configMap" in v and "mediafarm.toml" in (cms.get(v["configMap"]["name"], {}).get("data") or {})]
         for c in pod["containers"]:
+            program = binaries / program_of(list(c.get("command") or []), c["name"])
             for text in texts:
-                out.extend(check_settings(binary, text, literal_mediafarm_env(c.get("env")),
-                                          f"{kn(d)} container {c['name']}"))
+                out.extend(check_settings(program, text, literal_mediafarm_env(c.get("env")),
+                                          f"{kn(d)} container {c['name']} ({program.name})"))
     return out

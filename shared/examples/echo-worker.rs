@@ -85,7 +85,12 @@ impl Task for Echo {
 static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
 
 fn main() -> ExitCode {
-    mediafarm::runtime::cli::run_worker_main("echo-worker", &["echo"], |_settings| {
+    let spec = mediafarm::runtime::cli::WorkerSpec {
+        binary: "echo-worker",
+        default_queues: &["echo"],
+        default_concurrency: None,
+    };
+    mediafarm::runtime::cli::run_worker_main(spec, |_settings, _: &(), _queues| {
         Ok(Registry::new().register(Echo))
     })
 }

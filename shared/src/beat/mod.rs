@@ -27,6 +27,7 @@
 pub mod lease;
 pub mod metrics;
 pub mod probe;
+pub mod settings;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -44,6 +45,7 @@ use crate::backend::BackendError;
 use crate::beat::lease::{node_name, Lease};
 use crate::beat::metrics::{BeatMetrics, Miss};
 use crate::beat::probe::BeatProbe;
+use crate::beat::settings::BeatSettings;
 use crate::beat::store::{BeatKeys, ScheduleStore};
 use crate::client::{build_message, Client, ClientError, SendOptions};
 use crate::protocol::TaskMessage;
@@ -135,6 +137,7 @@ struct EntryCache {
 /// A running beat's parts.
 pub struct Beat {
     settings: Settings,
+    beat: BeatSettings,
     client: Client,
     conn: ConnectionManager,
     keys: BeatKeys,
@@ -162,22 +165,18 @@ struct Due<'a> {
 
 impl Beat {
     /// Connects to the broker (lazily, on first publish) and to Redis.
-    pub async fn connect(settings: &Settings) -> Result<Beat, BeatError> {
+    pub async fn connect(settings: &Settings, beat: &BeatSettings) -> Result<Beat, BeatError> {
         let tz = settings
             .timezone
             .parse()
             .map_err(|_| BeatError::UnknownTimezone(settings.timezone.clone()))?;
         let client = Client::connect(settings).await?;
         let conn = client.backend().connection();
-        let keys = BeatKeys::new(&settings.beat_key_prefix);
-        let lease = Lease::new(
-            conn.clone(),
-            keys.clone(),
-            node_name(),
-            settings.beat_lease_ttl,
-        );
+        let keys = BeatKeys::new(&beat.beat_key_prefix);
+        let lease = Lease::new(conn.clone(), keys.clone(), node_name(), beat.beat_lease_ttl);
         Ok(Beat {
             settings: settings.clone(),
+            beat: beat.clone(),
             store: ScheduleStore::new(conn.clone(), keys.clone()),
             client,
             conn,
@@ -204,7 +203,7 @@ impl Beat {
         probe.turned();
         self.metrics
             .entries
-            .set(self.settings.beat_schedule.len() as i64);
+            .set(self.beat.beat_schedule.len() as i64);
         let metrics_addr = crate::observe::http::serve_probe(
             self.settings.metrics_addr,
             Arc::new(probe.clone()),
@@ -224,7 +223,7 @@ impl Beat {
             stop_keeper.clone(),
         ));
         tracing::info!(
-            entries = self.settings.beat_schedule.len(),
+            entries = self.beat.beat_schedule.len(),
             prefix = self.keys.prefix(),
             lease_ttl_s = self.lease.ttl().as_secs_f64(),
             %metrics_addr,
@@ -330,7 +329,7 @@ impl Beat {
 
     async fn read_entries(&mut self) -> Result<Vec<(ScheduleEntry, bool)>, BeatError> {
         let mut all: BTreeMap<String, (ScheduleEntry, bool)> = self
-            .settings
+            .beat
             .beat_schedule
             .iter()
             .map(|e| (e.name.clone(), (e.clone(), false)))

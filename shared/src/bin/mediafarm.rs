@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use mediafarm::beat::settings::BeatSettings;
 use mediafarm::client::{Client, ClientError, SendOptions};
+use mediafarm::settings::Group;
 use mediafarm::Settings;
 use serde_json::Value;
 
@@ -104,7 +106,10 @@ enum Command {
     },
     /// Check the settings (file and MEDIAFARM_* environment) without connecting anywhere: exit
     /// 0 when every value is accepted, 2 with the problem otherwise (deploy validation uses it).
+    /// The CLI reads the core settings and beat's (`beat_*`).
     CheckSettings,
+    /// Print the names of the settings the CLI and beat read, one a line.
+    SettingNames,
 }
 
 #[derive(Subcommand)]
@@ -201,8 +206,14 @@ fn timeout(secs: f64) -> anyhow::Result<Duration> {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::SettingNames = cli.command {
+        for name in mediafarm::runtime::cli::setting_names::<BeatSettings>() {
+            println!("{name}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let config_given = cli.config != std::path::Path::new("mediafarm.toml");
-    let settings = Settings::load(&cli.config, config_given)?;
+    let (settings, beat) = Settings::load_with::<BeatSettings>(&cli.config, config_given)?;
     match cli.command {
         Command::Submit {
             task,
@@ -299,18 +310,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if let Some(addr) = metrics_addr {
                 settings.metrics_addr = addr;
             }
-            let beat = mediafarm::beat::Beat::connect(&settings).await?;
+            let beat = mediafarm::beat::Beat::connect(&settings, &beat).await?;
             beat.run(stop_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Schedule { command } => schedule(&settings, command).await,
+        Command::Schedule { command } => schedule(&settings, &beat, command).await,
         Command::CheckSettings => {
-            println!("settings accepted: {}", cli.config.display());
-            for (name, items) in settings.lists() {
-                println!("{name} = {}", serde_json::to_string(items)?);
-            }
+            let mut lists = settings.lists();
+            lists.extend(beat.lists());
+            mediafarm::runtime::cli::print_accepted(&cli.config, &lists);
             Ok(ExitCode::SUCCESS)
         }
+        // Answered above, before any settings are read.
+        Command::SettingNames => Ok(ExitCode::SUCCESS),
     }
 }
 
@@ -331,17 +343,18 @@ async fn stop_signal() {
     }
 }
 
-async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Result<ExitCode> {
+async fn schedule(
+    settings: &Settings,
+    beat: &BeatSettings,
+    command: ScheduleCommand,
+) -> anyhow::Result<ExitCode> {
     use mediafarm::beat::store::{BeatKeys, ScheduleStore};
     use mediafarm::schedule::parse_entry;
-    let in_settings = |name: &str| settings.beat_schedule.iter().any(|e| e.name == name);
+    let in_settings = |name: &str| beat.beat_schedule.iter().any(|e| e.name == name);
     let backend =
         mediafarm::ResultBackend::connect(&settings.result_backend, settings.result_expires_secs())
             .await?;
-    let store = ScheduleStore::new(
-        backend.connection(),
-        BeatKeys::new(&settings.beat_key_prefix),
-    );
+    let store = ScheduleStore::new(backend.connection(), BeatKeys::new(&beat.beat_key_prefix));
     match command {
         ScheduleCommand::Add {
             name,
@@ -395,7 +408,7 @@ async fn schedule(settings: &Settings, command: ScheduleCommand) -> anyhow::Resu
         ScheduleCommand::List { json } => {
             let mut listed = Vec::new();
             let mut rows = Vec::new();
-            for e in &settings.beat_schedule {
+            for e in &beat.beat_schedule {
                 rows.push(("settings", Ok(e.clone())));
             }
             for e in store.list().await? {

@@ -1,15 +1,17 @@
 //! The command line every worker binary shares, started like Celery's worker:
-//! `<kind>-worker --config mediafarm.toml --loglevel info --concurrency N --queues q1,q2`.
+//! `<kind>-worker --config mediafarm.toml --loglevel info --concurrency N --queues q1,q2`,
+//! plus `--check-settings` and `--setting-names`, which check or list what the binary reads
+//! (the core settings and its own groups) and exit. [`WorkerSpec`] is what a worker binary says
+//! about itself.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
 
 use crate::runtime::task::Registry;
 use crate::runtime::worker::Worker;
-use crate::settings::Settings;
-
+use crate::settings::{Declared, Groups, Settings, Sources};
 #[derive(Debug, Parser)]
 pub struct WorkerArgs {
     /// Settings file (TOML); MEDIAFARM_<NAME> environment variables override it.
@@ -31,40 +33,97 @@ pub struct WorkerArgs {
     /// Where /metrics, /healthz and /readyz are served (overrides metrics_addr).
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Check the settings (file and MEDIAFARM_* environment) this worker reads and exit: 0 when
+    /// every value is accepted, 2 naming the setting otherwise.
+    #[arg(long)]
+    pub check_settings: bool,
+    /// Print the names of the settings this worker reads, one a line, and exit.
+    #[arg(long)]
+    pub setting_names: bool,
 }
 
-/// Runs a worker binary: parse arguments, load settings, build the tasks, run until stopped.
-/// Start-up errors are printed plainly and end the process with status 2.
-pub fn run_worker_main(
-    binary: &str,
-    default_queues: &[&str],
-    build: impl FnOnce(&Settings) -> Result<Registry, String>,
+/// What a worker binary is: its name, the queues it consumes by default and its default
+/// concurrency. `G` is the settings group(s) it reads beside the core ones.
+pub struct WorkerSpec<G> {
+    /// The binary's name, in messages and thread names.
+    pub binary: &'static str,
+    /// Queues consumed when `-Q` is not given.
+    pub default_queues: &'static [&'static str],
+    /// Jobs at once when neither `-c`, the file nor the environment sets `worker_concurrency`;
+    /// `None`: `worker_concurrency`'s own default (the number of cores).
+    pub default_concurrency: Option<fn(&Settings, &G) -> usize>,
+}
+
+/// Every name `G`'s program reads: the core settings' and its groups'.
+pub fn setting_names<G: Groups>() -> Vec<&'static str> {
+    std::iter::once(Declared::of::<Settings>())
+        .chain(G::declared())
+        .flat_map(|d| d.names.iter().copied())
+        .collect()
+}
+
+/// What `check-settings` prints for accepted settings: the file, then each list as parsed (so a
+/// list given in the environment can be checked item by item).
+pub fn print_accepted(config: &Path, lists: &[(&'static str, &[String])]) {
+    println!("settings accepted: {}", config.display());
+    for (name, items) in lists {
+        println!(
+            "{name} = {}",
+            serde_json::to_string(items).unwrap_or_default()
+        );
+    }
+}
+
+/// Runs a worker binary: parse arguments, load the core settings and the worker's group(s),
+/// build the tasks (from the settings and the queues consumed), run until stopped. Start-up
+/// errors are printed plainly and end the process with status 2.
+pub fn run_worker_main<G: Groups>(
+    spec: WorkerSpec<G>,
+    build: impl FnOnce(&Settings, &G, &[String]) -> Result<Registry, String>,
 ) -> ExitCode {
+    let binary = spec.binary;
     let args = WorkerArgs::parse();
+    if args.setting_names {
+        for name in setting_names::<G>() {
+            println!("{name}");
+        }
+        return ExitCode::SUCCESS;
+    }
     if let Err(e) = crate::observe::logging::init(&args.loglevel) {
         eprintln!("{binary}: {e}");
         return ExitCode::from(2);
     }
-    let config_given = args.config != std::path::Path::new("mediafarm.toml");
-    let mut settings = match Settings::load(&args.config, config_given) {
-        Ok(s) => s,
+    let config_given = args.config != Path::new("mediafarm.toml");
+    let loaded = Sources::load(&args.config, config_given)
+        .and_then(|sources| Ok((sources.read::<G>()?, sources)));
+    let ((mut settings, group), sources) = match loaded {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("{binary}: {e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(c) = args.concurrency {
-        if c == 0 {
-            eprintln!("{binary}: --concurrency 0 is not accepted: a whole number from 1 up");
+    if args.check_settings {
+        let mut lists = settings.lists();
+        lists.extend(group.lists());
+        print_accepted(&args.config, &lists);
+        return ExitCode::SUCCESS;
+    }
+    match concurrency(&spec, args.concurrency, &sources, &settings, &group) {
+        Ok(c) => settings.worker_concurrency = c,
+        Err(e) => {
+            eprintln!("{binary}: {e}");
             return ExitCode::from(2);
         }
-        settings.worker_concurrency = c;
     }
     if let Some(addr) = args.metrics_addr {
         settings.metrics_addr = addr;
     }
     let queues: Vec<String> = if args.queues.is_empty() {
-        default_queues.iter().map(|q| (*q).to_owned()).collect()
+        spec.default_queues
+            .iter()
+            .map(|q| (*q).to_owned())
+            .collect()
     } else {
         args.queues
             .iter()
@@ -72,7 +131,7 @@ pub fn run_worker_main(
             .filter(|q| !q.is_empty())
             .collect()
     };
-    let registry = match build(&settings) {
+    let registry = match build(&settings, &group, &queues) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("{binary}: {e}");
@@ -100,5 +159,64 @@ pub fn run_worker_main(
             eprintln!("{binary}: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Jobs at once: `-c`, else `worker_concurrency` when the file or the environment sets it, else
+/// the worker's own default, else `worker_concurrency`'s.
+fn concurrency<G>(
+    spec: &WorkerSpec<G>,
+    given: Option<usize>,
+    sources: &Sources,
+    settings: &Settings,
+    group: &G,
+) -> Result<usize, String> {
+    match (given, spec.default_concurrency) {
+        (Some(0), _) => Err("--concurrency 0 is not accepted: a whole number from 1 up".into()),
+        (Some(c), _) => Ok(c),
+        (None, Some(default)) if !sources.is_set("worker_concurrency") => {
+            Ok(default(settings, group))
+        }
+        (None, _) => Ok(settings.worker_concurrency),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn concurrency_comes_from_the_flag_then_the_settings_then_the_worker() {
+        let spec = WorkerSpec::<usize> {
+            binary: "test-worker",
+            default_queues: &["test"],
+            default_concurrency: Some(|_, sessions| sessions + 1),
+        };
+        let sources = |env: &[(&str, &str)]| {
+            let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+            Sources::new(toml::Table::new(), "test", env.collect::<Vec<_>>())
+        };
+        let settings = |s: &Sources| s.read::<()>().unwrap().0;
+        let unset = sources(&[]);
+        let set = sources(&[("MEDIAFARM_WORKER_CONCURRENCY", "3")]);
+        assert_eq!(
+            concurrency(&spec, Some(5), &set, &settings(&set), &40),
+            Ok(5)
+        );
+        assert_eq!(concurrency(&spec, None, &set, &settings(&set), &40), Ok(3));
+        assert_eq!(
+            concurrency(&spec, None, &unset, &settings(&unset), &40),
+            Ok(41)
+        );
+        assert!(concurrency(&spec, Some(0), &unset, &settings(&unset), &40).is_err());
+        let plain = WorkerSpec::<usize> {
+            default_concurrency: None,
+            ..spec
+        };
+        let s = settings(&unset);
+        assert_eq!(
+            concurrency(&plain, None, &unset, &s, &40),
+            Ok(s.worker_concurrency)
+        );
     }
 }

@@ -382,13 +382,18 @@ mod tests {
         assert!(e.contains("or a crontab"), "{e}");
     }
 
-    fn settings(toml_text: &str, env: &[(&str, &str)]) -> Result<crate::Settings, String> {
+    fn settings(
+        toml_text: &str,
+        env: &[(&str, &str)],
+    ) -> Result<crate::beat::settings::BeatSettings, String> {
         let table: toml::Table = toml_text.parse().expect("test TOML parses");
-        crate::Settings::from_sources(
+        crate::settings::Sources::new(
             table,
             "test.toml",
             env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
         )
+        .read()
+        .map(|(_, beat)| beat)
         .map_err(|e| e.to_string())
     }
 

@@ -12,8 +12,10 @@ pub mod jpeg;
 pub mod lowres;
 pub mod orient;
 pub mod scans;
+pub mod settings;
 pub mod spec;
 pub mod transform;
 mod webp_meta;
 
+pub use settings::ImageSettings;
 pub use transform::Transform;

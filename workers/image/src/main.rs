@@ -2,7 +2,8 @@
 
 use std::process::ExitCode;
 
-use image_worker::Transform;
+use image_worker::{ImageSettings, Transform};
+use mediafarm::runtime::cli::{run_worker_main, WorkerSpec};
 use mediafarm::Registry;
 
 #[global_allocator]
@@ -16,8 +17,13 @@ fn main() -> ExitCode {
     // SAFETY: called once, before any other thread exists; `mallopt` only changes glibc's
     // allocator settings.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
-    mediafarm::runtime::cli::run_worker_main("image-worker", &["image"], |settings| {
-        let transform = Transform::new(settings).map_err(|e| e.to_string())?;
+    let spec = WorkerSpec {
+        binary: "image-worker",
+        default_queues: &["image"],
+        default_concurrency: None,
+    };
+    run_worker_main(spec, |settings, image: &ImageSettings, _queues| {
+        let transform = Transform::new(settings, image).map_err(|e| e.to_string())?;
         Ok(Registry::new().register(transform))
     })
 }

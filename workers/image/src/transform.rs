@@ -16,6 +16,7 @@ use crate::decode::{decode, Decoded};
 use crate::encode::{encode, Metadata};
 use crate::geometry::{check_crop, crop, flatten, pad, scale, target_size};
 use crate::orient::{plan_output, stored_crop, OutputPlan};
+use crate::settings::ImageSettings;
 use crate::spec::{
     check_args, invalid, parse_colour, Fit, Format, OutputInfo, SourceInfo, TransformArgs,
     TransformResult,
@@ -33,13 +34,16 @@ pub struct Transform {
 }
 
 impl Transform {
-    pub fn new(settings: &Settings) -> Result<Transform, mediafarm::storage::StorageError> {
+    pub fn new(
+        settings: &Settings,
+        image: &ImageSettings,
+    ) -> Result<Transform, mediafarm::storage::StorageError> {
         let storage = Storage::from_settings(settings)?;
         Ok(Transform {
             sources: Sources::new(settings, storage.clone()),
             storage,
-            max_src_bytes: settings.image_max_src_bytes,
-            max_src_pixels: settings.image_max_src_pixels,
+            max_src_bytes: image.image_max_src_bytes,
+            max_src_pixels: image.image_max_src_pixels,
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod fuzzing;
 pub mod http_status;
 pub mod once_only;
 pub mod rate_limit;
+pub mod settings;
 pub mod sms;
 pub mod templates;
 pub mod validate;
@@ -16,9 +17,11 @@ pub mod webhook;
 
 use std::sync::Arc;
 
+use mediafarm::settings::WebhookSettings;
 use mediafarm::{Registry, Settings};
 
 pub use email::Email;
+pub use settings::{NotifyGroups, NotifySettings, DEFAULT_SMS_HTTP_BODY};
 pub use sms::Sms;
 pub use webhook::Webhook;
 
@@ -30,11 +33,16 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-/// The three notify tasks, built from one worker's settings.
-pub fn registry(settings: &Settings) -> Result<Registry, ConfigError> {
-    let templates = Arc::new(templates::Templates::new(&settings.notify_template_dir));
+/// The three notify tasks, built from one worker's settings: the core ones, its own and the
+/// webhook rules.
+pub fn registry(
+    settings: &Settings,
+    notify: &NotifySettings,
+    webhook: &WebhookSettings,
+) -> Result<Registry, ConfigError> {
+    let templates = Arc::new(templates::Templates::new(&notify.notify_template_dir));
     let http = reqwest::Client::builder()
-        .timeout(settings.webhook_timeout)
+        .timeout(webhook.webhook_timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| ConfigError {
@@ -42,7 +50,7 @@ pub fn registry(settings: &Settings) -> Result<Registry, ConfigError> {
             reason: format!("cannot build the HTTP client: {e}"),
         })?;
     Ok(Registry::new()
-        .register(Email::new(settings, templates.clone())?)
-        .register(Sms::new(settings, templates, http)?)
-        .register(Webhook::new(settings)))
+        .register(Email::new(settings, notify, templates.clone())?)
+        .register(Sms::new(notify, webhook, templates, http)?)
+        .register(Webhook::new(webhook)))
 }

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use mediafarm::net::{signing, Checked, OutboundError, OutboundPolicy, Redirects, SettingNames};
 use mediafarm::settings::RateLimit;
-use mediafarm::{Settings, Task, TaskContext, TaskError};
+use mediafarm::settings::WebhookSettings;
+use mediafarm::{Task, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use url::Url;
@@ -58,20 +59,20 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    pub fn new(settings: &Settings) -> Webhook {
+    pub fn new(webhook: &WebhookSettings) -> Webhook {
         Webhook {
-            secret: settings
+            secret: webhook
                 .webhook_secret
                 .as_ref()
                 .filter(|s| !s.is_empty())
                 .map(|s| s.as_bytes().to_vec()),
             policy: OutboundPolicy {
-                allow_http: settings.webhook_allow_http,
-                allowed_hosts: settings.webhook_allowed_hosts.clone(),
+                allow_http: webhook.webhook_allow_http,
+                allowed_hosts: webhook.webhook_allowed_hosts.clone(),
                 any_host_when_empty: true,
-                allow_private: settings.webhook_allow_private,
+                allow_private: webhook.webhook_allow_private,
                 refuse_credentials: true,
-                timeout: Some(settings.webhook_timeout),
+                timeout: Some(webhook.webhook_timeout),
                 redirects: Redirects::Return,
                 ..OutboundPolicy::new(SettingNames {
                     allow_http: "webhook_allow_http",
@@ -79,8 +80,8 @@ impl Webhook {
                     allow_private: "webhook_allow_private",
                 })
             },
-            timeout: settings.webhook_timeout,
-            rate_limit: settings.webhook_rate_limit,
+            timeout: webhook.webhook_timeout,
+            rate_limit: webhook.webhook_rate_limit,
         }
     }
 
@@ -254,8 +255,8 @@ impl Task for Webhook {
 mod tests {
     use super::*;
 
-    fn hook(tweak: impl FnOnce(&mut Settings)) -> Webhook {
-        let mut s = Settings::default();
+    fn hook(tweak: impl FnOnce(&mut WebhookSettings)) -> Webhook {
+        let mut s = WebhookSettings::default();
         tweak(&mut s);
         Webhook::new(&s)
     }

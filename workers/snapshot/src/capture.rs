@@ -12,6 +12,8 @@ use bytes::Bytes;
 use ffmpeg_next as ff;
 use mediafarm::storage::Storage;
 use mediafarm::{Settings, Task, TaskContext, TaskError};
+
+use crate::settings::SnapshotSettings;
 use serde::{Deserialize, Serialize};
 
 use crate::cpu_gate::CpuGate;
@@ -56,13 +58,15 @@ pub struct CaptureResult {
 
 pub struct Capture {
     settings: Settings,
+    snapshot: SnapshotSettings,
     storage: Storage,
 }
 
 impl Capture {
-    pub fn new(settings: &Settings, storage: Storage) -> Capture {
+    pub fn new(settings: &Settings, snapshot: &SnapshotSettings, storage: Storage) -> Capture {
         Capture {
             settings: settings.clone(),
+            snapshot: snapshot.clone(),
             storage,
         }
     }
@@ -135,7 +139,7 @@ impl Task for Capture {
     type Output = CaptureResult;
 
     async fn run(&self, ctx: TaskContext, args: CaptureArgs) -> Result<CaptureResult, TaskError> {
-        let (quality, timeout) = check_args(&args, self.settings.snapshot_capture_timeout)?;
+        let (quality, timeout) = check_args(&args, self.snapshot.snapshot_capture_timeout)?;
         let deadline = Instant::now() + timeout;
         let src =
             tokio::time::timeout(timeout, StreamSource::vet(&args.stream_url, &self.settings))

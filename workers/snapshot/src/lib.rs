@@ -8,9 +8,11 @@ pub mod cpu_gate;
 pub mod fuzzing;
 pub mod jpeg;
 pub mod media;
+pub mod settings;
 pub mod source;
 pub mod template;
 pub mod watch;
 
 pub use capture::Capture;
+pub use settings::{SnapshotGroups, SnapshotSettings};
 pub use watch::Watch;

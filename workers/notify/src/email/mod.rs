@@ -15,6 +15,8 @@ use std::time::Duration;
 use mediafarm::settings::RateLimit;
 use mediafarm::storage::Storage;
 use mediafarm::{Settings, Task, TaskContext, TaskError};
+
+use crate::settings::NotifySettings;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -94,8 +96,12 @@ pub struct Email {
 }
 
 impl Email {
-    pub fn new(settings: &Settings, templates: Arc<Templates>) -> Result<Email, ConfigError> {
-        compose::mailbox("email_from", &settings.email_from).map_err(|e| ConfigError {
+    pub fn new(
+        settings: &Settings,
+        notify: &NotifySettings,
+        templates: Arc<Templates>,
+    ) -> Result<Email, ConfigError> {
+        compose::mailbox("email_from", &notify.email_from).map_err(|e| ConfigError {
             name: "email_from",
             reason: e.message,
         })?;
@@ -104,14 +110,14 @@ impl Email {
             reason: e.to_string(),
         })?;
         Ok(Email {
-            mailer: Mailer::from_settings(settings)?,
+            mailer: Mailer::from_settings(notify)?,
             templates,
             storage,
-            default_from: settings.email_from.clone(),
-            attachment_max_bytes: settings.email_attachment_max_bytes,
-            rate_limit: settings.smtp_rate_limit,
+            default_from: notify.email_from.clone(),
+            attachment_max_bytes: notify.email_attachment_max_bytes,
+            rate_limit: notify.smtp_rate_limit,
             // Covers connect, EHLO, MAIL, RCPT and DATA each taking their full timeout.
-            lease: settings.smtp_timeout * 6 + Duration::from_secs(10),
+            lease: notify.smtp_timeout * 6 + Duration::from_secs(10),
         })
     }
 }

@@ -5,7 +5,9 @@
 use std::path::PathBuf;
 
 use lettre::Message;
-use mediafarm::{Settings, TaskError};
+use mediafarm::TaskError;
+
+use crate::settings::NotifySettings;
 
 use super::smtp_pool::{SendError, SmtpPool, Target};
 use crate::ConfigError;
@@ -16,17 +18,17 @@ pub enum Mailer {
 }
 
 impl Mailer {
-    pub fn from_settings(settings: &Settings) -> Result<Mailer, ConfigError> {
-        let Some(url) = &settings.smtp_url else {
+    pub fn from_settings(notify: &NotifySettings) -> Result<Mailer, ConfigError> {
+        let Some(url) = &notify.smtp_url else {
             return Ok(Mailer::Outbox {
-                dir: PathBuf::from(&settings.email_outbox_dir),
+                dir: PathBuf::from(&notify.email_outbox_dir),
             });
         };
         let target = Target::parse(
             url,
-            settings.smtp_username.as_deref(),
-            settings.smtp_password.as_deref(),
-            settings.smtp_timeout,
+            notify.smtp_username.as_deref(),
+            notify.smtp_password.as_deref(),
+            notify.smtp_timeout,
         )
         .map_err(|reason| ConfigError {
             name: "smtp_url",
@@ -37,7 +39,7 @@ impl Mailer {
         })?;
         Ok(Mailer::Smtp(Box::new(SmtpPool::new(
             target,
-            settings.smtp_pool_size,
+            notify.smtp_pool_size,
         ))))
     }
 

@@ -2,7 +2,9 @@
 //! `sms_http_body` template (over `to`, `from`, `body`), an optional `Authorization` header,
 //! and the message id and status read from the answer by JSON pointers.
 
-use mediafarm::{Settings, TaskError};
+use mediafarm::TaskError;
+
+use crate::settings::NotifySettings;
 use minijinja::Environment;
 use serde_json::Value;
 
@@ -21,22 +23,22 @@ pub struct HttpJson {
 
 impl HttpJson {
     pub fn from_settings(
-        settings: &Settings,
+        notify: &NotifySettings,
         http: reqwest::Client,
     ) -> Result<Option<HttpJson>, ConfigError> {
-        let Some(url) = &settings.sms_http_url else {
+        let Some(url) = &notify.sms_http_url else {
             return Ok(None);
         };
         let mut body = Environment::new();
         body.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        body.add_template_owned("body", settings.sms_http_body.clone())
+        body.add_template_owned("body", notify.sms_http_body.clone())
             .map_err(|e| ConfigError {
                 name: "sms_http_body",
                 reason: format!("not a valid template: {e}"),
             })?;
         for (name, pointer) in [
-            ("sms_http_id_pointer", &settings.sms_http_id_pointer),
-            ("sms_http_status_pointer", &settings.sms_http_status_pointer),
+            ("sms_http_id_pointer", &notify.sms_http_id_pointer),
+            ("sms_http_status_pointer", &notify.sms_http_status_pointer),
         ] {
             if !pointer.is_empty() && !pointer.starts_with('/') {
                 return Err(ConfigError {
@@ -49,7 +51,7 @@ impl HttpJson {
                 });
             }
         }
-        if let Some(a) = &settings.sms_http_authorization {
+        if let Some(a) = &notify.sms_http_authorization {
             crate::validate::header_value("sms_http_authorization", a).map_err(|e| {
                 ConfigError {
                     name: "sms_http_authorization",
@@ -60,11 +62,11 @@ impl HttpJson {
         let provider = HttpJson {
             http,
             url: url.clone(),
-            authorization: settings.sms_http_authorization.clone(),
-            from: settings.sms_http_from.clone().unwrap_or_default(),
+            authorization: notify.sms_http_authorization.clone(),
+            from: notify.sms_http_from.clone().unwrap_or_default(),
             body,
-            id_pointer: settings.sms_http_id_pointer.clone(),
-            status_pointer: settings.sms_http_status_pointer.clone(),
+            id_pointer: notify.sms_http_id_pointer.clone(),
+            status_pointer: notify.sms_http_status_pointer.clone(),
         };
         provider
             .render(&Outgoing {

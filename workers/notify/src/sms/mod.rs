@@ -13,7 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mediafarm::settings::RateLimit;
-use mediafarm::{Settings, Task, TaskContext, TaskError};
+use mediafarm::settings::WebhookSettings;
+use mediafarm::{Task, TaskContext, TaskError};
+
+use crate::settings::NotifySettings;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -73,34 +76,35 @@ pub struct Sms {
 
 impl Sms {
     pub fn new(
-        settings: &Settings,
+        notify: &NotifySettings,
+        webhook: &WebhookSettings,
         templates: Arc<Templates>,
         http: reqwest::Client,
     ) -> Result<Sms, ConfigError> {
         let mut providers: BTreeMap<&'static str, Arc<dyn SmsProvider>> = BTreeMap::new();
-        providers.insert("outbox", Arc::new(outbox::Outbox::new(settings)));
-        if let Some(t) = twilio::Twilio::from_settings(settings, http.clone())? {
+        providers.insert("outbox", Arc::new(outbox::Outbox::new(notify)));
+        if let Some(t) = twilio::Twilio::from_settings(notify, http.clone())? {
             providers.insert("twilio", Arc::new(t));
         }
-        if let Some(h) = http_json::HttpJson::from_settings(settings, http)? {
+        if let Some(h) = http_json::HttpJson::from_settings(notify, http)? {
             providers.insert("http", Arc::new(h));
         }
-        if !providers.contains_key(settings.sms_provider.as_str()) {
+        if !providers.contains_key(notify.sms_provider.as_str()) {
             return Err(ConfigError {
                 name: "sms_provider",
                 reason: format!(
                     "{:?} is chosen but not configured (twilio needs twilio_account_sid, \
                      twilio_auth_token and twilio_from; http needs sms_http_url)",
-                    settings.sms_provider
+                    notify.sms_provider
                 ),
             });
         }
         Ok(Sms {
             providers,
-            default_provider: settings.sms_provider.clone(),
+            default_provider: notify.sms_provider.clone(),
             templates,
-            rate_limit: settings.sms_rate_limit,
-            lease: settings.webhook_timeout * 3 + Duration::from_secs(10),
+            rate_limit: notify.sms_rate_limit,
+            lease: webhook.webhook_timeout * 3 + Duration::from_secs(10),
         })
     }
 }

@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
-use mediafarm::{Settings, TaskError};
+use mediafarm::TaskError;
+
+use crate::settings::NotifySettings;
 use serde_json::json;
 
 use super::{Outgoing, SendFuture, SmsProvider, SmsResult};
@@ -13,9 +15,9 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    pub fn new(settings: &Settings) -> Outbox {
+    pub fn new(notify: &NotifySettings) -> Outbox {
         Outbox {
-            dir: PathBuf::from(&settings.sms_outbox_dir),
+            dir: PathBuf::from(&notify.sms_outbox_dir),
         }
     }
 

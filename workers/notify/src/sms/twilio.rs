@@ -2,7 +2,9 @@
 //! fields `To`, `From`, `Body` (and `StatusCallback`), HTTP basic auth with the account SID and
 //! auth token. 201 answers `{sid, status, ...}`; errors answer `{code, message, more_info}`.
 
-use mediafarm::{Settings, TaskError};
+use mediafarm::TaskError;
+
+use crate::settings::NotifySettings;
 use serde::Deserialize;
 
 use super::{Outgoing, SendFuture, SmsProvider, SmsResult};
@@ -37,13 +39,13 @@ struct Problem {
 impl Twilio {
     /// `None` when Twilio is not configured at all; an error when it is half configured.
     pub fn from_settings(
-        settings: &Settings,
+        notify: &NotifySettings,
         http: reqwest::Client,
     ) -> Result<Option<Twilio>, ConfigError> {
         let (sid, token, from) = match (
-            &settings.twilio_account_sid,
-            &settings.twilio_auth_token,
-            &settings.twilio_from,
+            &notify.twilio_account_sid,
+            &notify.twilio_auth_token,
+            &notify.twilio_from,
         ) {
             (None, None, None) => return Ok(None),
             (Some(s), Some(t), Some(f)) => (s.clone(), t.clone(), f.clone()),
@@ -62,14 +64,14 @@ impl Twilio {
                 reason: "an account SID is letters and digits (AC...)".into(),
             });
         }
-        let base = settings.twilio_base_url.trim_end_matches('/');
+        let base = notify.twilio_base_url.trim_end_matches('/');
         Ok(Some(Twilio {
             http,
             url: format!("{base}/2010-04-01/Accounts/{sid}/Messages.json"),
             account_sid: sid,
             auth_token: token,
             from,
-            status_callback: settings.twilio_status_callback.clone(),
+            status_callback: notify.twilio_status_callback.clone(),
         }))
     }
 

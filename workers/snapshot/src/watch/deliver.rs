@@ -12,7 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mediafarm::net::{signing, OutboundError, OutboundPolicy, Redirects, SettingNames};
-use mediafarm::{Settings, TaskError};
+use mediafarm::settings::WebhookSettings;
+use mediafarm::TaskError;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use url::Url;
@@ -70,15 +71,15 @@ fn policy_error(url: &str, e: OutboundError) -> TaskError {
 }
 
 impl Deliverer {
-    pub fn new(settings: &Settings) -> Deliverer {
+    pub fn new(webhook: &WebhookSettings) -> Deliverer {
         Deliverer {
-            secret: settings.webhook_secret.clone(),
+            secret: webhook.webhook_secret.clone(),
             policy: OutboundPolicy {
-                allow_http: settings.webhook_allow_http,
-                allowed_hosts: settings.webhook_allowed_hosts.clone(),
+                allow_http: webhook.webhook_allow_http,
+                allowed_hosts: webhook.webhook_allowed_hosts.clone(),
                 any_host_when_empty: true,
-                allow_private: settings.webhook_allow_private,
-                timeout: Some(settings.webhook_timeout),
+                allow_private: webhook.webhook_allow_private,
+                timeout: Some(webhook.webhook_timeout),
                 redirects: Redirects::Return,
                 // Deliveries have always gone through a proxy set in the environment.
                 system_proxy: true,

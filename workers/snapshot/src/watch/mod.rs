@@ -19,6 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use mediafarm::storage::Storage;
 use mediafarm::{Settings, Task, TaskContext, TaskError};
+
+use crate::settings::{SnapshotGroups, SnapshotSettings};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, Semaphore};
@@ -116,6 +118,7 @@ pub struct WatchSummary {
 
 pub struct Watch {
     settings: Settings,
+    snapshot: SnapshotSettings,
     storage: Storage,
     sessions: Arc<Semaphore>,
     deliver: deliver::Deliverer,
@@ -132,23 +135,28 @@ pub enum WatchSetupError {
 
 impl Watch {
     /// The task; its continuations go back to the queue each job came from.
-    pub fn new(settings: &Settings, storage: Storage) -> Result<Watch, WatchSetupError> {
+    pub fn new(
+        settings: &Settings,
+        (snapshot, webhook): &SnapshotGroups,
+        storage: Storage,
+    ) -> Result<Watch, WatchSetupError> {
         let longest = settings
             .task_time_limit
             .unwrap_or_else(|| settings.longest_hard_limit());
         let most = longest.saturating_sub(SLICE_MARGIN.min(longest / 4));
-        if settings.snapshot_session_slice > most {
+        if snapshot.snapshot_session_slice > most {
             return Err(WatchSetupError::Slice {
-                slice: settings.snapshot_session_slice.as_secs_f64(),
+                slice: snapshot.snapshot_session_slice.as_secs_f64(),
                 longest: longest.as_secs_f64(),
                 most: most.as_secs_f64(),
             });
         }
         Ok(Watch {
             settings: settings.clone(),
+            snapshot: snapshot.clone(),
             storage,
-            sessions: Arc::new(Semaphore::new(settings.snapshot_max_sessions)),
-            deliver: deliver::Deliverer::new(settings),
+            sessions: Arc::new(Semaphore::new(snapshot.snapshot_max_sessions)),
+            deliver: deliver::Deliverer::new(webhook),
         })
     }
 }
@@ -257,7 +265,7 @@ impl Task for Watch {
                 "TooManySessions",
                 format!(
                     "this worker runs snapshot_max_sessions = {} sessions already",
-                    self.settings.snapshot_max_sessions
+                    self.snapshot.snapshot_max_sessions
                 ),
             )
             .retry_after(Duration::from_secs(5)));
@@ -314,7 +322,7 @@ impl Task for Watch {
             realtime: args.realtime,
             looped: args.looped,
             stall_timeout: STALL_TIMEOUT,
-            reconnect_window: self.settings.snapshot_reconnect_window,
+            reconnect_window: self.snapshot.snapshot_reconnect_window,
             format: args.format,
             quality,
             max_width: args.max_width,
@@ -327,7 +335,7 @@ impl Task for Watch {
                 TaskError::transient("ThreadError", format!("cannot start a session thread: {e}"))
             })?;
 
-        let slice_end = tokio::time::Instant::now() + self.settings.snapshot_session_slice;
+        let slice_end = tokio::time::Instant::now() + self.snapshot.snapshot_session_slice;
         let mut poll = tokio::time::interval(POLL);
         let mut renew_at = tokio::time::Instant::now() + CLAIM_RENEW;
         let mut why: Option<Ended> = None;
