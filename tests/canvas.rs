@@ -1,13 +1,18 @@
 //! Celery's canvas from the real Python celery client to Rust workers: a chain of three
 //! (mixed immutable and not) with `.get()`, `.parent`, `.children` and `.collect()` working in
 //! Python, `link`, `link_error` with a Rust errback reading the typed failure, a chain step
-//! with a countdown, a chain whose middle step is retried, and canvas features mediafarm does
-//! not carry out failing clearly instead of being dropped.
+//! with a countdown, a chain whose middle step is retried, a chain across Rust and Python
+//! workers, a Python errback of a Rust task, a step that cannot take its parent's result, and
+//! canvas features mediafarm does not carry out failing clearly instead of being dropped.
 
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mediafarm::{Registry, Task, TaskContext, TaskError};
-use mediafarm_tests::{dead_letters, python_env, run_python, settings, Farm};
+use mediafarm_tests::{
+    dead_letters, delete_queue, python, python_env, run_python, settings, unique_queue,
+    workspace_root, Echo, Farm,
+};
 use serde_json::{json, Map, Value};
 
 /// `canvas.step`: returns its kwargs; a parent's result arrives under `parent`. `fail` fails
@@ -70,18 +75,29 @@ struct ErrbackArgs {
 }
 
 fn registry() -> Registry {
-    Registry::new().register(Step).register(OnError)
+    Registry::new()
+        .register(Step)
+        .register(OnError)
+        .register(Echo)
 }
 
 /// Runs `tests/py/canvas.py SCENARIO` against a Rust worker running the canvas tasks; returns
 /// what Python printed and the farm, for checks of its queues, before stopping it.
 async fn python_canvas(scenario: &str) -> (Value, Farm) {
+    python_canvas_with(scenario, &[]).await
+}
+
+async fn python_canvas_with(scenario: &str, extra: &[&str]) -> (Value, Farm) {
     let farm = Farm::start(&format!("canvas-{scenario}"), settings(), registry()).await;
     let env = python_env(&farm.settings);
-    let (q, sc) = (farm.queue.clone(), scenario.to_owned());
-    let out = tokio::task::spawn_blocking(move || run_python("canvas.py", &[&q, &sc], &env))
-        .await
-        .expect("python ran");
+    let mut args = vec![farm.queue.clone(), scenario.to_owned()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_python("canvas.py", &args, &env)
+    })
+    .await
+    .expect("python ran");
     let v = serde_json::from_str(out.trim())
         .unwrap_or_else(|e| panic!("canvas.py printed {out:?}: {e}"));
     (v, farm)
@@ -196,4 +212,94 @@ async fn unsupported_canvas_fails_clearly_and_is_dead_lettered() {
         .iter()
         .all(|l| l.kind.as_deref() == Some("UnsupportedCanvas")));
     farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_cannot_take_a_parent_result_fails_naming_the_signature() {
+    let (out, farm) = python_canvas("no-parent-kwarg").await;
+    let last = &out["last"];
+    assert_eq!(last["exc_type"], "InvalidArguments", "{out:#}");
+    let message = last["message"].as_str().unwrap_or("");
+    assert!(
+        message
+            .contains(r#"signature echo.echo([{"a":1}], {"b":2}) cannot take its parent's result"#)
+            && message.contains(".si()"),
+        "{out:#}"
+    );
+    farm.stop().await;
+}
+
+/// A Python Celery worker consuming `queue` (tests/py/celery_app.py); killed on drop.
+struct PythonWorker(Child);
+
+impl PythonWorker {
+    fn start(queue: &str) -> PythonWorker {
+        let child = Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
+            .args([
+                "-Q",
+                queue,
+                "-l",
+                "warning",
+                "-n",
+                &format!("py-{queue}@%h"),
+            ])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .envs(python_env(&settings()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python celery worker starts");
+        PythonWorker(child)
+    }
+}
+
+impl Drop for PythonWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_runs_across_rust_and_python_workers() {
+    let pyq = unique_queue("canvas-py");
+    let py = PythonWorker::start(&pyq);
+    let (out, farm) = python_canvas_with("mixed", &[&pyq]).await;
+    drop(py);
+    let middle = json!({"worker": "python", "parent": {"a": 1}, "kwargs": {"w": 1}});
+    assert_eq!(out["middle"]["ok"], middle, "{out:#}");
+    assert_eq!(
+        out["last"]["ok"],
+        json!({"c": 3, "parent": middle}),
+        "{out:#}"
+    );
+    assert_eq!(
+        out["collected"],
+        json!([{"a": 1}, middle, {"c": 3, "parent": middle}]),
+        "{out:#}"
+    );
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_errback_gets_the_failed_rust_jobs_id() {
+    let pyq = unique_queue("canvas-pyerr");
+    let py = PythonWorker::start(&pyq);
+    let (out, farm) = python_canvas_with("python-errback", &[&pyq]).await;
+    drop(py);
+    assert_eq!(out["failed"]["exc_type"], "StepFailure", "{out:#}");
+    assert_eq!(
+        out["errback"]["ok"],
+        json!({"task_id": out["failed_id"], "exc_type": "StepFailure", "message": "no such upload"}),
+        "{out:#}"
+    );
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
 }

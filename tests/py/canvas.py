@@ -1,8 +1,9 @@
 """Celery canvas from a plain Python producer to mediafarm workers: chains, link, link_error.
 
-Usage: canvas.py QUEUE SCENARIO. Prints one JSON object describing what Python saw.
+Usage: canvas.py QUEUE SCENARIO [PYTHON_QUEUE]. Prints one JSON object describing what Python saw.
 The Rust side (tests/canvas.rs) runs `canvas.step` (returns its kwargs, the parent's result
-under `parent`) and `canvas.on_error` (returns the failure it read for the id it got).
+under `parent`) and `canvas.on_error` (returns the failure it read for the id it got); a Python
+worker (celery_app.py) on PYTHON_QUEUE runs `pyside.wrap` and `pyside.on_error`.
 """
 import json
 import os
@@ -62,6 +63,23 @@ def main():
     elif scenario == "retried-middle":
         last = chain(step(a=1), step(fail_times=1, retry_after_s=0.2), step(c=3)).apply_async()
         out = {"last": outcome(last), "middle": outcome(last.parent)}
+    elif scenario == "no-parent-kwarg":
+        echo = signature("echo.echo", kwargs={"b": 2}, queue=queue)
+        last = chain(step(a=1), echo).apply_async()
+        out = {"last": outcome(last)}
+    elif scenario == "mixed":
+        pyq = sys.argv[3]
+        wrap = signature("pyside.wrap", kwargs={"w": 1}, queue=pyq)
+        last = chain(step(a=1), wrap, step(c=3)).apply_async()
+        out = {"last": outcome(last, timeout=60), "middle": outcome(last.parent)}
+        out["collected"] = [value for _, value in last.parent.parent.collect(timeout=30)]
+    elif scenario == "python-errback":
+        pyq = sys.argv[3]
+        errback_id = str(uuid.uuid4())
+        errback = signature("pyside.on_error", queue=pyq).set(task_id=errback_id)
+        r = step(fail="no such upload").apply_async(link_error=errback)
+        out = {"failed": outcome(r), "failed_id": r.id,
+               "errback": outcome(app.AsyncResult(errback_id), timeout=60)}
     elif scenario == "unsupported":
         body = chord([step(h=1), step(h=2)], step(body=1)).apply_async()
         out = {"chord_headers": [outcome(r) for r in body.parent.results]}
