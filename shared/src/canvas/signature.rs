@@ -4,7 +4,7 @@
 //! short, never read as "absent". Options mediafarm does not act on are kept in `raw`, so a
 //! signature passed on (the rest of a chain, a step's own `link`) travels untouched.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Map, Value};
 
 use crate::canvas::CanvasError;
@@ -211,9 +211,17 @@ fn decode_options(
     let time = |name: &str| -> Result<Option<DateTime<Utc>>, CanvasError> {
         match get(name) {
             None => Ok(None),
+            // Years as Python's datetime has them, as for the `eta` and `expires` headers.
             Some(Value::String(s)) => parse_time(s)
+                .filter(|t| (1..=9999).contains(&t.year()))
                 .map(Some)
-                .ok_or_else(|| bad(name, "an ISO 8601 time", &Value::String(s.clone()))),
+                .ok_or_else(|| {
+                    bad(
+                        name,
+                        "an ISO 8601 time from year 1 to 9999",
+                        &Value::String(s.clone()),
+                    )
+                }),
             Some(other) => Err(bad(name, "an ISO 8601 time", other)),
         }
     };
