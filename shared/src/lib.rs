@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod backend;
 pub mod beat;
+pub mod canvas;
 pub mod client;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -35,3 +35,16 @@ def echo(self, **kwargs):
 @app.task(name="echo.fail")
 def fail(message):
     raise ValueError(message)
+
+
+@app.task(name="pyside.wrap")
+def wrap(parent, **kwargs):
+    """A chain step on Python between Rust steps: takes the parent's result positionally."""
+    return {"worker": "python", "parent": parent, "kwargs": kwargs}
+
+
+@app.task(name="pyside.on_error")
+def on_error(task_id):
+    """An old-style errback, as Celery sends one it cannot call inline: the failed job's id."""
+    exc = app.AsyncResult(task_id).result
+    return {"task_id": task_id, "exc_type": type(exc).__name__, "message": str(exc)}

@@ -486,7 +486,8 @@ fn header_str(headers: &Map<String, Value>, name: &str) -> Option<String> {
     }
 }
 
-fn json_kind(v: &Value) -> &'static str {
+/// A JSON value's kind as an error names it ("a list", "an object", ...).
+pub fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -625,7 +626,7 @@ pub fn preview_str(s: &str) -> String {
 }
 
 /// A value as it may appear in an error a person reads: its JSON, cut short.
-fn preview(v: &Value) -> String {
+pub fn preview(v: &Value) -> String {
     const MAX: usize = 80;
     let text = v.to_string();
     if text.len() <= MAX {

@@ -16,7 +16,7 @@ use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
 use prometheus_client::metrics::gauge::Gauge;
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,6 +27,7 @@ use crate::amqp::reroute::{time_header, DeadReason, Rerouter, MIN_DELAY};
 use crate::amqp::table::{read_job_properties, read_properties};
 use crate::backend::result::{FailureKind, ResultMeta, TaskError, TaskState};
 use crate::backend::ResultBackend;
+use crate::canvas::{self, Canvas, Parent, Publish};
 use crate::observe::http::Readiness;
 use crate::observe::metrics::{host_label, Metrics, TaskLabels, TaskMetrics};
 use crate::protocol::{DecodeError, TaskMessage};
@@ -152,6 +153,20 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
         };
         return refuse(shared, job, e).await;
     };
+    // Before anything else may end the job: a workflow it cannot carry on fails it now,
+    // rather than running it and dropping the rest.
+    let canvas = match Canvas::from_embed(&msg.embed) {
+        Ok(canvas) => canvas,
+        Err(e) => {
+            let kind = e.exc_type();
+            let e = DecodeError {
+                id: Some(msg.id.clone()),
+                task: Some(msg.task.clone()),
+                reason: e.to_string(),
+            };
+            return refuse_as(shared, job, kind, e).await;
+        }
+    };
     let l = shared.metrics_for(&msg.task, &job.queue);
     let waited = msg.eta.is_some() || msg.retries > 0;
     if shared.revocations.is_revoked(&msg.id)
@@ -166,7 +181,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
     if msg.is_expired(Utc::now()) {
         return expire(shared, job, &msg, &l).await;
     }
-    if job.delivery.redelivered && already_done(shared, job, &msg).await {
+    if job.delivery.redelivered && already_done(shared, job, &msg, &canvas).await {
         return;
     }
     if let Some(eta) = msg.eta {
@@ -203,12 +218,12 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
         );
         return requeue(&job.delivery).await;
     }
-    run(shared, job, msg, &l, policy, limits, slot).await;
+    run(shared, job, msg, canvas, &l, policy, limits, slot).await;
 }
 
 /// A message redelivered after its result was stored (its worker died before the ack): do not
 /// run it again. Only redelivered messages pay for this lookup.
-async fn already_done(shared: &Shared, job: &Incoming, msg: &TaskMessage) -> bool {
+async fn already_done(shared: &Shared, job: &Incoming, msg: &TaskMessage, canvas: &Canvas) -> bool {
     let meta = match shared.backend.get(&msg.id).await {
         Ok(Some(meta)) if meta.status.is_ready() => meta,
         _ => return false,
@@ -220,7 +235,13 @@ async fn already_done(shared: &Shared, job: &Incoming, msg: &TaskMessage) -> boo
             .error()
             .unwrap_or_else(|| TaskError::permanent("Failed", "the job failed"));
         let why = dead_reason(shared, job, &error.exc_type, error.message.clone());
-        settle(shared, job, &msg.id, Ending::dead_only(why)).await;
+        // The errbacks may not have gone out either; they carry the same ids as before.
+        let errbacks = canvas::on_failure(canvas, parent_of(msg), Utc::now());
+        let ending = Ending {
+            after: errbacks,
+            ..Ending::dead_only(why)
+        };
+        settle(shared, job, &msg.id, ending).await;
         return true;
     }
     settle(shared, job, &msg.id, Ending::ack_only()).await;
@@ -280,10 +301,12 @@ enum Ended {
     Terminated,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     shared: &Arc<Shared>,
     job: &Incoming,
     mut msg: TaskMessage,
+    canvas: Canvas,
     l: &TaskMetrics,
     policy: TaskPolicy,
     limits: Limits,
@@ -307,13 +330,7 @@ async fn run(
         publisher: shared.publisher.clone(),
         cpu: shared.cpu.clone(),
     };
-    let ctx = TaskContext::new(
-        msg.id.clone(),
-        msg.task.clone(),
-        msg.retries,
-        job.queue.as_str().into(),
-        &services,
-    );
+    let ctx = TaskContext::new(&msg, job.queue.as_str().into(), &services);
     let stop_signal = ctx.cancel_flag();
     let running = shared.readiness.running.start(&msg.id, limits.hard);
     let began = Instant::now();
@@ -380,11 +397,22 @@ async fn run(
         }
         Ended::Done(outcome) => outcome,
     };
+    // Celery's order: what carries the workflow on is published before the result is stored
+    // (so the record lists it as `children`); errbacks after the FAILURE is stored.
+    let mut before = Vec::new();
+    let mut after = Vec::new();
     let (mut meta, dead) = match outcome {
         Ok(value) => {
             l.succeeded.inc();
             tracing::debug!(id = %msg.id, task = %msg.task, ?elapsed, "succeeded");
-            (ResultMeta::success(&msg.id, value), None)
+            let mut meta = ResultMeta::success(&msg.id, Value::Null);
+            if !canvas.is_empty() {
+                let next = canvas::on_success(&canvas, parent_of(&msg), &value, Utc::now());
+                meta.children = next.children;
+                before = next.publish;
+            }
+            meta.result = value;
+            (meta, None)
         }
         Err(e) => {
             if let FailureKind::Transient { retry_after } = e.kind {
@@ -403,21 +431,34 @@ async fn run(
                 tracing::warn!(id = %msg.id, task = %msg.task, error = %e, "failed; no retries left");
                 let why = dead_reason(shared, job, "MaxRetriesExceeded", e.to_string());
                 let meta = ResultMeta::failure(&msg.id, &e, traceback(shared, &msg, &e));
+                after = canvas::on_failure(&canvas, parent_of(&msg), Utc::now());
                 (meta, Some(why))
             } else {
                 l.failed(&e.exc_type);
                 tracing::warn!(id = %msg.id, task = %msg.task, error = %e, ?elapsed, "failed");
                 let why = dead_reason(shared, job, &e.exc_type, e.message.clone());
                 let meta = ResultMeta::failure(&msg.id, &e, traceback(shared, &msg, &e));
+                after = canvas::on_failure(&canvas, parent_of(&msg), Utc::now());
                 (meta, Some(why))
             }
         }
     };
+    // As Celery's backend records them, so a reader can walk a workflow from any result.
+    if let Some(group) = &msg.group {
+        meta.extra
+            .insert("group_id".into(), Value::String(group.clone()));
+    }
+    if let Some(parent) = &msg.parent_id {
+        meta.extra
+            .insert("parent_id".into(), Value::String(parent.clone()));
+    }
     if let Some(serde_json::Value::Object(fields)) = extended {
         meta.extra.extend(fields);
     }
     let store = !msg.ignore_result || meta.status != TaskState::Success;
     let ending = Ending {
+        before,
+        after,
         store: store.then_some(&meta),
         // The slot goes to the next job once the outcome is stored, while the dead letter and
         // the ack are on their way (two hops through lapin's threads), as Celery's pool takes
@@ -590,17 +631,22 @@ async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: Decod
     let why = dead_reason(shared, job, kind, e.reason.clone());
     let ending = Ending {
         store: meta.as_ref(),
-        slot: None,
         dead: Some(why),
+        ..Ending::ack_only()
     };
     settle(shared, job, e.id.as_deref().unwrap_or("?"), ending).await;
 }
 
-/// How a message ends, in the one order that keeps the promise of this module: store the
-/// outcome (if there is one to store), free the job's slot, copy the message to its dead-letter
+/// How a message ends, in the one order that keeps the promise of this module: publish what
+/// carries its workflow on (callbacks, the next chain step), store the outcome (if there is one
+/// to store), free the job's slot, publish its errbacks, copy the message to its dead-letter
 /// queue (if it failed for good), and only then acknowledge. A store that fails returns the
-/// message to the broker; a dead letter that cannot be published returns it after a pause.
+/// message to the broker; a publish or dead letter that fails returns it after a pause.
 struct Ending<'a> {
+    /// Published before the outcome is stored (SUCCESS's callbacks and next chain step).
+    before: Vec<Publish>,
+    /// Published after the outcome is stored (a FAILURE's errbacks).
+    after: Vec<Publish>,
     store: Option<&'a ResultMeta>,
     slot: Option<OwnedSemaphorePermit>,
     dead: Option<DeadReason>,
@@ -609,6 +655,8 @@ struct Ending<'a> {
 impl<'a> Ending<'a> {
     fn ack_only() -> Ending<'a> {
         Ending {
+            before: Vec::new(),
+            after: Vec::new(),
             store: None,
             slot: None,
             dead: None,
@@ -635,18 +683,46 @@ impl<'a> Ending<'a> {
 }
 
 async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
+    if !publish_next(shared, id, &ending.before).await {
+        drop(ending.slot);
+        return requeue_after_pause(shared, &job.delivery).await;
+    }
     if let Some(meta) = ending.store {
         if !store_with_retry(shared, meta).await {
             return requeue(&job.delivery).await;
         }
     }
     drop(ending.slot);
+    if !publish_next(shared, id, &ending.after).await {
+        return requeue_after_pause(shared, &job.delivery).await;
+    }
     if let Some(why) = &ending.dead {
         if !dead_letter(job, why).await {
             return requeue_after_pause(shared, &job.delivery).await;
         }
     }
     ack(&job.delivery, id).await;
+}
+
+/// Publishes a workflow's next messages with confirms; `false` when one could not be sent (the
+/// job's message then goes back, and the next run sends the same ids again).
+async fn publish_next(shared: &Shared, id: &str, next: &[Publish]) -> bool {
+    for p in next {
+        if let Err(e) = shared.publisher.publish(&p.queue, &p.msg).await {
+            tracing::warn!(%id, next = %p.msg.id, task = %p.msg.task, queue = %p.queue, error = %e, "could not publish the workflow's next message; returning the message to the queue");
+            return false;
+        }
+        tracing::debug!(%id, next = %p.msg.id, task = %p.msg.task, queue = %p.queue, "workflow carried on");
+    }
+    true
+}
+
+/// The job as the parent of what its end sends on.
+fn parent_of(msg: &TaskMessage) -> Parent<'_> {
+    Parent {
+        id: &msg.id,
+        root_id: msg.root_id.as_deref().unwrap_or(&msg.id),
+    }
 }
 
 async fn dead_letter(job: &Incoming, why: &DeadReason) -> bool {

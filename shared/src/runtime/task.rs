@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::amqp::broker::Publisher;
 use crate::backend::result::{ResultMeta, TaskError, TaskState};
 use crate::backend::ResultBackend;
+use crate::canvas::{failure_of, ParentFailure};
 use crate::protocol::TaskMessage;
 use crate::runtime::cpu::CpuPool;
 use crate::runtime::stop::{self, Signals};
@@ -28,8 +29,14 @@ use crate::runtime::stop::{self, Signals};
 /// A job type a worker runs. `NAME` is the Celery task name (`image.transform`).
 pub trait Task: Send + Sync + 'static {
     const NAME: &'static str;
-    /// Names given to positional `args`, in order. Empty: keyword arguments only.
+    /// Names given to positional `args`, in order. Empty: keyword arguments only (or only
+    /// [`Task::PARENT_RESULT`]).
     const POSITIONAL: &'static [&'static str] = &[];
+    /// The kwarg that receives a parent's return value when this task is a chain step or a
+    /// `link` callback (Celery passes it as the first positional argument). `None`: the task
+    /// can only run as an immutable signature (`.si()`) in a workflow. When `POSITIONAL` is
+    /// not empty, its first name must be this one.
+    const PARENT_RESULT: Option<&'static str> = None;
     /// Retries after transient failures; `None`: the `task_max_retries` setting.
     const MAX_RETRIES: Option<u32> = None;
     /// Hard time limit in seconds; `None`: the `task_time_limit` setting. A message's own
@@ -89,6 +96,11 @@ pub struct TaskContext {
     pub id: String,
     pub task: String,
     pub retries: u32,
+    /// The job that sent this one (a chain's previous step, the job a callback or errback
+    /// belongs to); `None` for a job a producer sent.
+    pub parent_id: Option<String>,
+    /// The first job of the workflow this one belongs to (its own id when it is the first).
+    pub root_id: String,
     pub hostname: Arc<str>,
     /// The queue the job was delivered from.
     pub queue: Arc<str>,
@@ -109,17 +121,13 @@ pub(crate) struct Services {
 }
 
 impl TaskContext {
-    pub(crate) fn new(
-        id: String,
-        task: String,
-        retries: u32,
-        queue: Arc<str>,
-        services: &Services,
-    ) -> TaskContext {
+    pub(crate) fn new(msg: &TaskMessage, queue: Arc<str>, services: &Services) -> TaskContext {
         TaskContext {
-            id,
-            task,
-            retries,
+            id: msg.id.clone(),
+            task: msg.task.clone(),
+            retries: msg.retries,
+            parent_id: msg.parent_id.clone(),
+            root_id: msg.root_id.clone().unwrap_or_else(|| msg.id.clone()),
             hostname: services.hostname.clone(),
             queue,
             backend: services.backend.clone(),
@@ -197,6 +205,24 @@ impl TaskContext {
         Ok(msg.id)
     }
 
+    /// The stored failure of job `id`, typed: what an errback (`link_error`) reads, as it
+    /// receives the failed job's id as its first positional argument. A permanent
+    /// `ParentFailureMissing` error when no FAILURE is stored under `id`.
+    pub async fn failure_of(&self, id: &str) -> Result<ParentFailure, TaskError> {
+        match failure_of(&self.backend, id).await {
+            Ok(Some(failure)) => Ok(failure),
+            Ok(None) => Err(TaskError::permanent(
+                "ParentFailureMissing",
+                format!(
+                    "no FAILURE is stored for job {}: an errback receives the id of a job \
+                     that failed, and its record may have expired (result_expires)",
+                    crate::protocol::preview_str(id)
+                ),
+            )),
+            Err(e) => Err(TaskError::transient("BackendError", e.to_string())),
+        }
+    }
+
     /// A stop request for `subject` of `scope` (made with [`stop::request`]) and whether any
     /// of `ids` is revoked, in one round trip: what a long-running job polls.
     pub async fn signals(
@@ -254,7 +280,10 @@ impl<T: Task> ErasedTask for Erased<T> {
     ) -> BoxFuture<Result<Value, TaskError>> {
         let task = self.0.clone();
         Box::pin(async move {
-            let typed = typed_args::<T>(args, kwargs)?;
+            let from_parent = ctx.parent_id.is_some();
+            let kwargs =
+                merge_positional(T::NAME, &positional_names::<T>(), from_parent, args, kwargs)?;
+            let typed = deserialize_kwargs(T::NAME, kwargs)?;
             let output = task.run(ctx, typed).await?;
             serde_json::to_value(output).map_err(|e| {
                 TaskError::permanent(
@@ -273,18 +302,43 @@ pub fn typed_args<T: Task>(
     args: Vec<Value>,
     kwargs: Map<String, Value>,
 ) -> Result<T::Args, TaskError> {
-    let kwargs = merge_positional(T::NAME, T::POSITIONAL, args, kwargs)?;
+    let kwargs = merge_positional(T::NAME, &positional_names::<T>(), false, args, kwargs)?;
     deserialize_kwargs(T::NAME, kwargs)
+}
+
+/// The names positional args take: `POSITIONAL`, else the `PARENT_RESULT` kwarg alone.
+fn positional_names<T: Task>() -> Vec<&'static str> {
+    if T::POSITIONAL.is_empty() {
+        T::PARENT_RESULT.into_iter().collect()
+    } else {
+        T::POSITIONAL.to_vec()
+    }
 }
 
 fn merge_positional(
     task: &str,
     names: &[&str],
+    from_parent: bool,
     args: Vec<Value>,
     mut kwargs: Map<String, Value>,
 ) -> Result<Map<String, Value>, TaskError> {
     if args.is_empty() {
         return Ok(kwargs);
+    }
+    // A job sent by another job (`parent_id` set) may be a chain step or callback that got
+    // the parent's return value: say so, naming the signature, instead of a bare arity error.
+    if names.is_empty() && from_parent {
+        return Err(TaskError::invalid(
+            "InvalidArguments",
+            format!(
+                "signature {task}({}, {}) cannot take its parent's result: a chain step or \
+                 link callback receives the previous task's return value as its first \
+                 positional argument, and {task} declares no kwarg for it (it takes keyword \
+                 arguments only). Make the signature immutable (.si(), immutable=True)",
+                crate::protocol::preview(&Value::Array(args)),
+                crate::protocol::preview(&Value::Object(kwargs)),
+            ),
+        ));
     }
     if names.is_empty() {
         return Err(TaskError::invalid(
@@ -346,6 +400,13 @@ impl Registry {
     }
 
     pub fn register<T: Task>(mut self, task: T) -> Registry {
+        debug_assert!(
+            T::POSITIONAL.is_empty()
+                || T::PARENT_RESULT.is_none()
+                || T::POSITIONAL.first() == T::PARENT_RESULT.as_ref(),
+            "{}: PARENT_RESULT must be the first of POSITIONAL",
+            T::NAME
+        );
         self.tasks
             .insert(T::NAME.to_owned(), Arc::new(Erased(Arc::new(task))));
         self
@@ -433,22 +494,58 @@ mod tests {
 
     #[test]
     fn positional_args_are_refused_unless_named() {
-        let err = merge_positional("image.transform", &[], vec![json!(1)], Map::new()).unwrap_err();
+        let err = merge_positional("image.transform", &[], false, vec![json!(1)], Map::new())
+            .unwrap_err();
         assert!(
             err.message.contains("keyword arguments only"),
             "{}",
             err.message
         );
         let merged =
-            merge_positional("t", &["a", "b"], vec![json!(1)], kw(json!({"b": 2}))).unwrap();
+            merge_positional("t", &["a", "b"], false, vec![json!(1)], kw(json!({"b": 2}))).unwrap();
         assert_eq!(Value::Object(merged), json!({"a": 1, "b": 2}));
-        let err = merge_positional("t", &["a"], vec![json!(1), json!(2)], Map::new()).unwrap_err();
+        let err =
+            merge_positional("t", &["a"], false, vec![json!(1), json!(2)], Map::new()).unwrap_err();
         assert!(err.message.contains("at most 1"), "{}", err.message);
-        let err = merge_positional("t", &["a"], vec![json!(1)], kw(json!({"a": 2}))).unwrap_err();
+        let err =
+            merge_positional("t", &["a"], false, vec![json!(1)], kw(json!({"a": 2}))).unwrap_err();
         assert!(
             err.message.contains("both as a positional"),
             "{}",
             err.message
         );
+    }
+
+    #[test]
+    fn a_task_without_a_parent_result_kwarg_names_the_signature() {
+        let err = merge_positional(
+            "notify.sms",
+            &[],
+            true,
+            vec![json!({"url": "x"})],
+            kw(json!({"to": "+1"})),
+        )
+        .unwrap_err();
+        assert!(
+            err.message
+                .contains(r#"signature notify.sms([{"url":"x"}], {"to":"+1"})"#)
+                && err.message.contains("cannot take its parent's result")
+                && err.message.contains(".si()"),
+            "{}",
+            err.message
+        );
+
+        struct Webhookish;
+        impl Task for Webhookish {
+            const NAME: &'static str = "t.hook";
+            const PARENT_RESULT: Option<&'static str> = Some("payload");
+            type Args = Map<String, Value>;
+            type Output = ();
+            async fn run(&self, _: TaskContext, _: Self::Args) -> Result<(), TaskError> {
+                Ok(())
+            }
+        }
+        let typed = typed_args::<Webhookish>(vec![json!([1, 2])], kw(json!({"url": "u"}))).unwrap();
+        assert_eq!(Value::Object(typed), json!({"payload": [1, 2], "url": "u"}));
     }
 }

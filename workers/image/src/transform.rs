@@ -50,6 +50,8 @@ impl Transform {
 
 impl Task for Transform {
     const NAME: &'static str = "image.transform";
+    /// In a chain, the previous step's return value is the source (an upload's storage key).
+    const PARENT_RESULT: Option<&'static str> = Some("source");
     type Args = TransformArgs;
     type Output = TransformResult;
 

@@ -225,6 +225,8 @@ pub fn prepare(args: &WebhookArgs) -> Result<(Url, Vec<u8>), TaskError> {
 
 impl Task for Webhook {
     const NAME: &'static str = "notify.webhook";
+    /// In a chain, the previous step's return value is the body sent.
+    const PARENT_RESULT: Option<&'static str> = Some("json");
     type Args = WebhookArgs;
     type Output = Value;
 

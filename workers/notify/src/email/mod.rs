@@ -124,6 +124,8 @@ impl Email {
 
 impl Task for Email {
     const NAME: &'static str = "notify.email";
+    /// In a chain, the previous step's return value (an object) is the template context.
+    const PARENT_RESULT: Option<&'static str> = Some("context");
     type Args = EmailArgs;
     type Output = Value;
 

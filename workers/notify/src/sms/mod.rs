@@ -149,6 +149,8 @@ pub fn check(args: &SmsArgs, templates: &Templates) -> Result<String, TaskError>
 
 impl Task for Sms {
     const NAME: &'static str = "notify.sms";
+    /// In a chain, the previous step's return value (an object) is the template context.
+    const PARENT_RESULT: Option<&'static str> = Some("context");
     type Args = SmsArgs;
     type Output = Value;
 

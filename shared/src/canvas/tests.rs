@@ -1,0 +1,258 @@
+use chrono::TimeZone;
+use serde_json::{json, Map, Value};
+
+use super::*;
+
+fn embed(v: Value) -> Map<String, Value> {
+    v.as_object().cloned().unwrap()
+}
+
+fn now() -> chrono::DateTime<chrono::Utc> {
+    chrono::Utc
+        .with_ymd_and_hms(2026, 11, 29, 12, 0, 0)
+        .unwrap()
+}
+
+/// The embed Celery 5.7 sent for `chain(s1, s2.si(countdown=3), s3.set(priority=5))`,
+/// captured from RabbitMQ (the first step's message).
+fn celery_chain_embed() -> Map<String, Value> {
+    embed(json!({"callbacks": null, "errbacks": null, "chain": [
+        {"task": "echo.echo", "args": [], "kwargs": {"c": 3}, "options": {"queue": "q1",
+         "priority": 5, "task_id": "f8b94e82-33e7-4b6e-8d74-7427c1b3e5d1",
+         "reply_to": "029e8b62-a5f7-3282-8f14-9dfe196704dc"}, "subtask_type": null,
+         "immutable": false},
+        {"task": "echo.echo", "args": [], "kwargs": {"b": 2}, "options": {"queue": "q1",
+         "countdown": 3, "task_id": "118d2bf5-34d6-4037-8fc8-3e0d0b0aaa64",
+         "reply_to": "029e8b62-a5f7-3282-8f14-9dfe196704dc"}, "subtask_type": null,
+         "immutable": true}],
+        "chord": null}))
+}
+
+const PARENT: Parent<'static> = Parent {
+    id: "p-1",
+    root_id: "root-1",
+};
+
+#[test]
+fn a_celery_chain_decodes_and_the_last_item_runs_next() {
+    let c = Canvas::from_embed(&celery_chain_embed()).unwrap();
+    assert_eq!(c.chain.len(), 2);
+    assert!(c.callbacks.is_empty() && c.errbacks.is_empty());
+    let next = on_success(&c, PARENT, &json!({"r": 1}), now());
+    assert_eq!(next.publish.len(), 1);
+    let p = &next.publish[0];
+    assert_eq!(p.queue, "q1");
+    let m = &p.msg;
+    assert_eq!(
+        m.id, "118d2bf5-34d6-4037-8fc8-3e0d0b0aaa64",
+        "the producer's id is kept"
+    );
+    assert_eq!(m.args, Vec::<Value>::new(), "immutable: sent as it is");
+    assert_eq!(m.kwargs, embed(json!({"b": 2})));
+    assert_eq!(m.eta, Some(now() + chrono::Duration::seconds(3)));
+    assert_eq!(m.parent_id.as_deref(), Some("p-1"));
+    assert_eq!(m.root_id.as_deref(), Some("root-1"));
+    // The rest of the chain travels on untouched.
+    assert_eq!(m.embed["chain"], json!([celery_chain_embed()["chain"][0]]));
+    assert_eq!(
+        next.children,
+        vec![json!([
+            ["118d2bf5-34d6-4037-8fc8-3e0d0b0aaa64", null],
+            null
+        ])]
+    );
+
+    // The step after: not immutable, so the parent's value comes first; its priority is kept.
+    let c = Canvas::from_embed(&m.embed).unwrap();
+    let next = on_success(
+        &c,
+        Parent {
+            id: &m.id,
+            root_id: "root-1",
+        },
+        &json!("v"),
+        now(),
+    );
+    let m = &next.publish[0].msg;
+    assert_eq!(m.args, vec![json!("v")]);
+    assert_eq!(m.priority, Some(5));
+    assert_eq!(m.embed["chain"], Value::Null);
+    assert_eq!(m.eta, None);
+}
+
+#[test]
+fn callbacks_get_the_value_and_several_go_out_as_a_group() {
+    let c = Canvas::from_embed(&embed(json!({"callbacks": [
+        {"task": "notify.webhook", "args": [1], "kwargs": {"url": "u"}, "options": {},
+         "subtask_type": null, "immutable": false}
+    ]})))
+    .unwrap();
+    let a = on_success(&c, PARENT, &json!(7), now());
+    let b = on_success(&c, PARENT, &json!(7), now());
+    assert_eq!(a, b, "the same job sends the same ids again");
+    let m = &a.publish[0].msg;
+    assert_eq!(
+        a.publish[0].queue, "notify",
+        "routed as the client routes the name"
+    );
+    assert_eq!(m.args, vec![json!(7), json!(1)]);
+    assert_ne!(m.id, PARENT.id);
+    let two = embed(json!({"callbacks": [
+        {"task": "a.x", "args": [], "kwargs": {}, "options": {"queue": "qa"}, "immutable": false},
+        {"task": "b.y", "args": [], "kwargs": {}, "options": {"routing_key": "qb"}, "immutable": true}
+    ]}));
+    let next = on_success(&Canvas::from_embed(&two).unwrap(), PARENT, &json!(7), now());
+    let queues: Vec<&str> = next.publish.iter().map(|p| p.queue.as_str()).collect();
+    assert_eq!(queues, ["qa", "qb"]);
+    let group = next.publish[0].msg.group.clone().unwrap();
+    assert_eq!(next.publish[1].msg.group.as_deref(), Some(group.as_str()));
+    assert_eq!(next.publish[1].msg.group_index, Some(1));
+    assert_eq!(next.publish[1].msg.args, Vec::<Value>::new());
+    assert_eq!(
+        next.children,
+        vec![json!([
+            [group, null],
+            [
+                [[next.publish[0].msg.id, null], null],
+                [[next.publish[1].msg.id, null], null]
+            ]
+        ])]
+    );
+}
+
+#[test]
+fn errbacks_get_the_failed_id_old_style() {
+    let c = Canvas::from_embed(&embed(json!({"errbacks": [
+        {"task": "echo.on_error", "args": ["x"], "kwargs": {}, "options": {"queue": "e"},
+         "subtask_type": null, "immutable": false},
+        {"task": "echo.fail", "args": [], "kwargs": {}, "options": {"queue": "e"},
+         "subtask_type": null, "immutable": true}
+    ]})))
+    .unwrap();
+    assert!(on_success(&c, PARENT, &json!(1), now()).publish.is_empty());
+    let sent = on_failure(&c, PARENT, now());
+    assert_eq!(sent[0].msg.args, vec![json!("p-1"), json!("x")]);
+    assert!(sent[1].msg.args.is_empty());
+    assert_eq!(sent[0].msg.parent_id.as_deref(), Some("p-1"));
+}
+
+#[test]
+fn options_are_honoured_and_stamps_pass_through() {
+    let c = Canvas::from_embed(&embed(json!({"chain": [
+        {"task": "echo.echo", "args": [], "kwargs": {}, "immutable": true, "options": {
+            "eta": "2030-01-01T00:00:00+00:00", "countdown": 5, "expires": 60,
+            "time_limit": 30, "soft_time_limit": 20, "shadow": "nick",
+            "link": {"task": "echo.after", "options": {}},
+            "link_error": [{"task": "echo.err", "options": {}}],
+            "stamped_headers": ["tenant"], "tenant": "acme", "retry": true}}
+    ]})))
+    .unwrap();
+    let m = &on_success(&c, PARENT, &json!(1), now()).publish[0].msg;
+    assert_eq!(
+        m.eta,
+        crate::protocol::parse_time("2030-01-01T00:00:00Z"),
+        "eta wins"
+    );
+    assert_eq!(m.expires, Some(now() + chrono::Duration::seconds(60)));
+    assert_eq!(
+        m.timelimit,
+        crate::protocol::TimeLimits {
+            hard: Some(30.0),
+            soft: Some(20.0)
+        }
+    );
+    assert_eq!(m.shadow.as_deref(), Some("nick"));
+    assert_eq!(
+        m.embed["callbacks"],
+        json!([{"task": "echo.after", "options": {}}])
+    );
+    assert_eq!(
+        m.embed["errbacks"],
+        json!([{"task": "echo.err", "options": {}}])
+    );
+    assert_eq!(m.stamped_headers, Some(json!(["tenant"])));
+    assert_eq!(m.stamps, embed(json!({"tenant": "acme"})));
+}
+
+#[test]
+fn bad_signatures_are_refused_naming_the_field() {
+    let cases = [
+        (
+            json!({"chain": [{"task": "a", "options": {"countdown": "soon"}}]}),
+            "embed `chain`[0] option `countdown`",
+        ),
+        (
+            json!({"chain": [{"task": "a", "options": {"priority": 300}}]}),
+            "`priority`",
+        ),
+        (
+            json!({"callbacks": [{"task": 5}]}),
+            "embed `callbacks`[0] field `task`",
+        ),
+        (json!({"callbacks": [{"args": []}]}), "has no `task` field"),
+        (
+            json!({"callbacks": [{"task": "a", "args": {}}]}),
+            "field `args` must be a list",
+        ),
+        (
+            json!({"callbacks": [{"task": "a", "immutable": "yes"}]}),
+            "field `immutable`",
+        ),
+        (json!({"errbacks": "a"}), "embed `errbacks` must be a list"),
+        (
+            json!({"chain": [{"task": "a", "options": {"link": [{"task": 1}]}}]}),
+            "embed `chain`[0] option `link`[0] field `task`",
+        ),
+        (
+            json!({"chain": [{"task": "a b.c"}]}),
+            "default queue is \"a b\", which is not a queue name",
+        ),
+        (
+            json!({"chain": [{"task": "a", "options": {"queue": "x".repeat(300)}}]}),
+            "option `queue`",
+        ),
+    ];
+    for (e, want) in cases {
+        let err = Canvas::from_embed(&embed(e.clone())).unwrap_err();
+        assert!(matches!(err, CanvasError::Invalid(_)), "{e}: {err:?}");
+        assert!(err.to_string().contains(want), "{e}: {err}");
+        assert!(err.to_string().len() < 400, "values are cut short: {err}");
+    }
+}
+
+#[test]
+fn unsupported_canvas_is_named_never_dropped() {
+    let cases = [
+        (json!({"chord": {"task": "body", "options": {}}}), "chord"),
+        (
+            json!({"callbacks": [{"task": "celery.group", "subtask_type": "group",
+            "kwargs": {"tasks": []}}]}),
+            "group",
+        ),
+        (
+            json!({"chain": [{"task": "celery.chain", "subtask_type": "chain"}]}),
+            "chain",
+        ),
+        (json!({"sideways": [1]}), "sideways"),
+    ];
+    for (e, want) in cases {
+        let err = Canvas::from_embed(&embed(e.clone())).unwrap_err();
+        assert_eq!(err.exc_type(), "UnsupportedCanvas", "{e}");
+        assert!(err.to_string().contains(want), "{e}: {err}");
+    }
+    assert!(
+        Canvas::from_embed(&embed(json!({"chord": null, "callbacks": null})))
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn nesting_is_bounded() {
+    let mut sig = json!({"task": "a"});
+    for _ in 0..40 {
+        sig = json!({"task": "a", "options": {"link": [sig]}});
+    }
+    let err = Canvas::from_embed(&embed(json!({"callbacks": [sig]}))).unwrap_err();
+    assert!(err.to_string().contains("nest deeper"), "{err}");
+}

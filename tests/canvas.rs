@@ -1,0 +1,305 @@
+//! Celery's canvas from the real Python celery client to Rust workers: a chain of three
+//! (mixed immutable and not) with `.get()`, `.parent`, `.children` and `.collect()` working in
+//! Python, `link`, `link_error` with a Rust errback reading the typed failure, a chain step
+//! with a countdown, a chain whose middle step is retried, a chain across Rust and Python
+//! workers, a Python errback of a Rust task, a step that cannot take its parent's result, and
+//! canvas features mediafarm does not carry out failing clearly instead of being dropped.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use mediafarm::{Registry, Task, TaskContext, TaskError};
+use mediafarm_tests::{
+    dead_letters, delete_queue, python, python_env, run_python, settings, unique_queue,
+    workspace_root, Echo, Farm,
+};
+use serde_json::{json, Map, Value};
+
+/// `canvas.step`: returns its kwargs; a parent's result arrives under `parent`. `fail` fails
+/// permanently with that message; `fail_times: n` fails transiently while `retries < n`
+/// (retrying after `retry_after_s`) and then reports `retries`.
+struct Step;
+
+impl Task for Step {
+    const NAME: &'static str = "canvas.step";
+    const PARENT_RESULT: Option<&'static str> = Some("parent");
+    type Args = Map<String, Value>;
+    type Output = Map<String, Value>;
+
+    async fn run(
+        &self,
+        ctx: TaskContext,
+        mut kwargs: Self::Args,
+    ) -> Result<Self::Output, TaskError> {
+        if let Some(msg) = kwargs.get("fail").and_then(Value::as_str) {
+            return Err(TaskError::permanent("StepFailure", msg.to_owned()));
+        }
+        if let Some(times) = kwargs.get("fail_times").and_then(Value::as_u64) {
+            if u64::from(ctx.retries) < times {
+                let after = kwargs
+                    .get("retry_after_s")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.1);
+                return Err(TaskError::transient("StepTransient", "not yet")
+                    .retry_after(Duration::from_secs_f64(after)));
+            }
+            kwargs.insert("retries".into(), json!(ctx.retries));
+        }
+        Ok(kwargs)
+    }
+}
+
+/// `canvas.on_error`: an errback. It receives the failed job's id and reads its failure.
+struct OnError;
+
+impl Task for OnError {
+    const NAME: &'static str = "canvas.on_error";
+    const PARENT_RESULT: Option<&'static str> = Some("failed_id");
+    type Args = ErrbackArgs;
+    type Output = Value;
+
+    async fn run(&self, ctx: TaskContext, args: ErrbackArgs) -> Result<Value, TaskError> {
+        let failure = ctx.failure_of(&args.failed_id).await?;
+        Ok(json!({
+            "failed_id": failure.id,
+            "exc_type": failure.exc_type,
+            "message": failure.message,
+            "parent_id": ctx.parent_id,
+        }))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ErrbackArgs {
+    failed_id: String,
+}
+
+fn registry() -> Registry {
+    Registry::new()
+        .register(Step)
+        .register(OnError)
+        .register(Echo)
+}
+
+/// Runs `tests/py/canvas.py SCENARIO` against a Rust worker running the canvas tasks; returns
+/// what Python printed and the farm, for checks of its queues, before stopping it.
+async fn python_canvas(scenario: &str) -> (Value, Farm) {
+    python_canvas_with(scenario, &[]).await
+}
+
+async fn python_canvas_with(scenario: &str, extra: &[&str]) -> (Value, Farm) {
+    let farm = Farm::start(&format!("canvas-{scenario}"), settings(), registry()).await;
+    let env = python_env(&farm.settings);
+    let mut args = vec![farm.queue.clone(), scenario.to_owned()];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_python("canvas.py", &args, &env)
+    })
+    .await
+    .expect("python ran");
+    let v = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("canvas.py printed {out:?}: {e}"));
+    (v, farm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_chain_of_three_runs_on_rust_with_parent_children_and_collect() {
+    let (out, farm) = python_canvas("chain3").await;
+    assert_eq!(out["first"]["ok"], json!({"a": 1}), "{out:#}");
+    assert_eq!(
+        out["middle"]["ok"],
+        json!({"b": 2}),
+        "immutable: no parent result: {out:#}"
+    );
+    assert_eq!(
+        out["last"]["ok"],
+        json!({"c": 3, "parent": {"b": 2}}),
+        "{out:#}"
+    );
+    let ids = &out["ids"];
+    assert_eq!(out["children"]["first"], json!([ids[1]]), "{out:#}");
+    assert_eq!(out["children"]["middle"], json!([ids[2]]), "{out:#}");
+    assert_eq!(out["children"]["last"], json!([]), "{out:#}");
+    assert_eq!(
+        out["collected"],
+        json!([{"a": 1}, {"b": 2}, {"c": 3, "parent": {"b": 2}}]),
+        "{out:#}"
+    );
+    assert_eq!(out["parent_ids"], json!([null, ids[0], ids[1]]), "{out:#}");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_link_gets_the_return_value() {
+    let (out, farm) = python_canvas("link").await;
+    assert_eq!(out["parent"]["ok"], json!({"l": 1}), "{out:#}");
+    assert_eq!(
+        out["children"],
+        json!([{"ok": {"m": 2, "parent": {"l": 1}}, "state": "SUCCESS"}]),
+        "{out:#}"
+    );
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_link_error_reaches_a_rust_errback_with_the_typed_failure() {
+    let (out, farm) = python_canvas("link-error").await;
+    assert_eq!(out["failed"]["exc_type"], "StepFailure", "{out:#}");
+    assert_eq!(
+        out["errback"]["ok"],
+        json!({
+            "failed_id": out["failed_id"],
+            "exc_type": "StepFailure",
+            "message": "source is 61 MP; the limit is 50 MP",
+            "parent_id": out["failed_id"],
+        }),
+        "{out:#}"
+    );
+    // The failure is dead-lettered as any final failure is.
+    dead_letters(&farm.settings, &farm.queue, 1).await;
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_chain_step_with_a_countdown_waits() {
+    let (out, farm) = python_canvas("countdown").await;
+    assert_eq!(
+        out["last"]["ok"],
+        json!({"b": 2, "parent": {"a": 1}}),
+        "{out:#}"
+    );
+    let elapsed = out["elapsed"].as_f64().expect("elapsed");
+    assert!(
+        elapsed >= 1.9,
+        "the step ran after {elapsed} s, before its countdown of 2 s"
+    );
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_chain_whose_middle_step_is_retried_completes() {
+    let (out, farm) = python_canvas("retried-middle").await;
+    let middle = json!({"fail_times": 1, "retry_after_s": 0.2, "parent": {"a": 1}, "retries": 1});
+    assert_eq!(out["middle"]["ok"], middle, "{out:#}");
+    assert_eq!(
+        out["last"]["ok"],
+        json!({"c": 3, "parent": middle}),
+        "{out:#}"
+    );
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsupported_canvas_fails_clearly_and_is_dead_lettered() {
+    let (out, farm) = python_canvas("unsupported").await;
+    for header in out["chord_headers"].as_array().expect("headers") {
+        assert_eq!(header["exc_type"], "UnsupportedCanvas", "{out:#}");
+        assert_eq!(header["state"], "FAILURE", "{out:#}");
+        assert!(
+            header["message"].as_str().unwrap_or("").contains("chord"),
+            "{out:#}"
+        );
+    }
+    let g = &out["group_callback"];
+    assert_eq!(g["exc_type"], "UnsupportedCanvas", "{out:#}");
+    assert!(
+        g["message"].as_str().unwrap_or("").contains("group"),
+        "{out:#}"
+    );
+    let letters = dead_letters(&farm.settings, &farm.queue, 3).await;
+    assert!(letters
+        .iter()
+        .all(|l| l.kind.as_deref() == Some("UnsupportedCanvas")));
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_cannot_take_a_parent_result_fails_naming_the_signature() {
+    let (out, farm) = python_canvas("no-parent-kwarg").await;
+    let last = &out["last"];
+    assert_eq!(last["exc_type"], "InvalidArguments", "{out:#}");
+    let message = last["message"].as_str().unwrap_or("");
+    assert!(
+        message
+            .contains(r#"signature echo.echo([{"a":1}], {"b":2}) cannot take its parent's result"#)
+            && message.contains(".si()"),
+        "{out:#}"
+    );
+    farm.stop().await;
+}
+
+/// A Python Celery worker consuming `queue` (tests/py/celery_app.py); killed on drop.
+struct PythonWorker(Child);
+
+impl PythonWorker {
+    fn start(queue: &str) -> PythonWorker {
+        let child = Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
+            .args([
+                "-Q",
+                queue,
+                "-l",
+                "warning",
+                "-n",
+                &format!("py-{queue}@%h"),
+            ])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .envs(python_env(&settings()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("python celery worker starts");
+        PythonWorker(child)
+    }
+}
+
+impl Drop for PythonWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_runs_across_rust_and_python_workers() {
+    let pyq = unique_queue("canvas-py");
+    let py = PythonWorker::start(&pyq);
+    let (out, farm) = python_canvas_with("mixed", &[&pyq]).await;
+    drop(py);
+    let middle = json!({"worker": "python", "parent": {"a": 1}, "kwargs": {"w": 1}});
+    assert_eq!(out["middle"]["ok"], middle, "{out:#}");
+    assert_eq!(
+        out["last"]["ok"],
+        json!({"c": 3, "parent": middle}),
+        "{out:#}"
+    );
+    assert_eq!(
+        out["collected"],
+        json!([{"a": 1}, middle, {"c": 3, "parent": middle}]),
+        "{out:#}"
+    );
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_errback_gets_the_failed_rust_jobs_id() {
+    let pyq = unique_queue("canvas-pyerr");
+    let py = PythonWorker::start(&pyq);
+    let (out, farm) = python_canvas_with("python-errback", &[&pyq]).await;
+    drop(py);
+    assert_eq!(out["failed"]["exc_type"], "StepFailure", "{out:#}");
+    assert_eq!(
+        out["errback"]["ok"],
+        json!({"task_id": out["failed_id"], "exc_type": "StepFailure", "message": "no such upload"}),
+        "{out:#}"
+    );
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}

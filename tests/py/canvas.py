@@ -1,0 +1,94 @@
+"""Celery canvas from a plain Python producer to mediafarm workers: chains, link, link_error.
+
+Usage: canvas.py QUEUE SCENARIO [PYTHON_QUEUE]. Prints one JSON object describing what Python saw.
+The Rust side (tests/canvas.rs) runs `canvas.step` (returns its kwargs, the parent's result
+under `parent`) and `canvas.on_error` (returns the failure it read for the id it got); a Python
+worker (celery_app.py) on PYTHON_QUEUE runs `pyside.wrap` and `pyside.on_error`.
+"""
+import json
+import os
+import sys
+import time
+import uuid
+
+from celery import Celery, chain, chord, group, signature
+
+app = Celery(
+    "canvas",
+    broker=os.environ.get("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
+    backend=os.environ.get("RESULT_BACKEND", "redis://127.0.0.1:6379/0"),
+)
+app.conf.task_serializer = "json"
+app.conf.result_serializer = "json"
+app.conf.accept_content = ["json"]
+
+
+def outcome(result, timeout=30):
+    try:
+        return {"ok": result.get(timeout=timeout), "state": result.state}
+    except Exception as exc:  # the test inspects what Python raised
+        return {"exc_type": type(exc).__name__, "message": str(exc), "state": result.state}
+
+
+def main():
+    queue, scenario = sys.argv[1], sys.argv[2]
+    step = lambda immutable=False, **kw: signature(
+        "canvas.step", kwargs=kw, queue=queue, immutable=immutable)
+    if scenario == "chain3":
+        last = chain(step(a=1), step(immutable=True, b=2), step(c=3)).apply_async()
+        out = {"last": outcome(last)}
+        middle, first = last.parent, last.parent.parent
+        out["middle"] = outcome(middle)
+        out["first"] = outcome(first)
+        out["ids"] = [first.id, middle.id, last.id]
+        out["children"] = {"first": [c.id for c in first.children],
+                           "middle": [c.id for c in middle.children],
+                           "last": [c.id for c in (last.children or [])]}
+        out["collected"] = [value for _, value in first.collect(timeout=30)]
+        out["parent_ids"] = [app.backend.get_task_meta(i).get("parent_id") for i in out["ids"]]
+    elif scenario == "link":
+        r = step(l=1).apply_async(link=step(m=2))
+        out = {"parent": outcome(r)}
+        out["children"] = [outcome(c) for c in r.children]
+    elif scenario == "link-error":
+        errback_id = str(uuid.uuid4())
+        errback = signature("canvas.on_error", queue=queue).set(task_id=errback_id)
+        r = step(fail="source is 61 MP; the limit is 50 MP").apply_async(link_error=errback)
+        out = {"failed": outcome(r), "failed_id": r.id,
+               "errback": outcome(app.AsyncResult(errback_id))}
+    elif scenario == "countdown":
+        start = time.monotonic()
+        last = chain(step(a=1), step(b=2).set(countdown=2)).apply_async()
+        out = {"last": outcome(last), "elapsed": time.monotonic() - start}
+    elif scenario == "retried-middle":
+        last = chain(step(a=1), step(fail_times=1, retry_after_s=0.2), step(c=3)).apply_async()
+        out = {"last": outcome(last), "middle": outcome(last.parent)}
+    elif scenario == "no-parent-kwarg":
+        echo = signature("echo.echo", kwargs={"b": 2}, queue=queue)
+        last = chain(step(a=1), echo).apply_async()
+        out = {"last": outcome(last)}
+    elif scenario == "mixed":
+        pyq = sys.argv[3]
+        wrap = signature("pyside.wrap", kwargs={"w": 1}, queue=pyq)
+        last = chain(step(a=1), wrap, step(c=3)).apply_async()
+        out = {"last": outcome(last, timeout=60), "middle": outcome(last.parent)}
+        out["collected"] = [value for _, value in last.parent.parent.collect(timeout=30)]
+    elif scenario == "python-errback":
+        pyq = sys.argv[3]
+        errback_id = str(uuid.uuid4())
+        errback = signature("pyside.on_error", queue=pyq).set(task_id=errback_id)
+        r = step(fail="no such upload").apply_async(link_error=errback)
+        out = {"failed": outcome(r), "failed_id": r.id,
+               "errback": outcome(app.AsyncResult(errback_id), timeout=60)}
+    elif scenario == "unsupported":
+        body = chord([step(h=1), step(h=2)], step(body=1)).apply_async()
+        out = {"chord_headers": [outcome(r) for r in body.parent.results]}
+        r = step(g=1).apply_async(link=group(step(x=1), step(x=2)))
+        out["group_callback"] = outcome(r)
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+    print(json.dumps(out, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
