@@ -12,7 +12,7 @@ use mediafarm::amqp::dead_letters;
 use mediafarm::backend::once::Claim;
 use mediafarm::{SendOptions, Settings, TaskError, TaskState};
 use mediafarm_tests::{
-    celery_props, dead_letters, echo_registry, failed, kwargs, publish_raw, python_env,
+    celery_props, dead_letters, echo_registry, failed, kwargs, new_id, publish_raw, python_env,
     ready_count, run_python, settings, still_consuming, to, Farm,
 };
 use serde_json::{json, Map, Value};
@@ -53,10 +53,6 @@ async fn bad_message(
     let (s, q) = (farm.settings.clone(), farm.queue.clone());
     farm.stop().await;
     delete_dead(&s, &q).await;
-}
-
-fn new_id(label: &str) -> String {
-    format!("{label}-{}", uuid::Uuid::new_v4())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

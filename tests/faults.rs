@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use mediafarm::client::{build_message, SendOptions};
 use mediafarm::{Client, Settings, TaskState};
+use mediafarm_tests::process::sigterm;
 use mediafarm_tests::{binary, delete_queue, free_port, ready_count, settings, unique_queue};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -83,14 +84,6 @@ impl Drop for QueueCleanup {
         })
         .join();
     }
-}
-
-fn sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -TERM {pid} failed");
 }
 
 /// Waits for a child to exit; `None` if it is still running after `limit`.

@@ -13,8 +13,8 @@ use bytes::Bytes;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
 use image_worker::Transform;
 use mediafarm::storage::Storage;
-use mediafarm::{ClientError, Registry, SendOptions, Settings, TaskError};
-use mediafarm_tests::{python_env, run_python, settings, Farm};
+use mediafarm::{ClientError, Registry, SendOptions, Settings};
+use mediafarm_tests::{failed, python_env, run_python, settings, Farm};
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -70,13 +70,6 @@ impl ImageFarm {
     async fn stop(self) {
         self.farm.stop().await;
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn failed(outcome: Result<Value, ClientError>) -> TaskError {
-    match outcome {
-        Err(ClientError::Failed { error, .. }) => error,
-        other => panic!("expected a failed job, got {other:?}"),
     }
 }
 
