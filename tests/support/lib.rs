@@ -11,8 +11,10 @@
 //! | [`http_fake`] | a scripted HTTP server recording requests (SMS providers, webhooks) |
 //! | [`certs`] | a test CA and a `localhost` certificate (openssl) |
 //! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
+//! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |
 
 pub mod certs;
+pub mod fixtures;
 
 pub mod http_fake;
 pub mod media;
