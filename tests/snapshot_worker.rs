@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use mediafarm::{Client, ClientError, SendOptions, Settings, TaskState};
 use mediafarm_tests::media::{
-    ffmpeg, hls_writer, http_server, make_video, nginx_rtmp, rtmp_publisher, rtsp_server,
-    silent_listener,
+    hls_writer, http_server, make_video, nginx_rtmp, rtmp_publisher, rtsp_server, silent_listener,
 };
 use mediafarm_tests::process::Proc;
 use mediafarm_tests::webhook::{Hook, SECRET};
@@ -306,43 +305,32 @@ async fn capture_from_a_file_at_a_time_in_every_format() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sources_fail_clearly_within_the_timeout() {
     let mut w = World::new("cap-bad", &[]).await;
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "sine=frequency=440:duration=2",
-        "-c:a",
-        "aac",
-        w.media("tone.m4a").to_str().unwrap(),
-    ]);
-    std::fs::write(w.media("junk.mp4"), b"this is not a video at all").unwrap();
+    // Every file of fixtures/media/, copied under the worker's allowed root.
+    let cases = mediafarm_tests::fixtures::cases("media");
+    for case in &cases {
+        std::fs::copy(&case.path, w.media(case.file_name())).unwrap();
+    }
     w.start_worker("a");
     let (silent, handle, done) = silent_listener();
     let (_http, http_port) = http_server(&w.dir.join("media"));
 
-    let err = failed(
-        w.run(
-            "snapshot.capture",
-            json!({"stream_url": w.file_url("tone.m4a"), "key": "x.jpg"}),
-        )
-        .await,
-    );
-    assert_eq!(err.exc_type, "NoVideoStream");
-    assert!(
-        err.message.contains("has no video stream"),
-        "{}",
-        err.message
-    );
-
-    let err = failed(
-        w.run(
-            "snapshot.capture",
-            json!({"stream_url": w.file_url("junk.mp4"), "key": "x.jpg"}),
-        )
-        .await,
-    );
-    assert_eq!(err.exc_type, "SourceUnreachable");
-    assert!(err.message.contains("cannot open"), "{}", err.message);
+    for case in &cases {
+        let err = failed(
+            w.run(
+                "snapshot.capture",
+                json!({"stream_url": w.file_url(case.file_name()), "key": "x.jpg"}),
+            )
+            .await,
+        );
+        assert_eq!(
+            Some(&*err.exc_type),
+            case.exc_type.as_deref(),
+            "{}: {}",
+            case.name,
+            err.message
+        );
+        case.assert_words(&err.message);
+    }
 
     for url in [
         format!("http://127.0.0.1:{silent}/live/index.m3u8"),
