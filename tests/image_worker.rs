@@ -27,7 +27,7 @@ struct ImageFarm {
 
 impl ImageFarm {
     async fn start(label: &str, tweak: impl FnOnce(&mut Settings)) -> ImageFarm {
-        let dir = std::env::temp_dir().join(format!("mf-img-{}", uuid::Uuid::new_v4().simple()));
+        let dir = mediafarm_tests::temp_dir("img");
         let mut s = settings();
         s.storage_url = format!("file://{}", dir.display());
         tweak(&mut s);
