@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 rounds=${1:-1}
 for round in $(seq "$rounds"); do
   echo "# round $round" >&2
-  cargo test -q -p mediafarm-tests --test faults -- --nocapture --test-threads 1 2>/dev/null \
+  cargo test -q -p mediafarm-tests --test broker_and_redis_restarts -- --nocapture --test-threads 1 2>/dev/null \
     | grep -o 'FIGURE .*' || { echo "fault tests failed; run them without this script to see why" >&2; exit 1; }
 done

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use mediafarm::{Client, Settings};
 use mediafarm_tests::raw_amqp::{self, wire, RawError};
 use mediafarm_tests::{
-    binary, dead_letters, delete_queue, echo_registry, failed, kwargs, ready_count, settings,
-    still_consuming, to, unique_queue, Farm,
+    binary, dead_letters, delete_queue, echo_registry, failed, kwargs, new_id, ready_count,
+    settings, still_consuming, to, unique_queue, Farm,
 };
 use serde_json::{json, Value};
 
@@ -25,10 +25,6 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// The reason a too-deep header is refused with (the rest names the limit's origin).
 const TOO_DEEP: &str = "header `x-deep` nests tables or arrays deeper than 128 levels";
-
-fn new_id(label: &str) -> String {
-    format!("{label}-{}", uuid::Uuid::new_v4())
-}
 
 /// A Celery protocol v2 body: no args, these kwargs, an empty embed.
 fn body(kwargs: Value) -> Vec<u8> {
@@ -166,11 +162,7 @@ async fn header_table_of_10_000_keys_runs_as_a_normal_job() {
 
 /// Sends SIGTERM and waits (up to `WAIT`) for the worker to exit with status 0.
 async fn stops_cleanly_on_sigterm(mut worker: Running) {
-    let status = Command::new("kill")
-        .args(["-TERM", &worker.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    mediafarm_tests::process::sigterm(worker.0.id());
     let exit = tokio::task::spawn_blocking(move || {
         let end = Instant::now() + WAIT;
         loop {

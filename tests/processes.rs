@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use mediafarm::client::SendOptions;
 use mediafarm::{Client, TaskState, Worker};
+use mediafarm_tests::process::sigterm;
 use mediafarm_tests::{binary, delete_queue, echo_registry, ready_count, settings, unique_queue};
 use serde_json::{json, Value};
 
@@ -25,14 +26,6 @@ fn worker_cmd(queue: &str) -> Command {
     .stdout(Stdio::null())
     .stderr(Stdio::piped());
     cmd
-}
-
-fn sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 fn wait_exit(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {

@@ -6,94 +6,24 @@
 //! sizes, crash-resume after `kill -9`, the hand-off to a continuation, stopping by CLI and by
 //! revoke, reconnecting, signed webhook delivery, every bad source, and the Python celery client.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
-use hmac::{Hmac, Mac};
 use mediafarm::{Client, ClientError, SendOptions, Settings, TaskState};
-use mediafarm_tests::{delete_queue, failed, free_port, kwargs, python, unique_queue};
+use mediafarm_tests::media::{
+    hls_writer, http_server, make_video, nginx_rtmp, rtmp_publisher, rtsp_server, silent_listener,
+};
+use mediafarm_tests::process::Proc;
+use mediafarm_tests::webhook::{Hook, SECRET};
+use mediafarm_tests::{delete_queue, failed, kwargs, python, unique_queue};
 use serde_json::{json, Value};
-use sha2::Sha256;
 
 const WAIT: Duration = Duration::from_secs(120);
-const SECRET: &str = "test-webhook-secret";
-
-fn ffmpeg(args: &[&str]) {
-    let status = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-y"])
-        .args(args)
-        .stdin(Stdio::null())
-        .status()
-        .expect("ffmpeg runs (scripts/setup.d/snapshot.sh installs it)");
-    assert!(status.success(), "ffmpeg {args:?} failed");
-}
-
-/// H.264 test pattern of `secs` seconds at 30 fps with a keyframe every `gop` frames.
-fn h264_args(size: &str, gop: u32) -> Vec<String> {
-    [
-        "-c:v",
-        "libx264",
-        "-preset",
-        "ultrafast",
-        "-tune",
-        "zerolatency",
-        "-g",
-        &gop.to_string(),
-        "-keyint_min",
-        &gop.to_string(),
-        "-sc_threshold",
-        "0",
-        "-pix_fmt",
-        "yuv420p",
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .chain(std::iter::once("-s".to_owned()))
-    .chain(std::iter::once(size.to_owned()))
-    .collect()
-}
-
-fn make_video(path: &Path, secs: u32, size: &str, gop: u32) {
-    let mut args: Vec<String> = vec![
-        "-f".into(),
-        "lavfi".into(),
-        "-i".into(),
-        format!("testsrc2=size={size}:rate=30"),
-        "-t".into(),
-        secs.to_string(),
-    ];
-    args.extend(h264_args(size, gop));
-    args.push(path.display().to_string());
-    ffmpeg(&args.iter().map(String::as_str).collect::<Vec<_>>());
-}
 
 /// Builds snapshot-worker once per test run.
 fn snapshot_binary() -> PathBuf {
     mediafarm_tests::worker_binary("snapshot-worker")
-}
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Proc {
-    fn spawn(cmd: &mut Command) -> Proc {
-        Proc(cmd.stdin(Stdio::null()).spawn().expect("process starts"))
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
 }
 
 /// One test's world: a queue, a directory for media and storage, a client, the worker's
@@ -111,8 +41,7 @@ impl World {
     async fn new(label: &str, extra: &[(&str, &str)]) -> World {
         let settings = mediafarm_tests::settings();
         let queue = unique_queue(label);
-        let dir =
-            std::env::temp_dir().join(format!("mf-snap-{label}-{}", uuid::Uuid::new_v4().simple()));
+        let dir = mediafarm_tests::temp_dir(&format!("snap-{label}"));
         std::fs::create_dir_all(dir.join("media")).unwrap();
         std::fs::create_dir_all(dir.join("storage")).unwrap();
         let mut env: Vec<(String, String)> = vec![
@@ -373,96 +302,35 @@ async fn capture_from_a_file_at_a_time_in_every_format() {
     w.stop().await;
 }
 
-/// A TCP server that accepts connections and never says anything.
-fn silent_listener() -> (u16, std::thread::JoinHandle<()>, Arc<Mutex<bool>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    listener.set_nonblocking(true).unwrap();
-    let done = Arc::new(Mutex::new(false));
-    let flag = done.clone();
-    let handle = std::thread::spawn(move || {
-        let mut held = Vec::new();
-        while !*flag.lock().unwrap() {
-            if let Ok((s, _)) = listener.accept() {
-                held.push(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    });
-    (port, handle, done)
-}
-
-/// `python3 -m http.server` on a free port serving `dir`.
-fn http_server(dir: &Path) -> (Proc, u16) {
-    let port = free_port();
-    let proc = Proc::spawn(
-        Command::new("python3")
-            .args([
-                "-m",
-                "http.server",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--directory",
-            ])
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    wait_port(port);
-    (proc, port)
-}
-
-fn wait_port(port: u16) {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("nothing listens on {port}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_sources_fail_clearly_within_the_timeout() {
     let mut w = World::new("cap-bad", &[]).await;
-    ffmpeg(&[
-        "-f",
-        "lavfi",
-        "-i",
-        "sine=frequency=440:duration=2",
-        "-c:a",
-        "aac",
-        w.media("tone.m4a").to_str().unwrap(),
-    ]);
-    std::fs::write(w.media("junk.mp4"), b"this is not a video at all").unwrap();
+    // Every file of fixtures/media/, copied under the worker's allowed root.
+    let cases = mediafarm_tests::fixtures::cases("media");
+    for case in &cases {
+        std::fs::copy(&case.path, w.media(case.file_name())).unwrap();
+    }
     w.start_worker("a");
     let (silent, handle, done) = silent_listener();
     let (_http, http_port) = http_server(&w.dir.join("media"));
 
-    let err = failed(
-        w.run(
-            "snapshot.capture",
-            json!({"stream_url": w.file_url("tone.m4a"), "key": "x.jpg"}),
-        )
-        .await,
-    );
-    assert_eq!(err.exc_type, "NoVideoStream");
-    assert!(
-        err.message.contains("has no video stream"),
-        "{}",
-        err.message
-    );
-
-    let err = failed(
-        w.run(
-            "snapshot.capture",
-            json!({"stream_url": w.file_url("junk.mp4"), "key": "x.jpg"}),
-        )
-        .await,
-    );
-    assert_eq!(err.exc_type, "SourceUnreachable");
-    assert!(err.message.contains("cannot open"), "{}", err.message);
+    for case in &cases {
+        let err = failed(
+            w.run(
+                "snapshot.capture",
+                json!({"stream_url": w.file_url(case.file_name()), "key": "x.jpg"}),
+            )
+            .await,
+        );
+        assert_eq!(
+            Some(&*err.exc_type),
+            case.exc_type.as_deref(),
+            "{}: {}",
+            case.name,
+            err.message
+        );
+        case.assert_words(&err.message);
+    }
 
     for url in [
         format!("http://127.0.0.1:{silent}/live/index.m3u8"),
@@ -553,95 +421,6 @@ async fn watch_a_file_ticks_in_stream_time_and_ends_with_the_file() {
     assert_eq!(last["seq"], 5);
     assert!((f(&last["pts_s"]) - 10.0).abs() < 0.6, "{last}");
     w.stop().await;
-}
-
-/// Receives webhook POSTs; records (timestamp header, signature header, body) of those it
-/// accepts, and the `X-Mediafarm-Id` of every request.
-struct Hook {
-    port: u16,
-    got: Arc<Mutex<Vec<(String, String, Value)>>>,
-    ids: Arc<Mutex<Vec<String>>>,
-}
-
-impl Hook {
-    fn start() -> Hook {
-        Hook::flaky(0)
-    }
-
-    /// Answers the first `unavailable` requests with 503, then accepts.
-    fn flaky(unavailable: usize) -> Hook {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let ids = Arc::new(Mutex::new(Vec::new()));
-        let (sink, seen) = (got.clone(), ids.clone());
-        std::thread::spawn(move || {
-            for stream in listener.incoming().flatten() {
-                let mut reader = BufReader::new(stream);
-                let (mut len, mut ts, mut sig) = (0usize, String::new(), String::new());
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    let lower = line.to_ascii_lowercase();
-                    let value = line
-                        .split_once(':')
-                        .map(|(_, v)| v.trim().to_owned())
-                        .unwrap_or_default();
-                    if lower.starts_with("content-length:") {
-                        len = value.parse().unwrap_or(0);
-                    } else if lower.starts_with("x-mediafarm-timestamp:") {
-                        ts = value;
-                    } else if lower.starts_with("x-mediafarm-signature:") {
-                        sig = value;
-                    } else if lower.starts_with("x-mediafarm-id:") {
-                        seen.lock().unwrap().push(value);
-                    }
-                }
-                let mut body = vec![0u8; len];
-                if reader.read_exact(&mut body).is_err() {
-                    continue;
-                }
-                let mut stream = reader.into_inner();
-                if seen.lock().unwrap().len() <= unavailable {
-                    let _ = stream.write_all(
-                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                    );
-                    continue;
-                }
-                let _ = stream.write_all(
-                    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-                );
-                let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-                mac.update(format!("{ts}.").as_bytes());
-                mac.update(&body);
-                let want: String = mac
-                    .finalize()
-                    .into_bytes()
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
-                assert_eq!(sig, format!("v1={want}"), "webhook signature");
-                let json: Value = serde_json::from_slice(&body).unwrap();
-                sink.lock().unwrap().push((ts, sig, json));
-            }
-        });
-        Hook { port, got, ids }
-    }
-
-    fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/frames", self.port)
-    }
-
-    fn bodies(&self) -> Vec<Value> {
-        self.got
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, _, b)| b.clone())
-            .collect()
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -739,46 +518,6 @@ async fn a_long_session_hands_itself_on_before_the_ack_timeout() {
     w.stop().await;
 }
 
-/// ffmpeg writing a live HLS playlist (1 s segments) into `dir` at real time.
-fn hls_writer(dir: &Path, secs: u32) -> Proc {
-    let mut args: Vec<String> = vec![
-        "-hide_banner".into(),
-        "-loglevel".into(),
-        "error".into(),
-        "-re".into(),
-        "-f".into(),
-        "lavfi".into(),
-        "-i".into(),
-        "testsrc2=size=320x240:rate=30".into(),
-        "-t".into(),
-        secs.to_string(),
-    ];
-    args.extend(h264_args("320x240", 15));
-    args.extend(
-        [
-            "-f",
-            "hls",
-            "-hls_time",
-            "1",
-            "-hls_list_size",
-            "6",
-            "-hls_flags",
-            "delete_segments",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned()),
-    );
-    args.push(dir.join("index.m3u8").display().to_string());
-    let proc = Proc::spawn(Command::new("ffmpeg").args(&args).stdout(Stdio::null()));
-    for _ in 0..200 {
-        if dir.join("index.m3u8").exists() {
-            return proc;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    panic!("ffmpeg wrote no playlist");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hls_while_written_capture_and_watch_until_duration() {
     let mut w = World::new("hls", &[]).await;
@@ -817,74 +556,6 @@ async fn hls_while_written_capture_and_watch_until_duration() {
         assert_jpeg(&w.stored(b["key"].as_str().unwrap()), 320, 240);
     }
     w.stop().await;
-}
-
-/// nginx with the RTMP module on a free port, its config and files in `dir`, run as this user.
-fn nginx_rtmp(dir: &Path) -> (Proc, u16) {
-    let port = free_port();
-    let module = [
-        "/usr/lib/nginx/modules/ngx_rtmp_module.so",
-        "/usr/lib64/nginx/modules/ngx_rtmp_module.so",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
-    .expect("nginx's RTMP module (libnginx-mod-rtmp; scripts/setup.d/snapshot.sh)");
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let conf = format!(
-        "load_module {module};\n\
-         daemon off;\nmaster_process off;\nerror_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
-         events {{ worker_connections 256; }}\n\
-         rtmp {{ server {{ listen 127.0.0.1:{port}; application live {{ live on; record off; idle_streams off; }} }} }}\n",
-        d = dir.display()
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let proc = Proc::spawn(
-        Command::new("nginx")
-            .args([
-                "-p",
-                dir.to_str().unwrap(),
-                "-c",
-                dir.join("nginx.conf").to_str().unwrap(),
-                "-e",
-                dir.join("logs/error.log").to_str().unwrap(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    wait_port(port);
-    (proc, port)
-}
-
-fn rtmp_publisher(url: &str, secs: u32) -> Proc {
-    let mut args: Vec<String> = vec![
-        "-hide_banner".into(),
-        "-loglevel".into(),
-        "error".into(),
-        "-re".into(),
-        "-f".into(),
-        "lavfi".into(),
-        "-i".into(),
-        "testsrc2=size=320x240:rate=30".into(),
-        "-t".into(),
-        secs.to_string(),
-    ];
-    args.extend(h264_args("320x240", 15));
-    args.extend(["-f".to_owned(), "flv".to_owned(), url.to_owned()]);
-    let publisher = Proc::spawn(Command::new("ffmpeg").args(&args).stdout(Stdio::null()));
-    // nginx-rtmp refuses a player until the stream is published ("Operation not permitted"):
-    // wait, up to 15 s, until ffprobe can read it, so a test never races the publisher.
-    let end = std::time::Instant::now() + Duration::from_secs(15);
-    while std::time::Instant::now() < end {
-        let probed = Command::new("timeout")
-            .args(["5", "ffprobe", "-v", "quiet", url])
-            .status()
-            .is_ok_and(|s| s.success());
-        if probed {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    publisher
 }
 
 fn mediafarm_cli(w: &World, args: &[&str]) -> String {
@@ -1040,42 +711,6 @@ async fn a_dropped_stream_is_reconnected_and_an_ended_one_ends_the_session() {
     let want: Vec<String> = (0..frames).map(|i| format!("d/{i:06}.jpg")).collect();
     assert_eq!(keys, want);
     w.stop().await;
-}
-
-/// An RTSP server from Debian (GStreamer's libgstrtspserver, driven through python3-gi): a
-/// live H.264 test pattern at `rtsp://127.0.0.1:<port>/cam`, TCP interleaved only.
-fn rtsp_server(dir: &Path) -> (Proc, u16) {
-    let port = free_port();
-    let script = r#"
-import sys, gi
-gi.require_version("Gst", "1.0")
-gi.require_version("GstRtspServer", "1.0")
-gi.require_version("GstRtsp", "1.0")
-from gi.repository import Gst, GstRtsp, GstRtspServer, GLib
-Gst.init(None)
-server = GstRtspServer.RTSPServer()
-server.set_address("127.0.0.1")
-server.set_service(sys.argv[1])
-factory = GstRtspServer.RTSPMediaFactory()
-factory.set_launch("( videotestsrc is-live=true pattern=smpte ! video/x-raw,width=320,height=240,framerate=30/1 "
-                   "! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=15 "
-                   "! rtph264pay name=pay0 pt=96 config-interval=1 )")
-factory.set_shared(True)
-factory.set_protocols(GstRtsp.RTSPLowerTrans.TCP)
-server.get_mount_points().add_factory("/cam", factory)
-server.attach(None)
-GLib.MainLoop().run()
-"#;
-    let log = std::fs::File::create(dir.join("rtsp.log")).unwrap();
-    let proc = Proc::spawn(
-        // Debian's python3: python3-gi and the GStreamer typelibs are system packages.
-        Command::new("/usr/bin/python3")
-            .args(["-c", script, &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(log),
-    );
-    wait_port(port);
-    (proc, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -151,7 +151,7 @@ async fn web_sources_follow_the_rules() {
 
 #[tokio::test]
 async fn file_sources_stay_under_their_roots() {
-    let base = std::env::temp_dir().join(format!("mf-roots-{}", uuid::Uuid::new_v4().simple()));
+    let base = mediafarm_tests::temp_dir("roots");
     let root = base.join("media");
     std::fs::create_dir_all(&root).unwrap();
     std::fs::write(root.join("in.png"), b"PNGDATA").unwrap();
@@ -198,7 +198,7 @@ async fn file_sources_stay_under_their_roots() {
 
 #[tokio::test]
 async fn storage_key_sources_read_the_configured_storage() {
-    let dir = std::env::temp_dir().join(format!("mf-keys-{}", uuid::Uuid::new_v4().simple()));
+    let dir = mediafarm_tests::temp_dir("keys");
     let mut s = settings();
     s.storage_url = format!("file://{}", dir.display());
     let storage = Storage::from_settings(&s).unwrap();

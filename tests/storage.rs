@@ -166,7 +166,7 @@ async fn s3_put_get_and_presigned_urls_work_against_a_real_server() {
 
 #[tokio::test]
 async fn local_directory_storage_and_key_checks() {
-    let dir = std::env::temp_dir().join(format!("mf-storage-{}", uuid::Uuid::new_v4().simple()));
+    let dir = mediafarm_tests::temp_dir("storage");
     let mut s = settings();
     s.storage_url = format!("file://{}", dir.display());
     let storage = Storage::from_settings(&s).unwrap();

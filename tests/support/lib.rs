@@ -1,9 +1,27 @@
 //! Helpers shared by the end-to-end tests: settings pointed at the real RabbitMQ and Redis on
-//! 127.0.0.1, unique queue names, the Python interpreter that has `celery`, built binaries,
-//! an in-process echo task, and a raw AMQP publisher for messages lapin cannot send
-//! (`raw_amqp`).
+//! 127.0.0.1, unique queue names and ids, scratch directories, the Python interpreter that has
+//! `celery`, built binaries, an in-process echo task. Each harness lives once, in its module:
+//!
+//! | module | what it starts or builds |
+//! | --- | --- |
+//! | [`process`] | child processes killed on drop, SIGTERM, waiting for a port |
+//! | [`media`] | FFmpeg test media, HLS/RTMP/RTSP/HTTP servers, a silent TCP server |
+//! | [`webhook`] | a receiver checking snapshot-worker's signed frame deliveries |
+//! | [`smtp`] | an aiosmtpd sink and Python's MIME parser |
+//! | [`http_fake`] | a scripted HTTP server recording requests (SMS providers, webhooks) |
+//! | [`certs`] | a test CA and a `localhost` certificate (openssl) |
+//! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
+//! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |
 
+pub mod certs;
+pub mod fixtures;
+
+pub mod http_fake;
+pub mod media;
+pub mod process;
 pub mod raw_amqp;
+pub mod smtp;
+pub mod webhook;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -37,6 +55,18 @@ pub fn workspace_root() -> PathBuf {
         .parent()
         .expect("tests/ sits in the workspace")
         .to_owned()
+}
+
+/// A new empty directory under the system temp dir, named after `label` (tests remove it).
+pub fn temp_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mf-{label}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+    dir
+}
+
+/// A job id no other test uses, starting with `label` (found quickly in logs).
+pub fn new_id(label: &str) -> String {
+    format!("{label}-{}", uuid::Uuid::new_v4())
 }
 
 /// The Python that has `celery`: `MEDIAFARM_TEST_PYTHON`, else the project's `.venv`, else

@@ -1,18 +1,17 @@
 //! Fault tolerance inside one worker process, against the real RabbitMQ and Redis: delays and
-//! retries that wait in RabbitMQ, dead letters with their reasons (one test per kind of bad
-//! message), soft and hard time limits (also for CPU-bound work), revokes from Rust and from
+//! retries that wait in RabbitMQ, dead letters with their reasons (every bad message in
+//! `fixtures/messages/`, checked against the table in `fixtures/README.md`), soft and hard time limits (also for CPU-bound work), revokes from Rust and from
 //! Python's `app.control.revoke`, dead-letter replay, and the once-only helper.
 
 use std::time::{Duration, Instant};
 
-use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 
 use mediafarm::amqp::dead_letters;
 use mediafarm::backend::once::Claim;
 use mediafarm::{SendOptions, Settings, TaskError, TaskState};
 use mediafarm_tests::{
-    celery_props, dead_letters, echo_registry, failed, kwargs, publish_raw, python_env,
+    celery_props, dead_letters, echo_registry, failed, kwargs, new_id, publish_raw, python_env,
     ready_count, run_python, settings, still_consuming, to, Farm,
 };
 use serde_json::{json, Map, Value};
@@ -33,160 +32,77 @@ async fn bad_message(
     id: Option<&str>,
     reason: &str,
 ) {
+    bad_message_saying(label, settings, props, body, id, &[reason]).await;
+}
+
+/// [`bad_message`] with several pieces the reason must hold; returns the FAILURE it stored.
+async fn bad_message_saying(
+    label: &str,
+    settings: Settings,
+    props: BasicProperties,
+    body: &[u8],
+    id: Option<&str>,
+    reason: &[&str],
+) -> Option<TaskError> {
     let farm = Farm::start(label, settings, echo_registry()).await;
     publish_raw(&farm.settings, &farm.queue, props, body).await;
     let letters = dead_letters(&farm.settings, &farm.queue, 1).await;
     let letter = &letters[0];
-    assert!(
-        letter.reason.as_deref().unwrap_or("").contains(reason),
-        "{label}: {letter:?}"
-    );
+    for reason in reason {
+        assert!(
+            letter.reason.as_deref().unwrap_or("").contains(reason),
+            "{label}: {letter:?}"
+        );
+    }
     assert_eq!(letter.queue.as_deref(), Some(farm.queue.as_str()));
     assert!(letter.at.is_some() && letter.worker.is_some(), "{letter:?}");
+    let mut stored = None;
     if let Some(id) = id {
         let err = failed(farm.client.result(id).get(WAIT).await);
-        assert!(err.message.contains(reason), "{label}: {}", err.message);
+        for reason in reason {
+            assert!(err.message.contains(reason), "{label}: {}", err.message);
+        }
         assert_eq!(letter.id.as_deref(), Some(id));
+        stored = Some(err);
     }
     still_consuming(&farm).await;
     assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
     let (s, q) = (farm.settings.clone(), farm.queue.clone());
     farm.stop().await;
     delete_dead(&s, &q).await;
+    stored
 }
 
-fn new_id(label: &str) -> String {
-    format!("{label}-{}", uuid::Uuid::new_v4())
-}
-
+/// Every message in `fixtures/messages/` ends as its row in `fixtures/README.md` says: a
+/// FAILURE with that `exc_type` and words (when it carries an id), a dead letter whose reason
+/// holds the words, and a worker that goes on. One slot (`-c 1`): a message that wedged its
+/// slot (as `timelimit` 1e20 once did) would leave no slot for the good job after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_body_not_json_is_dead_lettered() {
-    let id = new_id("notjson");
-    let props = celery_props(&id, "echo.echo");
-    bad_message(
-        "notjson",
-        settings(),
-        props,
-        b"{nope",
-        Some(&id),
-        "not valid JSON",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_body_not_a_three_item_list_is_dead_lettered() {
-    let id = new_id("twoitems");
-    let props = celery_props(&id, "echo.echo");
-    bad_message(
-        "twoitems",
-        settings(),
-        props,
-        b"[[], {}]",
-        Some(&id),
-        "3 items",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_task_is_dead_lettered() {
-    let id = new_id("unknown");
-    let props = celery_props(&id, "echo.nope");
-    let reason = "unknown task \"echo.nope\"";
-    bad_message(
-        "unknown",
-        settings(),
-        props,
-        b"[[], {}, {}]",
-        Some(&id),
-        reason,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn positional_args_where_kwargs_are_expected_are_dead_lettered() {
-    let id = new_id("positional");
-    let props = celery_props(&id, "echo.echo");
-    let body = b"[[1, 2], {}, {}]";
-    bad_message(
-        "positional",
-        settings(),
-        props,
-        body,
-        Some(&id),
-        "keyword arguments only",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_field_types_are_dead_lettered() {
-    let id = new_id("types");
-    let props = celery_props(&id, "echo.echo");
-    // kwargs must be an object; the header `retries` must be a number.
-    let body = b"[[], [\"a\"], {}]";
-    bad_message(
-        "types",
-        settings(),
-        props,
-        body,
-        Some(&id),
-        "must be an object",
-    )
-    .await;
-
-    let id = new_id("types-header");
-    let mut headers = celery_props(&id, "echo.echo").headers().clone().unwrap();
-    headers.insert("retries".into(), AMQPValue::LongString("many".into()));
-    let props = celery_props(&id, "echo.echo").with_headers(headers);
-    bad_message(
-        "types-header",
-        settings(),
-        props,
-        b"[[], {}, {}]",
-        Some(&id),
-        "retries",
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn time_limits_out_of_range_are_dead_lettered_not_a_wedged_slot() {
-    // Python's send_task(..., time_limit=1e20) and soft_time_limit=1e20: these panicked where
-    // the limits became a Duration, leaving the message unacked and its result PENDING forever.
-    for (label, limits, which) in [
-        (
-            "tl-hard",
-            [AMQPValue::Double(1e20), AMQPValue::Void],
-            "hard",
-        ),
-        (
-            "tl-soft",
-            [AMQPValue::Void, AMQPValue::Double(1e20)],
-            "soft",
-        ),
-    ] {
-        let id = new_id(label);
-        let mut headers = celery_props(&id, "echo.echo").headers().clone().unwrap();
-        headers.insert(
-            "timelimit".into(),
-            AMQPValue::FieldArray(limits.to_vec().into()),
-        );
-        let props = celery_props(&id, "echo.echo").with_headers(headers);
-        let mut s = settings();
-        s.worker_concurrency = 1;
-        bad_message(
-            label,
-            s,
-            props,
-            b"[[], {}, {}]",
-            Some(&id),
-            &format!("header `timelimit` has a bad {which} limit 1e+20"),
-        )
-        .await;
-    }
+async fn bad_messages_are_dead_lettered_with_their_reason() {
+    let runs = mediafarm_tests::fixtures::cases("messages")
+        .into_iter()
+        .map(|case| async move {
+            let label = case.file_name().trim_end_matches(".json").to_owned();
+            let raw = mediafarm_tests::fixtures::message(&case.path, &new_id(&label));
+            let mut s = settings();
+            s.worker_concurrency = 1;
+            let words: Vec<&str> = case.words.iter().map(String::as_str).collect();
+            let stored =
+                bad_message_saying(&label, s, raw.props, &raw.body, raw.id.as_deref(), &words)
+                    .await;
+            let exc = stored.map(|e| e.exc_type.into_owned());
+            (exc != case.exc_type)
+                .then(|| format!("{}: {exc:?}, not {:?}", case.name, case.exc_type))
+        });
+    let wrong: Vec<String> = futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "exc_type differs from fixtures/README.md: {wrong:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,33 +187,6 @@ async fn a_job_that_blocks_its_thread_past_the_hard_limit_makes_the_worker_unhea
     let _ = r.get(WAIT).await;
     assert!(health("/healthz").await.starts_with("HTTP/1.1 200"));
     farm.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pickle_content_is_dead_lettered_unread() {
-    let id = new_id("pickle");
-    let props =
-        celery_props(&id, "echo.echo").with_content_type("application/x-python-serialize".into());
-    let reason = "runs code chosen by whoever";
-    bad_message(
-        "pickle",
-        settings(),
-        props,
-        b"\x80\x04N.",
-        Some(&id),
-        reason,
-    )
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_id_header_is_dead_lettered() {
-    let (mut props, mut headers, body) =
-        mediafarm::client::build_message("echo.echo", Map::new(), &SendOptions::default()).encode();
-    headers.remove("id");
-    props.correlation_id = None;
-    let props = mediafarm::amqp::table::write_properties(&props, &headers);
-    bad_message("noid", settings(), props, &body, None, "no `id` header").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use mediafarm::client::{build_message, SendOptions};
 use mediafarm::{Client, Settings, TaskState};
+use mediafarm_tests::process::sigterm;
 use mediafarm_tests::{binary, delete_queue, free_port, ready_count, settings, unique_queue};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -41,12 +42,7 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(name: &str) -> Scratch {
-        let dir = std::env::temp_dir().join(format!(
-            "mediafarm-faults-{name}-{}",
-            &uuid::Uuid::new_v4().simple().to_string()[..8]
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Scratch(dir)
+        Scratch(mediafarm_tests::temp_dir(&format!("faults-{name}")))
     }
 }
 
@@ -83,14 +79,6 @@ impl Drop for QueueCleanup {
         })
         .join();
     }
-}
-
-fn sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success(), "kill -TERM {pid} failed");
 }
 
 /// Waits for a child to exit; `None` if it is still running after `limit`.

@@ -1,0 +1,103 @@
+//! A webhook receiver for snapshot-worker's frame deliveries: it checks every accepted POST's
+//! `X-Mediafarm-Signature` (HMAC-SHA256 over `<timestamp>.<body>` with [`SECRET`]) and keeps
+//! the bodies, and can refuse the first few with 503 to exercise redelivery.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+
+use hmac::{Hmac, Mac};
+use serde_json::Value;
+use sha2::Sha256;
+
+/// The signing secret the receiver expects: give it to the worker as `MEDIAFARM_WEBHOOK_SECRET`.
+pub const SECRET: &str = "test-webhook-secret";
+
+/// Receives webhook POSTs; records (timestamp header, signature header, body) of those it
+/// accepts, and the `X-Mediafarm-Id` of every request.
+pub struct Hook {
+    port: u16,
+    got: Arc<Mutex<Vec<(String, String, Value)>>>,
+    pub ids: Arc<Mutex<Vec<String>>>,
+}
+
+impl Hook {
+    pub fn start() -> Hook {
+        Hook::flaky(0)
+    }
+
+    /// Answers the first `unavailable` requests with 503, then accepts.
+    pub fn flaky(unavailable: usize) -> Hook {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        let (sink, seen) = (got.clone(), ids.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut reader = BufReader::new(stream);
+                let (mut len, mut ts, mut sig) = (0usize, String::new(), String::new());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    let value = line
+                        .split_once(':')
+                        .map(|(_, v)| v.trim().to_owned())
+                        .unwrap_or_default();
+                    if lower.starts_with("content-length:") {
+                        len = value.parse().unwrap_or(0);
+                    } else if lower.starts_with("x-mediafarm-timestamp:") {
+                        ts = value;
+                    } else if lower.starts_with("x-mediafarm-signature:") {
+                        sig = value;
+                    } else if lower.starts_with("x-mediafarm-id:") {
+                        seen.lock().unwrap().push(value);
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_err() {
+                    continue;
+                }
+                let mut stream = reader.into_inner();
+                if seen.lock().unwrap().len() <= unavailable {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    continue;
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+                let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+                mac.update(format!("{ts}.").as_bytes());
+                mac.update(&body);
+                let want: String = mac
+                    .finalize()
+                    .into_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                assert_eq!(sig, format!("v1={want}"), "webhook signature");
+                let json: Value = serde_json::from_slice(&body).unwrap();
+                sink.lock().unwrap().push((ts, sig, json));
+            }
+        });
+        Hook { port, got, ids }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/frames", self.port)
+    }
+
+    pub fn bodies(&self) -> Vec<Value> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, b)| b.clone())
+            .collect()
+    }
+}
