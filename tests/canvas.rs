@@ -5,13 +5,12 @@
 //! workers, a Python errback of a Rust task, a step that cannot take its parent's result, and
 //! canvas features mediafarm does not carry out failing clearly instead of being dropped.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mediafarm::{Registry, Task, TaskContext, TaskError};
 use mediafarm_tests::{
-    dead_letters, delete_queue, python, python_env, run_python, settings, unique_queue,
-    workspace_root, Echo, Farm,
+    dead_letters, delete_queue, python_env, run_python, settings, unique_queue, Echo, Farm,
+    PythonWorker,
 };
 use serde_json::{json, Map, Value};
 
@@ -227,43 +226,6 @@ async fn a_step_that_cannot_take_a_parent_result_fails_naming_the_signature() {
         "{out:#}"
     );
     farm.stop().await;
-}
-
-/// A Python Celery worker consuming `queue` (tests/py/celery_app.py); killed on drop.
-struct PythonWorker(Child);
-
-impl PythonWorker {
-    fn start(queue: &str) -> PythonWorker {
-        let child = Command::new(python())
-            .current_dir(workspace_root().join("tests/py"))
-            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
-            .args([
-                "-Q",
-                queue,
-                "-l",
-                "warning",
-                "-n",
-                &format!("py-{queue}@%h"),
-            ])
-            .args([
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ])
-            .envs(python_env(&settings()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("python celery worker starts");
-        PythonWorker(child)
-    }
-}
-
-impl Drop for PythonWorker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,14 +2,12 @@
 //! `send_task` + `AsyncResult.get()` against a Rust worker, and a Rust producer against a
 //! Python Celery worker.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use mediafarm::client::SendOptions;
 use mediafarm::{Client, ClientError, Worker};
 use mediafarm_tests::{
-    delete_queue, echo_registry, python, python_env, run_python, settings, unique_queue,
-    workspace_root,
+    delete_queue, echo_registry, python_env, run_python, settings, unique_queue, PythonWorker,
 };
 use serde_json::{json, Map, Value};
 
@@ -108,49 +106,6 @@ async fn result_extended_gives_python_the_task_details() {
 async fn python_many_jobs_all_answered() {
     let out = python_producer("many").await;
     assert_eq!(out["ok"], json!((0..50).collect::<Vec<_>>()));
-}
-
-/// A Python Celery worker consuming `queue`; killed on drop.
-struct PythonWorker(Child);
-
-impl PythonWorker {
-    fn start(queue: &str) -> PythonWorker {
-        let s = settings();
-        let child = Command::new(python())
-            .current_dir(workspace_root().join("tests/py"))
-            .args([
-                "-m",
-                "celery",
-                "-A",
-                "celery_app",
-                "worker",
-                "-P",
-                "solo",
-                "-Q",
-                queue,
-            ])
-            .args([
-                "-l",
-                "warning",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ])
-            .args(["-n", &format!("py-{queue}@%h")])
-            .envs(python_env(&s))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("python celery worker starts");
-        PythonWorker(child)
-    }
-}
-
-impl Drop for PythonWorker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -484,3 +484,40 @@ pub async fn still_consuming(farm: &Farm) {
         serde_json::json!({"after": 1})
     );
 }
+
+/// A Python Celery worker (`-P solo`, tests/py/celery_app.py) consuming `queue`; killed on drop.
+pub struct PythonWorker(std::process::Child);
+
+impl PythonWorker {
+    pub fn start(queue: &str) -> PythonWorker {
+        let child = std::process::Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
+            .args([
+                "-Q",
+                queue,
+                "-l",
+                "warning",
+                "-n",
+                &format!("py-{queue}@%h"),
+            ])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .envs(python_env(&settings()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("python celery worker starts");
+        PythonWorker(child)
+    }
+}
+
+impl Drop for PythonWorker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
