@@ -197,21 +197,31 @@ pub fn rtmp_publisher(url: &str, secs: u32) -> Proc {
     ];
     args.extend(h264_args("320x240", 15));
     args.extend(["-f".to_owned(), "flv".to_owned(), url.to_owned()]);
-    let publisher = Proc::spawn(Command::new("ffmpeg").args(&args).stdout(Stdio::null()));
-    // nginx-rtmp refuses a player until the stream is published ("Operation not permitted"):
-    // wait, up to 15 s, until ffprobe can read it, so a test never races the publisher.
-    let end = std::time::Instant::now() + Duration::from_secs(15);
+    // nginx-rtmp refuses a player until the stream is published ("Operation not permitted"),
+    // and refuses a publisher while it still holds the previous one of the same name (a
+    // publisher killed a moment ago, on a loaded machine): start the publisher again if it
+    // exits, and return only once ffprobe can read the stream, so a test never races either.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    let mut publisher = Proc::spawn(Command::new("ffmpeg").args(&args).stdout(Stdio::null()));
     while std::time::Instant::now() < end {
+        if publisher.0.try_wait().is_ok_and(|exited| exited.is_some()) {
+            std::thread::sleep(Duration::from_millis(500));
+            publisher = Proc::spawn(Command::new("ffmpeg").args(&args).stdout(Stdio::null()));
+            continue;
+        }
         let probed = Command::new("timeout")
-            .args(["5", "ffprobe", "-v", "quiet", url])
+            // A short probe: with ffprobe's defaults, a video-only FLV live stream is analysed
+            // for more than 5 s, so the check would never pass in time.
+            .args(["5", "ffprobe", "-v", "quiet", "-analyzeduration", "100000"])
+            .args(["-probesize", "32768", url])
             .status()
             .is_ok_and(|s| s.success());
         if probed {
-            break;
+            return publisher;
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    publisher
+    panic!("the RTMP publisher to {url} was not readable within 30 s");
 }
 
 /// An RTSP server from Debian (GStreamer's libgstrtspserver, driven through python3-gi): a
