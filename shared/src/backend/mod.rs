@@ -2,6 +2,7 @@
 //! written with its expiry and then published on the channel of the same name in one round trip,
 //! which is how Celery's Redis backend wakes `AsyncResult.get()` waiters.
 
+pub mod chord;
 pub mod once;
 pub mod result;
 
@@ -30,6 +31,8 @@ pub enum BackendError {
         id: String,
         source: serde_json::Error,
     },
+    #[error("chord counter {key} holds {value}, which is not a whole number")]
+    ChordCounter { key: String, value: String },
     #[error("no result for {id} within {waited:?}")]
     Timeout { id: String, waited: Duration },
 }

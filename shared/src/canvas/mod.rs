@@ -5,21 +5,27 @@
 //! FAILURE every errback, old style, with the failed job's id. A Rust errback reads what failed
 //! with [`failure::failure_of`].
 //!
+//! A chord header (embed `chord`, header `group`) joins its chord in Redis once its result is
+//! stored, as Celery's Redis backend does (`chord.rs`).
+//!
 //! What it promises: nothing in an embed is silently dropped. A canvas feature mediafarm does
-//! not carry out (a `chord` embed, a group or chain as a callback) is a
-//! [`CanvasError::Unsupported`] that the runtime turns into FAILURE before the job runs.
+//! not carry out (a group, chain or nested chord as a chord body, callback or chain step;
+//! `chunks`) is a [`CanvasError::Unsupported`] that the runtime turns into FAILURE before the
+//! job runs.
 
+pub mod chord;
 pub mod failure;
 pub mod next;
 pub mod signature;
 
 use serde_json::{Map, Value};
 
+pub use chord::ChordPart;
 pub use failure::{failure_of, ParentFailure};
 pub use next::{children_record, on_failure, on_success, Next, Parent, Publish};
 pub use signature::{Signature, SignatureOptions, When};
 
-use crate::protocol::preview;
+use crate::protocol::{preview, TaskMessage};
 
 /// Why a message's canvas cannot be carried out.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -52,23 +58,31 @@ pub struct Canvas {
     /// The chain's remaining steps, stored in reverse as Celery stores them: the last item runs
     /// next.
     pub chain: Vec<Signature>,
+    /// This job is a chord header: its result joins the chord.
+    pub chord: Option<ChordPart>,
 }
 
 impl Canvas {
-    /// Decodes a message's embed `{callbacks, errbacks, chain, chord}`.
+    /// Decodes a message's canvas: its embed `{callbacks, errbacks, chain, chord}` and, for a
+    /// chord header, its `group` and `group_index` headers.
+    pub fn from_message(msg: &TaskMessage) -> Result<Canvas, CanvasError> {
+        Canvas::decode(&msg.embed, msg.group.as_deref(), msg.group_index)
+    }
+
+    /// Decodes an embed alone; a `chord` in it needs the message's `group` header, so it is
+    /// refused here ([`Canvas::from_message`] reads both).
     pub fn from_embed(embed: &Map<String, Value>) -> Result<Canvas, CanvasError> {
+        Canvas::decode(embed, None, None)
+    }
+
+    fn decode(
+        embed: &Map<String, Value>,
+        group: Option<&str>,
+        group_index: Option<i64>,
+    ) -> Result<Canvas, CanvasError> {
         for (key, value) in embed {
             match key.as_str() {
-                "callbacks" | "errbacks" | "chain" => {}
-                "chord" if value.is_null() => {}
-                "chord" => {
-                    return Err(CanvasError::Unsupported(format!(
-                        "this job is a chord header (embed `chord` = {}): chords are not \
-                         supported by mediafarm yet, and running the header without ever \
-                         running the body would drop it silently",
-                        preview(value)
-                    )))
-                }
+                "callbacks" | "errbacks" | "chain" | "chord" => {}
                 _ if value.is_null() => {}
                 other => {
                     return Err(CanvasError::Unsupported(format!(
@@ -83,6 +97,14 @@ impl Canvas {
             callbacks: signature::decode_list(embed.get("callbacks"), "embed `callbacks`")?,
             errbacks: signature::decode_list(embed.get("errbacks"), "embed `errbacks`")?,
             chain: signature::decode_list(embed.get("chain"), "embed `chain`")?,
+            chord: match embed.get("chord") {
+                None | Some(Value::Null) => None,
+                Some(body) => Some(ChordPart::new(
+                    Signature::decode(body, "embed `chord`")?,
+                    group,
+                    group_index,
+                )?),
+            },
         })
     }
 

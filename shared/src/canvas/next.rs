@@ -20,7 +20,8 @@ use crate::canvas::{Canvas, Signature};
 use crate::protocol::{TaskMessage, TimeLimits};
 
 /// Names the derived ids (UUID v5) of the messages a job sends on.
-const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6d65_6469_6166_6172_6d2d_6361_6e76_0001);
+pub(crate) const NAMESPACE: uuid::Uuid =
+    uuid::Uuid::from_u128(0x6d65_6469_6166_6172_6d2d_6361_6e76_0001);
 
 /// The job whose end sends the messages on.
 #[derive(Debug, Clone, Copy)]
@@ -104,14 +105,14 @@ pub fn children_record(id: &str) -> Value {
     json!([[id, null], null])
 }
 
-fn derived_id(sig: &Signature, parent: Parent<'_>, role: &str) -> String {
+pub(crate) fn derived_id(sig: &Signature, parent: Parent<'_>, role: &str) -> String {
     sig.options.task_id.clone().unwrap_or_else(|| {
         uuid::Uuid::new_v5(&NAMESPACE, format!("{}/{role}", parent.id).as_bytes()).to_string()
     })
 }
 
 /// The message for `sig`: `first` is prepended to its args unless it is immutable.
-fn message(
+pub(crate) fn message(
     sig: &Signature,
     first: Option<&Value>,
     parent: Parent<'_>,

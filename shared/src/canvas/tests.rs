@@ -223,7 +223,18 @@ fn bad_signatures_are_refused_naming_the_field() {
 #[test]
 fn unsupported_canvas_is_named_never_dropped() {
     let cases = [
-        (json!({"chord": {"task": "body", "options": {}}}), "chord"),
+        (
+            json!({"chord": {"task": "celery.chord", "subtask_type": "chord", "kwargs": {}}}),
+            "chord",
+        ),
+        (
+            json!({"chord": {"task": "celery.group", "subtask_type": "group", "kwargs": {}}}),
+            "group",
+        ),
+        (
+            json!({"chord": {"task": "celery.chunks", "subtask_type": "chunks", "kwargs": {}}}),
+            "chunks",
+        ),
         (
             json!({"callbacks": [{"task": "celery.group", "subtask_type": "group",
             "kwargs": {"tasks": []}}]}),
@@ -236,7 +247,10 @@ fn unsupported_canvas_is_named_never_dropped() {
         (json!({"sideways": [1]}), "sideways"),
     ];
     for (e, want) in cases {
-        let err = Canvas::from_embed(&embed(e.clone())).unwrap_err();
+        let mut msg = crate::protocol::TaskMessage::new("t", Map::new());
+        msg.embed = embed(e.clone());
+        msg.group = Some("g".into());
+        let err = Canvas::from_message(&msg).unwrap_err();
         assert_eq!(err.exc_type(), "UnsupportedCanvas", "{e}");
         assert!(err.to_string().contains(want), "{e}: {err}");
     }
@@ -255,4 +269,166 @@ fn nesting_is_bounded() {
     }
     let err = Canvas::from_embed(&embed(json!({"callbacks": [sig]}))).unwrap_err();
     assert!(err.to_string().contains("nest deeper"), "{err}");
+}
+
+mod chord {
+    use super::*;
+    use crate::backend::result::{ResultMeta, TaskState};
+    use crate::canvas::chord::{body_failure, body_message, is_complete, member, results};
+    use crate::protocol::TaskMessage;
+
+    /// A header message as Celery 5.7 sent it for `chord([h1, h2], body.set(link_error=eb))`,
+    /// captured from RabbitMQ.
+    fn header(index: i64) -> TaskMessage {
+        let mut msg = TaskMessage::new("canvas.step", Map::new());
+        msg.id = format!("h-{index}");
+        msg.group = Some("5c8f12b1-a5bd-4968-b73a-4fe98bde8520".into());
+        msg.group_index = Some(index);
+        msg.embed = embed(
+            json!({"callbacks": null, "errbacks": null, "chain": null, "chord": {
+            "task": "canvas.step", "args": [], "kwargs": {"body": 1}, "options": {
+                "queue": "chordcap", "link_error": {"task": "canvas.on_error", "args": [],
+                "kwargs": {}, "options": {"queue": "chordcap"}, "subtask_type": null,
+                "immutable": false}, "task_id": "f679c3e3-d68c-4bae-b7b0-18d6e82abe17",
+                "reply_to": "4d5da7bd-36a3-3626-be3e-07413a33d86c",
+                "group_id": "5c8f12b1-a5bd-4968-b73a-4fe98bde8520"},
+            "subtask_type": null, "immutable": false}}),
+        );
+        msg
+    }
+
+    #[test]
+    fn a_header_decodes_with_its_group_and_index() {
+        let c = Canvas::from_message(&header(1)).unwrap();
+        let part = c.chord.expect("a chord part");
+        assert_eq!(part.group, "5c8f12b1-a5bd-4968-b73a-4fe98bde8520");
+        assert_eq!(part.index, Some(1));
+        assert_eq!(part.body.task, "canvas.step");
+        let mut no_group = header(0);
+        no_group.group = None;
+        let err = Canvas::from_message(&no_group).unwrap_err();
+        assert_eq!(err.exc_type(), "InvalidMessage");
+        assert!(err.to_string().contains("no `group` header"), "{err}");
+    }
+
+    #[test]
+    fn a_member_is_the_same_bytes_when_read_back_from_the_stored_record() {
+        let result =
+            json!({"z": 1.5, "a": [1, "x", null], "m": {"k": 1e300, "b": true}, "u": "é\u{1}"});
+        let meta = ResultMeta::success("t-1", result.clone());
+        let stored = serde_json::to_vec(&meta).unwrap();
+        let back: ResultMeta = serde_json::from_slice(&stored).unwrap();
+        let first = member("t-1", &meta.status, &meta.result);
+        assert_eq!(first, member("t-1", &back.status, &back.result));
+        assert!(first.starts_with(r#"[1,"t-1","SUCCESS","#), "{first}");
+        let parsed: Value = serde_json::from_str(&first).unwrap();
+        assert_eq!(parsed, json!([1, "t-1", "SUCCESS", result]));
+    }
+
+    #[test]
+    fn the_chord_completes_when_the_count_reaches_size_plus_diff() {
+        assert!(is_complete(3, 0, Some(3)));
+        assert!(!is_complete(2, 0, Some(3)));
+        assert!(is_complete(4, 1, Some(3)), "add_to_chord grew it");
+        assert!(!is_complete(3, 1, Some(3)));
+        assert!(
+            !is_complete(3, 0, None),
+            "no size: the producer never set one"
+        );
+        assert!(!is_complete(0, 0, Some(0)));
+    }
+
+    #[test]
+    fn results_come_in_order_or_the_first_failure_as_celery_words_it() {
+        let ok = [
+            member("a", &TaskState::Success, &json!({"h": 1})),
+            // As a Python worker encodes it: spaces after separators.
+            r#"[1, "b", "SUCCESS", {"h": 2}]"#.to_owned(),
+        ];
+        assert_eq!(
+            results(&ok).unwrap(),
+            vec![json!({"h": 1}), json!({"h": 2})]
+        );
+        let failed = [
+            ok[0].clone(),
+            member(
+                "b",
+                &TaskState::Failure,
+                &json!({"exc_type": "StepFailure", "exc_message": ["it's \"bad\""],
+                        "exc_module": "mediafarm.errors"}),
+            ),
+            member(
+                "c",
+                &TaskState::Revoked,
+                &json!({"exc_type": "TaskRevokedError", "exc_message": ["x"],
+                        "exc_module": "celery.exceptions"}),
+            ),
+        ];
+        assert_eq!(
+            results(&failed).unwrap_err(),
+            r#"Dependency b raised StepFailure('it\'s "bad"')"#
+        );
+        assert!(results(&["nope".to_owned()])
+            .unwrap_err()
+            .starts_with("Join error"));
+    }
+
+    #[test]
+    fn the_body_gets_the_results_first_and_the_completing_header_as_parent() {
+        let msg = header(1);
+        let part = Canvas::from_message(&msg).unwrap().chord.unwrap();
+        let p = body_message(
+            &part,
+            vec![json!(1), json!(2)],
+            Parent {
+                id: "h-1",
+                root_id: "r",
+            },
+            now(),
+        );
+        assert_eq!(p.queue, "chordcap");
+        assert_eq!(p.msg.id, "f679c3e3-d68c-4bae-b7b0-18d6e82abe17");
+        assert_eq!(p.msg.args, vec![json!([1, 2])]);
+        assert_eq!(p.msg.kwargs, embed(json!({"body": 1})));
+        assert_eq!(p.msg.parent_id.as_deref(), Some("h-1"));
+        assert_eq!(p.msg.root_id.as_deref(), Some("r"));
+        assert_eq!(p.msg.group.as_deref(), Some(part.group.as_str()));
+        assert_eq!(p.msg.embed["errbacks"][0]["task"], "canvas.on_error");
+        let mut immutable = part.clone();
+        immutable.body.immutable = true;
+        let p = body_message(&immutable, vec![json!(1)], PARENT, now());
+        assert!(p.msg.args.is_empty());
+    }
+
+    #[test]
+    fn a_failed_header_fails_the_body_with_chord_error_and_sends_its_errbacks() {
+        let part = Canvas::from_message(&header(0)).unwrap().chord.unwrap();
+        let (meta, errbacks) = body_failure(&part, "Dependency b raised X('y')", now());
+        assert_eq!(meta.task_id, "f679c3e3-d68c-4bae-b7b0-18d6e82abe17");
+        assert_eq!(meta.status, TaskState::Failure);
+        let e = meta.error().unwrap();
+        assert_eq!(
+            (
+                e.exc_type.as_ref(),
+                e.exc_module.as_ref(),
+                e.message.as_str()
+            ),
+            (
+                "ChordError",
+                "celery.exceptions",
+                "Dependency b raised X('y')"
+            )
+        );
+        assert_eq!(errbacks.len(), 1);
+        let m = &errbacks[0].msg;
+        assert_eq!(m.task, "canvas.on_error");
+        assert_eq!(m.args, vec![json!(meta.task_id)]);
+        assert_eq!(m.parent_id.as_deref(), Some(meta.task_id.as_str()));
+        assert_eq!(m.root_id.as_deref(), Some(meta.task_id.as_str()));
+        let (_, again) = body_failure(&part, "Dependency b raised X('y')", now());
+        assert_eq!(
+            again[0].msg.id, m.id,
+            "a second join sends the same errback id"
+        );
+    }
 }

@@ -1,7 +1,7 @@
 //! One delivery's life inside a worker: decode it, skip it if revoked, expired or already
 //! done, send it to a delay queue while its ETA is ahead, run it under its time limits, then
-//! store the outcome (SUCCESS, RETRY with a delayed copy, FAILURE with a dead letter, REVOKED)
-//! and only then acknowledge. When the outcome cannot be stored or published, the message goes
+//! store the outcome (SUCCESS, RETRY with a delayed copy, FAILURE with a dead letter, REVOKED),
+//! join its chord if it is a chord header, and only then acknowledge. When the outcome cannot be stored or published, the message goes
 //! back to the broker instead: nothing is acknowledged before its result is safe.
 
 use std::collections::HashMap;
@@ -27,7 +27,7 @@ use crate::amqp::reroute::{time_header, DeadReason, Rerouter, MIN_DELAY};
 use crate::amqp::table::{read_job_properties, read_properties};
 use crate::backend::result::{FailureKind, ResultMeta, TaskError, TaskState};
 use crate::backend::ResultBackend;
-use crate::canvas::{self, Canvas, Parent, Publish};
+use crate::canvas::{self, chord, Canvas, ChordPart, Parent, Publish};
 use crate::observe::http::Readiness;
 use crate::observe::metrics::{host_label, Metrics, TaskLabels, TaskMetrics};
 use crate::protocol::{DecodeError, TaskMessage};
@@ -155,7 +155,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
     };
     // Before anything else may end the job: a workflow it cannot carry on fails it now,
     // rather than running it and dropping the rest.
-    let canvas = match Canvas::from_embed(&msg.embed) {
+    let canvas = match Canvas::from_message(&msg) {
         Ok(canvas) => canvas,
         Err(e) => {
             let kind = e.exc_type();
@@ -176,10 +176,10 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
                 .check_stored(&shared.backend, &msg.id)
                 .await)
     {
-        return revoked(shared, job, &msg, &l, "revoked before it ran").await;
+        return revoked(shared, job, &msg, &canvas, &l, "revoked before it ran").await;
     }
     if msg.is_expired(Utc::now()) {
-        return expire(shared, job, &msg, &l).await;
+        return expire(shared, job, &msg, &canvas, &l).await;
     }
     if job.delivery.redelivered && already_done(shared, job, &msg, &canvas).await {
         return;
@@ -239,12 +239,18 @@ async fn already_done(shared: &Shared, job: &Incoming, msg: &TaskMessage, canvas
         let errbacks = canvas::on_failure(canvas, parent_of(msg), Utc::now());
         let ending = Ending {
             after: errbacks,
+            join: Join::of(canvas, msg, &meta),
             ..Ending::dead_only(why)
         };
         settle(shared, job, &msg.id, ending).await;
         return true;
     }
-    settle(shared, job, &msg.id, Ending::ack_only()).await;
+    // The chord may not have been joined yet; joining again counts nothing twice.
+    let ending = Ending {
+        join: Join::of(canvas, msg, &meta),
+        ..Ending::ack_only()
+    };
+    settle(shared, job, &msg.id, ending).await;
     true
 }
 
@@ -393,7 +399,7 @@ async fn run(
     shared.active.dec();
     let outcome = match ended {
         Ended::Terminated => {
-            return revoked(shared, job, &msg, l, "terminated while running").await;
+            return revoked(shared, job, &msg, &canvas, l, "terminated while running").await;
         }
         Ended::Done(outcome) => outcome,
     };
@@ -459,6 +465,7 @@ async fn run(
     let ending = Ending {
         before,
         after,
+        join: Join::of(&canvas, &msg, &meta),
         store: store.then_some(&meta),
         // The slot goes to the next job once the outcome is stored, while the dead letter and
         // the ack are on their way (two hops through lapin's threads), as Celery's pool takes
@@ -554,7 +561,13 @@ async fn delay(shared: &Shared, job: &Incoming, msg: &TaskMessage, remaining: Du
     }
 }
 
-async fn expire(shared: &Shared, job: &Incoming, msg: &TaskMessage, l: &TaskMetrics) {
+async fn expire(
+    shared: &Shared,
+    job: &Incoming,
+    msg: &TaskMessage,
+    canvas: &Canvas,
+    l: &TaskMetrics,
+) {
     tracing::info!(id = %msg.id, task = %msg.task, "expired before it ran; not running it");
     l.revoked.inc();
     let meta = ResultMeta::revoked(&msg.id, "expired");
@@ -568,14 +581,29 @@ async fn expire(shared: &Shared, job: &Incoming, msg: &TaskMessage, l: &TaskMetr
         "Expired",
         format!("expired at {expires} before it ran"),
     );
-    settle(shared, job, &msg.id, Ending::stored(&meta).dead(why)).await;
+    let ending = Ending {
+        join: Join::of(canvas, msg, &meta),
+        ..Ending::stored(&meta).dead(why)
+    };
+    settle(shared, job, &msg.id, ending).await;
 }
 
-async fn revoked(shared: &Shared, job: &Incoming, msg: &TaskMessage, l: &TaskMetrics, how: &str) {
+async fn revoked(
+    shared: &Shared,
+    job: &Incoming,
+    msg: &TaskMessage,
+    canvas: &Canvas,
+    l: &TaskMetrics,
+    how: &str,
+) {
     tracing::info!(id = %msg.id, task = %msg.task, "{how}");
     l.revoked.inc();
     let meta = ResultMeta::revoked(&msg.id, how);
-    settle(shared, job, &msg.id, Ending::stored(&meta)).await;
+    let ending = Ending {
+        join: Join::of(canvas, msg, &meta),
+        ..Ending::stored(&meta)
+    };
+    settle(shared, job, &msg.id, ending).await;
 }
 
 fn traceback(shared: &Shared, msg: &TaskMessage, e: &TaskError) -> String {
@@ -639,14 +667,17 @@ async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: Decod
 
 /// How a message ends, in the one order that keeps the promise of this module: publish what
 /// carries its workflow on (callbacks, the next chain step), store the outcome (if there is one
-/// to store), free the job's slot, publish its errbacks, copy the message to its dead-letter
-/// queue (if it failed for good), and only then acknowledge. A store that fails returns the
+/// to store), free the job's slot, publish its errbacks, join its chord (a chord header),
+/// copy the message to its dead-letter queue (if it failed for good), and only then
+/// acknowledge. A store that fails returns the
 /// message to the broker; a publish or dead letter that fails returns it after a pause.
 struct Ending<'a> {
     /// Published before the outcome is stored (SUCCESS's callbacks and next chain step).
     before: Vec<Publish>,
     /// Published after the outcome is stored (a FAILURE's errbacks).
     after: Vec<Publish>,
+    /// A chord header's outcome, joined after it is stored.
+    join: Option<Join<'a>>,
     store: Option<&'a ResultMeta>,
     slot: Option<OwnedSemaphorePermit>,
     dead: Option<DeadReason>,
@@ -657,6 +688,7 @@ impl<'a> Ending<'a> {
         Ending {
             before: Vec::new(),
             after: Vec::new(),
+            join: None,
             store: None,
             slot: None,
             dead: None,
@@ -696,6 +728,11 @@ async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
     if !publish_next(shared, id, &ending.after).await {
         return requeue_after_pause(shared, &job.delivery).await;
     }
+    if let Some(join) = &ending.join {
+        if !join_chord(shared, join).await {
+            return requeue_after_pause(shared, &job.delivery).await;
+        }
+    }
     if let Some(why) = &ending.dead {
         if !dead_letter(job, why).await {
             return requeue_after_pause(shared, &job.delivery).await;
@@ -713,6 +750,73 @@ async fn publish_next(shared: &Shared, id: &str, next: &[Publish]) -> bool {
             return false;
         }
         tracing::debug!(%id, next = %p.msg.id, task = %p.msg.task, queue = %p.queue, "workflow carried on");
+    }
+    true
+}
+
+/// A chord header's ended job, ready to join its chord.
+struct Join<'a> {
+    part: &'a ChordPart,
+    header: Parent<'a>,
+    /// The `.j` member, encoded from the result as stored (or as it would be stored).
+    member: String,
+}
+
+impl<'a> Join<'a> {
+    fn of(canvas: &'a Canvas, msg: &'a TaskMessage, meta: &ResultMeta) -> Option<Join<'a>> {
+        canvas.chord.as_ref().map(|part| Join {
+            part,
+            header: parent_of(msg),
+            member: chord::member(&msg.id, &meta.status, &meta.result),
+        })
+    }
+}
+
+/// Joins a header's result into its chord and, when it is the last, sends the body (or stores
+/// the body's `ChordError` and sends its errbacks). `false`: Redis or the broker failed before
+/// the chord was carried on; the header's message goes back and joins again when redelivered.
+async fn join_chord(shared: &Shared, join: &Join<'_>) -> bool {
+    let part = join.part;
+    let id = join.header.id;
+    let count = match shared
+        .backend
+        .chord_part_return(&part.group, &join.member, part.index)
+        .await
+    {
+        Ok(count) => count,
+        Err(e) => {
+            tracing::warn!(%id, group = %part.group, error = %e, "could not join the chord; returning the message to the queue");
+            return false;
+        }
+    };
+    if !chord::is_complete(count.ready, count.diff, count.size) {
+        return true;
+    }
+    let members = match shared.backend.chord_members(&part.group).await {
+        Ok(members) => members,
+        Err(e) => {
+            tracing::warn!(%id, group = %part.group, error = %e, "could not read the chord's results; returning the message to the queue");
+            return false;
+        }
+    };
+    match chord::results(&members) {
+        Ok(results) => {
+            let body = chord::body_message(part, results, join.header, Utc::now());
+            if !publish_next(shared, id, std::slice::from_ref(&body)).await {
+                return false;
+            }
+        }
+        Err(reason) => {
+            tracing::info!(%id, group = %part.group, %reason, "a chord header failed; failing the body");
+            let (meta, errbacks) = chord::body_failure(part, &reason, Utc::now());
+            if !store_with_retry(shared, &meta).await || !publish_next(shared, id, &errbacks).await
+            {
+                return false;
+            }
+        }
+    }
+    if let Err(e) = shared.backend.chord_forget(&part.group).await {
+        tracing::warn!(%id, group = %part.group, error = %e, "could not delete the chord's counters; they expire with result_expires");
     }
     true
 }

@@ -1,0 +1,103 @@
+//! Celery's Redis-backend chord join, the keys and commands only (`celery/backends/redis.py`,
+//! `on_chord_part_return`): each finished header task adds `[1, id, state, result]` to the
+//! sorted set `celery-taskset-meta-<group>.j` scored by its `group_index`, and in the same
+//! MULTI/EXEC reads the count, the `.t` difference (`add_to_chord`) and the `.s` size that the
+//! producer's `apply_chord` set, and renews the expiry of all three. Deciding what the counts
+//! mean is `canvas::chord`'s job; this module only speaks Redis.
+
+use redis::AsyncCommands;
+
+use crate::backend::{BackendError, ResultBackend};
+
+/// Celery's `group_keyprefix`: `GroupResult.save()` and the chord counters live under it.
+pub const GROUP_PREFIX: &str = "celery-taskset-meta-";
+
+/// `celery-taskset-meta-<group><suffix>`, as Celery's `get_key_for_group` builds it.
+pub fn group_key(group: &str, suffix: &str) -> String {
+    format!("{GROUP_PREFIX}{group}{suffix}")
+}
+
+/// What one header task's return saw, atomically with adding itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartCount {
+    /// Members of the `.j` set after adding this one.
+    pub ready: u64,
+    /// The `.t` difference (tasks added to the chord after it was sent); 0 when absent.
+    pub diff: i64,
+    /// The `.s` size; `None` when the producer never set one (or it expired).
+    pub size: Option<i64>,
+}
+
+impl ResultBackend {
+    /// Adds `member` with score `index` (`None`: `+inf`, as Celery scores a part without a
+    /// `group_index`) and reads the counters, in one MULTI/EXEC. Adding a member that is
+    /// already there changes nothing, so a header task returning twice is counted once.
+    pub async fn chord_part_return(
+        &self,
+        group: &str,
+        member: &str,
+        index: Option<i64>,
+    ) -> Result<PartCount, BackendError> {
+        let (jkey, tkey, skey) = (
+            group_key(group, ".j"),
+            group_key(group, ".t"),
+            group_key(group, ".s"),
+        );
+        let score = index.map_or_else(|| "+inf".to_owned(), |i| i.to_string());
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .zadd(&jkey, member, &score)
+            .ignore()
+            .zcount(&jkey, "-inf", "+inf")
+            .get(&tkey)
+            .get(&skey);
+        if let Some(secs) = self.fixed.expires {
+            let secs = i64::try_from(secs).unwrap_or(i64::MAX);
+            pipe.expire(&jkey, secs)
+                .ignore()
+                .expire(&tkey, secs)
+                .ignore()
+                .expire(&skey, secs)
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        let (ready, diff, size): (u64, Option<String>, Option<String>) =
+            pipe.query_async(&mut conn).await?;
+        let number = |key: &str, v: Option<String>| -> Result<Option<i64>, BackendError> {
+            v.map(|text| {
+                text.trim()
+                    .parse::<i64>()
+                    .map_err(|_| BackendError::ChordCounter {
+                        key: key.to_owned(),
+                        value: crate::protocol::preview_str(&text),
+                    })
+            })
+            .transpose()
+        };
+        Ok(PartCount {
+            ready,
+            diff: number(&tkey, diff)?.unwrap_or(0),
+            size: number(&skey, size)?,
+        })
+    }
+
+    /// The header results in `group_index` order, as encoded by whoever added them.
+    pub async fn chord_members(&self, group: &str) -> Result<Vec<String>, BackendError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.zrange(group_key(group, ".j"), 0, -1).await?)
+    }
+
+    /// Deletes the three counters once the body is sent (or failed): a header task delivered
+    /// again afterwards starts a set with no size, which never completes, instead of sending
+    /// the body a second time.
+    pub async fn chord_forget(&self, group: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        conn.del::<_, ()>(&[
+            group_key(group, ".j"),
+            group_key(group, ".t"),
+            group_key(group, ".s"),
+        ])
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,224 @@
+//! A chord's join as Celery's Redis backend makes it (`on_chord_part_return`,
+//! `_unpack_chord_result`, `chord_error_from_stack` in `celery/backends/`): every header task,
+//! once its result is stored (SUCCESS, final FAILURE or REVOKED), adds
+//! [`member`] to the group's ordered set; the one that completes the count reads all results in
+//! `group_index` order and either sends the body with the list of results first in its args
+//! (unless immutable), or — when a header failed — stores the body's FAILURE `ChordError`
+//! ("Dependency <id> raised ...") and sends the body's errbacks.
+//!
+//! Exactly once: a header's member is encoded from its result as stored, with serde_json's
+//! compact output, so the same stored record always gives the same bytes and a redelivered
+//! header adds nothing to the count. The counters are deleted after the body is sent; a crash
+//! between sending the body and deleting them sends the body again with the same task id (as
+//! Celery would), never loses it.
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Value};
+
+use crate::backend::result::{ResultMeta, TaskError, TaskState};
+use crate::canvas::next::{derived_id, message, Parent, Publish};
+use crate::canvas::{CanvasError, Signature};
+
+/// A header task's place in its chord: the message's `group`, `group_index` and embed `chord`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordPart {
+    pub group: String,
+    pub index: Option<i64>,
+    pub body: Signature,
+}
+
+impl ChordPart {
+    /// The part a header message carries; a `chord` embed without a `group` header is broken.
+    pub fn new(
+        body: Signature,
+        group: Option<&str>,
+        index: Option<i64>,
+    ) -> Result<ChordPart, CanvasError> {
+        match group {
+            Some(g) if !g.is_empty() => Ok(ChordPart {
+                group: g.to_owned(),
+                index,
+                body,
+            }),
+            _ => Err(CanvasError::Invalid(format!(
+                "this job is a chord header (embed `chord` = {}) but has no `group` header: \
+                 the chord cannot be joined",
+                body.describe()
+            ))),
+        }
+    }
+}
+
+/// The `.j` set member for a header's outcome: `[1, id, state, result]`, `result` as stored.
+pub fn member(task_id: &str, state: &TaskState, result: &Value) -> String {
+    json!([1, task_id, state.as_str(), result]).to_string()
+}
+
+/// Whether the header whose return saw these counts completes the chord: the size is known
+/// and the set holds size + diff members.
+pub fn is_complete(ready: u64, diff: i64, size: Option<i64>) -> bool {
+    match size {
+        Some(size) if size > 0 => i64::try_from(ready).is_ok_and(|r| r == size + diff),
+        _ => false,
+    }
+}
+
+/// The header results in order, or the `ChordError` message of the first that failed.
+pub fn results(members: &[String]) -> Result<Vec<Value>, String> {
+    members
+        .iter()
+        .map(|raw| {
+            let parsed: Value =
+                serde_json::from_str(raw).map_err(|e| format!("Join error: {e}"))?;
+            let (Some(tid), Some(state), Some(result)) = (
+                parsed.get(1).and_then(Value::as_str),
+                parsed.get(2).and_then(Value::as_str),
+                parsed.get(3),
+            ) else {
+                return Err(format!(
+                    "Join error: chord member {} is not [1, id, state, result]",
+                    crate::protocol::preview(&parsed)
+                ));
+            };
+            // Celery's PROPAGATE_STATES.
+            match state {
+                "FAILURE" | "REVOKED" => Err(format!(
+                    "Dependency {tid} raised {}",
+                    exception_repr(result)
+                )),
+                _ => Ok(result.clone()),
+            }
+        })
+        .collect()
+}
+
+/// The body's message: the header results first in its args unless immutable, `parent_id` the
+/// header that completed the chord, its `group` the body's `group_id` option as Celery sends it.
+pub fn body_message(
+    part: &ChordPart,
+    results: Vec<Value>,
+    header: Parent<'_>,
+    now: DateTime<Utc>,
+) -> Publish {
+    let id = body_id(part);
+    let mut p = message(&part.body, Some(&Value::Array(results)), header, id, now);
+    let option = |name: &str| part.body.raw.get("options").and_then(|o| o.get(name));
+    p.msg.group = option("group_id")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    p.msg.group_index = option("group_index").and_then(Value::as_i64);
+    p
+}
+
+/// What a failed header does to the body, as `chord_error_from_stack`: the body's FAILURE
+/// `ChordError` to store and its errbacks, old style, with the body's id.
+pub fn body_failure(
+    part: &ChordPart,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> (ResultMeta, Vec<Publish>) {
+    let id = body_id(part);
+    let error =
+        TaskError::permanent("ChordError", reason.to_owned()).in_module("celery.exceptions");
+    let meta = ResultMeta::failure(
+        &id,
+        &error,
+        format!("celery.exceptions.ChordError: {reason}"),
+    );
+    let parent = Parent {
+        id: &id,
+        root_id: &id,
+    };
+    let failed = Value::String(id.clone());
+    let errbacks = part
+        .body
+        .options
+        .link_error
+        .iter()
+        .enumerate()
+        // Each was decoded when the message was: a failure here cannot happen.
+        .filter_map(|(i, raw)| {
+            Signature::decode(raw, "chord body option `link_error`")
+                .ok()
+                .map(|s| (i, s))
+        })
+        .map(|(i, sig)| {
+            let eid = derived_id(&sig, parent, &format!("errback/{i}"));
+            message(&sig, Some(&failed), parent, eid, now)
+        })
+        .collect();
+    (meta, errbacks)
+}
+
+/// The body's task id: the one the producer froze it with, else one derived from the group.
+pub fn body_id(part: &ChordPart) -> String {
+    part.body.options.task_id.clone().unwrap_or_else(|| {
+        uuid::Uuid::new_v5(
+            &super::next::NAMESPACE,
+            format!("{}/chord-body", part.group).as_bytes(),
+        )
+        .to_string()
+    })
+}
+
+/// How Python prints the exception a stored FAILURE result re-raises: `StepFailure('msg')`.
+fn exception_repr(result: &Value) -> String {
+    let name = result
+        .get("exc_type")
+        .and_then(Value::as_str)
+        .unwrap_or("Exception");
+    let args = match result.get("exc_message") {
+        Some(Value::Array(items)) => items.iter().map(py_repr).collect::<Vec<_>>().join(", "),
+        Some(Value::Null) | None => String::new(),
+        Some(one) => py_repr(one),
+    };
+    format!("{name}({args})")
+}
+
+/// A JSON value as Python's `repr` writes the value it decodes to.
+fn py_repr(v: &Value) -> String {
+    match v {
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => {
+            let quote = if s.contains('\'') && !s.contains('"') {
+                '"'
+            } else {
+                '\''
+            };
+            let mut out = String::with_capacity(s.len() + 2);
+            out.push(quote);
+            for c in s.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '\n' => out.push_str("\\n"),
+                    '\r' => out.push_str("\\r"),
+                    '\t' => out.push_str("\\t"),
+                    c if c == quote => {
+                        out.push('\\');
+                        out.push(c);
+                    }
+                    c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                        out.push_str(&format!("\\x{:02x}", c as u32))
+                    }
+                    c => out.push(c),
+                }
+            }
+            out.push(quote);
+            out
+        }
+        Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(py_repr).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Object(m) => format!(
+            "{{{}}}",
+            m.iter()
+                .map(|(k, v)| format!("{}: {}", py_repr(&Value::String(k.clone())), py_repr(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
