@@ -2,15 +2,18 @@
 //! (mixed immutable and not) with `.get()`, `.parent`, `.children` and `.collect()` working in
 //! Python, `link`, `link_error` with a Rust errback reading the typed failure, a chain step
 //! with a countdown, a chain whose middle step is retried, a chain across Rust and Python
-//! workers, a Python errback of a Rust task, a step that cannot take its parent's result, and
-//! canvas features mediafarm does not carry out failing clearly instead of being dropped.
+//! workers, a Python errback of a Rust task, a step that cannot take its parent's result, a
+//! group of 100 with `GroupResult` save/restore, chords of 100 joined in Redis with the body on
+//! Rust and on Python, a chord whose header mixes Rust and Python workers, a chord with a failing
+//! header (the body's `ChordError` and errback), and canvas features mediafarm does not carry
+//! out failing clearly instead of being dropped.
 
 use std::time::Duration;
 
 use mediafarm::{Registry, Task, TaskContext, TaskError};
 use mediafarm_tests::{
-    dead_letters, delete_queue, python_env, run_python, settings, unique_queue, Echo, Farm,
-    PythonWorker,
+    dead_letters, delete_queue, python_env, ready_count, run_python, settings, unique_queue, Echo,
+    Farm, PythonWorker,
 };
 use serde_json::{json, Map, Value};
 
@@ -264,4 +267,109 @@ async fn a_python_errback_gets_the_failed_rust_jobs_id() {
     );
     farm.stop().await;
     delete_queue(&settings(), &pyq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_group_of_100_runs_on_rust_in_order_and_saves_and_restores() {
+    let (out, farm) = python_canvas("group").await;
+    let want: Vec<Value> = (0..100).map(|i| json!({"i": i})).collect();
+    assert_eq!(out["values"], json!(want), "{out:#}");
+    assert_eq!(out["restored"], json!(want), "{out:#}");
+    assert_eq!(out["group_ids"], json!([out["group_id"]]), "{out:#}");
+    farm.stop().await;
+}
+
+/// Checks what every completed chord of 100 Rust headers shows; returns the body's value.
+fn chord_completed(out: &Value) -> &Value {
+    let body = &out["body"];
+    assert_eq!(body["state"], "SUCCESS", "{out:#}");
+    assert_eq!(out["keys_left"], 0, "the join's keys are deleted: {out:#}");
+    let parent = out["body_parent_id"]
+        .as_str()
+        .expect("the body has a parent");
+    assert!(
+        out["header_ids"]
+            .as_array()
+            .expect("header ids")
+            .iter()
+            .any(|h| h == parent),
+        "the body's parent is the header that completed the chord: {out:#}"
+    );
+    &body["ok"]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_of_100_on_rust_sends_its_rust_body_the_results_in_order() {
+    let (out, farm) = python_canvas("chord-rust-body").await;
+    let want: Vec<Value> = (0..100).map(|i| json!({"h": i})).collect();
+    assert_eq!(
+        chord_completed(&out),
+        &json!({"body": 1, "parent": want}),
+        "{out:#}"
+    );
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_of_100_on_rust_sends_a_python_body_the_results_in_order() {
+    let pyq = unique_queue("canvas-pybody");
+    let py = PythonWorker::start(&pyq);
+    let (out, farm) = python_canvas_with("chord-python-body", &[&pyq]).await;
+    drop(py);
+    let want: Vec<Value> = (0..100).map(|i| json!({"h": i})).collect();
+    assert_eq!(
+        chord_completed(&out),
+        &json!({"worker": "python", "parent": want, "kwargs": {"w": 1}}),
+        "{out:#}"
+    );
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_whose_header_mixes_rust_and_python_workers_completes_once() {
+    let pyq = unique_queue("canvas-pymix");
+    let py = PythonWorker::start(&pyq);
+    let (out, farm) = python_canvas_with("chord-mixed", &[&pyq]).await;
+    drop(py);
+    let body = &out["body"]["ok"];
+    assert_eq!(out["body"]["state"], "SUCCESS", "{out:#}");
+    assert_eq!(out["keys_left"], 0, "{out:#}");
+    let results = body["parent"].as_array().expect("the results");
+    assert_eq!(results.len(), 20, "{out:#}");
+    for (i, r) in results.iter().enumerate() {
+        if i % 2 == 1 {
+            assert_eq!(r, &json!({"h": i}), "{out:#}");
+        } else {
+            assert_eq!(r["worker"], "python", "{out:#}");
+            assert_eq!(r["kwargs"], json!({"h": i}), "{out:#}");
+        }
+    }
+    // Exactly once: nothing else was published to the body's queue.
+    assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_with_a_failing_header_fails_its_body_with_chord_error_and_calls_its_errback() {
+    let (out, farm) = python_canvas("chord-failing-header").await;
+    assert_eq!(out["via_parent"]["exc_type"], "StepFailure", "{out:#}");
+    let body = &out["body"];
+    assert_eq!(body["state"], "FAILURE", "{out:#}");
+    assert_eq!(body["exc_type"], "ChordError", "{out:#}");
+    let failed = out["failed_header"].as_str().expect("failed header id");
+    let message = format!("Dependency {failed} raised StepFailure('frame 3 is corrupt')");
+    assert_eq!(body["message"], json!(message), "{out:#}");
+    assert_eq!(
+        out["errback"]["ok"],
+        json!({
+            "failed_id": out["body_id"],
+            "exc_type": "ChordError",
+            "message": message,
+            "parent_id": out["body_id"],
+        }),
+        "{out:#}"
+    );
+    farm.stop().await;
 }

@@ -1,4 +1,5 @@
-"""Celery canvas from a plain Python producer to mediafarm workers: chains, link, link_error.
+"""Celery canvas from a plain Python producer to mediafarm workers: chains, link, link_error,
+groups and chords.
 
 Usage: canvas.py QUEUE SCENARIO [PYTHON_QUEUE]. Prints one JSON object describing what Python saw.
 The Rust side (tests/canvas.rs) runs `canvas.step` (returns its kwargs, the parent's result
@@ -80,8 +81,46 @@ def main():
         r = step(fail="no such upload").apply_async(link_error=errback)
         out = {"failed": outcome(r), "failed_id": r.id,
                "errback": outcome(app.AsyncResult(errback_id), timeout=60)}
+    elif scenario == "group":
+        res = group(step(i=i) for i in range(100)).apply_async()
+        out = {"values": res.get(timeout=60)}
+        res.save()
+        restored = app.GroupResult.restore(res.id)
+        out["restored"] = restored.get(timeout=30) if restored else None
+        out["group_ids"] = sorted({app.backend.get_task_meta(r.id).get("group_id")
+                                   for r in res.results})
+        out["group_id"] = res.id
+    elif scenario in ("chord-rust-body", "chord-python-body", "chord-mixed"):
+        headers = [step(h=i) for i in range(100)]
+        body = step(body=1)
+        if scenario == "chord-python-body":
+            body = signature("pyside.wrap", kwargs={"w": 1}, queue=sys.argv[3])
+        if scenario == "chord-mixed":
+            py = lambda i: signature("echo.echo", kwargs={"h": i}, queue=sys.argv[3])
+            headers = [step(h=i) if i % 2 else py(i) for i in range(20)]
+        r = chord(headers, body).apply_async()
+        out = {"body": outcome(r, timeout=90), "body_id": r.id, "group_id": r.parent.id}
+        out["body_parent_id"] = app.backend.get_task_meta(r.id).get("parent_id")
+        out["header_ids"] = [h.id for h in r.parent.results]
+        keys = ["celery-taskset-meta-%s%s" % (r.parent.id, k) for k in (".j", ".t", ".s")]
+        for _ in range(50):
+            out["keys_left"] = app.backend.client.exists(*keys)
+            if not out["keys_left"]:
+                break
+            time.sleep(0.1)
+    elif scenario == "chord-failing-header":
+        errback_id = str(uuid.uuid4())
+        errback = signature("canvas.on_error", queue=queue).set(task_id=errback_id)
+        headers = [step(h=1), step(fail="frame 3 is corrupt"), step(h=3)]
+        r = chord(headers, step(body=1).set(link_error=errback)).apply_async()
+        # `r.get()` re-raises the failed header first (Celery walks a result's parents); the
+        # body's own record is read without them.
+        out = {"via_parent": outcome(r, timeout=60), "body_id": r.id,
+               "body": outcome(app.AsyncResult(r.id)),
+               "failed_header": r.parent.results[1].id,
+               "errback": outcome(app.AsyncResult(errback_id))}
     elif scenario == "unsupported":
-        body = chord([step(h=1), step(h=2)], step(body=1)).apply_async()
+        body = chord([step(h=1), step(h=2)], group(step(x=1), step(x=2))).apply_async()
         out = {"chord_headers": [outcome(r) for r in body.parent.results]}
         r = step(g=1).apply_async(link=group(step(x=1), step(x=2)))
         out["group_callback"] = outcome(r)
