@@ -5,11 +5,12 @@
 //! workers, a Python errback of a Rust task, a step that cannot take its parent's result, and
 //! canvas features mediafarm does not carry out failing clearly instead of being dropped.
 //! Then the same from the Rust producer API: a chain and a group on Rust workers, a chain on a
-//! Python worker and across both, and `mediafarm submit --workflow`.
+//! Python worker and across both, a chord joined by Python Celery from the size key the
+//! producer set, and `mediafarm submit --workflow`.
 
 use std::time::Duration;
 
-use mediafarm::client::{chain, group, Signature};
+use mediafarm::client::{chain, chord, group, Signature};
 use mediafarm::{Client, Registry, Task, TaskContext, TaskError};
 use mediafarm_tests::{
     dead_letters, delete_queue, new_id, python_env, run_python, settings, unique_queue, Echo, Farm,
@@ -457,4 +458,41 @@ fn submit_workflow(
         input.write_all(text.as_bytes()).expect("stdin");
     }
     child.wait_with_output().expect("mediafarm ends")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chord_is_joined_by_python_celery_from_its_size_key() {
+    // Python Celery's Redis backend joins the chord: it reads the header size the producer set
+    // at celery-taskset-meta-<gid>.s and the body from each header's `chord` embed.
+    let pyq = unique_queue("canvas-rs-chord");
+    let py = PythonWorker::start(&pyq);
+    let client = Client::connect(&settings()).await.expect("client");
+    let header = (0..3).map(|i| {
+        Signature::new("echo.echo", mediafarm_tests::kwargs(json!({ "i": i }))).queue(&pyq)
+    });
+    let body = Signature::new("pyside.wrap", mediafarm_tests::kwargs(json!({"w": 1}))).queue(&pyq);
+    let c = chord(header, body)
+        .apply_async(&client)
+        .await
+        .expect("sent");
+    let got = c
+        .body
+        .get(Duration::from_secs(60))
+        .await
+        .expect("the body ran");
+    let parents: Vec<Value> = got["parent"]
+        .as_array()
+        .expect("the header's results")
+        .iter()
+        .map(|r| r["kwargs"].clone())
+        .collect();
+    assert_eq!(
+        parents,
+        [json!({"i": 0}), json!({"i": 1}), json!({"i": 2})],
+        "{got:#}"
+    );
+    assert_eq!(got["kwargs"], json!({"w": 1}), "{got:#}");
+    assert_eq!(c.header.results.len(), 3);
+    drop(py);
+    delete_queue(&settings(), &pyq).await;
 }
