@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Brings up a local mediafarm on this machine and runs a real job through each worker:
 # installs/starts RabbitMQ and Redis if needed, builds the release binaries, starts every
-# worker in the background (logs in var/log, pids in var/run) and submits one job to each.
+# worker in the background (logs in var/log, pids in var/run) and submits one job to each, and
+# the upload pipeline as a chain (image.transform → notify.webhook to a local receiver).
 # Stop the farm with deploy/down.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -63,7 +64,10 @@ python3 deploy/demo_image.py "$STORAGE_DIR/demo/original.png"
 
 # notify-worker: with no smtp_url and sms_provider = "outbox" (the example settings), email goes
 # to var/outbox/email as .eml files and SMS to var/outbox/sms as JSON.
-start_worker notify-worker "$BIN/notify-worker" 9811
+# The demo pipeline's webhook goes to a receiver on this machine (below), so this notify-worker
+# may call plain http:// on loopback; a real deployment leaves both off.
+MEDIAFARM_WEBHOOK_ALLOW_HTTP=true MEDIAFARM_WEBHOOK_ALLOW_PRIVATE=true \
+  start_worker notify-worker "$BIN/notify-worker" 9811
 echo "[up] notify.email and notify.sms through notify-worker (to the outboxes):"
 "$BIN/mediafarm" --config "$CONFIG" submit notify.email --wait --timeout 30 --json '{
   "to": "张三 <zhang@example.com>", "subject": "欢迎 to mediafarm",
@@ -71,6 +75,32 @@ echo "[up] notify.email and notify.sms through notify-worker (to the outboxes):"
 "$BIN/mediafarm" --config "$CONFIG" submit notify.sms --wait --timeout 30 --json '{
   "to": "+14155550123", "body": "Your mediafarm code is 123456"}'
 echo "[up] outbox: $(ls -t var/outbox/email/*.eml | head -1), $(ls -t var/outbox/sms/*.json | head -1)"
+
+# The upload pipeline as one workflow, as an app sends it (README, "Workflows"): a chain of
+# image.transform (the variants stored) and notify.webhook, which posts the transform's result
+# (every variant's key and URL) to the app: here deploy/demo_webhook.py, writing what it
+# receives to var/outbox/webhook. --wait waits for the chain's last step and fails if any failed.
+WEBHOOK_PORT=9813   # the workers hold 9808-9811, beat 9812
+if [ -f var/run/demo-webhook.pid ] && kill -0 "$(cat var/run/demo-webhook.pid)" 2>/dev/null; then
+  kill -TERM "$(cat var/run/demo-webhook.pid)" && sleep 0.5
+fi
+nohup python3 deploy/demo_webhook.py "$WEBHOOK_PORT" var/outbox/webhook >var/log/demo-webhook.log 2>&1 </dev/null &
+echo $! >var/run/demo-webhook.pid
+for _ in $(seq 50); do case "$(http_status "$WEBHOOK_PORT" /)" in *" 200"*) break;; esac
+  kill -0 "$(cat var/run/demo-webhook.pid)" 2>/dev/null || { echo "[up] demo webhook receiver exited:"; tail -20 var/log/demo-webhook.log; exit 1; }
+  sleep 0.2; done
+echo "[up] the upload pipeline, image.transform → notify.webhook, as a chain (mediafarm submit --workflow):"
+"$BIN/mediafarm" --config "$CONFIG" submit --workflow - --wait --timeout 60 <<EOF
+{"chain": [
+  {"task": "image.transform", "kwargs": {"source": "demo/original.png", "outputs": [
+    {"key": "demo/upload-1024.webp", "width": 1024, "fit": "inside", "format": "webp"},
+    {"key": "demo/upload-256.jpg", "width": 256, "height": 256, "fit": "cover", "format": "jpeg"}]}},
+  {"task": "notify.webhook", "kwargs": {"url": "http://127.0.0.1:$WEBHOOK_PORT/hooks/upload"}}
+]}
+EOF
+received=$(ls -t var/outbox/webhook/*.json | head -1)
+grep -q '"demo/upload-256.jpg"' "$received" || { echo "[up] the webhook did not carry the variants: $received"; exit 1; }
+echo "[up] the app's webhook received the variants' URLs: $received"
 
 # snapshot-worker: a generated local H.264 file as the stream (file:// sources are allowed only
 # under source_allowed_roots, given to this worker alone); one frame at 2.5 s, then a session

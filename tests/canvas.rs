@@ -7,13 +7,17 @@
 //! Rust and on Python, a chord whose header mixes Rust and Python workers, a chord with a failing
 //! header (the body's `ChordError` and errback), and canvas features mediafarm does not carry
 //! out failing clearly instead of being dropped.
+//! Then the same from the Rust producer API: a chain and a group on Rust workers, a chain on a
+//! Python worker and across both, a chord joined by Python Celery from the size key the
+//! producer set, and `mediafarm submit --workflow`.
 
 use std::time::Duration;
 
-use mediafarm::{Registry, Task, TaskContext, TaskError};
+use mediafarm::client::{chain, chord, group, Signature};
+use mediafarm::{Client, Registry, Task, TaskContext, TaskError};
 use mediafarm_tests::{
-    dead_letters, delete_queue, python_env, ready_count, run_python, settings, unique_queue, Echo,
-    Farm, PythonWorker,
+    dead_letters, delete_queue, new_id, python_env, ready_count, run_python, settings,
+    unique_queue, Echo, Farm, PythonWorker,
 };
 use serde_json::{json, Map, Value};
 
@@ -372,4 +376,231 @@ async fn a_chord_with_a_failing_header_fails_its_body_with_chord_error_and_calls
         "{out:#}"
     );
     farm.stop().await;
+}
+
+// Workflows sent by the Rust producer API (`mediafarm::client::workflow`) and by
+// `mediafarm submit --workflow`.
+
+fn rust_step(queue: &str, kwargs: Value) -> Signature {
+    Signature::new("canvas.step", mediafarm_tests::kwargs(kwargs)).queue(queue)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chain_runs_on_rust_workers_with_parents_and_ids_kept() {
+    let farm = Farm::start("canvas-rs-chain", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let last = chain([
+        rust_step(&q, json!({"a": 1})),
+        rust_step(&q, json!({"b": 2}))
+            .si()
+            .task_id(new_id("middle")),
+        rust_step(&q, json!({"c": 3})),
+    ])
+    .apply_async(&farm.client)
+    .await
+    .expect("sent");
+    let t = Duration::from_secs(30);
+    let got = last.get(t).await.expect("the chain ends");
+    assert_eq!(got, json!({"c": 3, "parent": {"b": 2}}));
+    let middle = last.parent().expect("the middle step");
+    assert!(middle.id.starts_with("middle"), "{}", middle.id);
+    assert_eq!(middle.get(t).await.expect("middle"), json!({"b": 2}));
+    let first = middle.parent().expect("the first step");
+    assert_eq!(first.get(t).await.expect("first"), json!({"a": 1}));
+    assert!(first.parent().is_none());
+    let meta = last.meta().await.expect("read").expect("stored");
+    assert_eq!(meta.extra["parent_id"], json!(middle.id));
+    let meta = first.meta().await.expect("read").expect("stored");
+    assert_eq!(
+        meta.children,
+        vec![json!([[middle.id, null], null])],
+        "children as Celery stores them"
+    );
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_group_runs_on_rust_workers_in_order() {
+    let farm = Farm::start("canvas-rs-group", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let g = group((0..20).map(|i| rust_step(&q, json!({ "i": i }))))
+        .apply_async(&farm.client)
+        .await
+        .expect("sent");
+    assert_eq!(g.results.len(), 20);
+    let got = g.get(Duration::from_secs(30)).await.expect("all end");
+    let want: Vec<Value> = (0..20).map(|i| json!({ "i": i })).collect();
+    assert_eq!(got, want, "results in the group's order");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chain_runs_on_a_python_worker() {
+    let pyq = unique_queue("canvas-rs-py");
+    let py = PythonWorker::start(&pyq);
+    let client = Client::connect(&settings()).await.expect("client");
+    let last = chain([
+        Signature::new("pyside.wrap", mediafarm_tests::kwargs(json!({"w": 1})))
+            .args(vec![json!("upload-7")])
+            .queue(&pyq),
+        Signature::new("pyside.wrap", mediafarm_tests::kwargs(json!({"w": 2}))).queue(&pyq),
+        Signature::new("echo.echo", mediafarm_tests::kwargs(json!({"e": 3})))
+            .si()
+            .queue(&pyq),
+    ])
+    .apply_async(&client)
+    .await
+    .expect("sent");
+    let t = Duration::from_secs(60);
+    let got = last.get(t).await.expect("the chain ends on Python");
+    assert_eq!(got["worker"], "python", "{got:#}");
+    assert_eq!(got["kwargs"], json!({"e": 3}), "immutable: {got:#}");
+    let first = json!({"worker": "python", "parent": "upload-7", "kwargs": {"w": 1}});
+    let middle = last.parent().expect("middle");
+    assert_eq!(
+        middle.get(t).await.expect("middle"),
+        json!({"worker": "python", "parent": first, "kwargs": {"w": 2}})
+    );
+    drop(py);
+    delete_queue(&settings(), &pyq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chain_runs_across_rust_and_python_workers() {
+    let pyq = unique_queue("canvas-rs-mixed");
+    let py = PythonWorker::start(&pyq);
+    let farm = Farm::start("canvas-rs-mixed", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let last = chain([
+        rust_step(&q, json!({"a": 1})),
+        Signature::new("pyside.wrap", mediafarm_tests::kwargs(json!({"w": 1}))).queue(&pyq),
+        rust_step(&q, json!({"c": 3})),
+    ])
+    .apply_async(&farm.client)
+    .await
+    .expect("sent");
+    let middle = json!({"worker": "python", "parent": {"a": 1}, "kwargs": {"w": 1}});
+    assert_eq!(
+        last.get(Duration::from_secs(60)).await.expect("ends"),
+        json!({"c": 3, "parent": middle})
+    );
+    drop(py);
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mediafarm_submit_workflow_runs_a_chain_and_prints_the_last_result() {
+    let farm = Farm::start("canvas-cli", settings(), registry()).await;
+    let q = &farm.queue;
+    let workflow = json!({"chain": [
+        {"task": "canvas.step", "kwargs": {"a": 1}, "options": {"queue": q}},
+        {"task": "canvas.step", "kwargs": {"b": 2}, "options": {"queue": q}},
+        {"task": "canvas.step", "kwargs": {"c": 3}, "options": {"queue": q}, "immutable": true},
+    ]});
+    let dir = mediafarm_tests::temp_dir("canvas-cli");
+    let file = dir.join("workflow.json");
+    std::fs::write(&file, workflow.to_string()).expect("written");
+    let (broker, backend) = (
+        farm.settings.broker_url.clone(),
+        farm.settings.result_backend.clone(),
+    );
+    let run = move |args: Vec<String>, stdin: Option<String>| {
+        submit_workflow(&dir, &broker, &backend, &args, stdin)
+    };
+    let run2 = run.clone();
+    let from_file = {
+        let file = file.display().to_string();
+        tokio::task::spawn_blocking(move || run(vec!["--workflow".into(), file], None))
+    };
+    let out = from_file.await.expect("ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{out:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_str(&stdout).expect("JSON printed");
+    assert_eq!(got, json!({"c": 3}), "the chain's last result");
+
+    // From stdin, with a step that fails: exit 1 naming the failed job.
+    let failing = json!({"chain": [
+        {"task": "canvas.step", "kwargs": {"a": 1}, "options": {"queue": q}},
+        {"task": "canvas.step", "kwargs": {"fail": "no such upload"}, "options": {"queue": q}},
+    ]});
+    let out = tokio::task::spawn_blocking(move || {
+        run2(
+            vec!["--workflow".into(), "-".into()],
+            Some(failing.to_string()),
+        )
+    })
+    .await
+    .expect("ran");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("StepFailure: no such upload"), "{stderr}");
+    farm.stop().await;
+}
+
+/// Runs `mediafarm submit --wait --timeout 30 ARGS` in `dir`, writing `stdin` to it.
+fn submit_workflow(
+    dir: &std::path::Path,
+    broker: &str,
+    backend: &str,
+    args: &[String],
+    stdin: Option<String>,
+) -> std::process::Output {
+    let mut child = std::process::Command::new(mediafarm_tests::binary("mediafarm"))
+        .current_dir(dir)
+        .args(["submit", "--wait", "--timeout", "30"])
+        .args(args)
+        .env("MEDIAFARM_BROKER_URL", broker)
+        .env("MEDIAFARM_RESULT_BACKEND", backend)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mediafarm runs");
+    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
+        use std::io::Write;
+        input.write_all(text.as_bytes()).expect("stdin");
+    }
+    child.wait_with_output().expect("mediafarm ends")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chord_is_joined_by_python_celery_from_its_size_key() {
+    // Python Celery's Redis backend joins the chord: it reads the header size the producer set
+    // at celery-taskset-meta-<gid>.s and the body from each header's `chord` embed.
+    let pyq = unique_queue("canvas-rs-chord");
+    let py = PythonWorker::start(&pyq);
+    let client = Client::connect(&settings()).await.expect("client");
+    let header = (0..3).map(|i| {
+        Signature::new("echo.echo", mediafarm_tests::kwargs(json!({ "i": i }))).queue(&pyq)
+    });
+    let body = Signature::new("pyside.wrap", mediafarm_tests::kwargs(json!({"w": 1}))).queue(&pyq);
+    let c = chord(header, body)
+        .apply_async(&client)
+        .await
+        .expect("sent");
+    let got = c
+        .body
+        .get(Duration::from_secs(60))
+        .await
+        .expect("the body ran");
+    let parents: Vec<Value> = got["parent"]
+        .as_array()
+        .expect("the header's results")
+        .iter()
+        .map(|r| r["kwargs"].clone())
+        .collect();
+    assert_eq!(
+        parents,
+        [json!({"i": 0}), json!({"i": 1}), json!({"i": 2})],
+        "{got:#}"
+    );
+    assert_eq!(got["kwargs"], json!({"w": 1}), "{got:#}");
+    assert_eq!(c.header.results.len(), 3);
+    drop(py);
+    delete_queue(&settings(), &pyq).await;
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use mediafarm::beat::settings::BeatSettings;
-use mediafarm::client::{Client, ClientError, SendOptions};
+use mediafarm::client::{Client, ClientError, SendOptions, Workflow};
 use mediafarm::settings::Group;
 use mediafarm::Settings;
 use serde_json::Value;
@@ -36,10 +36,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Publish a job; prints its id (or its result with --wait).
+    /// Publish a job or a workflow; prints its id (or its result with --wait).
     Submit {
         /// Task name, e.g. image.transform.
-        task: String,
+        #[arg(required_unless_present = "workflow")]
+        task: Option<String>,
+        /// A workflow as JSON instead of one task (a file, or - for stdin): a signature,
+        /// {"chain": [sig, ...]}, {"group": [sig, ...]} or {"chord": {"header": [sig, ...],
+        /// "body": sig}}, with sig = {"task", "args", "kwargs", "options", "immutable"}.
+        /// Prints (with --wait) the chain's last result, the group's list, the chord body's.
+        #[arg(long, value_name = "FILE|-", conflicts_with_all = ["task", "json", "queue", "countdown", "expires"])]
+        workflow: Option<PathBuf>,
         /// Keyword arguments as a JSON object.
         #[arg(long, default_value = "{}")]
         json: String,
@@ -216,6 +223,31 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let (settings, beat) = Settings::load_with::<BeatSettings>(&cli.config, config_given)?;
     match cli.command {
         Command::Submit {
+            workflow: Some(path),
+            wait,
+            timeout: t,
+            ..
+        } => {
+            let text = if path == std::path::Path::new("-") {
+                std::io::read_to_string(std::io::stdin()).context("--workflow -: reading stdin")?
+            } else {
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("--workflow {}", path.display()))?
+            };
+            let value = serde_json::from_str::<Value>(&text)
+                .with_context(|| format!("--workflow {} is not valid JSON", path.display()))?;
+            let workflow = Workflow::from_json(&value)?;
+            let t = timeout(t)?;
+            let client = Client::connect(&settings).await?;
+            let result = workflow.apply_async(&client).await?;
+            if !wait {
+                println!("{}", result.id());
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("{}", result.id());
+            report(result.get(t).await)
+        }
+        Command::Submit {
             task,
             json,
             queue,
@@ -223,7 +255,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             expires,
             wait,
             timeout: t,
+            ..
         } => {
+            // clap requires TASK unless --workflow is given, handled above.
+            let Some(task) = task else {
+                bail!("submit needs a TASK name or --workflow FILE");
+            };
             let kwargs = match serde_json::from_str::<Value>(&json)
                 .with_context(|| format!("--json is not valid JSON: {json}"))?
             {

@@ -91,6 +91,26 @@ impl Signature {
     }
 }
 
+/// The wire form of a signature, as Celery's `Signature` dict serialises and as
+/// [`Signature::decode`] reads it back: the producer's side (`client::workflow`) builds every
+/// signature it embeds with this.
+pub fn encode(
+    task: &str,
+    args: &[Value],
+    kwargs: &Map<String, Value>,
+    options: &Map<String, Value>,
+    immutable: bool,
+) -> Value {
+    let mut sig = Map::with_capacity(6);
+    sig.insert("task".into(), Value::String(task.to_owned()));
+    sig.insert("args".into(), Value::Array(args.to_vec()));
+    sig.insert("kwargs".into(), Value::Object(kwargs.clone()));
+    sig.insert("options".into(), Value::Object(options.clone()));
+    sig.insert("subtask_type".into(), Value::Null);
+    sig.insert("immutable".into(), Value::Bool(immutable));
+    Value::Object(sig)
+}
+
 fn decode_at(v: &Value, path: &str, depth: usize) -> Result<Signature, CanvasError> {
     if depth > MAX_DEPTH {
         return Err(CanvasError::Invalid(format!(

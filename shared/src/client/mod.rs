@@ -1,5 +1,12 @@
 //! The producer side: send a job (typed or by task name) and read its result, as Celery's
-//! `send_task` and `AsyncResult` do.
+//! `send_task` and `AsyncResult` do; workflows (chain, group, chord) in [`workflow`].
+
+pub mod workflow;
+
+pub use workflow::{
+    chain, chord, group, Chain, Chord, ChordResult, Group, GroupResult, Signature, Workflow,
+    WorkflowResult,
+};
 
 use std::time::Duration;
 
@@ -21,6 +28,9 @@ pub enum ClientError {
     Backend(#[from] BackendError),
     #[error("job arguments must serialise to a JSON object of kwargs; got {0}")]
     NotAnObject(String),
+    /// A workflow or signature that cannot be sent as it is, naming the part.
+    #[error("{0}")]
+    Workflow(String),
     /// The job ended in FAILURE or REVOKED.
     #[error("job {id} failed: {error}")]
     Failed { id: String, error: TaskError },
@@ -47,6 +57,8 @@ pub struct SendOptions {
 pub struct Client {
     publisher: Publisher,
     backend: ResultBackend,
+    /// How long the backend keeps what the client writes (a chord's size), in seconds.
+    result_expires: Option<u64>,
 }
 
 impl Client {
@@ -59,6 +71,7 @@ impl Client {
                 settings.result_expires_secs(),
             )
             .await?,
+            result_expires: settings.result_expires_secs(),
         })
     }
 
@@ -103,6 +116,7 @@ impl Client {
         AsyncResult {
             id: id.to_owned(),
             backend: self.backend.clone(),
+            parent: None,
         }
     }
 
@@ -137,9 +151,16 @@ pub use crate::protocol::default_queue;
 pub struct AsyncResult {
     pub id: String,
     backend: ResultBackend,
+    /// The chain step before this one, when the producer knows it (a chain's results).
+    parent: Option<Box<AsyncResult>>,
 }
 
 impl AsyncResult {
+    /// The result of the step before this one in a chain sent by this client.
+    pub fn parent(&self) -> Option<&AsyncResult> {
+        self.parent.as_deref()
+    }
+
     /// Waits for the job to end; its return value, or `ClientError::Failed`.
     pub async fn get(&self, timeout: Duration) -> Result<Value, ClientError> {
         let meta = self.backend.wait(&self.id, timeout).await?;

@@ -1,0 +1,678 @@
+//! The producer side of Celery's canvas: [`Signature`], [`chain`], [`group`] and [`chord`]
+//! built in Rust and sent in the wire form Python Celery sends (`celery/canvas.py`), so a
+//! Python worker or a mediafarm worker carries them on alike.
+//!
+//! - A signature is Celery's dict `{task, args, kwargs, options, subtask_type, immutable}`
+//!   (`canvas::signature::encode`); what it would send is checked by the worker's own decoder
+//!   before anything is published, so a bad option fails here, not on a worker.
+//! - A chain publishes its first step with the rest in the embed `chain`, reversed, every step
+//!   holding a `task_id` assigned up front (Celery's `prepare_steps`), so the last step's
+//!   result, with its parents, is known at once.
+//! - A group publishes every member with the `group` header (the group id) and `group_index`.
+//! - A chord sets the header's size in the result backend (`celery-taskset-meta-<gid>.s`, as
+//!   the Redis backend's `set_chord_size`) before publishing the header, each header task
+//!   carrying the body in its embed `chord`; the body holds its `task_id` and `group_id`.
+//!   An empty header sends the body at once with an empty list, as Celery does.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::{json, Map, Value};
+
+use super::{AsyncResult, Client, ClientError};
+use crate::canvas::signature::{self as wire, When};
+use crate::protocol::{format_time, preview, TaskMessage, TimeLimits};
+
+/// Where a chord's header size is kept: `celery-taskset-meta-<gid>.s`.
+pub fn chord_size_key(group_id: &str) -> String {
+    format!("celery-taskset-meta-{group_id}.s")
+}
+
+/// Options a workflow written as JSON (`mediafarm submit --workflow`) may set on a signature:
+/// any other name is refused rather than ignored.
+const JSON_OPTIONS: &[&str] = &[
+    "task_id",
+    "queue",
+    "routing_key",
+    "countdown",
+    "eta",
+    "expires",
+    "priority",
+    "time_limit",
+    "soft_time_limit",
+    "link",
+    "link_error",
+];
+
+/// A task signature as a producer builds one (`task.s(...)`, `.si(...)`, `.set(...)`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Signature {
+    pub task: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    /// Celery's options by their wire names (`queue`, `countdown`, `task_id`, `link`, ...).
+    pub options: Map<String, Value>,
+    pub immutable: bool,
+}
+
+impl Signature {
+    /// `task` with keyword arguments (mediafarm tasks take kwargs).
+    pub fn new(task: impl Into<String>, kwargs: Map<String, Value>) -> Signature {
+        Signature {
+            task: task.into(),
+            args: Vec::new(),
+            kwargs,
+            options: Map::new(),
+            immutable: false,
+        }
+    }
+
+    /// Positional arguments (a parent's result, when it is passed, goes before them).
+    pub fn args(mut self, args: Vec<Value>) -> Signature {
+        self.args = args;
+        self
+    }
+
+    /// Immutable, as Celery's `.si()`: it does not receive its parent's result.
+    pub fn si(mut self) -> Signature {
+        self.immutable = true;
+        self
+    }
+
+    /// Sets a Celery option by its wire name (`.set(name=value)`).
+    pub fn set(mut self, name: &str, value: Value) -> Signature {
+        self.options.insert(name.to_owned(), value);
+        self
+    }
+
+    pub fn queue(self, queue: impl Into<String>) -> Signature {
+        self.set("queue", Value::String(queue.into()))
+    }
+
+    /// Runs no earlier than this many seconds after it is sent (for a chain step: after its
+    /// parent ends).
+    pub fn countdown(self, secs: f64) -> Signature {
+        self.set("countdown", json!(secs))
+    }
+
+    pub fn eta(self, at: DateTime<Utc>) -> Signature {
+        self.set("eta", Value::String(format_time(at)))
+    }
+
+    /// Not run after this many seconds from when it is sent.
+    pub fn expires(self, secs: f64) -> Signature {
+        self.set("expires", json!(secs))
+    }
+
+    pub fn expires_at(self, at: DateTime<Utc>) -> Signature {
+        self.set("expires", Value::String(format_time(at)))
+    }
+
+    pub fn priority(self, priority: u8) -> Signature {
+        self.set("priority", json!(priority))
+    }
+
+    pub fn time_limit(self, secs: f64) -> Signature {
+        self.set("time_limit", json!(secs))
+    }
+
+    pub fn soft_time_limit(self, secs: f64) -> Signature {
+        self.set("soft_time_limit", json!(secs))
+    }
+
+    /// The task id to use instead of a new UUID.
+    pub fn task_id(self, id: impl Into<String>) -> Signature {
+        self.set("task_id", Value::String(id.into()))
+    }
+
+    /// A callback sent with this task's return value when it succeeds.
+    pub fn link(self, callback: Signature) -> Signature {
+        self.push_option("link", callback)
+    }
+
+    /// An errback sent with this task's id when it fails for good.
+    pub fn link_error(self, errback: Signature) -> Signature {
+        self.push_option("link_error", errback)
+    }
+
+    fn push_option(mut self, name: &str, sig: Signature) -> Signature {
+        let entry = self
+            .options
+            .entry(name.to_owned())
+            .or_insert_with(|| Value::Array(Vec::new()));
+        match entry {
+            Value::Array(items) => items.push(sig.to_value()),
+            // Celery accepts one signature as well as a list: keep it and add this one.
+            other => *other = Value::Array(vec![other.take(), sig.to_value()]),
+        }
+        self
+    }
+
+    /// The id assigned up front, if any.
+    pub fn id(&self) -> Option<&str> {
+        self.options.get("task_id").and_then(Value::as_str)
+    }
+
+    /// Celery's wire form of this signature.
+    pub fn to_value(&self) -> Value {
+        wire::encode(
+            &self.task,
+            &self.args,
+            &self.kwargs,
+            &self.options,
+            self.immutable,
+        )
+    }
+
+    /// Reads a signature written as JSON: `{"task", "args"?, "kwargs"?, "options"?,
+    /// "immutable"?}`, any other field or option name refused.
+    pub fn from_json(v: &Value, path: &str) -> Result<Signature, ClientError> {
+        let bad = |why: String| ClientError::Workflow(format!("{path}: {why}"));
+        let Value::Object(obj) = v else {
+            return Err(bad(format!(
+                "a signature is an object {{\"task\", \"args\", \"kwargs\", \"options\", \
+                 \"immutable\"}}; got {}",
+                preview(v)
+            )));
+        };
+        if let Some(other) = obj.keys().find(|k| {
+            !matches!(
+                k.as_str(),
+                // `subtask_type` as Celery writes it (null); the decoder refuses any other.
+                "task" | "args" | "kwargs" | "options" | "immutable" | "subtask_type"
+            )
+        }) {
+            return Err(bad(format!(
+                "unknown field `{other}` (a signature has task, args, kwargs, options, \
+                 immutable)"
+            )));
+        }
+        if let Some(Value::Object(options)) = obj.get("options") {
+            if let Some(other) = options.keys().find(|k| !JSON_OPTIONS.contains(&k.as_str())) {
+                return Err(bad(format!(
+                    "unknown option `{other}` (options: {})",
+                    JSON_OPTIONS.join(", ")
+                )));
+            }
+        }
+        // The worker's decoder checks every field's type and every option's value.
+        let checked = wire::Signature::decode(v, path).map_err(|e| bad_canvas(&e))?;
+        let options = match obj.get("options") {
+            Some(Value::Object(o)) => o.clone(),
+            _ => Map::new(),
+        };
+        Ok(Signature {
+            task: checked.task,
+            args: checked.args,
+            kwargs: checked.kwargs,
+            options,
+            immutable: checked.immutable,
+        })
+    }
+
+    /// Sends this task alone.
+    pub async fn apply_async(&self, client: &Client) -> Result<AsyncResult, ClientError> {
+        let sig = with_id(self.clone());
+        let (queue, msg) = message(&sig, Utc::now())?;
+        client.publisher.publish(&queue, &msg).await?;
+        Ok(client.result(&msg.id))
+    }
+}
+
+/// Steps run one after another, each (unless immutable) receiving the previous one's result.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chain {
+    pub steps: Vec<Signature>,
+}
+
+/// Members run in parallel; their results are read in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Group {
+    pub members: Vec<Signature>,
+    /// The group id to use instead of a new UUID.
+    pub id: Option<String>,
+}
+
+/// A group whose results, once all are in, go as one list to the body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chord {
+    pub header: Vec<Signature>,
+    pub body: Signature,
+    /// The group id (the header's) to use instead of a new UUID.
+    pub id: Option<String>,
+}
+
+pub fn chain(steps: impl IntoIterator<Item = Signature>) -> Chain {
+    Chain {
+        steps: steps.into_iter().collect(),
+    }
+}
+
+pub fn group(members: impl IntoIterator<Item = Signature>) -> Group {
+    Group {
+        members: members.into_iter().collect(),
+        id: None,
+    }
+}
+
+pub fn chord(header: impl IntoIterator<Item = Signature>, body: Signature) -> Chord {
+    Chord {
+        header: header.into_iter().collect(),
+        body,
+        id: None,
+    }
+}
+
+/// What a chain sends: its first message, and the ids of every step in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChainPlan {
+    pub queue: String,
+    pub msg: TaskMessage,
+    pub ids: Vec<String>,
+}
+
+impl Chain {
+    /// The first step's message, the others reversed in its embed `chain`, every step with
+    /// its id assigned.
+    pub fn plan(&self, now: DateTime<Utc>) -> Result<ChainPlan, ClientError> {
+        let steps: Vec<Signature> = self.steps.iter().cloned().map(with_id).collect();
+        let Some((first, rest)) = steps.split_first() else {
+            return Err(ClientError::Workflow(
+                "a chain needs at least one step".into(),
+            ));
+        };
+        for (i, step) in rest.iter().enumerate() {
+            // Checked here, as the first step is, so a bad step fails before anything is sent
+            // rather than on a worker after its parent ran.
+            wire::Signature::decode(&step.to_value(), &format!("chain step {}", i + 1))
+                .map_err(|e| bad_canvas(&e))?;
+        }
+        let (queue, mut msg) = message(first, now)?;
+        if !rest.is_empty() {
+            let reversed = rest.iter().rev().map(Signature::to_value).collect();
+            msg.embed.insert("chain".into(), Value::Array(reversed));
+        }
+        let ids = steps
+            .iter()
+            .filter_map(|s| s.id().map(str::to_owned))
+            .collect();
+        Ok(ChainPlan { queue, msg, ids })
+    }
+
+    /// Sends the chain; the last step's result, whose `parent` is the step before it.
+    pub async fn apply_async(&self, client: &Client) -> Result<AsyncResult, ClientError> {
+        let plan = self.plan(Utc::now())?;
+        client.publisher.publish(&plan.queue, &plan.msg).await?;
+        Ok(linked_results(client, &plan.ids))
+    }
+}
+
+/// The last id's result, each one's `parent` the one before it.
+fn linked_results(client: &Client, ids: &[String]) -> AsyncResult {
+    let mut last: Option<AsyncResult> = None;
+    for id in ids {
+        let mut r = client.result(id);
+        r.parent = last.take().map(Box::new);
+        last = Some(r);
+    }
+    // A plan always holds at least one id.
+    last.unwrap_or_else(|| client.result(""))
+}
+
+/// What a group sends: one message per member, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupPlan {
+    pub id: String,
+    pub publish: Vec<(String, TaskMessage)>,
+}
+
+impl Group {
+    pub fn plan(&self, now: DateTime<Utc>) -> Result<GroupPlan, ClientError> {
+        let id = self.id.clone().unwrap_or_else(new_id);
+        let publish = members(&self.members, &id, None, now)?;
+        Ok(GroupPlan { id, publish })
+    }
+
+    /// Sends every member; the group's result, members in order.
+    pub async fn apply_async(&self, client: &Client) -> Result<GroupResult, ClientError> {
+        let plan = self.plan(Utc::now())?;
+        publish_all(client, &plan.publish).await?;
+        Ok(GroupResult {
+            id: plan.id,
+            results: plan
+                .publish
+                .iter()
+                .map(|(_, m)| client.result(&m.id))
+                .collect(),
+        })
+    }
+}
+
+/// What a chord sends: the size to set first, then the header's messages (or, for an empty
+/// header, the body's own message).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordPlan {
+    pub group_id: String,
+    pub body_id: String,
+    /// The header's size, for `chord_size_key(group_id)`; 0 for an empty header.
+    pub size: usize,
+    pub publish: Vec<(String, TaskMessage)>,
+}
+
+impl Chord {
+    pub fn plan(&self, now: DateTime<Utc>) -> Result<ChordPlan, ClientError> {
+        let group_id = self.id.clone().unwrap_or_else(new_id);
+        let mut body = with_id(self.body.clone());
+        // As Celery's `freeze(group_id=...)` does for the body.
+        body.options
+            .entry("group_id")
+            .or_insert_with(|| Value::String(group_id.clone()));
+        let body_id = body.id().unwrap_or_default().to_owned();
+        wire::Signature::decode(&body.to_value(), "chord body").map_err(|e| bad_canvas(&e))?;
+        if self.header.is_empty() {
+            let mut body = body;
+            if !body.immutable {
+                body.args.insert(0, Value::Array(Vec::new()));
+            }
+            let one = message(&body, now)?;
+            return Ok(ChordPlan {
+                group_id,
+                body_id,
+                size: 0,
+                publish: vec![one],
+            });
+        }
+        let publish = members(&self.header, &group_id, Some(&body.to_value()), now)?;
+        Ok(ChordPlan {
+            group_id,
+            body_id,
+            size: self.header.len(),
+            publish,
+        })
+    }
+
+    /// Sets the header's size, then sends the header; the body's result and the header's.
+    pub async fn apply_async(&self, client: &Client) -> Result<ChordResult, ClientError> {
+        let plan = self.plan(Utc::now())?;
+        if plan.size > 0 {
+            set_chord_size(client, &plan.group_id, plan.size).await?;
+        }
+        publish_all(client, &plan.publish).await?;
+        let header = GroupResult {
+            id: plan.group_id.clone(),
+            results: if plan.size > 0 {
+                plan.publish
+                    .iter()
+                    .map(|(_, m)| client.result(&m.id))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        };
+        Ok(ChordResult {
+            body: client.result(&plan.body_id),
+            header,
+        })
+    }
+}
+
+/// As the Redis backend's `set_chord_size`: SET (with the results' expiry) and PUBLISH.
+async fn set_chord_size(client: &Client, group_id: &str, size: usize) -> Result<(), ClientError> {
+    let key = chord_size_key(group_id);
+    let mut pipe = redis::pipe();
+    match client.result_expires {
+        Some(secs) => pipe.set_ex(&key, size, secs).ignore(),
+        None => pipe.set(&key, size).ignore(),
+    };
+    pipe.publish(&key, size).ignore();
+    let mut conn = client.backend.connection();
+    pipe.query_async::<()>(&mut conn)
+        .await
+        .map_err(|e| ClientError::Backend(crate::backend::BackendError::from(e)))?;
+    Ok(())
+}
+
+/// The members' messages: each with its id, `group`/`group_index`, and the chord's body in its
+/// embed when it is a chord's header.
+fn members(
+    sigs: &[Signature],
+    group_id: &str,
+    chord_body: Option<&Value>,
+    now: DateTime<Utc>,
+) -> Result<Vec<(String, TaskMessage)>, ClientError> {
+    sigs.iter()
+        .enumerate()
+        .map(|(i, sig)| {
+            let (queue, mut msg) = message(&with_id(sig.clone()), now)?;
+            msg.group = Some(group_id.to_owned());
+            msg.group_index = i64::try_from(i).ok();
+            if let Some(body) = chord_body {
+                msg.embed.insert("chord".into(), body.clone());
+            }
+            Ok((queue, msg))
+        })
+        .collect()
+}
+
+/// Publishes each queue's messages as one batch (one wait for the confirms).
+async fn publish_all(client: &Client, msgs: &[(String, TaskMessage)]) -> Result<(), ClientError> {
+    let mut by_queue: BTreeMap<&str, Vec<TaskMessage>> = BTreeMap::new();
+    for (queue, msg) in msgs {
+        by_queue.entry(queue).or_default().push(msg.clone());
+    }
+    for (queue, batch) in by_queue {
+        client.publisher.publish_batch(queue, &batch).await?;
+    }
+    Ok(())
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// `sig` with a `task_id`, a new one unless it has one (Celery's `freeze`).
+fn with_id(sig: Signature) -> Signature {
+    if sig.id().is_some() {
+        return sig;
+    }
+    sig.task_id(new_id())
+}
+
+fn bad_canvas(e: &crate::canvas::CanvasError) -> ClientError {
+    ClientError::Workflow(e.to_string())
+}
+
+/// The message that sends `sig` now, and its queue: decoded with the worker's own checks, so
+/// what a worker would refuse is refused before it is sent.
+fn message(sig: &Signature, now: DateTime<Utc>) -> Result<(String, TaskMessage), ClientError> {
+    let path = format!("signature {}", sig.task);
+    let d = wire::Signature::decode(&sig.to_value(), &path).map_err(|e| bad_canvas(&e))?;
+    let o = &d.options;
+    let mut msg = TaskMessage::new(d.task.clone(), d.kwargs.clone());
+    if let Some(id) = &o.task_id {
+        msg.id = id.clone();
+    }
+    let text = |name: &str| {
+        sig.options
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    msg.root_id = Some(text("root_id").unwrap_or_else(|| msg.id.clone()));
+    msg.parent_id = text("parent_id");
+    msg.args = d.args.clone();
+    msg.eta = o.run_at.map(|w| w.resolve(now));
+    msg.expires = o.expires.map(|w: When| w.resolve(now));
+    msg.priority = o.priority;
+    msg.timelimit = TimeLimits {
+        hard: o.time_limit,
+        soft: o.soft_time_limit,
+    };
+    msg.shadow = o.shadow.clone();
+    let list = |items: &[Value]| {
+        if items.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(items.to_vec())
+        }
+    };
+    msg.embed.insert("callbacks".into(), list(&o.link));
+    msg.embed.insert("errbacks".into(), list(&o.link_error));
+    msg.stamped_headers = o
+        .stamped_headers
+        .as_ref()
+        .map(|names| Value::Array(names.iter().cloned().map(Value::String).collect()));
+    msg.stamps = o.stamps.clone();
+    Ok((d.queue, msg))
+}
+
+/// A group's result: its id and its members' results in order (Celery's `GroupResult`).
+#[derive(Clone)]
+pub struct GroupResult {
+    pub id: String,
+    pub results: Vec<AsyncResult>,
+}
+
+impl GroupResult {
+    /// Every member's return value in order; the first failure, as `ClientError::Failed`.
+    pub async fn get(&self, timeout: Duration) -> Result<Vec<Value>, ClientError> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::with_capacity(self.results.len());
+        for r in &self.results {
+            let left = deadline.saturating_duration_since(Instant::now());
+            out.push(r.get(left.max(Duration::from_millis(1))).await?);
+        }
+        Ok(out)
+    }
+}
+
+/// A chord's result: the body's, and the header's group.
+#[derive(Clone)]
+pub struct ChordResult {
+    pub body: AsyncResult,
+    pub header: GroupResult,
+}
+
+/// A workflow written as JSON (`mediafarm submit --workflow`): a signature, or
+/// `{"chain": [sig, ...]}`, `{"group": [sig, ...]}`, `{"chord": {"header": [sig, ...],
+/// "body": sig}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Workflow {
+    Task(Signature),
+    Chain(Chain),
+    Group(Group),
+    Chord(Chord),
+}
+
+/// What sending a [`Workflow`] gives back.
+#[derive(Clone)]
+pub enum WorkflowResult {
+    /// A task's, or a chain's last step's (its `parent` the step before).
+    Task(AsyncResult),
+    Group(GroupResult),
+    Chord(ChordResult),
+}
+
+impl WorkflowResult {
+    /// The id to wait on: the task's (the chain's last step's), the group's, the chord body's.
+    pub fn id(&self) -> &str {
+        match self {
+            WorkflowResult::Task(r) => &r.id,
+            WorkflowResult::Group(g) => &g.id,
+            WorkflowResult::Chord(c) => &c.body.id,
+        }
+    }
+
+    /// The return value: the task's, the list of the group's, the chord body's.
+    pub async fn get(&self, timeout: Duration) -> Result<Value, ClientError> {
+        match self {
+            WorkflowResult::Task(r) => r.get(timeout).await,
+            WorkflowResult::Group(g) => g.get(timeout).await.map(Value::Array),
+            WorkflowResult::Chord(c) => c.body.get(timeout).await,
+        }
+    }
+}
+
+impl Workflow {
+    /// Reads the JSON shape above; anything else is refused naming where.
+    pub fn from_json(v: &Value) -> Result<Workflow, ClientError> {
+        let bad = |why: String| ClientError::Workflow(why);
+        let list = |v: &Value, what: &str| -> Result<Vec<Signature>, ClientError> {
+            let Value::Array(items) = v else {
+                return Err(bad(format!(
+                    "{what} must be a list of signatures; got {}",
+                    preview(v)
+                )));
+            };
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Signature::from_json(s, &format!("{what}[{i}]")))
+                .collect()
+        };
+        let Value::Object(obj) = v else {
+            return Err(bad(format!(
+                "a workflow is a JSON object (a signature, {{\"chain\": [...]}}, {{\"group\": \
+                 [...]}} or {{\"chord\": {{\"header\": [...], \"body\": ...}}}}); got {}",
+                preview(v)
+            )));
+        };
+        if obj.contains_key("task") {
+            return Signature::from_json(v, "workflow").map(Workflow::Task);
+        }
+        let (kind, inner) = match obj.iter().next() {
+            Some(one) if obj.len() == 1 => one,
+            _ => {
+                return Err(bad(format!(
+                    "a workflow has exactly one of \"task\", \"chain\", \"group\", \"chord\"; \
+                     got the fields {}",
+                    obj.keys().cloned().collect::<Vec<_>>().join(", ")
+                )))
+            }
+        };
+        match kind.as_str() {
+            "chain" => {
+                let steps = list(inner, "chain")?;
+                if steps.is_empty() {
+                    return Err(bad("chain needs at least one step".into()));
+                }
+                Ok(Workflow::Chain(chain(steps)))
+            }
+            "group" => Ok(Workflow::Group(group(list(inner, "group")?))),
+            "chord" => {
+                let Value::Object(c) = inner else {
+                    return Err(bad(format!(
+                        "chord must be {{\"header\": [...], \"body\": signature}}; got {}",
+                        preview(inner)
+                    )));
+                };
+                if let Some(other) = c.keys().find(|k| !matches!(k.as_str(), "header" | "body")) {
+                    return Err(bad(format!(
+                        "chord has an unknown field `{other}` (header, body)"
+                    )));
+                }
+                let header = list(c.get("header").unwrap_or(&Value::Null), "chord header")?;
+                let body =
+                    Signature::from_json(c.get("body").unwrap_or(&Value::Null), "chord body")?;
+                Ok(Workflow::Chord(chord(header, body)))
+            }
+            other => Err(bad(format!(
+                "unknown workflow kind `{other}` (task, chain, group, chord); nested workflows \
+                 are not supported"
+            ))),
+        }
+    }
+
+    pub async fn apply_async(&self, client: &Client) -> Result<WorkflowResult, ClientError> {
+        Ok(match self {
+            Workflow::Task(s) => WorkflowResult::Task(s.apply_async(client).await?),
+            Workflow::Chain(c) => WorkflowResult::Task(c.apply_async(client).await?),
+            Workflow::Group(g) => WorkflowResult::Group(g.apply_async(client).await?),
+            Workflow::Chord(c) => WorkflowResult::Chord(c.apply_async(client).await?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,165 @@
+use chrono::Utc;
+use serde_json::{json, Map, Value};
+
+use super::*;
+use crate::canvas::Canvas;
+
+fn kw(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+fn step(n: i64) -> Signature {
+    Signature::new("echo.echo", kw(json!({ "n": n })))
+}
+
+#[test]
+fn a_signature_encodes_as_celerys_dict_and_decodes_back() {
+    let sig = step(1)
+        .queue("image")
+        .countdown(2.0)
+        .priority(5)
+        .time_limit(30.0)
+        .soft_time_limit(20.0)
+        .task_id("t-1")
+        .link(step(2).si())
+        .link_error(step(3));
+    let v = sig.to_value();
+    assert_eq!(v["task"], "echo.echo");
+    assert_eq!(v["subtask_type"], Value::Null);
+    assert_eq!(v["immutable"], false);
+    assert_eq!(v["options"]["link"][0]["immutable"], true);
+    let d = crate::canvas::Signature::decode(&v, "t").expect("decodes");
+    assert_eq!(d.queue, "image");
+    assert_eq!(d.options.task_id.as_deref(), Some("t-1"));
+    assert_eq!(d.options.priority, Some(5));
+    assert_eq!(d.options.link.len(), 1);
+    assert_eq!(d.options.link_error.len(), 1);
+    assert_eq!(Signature::from_json(&v, "t").expect("reads back"), sig);
+}
+
+#[test]
+fn a_chain_sends_its_first_step_with_the_rest_reversed_and_every_id_assigned() {
+    let plan = chain([
+        step(1),
+        step(2).si().task_id("fixed"),
+        step(3).queue("other"),
+    ])
+    .plan(Utc::now())
+    .expect("plan");
+    assert_eq!(plan.queue, "echo");
+    assert_eq!(plan.ids.len(), 3);
+    assert_eq!(plan.ids[1], "fixed");
+    assert_eq!(plan.msg.id, plan.ids[0]);
+    assert_eq!(plan.msg.root_id.as_deref(), Some(plan.ids[0].as_str()));
+    let canvas = Canvas::from_embed(&plan.msg.embed).expect("a worker reads the embed");
+    let ids: Vec<_> = canvas
+        .chain
+        .iter()
+        .map(|s| s.options.task_id.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(ids, [plan.ids[2].clone(), plan.ids[1].clone()], "reversed");
+    assert_eq!(canvas.chain[0].queue, "other");
+    assert!(canvas.chain[1].immutable);
+    assert!(chain([]).plan(Utc::now()).is_err());
+}
+
+#[test]
+fn a_bad_step_fails_before_anything_is_sent() {
+    let bad = step(2).set("countdown", json!("soon"));
+    let err = chain([step(1), bad]).plan(Utc::now()).expect_err("refused");
+    assert!(err.to_string().contains("chain step 1"), "{err}");
+    assert!(err.to_string().contains("countdown"), "{err}");
+}
+
+#[test]
+fn a_group_numbers_its_members_under_one_id() {
+    let mut g = group([step(1), step(2), step(3)]);
+    g.id = Some("g-1".into());
+    let plan = g.plan(Utc::now()).expect("plan");
+    assert_eq!(plan.id, "g-1");
+    for (i, (queue, msg)) in plan.publish.iter().enumerate() {
+        assert_eq!(queue, "echo");
+        assert_eq!(msg.group.as_deref(), Some("g-1"));
+        assert_eq!(msg.group_index, Some(i as i64));
+        assert_eq!(msg.kwargs["n"], json!(i + 1));
+    }
+}
+
+#[test]
+fn a_chord_carries_its_body_in_every_header_and_counts_the_header() {
+    let mut c = chord([step(1), step(2)], step(9).task_id("body"));
+    c.id = Some("g-2".into());
+    let plan = c.plan(Utc::now()).expect("plan");
+    assert_eq!(plan.group_id, "g-2");
+    assert_eq!(plan.size, 2);
+    assert_eq!(plan.body_id, "body");
+    assert_eq!(chord_size_key("g-2"), "celery-taskset-meta-g-2.s");
+    for (i, (_, msg)) in plan.publish.iter().enumerate() {
+        assert_eq!(msg.group.as_deref(), Some("g-2"));
+        assert_eq!(msg.group_index, Some(i as i64));
+        let body = &msg.embed["chord"];
+        assert_eq!(body["task"], "echo.echo");
+        assert_eq!(body["options"]["task_id"], "body");
+        assert_eq!(body["options"]["group_id"], "g-2");
+        assert_eq!(body["subtask_type"], Value::Null);
+    }
+    // An empty header sends the body at once with an empty list, as Celery does.
+    let plan = chord([], step(9)).plan(Utc::now()).expect("plan");
+    assert_eq!(plan.size, 0);
+    assert_eq!(plan.publish.len(), 1);
+    assert_eq!(plan.publish[0].1.args, vec![json!([])]);
+    assert_eq!(plan.publish[0].1.id, plan.body_id);
+}
+
+#[test]
+fn a_workflow_reads_from_json_and_refuses_what_it_does_not_know() {
+    let w = Workflow::from_json(&json!({"chain": [
+        {"task": "image.transform", "kwargs": {"source": "a.png"}},
+        {"task": "notify.webhook", "kwargs": {"url": "https://x"}, "options": {"countdown": 1}},
+    ]}))
+    .expect("a chain");
+    let Workflow::Chain(c) = w else {
+        panic!("not a chain: {w:?}")
+    };
+    assert_eq!(c.steps.len(), 2);
+    assert_eq!(c.steps[1].options["countdown"], json!(1));
+
+    let w = Workflow::from_json(&json!({"chord": {"header": [{"task": "a.b"}], "body": {"task": "c.d", "immutable": true}}}))
+        .expect("a chord");
+    assert!(matches!(w, Workflow::Chord(ref c) if c.body.immutable && c.header.len() == 1));
+    assert!(matches!(
+        Workflow::from_json(&json!({"task": "a.b"})),
+        Ok(Workflow::Task(_))
+    ));
+
+    let refused = |v: Value, words: &str| {
+        let e = Workflow::from_json(&v).expect_err("refused").to_string();
+        assert!(e.contains(words), "{e} lacks {words}");
+    };
+    refused(json!({"chain": []}), "at least one step");
+    refused(json!({"chunks": []}), "unknown workflow kind `chunks`");
+    refused(
+        json!({"chain": [{"task": "a.b", "options": {"countdwn": 1}}]}),
+        "unknown option `countdwn`",
+    );
+    refused(
+        json!({"chain": [{"chain": []}]}),
+        "chain[0]: unknown field `chain`",
+    );
+    refused(
+        json!({"chain": [{"task": "a.b", "subtask_type": "group"}]}),
+        "not nested groups",
+    );
+    refused(
+        json!({"group": [{"task": "a.b", "kwargs": [1]}]}),
+        "group[0] field `kwargs`",
+    );
+    refused(
+        json!({"chord": {"header": [], "bdy": {}}}),
+        "unknown field `bdy`",
+    );
+    refused(json!([1]), "a workflow is a JSON object");
+}
