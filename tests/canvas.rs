@@ -569,6 +569,38 @@ fn submit_workflow(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chord_is_joined_by_rust_workers_and_its_body_runs_once() {
+    let farm = Farm::start("canvas-rs-chord-rs", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let header = (0..30).map(|i| rust_step(&q, json!({ "i": i })));
+    let c = chord(header, rust_step(&q, json!({"body": true})))
+        .apply_async(&farm.client)
+        .await
+        .expect("sent");
+    let got = c
+        .body
+        .get(Duration::from_secs(60))
+        .await
+        .expect("the body ran");
+    let want: Vec<Value> = (0..30).map(|i| json!({ "i": i })).collect();
+    assert_eq!(got["parent"], json!(want), "the header's results in order");
+    assert_eq!(got["body"], json!(true));
+    // The join ran once: nothing else was queued, and the chord's counters are gone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(ready_count(&farm.settings, &q).await, 0);
+    let mut conn = farm.client.backend().connection();
+    let gid = c.header.id.clone();
+    let left: i64 = redis::cmd("EXISTS")
+        .arg(format!("celery-taskset-meta-{gid}.j"))
+        .arg(format!("celery-taskset-meta-{gid}.s"))
+        .query_async(&mut conn)
+        .await
+        .expect("redis");
+    assert_eq!(left, 0, "the chord's keys are deleted after the join");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rust_produced_chord_is_joined_by_python_celery_from_its_size_key() {
     // Python Celery's Redis backend joins the chord: it reads the header size the producer set
     // at celery-taskset-meta-<gid>.s and the body from each header's `chord` embed.
