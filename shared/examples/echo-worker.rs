@@ -3,6 +3,9 @@
 //! request: `sleep_ms` waits first, `fail` fails permanently with that message, `fail_times: n`
 //! fails transiently while the job's `retries` is below n (`retry_after_s` asks for that
 //! delay), and `spin_ms` burns CPU on the blocking pool, stopping early when told to.
+//! Task `echo.step` is the no-op for workflows (bench/canvas_throughput.py): it takes a
+//! parent's result as kwarg `parent` and returns its kwargs. `echo.echo` takes none, so the
+//! tests can check that a step without `PARENT_RESULT` fails clearly.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -81,6 +84,19 @@ impl Task for Echo {
     }
 }
 
+struct Step;
+
+impl Task for Step {
+    const NAME: &'static str = "echo.step";
+    const PARENT_RESULT: Option<&'static str> = Some("parent");
+    type Args = Map<String, Value>;
+    type Output = Map<String, Value>;
+
+    async fn run(&self, _: TaskContext, kwargs: Self::Args) -> Result<Self::Output, TaskError> {
+        Ok(kwargs)
+    }
+}
+
 #[global_allocator]
 static ALLOCATOR: mediafarm::FastAllocator = mediafarm::FastAllocator;
 
@@ -91,6 +107,6 @@ fn main() -> ExitCode {
         default_concurrency: None,
     };
     mediafarm::runtime::cli::run_worker_main(spec, |_settings, _: &(), _queues| {
-        Ok(Registry::new().register(Echo))
+        Ok(Registry::new().register(Echo).register(Step))
     })
 }

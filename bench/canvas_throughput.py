@@ -1,0 +1,269 @@
+"""Canvas benchmark (issue 14): Celery workflows run by mediafarm's echo-worker and by a plain
+Celery 5.7 worker, both produced by Python Celery's own canvas, so the wire is Celery's:
+
+  (1) chains of 3 no-op steps, each step taking its parent's result (not immutable):
+      `chain(echo.step(i=n), echo.step(), echo.step()).apply_async()` N times, published before
+      the worker starts; the rate is N chains over the time from the first stored result to
+      the last chain's last result (DBSIZE reaching 3N), so publishing and process start-up
+      are not counted;
+  (2) a chord of 1,000 no-op headers with a no-op body, published once the worker has
+      answered a probe: the time from the start of `chord(...).apply_async()` (publishing
+      included, as a user waits for it) to the body's SUCCESS stored in Redis.
+
+Contenders: echo-worker (release build) at its default concurrency and settings, and Celery
+5.7 prefork `-c 2` (bench/celery_echo_app.py: JSON, late acks, prefetch multiplier 4, Redis
+backend, the same task name `echo.step`). Same RabbitMQ and Redis (a dedicated database,
+flushed before each phase), a fresh queue per variant and round, rounds interleaved; medians.
+Every result is checked: each chain's last result is SUCCESS and holds its parents' results,
+the chord body got all header results in order.
+
+Usage: .venv/bin/python bench/canvas_throughput.py [--chains 500] [--chord-size 1000]
+       [--rounds 3] [--quick] [--concurrency N] [--no-build]
+Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import redis
+from bench_common import bench_app, delete_queue, stop
+from celery import chain, chord, signature
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / "target" / "release"
+BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
+BACKEND = os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/15")
+LOGS = ROOT / "var" / "bench"
+TASK = "echo.step"
+
+
+def build():
+    subprocess.run(
+        ["cargo", "build", "--release", "--locked", "-q", "-p", "mediafarm", "--examples"],
+        cwd=ROOT,
+        check=True,
+    )
+
+
+class Producer:
+    """Python Celery's client with the Redis backend (a chord needs it: `apply_async` sets the
+    header's size at celery-taskset-meta-<gid>.s). A fresh one per phase, closed after, so the
+    result subscriptions Celery opens for every sent task do not pile up across phases."""
+
+    def __enter__(self):
+        self.app = bench_app("bench_canvas_producer", BACKEND)
+        return self.app
+
+    def __exit__(self, *exc):
+        # Celery keeps every sent task's result object until the task is ready or forgotten,
+        # and each one's __del__ unsubscribes it: at interpreter exit that fails with a
+        # traceback per object. Drop them here, then close the subscription connection.
+        backend = self.app.backend
+        for mapping in getattr(backend, "_pending_results", ()):
+            for waiters in list(mapping.values()):
+                for result in list(waiters.values()):
+                    result.backend = None
+            mapping.clear()
+        consumer = getattr(backend, "result_consumer", None)
+        if consumer is not None and getattr(consumer, "_pubsub", None) is not None:
+            consumer.stop()
+        self.app.close()
+
+
+def step(queue, **kwargs):
+    return signature(TASK, kwargs=kwargs, queue=queue)
+
+
+class Worker:
+    """The contender's process on `queue`, logging to var/bench/, stopped on exit."""
+
+    def __init__(self, label, command, env, cwd, queue, timeout):
+        self.label, self.timeout = label, timeout
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log_path = LOGS / f"canvas_{label.replace(' ', '_')}.log"
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(command(queue), cwd=cwd, env={**os.environ, **env},
+                                     stdin=subprocess.DEVNULL, stdout=self.log,
+                                     stderr=self.log)
+
+    def wait_for(self, done):
+        """Polls `done()` every 2 ms; returns when it became true. Fails on timeout or if the
+        worker exits."""
+        began = time.monotonic()
+        while not done():
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{self.label} exited early ({self.proc.returncode}); "
+                                 f"see {self.log_path}")
+            if time.monotonic() - began > self.timeout:
+                raise SystemExit(f"{self.label}: timed out after {self.timeout} s; "
+                                 f"see {self.log_path}")
+            time.sleep(0.002)
+        return time.monotonic()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        stop(self.proc)
+        self.log.close()
+
+
+def load(store, task_id):
+    raw = store.get(f"celery-task-meta-{task_id}")
+    return json.loads(raw) if raw else None
+
+
+def send_chord(queue, size):
+    return chord([step(queue, i=k) for k in range(size)], step(queue, body=True)).apply_async().id
+
+
+def check_chord(label, store, body, size):
+    meta = load(store, body)
+    want = {"body": True, "parent": [{"i": k} for k in range(size)]}
+    if meta["status"] != "SUCCESS" or meta["result"] != want:
+        raise SystemExit(f"{label}: chord body ended {meta['status']} "
+                         f"{str(meta['result'])[:300]}, not the {size} header results")
+
+
+def run_variant(label, command, env, cwd, chains, chord_size, timeout):
+    """One round of one contender. Returns chains per second, the live chord's seconds (and
+    its publishing's), and the pre-published chord's seconds."""
+    queue = f"bench-canvas-{uuid.uuid4().hex[:8]}"
+    store = redis.Redis.from_url(BACKEND)
+    store.flushdb()
+    try:
+        with Producer():
+            lasts = [chain(step(queue, i=n), step(queue), step(queue)).apply_async().id
+                     for n in range(chains)]
+        with Worker(label, command, env, cwd, queue, timeout) as w:
+            first = w.wait_for(lambda: store.dbsize() > 0)
+            last = w.wait_for(lambda: store.dbsize() >= 3 * chains)
+            for n, task_id in enumerate(lasts):
+                meta = load(store, task_id)
+                want = {"parent": {"parent": {"i": n}}}
+                if not meta or meta["status"] != "SUCCESS" or meta["result"] != want:
+                    raise SystemExit(f"{label}: chain {n} ended {meta!r}, not SUCCESS {want}")
+            chain_rate = chains / (last - first)
+
+            # Live chord: the worker is up (a probe makes sure it consumes), the clock starts
+            # before publishing, as a user waits.
+            store.flushdb()
+            with Producer():
+                probe = step(queue, probe=True).apply_async().id
+            w.wait_for(lambda: load(store, probe) is not None)
+            store.flushdb()
+            with Producer():
+                began = time.monotonic()
+                body = send_chord(queue, chord_size)
+                published = time.monotonic()
+                ended = w.wait_for(lambda: store.exists(f"celery-task-meta-{body}"))
+            check_chord(label, store, body, chord_size)
+
+        # Pre-published chord: the worker alone, as for the chains. Publishing stores the
+        # header's size key, so the clock starts at the first key after that.
+        store.flushdb()
+        with Producer():
+            body = send_chord(queue, chord_size)
+        keys = store.dbsize()
+        with Worker(label, command, env, cwd, queue, timeout) as w:
+            drain_began = w.wait_for(lambda: store.dbsize() > keys)
+            drain_ended = w.wait_for(lambda: store.exists(f"celery-task-meta-{body}"))
+        check_chord(label, store, body, chord_size)
+    finally:
+        delete_queue(BROKER, queue)
+    return chain_rate, ended - began, published - began, drain_ended - drain_began
+
+
+def celery(queue):
+    # A node name of its own: another Celery worker on this host would hold `celery@host`'s
+    # pidbox queue.
+    return [sys.executable, "-m", "celery", "-A", "celery_echo_app", "worker",
+            "-P", "prefork", "-c", "2", "-Q", queue, "-n", f"{queue}@%h", "-l", "warning",
+            "--without-gossip", "--without-mingle", "--without-heartbeat"]
+
+
+def echo_worker(concurrency):
+    given = ["--concurrency", str(concurrency)] if concurrency else []
+    return lambda queue: [RELEASE / "examples" / "echo-worker", "--queues", queue, *given,
+                          "--loglevel", "warning"]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chains", type=int, default=500)
+    parser.add_argument("--chord-size", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds, variants interleaved within each; medians")
+    parser.add_argument("--quick", action="store_true", help="50 chains, for a smoke run")
+    parser.add_argument("--concurrency", type=int,
+                        help="echo-worker's --concurrency (default: its own default, the "
+                             "number of cores)")
+    parser.add_argument("--no-build", action="store_true")
+    args = parser.parse_args()
+    chains = 50 if args.quick else args.chains
+    if not args.no_build:
+        build()
+    worker_env = {
+        "MEDIAFARM_BROKER_URL": BROKER,
+        "MEDIAFARM_RESULT_BACKEND": BACKEND,
+        "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0",
+    }
+    celery_env = {"BENCH_BROKER_URL": BROKER, "BENCH_RESULT_BACKEND": BACKEND}
+    celery_label = "celery prefork -c 2"
+    mf_label = (f"echo-worker -c {args.concurrency}" if args.concurrency
+                else "echo-worker (defaults)")
+    celery_timeout = (chains * 3 + args.chord_size) * 40 // 1000 + 120
+    variants = [
+        (celery_label, celery, celery_env, ROOT / "bench", celery_timeout),
+        (mf_label, echo_worker(args.concurrency), worker_env, None, 120),
+    ]
+    for label, *_ in variants:
+        (LOGS / f"canvas_{label.replace(' ', '_')}.log").unlink(missing_ok=True)
+    results = {label: [] for label, *_ in variants}
+    for r in range(args.rounds):
+        for label, command, env, cwd, timeout in variants:
+            rate, live, publish, drain = run_variant(label, command, env, cwd, chains,
+                                                     args.chord_size, timeout)
+            results[label].append((rate, live, publish, drain))
+            print(f"round {r + 1}: {label}: {rate:,.0f} chains/s; chord of {args.chord_size} "
+                  f"live {live:.3f} s (publishing {publish:.3f} s), pre-published "
+                  f"{drain:.3f} s", file=sys.stderr, flush=True)
+
+    def median(label, i):
+        return statistics.median(x[i] for x in results[label])
+
+    def spread(label, i, fmt):
+        return " / ".join(format(x[i], fmt) for x in results[label])
+
+    print(f"\nchains of 3 `{TASK}` steps (each takes its parent's result): {chains} per variant, "
+          f"published beforehand, timed from the first stored result to the last chain's end; "
+          f"chord of {args.chord_size} `{TASK}` headers + body: live = from the start of "
+          f"publishing to the body's result, the worker running; pre-published = from the first "
+          f"header result to the body's, published beforehand. Python Celery's canvas publishes. "
+          f"Median of {args.rounds} interleaved round(s); {os.cpu_count()} cores, "
+          f"{platform.platform()}, {time.strftime('%Y-%m-%d')}")
+    print("| variant | chains/s | rounds | chord live s | rounds | of which publishing | "
+          "chord pre-published s | rounds |")
+    print("| --- | ---: | --- | ---: | --- | ---: | ---: | --- |")
+    for label, *_ in variants:
+        print(f"| {label} | {median(label, 0):,.0f} | {spread(label, 0, ',.0f')} | "
+              f"{median(label, 1):.3f} | {spread(label, 1, '.3f')} | {median(label, 2):.3f} | "
+              f"{median(label, 3):.3f} | {spread(label, 3, '.3f')} |")
+    mf, cy = mf_label, celery_label
+    print(f"\nchains: {mf} = {median(mf, 0) / median(cy, 0):.1f}× {cy} (target ≥ 8×)")
+    print(f"chord of {args.chord_size}, live: {median(cy, 1) / median(mf, 1):.1f}× ({cy}'s time "
+          f"÷ ours; target ≥ 8×; publishing alone, by Celery's client, took {median(cy, 2):.2f} s "
+          f"and {median(mf, 2):.2f} s of them)")
+    print(f"chord of {args.chord_size}, pre-published: {median(cy, 3) / median(mf, 3):.1f}× "
+          f"({cy}'s time ÷ ours)")
+
+
+if __name__ == "__main__":
+    main()
