@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use crate::canvas::{Canvas, Signature};
-use crate::protocol::{TaskMessage, TimeLimits};
+use crate::protocol::TaskMessage;
 
 /// Names the derived ids (UUID v5) of the messages a job sends on.
 pub(crate) const NAMESPACE: uuid::Uuid =
@@ -130,29 +130,7 @@ pub(crate) fn message(
             .collect(),
         _ => sig.args.clone(),
     };
-    msg.eta = o.run_at.map(|w| w.resolve(now));
-    msg.expires = o.expires.map(|w| w.resolve(now));
-    msg.priority = o.priority;
-    msg.timelimit = TimeLimits {
-        hard: o.time_limit,
-        soft: o.soft_time_limit,
-    };
-    msg.shadow = o.shadow.clone();
-    msg.reply_to = o.reply_to.clone();
-    let list = |items: &[Value]| {
-        if items.is_empty() {
-            Value::Null
-        } else {
-            Value::Array(items.to_vec())
-        }
-    };
-    msg.embed.insert("callbacks".into(), list(&o.link));
-    msg.embed.insert("errbacks".into(), list(&o.link_error));
-    msg.stamped_headers = o
-        .stamped_headers
-        .as_ref()
-        .map(|names| Value::Array(names.iter().cloned().map(Value::String).collect()));
-    msg.stamps = o.stamps.clone();
+    o.apply_to(&mut msg, now);
     Publish {
         queue: sig.queue.clone(),
         msg,

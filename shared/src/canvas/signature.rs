@@ -9,7 +9,8 @@ use serde_json::{Map, Value};
 
 use crate::canvas::CanvasError;
 use crate::protocol::{
-    default_queue, is_valid_queue_name, json_kind, parse_time, preview, MAX_TIME_LIMIT_SECS,
+    default_queue, is_valid_queue_name, json_kind, parse_time, preview, TaskMessage, TimeLimits,
+    MAX_TIME_LIMIT_SECS,
 };
 
 /// How deep `link` / `link_error` signatures may nest inside each other's options: far more
@@ -72,6 +73,38 @@ pub struct SignatureOptions {
     pub stamped_headers: Option<Vec<String>>,
     /// The values of the stamped headers, taken from the options as Celery does.
     pub stamps: Map<String, Value>,
+}
+
+impl SignatureOptions {
+    /// Writes onto `msg` what these options decide about the message that sends the
+    /// signature: when it runs and expires (relative times from `now`), its priority, time
+    /// limits, shadow name and reply queue, its own callbacks and errbacks, and its stamps.
+    /// The worker (a chain's next step, a callback) and the producer both send through this.
+    pub(crate) fn apply_to(&self, msg: &mut TaskMessage, now: DateTime<Utc>) {
+        msg.eta = self.run_at.map(|w| w.resolve(now));
+        msg.expires = self.expires.map(|w| w.resolve(now));
+        msg.priority = self.priority;
+        msg.timelimit = TimeLimits {
+            hard: self.time_limit,
+            soft: self.soft_time_limit,
+        };
+        msg.shadow = self.shadow.clone();
+        msg.reply_to = self.reply_to.clone();
+        let list = |items: &[Value]| {
+            if items.is_empty() {
+                Value::Null
+            } else {
+                Value::Array(items.to_vec())
+            }
+        };
+        msg.embed.insert("callbacks".into(), list(&self.link));
+        msg.embed.insert("errbacks".into(), list(&self.link_error));
+        msg.stamped_headers = self
+            .stamped_headers
+            .as_ref()
+            .map(|names| Value::Array(names.iter().cloned().map(Value::String).collect()));
+        msg.stamps = self.stamps.clone();
+    }
 }
 
 impl Signature {

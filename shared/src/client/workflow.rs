@@ -21,8 +21,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Map, Value};
 
 use super::{AsyncResult, Client, ClientError};
-use crate::canvas::signature::{self as wire, When};
-use crate::protocol::{format_time, preview, TaskMessage, TimeLimits};
+use crate::canvas::signature as wire;
+use crate::protocol::{format_time, preview, TaskMessage};
 
 /// Where a chord's header size is kept: `celery-taskset-meta-<gid>.s`.
 pub fn chord_size_key(group_id: &str) -> String {
@@ -502,28 +502,7 @@ fn message(sig: &Signature, now: DateTime<Utc>) -> Result<(String, TaskMessage),
     msg.root_id = Some(text("root_id").unwrap_or_else(|| msg.id.clone()));
     msg.parent_id = text("parent_id");
     msg.args = d.args.clone();
-    msg.eta = o.run_at.map(|w| w.resolve(now));
-    msg.expires = o.expires.map(|w: When| w.resolve(now));
-    msg.priority = o.priority;
-    msg.timelimit = TimeLimits {
-        hard: o.time_limit,
-        soft: o.soft_time_limit,
-    };
-    msg.shadow = o.shadow.clone();
-    let list = |items: &[Value]| {
-        if items.is_empty() {
-            Value::Null
-        } else {
-            Value::Array(items.to_vec())
-        }
-    };
-    msg.embed.insert("callbacks".into(), list(&o.link));
-    msg.embed.insert("errbacks".into(), list(&o.link_error));
-    msg.stamped_headers = o
-        .stamped_headers
-        .as_ref()
-        .map(|names| Value::Array(names.iter().cloned().map(Value::String).collect()));
-    msg.stamps = o.stamps.clone();
+    o.apply_to(&mut msg, now);
     Ok((d.queue, msg))
 }
 
