@@ -9,7 +9,8 @@
 //! out failing clearly instead of being dropped.
 //! Then the same from the Rust producer API: a chain and a group on Rust workers, a chain on a
 //! Python worker and across both, a chord joined by Python Celery from the size key the
-//! producer set, and `mediafarm submit --workflow`.
+//! producer set, and `mediafarm submit --workflow`. Last, kill -9 of a worker during a chord
+//! of 1,000 headers: no header lost, the body sent once.
 
 use std::time::Duration;
 
@@ -635,4 +636,103 @@ async fn a_rust_produced_chord_is_joined_by_python_celery_from_its_size_key() {
     assert_eq!(c.header.results.len(), 3);
     drop(py);
     delete_queue(&settings(), &pyq).await;
+}
+
+/// An `echo-worker` process consuming `queue` at `-c 8`; killed when dropped.
+fn echo_worker_process(queue: &str) -> mediafarm_tests::process::Proc {
+    mediafarm_tests::process::Proc::spawn(
+        std::process::Command::new(mediafarm_tests::binary("echo-worker"))
+            .args([
+                "--concurrency",
+                "8",
+                "--queues",
+                queue,
+                "--loglevel",
+                "error",
+            ])
+            .env("MEDIAFARM_METRICS_ADDR", "127.0.0.1:0")
+            .stdout(std::process::Stdio::null()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_chord_of_1000_loses_no_header_and_sends_the_body_once() {
+    let s = settings();
+    let q = unique_queue("chord-kill");
+    let bodyq = unique_queue("chord-kill-body");
+    let client = Client::connect(&s).await.expect("client");
+    let header = (0..1000).map(|i| {
+        Signature::new(
+            "echo.step",
+            mediafarm_tests::kwargs(json!({ "i": i, "sleep_ms": 10 })),
+        )
+        .queue(&q)
+    });
+    // The body waits on a queue nobody consumes yet, so the test can count how often it was sent.
+    let body =
+        Signature::new("echo.step", mediafarm_tests::kwargs(json!({"body": true}))).queue(&bodyq);
+    let c = chord(header, body)
+        .apply_async(&client)
+        .await
+        .expect("sent");
+    let joined_key = format!("celery-taskset-meta-{}.j", c.header.id);
+    let mut victim = echo_worker_process(&q);
+    let _steady = echo_worker_process(&q);
+    // Kill one worker with -9 once a quarter of the headers have joined: its unacknowledged
+    // headers (some run, some with their results stored) go back to the queue.
+    let mut conn = client.backend().connection();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let joined: u64 = redis::cmd("ZCARD")
+            .arg(&joined_key)
+            .query_async(&mut conn)
+            .await
+            .expect("redis");
+        if joined >= 250 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "headers did not run: {joined} joined"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    victim.kill9();
+    assert_eq!(
+        ready_count(&s, &bodyq).await,
+        0,
+        "the kill came before the chord completed"
+    );
+    let _replacement = echo_worker_process(&q);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while ready_count(&s, &bodyq).await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the body was never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Redelivered headers that finish after the join must not send the body again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        ready_count(&s, &bodyq).await,
+        1,
+        "the body is sent exactly once"
+    );
+    let _body_worker = echo_worker_process(&bodyq);
+    let got = c
+        .body
+        .get(Duration::from_secs(60))
+        .await
+        .expect("the body ran");
+    let want: Vec<Value> = (0..1000)
+        .map(|i| json!({ "i": i, "sleep_ms": 10 }))
+        .collect();
+    assert_eq!(
+        got["parent"],
+        json!(want),
+        "every header's result, in order"
+    );
+    delete_queue(&s, &q).await;
+    delete_queue(&s, &bodyq).await;
 }
