@@ -7,7 +7,7 @@ use std::time::Duration;
 use mediafarm::client::SendOptions;
 use mediafarm::{Client, ClientError, Worker};
 use mediafarm_tests::{
-    delete_queue, echo_registry, python_env, run_python, settings, unique_queue, PythonWorker,
+    delete_queue, echo_registry, python_env, run_python, settings, unique_queue, Farm, PythonWorker,
 };
 use serde_json::{json, Map, Value};
 
@@ -210,4 +210,36 @@ async fn python_lone_surrogates_arrive_as_replacement_characters() {
     );
     assert_eq!(out["state"], "SUCCESS", "{out}");
     assert_eq!(out["ok"], json!({"s": "a\u{fffd}b", "pair": "\u{1f600}"}));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_inspect_ping_gets_a_pong_from_a_mediafarm_worker() {
+    let farm = Farm::start("inspect-ping", settings(), echo_registry()).await;
+    let node = format!("test@{}", farm.queue);
+    let env = python_env(&farm.settings);
+    let out = tokio::task::spawn_blocking({
+        let node = node.clone();
+        move || {
+            std::process::Command::new(mediafarm_tests::python())
+                .current_dir(mediafarm_tests::workspace_root().join("tests/py"))
+                .args(["-m", "celery", "-A", "celery_app", "inspect", "ping"])
+                .args(["--destination", &node, "--timeout", "10", "--json"])
+                .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+                .output()
+                .expect("the celery command runs")
+        }
+    })
+    .await
+    .expect("ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "celery inspect ping failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let replies: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("celery printed {stdout:?}: {e}"));
+    assert_eq!(replies, json!({ node: {"ok": "pong"} }));
+    farm.stop().await;
 }

@@ -3,6 +3,10 @@
 //! exchange) and is also written to Redis, so a worker that starts later, or was away when the
 //! broadcast went out, still skips the job. A revoked job that has not started is stored as
 //! REVOKED and not run; with `terminate` a running one is stopped and stored as REVOKED too.
+//!
+//! `ping` is answered as a Celery worker answers it (`{"<node>": {"ok": "pong"}}` to the
+//! requester's reply exchange, with its `ticket`), so `celery inspect ping` and
+//! `app.control.ping()` see mediafarm workers. Other control commands are not answered yet.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -24,6 +28,8 @@ use crate::settings::Settings;
 
 /// Celery's control exchange (kombu `Mailbox` "celery", `<namespace>.pidbox`).
 pub const CONTROL_EXCHANGE: &str = "celery.pidbox";
+/// Where control replies go (kombu `Mailbox.reply_exchange`, `reply.<namespace>.pidbox`).
+pub const REPLY_EXCHANGE: &str = "reply.celery.pidbox";
 /// Redis sorted set of revoked ids, scored by when the revoke may be forgotten.
 pub const REVOKED_KEY: &str = "mediafarm-revoked";
 /// How long a revoke is remembered at least (Celery keeps them 3 hours).
@@ -199,6 +205,75 @@ pub fn parse_control(body: &[u8], hostname: &str) -> Option<RevokeCommand> {
     Some(RevokeCommand { ids, terminate })
 }
 
+/// Where a control command wants its reply: kombu's `reply_to` and `ticket`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub routing_key: String,
+    pub ticket: String,
+}
+
+/// A `ping` for this worker (all workers, or `hostname` among its destinations) that asks for a
+/// reply; `None` for anything else.
+pub fn parse_ping(body: &[u8], hostname: &str) -> Option<ReplyTo> {
+    let v: Value = serde_json::from_slice(body).ok()?;
+    if let Some(dest) = v.get("destination").and_then(Value::as_array) {
+        if !dest.is_empty() && !dest.iter().any(|d| d.as_str() == Some(hostname)) {
+            return None;
+        }
+    }
+    if v.get("method").and_then(Value::as_str) != Some("ping") {
+        return None;
+    }
+    let reply_to = v.get("reply_to")?;
+    if reply_to.get("exchange").and_then(Value::as_str) != Some(REPLY_EXCHANGE) {
+        return None;
+    }
+    Some(ReplyTo {
+        routing_key: reply_to.get("routing_key")?.as_str()?.to_owned(),
+        ticket: v.get("ticket")?.as_str()?.to_owned(),
+    })
+}
+
+/// Sends `{"<hostname>": reply}` to the requester, as kombu's `Mailbox._publish_reply` does:
+/// to the reply exchange (declared as kombu declares it: direct, not durable) under the
+/// requester's routing key, with the `ticket` header it matches replies by.
+async fn send_reply(
+    channel: &Channel,
+    hostname: &str,
+    to: &ReplyTo,
+    reply: Value,
+) -> Result<(), BrokerError> {
+    channel
+        .exchange_declare(
+            REPLY_EXCHANGE.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "ticket".into(),
+        AMQPValue::LongString(to.ticket.as_str().into()),
+    );
+    headers.insert("clock".into(), AMQPValue::LongLongInt(1));
+    let props = BasicProperties::default()
+        .with_content_type("application/json".into())
+        .with_content_encoding("utf-8".into())
+        .with_headers(headers);
+    let body = json!({ hostname: reply });
+    channel
+        .basic_publish(
+            REPLY_EXCHANGE.into(),
+            to.routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            body.to_string().as_bytes(),
+            props,
+        )
+        .await?;
+    Ok(())
+}
+
 /// Declares the control exchange exactly as kombu does (fanout, not durable), or Python's
 /// declaration would be refused.
 async fn declare_exchange(channel: &Channel) -> Result<(), BrokerError> {
@@ -261,6 +336,12 @@ pub async fn listen(
         .await?;
     while let Some(delivery) = consumer.next().await {
         let delivery = delivery?;
+        if let Some(to) = parse_ping(&delivery.data, &hostname) {
+            if let Err(e) = send_reply(&channel, &hostname, &to, json!({"ok": "pong"})).await {
+                tracing::warn!(error = %e, "could not answer a ping");
+            }
+            continue;
+        }
         let Some(cmd) = parse_control(&delivery.data, &hostname) else {
             tracing::debug!("control message ignored (not a revoke for this worker)");
             continue;
@@ -351,6 +432,23 @@ mod tests {
             None
         );
         assert_eq!(parse_control(b"not json", "w@h"), None);
+    }
+
+    #[test]
+    fn reads_celerys_ping_with_its_reply_address() {
+        let body = br#"{"method": "ping", "arguments": {}, "destination": ["w@h"], "pattern": null, "matcher": null, "ticket": "t-1", "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": "rk-1"}}"#;
+        assert_eq!(
+            parse_ping(body, "w@h"),
+            Some(ReplyTo {
+                routing_key: "rk-1".into(),
+                ticket: "t-1".into()
+            })
+        );
+        assert_eq!(parse_ping(body, "other@h"), None, "another worker's ping");
+        let no_reply = br#"{"method": "ping", "arguments": {}, "destination": null}"#;
+        assert_eq!(parse_ping(no_reply, "w@h"), None, "nothing to answer to");
+        let revoke = br#"{"method": "revoke", "arguments": {"task_id": "a"}, "ticket": "t", "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": "r"}}"#;
+        assert_eq!(parse_ping(revoke, "w@h"), None);
     }
 
     #[test]
