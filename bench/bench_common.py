@@ -6,6 +6,7 @@ benchmark queue with its exchange.
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 from celery import Celery
 from kombu import Connection
@@ -43,3 +44,13 @@ def delete_queue(broker, queue):
         channel = conn.channel()
         channel.queue_delete(queue)
         channel.exchange_delete(queue)
+
+
+def build_release_examples():
+    """Builds the release examples (echo-worker, the bare consumer, the bench publisher) the
+    runtime benchmarks start."""
+    subprocess.run(
+        ["cargo", "build", "--release", "--locked", "-q", "-p", "mediafarm", "--examples"],
+        cwd=Path(__file__).resolve().parent.parent,
+        check=True,
+    )

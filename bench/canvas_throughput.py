@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 
 import redis
-from bench_common import bench_app, delete_queue, stop
+from bench_common import bench_app, build_release_examples, delete_queue, stop
 from celery import chain, chord, signature
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,14 +42,6 @@ BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//
 BACKEND = os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/15")
 LOGS = ROOT / "var" / "bench"
 TASK = "echo.step"
-
-
-def build():
-    subprocess.run(
-        ["cargo", "build", "--release", "--locked", "-q", "-p", "mediafarm", "--examples"],
-        cwd=ROOT,
-        check=True,
-    )
 
 
 class Producer:
@@ -209,7 +201,7 @@ def main():
     args = parser.parse_args()
     chains = 50 if args.quick else args.chains
     if not args.no_build:
-        build()
+        build_release_examples()
     worker_env = {
         "MEDIAFARM_BROKER_URL": BROKER,
         "MEDIAFARM_RESULT_BACKEND": BACKEND,

@@ -36,21 +36,13 @@ import uuid
 from pathlib import Path
 
 import redis
-from bench_common import delete_queue, stop
+from bench_common import build_release_examples, delete_queue, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
 BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 BACKEND = os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/14")
 LOGS = ROOT / "var" / "bench"
-
-
-def build():
-    subprocess.run(
-        ["cargo", "build", "--release", "--locked", "-q", "-p", "mediafarm", "--examples"],
-        cwd=ROOT,
-        check=True,
-    )
 
 
 def publish(queue, jobs, retry_every=None, publisher="celery"):
@@ -156,7 +148,7 @@ def main():
     args = parser.parse_args()
     jobs = 2_000 if args.quick else args.jobs
     if not args.no_build:
-        build()
+        build_release_examples()
     worker_env = {
         "MEDIAFARM_BROKER_URL": BROKER,
         "MEDIAFARM_RESULT_BACKEND": BACKEND,

@@ -7,28 +7,20 @@ under `parent`) and `canvas.on_error` (returns the failure it read for the id it
 worker (celery_app.py) on PYTHON_QUEUE runs `pyside.wrap` and `pyside.on_error`.
 """
 import json
-import os
 import sys
 import time
 import uuid
 
-from celery import Celery, chain, chord, group, signature
+from celery import chain, chord, group, signature
 
-app = Celery(
-    "canvas",
-    broker=os.environ.get("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//"),
-    backend=os.environ.get("RESULT_BACKEND", "redis://127.0.0.1:6379/0"),
-)
-app.conf.task_serializer = "json"
-app.conf.result_serializer = "json"
-app.conf.accept_content = ["json"]
+# The same app and result reader as the plain producer (JSON only, broker and backend from
+# the environment); canvas steps wait longer.
+from producer import app
+from producer import outcome as read_outcome
 
 
 def outcome(result, timeout=30):
-    try:
-        return {"ok": result.get(timeout=timeout), "state": result.state}
-    except Exception as exc:  # the test inspects what Python raised
-        return {"exc_type": type(exc).__name__, "message": str(exc), "state": result.state}
+    return read_outcome(result, timeout)
 
 
 def main():

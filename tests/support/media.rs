@@ -104,21 +104,30 @@ pub fn http_server(dir: &Path) -> (Proc, u16) {
     (proc, port)
 }
 
+/// ffmpeg's arguments for a live 320x240 `testsrc2` of `secs` seconds read at real time and
+/// encoded as H.264 (GOP 15); the caller adds the output.
+fn live_h264_args(secs: u32) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=320x240:rate=30",
+        "-t",
+    ]
+    .map(String::from)
+    .into();
+    args.push(secs.to_string());
+    args.extend(h264_args("320x240", 15));
+    args
+}
+
 /// ffmpeg writing a live HLS playlist (1 s segments) into `dir` at real time.
 pub fn hls_writer(dir: &Path, secs: u32) -> Proc {
-    let mut args: Vec<String> = vec![
-        "-hide_banner".into(),
-        "-loglevel".into(),
-        "error".into(),
-        "-re".into(),
-        "-f".into(),
-        "lavfi".into(),
-        "-i".into(),
-        "testsrc2=size=320x240:rate=30".into(),
-        "-t".into(),
-        secs.to_string(),
-    ];
-    args.extend(h264_args("320x240", 15));
+    let mut args = live_h264_args(secs);
     args.extend(
         [
             "-f",
@@ -183,19 +192,7 @@ pub fn nginx_rtmp(dir: &Path) -> (Proc, u16) {
 /// ffmpeg publishing a live `testsrc2` to `url` over RTMP for `secs` seconds, returned once
 /// the stream can be played.
 pub fn rtmp_publisher(url: &str, secs: u32) -> Proc {
-    let mut args: Vec<String> = vec![
-        "-hide_banner".into(),
-        "-loglevel".into(),
-        "error".into(),
-        "-re".into(),
-        "-f".into(),
-        "lavfi".into(),
-        "-i".into(),
-        "testsrc2=size=320x240:rate=30".into(),
-        "-t".into(),
-        secs.to_string(),
-    ];
-    args.extend(h264_args("320x240", 15));
+    let mut args = live_h264_args(secs);
     args.extend(["-f".to_owned(), "flv".to_owned(), url.to_owned()]);
     // nginx-rtmp refuses a player until the stream is published ("Operation not permitted"),
     // and refuses a publisher while it still holds the previous one of the same name (a
