@@ -15,12 +15,14 @@ cargo build --workspace --all-targets --locked
 scripts/validate_deploy.sh
 echo "== cargo test"
 mkdir -p var
-cargo test --workspace --locked -- --test-threads 4 2>&1 | tee var/test-output.log
+# Bounded, so a hang fails the run with its output instead of holding CI until its own limit
+# (each test binary also aborts itself after 15 minutes: tests/support's watchdog).
+timeout --kill-after=30 3600 cargo test --workspace --locked -- --test-threads 4 2>&1 | tee var/test-output.log
 # The README's first command, on the debug build just made: every demo job must succeed
 # (`submit --wait` exits 1 on a failed job, and up.sh stops there); then the farm is stopped.
 echo "== deploy/up.sh smoke test (debug build)"
 smoke=0
-MEDIAFARM_PROFILE=debug deploy/up.sh > var/up-smoke.log 2>&1 || smoke=$?
+MEDIAFARM_PROFILE=debug timeout --kill-after=30 900 deploy/up.sh > var/up-smoke.log 2>&1 || smoke=$?
 deploy/down.sh >> var/up-smoke.log 2>&1 || true
 if [ "$smoke" != 0 ]; then
   tail -40 var/up-smoke.log

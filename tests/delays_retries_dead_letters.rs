@@ -149,14 +149,22 @@ async fn a_panic_while_reading_the_kwargs_is_a_failure_and_a_dead_letter() {
 async fn a_job_that_blocks_its_thread_past_the_hard_limit_makes_the_worker_unhealthy() {
     let farm = Farm::start("wedged", settings(), echo_registry()).await;
     let addr = farm.worker.metrics_addr;
+    // Every wait is bounded, so a regression fails this test instead of hanging the run.
     let health = |path: &'static str| async move {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(req.as_bytes()).await.unwrap();
-        let mut text = String::new();
-        stream.read_to_string(&mut text).await.unwrap();
-        text
+        let ask = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            stream.write_all(req.as_bytes()).await?;
+            let mut text = String::new();
+            stream.read_to_string(&mut text).await?;
+            Ok::<_, std::io::Error>(text)
+        };
+        match tokio::time::timeout(Duration::from_secs(20), ask).await {
+            Ok(Ok(text)) => text,
+            Ok(Err(e)) => panic!("GET {path}: {e}"),
+            Err(_) => panic!("GET {path} had no answer within 20 s"),
+        }
     };
     assert!(health("/healthz").await.starts_with("HTTP/1.1 200"));
     let opts = SendOptions {
@@ -186,7 +194,9 @@ async fn a_job_that_blocks_its_thread_past_the_hard_limit_makes_the_worker_unhea
     // Once the thread is free again the job ends (whichever way) and the worker is healthy.
     let _ = r.get(WAIT).await;
     assert!(health("/healthz").await.starts_with("HTTP/1.1 200"));
-    farm.stop().await;
+    tokio::time::timeout(Duration::from_secs(60), farm.stop())
+        .await
+        .expect("the worker stops within 60 s once the job has ended");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

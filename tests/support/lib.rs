@@ -31,9 +31,44 @@ use std::time::Duration;
 use mediafarm::{Client, Registry, Settings, Task, TaskContext, TaskError, Worker, WorkerHandle};
 use serde_json::{Map, Value};
 
+/// How long one test binary may run before [`arm_watchdog`] ends it. The slowest binary takes
+/// a few minutes; a hang would otherwise hold CI until its own limit, with no word of which
+/// test hung (libtest only says a test "has been running for over 60 seconds").
+const BINARY_LIMIT: Duration = Duration::from_secs(15 * 60);
+
+/// Starts, once per test binary, a thread that aborts the process with a message if the binary
+/// outlives [`BINARY_LIMIT`] (`MEDIAFARM_TEST_BINARY_LIMIT` seconds overrides it). Called by the
+/// helpers nearly every test uses, so a hung test fails the run instead of stalling it.
+pub fn arm_watchdog() {
+    static ARMED: OnceLock<()> = OnceLock::new();
+    ARMED.get_or_init(|| {
+        let limit = std::env::var("MEDIAFARM_TEST_BINARY_LIMIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or(BINARY_LIMIT);
+        let spawned = std::thread::Builder::new()
+            .name("test-watchdog".into())
+            .spawn(move || {
+                std::thread::sleep(limit);
+                eprintln!(
+                    "\n[test watchdog] this test binary has run for {} s, past its limit: a test \
+                     hangs (see the tests libtest reports as running for over 60 seconds); \
+                     aborting so the run fails instead of stalling",
+                    limit.as_secs()
+                );
+                std::process::abort();
+            });
+        if let Err(e) = spawned {
+            eprintln!("[test watchdog] could not start: {e}");
+        }
+    });
+}
+
 /// Settings for tests: the machine's RabbitMQ and Redis (or `MEDIAFARM_*` overrides), any free
 /// metrics port, short grace period.
 pub fn settings() -> Settings {
+    arm_watchdog();
     let mut s = Settings::load(Path::new("/nonexistent/mediafarm.toml"), false)
         .expect("MEDIAFARM_* variables in the test environment are valid");
     s.metrics_addr = "127.0.0.1:0".parse().expect("static address");
@@ -44,6 +79,7 @@ pub fn settings() -> Settings {
 
 /// A queue name no other test uses.
 pub fn unique_queue(prefix: &str) -> String {
+    arm_watchdog();
     format!(
         "t-{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..10]
@@ -59,6 +95,7 @@ pub fn workspace_root() -> PathBuf {
 
 /// A new empty directory under the system temp dir, named after `label` (tests remove it).
 pub fn temp_dir(label: &str) -> PathBuf {
+    arm_watchdog();
     let dir = std::env::temp_dir().join(format!("mf-{label}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).expect("the temp dir is writable");
     dir
@@ -66,6 +103,7 @@ pub fn temp_dir(label: &str) -> PathBuf {
 
 /// A job id no other test uses, starting with `label` (found quickly in logs).
 pub fn new_id(label: &str) -> String {
+    arm_watchdog();
     format!("{label}-{}", uuid::Uuid::new_v4())
 }
 

@@ -397,6 +397,11 @@ async fn run(
     let elapsed = began.elapsed();
     l.runtime.observe(elapsed.as_secs_f64());
     shared.active.dec();
+    // The slot bounds how many jobs *run* at once. Publishing what follows, storing the outcome
+    // and acknowledging are network waits: they go on without a slot (the prefetch window
+    // bounds them), so a job waiting for a publisher confirm or a Redis reply does not keep
+    // the next job from running.
+    drop(slot);
     let outcome = match ended {
         Ended::Terminated => {
             return revoked(shared, job, &msg, &canvas, l, "terminated while running").await;
@@ -467,10 +472,6 @@ async fn run(
         after,
         join: Join::of(&canvas, &msg, &meta),
         store: store.then_some(&meta),
-        // The slot goes to the next job once the outcome is stored, while the dead letter and
-        // the ack are on their way (two hops through lapin's threads), as Celery's pool takes
-        // a new job once the task has returned and its result is stored.
-        slot: Some(slot),
         dead,
     };
     settle(shared, job, &msg.id, ending).await;
@@ -667,7 +668,7 @@ async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: Decod
 
 /// How a message ends, in the one order that keeps the promise of this module: publish what
 /// carries its workflow on (callbacks, the next chain step), store the outcome (if there is one
-/// to store), free the job's slot, publish its errbacks, join its chord (a chord header),
+/// to store), publish its errbacks, join its chord (a chord header),
 /// copy the message to its dead-letter queue (if it failed for good), and only then
 /// acknowledge. A store that fails returns the
 /// message to the broker; a publish or dead letter that fails returns it after a pause.
@@ -679,7 +680,6 @@ struct Ending<'a> {
     /// A chord header's outcome, joined after it is stored.
     join: Option<Join<'a>>,
     store: Option<&'a ResultMeta>,
-    slot: Option<OwnedSemaphorePermit>,
     dead: Option<DeadReason>,
 }
 
@@ -690,7 +690,6 @@ impl<'a> Ending<'a> {
             after: Vec::new(),
             join: None,
             store: None,
-            slot: None,
             dead: None,
         }
     }
@@ -716,7 +715,6 @@ impl<'a> Ending<'a> {
 
 async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
     if !publish_next(shared, id, &ending.before).await {
-        drop(ending.slot);
         return requeue_after_pause(shared, &job.delivery).await;
     }
     if let Some(meta) = ending.store {
@@ -724,7 +722,6 @@ async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
             return requeue(&job.delivery).await;
         }
     }
-    drop(ending.slot);
     if !publish_next(shared, id, &ending.after).await {
         return requeue_after_pause(shared, &job.delivery).await;
     }
