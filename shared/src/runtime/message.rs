@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::broker::{backoff, Publisher};
-use crate::amqp::pidbox::Revocations;
+use crate::amqp::pidbox::{Node, Revocations};
 use crate::amqp::reroute::{time_header, DeadReason, Rerouter, MIN_DELAY};
 use crate::amqp::table::{read_job_properties, read_properties};
 use crate::backend::result::{FailureKind, ResultMeta, TaskError, TaskState};
@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     pub stop: CancellationToken,
     pub jobs: TaskTracker,
     pub revocations: Arc<Revocations>,
+    /// What the mailbox shows and changes: held jobs, queues, time limits set at run time.
+    pub node: Arc<Node>,
     /// Metric handles by queue, then task name.
     pub task_metrics: Mutex<HashMap<String, HashMap<String, TaskMetrics>>>,
     pub active: Gauge,
@@ -184,6 +186,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
     if job.delivery.redelivered && already_done(shared, job, &msg, &canvas).await {
         return;
     }
+    let tracked = shared.node.jobs.received(&msg, &job.delivery);
     if let Some(eta) = msg.eta {
         let remaining = (eta - Utc::now()).to_std().unwrap_or_default();
         if remaining >= MIN_DELAY {
@@ -195,6 +198,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
                 _ = shared.stop.cancelled() => return requeue(&job.delivery).await,
                 _ = tokio::time::sleep(remaining) => {},
             }
+            tracked.reserved();
         }
     }
     // Counted once per job, not once per hop through the delay queues.
@@ -207,6 +211,10 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
             Err(_) => return requeue(&job.delivery).await,
         },
     };
+    let mut policy = policy;
+    if let Some((soft, hard)) = shared.node.time_limit(&msg.task) {
+        (policy.soft_time_limit, policy.time_limit) = (soft, hard);
+    }
     let limits = Limits::for_job(&shared.settings, &msg, &policy);
     if !limits.fits_ack_deadline(&shared.settings, job.received_at.elapsed()) {
         tracing::warn!(
@@ -218,6 +226,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
         );
         return requeue(&job.delivery).await;
     }
+    tracked.started();
     run(shared, job, msg, canvas, &l, policy, limits, slot).await;
 }
 
