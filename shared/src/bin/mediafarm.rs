@@ -148,7 +148,8 @@ struct Remote {
     /// Seconds to wait for replies.
     #[arg(short, long, default_value_t = 1.0)]
     timeout: f64,
-    /// Print the replies as one JSON object by node name.
+    /// Print the replies as JSON, as Celery does: inspect one object by node name, control a
+    /// list of one-node objects.
     #[arg(short, long)]
     json: bool,
 }
@@ -563,8 +564,17 @@ async fn remote_call(
         return Ok(ExitCode::from(69));
     }
     if remote.json {
-        let by_node: serde_json::Map<String, Value> = replies.into_iter().collect();
-        println!("{}", Value::Object(by_node));
+        // As Celery prints them: inspect one object by node, control a list of replies.
+        let shown = match kind {
+            CommandType::Inspect => Value::Object(replies.into_iter().collect()),
+            CommandType::Control => Value::Array(
+                replies
+                    .into_iter()
+                    .map(|(node, reply)| serde_json::json!({ node: reply }))
+                    .collect(),
+            ),
+        };
+        println!("{shown}");
         return Ok(ExitCode::SUCCESS);
     }
     for (node, reply) in &replies {

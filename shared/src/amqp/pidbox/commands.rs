@@ -77,6 +77,7 @@ const CONTROL: &[Signature] = &[
         None,
     ),
     sig("revoke", &[], Some("task_id")),
+    sig("terminate", &[("signal", Kind::Str)], Some("task_id")),
     sig("enable_events", &[], None),
     sig("disable_events", &[], None),
     sig("heartbeat", &[], None),

@@ -173,7 +173,9 @@ pub async fn dispatch(node: &Node, channel: &Channel, req: &Request) -> Option<V
         "report" => inspect::report(node),
         "clock" => json!({"clock": node.clock()}),
         "hello" => inspect::hello(node, req),
-        "revoke" => revoke::revoke(&node.revocations, &node.backend, &node.settings, req).await,
+        "revoke" | "terminate" => {
+            revoke::revoke(&node.revocations, &node.backend, &node.settings, req).await
+        }
         "add_consumer" => control::add_consumer(node, channel, req).await,
         "cancel_consumer" => control::cancel_consumer(node, req),
         "time_limit" => control::time_limit(node, req),

@@ -187,14 +187,16 @@ impl RevokeCommand {
     }
 }
 
-/// Applies a revoke here, records it in Redis, and answers as Celery's `revoke` command does.
+/// Applies a revoke here (Celery's `terminate` command is a revoke with `terminate` forced),
+/// records it in Redis, and answers as Celery's `revoke` command does.
 pub async fn revoke(
     revocations: &Revocations,
     backend: &ResultBackend,
     settings: &Settings,
     request: &Request,
 ) -> Value {
-    let cmd = RevokeCommand::of(request);
+    let mut cmd = RevokeCommand::of(request);
+    cmd.terminate |= request.method == "terminate";
     let until = remember_until(settings);
     let stopped = revocations.apply(&cmd.ids, cmd.terminate, until);
     tracing::info!(ids = ?cmd.ids, terminate = cmd.terminate, ?stopped, "revoked");
