@@ -575,6 +575,20 @@ async fn celery_control_time_limit_applies_to_later_jobs_of_that_task() {
     assert_eq!(set, json!({"ok": "time limits set successfully"}));
     let unknown = celery_reply(s, &node, &["control", "time_limit", "no.such", "1", "2"]).await;
     assert_eq!(unknown, json!({"error": "unknown task"}));
+    // A method without a handler is answered as Celery's kombu Node answers one.
+    let replies = mediafarm::amqp::pidbox::mailbox::call(
+        s,
+        "no_such_method",
+        json!({}),
+        Some(std::slice::from_ref(&node)),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("sent");
+    assert_eq!(
+        replies,
+        [(node.clone(), json!({"error": "KeyError('no_such_method')"}))]
+    );
     let r = farm
         .client
         .send_task(

@@ -1,9 +1,10 @@
 //! The worker runtime: connect, declare, consume from RabbitMQ with prefetch = concurrency ×
 //! multiplier, hand each delivery to `job` (which runs at most `concurrency` at once and acks
-//! only after the outcome is stored), listen for revokes on Celery's control exchange, and
+//! only after the outcome is stored), answer Celery's remote control on the pidbox (revokes,
+//! inspect, control; the queues consumed follow `add_consumer` / `cancel_consumer`), and
 //! keep `/readyz` honest. A lost connection is re-established with backoff and consuming
-//! resumes. On stop: cancel the consumers, let running jobs finish within the grace period,
-//! return the rest to the broker.
+//! resumes. On stop (SIGTERM or `control shutdown`): cancel the consumers, let running jobs
+//! finish within the grace period, return the rest to the broker.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -401,7 +402,7 @@ async fn consume_on(
                  Give each worker its own -n (the default, mediafarm.<pid>@<host>, is unique)"
             ),
             // The connection went: the next one listens again.
-            Err(e) => tracing::debug!(error = %e, "revoke listener ended"),
+            Err(e) => tracing::debug!(error = %e, "control listener ended"),
             Ok(()) => {}
         }
     });
