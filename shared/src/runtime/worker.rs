@@ -165,7 +165,7 @@ impl Worker {
             hostname.to_string(),
             self.settings.clone(),
             backend.clone(),
-            revocations.clone(),
+            revocations,
             self.registry
                 .names()
                 .into_iter()
@@ -175,7 +175,6 @@ impl Worker {
             stop.clone(),
         ));
         let shared = Arc::new(Shared {
-            revocations,
             node,
             task_metrics: Mutex::new(HashMap::new()),
             active,
@@ -309,7 +308,7 @@ async fn watch_backend(shared: Arc<Shared>) {
         shared.readiness.backend.store(ok, Ordering::Relaxed);
         round = round.wrapping_add(1);
         if ok && round.is_multiple_of(5) {
-            if let Err(e) = shared.revocations.refresh(&shared.backend).await {
+            if let Err(e) = shared.node.revocations.refresh(&shared.backend).await {
                 tracing::debug!(error = %e, "could not refresh revoked ids");
             }
         }
