@@ -1,5 +1,5 @@
-//! The `mediafarm` command: submit jobs, read results, revoke jobs, purge queues, and list or
-//! replay dead letters.
+//! The `mediafarm` command: submit jobs, read results, revoke jobs, purge queues, list or
+//! replay dead letters, and inspect or control running workers (mediafarm's and Celery's).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use mediafarm::amqp::pidbox::commands::{self, CommandType};
 use mediafarm::beat::settings::BeatSettings;
 use mediafarm::client::{Client, ClientError, SendOptions, Workflow};
 use mediafarm::settings::Group;
@@ -90,6 +91,25 @@ enum Command {
         #[arg(long)]
         terminate: bool,
     },
+    /// Ask running workers (mediafarm and Python Celery alike) about themselves, as `celery
+    /// inspect` does: ping, stats, active, reserved, scheduled, registered, active_queues,
+    /// revoked, query_task ID..., conf [true: with defaults], report.
+    Inspect {
+        method: String,
+        /// The method's arguments (query_task: job ids).
+        args: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Change running workers, as `celery control` does: add_consumer QUEUE [EXCHANGE [TYPE
+    /// [ROUTING_KEY]]], cancel_consumer QUEUE, time_limit TASK SOFT [HARD], shutdown, and
+    /// rate_limit TASK RATE, enable_events, disable_events, heartbeat, revoke ID...
+    Control {
+        method: String,
+        args: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Dead letters: messages that can never succeed, kept in <queue>.dead with the reason.
     Dead {
         #[command(subcommand)]
@@ -117,6 +137,21 @@ enum Command {
     CheckSettings,
     /// Print the names of the settings the CLI and beat read, one a line.
     SettingNames,
+}
+
+/// Who is asked and how long replies are awaited (Celery's remote control options).
+#[derive(clap::Args)]
+struct Remote {
+    /// Only these nodes (comma-separated node names); the wait ends when all have answered.
+    #[arg(short, long, value_delimiter = ',')]
+    destination: Vec<String>,
+    /// Seconds to wait for replies.
+    #[arg(short, long, default_value_t = 1.0)]
+    timeout: f64,
+    /// Print the replies as JSON, as Celery does: inspect one object by node name, control a
+    /// list of one-node objects.
+    #[arg(short, long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -341,6 +376,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("revoked {}{how}", ids.join(", "));
             Ok(ExitCode::SUCCESS)
         }
+        Command::Inspect {
+            method,
+            args,
+            remote,
+        } => remote_call(&settings, CommandType::Inspect, &method, &args, &remote).await,
+        Command::Control {
+            method,
+            args,
+            remote,
+        } => remote_call(&settings, CommandType::Control, &method, &args, &remote).await,
         Command::Dead { command } => dead(&settings, command).await,
         Command::Beat { metrics_addr, .. } => {
             let mut settings = settings;
@@ -496,6 +541,77 @@ async fn schedule(
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Broadcasts an inspect or control command and prints the replies as `celery inspect`
+/// does; exit 69 (EX_UNAVAILABLE) when no node replied, as Celery.
+async fn remote_call(
+    settings: &Settings,
+    kind: CommandType,
+    method: &str,
+    args: &[String],
+    remote: &Remote,
+) -> anyhow::Result<ExitCode> {
+    let arguments = commands::arguments(kind, method, args).map_err(anyhow::Error::msg)?;
+    let wait = timeout(remote.timeout)?;
+    let destination = (!remote.destination.is_empty()).then_some(remote.destination.as_slice());
+    let replies =
+        mediafarm::amqp::pidbox::mailbox::call(settings, method, arguments, destination, wait)
+            .await?;
+    if replies.is_empty() {
+        eprintln!("Error: No nodes replied within time constraint");
+        return Ok(ExitCode::from(69));
+    }
+    if remote.json {
+        // As Celery prints them: inspect one object by node, control a list of replies.
+        let shown = match kind {
+            CommandType::Inspect => Value::Object(replies.into_iter().collect()),
+            CommandType::Control => Value::Array(
+                replies
+                    .into_iter()
+                    .map(|(node, reply)| serde_json::json!({ node: reply }))
+                    .collect(),
+            ),
+        };
+        println!("{shown}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for (node, reply) in &replies {
+        let (status, text) = pretty(reply);
+        println!("->  {node}: {status}");
+        for line in text.lines() {
+            println!("        {line}");
+        }
+    }
+    let n = replies.len();
+    println!("\n{n} {} online.", if n == 1 { "node" } else { "nodes" });
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Celery's `pretty` for a reply: OK or ERROR, and the text under it.
+fn pretty(reply: &Value) -> (&'static str, String) {
+    match reply {
+        Value::Object(m) if m.contains_key("error") => ("ERROR", text_of(&m["error"])),
+        Value::Object(m) if m.contains_key("ok") => ("OK", text_of(&m["ok"])),
+        Value::Array(items) if items.is_empty() => ("OK", "- empty -".into()),
+        Value::Array(items) => (
+            "OK",
+            items
+                .iter()
+                .map(|i| format!("* {}", text_of(i)))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+        other => ("OK", text_of(other)),
+    }
+}
+
+fn text_of(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Object(_) => serde_json::to_string_pretty(v).unwrap_or_default(),
+        other => other.to_string(),
     }
 }
 

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::broker::{backoff, Publisher};
-use crate::amqp::pidbox::Revocations;
+use crate::amqp::pidbox::Node;
 use crate::amqp::reroute::{time_header, DeadReason, Rerouter, MIN_DELAY};
 use crate::amqp::table::{read_job_properties, read_properties};
 use crate::backend::result::{FailureKind, ResultMeta, TaskError, TaskState};
@@ -49,7 +49,9 @@ pub(crate) struct Shared {
     pub slots: Arc<Semaphore>,
     pub stop: CancellationToken,
     pub jobs: TaskTracker,
-    pub revocations: Arc<Revocations>,
+    /// What the mailbox shows and changes: the revoked set, held jobs, queues, time limits set
+    /// at run time.
+    pub node: Arc<Node>,
     /// Metric handles by queue, then task name.
     pub task_metrics: Mutex<HashMap<String, HashMap<String, TaskMetrics>>>,
     pub active: Gauge,
@@ -169,9 +171,10 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
     };
     let l = shared.metrics_for(&msg.task, &job.queue);
     let waited = msg.eta.is_some() || msg.retries > 0;
-    if shared.revocations.is_revoked(&msg.id)
+    if shared.node.revocations.is_revoked(&msg.id)
         || (waited
             && shared
+                .node
                 .revocations
                 .check_stored(&shared.backend, &msg.id)
                 .await)
@@ -184,6 +187,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
     if job.delivery.redelivered && already_done(shared, job, &msg, &canvas).await {
         return;
     }
+    let tracked = shared.node.jobs.received(&msg, &job.delivery);
     if let Some(eta) = msg.eta {
         let remaining = (eta - Utc::now()).to_std().unwrap_or_default();
         if remaining >= MIN_DELAY {
@@ -195,6 +199,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
                 _ = shared.stop.cancelled() => return requeue(&job.delivery).await,
                 _ = tokio::time::sleep(remaining) => {},
             }
+            tracked.reserved();
         }
     }
     // Counted once per job, not once per hop through the delay queues.
@@ -207,6 +212,10 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
             Err(_) => return requeue(&job.delivery).await,
         },
     };
+    let mut policy = policy;
+    if let Some((soft, hard)) = shared.node.time_limit(&msg.task) {
+        (policy.soft_time_limit, policy.time_limit) = (soft, hard);
+    }
     let limits = Limits::for_job(&shared.settings, &msg, &policy);
     if !limits.fits_ack_deadline(&shared.settings, job.received_at.elapsed()) {
         tracing::warn!(
@@ -218,6 +227,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
         );
         return requeue(&job.delivery).await;
     }
+    tracked.started();
     run(shared, job, msg, canvas, &l, policy, limits, slot).await;
 }
 
@@ -354,7 +364,7 @@ async fn run(
         std::mem::take(&mut msg.args),
         std::mem::take(&mut msg.kwargs),
     );
-    let terminate = shared.revocations.started(&msg.id);
+    let terminate = shared.node.revocations.started(&msg.id);
     let ended = match shared.registry.call(&msg.task, ctx, args, kwargs) {
         Some(future) => {
             let guarded = std::panic::AssertUnwindSafe(future).catch_unwind();
@@ -393,7 +403,7 @@ async fn run(
     drop(running);
     // Whatever still runs for this job (CPU work abandoned at the hard limit) is told to stop.
     stop_signal.set();
-    shared.revocations.finished(&msg.id);
+    shared.node.revocations.finished(&msg.id);
     let elapsed = began.elapsed();
     l.runtime.observe(elapsed.as_secs_f64());
     shared.active.dec();

@@ -1,9 +1,10 @@
 //! The worker runtime: connect, declare, consume from RabbitMQ with prefetch = concurrency ×
 //! multiplier, hand each delivery to `job` (which runs at most `concurrency` at once and acks
-//! only after the outcome is stored), listen for revokes on Celery's control exchange, and
+//! only after the outcome is stored), answer Celery's remote control on the pidbox (revokes,
+//! inspect, control; the queues consumed follow `add_consumer` / `cancel_consumer`), and
 //! keep `/readyz` honest. A lost connection is re-established with backoff and consuming
-//! resumes. On stop: cancel the consumers, let running jobs finish within the grace period,
-//! return the rest to the broker.
+//! resumes. On stop (SIGTERM or `control shutdown`): cancel the consumers, let running jobs
+//! finish within the grace period, return the rest to the broker.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -18,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::amqp::broker::{self, backoff, BrokerError, Publisher};
-use crate::amqp::pidbox::{self, Revocations};
+use crate::amqp::pidbox::{self, Node, Revocations};
 use crate::amqp::reroute::Rerouter;
 use crate::backend::{BackendError, ResultBackend};
 use crate::observe::http::{self, Readiness};
@@ -160,8 +161,21 @@ impl Worker {
         if let Err(e) = revocations.refresh(&backend).await {
             tracing::warn!(error = %e, "could not load revoked ids from Redis");
         }
-        let shared = Arc::new(Shared {
+        let node = Arc::new(Node::new(
+            hostname.to_string(),
+            self.settings.clone(),
+            backend.clone(),
             revocations,
+            self.registry
+                .names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            self.queues.clone(),
+            stop.clone(),
+        ));
+        let shared = Arc::new(Shared {
+            node,
             task_metrics: Mutex::new(HashMap::new()),
             active,
             slots: Arc::new(Semaphore::new(self.settings.worker_concurrency)),
@@ -186,10 +200,9 @@ impl Worker {
             %metrics_addr,
             "worker starting"
         );
-        let queues = self.queues;
         let done = tokio::spawn(async move {
             tokio::spawn(watch_backend(shared.clone()));
-            consume_until_stopped(shared.clone(), &queues).await;
+            consume_until_stopped(shared.clone()).await;
             http_stop.cancel();
         });
         Ok(WorkerHandle {
@@ -295,7 +308,7 @@ async fn watch_backend(shared: Arc<Shared>) {
         shared.readiness.backend.store(ok, Ordering::Relaxed);
         round = round.wrapping_add(1);
         if ok && round.is_multiple_of(5) {
-            if let Err(e) = shared.revocations.refresh(&shared.backend).await {
+            if let Err(e) = shared.node.revocations.refresh(&shared.backend).await {
                 tracing::debug!(error = %e, "could not refresh revoked ids");
             }
         }
@@ -307,13 +320,13 @@ async fn watch_backend(shared: Arc<Shared>) {
 }
 
 /// Reconnects with backoff until stopped.
-async fn consume_until_stopped(shared: Arc<Shared>, queues: &[String]) {
+async fn consume_until_stopped(shared: Arc<Shared>) {
     let up = WorkerLabels {
         hostname: host_label(&shared.hostname),
     };
     let mut attempt = 0;
     loop {
-        match consume(&shared, queues, &mut attempt).await {
+        match consume(&shared, &mut attempt).await {
             Ok(()) => break,
             Err(e) => {
                 shared.readiness.broker.store(false, Ordering::Relaxed);
@@ -354,14 +367,10 @@ async fn drain(shared: &Shared) {
 /// One connection's life: declare, consume, dispatch. `Ok` means stopped on request. On an
 /// error the connection is closed, so a half-broken one (a channel closed by the broker, say)
 /// does not linger beside its replacement.
-async fn consume(
-    shared: &Arc<Shared>,
-    queues: &[String],
-    attempt: &mut u32,
-) -> Result<(), BrokerError> {
+async fn consume(shared: &Arc<Shared>, attempt: &mut u32) -> Result<(), BrokerError> {
     let conn = broker::connect(&shared.settings, &format!("{} worker", shared.hostname)).await?;
     let conn = Arc::new(conn);
-    let outcome = consume_on(shared, &conn, queues, attempt).await;
+    let outcome = consume_on(shared, &conn, attempt).await;
     if outcome.is_err() {
         let close = conn.close(320, "worker reconnecting".into());
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
@@ -372,7 +381,6 @@ async fn consume(
 async fn consume_on(
     shared: &Arc<Shared>,
     conn: &Arc<lapin::Connection>,
-    queues: &[String],
     attempt: &mut u32,
 ) -> Result<(), BrokerError> {
     let channel = conn.create_channel().await?;
@@ -381,13 +389,7 @@ async fn consume_on(
         .await?;
     let rerouter = Arc::new(Rerouter::open(conn.clone()).await?);
     let control = conn.create_channel().await?;
-    let listen = pidbox::listen(
-        control,
-        shared.hostname.to_string(),
-        shared.revocations.clone(),
-        shared.backend.clone(),
-        shared.settings.clone(),
-    );
+    let listen = pidbox::listen(control, shared.node.clone());
     let hostname = shared.hostname.clone();
     tokio::spawn(async move {
         match listen.await {
@@ -399,39 +401,21 @@ async fn consume_on(
                  Give each worker its own -n (the default, mediafarm.<pid>@<host>, is unique)"
             ),
             // The connection went: the next one listens again.
-            Err(e) => tracing::debug!(error = %e, "revoke listener ended"),
+            Err(e) => tracing::debug!(error = %e, "control listener ended"),
             Ok(()) => {}
         }
     });
-    let mut consumers = Vec::with_capacity(queues.len());
-    let mut tags = Vec::with_capacity(queues.len());
-    for queue in queues {
-        broker::declare_queue(&channel, queue).await?;
-        let tag = format!(
-            "{}-{}-{}",
-            shared.hostname,
-            queue,
-            uuid::Uuid::new_v4().simple()
-        );
-        let consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        tags.push(tag);
-        let queue = queue.clone();
-        consumers.push(consumer.map(move |d| (queue.clone(), d)).boxed());
+    // The queues to consume follow add_consumer / cancel_consumer, across reconnections too.
+    let mut wanted = shared.node.watch_queues();
+    let queues = wanted.borrow_and_update().clone();
+    let mut deliveries = select_all(Vec::new());
+    let mut tags = HashMap::with_capacity(queues.len());
+    for queue in &queues {
+        let (tag, consumer) = start_consuming(shared, &channel, queue).await?;
+        tags.insert(queue.clone(), tag);
+        deliveries.push(consumer);
     }
     *attempt = 0;
-    // Every series exists from the start (at 0), so dashboards show zero, not "no data".
-    for queue in queues {
-        for task in shared.registry.names() {
-            shared.metrics_for(task, queue);
-        }
-    }
     shared.readiness.broker.store(true, Ordering::Relaxed);
     shared.readiness.consuming.store(true, Ordering::Relaxed);
     shared
@@ -442,12 +426,20 @@ async fn consume_on(
         })
         .set(1);
     tracing::info!(?queues, "consuming");
-    let mut deliveries = select_all(consumers);
     let outcome = loop {
         tokio::select! {
             biased;
             _ = shared.stop.cancelled() => break Ok(()),
-            next = deliveries.next() => match next {
+            changed = wanted.changed() => {
+                if changed.is_err() {
+                    continue;
+                }
+                let now = wanted.borrow_and_update().clone();
+                if let Err(e) = follow_queues(shared, &channel, &now, &mut tags, &mut deliveries).await {
+                    break Err(e);
+                }
+            }
+            next = deliveries.next(), if !deliveries.is_empty() => match next {
                 Some((queue, Ok(delivery))) => {
                     let incoming = Incoming {
                         delivery,
@@ -458,6 +450,8 @@ async fn consume_on(
                     shared.jobs.spawn(message::handle(shared.clone(), incoming));
                 }
                 Some((_, Err(e))) => break Err(BrokerError::from(e)),
+                // Every consumer was cancelled on request: wait for a queue to be added.
+                None if tags.is_empty() => {}
                 None => break Err(BrokerError::Amqp(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(
                     lapin::ConnectionState::Closed,
                 )))),
@@ -466,7 +460,7 @@ async fn consume_on(
     };
     if outcome.is_ok() {
         shared.readiness.consuming.store(false, Ordering::Relaxed);
-        for tag in &tags {
+        for tag in tags.values() {
             let _ = channel
                 .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
                 .await;
@@ -478,6 +472,83 @@ async fn consume_on(
         let _ = conn.close(200, "worker stopping".into()).await;
     }
     outcome
+}
+
+type Deliveries = futures_util::stream::BoxStream<
+    'static,
+    (String, Result<lapin::message::Delivery, lapin::Error>),
+>;
+
+/// Declares `queue` as kombu does and consumes it; returns the consumer tag and its stream.
+async fn start_consuming(
+    shared: &Shared,
+    channel: &lapin::Channel,
+    queue: &str,
+) -> Result<(String, Deliveries), BrokerError> {
+    broker::declare_queue(channel, queue).await?;
+    let tag = format!(
+        "{}-{}-{}",
+        shared.hostname,
+        queue,
+        uuid::Uuid::new_v4().simple()
+    );
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    // Every series exists from the start (at 0), so dashboards show zero, not "no data".
+    for task in shared.registry.names() {
+        shared.metrics_for(task, queue);
+    }
+    let queue = queue.to_owned();
+    Ok((tag, consumer.map(move |d| (queue.clone(), d)).boxed()))
+}
+
+/// Starts consumers for queues newly wanted and cancels those no longer wanted (their
+/// streams end; deliveries already received still run).
+async fn follow_queues(
+    shared: &Shared,
+    channel: &lapin::Channel,
+    wanted: &[String],
+    tags: &mut HashMap<String, String>,
+    deliveries: &mut futures_util::stream::SelectAll<Deliveries>,
+) -> Result<(), BrokerError> {
+    let gone: Vec<String> = tags
+        .keys()
+        .filter(|q| !wanted.contains(q))
+        .cloned()
+        .collect();
+    for queue in gone {
+        if let Some(tag) = tags.remove(&queue) {
+            channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await?;
+            tracing::info!(%queue, "no longer consuming");
+        }
+    }
+    for queue in wanted {
+        if tags.contains_key(queue) {
+            continue;
+        }
+        match start_consuming(shared, channel, queue).await {
+            Ok((tag, consumer)) => {
+                tags.insert(queue.clone(), tag);
+                deliveries.push(consumer);
+                tracing::info!(%queue, "consuming");
+            }
+            // A queue RabbitMQ refuses closes the channel: forget it rather than retry forever.
+            Err(e) => {
+                tracing::warn!(%queue, error = %e, "could not consume the queue asked for");
+                shared.node.remove_queue(queue);
+                return Err(e);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Prefetch is channel-wide (RabbitMQ's `global` QoS, as Celery sets it), so a worker on

@@ -46,6 +46,9 @@ pub trait Group: Sized + Default + Clone + std::fmt::Debug {
     fn read(reader: &Reader) -> Result<Self, SettingsError>;
     /// The list-valued settings by name, as parsed.
     fn lists(&self) -> Vec<(&'static str, &[String])>;
+    /// Every setting's value as the settings file would write it (`(unset)` when none), in
+    /// declaration order: what `inspect conf` reports.
+    fn shown_values(&self) -> Vec<(&'static str, String)>;
 }
 
 /// What a program loads beside the core settings: one group, a tuple of groups, or `()`.
@@ -183,6 +186,12 @@ macro_rules! settings_group {
                     }
                 )*
                 all
+            }
+
+            fn shown_values(&self) -> ::std::vec::Vec<(&'static str, ::std::string::String)> {
+                ::std::vec![$(
+                    (stringify!($field), $crate::settings::Value::shown(&self.$field)),
+                )*]
             }
         }
 

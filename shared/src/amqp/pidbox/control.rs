@@ -1,0 +1,134 @@
+//! Commands that change a running worker, answered in Celery 5.7's words
+//! (`celery/worker/control.py`): `add_consumer` and `cancel_consumer` change the queues the
+//! runtime consumes (it follows [`Node::watch_queues`] and declares a new queue as kombu does
+//! before consuming it), `time_limit` replaces a task's soft and hard limits for the jobs that
+//! start after it, and `shutdown` stops the worker as SIGTERM does (Celery sends no reply).
+
+use std::time::Duration;
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, ExchangeKind};
+use serde_json::{json, Value};
+
+use super::mailbox::Request;
+use super::Node;
+use crate::amqp::broker::{self, BrokerError};
+
+fn ok(text: String) -> Value {
+    json!({ "ok": text })
+}
+
+fn nok(text: String) -> Value {
+    json!({ "error": text })
+}
+
+/// Starts consuming `queue` now (Celery replies `add consumer <queue>` at once). With an
+/// `exchange` other than the queue's own name, that exchange (of `exchange_type`, direct by
+/// default) is declared and bound with `routing_key` (default: the queue's name) first, as
+/// Celery's `add_task_queue` does.
+pub async fn add_consumer(node: &Node, channel: &Channel, req: &Request) -> Value {
+    let Some(queue) = req.text("queue") else {
+        return nok(
+            "TypeError(\"add_consumer() missing 1 required positional argument: 'queue'\")".into(),
+        );
+    };
+    if let Err(e) = broker::check_queue_name(queue) {
+        return nok(e.to_string());
+    }
+    if let Some(exchange) = req.text("exchange").filter(|e| *e != queue) {
+        let kind = req.text("exchange_type").unwrap_or("direct");
+        let routing_key = req.text("routing_key").unwrap_or(queue);
+        if let Err(e) = bind_to(channel, queue, exchange, kind, routing_key).await {
+            return nok(format!("{e}"));
+        }
+    }
+    if node.add_queue(queue) {
+        tracing::info!(%queue, "started consuming on request (add_consumer)");
+    }
+    ok(format!("add consumer {queue}"))
+}
+
+async fn bind_to(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    kind: &str,
+    routing_key: &str,
+) -> Result<(), BrokerError> {
+    let kind = match kind {
+        "fanout" => ExchangeKind::Fanout,
+        "topic" => ExchangeKind::Topic,
+        "headers" => ExchangeKind::Headers,
+        _ => ExchangeKind::Direct,
+    };
+    let durable = ExchangeDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    channel
+        .exchange_declare(exchange.into(), kind, durable, FieldTable::default())
+        .await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Stops consuming `queue` (messages already delivered still run). Celery's reply whether or
+/// not it was consumed.
+pub fn cancel_consumer(node: &Node, req: &Request) -> Value {
+    let Some(queue) = req.text("queue") else {
+        return nok(
+            "TypeError(\"cancel_consumer() missing 1 required positional argument: 'queue'\")"
+                .into(),
+        );
+    };
+    if node.remove_queue(queue) {
+        tracing::info!(%queue, "stopped consuming on request (cancel_consumer)");
+    }
+    ok(format!("no longer consuming from {queue}"))
+}
+
+/// Celery's `time_limit(task_name, soft, hard)`: both limits replaced (an absent one is
+/// removed) for later jobs of that task; a message's own `timelimit` still comes first.
+pub fn time_limit(node: &Node, req: &Request) -> Value {
+    let Some(task) = req
+        .text("task_name")
+        .filter(|t| node.tasks.iter().any(|n| n == t))
+    else {
+        tracing::error!(task = ?req.text("task_name"), "time limit change for an unknown task");
+        return nok("unknown task".into());
+    };
+    let secs = |name: &str| {
+        req.number(name)
+            .filter(|s| *s > 0.0)
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+    };
+    let (soft, hard) = (secs("soft"), secs("hard"));
+    node.set_time_limit(task, (soft, hard));
+    tracing::info!(%task, ?soft, ?hard, "new time limits");
+    ok("time limits set successfully".into())
+}
+
+/// Stops the worker as SIGTERM does: running jobs finish within the grace period.
+pub fn shutdown(node: &Node) {
+    tracing::warn!("Got shutdown from remote");
+    node.stop.cancel();
+}
