@@ -25,6 +25,7 @@ use crate::observe::http::{self, Readiness};
 use crate::observe::metrics::{host_label, Metrics, WorkerLabels};
 use crate::runtime::cpu::CpuPool;
 use crate::runtime::message::{self, Incoming, Shared};
+use crate::runtime::rate::{RateError, RateLimits};
 use crate::runtime::task::Registry;
 use crate::settings::Settings;
 
@@ -40,6 +41,8 @@ pub enum WorkerError {
     NoQueues,
     #[error("worker has no tasks registered")]
     NoTasks,
+    #[error(transparent)]
+    Rate(#[from] RateError),
     #[error(
         "task {task} has a hard time limit of {} s; at most {} s is allowed: \
          broker_consumer_timeout less the time to store the result and acknowledge",
@@ -64,6 +67,7 @@ pub struct Worker {
 /// A running worker: its metrics address and a way to stop it.
 pub struct WorkerHandle {
     pub metrics_addr: std::net::SocketAddr,
+    rates: Arc<RateLimits>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
@@ -83,6 +87,12 @@ impl WorkerHandle {
     /// Waits for the worker to end (after `stop`).
     pub async fn wait(self) {
         let _ = self.done.await;
+    }
+
+    /// The worker's per-task rate limits, to read or change while it runs (what Celery's
+    /// `rate_limit` control command does).
+    pub fn rate_limits(&self) -> Arc<RateLimits> {
+        self.rates.clone()
     }
 }
 
@@ -130,6 +140,12 @@ impl Worker {
                 });
             }
         }
+        let rates = Arc::new(RateLimits::new(
+            &self.registry,
+            self.settings.task_default_rate_limit.as_ref(),
+            &self.metrics,
+            &self.hostname,
+        )?);
         // Parse the broker URL now, so a bad one stops start-up instead of being retried.
         broker::parse_url(&self.settings.broker_url, self.settings.broker_heartbeat)?;
         let backend = ResultBackend::connect(
@@ -165,6 +181,7 @@ impl Worker {
             task_metrics: Mutex::new(HashMap::new()),
             active,
             slots: Arc::new(Semaphore::new(self.settings.worker_concurrency)),
+            rates: rates.clone(),
             // Opens its connection only when a job first hands itself on.
             publisher: Publisher::named(&self.settings, &format!("{hostname} continuations")),
             settings: self.settings,
@@ -194,6 +211,7 @@ impl Worker {
         });
         Ok(WorkerHandle {
             metrics_addr,
+            rates,
             stop,
             done,
         })
