@@ -449,6 +449,42 @@ mod tests {
     }
 
     #[test]
+    fn the_default_rate_limit_is_written_as_celery_writes_one() {
+        let rate = |toml: &str, env: &[(&str, &str)]| {
+            from(toml, env).map(|s| {
+                s.task_default_rate_limit
+                    .map(|r| (r.to_string(), r.interval()))
+            })
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(
+            rate("task_default_rate_limit = \"100/m\"", &[]).unwrap(),
+            Some(("100/m".into(), ms(600)))
+        );
+        assert_eq!(
+            rate("task_default_rate_limit = 4", &[]).unwrap(),
+            Some(("4".into(), ms(250)))
+        );
+        assert_eq!(
+            rate("task_default_rate_limit = 0.5", &[]).unwrap(),
+            Some(("0.5".into(), ms(2000)))
+        );
+        let env = [("MEDIAFARM_TASK_DEFAULT_RATE_LIMIT", "10/s")];
+        assert_eq!(rate("", &env).unwrap(), Some(("10/s".into(), ms(100))));
+        assert_eq!(rate("task_default_rate_limit = \"0\"", &[]).unwrap(), None);
+        assert_eq!(rate("", &[]).unwrap(), None);
+        let err = rate("task_default_rate_limit = \"100/min\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("task_default_rate_limit")
+                && err.contains("\"100/min\"")
+                && err.contains("\"10/s\""),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn unknown_names_get_a_suggestion() {
         let err = from("worker_concurency = 2", &[]).unwrap_err().to_string();
         assert!(err.contains("did you mean `worker_concurrency`"), "{err}");
