@@ -868,3 +868,65 @@ async fn a_rate_that_does_not_parse_stops_start_up() {
         "{text}"
     );
 }
+
+/// `test.limited_farm`: returns its kwargs; at most 5 jobs a second start across the farm.
+struct LimitedFarm;
+
+impl Task for LimitedFarm {
+    const NAME: &'static str = "test.limited_farm";
+    const RATE_LIMIT: Option<&'static str> = Some("5/s");
+    type Args = Map<String, Value>;
+    type Output = Map<String, Value>;
+
+    async fn run(&self, _: TaskContext, args: Self::Args) -> Result<Self::Output, TaskError> {
+        Ok(args)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_wide_rate_limit_holds_across_two_workers() {
+    let mut s = settings();
+    s.worker_concurrency = 2;
+    // Two messages held per worker: the jobs are spread over both workers.
+    s.worker_prefetch_multiplier = 1;
+    s.task_rate_limit_scope = "cluster".into();
+    let registry = || Registry::new().register(LimitedFarm);
+    let farm = Farm::start("rate-farm", s.clone(), registry()).await;
+    let (q, client) = (&farm.queue, &farm.client);
+    let second = Worker::new(s.clone(), registry(), vec![q.clone()])
+        .hostname(format!("second@{q}"))
+        .start()
+        .await
+        .unwrap();
+    let mut jobs = Vec::new();
+    for i in 0..10 {
+        let kw = kwargs(json!({"i": i}));
+        jobs.push(
+            client
+                .send_task("test.limited_farm", kw, &to(q))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut done = Vec::new();
+    for (i, r) in jobs.iter().enumerate() {
+        assert_eq!(r.get(WAIT).await.unwrap(), json!({"i": i}));
+        let meta = r.meta().await.unwrap().unwrap();
+        let at = meta
+            .date_done
+            .as_deref()
+            .and_then(mediafarm::protocol::parse_time);
+        done.push(at.expect("a stored date_done"));
+    }
+    let spread = (*done.iter().max().unwrap() - *done.iter().min().unwrap())
+        .to_std()
+        .unwrap();
+    // One bucket for both workers: 9 intervals of 200 ms. Each worker on its own bucket would
+    // let its half through in about 4 intervals.
+    assert!(
+        spread >= Duration::from_millis(1600),
+        "10 jobs at 5/s across two workers finished within {spread:?}"
+    );
+    second.shutdown().await;
+    farm.stop().await;
+}

@@ -140,12 +140,6 @@ impl Worker {
                 });
             }
         }
-        let rates = Arc::new(RateLimits::new(
-            &self.registry,
-            self.settings.task_default_rate_limit.as_ref(),
-            &self.metrics,
-            &self.hostname,
-        )?);
         // Parse the broker URL now, so a bad one stops start-up instead of being retried.
         broker::parse_url(&self.settings.broker_url, self.settings.broker_heartbeat)?;
         let backend = ResultBackend::connect(
@@ -153,6 +147,14 @@ impl Worker {
             self.settings.result_expires_secs(),
         )
         .await?;
+        let cluster = (self.settings.task_rate_limit_scope == "cluster").then_some(&backend);
+        let rates = Arc::new(RateLimits::new(
+            &self.registry,
+            self.settings.task_default_rate_limit.as_ref(),
+            &self.metrics,
+            &self.hostname,
+            cluster,
+        )?);
         let readiness = Arc::new(Readiness::default());
         readiness.backend.store(true, Ordering::Relaxed);
         let stop = CancellationToken::new();

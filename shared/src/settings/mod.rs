@@ -108,6 +108,9 @@ crate::settings_group! {
         /// a bare number per second; unset or 0: none): per task and per worker, jobs over it
         /// wait in the worker, in order, holding no concurrency slot.
         task_default_rate_limit: Option<TaskRate> = None, CeleryRate;
+        /// Where rate limits hold: `worker` (Celery's: each worker allows the rate) or `cluster`
+        /// (one bucket per task in the result backend's Redis, shared by every worker).
+        task_rate_limit_scope: String = "worker".into(), OneOf(&["worker", "cluster"]);
         /// RabbitMQ's `consumer_timeout`: a delivery not acknowledged within it closes the channel.
         /// Every job's hard time limit is kept below it (see `ack_deadline_margin`).
         broker_consumer_timeout: Duration = Duration::from_secs(1800), Seconds;

@@ -18,6 +18,13 @@
 //!
 //! Where a task's rate comes from: its `Task::RATE_LIMIT`, else the `task_default_rate_limit`
 //! setting, else the last `rate_limit` control command (which wins over both).
+//!
+//! With `task_rate_limit_scope = "cluster"` the turns are taken from one bucket per task in
+//! Redis ([`cluster`]) instead of the worker's own, so the rate holds across every worker;
+//! jobs still wait in order inside each worker. When Redis cannot be asked, the worker's own
+//! bucket decides (with a warning), so jobs keep flowing at no more than the rate per worker.
+
+pub mod cluster;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
@@ -28,9 +35,11 @@ use tokio::sync::{watch, Mutex};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::backend::ResultBackend;
 use crate::observe::metrics::{host_label, Metrics, NameLabels};
 use crate::runtime::task::Registry;
 use crate::settings::{RateParseError, TaskRate};
+use cluster::SharedBucket;
 
 /// Celery's reply when a `rate_limit` control command set a rate.
 pub const SET_REPLY: &str = "new rate limit set successfully";
@@ -62,22 +71,27 @@ pub struct RateLimits {
     known: BTreeSet<String>,
     waiting: prometheus_client::metrics::family::Family<NameLabels, Gauge>,
     hostname: String,
+    /// Set for `task_rate_limit_scope = "cluster"`: buckets live in this Redis.
+    cluster: Option<ResultBackend>,
 }
 
 impl RateLimits {
     /// The buckets of `registry`'s tasks: each task's `RATE_LIMIT`, else `default` (the
     /// `task_default_rate_limit` setting). `metrics` gets one waiting gauge per limited task.
+    /// With `cluster`, turns are taken from buckets in that Redis, shared by all workers.
     pub fn new(
         registry: &Registry,
         default: Option<&TaskRate>,
         metrics: &Metrics,
         hostname: &str,
+        cluster: Option<&ResultBackend>,
     ) -> Result<RateLimits, RateError> {
         let limits = RateLimits {
             buckets: RwLock::new(HashMap::new()),
             known: registry.names().into_iter().map(str::to_owned).collect(),
             waiting: metrics.rate_limit_waiting.clone(),
             hostname: host_label(hostname),
+            cluster: cluster.cloned(),
         };
         for task in &limits.known {
             let declared = registry.policy(task).and_then(|p| p.rate_limit);
@@ -162,7 +176,11 @@ impl RateLimits {
                 hostname: self.hostname.clone(),
             })
             .clone();
-        Arc::new(Bucket::new(rate, waiting))
+        let mut bucket = Bucket::new(rate, waiting);
+        if let Some(backend) = &self.cluster {
+            bucket.shared = Some(SharedBucket::new(backend.clone(), task));
+        }
+        Arc::new(bucket)
     }
 }
 
@@ -175,6 +193,8 @@ pub struct Bucket {
     rate: watch::Sender<Option<TaskRate>>,
     /// Jobs waiting on this bucket now.
     waiting: Gauge,
+    /// The cluster-wide bucket the first waiting job takes its turn from, if any.
+    shared: Option<SharedBucket>,
 }
 
 /// How a job's wait for its rate limit ended.
@@ -194,6 +214,7 @@ impl Bucket {
             last: Mutex::new(None),
             rate: watch::Sender::new(Some(rate)),
             waiting,
+            shared: None,
         }
     }
 
@@ -220,12 +241,11 @@ impl Bucket {
             let Some(interval) = rate.borrow_and_update().as_ref().map(TaskRate::interval) else {
                 return Admission::Go;
             };
-            let now = Instant::now();
-            let next = last.map_or(now, |at| at + interval);
-            if next <= now {
-                *last = Some(now);
+            let Some(next) = self.next_turn(interval, *last).await else {
+                *last = Some(Instant::now());
                 return Admission::Go;
-            }
+            };
+            let now = Instant::now();
             if next > latest {
                 return Admission::Late { wait: next - now };
             }
@@ -237,6 +257,24 @@ impl Bucket {
                 _ = tokio::time::sleep_until(next) => {},
             }
         }
+    }
+
+    /// `None`: the turn is there and taken (in Redis, for a cluster-wide bucket); else when
+    /// it will be. `last`: when this worker last let a job through.
+    async fn next_turn(&self, interval: Duration, last: Option<Instant>) -> Option<Instant> {
+        if let Some(shared) = &self.shared {
+            match shared.take(interval).await {
+                Ok(wait) if wait.is_zero() => return None,
+                Ok(wait) => return Some(Instant::now() + wait),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot take a turn from the cluster-wide rate limit; this worker's own \
+                     bucket decides meanwhile"
+                ),
+            }
+        }
+        let next = last.map(|at| at + interval)?;
+        (next > Instant::now()).then_some(next)
     }
 
     /// The time between two jobs' starts now; `None`: no limit.
@@ -426,15 +464,15 @@ mod tests {
     #[test]
     fn a_tasks_own_rate_wins_over_the_default_and_0_opts_out() {
         let m = Metrics::new();
-        let none = RateLimits::new(&registry(), None, &m, "w@h").unwrap();
+        let none = RateLimits::new(&registry(), None, &m, "w@h", None).unwrap();
         assert_eq!(none.get("t.limited").as_deref(), Some("2/s"));
         assert!(none.bucket("t.plain").is_none() && none.bucket("t.opted_out").is_none());
         let default = rate("100/m");
-        let with = RateLimits::new(&registry(), Some(&default), &m, "w@h").unwrap();
+        let with = RateLimits::new(&registry(), Some(&default), &m, "w@h", None).unwrap();
         assert_eq!(with.get("t.plain").as_deref(), Some("100/m"));
         assert_eq!(with.get("t.limited").as_deref(), Some("2/s"));
         assert_eq!(with.get("t.opted_out"), None);
-        let err = RateLimits::new(&registry().register(Broken), None, &m, "w@h")
+        let err = RateLimits::new(&registry().register(Broken), None, &m, "w@h", None)
             .err()
             .unwrap();
         assert!(
@@ -449,7 +487,7 @@ mod tests {
 
     #[test]
     fn the_control_command_answers_as_celery_does() {
-        let limits = RateLimits::new(&registry(), None, &Metrics::new(), "w").unwrap();
+        let limits = RateLimits::new(&registry(), None, &Metrics::new(), "w", None).unwrap();
         assert_eq!(limits.set("t.plain", Some("10/m")), Ok(SET_REPLY));
         assert_eq!(limits.get("t.plain").as_deref(), Some("10/m"));
         assert_eq!(limits.set("t.limited", Some("1/h")), Ok(SET_REPLY));
@@ -473,7 +511,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn waiting_jobs_follow_a_new_rate_at_once() {
-        let limits = RateLimits::new(&registry(), None, &Metrics::new(), "w").unwrap();
+        let limits = RateLimits::new(&registry(), None, &Metrics::new(), "w", None).unwrap();
         limits.set("t.plain", Some("1/h")).unwrap();
         let bucket = limits.bucket("t.plain").unwrap();
         admit_all(&bucket, 1).await;
