@@ -930,3 +930,61 @@ async fn a_cluster_wide_rate_limit_holds_across_two_workers() {
     second.shutdown().await;
     farm.stop().await;
 }
+
+/// `test.limited_park`: returns its kwargs; at most 20 jobs a minute (one per 3 s).
+struct LimitedPark;
+
+impl Task for LimitedPark {
+    const NAME: &'static str = "test.limited_park";
+    const RATE_LIMIT: Option<&'static str> = Some("20/m");
+    type Args = Map<String, Value>;
+    type Output = Map<String, Value>;
+
+    async fn run(&self, _: TaskContext, args: Self::Args) -> Result<Self::Output, TaskError> {
+        Ok(args)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_beyond_the_ack_deadline_parks_the_job_in_a_delay_queue() {
+    let mut s = settings();
+    // A job may start at most 1.75 s after delivery: 10 s less 1.25 s (half the margin) less
+    // its 7 s hard limit. The rate's 3 s interval is longer.
+    s.broker_consumer_timeout = Duration::from_secs(10);
+    s.task_time_limit = Some(Duration::from_secs(7));
+    let farm = Farm::start("rate-park", s, Registry::new().register(LimitedPark)).await;
+    let (q, client) = (&farm.queue, &farm.client);
+    let mut jobs = Vec::new();
+    for i in 0..2 {
+        let kw = kwargs(json!({"i": i}));
+        jobs.push(
+            client
+                .send_task("test.limited_park", kw, &to(q))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut done = Vec::new();
+    for (i, r) in jobs.iter().enumerate() {
+        assert_eq!(r.get(WAIT).await.unwrap(), json!({"i": i}));
+        let meta = r.meta().await.unwrap().unwrap();
+        let at = meta
+            .date_done
+            .as_deref()
+            .and_then(mediafarm::protocol::parse_time);
+        done.push(at.expect("a stored date_done"));
+    }
+    // Delivered together, either may take the first turn; the other is parked.
+    let gap = (done[1] - done[0]).abs().to_std().unwrap();
+    assert!(
+        gap >= Duration::from_millis(2500),
+        "the second job ran {gap:?} after the first"
+    );
+    // The other job went back through the broker (a delay queue) and was received again.
+    let m = scrape(farm.worker.metrics_addr).await;
+    let received = format!(
+        r#"celery_task_received_total{{name="test.limited_park",hostname="{q}",queue_name="{q}"}} 3"#
+    );
+    assert!(m.contains(&received), "{m}");
+    farm.stop().await;
+}

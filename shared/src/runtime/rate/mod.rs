@@ -6,7 +6,9 @@
 //! What this module promises:
 //! - A task's jobs start at most once per interval (`"5/s"`: 200 ms apart), the first at once,
 //!   and an idle bucket saves up no more than one start (Celery's `TokenBucket(capacity=1)`).
-//! - Waiting jobs are served first come, first served (tokio's `Mutex` is fair).
+//! - Waiting jobs are served first come, first served (tokio's `Mutex` is fair), in the order
+//!   they reach the bucket: about delivery order, but deliveries are handled concurrently, so
+//!   two that arrive together may swap (as they may for a concurrency slot).
 //! - A waiting job gives up when the worker stops ([`Admission::Stopped`]: its message goes
 //!   back to the broker), and when its turn would come too late to finish before RabbitMQ's
 //!   delivery-ack timeout ([`Admission::Late`]: the message is parked in a delay queue for
