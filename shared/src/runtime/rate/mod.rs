@@ -166,6 +166,31 @@ impl RateLimits {
         }
     }
 
+    /// The `rate_limit` control command as it arrives on the pidbox: `arguments` is Celery's
+    /// `{"task_name": ..., "rate_limit": "5/s" | 5 | null}`, the reply Celery's `{"ok": ...}`
+    /// or `{"error": ...}`.
+    pub fn control(&self, arguments: &serde_json::Value) -> serde_json::Value {
+        use serde_json::{json, Value};
+        let task = arguments.get("task_name").and_then(Value::as_str);
+        let rate = match arguments.get("rate_limit") {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(text)) => Ok(Some(text.clone())),
+            Some(Value::Number(n)) => Ok(Some(n.to_string())),
+            Some(other) => Err(RateError::Invalid(RateParseError {
+                text: other.to_string(),
+            })),
+        };
+        let outcome = match (task, rate) {
+            (_, Err(e)) => Err(e),
+            (None, Ok(_)) => Err(RateError::UnknownTask(String::new())),
+            (Some(task), Ok(rate)) => self.set(task, rate.as_deref()),
+        };
+        match outcome {
+            Ok(reply) => json!({ "ok": reply }),
+            Err(e) => json!({ "error": e.to_string() }),
+        }
+    }
+
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<Bucket>>> {
         self.buckets.write().unwrap_or_else(|e| e.into_inner())
     }
@@ -509,6 +534,43 @@ mod tests {
                 .starts_with("Invalid rate limit string: \"fast\" is not a rate"),
             "{invalid}"
         );
+    }
+
+    #[test]
+    fn the_control_message_gets_celerys_reply() {
+        use serde_json::json;
+        let limits = RateLimits::new(&registry(), None, &Metrics::new(), "w", None).unwrap();
+        let reply = |args| limits.control(&args);
+        assert_eq!(
+            reply(json!({"task_name": "t.plain", "rate_limit": "5/m"})),
+            json!({"ok": "new rate limit set successfully"})
+        );
+        assert_eq!(limits.get("t.plain").as_deref(), Some("5/m"));
+        assert_eq!(
+            reply(json!({"task_name": "t.plain", "rate_limit": 4})),
+            json!({"ok": "new rate limit set successfully"})
+        );
+        assert_eq!(
+            limits.bucket("t.plain").and_then(|b| b.interval()),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(
+            reply(json!({"task_name": "t.plain", "rate_limit": null})),
+            json!({"ok": "rate limit disabled successfully"})
+        );
+        assert_eq!(
+            reply(json!({"task_name": "t.other", "rate_limit": "1/s"})),
+            json!({"error": "unknown task"})
+        );
+        let bad = reply(json!({"task_name": "t.plain", "rate_limit": "1/d"}));
+        assert!(
+            bad["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("Invalid rate limit string: \"1/d\"")),
+            "{bad}"
+        );
+        let bad = reply(json!({"task_name": "t.plain", "rate_limit": [1]}));
+        assert!(bad.get("error").is_some(), "{bad}");
     }
 
     #[tokio::test(start_paused = true)]
