@@ -575,6 +575,23 @@ async fn celery_control_time_limit_applies_to_later_jobs_of_that_task() {
     assert_eq!(set, json!({"ok": "time limits set successfully"}));
     let unknown = celery_reply(s, &node, &["control", "time_limit", "no.such", "1", "2"]).await;
     assert_eq!(unknown, json!({"error": "unknown task"}));
+    // rate_limit is answered by the runtime's rate limits (registered on the pidbox at start).
+    let rate = celery_reply(s, &node, &["control", "rate_limit", "echo.echo", "100/m"]).await;
+    assert_eq!(rate, json!({"ok": "new rate limit set successfully"}));
+    let off = celery_reply(s, &node, &["control", "rate_limit", "echo.echo", "0"]).await;
+    assert_eq!(off, json!({"ok": "rate limit disabled successfully"}));
+    let bad = celery_reply(
+        s,
+        &node,
+        &["control", "rate_limit", "echo.echo", "9/fortnight"],
+    )
+    .await;
+    assert!(
+        bad["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("Invalid rate limit string")),
+        "{bad}"
+    );
     // A method without a handler is answered as Celery's kombu Node answers one.
     let replies = mediafarm::amqp::pidbox::mailbox::call(
         s,

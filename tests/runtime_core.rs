@@ -728,3 +728,263 @@ async fn prefetch_is_shared_by_all_queues_of_a_worker() {
     delete_queue(&s, &q1).await;
     delete_queue(&s, &q2).await;
 }
+
+/// `test.limited`: returns its kwargs; at most 5 jobs a second start on one worker.
+struct Limited;
+
+impl Task for Limited {
+    const NAME: &'static str = "test.limited";
+    const RATE_LIMIT: Option<&'static str> = Some("5/s");
+    type Args = Map<String, Value>;
+    type Output = Map<String, Value>;
+
+    async fn run(&self, _: TaskContext, args: Self::Args) -> Result<Self::Output, TaskError> {
+        Ok(args)
+    }
+}
+
+/// The worker's `/metrics` text.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_spaces_its_tasks_jobs_and_leaves_other_tasks_alone() {
+    let mut s = settings();
+    s.worker_concurrency = 2;
+    // Room in prefetch for the limited jobs that wait and the other task's jobs.
+    s.worker_prefetch_multiplier = 10;
+    // A job may wait in the worker for its rate as long as it can still finish before
+    // RabbitMQ's consumer_timeout: here 1740 s less this hard limit.
+    s.task_time_limit = Some(Duration::from_secs(60));
+    let registry = || echo_registry().register(Limited);
+    let farm = Farm::start("rate", s, registry()).await;
+    let (q, client) = (&farm.queue, &farm.client);
+
+    // Ten jobs at once at 5/s: the first starts at once, each next one 200 ms later.
+    let mut limited = Vec::new();
+    for i in 0..10 {
+        let kw = kwargs(json!({"i": i}));
+        limited.push(client.send_task("test.limited", kw, &to(q)).await.unwrap());
+    }
+    let mut done = Vec::new();
+    for (i, r) in limited.iter().enumerate() {
+        assert_eq!(r.get(WAIT).await.unwrap(), json!({"i": i}));
+        let meta = r.meta().await.unwrap().unwrap();
+        let at = meta
+            .date_done
+            .as_deref()
+            .and_then(mediafarm::protocol::parse_time);
+        done.push(at.expect("a stored date_done"));
+    }
+    let spread = (*done.iter().max().unwrap() - *done.iter().min().unwrap())
+        .to_std()
+        .unwrap();
+    // 9 intervals of 200 ms between the first start and the last; unlimited, these ten
+    // echo jobs on two slots take a few milliseconds.
+    assert!(
+        spread >= Duration::from_millis(1600),
+        "10 jobs at 5/s finished within {spread:?}"
+    );
+
+    // Slowed to one per 6 minutes while the worker runs: the next two wait in the worker
+    // (their turns, at most 12 min away, fit the ack deadline), holding no slot, and the other
+    // task's jobs run meanwhile.
+    let rates = farm.worker.rate_limits();
+    assert_eq!(
+        rates.set("test.limited", Some("10/h")),
+        Ok(mediafarm::runtime::rate::SET_REPLY)
+    );
+    let mut waiting = Vec::new();
+    for i in 0..2 {
+        let kw = kwargs(json!({"waits": i}));
+        waiting.push(client.send_task("test.limited", kw, &to(q)).await.unwrap());
+    }
+    for i in 0..4 {
+        let r = client
+            .send_task("echo.echo", kwargs(json!({"other": i})), &to(q))
+            .await
+            .unwrap();
+        assert_eq!(r.get(WAIT).await.unwrap(), json!({"other": i}));
+    }
+    let gauge =
+        format!(r#"mediafarm_task_rate_limit_waiting{{name="test.limited",hostname="{q}"}} 2"#);
+    tokio::time::timeout(WAIT, async {
+        while !scrape(farm.worker.metrics_addr).await.contains(&gauge) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the gauge shows both waiting jobs");
+    for r in &waiting {
+        assert_eq!(r.state().await.unwrap(), TaskState::Pending);
+    }
+
+    // A stop returns the waiting jobs to the broker; a new worker (5/s again) runs them.
+    let Farm {
+        settings: s,
+        queue: q,
+        client,
+        worker,
+    } = farm;
+    worker.shutdown().await;
+    assert_eq!(ready_count(&s, &q).await, 2, "both waiting jobs went back");
+    let farm = Farm::start_on(q.clone(), s.clone(), registry()).await;
+    for (i, r) in waiting.iter().enumerate() {
+        assert_eq!(r.get(WAIT).await.unwrap(), json!({"waits": i}));
+    }
+    drop(client);
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_that_does_not_parse_stops_start_up() {
+    struct Typo;
+    impl Task for Typo {
+        const NAME: &'static str = "test.typo";
+        const RATE_LIMIT: Option<&'static str> = Some("10/min");
+        type Args = Map<String, Value>;
+        type Output = ();
+        async fn run(&self, _: TaskContext, _: Self::Args) -> Result<(), TaskError> {
+            Ok(())
+        }
+    }
+    let q = unique_queue("rate-typo");
+    let err = Worker::new(settings(), Registry::new().register(Typo), vec![q])
+        .start()
+        .await
+        .err()
+        .expect("start-up refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("test.typo") && text.contains("\"10/min\" is not a rate"),
+        "{text}"
+    );
+}
+
+/// `test.limited_farm`: returns its kwargs; at most 5 jobs a second start across the farm.
+struct LimitedFarm;
+
+impl Task for LimitedFarm {
+    const NAME: &'static str = "test.limited_farm";
+    const RATE_LIMIT: Option<&'static str> = Some("5/s");
+    type Args = Map<String, Value>;
+    type Output = Map<String, Value>;
+
+    async fn run(&self, _: TaskContext, args: Self::Args) -> Result<Self::Output, TaskError> {
+        Ok(args)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_wide_rate_limit_holds_across_two_workers() {
+    let mut s = settings();
+    s.worker_concurrency = 2;
+    // Two messages held per worker: the jobs are spread over both workers.
+    s.worker_prefetch_multiplier = 1;
+    s.task_rate_limit_scope = "cluster".into();
+    let registry = || Registry::new().register(LimitedFarm);
+    let farm = Farm::start("rate-farm", s.clone(), registry()).await;
+    let (q, client) = (&farm.queue, &farm.client);
+    let second = Worker::new(s.clone(), registry(), vec![q.clone()])
+        .hostname(format!("second@{q}"))
+        .start()
+        .await
+        .unwrap();
+    let mut jobs = Vec::new();
+    for i in 0..10 {
+        let kw = kwargs(json!({"i": i}));
+        jobs.push(
+            client
+                .send_task("test.limited_farm", kw, &to(q))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut done = Vec::new();
+    for (i, r) in jobs.iter().enumerate() {
+        assert_eq!(r.get(WAIT).await.unwrap(), json!({"i": i}));
+        let meta = r.meta().await.unwrap().unwrap();
+        let at = meta
+            .date_done
+            .as_deref()
+            .and_then(mediafarm::protocol::parse_time);
+        done.push(at.expect("a stored date_done"));
+    }
+    let spread = (*done.iter().max().unwrap() - *done.iter().min().unwrap())
+        .to_std()
+        .unwrap();
+    // One bucket for both workers: 9 intervals of 200 ms. Each worker on its own bucket would
+    // let its half through in about 4 intervals.
+    assert!(
+        spread >= Duration::from_millis(1600),
+        "10 jobs at 5/s across two workers finished within {spread:?}"
+    );
+    second.shutdown().await;
+    farm.stop().await;
+}
+
+/// `test.limited_park`: returns its kwargs; at most 20 jobs a minute (one per 3 s).
+struct LimitedPark;
+
+impl Task for LimitedPark {
+    const NAME: &'static str = "test.limited_park";
+    const RATE_LIMIT: Option<&'static str> = Some("20/m");
+    type Args = Map<String, Value>;
+    type Output = Map<String, Value>;
+
+    async fn run(&self, _: TaskContext, args: Self::Args) -> Result<Self::Output, TaskError> {
+        Ok(args)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_beyond_the_ack_deadline_parks_the_job_in_a_delay_queue() {
+    let mut s = settings();
+    // A job may start at most 1.75 s after delivery: 10 s less 1.25 s (half the margin) less
+    // its 7 s hard limit. The rate's 3 s interval is longer.
+    s.broker_consumer_timeout = Duration::from_secs(10);
+    s.task_time_limit = Some(Duration::from_secs(7));
+    let farm = Farm::start("rate-park", s, Registry::new().register(LimitedPark)).await;
+    let (q, client) = (&farm.queue, &farm.client);
+    let mut jobs = Vec::new();
+    for i in 0..2 {
+        let kw = kwargs(json!({"i": i}));
+        jobs.push(
+            client
+                .send_task("test.limited_park", kw, &to(q))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut done = Vec::new();
+    for (i, r) in jobs.iter().enumerate() {
+        assert_eq!(r.get(WAIT).await.unwrap(), json!({"i": i}));
+        let meta = r.meta().await.unwrap().unwrap();
+        let at = meta
+            .date_done
+            .as_deref()
+            .and_then(mediafarm::protocol::parse_time);
+        done.push(at.expect("a stored date_done"));
+    }
+    // Delivered together, either may take the first turn; the other is parked.
+    let gap = (done[1] - done[0]).abs().to_std().unwrap();
+    assert!(
+        gap >= Duration::from_millis(2500),
+        "the second job ran {gap:?} after the first"
+    );
+    // The other job went back through the broker (a delay queue) and was received again.
+    let m = scrape(farm.worker.metrics_addr).await;
+    let received = format!(
+        r#"celery_task_received_total{{name="test.limited_park",hostname="{q}",queue_name="{q}"}} 3"#
+    );
+    assert!(m.contains(&received), "{m}");
+    farm.stop().await;
+}

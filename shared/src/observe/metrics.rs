@@ -1,7 +1,8 @@
 //! Prometheus metrics of a worker, named and labelled as celery-exporter exports them so
 //! existing dashboards and alerts keep working: tasks received/started/succeeded/failed/
 //! retried/rejected/revoked by task name, host and queue (failed also by exception type), a
-//! runtime histogram, the in-flight gauge and `worker_up`.
+//! runtime histogram, the in-flight gauge and `worker_up`; plus mediafarm's own
+//! `mediafarm_task_rate_limit_waiting` (jobs held back by their task's `rate_limit`).
 
 use std::sync::Arc;
 
@@ -31,6 +32,13 @@ pub struct FailedLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WorkerLabels {
+    pub hostname: String,
+}
+
+/// Labels of a per-task, per-worker series that has no queue (a rate limit is per task).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NameLabels {
+    pub name: String,
     pub hostname: String,
 }
 
@@ -113,6 +121,8 @@ pub struct Metrics {
     pub runtime: Family<TaskLabels, Histogram, fn() -> Histogram>,
     pub active: Family<WorkerLabels, Gauge>,
     pub up: Family<WorkerLabels, Gauge>,
+    /// Jobs waiting for their task's rate limit to let them start (holding no slot).
+    pub rate_limit_waiting: Family<NameLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -181,6 +191,12 @@ impl Metrics {
             "1 while the worker consumes",
             up.clone(),
         );
+        let rate_limit_waiting = Family::<NameLabels, Gauge>::default();
+        registry.register(
+            "mediafarm_task_rate_limit_waiting",
+            "Jobs received and waiting for their task's rate_limit to let them start",
+            rate_limit_waiting.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             received,
@@ -193,6 +209,7 @@ impl Metrics {
             runtime,
             active,
             up,
+            rate_limit_waiting,
         }
     }
 

@@ -32,6 +32,7 @@ use crate::observe::http::Readiness;
 use crate::observe::metrics::{host_label, Metrics, TaskLabels, TaskMetrics};
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::runtime::cpu::{panic_message, CpuPool};
+use crate::runtime::rate::{Admission, RateLimits};
 use crate::runtime::task::{Registry, Services, TaskContext, TaskPolicy};
 use crate::settings::Settings;
 
@@ -47,6 +48,8 @@ pub(crate) struct Shared {
     pub readiness: Arc<Readiness>,
     pub hostname: Arc<str>,
     pub slots: Arc<Semaphore>,
+    /// Per-task rate limits: a limited job waits on its task's bucket before asking for a slot.
+    pub rates: Arc<RateLimits>,
     pub stop: CancellationToken,
     pub jobs: TaskTracker,
     /// What the mailbox shows and changes: the revoked set, held jobs, queues, time limits set
@@ -202,8 +205,31 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
             tracked.reserved();
         }
     }
-    // Counted once per job, not once per hop through the delay queues.
+    // Counted once per job, not once per hop through the delay queues (a job parked by its
+    // rate limit, rarely, is counted again when it comes back).
     l.received.inc();
+    let mut policy = policy;
+    if let Some((soft, hard)) = shared.node.time_limit(&msg.task) {
+        (policy.soft_time_limit, policy.time_limit) = (soft, hard);
+    }
+    let limits = Limits::for_job(&shared.settings, &msg, &policy);
+    if let Some(bucket) = shared.rates.bucket(&msg.task) {
+        let latest = limits.latest_start(&shared.settings, job.received_at);
+        match bucket.admit(latest, &shared.stop).await {
+            Admission::Go => {}
+            Admission::Stopped => return requeue(&job.delivery).await,
+            Admission::Late { wait } => {
+                tracing::info!(
+                    id = %msg.id,
+                    task = %msg.task,
+                    ?wait,
+                    "the task's rate limit would start this job too late to be acknowledged \
+                     before RabbitMQ's consumer_timeout; parking it in a delay queue"
+                );
+                return delay(shared, job, &msg, wait.max(MIN_DELAY)).await;
+            }
+        }
+    }
     let slot = tokio::select! {
         biased;
         _ = shared.stop.cancelled() => return requeue(&job.delivery).await,
@@ -212,11 +238,6 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
             Err(_) => return requeue(&job.delivery).await,
         },
     };
-    let mut policy = policy;
-    if let Some((soft, hard)) = shared.node.time_limit(&msg.task) {
-        (policy.soft_time_limit, policy.time_limit) = (soft, hard);
-    }
-    let limits = Limits::for_job(&shared.settings, &msg, &policy);
     if !limits.fits_ack_deadline(&shared.settings, job.received_at.elapsed()) {
         tracing::warn!(
             id = %msg.id,
@@ -304,10 +325,24 @@ impl Limits {
     /// Whether a job that has already waited `waited` since delivery can still run to its hard
     /// limit and be acknowledged before the broker's delivery-ack timeout.
     pub fn fits_ack_deadline(&self, settings: &Settings, waited: Duration) -> bool {
+        self.start_budget(settings)
+            .is_some_and(|budget| waited <= budget)
+    }
+
+    /// The last moment a job delivered at `received_at` can start and still fit the ack
+    /// deadline (see [`Limits::fits_ack_deadline`]).
+    pub fn latest_start(&self, settings: &Settings, received_at: Instant) -> tokio::time::Instant {
+        let budget = self.start_budget(settings).unwrap_or_default();
+        tokio::time::Instant::from_std(received_at) + budget
+    }
+
+    /// How long after delivery a job may wait and still run to its hard limit and be
+    /// acknowledged before the broker's delivery-ack timeout; `None`: not even at once.
+    fn start_budget(&self, settings: &Settings) -> Option<Duration> {
         let deadline = settings
             .broker_consumer_timeout
             .saturating_sub(settings.ack_deadline_margin() / 2);
-        waited + self.hard <= deadline
+        deadline.checked_sub(self.hard)
     }
 }
 
@@ -941,6 +976,7 @@ mod tests {
             time_limit: Some(Duration::from_secs(10)),
             soft_time_limit: Some(Duration::from_secs(5)),
             max_retries: None,
+            rate_limit: None,
         };
         assert_eq!(
             Limits::for_job(&s, &msg, &task).hard,

@@ -1,11 +1,12 @@
 //! The worker runtime: the consume loop (`worker`), one message's life from delivery to
 //! acknowledgement (`message`), the task trait, registry and context a job sees (`task`), the
-//! bounded CPU pool (`cpu`), the signals long-running jobs poll (`stop`) and the command line
-//! every worker binary shares (`cli`).
+//! bounded CPU pool (`cpu`), per-task rate limits (`rate`), the signals long-running jobs poll
+//! (`stop`) and the command line every worker binary shares (`cli`).
 
 pub mod cli;
 pub mod cpu;
 pub mod message;
+pub mod rate;
 pub mod stop;
 pub mod task;
 pub mod worker;

@@ -44,6 +44,11 @@ pub trait Task: Send + Sync + 'static {
     const TIME_LIMIT: Option<f64> = None;
     /// Soft time limit in seconds; `None`: the `task_soft_time_limit` setting.
     const SOFT_TIME_LIMIT: Option<f64> = None;
+    /// Celery's `rate_limit`: at most this many jobs of the task start per second, minute or
+    /// hour on one worker (`"100/m"`, `"10/s"`, `"1000/h"`; `"0"`: none); jobs over it wait
+    /// in the worker, in order. `None`: the `task_default_rate_limit` setting. A rate that
+    /// does not parse stops the worker's start-up. See [`crate::runtime::rate`].
+    const RATE_LIMIT: Option<&'static str> = None;
     type Args: DeserializeOwned + Send + 'static;
     type Output: Serialize + Send + 'static;
 
@@ -68,6 +73,8 @@ pub struct TaskPolicy {
     pub max_retries: Option<u32>,
     pub time_limit: Option<Duration>,
     pub soft_time_limit: Option<Duration>,
+    /// The task's `RATE_LIMIT` as written, parsed when the worker starts.
+    pub rate_limit: Option<&'static str>,
 }
 
 /// Tells a running job to wrap up: set at its soft time limit, when it is revoked with
@@ -269,6 +276,7 @@ impl<T: Task> ErasedTask for Erased<T> {
             max_retries: T::MAX_RETRIES,
             time_limit: secs(T::TIME_LIMIT),
             soft_time_limit: secs(T::SOFT_TIME_LIMIT),
+            rate_limit: T::RATE_LIMIT,
         }
     }
 

@@ -26,6 +26,7 @@ use crate::observe::http::{self, Readiness};
 use crate::observe::metrics::{host_label, Metrics, WorkerLabels};
 use crate::runtime::cpu::CpuPool;
 use crate::runtime::message::{self, Incoming, Shared};
+use crate::runtime::rate::{RateError, RateLimits};
 use crate::runtime::task::Registry;
 use crate::settings::Settings;
 
@@ -41,6 +42,8 @@ pub enum WorkerError {
     NoQueues,
     #[error("worker has no tasks registered")]
     NoTasks,
+    #[error(transparent)]
+    Rate(#[from] RateError),
     #[error(
         "task {task} has a hard time limit of {} s; at most {} s is allowed: \
          broker_consumer_timeout less the time to store the result and acknowledge",
@@ -65,6 +68,7 @@ pub struct Worker {
 /// A running worker: its metrics address and a way to stop it.
 pub struct WorkerHandle {
     pub metrics_addr: std::net::SocketAddr,
+    rates: Arc<RateLimits>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
@@ -84,6 +88,12 @@ impl WorkerHandle {
     /// Waits for the worker to end (after `stop`).
     pub async fn wait(self) {
         let _ = self.done.await;
+    }
+
+    /// The worker's per-task rate limits, to read or change while it runs (what Celery's
+    /// `rate_limit` control command does).
+    pub fn rate_limits(&self) -> Arc<RateLimits> {
+        self.rates.clone()
     }
 }
 
@@ -138,6 +148,14 @@ impl Worker {
             self.settings.result_expires_secs(),
         )
         .await?;
+        let cluster = (self.settings.task_rate_limit_scope == "cluster").then_some(&backend);
+        let rates = Arc::new(RateLimits::new(
+            &self.registry,
+            self.settings.task_default_rate_limit.as_ref(),
+            &self.metrics,
+            &self.hostname,
+            cluster,
+        )?);
         let readiness = Arc::new(Readiness::default());
         readiness.backend.store(true, Ordering::Relaxed);
         let stop = CancellationToken::new();
@@ -174,11 +192,16 @@ impl Worker {
             self.queues.clone(),
             stop.clone(),
         ));
+        node.handle("rate_limit", {
+            let rates = rates.clone();
+            Arc::new(move |args| rates.control(&serde_json::Value::Object(args.clone())))
+        });
         let shared = Arc::new(Shared {
             node,
             task_metrics: Mutex::new(HashMap::new()),
             active,
             slots: Arc::new(Semaphore::new(self.settings.worker_concurrency)),
+            rates: rates.clone(),
             // Opens its connection only when a job first hands itself on.
             publisher: Publisher::named(&self.settings, &format!("{hostname} continuations")),
             settings: self.settings,
@@ -207,6 +230,7 @@ impl Worker {
         });
         Ok(WorkerHandle {
             metrics_addr,
+            rates,
             stop,
             done,
         })

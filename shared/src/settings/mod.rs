@@ -6,6 +6,7 @@
 //! reported with the setting's name, the value given and what is accepted.
 
 pub mod declare;
+mod rate;
 mod reader;
 pub mod sources;
 pub mod webhook;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use declare::{Declared, Group, Groups, SettingInfo};
+pub use rate::{RateLimit, RateParseError, TaskRate, RATE_FORMS};
 pub use reader::{Kind, Raw, Reader, Value};
 pub use sources::{owner_of, Sources, OWNERS};
 pub use webhook::WebhookSettings;
@@ -22,7 +24,8 @@ pub use webhook::WebhookSettings;
 /// The kinds a declaration reads its value as (`Int(1, 100)`, `Seconds`, `Url(&["https"])`...).
 pub mod kinds {
     pub use super::reader::{
-        Addr, Bool, Custom, Int, List, OneOf, OptSeconds, Rate, Seconds, SecondsOrDefault, Str, Url,
+        Addr, Bool, CeleryRate, Custom, Int, List, OneOf, OptSeconds, Rate, Seconds,
+        SecondsOrDefault, Str, Url,
     };
 }
 
@@ -101,6 +104,13 @@ crate::settings_group! {
         task_retry_jitter: bool = true, Bool;
         /// Retries before a job ends as FAILURE.
         task_max_retries: u32 = 3, Int(0, 1_000_000);
+        /// Celery's `rate_limit` of every task that declares none (`"100/m"`, `"10/s"`, `"1000/h"`,
+        /// a bare number per second; unset or 0: none): per task and per worker, jobs over it
+        /// wait in the worker, in order, holding no concurrency slot.
+        task_default_rate_limit: Option<TaskRate> = None, CeleryRate;
+        /// Where rate limits hold: `worker` (Celery's: each worker allows the rate) or `cluster`
+        /// (one bucket per task in the result backend's Redis, shared by every worker).
+        task_rate_limit_scope: String = "worker".into(), OneOf(&["worker", "cluster"]);
         /// RabbitMQ's `consumer_timeout`: a delivery not acknowledged within it closes the channel.
         /// Every job's hard time limit is kept below it (see `ack_deadline_margin`).
         broker_consumer_timeout: Duration = Duration::from_secs(1800), Seconds;
@@ -240,29 +250,6 @@ impl Settings {
     pub fn result_expires_secs(&self) -> Option<u64> {
         let s = self.result_expires.as_secs();
         (s > 0).then_some(s)
-    }
-}
-
-/// A cluster-wide send rate: `count` per `per` (Celery's `"10/s"`, `"100/m"`, `"1000/h"`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimit {
-    pub count: u32,
-    pub per: Duration,
-}
-
-impl RateLimit {
-    /// Parses `"10/s"`, `"100/m"`, `"1000/h"` or a bare number (per second), as Celery does.
-    pub fn parse(text: &str) -> Option<RateLimit> {
-        let text = text.trim();
-        let (count, unit) = text.split_once('/').unwrap_or((text, "s"));
-        let per = match unit.trim() {
-            "s" => Duration::from_secs(1),
-            "m" => Duration::from_secs(60),
-            "h" => Duration::from_secs(3600),
-            _ => return None,
-        };
-        let count: u32 = count.trim().parse().ok()?;
-        (count > 0).then_some(RateLimit { count, per })
     }
 }
 
@@ -462,6 +449,42 @@ mod tests {
             .to_string();
         assert!(err.contains("below task_time_limit"), "{err}");
         assert!(from("task_time_limit = 10\ntask_soft_time_limit = 9", &[]).is_ok());
+    }
+
+    #[test]
+    fn the_default_rate_limit_is_written_as_celery_writes_one() {
+        let rate = |toml: &str, env: &[(&str, &str)]| {
+            from(toml, env).map(|s| {
+                s.task_default_rate_limit
+                    .map(|r| (r.to_string(), r.interval()))
+            })
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(
+            rate("task_default_rate_limit = \"100/m\"", &[]).unwrap(),
+            Some(("100/m".into(), ms(600)))
+        );
+        assert_eq!(
+            rate("task_default_rate_limit = 4", &[]).unwrap(),
+            Some(("4".into(), ms(250)))
+        );
+        assert_eq!(
+            rate("task_default_rate_limit = 0.5", &[]).unwrap(),
+            Some(("0.5".into(), ms(2000)))
+        );
+        let env = [("MEDIAFARM_TASK_DEFAULT_RATE_LIMIT", "10/s")];
+        assert_eq!(rate("", &env).unwrap(), Some(("10/s".into(), ms(100))));
+        assert_eq!(rate("task_default_rate_limit = \"0\"", &[]).unwrap(), None);
+        assert_eq!(rate("", &[]).unwrap(), None);
+        let err = rate("task_default_rate_limit = \"100/min\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("task_default_rate_limit")
+                && err.contains("\"100/min\"")
+                && err.contains("\"10/s\""),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use super::{check_content_type, RateLimit, SettingsError};
+use super::{check_content_type, RateLimit, SettingsError, TaskRate, RATE_FORMS};
 
 /// A value as it was written: in the TOML file, or as an environment variable's text.
 pub enum Raw {
@@ -433,6 +433,30 @@ impl Kind<Option<RateLimit>> for Rate {
     }
 }
 
+/// Celery's task `rate_limit`: `"100/m"`, `"10/s"`, `"1000/h"`, a number per second; unset,
+/// empty or 0: none.
+pub struct CeleryRate;
+
+impl Kind<Option<TaskRate>> for CeleryRate {
+    fn read(
+        &self,
+        reader: &Reader,
+        name: &str,
+        default: Option<TaskRate>,
+    ) -> Result<Option<TaskRate>, SettingsError> {
+        let parsed = match reader.get(name) {
+            None => return Ok(default),
+            Some(Raw::Toml(toml::Value::Integer(n))) => TaskRate::per_second(*n as f64),
+            Some(Raw::Toml(toml::Value::Float(n))) => TaskRate::per_second(*n),
+            Some(_) => match reader.string(name)? {
+                Some(text) => TaskRate::parse(&text),
+                None => return Ok(default),
+            },
+        };
+        parsed.map_err(|_| reader.invalid(name, RATE_FORMS))
+    }
+}
+
 /// One of these words.
 pub struct OneOf(pub &'static [&'static str]);
 
@@ -500,6 +524,12 @@ impl Value for SocketAddr {
 impl Value for Duration {
     fn shown(&self) -> String {
         self.as_secs_f64().to_string()
+    }
+}
+
+impl Value for TaskRate {
+    fn shown(&self) -> String {
+        self.as_str().to_owned().shown()
     }
 }
 

@@ -32,7 +32,7 @@ use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -66,9 +66,15 @@ pub struct Node {
     pub stop: CancellationToken,
     queues: watch::Sender<Vec<String>>,
     time_limits: Mutex<HashMap<String, TimeLimitOverride>>,
+    /// Commands answered by layers above this one (the runtime's rate limits, the event
+    /// switch), which this module cannot name without an import cycle.
+    handlers: Mutex<HashMap<&'static str, Handler>>,
     started: Instant,
     clock: AtomicU64,
 }
+
+/// A command a higher layer answers: Celery's keyword arguments in, the reply out.
+pub type Handler = Arc<dyn Fn(&Map<String, Value>) -> Value + Send + Sync>;
 
 impl Node {
     pub fn new(
@@ -91,6 +97,7 @@ impl Node {
             stop,
             queues: watch::Sender::new(queues),
             time_limits: Mutex::new(HashMap::new()),
+            handlers: Mutex::new(HashMap::new()),
             started: Instant::now(),
             clock: AtomicU64::new(0),
         }
@@ -142,6 +149,22 @@ impl Node {
             .insert(task.to_owned(), limits);
     }
 
+    /// Answers `method` with `handler` (registered by the runtime at start-up).
+    pub fn handle(&self, method: &'static str, handler: Handler) {
+        self.handlers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(method, handler);
+    }
+
+    fn handler(&self, method: &str) -> Option<Handler> {
+        self.handlers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(method)
+            .cloned()
+    }
+
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
@@ -183,8 +206,11 @@ pub async fn dispatch(node: &Node, channel: &Channel, req: &Request) -> Option<V
             control::shutdown(node);
             return None;
         }
-        // Celery's kombu Node answers a method it has no handler for with the KeyError.
-        other => json!({"error": format!("KeyError('{}')", other.replace('\'', "\\'"))}),
+        other => match node.handler(other) {
+            Some(handler) => handler(&req.arguments),
+            // Celery's kombu Node answers a method it has no handler for with the KeyError.
+            None => json!({"error": format!("KeyError('{}')", other.replace('\'', "\\'"))}),
+        },
     })
 }
 
