@@ -23,6 +23,7 @@ pub const OWNERS: &[(&str, &str)] = &[
     ("twilio_", "notify-worker"),
     // Also read by snapshot-worker, whose sessions deliver frames to webhooks.
     ("webhook_", "notify-worker"),
+    ("persist_", "persist-worker"),
     ("beat_", "mediafarm beat"),
 ];
 
