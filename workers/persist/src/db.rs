@@ -1,0 +1,171 @@
+//! The databases: one lazily connecting pool per URL, and the write of a batch's statements in
+//! one transaction. A failure is sorted into [`Failure::Row`] (the data was refused: retrying
+//! the same row cannot help) or [`Failure::Down`] (the server or the connection: retry later).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+use crate::schema::{Cell, ColumnType, Row, TableSpec};
+use crate::sql::{self, Dialect};
+
+/// A database's connection options, parsed at start-up.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Pg(PgConnectOptions),
+    My(MySqlConnectOptions),
+}
+
+impl Target {
+    pub fn parse(url: &str) -> Result<Target, String> {
+        if url.starts_with("mysql://") {
+            MySqlConnectOptions::from_str(url)
+                .map(Target::My)
+                .map_err(|e| e.to_string())
+        } else {
+            PgConnectOptions::from_str(url)
+                .map(Target::Pg)
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    /// A pool that connects on first use (must be called inside the Tokio runtime).
+    pub fn pool(&self, size: u32, timeout: Duration) -> Pool {
+        match self {
+            Target::Pg(o) => Pool::Pg(
+                PgPoolOptions::new()
+                    .max_connections(size)
+                    .acquire_timeout(timeout)
+                    .connect_lazy_with(o.clone()),
+            ),
+            Target::My(o) => Pool::My(
+                MySqlPoolOptions::new()
+                    .max_connections(size)
+                    .acquire_timeout(timeout)
+                    .connect_lazy_with(o.clone()),
+            ),
+        }
+    }
+}
+
+pub enum Pool {
+    Pg(sqlx::PgPool),
+    My(sqlx::MySqlPool),
+}
+
+/// Why a write did not commit.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// The database refused the data (a constraint, a value out of range, a missing column).
+    Row(String),
+    /// The database could not be reached or gave up for reasons of its own.
+    Down(String),
+}
+
+/// SQLSTATE classes that say nothing about the data: connection (08), rollback (40),
+/// resources (53), operator intervention (57), system (58).
+const PASSING: &[&str] = &["08", "40", "53", "57", "58"];
+
+impl From<sqlx::Error> for Failure {
+    fn from(e: sqlx::Error) -> Failure {
+        match &e {
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                if PASSING.iter().any(|c| code.starts_with(c)) {
+                    Failure::Down(e.to_string())
+                } else {
+                    Failure::Row(db.message().to_owned())
+                }
+            }
+            _ => Failure::Down(e.to_string()),
+        }
+    }
+}
+
+macro_rules! bind_cells {
+    ($query:expr, $rows:expr, $dialect:expr) => {{
+        let mut q = $query;
+        for row in $rows {
+            for cell in &row.cells {
+                q = match cell {
+                    Cell::Null(ColumnType::Int) => q.bind(None::<i64>),
+                    Cell::Null(ColumnType::Float) => q.bind(None::<f64>),
+                    Cell::Null(ColumnType::Bool) => q.bind(None::<bool>),
+                    Cell::Null(_) => q.bind(None::<String>),
+                    Cell::Int(n) => q.bind(*n),
+                    Cell::Float(f) => q.bind(*f),
+                    Cell::Bool(b) => q.bind(*b),
+                    Cell::Text(s) | Cell::Json(s) => q.bind(s.clone()),
+                    Cell::Timestamp(t) => q.bind(match $dialect {
+                        Dialect::Postgres => Cell::rfc3339(t),
+                        Dialect::MySql => Cell::mysql_datetime(t),
+                    }),
+                };
+            }
+        }
+        q
+    }};
+}
+
+impl Pool {
+    pub fn dialect(&self) -> Dialect {
+        match self {
+            Pool::Pg(_) => Dialect::Postgres,
+            Pool::My(_) => Dialect::MySql,
+        }
+    }
+
+    /// Writes `statements` (each a list of rows with the same columns) in order, in one
+    /// transaction; nothing is kept unless all of them are.
+    pub async fn write(
+        &self,
+        table: &str,
+        spec: &TableSpec,
+        statements: &[Vec<&Row>],
+    ) -> Result<(), Failure> {
+        let dialect = self.dialect();
+        match self {
+            Pool::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                for rows in statements {
+                    for chunk in chunks(rows) {
+                        let text =
+                            sql::upsert(dialect, table, spec, &chunk[0].columns, chunk.len());
+                        let q = bind_cells!(sqlx::query(&text), chunk.iter(), dialect);
+                        q.execute(&mut *tx).await?;
+                    }
+                }
+                tx.commit().await?;
+            }
+            Pool::My(pool) => {
+                let mut tx = pool.begin().await?;
+                for rows in statements {
+                    for chunk in chunks(rows) {
+                        let text =
+                            sql::upsert(dialect, table, spec, &chunk[0].columns, chunk.len());
+                        let q = bind_cells!(sqlx::query(&text), chunk.iter(), dialect);
+                        q.execute(&mut *tx).await?;
+                    }
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the database answers (for readiness).
+    pub async fn ping(&self) -> bool {
+        match self {
+            Pool::Pg(p) => sqlx::query("SELECT 1").execute(p).await.is_ok(),
+            Pool::My(p) => sqlx::query("SELECT 1").execute(p).await.is_ok(),
+        }
+    }
+}
+
+/// Rows split so that no statement binds more than [`sql::MAX_PARAMS`] values.
+fn chunks<'a>(rows: &'a [&'a Row]) -> impl Iterator<Item = &'a [&'a Row]> {
+    let width = rows.first().map_or(1, |r| r.cells.len().max(1));
+    rows.chunks((sql::MAX_PARAMS / width).max(1))
+}
