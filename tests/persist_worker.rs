@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use mediafarm::{ClientError, Settings};
-use mediafarm_tests::{failed, python_env, run_python, settings, to, Farm};
+use mediafarm_tests::{failed, kwargs, python_env, run_python, settings, to, Farm};
 use persist_worker::schema::{TableSpec, Tables};
 use persist_worker::PersistSettings;
 use serde_json::{json, Value};
@@ -501,4 +501,161 @@ async fn python_send_task_writes_a_row() {
     assert_rows("pg", &pg.rows(&profiles, PROFILE_COLUMNS).await, &want);
     farm.stop().await;
     pg.drop(&profiles).await;
+}
+
+/// The Redis buffer: entries added with redis-py, drained by `persist.flush`; the later entry
+/// of a key wins (stream ids as versions), refused entries go to the dead-letter stream with
+/// their reason, everything is acknowledged, a second flush reads nothing, and an entry that
+/// another consumer read and never acknowledged is claimed.
+#[tokio::test]
+async fn the_redis_stream_buffer_is_flushed_into_the_table() {
+    let dbs = Db::both().await;
+    for db in &dbs {
+        let profiles = unique("mf_st");
+        db.create_profiles(&profiles).await;
+        let prefix = format!("{}:", unique("t-persist"));
+        let (stream, dead) = (format!("{prefix}{profiles}"), format!("{prefix}dead"));
+        let farm = start(
+            &format!("persist-stream-{}", db.label()),
+            vec![(profiles.clone(), profiles_spec(db.url()))],
+            |_, p| {
+                p.persist_stream_prefix = prefix.clone();
+                p.persist_stream_dead = dead.clone();
+                p.persist_stream_claim_idle = Duration::from_millis(1);
+            },
+        )
+        .await;
+        let first = profile(&profiles, 1, 0);
+        let newer = profile(&profiles, 1, 0);
+        let mut newer_values = newer["values"].clone();
+        newer_values["name"] = json!("k1-newer");
+        let other = profile(&profiles, 2, 0);
+        let entries = json!([
+            {"key": first["key"], "values": first["values"]},
+            {"key": other["key"], "values": other["values"]},
+            {"key": newer["key"], "values": newer_values},
+            {"key": {"id": 3}, "values": {"name": 5}},
+            {"key": "{not json", "values": {}},
+        ]);
+        let env = python_env(&farm.settings);
+        let (s, e) = (stream.clone(), entries.to_string());
+        let ids =
+            tokio::task::spawn_blocking(move || run_python("persist_xadd.py", &[&s, &e], &env))
+                .await
+                .unwrap();
+        let ids: Vec<String> = serde_json::from_str(ids.trim()).unwrap();
+        assert_eq!(ids.len(), 5);
+
+        let flush = |table: &str| json!({"table": table});
+        let r = farm
+            .client
+            .send_task("persist.flush", kwargs(flush(&profiles)), &to(&farm.queue))
+            .await
+            .unwrap();
+        let out = tokio::time::timeout(WAIT, r.get(WAIT))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out, json!({"rows": 3, "dead": 2}), "{}", db.label());
+
+        let version = |id: &str| persist_worker::stream::id_version(id).unwrap();
+        let mut want_first = newer.clone();
+        want_first["values"] = newer_values.clone();
+        want_first["version"] = json!(version(&ids[2]));
+        let mut want_other = other.clone();
+        want_other["version"] = json!(version(&ids[1]));
+        let want = BTreeMap::from([
+            ("1".to_owned(), expected(&want_first)),
+            ("2".to_owned(), expected(&want_other)),
+        ]);
+        assert_rows(
+            db.label(),
+            &db.rows(&profiles, PROFILE_COLUMNS).await,
+            &want,
+        );
+
+        let mut redis = farm.client.backend().connection();
+        let letters: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+            .arg(&dead)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        assert_eq!(letters.len(), 2);
+        let reason = |i: usize| -> String {
+            letters[i]
+                .1
+                .iter()
+                .find(|(k, _)| k == "reason")
+                .unwrap()
+                .1
+                .clone()
+        };
+        assert!(
+            reason(0).contains("`name`") && reason(0).contains('5'),
+            "{}",
+            reason(0)
+        );
+        assert!(reason(1).contains("not a JSON object"), "{}", reason(1));
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg(&stream)
+            .arg("persist-worker")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let pending = match pending {
+            redis::Value::Array(parts) => match parts.first() {
+                Some(redis::Value::Int(n)) => *n,
+                other => panic!("XPENDING count: {other:?}"),
+            },
+            other => panic!("XPENDING: {other:?}"),
+        };
+        assert_eq!(pending, 0, "every entry is acknowledged");
+
+        // Another consumer reads an entry and dies before acknowledging it: it is claimed.
+        let late = profile(&profiles, 4, 0);
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("key")
+            .arg(late["key"].to_string())
+            .arg("values")
+            .arg(late["values"].to_string())
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("persist-worker")
+            .arg("crashed-consumer")
+            .arg("COUNT")
+            .arg(10)
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(">")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let r = farm
+            .client
+            .send_task("persist.flush", kwargs(json!({})), &to(&farm.queue))
+            .await
+            .unwrap();
+        let out = tokio::time::timeout(WAIT, r.get(WAIT))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(out, json!({"rows": 1, "dead": 0}), "{}", db.label());
+        assert!(db.rows(&profiles, &["id"]).await.contains_key("4"));
+
+        farm.stop().await;
+        let _: () = redis::cmd("DEL")
+            .arg(&stream)
+            .arg(&dead)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        db.drop(&profiles).await;
+    }
 }

@@ -62,6 +62,45 @@ impl Writer {
     }
 }
 
+/// The tasks' handle on the batcher, started by the first row (the runtime does not exist
+/// when the tasks are built).
+pub struct Batcher {
+    pub writer: Arc<Writer>,
+    sender: OnceLock<mpsc::Sender<Pending>>,
+}
+
+impl Batcher {
+    pub fn new(writer: Arc<Writer>) -> Batcher {
+        Batcher {
+            writer,
+            sender: OnceLock::new(),
+        }
+    }
+
+    /// Hands `row` to the batcher and waits until its batch has committed (or failed).
+    pub async fn submit(&self, table: &str, row: Row) -> Result<(), TaskError> {
+        let (done, outcome) = oneshot::channel();
+        let sender = self.sender.get_or_init(|| spawn(self.writer.clone()));
+        let pending = Pending {
+            table: table.to_owned(),
+            row,
+            done,
+        };
+        if sender.send(pending).await.is_err() {
+            return Err(TaskError::transient(
+                "WorkerStopping",
+                "the batcher has stopped",
+            ));
+        }
+        outcome.await.unwrap_or_else(|_| {
+            Err(TaskError::transient(
+                "WorkerStopping",
+                "the batcher stopped before the row's batch committed",
+            ))
+        })
+    }
+}
+
 /// Starts the batcher; it ends when every sender is dropped.
 pub fn spawn(writer: Arc<Writer>) -> mpsc::Sender<Pending> {
     let (tx, rx) = mpsc::channel(writer.batch_size.saturating_mul(2).max(16));

@@ -9,6 +9,7 @@ pub mod db;
 pub mod schema;
 pub mod settings;
 pub mod sql;
+pub mod stream;
 pub mod write;
 
 use std::collections::HashMap;
@@ -63,6 +64,8 @@ pub fn writer(persist: &PersistSettings) -> Result<batch::Writer, ConfigError> {
 
 /// persist-worker's tasks, built from its settings.
 pub fn registry(_settings: &Settings, persist: &PersistSettings) -> Result<Registry, ConfigError> {
-    let writer = Arc::new(writer(persist)?);
-    Ok(Registry::new().register(Write::new(writer)))
+    let batcher = Arc::new(batch::Batcher::new(Arc::new(writer(persist)?)));
+    Ok(Registry::new()
+        .register(Write::new(batcher.clone()))
+        .register(stream::Flush::new(batcher, persist)))
 }

@@ -31,6 +31,15 @@ mediafarm::settings_group! {
         persist_pool_size: u32 = 4, Int(1, 200);
         /// Longest a batch waits for a database connection before its jobs are retried.
         persist_connect_timeout: Duration = Duration::from_secs(5), SecondsOrDefault;
+        /// Redis Stream of a table's buffered rows: this prefix + the table's name.
+        persist_stream_prefix: String = "persist:".into(), Str;
+        /// The consumer group the workers read the streams in.
+        persist_stream_group: String = "persist-worker".into(), Str;
+        /// The stream refused entries go to, each with its stream, id and reason.
+        persist_stream_dead: String = "persist:dead".into(), Str;
+        /// An entry read but not acknowledged for this long (its worker died) is claimed by
+        /// the next `persist.flush`.
+        persist_stream_claim_idle: Duration = Duration::from_secs(60), SecondsOrDefault;
     }
 }
 

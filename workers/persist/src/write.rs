@@ -4,14 +4,12 @@
 //! database that is down makes the job retry (the runtime's backoff) — the message is never
 //! acknowledged before its row is committed.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
+use crate::batch::Batcher;
 use mediafarm::{Task, TaskContext, TaskError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio::sync::{mpsc, oneshot};
-
-use crate::batch::{self, Pending, Writer};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -36,17 +34,12 @@ pub struct WriteResult {
 }
 
 pub struct Write {
-    writer: Arc<Writer>,
-    /// The batcher, started by the first job (the runtime does not exist before).
-    batcher: OnceLock<mpsc::Sender<Pending>>,
+    batcher: Arc<Batcher>,
 }
 
 impl Write {
-    pub fn new(writer: Arc<Writer>) -> Write {
-        Write {
-            writer,
-            batcher: OnceLock::new(),
-        }
+    pub fn new(batcher: Arc<Batcher>) -> Write {
+        Write { batcher }
     }
 }
 
@@ -57,38 +50,16 @@ impl Task for Write {
 
     async fn run(&self, ctx: TaskContext, args: WriteArgs) -> Result<WriteResult, TaskError> {
         let row = self
+            .batcher
             .writer
             .tables
             .row(&args.table, &args.key, &args.values, args.version)
             .map_err(|e| TaskError::invalid("RowRefused", e.0))?;
-        let (done, outcome) = oneshot::channel();
-        let sender = self
-            .batcher
-            .get_or_init(|| batch::spawn(self.writer.clone()));
-        let pending = Pending {
-            table: args.table.clone(),
-            row,
-            done,
-        };
-        if sender.send(pending).await.is_err() {
-            return Err(TaskError::transient(
-                "WorkerStopping",
-                "the batcher has stopped",
-            ));
-        }
-        match outcome.await {
-            Ok(Ok(())) => {
-                tracing::debug!(job = %ctx.id, table = %args.table, "row committed");
-                Ok(WriteResult {
-                    table: args.table,
-                    rows: 1,
-                })
-            }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(TaskError::transient(
-                "WorkerStopping",
-                "the batcher stopped before the row's batch committed",
-            )),
-        }
+        self.batcher.submit(&args.table, row).await?;
+        tracing::debug!(job = %ctx.id, table = %args.table, "row committed");
+        Ok(WriteResult {
+            table: args.table,
+            rows: 1,
+        })
     }
 }

@@ -1,0 +1,392 @@
+//! The Redis write-behind buffer and `persist.flush`. A web app adds a row to the stream of
+//! its table (`persist_stream_prefix` + table, e.g. `persist:profiles`) and returns at once:
+//!
+//! ```python
+//! r.xadd("persist:profiles", {"key": json.dumps({"user_id": 42}),
+//!                             "values": json.dumps({"avatar_url": url})})  # "version": optional
+//! ```
+//!
+//! `persist.flush` (from beat, or on demand) reads each table's stream in the consumer group
+//! `persist_stream_group` — first the entries another worker read and never acknowledged for
+//! `persist_stream_claim_idle` (`XAUTOCLAIM`: that worker died), then new ones (`XREADGROUP`)
+//! — writes them through the batcher like `persist.write` rows, and `XACK`s an entry only once
+//! its row is committed. An entry that cannot be written (bad JSON, an unknown column, a value
+//! the database refuses) goes to `persist_stream_dead` with its stream, id and reason, and is
+//! acknowledged. When the database is down nothing is acknowledged and the job is retried.
+//!
+//! **Version.** An entry without `version`, in a table that declares a version column, takes
+//! its stream id as version: `milliseconds × 1,000,000 + sequence`, so later entries win.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mediafarm::{FailureKind, Task, TaskContext, TaskError};
+use redis::aio::ConnectionManager;
+use redis::Value as Redis;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::batch::Batcher;
+use crate::schema::Row;
+use crate::settings::PersistSettings;
+
+/// Most reads of one stream in one flush (each up to `persist_batch_size` entries).
+const MAX_READS: usize = 1000;
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlushArgs {
+    /// One declared table; none: every declared table.
+    #[serde(default)]
+    pub table: Option<String>,
+}
+
+/// Entries committed and entries sent to the dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FlushResult {
+    pub rows: u64,
+    pub dead: u64,
+}
+
+pub struct Flush {
+    batcher: Arc<Batcher>,
+    prefix: String,
+    group: String,
+    dead: String,
+    claim_idle: Duration,
+    count: usize,
+}
+
+impl Flush {
+    pub fn new(batcher: Arc<Batcher>, p: &PersistSettings) -> Flush {
+        Flush {
+            batcher,
+            prefix: p.persist_stream_prefix.clone(),
+            group: p.persist_stream_group.clone(),
+            dead: p.persist_stream_dead.clone(),
+            claim_idle: p.persist_stream_claim_idle,
+            count: p.persist_batch_size as usize,
+        }
+    }
+}
+
+/// An entry's fields, in order.
+type Fields = Vec<(String, String)>;
+
+/// One stream entry: its id and fields (`None`: deleted since it was read).
+struct Entry {
+    id: String,
+    fields: Option<Fields>,
+}
+
+fn text(v: &Redis) -> Option<String> {
+    match v {
+        Redis::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Redis::SimpleString(s) => Some(s.clone()),
+        Redis::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn pairs(v: &Redis) -> Option<Vec<(String, String)>> {
+    match v {
+        Redis::Array(items) => Some(
+            items
+                .chunks(2)
+                .filter_map(|p| Some((text(p.first()?)?, text(p.get(1)?)?)))
+                .collect(),
+        ),
+        Redis::Map(items) => Some(
+            items
+                .iter()
+                .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn entries(v: &Redis) -> Vec<Entry> {
+    let Redis::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|e| match e {
+            Redis::Array(p) if p.len() == 2 => Some(Entry {
+                id: text(&p[0])?,
+                fields: pairs(&p[1]),
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The entries of an `XREADGROUP` reply for one stream (RESP2 arrays or RESP3 maps).
+fn read_reply(v: &Redis) -> Vec<Entry> {
+    match v {
+        Redis::Array(streams) => streams
+            .iter()
+            .filter_map(|s| match s {
+                Redis::Array(p) if p.len() == 2 => Some(entries(&p[1])),
+                _ => None,
+            })
+            .flatten()
+            .collect(),
+        Redis::Map(streams) => streams.iter().flat_map(|(_, e)| entries(e)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A stream id as a version: `ms × 1,000,000 + seq`.
+pub fn id_version(id: &str) -> Option<i64> {
+    let (ms, seq) = id.split_once('-')?;
+    let (ms, seq): (i64, i64) = (ms.parse().ok()?, seq.parse().ok()?);
+    ms.checked_mul(1_000_000)?.checked_add(seq.min(999_999))
+}
+
+fn redis_error(e: redis::RedisError) -> TaskError {
+    TaskError::transient("BackendError", format!("Redis: {e}"))
+}
+
+impl Flush {
+    /// The row an entry asks for, or why it cannot be written.
+    fn row(&self, table: &str, entry: &[(String, String)], id: &str) -> Result<Row, String> {
+        let field = |name: &str| entry.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+        let object = |name: &str| -> Result<Map<String, Value>, String> {
+            match field(name) {
+                None if name == "values" => Ok(Map::new()),
+                None => Err(format!("the entry has no `{name}` field")),
+                Some(t) => serde_json::from_str(t)
+                    .map_err(|e| format!("`{name}` is not a JSON object: {e}")),
+            }
+        };
+        for (k, _) in entry {
+            if !["key", "values", "version"].contains(&k.as_str()) {
+                return Err(format!(
+                    "unknown field `{k}` (an entry has key, values and optional version)"
+                ));
+            }
+        }
+        let spec = self.batcher.writer.tables.0.get(table);
+        let version = match field("version") {
+            Some(v) => Some(
+                v.trim()
+                    .parse::<i64>()
+                    .map_err(|_| format!("`version` = {v:?} is not a whole number"))?,
+            ),
+            None if spec.is_some_and(|s| s.version.is_some()) => id_version(id),
+            None => None,
+        };
+        self.batcher
+            .writer
+            .tables
+            .row(table, &object("key")?, &object("values")?, version)
+            .map_err(|e| e.0)
+    }
+
+    /// Writes `batch`, acknowledges the committed and refused entries, dead-letters the
+    /// refused ones. Returns (committed, dead, a transient failure if any).
+    async fn process(
+        &self,
+        conn: &mut ConnectionManager,
+        table: &str,
+        stream: &str,
+        batch: Vec<Entry>,
+    ) -> Result<(u64, u64, Option<TaskError>), TaskError> {
+        let mut ack: Vec<String> = Vec::new();
+        // (entry id, reason, the entry's fields)
+        let mut dead: Vec<(String, String, Fields)> = Vec::new();
+        let mut rows = Vec::new();
+        for e in batch {
+            match e.fields {
+                None => ack.push(e.id),
+                Some(fields) => match self.row(table, &fields, &e.id) {
+                    Ok(row) => rows.push((e.id, fields, row)),
+                    Err(why) => dead.push((e.id, why, fields)),
+                },
+            }
+        }
+        let outcomes = futures_util::future::join_all(
+            rows.iter()
+                .map(|(_, _, row)| self.batcher.submit(table, row.clone())),
+        )
+        .await;
+        let (mut committed, mut transient) = (0, None);
+        for ((id, fields, _), outcome) in rows.into_iter().zip(outcomes) {
+            match outcome {
+                Ok(()) => {
+                    committed += 1;
+                    ack.push(id);
+                }
+                Err(e) if matches!(e.kind, FailureKind::Transient { .. }) => transient = Some(e),
+                Err(e) => dead.push((id, e.message, fields)),
+            }
+        }
+        let dead_count = dead.len() as u64;
+        for (id, reason, fields) in dead {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(&self.dead)
+                .arg("*")
+                .arg("stream")
+                .arg(stream)
+                .arg("id")
+                .arg(&id)
+                .arg("reason")
+                .arg(&reason);
+            for (k, v) in &fields {
+                cmd.arg(k).arg(v);
+            }
+            cmd.query_async::<Redis>(conn).await.map_err(redis_error)?;
+            tracing::warn!(stream, id, reason, "stream entry refused: dead-lettered");
+            ack.push(id);
+        }
+        if !ack.is_empty() {
+            redis::cmd("XACK")
+                .arg(stream)
+                .arg(&self.group)
+                .arg(&ack)
+                .query_async::<Redis>(conn)
+                .await
+                .map_err(redis_error)?;
+        }
+        Ok((committed, dead_count, transient))
+    }
+}
+
+impl Task for Flush {
+    const NAME: &'static str = "persist.flush";
+    type Args = FlushArgs;
+    type Output = FlushResult;
+
+    async fn run(&self, ctx: TaskContext, args: FlushArgs) -> Result<FlushResult, TaskError> {
+        let declared = &self.batcher.writer.tables.0;
+        let tables: Vec<String> = match args.table {
+            Some(t) if declared.contains_key(&t) => vec![t],
+            Some(t) => {
+                return Err(TaskError::invalid(
+                    "RowRefused",
+                    format!("table {t:?} is not declared in persist_tables"),
+                ))
+            }
+            None => declared.keys().cloned().collect(),
+        };
+        let mut conn = ctx.backend().connection();
+        let consumer = ctx.hostname.to_string();
+        let mut out = FlushResult { rows: 0, dead: 0 };
+        for table in tables {
+            let stream = format!("{}{table}", self.prefix);
+            let created = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&stream)
+                .arg(&self.group)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async::<Redis>(&mut conn)
+                .await;
+            if let Err(e) = created {
+                if !e.to_string().contains("BUSYGROUP") {
+                    return Err(redis_error(e));
+                }
+            }
+            // A dead consumer's entries first, then new ones.
+            let mut cursor = "0-0".to_owned();
+            let mut reads = 0;
+            while reads < MAX_READS {
+                reads += 1;
+                let reply: Redis = redis::cmd("XAUTOCLAIM")
+                    .arg(&stream)
+                    .arg(&self.group)
+                    .arg(&consumer)
+                    .arg(self.claim_idle.as_millis() as u64)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(self.count)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                let Redis::Array(parts) = &reply else { break };
+                let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
+                let batch = parts.get(1).map(entries).unwrap_or_default();
+                if !batch.is_empty() {
+                    let (rows, dead, transient) =
+                        self.process(&mut conn, &table, &stream, batch).await?;
+                    out.rows += rows;
+                    out.dead += dead;
+                    if let Some(e) = transient {
+                        return Err(e);
+                    }
+                }
+                if next == "0-0" {
+                    break;
+                }
+                cursor = next;
+            }
+            while reads < MAX_READS {
+                reads += 1;
+                let reply: Redis = redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(&self.group)
+                    .arg(&consumer)
+                    .arg("COUNT")
+                    .arg(self.count)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(">")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_error)?;
+                let batch = read_reply(&reply);
+                if batch.is_empty() {
+                    break;
+                }
+                let (rows, dead, transient) =
+                    self.process(&mut conn, &table, &stream, batch).await?;
+                out.rows += rows;
+                out.dead += dead;
+                if let Some(e) = transient {
+                    return Err(e);
+                }
+            }
+        }
+        tracing::info!(job = %ctx.id, rows = out.rows, dead = out.dead, "streams flushed");
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_ids_order_as_versions() {
+        let a = id_version("1764464523000-0").unwrap();
+        let b = id_version("1764464523000-7").unwrap();
+        let c = id_version("1764464523001-0").unwrap();
+        assert!(a < b && b < c);
+        assert_eq!(id_version("nonsense"), None);
+    }
+
+    #[test]
+    fn replies_are_read_in_both_protocols() {
+        let bulk = |s: &str| Redis::BulkString(s.as_bytes().to_vec());
+        let entry = Redis::Array(vec![
+            bulk("1-0"),
+            Redis::Array(vec![bulk("key"), bulk("{\"id\":1}")]),
+        ]);
+        let resp2 = Redis::Array(vec![Redis::Array(vec![
+            bulk("persist:t"),
+            Redis::Array(vec![entry.clone()]),
+        ])]);
+        let got = read_reply(&resp2);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].id, "1-0");
+        assert_eq!(
+            got[0].fields.as_deref(),
+            Some(&[("key".to_owned(), "{\"id\":1}".to_owned())][..])
+        );
+        let resp3 = Redis::Map(vec![(bulk("persist:t"), Redis::Array(vec![entry]))]);
+        assert_eq!(read_reply(&resp3).len(), 1);
+        assert!(read_reply(&Redis::Nil).is_empty());
+    }
+}
