@@ -15,7 +15,9 @@
 //! acknowledged. When the database is down nothing is acknowledged and the job is retried.
 //!
 //! **Version.** An entry without `version`, in a table that declares a version column, takes
-//! its stream id as version: `milliseconds × 1,000,000 + sequence`, so later entries win.
+//! its stream id as version: `milliseconds × 1,000,000 + sequence`, so later entries win —
+//! also when several workers flush one stream at once. A table without a version column keeps
+//! the order of its stream only while one flush runs at a time.
 
 use std::sync::Arc;
 use std::time::Duration;
