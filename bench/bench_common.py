@@ -47,10 +47,11 @@ def delete_queue(broker, queue):
 
 
 def build_release_examples():
-    """Builds the release examples (echo-worker, the bare consumer, the bench publisher) the
-    runtime benchmarks start."""
+    """Builds the release examples (echo-worker, the bare consumer, the bench publisher) and
+    the `mediafarm` CLI the runtime benchmarks start."""
     subprocess.run(
-        ["cargo", "build", "--release", "--locked", "-q", "-p", "mediafarm", "--examples"],
+        ["cargo", "build", "--release", "--locked", "-q", "-p", "mediafarm", "--examples",
+         "--bins"],
         cwd=Path(__file__).resolve().parent.parent,
         check=True,
     )

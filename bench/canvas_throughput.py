@@ -8,7 +8,10 @@ Celery 5.7 worker, both produced by Python Celery's own canvas, so the wire is C
       are not counted;
   (2) a chord of 1,000 no-op headers with a no-op body, published once the worker has
       answered a probe: the time from the start of `chord(...).apply_async()` (publishing
-      included, as a user waits for it) to the body's SUCCESS stored in Redis.
+      included, as a user waits for it) to the body's SUCCESS stored in Redis;
+  (3) for mediafarm only, the same live chord sent by mediafarm's own producer
+      (`mediafarm submit --workflow -`, process start included), as a Rust app or a script
+      would send it: the live figure without Python's publishing time.
 
 Contenders: echo-worker (release build) at its default concurrency and settings, and Celery
 5.7 prefork `-c 2` (bench/celery_echo_app.py: JSON, late acks, prefetch multiplier 4, Redis
@@ -124,9 +127,19 @@ def check_chord(label, store, body, size):
                          f"{str(meta['result'])[:300]}, not the {size} header results")
 
 
-def run_variant(label, command, env, cwd, chains, chord_size, timeout):
+def rust_chord(queue, size, body_id):
+    """The same chord as `send_chord`, as the JSON `mediafarm submit --workflow` reads."""
+    def sig(**kwargs):
+        return {"task": TASK, "kwargs": kwargs, "options": {"queue": queue}}
+    body = sig(body=True)
+    body["options"]["task_id"] = body_id
+    return json.dumps({"chord": {"header": [sig(i=k) for k in range(size)], "body": body}})
+
+
+def run_variant(label, command, env, cwd, chains, chord_size, timeout, rust_producer=False):
     """One round of one contender. Returns chains per second, the live chord's seconds (and
-    its publishing's), and the pre-published chord's seconds."""
+    its publishing's), the pre-published chord's seconds, and (with `rust_producer`) the live
+    chord's seconds when mediafarm's own producer sends it, else None."""
     queue = f"bench-canvas-{uuid.uuid4().hex[:8]}"
     store = redis.Redis.from_url(BACKEND)
     store.flushdb()
@@ -158,6 +171,19 @@ def run_variant(label, command, env, cwd, chains, chord_size, timeout):
                 ended = w.wait_for(lambda: store.exists(f"celery-task-meta-{body}"))
             check_chord(label, store, body, chord_size)
 
+            rust_live = None
+            if rust_producer:
+                store.flushdb()
+                body = str(uuid.uuid4())
+                workflow = rust_chord(queue, chord_size, body)
+                rust_began = time.monotonic()
+                subprocess.run([RELEASE / "mediafarm", "submit", "--workflow", "-"],
+                               input=workflow, text=True, env={**os.environ, **env},
+                               stdout=subprocess.DEVNULL, check=True, timeout=timeout)
+                rust_ended = w.wait_for(lambda: store.exists(f"celery-task-meta-{body}"))
+                check_chord(label, store, body, chord_size)
+                rust_live = rust_ended - rust_began
+
         # Pre-published chord: the worker alone, as for the chains. Publishing stores the
         # header's size key, so the clock starts at the first key after that.
         store.flushdb()
@@ -170,7 +196,7 @@ def run_variant(label, command, env, cwd, chains, chord_size, timeout):
         check_chord(label, store, body, chord_size)
     finally:
         delete_queue(BROKER, queue)
-    return chain_rate, ended - began, published - began, drain_ended - drain_began
+    return chain_rate, ended - began, published - began, drain_ended - drain_began, rust_live
 
 
 def celery(queue):
@@ -216,17 +242,21 @@ def main():
         (celery_label, celery, celery_env, ROOT / "bench", celery_timeout),
         (mf_label, echo_worker(args.concurrency), worker_env, None, 120),
     ]
+    if not (RELEASE / "mediafarm").exists():
+        raise SystemExit(f"{RELEASE / 'mediafarm'} is missing: run without --no-build")
     for label, *_ in variants:
         (LOGS / f"canvas_{label.replace(' ', '_')}.log").unlink(missing_ok=True)
     results = {label: [] for label, *_ in variants}
     for r in range(args.rounds):
         for label, command, env, cwd, timeout in variants:
-            rate, live, publish, drain = run_variant(label, command, env, cwd, chains,
-                                                     args.chord_size, timeout)
-            results[label].append((rate, live, publish, drain))
+            rate, live, publish, drain, rust_live = run_variant(
+                label, command, env, cwd, chains, args.chord_size, timeout,
+                rust_producer=label == mf_label)
+            results[label].append((rate, live, publish, drain, rust_live))
+            rust = f"; live with mediafarm's producer {rust_live:.3f} s" if rust_live else ""
             print(f"round {r + 1}: {label}: {rate:,.0f} chains/s; chord of {args.chord_size} "
                   f"live {live:.3f} s (publishing {publish:.3f} s), pre-published "
-                  f"{drain:.3f} s", file=sys.stderr, flush=True)
+                  f"{drain:.3f} s{rust}", file=sys.stderr, flush=True)
 
     def median(label, i):
         return statistics.median(x[i] for x in results[label])
@@ -255,6 +285,9 @@ def main():
           f"and {median(mf, 2):.2f} s of them)")
     print(f"chord of {args.chord_size}, pre-published: {median(cy, 3) / median(mf, 3):.1f}× "
           f"({cy}'s time ÷ ours)")
+    print(f"chord of {args.chord_size}, live, each side's own producer (Celery's canvas for "
+          f"Celery, `mediafarm submit --workflow` for mediafarm: {median(mf, 4):.3f} s, rounds "
+          f"{spread(mf, 4, '.3f')}): {median(cy, 1) / median(mf, 4):.1f}× (target ≥ 8×)")
 
 
 if __name__ == "__main__":
