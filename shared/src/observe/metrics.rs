@@ -113,6 +113,9 @@ pub struct Metrics {
     pub runtime: Family<TaskLabels, Histogram, fn() -> Histogram>,
     pub active: Family<WorkerLabels, Gauge>,
     pub up: Family<WorkerLabels, Gauge>,
+    /// Celery events dropped because their queue was full (the broker slow or unreachable):
+    /// events never hold a job up, so a monitor may miss some instead.
+    pub events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -181,6 +184,12 @@ impl Metrics {
             "1 while the worker consumes",
             up.clone(),
         );
+        let events_dropped = Counter::default();
+        registry.register(
+            "mediafarm_events_dropped",
+            "Celery events dropped because the queue to the broker was full",
+            events_dropped.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             received,
@@ -193,6 +202,7 @@ impl Metrics {
             runtime,
             active,
             up,
+            events_dropped,
         }
     }
 
@@ -261,6 +271,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("celery_task_runtime_bucket"), "{text}");
+        m.events_dropped.inc();
+        assert!(
+            m.render().contains("mediafarm_events_dropped_total 1"),
+            "{text}"
+        );
         assert!(
             text.contains(r#"celery_worker_tasks_active{hostname="w1"} 2"#),
             "{text}"

@@ -3,6 +3,7 @@
 //! types are converted at the broker edge (`amqp_table`).
 
 pub mod compression;
+pub mod repr;
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use serde_json::{Map, Value};

@@ -21,6 +21,7 @@ use crate::amqp::broker::{self, backoff, BrokerError, Publisher};
 use crate::amqp::pidbox::{self, Revocations};
 use crate::amqp::reroute::Rerouter;
 use crate::backend::{BackendError, ResultBackend};
+use crate::events::Events;
 use crate::observe::http::{self, Readiness};
 use crate::observe::metrics::{host_label, Metrics, WorkerLabels};
 use crate::runtime::cpu::CpuPool;
@@ -64,11 +65,17 @@ pub struct Worker {
 /// A running worker: its metrics address and a way to stop it.
 pub struct WorkerHandle {
     pub metrics_addr: std::net::SocketAddr,
+    events: Arc<Events>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
 
 impl WorkerHandle {
+    /// The worker's Celery events and their switch (on with `worker_send_task_events`).
+    pub fn events(&self) -> Arc<Events> {
+        self.events.clone()
+    }
+
     /// Asks the worker to stop as on SIGTERM.
     pub fn stop(&self) {
         self.stop.cancel();
@@ -156,6 +163,12 @@ impl Worker {
                 hostname: host_label(&hostname),
             })
             .clone();
+        let events = Events::start(
+            &self.settings,
+            &hostname,
+            self.settings.worker_send_task_events,
+            self.metrics.events_dropped.clone(),
+        );
         let revocations = Arc::new(Revocations::default());
         if let Err(e) = revocations.refresh(&backend).await {
             tracing::warn!(error = %e, "could not load revoked ids from Redis");
@@ -176,6 +189,7 @@ impl Worker {
             hostname,
             stop: stop.clone(),
             jobs: TaskTracker::new(),
+            events: events.clone(),
         });
         tracing::info!(
             hostname = %shared.hostname,
@@ -189,11 +203,17 @@ impl Worker {
         let queues = self.queues;
         let done = tokio::spawn(async move {
             tokio::spawn(watch_backend(shared.clone()));
+            let beating = shared.clone();
+            tokio::spawn(async move {
+                let stop = beating.stop.clone();
+                beating.events.heartbeats(stop, || beating.load()).await
+            });
             consume_until_stopped(shared.clone(), &queues).await;
             http_stop.cancel();
         });
         Ok(WorkerHandle {
             metrics_addr,
+            events,
             stop,
             done,
         })
@@ -332,6 +352,11 @@ async fn consume_until_stopped(shared: Arc<Shared>, queues: &[String]) {
     shared.readiness.consuming.store(false, Ordering::Relaxed);
     shared.metrics.up.get_or_create(&up).set(0);
     drain(&shared).await;
+    // Last, so the events of jobs that finished while draining go out before it.
+    shared
+        .events
+        .worker_offline(shared.load(), Duration::from_secs(2))
+        .await;
 }
 
 /// Waits for running jobs within the grace period; what is left returns to the broker when

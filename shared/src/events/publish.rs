@@ -1,0 +1,190 @@
+//! The background task that writes events to the broker: connects on the first event, declares
+//! the `event_exchange` as kombu declares Celery's (`Exchange('celeryev', type='topic')`:
+//! durable, not auto-deleted), and publishes with Celery's properties (JSON, UTF-8,
+//! `delivery_mode=1`, a `hostname` header) and no publisher confirms. Whatever is queued when
+//! it looks is sent at once: a burst of task events as one `task.multi` message (a JSON list,
+//! which `EventReceiver` unpacks as Celery's own buffered events), worker events one by one on
+//! their own keys. While the broker cannot be reached the events in hand are dropped and
+//! counted, and it tries again with backoff on the next ones.
+
+use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
+use prometheus_client::metrics::counter::Counter;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::{Event, Outgoing};
+use crate::amqp::broker::{self, backoff, BrokerError};
+use crate::settings::Settings;
+
+/// Events taken from the queue at once, at most: one `task.multi` message carries up to this
+/// many task events.
+const BATCH: usize = 256;
+
+struct Link {
+    conn: Connection,
+    channel: Channel,
+}
+
+pub(super) async fn run(
+    settings: Settings,
+    name: String,
+    mut rx: mpsc::Receiver<Outgoing>,
+    dropped: Counter,
+) {
+    let exchange = settings.event_exchange.clone();
+    let mut link: Option<Link> = None;
+    let mut failures = 0u32;
+    let mut batch = Vec::with_capacity(BATCH);
+    while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let mut events = Vec::with_capacity(batch.len());
+        let mut flushed = Vec::new();
+        for item in batch.drain(..) {
+            match item {
+                Outgoing::Event(e) => events.push(e),
+                Outgoing::Flush(done) => flushed.push(done),
+            }
+        }
+        if !events.is_empty() {
+            if link.is_none() {
+                match open(&settings, &name, &exchange).await {
+                    Ok(l) => {
+                        link = Some(l);
+                        failures = 0;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, dropped = events.len(), "events: cannot reach the broker; dropping events");
+                        dropped.inc_by(events.len() as u64);
+                        failures = failures.saturating_add(1);
+                        tokio::time::sleep(backoff(failures)).await;
+                    }
+                }
+            }
+            if let Some(l) = &link {
+                if let Err(e) = publish(&l.channel, &exchange, &events).await {
+                    tracing::warn!(error = %e, "events: publishing failed; reconnecting on the next event");
+                    dropped.inc_by(events.len() as u64);
+                    if let Some(l) = link.take() {
+                        let _ = l.conn.close(200, "events: publish failed".into()).await;
+                    }
+                }
+            }
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+    }
+    if let Some(l) = link {
+        let _ = l.channel.close(200, "events: done".into()).await;
+        let _ = l.conn.close(200, "events: done".into()).await;
+    }
+}
+
+async fn open(settings: &Settings, name: &str, exchange: &str) -> Result<Link, BrokerError> {
+    let conn = broker::connect(settings, name).await?;
+    let channel = conn.create_channel().await?;
+    channel
+        .exchange_declare(
+            exchange.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                auto_delete: false,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(Link { conn, channel })
+}
+
+/// The messages a batch becomes: `(routing key, body, hostname)`. Two or more task events go
+/// as one `task.multi` list; anything else one message per event.
+pub(super) fn messages(events: &[Event]) -> Vec<(String, Value, &str)> {
+    let tasks = events.iter().filter(|e| e.group() == "task").count();
+    let mut out = Vec::new();
+    let mut multi = Vec::new();
+    for e in events {
+        let host = e
+            .fields
+            .get("hostname")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if tasks > 1 && e.group() == "task" {
+            if multi.is_empty() {
+                out.push(("task.multi".to_owned(), Value::Null, host));
+            }
+            multi.push(Value::Object(e.fields.clone()));
+        } else {
+            out.push((e.routing_key(), Value::Object(e.fields.clone()), host));
+        }
+    }
+    if let Some(slot) = out.iter_mut().find(|(key, ..)| key == "task.multi") {
+        slot.1 = Value::Array(multi);
+    }
+    out
+}
+
+async fn publish(channel: &Channel, exchange: &str, events: &[Event]) -> Result<(), BrokerError> {
+    for (key, body, host) in messages(events) {
+        let payload = serde_json::to_vec(&body).unwrap_or_default();
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "hostname".into(),
+            AMQPValue::LongString(LongString::from(host)),
+        );
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_delivery_mode(1)
+            .with_headers(headers);
+        // No confirm is asked for, so the returned confirm is already settled.
+        channel
+            .basic_publish(
+                exchange.into(),
+                key.as_str().into(),
+                BasicPublishOptions::default(),
+                &payload,
+                properties,
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::body::{self, Origin};
+
+    #[test]
+    fn a_burst_of_task_events_goes_as_one_list_and_worker_events_alone() {
+        let origin = Origin::new("w@h");
+        let stamp = |(kind, fields)| origin.stamp(kind, fields);
+        let one = [stamp(body::task_started("a"))];
+        let single = messages(&one);
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].0, "task.started");
+        assert!(single[0].1.is_object());
+        assert_eq!(single[0].2, "w@h");
+        let burst = [
+            stamp(body::task_started("a")),
+            stamp(body::worker(
+                body::WorkerEvent::Heartbeat,
+                std::time::Duration::from_secs(2),
+                body::Load::default(),
+                [0.0; 3],
+            )),
+            stamp(body::task_rejected("b", true)),
+        ];
+        let out = messages(&burst);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0, "task.multi");
+        let list = out[0].1.as_array().unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0]["type"], "task-started");
+        assert_eq!(list[1]["type"], "task-rejected");
+        assert_eq!(out[1].0, "worker.heartbeat");
+    }
+}
