@@ -175,4 +175,3 @@ fn exception_repr(result: &Value) -> String {
     };
     format!("{name}({args})")
 }
-

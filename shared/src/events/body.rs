@@ -13,12 +13,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Map, Value};
 
 use crate::backend::result::TaskError;
-use crate::protocol::repr::{exception_repr, py_repr_max};
+use crate::protocol::repr::{exception_repr, py_repr_max, REPR_MAX};
 use crate::protocol::{format_time, TaskMessage};
-
-/// Celery's `resultrepr_maxsize` (and `saferepr`'s cut for args and kwargs): a repr longer
-/// than this is cut and ends in `...`.
-pub const REPR_MAX: usize = 1024;
 
 /// What a worker heartbeat says it is (Celery sends `py-celery`, its version and
 /// `platform.system()`); Flower shows it in the worker list.
@@ -120,7 +116,10 @@ fn task_fields(msg: &TaskMessage) -> Map<String, Value> {
         ("root_id", opt(&msg.root_id)),
         ("parent_id", opt(&msg.parent_id)),
         ("retries", msg.retries.into()),
-        ("eta", msg.eta.map_or(Value::Null, |t| format_time(t).into())),
+        (
+            "eta",
+            msg.eta.map_or(Value::Null, |t| format_time(t).into()),
+        ),
         (
             "expires",
             msg.expires.map_or(Value::Null, |t| format_time(t).into()),
@@ -328,7 +327,11 @@ mod tests {
         let (kind, f) = task_started("id-2");
         let second = origin.stamp(kind, f);
         for key in ["hostname", "utcoffset", "pid", "clock", "timestamp", "type"] {
-            assert!(first.fields.contains_key(key), "{key} in {:?}", first.fields);
+            assert!(
+                first.fields.contains_key(key),
+                "{key} in {:?}",
+                first.fields
+            );
         }
         assert_eq!(first.fields["type"], "task-started");
         assert_eq!(first.fields["hostname"], "w1@host");

@@ -5,6 +5,10 @@
 
 use serde_json::Value;
 
+/// Celery's `argsrepr_maxsize` and `resultrepr_maxsize`: a repr longer than this is cut and
+/// ends in `...`.
+pub const REPR_MAX: usize = 1024;
+
 /// A JSON value as Python's `repr` writes the value it decodes to.
 pub fn py_repr(v: &Value) -> String {
     let mut out = String::new();

@@ -209,6 +209,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn events_flags_are_celerys() {
+        let args = WorkerArgs::try_parse_from(["w", "-E", "--heartbeat-interval", "0.5"]).unwrap();
+        assert!(args.task_events);
+        assert_eq!(args.heartbeat_interval, Some(0.5));
+        assert!(
+            WorkerArgs::try_parse_from(["w", "--events"])
+                .unwrap()
+                .task_events
+        );
+        assert!(!WorkerArgs::try_parse_from(["w"]).unwrap().task_events);
+        assert!(WorkerArgs::try_parse_from(["w", "--heartbeat-interval", "0"]).is_err());
+    }
+
+    #[test]
     fn concurrency_comes_from_the_flag_then_the_settings_then_the_worker() {
         let spec = WorkerSpec::<usize> {
             binary: "test-worker",

@@ -460,7 +460,9 @@ async fn run(
                 tracing::warn!(id = %msg.id, task = %msg.task, error = %e, "failed; no retries left");
                 let why = dead_reason(shared, job, "MaxRetriesExceeded", e.to_string());
                 let meta = ResultMeta::failure(&msg.id, &e, traceback(shared, &msg, &e));
-                shared.events.task_failed(&msg.id, &e, meta.traceback.as_deref().unwrap_or(""));
+                shared
+                    .events
+                    .task_failed(&msg.id, &e, meta.traceback.as_deref().unwrap_or(""));
                 after = canvas::on_failure(&canvas, parent_of(&msg), Utc::now());
                 (meta, Some(why))
             } else {
@@ -468,7 +470,9 @@ async fn run(
                 tracing::warn!(id = %msg.id, task = %msg.task, error = %e, ?elapsed, "failed");
                 let why = dead_reason(shared, job, &e.exc_type, e.message.clone());
                 let meta = ResultMeta::failure(&msg.id, &e, traceback(shared, &msg, &e));
-                shared.events.task_failed(&msg.id, &e, meta.traceback.as_deref().unwrap_or(""));
+                shared
+                    .events
+                    .task_failed(&msg.id, &e, meta.traceback.as_deref().unwrap_or(""));
                 after = canvas::on_failure(&canvas, parent_of(&msg), Utc::now());
                 (meta, Some(why))
             }
@@ -533,7 +537,9 @@ async fn retry(
     l.retried.inc();
     let mut meta = ResultMeta::new(&msg.id, TaskState::Retry, e.to_celery_json());
     meta.traceback = Some(traceback(shared, msg, e));
-    shared.events.task_retried(&msg.id, e, meta.traceback.as_deref().unwrap_or(""));
+    shared
+        .events
+        .task_retried(&msg.id, e, meta.traceback.as_deref().unwrap_or(""));
     if !store_with_retry(shared, &meta).await {
         return requeue(&job.delivery).await;
     }
@@ -682,7 +688,9 @@ async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: Decod
     let meta = e.id.as_ref().map(|id| {
         let error = TaskError::invalid(kind, e.reason.clone());
         let meta = ResultMeta::failure(id, &error, traceback_for(shared, &task, id, &error));
-        shared.events.task_refused(id, &task, &error, meta.traceback.as_deref().unwrap_or(""));
+        shared
+            .events
+            .task_refused(id, &task, &error, meta.traceback.as_deref().unwrap_or(""));
         meta
     });
     let why = dead_reason(shared, job, kind, e.reason.clone());

@@ -432,6 +432,28 @@ mod tests {
     }
 
     #[test]
+    fn event_settings_take_celerys_names_and_refuse_what_rabbitmq_would() {
+        let s = from(
+            "worker_send_task_events = true\nworker_heartbeat_interval = 0.5\nevent_exchange = \"ev.farm\"",
+            &[("MEDIAFARM_TASK_SEND_SENT_EVENT", "true")],
+        )
+        .unwrap();
+        assert!(s.worker_send_task_events && s.task_send_sent_event);
+        assert_eq!(s.worker_heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(s.event_exchange, "ev.farm");
+        for bad in ["amq.topic", "", "two words"] {
+            let err = from(&format!("event_exchange = {bad:?}"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`event_exchange`"), "{err}");
+        }
+        let err = from("event_serializer = \"pickle\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pickle is refused"), "{err}");
+    }
+
+    #[test]
     fn wrong_values_name_setting_value_and_what_is_accepted() {
         let err = from("worker_concurrency = 0", &[]).unwrap_err().to_string();
         assert_eq!(
