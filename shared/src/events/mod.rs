@@ -73,7 +73,7 @@ impl Events {
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         tokio::spawn(publish::run(
             settings.clone(),
-            format!("{hostname} events"),
+            hostname.to_owned(),
             rx,
             dropped.clone(),
         ));

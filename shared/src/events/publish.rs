@@ -29,10 +29,11 @@ struct Link {
 
 pub(super) async fn run(
     settings: Settings,
-    name: String,
+    hostname: String,
     mut rx: mpsc::Receiver<Outgoing>,
     dropped: Counter,
 ) {
+    let name = format!("{hostname} events");
     let exchange = settings.event_exchange.clone();
     let mut link: Option<Link> = None;
     let mut failures = 0u32;
@@ -62,9 +63,10 @@ pub(super) async fn run(
                 }
             }
             if let Some(l) = &link {
-                if let Err(e) = publish(&l.channel, &exchange, &events).await {
+                let count = events.len() as u64;
+                if let Err(e) = publish(&l.channel, &exchange, &hostname, events).await {
                     tracing::warn!(error = %e, "events: publishing failed; reconnecting on the next event");
-                    dropped.inc_by(events.len() as u64);
+                    dropped.inc_by(count);
                     if let Some(l) = link.take() {
                         let _ = l.conn.close(200, "events: publish failed".into()).await;
                     }
@@ -99,46 +101,45 @@ async fn open(settings: &Settings, name: &str, exchange: &str) -> Result<Link, B
     Ok(Link { conn, channel })
 }
 
-/// The messages a batch becomes: `(routing key, body, hostname)`. Two or more task events go
-/// as one `task.multi` list; anything else one message per event.
-pub(super) fn messages(events: &[Event]) -> Vec<(String, Value, &str)> {
+/// The messages a batch becomes: `(routing key, body)`. Two or more task events go as one
+/// `task.multi` list (where the first of them was); anything else one message per event.
+pub(super) fn messages(events: Vec<Event>) -> Vec<(String, Value)> {
     let tasks = events.iter().filter(|e| e.group() == "task").count();
     let mut out = Vec::new();
-    let mut multi = Vec::new();
+    let mut multi = Vec::with_capacity(if tasks > 1 { tasks } else { 0 });
+    let mut multi_at = None;
     for e in events {
-        let host = e
-            .fields
-            .get("hostname")
-            .and_then(Value::as_str)
-            .unwrap_or("");
         if tasks > 1 && e.group() == "task" {
-            if multi.is_empty() {
-                out.push(("task.multi".to_owned(), Value::Null, host));
-            }
-            multi.push(Value::Object(e.fields.clone()));
+            multi_at.get_or_insert(out.len());
+            multi.push(Value::Object(e.fields));
         } else {
-            out.push((e.routing_key(), Value::Object(e.fields.clone()), host));
+            out.push((e.routing_key(), Value::Object(e.fields)));
         }
     }
-    if let Some(slot) = out.iter_mut().find(|(key, ..)| key == "task.multi") {
-        slot.1 = Value::Array(multi);
+    if let Some(at) = multi_at {
+        out.insert(at, ("task.multi".to_owned(), Value::Array(multi)));
     }
     out
 }
 
-async fn publish(channel: &Channel, exchange: &str, events: &[Event]) -> Result<(), BrokerError> {
-    for (key, body, host) in messages(events) {
+async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    hostname: &str,
+    events: Vec<Event>,
+) -> Result<(), BrokerError> {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "hostname".into(),
+        AMQPValue::LongString(LongString::from(hostname)),
+    );
+    for (key, body) in messages(events) {
         let payload = serde_json::to_vec(&body).unwrap_or_default();
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "hostname".into(),
-            AMQPValue::LongString(LongString::from(host)),
-        );
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
             .with_delivery_mode(1)
-            .with_headers(headers);
+            .with_headers(headers.clone());
         // No confirm is asked for, so the returned confirm is already settled.
         channel
             .basic_publish(
@@ -162,13 +163,11 @@ mod tests {
     fn a_burst_of_task_events_goes_as_one_list_and_worker_events_alone() {
         let origin = Origin::new("w@h");
         let stamp = |(kind, fields)| origin.stamp(kind, fields);
-        let one = [stamp(body::task_started("a"))];
-        let single = messages(&one);
+        let single = messages(vec![stamp(body::task_started("a"))]);
         assert_eq!(single.len(), 1);
         assert_eq!(single[0].0, "task.started");
-        assert!(single[0].1.is_object());
-        assert_eq!(single[0].2, "w@h");
-        let burst = [
+        assert_eq!(single[0].1["hostname"], "w@h");
+        let burst = vec![
             stamp(body::task_started("a")),
             stamp(body::worker(
                 body::WorkerEvent::Heartbeat,
@@ -178,7 +177,7 @@ mod tests {
             )),
             stamp(body::task_rejected("b", true)),
         ];
-        let out = messages(&burst);
+        let out = messages(burst);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].0, "task.multi");
         let list = out[0].1.as_array().unwrap();
