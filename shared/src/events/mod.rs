@@ -28,7 +28,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use serde_json::{Map, Value};
+use serde::Serialize;
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
@@ -119,8 +120,8 @@ impl Events {
         self.dropped.get()
     }
 
-    fn send(&self, (kind, fields): (&'static str, Map<String, Value>)) {
-        let event = self.origin.stamp(kind, fields);
+    fn send(&self, (kind, fields): (&'static str, impl Serialize)) {
+        let event = self.origin.stamp(kind, &fields);
         if self.tx.try_send(Outgoing::Event(event)).is_err() {
             self.dropped.inc();
         }

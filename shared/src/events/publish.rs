@@ -11,7 +11,6 @@ use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use prometheus_client::metrics::counter::Counter;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::{Event, Outgoing};
@@ -103,21 +102,23 @@ async fn open(settings: &Settings, name: &str, exchange: &str) -> Result<Link, B
 
 /// The messages a batch becomes: `(routing key, body)`. Two or more task events go as one
 /// `task.multi` list (where the first of them was); anything else one message per event.
-pub(super) fn messages(events: Vec<Event>) -> Vec<(String, Value)> {
+pub(super) fn messages(events: Vec<Event>) -> Vec<(String, Vec<u8>)> {
     let tasks = events.iter().filter(|e| e.group() == "task").count();
     let mut out = Vec::new();
-    let mut multi = Vec::with_capacity(if tasks > 1 { tasks } else { 0 });
+    let mut multi: Vec<u8> = Vec::new();
     let mut multi_at = None;
     for e in events {
         if tasks > 1 && e.group() == "task" {
             multi_at.get_or_insert(out.len());
-            multi.push(Value::Object(e.fields));
+            multi.push(if multi.is_empty() { b'[' } else { b',' });
+            multi.extend_from_slice(&e.json);
         } else {
-            out.push((e.routing_key(), Value::Object(e.fields)));
+            out.push((e.routing_key(), e.json));
         }
     }
     if let Some(at) = multi_at {
-        out.insert(at, ("task.multi".to_owned(), Value::Array(multi)));
+        multi.push(b']');
+        out.insert(at, ("task.multi".to_owned(), multi));
     }
     out
 }
@@ -133,8 +134,7 @@ async fn publish(
         "hostname".into(),
         AMQPValue::LongString(LongString::from(hostname)),
     );
-    for (key, body) in messages(events) {
-        let payload = serde_json::to_vec(&body).unwrap_or_default();
+    for (key, payload) in messages(events) {
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
@@ -162,25 +162,31 @@ mod tests {
     #[test]
     fn a_burst_of_task_events_goes_as_one_list_and_worker_events_alone() {
         let origin = Origin::new("w@h");
-        let stamp = |(kind, fields)| origin.stamp(kind, fields);
-        let single = messages(vec![stamp(body::task_started("a"))]);
+        fn stamped<F: serde::Serialize>(origin: &Origin, (kind, f): (&'static str, F)) -> Event {
+            origin.stamp(kind, &f)
+        }
+        let single = messages(vec![stamped(&origin, body::task_started("a"))]);
         assert_eq!(single.len(), 1);
         assert_eq!(single[0].0, "task.started");
-        assert_eq!(single[0].1["hostname"], "w@h");
+        let one: serde_json::Value = serde_json::from_slice(&single[0].1).unwrap();
+        assert_eq!(one["hostname"], "w@h");
         let burst = vec![
-            stamp(body::task_started("a")),
-            stamp(body::worker(
-                body::WorkerEvent::Heartbeat,
-                std::time::Duration::from_secs(2),
-                body::Load::default(),
-                [0.0; 3],
-            )),
-            stamp(body::task_rejected("b", true)),
+            stamped(&origin, body::task_started("a")),
+            stamped(
+                &origin,
+                body::worker(
+                    body::WorkerEvent::Heartbeat,
+                    std::time::Duration::from_secs(2),
+                    body::Load::default(),
+                    [0.0; 3],
+                ),
+            ),
+            stamped(&origin, body::task_rejected("b", true)),
         ];
         let out = messages(burst);
         assert_eq!(out.len(), 2);
         assert_eq!(out[0].0, "task.multi");
-        let list = out[0].1.as_array().unwrap();
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out[0].1).unwrap();
         assert_eq!(list.len(), 2);
         assert_eq!(list[0]["type"], "task-started");
         assert_eq!(list[1]["type"], "task-rejected");
