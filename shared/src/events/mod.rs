@@ -9,8 +9,8 @@
 //! What it promises the hot path: an event site costs one atomic load while events are off (the
 //! default, as in Celery). While they are on, a job's event is built and put on a bounded
 //! in-process queue; one background task publishes (without publisher confirms, as Celery
-//! publishes events with `delivery_mode=1` and no confirms), taking whatever is queued at
-//! once and sending a burst of task events as one `task.multi` message, a list of events, as
+//! publishes events with `delivery_mode=1` and no confirms), letting them gather for 10 ms and
+//! sending the task events among them as one `task.multi` message, a list of events, as
 //! Celery's own worker buffers them. A job never waits for the broker because of an event: when
 //! the queue is full (the broker is slow or gone), the event is dropped and counted in
 //! `mediafarm_events_dropped_total`. Events are monitoring, not a record (Celery sends them

@@ -1,11 +1,13 @@
 //! The background task that writes events to the broker: connects on the first event, declares
 //! the `event_exchange` as kombu declares Celery's (`Exchange('celeryev', type='topic')`:
 //! durable, not auto-deleted), and publishes with Celery's properties (JSON, UTF-8,
-//! `delivery_mode=1`, a `hostname` header) and no publisher confirms. Whatever is queued when
-//! it looks is sent at once: a burst of task events as one `task.multi` message (a JSON list,
-//! which `EventReceiver` unpacks as Celery's own buffered events), worker events one by one on
-//! their own keys. While the broker cannot be reached the events in hand are dropped and
+//! `delivery_mode=1`, a `hostname` header) and no publisher confirms. Events gather for
+//! [`LINGER`] after the first of a batch, then go at once: task events as one `task.multi`
+//! message (a JSON list, which `EventReceiver` unpacks as Celery's own buffered events), worker
+//! events one by one on their own keys. While the broker cannot be reached the events in hand are dropped and
 //! counted, and it tries again with backoff on the next ones.
+
+use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ExchangeDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, LongString};
@@ -19,7 +21,13 @@ use crate::settings::Settings;
 
 /// Events taken from the queue at once, at most: one `task.multi` message carries up to this
 /// many task events.
-const BATCH: usize = 256;
+const BATCH: usize = 512;
+
+/// How long the publisher lets events gather after the first of a batch: a broker message and
+/// a publish cost far more than the bytes of one more event, so a busy worker's events go out
+/// as a few large `task.multi` messages (Celery's worker buffers task events the same way).
+/// Monitors see events at most this much later.
+const LINGER: Duration = Duration::from_millis(10);
 
 struct Link {
     conn: Connection,
@@ -38,6 +46,16 @@ pub(super) async fn run(
     let mut failures = 0u32;
     let mut batch = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut batch, BATCH).await > 0 {
+        let flushing = batch.iter().any(|o| matches!(o, Outgoing::Flush(_)));
+        if batch.len() < BATCH && !flushing {
+            tokio::time::sleep(LINGER).await;
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+        }
         let mut events = Vec::with_capacity(batch.len());
         let mut flushed = Vec::new();
         for item in batch.drain(..) {
