@@ -20,9 +20,14 @@ Redis DBSIZE on a dedicated database), so publishing and process start-up are no
 With `--baseline-worker PATH` (an echo-worker built from an earlier commit, e.g. the runtime
 core as it landed) that build runs too, for a before/after ratio in the same run.
 
+With `--events` (issue 15) each Celery set-up also runs with `-E` and the headline echo-worker
+with `-E` (task events and worker heartbeats on the `celeryev` exchange), in the same rounds,
+and the cost of events is printed for each side as the % of its own rate without them. No
+receiver is bound to `celeryev` (the broker drops what nobody listens to), for either side.
+
 Usage: .venv/bin/python bench/echo_throughput.py [--jobs 20000] [--rounds 3] [--quick]
        [--publisher celery|lean] [--celery prefork:2] [--concurrency 8] [--set headline|full]
-       [--baseline-worker PATH] [--no-build]
+       [--baseline-worker PATH] [--events] [--no-build]
 Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
 """
 import argparse
@@ -107,10 +112,10 @@ def drain(label, command, jobs, timeout, cwd=None, env=None, retry_every=None,
     return (jobs - first[1]) / seconds if seconds > 0 else float("inf")
 
 
-def echo_worker(concurrency, binary=None):
+def echo_worker(concurrency, binary=None, events=False):
     binary = binary or RELEASE / "examples" / "echo-worker"
     return lambda q: [binary, "--concurrency", str(concurrency), "--queues", q,
-                      "--loglevel", "warning"]
+                      "--loglevel", "warning", *(["-E"] if events else [])]
 
 
 def bare(prefetch):
@@ -118,10 +123,13 @@ def bare(prefetch):
                       "--prefetch", str(prefetch), "--redis", BACKEND, "--max-seconds", "600"]
 
 
-def celery(pool, concurrency):
+def celery(pool, concurrency, events=False):
+    # With -E Celery's worker heartbeats stay on too, as events bring them in mediafarm.
+    quiet = [] if events else ["--without-heartbeat"]
     return lambda q: [sys.executable, "-m", "celery", "-A", "celery_echo_app", "worker",
                       "-P", pool, "-c", str(concurrency), "-Q", q, "-l", "warning",
-                      "--without-gossip", "--without-mingle", "--without-heartbeat"]
+                      "--without-gossip", "--without-mingle", *quiet,
+                      *(["-E"] if events else [])]
 
 
 def main():
@@ -144,6 +152,9 @@ def main():
                              "full: also -c 2, -c HIGH, HIGH with retries and their ceilings")
     parser.add_argument("--baseline-worker", type=Path,
                         help="an earlier build of echo-worker to compare with")
+    parser.add_argument("--events", action="store_true",
+                        help="also run each Celery set-up with -E and the headline echo-worker "
+                             "with -E, and print what events cost each side")
     parser.add_argument("--no-build", action="store_true")
     args = parser.parse_args()
     jobs = 2_000 if args.quick else args.jobs
@@ -163,10 +174,17 @@ def main():
         prefetch = 4 * (1 if pool == "solo" else int(cc))
         variants.append((f"celery {pool} -c {cc}", celery(pool, cc), celery_timeout,
                          ROOT / "bench", celery_env, prefetch))
+        if args.events:
+            variants.append((f"celery {pool} -c {cc} -E", celery(pool, cc, events=True),
+                             celery_timeout, ROOT / "bench", celery_env, prefetch))
     variants += [
         (f"echo-worker -c {c}", echo_worker(c), 300, None, worker_env, c * 4),
         (f"bare lapin prefetch {c * 4}", bare(c * 4), 300, None, None, c * 4),
     ]
+    if args.events:
+        variants.insert(len(variants) - 1, (f"echo-worker -c {c} -E",
+                                            echo_worker(c, events=True), 300, None, worker_env,
+                                            c * 4))
     retrying = f"echo-worker -c {hc}, 1 % retried once"
     if args.set == "full":
         for n in (2, hc):
@@ -190,7 +208,7 @@ def main():
             rates[label].append(rate)
             print(f"round {r + 1}: {label} {rate:,.0f} jobs/s", file=sys.stderr, flush=True)
     rate = {label: statistics.median(r) for label, r in rates.items()}
-    celery_labels = [l for l in rate if l.startswith("celery")]
+    celery_labels = [l for l in rate if l.startswith("celery") and not l.endswith(" -E")]
     competitor = max(celery_labels, key=rate.get)
     celery_rate = rate[competitor]
     bare_by_prefetch = {p: rate[l] for l, *_, p in variants if l.startswith("bare")}
@@ -219,6 +237,15 @@ def main():
         print(f"this build vs the baseline build ({args.baseline_worker}), both -c {c}: "
               f"{100 * rate[head] / rate[baseline]:.0f} % (per round "
               f"{100 * min(per_round):.0f}–{100 * max(per_round):.0f} %)")
+    if args.events:
+        print("\ncost of events (-E), each side against itself without events, same rounds:")
+        for plain in [*celery_labels, head]:
+            with_events = f"{plain} -E"
+            costs = [100 * (1 - e / p) for e, p in zip(rates[with_events], rates[plain])]
+            print(f"  {plain}: {rate[plain]:,.0f} → {rate[with_events]:,.0f} jobs/s with -E: "
+                  f"{100 * (1 - rate[with_events] / rate[plain]):.1f} % slower (per round "
+                  f"{min(costs):.1f} to {max(costs):.1f} %)"
+                  + ("; target ≤ 10 %" if plain == head else ""))
     if args.set == "full":
         plain = f"echo-worker -c {hc}"
         print(f"with 1 % of jobs retried once through the delay queues: "

@@ -8,6 +8,7 @@ pub mod backend;
 pub mod beat;
 pub mod canvas;
 pub mod client;
+pub mod events;
 #[doc(hidden)]
 pub mod fuzzing;
 #[cfg(test)]

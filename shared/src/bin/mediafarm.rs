@@ -275,6 +275,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let t = timeout(t)?;
             let client = Client::connect(&settings).await?;
             let result = workflow.apply_async(&client).await?;
+            client.flush_events(Duration::from_secs(2)).await;
             if !wait {
                 println!("{}", result.id());
                 return Ok(ExitCode::SUCCESS);
@@ -311,6 +312,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             let result = client.send_task(&task, kwargs, &opts).await?;
+            client.flush_events(Duration::from_secs(2)).await;
             if !wait {
                 println!("{}", result.id);
                 return Ok(ExitCode::SUCCESS);

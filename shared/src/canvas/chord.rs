@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 use crate::backend::result::{ResultMeta, TaskError, TaskState};
 use crate::canvas::next::{derived_id, message, Parent, Publish};
 use crate::canvas::{CanvasError, Signature};
+use crate::protocol::repr::py_repr;
 
 /// A header task's place in its chord: the message's `group`, `group_index` and embed `chord`.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,52 +174,4 @@ fn exception_repr(result: &Value) -> String {
         Some(one) => py_repr(one),
     };
     format!("{name}({args})")
-}
-
-/// A JSON value as Python's `repr` writes the value it decodes to.
-fn py_repr(v: &Value) -> String {
-    match v {
-        Value::Null => "None".into(),
-        Value::Bool(true) => "True".into(),
-        Value::Bool(false) => "False".into(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => {
-            let quote = if s.contains('\'') && !s.contains('"') {
-                '"'
-            } else {
-                '\''
-            };
-            let mut out = String::with_capacity(s.len() + 2);
-            out.push(quote);
-            for c in s.chars() {
-                match c {
-                    '\\' => out.push_str("\\\\"),
-                    '\n' => out.push_str("\\n"),
-                    '\r' => out.push_str("\\r"),
-                    '\t' => out.push_str("\\t"),
-                    c if c == quote => {
-                        out.push('\\');
-                        out.push(c);
-                    }
-                    c if (c as u32) < 0x20 || c as u32 == 0x7f => {
-                        out.push_str(&format!("\\x{:02x}", c as u32))
-                    }
-                    c => out.push(c),
-                }
-            }
-            out.push(quote);
-            out
-        }
-        Value::Array(items) => format!(
-            "[{}]",
-            items.iter().map(py_repr).collect::<Vec<_>>().join(", ")
-        ),
-        Value::Object(m) => format!(
-            "{{{}}}",
-            m.iter()
-                .map(|(k, v)| format!("{}: {}", py_repr(&Value::String(k.clone())), py_repr(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
 }

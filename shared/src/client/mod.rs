@@ -8,6 +8,7 @@ pub use workflow::{
     WorkflowResult,
 };
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -16,6 +17,7 @@ use serde_json::{Map, Value};
 use crate::amqp::broker::{BrokerError, Publisher};
 use crate::backend::result::{ResultMeta, TaskError, TaskState};
 use crate::backend::{BackendError, ResultBackend};
+use crate::events::Events;
 use crate::protocol::{TaskMessage, TimeLimits};
 use crate::runtime::task::Job;
 use crate::settings::Settings;
@@ -59,6 +61,8 @@ pub struct Client {
     backend: ResultBackend,
     /// How long the backend keeps what the client writes (a chord's size), in seconds.
     result_expires: Option<u64>,
+    /// `task-sent` for every job published, with `task_send_sent_event`.
+    events: Option<Arc<Events>>,
 }
 
 impl Client {
@@ -72,6 +76,11 @@ impl Client {
             )
             .await?,
             result_expires: settings.result_expires_secs(),
+            events: settings.task_send_sent_event.then(|| {
+                // Celery's producers send as `gen<pid>@<host>` (its `anon_nodename`).
+                let node = format!("gen{}@{}", std::process::id(), crate::hostname());
+                Events::start(settings, &node, true, Default::default())
+            }),
         })
     }
 
@@ -98,17 +107,33 @@ impl Client {
     ) -> Result<AsyncResult, ClientError> {
         let msg = build_message(task, kwargs, opts);
         let queue = opts.queue.clone().unwrap_or_else(|| default_queue(task));
-        self.publisher.publish(&queue, &msg).await?;
+        self.publish_batch(&queue, std::slice::from_ref(&msg))
+            .await?;
         Ok(self.result(&msg.id))
     }
 
-    /// Publishes ready-made messages to one queue, waiting for every confirm.
+    /// Publishes ready-made messages to one queue, waiting for every confirm; then sends
+    /// `task-sent` for each (with `task_send_sent_event`).
     pub async fn publish_batch(
         &self,
         queue: &str,
         msgs: &[TaskMessage],
     ) -> Result<(), ClientError> {
-        Ok(self.publisher.publish_batch(queue, msgs).await?)
+        self.publisher.publish_batch(queue, msgs).await?;
+        if let Some(events) = &self.events {
+            for msg in msgs {
+                events.task_sent(msg, queue);
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits (at most `limit`) until the `task-sent` events of what was published so far are
+    /// written to the broker: for a short-lived producer about to exit.
+    pub async fn flush_events(&self, limit: Duration) {
+        if let Some(events) = &self.events {
+            events.flush(limit).await;
+        }
     }
 
     /// A handle to the result of job `id`.

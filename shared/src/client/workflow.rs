@@ -215,7 +215,9 @@ impl Signature {
     pub async fn apply_async(&self, client: &Client) -> Result<AsyncResult, ClientError> {
         let sig = with_id(self.clone());
         let (queue, msg) = message(&sig, Utc::now())?;
-        client.publisher.publish(&queue, &msg).await?;
+        client
+            .publish_batch(&queue, std::slice::from_ref(&msg))
+            .await?;
         Ok(client.result(&msg.id))
     }
 }
@@ -303,7 +305,9 @@ impl Chain {
     /// Sends the chain; the last step's result, whose `parent` is the step before it.
     pub async fn apply_async(&self, client: &Client) -> Result<AsyncResult, ClientError> {
         let plan = self.plan(Utc::now())?;
-        client.publisher.publish(&plan.queue, &plan.msg).await?;
+        client
+            .publish_batch(&plan.queue, std::slice::from_ref(&plan.msg))
+            .await?;
         Ok(linked_results(client, &plan.ids))
     }
 }
@@ -462,7 +466,7 @@ async fn publish_all(client: &Client, msgs: &[(String, TaskMessage)]) -> Result<
         by_queue.entry(queue).or_default().push(msg.clone());
     }
     for (queue, batch) in by_queue {
-        client.publisher.publish_batch(queue, &batch).await?;
+        client.publish_batch(queue, &batch).await?;
     }
     Ok(())
 }

@@ -123,6 +123,9 @@ pub struct Metrics {
     pub up: Family<WorkerLabels, Gauge>,
     /// Jobs waiting for their task's rate limit to let them start (holding no slot).
     pub rate_limit_waiting: Family<NameLabels, Gauge>,
+    /// Celery events dropped because their queue was full (the broker slow or unreachable):
+    /// events never hold a job up, so a monitor may miss some instead.
+    pub events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -197,6 +200,12 @@ impl Metrics {
             "Jobs received and waiting for their task's rate_limit to let them start",
             rate_limit_waiting.clone(),
         );
+        let events_dropped = Counter::default();
+        registry.register(
+            "mediafarm_events_dropped",
+            "Celery events dropped because the queue to the broker was full",
+            events_dropped.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             received,
@@ -210,6 +219,7 @@ impl Metrics {
             active,
             up,
             rate_limit_waiting,
+            events_dropped,
         }
     }
 
@@ -278,6 +288,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("celery_task_runtime_bucket"), "{text}");
+        m.events_dropped.inc();
+        assert!(
+            m.render().contains("mediafarm_events_dropped_total 1"),
+            "{text}"
+        );
         assert!(
             text.contains(r#"celery_worker_tasks_active{hostname="w1"} 2"#),
             "{text}"

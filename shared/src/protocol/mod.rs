@@ -3,6 +3,7 @@
 //! types are converted at the broker edge (`amqp_table`).
 
 pub mod compression;
+pub mod repr;
 
 use chrono::{DateTime, Datelike, NaiveDateTime, Utc};
 use serde_json::{Map, Value};
@@ -143,7 +144,7 @@ fn is_known_header(name: &str) -> bool {
     known
 }
 
-const REPR_MAX: usize = 1024;
+use repr::REPR_MAX;
 
 impl TaskMessage {
     /// A new message for `task` with keyword arguments, ready to publish.
@@ -467,16 +468,7 @@ fn default_origin() -> String {
 }
 
 fn truncated_repr(v: &Value) -> String {
-    let mut s = v.to_string();
-    if s.len() > REPR_MAX {
-        let mut cut = REPR_MAX - 3;
-        while !s.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        s.truncate(cut);
-        s.push_str("...");
-    }
-    s
+    repr::py_repr_max(v, REPR_MAX)
 }
 
 fn header_str(headers: &Map<String, Value>, name: &str) -> Option<String> {
@@ -811,11 +803,12 @@ mod tests {
         assert_eq!(props.correlation_id.as_deref(), Some(m.id.as_str()));
         assert_eq!(headers["timelimit"], json!([10.0, null]));
         assert_eq!(headers["eta"], json!("2030-01-02T03:04:05.500000+00:00"));
-        assert_eq!(headers["kwargsrepr"], json!(r#"{"source":"a.jpg"}"#));
+        // Python's repr, as Celery's producers write it (Flower and worker logs show it).
+        assert_eq!(headers["kwargsrepr"], json!("{'source': 'a.jpg'}"));
         let back = TaskMessage::decode(&props, &headers, &body, 1 << 20).unwrap();
         // Encoding fills in what Celery always sends: reprs and priority 0.
         m.argsrepr = Some("[]".into());
-        m.kwargsrepr = Some(r#"{"source":"a.jpg"}"#.into());
+        m.kwargsrepr = Some("{'source': 'a.jpg'}".into());
         m.priority = Some(0);
         assert_eq!(back, m);
     }

@@ -33,6 +33,13 @@ pub struct WorkerArgs {
     /// Where /metrics, /healthz and /readyz are served (overrides metrics_addr).
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Send Celery's task and worker events, for Flower (as `celery worker -E`; sets
+    /// worker_send_task_events).
+    #[arg(short = 'E', long = "task-events", visible_alias = "events")]
+    pub task_events: bool,
+    /// Seconds between worker-heartbeat events (overrides worker_heartbeat_interval).
+    #[arg(long, value_parser = positive_seconds)]
+    pub heartbeat_interval: Option<f64>,
     /// Check the settings (file and MEDIAFARM_* environment) this worker reads and exit: 0 when
     /// every value is accepted, 2 naming the setting otherwise.
     #[arg(long)]
@@ -119,6 +126,12 @@ pub fn run_worker_main<G: Groups>(
     if let Some(addr) = args.metrics_addr {
         settings.metrics_addr = addr;
     }
+    if args.task_events {
+        settings.worker_send_task_events = true;
+    }
+    if let Some(secs) = args.heartbeat_interval {
+        settings.worker_heartbeat_interval = std::time::Duration::from_secs_f64(secs);
+    }
     let queues: Vec<String> = if args.queues.is_empty() {
         spec.default_queues
             .iter()
@@ -162,6 +175,16 @@ pub fn run_worker_main<G: Groups>(
     }
 }
 
+/// A heartbeat interval: seconds, more than 0 and at most a day.
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s > 0.0 && s <= 86_400.0 => Ok(s),
+        _ => Err(format!(
+            "{text:?} is not accepted: seconds, more than 0 and at most 86400"
+        )),
+    }
+}
+
 /// Jobs at once: `-c`, else `worker_concurrency` when the file or the environment sets it, else
 /// the worker's own default, else `worker_concurrency`'s.
 fn concurrency<G>(
@@ -184,6 +207,20 @@ fn concurrency<G>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_flags_are_celerys() {
+        let args = WorkerArgs::try_parse_from(["w", "-E", "--heartbeat-interval", "0.5"]).unwrap();
+        assert!(args.task_events);
+        assert_eq!(args.heartbeat_interval, Some(0.5));
+        assert!(
+            WorkerArgs::try_parse_from(["w", "--events"])
+                .unwrap()
+                .task_events
+        );
+        assert!(!WorkerArgs::try_parse_from(["w"]).unwrap().task_events);
+        assert!(WorkerArgs::try_parse_from(["w", "--heartbeat-interval", "0"]).is_err());
+    }
 
     #[test]
     fn concurrency_comes_from_the_flag_then_the_settings_then_the_worker() {

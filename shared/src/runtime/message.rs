@@ -28,6 +28,7 @@ use crate::amqp::table::{read_job_properties, read_properties};
 use crate::backend::result::{FailureKind, ResultMeta, TaskError, TaskState};
 use crate::backend::ResultBackend;
 use crate::canvas::{self, chord, Canvas, ChordPart, Parent, Publish};
+use crate::events::{Events, Load};
 use crate::observe::http::Readiness;
 use crate::observe::metrics::{host_label, Metrics, TaskLabels, TaskMetrics};
 use crate::protocol::{DecodeError, TaskMessage};
@@ -58,9 +59,26 @@ pub(crate) struct Shared {
     /// Metric handles by queue, then task name.
     pub task_metrics: Mutex<HashMap<String, HashMap<String, TaskMetrics>>>,
     pub active: Gauge,
+    /// Celery's events and their switch (`enable_events`, `disable_events`, `heartbeat`).
+    pub events: Arc<Events>,
 }
 
 impl Shared {
+    /// What a heartbeat reports: jobs running now, and jobs started since the worker began
+    /// (summed from the started counters when a heartbeat is due, so jobs pay nothing for it).
+    pub fn load(&self) -> Load {
+        let cache = self.task_metrics.lock().unwrap_or_else(|e| e.into_inner());
+        let processed = cache
+            .values()
+            .flat_map(|by_task| by_task.values())
+            .map(|m| m.started.get())
+            .sum();
+        Load {
+            active: u64::try_from(self.active.get()).unwrap_or(0),
+            processed,
+        }
+    }
+
     pub fn metrics_for(&self, task: &str, queue: &str) -> TaskMetrics {
         let mut cache = self.task_metrics.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(m) = cache.get(queue).and_then(|by_task| by_task.get(task)) {
@@ -182,6 +200,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
                 .check_stored(&shared.backend, &msg.id)
                 .await)
     {
+        shared.events.task_revoked(&msg.id, false, false);
         return revoked(shared, job, &msg, &canvas, &l, "revoked before it ran").await;
     }
     if msg.is_expired(Utc::now()) {
@@ -208,6 +227,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
     // Counted once per job, not once per hop through the delay queues (a job parked by its
     // rate limit, rarely, is counted again when it comes back).
     l.received.inc();
+    shared.events.task_received(&msg);
     let mut policy = policy;
     if let Some((soft, hard)) = shared.node.time_limit(&msg.task) {
         (policy.soft_time_limit, policy.time_limit) = (soft, hard);
@@ -217,7 +237,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
         let latest = limits.latest_start(&shared.settings, job.received_at);
         match bucket.admit(latest, &shared.stop).await {
             Admission::Go => {}
-            Admission::Stopped => return requeue(&job.delivery).await,
+            Admission::Stopped => return give_back(shared, job, &msg).await,
             Admission::Late { wait } => {
                 tracing::info!(
                     id = %msg.id,
@@ -232,10 +252,10 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
     }
     let slot = tokio::select! {
         biased;
-        _ = shared.stop.cancelled() => return requeue(&job.delivery).await,
+        _ = shared.stop.cancelled() => return give_back(shared, job, &msg).await,
         permit = shared.slots.clone().acquire_owned() => match permit {
             Ok(p) => p,
-            Err(_) => return requeue(&job.delivery).await,
+            Err(_) => return give_back(shared, job, &msg).await,
         },
     };
     if !limits.fits_ack_deadline(&shared.settings, job.received_at.elapsed()) {
@@ -246,7 +266,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
             "job waited so long for a slot that it could not finish before RabbitMQ's \
              consumer_timeout; returning it to the queue"
         );
-        return requeue(&job.delivery).await;
+        return give_back(shared, job, &msg).await;
     }
     tracked.started();
     run(shared, job, msg, canvas, &l, policy, limits, slot).await;
@@ -365,6 +385,7 @@ async fn run(
 ) {
     l.started.inc();
     shared.active.inc();
+    shared.events.task_started(&msg.id);
     if shared.settings.task_track_started {
         let started = ResultMeta::new(
             &msg.id,
@@ -449,6 +470,7 @@ async fn run(
     drop(slot);
     let outcome = match ended {
         Ended::Terminated => {
+            shared.events.task_revoked(&msg.id, true, false);
             return revoked(shared, job, &msg, &canvas, l, "terminated while running").await;
         }
         Ended::Done(outcome) => outcome,
@@ -461,6 +483,7 @@ async fn run(
         Ok(value) => {
             l.succeeded.inc();
             tracing::debug!(id = %msg.id, task = %msg.task, ?elapsed, "succeeded");
+            shared.events.task_succeeded(&msg.id, &value, elapsed);
             let mut meta = ResultMeta::success(&msg.id, Value::Null);
             if !canvas.is_empty() {
                 let next = canvas::on_success(&canvas, parent_of(&msg), &value, Utc::now());
@@ -487,6 +510,9 @@ async fn run(
                 tracing::warn!(id = %msg.id, task = %msg.task, error = %e, "failed; no retries left");
                 let why = dead_reason(shared, job, "MaxRetriesExceeded", e.to_string());
                 let meta = ResultMeta::failure(&msg.id, &e, traceback(shared, &msg, &e));
+                shared
+                    .events
+                    .task_failed(&msg.id, &e, meta.traceback.as_deref().unwrap_or(""));
                 after = canvas::on_failure(&canvas, parent_of(&msg), Utc::now());
                 (meta, Some(why))
             } else {
@@ -494,6 +520,9 @@ async fn run(
                 tracing::warn!(id = %msg.id, task = %msg.task, error = %e, ?elapsed, "failed");
                 let why = dead_reason(shared, job, &e.exc_type, e.message.clone());
                 let meta = ResultMeta::failure(&msg.id, &e, traceback(shared, &msg, &e));
+                shared
+                    .events
+                    .task_failed(&msg.id, &e, meta.traceback.as_deref().unwrap_or(""));
                 after = canvas::on_failure(&canvas, parent_of(&msg), Utc::now());
                 (meta, Some(why))
             }
@@ -554,6 +583,9 @@ async fn retry(
     l.retried.inc();
     let mut meta = ResultMeta::new(&msg.id, TaskState::Retry, e.to_celery_json());
     meta.traceback = Some(traceback(shared, msg, e));
+    shared
+        .events
+        .task_retried(&msg.id, e, meta.traceback.as_deref().unwrap_or(""));
     if !store_with_retry(shared, &meta).await {
         return requeue(&job.delivery).await;
     }
@@ -616,6 +648,7 @@ async fn expire(
 ) {
     tracing::info!(id = %msg.id, task = %msg.task, "expired before it ran; not running it");
     l.revoked.inc();
+    shared.events.task_revoked(&msg.id, false, true);
     let meta = ResultMeta::revoked(&msg.id, "expired");
     let expires = msg
         .expires
@@ -700,7 +733,11 @@ async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: Decod
     tracing::error!(id = ?e.id, task = %task, reason = %e.reason, "rejecting message");
     let meta = e.id.as_ref().map(|id| {
         let error = TaskError::invalid(kind, e.reason.clone());
-        ResultMeta::failure(id, &error, traceback_for(shared, &task, id, &error))
+        let meta = ResultMeta::failure(id, &error, traceback_for(shared, &task, id, &error));
+        shared
+            .events
+            .task_refused(id, &task, &error, meta.traceback.as_deref().unwrap_or(""));
+        meta
     });
     let why = dead_reason(shared, job, kind, e.reason.clone());
     let ending = Ending {
@@ -911,6 +948,13 @@ async fn ack(delivery: &Delivery, id: &str) {
     if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
         tracing::warn!(%id, error = %e, "ack failed after the outcome was stored; the broker will redeliver and the copy will be skipped");
     }
+}
+
+/// Returns a received job's message to the broker without running it (the worker is stopping,
+/// or the job waited too long for a slot): Celery's `reject(requeue=True)`.
+async fn give_back(shared: &Shared, job: &Incoming, msg: &TaskMessage) {
+    shared.events.task_rejected(&msg.id, true);
+    requeue(&job.delivery).await
 }
 
 /// Returns a message whose re-publishing failed, after a pause, so a lasting fault (a dead

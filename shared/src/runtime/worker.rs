@@ -22,6 +22,7 @@ use crate::amqp::broker::{self, backoff, BrokerError, Publisher};
 use crate::amqp::pidbox::{self, Node, Revocations};
 use crate::amqp::reroute::Rerouter;
 use crate::backend::{BackendError, ResultBackend};
+use crate::events::Events;
 use crate::observe::http::{self, Readiness};
 use crate::observe::metrics::{host_label, Metrics, WorkerLabels};
 use crate::runtime::cpu::CpuPool;
@@ -69,11 +70,17 @@ pub struct Worker {
 pub struct WorkerHandle {
     pub metrics_addr: std::net::SocketAddr,
     rates: Arc<RateLimits>,
+    events: Arc<Events>,
     stop: CancellationToken,
     done: tokio::task::JoinHandle<()>,
 }
 
 impl WorkerHandle {
+    /// The worker's Celery events and their switch (on with `worker_send_task_events`).
+    pub fn events(&self) -> Arc<Events> {
+        self.events.clone()
+    }
+
     /// Asks the worker to stop as on SIGTERM.
     pub fn stop(&self) {
         self.stop.cancel();
@@ -175,6 +182,12 @@ impl Worker {
                 hostname: host_label(&hostname),
             })
             .clone();
+        let events = Events::start(
+            &self.settings,
+            &hostname,
+            self.settings.worker_send_task_events,
+            self.metrics.events_dropped.clone(),
+        );
         let revocations = Arc::new(Revocations::default());
         if let Err(e) = revocations.refresh(&backend).await {
             tracing::warn!(error = %e, "could not load revoked ids from Redis");
@@ -196,6 +209,27 @@ impl Worker {
             let rates = rates.clone();
             Arc::new(move |args| rates.control(&serde_json::Value::Object(args.clone())))
         });
+        // Celery's replies, word for word (celery/worker/control.py).
+        for (method, on) in [("enable_events", true), ("disable_events", false)] {
+            let events = events.clone();
+            node.handle(
+                method,
+                Arc::new(move |_| {
+                    let (was, word) =
+                        (events.is_enabled(), if on { "enabled" } else { "disabled" });
+                    events.set_enabled(on);
+                    let already = if was == on { "already " } else { "" };
+                    serde_json::json!({ "ok": format!("task events {already}{word}") })
+                }),
+            );
+        }
+        node.handle("heartbeat", {
+            let events = events.clone();
+            Arc::new(move |_| {
+                events.heartbeat_now();
+                serde_json::Value::Null
+            })
+        });
         let shared = Arc::new(Shared {
             node,
             task_metrics: Mutex::new(HashMap::new()),
@@ -213,6 +247,7 @@ impl Worker {
             hostname,
             stop: stop.clone(),
             jobs: TaskTracker::new(),
+            events: events.clone(),
         });
         tracing::info!(
             hostname = %shared.hostname,
@@ -225,12 +260,18 @@ impl Worker {
         );
         let done = tokio::spawn(async move {
             tokio::spawn(watch_backend(shared.clone()));
+            let beating = shared.clone();
+            tokio::spawn(async move {
+                let stop = beating.stop.clone();
+                beating.events.heartbeats(stop, || beating.load()).await
+            });
             consume_until_stopped(shared.clone()).await;
             http_stop.cancel();
         });
         Ok(WorkerHandle {
             metrics_addr,
             rates,
+            events,
             stop,
             done,
         })
@@ -369,6 +410,11 @@ async fn consume_until_stopped(shared: Arc<Shared>) {
     shared.readiness.consuming.store(false, Ordering::Relaxed);
     shared.metrics.up.get_or_create(&up).set(0);
     drain(&shared).await;
+    // Last, so the events of jobs that finished while draining go out before it.
+    shared
+        .events
+        .worker_offline(shared.load(), Duration::from_secs(2))
+        .await;
 }
 
 /// Waits for running jobs within the grace period; what is left returns to the broker when

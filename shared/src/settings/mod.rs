@@ -116,6 +116,19 @@ crate::settings_group! {
         broker_consumer_timeout: Duration = Duration::from_secs(1800), Seconds;
         /// How long a stopping worker lets running jobs finish before returning them to the broker.
         worker_shutdown_grace: Duration = Duration::from_secs(30), Seconds;
+        /// Send Celery's task events (`task-received` ... `task-succeeded`) and the worker's
+        /// `worker-online`/`-heartbeat`/`-offline` on `event_exchange`, as `celery worker -E`.
+        /// Off: nothing is sent (the `enable_events` control command turns them on at runtime).
+        worker_send_task_events: bool = false, Bool;
+        /// A producer (`mediafarm::Client`, `mediafarm submit`) sends `task-sent` for each job.
+        task_send_sent_event: bool = false, Bool;
+        /// Seconds between `worker-heartbeat` events (Celery's `--heartbeat-interval`; Flower
+        /// counts a worker offline after two intervals without one).
+        worker_heartbeat_interval: Duration = Duration::from_secs(2), SecondsOrDefault;
+        /// The topic exchange events are published on (Celery's `event_exchange`).
+        event_exchange: String = "celeryev".into(), Custom(Reader::exchange_name);
+        /// Always "json" (pickle is refused).
+        event_serializer: String = "json".into(), Custom(Reader::serializer);
         /// Where `/metrics`, `/healthz` and `/readyz` are served; port 0 picks a free port.
         metrics_addr: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 9808)), Addr;
         /// Largest message body accepted, in bytes.
@@ -403,6 +416,28 @@ mod tests {
             let err = from(toml_text, &env).unwrap_err().to_string();
             assert!(err.contains("runs code chosen by whoever"), "{err}");
         }
+    }
+
+    #[test]
+    fn event_settings_take_celerys_names_and_refuse_what_rabbitmq_would() {
+        let s = from(
+            "worker_send_task_events = true\nworker_heartbeat_interval = 0.5\nevent_exchange = \"ev.farm\"",
+            &[("MEDIAFARM_TASK_SEND_SENT_EVENT", "true")],
+        )
+        .unwrap();
+        assert!(s.worker_send_task_events && s.task_send_sent_event);
+        assert_eq!(s.worker_heartbeat_interval, Duration::from_millis(500));
+        assert_eq!(s.event_exchange, "ev.farm");
+        for bad in ["amq.topic", "", "two words"] {
+            let err = from(&format!("event_exchange = {bad:?}"), &[])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("`event_exchange`"), "{err}");
+        }
+        let err = from("event_serializer = \"pickle\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pickle is refused"), "{err}");
     }
 
     #[test]

@@ -144,6 +144,28 @@ impl Reader {
         Ok("json".into())
     }
 
+    /// An exchange name as RabbitMQ takes it: 1 to 127 characters of letters, digits, `-`,
+    /// `_`, `.` and `:`, and not `amq.`-prefixed (reserved by the broker).
+    pub fn exchange_name(&self, name: &str, default: String) -> Result<String, SettingsError> {
+        let Some(value) = self.string(name)? else {
+            return Ok(default);
+        };
+        let ok = !value.is_empty()
+            && value.len() <= 127
+            && !value.starts_with("amq.")
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+        if !ok {
+            return Err(self.invalid(
+                name,
+                "an exchange name: 1 to 127 letters, digits, '-', '_', '.' or ':', not starting \
+                 with \"amq.\" (Celery's default is \"celeryev\")",
+            ));
+        }
+        Ok(value)
+    }
+
     /// A list: a TOML array of strings; in the environment a JSON array of strings
     /// (`["a.example", "b.example"]`) or comma-separated (`a.example,b.example`). Items with
     /// brackets, quotes or spaces are refused: they are a JSON array gone wrong, never a value.
