@@ -580,6 +580,13 @@ async fn celery_control_time_limit_applies_to_later_jobs_of_that_task() {
     assert_eq!(rate, json!({"ok": "new rate limit set successfully"}));
     let off = celery_reply(s, &node, &["control", "rate_limit", "echo.echo", "0"]).await;
     assert_eq!(off, json!({"ok": "rate limit disabled successfully"}));
+    // enable_events / disable_events flip the runtime's event switch, answered as Celery does.
+    let on = celery_reply(s, &node, &["control", "enable_events"]).await;
+    assert_eq!(on, json!({"ok": "task events enabled"}));
+    let again = celery_reply(s, &node, &["control", "enable_events"]).await;
+    assert_eq!(again, json!({"ok": "task events already enabled"}));
+    let off = celery_reply(s, &node, &["control", "disable_events"]).await;
+    assert_eq!(off, json!({"ok": "task events disabled"}));
     let bad = celery_reply(
         s,
         &node,
@@ -787,5 +794,111 @@ async fn celery_status_and_mediafarm_inspect_list_mediafarm_and_python_workers()
     assert!(String::from_utf8_lossy(&out.stderr).contains("No nodes replied"));
     drop(py);
     delete_queue(s, &py_queue).await;
+    farm.stop().await;
+}
+
+/// Flower 2.x, unmodified, watching a mediafarm worker with events on: its API lists the worker
+/// and the tasks with their states, runtime and exception, and its Workers and Tasks pages show
+/// them in Debian's Chromium (screenshots kept in `var/flower/`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_shows_a_mediafarm_worker_and_its_tasks() {
+    let mut s = settings();
+    s.worker_send_task_events = true;
+    let farm = Farm::start("flower", s, echo_registry()).await;
+    let node = format!("test@{}", farm.queue);
+    let port = mediafarm_tests::free_port();
+    let env = python_env(&farm.settings);
+    let _flower = mediafarm_tests::process::Proc::spawn(
+        std::process::Command::new(mediafarm_tests::python())
+            .current_dir(mediafarm_tests::workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app", "flower"])
+            .args(["--address=127.0.0.1", &format!("--port={port}")])
+            .env("FLOWER_UNAUTHENTICATED_API", "true")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::null()),
+    );
+    tokio::task::spawn_blocking(move || mediafarm_tests::process::wait_port(port))
+        .await
+        .expect("Flower listens");
+    // Flower learns of tasks from events: give its event receiver a moment to bind.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ok = farm
+        .client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"shown": "in flower"})),
+            &to(&farm.queue),
+        )
+        .await
+        .expect("sent");
+    let bad = farm
+        .client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"fail": "flower sees this"})),
+            &to(&farm.queue),
+        )
+        .await
+        .expect("sent");
+    ok.get(Duration::from_secs(30)).await.expect("ok job ends");
+    let _ = bad.get(Duration::from_secs(30)).await;
+    let shots = mediafarm_tests::workspace_root().join("var/flower");
+    std::fs::create_dir_all(&shots).expect("var/ is writable");
+    let args = [
+        format!("http://127.0.0.1:{port}"),
+        node.clone(),
+        ok.id.clone(),
+        bad.id.clone(),
+        shots.display().to_string(),
+    ];
+    let out = tokio::time::timeout(
+        Duration::from_secs(240),
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_python("flower_check.py", &args, &[])
+        }),
+    )
+    .await
+    .expect("the Flower check ends within 4 minutes")
+    .expect("ran");
+    let report: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out}: {e}"));
+    assert_eq!(report["error"], Value::Null, "{report:#}");
+    assert!(
+        report["workers"].as_array().unwrap().contains(&json!(node)),
+        "{report:#}"
+    );
+    let okr = &report["ok"];
+    assert_eq!(okr["state"], "SUCCESS", "{report:#}");
+    assert_eq!(okr["name"], "echo.echo", "{report:#}");
+    assert_eq!(okr["worker"], json!(node), "{report:#}");
+    assert!(
+        okr["runtime"].as_f64().is_some_and(|r| r >= 0.0),
+        "{report:#}"
+    );
+    assert!(
+        okr["result"]
+            .as_str()
+            .is_some_and(|r| r.contains("in flower")),
+        "{report:#}"
+    );
+    let bad_r = &report["failed"];
+    assert_eq!(bad_r["state"], "FAILURE", "{report:#}");
+    assert!(
+        bad_r["exception"]
+            .as_str()
+            .is_some_and(|e| e.contains("flower sees this")),
+        "{report:#}"
+    );
+    let browser = &report["browser"];
+    assert_eq!(browser["workers_page_has_node"], true, "{report:#}");
+    assert_eq!(browser["tasks_page_has_ok"], true, "{report:#}");
+    assert_eq!(browser["tasks_page_has_failed"], true, "{report:#}");
+    assert!(
+        browser["failed_task_page"]
+            .as_str()
+            .is_some_and(|t| t.contains("flower sees this")),
+        "{report:#}"
+    );
+    assert!(shots.join("flower-tasks.png").exists());
     farm.stop().await;
 }
