@@ -1,0 +1,184 @@
+//! OTLP/HTTP JSON export, written here rather than taken from `opentelemetry-otlp`: the format
+//! is one JSON document per batch (`ExportTraceServiceRequest`), posted with the `reqwest`
+//! client the crate already builds, so tracing adds no crate to the build (the SDK + OTLP
+//! crates with `http-proto` would add prost, opentelemetry-proto and the SDK: ~40 crates).
+//!
+//! What it promises: a job never waits for it. Finished spans go into a bounded queue with
+//! `try_send` (a full queue drops the span and counts it); one task batches them (up to
+//! [`MAX_BATCH`] spans, or whatever arrived within the schedule delay) and posts one batch at a
+//! time. Failed posts are counted and logged at most once a minute.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+/// Spans waiting for export beyond this are dropped (and counted), never waited for.
+pub const QUEUE: usize = 4096;
+/// The most spans in one request (OpenTelemetry's `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` default).
+pub const MAX_BATCH: usize = 512;
+const LOG_EVERY: Duration = Duration::from_secs(60);
+const POST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how spans are sent.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    /// The full traces URL (`…/v1/traces`).
+    pub endpoint: String,
+    pub service_name: String,
+    /// Extra request headers (`OTEL_EXPORTER_OTLP_HEADERS`), e.g. an API key.
+    pub headers: Vec<(String, String)>,
+    /// How long a partial batch waits for more spans (`OTEL_BSP_SCHEDULE_DELAY`).
+    pub schedule_delay: Duration,
+}
+
+/// What the exporter has done so far.
+#[derive(Debug, Default)]
+pub struct ExportStats {
+    /// Spans the receiver accepted.
+    pub exported: AtomicU64,
+    /// Spans dropped because the queue was full.
+    pub dropped: AtomicU64,
+    /// Spans in batches the receiver refused or could not be reached for.
+    pub failed: AtomicU64,
+}
+
+pub(crate) enum Item {
+    Span(Value),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The sending half: what a finished span is handed to.
+pub(crate) struct Exporter {
+    pub tx: mpsc::Sender<Item>,
+    pub stats: Arc<ExportStats>,
+}
+
+impl Exporter {
+    /// Starts the batching task on the current Tokio runtime.
+    pub fn start(config: ExportConfig) -> Exporter {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let stats = Arc::new(ExportStats::default());
+        tokio::spawn(batch_loop(config, rx, stats.clone()));
+        Exporter { tx, stats }
+    }
+
+    /// Queues one span (OTLP JSON); drops it when the queue is full.
+    pub fn send(&self, span: Value) {
+        if self.tx.try_send(Item::Span(span)).is_err() {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn batch_loop(config: ExportConfig, mut rx: mpsc::Receiver<Item>, stats: Arc<ExportStats>) {
+    let client = match reqwest::Client::builder().timeout(POST_TIMEOUT).build() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "OTLP export: could not build the HTTP client; traces are not exported");
+            return;
+        }
+    };
+    let resource = resource(&config.service_name);
+    let mut last_logged: Option<Instant> = None;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    loop {
+        let mut flushed = Vec::new();
+        let Some(first) = rx.recv().await else { break };
+        let deadline = tokio::time::Instant::now() + config.schedule_delay;
+        let mut next = Some(first);
+        while let Some(item) = next.take() {
+            match item {
+                Item::Span(s) => batch.push(s),
+                Item::Flush(done) => {
+                    flushed.push(done);
+                    break;
+                }
+            }
+            if batch.len() >= MAX_BATCH {
+                break;
+            }
+            next = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(item) => item,
+                Err(_) => None,
+            };
+        }
+        if !batch.is_empty() {
+            let spans = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+            post(&client, &config, &resource, spans, &stats, &mut last_logged).await;
+        }
+        for done in flushed {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn post(
+    client: &reqwest::Client,
+    config: &ExportConfig,
+    resource: &Value,
+    spans: Vec<Value>,
+    stats: &ExportStats,
+    last_logged: &mut Option<Instant>,
+) {
+    let n = spans.len() as u64;
+    let body = json!({
+        "resourceSpans": [{
+            "resource": resource,
+            "scopeSpans": [{
+                "scope": {"name": "mediafarm", "version": env!("CARGO_PKG_VERSION")},
+                "spans": spans,
+            }],
+        }],
+    });
+    let mut request = client
+        .post(&config.endpoint)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string());
+    for (k, v) in &config.headers {
+        request = request.header(k, v);
+    }
+    let error = match request.send().await {
+        Ok(r) if r.status().is_success() => {
+            stats.exported.fetch_add(n, Ordering::Relaxed);
+            return;
+        }
+        Ok(r) => format!("the receiver answered {}", r.status()),
+        Err(e) => e.to_string(),
+    };
+    let failed = stats.failed.fetch_add(n, Ordering::Relaxed) + n;
+    if last_logged.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+        *last_logged = Some(Instant::now());
+        tracing::warn!(
+            endpoint = %config.endpoint,
+            %error,
+            spans_failed_so_far = failed,
+            "OTLP export failed; spans are dropped (logged at most once a minute)"
+        );
+    }
+}
+
+fn resource(service_name: &str) -> Value {
+    json!({"attributes": [
+        attribute("service.name", json!(service_name)),
+        attribute("host.name", json!(crate::hostname())),
+        attribute("telemetry.sdk.name", json!("mediafarm")),
+        attribute("telemetry.sdk.language", json!("rust")),
+        attribute("telemetry.sdk.version", json!(env!("CARGO_PKG_VERSION"))),
+    ]})
+}
+
+/// One OTLP `KeyValue` in JSON: strings, integers (as strings, per the protobuf JSON mapping)
+/// and booleans are what mediafarm's spans carry.
+pub(crate) fn attribute(key: &str, value: Value) -> Value {
+    let value = match value {
+        Value::Bool(b) => json!({"boolValue": b}),
+        Value::Number(n) if n.is_i64() || n.is_u64() => json!({"intValue": n.to_string()}),
+        Value::Number(n) => json!({"doubleValue": n}),
+        Value::String(s) => json!({"stringValue": s}),
+        other => json!({"stringValue": other.to_string()}),
+    };
+    json!({"key": key, "value": value})
+}
