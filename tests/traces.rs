@@ -61,7 +61,10 @@ fn receiver() -> &'static Receiver {
             headers: Vec::new(),
             schedule_delay: Duration::from_millis(100),
         });
-        assert!(installed, "nothing else installs an exporter in this test binary");
+        assert!(
+            installed,
+            "nothing else installs an exporter in this test binary"
+        );
         r
     })
 }
@@ -71,7 +74,8 @@ async fn spans_when(r: &Receiver, ready: impl Fn(&[Value]) -> bool) -> Vec<Value
     let waited = tokio::time::timeout(WAIT, async {
         loop {
             if let Ok(text) = std::fs::read_to_string(&r.spans) {
-                let spans: Vec<Value> = serde_json::from_str(&text).expect("the receiver writes JSON");
+                let spans: Vec<Value> =
+                    serde_json::from_str(&text).expect("the receiver writes JSON");
                 if ready(&spans) {
                     return spans;
                 }
@@ -94,7 +98,10 @@ fn span<'a>(spans: &'a [Value], name: &str, id: &str) -> Option<&'a Value> {
 }
 
 fn assert_child(child: &Value, parent: &Value) {
-    assert_eq!(child["trace_id"], parent["trace_id"], "same trace: {child} / {parent}");
+    assert_eq!(
+        child["trace_id"], parent["trace_id"],
+        "same trace: {child} / {parent}"
+    );
     assert_eq!(
         child["parent_span_id"], parent["span_id"],
         "{child} is a child of {parent}"
@@ -143,7 +150,10 @@ async fn a_python_producers_trace_continues_in_the_rust_worker_and_its_chain() {
 
     // A job Python sent: the Rust worker's span is the child of Python's publish span, and
     // carries the instrumentation's names.
-    let (published, ran) = (get("apply_async/echo.echo", &single), get("run/echo.echo", &single));
+    let (published, ran) = (
+        get("apply_async/echo.echo", &single),
+        get("run/echo.echo", &single),
+    );
     assert_eq!(published["service"], "python-producer");
     assert_eq!(published["kind"], 4, "PRODUCER");
     assert_child(&ran, &published);
@@ -156,7 +166,10 @@ async fn a_python_producers_trace_continues_in_the_rust_worker_and_its_chain() {
     assert_eq!(attrs["celery.state"], "SUCCESS");
     assert_eq!(attrs["celery.queue"], q.as_str());
     assert!(
-        attrs["celery.hostname"].as_str().unwrap().starts_with("otel@"),
+        attrs["celery.hostname"]
+            .as_str()
+            .unwrap()
+            .starts_with("otel@"),
         "{attrs}"
     );
     assert_eq!(ran["status_code"], 0, "UNSET: {ran}");
@@ -217,7 +230,11 @@ impl Task for Fanout {
             .map_err(|e| fail(e.to_string()))?;
         let sent = self
             .client
-            .send_task("echo.echo", kwargs(json!({"from": "fanout"})), &to(&ctx.queue))
+            .send_task(
+                "echo.echo",
+                kwargs(json!({"from": "fanout"})),
+                &to(&ctx.queue),
+            )
             .await
             .map_err(|e| fail(e.to_string()))?;
         Ok(json!({"sent": sent.id}))

@@ -57,11 +57,27 @@ pub(crate) struct Exporter {
 }
 
 impl Exporter {
-    /// Starts the batching task on the current Tokio runtime.
+    /// Starts the batching task on a thread of its own (one small current-thread runtime), so
+    /// it needs no runtime from its caller, outlives the runtime that installed it, and never
+    /// takes time from the workers' threads.
     pub fn start(config: ExportConfig) -> Exporter {
         let (tx, rx) = mpsc::channel(QUEUE);
         let stats = Arc::new(ExportStats::default());
-        tokio::spawn(batch_loop(config, rx, stats.clone()));
+        let batching = batch_loop(config, rx, stats.clone());
+        let started = std::thread::Builder::new()
+            .name("otlp-export".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(batching),
+                    Err(e) => tracing::error!(error = %e, "OTLP export: no runtime; traces are not exported"),
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "OTLP export: no thread; traces are not exported");
+        }
         Exporter { tx, stats }
     }
 
@@ -100,10 +116,11 @@ async fn batch_loop(config: ExportConfig, mut rx: mpsc::Receiver<Item>, stats: A
             if batch.len() >= MAX_BATCH {
                 break;
             }
-            next = match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(item) => item,
-                Err(_) => None,
-            };
+            // Nothing more within the delay: send what there is.
+            next = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .ok()
+                .flatten();
         }
         if !batch.is_empty() {
             let spans = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
