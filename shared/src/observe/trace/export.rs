@@ -4,16 +4,17 @@
 //! crates with `http-proto` would add prost, opentelemetry-proto and the SDK: ~40 crates).
 //!
 //! What it promises: a job never waits for it. Finished spans go into a bounded queue with
-//! `try_send` (a full queue drops the span and counts it); one task batches them (up to
-//! [`MAX_BATCH`] spans, or whatever arrived within the schedule delay) and posts one batch at a
-//! time. Failed posts are counted and logged at most once a minute.
+//! `try_send` (a full queue drops the span and counts it) and are turned into JSON on the
+//! exporter's own thread, which wakes once per schedule delay, or early when [`MAX_BATCH`]
+//! spans wait, and posts them a batch at a time. Failed posts are counted and logged at most
+//! once a minute.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 /// Spans waiting for export beyond this are dropped (and counted), never waited for.
 pub const QUEUE: usize = 4096;
@@ -45,14 +46,16 @@ pub struct ExportStats {
     pub failed: AtomicU64,
 }
 
-pub(crate) enum Item {
-    Span(Value),
-    Flush(oneshot::Sender<()>),
-}
+/// A finished span, turned into OTLP JSON on the exporter's thread (not the job's).
+pub(crate) type Finished = Box<dyn FnOnce() -> Value + Send>;
 
 /// The sending half: what a finished span is handed to.
 pub(crate) struct Exporter {
-    pub tx: mpsc::Sender<Item>,
+    spans: mpsc::Sender<Finished>,
+    flushes: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    /// Wakes the exporter early when a full batch is waiting; otherwise it wakes once per
+    /// schedule delay, not once per span (a wake-up per job cost more than the span itself).
+    full: Arc<Notify>,
     pub stats: Arc<ExportStats>,
 }
 
@@ -61,9 +64,11 @@ impl Exporter {
     /// it needs no runtime from its caller, outlives the runtime that installed it, and never
     /// takes time from the workers' threads.
     pub fn start(config: ExportConfig) -> Exporter {
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (spans, rx) = mpsc::channel(QUEUE);
+        let (flushes, flush_rx) = mpsc::unbounded_channel();
+        let full = Arc::new(Notify::new());
         let stats = Arc::new(ExportStats::default());
-        let batching = batch_loop(config, rx, stats.clone());
+        let batching = batch_loop(config, rx, flush_rx, full.clone(), stats.clone());
         let started = std::thread::Builder::new()
             .name("otlp-export".into())
             .spawn(move || {
@@ -78,18 +83,38 @@ impl Exporter {
         if let Err(e) = started {
             tracing::error!(error = %e, "OTLP export: no thread; traces are not exported");
         }
-        Exporter { tx, stats }
+        Exporter {
+            spans,
+            flushes,
+            full,
+            stats,
+        }
     }
 
-    /// Queues one span (OTLP JSON); drops it when the queue is full.
-    pub fn send(&self, span: Value) {
-        if self.tx.try_send(Item::Span(span)).is_err() {
+    /// Queues one span; drops it when the queue is full.
+    pub fn send(&self, span: Finished) {
+        if self.spans.try_send(span).is_err() {
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
         }
+        if QUEUE - self.spans.capacity() >= MAX_BATCH {
+            self.full.notify_one();
+        }
+    }
+
+    /// Asks for what is queued to be sent now; `done` is told when it has been.
+    pub fn flush(&self, done: oneshot::Sender<()>) {
+        let _ = self.flushes.send(done);
     }
 }
 
-async fn batch_loop(config: ExportConfig, mut rx: mpsc::Receiver<Item>, stats: Arc<ExportStats>) {
+async fn batch_loop(
+    config: ExportConfig,
+    mut rx: mpsc::Receiver<Finished>,
+    mut flush_rx: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+    full: Arc<Notify>,
+    stats: Arc<ExportStats>,
+) {
     let client = match reqwest::Client::builder().timeout(POST_TIMEOUT).build() {
         Ok(c) => c,
         Err(e) => {
@@ -99,32 +124,26 @@ async fn batch_loop(config: ExportConfig, mut rx: mpsc::Receiver<Item>, stats: A
     };
     let resource = resource(&config.service_name);
     let mut last_logged: Option<Instant> = None;
-    let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let mut flushed = Vec::new();
-        let Some(first) = rx.recv().await else { break };
-        let deadline = tokio::time::Instant::now() + config.schedule_delay;
-        let mut next = Some(first);
-        while let Some(item) = next.take() {
-            match item {
-                Item::Span(s) => batch.push(s),
-                Item::Flush(done) => {
-                    flushed.push(done);
-                    break;
-                }
+        tokio::select! {
+            _ = tokio::time::sleep(config.schedule_delay) => {}
+            _ = full.notified() => {}
+            done = flush_rx.recv() => match done {
+                Some(done) => flushed.push(done),
+                None => break,
+            },
+        }
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Ok(span) = rx.try_recv() {
+            batch.push(span());
+            if batch.len() == MAX_BATCH {
+                let spans = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
+                post(&client, &config, &resource, spans, &stats, &mut last_logged).await;
             }
-            if batch.len() >= MAX_BATCH {
-                break;
-            }
-            // Nothing more within the delay: send what there is.
-            next = tokio::time::timeout_at(deadline, rx.recv())
-                .await
-                .ok()
-                .flatten();
         }
         if !batch.is_empty() {
-            let spans = std::mem::replace(&mut batch, Vec::with_capacity(MAX_BATCH));
-            post(&client, &config, &resource, spans, &stats, &mut last_logged).await;
+            post(&client, &config, &resource, batch, &stats, &mut last_logged).await;
         }
         for done in flushed {
             let _ = done.send(());

@@ -77,12 +77,8 @@ pub async fn flush(within: Duration) {
         return;
     };
     let (done, sent) = tokio::sync::oneshot::channel();
-    let _ = tokio::time::timeout(within, async {
-        if exporter.tx.send(export::Item::Flush(done)).await.is_ok() {
-            let _ = sent.await;
-        }
-    })
-    .await;
+    exporter.flush(done);
+    let _ = tokio::time::timeout(within, sent).await;
 }
 
 /// Writes the current span as `traceparent` (and `tracestate`) into a Celery message's

@@ -53,7 +53,8 @@ struct Recording {
     parent: Option<[u8; 8]>,
     name: String,
     start: u64,
-    attributes: Vec<Value>,
+    /// Turned into OTLP `KeyValue`s on the exporter's thread.
+    attributes: Vec<(&'static str, Value)>,
 }
 
 /// What names and labels a job's span.
@@ -87,16 +88,16 @@ impl JobSpan {
         }
         let span = parent.map_or_else(SpanContext::root, |p| p.child());
         let mut attributes = vec![
-            attribute("celery.action", json!("run")),
-            attribute("celery.task_name", json!(job.task)),
-            attribute("messaging.message.id", json!(job.id)),
-            attribute("celery.hostname", json!(job.hostname)),
-            attribute("celery.queue", json!(job.queue)),
+            ("celery.action", json!("run")),
+            ("celery.task_name", json!(job.task)),
+            ("messaging.message.id", json!(job.id)),
+            ("celery.hostname", json!(job.hostname)),
+            ("celery.queue", json!(job.queue)),
             // Celery publishes to the default exchange with the queue's name as routing key.
-            attribute("messaging.destination", json!(job.queue)),
+            ("messaging.destination", json!(job.queue)),
         ];
         if job.retries > 0 {
-            attributes.push(attribute("celery.retries", json!(job.retries)));
+            attributes.push(("celery.retries", json!(job.retries)));
         }
         let outcome = Arc::new(Mutex::new(Outcome::default()));
         JobSpan(Inner::Recording(Box::new(Recording {
@@ -139,18 +140,29 @@ impl JobSpan {
 }
 
 impl Recording {
+    /// Ends the span: the end time and outcome are taken here, the JSON is built on the
+    /// exporter's thread.
     fn end(self) {
         let Some(exporter) = EXPORTER.get() else {
             return;
         };
         let end = now_nanos();
         let outcome = std::mem::take(&mut *self.outcome.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut attributes = self.attributes;
-        if let Some(state) = &outcome.state {
-            attributes.push(attribute("celery.state", json!(state)));
+        exporter.send(Box::new(move || self.otlp(end, outcome)));
+    }
+
+    /// This span as an OTLP/JSON `Span`.
+    fn otlp(self, end: u64, outcome: Outcome) -> Value {
+        let mut attributes: Vec<Value> = self
+            .attributes
+            .into_iter()
+            .map(|(k, v)| attribute(k, v))
+            .collect();
+        if let Some(state) = outcome.state {
+            attributes.push(attribute("celery.state", Value::String(state)));
         }
-        if let Some(reason) = &outcome.retry_reason {
-            attributes.push(attribute("celery.retry.reason", json!(reason)));
+        if let Some(reason) = outcome.retry_reason {
+            attributes.push(attribute("celery.retry.reason", Value::String(reason)));
         }
         let ctx = self.current.propagated.span;
         let mut span = json!({
@@ -180,7 +192,7 @@ impl Recording {
                 ],
             }]);
         }
-        exporter.send(span);
+        span
     }
 }
 
