@@ -25,14 +25,20 @@ with `-E` (task events and worker heartbeats on the `celeryev` exchange), in the
 and the cost of events is printed for each side as the % of its own rate without them. No
 receiver is bound to `celeryev` (the broker drops what nobody listens to), for either side.
 
+With `--otel` (issue 15) the headline echo-worker also runs with OpenTelemetry export on
+(`OTEL_EXPORTER_OTLP_ENDPOINT` pointing at bench/otlp_sink.py, a trivial local OTLP/HTTP sink):
+a span per job, batched and posted as OTLP/JSON; the cost is its rate against the same worker
+with export off, in the same rounds.
+
 Usage: .venv/bin/python bench/echo_throughput.py [--jobs 20000] [--rounds 3] [--quick]
        [--publisher celery|lean] [--celery prefork:2] [--concurrency 8] [--set headline|full]
-       [--baseline-worker PATH] [--events] [--no-build]
+       [--baseline-worker PATH] [--events] [--otel] [--no-build]
 Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
 """
 import argparse
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +48,12 @@ from pathlib import Path
 
 import redis
 from bench_common import build_release_examples, delete_queue, stop
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
@@ -155,6 +167,9 @@ def main():
     parser.add_argument("--events", action="store_true",
                         help="also run each Celery set-up with -E and the headline echo-worker "
                              "with -E, and print what events cost each side")
+    parser.add_argument("--otel", action="store_true",
+                        help="also the headline echo-worker with OTLP trace export on, to a "
+                             "local sink")
     parser.add_argument("--no-build", action="store_true")
     args = parser.parse_args()
     jobs = 2_000 if args.quick else args.jobs
@@ -200,13 +215,32 @@ def main():
         variants.insert(len([v for v in variants if v[0].startswith("celery")]) + 1,
                         (baseline, echo_worker(c, args.baseline_worker.resolve()), 300, None,
                          worker_env, c * 4))
+    traced = f"echo-worker -c {c}, OTLP export on"
+    sink = None
+    if args.otel:
+        port, counts = free_port(), LOGS / "otlp_sink.counts"
+        LOGS.mkdir(parents=True, exist_ok=True)
+        sink = subprocess.Popen([sys.executable, ROOT / "bench" / "otlp_sink.py", str(port),
+                                 counts], stdin=subprocess.DEVNULL)
+        otel_env = {**worker_env, "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+                    "OTEL_SERVICE_NAME": "bench-echo-worker"}
+        at = [label for label, *_ in variants].index(f"echo-worker -c {c}") + 1
+        variants.insert(at, (traced, echo_worker(c), 300, None, otel_env, c * 4))
     rates = {label: [] for label, *_ in variants}
-    for r in range(args.rounds):
-        for label, command, timeout, cwd, env, _prefetch in variants:
-            rate = drain(label, command, jobs, timeout, cwd, env,
-                         100 if label == retrying else None, args.publisher)
-            rates[label].append(rate)
-            print(f"round {r + 1}: {label} {rate:,.0f} jobs/s", file=sys.stderr, flush=True)
+    try:
+        for r in range(args.rounds):
+            for label, command, timeout, cwd, env, _prefetch in variants:
+                rate = drain(label, command, jobs, timeout, cwd, env,
+                             100 if label == retrying else None, args.publisher)
+                rates[label].append(rate)
+                print(f"round {r + 1}: {label} {rate:,.0f} jobs/s", file=sys.stderr,
+                      flush=True)
+    finally:
+        if sink:
+            stop(sink)
+    if sink:
+        requests, spans = counts.read_text().split()
+        print(f"OTLP sink: {spans} spans in {requests} requests", file=sys.stderr)
     rate = {label: statistics.median(r) for label, r in rates.items()}
     celery_labels = [l for l in rate if l.startswith("celery") and not l.endswith(" -E")]
     competitor = max(celery_labels, key=rate.get)
@@ -246,6 +280,11 @@ def main():
                   f"{100 * (1 - rate[with_events] / rate[plain]):.1f} % slower (per round "
                   f"{min(costs):.1f} to {max(costs):.1f} %)"
                   + ("; target ≤ 10 %" if plain == head else ""))
+    if args.otel:
+        per_round = [a / b for a, b in zip(rates[traced], rates[head])]
+        print(f"with OTLP trace export on: {100 * rate[traced] / rate[head]:.0f} % of the "
+              f"same worker's rate with export off (per round {100 * min(per_round):.0f}–"
+              f"{100 * max(per_round):.0f} %)")
     if args.set == "full":
         plain = f"echo-worker -c {hc}"
         print(f"with 1 % of jobs retried once through the delay queues: "

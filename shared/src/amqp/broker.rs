@@ -266,7 +266,8 @@ async fn publish_on(
     }
     let mut confirms = Vec::with_capacity(msgs.len());
     for msg in msgs {
-        let (props, headers, body) = msg.encode();
+        let (props, mut headers, body) = msg.encode();
+        crate::observe::trace::inject_headers(&mut headers);
         let properties = match try_write_properties(&props, &headers) {
             Ok(p) => p,
             Err(reason) => {

@@ -259,7 +259,7 @@ impl OutboundPolicy {
         for _ in 0..=max {
             let checked = self.resolve(&url).await?;
             let client = self.client(&checked)?;
-            let response = build(&client, url.clone())
+            let response = crate::observe::trace::inject_http(build(&client, url.clone()))
                 .send()
                 .await
                 .map_err(OutboundError::Request)?;

@@ -31,6 +31,7 @@ use crate::canvas::{self, chord, Canvas, ChordPart, Parent, Publish};
 use crate::events::{Events, Load};
 use crate::observe::http::Readiness;
 use crate::observe::metrics::{host_label, Metrics, TaskLabels, TaskMetrics};
+use crate::observe::trace;
 use crate::protocol::{DecodeError, TaskMessage};
 use crate::runtime::cpu::{panic_message, CpuPool};
 use crate::runtime::rate::{Admission, RateLimits};
@@ -269,7 +270,16 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
         return give_back(shared, job, &msg).await;
     }
     tracked.started();
-    run(shared, job, msg, canvas, &l, policy, limits, slot).await;
+    let span = trace::JobSpan::start(trace::JobInfo {
+        task: &msg.task,
+        id: &msg.id,
+        queue: &job.queue,
+        retries: msg.retries,
+        hostname: &shared.hostname,
+        headers: &msg.extra_headers,
+    });
+    span.run(run(shared, job, msg, canvas, &l, policy, limits, slot))
+        .await;
 }
 
 /// A message redelivered after its result was stored (its worker died before the ack): do not
@@ -581,6 +591,7 @@ async fn retry(
     let eta = Utc::now() + chrono::Duration::from_std(wait).unwrap_or_default();
     tracing::info!(id = %msg.id, task = %msg.task, error = %e, retry = msg.retries + 1, in_ = ?wait, "retrying");
     l.retried.inc();
+    trace::retrying(&e.to_string());
     let mut meta = ResultMeta::new(&msg.id, TaskState::Retry, e.to_celery_json());
     meta.traceback = Some(traceback(shared, msg, e));
     shared
@@ -796,6 +807,7 @@ impl<'a> Ending<'a> {
 }
 
 async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
+    trace::outcome(ending.store.map(|m| (m.status.as_str(), &m.result)));
     if !publish_next(shared, id, &ending.before).await {
         return requeue_after_pause(shared, &job.delivery).await;
     }

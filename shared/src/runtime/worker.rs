@@ -45,6 +45,8 @@ pub enum WorkerError {
     NoTasks,
     #[error(transparent)]
     Rate(#[from] RateError),
+    #[error(transparent)]
+    Traces(#[from] crate::observe::trace::TraceConfigError),
     #[error(
         "task {task} has a hard time limit of {} s; at most {} s is allowed: \
          broker_consumer_timeout less the time to store the result and acknowledge",
@@ -55,6 +57,17 @@ pub enum WorkerError {
         limit: Duration,
         longest: Duration,
     },
+}
+
+/// How long a stopping worker waits for its last spans to reach the OTLP receiver.
+const TRACE_FLUSH: Duration = Duration::from_secs(5);
+
+/// `OTEL_SERVICE_NAME`'s default: the program's name (`image-worker`, …).
+fn service_name() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "mediafarm".to_owned())
 }
 
 /// A configured worker, ready to run.
@@ -148,6 +161,7 @@ impl Worker {
                 });
             }
         }
+        crate::observe::trace::install_from_env(&service_name())?;
         // Parse the broker URL now, so a bad one stops start-up instead of being retried.
         broker::parse_url(&self.settings.broker_url, self.settings.broker_heartbeat)?;
         let backend = ResultBackend::connect(
@@ -266,6 +280,7 @@ impl Worker {
                 beating.events.heartbeats(stop, || beating.load()).await
             });
             consume_until_stopped(shared.clone()).await;
+            crate::observe::trace::flush(TRACE_FLUSH).await;
             http_stop.cancel();
         });
         Ok(WorkerHandle {

@@ -116,7 +116,7 @@ impl HttpJson {
         if let Some(a) = &self.authorization {
             request = request.header(reqwest::header::AUTHORIZATION, a);
         }
-        let response = request
+        let response = mediafarm::observe::trace::inject_http(request)
             .send()
             .await
             .map_err(|e| http_status::unreachable("the SMS provider", &e))?;

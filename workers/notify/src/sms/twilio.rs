@@ -89,7 +89,7 @@ impl Twilio {
 
     async fn post(&self, message: &Outgoing) -> Result<SmsResult, TaskError> {
         let form = self.form(message);
-        let response = self
+        let request = self
             .http
             .post(&self.url)
             .basic_auth(&self.account_sid, Some(&self.auth_token))
@@ -97,7 +97,8 @@ impl Twilio {
                 reqwest::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .body(form)
+            .body(form);
+        let response = mediafarm::observe::trace::inject_http(request)
             .send()
             .await
             .map_err(|e| http_status::unreachable("Twilio", &e))?;

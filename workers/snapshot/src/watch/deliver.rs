@@ -122,8 +122,7 @@ impl Deliverer {
                 signing::sign(secret.as_bytes(), timestamp, body.as_bytes()),
             );
         }
-        let resp = req
-            .body(body.to_owned())
+        let resp = mediafarm::observe::trace::inject_http(req.body(body.to_owned()))
             .send()
             .await
             .map_err(|e| Refusal {
