@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,6 +20,58 @@ ROOT = Path(__file__).resolve().parents[2]
 DEBUG_BINARIES = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "debug"
 WORKER_QUEUES = {"image-worker": "image", "snapshot-worker": "snapshot", "notify-worker": "notify"}
 METRICS_PORT = 9808
+
+
+@dataclass(frozen=True)
+class ThirdParty:
+    """A container run from someone else's image (Flower): it gets the security, resource and
+    probe checks, not mediafarm's (settings file, metrics port, image built here)."""
+
+    image: str  # repository as the manifests name it; an overlay may prefix a mirror registry
+    user: str  # the `uid:gid` its image runs as (pods must name it: runAsNonRoot needs a number)
+    port: int  # the port it serves on
+    health: str  # the path both probes GET
+    pip: str  # the PyPI package whose version must be the image's tag (the version tested)
+
+
+THIRD_PARTY = {
+    "flower": ThirdParty(image="mher/flower", user="1000:1000", port=5555, health="/healthcheck", pip="flower"),
+}
+
+
+def image_repo(image: str) -> str:
+    """`[registry/]repo` of `[registry/]repo[:tag][@digest]`."""
+    head, _, last = image.split("@")[0].rpartition("/")
+    name = last.split(":", 1)[0]
+    return f"{head}/{name}" if head else name
+
+
+def image_tag(image: str) -> str | None:
+    last = image.split("@")[0].rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else None
+
+
+def third_party(image: str) -> ThirdParty | None:
+    """The third-party program `image` runs, if it is one (a mirror's prefix is allowed)."""
+    repo = image_repo(image)
+    return next((t for t in THIRD_PARTY.values() if repo == t.image or repo.endswith("/" + t.image)), None)
+
+
+def tested_version(package: str) -> str | None:
+    """The version tests/py/requirements.txt pins for a PyPI package (what the tests ran)."""
+    text = (ROOT / "tests/py/requirements.txt").read_text()
+    m = re.search(rf"^{re.escape(package)}==(\S+)", text, re.M | re.I)
+    return m.group(1) if m else None
+
+
+def third_party_image_problems(image: str, t: ThirdParty, where: str) -> list[str]:
+    """The image is pinned to the version the tests run (tests/py/requirements.txt)."""
+    tag, tested = image_tag(image), tested_version(t.pip)
+    if tag is None or tag == "latest":
+        return [f"{where}: image {image} must be pinned to a version tag"]
+    if tested is not None and tag != tested:
+        return [f"{where}: image {image} but the tests run {t.pip}=={tested} (tests/py/requirements.txt)"]
+    return []
 
 
 def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
