@@ -83,10 +83,22 @@ pub fn check_queue_name(name: &str) -> Result<(), BrokerError> {
 /// Anything else makes RabbitMQ refuse a Python producer's declaration (PRECONDITION_FAILED).
 pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
     check_queue_name(queue)?;
+    declare_bound_queue(channel, queue, queue, ExchangeKind::Direct, queue).await
+}
+
+/// Declares a durable `exchange` of `kind` and a durable `queue` with no arguments, as kombu
+/// declares a `Queue(name, Exchange(exchange, kind), routing_key)`, and binds them.
+pub async fn declare_bound_queue(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    kind: ExchangeKind,
+    routing_key: &str,
+) -> Result<(), BrokerError> {
     channel
         .exchange_declare(
-            queue.into(),
-            ExchangeKind::Direct,
+            exchange.into(),
+            kind,
             ExchangeDeclareOptions {
                 durable: true,
                 ..Default::default()
@@ -107,8 +119,8 @@ pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), BrokerE
     channel
         .queue_bind(
             queue.into(),
-            queue.into(),
-            queue.into(),
+            exchange.into(),
+            routing_key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )

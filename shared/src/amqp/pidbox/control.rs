@@ -6,8 +6,6 @@
 
 use std::time::Duration;
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind};
 use serde_json::{json, Value};
 
@@ -62,33 +60,7 @@ async fn bind_to(
         "headers" => ExchangeKind::Headers,
         _ => ExchangeKind::Direct,
     };
-    let durable = ExchangeDeclareOptions {
-        durable: true,
-        ..Default::default()
-    };
-    channel
-        .exchange_declare(exchange.into(), kind, durable, FieldTable::default())
-        .await?;
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.into(),
-            exchange.into(),
-            routing_key.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(())
+    crate::amqp::broker::declare_bound_queue(channel, queue, exchange, kind, routing_key).await
 }
 
 /// Stops consuming `queue` (messages already delivered still run). Celery's reply whether or

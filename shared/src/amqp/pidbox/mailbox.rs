@@ -252,29 +252,8 @@ pub async fn call(
     declare_reply_exchange(&channel).await?;
     let oid = uuid::Uuid::new_v4().to_string();
     let queue = format!("{oid}.{REPLY_EXCHANGE}");
-    let mut args = FieldTable::default();
     // kombu's reply_queue_expires = 10 s.
-    args.insert("x-expires".into(), AMQPValue::LongInt(10_000));
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            REPLY_EXCHANGE.into(),
-            oid.as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    declare_mailbox_queue(&channel, &queue, REPLY_EXCHANGE, &oid, None).await?;
     let mut consumer = channel
         .basic_consume(
             queue.as_str().into(),
@@ -320,6 +299,44 @@ pub async fn call(
     let _ = channel.close(200, "done".into()).await;
     let _ = conn.close(200, "done".into()).await;
     Ok(replies)
+}
+
+/// Declares an exclusive, auto-deleted queue that expires 10 s after its consumer goes (kombu's
+/// `x-expires` for mailbox and reply queues), optionally with a message TTL, and binds it to
+/// `exchange` under `routing_key`.
+pub(crate) async fn declare_mailbox_queue(
+    channel: &Channel,
+    queue: &str,
+    exchange: &str,
+    routing_key: &str,
+    message_ttl_ms: Option<i32>,
+) -> Result<(), BrokerError> {
+    let mut args = FieldTable::default();
+    if let Some(ttl) = message_ttl_ms {
+        args.insert("x-message-ttl".into(), AMQPValue::LongInt(ttl));
+    }
+    args.insert("x-expires".into(), AMQPValue::LongInt(10_000));
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -29,8 +29,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicConsumeOptions;
+use lapin::types::FieldTable;
 use lapin::Channel;
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
@@ -220,30 +220,9 @@ pub async fn listen(channel: Channel, node: Arc<Node>) -> Result<(), BrokerError
     mailbox::declare_exchange(&channel).await?;
     let hostname = node.hostname.as_str();
     let queue = format!("{hostname}.{CONTROL_EXCHANGE}");
-    let mut args = FieldTable::default();
-    // As Celery's control queues: stale commands expire, the queue goes when the worker does.
-    args.insert("x-message-ttl".into(), AMQPValue::LongInt(300_000));
-    args.insert("x-expires".into(), AMQPValue::LongInt(10_000));
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions {
-                auto_delete: true,
-                exclusive: true,
-                ..Default::default()
-            },
-            args,
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            CONTROL_EXCHANGE.into(),
-            "".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    // As Celery's control queues: stale commands expire (300 s), the queue goes when the worker
+    // does.
+    mailbox::declare_mailbox_queue(&channel, &queue, CONTROL_EXCHANGE, "", Some(300_000)).await?;
     let mut consumer = channel
         .basic_consume(
             queue.as_str().into(),
