@@ -599,6 +599,17 @@ async fn celery_control_time_limit_applies_to_later_jobs_of_that_task() {
             .is_some_and(|e| e.starts_with("Invalid rate limit string")),
         "{bad}"
     );
+    // heartbeat is handled (Celery's handler returns None: the reply is null, not a KeyError).
+    let replies = mediafarm::amqp::pidbox::mailbox::call(
+        s,
+        "heartbeat",
+        json!({}),
+        Some(std::slice::from_ref(&node)),
+        Duration::from_secs(10),
+    )
+    .await
+    .expect("sent");
+    assert_eq!(replies, [(node.clone(), Value::Null)]);
     // A method without a handler is answered as Celery's kombu Node answers one.
     let replies = mediafarm::amqp::pidbox::mailbox::call(
         s,
