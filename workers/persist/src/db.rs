@@ -126,31 +126,24 @@ impl Pool {
         statements: &[Vec<&Row>],
     ) -> Result<(), Failure> {
         let dialect = self.dialect();
+        // The same steps for both drivers; only their pool and transaction types differ.
+        macro_rules! write_in_one_transaction {
+            ($pool:expr) => {{
+                let mut tx = $pool.begin().await?;
+                for rows in statements {
+                    for chunk in chunks(rows) {
+                        let text =
+                            sql::upsert(dialect, table, spec, &chunk[0].columns, chunk.len());
+                        let q = bind_cells!(sqlx::query(&text), chunk.iter(), dialect);
+                        q.execute(&mut *tx).await?;
+                    }
+                }
+                tx.commit().await?;
+            }};
+        }
         match self {
-            Pool::Pg(pool) => {
-                let mut tx = pool.begin().await?;
-                for rows in statements {
-                    for chunk in chunks(rows) {
-                        let text =
-                            sql::upsert(dialect, table, spec, &chunk[0].columns, chunk.len());
-                        let q = bind_cells!(sqlx::query(&text), chunk.iter(), dialect);
-                        q.execute(&mut *tx).await?;
-                    }
-                }
-                tx.commit().await?;
-            }
-            Pool::My(pool) => {
-                let mut tx = pool.begin().await?;
-                for rows in statements {
-                    for chunk in chunks(rows) {
-                        let text =
-                            sql::upsert(dialect, table, spec, &chunk[0].columns, chunk.len());
-                        let q = bind_cells!(sqlx::query(&text), chunk.iter(), dialect);
-                        q.execute(&mut *tx).await?;
-                    }
-                }
-                tx.commit().await?;
-            }
+            Pool::Pg(pool) => write_in_one_transaction!(pool),
+            Pool::My(pool) => write_in_one_transaction!(pool),
         }
         Ok(())
     }
