@@ -523,7 +523,7 @@ async fn hls_while_written_capture_and_watch_until_duration() {
     let mut w = World::new("hls", &[]).await;
     let live = w.dir.join("media/hls");
     std::fs::create_dir_all(&live).unwrap();
-    let _writer = hls_writer(&live, 60);
+    let _writer = hls_writer(&live);
     let (_http, port) = http_server(&w.dir.join("media"));
     w.start_worker("a");
     let url = format!("http://127.0.0.1:{port}/hls/index.m3u8");
@@ -577,7 +577,7 @@ async fn rtmp_through_nginx_stopped_by_the_cli_and_by_revoke() {
     let mut w = World::new("rtmp", &[]).await;
     let (_nginx, port) = nginx_rtmp(&w.dir.join("nginx"));
     let url = format!("rtmp://127.0.0.1:{port}/live/room7");
-    let _publisher = rtmp_publisher(&url, 90);
+    let _publisher = rtmp_publisher(&url);
     w.start_worker("a");
     let cap = w
         .run(
@@ -692,7 +692,7 @@ async fn a_dropped_stream_is_reconnected_and_an_ended_one_ends_the_session() {
     let mut w = World::new("rtmp-drop", &[]).await;
     let (_nginx, port) = nginx_rtmp(&w.dir.join("nginx"));
     let url = format!("rtmp://127.0.0.1:{port}/live/flaky");
-    let mut first = rtmp_publisher(&url, 60);
+    let mut first = rtmp_publisher(&url);
     w.start_worker("a");
     let job = w
         .send(
@@ -704,7 +704,7 @@ async fn a_dropped_stream_is_reconnected_and_an_ended_one_ends_the_session() {
     // The publisher goes away; a new one comes back a moment later.
     first.kill9();
     std::thread::sleep(Duration::from_secs(1));
-    let mut second = rtmp_publisher(&url, 60);
+    let mut second = rtmp_publisher(&url);
     let before = w.progress(&job.id, 3).await["frames"].as_u64().unwrap();
     w.progress(&job.id, before + 3).await;
     // Then the stream ends for good: after the reconnect window the session ends by itself.

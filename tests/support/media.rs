@@ -104,6 +104,11 @@ pub fn http_server(dir: &Path) -> (Proc, u16) {
     (proc, port)
 }
 
+/// How long a live test source runs if its test does not stop it first. A test kills its
+/// source when it drops it; the limit is long because on a loaded machine a session may start
+/// a minute after its source did (a 60 s source once ended before its session opened it).
+const LIVE_SOURCE_LIMIT_S: u32 = 600;
+
 /// ffmpeg's arguments for a live 320x240 `testsrc2` of `secs` seconds read at real time and
 /// encoded as H.264 (GOP 15); the caller adds the output.
 fn live_h264_args(secs: u32) -> Vec<String> {
@@ -125,9 +130,9 @@ fn live_h264_args(secs: u32) -> Vec<String> {
     args
 }
 
-/// ffmpeg writing a live HLS playlist (1 s segments) into `dir` at real time.
-pub fn hls_writer(dir: &Path, secs: u32) -> Proc {
-    let mut args = live_h264_args(secs);
+/// ffmpeg writing a live HLS playlist (1 s segments) into `dir` at real time until dropped.
+pub fn hls_writer(dir: &Path) -> Proc {
+    let mut args = live_h264_args(LIVE_SOURCE_LIMIT_S);
     args.extend(
         [
             "-f",
@@ -189,10 +194,10 @@ pub fn nginx_rtmp(dir: &Path) -> (Proc, u16) {
     (proc, port)
 }
 
-/// ffmpeg publishing a live `testsrc2` to `url` over RTMP for `secs` seconds, returned once
-/// the stream can be played.
-pub fn rtmp_publisher(url: &str, secs: u32) -> Proc {
-    let mut args = live_h264_args(secs);
+/// ffmpeg publishing a live `testsrc2` to `url` over RTMP until dropped, returned once the
+/// stream can be played.
+pub fn rtmp_publisher(url: &str) -> Proc {
+    let mut args = live_h264_args(LIVE_SOURCE_LIMIT_S);
     args.extend(["-f".to_owned(), "flv".to_owned(), url.to_owned()]);
     // nginx-rtmp refuses a player until the stream is published ("Operation not permitted"),
     // and refuses a publisher while it still holds the previous one of the same name (a
