@@ -149,6 +149,11 @@ struct Slot {
 
 /// Publishes task messages with publisher confirms over at most `broker_pool_limit`
 /// connections, reconnecting when a connection is lost.
+///
+/// A publish holds a pooled channel only while its frames are written; its confirms are awaited
+/// after the channel went back to the pool, so many publishes share a channel with their
+/// confirms in flight together. Holding the channel until the confirm came back capped a whole
+/// worker at `broker_pool_limit` publishes per confirm round trip (a chain's next step is one).
 #[derive(Clone)]
 pub struct Publisher {
     inner: Arc<PublisherInner>,
@@ -163,6 +168,9 @@ struct PublisherInner {
 }
 
 const PUBLISH_ATTEMPTS: u32 = 5;
+
+/// Confirms of messages whose frames were written, in publish order.
+type Pending<'m> = Vec<(&'m str, lapin::PublisherConfirm)>;
 
 impl Publisher {
     pub fn new(settings: &Settings) -> Publisher {
@@ -200,46 +208,55 @@ impl Publisher {
         msgs: &[TaskMessage],
     ) -> Result<(), BrokerError> {
         check_queue_name(queue)?;
+        let mut attempt = 0;
+        let mut done = 0;
+        loop {
+            let (confirmed, error) = match self.send(queue, &msgs[done..]).await {
+                Ok(pending) => match settle(pending).await {
+                    (_, None) => return Ok(()),
+                    (confirmed, Some(e)) => (confirmed, e),
+                },
+                Err(SendError::NoSlot(e)) => (0, e),
+                Err(SendError::Cut(pending, e)) => (settle(pending).await.0, e),
+            };
+            done += confirmed;
+            if matches!(
+                error,
+                BrokerError::Nacked { .. }
+                    | BrokerError::QueueName(_)
+                    | BrokerError::Unpublishable { .. }
+            ) || attempt + 1 >= PUBLISH_ATTEMPTS
+            {
+                return Err(error);
+            }
+            attempt += 1;
+            tracing::warn!(error = %error, attempt, "publish failed, retrying");
+            tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// Writes the frames of `msgs` on a pooled channel and gives the channel back; the
+    /// confirms are left to the caller.
+    async fn send<'m>(
+        &self,
+        queue: &str,
+        msgs: &'m [TaskMessage],
+    ) -> Result<Pending<'m>, SendError<'m>> {
         let _permit = self
             .inner
             .limit
             .acquire()
             .await
-            .map_err(|_| BrokerError::QueueName(queue.to_owned()))?;
-        let mut attempt = 0;
-        let mut done = 0;
-        loop {
-            let mut slot = match self.take_slot().await {
-                Ok(slot) => slot,
-                Err(e) if attempt + 1 < PUBLISH_ATTEMPTS => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "publish: broker unreachable, retrying");
-                    tokio::time::sleep(backoff(attempt)).await;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            match publish_on(&mut slot, queue, &msgs[done..]).await {
-                Ok(()) => {
-                    self.inner.idle.lock().await.push(slot);
-                    return Ok(());
-                }
-                Err((confirmed, e)) => {
-                    done += confirmed;
-                    let _ = slot.conn.close(200, "publish failed".into()).await;
-                    if matches!(
-                        e,
-                        BrokerError::Nacked { .. }
-                            | BrokerError::QueueName(_)
-                            | BrokerError::Unpublishable { .. }
-                    ) || attempt + 1 >= PUBLISH_ATTEMPTS
-                    {
-                        return Err(e);
-                    }
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "publish failed, reconnecting");
-                    tokio::time::sleep(backoff(attempt)).await;
-                }
+            .map_err(|_| SendError::NoSlot(BrokerError::QueueName(queue.to_owned())))?;
+        let mut slot = self.take_slot().await.map_err(SendError::NoSlot)?;
+        match send_on(&mut slot, queue, msgs).await {
+            Ok(pending) => {
+                self.inner.idle.lock().await.push(slot);
+                Ok(pending)
+            }
+            Err(cut) => {
+                let _ = slot.conn.close(200, "publish failed".into()).await;
+                Err(cut)
             }
         }
     }
@@ -264,28 +281,38 @@ impl Publisher {
     }
 }
 
-/// Publishes `msgs` on one channel. On error, says how many were confirmed before it.
-async fn publish_on(
+/// Why frames were not all written.
+enum SendError<'m> {
+    /// No channel could be had (the broker is unreachable).
+    NoSlot(BrokerError),
+    /// Writing stopped part-way: the confirms of what was written, and the error.
+    Cut(Pending<'m>, BrokerError),
+}
+
+/// Writes `msgs` on one channel; says which confirms to await.
+async fn send_on<'m>(
     slot: &mut Slot,
     queue: &str,
-    msgs: &[TaskMessage],
-) -> Result<(), (usize, BrokerError)> {
+    msgs: &'m [TaskMessage],
+) -> Result<Pending<'m>, SendError<'m>> {
     if !slot.declared.contains(queue) {
         declare_queue(&slot.channel, queue)
             .await
-            .map_err(|e| (0, e))?;
+            .map_err(|e| SendError::Cut(Vec::new(), e))?;
         slot.declared.insert(queue.to_owned());
     }
-    let mut confirms = Vec::with_capacity(msgs.len());
+    let mut pending = Vec::with_capacity(msgs.len());
     for msg in msgs {
         let (props, mut headers, body) = msg.encode();
         crate::observe::trace::inject_headers(&mut headers);
         let properties = match try_write_properties(&props, &headers) {
             Ok(p) => p,
             Err(reason) => {
-                let confirmed = settle(confirms).await;
                 let id = msg.id.chars().take(64).collect();
-                return Err((confirmed, BrokerError::Unpublishable { id, reason }));
+                return Err(SendError::Cut(
+                    pending,
+                    BrokerError::Unpublishable { id, reason },
+                ));
             }
         };
         // Celery publishes to the default exchange with the queue's name as routing key.
@@ -300,36 +327,24 @@ async fn publish_on(
             )
             .await;
         match confirm {
-            Ok(c) => confirms.push((msg.id.as_str(), c)),
-            Err(e) => {
-                let confirmed = settle(confirms).await;
-                return Err((confirmed, e.into()));
-            }
+            Ok(c) => pending.push((msg.id.as_str(), c)),
+            Err(e) => return Err(SendError::Cut(pending, e.into())),
         }
     }
-    let total = confirms.len();
-    let mut confirmed = 0;
-    for (id, confirm) in confirms {
-        match confirm.await {
-            Ok(c) if c.is_ack() => confirmed += 1,
-            Ok(_) => return Err((confirmed, BrokerError::Nacked { id: id.to_owned() })),
-            Err(e) => return Err((confirmed, e.into())),
-        }
-    }
-    debug_assert_eq!(confirmed, total);
-    Ok(())
+    Ok(pending)
 }
 
-/// Counts the leading confirmed messages of a batch cut short.
-async fn settle(confirms: Vec<(&str, lapin::PublisherConfirm)>) -> usize {
-    let mut n = 0;
-    for (_, c) in confirms {
-        match c.await {
-            Ok(c) if c.is_ack() => n += 1,
-            _ => break,
+/// Awaits confirms in publish order: how many leading ones were acks, and the first failure.
+async fn settle(pending: Pending<'_>) -> (usize, Option<BrokerError>) {
+    let mut confirmed = 0;
+    for (id, confirm) in pending {
+        match confirm.await {
+            Ok(c) if c.is_ack() => confirmed += 1,
+            Ok(_) => return (confirmed, Some(BrokerError::Nacked { id: id.to_owned() })),
+            Err(e) => return (confirmed, Some(e.into())),
         }
     }
-    n
+    (confirmed, None)
 }
 
 /// Exponential backoff with jitter: 200 ms doubling to 10 s.
