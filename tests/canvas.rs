@@ -15,7 +15,7 @@
 use std::time::Duration;
 
 use mediafarm::client::{chain, chord, group, Signature};
-use mediafarm::{Client, Registry, Task, TaskContext, TaskError};
+use mediafarm::{Client, Registry, Task, TaskContext, TaskError, TaskState};
 use mediafarm_tests::{
     dead_letters, delete_queue, new_id, python_env, ready_count, run_python, settings,
     unique_queue, Echo, Farm, PythonWorker,
@@ -598,6 +598,38 @@ async fn a_rust_produced_chord_is_joined_by_rust_workers_and_its_body_runs_once(
         .await
         .expect("redis");
     assert_eq!(left, 0, "the chord's keys are deleted after the join");
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chord_header_refused_before_it_runs_still_fails_its_body() {
+    // A header no worker can run (an unknown task) is refused before it runs; the chord must
+    // still hear of it, or its body would wait for ever.
+    let farm = Farm::start("canvas-rs-chord-refused", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let refused = Signature::new("canvas.no_such_task", mediafarm_tests::kwargs(json!({})))
+        .queue(&q)
+        .task_id(new_id("refused"));
+    let header = (0..3)
+        .map(|i| rust_step(&q, json!({ "i": i })))
+        .chain([refused]);
+    let c = chord(header, rust_step(&q, json!({"body": true})))
+        .apply_async(&farm.client)
+        .await
+        .expect("sent");
+    let err = c
+        .body
+        .get(Duration::from_secs(60))
+        .await
+        .expect_err("the body fails");
+    let meta = c.body.meta().await.expect("read").expect("stored");
+    assert_eq!(meta.status, TaskState::Failure, "{err}");
+    let failure = meta.error().expect("a failure");
+    assert_eq!(failure.exc_type, "ChordError", "{failure:?}");
+    assert!(
+        failure.message.contains("refused") && failure.message.contains("NotRegistered"),
+        "the body's error names the refused header: {failure:?}"
+    );
     farm.stop().await;
 }
 

@@ -108,6 +108,24 @@ impl Canvas {
         })
     }
 
+    /// What a message refused before it ran still owes: its errbacks and its chord, each read
+    /// on its own so one part mediafarm cannot carry does not cost the others. Callbacks and
+    /// the chain are left out: they follow a success only.
+    pub fn salvage(msg: &TaskMessage) -> Canvas {
+        let embed = &msg.embed;
+        Canvas {
+            callbacks: Vec::new(),
+            errbacks: signature::decode_list(embed.get("errbacks"), "embed `errbacks`")
+                .unwrap_or_default(),
+            chain: Vec::new(),
+            chord: embed
+                .get("chord")
+                .filter(|body| !body.is_null())
+                .and_then(|body| Signature::decode(body, "embed `chord`").ok())
+                .and_then(|body| ChordPart::new(body, msg.group.as_deref(), msg.group_index).ok()),
+        }
+    }
+
     /// Nothing to send whatever the outcome.
     pub fn is_empty(&self) -> bool {
         self.callbacks.is_empty() && self.errbacks.is_empty() && self.chain.is_empty()

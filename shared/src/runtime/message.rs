@@ -175,7 +175,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
             task: Some(msg.task.clone()),
             reason,
         };
-        return refuse(shared, job, e).await;
+        return refuse_decoded(shared, job, "NotRegistered", e, &msg).await;
     };
     // Before anything else may end the job: a workflow it cannot carry on fails it now,
     // rather than running it and dropping the rest.
@@ -188,7 +188,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
                 task: Some(msg.task.clone()),
                 reason: e.to_string(),
             };
-            return refuse_as(shared, job, kind, e).await;
+            return refuse_decoded(shared, job, kind, e, &msg).await;
         }
     };
     let l = shared.metrics_for(&msg.task, &job.queue);
@@ -733,6 +733,29 @@ async fn refuse(shared: &Shared, job: &Incoming, e: DecodeError) {
 
 /// [`refuse`] with the error type to store.
 async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: DecodeError) {
+    refuse_message(shared, job, kind, e, None).await
+}
+
+/// [`refuse_as`] for a message that was decoded: what can be read of its canvas is carried on
+/// as for a failure, so a refused chord header still reaches its chord (the body then fails
+/// with `ChordError` instead of waiting for ever) and its errbacks are sent.
+async fn refuse_decoded(
+    shared: &Shared,
+    job: &Incoming,
+    kind: &'static str,
+    e: DecodeError,
+    msg: &TaskMessage,
+) {
+    refuse_message(shared, job, kind, e, Some(msg)).await
+}
+
+async fn refuse_message(
+    shared: &Shared,
+    job: &Incoming,
+    kind: &'static str,
+    e: DecodeError,
+    decoded: Option<&TaskMessage>,
+) {
     let task = e.task.clone().unwrap_or_else(|| "unknown".into());
     // Only registered names become metric labels: names from the wire are unbounded.
     let label = if shared.registry.contains(&task) {
@@ -751,8 +774,18 @@ async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: Decod
         meta
     });
     let why = dead_reason(shared, job, kind, e.reason.clone());
+    let canvas = decoded.map(Canvas::salvage);
+    let (after, join) = match (decoded, &canvas, &meta) {
+        (Some(msg), Some(canvas), Some(meta)) => (
+            canvas::on_failure(canvas, parent_of(msg), Utc::now()),
+            Join::of(canvas, msg, meta),
+        ),
+        _ => (Vec::new(), None),
+    };
     let ending = Ending {
         store: meta.as_ref(),
+        after,
+        join,
         dead: Some(why),
         ..Ending::ack_only()
     };
@@ -834,15 +867,28 @@ async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
 
 /// Publishes a workflow's next messages with confirms; `false` when one could not be sent (the
 /// job's message then goes back, and the next run sends the same ids again).
+///
+/// They are sent together, their confirms awaited together: several callbacks or errbacks cost
+/// one confirm round trip, not one each.
 async fn publish_next(shared: &Shared, id: &str, next: &[Publish]) -> bool {
-    for p in next {
-        if let Err(e) = shared.publisher.publish(&p.queue, &p.msg).await {
-            tracing::warn!(%id, next = %p.msg.id, task = %p.msg.task, queue = %p.queue, error = %e, "could not publish the workflow's next message; returning the message to the queue");
-            return false;
+    let sent = futures_util::future::join_all(
+        next.iter()
+            .map(|p| async move { (p, shared.publisher.publish(&p.queue, &p.msg).await) }),
+    )
+    .await;
+    let mut all = true;
+    for (p, outcome) in sent {
+        match outcome {
+            Ok(()) => {
+                tracing::debug!(%id, next = %p.msg.id, task = %p.msg.task, queue = %p.queue, "workflow carried on")
+            }
+            Err(e) => {
+                tracing::warn!(%id, next = %p.msg.id, task = %p.msg.task, queue = %p.queue, error = %e, "could not publish the workflow's next message; returning the message to the queue");
+                all = false;
+            }
         }
-        tracing::debug!(%id, next = %p.msg.id, task = %p.msg.task, queue = %p.queue, "workflow carried on");
     }
-    true
+    all
 }
 
 /// A chord header's ended job, ready to join its chord.
