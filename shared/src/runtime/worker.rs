@@ -267,7 +267,7 @@ impl Worker {
         });
         for (name, start) in shared.registry.background_work() {
             let context = Background::new(
-                *name,
+                name,
                 shared.hostname.clone(),
                 shared.settings.clone(),
                 shared.backend.clone(),
