@@ -921,7 +921,7 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
         "nothing of the jobs committed"
     );
 
-    let _third = worker_process(3, &queue, &table, &prefix, &dir);
+    let mut third = worker_process(3, &queue, &table, &prefix, &dir);
     for r in results {
         let out = tokio::time::timeout(WAIT, r.get(WAIT))
             .await
@@ -938,6 +938,14 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
         .await
         .unwrap();
     assert_eq!(letters, 0, "nothing was dead-lettered");
+    // SIGTERM stops the stream reader (blocked in XREADGROUP) and the worker, in time.
+    mediafarm_tests::process::sigterm(third.0.id());
+    let status = eventually("the worker exits after SIGTERM", || {
+        let exited = third.0.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "{status}");
     delete_queue(&s, &queue).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
