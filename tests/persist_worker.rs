@@ -669,7 +669,8 @@ async fn the_redis_stream_buffer_is_flushed_into_the_table() {
 
 // ---- Crashes and outages -------------------------------------------------------------------
 
-/// Drops the test's tables and deletes its Redis keys when the test ends, also when it fails.
+/// Drops the test's tables (on both servers) and deletes its Redis keys when the test ends, also
+/// when it fails.
 struct Cleanup {
     tables: Vec<String>,
     keys: Vec<String>,
@@ -706,6 +707,13 @@ impl Drop for Cleanup {
                     for t in &tables {
                         let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
                             .execute(&pg)
+                            .await;
+                    }
+                }
+                if let Ok(my) = MySqlPool::connect(MY_URL).await {
+                    for t in &tables {
+                        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                            .execute(&my)
                             .await;
                     }
                 }
@@ -1024,25 +1032,38 @@ async fn gauge(addr: std::net::SocketAddr, name: &str, table: &str) -> Option<f6
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// The database unreachable for a while (a proxy cut between the worker and PostgreSQL):
+/// On PostgreSQL and on MariaDB, the database unreachable for a while (a proxy cut between the
+/// worker and the server):
 /// `/readyz` says so, rows from the stream (read continuously) and from `persist.write` jobs
 /// wait, the lag shows on `/metrics`, nothing is acknowledged; when the database returns,
 /// every row is written, the jobs succeed and the worker is ready again.
 #[tokio::test]
 async fn a_database_outage_holds_the_rows_until_it_returns() {
-    let pg = PgPool::connect(PG_URL)
-        .await
-        .expect("PostgreSQL at 127.0.0.1:5432");
-    let db = Db::Pg(pg.clone());
+    for db in Db::both().await {
+        outage(&db).await;
+    }
+}
+
+async fn outage(db: &Db) {
     let table = unique("mf_out");
     let prefix = format!("{}:", unique("t-persist"));
     let (stream, dead) = (format!("{prefix}{table}"), format!("{prefix}dead"));
     let _cleanup = Cleanup::new(&[&table], &[&stream, &dead]);
     db.create_profiles(&table).await;
-    let proxy = Proxy::start("127.0.0.1:5432").await;
-    let url = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port);
+    let (proxy, url) = match db {
+        Db::Pg(_) => {
+            let proxy = Proxy::start("127.0.0.1:5432").await;
+            let url = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port);
+            (proxy, url)
+        }
+        Db::My(_) => {
+            let proxy = Proxy::start("127.0.0.1:3306").await;
+            let url = format!("mysql://root@127.0.0.1:{}/test", proxy.port);
+            (proxy, url)
+        }
+    };
     let farm = start(
-        "persist-outage",
+        &format!("persist-outage-{}", db.label()),
         vec![(table.clone(), profiles_spec(&url))],
         |s, p| {
             s.task_max_retries = 200;
@@ -1063,7 +1084,7 @@ async fn a_database_outage_holds_the_rows_until_it_returns() {
     let mut redis = farm.client.backend().connection();
     xadd(&mut redis, &stream, &profile(&table, 1, 3)).await;
     eventually("the first entry is written", || {
-        let (db, table) = (&db, &table);
+        let table = &table;
         async move {
             db.rows(table, &["id"])
                 .await
@@ -1127,7 +1148,7 @@ async fn a_database_outage_holds_the_rows_until_it_returns() {
     }
     let want = newest(&table, (1..=40).chain(101..=140));
     eventually("every entry is written and acknowledged", || {
-        let (db, table, want) = (&db, &table, &want);
+        let (table, want) = (&table, &want);
         let (mut redis, stream) = (redis.clone(), &stream);
         async move {
             (db.rows(table, &["id"]).await.len() == want.len()
@@ -1136,7 +1157,7 @@ async fn a_database_outage_holds_the_rows_until_it_returns() {
         }
     })
     .await;
-    assert_rows("pg", &db.rows(&table, PROFILE_COLUMNS).await, &want);
+    assert_rows(db.label(), &db.rows(&table, PROFILE_COLUMNS).await, &want);
     eventually("the worker is ready again", || async move {
         (http_get(addr, "/readyz").await.0 == 200).then_some(())
     })
