@@ -747,23 +747,66 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
     }
 }
 
-async fn count(pg: &PgPool, sql: &str, table: &str) -> i64 {
-    sqlx::query_scalar::<_, i64>(sql)
-        .bind(table)
-        .fetch_one(pg)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+/// The test's hold on a table: every write to it waits until the hold is released.
+enum Hold {
+    Pg(sqlx::Transaction<'static, sqlx::Postgres>),
+    My(sqlx::Transaction<'static, sqlx::MySql>),
 }
 
-/// Lock requests on `table` that are waiting (a batch blocked on the test's lock).
-async fn lock_waiters(pg: &PgPool, table: &str) -> i64 {
-    count(
-        pg,
-        "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-         WHERE c.relname = $1 AND NOT l.granted",
-        table,
-    )
-    .await
+impl Hold {
+    async fn release(self) {
+        match self {
+            Hold::Pg(tx) => tx.rollback().await.unwrap(),
+            Hold::My(tx) => tx.rollback().await.unwrap(),
+        }
+    }
+}
+
+impl Db {
+    /// Blocks every write to `table` (PostgreSQL: a SHARE lock; MariaDB: `SELECT … FOR UPDATE`,
+    /// whose next-key locks reach past the last row, so inserts of new keys wait too).
+    async fn hold(&self, table: &str) -> Hold {
+        match self {
+            Db::Pg(p) => {
+                let mut tx = p.begin().await.unwrap();
+                sqlx::query(&format!("LOCK TABLE {table} IN SHARE MODE"))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                Hold::Pg(tx)
+            }
+            Db::My(p) => {
+                let mut tx = p.begin().await.unwrap();
+                sqlx::query(&format!("SELECT id FROM {table} FOR UPDATE"))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap();
+                Hold::My(tx)
+            }
+        }
+    }
+
+    /// Writes to `table` waiting for a lock (a batch blocked on the test's hold).
+    async fn lock_waiters(&self, table: &str) -> i64 {
+        match self {
+            Db::Pg(p) => sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = $1 AND NOT l.granted",
+            )
+            .bind(table)
+            .fetch_one(p)
+            .await
+            .unwrap(),
+            Db::My(p) => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.INNODB_TRX \
+                 WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE CONCAT('%', ?, '%')",
+            )
+            .bind(table)
+            .fetch_one(p)
+            .await
+            .unwrap(),
+        }
+    }
 }
 
 /// Entries of `stream` read by some consumer of persist-worker's group and not acknowledged.
@@ -805,9 +848,15 @@ fn newest(table: &str, ids: impl Iterator<Item = i64>) -> BTreeMap<String, Vec<O
 }
 
 /// A persist-worker process reading `table`'s stream continuously and consuming `queue`.
-fn worker_process(n: u32, queue: &str, table: &str, prefix: &str, dir: &std::path::Path) -> Proc {
+fn worker_process(
+    n: u32,
+    queue: &str,
+    (table, url): (&str, &str),
+    prefix: &str,
+    dir: &std::path::Path,
+) -> Proc {
     let s = settings();
-    let tables = json!({ table: profiles_spec(PG_URL) });
+    let tables = json!({ table: profiles_spec(url) });
     let log = std::fs::File::create(dir.join(format!("worker-{n}.log"))).unwrap();
     let mut cmd = std::process::Command::new(worker_binary("persist-worker"));
     cmd.current_dir(dir)
@@ -832,43 +881,41 @@ fn worker_process(n: u32, queue: &str, table: &str, prefix: &str, dir: &std::pat
     Proc::spawn(&mut cmd)
 }
 
-/// A worker killed with SIGKILL in the middle of a batch — rows read (from the stream) or
+/// On PostgreSQL and on MariaDB, a worker killed with SIGKILL in the middle of a batch — rows
+/// read (from the stream) or
 /// received (as `persist.write` jobs), their transaction open and blocked on the test's table
 /// lock — loses nothing: after a restart every row is in the table exactly once, at its newest
 /// version, and nothing is left pending or dead-lettered.
 #[tokio::test]
 async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
-    let pg = PgPool::connect(PG_URL)
-        .await
-        .expect("PostgreSQL at 127.0.0.1:5432");
-    let db = Db::Pg(pg.clone());
+    for db in Db::both().await {
+        killed_mid_batch(&db).await;
+    }
+}
+
+async fn killed_mid_batch(db: &Db) {
     let table = unique("mf_kill");
     let prefix = format!("{}:", unique("t-persist"));
     let (stream, dead) = (format!("{prefix}{table}"), format!("{prefix}dead"));
     let _cleanup = Cleanup::new(&[&table], &[&stream, &dead]);
     db.create_profiles(&table).await;
     let s = settings();
-    let queue = mediafarm_tests::unique_queue("persist-kill");
+    let queue = mediafarm_tests::unique_queue(&format!("persist-kill-{}", db.label()));
     let dir = mediafarm_tests::temp_dir("persist-kill");
     let client = mediafarm::Client::connect(&s).await.unwrap();
     let mut redis = client.backend().connection();
 
     // The stream path: 300 entries (keys 1..=100, versions 1..=3) while the table is locked.
-    let mut first = worker_process(1, &queue, &table, &prefix, &dir);
-    let mut lock = pg.begin().await.unwrap();
-    sqlx::query(&format!("LOCK TABLE {table} IN SHARE MODE"))
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let mut first = worker_process(1, &queue, (&table, db.url()), &prefix, &dir);
+    let lock = db.hold(&table).await;
     for v in 1..=3 {
         for id in 1..=100 {
             xadd(&mut redis, &stream, &profile(&table, id, v)).await;
         }
     }
     eventually("the worker's batch waits for the lock", || {
-        let pg = pg.clone();
-        let table = table.clone();
-        async move { (lock_waiters(&pg, &table).await > 0).then_some(()) }
+        let table = &table;
+        async move { (db.lock_waiters(table).await > 0).then_some(()) }
     })
     .await;
     first.kill9();
@@ -876,16 +923,16 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
         pending(&mut redis, &stream).await > 0,
         "the killed worker held entries"
     );
-    lock.rollback().await.unwrap();
+    lock.release().await;
     assert!(
         db.rows(&table, &["id"]).await.is_empty(),
         "nothing committed"
     );
 
-    let mut second = worker_process(2, &queue, &table, &prefix, &dir);
+    let mut second = worker_process(2, &queue, (&table, db.url()), &prefix, &dir);
     let want = newest(&table, 1..=100);
     eventually("every stream entry is written and acknowledged", || {
-        let (db, table, want) = (&db, &table, &want);
+        let (table, want) = (&table, &want);
         let (mut redis, stream) = (redis.clone(), &stream);
         async move {
             let got = db.rows(table, PROFILE_COLUMNS).await;
@@ -896,14 +943,10 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
         }
     })
     .await;
-    assert_rows("pg", &db.rows(&table, PROFILE_COLUMNS).await, &want);
+    assert_rows(db.label(), &db.rows(&table, PROFILE_COLUMNS).await, &want);
 
     // The persist.write path: 300 jobs (keys 1001..=1100) while the table is locked again.
-    let mut lock = pg.begin().await.unwrap();
-    sqlx::query(&format!("LOCK TABLE {table} IN SHARE MODE"))
-        .execute(&mut *lock)
-        .await
-        .unwrap();
+    let lock = db.hold(&table).await;
     let mut results = Vec::new();
     for v in [2, 1, 3] {
         for id in 1001..=1100 {
@@ -916,20 +959,19 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
         }
     }
     eventually("the worker's batch waits for the lock", || {
-        let pg = pg.clone();
-        let table = table.clone();
-        async move { (lock_waiters(&pg, &table).await > 0).then_some(()) }
+        let table = &table;
+        async move { (db.lock_waiters(table).await > 0).then_some(()) }
     })
     .await;
     second.kill9();
-    lock.rollback().await.unwrap();
+    lock.release().await;
     assert_eq!(
         db.rows(&table, &["id"]).await.len(),
         100,
         "nothing of the jobs committed"
     );
 
-    let mut third = worker_process(3, &queue, &table, &prefix, &dir);
+    let mut third = worker_process(3, &queue, (&table, db.url()), &prefix, &dir);
     for r in results {
         let out = tokio::time::timeout(WAIT, r.get(WAIT))
             .await
@@ -939,7 +981,7 @@ async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
     }
     let mut want = want;
     want.extend(newest(&table, 1001..=1100));
-    assert_rows("pg", &db.rows(&table, PROFILE_COLUMNS).await, &want);
+    assert_rows(db.label(), &db.rows(&table, PROFILE_COLUMNS).await, &want);
     let letters: i64 = redis::cmd("XLEN")
         .arg(&dead)
         .query_async(&mut redis)
