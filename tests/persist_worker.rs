@@ -882,10 +882,10 @@ fn worker_process(
 }
 
 /// On PostgreSQL and on MariaDB, a worker killed with SIGKILL in the middle of a batch — rows
-/// read (from the stream) or
-/// received (as `persist.write` jobs), their transaction open and blocked on the test's table
-/// lock — loses nothing: after a restart every row is in the table exactly once, at its newest
-/// version, and nothing is left pending or dead-lettered.
+/// read (from the stream) or received (as `persist.write` jobs), their transaction open and
+/// blocked on the test's hold on the table — loses nothing: after a restart every row is in
+/// the table exactly once (its key is the primary key), at its newest version, and nothing is
+/// left pending or dead-lettered.
 #[tokio::test]
 async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
     for db in Db::both().await {
