@@ -10,6 +10,10 @@
 //! database is down, the entries read stay pending; the reader backs off, then writes its own
 //! pending entries again (`XREADGROUP … 0`) before reading new ones. On stop it finishes the
 //! batch it holds and returns; a batch it cannot finish stays pending and is claimed later.
+//!
+//! Several workers may read one stream (each is a consumer of the group): a table with a
+//! version column keeps the order of its writes (stream ids as versions), one without keeps it
+//! only with a single reader.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
