@@ -1,10 +1,11 @@
-"""The Celery side of the persist benchmark: task `bench.persist_batch` writes a batch of rows
+"""The Celery side of the persist benchmark. Task `bench.persist_batch` writes a batch of rows
 (each `{id, name, score, version}`) the best way psycopg offers a Celery user: one persistent
 connection per worker process, one transaction per batch, `executemany` of the same
 `INSERT … ON CONFLICT (id) DO UPDATE … WHERE excluded.version >= t.version` persist-worker
 runs (psycopg 3 pipelines executemany: one round trip per batch, not per row). JSON only, late
 acks, prefetch multiplier 4, Redis backend (bench_common). The database comes from
-BENCH_PG_DSN, the table from the task's kwargs.
+BENCH_PG_DSN, the table from the task's kwargs. Task `bench.persist_row` is the Django-style
+save: one row per task, one `INSERT … ON CONFLICT` statement in its own transaction.
 """
 import os
 
@@ -25,13 +26,25 @@ def connection():
     return _conn
 
 
-@app.task(name="bench.persist_batch")
-def persist_batch(table, rows):
-    statement = sql.SQL(
+def upsert(table):
+    return sql.SQL(
         "INSERT INTO {t} AS t (id, name, score, version) VALUES (%s, %s, %s, %s) "
         "ON CONFLICT (id) DO UPDATE SET name = excluded.name, score = excluded.score, "
         "version = excluded.version WHERE excluded.version >= t.version"
     ).format(t=sql.Identifier(table))
+
+
+@app.task(name="bench.persist_row")
+def persist_row(table, row):
+    conn = connection()
+    with conn.transaction():
+        conn.execute(upsert(table), (row["id"], row["name"], row["score"], row["version"]))
+    return {"rows": 1, "table": table}
+
+
+@app.task(name="bench.persist_batch")
+def persist_batch(table, rows):
+    statement = upsert(table)
     conn = connection()
     with conn.transaction():
         with conn.cursor() as cur:

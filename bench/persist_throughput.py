@@ -8,6 +8,10 @@
       whose task writes a batch of --batch rows per job with psycopg 3 `executemany` (pipelined:
       one round trip per batch) in one transaction on a persistent connection
       (bench/persist_celery_app.py), the same upsert SQL persist-worker runs;
+  (d) with --per-row: the same Celery worker saving one row per task, Django-style (one
+      `INSERT … ON CONFLICT` per task, bench.persist_row);
+  (e) the ceiling: `psql \copy` of the same rows from a CSV file into an empty table (the whole
+      psql run timed; COPY is append-only, no upsert);
 
 in one run, against the same RabbitMQ, Redis and PostgreSQL. Each side gets a fresh table, a
 fresh queue or stream, and its whole backlog before its worker starts; the rate is measured from
@@ -15,7 +19,7 @@ the first row seen committed to the last (the table polled every 20 ms), so star
 counted. Rows are upserts of new keys with a version column, as in the tests.
 
 Usage: .venv/bin/python bench/persist_throughput.py [--rows 100000] [--batch 1000]
-       [--celery-concurrency 2] [--worker PATH] [--no-build]
+       [--celery-concurrency 2] [--per-row] [--worker PATH] [--no-build]
 Needs psycopg (bench/persist_requirements.txt). Only 127.0.0.1 is contacted; every phase has
 a time limit and every process is stopped.
 """
@@ -147,15 +151,20 @@ def run_stream(args, pg):
         delete_queue(BROKER, queue)
 
 
-def run_celery(args, pg, app):
+def run_celery(args, pg, app, per_row=False):
     table, queue = f"bench_pc_{uuid.uuid4().hex[:8]}", f"bench-persist-{uuid.uuid4().hex[:8]}"
     create_table(pg, table)
     try:
         with app.connection_for_write() as conn:
-            for start in range(1, args.rows + 1, args.batch):
-                rows = [row(i) for i in range(start, min(start + args.batch, args.rows + 1))]
-                app.send_task("bench.persist_batch", queue=queue, connection=conn,
-                              kwargs={"table": table, "rows": rows})
+            if per_row:
+                for i in range(1, args.rows + 1):
+                    app.send_task("bench.persist_row", queue=queue, connection=conn,
+                                  kwargs={"table": table, "row": row(i)})
+            else:
+                for start in range(1, args.rows + 1, args.batch):
+                    rows = [row(i) for i in range(start, min(start + args.batch, args.rows + 1))]
+                    app.send_task("bench.persist_batch", queue=queue, connection=conn,
+                                  kwargs={"table": table, "rows": rows})
         env = dict(os.environ, BENCH_BROKER_URL=BROKER, BENCH_RESULT_BACKEND=BACKEND,
                    BENCH_PG_DSN=PG_DSN)
         with open(LOGS / "persist-celery.log", "w") as log:
@@ -174,11 +183,34 @@ def run_celery(args, pg, app):
         delete_queue(BROKER, queue)
 
 
+def run_copy(args, pg):
+    table = f"bench_cp_{uuid.uuid4().hex[:8]}"
+    create_table(pg, table)
+    path = LOGS / f"{table}.csv"
+    try:
+        with open(path, "w") as f:
+            for i in range(1, args.rows + 1):
+                r = row(i)
+                f.write(f"{r['id']},{r['name']},{r['score']},{r['version']}\n")
+        start = time.monotonic()
+        subprocess.run(["psql", PG_DSN, "-q", "-c", f"\\copy {table} FROM '{path}' CSV"],
+                       check=True, timeout=LIMIT_S)
+        elapsed = time.monotonic() - start
+        (count,) = pg.execute(f'SELECT count(*) FROM "{table}"').fetchone()
+        assert count == args.rows, (count, args.rows)
+        return args.rows / elapsed
+    finally:
+        path.unlink(missing_ok=True)
+        pg.execute(f'DROP TABLE IF EXISTS "{table}"')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=1000, help="rows per Celery task")
     p.add_argument("--celery-concurrency", type=int, default=2)
+    p.add_argument("--per-row", action="store_true",
+                   help="also run Celery saving one row per task (slow: minutes at 100,000)")
     p.add_argument("--worker", default=str(ROOT / "target" / "release" / "persist-worker"))
     p.add_argument("--no-build", action="store_true")
     args = p.parse_args()
@@ -196,10 +228,16 @@ def main():
             f"Celery + psycopg executemany, {args.batch} rows/task, "
             f"prefork -c {args.celery_concurrency}": run_celery(args, pg, app),
         }
-    celery = list(rates.values())[-1]
+        celery = list(rates.values())[-1]
+        if args.per_row:
+            rates[f"Celery, one row per task, prefork -c {args.celery_concurrency}"] = \
+                run_celery(args, pg, app, per_row=True)
+        rates["psql \\copy from CSV (ceiling, append only)"] = run_copy(args, pg)
+    copy = rates["psql \\copy from CSV (ceiling, append only)"]
     print(f"{args.rows} rows into PostgreSQL (worker: {args.worker})")
     for name, rate in rates.items():
-        print(f"  {name:<60} {rate:>10.0f} rows/s  {rate / celery:5.2f}x Celery")
+        print(f"  {name:<60} {rate:>10.0f} rows/s  {rate / celery:6.2f}x Celery batch"
+              f"  {rate / copy:6.1%} of \\copy")
 
 
 if __name__ == "__main__":
