@@ -3,13 +3,20 @@
 //! version and append-only tables on both servers; the order of writes to one key across many
 //! small batches and a replayed job changing nothing; a bad row among good ones failing alone;
 //! a database that cannot be reached retried and then reported; the Python celery client's
-//! `send_task` end to end. Every test makes tables of its own and drops them at the end.
+//! `send_task` end to end; a worker killed with SIGKILL mid-batch (stream and job paths) and a
+//! database outage (a proxy the test cuts) losing and duplicating nothing, with `/readyz` and
+//! the backlog gauges telling the truth meanwhile. Every test makes tables of its own and drops
+//! them at the end.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use mediafarm::{ClientError, Settings};
-use mediafarm_tests::{failed, kwargs, python_env, run_python, settings, to, Farm};
+use mediafarm_tests::process::Proc;
+use mediafarm_tests::{
+    delete_queue, failed, free_port, kwargs, python_env, run_python, settings, to, worker_binary,
+    Farm,
+};
 use persist_worker::schema::{TableSpec, Tables};
 use persist_worker::PersistSettings;
 use serde_json::{json, Value};
@@ -658,4 +665,552 @@ async fn the_redis_stream_buffer_is_flushed_into_the_table() {
             .unwrap();
         db.drop(&profiles).await;
     }
+}
+
+// ---- Crashes and outages -------------------------------------------------------------------
+
+/// Drops the test's tables (on both servers) and deletes its Redis keys when the test ends, also
+/// when it fails.
+struct Cleanup {
+    tables: Vec<String>,
+    keys: Vec<String>,
+    redis_url: String,
+}
+
+impl Cleanup {
+    fn new(tables: &[&str], keys: &[&str]) -> Cleanup {
+        Cleanup {
+            tables: tables.iter().map(|t| (*t).to_owned()).collect(),
+            keys: keys.iter().map(|k| (*k).to_owned()).collect(),
+            redis_url: settings().result_backend,
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (tables, keys, url) = (
+            std::mem::take(&mut self.tables),
+            std::mem::take(&mut self.keys),
+            self.redis_url.clone(),
+        );
+        // Its own thread and runtime: the test's runtime may be the one unwinding.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                if let Ok(pg) = PgPool::connect(PG_URL).await {
+                    for t in &tables {
+                        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                            .execute(&pg)
+                            .await;
+                    }
+                }
+                if let Ok(my) = MySqlPool::connect(MY_URL).await {
+                    for t in &tables {
+                        let _ = sqlx::query(&format!("DROP TABLE IF EXISTS {t}"))
+                            .execute(&my)
+                            .await;
+                    }
+                }
+                if let Ok(client) = redis::Client::open(url) {
+                    if let Ok(mut c) = client.get_multiplexed_async_connection().await {
+                        let _: Result<(), _> =
+                            redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
+                    }
+                }
+            })
+        })
+        .join();
+    }
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, for at most [`WAIT`].
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The test's hold on a table: every write to it waits until the hold is released.
+enum Hold {
+    Pg(sqlx::Transaction<'static, sqlx::Postgres>),
+    My(sqlx::Transaction<'static, sqlx::MySql>),
+}
+
+impl Hold {
+    async fn release(self) {
+        match self {
+            Hold::Pg(tx) => tx.rollback().await.unwrap(),
+            Hold::My(tx) => tx.rollback().await.unwrap(),
+        }
+    }
+}
+
+impl Db {
+    /// Blocks every write to `table` (PostgreSQL: a SHARE lock; MariaDB: `SELECT … FOR UPDATE`,
+    /// whose next-key locks reach past the last row, so inserts of new keys wait too).
+    async fn hold(&self, table: &str) -> Hold {
+        match self {
+            Db::Pg(p) => {
+                let mut tx = p.begin().await.unwrap();
+                sqlx::query(&format!("LOCK TABLE {table} IN SHARE MODE"))
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                Hold::Pg(tx)
+            }
+            Db::My(p) => {
+                let mut tx = p.begin().await.unwrap();
+                sqlx::query(&format!("SELECT id FROM {table} FOR UPDATE"))
+                    .fetch_all(&mut *tx)
+                    .await
+                    .unwrap();
+                Hold::My(tx)
+            }
+        }
+    }
+
+    /// Writes to `table` waiting for a lock (a batch blocked on the test's hold).
+    async fn lock_waiters(&self, table: &str) -> i64 {
+        match self {
+            Db::Pg(p) => sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = $1 AND NOT l.granted",
+            )
+            .bind(table)
+            .fetch_one(p)
+            .await
+            .unwrap(),
+            Db::My(p) => sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.INNODB_TRX \
+                 WHERE trx_state = 'LOCK WAIT' AND trx_query LIKE CONCAT('%', ?, '%')",
+            )
+            .bind(table)
+            .fetch_one(p)
+            .await
+            .unwrap(),
+        }
+    }
+}
+
+/// Entries of `stream` read by some consumer of persist-worker's group and not acknowledged.
+async fn pending(redis: &mut redis::aio::ConnectionManager, stream: &str) -> i64 {
+    let reply: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("persist-worker")
+        .query_async(redis)
+        .await
+        .unwrap();
+    match reply {
+        redis::Value::Array(parts) => match parts.first() {
+            Some(redis::Value::Int(n)) => *n,
+            other => panic!("XPENDING count: {other:?}"),
+        },
+        other => panic!("XPENDING: {other:?}"),
+    }
+}
+
+async fn xadd(redis: &mut redis::aio::ConnectionManager, stream: &str, job: &Value) {
+    let _: String = redis::cmd("XADD")
+        .arg(stream)
+        .arg("*")
+        .arg("key")
+        .arg(job["key"].to_string())
+        .arg("values")
+        .arg(job["values"].to_string())
+        .arg("version")
+        .arg(job["version"].to_string())
+        .query_async(redis)
+        .await
+        .unwrap();
+}
+
+/// Every key of `ids` at version 3 with the values of its version-3 write, and no other row.
+fn newest(table: &str, ids: impl Iterator<Item = i64>) -> BTreeMap<String, Vec<Option<String>>> {
+    ids.map(|id| (id.to_string(), expected(&profile(table, id, 3))))
+        .collect()
+}
+
+/// A persist-worker process reading `table`'s stream continuously and consuming `queue`.
+fn worker_process(
+    n: u32,
+    queue: &str,
+    (table, url): (&str, &str),
+    prefix: &str,
+    dir: &std::path::Path,
+) -> Proc {
+    let s = settings();
+    let tables = json!({ table: profiles_spec(url) });
+    let log = std::fs::File::create(dir.join(format!("worker-{n}.log"))).unwrap();
+    let mut cmd = std::process::Command::new(worker_binary("persist-worker"));
+    cmd.current_dir(dir)
+        .args(["--queues", queue, "--loglevel", "info", "-c", "64"])
+        .arg("--metrics-addr")
+        .arg(format!("127.0.0.1:{}", free_port()))
+        .arg("-n")
+        .arg(format!("persist-kill-{n}@%h"))
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("MEDIAFARM_BROKER_URL", &s.broker_url)
+        .env("MEDIAFARM_RESULT_BACKEND", &s.result_backend)
+        .env("MEDIAFARM_PERSIST_TABLES", tables.to_string())
+        .env("MEDIAFARM_PERSIST_STREAM_PREFIX", prefix)
+        .env("MEDIAFARM_PERSIST_STREAM_DEAD", format!("{prefix}dead"))
+        .env("MEDIAFARM_PERSIST_STREAM_CLAIM_IDLE", "1")
+        .env("MEDIAFARM_PERSIST_STREAM_CONTINUOUS", "true")
+        .env("MEDIAFARM_PERSIST_BATCH_SIZE", "50")
+        .env("MEDIAFARM_PERSIST_BATCH_WAIT", "0.02")
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
+    Proc::spawn(&mut cmd)
+}
+
+/// On PostgreSQL and on MariaDB, a worker killed with SIGKILL in the middle of a batch — rows
+/// read (from the stream) or received (as `persist.write` jobs), their transaction open and
+/// blocked on the test's hold on the table — loses nothing: after a restart every row is in
+/// the table exactly once (its key is the primary key), at its newest version, and nothing is
+/// left pending or dead-lettered.
+#[tokio::test]
+async fn a_worker_killed_mid_batch_loses_and_duplicates_nothing() {
+    for db in Db::both().await {
+        killed_mid_batch(&db).await;
+    }
+}
+
+async fn killed_mid_batch(db: &Db) {
+    let table = unique("mf_kill");
+    let prefix = format!("{}:", unique("t-persist"));
+    let (stream, dead) = (format!("{prefix}{table}"), format!("{prefix}dead"));
+    let _cleanup = Cleanup::new(&[&table], &[&stream, &dead]);
+    db.create_profiles(&table).await;
+    let s = settings();
+    let queue = mediafarm_tests::unique_queue(&format!("persist-kill-{}", db.label()));
+    let dir = mediafarm_tests::temp_dir("persist-kill");
+    let client = mediafarm::Client::connect(&s).await.unwrap();
+    let mut redis = client.backend().connection();
+
+    // The stream path: 300 entries (keys 1..=100, versions 1..=3) while the table is locked.
+    let mut first = worker_process(1, &queue, (&table, db.url()), &prefix, &dir);
+    let lock = db.hold(&table).await;
+    for v in 1..=3 {
+        for id in 1..=100 {
+            xadd(&mut redis, &stream, &profile(&table, id, v)).await;
+        }
+    }
+    eventually("the worker's batch waits for the lock", || {
+        let table = &table;
+        async move { (db.lock_waiters(table).await > 0).then_some(()) }
+    })
+    .await;
+    first.kill9();
+    assert!(
+        pending(&mut redis, &stream).await > 0,
+        "the killed worker held entries"
+    );
+    lock.release().await;
+    assert!(
+        db.rows(&table, &["id"]).await.is_empty(),
+        "nothing committed"
+    );
+
+    let mut second = worker_process(2, &queue, (&table, db.url()), &prefix, &dir);
+    let want = newest(&table, 1..=100);
+    eventually("every stream entry is written and acknowledged", || {
+        let (table, want) = (&table, &want);
+        let (mut redis, stream) = (redis.clone(), &stream);
+        async move {
+            let got = db.rows(table, PROFILE_COLUMNS).await;
+            (got.len() == want.len()
+                && got.iter().all(|(k, row)| row.last() == want[k].last())
+                && pending(&mut redis, stream).await == 0)
+                .then_some(())
+        }
+    })
+    .await;
+    assert_rows(db.label(), &db.rows(&table, PROFILE_COLUMNS).await, &want);
+
+    // The persist.write path: 300 jobs (keys 1001..=1100) while the table is locked again.
+    let lock = db.hold(&table).await;
+    let mut results = Vec::new();
+    for v in [2, 1, 3] {
+        for id in 1001..=1100 {
+            let job = profile(&table, id, v);
+            let r = client
+                .send_task("persist.write", kwargs(job), &to(&queue))
+                .await
+                .unwrap();
+            results.push(r);
+        }
+    }
+    eventually("the worker's batch waits for the lock", || {
+        let table = &table;
+        async move { (db.lock_waiters(table).await > 0).then_some(()) }
+    })
+    .await;
+    second.kill9();
+    lock.release().await;
+    assert_eq!(
+        db.rows(&table, &["id"]).await.len(),
+        100,
+        "nothing of the jobs committed"
+    );
+
+    let mut third = worker_process(3, &queue, (&table, db.url()), &prefix, &dir);
+    for r in results {
+        let out = tokio::time::timeout(WAIT, r.get(WAIT))
+            .await
+            .expect("the job ends in time")
+            .expect("every write commits after the restart");
+        assert_eq!(out["rows"], 1);
+    }
+    let mut want = want;
+    want.extend(newest(&table, 1001..=1100));
+    assert_rows(db.label(), &db.rows(&table, PROFILE_COLUMNS).await, &want);
+    let letters: i64 = redis::cmd("XLEN")
+        .arg(&dead)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(letters, 0, "nothing was dead-lettered");
+    // SIGTERM stops the stream reader (blocked in XREADGROUP) and the worker, in time.
+    mediafarm_tests::process::sigterm(third.0.id());
+    let status = eventually("the worker exits after SIGTERM", || {
+        let exited = third.0.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "{status}");
+    delete_queue(&s, &queue).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TCP proxy in front of PostgreSQL that the test cuts (open connections closed, new ones
+/// closed at once) and restores: a database outage without touching the machine's server.
+struct Proxy {
+    port: u16,
+    up: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: &'static str) -> Proxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (up, watch) = tokio::sync::watch::channel(true);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !*watch.borrow() {
+                    continue;
+                }
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Proxy { port, up, task }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.send_replace(up);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.set_up(false);
+        self.task.abort();
+    }
+}
+
+/// `GET path` on the worker's metrics address: (status, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, out)
+}
+
+/// The value of the series `name{table="<table>"}` on `/metrics`.
+async fn gauge(addr: std::net::SocketAddr, name: &str, table: &str) -> Option<f64> {
+    let (_, body) = http_get(addr, "/metrics").await;
+    let series = format!("{name}{{table=\"{table}\"}} ");
+    body.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// On PostgreSQL and on MariaDB, the database unreachable for a while (a proxy cut between the
+/// worker and the server):
+/// `/readyz` says so, rows from the stream (read continuously) and from `persist.write` jobs
+/// wait, the lag shows on `/metrics`, nothing is acknowledged; when the database returns,
+/// every row is written, the jobs succeed and the worker is ready again.
+#[tokio::test]
+async fn a_database_outage_holds_the_rows_until_it_returns() {
+    for db in Db::both().await {
+        outage(&db).await;
+    }
+}
+
+async fn outage(db: &Db) {
+    let table = unique("mf_out");
+    let prefix = format!("{}:", unique("t-persist"));
+    let (stream, dead) = (format!("{prefix}{table}"), format!("{prefix}dead"));
+    let _cleanup = Cleanup::new(&[&table], &[&stream, &dead]);
+    db.create_profiles(&table).await;
+    let (proxy, url) = match db {
+        Db::Pg(_) => {
+            let proxy = Proxy::start("127.0.0.1:5432").await;
+            let url = format!("postgres://postgres@127.0.0.1:{}/test", proxy.port);
+            (proxy, url)
+        }
+        Db::My(_) => {
+            let proxy = Proxy::start("127.0.0.1:3306").await;
+            let url = format!("mysql://root@127.0.0.1:{}/test", proxy.port);
+            (proxy, url)
+        }
+    };
+    let farm = start(
+        &format!("persist-outage-{}", db.label()),
+        vec![(table.clone(), profiles_spec(&url))],
+        |s, p| {
+            s.task_max_retries = 200;
+            s.task_retry_backoff_max = Duration::from_millis(500);
+            p.persist_stream_prefix = prefix.clone();
+            p.persist_stream_dead = dead.clone();
+            p.persist_stream_claim_idle = Duration::from_secs(1);
+            p.persist_stream_continuous = true;
+        },
+    )
+    .await;
+    let addr = farm.worker.metrics_addr;
+    eventually("the worker is ready", || async move {
+        (http_get(addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    // The stream path works before the outage.
+    let mut redis = farm.client.backend().connection();
+    xadd(&mut redis, &stream, &profile(&table, 1, 3)).await;
+    eventually("the first entry is written", || {
+        let table = &table;
+        async move {
+            db.rows(table, &["id"])
+                .await
+                .contains_key("1")
+                .then_some(())
+        }
+    })
+    .await;
+
+    proxy.set_up(false);
+    let why = eventually("/readyz reports the database", || async move {
+        let (status, body) = http_get(addr, "/readyz").await;
+        (status == 503).then_some(body)
+    })
+    .await;
+    assert!(why.contains("unreachable") && why.contains(&table), "{why}");
+    for id in 2..=40 {
+        xadd(&mut redis, &stream, &profile(&table, id, 3)).await;
+    }
+    let mut results = Vec::new();
+    for id in 101..=140 {
+        let r = farm
+            .client
+            .send_task(
+                "persist.write",
+                kwargs(profile(&table, id, 3)),
+                &to(&farm.queue),
+            )
+            .await
+            .unwrap();
+        results.push(r);
+    }
+    // The reader took the entries and could not commit them: pending, and shown as lag.
+    let lag = eventually("/metrics shows the entries pending", || {
+        let table = &table;
+        async move {
+            let p = gauge(addr, "mediafarm_persist_stream_pending", table).await?;
+            (p >= 1.0).then_some(p)
+        }
+    })
+    .await;
+    assert!(lag <= 39.0, "{lag}");
+    assert!(
+        gauge(addr, "mediafarm_persist_stream_length", &table).await >= Some(40.0),
+        "the stream keeps every entry"
+    );
+    assert!(pending(&mut redis, &stream).await >= 1);
+    assert_eq!(
+        db.rows(&table, &["id"]).await.len(),
+        1,
+        "nothing new is written"
+    );
+
+    proxy.set_up(true);
+    for r in results {
+        let out = tokio::time::timeout(WAIT, r.get(WAIT))
+            .await
+            .expect("the job ends in time")
+            .expect("the write commits once the database is back");
+        assert_eq!(out["rows"], 1);
+    }
+    let want = newest(&table, (1..=40).chain(101..=140));
+    eventually("every entry is written and acknowledged", || {
+        let (table, want) = (&table, &want);
+        let (mut redis, stream) = (redis.clone(), &stream);
+        async move {
+            (db.rows(table, &["id"]).await.len() == want.len()
+                && pending(&mut redis, stream).await == 0)
+                .then_some(())
+        }
+    })
+    .await;
+    assert_rows(db.label(), &db.rows(&table, PROFILE_COLUMNS).await, &want);
+    eventually("the worker is ready again", || async move {
+        (http_get(addr, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    eventually("/metrics shows no entry pending", || {
+        let table = &table;
+        async move {
+            (gauge(addr, "mediafarm_persist_stream_pending", table).await == Some(0.0))
+                .then_some(())
+        }
+    })
+    .await;
+    farm.stop().await;
 }

@@ -71,12 +71,7 @@ impl ResultBackend {
             source,
         };
         let client = redis::Client::open(url).map_err(connect_err)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
+        let conn = ConnectionManager::new_with_config(client.clone(), manager_config())
             .await
             .map_err(connect_err)?;
         Ok(ResultBackend {
@@ -203,6 +198,27 @@ impl ResultBackend {
     pub fn connection(&self) -> ConnectionManager {
         self.conn.clone()
     }
+
+    /// A connection of its own, for blocking commands (`XREADGROUP … BLOCK`, `BLPOP`): on the
+    /// shared one they would hold up every job's result. Blocks must stay well under the
+    /// response timeout (10 s).
+    pub async fn dedicated_connection(&self) -> Result<ConnectionManager, BackendError> {
+        ConnectionManager::new_with_config(self.fixed.client.clone(), manager_config())
+            .await
+            .map_err(|source| BackendError::Connect {
+                url: self.fixed.url.clone(),
+                source,
+            })
+    }
+}
+
+/// How every connection to the backend connects, waits and retries.
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2))
 }
 
 fn parse(id: &str, text: &str) -> Result<ResultMeta, BackendError> {

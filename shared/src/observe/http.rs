@@ -1,13 +1,15 @@
 //! The HTTP endpoints on `metrics_addr`: `/metrics` (Prometheus text), `/healthz` (alive) and
 //! `/readyz` (ready for work). A worker is alive while the process answers and no job has
 //! overrun its hard time limit (`watchdog`), and ready while alive, connected to RabbitMQ and
-//! Redis and consuming; other processes (`mediafarm beat`) say what
+//! Redis and consuming, and while no check a worker's background work reports
+//! ([`Readiness::set_check`]: persist-worker's database, say) says otherwise; other processes (`mediafarm beat`) say what
 //! the endpoints report through [`Probe`].
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -29,6 +31,8 @@ pub struct Readiness {
     pub backend: AtomicBool,
     pub consuming: AtomicBool,
     pub running: RunningJobs,
+    /// What a worker's own checks report missing, by check name (absent: fine).
+    checks: Mutex<BTreeMap<String, String>>,
 }
 
 impl Readiness {
@@ -52,7 +56,19 @@ impl Readiness {
         if !self.consuming.load(Ordering::Relaxed) {
             missing.push("not consuming");
         }
+        let checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        missing.extend(checks.values().map(String::as_str));
         (!missing.is_empty()).then(|| missing.join("; "))
+    }
+
+    /// Sets what a worker's own check `name` finds missing (`None`: nothing, ready as far as
+    /// it goes), shown by `/readyz` beside the runtime's own reasons.
+    pub fn set_check(&self, name: &str, missing: Option<String>) {
+        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        match missing {
+            Some(why) => checks.insert(name.to_owned(), why),
+            None => checks.remove(name),
+        };
     }
 }
 
@@ -231,6 +247,14 @@ mod tests {
         for flag in [&readiness.broker, &readiness.backend, &readiness.consuming] {
             flag.store(true, Ordering::Relaxed);
         }
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        readiness.set_check("db", Some("database unreachable".into()));
+        let r = get(addr, "/readyz").await;
+        assert!(
+            r.starts_with("HTTP/1.1 503") && r.contains("database unreachable"),
+            "{r}"
+        );
+        readiness.set_check("db", None);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         let m = get(addr, "/metrics").await;
         assert!(m.contains("celery_worker_up{hostname=\"w\"} 1"), "{m}");

@@ -2,9 +2,11 @@
 //! existing dashboards and alerts keep working: tasks received/started/succeeded/failed/
 //! retried/rejected/revoked by task name, host and queue (failed also by exception type), a
 //! runtime histogram, the in-flight gauge and `worker_up`; plus mediafarm's own
-//! `mediafarm_task_rate_limit_waiting` (jobs held back by their task's `rate_limit`).
+//! `mediafarm_task_rate_limit_waiting` (jobs held back by their task's `rate_limit`). A worker
+//! adds series of its own with [`Metrics::register`] (from its background work, see
+//! `runtime::background`); the shared crate names none of them.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -12,7 +14,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TaskLabels {
@@ -110,7 +112,8 @@ pub fn host_label(node_name: &str) -> String {
 /// Every metric a worker exports; cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Arc<Registry>,
+    /// Written only when a worker registers a metric of its own; read on every scrape.
+    registry: Arc<RwLock<Registry>>,
     pub received: Counters,
     pub started: Counters,
     pub succeeded: Counters,
@@ -207,7 +210,7 @@ impl Metrics {
             events_dropped.clone(),
         );
         Metrics {
-            registry: Arc::new(registry),
+            registry: Arc::new(RwLock::new(registry)),
             received,
             started,
             succeeded,
@@ -241,11 +244,21 @@ impl Metrics {
         TaskMetrics(Arc::new(handles))
     }
 
+    /// Adds a metric of the worker's own (a family of gauges, say), exported from now on.
+    /// `name` must be new: Prometheus refuses an exposition that names a metric twice.
+    pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
+        self.registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .register(name, help, metric);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        let registry = self.registry.read().unwrap_or_else(|e| e.into_inner());
         // Writing into a String cannot fail.
-        let _ = encode(&mut out, &self.registry);
+        let _ = encode(&mut out, &registry);
         out
     }
 }
@@ -297,5 +310,14 @@ mod tests {
             text.contains(r#"celery_worker_tasks_active{hostname="w1"} 2"#),
             "{text}"
         );
+        let own = Family::<WorkerLabels, Gauge>::default();
+        m.register("own_backlog", "A worker's own gauge", own.clone());
+        own.get_or_create(&WorkerLabels {
+            hostname: "w1".into(),
+        })
+        .set(7);
+        let text = m.render();
+        assert!(text.contains(r#"own_backlog{hostname="w1"} 7"#), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
     }
 }

@@ -54,6 +54,8 @@ pub(crate) struct Shared {
     pub rates: Arc<RateLimits>,
     pub stop: CancellationToken,
     pub jobs: TaskTracker,
+    /// The tasks' background work (`runtime::background`), awaited on stop with the jobs.
+    pub background: TaskTracker,
     /// What the mailbox shows and changes: the revoked set, held jobs, queues, time limits set
     /// at run time.
     pub node: Arc<Node>,

@@ -396,10 +396,12 @@ fn deserialize_kwargs<A: DeserializeOwned>(
     })
 }
 
-/// The tasks a worker runs, by Celery task name.
+/// The tasks a worker runs, by Celery task name, and the background work they own (see
+/// [`crate::runtime::background`]).
 #[derive(Default, Clone)]
 pub struct Registry {
     tasks: BTreeMap<String, Arc<dyn ErasedTask>>,
+    background: Vec<(&'static str, crate::runtime::background::StartBackground)>,
 }
 
 impl Registry {
@@ -422,6 +424,30 @@ impl Registry {
 
     pub fn names(&self) -> Vec<&str> {
         self.tasks.keys().map(String::as_str).collect()
+    }
+
+    /// Adds background work, started once per worker start with its
+    /// [`Background`](crate::runtime::background::Background) context and awaited on stop.
+    /// `name` also names its `/readyz` check.
+    pub fn background(
+        mut self,
+        name: &'static str,
+        start: impl Fn(
+                crate::runtime::background::Background,
+            ) -> futures_util::future::BoxFuture<'static, ()>
+            + Send
+            + Sync
+            + 'static,
+    ) -> Registry {
+        self.background.push((name, Arc::new(start)));
+        self
+    }
+
+    /// The background work registered, by name.
+    pub(crate) fn background_work(
+        &self,
+    ) -> &[(&'static str, crate::runtime::background::StartBackground)] {
+        &self.background
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -25,6 +25,7 @@ use crate::backend::{BackendError, ResultBackend};
 use crate::events::Events;
 use crate::observe::http::{self, Readiness};
 use crate::observe::metrics::{host_label, Metrics, WorkerLabels};
+use crate::runtime::background::Background;
 use crate::runtime::cpu::CpuPool;
 use crate::runtime::message::{self, Incoming, Shared};
 use crate::runtime::rate::{RateError, RateLimits};
@@ -261,8 +262,22 @@ impl Worker {
             hostname,
             stop: stop.clone(),
             jobs: TaskTracker::new(),
+            background: TaskTracker::new(),
             events: events.clone(),
         });
+        for (name, start) in shared.registry.background_work() {
+            let context = Background::new(
+                name,
+                shared.hostname.clone(),
+                shared.settings.clone(),
+                shared.backend.clone(),
+                shared.metrics.clone(),
+                shared.readiness.clone(),
+                stop.clone(),
+            );
+            shared.background.spawn(start(context));
+        }
+        shared.background.close();
         tracing::info!(
             hostname = %shared.hostname,
             queues = ?self.queues,
@@ -432,17 +447,16 @@ async fn consume_until_stopped(shared: Arc<Shared>) {
         .await;
 }
 
-/// Waits for running jobs within the grace period; what is left returns to the broker when
-/// the connection closes.
+/// Waits for running jobs and background work within the grace period; jobs left return to
+/// the broker when the connection closes.
 async fn drain(shared: &Shared) {
     shared.jobs.close();
     let grace = shared.settings.worker_shutdown_grace;
-    if tokio::time::timeout(grace, shared.jobs.wait())
-        .await
-        .is_err()
-    {
+    let both = futures_util::future::join(shared.jobs.wait(), shared.background.wait());
+    if tokio::time::timeout(grace, both).await.is_err() {
         tracing::warn!(
             still_running = shared.jobs.len(),
+            background = shared.background.len(),
             ?grace,
             "grace period over; unfinished jobs return to the broker"
         );

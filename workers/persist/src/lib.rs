@@ -3,13 +3,18 @@
 //! multi-row upserts in one transaction per table, acknowledging a job only after its row is
 //! committed. Only declared tables and columns are written ([`schema`]), with bound values
 //! ([`sql`]); a version column makes replays change nothing and keeps the order per key.
+//! Rows buffered in Redis Streams are read by `persist.flush` jobs or, with
+//! `persist_stream_continuous`, continuously ([`stream`], [`follow`]); [`watch`] keeps `/readyz`
+//! honest about the databases and shows the streams' backlog on `/metrics`.
 
 pub mod batch;
 pub mod db;
+pub mod follow;
 pub mod schema;
 pub mod settings;
 pub mod sql;
 pub mod stream;
+pub mod watch;
 pub mod write;
 
 use std::collections::HashMap;
@@ -62,10 +67,23 @@ pub fn writer(persist: &PersistSettings) -> Result<batch::Writer, ConfigError> {
     })
 }
 
-/// persist-worker's tasks, built from its settings.
+/// persist-worker's tasks and background work (the database probe and backlog gauges; the
+/// continuous stream readers when `persist_stream_continuous` is set), built from its settings.
 pub fn registry(_settings: &Settings, persist: &PersistSettings) -> Result<Registry, ConfigError> {
     let batcher = Arc::new(batch::Batcher::new(Arc::new(writer(persist)?)));
-    Ok(Registry::new()
-        .register(Write::new(batcher.clone()))
-        .register(stream::Flush::new(batcher, persist)))
+    let streams = Arc::new(stream::Streams::new(batcher.clone(), persist));
+    let registry = Registry::new()
+        .register(Write::new(batcher))
+        .register(stream::Flush::new(streams.clone()))
+        .background("persist-database", {
+            let streams = streams.clone();
+            move |bg| Box::pin(watch::run(streams.clone(), bg))
+        });
+    Ok(if persist.persist_stream_continuous {
+        registry.background("persist-streams", move |bg| {
+            Box::pin(follow::run(streams.clone(), bg))
+        })
+    } else {
+        registry
+    })
 }

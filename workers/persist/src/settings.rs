@@ -1,6 +1,6 @@
 //! persist-worker's settings, declared once (see `mediafarm::settings::declare`): the tables it
 //! may write (`[persist_tables.<name>]`, see [`crate::schema`]), the database, and the batch
-//! bounds. Names start with `persist_`.
+//! bounds, and how the Redis Streams are read. Names start with `persist_`.
 
 use std::time::Duration;
 
@@ -40,6 +40,10 @@ mediafarm::settings_group! {
         /// An entry read but not acknowledged for this long (its worker died) is claimed by
         /// the next `persist.flush`.
         persist_stream_claim_idle: Duration = Duration::from_secs(60), SecondsOrDefault;
+        /// Read the streams continuously (`XREADGROUP … BLOCK`, one reader per table) instead
+        /// of only on `persist.flush` jobs; the same acknowledgement, dead-letter and claim
+        /// rules apply.
+        persist_stream_continuous: bool = false, Bool;
     }
 }
 

@@ -6,7 +6,8 @@
 //!                             "values": json.dumps({"avatar_url": url})})  # "version": optional
 //! ```
 //!
-//! `persist.flush` (from beat, or on demand) reads each table's stream in the consumer group
+//! `persist.flush` (from beat, or on demand) — or, with `persist_stream_continuous`, the
+//! worker's own readers ([`crate::follow`]) — reads each table's stream in the consumer group
 //! `persist_stream_group` — first the entries another worker read and never acknowledged for
 //! `persist_stream_claim_idle` (`XAUTOCLAIM`: that worker died), then new ones (`XREADGROUP`)
 //! — writes them through the batcher like `persist.write` rows, and `XACK`s an entry only once
@@ -50,18 +51,30 @@ pub struct FlushResult {
     pub dead: u64,
 }
 
-pub struct Flush {
-    batcher: Arc<Batcher>,
+/// Reading the tables' streams: what `persist.flush` and the continuous readers share.
+pub struct Streams {
+    pub batcher: Arc<Batcher>,
     prefix: String,
-    group: String,
+    pub group: String,
     dead: String,
-    claim_idle: Duration,
+    pub claim_idle: Duration,
     count: usize,
 }
 
-impl Flush {
-    pub fn new(batcher: Arc<Batcher>, p: &PersistSettings) -> Flush {
-        Flush {
+/// What one read (or claim) of a stream handled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Handled {
+    /// Entries the read returned.
+    pub read: usize,
+    /// Entries committed.
+    pub rows: u64,
+    /// Entries sent to the dead-letter stream.
+    pub dead: u64,
+}
+
+impl Streams {
+    pub fn new(batcher: Arc<Batcher>, p: &PersistSettings) -> Streams {
+        Streams {
             batcher,
             prefix: p.persist_stream_prefix.clone(),
             group: p.persist_stream_group.clone(),
@@ -69,6 +82,129 @@ impl Flush {
             claim_idle: p.persist_stream_claim_idle,
             count: p.persist_batch_size as usize,
         }
+    }
+
+    /// The stream of `table`'s buffered rows.
+    pub fn stream(&self, table: &str) -> String {
+        format!("{}{table}", self.prefix)
+    }
+
+    /// The declared tables, in order.
+    pub fn tables(&self) -> Vec<String> {
+        self.batcher.writer.tables.0.keys().cloned().collect()
+    }
+
+    /// Creates the consumer group (and the stream) unless they exist.
+    pub async fn ensure_group(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+    ) -> Result<(), TaskError> {
+        let created = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(&self.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async::<Redis>(conn)
+            .await;
+        match created {
+            Err(e) if !e.to_string().contains("BUSYGROUP") => Err(redis_error(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Claims for `consumer` and writes up to a batch of entries read by any consumer and left
+    /// unacknowledged for `persist_stream_claim_idle`, from `cursor`; returns what it handled
+    /// and the next cursor (`0-0`: the end). A database that is down is an error, and the
+    /// entries stay pending.
+    pub async fn claim(
+        &self,
+        conn: &mut ConnectionManager,
+        consumer: &str,
+        table: &str,
+        cursor: &str,
+    ) -> Result<(Handled, String), TaskError> {
+        let stream = self.stream(table);
+        let reply: Redis = redis::cmd("XAUTOCLAIM")
+            .arg(&stream)
+            .arg(&self.group)
+            .arg(consumer)
+            .arg(self.claim_idle.as_millis() as u64)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(self.count)
+            .query_async(conn)
+            .await
+            .map_err(redis_error)?;
+        let Redis::Array(parts) = &reply else {
+            return Ok((Handled::default(), "0-0".into()));
+        };
+        let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
+        let batch = parts.get(1).map(entries).unwrap_or_default();
+        let handled = self.handle(conn, table, &stream, batch).await?;
+        Ok((handled, next))
+    }
+
+    /// Reads and writes up to a batch of entries for `consumer`: `from` = `>` for entries no
+    /// consumer has read yet, `0` for those this consumer read and has not acknowledged;
+    /// `block` waits that long for new entries (use a dedicated connection for it).
+    pub async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        consumer: &str,
+        table: &str,
+        from: &str,
+        block: Option<Duration>,
+    ) -> Result<Handled, TaskError> {
+        let stream = self.stream(table);
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(self.count);
+        if let Some(wait) = block {
+            cmd.arg("BLOCK").arg(wait.as_millis().max(1) as u64);
+        }
+        let reply: Redis = cmd
+            .arg("STREAMS")
+            .arg(&stream)
+            .arg(from)
+            .query_async(conn)
+            .await
+            .map_err(redis_error)?;
+        self.handle(conn, table, &stream, read_reply(&reply)).await
+    }
+
+    /// [`Self::process`], a transient failure as an error (after acknowledging what could be).
+    async fn handle(
+        &self,
+        conn: &mut ConnectionManager,
+        table: &str,
+        stream: &str,
+        batch: Vec<Entry>,
+    ) -> Result<Handled, TaskError> {
+        let read = batch.len();
+        if read == 0 {
+            return Ok(Handled::default());
+        }
+        let (rows, dead, transient) = self.process(conn, table, stream, batch).await?;
+        match transient {
+            Some(e) => Err(e),
+            None => Ok(Handled { read, rows, dead }),
+        }
+    }
+}
+
+/// `persist.flush`: drains the streams now.
+pub struct Flush {
+    streams: Arc<Streams>,
+}
+
+impl Flush {
+    pub fn new(streams: Arc<Streams>) -> Flush {
+        Flush { streams }
     }
 }
 
@@ -151,7 +287,7 @@ fn redis_error(e: redis::RedisError) -> TaskError {
     TaskError::transient("BackendError", format!("Redis: {e}"))
 }
 
-impl Flush {
+impl Streams {
     /// The row an entry asks for, or why it cannot be written.
     fn row(&self, table: &str, entry: &[(String, String)], id: &str) -> Result<Row, String> {
         let field = |name: &str| entry.iter().find(|(k, _)| k == name).map(|(_, v)| v);
@@ -262,63 +398,35 @@ impl Task for Flush {
     type Output = FlushResult;
 
     async fn run(&self, ctx: TaskContext, args: FlushArgs) -> Result<FlushResult, TaskError> {
-        let declared = &self.batcher.writer.tables.0;
+        let streams = &self.streams;
         let tables: Vec<String> = match args.table {
-            Some(t) if declared.contains_key(&t) => vec![t],
+            Some(t) if streams.batcher.writer.tables.0.contains_key(&t) => vec![t],
             Some(t) => {
                 return Err(TaskError::invalid(
                     "RowRefused",
                     format!("table {t:?} is not declared in persist_tables"),
                 ))
             }
-            None => declared.keys().cloned().collect(),
+            None => streams.tables(),
         };
         let mut conn = ctx.backend().connection();
         let consumer = ctx.hostname.to_string();
         let mut out = FlushResult { rows: 0, dead: 0 };
+        let mut add = |h: Handled| {
+            out.rows += h.rows;
+            out.dead += h.dead;
+        };
         for table in tables {
-            let stream = format!("{}{table}", self.prefix);
-            let created = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&stream)
-                .arg(&self.group)
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async::<Redis>(&mut conn)
-                .await;
-            if let Err(e) = created {
-                if !e.to_string().contains("BUSYGROUP") {
-                    return Err(redis_error(e));
-                }
-            }
+            streams
+                .ensure_group(&mut conn, &streams.stream(&table))
+                .await?;
             // A dead consumer's entries first, then new ones.
             let mut cursor = "0-0".to_owned();
             let mut reads = 0;
             while reads < MAX_READS {
                 reads += 1;
-                let reply: Redis = redis::cmd("XAUTOCLAIM")
-                    .arg(&stream)
-                    .arg(&self.group)
-                    .arg(&consumer)
-                    .arg(self.claim_idle.as_millis() as u64)
-                    .arg(&cursor)
-                    .arg("COUNT")
-                    .arg(self.count)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
-                let Redis::Array(parts) = &reply else { break };
-                let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
-                let batch = parts.get(1).map(entries).unwrap_or_default();
-                if !batch.is_empty() {
-                    let (rows, dead, transient) =
-                        self.process(&mut conn, &table, &stream, batch).await?;
-                    out.rows += rows;
-                    out.dead += dead;
-                    if let Some(e) = transient {
-                        return Err(e);
-                    }
-                }
+                let (handled, next) = streams.claim(&mut conn, &consumer, &table, &cursor).await?;
+                add(handled);
                 if next == "0-0" {
                     break;
                 }
@@ -326,28 +434,12 @@ impl Task for Flush {
             }
             while reads < MAX_READS {
                 reads += 1;
-                let reply: Redis = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(&self.group)
-                    .arg(&consumer)
-                    .arg("COUNT")
-                    .arg(self.count)
-                    .arg("STREAMS")
-                    .arg(&stream)
-                    .arg(">")
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_error)?;
-                let batch = read_reply(&reply);
-                if batch.is_empty() {
+                let handled = streams
+                    .read(&mut conn, &consumer, &table, ">", None)
+                    .await?;
+                add(handled);
+                if handled.read == 0 {
                     break;
-                }
-                let (rows, dead, transient) =
-                    self.process(&mut conn, &table, &stream, batch).await?;
-                out.rows += rows;
-                out.dead += dead;
-                if let Some(e) = transient {
-                    return Err(e);
                 }
             }
         }
