@@ -1170,8 +1170,8 @@ async fn outage(db: &Db) {
     .await;
     assert!(lag <= 39.0, "{lag}");
     assert!(
-        gauge(addr, "mediafarm_persist_stream_length", &table).await >= Some(40.0),
-        "the stream keeps every entry"
+        gauge(addr, "mediafarm_persist_stream_length", &table).await >= Some(39.0),
+        "the stream keeps every entry not committed"
     );
     assert!(pending(&mut redis, &stream).await >= 1);
     assert_eq!(
@@ -1209,6 +1209,20 @@ async fn outage(db: &Db) {
         async move {
             (gauge(addr, "mediafarm_persist_stream_pending", table).await == Some(0.0))
                 .then_some(())
+        }
+    })
+    .await;
+    // Committed entries are trimmed from the stream (all but the last one read, the group's
+    // mark).
+    eventually("the stream is trimmed of committed entries", || {
+        let (mut redis, stream) = (redis.clone(), &stream);
+        async move {
+            let len: i64 = redis::cmd("XLEN")
+                .arg(stream)
+                .query_async(&mut redis)
+                .await
+                .ok()?;
+            (len <= 1).then_some(())
         }
     })
     .await;

@@ -44,6 +44,11 @@ mediafarm::settings_group! {
         /// of only on `persist.flush` jobs; the same acknowledgement, dead-letter and claim
         /// rules apply.
         persist_stream_continuous: bool = false, Bool;
+        /// Trim each stream of the entries its group has acknowledged (`XTRIM … MINID`
+        /// below the oldest entry read and not acknowledged, or not read yet), every few
+        /// seconds; without it a stream keeps every row ever written. Turn it off when
+        /// another consumer group reads the same streams.
+        persist_stream_trim: bool = true, Bool;
     }
 }
 

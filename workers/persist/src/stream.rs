@@ -59,6 +59,8 @@ pub struct Streams {
     dead: String,
     pub claim_idle: Duration,
     count: usize,
+    /// Acknowledged entries are trimmed from the streams.
+    pub trim: bool,
 }
 
 /// What one read (or claim) of a stream handled.
@@ -81,6 +83,7 @@ impl Streams {
             dead: p.persist_stream_dead.clone(),
             claim_idle: p.persist_stream_claim_idle,
             count: p.persist_batch_size as usize,
+            trim: p.persist_stream_trim,
         }
     }
 

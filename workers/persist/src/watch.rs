@@ -10,6 +10,11 @@
 //!   committed) and `mediafarm_persist_stream_oldest_pending_seconds` (age of the oldest of
 //!   those, from its stream id's time). With the database down, `pending` and `unread` grow.
 //!   A stream or group that does not exist yet reads as 0.
+//! - with `persist_stream_trim`, each stream loses the entries its group acknowledged:
+//!   `XTRIM <stream> MINID <id>`, `<id>` the oldest pending entry, or when none is pending
+//!   the group's last delivered one. Every entry below it was read and acknowledged (ids only
+//!   grow, and a claim keeps an entry's id), so only committed rows go. The trim is exact
+//!   (not `~`, which drops whole nodes of 100 entries only): it costs what it removes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -111,6 +116,9 @@ pub async fn run(streams: Arc<Streams>, bg: Background) {
             };
             match backlog(&mut conn, &streams.stream(&table), &streams.group).await {
                 Ok(b) => {
+                    if let (true, Some(below)) = (streams.trim, &b.acknowledged_below) {
+                        trim(&mut conn, &streams.stream(&table), below).await;
+                    }
                     gauges.length.get_or_create(&labels).set(b.length);
                     gauges.unread.get_or_create(&labels).set(b.unread);
                     gauges.pending.get_or_create(&labels).set(b.pending);
@@ -136,6 +144,25 @@ pub struct Backlog {
     pub unread: i64,
     pub pending: i64,
     pub oldest_pending_s: f64,
+    /// Every entry with a smaller id is acknowledged by the group (`None`: the group is not
+    /// made yet, or the stream is empty).
+    pub acknowledged_below: Option<String>,
+}
+
+/// Drops a stream's acknowledged entries below `below` (a failure is only logged: the next
+/// round tries again).
+async fn trim(conn: &mut ConnectionManager, stream: &str, below: &str) {
+    let trimmed: Result<i64, _> = redis::cmd("XTRIM")
+        .arg(stream)
+        .arg("MINID")
+        .arg(below)
+        .query_async(conn)
+        .await;
+    match trimmed {
+        Ok(n) if n > 0 => tracing::debug!(stream, n, "trimmed acknowledged entries"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(stream, error = %e, "cannot trim the stream"),
+    }
 }
 
 fn int(v: &Redis) -> Option<i64> {
@@ -207,6 +234,7 @@ pub async fn backlog(
     };
     // `lag` is nil when Redis cannot tell (entries deleted from the middle): show the length.
     b.unread = info.get("lag").and_then(|v| int(v)).unwrap_or(b.length);
+    let last_delivered = info.get("last-delivered-id").and_then(|v| text(v));
     let summary: Redis = redis::cmd("XPENDING")
         .arg(stream)
         .arg(group)
@@ -223,6 +251,11 @@ pub async fn backlog(
             let now = chrono::Utc::now().timestamp_millis();
             b.oldest_pending_s = (now - ms).max(0) as f64 / 1000.0;
         }
+        b.acknowledged_below = if b.pending > 0 {
+            oldest
+        } else {
+            last_delivered.filter(|id| id != "0-0")
+        };
     }
     Ok(b)
 }
