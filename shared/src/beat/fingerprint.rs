@@ -8,6 +8,10 @@
 //! silently replace the leader's entries when it takes over (two environments on one Redis
 //! with the default prefix would fence each other's beat). The entries kept in Redis
 //! (`mediafarm schedule add`) are shared by every beat of the prefix and are not part of it.
+//!
+//! The comparison is made once, when a beat starts, against the current leader: two beats of
+//! different schedules started together while no beat leads both pass it (the one that does
+//! not win the lease then stands by with its own schedule).
 
 use sha2::{Digest, Sha256};
 
