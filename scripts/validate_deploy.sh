@@ -13,7 +13,7 @@ DEBUG="${CARGO_TARGET_DIR:-$PWD/target}/debug"
 # has just built them; run alone, build with test.sh's own command (the same features, so test.sh
 # rebuilds nothing afterwards) when one is missing or older than the sources.
 stale=""
-for bin in mediafarm image-worker snapshot-worker notify-worker; do
+for bin in mediafarm image-worker snapshot-worker notify-worker persist-worker; do
   if [ ! -x "$DEBUG/$bin" ] \
      || [ -n "$(find shared workers Cargo.lock -newer "$DEBUG/$bin" \( -name '*.rs' -o -name Cargo.toml -o -name Cargo.lock \) -print -quit)" ]; then
     stale=1

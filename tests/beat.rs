@@ -569,6 +569,89 @@ async fn two_beats_publish_each_tick_exactly_once() {
     t.cleanup().await;
 }
 
+/// Waits for beat `i` to exit by itself; its exit status.
+async fn wait_exit(t: &mut BeatTest, i: usize) -> std::process::ExitStatus {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = t.beats[i].try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "beat {i} is still running:\n{}",
+            t.log(i)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_beat_with_another_schedule_under_the_leaders_prefix_refuses_to_start() {
+    let mut t = BeatTest::new(
+        "beat-fingerprint",
+        "[beat_schedule.grid]\ntask = \"echo.echo\"\nevery = \"1s\"\nqueue = \"{queue}\"\n",
+    );
+    let leader = t.start_beat();
+    assert_eq!(t.wait_leader(None).await, leader);
+    let mut conn = t.redis().await;
+    let recorded: Option<String> = redis::cmd("GET")
+        .arg(format!("{}:leader-schedule", t.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let recorded = recorded.expect("the leader records its schedule's fingerprint");
+
+    // Another environment's schedule (another period) under the same prefix: refused, naming
+    // the prefix and both fingerprints; the leader is untouched.
+    let other = json!({"grid": {"task": "echo.echo", "every": 2, "queue": t.queue}}).to_string();
+    let refused = t.start_beat_with(&[("MEDIAFARM_BEAT_SCHEDULE", &other)]);
+    let status = wait_exit(&mut t, refused).await;
+    assert!(!status.success(), "{status}: {}", t.log(refused));
+    let log = t.log(refused);
+    assert!(
+        log.contains("different schedule")
+            && log.contains(&format!("beat_key_prefix = \"{}\"", t.prefix))
+            && log.contains(&recorded),
+        "{log}"
+    );
+    assert!(!log.contains("beat started"), "{log}");
+    assert_eq!(t.wait_leader(None).await, leader);
+
+    // The same schedule (given through the environment this time, so only its content counts)
+    // stands by as a follower and takes over when the leader stops.
+    let same = json!({"grid": {"task": "echo.echo", "every": 1, "queue": t.queue}}).to_string();
+    let follower = t.start_beat_with(&[("MEDIAFARM_BEAT_SCHEDULE", &same)]);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !t.log(follower).contains("waiting for the leader lease") {
+        assert!(
+            t.beats[follower].try_wait().unwrap().is_none(),
+            "the follower stopped: {}",
+            t.log(follower)
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            t.log(follower)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(t.log(follower).contains(&recorded), "{}", t.log(follower));
+    assert!(t.stop(leader).await.success());
+    assert_eq!(t.wait_leader(Some(leader)).await, follower);
+    assert!(t.stop(follower).await.success());
+    // Released with the lease: a beat of the other schedule may lead once none of these runs.
+    let left: Option<String> = redis::cmd("GET")
+        .arg(format!("{}:leader-schedule", t.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, None);
+    let next = t.start_beat_with(&[("MEDIAFARM_BEAT_SCHEDULE", &other)]);
+    assert_eq!(t.wait_leader(None).await, next);
+    assert!(t.stop(next).await.success());
+    t.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_paused_then_a_killed_leader_cause_no_duplicates_and_at_most_one_missed_tick() {
     let mut t = BeatTest::new("beat-fence", "");

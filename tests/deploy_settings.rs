@@ -9,7 +9,12 @@ use std::process::{Command, Output};
 
 use mediafarm_tests::{binary, worker_binary, workspace_root};
 
-const WORKERS: [&str; 3] = ["image-worker", "snapshot-worker", "notify-worker"];
+const WORKERS: [&str; 4] = [
+    "image-worker",
+    "snapshot-worker",
+    "notify-worker",
+    "persist-worker",
+];
 
 /// Runs `mediafarm --config <config> check-settings` with only `env` set (no MEDIAFARM_*
 /// variables of this machine leak in).

@@ -13,7 +13,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /out/mediafarm /usr/local/bin/mediafarm
-# beat serves /metrics, /healthz and /readyz on metrics_addr (0.0.0.0:9808 in the settings).
+# beat serves /metrics, /healthz and /readyz on metrics_addr from the settings file, like the
+# workers (one source: no MEDIAFARM_METRICS_ADDR in any image; 0.0.0.0:9808 in the settings).
 EXPOSE 9808
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/mediafarm", "--config", "/etc/mediafarm/mediafarm.toml"]

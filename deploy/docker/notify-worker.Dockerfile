@@ -15,8 +15,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /out/notify-worker /usr/local/bin/notify-worker
-# Containers serve /metrics, /healthz and /readyz on every interface.
-ENV MEDIAFARM_METRICS_ADDR=0.0.0.0:9808
+# /metrics, /healthz and /readyz on metrics_addr, which comes from the settings file only
+# (deploy/mediafarm.container.toml, the k8s ConfigMap: 0.0.0.0:9808): an ENV here would override
+# the file silently, so moving the port in the settings would move beat's (whose image sets
+# none) but not the workers', and the probes, which follow the settings, would miss them.
+# Without a settings file a container serves on 127.0.0.1:9808 only (the safe default).
 EXPOSE 9808
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/notify-worker"]

@@ -35,7 +35,11 @@ RUN apt-get update \
 COPY --from=builder /out/snapshot-worker /usr/local/bin/snapshot-worker
 # Fail the image build, not the first pod, if the binary needs a library this stage lacks.
 RUN if ldd /usr/local/bin/snapshot-worker | grep 'not found'; then exit 1; fi
-ENV MEDIAFARM_METRICS_ADDR=0.0.0.0:9808
+# /metrics, /healthz and /readyz on metrics_addr, which comes from the settings file only
+# (deploy/mediafarm.container.toml, the k8s ConfigMap: 0.0.0.0:9808): an ENV here would override
+# the file silently, so moving the port in the settings would move beat's (whose image sets
+# none) but not the workers', and the probes, which follow the settings, would miss them.
+# Without a settings file a container serves on 127.0.0.1:9808 only (the safe default).
 EXPOSE 9808
 USER 10001:10001
 ENTRYPOINT ["/usr/local/bin/snapshot-worker"]

@@ -18,8 +18,8 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[2]
 # Where `cargo build` puts the debug binaries the checks run and inspect.
 DEBUG_BINARIES = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "debug"
-WORKER_QUEUES = {"image-worker": "image", "snapshot-worker": "snapshot", "notify-worker": "notify"}
-METRICS_PORT = 9808
+WORKER_QUEUES = {"image-worker": "image", "snapshot-worker": "snapshot", "notify-worker": "notify",
+                 "persist-worker": "persist"}
 
 
 @dataclass(frozen=True)

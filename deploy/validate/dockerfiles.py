@@ -75,6 +75,11 @@ def check_dockerfiles(report: Report, hadolint: str | None) -> None:
             if not re.search(rf"(?<![\w.+-]){re.escape(package)}(?![\w.+-])", builder):
                 out.append(f"{f.name}: the builder lacks {package}, which "
                            f"scripts/setup.d/{binary.removesuffix('-worker')}.sh installs to build it")
+        # metrics_addr has one source, the settings file: an image's ENV would override it
+        # silently and leave the probes (which follow the settings) on another port.
+        if re.search(r"^ENV\b.*\bMEDIAFARM_METRICS_ADDR\b", text, re.M):
+            out.append(f"{f.name}: sets MEDIAFARM_METRICS_ADDR; metrics_addr comes from the "
+                       f"settings file only (the probes follow it)")
         user = re.findall(r"^USER (\S+)$", text, re.M)
         if not user or not re.fullmatch(r"[1-9]\d*:[1-9]\d*", user[-1]):
             out.append(f"{f.name}: the runtime stage must run as a numeric non-root USER uid:gid")

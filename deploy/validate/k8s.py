@@ -10,6 +10,7 @@ import yaml
 
 from common import ROOT, env_problems, kn, run
 from k8s_references import reference_problems
+from k8s_scaling import beat_prefix, distinct_prefix_problems, scaling_problems
 from k8s_schemas import crd_models, validate_object
 from k8s_workloads import settings_value_problems, workload_problems
 from report import Report
@@ -35,6 +36,7 @@ def check_k8s(report: Report, known: set[str], binaries: Path) -> None:
                  (f"{kn(o)}: {p}" for o in secrets for p in validate_object(o, models)))
     report.check("k8s/secret.example.yaml: setting names",
                  (p for s in secrets for p in env_problems(s.get("stringData") or {}, kn(s), known)))
+    prefixes: dict[str, str] = {}
     dirs = [ROOT / "k8s/base"] + sorted(p.parent for p in (ROOT / "k8s/overlays").glob("*/kustomization.yaml"))
     for d in dirs:
         label = str(d.relative_to(ROOT))
@@ -51,7 +53,14 @@ def check_k8s(report: Report, known: set[str], binaries: Path) -> None:
                      reference_problems(objs))
         report.check(f"{label}: settings values per container (each program's own check)",
                      settings_value_problems(objs, binaries))
+        report.check(f"{label}: scaling (KEDA targets >= concurrency x prefetch, minimums, PDBs)",
+                     scaling_problems(label, objs))
+        prefix, problems = beat_prefix(objs)
+        report.check(f"{label}: beat_key_prefix and beat_lease_ttl named", problems)
+        if prefix is not None:
+            prefixes[label] = prefix
         for kind in ("Deployment", "ScaledObject", "TriggerAuthentication", "PodDisruptionBudget",
                      "ServiceMonitor", "ConfigMap", "Service"):
             if not any(o["kind"] == kind for o in objs):
                 report.check(f"{label}: has a {kind}", [f"no {kind} rendered"])
+    report.check("k8s: one beat_key_prefix per environment", distinct_prefix_problems(prefixes))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tomllib
 
-from common import (METRICS_PORT, THIRD_PARTY, WORKER_QUEUES, ThirdParty, check_settings,
+from common import (THIRD_PARTY, WORKER_QUEUES, ThirdParty, check_settings,
                     container_args, env_problems, env_value, flag, image_user, kn,
                     literal_mediafarm_env, program_of, settings_problems, third_party,
                     third_party_image_problems)
@@ -111,19 +111,27 @@ def mediafarm_problems(name: str, c: dict, pod: dict, settings: dict, cw: str) -
         queue = flag(args, "--queues", "-Q")
         if queue != WORKER_QUEUES[name]:
             out.append(f"{cw}: consumes {queue!r}, expected queue {WORKER_QUEUES[name]!r}")
-    # Workers and beat serve /metrics, /healthz and /readyz on metrics_addr.
+    # Workers and beat serve /metrics, /healthz and /readyz on metrics_addr, whose one source is
+    # the settings file (the images set no MEDIAFARM_METRICS_ADDR): the `metrics` container
+    # port and both probes follow its port.
     if name in WORKER_QUEUES or name == "mediafarm-beat":
         ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
-        if ports.get("metrics") != METRICS_PORT:
-            out.append(f"{cw}: needs container port `metrics` = {METRICS_PORT}")
         addr = (flag(args, "--metrics-addr") or env_value(c, "MEDIAFARM_METRICS_ADDR")
                 or str(settings.get("metrics_addr", "")))
-        if addr != f"0.0.0.0:{METRICS_PORT}":
-            out.append(f"{cw}: settings metrics_addr is {addr!r}, probes need 0.0.0.0:{METRICS_PORT}")
+        host, _, port_text = addr.rpartition(":")
+        port = int(port_text) if port_text.isdigit() else None
+        if host not in ("0.0.0.0", "[::]") or not port:
+            out.append(f"{cw}: metrics_addr is {addr!r}; probes need every interface and a fixed "
+                       f"port (0.0.0.0:<port>)")
+        elif ports.get("metrics") != port:
+            out.append(f"{cw}: container port `metrics` is {ports.get('metrics')}, "
+                       f"metrics_addr's port is {port}")
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             get = (c.get(probe) or {}).get("httpGet") or {}
-            if get.get("path") != path or get.get("port") not in ("metrics", METRICS_PORT):
-                out.append(f"{cw}: {probe} must GET {path} on port metrics")
+            probe_port = ports.get(get.get("port"), get.get("port"))
+            if get.get("path") != path or port is None or probe_port != port:
+                out.append(f"{cw}: {probe} must GET {path} on metrics_addr's port {port}, "
+                           f"not {get.get('port')!r}")
     if name == "notify-worker":
         tdir = str(settings.get("notify_template_dir", "./templates"))
         if tdir not in mounts:

@@ -9,6 +9,9 @@
 //! confirms), then marks it sent. A tick is claimed at most once, by the one leader Redis
 //! recognised at that instant, so two beats never both publish it, whatever their pauses.
 //!
+//! Beats share a schedule through their key prefix: one with a schedule other than the
+//! current leader's refuses to start (`fingerprint`, `BeatError::ScheduleConflict`).
+//!
 //! The beat serves `/metrics`, `/healthz` and `/readyz` on `metrics_addr` (`beat_metrics`,
 //! `beat_probe`).
 //!
@@ -24,6 +27,7 @@
 //!   publisher sends it again (at-least-once on the wire) under the same task id, which is
 //!   derived from the entry and the tick, so consumers can drop the repeat.
 
+pub mod fingerprint;
 pub mod lease;
 pub mod metrics;
 pub mod probe;
@@ -42,6 +46,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::BackendError;
+use crate::beat::fingerprint::schedule_fingerprint;
 use crate::beat::lease::{node_name, Lease};
 use crate::beat::metrics::{BeatMetrics, Miss};
 use crate::beat::probe::BeatProbe;
@@ -64,6 +69,19 @@ pub enum BeatError {
     Http(#[from] crate::observe::http::BindError),
     #[error("timezone = {0:?} is not a time zone this build knows (an IANA name such as \"UTC\" or \"Europe/Berlin\")")]
     UnknownTimezone(String),
+    #[error(
+        "another beat leads under beat_key_prefix = {prefix:?} (lease {holder}) with a different \
+         schedule (fingerprint {theirs}; this beat's is {ours}): beats sharing a prefix share one \
+         schedule. Give each environment its own beat_key_prefix, or stop the beats running the \
+         other schedule first (on Kubernetes the beat Deployment uses the Recreate strategy for \
+         this)"
+    )]
+    ScheduleConflict {
+        prefix: String,
+        holder: String,
+        theirs: String,
+        ours: String,
+    },
 }
 
 pub use crate::beat::store::unix_ms;
@@ -173,7 +191,13 @@ impl Beat {
         let client = Client::connect(settings).await?;
         let conn = client.backend().connection();
         let keys = BeatKeys::new(&beat.beat_key_prefix);
-        let lease = Lease::new(conn.clone(), keys.clone(), node_name(), beat.beat_lease_ttl);
+        let lease = Lease::new(
+            conn.clone(),
+            keys.clone(),
+            node_name(),
+            beat.beat_lease_ttl,
+            schedule_fingerprint(&beat.beat_schedule),
+        );
         Ok(Beat {
             settings: settings.clone(),
             beat: beat.clone(),
@@ -190,8 +214,30 @@ impl Beat {
         })
     }
 
+    /// Refuses a schedule other than the current leader's under the same prefix. A leader
+    /// that records no fingerprint (an older beat) is let be.
+    async fn check_leader_schedule(&self) -> Result<(), BeatError> {
+        let Some(holder) = self.lease.holder().await? else {
+            return Ok(());
+        };
+        match holder.fingerprint {
+            Some(theirs) if theirs != self.lease.fingerprint() => {
+                Err(BeatError::ScheduleConflict {
+                    prefix: self.keys.prefix().to_owned(),
+                    holder: holder.token,
+                    theirs,
+                    ours: self.lease.fingerprint().to_owned(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Runs until `shutdown` resolves, then finishes the tick in hand and releases the lease.
+    /// Fails at once, before serving anything, when the current leader under the same prefix
+    /// runs a different schedule (`BeatError::ScheduleConflict`).
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), BeatError> {
+        self.check_leader_schedule().await?;
         let (token_tx, mut token_rx) = watch::channel(None::<String>);
         let stop_keeper = CancellationToken::new();
         let busy = Busy::default();
@@ -225,6 +271,7 @@ impl Beat {
         tracing::info!(
             entries = self.beat.beat_schedule.len(),
             prefix = self.keys.prefix(),
+            schedule_fingerprint = self.lease.fingerprint(),
             lease_ttl_s = self.lease.ttl().as_secs_f64(),
             %metrics_addr,
             "beat started; waiting for the leader lease"

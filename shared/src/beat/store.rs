@@ -5,6 +5,8 @@
 //! - `<prefix>:version`: counter, raised by every add and remove, so beats re-read the entries
 //!   only when they changed
 //! - `<prefix>:leader`: the leader lease, `"<epoch>:<node>"`, with a TTL
+//! - `<prefix>:leader-schedule`: the leader's schedule fingerprint (`beat::fingerprint`),
+//!   written and expiring with the lease
 //! - `<prefix>:epoch`: counter; each lease acquisition takes the next number (fencing token)
 //! - `<prefix>:tick:<name>`: hash `tick`, `every_ms`, `state`, `by`: the last tick claimed
 
@@ -35,6 +37,10 @@ impl BeatKeys {
 
     pub fn leader(&self) -> String {
         format!("{}:leader", self.prefix)
+    }
+
+    pub fn leader_schedule(&self) -> String {
+        format!("{}:leader-schedule", self.prefix)
     }
 
     pub fn epoch(&self) -> String {
