@@ -94,6 +94,7 @@ def persist_worker(args, queue, table, prefix, continuous, log):
         "MEDIAFARM_PERSIST_TABLES": json.dumps({table: spec}),
         "MEDIAFARM_PERSIST_STREAM_PREFIX": prefix,
         "MEDIAFARM_PERSIST_STREAM_CONTINUOUS": "true" if continuous else "false",
+        "MEDIAFARM_PERSIST_BATCH_SIZE": str(args.worker_batch),
     }
     return subprocess.Popen(
         [args.worker, "-Q", queue, "--loglevel", "warning",
@@ -209,6 +210,8 @@ def main():
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=1000, help="rows per Celery task")
     p.add_argument("--celery-concurrency", type=int, default=2)
+    p.add_argument("--worker-batch", type=int, default=500,
+                   help="persist-worker's persist_batch_size (its default: 500)")
     p.add_argument("--per-row", action="store_true",
                    help="also run Celery saving one row per task (slow: minutes at 100,000)")
     p.add_argument("--worker", default=str(ROOT / "target" / "release" / "persist-worker"))

@@ -1228,3 +1228,106 @@ async fn outage(db: &Db) {
     .await;
     farm.stop().await;
 }
+
+/// The avatar pipeline without a Python worker: a chain `image.transform` (two variants stored)
+/// → `persist.write`, which takes the variants' URLs from the transform's result by JSON
+/// Pointer (`from_parent`) into the profile's row, on PostgreSQL and MariaDB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_avatar_pipeline_transforms_then_writes_the_variant_urls() {
+    use image_worker::{ImageSettings, Transform};
+    use mediafarm::client::{chain, Signature};
+    use mediafarm::storage::Storage;
+
+    for db in Db::both().await {
+        let table = unique("mf_avatar");
+        let _cleanup = Cleanup::new(&[&table], &[]);
+        db.exec(&format!(
+            "CREATE TABLE {table} (id INT PRIMARY KEY, name TEXT, avatar TEXT, thumb TEXT)"
+        ))
+        .await;
+        let spec: TableSpec = serde_json::from_value(json!({
+            "key": ["id"], "database_url": db.url(),
+            "columns": {"id": "int", "name": "text", "avatar": "text", "thumb": "text"}
+        }))
+        .unwrap();
+        let dir = mediafarm_tests::temp_dir("avatar");
+        let mut s = settings();
+        s.storage_url = format!("file://{}", dir.display());
+        let p = PersistSettings {
+            persist_tables: Tables([(table.clone(), spec)].into_iter().collect()),
+            ..PersistSettings::default()
+        };
+        let registry = persist_worker::registry(&s, &p)
+            .expect("persist settings are usable")
+            .register(Transform::new(&s, &ImageSettings::default()).expect("image settings"));
+        let farm = Farm::start(
+            &format!("persist-avatar-{}", db.label()),
+            s.clone(),
+            registry,
+        )
+        .await;
+        let mut photo = Vec::new();
+        image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(640, 480, |x, y| {
+            image::Rgb([(x % 256) as u8, (y % 256) as u8, 90])
+        }))
+        .write_to(
+            &mut std::io::Cursor::new(&mut photo),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+        let storage = Storage::from_settings(&s).unwrap();
+        storage
+            .put("uploads/7.jpg", bytes::Bytes::from(photo), "image/jpeg")
+            .await
+            .unwrap();
+        let q = farm.queue.clone();
+        let transform = Signature::new(
+            "image.transform",
+            kwargs(json!({"source": "uploads/7.jpg", "outputs": [
+                {"key": "avatars/7-256.jpg", "width": 256, "format": "jpeg"},
+                {"key": "avatars/7-64.jpg", "width": 64, "format": "jpeg"},
+            ]})),
+        )
+        .queue(&q);
+        let write = Signature::new(
+            "persist.write",
+            kwargs(json!({
+                "table": table, "key": {"id": 7}, "values": {"name": "ada"},
+                "from_parent": {"avatar": "/outputs/0/url", "thumb": "/outputs/1/url"},
+            })),
+        )
+        .queue(&q);
+        let last = chain([transform, write])
+            .apply_async(&farm.client)
+            .await
+            .expect("sent");
+        let out = last.get(WAIT).await.expect("the chain ends");
+        assert_eq!(out, json!({"table": table, "rows": 1}));
+        let transformed = last
+            .parent()
+            .expect("the transform step")
+            .get(WAIT)
+            .await
+            .expect("transformed");
+        let urls: Vec<String> = transformed["outputs"]
+            .as_array()
+            .expect("outputs")
+            .iter()
+            .map(|o| o["url"].as_str().expect("url").to_owned())
+            .collect();
+        assert_eq!(urls.len(), 2, "{transformed}");
+        let rows = db.rows(&table, &["id", "name", "avatar", "thumb"]).await;
+        assert_eq!(
+            rows.get("7"),
+            Some(&vec![
+                Some("7".to_owned()),
+                Some("ada".to_owned()),
+                Some(urls[0].clone()),
+                Some(urls[1].clone()),
+            ]),
+            "{rows:?}"
+        );
+        farm.stop().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
