@@ -139,7 +139,7 @@ async fn settle_after_panic(shared: &Shared, job: &Incoming, what: String) {
     }))
     .unwrap_or_default();
     let e = DecodeError { id, task, reason };
-    let settled = AssertUnwindSafe(refuse_as(shared, job, "InternalError", e))
+    let settled = AssertUnwindSafe(refuse(shared, job, "InternalError", e, None))
         .catch_unwind()
         .await;
     if settled.is_err() {
@@ -155,7 +155,7 @@ async fn settle_after_panic(shared: &Shared, job: &Incoming, what: String) {
 async fn process(shared: &Arc<Shared>, job: &Incoming) {
     let (props, headers) = match read_job_properties(&job.delivery.properties) {
         Ok(read) => read,
-        Err(e) => return refuse(shared, job, e).await,
+        Err(e) => return refuse(shared, job, "InvalidMessage", e, None).await,
     };
     let msg = match TaskMessage::decode(
         &props,
@@ -164,7 +164,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
         shared.settings.task_message_max_bytes,
     ) {
         Ok(msg) => msg,
-        Err(e) => return refuse(shared, job, e).await,
+        Err(e) => return refuse(shared, job, "InvalidMessage", e, None).await,
     };
     let Some(policy) = shared.registry.policy(&msg.task) else {
         let reason = format!(
@@ -177,7 +177,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
             task: Some(msg.task.clone()),
             reason,
         };
-        return refuse_decoded(shared, job, "NotRegistered", e, &msg).await;
+        return refuse(shared, job, "NotRegistered", e, Some(&msg)).await;
     };
     // Before anything else may end the job: a workflow it cannot carry on fails it now,
     // rather than running it and dropping the rest.
@@ -190,7 +190,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
                 task: Some(msg.task.clone()),
                 reason: e.to_string(),
             };
-            return refuse_decoded(shared, job, kind, e, &msg).await;
+            return refuse(shared, job, kind, e, Some(&msg)).await;
         }
     };
     let l = shared.metrics_for(&msg.task, &job.queue);
@@ -722,36 +722,12 @@ fn dead_reason(shared: &Shared, job: &Incoming, kind: &str, reason: String) -> D
     }
 }
 
-/// A message that can never run: store FAILURE where the producer will look (when its id is
-/// known), send it to the dead-letter queue with the reason, then acknowledge it.
-async fn refuse(shared: &Shared, job: &Incoming, e: DecodeError) {
-    let kind = if e.reason.starts_with("unknown task") {
-        "NotRegistered"
-    } else {
-        "InvalidMessage"
-    };
-    refuse_as(shared, job, kind, e).await
-}
-
-/// [`refuse`] with the error type to store.
-async fn refuse_as(shared: &Shared, job: &Incoming, kind: &'static str, e: DecodeError) {
-    refuse_message(shared, job, kind, e, None).await
-}
-
-/// [`refuse_as`] for a message that was decoded: what can be read of its canvas is carried on
-/// as for a failure, so a refused chord header still reaches its chord (the body then fails
-/// with `ChordError` instead of waiting for ever) and its errbacks are sent.
-async fn refuse_decoded(
-    shared: &Shared,
-    job: &Incoming,
-    kind: &'static str,
-    e: DecodeError,
-    msg: &TaskMessage,
-) {
-    refuse_message(shared, job, kind, e, Some(msg)).await
-}
-
-async fn refuse_message(
+/// A message that can never run: store FAILURE (of type `kind`) where the producer will look
+/// (when its id is known), send it to the dead-letter queue with the reason, then acknowledge
+/// it. For a message that was `decoded`, what can be read of its canvas is carried on as for a
+/// failure, so a refused chord header still reaches its chord (the body then fails with
+/// `ChordError` instead of waiting for ever) and its errbacks are sent.
+async fn refuse(
     shared: &Shared,
     job: &Incoming,
     kind: &'static str,
