@@ -81,6 +81,23 @@ impl ResultBackend {
         })
     }
 
+    /// Sets a chord's header size before its header is sent, as Celery's `set_chord_size`
+    /// does (the `.c` dispatch claim of a previous run of the same frozen chord deleted, the
+    /// `.s` size set with the results' expiry), for a worker that sends a chord as a chain
+    /// step or callback.
+    pub async fn chord_set_size(&self, group: &str, size: usize) -> Result<(), BackendError> {
+        let skey = group_key(group, ".s");
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(group_key(group, ".c")).ignore();
+        match self.fixed.expires {
+            Some(secs) => pipe.set_ex(&skey, size, secs).ignore(),
+            None => pipe.set(&skey, size).ignore(),
+        };
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
     /// The header results in `group_index` order, as encoded by whoever added them.
     pub async fn chord_members(&self, group: &str) -> Result<Vec<String>, BackendError> {
         let mut conn = self.conn.clone();

@@ -102,7 +102,7 @@ pub fn body_message(
     now: DateTime<Utc>,
 ) -> Publish {
     let id = body_id(part);
-    let mut p = message(&part.body, Some(&Value::Array(results)), header, id, now);
+    let mut p = message(&part.body, &[Value::Array(results)], header, id, now);
     let option = |name: &str| part.body.raw.get("options").and_then(|o| o.get(name));
     p.msg.group = option("group_id")
         .and_then(Value::as_str)
@@ -145,7 +145,7 @@ pub fn body_failure(
         })
         .map(|(i, sig)| {
             let eid = derived_id(&sig, parent, &format!("errback/{i}"));
-            message(&sig, Some(&failed), parent, eid, now)
+            message(&sig, std::slice::from_ref(&failed), parent, eid, now)
         })
         .collect();
     (meta, errbacks)

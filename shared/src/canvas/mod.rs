@@ -1,20 +1,25 @@
 //! Celery's canvas as a worker carries it out: the `callbacks` (`link=`), `errbacks`
-//! (`link_error=`) and `chain` a message embeds, decoded strictly (`signature.rs`), and the
-//! messages that carry a workflow on after a job ends (`next.rs`): on SUCCESS every callback
-//! and the next chain step, each receiving the job's return value unless immutable; on a final
+//! (`link_error=`) and `chain` a message embeds, decoded strictly (`signature.rs`, and
+//! `nested.rs` for groups, chords and chains inside them), and the messages that carry a
+//! workflow on after a job ends (`next.rs`): on SUCCESS every callback and the next chain step,
+//! each receiving the job's return value unless immutable — a group or chord step sends its
+//! members (a chord setting its header's size first), a chain its first step; on a final
 //! FAILURE every errback, old style, with the failed job's id. A Rust errback reads what failed
 //! with [`failure::failure_of`].
 //!
 //! A chord header (embed `chord`, header `group`) joins its chord in Redis once its result is
-//! stored, as Celery's Redis backend does (`chord.rs`).
+//! stored, as Celery's Redis backend does (`chord.rs`); the body carries on any chain that
+//! followed the chord.
 //!
 //! What it promises: nothing in an embed is silently dropped. A canvas feature mediafarm does
-//! not carry out (a group, chain or nested chord as a chord body, callback or chain step;
-//! `chunks`) is a [`CanvasError::Unsupported`] that the runtime turns into FAILURE before the
-//! job runs.
+//! not carry out (a chord whose body is not one task, a group or chord inside a group or a
+//! chord's header, an errback that is not one task, `chunks`, `xmap`, `xstarmap`; see
+//! `nested.rs`) is a [`CanvasError::Unsupported`] that the runtime turns into FAILURE before
+//! the job runs.
 
 pub mod chord;
 pub mod failure;
+pub mod nested;
 pub mod next;
 pub mod signature;
 
@@ -22,8 +27,9 @@ use serde_json::{Map, Value};
 
 pub use chord::ChordPart;
 pub use failure::{failure_of, ParentFailure};
+pub use nested::ChordSig;
 pub use next::{children_record, on_failure, on_success, Next, Parent, Publish};
-pub use signature::{Signature, SignatureOptions, When};
+pub use signature::{Kind, Signature, SignatureOptions, When};
 
 use crate::protocol::{preview, TaskMessage};
 
@@ -93,17 +99,29 @@ impl Canvas {
                 }
             }
         }
+        let errbacks = signature::decode_list(embed.get("errbacks"), "embed `errbacks`")?;
+        for (i, e) in errbacks.iter().enumerate() {
+            single_task(e, &format!("embed `errbacks`[{i}]"), "errbacks")?;
+        }
+        // Stored in reverse; normalised in running order (nested chains spliced in, a group
+        // followed by a task made a chord), as Celery's producer would have sent it.
+        let mut chain = signature::decode_list(embed.get("chain"), "embed `chain`")?;
+        if chain.iter().any(|s| s.kind != Kind::Task) {
+            chain.reverse();
+            chain = nested::normalize(chain, "embed `chain`")?;
+            chain.reverse();
+        }
         Ok(Canvas {
             callbacks: signature::decode_list(embed.get("callbacks"), "embed `callbacks`")?,
-            errbacks: signature::decode_list(embed.get("errbacks"), "embed `errbacks`")?,
-            chain: signature::decode_list(embed.get("chain"), "embed `chain`")?,
+            errbacks,
+            chain,
             chord: match embed.get("chord") {
                 None | Some(Value::Null) => None,
-                Some(body) => Some(ChordPart::new(
-                    Signature::decode(body, "embed `chord`")?,
-                    group,
-                    group_index,
-                )?),
+                Some(body) => {
+                    let body = Signature::decode(body, "embed `chord`")?;
+                    single_task(&body, "embed `chord`", "chord bodies")?;
+                    Some(ChordPart::new(body, group, group_index)?)
+                }
             },
         })
     }
@@ -116,12 +134,16 @@ impl Canvas {
         Canvas {
             callbacks: Vec::new(),
             errbacks: signature::decode_list(embed.get("errbacks"), "embed `errbacks`")
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|e| e.kind == Kind::Task)
+                .collect(),
             chain: Vec::new(),
             chord: embed
                 .get("chord")
                 .filter(|body| !body.is_null())
                 .and_then(|body| Signature::decode(body, "embed `chord`").ok())
+                .filter(|body| body.kind == Kind::Task)
                 .and_then(|body| ChordPart::new(body, msg.group.as_deref(), msg.group_index).ok()),
         }
     }
@@ -130,6 +152,18 @@ impl Canvas {
     pub fn is_empty(&self) -> bool {
         self.callbacks.is_empty() && self.errbacks.is_empty() && self.chain.is_empty()
     }
+}
+
+/// `sig` must be one task where only a task is carried out (`what`: "errbacks").
+fn single_task(sig: &Signature, path: &str, what: &str) -> Result<(), CanvasError> {
+    if sig.kind == Kind::Task {
+        return Ok(());
+    }
+    Err(CanvasError::Unsupported(format!(
+        "{path} is a {kind} (subtask_type {kind:?}): mediafarm runs {what} that are single \
+         tasks, not a nested {kind}",
+        kind = sig.kind.name()
+    )))
 }
 
 #[cfg(test)]

@@ -3,11 +3,15 @@
 //! checked like a header: a wrong type is refused with the path of the field and the value cut
 //! short, never read as "absent". Options mediafarm does not act on are kept in `raw`, so a
 //! signature passed on (the rest of a chain, a step's own `link`) travels untouched.
+//!
+//! A signature with a `subtask_type` is a canvas of tasks ([`Kind`]): a `group`, a `chord` or a
+//! `chain`, decoded in `nested.rs`; any other type (`chunks`, `xmap`, `xstarmap`, ...) is a
+//! [`CanvasError::Unsupported`] naming it.
 
 use chrono::{DateTime, Datelike, Utc};
 use serde_json::{Map, Value};
 
-use crate::canvas::CanvasError;
+use crate::canvas::{nested, CanvasError};
 use crate::protocol::{
     default_queue, is_valid_queue_name, json_kind, parse_time, preview, TaskMessage, TimeLimits,
     MAX_TIME_LIMIT_SECS,
@@ -29,8 +33,36 @@ pub struct Signature {
     pub options: SignatureOptions,
     /// `si()`: the parent's return value is not prepended to `args`.
     pub immutable: bool,
+    /// One task, or the canvas it stands for (its `subtask_type`).
+    pub kind: Kind,
     /// The signature exactly as it arrived, for passing it on.
     pub raw: Value,
+}
+
+/// What a signature stands for, by its `subtask_type`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Kind {
+    /// `subtask_type` null: one task, `task` its name.
+    Task,
+    /// `celery.group` (`kwargs.tasks`): its members, each one task.
+    Group(Vec<Signature>),
+    /// `celery.chord` (`kwargs.header`, `kwargs.body`).
+    Chord(Box<crate::canvas::nested::ChordSig>),
+    /// `celery.chain` (`kwargs.tasks`), in running order, nested chains spliced in and a group
+    /// followed by a task upgraded to a chord, as Celery's `prepare_steps` does.
+    Chain(Vec<Signature>),
+}
+
+impl Kind {
+    /// The canvas type's name as Celery writes it in `subtask_type`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kind::Task => "task",
+            Kind::Group(_) => "group",
+            Kind::Chord(_) => "chord",
+            Kind::Chain(_) => "chain",
+        }
+    }
 }
 
 /// When a relative time option (`countdown`, a number `expires`) is counted from.
@@ -73,6 +105,11 @@ pub struct SignatureOptions {
     pub stamped_headers: Option<Vec<String>>,
     /// The values of the stamped headers, taken from the options as Celery does.
     pub stamps: Map<String, Value>,
+    /// A group member's place (`group_index`), frozen by the producer.
+    pub group_index: Option<i64>,
+    /// The chain that follows the signature (reversed, as the embed `chain`), as Celery puts
+    /// it in a chord body's options when the chord is a chain step (each already checked).
+    pub chain: Vec<Value>,
 }
 
 impl SignatureOptions {
@@ -99,6 +136,9 @@ impl SignatureOptions {
         };
         msg.embed.insert("callbacks".into(), list(&self.link));
         msg.embed.insert("errbacks".into(), list(&self.link_error));
+        if !self.chain.is_empty() {
+            msg.embed.insert("chain".into(), list(&self.chain));
+        }
         msg.stamped_headers = self
             .stamped_headers
             .as_ref()
@@ -144,10 +184,11 @@ pub fn encode(
     Value::Object(sig)
 }
 
-fn decode_at(v: &Value, path: &str, depth: usize) -> Result<Signature, CanvasError> {
+pub(crate) fn decode_at(v: &Value, path: &str, depth: usize) -> Result<Signature, CanvasError> {
     if depth > MAX_DEPTH {
         return Err(CanvasError::Invalid(format!(
-            "{path}: link / link_error signatures nest deeper than {MAX_DEPTH} levels"
+            "{path}: signatures (link / link_error, canvases inside canvases) nest deeper than \
+             {MAX_DEPTH} levels"
         )));
     }
     let Value::Object(obj) = v else {
@@ -162,21 +203,17 @@ fn decode_at(v: &Value, path: &str, depth: usize) -> Result<Signature, CanvasErr
             preview(got)
         ))
     };
-    if let Some(kind) = obj.get("subtask_type").filter(|t| !t.is_null()) {
-        let name = kind.as_str().ok_or_else(|| {
-            bad(
+    let subtask_type = match obj.get("subtask_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => Some(name.as_str()),
+        Some(other) => {
+            return Err(bad(
                 "subtask_type",
                 "null or a canvas type name such as \"chain\"",
-                kind,
-            )
-        })?;
-        return Err(CanvasError::Unsupported(format!(
-            "{path} is a {} (subtask_type {}): mediafarm runs single task signatures as \
-             callbacks, errbacks and chain steps, not nested {name}s",
-            name,
-            preview(kind)
-        )));
-    }
+                other,
+            ))
+        }
+    };
     let task = match obj.get("task") {
         Some(Value::String(t)) if !t.is_empty() => t.clone(),
         Some(other) => return Err(bad("task", "a task name", other)),
@@ -206,6 +243,32 @@ fn decode_at(v: &Value, path: &str, depth: usize) -> Result<Signature, CanvasErr
         Some(Value::Object(o)) => decode_options(o, path, depth)?,
         Some(other) => return Err(bad("options", "an object", other)),
     };
+    let kind = match subtask_type {
+        None => {
+            // Celery sends these as plain signatures of its own built-in tasks, which only a
+            // Python worker can run, each as its own task rather than as a canvas.
+            let builtin = match task.as_str() {
+                "celery.chunks" => Some("chunks"),
+                "celery.map" => Some("xmap"),
+                "celery.starmap" => Some("xstarmap"),
+                _ => None,
+            };
+            if let Some(name) = builtin {
+                return Err(CanvasError::Unsupported(format!(
+                    "{path} is Celery's {name} (task {task}): mediafarm does not carry out \
+                     {name}; send the tasks as a group instead"
+                )));
+            }
+            Kind::Task
+        }
+        Some(name) => {
+            let opts = match obj.get("options") {
+                Some(Value::Object(o)) => Some(o),
+                _ => None,
+            };
+            nested::decode_kind(name, &kwargs, opts, path, depth)?
+        }
+    };
     let (queue, from) = match (&options.queue, &options.routing_key) {
         (Some(q), _) => (q.clone(), "option `queue`"),
         (None, Some(k)) => (k.clone(), "option `routing_key`"),
@@ -225,6 +288,7 @@ fn decode_at(v: &Value, path: &str, depth: usize) -> Result<Signature, CanvasErr
         kwargs,
         options,
         immutable,
+        kind,
         raw: v.clone(),
     })
 }
@@ -322,6 +386,14 @@ fn decode_options(
         ),
         Some(other) => return Err(bad("stamped_headers", "a list of header names", other)),
     };
+    let group_index = match get("group_index") {
+        None => None,
+        Some(v) => Some(
+            v.as_i64()
+                .filter(|i| *i >= 0)
+                .ok_or_else(|| bad("group_index", "a whole number from 0", v))?,
+        ),
+    };
     let stamps = stamped_headers
         .iter()
         .flatten()
@@ -342,6 +414,8 @@ fn decode_options(
         link_error: links("link_error")?,
         stamped_headers,
         stamps,
+        group_index,
+        chain: links("chain")?,
     })
 }
 

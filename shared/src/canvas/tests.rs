@@ -222,27 +222,71 @@ fn bad_signatures_are_refused_naming_the_field() {
 
 #[test]
 fn unsupported_canvas_is_named_never_dropped() {
+    let step =
+        |k: i64| json!({"task": "canvas.step", "kwargs": {"k": k}, "options": {"queue": "q"}});
+    let group = |tasks: Value| {
+        json!({"task": "celery.group", "kwargs": {"tasks": tasks}, "options": {},
+               "subtask_type": "group"})
+    };
+    let chord = |header: Value, body: Value| {
+        json!({"task": "celery.chord", "kwargs": {"header": header, "body": body, "kwargs": {}},
+               "options": {}, "subtask_type": "chord"})
+    };
     let cases = [
         (
-            json!({"chord": {"task": "celery.chord", "subtask_type": "chord", "kwargs": {}}}),
-            "chord",
+            json!({"chord": chord(group(json!([step(1)])), step(2))}),
+            "embed `chord` is a chord",
         ),
         (
-            json!({"chord": {"task": "celery.group", "subtask_type": "group", "kwargs": {}}}),
-            "group",
+            json!({"chord": group(json!([step(1)]))}),
+            "embed `chord` is a group",
         ),
         (
             json!({"chord": {"task": "celery.chunks", "subtask_type": "chunks", "kwargs": {}}}),
             "chunks",
         ),
         (
-            json!({"callbacks": [{"task": "celery.group", "subtask_type": "group",
-            "kwargs": {"tasks": []}}]}),
-            "group",
+            json!({"callbacks": [{"task": "celery.map", "subtask_type": "xmap",
+                                  "kwargs": {"task": step(1), "it": [1, 2]}}]}),
+            "is a xmap (subtask_type \"xmap\")",
         ),
         (
-            json!({"chain": [{"task": "celery.chain", "subtask_type": "chain"}]}),
-            "chain",
+            // As Celery 5.7 sends `xmap(...)`: a plain signature of its built-in task.
+            json!({"callbacks": [{"task": "celery.map", "subtask_type": null, "immutable": true,
+                                  "kwargs": {"task": step(1), "it": [1, 2]}, "options": {}}]}),
+            "embed `callbacks`[0] is Celery's xmap (task celery.map)",
+        ),
+        (
+            json!({"chain": [{"task": "celery.chunks", "args": [], "options": {},
+                              "kwargs": {"task": step(1), "it": [[1]], "n": 1}}]}),
+            "chunks",
+        ),
+        (
+            json!({"chain": [{"task": "celery.starmap", "subtask_type": "xstarmap",
+                              "kwargs": {}}]}),
+            "xstarmap",
+        ),
+        (
+            json!({"chain": [chord(group(json!([step(1), chord(group(json!([step(2)])), step(3))])),
+                                   step(4))]}),
+            "a group whose member 1 is a chord",
+        ),
+        (
+            json!({"chain": [chord(group(json!([step(1)])), group(json!([step(2)])))]}),
+            "a chord whose body is a group",
+        ),
+        (
+            json!({"chain": [step(3), group(json!([step(1)])), group(json!([step(2)]))]}),
+            "a group followed by a group",
+        ),
+        (
+            json!({"callbacks": [{"task": "celery.group", "kwargs": {"tasks": [step(1)]},
+                                  "options": {"queue": "elsewhere"}, "subtask_type": "group"}]}),
+            "a group with option `queue`",
+        ),
+        (
+            json!({"errbacks": [group(json!([step(1)]))]}),
+            "errbacks that are single tasks",
         ),
         (json!({"sideways": [1]}), "sideways"),
     ];
@@ -251,7 +295,27 @@ fn unsupported_canvas_is_named_never_dropped() {
         msg.embed = embed(e.clone());
         msg.group = Some("g".into());
         let err = Canvas::from_message(&msg).unwrap_err();
-        assert_eq!(err.exc_type(), "UnsupportedCanvas", "{e}");
+        assert_eq!(err.exc_type(), "UnsupportedCanvas", "{e}: {err}");
+        assert!(err.to_string().contains(want), "{e}: {err}");
+    }
+    let broken = [
+        (
+            json!({"chain": [{"task": "celery.chain", "subtask_type": "chain"}]}),
+            "`kwargs.tasks`",
+        ),
+        (
+            json!({"chain": [{"task": "celery.chord", "subtask_type": "chord",
+                           "kwargs": {"body": step(1)}}]}),
+            "without `kwargs.header`",
+        ),
+        (
+            json!({"chain": [chord(step(1), step(2))]}),
+            "whose header is the task",
+        ),
+    ];
+    for (e, want) in broken {
+        let err = Canvas::from_embed(&embed(e.clone())).unwrap_err();
+        assert_eq!(err.exc_type(), "InvalidMessage", "{e}: {err}");
         assert!(err.to_string().contains(want), "{e}: {err}");
     }
     assert!(
@@ -270,6 +334,8 @@ fn nesting_is_bounded() {
     let err = Canvas::from_embed(&embed(json!({"callbacks": [sig]}))).unwrap_err();
     assert!(err.to_string().contains("nest deeper"), "{err}");
 }
+
+mod nested;
 
 mod chord {
     use super::*;

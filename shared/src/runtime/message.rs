@@ -490,6 +490,7 @@ async fn run(
     // Celery's order: what carries the workflow on is published before the result is stored
     // (so the record lists it as `children`); errbacks after the FAILURE is stored.
     let mut before = Vec::new();
+    let mut sizes = Vec::new();
     let mut after = Vec::new();
     let (mut meta, dead) = match outcome {
         Ok(value) => {
@@ -501,6 +502,7 @@ async fn run(
                 let next = canvas::on_success(&canvas, parent_of(&msg), &value, Utc::now());
                 meta.children = next.children;
                 before = next.publish;
+                sizes = next.chord_sizes;
             }
             meta.result = value;
             (meta, None)
@@ -555,6 +557,7 @@ async fn run(
     let store = !msg.ignore_result || meta.status != TaskState::Success;
     let ending = Ending {
         before,
+        sizes,
         after,
         join: Join::of(&canvas, &msg, &meta),
         store: store.then_some(&meta),
@@ -770,8 +773,9 @@ async fn refuse(
     settle(shared, job, e.id.as_deref().unwrap_or("?"), ending).await;
 }
 
-/// How a message ends, in the one order that keeps the promise of this module: publish what
-/// carries its workflow on (callbacks, the next chain step), store the outcome (if there is one
+/// How a message ends, in the one order that keeps the promise of this module: set the size of
+/// any chord it sends, publish what carries its workflow on (callbacks, the next chain step),
+/// store the outcome (if there is one
 /// to store), publish its errbacks, join its chord (a chord header),
 /// copy the message to its dead-letter queue (if it failed for good), and only then
 /// acknowledge. A store that fails returns the
@@ -779,6 +783,8 @@ async fn refuse(
 struct Ending<'a> {
     /// Published before the outcome is stored (SUCCESS's callbacks and next chain step).
     before: Vec<Publish>,
+    /// The sizes of the chords `before` sends, (group id, header size), set first.
+    sizes: Vec<(String, usize)>,
     /// Published after the outcome is stored (a FAILURE's errbacks).
     after: Vec<Publish>,
     /// A chord header's outcome, joined after it is stored.
@@ -791,6 +797,7 @@ impl<'a> Ending<'a> {
     fn ack_only() -> Ending<'a> {
         Ending {
             before: Vec::new(),
+            sizes: Vec::new(),
             after: Vec::new(),
             join: None,
             store: None,
@@ -819,6 +826,12 @@ impl<'a> Ending<'a> {
 
 async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
     trace::outcome(ending.store.map(|m| (m.status.as_str(), &m.result)));
+    for (group, size) in &ending.sizes {
+        if let Err(e) = shared.backend.chord_set_size(group, *size).await {
+            tracing::warn!(%id, %group, error = %e, "could not set the size of the chord this job sends; returning the message to the queue");
+            return requeue_after_pause(shared, &job.delivery).await;
+        }
+    }
     if !publish_next(shared, id, &ending.before).await {
         return requeue_after_pause(shared, &job.delivery).await;
     }
