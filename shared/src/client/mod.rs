@@ -4,7 +4,7 @@
 pub mod workflow;
 
 pub use workflow::{
-    chain, chord, group, Chain, Chord, ChordResult, Group, GroupResult, Signature, Workflow,
+    chain, chord, group, Chain, Chord, ChordResult, Group, GroupResult, Signature, Step, Workflow,
     WorkflowResult,
 };
 

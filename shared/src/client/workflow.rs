@@ -197,7 +197,17 @@ impl Signature {
             }
         }
         // The worker's decoder checks every field's type and every option's value.
+        if let Some(kind) = obj.get("subtask_type").filter(|k| !k.is_null()) {
+            return Err(bad(format!(
+                "`subtask_type` {}: a signature here is one task, not nested groups or chords \
+                 (write {{\"group\": [...]}} or {{\"chord\": {{...}}}} as a chain step)",
+                preview(kind)
+            )));
+        }
         let checked = wire::Signature::decode(v, path).map_err(|e| bad_canvas(&e))?;
+        if checked.kind != wire::Kind::Task {
+            return Err(bad("a signature here is one task".into()));
+        }
         let options = match obj.get("options") {
             Some(Value::Object(o)) => o.clone(),
             _ => Map::new(),
@@ -225,7 +235,37 @@ impl Signature {
 /// Steps run one after another, each (unless immutable) receiving the previous one's result.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chain {
-    pub steps: Vec<Signature>,
+    pub steps: Vec<Step>,
+}
+
+/// One step of a chain: a task, or a group or chord that receives the previous step's result
+/// (each member of a group or chord header gets it) — Celery's `chain(a, group(b, c), d)`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    Task(Signature),
+    /// Followed by a task, sent as a chord with that task as its body (as Celery's
+    /// `prepare_steps` does); a group as the chain's last step is refused (the chain's
+    /// result is one task's).
+    Group(Group),
+    Chord(Chord),
+}
+
+impl From<Signature> for Step {
+    fn from(s: Signature) -> Step {
+        Step::Task(s)
+    }
+}
+
+impl From<Group> for Step {
+    fn from(g: Group) -> Step {
+        Step::Group(g)
+    }
+}
+
+impl From<Chord> for Step {
+    fn from(c: Chord) -> Step {
+        Step::Chord(c)
+    }
 }
 
 /// Members run in parallel; their results are read in order.
@@ -245,9 +285,9 @@ pub struct Chord {
     pub id: Option<String>,
 }
 
-pub fn chain(steps: impl IntoIterator<Item = Signature>) -> Chain {
+pub fn chain<S: Into<Step>>(steps: impl IntoIterator<Item = S>) -> Chain {
     Chain {
-        steps: steps.into_iter().collect(),
+        steps: steps.into_iter().map(Into::into).collect(),
     }
 }
 
@@ -276,29 +316,76 @@ pub struct ChainPlan {
 
 impl Chain {
     /// The first step's message, the others reversed in its embed `chain`, every step with
-    /// its id assigned.
+    /// its id assigned (a chord's group, header tasks and body too).
     pub fn plan(&self, now: DateTime<Utc>) -> Result<ChainPlan, ClientError> {
-        let steps: Vec<Signature> = self.steps.iter().cloned().map(with_id).collect();
+        let mut steps = Vec::with_capacity(self.steps.len());
+        let mut queue = self.steps.iter().cloned().peekable();
+        while let Some(step) = queue.next() {
+            steps.push(match step {
+                Step::Task(s) => Step::Task(with_id(s)),
+                // A group followed by a task: a chord, as Celery's `prepare_steps` makes it.
+                Step::Group(g) => {
+                    match queue.peek() {
+                        Some(Step::Task(_)) => {
+                            let Some(Step::Task(body)) = queue.next() else {
+                                unreachable!("peeked a task")
+                            };
+                            Step::Chord(Chord {
+                                header: g.members,
+                                body,
+                                id: g.id,
+                            })
+                        }
+                        Some(_) => return Err(ClientError::Workflow(
+                            "a group in a chain must be followed by a task (it becomes a chord \
+                             with that task as its body)"
+                                .into(),
+                        )),
+                        None => {
+                            return Err(ClientError::Workflow(
+                                "a group as a chain's last step is not sent by the Rust producer \
+                             (a chain's result is one task's): follow it with a task"
+                                    .into(),
+                            ))
+                        }
+                    }
+                }
+                Step::Chord(c) => Step::Chord(c),
+            });
+        }
         let Some((first, rest)) = steps.split_first() else {
             return Err(ClientError::Workflow(
                 "a chain needs at least one step".into(),
             ));
         };
+        let Step::Task(first) = first else {
+            return Err(ClientError::Workflow(
+                "a chain's first step must be a task (send a group or chord on its own)".into(),
+            ));
+        };
+        let mut ids = vec![first.id().unwrap_or_default().to_owned()];
+        let mut wire_rest = Vec::with_capacity(rest.len());
         for (i, step) in rest.iter().enumerate() {
+            let (value, id) = match step {
+                Step::Task(s) => (s.to_value(), s.id().unwrap_or_default().to_owned()),
+                Step::Chord(c) => {
+                    let frozen = c.frozen();
+                    (frozen.to_value(), frozen.body_id)
+                }
+                Step::Group(_) => unreachable!("groups were made chords above"),
+            };
             // Checked here, as the first step is, so a bad step fails before anything is sent
             // rather than on a worker after its parent ran.
-            wire::Signature::decode(&step.to_value(), &format!("chain step {}", i + 1))
+            wire::Signature::decode(&value, &format!("chain step {}", i + 1))
                 .map_err(|e| bad_canvas(&e))?;
+            wire_rest.push(value);
+            ids.push(id);
         }
         let (queue, mut msg) = message(first, now)?;
-        if !rest.is_empty() {
-            let reversed = rest.iter().rev().map(Signature::to_value).collect();
-            msg.embed.insert("chain".into(), Value::Array(reversed));
+        if !wire_rest.is_empty() {
+            wire_rest.reverse();
+            msg.embed.insert("chain".into(), Value::Array(wire_rest));
         }
-        let ids = steps
-            .iter()
-            .filter_map(|s| s.id().map(str::to_owned))
-            .collect();
         Ok(ChainPlan { queue, msg, ids })
     }
 
@@ -364,7 +451,48 @@ pub struct ChordPlan {
     pub publish: Vec<(String, TaskMessage)>,
 }
 
+/// A chord with every id assigned, as a chain step sends it.
+struct FrozenChord {
+    group_id: String,
+    body_id: String,
+    header: Vec<Value>,
+    body: Value,
+}
+
+impl FrozenChord {
+    /// Celery's `celery.chord` signature: `kwargs` `{header: celery.group, body, kwargs}`.
+    fn to_value(&self) -> Value {
+        json!({
+            "task": "celery.chord", "args": [], "immutable": false, "subtask_type": "chord",
+            "options": {"task_id": self.group_id},
+            "kwargs": {"kwargs": {}, "body": self.body, "header": {
+                "task": "celery.group", "args": [], "immutable": false, "subtask_type": "group",
+                "options": {"task_id": self.group_id},
+                "kwargs": {"tasks": self.header},
+            }},
+        })
+    }
+}
+
 impl Chord {
+    /// Ids assigned: the group's, each header task's (with its `group_index`) and the body's.
+    fn frozen(&self) -> FrozenChord {
+        let group_id = self.id.clone().unwrap_or_else(new_id);
+        let body = with_id(self.body.clone());
+        let header = self
+            .header
+            .iter()
+            .enumerate()
+            .map(|(i, s)| with_id(s.clone()).set("group_index", json!(i)).to_value())
+            .collect();
+        FrozenChord {
+            group_id,
+            body_id: body.id().unwrap_or_default().to_owned(),
+            header,
+            body: body.to_value(),
+        }
+    }
+
     pub fn plan(&self, now: DateTime<Utc>) -> Result<ChordPlan, ClientError> {
         let group_id = self.id.clone().unwrap_or_else(new_id);
         let mut body = with_id(self.body.clone());
@@ -616,10 +744,42 @@ impl Workflow {
         };
         match kind.as_str() {
             "chain" => {
-                let steps = list(inner, "chain")?;
-                if steps.is_empty() {
+                let Value::Array(items) = inner else {
+                    return Err(bad(format!(
+                        "chain must be a list of steps; got {}",
+                        preview(inner)
+                    )));
+                };
+                if items.is_empty() {
                     return Err(bad("chain needs at least one step".into()));
                 }
+                // A step is a signature, a group or a chord (not another chain).
+                let steps = items
+                    .iter()
+                    .enumerate()
+                    .map(|(i, item)| {
+                        let is = |k: &str| item.as_object().is_some_and(|o| o.contains_key(k));
+                        if is("task") {
+                            return Signature::from_json(item, &format!("chain[{i}]"))
+                                .map(Step::Task);
+                        }
+                        if is("chain") {
+                            return Err(bad(format!(
+                                "chain[{i}]: a chain step is a signature, a group or a chord, \
+                                 not a chain"
+                            )));
+                        }
+                        match Workflow::from_json(item) {
+                            Ok(Workflow::Group(g)) => Ok(Step::Group(g)),
+                            Ok(Workflow::Chord(c)) => Ok(Step::Chord(c)),
+                            Ok(_) => Err(bad(format!(
+                                "chain[{i}]: a chain step is a signature, a group or a chord, \
+                                 not a chain"
+                            ))),
+                            Err(e) => Err(bad(format!("chain[{i}]: {e}"))),
+                        }
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 Ok(Workflow::Chain(chain(steps)))
             }
             "group" => Ok(Workflow::Group(group(list(inner, "group")?))),
@@ -641,8 +801,8 @@ impl Workflow {
                 Ok(Workflow::Chord(chord(header, body)))
             }
             other => Err(bad(format!(
-                "unknown workflow kind `{other}` (task, chain, group, chord); nested workflows \
-                 are not supported"
+                "unknown workflow kind `{other}` (task, chain, group, chord); a chain's steps \
+                 may be groups and chords, nothing else nests"
             ))),
         }
     }

@@ -63,7 +63,54 @@ fn a_chain_sends_its_first_step_with_the_rest_reversed_and_every_id_assigned() {
     assert_eq!(ids, [plan.ids[2].clone(), plan.ids[1].clone()], "reversed");
     assert_eq!(canvas.chain[0].queue, "other");
     assert!(canvas.chain[1].immutable);
-    assert!(chain([]).plan(Utc::now()).is_err());
+    assert!(chain(Vec::<Signature>::new()).plan(Utc::now()).is_err());
+}
+
+#[test]
+fn a_group_in_a_chain_is_sent_as_a_chord_step_a_worker_carries_out() {
+    let plan = chain([
+        Step::from(step(1)),
+        group([step(2), step(3)]).into(),
+        step(4).task_id("body").into(),
+        chord([step(5)], step(6)).into(),
+    ])
+    .plan(Utc::now())
+    .expect("plan");
+    assert_eq!(
+        plan.ids.len(),
+        3,
+        "the first, the chord's body, the last chord's body"
+    );
+    assert_eq!(plan.ids[1], "body");
+    let canvas = Canvas::from_embed(&plan.msg.embed).expect("a worker reads the embed");
+    assert_eq!(canvas.chain.len(), 2);
+    let crate::canvas::Kind::Chord(c) = &canvas.chain[1].kind else {
+        panic!("not a chord: {:?}", canvas.chain[1])
+    };
+    assert_eq!(c.body.options.task_id.as_deref(), Some("body"));
+    let crate::canvas::Kind::Group(members) = &c.header.kind else {
+        panic!("not a group")
+    };
+    assert_eq!(members.len(), 2);
+    assert_eq!(members[1].options.group_index, Some(1));
+    assert!(members.iter().all(|m| m.options.task_id.is_some()));
+    // What a worker sends once the first step returns.
+    let parent = crate::canvas::Parent {
+        id: &plan.msg.id,
+        root_id: &plan.msg.id,
+    };
+    let next = crate::canvas::on_success(&canvas, parent, &json!(1), Utc::now());
+    assert_eq!(next.publish.len(), 2);
+    assert_eq!(next.chord_sizes.len(), 1);
+    assert_eq!(next.publish[0].msg.args, vec![json!(1)]);
+
+    let last = chain([Step::from(step(1)), group([step(2)]).into()]).plan(Utc::now());
+    assert!(last.expect_err("refused").to_string().contains("last step"));
+    let first = chain([Step::from(group([step(2)])), step(1).into()]).plan(Utc::now());
+    assert!(first
+        .expect_err("refused")
+        .to_string()
+        .contains("first step must be a task"));
 }
 
 #[test]
@@ -125,7 +172,17 @@ fn a_workflow_reads_from_json_and_refuses_what_it_does_not_know() {
         panic!("not a chain: {w:?}")
     };
     assert_eq!(c.steps.len(), 2);
-    assert_eq!(c.steps[1].options["countdown"], json!(1));
+    let Step::Task(second) = &c.steps[1] else {
+        panic!("not a task: {c:?}")
+    };
+    assert_eq!(second.options["countdown"], json!(1));
+    let w = Workflow::from_json(&json!({"chain": [
+        {"task": "a.b"},
+        {"group": [{"task": "c.d"}, {"task": "c.e"}]},
+        {"task": "f.g"},
+    ]}))
+    .expect("a chain with a group");
+    assert!(matches!(w, Workflow::Chain(ref c) if matches!(c.steps[1], Step::Group(_))));
 
     let w = Workflow::from_json(&json!({"chord": {"header": [{"task": "a.b"}], "body": {"task": "c.d", "immutable": true}}}))
         .expect("a chord");
@@ -147,7 +204,7 @@ fn a_workflow_reads_from_json_and_refuses_what_it_does_not_know() {
     );
     refused(
         json!({"chain": [{"chain": []}]}),
-        "chain[0]: unknown field `chain`",
+        "chain[0]: a chain step is a signature, a group or a chord, not a chain",
     );
     refused(
         json!({"chain": [{"task": "a.b", "subtask_type": "group"}]}),
