@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use mediafarm::client::{chain, chord, group, Signature};
+use mediafarm::client::{chain, chord, group, Signature, Step as ChainStep};
 use mediafarm::{Client, Registry, Task, TaskContext, TaskError, TaskState};
 use mediafarm_tests::{
     dead_letters, delete_queue, new_id, python_env, ready_count, run_python, settings,
@@ -24,8 +24,21 @@ use serde_json::{json, Map, Value};
 
 /// `canvas.step`: returns its kwargs; a parent's result arrives under `parent`. `fail` fails
 /// permanently with that message; `fail_times: n` fails transiently while `retries < n`
-/// (retrying after `retry_after_s`) and then reports `retries`.
+/// (retrying after `retry_after_s`) and then reports `retries`; `tally: key` counts the run
+/// under `key` (see [`runs`]).
 struct Step;
+
+/// How many times `canvas.step` ran with each `tally` (the workers run in this process).
+static TALLY: std::sync::Mutex<std::collections::BTreeMap<String, u32>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+/// How many times `canvas.step` ran with `tally: key`.
+fn runs(key: &str) -> u32 {
+    TALLY
+        .lock()
+        .map(|t| t.get(key).copied().unwrap_or(0))
+        .unwrap_or(0)
+}
 
 impl Task for Step {
     const NAME: &'static str = "canvas.step";
@@ -40,6 +53,11 @@ impl Task for Step {
     ) -> Result<Self::Output, TaskError> {
         if let Some(msg) = kwargs.get("fail").and_then(Value::as_str) {
             return Err(TaskError::permanent("StepFailure", msg.to_owned()));
+        }
+        if let Some(key) = kwargs.get("tally").and_then(Value::as_str) {
+            if let Ok(mut tally) = TALLY.lock() {
+                *tally.entry(key.to_owned()).or_default() += 1;
+            }
         }
         if let Some(times) = kwargs.get("fail_times").and_then(Value::as_u64) {
             if u64::from(ctx.retries) < times {
@@ -208,13 +226,25 @@ async fn unsupported_canvas_fails_clearly_and_is_dead_lettered() {
             "{out:#}"
         );
     }
-    let g = &out["group_callback"];
-    assert_eq!(g["exc_type"], "UnsupportedCanvas", "{out:#}");
+    let n = &out["nested_callback"];
+    assert_eq!(n["exc_type"], "UnsupportedCanvas", "{out:#}");
     assert!(
-        g["message"].as_str().unwrap_or("").contains("group"),
+        n["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("embed `callbacks`[0] header is a group whose member 1 is a chord"),
         "{out:#}"
     );
-    let letters = dead_letters(&farm.settings, &farm.queue, 3).await;
+    let x = &out["xmap_callback"];
+    assert_eq!(x["exc_type"], "UnsupportedCanvas", "{out:#}");
+    assert!(
+        x["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("embed `callbacks`[0] is Celery's xmap (task celery.map)"),
+        "{out:#}"
+    );
+    let letters = dead_letters(&farm.settings, &farm.queue, 4).await;
     assert!(letters
         .iter()
         .all(|l| l.kind.as_deref() == Some("UnsupportedCanvas")));
@@ -379,6 +409,93 @@ async fn a_chord_with_a_failing_header_fails_its_body_with_chord_error_and_calls
     farm.stop().await;
 }
 
+/// `chain(a, group(b, c), d, e)` from Python, as Celery sends it: the group and `d` upgraded to
+/// a chord step in `a`'s chain. Checks what Python sees; returns the body's expected value.
+fn chain_chord_completed(out: &Value, queue: &str, body: &Value) {
+    let a = json!({"a": 1});
+    let header = json!([{"b": 1, "parent": a}, {"c": 1, "parent": a}]);
+    assert_eq!(out["first"]["ok"], a, "{out:#}");
+    assert_eq!(
+        out["header"],
+        json!([{"ok": header[0], "state": "SUCCESS"}, {"ok": header[1], "state": "SUCCESS"}]),
+        "each header task got a's value: {out:#}"
+    );
+    assert_eq!(out["body"]["ok"], *body, "{out:#}");
+    assert_eq!(
+        body["parent"], header,
+        "the body got the header's results: {out:#}"
+    );
+    assert_eq!(
+        out["last"]["ok"],
+        json!({"e": 1, "tally": format!("{queue}/e"), "parent": body}),
+        "the step after the chord ran on the body's value: {out:#}"
+    );
+    assert_eq!(out["header_groups"], json!([out["group_id"]]), "{out:#}");
+    assert_eq!(
+        out["first_children"],
+        json!([["GroupResult", out["group_id"], out["header_ids"]]]),
+        "a's children: the header's GroupResult: {out:#}"
+    );
+    assert_eq!(
+        out["parent_ids"],
+        json!([out["first_id"], out["first_id"], out["body_id"]]),
+        "the header's parent is a, the last step's the body: {out:#}"
+    );
+    assert_eq!(out["keys_left"], 0, "the join's keys are deleted: {out:#}");
+    assert_eq!(
+        runs(&format!("{queue}/e")),
+        1,
+        "the last step ran exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_chain_with_a_group_in_the_middle_runs_its_chord_step_on_rust() {
+    let (out, farm) = python_canvas("chain-chord").await;
+    let q = farm.queue.clone();
+    let a = json!({"a": 1});
+    let header = json!([{"b": 1, "parent": a}, {"c": 1, "parent": a}]);
+    let body = json!({"d": 1, "tally": format!("{q}/d"), "parent": header});
+    chain_chord_completed(&out, &q, &body);
+    assert_eq!(runs(&format!("{q}/d")), 1, "the body ran exactly once");
+    assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_chain_with_a_group_in_the_middle_runs_its_chord_body_on_python() {
+    let pyq = unique_queue("canvas-chainchord-py");
+    let py = PythonWorker::start(&pyq);
+    let (out, farm) = python_canvas_with("chain-chord-python-body", &[&pyq]).await;
+    drop(py);
+    let a = json!({"a": 1});
+    let header = json!([{"b": 1, "parent": a}, {"c": 1, "parent": a}]);
+    let body = json!({"worker": "python", "parent": header, "kwargs": {"w": 1}});
+    chain_chord_completed(&out, &farm.queue, &body);
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_chain_ending_in_a_group_sends_the_group_the_value() {
+    let (out, farm) = python_canvas("chain-group").await;
+    assert_eq!(out["type"], "GroupResult", "{out:#}");
+    let a = json!({"a": 1});
+    assert_eq!(out["first"]["ok"], a, "{out:#}");
+    assert_eq!(
+        out["values"],
+        json!([{"b": 1, "parent": a}, {"c": 1, "parent": a}]),
+        "{out:#}"
+    );
+    assert_eq!(out["group_ids"], json!([out["group_id"]]), "{out:#}");
+    assert_eq!(
+        out["first_children"],
+        json!([["GroupResult", out["group_id"], out["member_ids"]]]),
+        "{out:#}"
+    );
+    farm.stop().await;
+}
+
 // Workflows sent by the Rust producer API (`mediafarm::client::workflow`) and by
 // `mediafarm submit --workflow`.
 
@@ -417,6 +534,36 @@ async fn a_rust_produced_chain_runs_on_rust_workers_with_parents_and_ids_kept() 
         vec![json!([[middle.id, null], null])],
         "children as Celery stores them"
     );
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chain_with_a_group_in_the_middle_runs_through_its_chord() {
+    let farm = Farm::start("canvas-rs-chainchord", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let last = chain([
+        ChainStep::from(rust_step(&q, json!({"a": 1}))),
+        group([
+            rust_step(&q, json!({"b": 1})),
+            rust_step(&q, json!({"c": 1})),
+        ])
+        .into(),
+        rust_step(&q, json!({"d": 1})).into(),
+        rust_step(&q, json!({"e": 1, "tally": format!("{q}/e")})).into(),
+    ])
+    .apply_async(&farm.client)
+    .await
+    .expect("sent");
+    let t = Duration::from_secs(30);
+    let a = json!({"a": 1});
+    let body = json!({"d": 1, "parent": [{"b": 1, "parent": a}, {"c": 1, "parent": a}]});
+    assert_eq!(
+        last.get(t).await.expect("the chain ends"),
+        json!({"e": 1, "tally": format!("{q}/e"), "parent": body})
+    );
+    let d = last.parent().expect("the chord's body");
+    assert_eq!(d.get(t).await.expect("the body"), body);
+    assert_eq!(runs(&format!("{q}/e")), 1);
     farm.stop().await;
 }
 

@@ -12,6 +12,7 @@ import time
 import uuid
 
 from celery import chain, chord, group, signature
+from celery.canvas import xmap
 
 # The same app and result reader as the plain producer (JSON only, broker and backend from
 # the environment); canvas steps wait longer.
@@ -111,11 +112,55 @@ def main():
                "body": outcome(app.AsyncResult(r.id)),
                "failed_header": r.parent.results[1].id,
                "errback": outcome(app.AsyncResult(errback_id))}
+    elif scenario in ("chain-chord", "chain-chord-python-body"):
+        # Celery upgrades the group and the step after it to a chord; `e` follows the body.
+        # `tally`: the Rust side counts how often a step ran with it.
+        body = step(d=1, tally=queue + "/d")
+        if scenario == "chain-chord-python-body":
+            body = signature("pyside.wrap", kwargs={"w": 1}, queue=sys.argv[3])
+        last = chain(step(a=1), group(step(b=1), step(c=1)), body,
+                     step(e=1, tally=queue + "/e")).apply_async()
+        out = {"last": outcome(last, timeout=60), "body": outcome(last.parent)}
+        header = last.parent.parent
+        out["header"] = [outcome(r) for r in header.results]
+        out["group_id"] = header.id
+        out["header_groups"] = sorted({app.backend.get_task_meta(r.id).get("group_id")
+                                       for r in header.results})
+        first = header.parent
+        out["first"] = outcome(first)
+        out["first_id"], out["body_id"] = first.id, last.parent.id
+        out["first_children"] = [
+            [type(c).__name__, c.id, [r.id for r in getattr(c, "results", [])]]
+            for c in app.AsyncResult(first.id).children]
+        out["header_ids"] = [r.id for r in header.results]
+        out["parent_ids"] = [app.backend.get_task_meta(i).get("parent_id")
+                             for i in [r.id for r in header.results] + [last.id]]
+        keys = ["celery-taskset-meta-%s%s" % (header.id, k) for k in (".j", ".t", ".s")]
+        for _ in range(50):
+            out["keys_left"] = app.backend.client.exists(*keys)
+            if not out["keys_left"]:
+                break
+            time.sleep(0.1)
+    elif scenario == "chain-group":
+        res = chain(step(a=1), group(step(b=1), step(c=1))).apply_async()
+        out = {"type": type(res).__name__, "values": res.get(timeout=60), "group_id": res.id}
+        out["group_ids"] = sorted({app.backend.get_task_meta(r.id).get("group_id")
+                                   for r in res.results})
+        first = app.AsyncResult(res.parent.id)
+        out["first"] = outcome(first)
+        out["first_children"] = [
+            [type(c).__name__, c.id, [r.id for r in getattr(c, "results", [])]]
+            for c in first.children]
+        out["member_ids"] = [r.id for r in res.results]
     elif scenario == "unsupported":
         body = chord([step(h=1), step(h=2)], group(step(x=1), step(x=2))).apply_async()
         out = {"chord_headers": [outcome(r) for r in body.parent.results]}
-        r = step(g=1).apply_async(link=group(step(x=1), step(x=2)))
-        out["group_callback"] = outcome(r)
+        # A chord inside a chord's header, as a callback.
+        nested = chord([step(x=1), chord([step(y=1)], step(z=1))], step(w=1))
+        r = step(g=1).apply_async(link=nested)
+        out["nested_callback"] = outcome(r)
+        r = step(g=2).apply_async(link=xmap(signature("canvas.step", queue=queue), [1, 2]))
+        out["xmap_callback"] = outcome(r)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
     print(json.dumps(out, ensure_ascii=False))
