@@ -5,9 +5,12 @@
 //! workers, a Python errback of a Rust task, a step that cannot take its parent's result, a
 //! group of 100 with `GroupResult` save/restore, chords of 100 joined in Redis with the body on
 //! Rust and on Python, a chord whose header mixes Rust and Python workers, a chord with a failing
-//! header (the body's `ChordError` and errback), and canvas features mediafarm does not carry
-//! out failing clearly instead of being dropped.
-//! Then the same from the Rust producer API: a chain and a group on Rust workers, a chain on a
+//! header (the body's `ChordError` and errback), nested canvases (`chain(a, group(b, c), d, e)`
+//! run through a chord step with its body on Rust and on Python, a chain ending in a group, a
+//! chain and a group as `link=` callbacks), and canvas features mediafarm does not carry out
+//! failing clearly instead of being dropped.
+//! Then the same from the Rust producer API: a chain (also one with a group in the middle) and a
+//! group on Rust workers, a chain on a
 //! Python worker and across both, a chord joined by Python Celery from the size key the
 //! producer set, and `mediafarm submit --workflow`. Last, kill -9 of a worker during a chord
 //! of 1,000 headers: no header lost, the body sent once.
@@ -162,6 +165,29 @@ async fn python_link_gets_the_return_value() {
     assert_eq!(
         out["children"],
         json!([{"ok": {"m": 2, "parent": {"l": 1}}, "state": "SUCCESS"}]),
+        "{out:#}"
+    );
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_chain_and_group_callbacks_get_the_return_value() {
+    let (out, farm) = python_canvas("link-canvas").await;
+    assert_eq!(out["parent"]["ok"], json!({"l": 1}), "{out:#}");
+    let x = json!({"x": 1, "parent": {"l": 1}});
+    assert_eq!(
+        out["x"]["ok"], x,
+        "the chain's first step got the value: {out:#}"
+    );
+    assert_eq!(
+        out["y"]["ok"],
+        json!({"y": 1, "parent": x}),
+        "and its second the first's: {out:#}"
+    );
+    assert_eq!(out["group_type"], "GroupResult", "{out:#}");
+    assert_eq!(
+        out["group_values"],
+        json!([{"u": 1, "parent": {"l": 2}}, {"v": 1, "parent": {"l": 2}}]),
         "{out:#}"
     );
     farm.stop().await;

@@ -152,6 +152,18 @@ def main():
             [type(c).__name__, c.id, [r.id for r in getattr(c, "results", [])]]
             for c in first.children]
         out["member_ids"] = [r.id for r in res.results]
+    elif scenario == "link-canvas":
+        # A chain and a group as `link=` callbacks; their ids are the worker's to assign.
+        r = step(l=1).apply_async(link=chain(step(x=1), step(y=1)))
+        out = {"parent": outcome(r)}
+        x = r.children[0]
+        out["x"] = outcome(x)
+        out["y"] = outcome(x.children[0])
+        r = step(l=2).apply_async(link=group(step(u=1), step(v=1)))
+        out["group_parent"] = outcome(r)
+        g = r.children[0]
+        out["group_type"] = type(g).__name__
+        out["group_values"] = g.get(timeout=30)
     elif scenario == "unsupported":
         body = chord([step(h=1), step(h=2)], group(step(x=1), step(x=2))).apply_async()
         out = {"chord_headers": [outcome(r) for r in body.parent.results]}

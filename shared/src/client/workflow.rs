@@ -7,7 +7,10 @@
 //!   before anything is published, so a bad option fails here, not on a worker.
 //! - A chain publishes its first step with the rest in the embed `chain`, reversed, every step
 //!   holding a `task_id` assigned up front (Celery's `prepare_steps`), so the last step's
-//!   result, with its parents, is known at once.
+//!   result, with its parents, is known at once. A later step may be a [`Step::Chord`], or a
+//!   [`Step::Group`] followed by a task, which is sent as a chord with that task as its body
+//!   (as `prepare_steps` upgrades it): a `celery.chord` signature whose group, header tasks and
+//!   body have their ids, carried out by the worker that runs the step before it.
 //! - A group publishes every member with the `group` header (the group id) and `group_index`.
 //! - A chord sets the header's size in the result backend (`celery-taskset-meta-<gid>.s`, as
 //!   the Redis backend's `set_chord_size`) before publishing the header, each header task
