@@ -4,7 +4,9 @@
 //! [`member`] to the group's ordered set; the one that completes the count reads all results in
 //! `group_index` order and either sends the body with the list of results first in its args
 //! (unless immutable), or — when a header failed — stores the body's FAILURE `ChordError`
-//! ("Dependency <id> raised ...") and sends the body's errbacks.
+//! ("Dependency <id> raised ...") and sends the body's errbacks. A chord sent as a chain step
+//! holds the rest of the chain in its body's `chain` option (as Celery's `_chord.run` puts
+//! it); the body's message carries it on in its embed `chain`, as `callback.delay()` does.
 //!
 //! Exactly once: a header's member is encoded from its result as stored, with serde_json's
 //! compact output, so the same stored record always gives the same bytes and a redelivered
