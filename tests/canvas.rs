@@ -639,6 +639,38 @@ async fn a_rust_produced_chain_runs_on_a_python_worker() {
     delete_queue(&settings(), &pyq).await;
 }
 
+/// The Rust producer's chord step, carried out by Python Celery's worker (its `_chord.run` and
+/// its Redis join): the wire form is Celery's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chain_with_a_group_in_the_middle_runs_on_a_python_worker() {
+    let pyq = unique_queue("canvas-rs-pychord");
+    let py = PythonWorker::start(&pyq);
+    let client = Client::connect(&settings()).await.expect("client");
+    let wrap = |w: i64| {
+        Signature::new("pyside.wrap", mediafarm_tests::kwargs(json!({ "w": w }))).queue(&pyq)
+    };
+    let last = chain([
+        ChainStep::from(wrap(1).args(vec![json!("upload-7")])),
+        group([wrap(2), wrap(3)]).into(),
+        wrap(4).into(),
+    ])
+    .apply_async(&client)
+    .await
+    .expect("sent");
+    let got = last
+        .get(Duration::from_secs(60))
+        .await
+        .expect("the chain ends on Python");
+    let first = json!({"worker": "python", "parent": "upload-7", "kwargs": {"w": 1}});
+    let h = |w: i64| json!({"worker": "python", "parent": first, "kwargs": {"w": w}});
+    assert_eq!(
+        got,
+        json!({"worker": "python", "parent": [h(2), h(3)], "kwargs": {"w": 4}})
+    );
+    drop(py);
+    delete_queue(&settings(), &pyq).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rust_produced_chain_runs_across_rust_and_python_workers() {
     let pyq = unique_queue("canvas-rs-mixed");
