@@ -28,6 +28,16 @@ pub struct ChordSig {
     pub body: Signature,
 }
 
+impl ChordSig {
+    /// The header's tasks (a decoded chord's header is always a group).
+    pub fn members(&self) -> &[Signature] {
+        match &self.header.kind {
+            Kind::Group(members) => members,
+            _ => &[],
+        }
+    }
+}
+
 /// The options a group, chord or chain may hold: ids the producer froze and the workflow's
 /// own bookkeeping. Any other option would have to be applied to every member (Celery merges
 /// a group's options into each member's), which mediafarm does not do.

@@ -135,9 +135,7 @@ fn send(
             send_members(members, &partial, parent, role, &group, None, now, next)
         }
         Kind::Chord(c) => {
-            let Kind::Group(members) = &c.header.kind else {
-                unreachable!("decoded chords have a group header")
-            };
+            let members = c.members();
             let header_args = partial_args(&c.header, &partial);
             let group = c
                 .header

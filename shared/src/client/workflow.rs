@@ -321,42 +321,7 @@ impl Chain {
     /// The first step's message, the others reversed in its embed `chain`, every step with
     /// its id assigned (a chord's group, header tasks and body too).
     pub fn plan(&self, now: DateTime<Utc>) -> Result<ChainPlan, ClientError> {
-        let mut steps = Vec::with_capacity(self.steps.len());
-        let mut queue = self.steps.iter().cloned().peekable();
-        while let Some(step) = queue.next() {
-            steps.push(match step {
-                Step::Task(s) => Step::Task(with_id(s)),
-                // A group followed by a task: a chord, as Celery's `prepare_steps` makes it.
-                Step::Group(g) => {
-                    match queue.peek() {
-                        Some(Step::Task(_)) => {
-                            let Some(Step::Task(body)) = queue.next() else {
-                                unreachable!("peeked a task")
-                            };
-                            Step::Chord(Chord {
-                                header: g.members,
-                                body,
-                                id: g.id,
-                            })
-                        }
-                        Some(_) => return Err(ClientError::Workflow(
-                            "a group in a chain must be followed by a task (it becomes a chord \
-                             with that task as its body)"
-                                .into(),
-                        )),
-                        None => {
-                            return Err(ClientError::Workflow(
-                                "a group as a chain's last step is not sent by the Rust producer \
-                             (a chain's result is one task's): follow it with a task"
-                                    .into(),
-                            ))
-                        }
-                    }
-                }
-                Step::Chord(c) => Step::Chord(c),
-            });
-        }
-        let Some((first, rest)) = steps.split_first() else {
+        let Some((first, rest)) = self.steps.split_first() else {
             return Err(ClientError::Workflow(
                 "a chain needs at least one step".into(),
             ));
@@ -366,25 +331,56 @@ impl Chain {
                 "a chain's first step must be a task (send a group or chord on its own)".into(),
             ));
         };
+        let first = with_id(first.clone());
         let mut ids = vec![first.id().unwrap_or_default().to_owned()];
         let mut wire_rest = Vec::with_capacity(rest.len());
-        for (i, step) in rest.iter().enumerate() {
+        let mut steps = rest.iter();
+        let mut n = 0;
+        while let Some(step) = steps.next() {
+            n += 1;
             let (value, id) = match step {
-                Step::Task(s) => (s.to_value(), s.id().unwrap_or_default().to_owned()),
+                Step::Task(s) => {
+                    let s = with_id(s.clone());
+                    (s.to_value(), s.id().unwrap_or_default().to_owned())
+                }
                 Step::Chord(c) => {
                     let frozen = c.frozen();
                     (frozen.to_value(), frozen.body_id)
                 }
-                Step::Group(_) => unreachable!("groups were made chords above"),
+                // A group followed by a task: a chord, as Celery's `prepare_steps` makes it.
+                Step::Group(g) => match steps.next() {
+                    Some(Step::Task(body)) => {
+                        let frozen = Chord {
+                            header: g.members.clone(),
+                            body: body.clone(),
+                            id: g.id.clone(),
+                        }
+                        .frozen();
+                        (frozen.to_value(), frozen.body_id)
+                    }
+                    Some(_) => {
+                        return Err(ClientError::Workflow(format!(
+                            "chain step {n}: a group in a chain must be followed by a task (it \
+                             becomes a chord with that task as its body)"
+                        )))
+                    }
+                    None => {
+                        return Err(ClientError::Workflow(format!(
+                            "chain step {n}: a group as a chain's last step is not sent by the \
+                             Rust producer (a chain's result is one task's): follow it with a \
+                             task"
+                        )))
+                    }
+                },
             };
             // Checked here, as the first step is, so a bad step fails before anything is sent
             // rather than on a worker after its parent ran.
-            wire::Signature::decode(&value, &format!("chain step {}", i + 1))
+            wire::Signature::decode(&value, &format!("chain step {n}"))
                 .map_err(|e| bad_canvas(&e))?;
             wire_rest.push(value);
             ids.push(id);
         }
-        let (queue, mut msg) = message(first, now)?;
+        let (queue, mut msg) = message(&first, now)?;
         if !wire_rest.is_empty() {
             wire_rest.reverse();
             msg.embed.insert("chain".into(), Value::Array(wire_rest));
