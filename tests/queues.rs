@@ -401,3 +401,42 @@ fn priorities_on_quorum_queues_are_refused_at_start_up() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mediafarm_submit_sends_the_priority_given_or_the_default() {
+    let mut s = settings();
+    s.task_queue_max_priority = Some(10);
+    let q = unique_queue("cliprio");
+    let cli = binary("mediafarm");
+    // The default first: only a priority queue hands out the later, higher one first.
+    for args in [vec![], vec!["--priority", "7"]] {
+        let out = Command::new(&cli)
+            .args(["submit", "echo.echo", "--queue", &q])
+            .args(args)
+            .env("MEDIAFARM_TASK_QUEUE_MAX_PRIORITY", "10")
+            .env("MEDIAFARM_TASK_DEFAULT_PRIORITY", "3")
+            .stdin(Stdio::null())
+            .output()
+            .expect("mediafarm runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let conn = broker::connect(&s, "test priorities").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let msg = ch
+            .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("both jobs wait in the queue");
+        seen.push(*msg.delivery.properties.priority());
+    }
+    // Highest first: the queue was declared with x-max-priority by the CLI.
+    assert_eq!(seen, [Some(7), Some(3)]);
+    let _ = conn.close(200, "done".into()).await;
+    delete_queue(&s, &q).await;
+}
