@@ -381,8 +381,18 @@ async fn a_message_delivered_past_the_limit_lands_in_the_dead_letter_queue() {
     );
     assert_eq!(ready_count(&s, &q).await, 0);
     let _ = conn.close(200, "done".into()).await;
-    delete_queue(&s, &q).await;
-    delete_queue(&s, &dead_queue(&q)).await;
+
+    // Not lost: replayed once a worker is there, it runs.
+    let farm = Farm::start_on(q.clone(), s.clone(), echo_registry()).await;
+    let replayed = mediafarm::amqp::dead_letters::replay(&s, farm.client.backend(), &q, None)
+        .await
+        .expect("replay");
+    assert_eq!(replayed, 1);
+    assert_eq!(
+        farm.client.result(&sent.id).get(WAIT).await.unwrap(),
+        json!({"poison": true})
+    );
+    farm.stop().await;
 }
 
 #[test]

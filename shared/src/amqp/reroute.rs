@@ -46,8 +46,10 @@ pub const DEAD_AT: &str = "x-mediafarm-dead-at";
 pub const DEAD_QUEUE: &str = "x-mediafarm-dead-queue";
 pub const DEAD_WORKER: &str = "x-mediafarm-dead-worker";
 
-/// Headers RabbitMQ adds on dead-lettering; dropped on re-publishing so they do not grow.
+/// Headers RabbitMQ adds on dead-lettering (and a quorum queue's delivery count); dropped on
+/// re-publishing so they do not grow or follow a replayed message.
 const BROKER_DEATH_HEADERS: &[&str] = &[
+    "x-delivery-count",
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
