@@ -300,6 +300,17 @@ async fn on_quorum_queues_jobs_countdowns_and_dead_letters_work() {
     farm.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_celery_declaring_the_readmes_quorum_arguments_sends_to_a_quorum_queue() {
+    let s = quorum_settings(20);
+    let farm = Farm::start("pyquorum", s.clone(), echo_registry()).await;
+    // Celery declares the queue too: other arguments would make its send fail.
+    let out = run_python("quorum_producer.py", &[&farm.queue, "20"], &python_env(&s));
+    let got: Value = serde_json::from_str(out.trim()).expect("the producer prints JSON");
+    assert_eq!(got, json!({"from": "python"}));
+    farm.stop().await;
+}
+
 /// Letters in `<queue>.dead`, asked without declaring it.
 async fn dead_count(s: &Settings, queue: &str) -> u32 {
     let conn = broker::connect(s, "test dead count").await.unwrap();
