@@ -227,7 +227,8 @@ pub async fn ready_count(settings: &Settings, queue: &str) -> u32 {
         .await
         .expect("broker up");
     let ch = conn.create_channel().await.expect("channel");
-    mediafarm::amqp::broker::declare_queue(&ch, queue)
+    let shape = mediafarm::amqp::broker::QueueShape::of(settings);
+    mediafarm::amqp::broker::declare_queue(&ch, queue, &shape)
         .await
         .expect("declare");
     let q = ch
@@ -421,7 +422,8 @@ pub async fn publish_raw(s: &Settings, queue: &str, props: lapin::BasicPropertie
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
     ch.confirm_select(Default::default()).await.unwrap();
-    mediafarm::amqp::broker::declare_queue(&ch, queue)
+    let shape = mediafarm::amqp::broker::QueueShape::of(s);
+    mediafarm::amqp::broker::declare_queue(&ch, queue, &shape)
         .await
         .unwrap();
     let confirm = ch

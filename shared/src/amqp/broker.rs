@@ -1,5 +1,13 @@
 //! RabbitMQ: connecting (Celery-style URLs), declaring queues exactly as kombu does, and a
 //! pooled publisher that waits for publisher confirms.
+//!
+//! A work queue's arguments come from the settings ([`QueueShape`]): `x-max-priority`
+//! (`task_queue_max_priority`, as Celery declares it), or `x-queue-type: quorum`
+//! (`task_default_queue_type`) with `x-delivery-limit` and dead-lettering to `<queue>.dead`
+//! (`task_quorum_delivery_limit`). Every program that declares a queue — worker, producer,
+//! `mediafarm dead`, the rerouter — declares it with the same shape, because RabbitMQ refuses a
+//! declaration whose arguments differ from the queue's (PRECONDITION_FAILED, which closes the
+//! channel); that refusal becomes [`BrokerError::QueueArguments`], which says what to do.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +18,7 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions, QueuePurgeOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::uri::AMQPUri;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, Semaphore};
@@ -34,6 +42,152 @@ pub enum BrokerError {
     QueueName(String),
     #[error("message {id} cannot be published: {reason}")]
     Unpublishable { id: String, reason: TooLong },
+    #[error(
+        "queue {queue:?} already exists with other arguments than these settings declare \
+         ({argument}: the queue has {existing}, the settings want {wanted}); RabbitMQ said: \
+         {said}. A queue's arguments never change once declared. Either set \
+         task_queue_max_priority / task_default_queue_type / task_quorum_delivery_limit back to \
+         what the queue has, or migrate (README, \"Priorities and quorum queues\"): consume a new \
+         queue name with the new settings; or move the messages to a new queue with a shovel; or \
+         stop the producers, let the workers drain {queue:?}, delete it (`rabbitmqctl \
+         delete_queue {queue}`) and start again with the new settings"
+    )]
+    QueueArguments {
+        queue: String,
+        /// The argument RabbitMQ named (`x-max-priority`, `x-queue-type`, ...).
+        argument: String,
+        /// Its value on the existing queue, as RabbitMQ wrote it (`none` when absent).
+        existing: String,
+        /// The value these settings declare (`none` when absent).
+        wanted: String,
+        /// RabbitMQ's own text.
+        said: String,
+    },
+}
+
+impl BrokerError {
+    /// Errors that the same call would get again: retrying does not help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            BrokerError::Nacked { .. }
+                | BrokerError::QueueName(_)
+                | BrokerError::Unpublishable { .. }
+                | BrokerError::QueueArguments { .. }
+        )
+    }
+}
+
+/// How work queues are declared: their type and arguments, from the settings. A producer and
+/// a worker of one queue must share it, or RabbitMQ refuses the second declaration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueShape {
+    /// `x-max-priority` (classic queues only).
+    pub max_priority: Option<u8>,
+    /// A quorum queue with this `x-delivery-limit`; 0 declares no limit and no dead-lettering
+    /// (Celery's own quorum declaration). `None`: a classic queue.
+    pub quorum_delivery_limit: Option<u32>,
+}
+
+impl QueueShape {
+    /// The shape the settings ask for.
+    pub fn of(settings: &Settings) -> QueueShape {
+        QueueShape {
+            max_priority: settings.task_queue_max_priority,
+            quorum_delivery_limit: settings
+                .quorum()
+                .then_some(settings.task_quorum_delivery_limit),
+        }
+    }
+
+    /// RabbitMQ dead-letters a message delivered too often to `<queue>.dead` itself, so that
+    /// queue must exist before the work queue takes messages.
+    pub fn broker_dead_letters(&self) -> bool {
+        self.quorum_delivery_limit.is_some_and(|n| n > 0)
+    }
+
+    /// The arguments of work queue `queue`.
+    pub fn work_arguments(&self, queue: &str) -> FieldTable {
+        let mut args = FieldTable::default();
+        if let Some(max) = self.max_priority {
+            args.insert("x-max-priority".into(), AMQPValue::LongInt(i32::from(max)));
+        }
+        if let Some(limit) = self.quorum_delivery_limit {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+            if limit > 0 {
+                let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+                args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString(LongString::from("")),
+                );
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(LongString::from(
+                        crate::amqp::reroute::dead_queue(queue).as_str(),
+                    )),
+                );
+            }
+        }
+        args
+    }
+
+    /// The arguments of a dead-letter queue: only its type (dead letters wait for a person,
+    /// so no priority, limit or dead-lettering of their own).
+    pub fn dead_arguments(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if self.quorum_delivery_limit.is_some() {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from("quorum")),
+            );
+        }
+        args
+    }
+}
+
+/// Turns RabbitMQ's refusal of a declaration with other arguments (406 PRECONDITION_FAILED,
+/// "inequivalent arg 'x-max-priority' for queue 'q' in vhost '/': received '5' but current is
+/// '10'") into [`BrokerError::QueueArguments`]; other errors pass through.
+pub fn explain_declare_error(queue: &str, error: lapin::Error) -> BrokerError {
+    let said = match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) if e.get_id() == 406 => e.get_message().to_string(),
+        _ => return BrokerError::Amqp(error),
+    };
+    if !(said.contains("inequivalent arg") || said.contains("invalid arg")) {
+        return BrokerError::Amqp(error);
+    }
+    let argument = said.split('\'').nth(1).unwrap_or("an argument").to_owned();
+    let (wanted, existing) = match said.split_once("received ") {
+        Some((_, rest)) => match rest.split_once(" but current is ") {
+            Some((w, e)) => (plain_value(w), plain_value(e)),
+            None => (plain_value(rest), "other arguments".into()),
+        },
+        // "invalid arg": the queue type does not take the argument at all.
+        None => (
+            "an argument this queue type does not accept".into(),
+            "a type without it".into(),
+        ),
+    };
+    BrokerError::QueueArguments {
+        queue: queue.to_owned(),
+        argument,
+        existing,
+        wanted,
+        said,
+    }
+}
+
+/// `'10'`, `none` or `the value '' of type 'longstr'` as a person writes it.
+fn plain_value(text: &str) -> String {
+    let text = text.trim();
+    if let Some(rest) = text.strip_prefix("the value ") {
+        return rest.split(" of type ").next().unwrap_or(rest).to_owned();
+    }
+    text.to_owned()
 }
 
 /// Parses a Celery/kombu-style AMQP URL: `//` and an empty path both mean vhost `/`.
@@ -78,22 +232,57 @@ pub fn check_queue_name(name: &str) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// Declares `queue` as kombu does for `Queue(name)`: a durable direct exchange of the same
-/// name, a durable queue with no arguments, bound with the queue's name as routing key.
-/// Anything else makes RabbitMQ refuse a Python producer's declaration (PRECONDITION_FAILED).
-pub async fn declare_queue(channel: &Channel, queue: &str) -> Result<(), BrokerError> {
+/// Declares work queue `queue` as kombu does for `Queue(name)`: a durable direct exchange of
+/// the same name, a durable queue with the `shape`'s arguments (none by default, as Celery's),
+/// bound with the queue's name as routing key. Other arguments than a Python producer's make
+/// RabbitMQ refuse one of the two declarations (PRECONDITION_FAILED). When the broker
+/// dead-letters into `<queue>.dead` (a quorum queue with a delivery limit), that queue is
+/// declared first.
+pub async fn declare_queue(
+    channel: &Channel,
+    queue: &str,
+    shape: &QueueShape,
+) -> Result<(), BrokerError> {
     check_queue_name(queue)?;
-    declare_bound_queue(channel, queue, queue, ExchangeKind::Direct, queue).await
+    if shape.broker_dead_letters() {
+        declare_dead_queue(channel, queue, shape).await?;
+    }
+    let args = shape.work_arguments(queue);
+    declare_bound_queue(channel, queue, queue, ExchangeKind::Direct, queue, args).await
 }
 
-/// Declares a durable `exchange` of `kind` and a durable `queue` with no arguments, as kombu
-/// declares a `Queue(name, Exchange(exchange, kind), routing_key)`, and binds them.
+/// Declares `<queue>.dead`, the dead-letter queue of work queue `queue`; returns how many
+/// letters it holds.
+pub async fn declare_dead_queue(
+    channel: &Channel,
+    queue: &str,
+    shape: &QueueShape,
+) -> Result<u32, BrokerError> {
+    let dead = crate::amqp::reroute::dead_queue(queue);
+    let q = channel
+        .queue_declare(
+            dead.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            shape.dead_arguments(),
+        )
+        .await
+        .map_err(|e| explain_declare_error(&dead, e))?;
+    Ok(q.message_count())
+}
+
+/// Declares a durable `exchange` of `kind` and a durable `queue` with `args`, as kombu
+/// declares a `Queue(name, Exchange(exchange, kind), routing_key, queue_arguments=args)`, and
+/// binds them.
 pub async fn declare_bound_queue(
     channel: &Channel,
     queue: &str,
     exchange: &str,
     kind: ExchangeKind,
     routing_key: &str,
+    args: FieldTable,
 ) -> Result<(), BrokerError> {
     channel
         .exchange_declare(
@@ -113,9 +302,10 @@ pub async fn declare_bound_queue(
                 durable: true,
                 ..Default::default()
             },
-            FieldTable::default(),
+            args,
         )
-        .await?;
+        .await
+        .map_err(|e| explain_declare_error(queue, e))?;
     channel
         .queue_bind(
             queue.into(),
@@ -132,7 +322,7 @@ pub async fn declare_bound_queue(
 pub async fn purge(settings: &Settings, queue: &str) -> Result<u32, BrokerError> {
     let conn = connect(settings, "mediafarm purge").await?;
     let channel = conn.create_channel().await?;
-    declare_queue(&channel, queue).await?;
+    declare_queue(&channel, queue, &QueueShape::of(settings)).await?;
     let n = channel
         .queue_purge(queue.into(), QueuePurgeOptions::default())
         .await?;
@@ -220,13 +410,7 @@ impl Publisher {
                 Err(SendError::Cut(pending, e)) => (settle(pending).await.0, e),
             };
             done += confirmed;
-            if matches!(
-                error,
-                BrokerError::Nacked { .. }
-                    | BrokerError::QueueName(_)
-                    | BrokerError::Unpublishable { .. }
-            ) || attempt + 1 >= PUBLISH_ATTEMPTS
-            {
+            if error.is_permanent() || attempt + 1 >= PUBLISH_ATTEMPTS {
                 return Err(error);
             }
             attempt += 1;
@@ -249,7 +433,9 @@ impl Publisher {
             .await
             .map_err(|_| SendError::NoSlot(BrokerError::QueueName(queue.to_owned())))?;
         let mut slot = self.take_slot().await.map_err(SendError::NoSlot)?;
-        match send_on(&mut slot, queue, msgs).await {
+        let shape = QueueShape::of(&self.inner.settings);
+        let default_priority = self.inner.settings.task_default_priority;
+        match send_on(&mut slot, queue, &shape, default_priority, msgs).await {
             Ok(pending) => {
                 self.inner.idle.lock().await.push(slot);
                 Ok(pending)
@@ -289,21 +475,29 @@ enum SendError<'m> {
     Cut(Pending<'m>, BrokerError),
 }
 
-/// Writes `msgs` on one channel; says which confirms to await.
+/// Writes `msgs` on one channel; says which confirms to await. A message without a priority
+/// gets `default_priority` (Celery's `task_default_priority`).
 async fn send_on<'m>(
     slot: &mut Slot,
     queue: &str,
+    shape: &QueueShape,
+    default_priority: Option<u8>,
     msgs: &'m [TaskMessage],
 ) -> Result<Pending<'m>, SendError<'m>> {
     if !slot.declared.contains(queue) {
-        declare_queue(&slot.channel, queue)
+        declare_queue(&slot.channel, queue, shape)
             .await
             .map_err(|e| SendError::Cut(Vec::new(), e))?;
         slot.declared.insert(queue.to_owned());
     }
     let mut pending = Vec::with_capacity(msgs.len());
     for msg in msgs {
-        let (props, mut headers, body) = msg.encode();
+        let (mut props, mut headers, body) = msg.encode();
+        if msg.priority.is_none() {
+            if let Some(p) = default_priority {
+                props.priority = Some(p);
+            }
+        }
         crate::observe::trace::inject_headers(&mut headers);
         let properties = match try_write_properties(&props, &headers) {
             Ok(p) => p,
@@ -387,6 +581,100 @@ mod tests {
         assert!(backoff(0) <= Duration::from_millis(200));
         assert!(backoff(10) <= Duration::from_secs(10));
         assert!(backoff(10) >= Duration::from_secs(5));
+    }
+
+    fn refusal(text: &str) -> lapin::Error {
+        use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+        lapin::Error::from(lapin::ErrorKind::ProtocolError(AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED),
+            text.into(),
+        )))
+    }
+
+    #[test]
+    fn a_refused_redeclaration_says_which_argument_and_what_to_do() {
+        let said = "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'images' \
+                    in vhost '/': received none but current is the value '10' of type 'signedint'";
+        let e = explain_declare_error("images", refusal(said));
+        let BrokerError::QueueArguments {
+            queue,
+            argument,
+            existing,
+            wanted,
+            ..
+        } = &e
+        else {
+            panic!("{e:?}");
+        };
+        assert_eq!(
+            (
+                queue.as_str(),
+                argument.as_str(),
+                existing.as_str(),
+                wanted.as_str()
+            ),
+            ("images", "x-max-priority", "'10'", "none")
+        );
+        let text = e.to_string();
+        for part in [
+            "\"images\"",
+            "new queue",
+            "shovel",
+            "drain",
+            "delete_queue images",
+        ] {
+            assert!(text.contains(part), "{part}: {text}");
+        }
+        assert!(e.is_permanent());
+        let e = explain_declare_error(
+            "q",
+            refusal(
+                "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'q' in vhost \
+                 '/': received '5' but current is '20'",
+            ),
+        );
+        assert!(
+            matches!(&e, BrokerError::QueueArguments { existing, wanted, .. }
+                if existing == "'20'" && wanted == "'5'"),
+            "{e:?}"
+        );
+        // Other refusals stay what they were.
+        let e = explain_declare_error("q", refusal("PRECONDITION_FAILED - unknown delivery tag 1"));
+        assert!(matches!(e, BrokerError::Amqp(_)), "{e:?}");
+    }
+
+    #[test]
+    fn queue_shapes_follow_the_settings() {
+        let mut s = Settings::default();
+        assert!(QueueShape::of(&s).work_arguments("q").inner().is_empty());
+        assert!(QueueShape::of(&s).dead_arguments().inner().is_empty());
+        s.task_queue_max_priority = Some(10);
+        let args = QueueShape::of(&s).work_arguments("q");
+        assert_eq!(
+            args.inner().get("x-max-priority"),
+            Some(&AMQPValue::LongInt(10))
+        );
+        s.task_queue_max_priority = None;
+        s.task_default_queue_type = "quorum".into();
+        let shape = QueueShape::of(&s);
+        let args = shape.work_arguments("q");
+        assert_eq!(
+            args.inner().get("x-delivery-limit"),
+            Some(&AMQPValue::LongInt(20))
+        );
+        assert_eq!(
+            args.inner().get("x-dead-letter-routing-key"),
+            Some(&AMQPValue::LongString("q.dead".into()))
+        );
+        assert!(shape.broker_dead_letters());
+        assert!(shape.dead_arguments().inner().contains_key("x-queue-type"));
+        // A limit of 0 is Celery's declaration: the type and nothing else.
+        s.task_quorum_delivery_limit = 0;
+        let args = QueueShape::of(&s).work_arguments("q");
+        assert_eq!(
+            args.inner().keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["x-queue-type"]
+        );
     }
 
     #[test]

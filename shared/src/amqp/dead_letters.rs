@@ -3,13 +3,18 @@
 //! puts every one back; replaying forgets the job's stored FAILURE (it is pending again) and
 //! publishes a copy to the work queue (confirmed) before it acknowledges the dead letter, so a
 //! crash in between duplicates rather than loses.
+//!
+//! Most letters are put there by a worker, with `x-mediafarm-dead-*` headers saying why. On a
+//! quorum work queue RabbitMQ puts a message there itself once it was delivered more than
+//! `task_quorum_delivery_limit` times (every worker that took it died or gave it back); such a
+//! letter carries only RabbitMQ's `x-first-death-*` headers, from which the listing says why.
 
-use lapin::options::{BasicAckOptions, BasicGetOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::{BasicAckOptions, BasicGetOptions};
+use lapin::types::AMQPValue;
 use lapin::BasicProperties;
 use serde::Serialize;
 
-use crate::amqp::broker::{self, BrokerError};
+use crate::amqp::broker::{self, BrokerError, QueueShape};
 use crate::amqp::reroute::{
     dead_queue, Rerouter, DEAD_AT, DEAD_QUEUE, DEAD_REASON, DEAD_TYPE, DEAD_WORKER,
 };
@@ -38,14 +43,40 @@ fn header(props: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
+/// Kind and reason of a letter RabbitMQ dead-lettered itself (`x-first-death-reason`).
+fn broker_reason(reason: &str) -> (String, String) {
+    let (kind, text) = match reason {
+        "delivery_limit" => (
+            "DeliveryLimitExceeded",
+            "delivered more often than the quorum queue's x-delivery-limit \
+             (task_quorum_delivery_limit) without being acknowledged: every worker that took it \
+             died or gave it back, so it may be a poison message",
+        ),
+        "rejected" => ("Rejected", "rejected without requeueing"),
+        "expired" => ("Expired", "its time to live in the queue ran out"),
+        "maxlen" => ("QueueFull", "the queue was at its length limit"),
+        other => return ("BrokerDeadLettered".into(), format!("RabbitMQ: {other}")),
+    };
+    (kind.into(), format!("{text} (dead-lettered by RabbitMQ)"))
+}
+
 fn describe(props: &BasicProperties, bytes: usize) -> DeadLetter {
+    let by_broker = header(props, DEAD_TYPE)
+        .is_none()
+        .then(|| header(props, "x-first-death-reason"))
+        .flatten()
+        .map(|r| broker_reason(&r));
+    let (kind, reason) = match by_broker {
+        Some((kind, reason)) => (Some(kind), Some(reason)),
+        None => (header(props, DEAD_TYPE), header(props, DEAD_REASON)),
+    };
     DeadLetter {
         id: header(props, "id"),
         task: header(props, "task"),
-        kind: header(props, DEAD_TYPE),
-        reason: header(props, DEAD_REASON),
+        kind,
+        reason,
         at: header(props, DEAD_AT),
-        queue: header(props, DEAD_QUEUE),
+        queue: header(props, DEAD_QUEUE).or_else(|| header(props, "x-first-death-queue")),
         worker: header(props, DEAD_WORKER),
         bytes,
     }
@@ -60,17 +91,8 @@ async fn open(
     broker::check_queue_name(queue)?;
     let conn = broker::connect(settings, what).await?;
     let channel = conn.create_channel().await?;
-    let q = channel
-        .queue_declare(
-            dead_queue(queue).as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok((conn, channel, q.message_count()))
+    let count = broker::declare_dead_queue(&channel, queue, &QueueShape::of(settings)).await?;
+    Ok((conn, channel, count))
 }
 
 /// Up to `limit` dead letters of `queue`, oldest first; the queue is left as it was.
@@ -119,7 +141,7 @@ pub async fn replay(
 ) -> Result<usize, ReplayError> {
     let (conn, channel, count) = open(settings, queue, "mediafarm dead replay").await?;
     let conn = std::sync::Arc::new(conn);
-    let rerouter = Rerouter::open(conn.clone()).await?;
+    let rerouter = Rerouter::open(conn.clone(), QueueShape::of(settings)).await?;
     let mut replayed = 0;
     for _ in 0..count {
         let Some(msg) = channel

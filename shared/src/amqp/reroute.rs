@@ -9,6 +9,12 @@
 //! name. Buckets are powers of two from 128 ms to about 24 days; a delay takes the largest
 //! bucket that fits and the worker re-delays what is left when the message comes back, so a
 //! delay of any length takes at most ~25 hops and never ends early.
+//!
+//! Delay queues are classic queues whatever `task_default_queue_type` says: one bucket serves
+//! every work queue of the vhost (classic and quorum ones, this program's and others'), so its
+//! declaration must not depend on one program's settings, and a quorum queue dead-letters
+//! at-most-once unless it also refuses publishes when full. Work queues and dead-letter queues
+//! follow the settings ([`QueueShape`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -23,7 +29,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use tokio::sync::Mutex;
 
-use crate::amqp::broker::BrokerError;
+use crate::amqp::broker::{self, BrokerError, QueueShape};
 use crate::protocol::format_time;
 
 /// Prefix of the delay exchanges and queues.
@@ -40,8 +46,10 @@ pub const DEAD_AT: &str = "x-mediafarm-dead-at";
 pub const DEAD_QUEUE: &str = "x-mediafarm-dead-queue";
 pub const DEAD_WORKER: &str = "x-mediafarm-dead-worker";
 
-/// Headers RabbitMQ adds on dead-lettering; dropped on re-publishing so they do not grow.
+/// Headers RabbitMQ adds on dead-lettering (and a quorum queue's delivery count); dropped on
+/// re-publishing so they do not grow or follow a replayed message.
 const BROKER_DEATH_HEADERS: &[&str] = &[
+    "x-delivery-count",
     "x-death",
     "x-first-death-exchange",
     "x-first-death-queue",
@@ -81,6 +89,7 @@ pub struct DeadReason {
 /// A channel the broker closed (a refused declaration, say) is replaced on next use.
 pub struct Rerouter {
     conn: Arc<Connection>,
+    shape: QueueShape,
     state: Mutex<RerouteChannel>,
 }
 
@@ -98,10 +107,12 @@ async fn confirm_channel(conn: &Connection) -> Result<Channel, BrokerError> {
 }
 
 impl Rerouter {
-    pub async fn open(conn: Arc<Connection>) -> Result<Rerouter, BrokerError> {
+    /// A rerouter declaring work and dead-letter queues with `shape`.
+    pub async fn open(conn: Arc<Connection>, shape: QueueShape) -> Result<Rerouter, BrokerError> {
         let channel = confirm_channel(&conn).await?;
         Ok(Rerouter {
             conn,
+            shape,
             state: Mutex::new(RerouteChannel {
                 channel,
                 declared: HashSet::new(),
@@ -150,7 +161,7 @@ impl Rerouter {
         why: &DeadReason,
     ) -> Result<(), BrokerError> {
         let dead = dead_queue(&why.queue);
-        self.declare_plain(&dead).await?;
+        self.declare_dead(&why.queue).await?;
         let text = |s: &str| AMQPValue::LongString(LongString::from(s));
         let props = rewrite(
             props,
@@ -272,26 +283,21 @@ impl Rerouter {
         .await
     }
 
-    async fn declare_plain(&self, name: &str) -> Result<(), BrokerError> {
-        self.declare_once(name, |channel| async move {
-            channel
-                .queue_declare(
-                    name.into(),
-                    QueueDeclareOptions {
-                        durable: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            Ok(())
+    /// Declares the dead-letter queue of work queue `queue`.
+    async fn declare_dead(&self, queue: &str) -> Result<(), BrokerError> {
+        let shape = self.shape;
+        self.declare_once(&dead_queue(queue), |channel| async move {
+            broker::declare_dead_queue(&channel, queue, &shape)
+                .await
+                .map(|_| ())
         })
         .await
     }
 
     async fn declare_work_queue(&self, name: &str) -> Result<(), BrokerError> {
+        let shape = self.shape;
         self.declare_once(name, |channel| async move {
-            crate::amqp::broker::declare_queue(&channel, name).await
+            broker::declare_queue(&channel, name, &shape).await
         })
         .await
     }

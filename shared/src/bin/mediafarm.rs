@@ -46,7 +46,7 @@ enum Command {
         /// {"chain": [sig, ...]}, {"group": [sig, ...]} or {"chord": {"header": [sig, ...],
         /// "body": sig}}, with sig = {"task", "args", "kwargs", "options", "immutable"}.
         /// Prints (with --wait) the chain's last result, the group's list, the chord body's.
-        #[arg(long, value_name = "FILE|-", conflicts_with_all = ["task", "json", "queue", "countdown", "expires"])]
+        #[arg(long, value_name = "FILE|-", conflicts_with_all = ["task", "json", "queue", "countdown", "expires", "priority"])]
         workflow: Option<PathBuf>,
         /// Keyword arguments as a JSON object.
         #[arg(long, default_value = "{}")]
@@ -60,6 +60,10 @@ enum Command {
         /// Do not run after this many seconds from now.
         #[arg(long)]
         expires: Option<f64>,
+        /// Message priority, 0 to 255 (higher runs first; counts only on a queue declared
+        /// with task_queue_max_priority, and is capped at it). Default: task_default_priority.
+        #[arg(long)]
+        priority: Option<u8>,
         /// Wait for the result and print it.
         #[arg(long)]
         wait: bool,
@@ -289,6 +293,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             queue,
             countdown,
             expires,
+            priority,
             wait,
             timeout: t,
             ..
@@ -309,6 +314,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 queue,
                 countdown,
                 expires,
+                priority,
                 ..Default::default()
             };
             let result = client.send_task(&task, kwargs, &opts).await?;

@@ -47,6 +47,8 @@ pub struct SendOptions {
     pub countdown: Option<f64>,
     /// Do not run after this many seconds from now.
     pub expires: Option<f64>,
+    /// The message's AMQP priority, higher first; it counts on queues declared with
+    /// `task_queue_max_priority`. Unset: `task_default_priority`.
     pub priority: Option<u8>,
     pub time_limit: Option<f64>,
     pub soft_time_limit: Option<f64>,

@@ -18,7 +18,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::amqp::broker::{self, backoff, BrokerError, Publisher};
+use crate::amqp::broker::{self, backoff, BrokerError, Publisher, QueueShape};
 use crate::amqp::pidbox::{self, Node, Revocations};
 use crate::amqp::reroute::Rerouter;
 use crate::backend::{BackendError, ResultBackend};
@@ -429,7 +429,13 @@ async fn consume_until_stopped(shared: Arc<Shared>) {
                 shared.metrics.up.get_or_create(&up).set(0);
                 let wait = backoff(attempt);
                 attempt = attempt.saturating_add(1);
-                tracing::warn!(error = %e, retry_in = ?wait, "broker connection lost; reconnecting");
+                if matches!(e, BrokerError::QueueArguments { .. }) {
+                    // Settings and queue disagree: nothing is consumed until someone acts, and
+                    // the worker picks up on its own once the queue is migrated.
+                    tracing::error!(error = %e, retry_in = ?wait, "cannot declare a work queue");
+                } else {
+                    tracing::warn!(error = %e, retry_in = ?wait, "broker connection lost; reconnecting");
+                }
                 tokio::select! {
                     _ = shared.stop.cancelled() => break,
                     _ = tokio::time::sleep(wait) => {},
@@ -483,10 +489,15 @@ async fn consume_on(
     attempt: &mut u32,
 ) -> Result<(), BrokerError> {
     let channel = conn.create_channel().await?;
+    let qos = if shared.settings.quorum() {
+        PER_CONSUMER
+    } else {
+        CHANNEL_WIDE
+    };
     channel
-        .basic_qos(shared.settings.prefetch_count(), CHANNEL_WIDE)
+        .basic_qos(shared.settings.prefetch_count(), qos)
         .await?;
-    let rerouter = Arc::new(Rerouter::open(conn.clone()).await?);
+    let rerouter = Arc::new(Rerouter::open(conn.clone(), QueueShape::of(&shared.settings)).await?);
     let control = conn.create_channel().await?;
     let listen = pidbox::listen(control, shared.node.clone());
     let hostname = shared.hostname.clone();
@@ -584,7 +595,7 @@ async fn start_consuming(
     channel: &lapin::Channel,
     queue: &str,
 ) -> Result<(String, Deliveries), BrokerError> {
-    broker::declare_queue(channel, queue).await?;
+    broker::declare_queue(channel, queue, &QueueShape::of(&shared.settings)).await?;
     let tag = format!(
         "{}-{}-{}",
         shared.hostname,
@@ -653,6 +664,11 @@ async fn follow_queues(
 /// Prefetch is channel-wide (RabbitMQ's `global` QoS, as Celery sets it), so a worker on
 /// several queues holds `concurrency × multiplier` messages in all, not per queue.
 const CHANNEL_WIDE: BasicQosOptions = BasicQosOptions { global: true };
+
+/// Quorum queues refuse consumers on a channel with global QoS, so with
+/// `task_default_queue_type = "quorum"` prefetch is per consumer, as Celery does then
+/// (`worker_detect_quorum_queues`): a worker holds `concurrency × multiplier` per queue.
+const PER_CONSUMER: BasicQosOptions = BasicQosOptions { global: false };
 
 #[cfg(test)]
 mod tests {

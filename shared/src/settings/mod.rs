@@ -24,7 +24,7 @@ pub use webhook::WebhookSettings;
 /// The kinds a declaration reads its value as (`Int(1, 100)`, `Seconds`, `Url(&["https"])`...).
 pub mod kinds {
     pub use super::reader::{
-        Addr, Bool, CeleryRate, Custom, Int, List, OneOf, OptSeconds, Rate, Seconds,
+        Addr, Bool, CeleryRate, Custom, Int, List, OneOf, OptInt, OptSeconds, Rate, Seconds,
         SecondsOrDefault, Str, Url,
     };
 }
@@ -68,6 +68,24 @@ crate::settings_group! {
         broker_pool_limit: usize = 10, Int(1, 1000);
         /// AMQP heartbeat in seconds (0 turns heartbeats off).
         broker_heartbeat: u16 = 60, Int(0, 3600);
+        /// `x-max-priority` of every work queue (Celery's `task_queue_max_priority`, 1 to 255;
+        /// RabbitMQ advises 10 or less): a message's `priority` then counts. Unset: no argument,
+        /// so priorities are carried but have no effect. Classic queues only (RabbitMQ before
+        /// 3.13 has no priorities on quorum queues). An existing queue keeps its arguments: see
+        /// the README on changing them.
+        task_queue_max_priority: Option<u8> = None, OptInt(1, 255);
+        /// Priority of a job published without one (Celery's `task_default_priority`, 0 to
+        /// 255; unset: Celery's 0). Only a queue with `task_queue_max_priority` honours it.
+        task_default_priority: Option<u8> = None, OptInt(0, 255);
+        /// The type of the work queues and their dead-letter queues (Celery's
+        /// `task_default_queue_type`): `classic`, or `quorum` (replicated; RabbitMQ 3.10 or
+        /// later). Delay queues and the control and reply queues stay classic.
+        task_default_queue_type: String = "classic".into(), OneOf(&["classic", "quorum"]);
+        /// Quorum queues only: deliveries of one message before RabbitMQ dead-letters it to
+        /// `<queue>.dead` (`x-delivery-limit`, the guard against a message that kills every
+        /// worker that takes it). 0: no limit and no dead-letter arguments, which is exactly
+        /// Celery's own quorum declaration.
+        task_quorum_delivery_limit: u32 = 20, Int(0, 1_000_000);
         /// Redis URL of the result backend.
         result_backend: String = "redis://127.0.0.1:6379/0".into(),
             Url(&["redis", "redis+unix", "unix"]);
@@ -170,6 +188,17 @@ fn default_concurrency() -> usize {
 
 /// Rules across the core settings: time limits fit each other and RabbitMQ's timeout.
 fn check_core(settings: &Settings) -> Result<(), SettingsError> {
+    if let (Some(max), true) = (settings.task_queue_max_priority, settings.quorum()) {
+        return Err(SettingsError::Invalid {
+            name: "task_queue_max_priority".into(),
+            value: max.to_string(),
+            accepted: "unset while task_default_queue_type is \"quorum\": RabbitMQ refuses \
+                       x-max-priority on a quorum queue (before 3.13, which has two fixed \
+                       priorities instead); use classic queues for priorities, or a separate \
+                       queue for urgent jobs"
+                .into(),
+        });
+    }
     if let (Some(soft), Some(hard)) = (settings.task_soft_time_limit, settings.task_time_limit) {
         if soft >= hard {
             return Err(SettingsError::Invalid {
@@ -257,6 +286,11 @@ impl Settings {
             .worker_concurrency
             .saturating_mul(self.worker_prefetch_multiplier as usize);
         n.min(u16::MAX as usize) as u16
+    }
+
+    /// Work queues are quorum queues (`task_default_queue_type = "quorum"`).
+    pub fn quorum(&self) -> bool {
+        self.task_default_queue_type == "quorum"
     }
 
     /// Expiry in whole seconds for Redis, `None` when results are kept forever.
@@ -475,6 +509,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("whole number"), "{err}");
+    }
+
+    #[test]
+    fn queue_settings_take_celerys_names_and_refuse_priorities_on_quorum_queues() {
+        let s = from(
+            "task_queue_max_priority = 10\ntask_default_priority = 3",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            (s.task_queue_max_priority, s.task_default_priority),
+            (Some(10), Some(3))
+        );
+        assert!(!s.quorum());
+        let s = from("", &[("MEDIAFARM_TASK_DEFAULT_QUEUE_TYPE", "quorum")]).unwrap();
+        assert!(s.quorum());
+        assert_eq!(s.task_quorum_delivery_limit, 20);
+        let s = from("", &[("MEDIAFARM_TASK_QUEUE_MAX_PRIORITY", "")]).unwrap();
+        assert_eq!(s.task_queue_max_priority, None);
+        let err = from("task_queue_max_priority = 0", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("from 1 to 255"), "{err}");
+        let err = from("task_default_queue_type = \"stream\"", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("classic, quorum"), "{err}");
+        let err = from(
+            "task_default_queue_type = \"quorum\"\ntask_queue_max_priority = 10",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`task_queue_max_priority`") && err.contains("quorum"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -326,6 +326,27 @@ where
     }
 }
 
+/// An optional whole number from `.0` to `.1`; an empty variable means unset.
+pub struct OptInt<T>(pub T, pub T);
+
+impl<T> Kind<Option<T>> for OptInt<T>
+where
+    T: TryFrom<i64> + TryInto<i64> + Copy + std::fmt::Display,
+{
+    fn read(
+        &self,
+        reader: &Reader,
+        name: &str,
+        default: Option<T>,
+    ) -> Result<Option<T>, SettingsError> {
+        match reader.get(name) {
+            None => Ok(default),
+            Some(Raw::Env(s)) if s.trim().is_empty() => Ok(None),
+            Some(_) => reader.int(name, self.0, self.0, self.1).map(Some),
+        }
+    }
+}
+
 /// Seconds, Celery's form; `0` (or an empty variable) is zero, which means "none".
 pub struct Seconds;
 
@@ -529,7 +550,7 @@ macro_rules! shown_by_display {
         }
     )*};
 }
-shown_by_display!(bool, u16, u32, u64, usize);
+shown_by_display!(bool, u8, u16, u32, u64, usize);
 
 impl Value for String {
     fn shown(&self) -> String {

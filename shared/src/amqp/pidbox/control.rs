@@ -37,7 +37,8 @@ pub async fn add_consumer(node: &Node, channel: &Channel, req: &Request) -> Valu
     if let Some(exchange) = req.text("exchange").filter(|e| *e != queue) {
         let kind = req.text("exchange_type").unwrap_or("direct");
         let routing_key = req.text("routing_key").unwrap_or(queue);
-        if let Err(e) = bind_to(channel, queue, exchange, kind, routing_key).await {
+        let shape = broker::QueueShape::of(&node.settings);
+        if let Err(e) = bind_to(channel, queue, &shape, exchange, kind, routing_key).await {
             return nok(format!("{e}"));
         }
     }
@@ -47,9 +48,12 @@ pub async fn add_consumer(node: &Node, channel: &Channel, req: &Request) -> Valu
     ok(format!("add consumer {queue}"))
 }
 
+/// Declares work queue `queue` with `shape` (as the worker will when it consumes it) and binds
+/// it to `exchange`.
 async fn bind_to(
     channel: &Channel,
     queue: &str,
+    shape: &broker::QueueShape,
     exchange: &str,
     kind: &str,
     routing_key: &str,
@@ -60,7 +64,11 @@ async fn bind_to(
         "headers" => ExchangeKind::Headers,
         _ => ExchangeKind::Direct,
     };
-    crate::amqp::broker::declare_bound_queue(channel, queue, exchange, kind, routing_key).await
+    if shape.broker_dead_letters() {
+        broker::declare_dead_queue(channel, queue, shape).await?;
+    }
+    let args = shape.work_arguments(queue);
+    broker::declare_bound_queue(channel, queue, exchange, kind, routing_key, args).await
 }
 
 /// Stops consuming `queue` (messages already delivered still run). Celery's reply whether or

@@ -123,16 +123,24 @@ pub fn registered(node: &Node) -> Value {
 }
 
 /// kombu's `Queue(name).as_dict(recurse=True)` for each queue consumed, as the runtime
-/// declares them (a durable direct exchange named as the queue, routing key the queue's name).
+/// declares them (a durable direct exchange named as the queue, routing key the queue's name,
+/// the queue arguments the settings give).
 pub fn active_queues(node: &Node) -> Value {
+    let shape = crate::amqp::broker::QueueShape::of(&node.settings);
     json!(node
         .queues()
         .iter()
-        .map(|q| queue_as_dict(q))
+        .map(|q| queue_as_dict(q, &shape))
         .collect::<Vec<_>>())
 }
 
-pub fn queue_as_dict(name: &str) -> Value {
+pub fn queue_as_dict(name: &str, shape: &crate::amqp::broker::QueueShape) -> Value {
+    let arguments = crate::amqp::table::table_to_json(&shape.work_arguments(name));
+    let arguments = if arguments.is_empty() {
+        Value::Null
+    } else {
+        Value::Object(arguments)
+    };
     json!({
         "name": name,
         "exchange": {
@@ -146,7 +154,7 @@ pub fn queue_as_dict(name: &str) -> Value {
             "no_declare": false,
         },
         "routing_key": name,
-        "queue_arguments": null,
+        "queue_arguments": arguments,
         "binding_arguments": null,
         "consumer_arguments": null,
         "durable": true,
@@ -160,7 +168,7 @@ pub fn queue_as_dict(name: &str) -> Value {
         "message_ttl": null,
         "max_length": null,
         "max_length_bytes": null,
-        "max_priority": null,
+        "max_priority": shape.max_priority,
     })
 }
 
@@ -321,7 +329,16 @@ mod tests {
 
     #[test]
     fn queues_read_as_kombu_writes_them() {
-        let q = queue_as_dict("image");
+        let q = queue_as_dict("image", &Default::default());
+        assert_eq!(q["queue_arguments"], Value::Null);
+        assert_eq!(q["max_priority"], Value::Null);
+        let prio = crate::amqp::broker::QueueShape {
+            max_priority: Some(10),
+            ..Default::default()
+        };
+        let p = queue_as_dict("image", &prio);
+        assert_eq!(p["queue_arguments"], json!({"x-max-priority": 10}));
+        assert_eq!(p["max_priority"], json!(10));
         assert_eq!(q["name"], "image");
         assert_eq!(q["exchange"]["name"], "image");
         assert_eq!(q["exchange"]["type"], "direct");
