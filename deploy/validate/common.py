@@ -79,7 +79,7 @@ def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 # The programs that read the settings file, and how each is asked to list or check them.
-PROGRAMS = ("mediafarm", *WORKER_QUEUES)
+PROGRAMS = ("mediafarm", *WORKER_QUEUES, "snapshot-hooks")
 
 
 def program_args(program: str, cli_form: str) -> list[str]:
