@@ -276,6 +276,27 @@ mod tests {
     }
 
     #[test]
+    fn the_example_settings_file_has_the_defaults() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../deploy/mediafarm.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let token = "0123456789abcdef";
+        let (_, hooks) = Sources::from_text(
+            &path,
+            &text,
+            [("MEDIAFARM_HOOKS_TOKEN".to_owned(), token.to_owned())],
+        )
+        .unwrap()
+        .read::<HooksSettings>()
+        .unwrap();
+        let expected = HooksSettings {
+            hooks_token: Some(token.into()),
+            ..HooksSettings::default()
+        };
+        assert_eq!(hooks, expected);
+    }
+
+    #[test]
     fn apps_are_read_from_toml_and_from_json() {
         let text = r#"
 hooks_token = "0123456789abcdef"
