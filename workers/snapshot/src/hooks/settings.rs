@@ -112,8 +112,14 @@ impl Apps {
                 ));
             }
             let args = policy.watch_args(app, "x");
-            crate::watch::check_args(&args)
-                .map_err(|e| format!("[hooks_apps.{app}]: {}", e.message))?;
+            crate::watch::check_args(&args).map_err(|e| {
+                let also = if e.exc_type == "InvalidKeyTemplate" {
+                    " ({app} and {name} too, filled in by snapshot-hooks)"
+                } else {
+                    ""
+                };
+                format!("[hooks_apps.{app}]: {}{also}", e.message)
+            })?;
             if policy.queue.is_empty() {
                 return Err(format!("[hooks_apps.{app}]: queue is empty"));
             }
