@@ -63,7 +63,12 @@ impl World {
 
     /// Starts snapshot-hooks on `port` with `apps` as its policy.
     fn start_hooks(&mut self, port: u16, apps: Value) {
-        let log = std::fs::File::create(self.dir.join("hooks.log")).unwrap();
+        self.start_hooks_with(port, apps, &[]);
+    }
+
+    /// [`World::start_hooks`] with more environment variables.
+    fn start_hooks_with(&mut self, port: u16, apps: Value, extra: &[(&str, &str)]) {
+        let log = std::fs::File::create(self.dir.join(format!("hooks-{port}.log"))).unwrap();
         let proc = Proc::spawn(
             Command::new(mediafarm_tests::package_binary(
                 "snapshot-worker",
@@ -71,6 +76,7 @@ impl World {
             ))
             .args(["--addr", &format!("127.0.0.1:{port}"), "-l", "info"])
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(extra.iter().copied())
             .env("MEDIAFARM_HOOKS_APPS", apps.to_string())
             .env("NO_COLOR", "1")
             .stdout(log.try_clone().unwrap())
@@ -243,7 +249,8 @@ async fn nginx_rtmp_publish_starts_a_session_and_its_end_stops_it() {
     let session = session.unwrap_or_else(|| {
         panic!(
             "no session claimed {stream_id}; hooks log:\n{}",
-            std::fs::read_to_string(w.dir.join("hooks.log")).unwrap_or_default()
+            std::fs::read_to_string(w.dir.join(format!("hooks-{hooks_port}.log")))
+                .unwrap_or_default()
         )
     });
     let job = w.client.result(&session);
@@ -272,6 +279,16 @@ async fn nginx_rtmp_publish_starts_a_session_and_its_end_stops_it() {
     assert_eq!(ready_count(&w.settings, &w.queue).await, 0);
 
     // The publisher stops: nginx calls on_publish_done, and the session ends as stopped.
+    // When the hook sent the job and when the session began (both logs), for the record.
+    for log in [format!("hooks-{hooks_port}.log"), "worker.log".to_owned()] {
+        let text = std::fs::read_to_string(w.dir.join(&log)).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.contains("publish: session started") || l.contains("session running"))
+        {
+            eprintln!("{log}: {line}");
+        }
+    }
     drop(publisher);
     let out = job.get(WAIT).await.unwrap();
     assert_eq!(out["ended"], "stopped", "{out}");
@@ -391,6 +408,26 @@ async fn srs_hooks_are_answered_as_srs_expects() {
         .await
         .unwrap();
     assert!(revoked.is_some(), "job {job} was not revoked");
+
+    // A caller outside hooks_allow_from is refused even with the right token.
+    let fenced = free_port();
+    let apps = json!({"live": {
+        "stream_url": "rtmp://127.0.0.1:1935/{app}/{name}",
+        "key": "s/{stream_id}/{seq}.jpg",
+        "queue": w.queue,
+    }});
+    w.start_hooks_with(
+        fenced,
+        apps,
+        &[("MEDIAFARM_HOOKS_ALLOW_FROM", "10.0.0.0/8")],
+    );
+    let (status, body) = srs(fenced, TOKEN, &publish);
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("hooks_allow_from"), "{body}");
+    assert_eq!(
+        w.get(&format!("mediafarm-snapshot-hook-{stream_id}")).await,
+        None
+    );
 
     // Health.
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
