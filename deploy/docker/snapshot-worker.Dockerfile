@@ -19,8 +19,9 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p snapshot-worker --bin snapshot-worker \
- && install -D -m 0755 target/release/snapshot-worker /out/snapshot-worker
+    cargo build --release --locked -p snapshot-worker --bin snapshot-worker --bin snapshot-hooks \
+ && install -D -m 0755 target/release/snapshot-worker /out/snapshot-worker \
+ && install -D -m 0755 target/release/snapshot-hooks /out/snapshot-hooks
 
 FROM debian:bookworm-slim
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -32,9 +33,13 @@ RUN apt-get update \
       ca-certificates libavcodec59 libavformat59 libavutil57 libswscale6 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin mediafarm
-COPY --from=builder /out/snapshot-worker /usr/local/bin/snapshot-worker
-# Fail the image build, not the first pod, if the binary needs a library this stage lacks.
-RUN if ldd /usr/local/bin/snapshot-worker | grep 'not found'; then exit 1; fi
+# snapshot-hooks (the media server's publish hooks, README) ships in the same image: run it
+# with --entrypoint /usr/local/bin/snapshot-hooks.
+COPY --from=builder /out/snapshot-worker /out/snapshot-hooks /usr/local/bin/
+# Fail the image build, not the first pod, if a binary needs a library this stage lacks.
+RUN for b in snapshot-worker snapshot-hooks; do \
+      if ldd "/usr/local/bin/$b" | grep 'not found'; then exit 1; fi; \
+    done
 # /metrics, /healthz and /readyz on metrics_addr, which comes from the settings file only
 # (deploy/mediafarm.container.toml, the k8s ConfigMap: 0.0.0.0:9808): an ENV here would override
 # the file silently, so moving the port in the settings would move beat's (whose image sets

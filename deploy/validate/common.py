@@ -79,7 +79,7 @@ def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 
 # The programs that read the settings file, and how each is asked to list or check them.
-PROGRAMS = ("mediafarm", *WORKER_QUEUES)
+PROGRAMS = ("mediafarm", *WORKER_QUEUES, "snapshot-hooks")
 
 
 def program_args(program: str, cli_form: str) -> list[str]:
@@ -105,11 +105,11 @@ def setting_names(binaries: Path = DEBUG_BINARIES) -> set[str]:
 
 def program_of(command: list[str], service: str = "") -> str:
     """The binary a container or service runs: its command's first word if that names one of
-    ours, else the service's name if it is a worker's, else the CLI (beat)."""
+    ours, else the service's name if it is a worker's or snapshot-hooks, else the CLI (beat)."""
     first = Path(command[0]).name if command else ""
     if first in PROGRAMS:
         return first
-    return service if service in WORKER_QUEUES else "mediafarm"
+    return service if service in WORKER_QUEUES or service in PROGRAMS else "mediafarm"
 
 
 def exported_metrics() -> set[str]:

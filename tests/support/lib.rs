@@ -203,6 +203,22 @@ pub fn worker_binary(package: &'static str) -> PathBuf {
     path
 }
 
+/// Path to binary `bin` of workspace package `package` (`snapshot-hooks` of `snapshot-worker`),
+/// built (once per test process) if needed.
+pub fn package_binary(package: &'static str, bin: &'static str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    {
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        if !built.contains(&bin) {
+            cargo_build(&["-p", package, "--bin", bin]);
+            built.push(bin);
+        }
+    }
+    let path = debug_dir().join(bin);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
 /// Deletes a queue and its exchange when a test is done with them.
 pub async fn delete_queue(settings: &Settings, queue: &str) {
     if let Ok(conn) = mediafarm::amqp::broker::connect(settings, "test cleanup").await {

@@ -160,6 +160,12 @@ pub fn hls_writer(dir: &Path) -> Proc {
 
 /// nginx with the RTMP module on a free port, its config and files in `dir`, run as this user.
 pub fn nginx_rtmp(dir: &Path) -> (Proc, u16) {
+    nginx_rtmp_with(dir, "idle_streams off;")
+}
+
+/// [`nginx_rtmp`] with these directives in application `live` instead of `idle_streams off;`
+/// (e.g. `on_publish URL;`).
+pub fn nginx_rtmp_with(dir: &Path, live_directives: &str) -> (Proc, u16) {
     let port = free_port();
     let module = [
         "/usr/lib/nginx/modules/ngx_rtmp_module.so",
@@ -173,7 +179,7 @@ pub fn nginx_rtmp(dir: &Path) -> (Proc, u16) {
         "load_module {module};\n\
          daemon off;\nmaster_process off;\nerror_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n\
          events {{ worker_connections 256; }}\n\
-         rtmp {{ server {{ listen 127.0.0.1:{port}; application live {{ live on; record off; idle_streams off; }} }} }}\n",
+         rtmp {{ server {{ listen 127.0.0.1:{port}; application live {{ live on; record off; {live_directives} }} }} }}\n",
         d = dir.display()
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();

@@ -25,6 +25,7 @@ pub const OWNERS: &[(&str, &str)] = &[
     ("webhook_", "notify-worker"),
     ("persist_", "persist-worker"),
     ("beat_", "mediafarm beat"),
+    ("hooks_", "snapshot-hooks"),
 ];
 
 const ENV_PREFIX: &str = "MEDIAFARM_";

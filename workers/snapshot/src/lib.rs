@@ -6,6 +6,7 @@ pub mod capture;
 pub mod cpu_gate;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hooks;
 pub mod jpeg;
 pub mod media;
 pub mod settings;
