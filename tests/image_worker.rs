@@ -1013,3 +1013,164 @@ async fn strip_metadata_false_keeps_the_profile_and_exif() {
     assert_eq!(decoder.exif_metadata().unwrap(), None);
     f.stop().await;
 }
+
+/// A colour that changes slowly across the picture, so any output pixel says where it came from.
+fn ramp(x: u32, y: u32, (w, h): (u32, u32)) -> [u8; 3] {
+    [
+        (u64::from(x) * 255 / u64::from(w)) as u8,
+        (u64::from(y) * 255 / u64::from(h)) as u8,
+        90,
+    ]
+}
+
+/// A PNG of [`ramp`] written a row at a time, `depth` bits deep (16-bit samples c·257); with
+/// `alpha`, the right half half-transparent.
+fn ramp_png((w, h): (u32, u32), alpha: bool, depth: png::BitDepth) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w, h);
+    let color = if alpha {
+        png::ColorType::Rgba
+    } else {
+        png::ColorType::Rgb
+    };
+    enc.set_color(color);
+    enc.set_depth(depth);
+    enc.set_compression(png::Compression::Fast);
+    let mut writer = enc.write_header().unwrap();
+    let samples = color.samples();
+    let bytes = if depth == png::BitDepth::Sixteen {
+        2
+    } else {
+        1
+    };
+    let mut stream = writer.stream_writer().unwrap();
+    let mut row = vec![0u8; w as usize * samples * bytes];
+    for y in 0..h {
+        for x in 0..w {
+            let [r, g, b] = ramp(x, y, (w, h));
+            let a = if x < w / 2 { 255 } else { 128 };
+            let px = [r, g, b, a];
+            let at = x as usize * samples * bytes;
+            for (c, &v) in px[..samples].iter().enumerate() {
+                row[at + c * bytes..at + (c + 1) * bytes].fill(v);
+            }
+        }
+        std::io::Write::write_all(&mut stream, &row).unwrap();
+    }
+    stream.finish().unwrap();
+    drop(writer);
+    out
+}
+
+fn ramp_rgb((w, h): (u32, u32)) -> Vec<u8> {
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    for y in 0..h {
+        for x in 0..w {
+            rgb.extend_from_slice(&ramp(x, y, (w, h)));
+        }
+    }
+    rgb
+}
+
+/// The worst case of each accepted source format within the default limits (50 MP): 8-bit and
+/// 16-bit RGBA PNG, progressive 4:4:4 JPEG, lossy and lossless WebP at WebP's largest side,
+/// and GIF, each made into the benchmark's outputs (1280, 640, 160 px JPEG) with the right
+/// size and colours. (Their peak memory, which streaming keeps down, is in BENCHMARKS.md.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_source_of_every_format_succeeds() {
+    let f = ImageFarm::start("worst", |_| {}).await;
+    let big = (9400u32, 5300u32);
+    let wide = (16_383u32, 3050u32);
+    let mut sources: Vec<(&str, (u32, u32), bool)> = Vec::new();
+    f.upload("w/rgba.png", ramp_png(big, true, png::BitDepth::Eight))
+        .await;
+    sources.push(("w/rgba.png", big, true));
+    f.upload(
+        "w/rgba16.png",
+        ramp_png((8000, 6000), true, png::BitDepth::Sixteen),
+    )
+    .await;
+    sources.push(("w/rgba16.png", (8000, 6000), true));
+    let rgb = ramp_rgb(big);
+    let mut jpeg = Vec::new();
+    let mut enc = jpeg_encoder::Encoder::new(&mut jpeg, 90);
+    enc.set_progressive(true);
+    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::R_4_4_4);
+    enc.encode(&rgb, 9400, 5300, jpeg_encoder::ColorType::Rgb)
+        .unwrap();
+    drop(rgb);
+    f.upload("w/prog444.jpg", jpeg).await;
+    sources.push(("w/prog444.jpg", big, false));
+    let rgb = ramp_rgb(wide);
+    let lossy = webp::Encoder::from_rgb(&rgb, wide.0, wide.1)
+        .encode(80.0)
+        .to_vec();
+    f.upload("w/lossy.webp", lossy).await;
+    sources.push(("w/lossy.webp", wide, false));
+    let mut lossless = Vec::new();
+    image::codecs::webp::WebPEncoder::new_lossless(&mut lossless)
+        .encode(&rgb, wide.0, wide.1, image::ExtendedColorType::Rgb8)
+        .unwrap();
+    drop(rgb);
+    f.upload("w/lossless.webp", lossless).await;
+    sources.push(("w/lossless.webp", wide, false));
+    // GIF: 256 reds (the ramp's red across, fixed green and blue), so no colour is lost to
+    // the palette.
+    let palette: Vec<u8> = (0..=255u8).flat_map(|i| [i, 128, 90]).collect();
+    let mut gif_data = Vec::new();
+    {
+        let mut enc = gif::Encoder::new(&mut gif_data, 9400, 5300, &palette).unwrap();
+        let mut indexes = Vec::with_capacity(9400 * 5300);
+        for _ in 0..big.1 {
+            indexes.extend((0..big.0).map(|x| ramp(x, 0, big)[0]));
+        }
+        enc.write_frame(&gif::Frame::from_indexed_pixels(9400, 5300, indexes, None))
+            .unwrap();
+    }
+    f.upload("w/big.gif", gif_data).await;
+    sources.push(("w/big.gif", big, false));
+
+    for (src, (w, h), alpha) in sources {
+        let name = src.trim_start_matches("w/");
+        let outputs: Vec<Value> = [1280, 640, 160]
+            .iter()
+            .map(|width| json!({"key": format!("o/{name}/{width}.jpg"), "width": width, "format": "jpeg", "quality": 90}))
+            .collect();
+        let out = f
+            .transform(json!({"source": src, "outputs": outputs}))
+            .await
+            .unwrap_or_else(|e| panic!("{src}: {e}"));
+        assert_eq!(out["source"]["width"], w, "{src}");
+        assert_eq!(out["source"]["height"], h, "{src}");
+        let img = f.output(&format!("o/{name}/1280.jpg")).await;
+        let want_h = (f64::from(h) * 1280.0 / f64::from(w)).round() as u32;
+        assert_eq!((img.width(), img.height()), (1280, want_h), "{src}");
+        // Landmarks in the opaque left half (the right half of the alpha sources is blended
+        // onto white): the ramp's colour there, within JPEG's error.
+        for (fx, fy) in [(0.1, 0.1), (0.3, 0.5), (0.45, 0.9)] {
+            let (x, y) = ((fx * 1280.0) as u32, (fy * f64::from(want_h)) as u32);
+            let mut want = ramp(
+                (fx * f64::from(w)) as u32,
+                (fy * f64::from(h)) as u32,
+                (w, h),
+            );
+            if src.ends_with(".gif") {
+                want[1] = 128;
+            }
+            let got = rgb_at(&img, x, y);
+            assert!(
+                close(got, want, 10),
+                "{src} at ({x}, {y}): {got:?}, want {want:?}"
+            );
+        }
+        if alpha {
+            // Alpha 128 over white: half-way to white.
+            let got = rgb_at(&img, 1200, want_h / 2);
+            let [r, g, b] = ramp(w * 1200 / 1280, h / 2, (w, h));
+            let mix = |c: u8| ((u32::from(c) + 255) / 2) as u8;
+            let want = [mix(r), mix(g), mix(b)];
+            assert!(close(got, want, 10), "{src}: {got:?}, want {want:?}");
+        }
+    }
+    f.stop().await;
+}

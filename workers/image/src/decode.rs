@@ -1,8 +1,12 @@
 //! Reading a source once: its type and pixel count checked from the header before any pixel
 //! is decoded, JPEGs through libjpeg-turbo at the smallest IDCT scale every output allows
-//! (shrink-on-load), other types through `image`; the EXIF orientation read (and returned, not
-//! applied: `orient.rs` turns each output after its resize); the ICC profile and EXIF block
-//! kept for the outputs.
+//! (shrink-on-load), PNG, GIF and WebP streamed and shrunk while they decode (`streamed.rs`),
+//! what neither covers (interlaced PNG, animated WebP, CMYK JPEG) through `image`; the EXIF
+//! orientation read (and returned, not applied: `orient.rs` turns each output after its
+//! resize); the ICC profile and EXIF block kept for the outputs.
+//!
+//! Each path reserves from the worker's decode budget (`budget.rs`) what it will hold: its
+//! decoder's buffers and the decoded picture, and the resize's copies of it ([`resize_bytes`]).
 
 use std::io::Cursor;
 
@@ -12,8 +16,9 @@ use mediafarm::TaskError;
 
 use crate::budget::{reserve, Reservation};
 use crate::orient::swap_size;
+use crate::shrink::factor_for;
 use crate::spec::{invalid, SourceInfo};
-use crate::{jpeg, lowres};
+use crate::{jpeg, lowres, streamed};
 
 /// A decoded source, 8-bit RGB or RGBA, as stored (not yet turned by its orientation).
 pub struct Decoded {
@@ -43,11 +48,25 @@ pub fn decode(
     }
     let format = sniff(data)?;
     if format == ImageFormat::Jpeg {
-        if let Some(decoded) = decode_jpeg(data, auto_orient, max_pixels, share_needed)? {
+        if let Some(decoded) = decode_jpeg(data, auto_orient, max_pixels, &share_needed)? {
             return Ok(decoded);
         }
     }
-    decode_other(data, format, auto_orient, max_pixels)
+    decode_other(data, format, auto_orient, max_pixels, share_needed)
+}
+
+/// Bytes the resize holds besides the decoded picture, for a decoded picture of `decoded`
+/// pixels whose largest output is `share` (per side) of `full`: `fast_image_resize`'s
+/// premultiplied copy of an alpha picture, its one-pass intermediate, and the output with the
+/// copies finishing it makes (turned, flattened or padded).
+pub fn resize_bytes(decoded: (u32, u32), alpha: bool, full: (u32, u32), share: f64) -> u64 {
+    let channels: u64 = if alpha { 4 } else { 3 };
+    let (dw, dh) = (u64::from(decoded.0), u64::from(decoded.1));
+    let out = |side: u32| ((f64::from(side) * share.clamp(0.0, 1.0)).ceil() as u64).max(1);
+    let (ow, oh) = (out(full.0), out(full.1));
+    let premultiplied = if alpha { dw * dh * channels } else { 0 };
+    let intermediate = (ow * dh).max(dw * oh) * channels;
+    premultiplied + intermediate + 3 * ow * oh * channels
 }
 
 fn sniff(data: &[u8]) -> Result<ImageFormat, TaskError> {
@@ -148,7 +167,8 @@ fn decode_jpeg(
     }
     let (orient, exif) = orientation(header.exif, auto_orient);
     let full = swap_size(orient, (header.width, header.height));
-    let eighths = eighths_for(share_needed(full));
+    let share = share_needed(full);
+    let eighths = eighths_for(share);
     let scaled = |side: u32| u64::from(side.div_ceil(8 / u32::from(eighths)));
     let pixels = scaled(header.width) * scaled(header.height) * 3;
     // A huge progressive source at 1/4 or 1/8 scale: the low-memory decoder keeps 4 of each
@@ -159,7 +179,9 @@ fn decode_jpeg(
         (true, true) => header.coefficient_bytes / 16,
         (true, false) => header.coefficient_bytes,
     };
-    let mut reservation = reserve(pixels + coefficients);
+    let decoded = (scaled(header.width) as u32, scaled(header.height) as u32);
+    let resize = resize_bytes(decoded, false, (header.width, header.height), share);
+    let mut reservation = reserve(pixels + coefficients + resize);
     let low = if light {
         lowres::decode(data, eighths)
     } else {
@@ -170,7 +192,7 @@ fn decode_jpeg(
         None => {
             if light {
                 drop(reservation);
-                reservation = reserve(pixels + header.coefficient_bytes);
+                reservation = reserve(pixels + header.coefficient_bytes + resize);
             }
             let Some(rgb) = jpeg::decode_rgb(data, eighths).map_err(cannot)? else {
                 return Ok(None);
@@ -201,6 +223,7 @@ fn decode_other(
     format: ImageFormat,
     auto_orient: bool,
     max_pixels: u64,
+    share_needed: impl Fn((u32, u32)) -> f64,
 ) -> Result<Decoded, TaskError> {
     let name = format!("{format:?}").to_lowercase();
     let cannot =
@@ -220,12 +243,41 @@ fn decode_other(
     let pixels = u64::from(width) * u64::from(height);
     limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
-    // The decoded picture, up to 8 bytes a pixel (16-bit RGBA) before it becomes 8-bit.
-    let reservation = reserve(pixels.saturating_mul(8));
+    // `image` reads the metadata (its decoders parse the headers only until asked for pixels).
     let mut decoder = reader.into_decoder().map_err(cannot)?;
     let icc = decoder.icc_profile().ok().flatten();
     let exif = decoder.exif_metadata().ok().flatten();
     let (orient, exif) = orientation(exif, auto_orient);
+    let full = swap_size(orient, (width, height));
+    let share = share_needed(full);
+    let info = SourceInfo {
+        width: full.0,
+        height: full.1,
+        format: name.clone(),
+        bytes: data.len() as u64,
+    };
+    if format != ImageFormat::Jpeg {
+        if let Some(plan) = streamed::plan(data, format, (width, height), factor_for(share)) {
+            drop(decoder);
+            let resize = resize_bytes(plan.decoded_size(), plan.alpha, (width, height), share);
+            let reservation = reserve(plan.bytes + resize);
+            let image = streamed::decode(data, &plan)
+                .map_err(|e| invalid("InvalidImage", format!("cannot decode the {name}: {e}")))?;
+            return Ok(Decoded {
+                image,
+                info,
+                orientation: orient,
+                icc,
+                exif,
+                reservation,
+            });
+        }
+    }
+    // The whole picture, up to 8 bytes a pixel (16-bit RGBA) and its 8-bit copy, and the
+    // resize's copies of it.
+    let alpha = decoder.color_type().has_alpha();
+    let resize = resize_bytes((width, height), alpha, (width, height), share);
+    let reservation = reserve(pixels.saturating_mul(12).saturating_add(resize));
     // GIF and animated WebP: the first frame.
     let image = DynamicImage::from_decoder(decoder).map_err(cannot)?;
     // 8 bits per channel, RGB or RGBA: grayscale, 16-bit and palette sources alike (an
@@ -235,14 +287,8 @@ fn decode_other(
         other if other.color().has_alpha() => DynamicImage::ImageRgba8(other.into_rgba8()),
         other => DynamicImage::ImageRgb8(other.into_rgb8()),
     };
-    let (width, height) = swap_size(orient, (image.width(), image.height()));
     Ok(Decoded {
-        info: SourceInfo {
-            width,
-            height,
-            format: name,
-            bytes: data.len() as u64,
-        },
+        info,
         image,
         orientation: orient,
         icc,
@@ -311,9 +357,10 @@ mod tests {
             (decoded.image.width(), decoded.image.height()),
             (1050, 1050)
         );
-        // Reserved for 4 coefficients a block, not libjpeg's 64.
+        // Reserved for 4 coefficients a block (with the 1/4-scale picture and its resize),
+        // not libjpeg's 64.
         assert!(
-            decoded.reservation.bytes() < header.coefficient_bytes / 8,
+            decoded.reservation.bytes() < header.coefficient_bytes / 4,
             "{}",
             decoded.reservation.bytes()
         );

@@ -13,7 +13,9 @@ pub mod lowres;
 pub mod orient;
 pub mod scans;
 pub mod settings;
+pub mod shrink;
 pub mod spec;
+pub mod streamed;
 pub mod transform;
 mod webp_meta;
 

@@ -1,0 +1,164 @@
+"""Peak memory per source format (issue 18): the VmHWM of a real `image-worker` processing the
+worst case of each accepted source format through the broker — one job at `-c 1`, then four
+jobs at `-c 2` (two at a time) — each job → 1280, 640 and 160 px wide JPEG q80, as
+bench/image_broker.py's jobs.
+
+Sources (made here with Pillow and zlib under var/bench/image-formats/, never committed), each
+within the default limits (50 MP, 50 MB):
+  rgba.png      9400×5300 8-bit RGBA PNG
+  rgb.png       9400×5300 8-bit RGB PNG
+  rgba16.png    8000×6000 16-bit RGBA PNG (48 MP; written by hand: Pillow has no 16-bit RGBA)
+  gray16.png    9400×5300 16-bit grayscale PNG
+  prog444.jpg   9400×5300 progressive 4:4:4 JPEG q90
+  prog444-16mp.jpg, prog444-8mp.jpg  4900×3265 and 3464×2309, the same (the largest that
+                libjpeg decodes with every coefficient, below lowres.rs's threshold)
+  lossy.webp    16383×3050 lossy WebP (its largest side)
+  alpha.webp    16383×3050 lossy WebP with alpha
+  lossless.webp 16383×3050 lossless WebP
+  big.gif       9400×5300 GIF (256 colours)
+
+Usage: .venv/bin/python bench/image_memory.py [--binary target/release/image-worker]
+       [--only rgba.png,...] [--no-build]
+Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
+"""
+import argparse
+import os
+import struct
+import sys
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import image_broker  # noqa: E402  (drain, stage, build; the same job and settings)
+
+FORMATS = ROOT / "var" / "bench" / "image-formats"
+
+
+def picture(w, h, mode):
+    """A smooth but not flat picture: gradients, a Mandelbrot band, a radial alpha."""
+    from PIL import Image
+    red = Image.linear_gradient("L").rotate(90).resize((w, h))
+    green = Image.linear_gradient("L").resize((w, h))
+    blue = Image.effect_mandelbrot((w, h), (-2.2, -1.2, 1.0, 1.2), 60)
+    if mode == "RGB":
+        return Image.merge("RGB", (red, green, blue))
+    alpha = Image.radial_gradient("L").resize((w, h)).point(lambda v: 255 - v // 2)
+    return Image.merge("RGBA", (red, green, blue, alpha))
+
+
+def png16(path, w, h, channels):
+    """A 16-bit PNG (grey or RGBA) with smooth content, written row by row."""
+    color_type = {1: 0, 4: 6}[channels]
+    def chunk(kind, data):
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    z = zlib.compressobj(1)
+    with open(path, "wb") as out:
+        out.write(b"\x89PNG\r\n\x1a\n")
+        out.write(chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)))
+        # Each sample c·257 (both bytes c): 16 bits deep, and as compressible as 8-bit data.
+        ramp = bytes(x * 255 // (w - 1) for x in range(w))
+        back = ramp[::-1]
+        idat = bytearray()
+        for y in range(h):
+            v = y * 65535 // (h - 1)
+            if channels == 1:
+                line = ramp if (y // 64) % 2 else back
+                row = bytearray(2 * w)
+                row[0::2], row[1::2] = line, line
+            else:
+                g, a = v >> 8, 255 - (v >> 9)
+                row = bytearray(8 * w)
+                row[0::8], row[1::8] = ramp, ramp
+                row[2::8], row[3::8] = bytes([g]) * w, bytes([g]) * w
+                row[4::8], row[5::8] = back, back
+                row[6::8], row[7::8] = bytes([a]) * w, bytes([a]) * w
+            idat += z.compress(b"\x00" + bytes(row))
+            if len(idat) > 1 << 20:
+                out.write(chunk(b"IDAT", bytes(idat)))
+                idat.clear()
+        idat += z.flush()
+        out.write(chunk(b"IDAT", bytes(idat)))
+        out.write(chunk(b"IEND", b""))
+
+
+def make_sources():
+    FORMATS.mkdir(parents=True, exist_ok=True)
+    made = {}
+    def want(name):
+        path = FORMATS / name
+        made[name] = path
+        return None if path.exists() else path
+    if (p := want("rgba.png")):
+        picture(9400, 5300, "RGBA").save(p, compress_level=6)
+    if (p := want("rgb.png")):
+        picture(9400, 5300, "RGB").save(p, compress_level=6)
+    if (p := want("rgba16.png")):
+        png16(p, 8000, 6000, 4)
+    if (p := want("gray16.png")):
+        png16(p, 9400, 5300, 1)
+    if (p := want("prog444.jpg")):
+        picture(9400, 5300, "RGB").save(p, quality=90, progressive=True, subsampling=0)
+    if (p := want("prog444-16mp.jpg")):
+        picture(4900, 3265, "RGB").save(p, quality=90, progressive=True, subsampling=0)
+    if (p := want("prog444-8mp.jpg")):
+        picture(3464, 2309, "RGB").save(p, quality=90, progressive=True, subsampling=0)
+    if (p := want("lossy.webp")):
+        picture(16383, 3050, "RGB").save(p, quality=80, method=0)
+    if (p := want("alpha.webp")):
+        picture(16383, 3050, "RGBA").save(p, quality=80, method=0)
+    if (p := want("lossless.webp")):
+        picture(16383, 3050, "RGB").save(p, lossless=True, quality=0, method=0)
+    if (p := want("big.gif")):
+        picture(9400, 5300, "RGB").quantize(256).save(p)
+    return made
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--binary", default=str(ROOT / "target/release/image-worker"))
+    parser.add_argument("--only", default="")
+    parser.add_argument("--no-build", action="store_true")
+    parser.add_argument("--jobs", type=int, default=4, help="jobs for the -c 2 run")
+    args = parser.parse_args()
+    if not args.no_build:
+        image_broker.build()
+    sources = make_sources()
+    if args.only:
+        sources = {k: v for k, v in sources.items() if k in args.only.split(",")}
+    image_broker.STORAGE.mkdir(parents=True, exist_ok=True)
+    broker, backend, storage = image_broker.BROKER, image_broker.BACKEND, image_broker.STORAGE
+    os.environ.update({"BENCH_BROKER_URL": broker, "BENCH_RESULT_BACKEND": backend,
+                       "BENCH_STORAGE_DIR": str(storage)})
+    from celery import Celery
+    app = Celery("image_memory_client", broker=broker, backend=backend)
+    env = {"MEDIAFARM_BROKER_URL": broker, "MEDIAFARM_RESULT_BACKEND": backend,
+           "MEDIAFARM_STORAGE_URL": storage.as_uri(), "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0"}
+
+    def worker(concurrency):
+        return lambda q: [args.binary, "--concurrency", str(concurrency), "--queues", q,
+                          "--loglevel", "warning"]
+
+    print(f"\nimage-worker {args.binary}; each job → 1280, 640, 160 px JPEG q80; "
+          f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"| source | size | file MB | peak RSS MB, 1 job -c 1 | peak RSS MB, {args.jobs} jobs -c 2 |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, path in sources.items():
+        from PIL import Image
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path) as im:
+            size = f"{im.width}×{im.height}"
+        keys = image_broker.stage([path], f"fmt-{name}-")
+        peaks = []
+        for concurrency, jobs in ((1, 1), (2, args.jobs)):
+            _, peak = image_broker.drain(app, f"memory {name} c{concurrency}", worker(concurrency),
+                                         keys, jobs, 900, env)
+            peaks.append(peak)
+        mb = path.stat().st_size / 1e6
+        print(f"| {name} | {size} | {mb:.1f} | {peaks[0]:.0f} | {peaks[1]:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
