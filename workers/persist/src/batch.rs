@@ -79,6 +79,12 @@ impl Batcher {
 
     /// Hands `row` to the batcher and waits until its batch has committed (or failed).
     pub async fn submit(&self, table: &str, row: Row) -> Result<(), TaskError> {
+        self.enqueue(table, row).await?.wait().await
+    }
+
+    /// Hands `row` to the batcher without waiting for its batch: rows are written in the
+    /// order they are enqueued, so a caller may read on while earlier rows are written.
+    pub async fn enqueue(&self, table: &str, row: Row) -> Result<Outcome, TaskError> {
         let (done, outcome) = oneshot::channel();
         let sender = self.sender.get_or_init(|| spawn(self.writer.clone()));
         let pending = Pending {
@@ -92,7 +98,16 @@ impl Batcher {
                 "the batcher has stopped",
             ));
         }
-        outcome.await.unwrap_or_else(|_| {
+        Ok(Outcome(outcome))
+    }
+}
+
+/// An enqueued row's outcome, known once its batch has committed (or failed).
+pub struct Outcome(oneshot::Receiver<Result<(), TaskError>>);
+
+impl Outcome {
+    pub async fn wait(self) -> Result<(), TaskError> {
+        self.0.await.unwrap_or_else(|_| {
             Err(TaskError::transient(
                 "WorkerStopping",
                 "the batcher stopped before the row's batch committed",

@@ -29,7 +29,7 @@ use redis::Value as Redis;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Outcome};
 use crate::schema::Row;
 use crate::settings::PersistSettings;
 
@@ -145,21 +145,19 @@ impl Streams {
         };
         let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
         let batch = parts.get(1).map(entries).unwrap_or_default();
-        let handled = self.handle(conn, table, &stream, batch).await?;
+        let handled = self.handle(conn, table, batch).await?;
         Ok((handled, next))
     }
 
-    /// Reads and writes up to a batch of entries for `consumer`: `from` = `>` for entries no
-    /// consumer has read yet, `0` for those this consumer read and has not acknowledged;
-    /// `block` waits that long for new entries (use a dedicated connection for it).
-    pub async fn read(
+    /// Reads up to a batch of entries for `consumer` (see [`Self::read`]) without writing them.
+    pub async fn fetch(
         &self,
         conn: &mut ConnectionManager,
         consumer: &str,
         table: &str,
         from: &str,
         block: Option<Duration>,
-    ) -> Result<Handled, TaskError> {
+    ) -> Result<Vec<Entry>, TaskError> {
         let stream = self.stream(table);
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -177,26 +175,36 @@ impl Streams {
             .query_async(conn)
             .await
             .map_err(redis_error)?;
-        self.handle(conn, table, &stream, read_reply(&reply)).await
+        Ok(read_reply(&reply))
     }
 
-    /// [`Self::process`], a transient failure as an error (after acknowledging what could be).
+    /// Reads and writes up to a batch of entries for `consumer`: `from` = `>` for entries no
+    /// consumer has read yet, `0` for those this consumer read and has not acknowledged;
+    /// `block` waits that long for new entries (use a dedicated connection for it).
+    pub async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        consumer: &str,
+        table: &str,
+        from: &str,
+        block: Option<Duration>,
+    ) -> Result<Handled, TaskError> {
+        let batch = self.fetch(conn, consumer, table, from, block).await?;
+        self.handle(conn, table, batch).await
+    }
+
+    /// Writes `batch` and acknowledges it ([`Self::start`], then [`Self::finish`]).
     async fn handle(
         &self,
         conn: &mut ConnectionManager,
         table: &str,
-        stream: &str,
         batch: Vec<Entry>,
     ) -> Result<Handled, TaskError> {
-        let read = batch.len();
-        if read == 0 {
+        if batch.is_empty() {
             return Ok(Handled::default());
         }
-        let (rows, dead, transient) = self.process(conn, table, stream, batch).await?;
-        match transient {
-            Some(e) => Err(e),
-            None => Ok(Handled { read, rows, dead }),
-        }
+        let started = self.start(table, batch).await?;
+        self.finish(conn, started).await
     }
 }
 
@@ -215,7 +223,7 @@ impl Flush {
 type Fields = Vec<(String, String)>;
 
 /// One stream entry: its id and fields (`None`: deleted since it was read).
-struct Entry {
+pub struct Entry {
     id: String,
     fields: Option<Fields>,
 }
@@ -326,36 +334,49 @@ impl Streams {
             .map_err(|e| e.0)
     }
 
-    /// Writes `batch`, acknowledges the committed and refused entries, dead-letters the
-    /// refused ones. Returns (committed, dead, a transient failure if any).
-    async fn process(
-        &self,
-        conn: &mut ConnectionManager,
-        table: &str,
-        stream: &str,
-        batch: Vec<Entry>,
-    ) -> Result<(u64, u64, Option<TaskError>), TaskError> {
-        let mut ack: Vec<String> = Vec::new();
-        // (entry id, reason, the entry's fields)
-        let mut dead: Vec<(String, String, Fields)> = Vec::new();
-        let mut rows = Vec::new();
+    /// Checks `batch`'s entries and hands their rows to the batcher, in stream order, without
+    /// waiting for them to be written: the caller may read the next batch meanwhile.
+    pub async fn start(&self, table: &str, batch: Vec<Entry>) -> Result<Started, TaskError> {
+        let mut started = Started {
+            stream: self.stream(table),
+            read: batch.len(),
+            ack: Vec::new(),
+            dead: Vec::new(),
+            writing: Vec::with_capacity(batch.len()),
+        };
         for e in batch {
             match e.fields {
-                None => ack.push(e.id),
+                None => started.ack.push(e.id),
                 Some(fields) => match self.row(table, &fields, &e.id) {
-                    Ok(row) => rows.push((e.id, fields, row)),
-                    Err(why) => dead.push((e.id, why, fields)),
+                    Ok(row) => {
+                        let outcome = self.batcher.enqueue(table, row).await?;
+                        started.writing.push((e.id, fields, outcome));
+                    }
+                    Err(why) => started.dead.push((e.id, why, fields)),
                 },
             }
         }
-        let outcomes = futures_util::future::join_all(
-            rows.iter()
-                .map(|(_, _, row)| self.batcher.submit(table, row.clone())),
-        )
-        .await;
+        Ok(started)
+    }
+
+    /// Waits for a started batch's rows, dead-letters the refused entries and acknowledges
+    /// the committed and refused ones. A transient failure (the database down) is an error,
+    /// returned after acknowledging what could be; the other entries stay pending.
+    pub async fn finish(
+        &self,
+        conn: &mut ConnectionManager,
+        started: Started,
+    ) -> Result<Handled, TaskError> {
+        let Started {
+            stream,
+            read,
+            mut ack,
+            mut dead,
+            writing,
+        } = started;
         let (mut committed, mut transient) = (0, None);
-        for ((id, fields, _), outcome) in rows.into_iter().zip(outcomes) {
-            match outcome {
+        for (id, fields, outcome) in writing {
+            match outcome.wait().await {
                 Ok(()) => {
                     committed += 1;
                     ack.push(id);
@@ -370,7 +391,7 @@ impl Streams {
             cmd.arg(&self.dead)
                 .arg("*")
                 .arg("stream")
-                .arg(stream)
+                .arg(&stream)
                 .arg("id")
                 .arg(&id)
                 .arg("reason")
@@ -384,15 +405,35 @@ impl Streams {
         }
         if !ack.is_empty() {
             redis::cmd("XACK")
-                .arg(stream)
+                .arg(&stream)
                 .arg(&self.group)
                 .arg(&ack)
                 .query_async::<Redis>(conn)
                 .await
                 .map_err(redis_error)?;
         }
-        Ok((committed, dead_count, transient))
+        match transient {
+            Some(e) => Err(e),
+            None => Ok(Handled {
+                read,
+                rows: committed,
+                dead: dead_count,
+            }),
+        }
     }
+}
+
+/// A batch of entries handed to the batcher ([`Streams::start`]), not yet acknowledged.
+pub struct Started {
+    stream: String,
+    /// Entries the read returned.
+    pub read: usize,
+    /// Entries deleted since they were read: nothing to write.
+    ack: Vec<String>,
+    /// (entry id, reason, the entry's fields) of the entries refused before writing.
+    dead: Vec<(String, String, Fields)>,
+    /// (entry id, its fields, its row's outcome), in stream order.
+    writing: Vec<(String, Fields, Outcome)>,
 }
 
 impl Task for Flush {
