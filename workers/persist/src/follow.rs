@@ -11,9 +11,9 @@
 //! pending entries again (`XREADGROUP … 0`) before reading new ones. On stop it finishes the
 //! batch it holds and returns; a batch it cannot finish stays pending and is claimed later.
 //!
-//! **Overlap.** While one batch is written, the reader reads and checks the next and hands it
-//! to the batcher (which writes batches one after another, in the order handed), then
-//! acknowledges the first. After a failure, the batch read behind the failed one is not
+//! **Overlap.** While batches are written (one per lane of the batcher), the reader reads and
+//! checks the next and hands it to the batcher, then acknowledges the oldest once it is
+//! committed. After a failure, the batch read behind the failed one is not
 //! acknowledged even if it committed: both are written again, in stream order, so a table
 //! without a version column still ends with the later write.
 //!
@@ -21,6 +21,7 @@
 //! version column keeps the order of its writes (stream ids as versions), one without keeps it
 //! only with a single reader.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,7 +74,7 @@ async fn follow(streams: &Streams, table: String, bg: &Background) {
         own_pending: true,
         next_claim: Instant::now(),
         group_ready: false,
-        writing: None,
+        writing: VecDeque::new(),
     };
     tracing::info!(table, stream = %streams.stream(&table), "reading the stream continuously");
     while !bg.is_stopping() {
@@ -82,7 +83,7 @@ async fn follow(streams: &Streams, table: String, bg: &Background) {
             Err(e) => {
                 failures = failures.saturating_add(1);
                 // What was read after the failed batch is written again after it, in order.
-                reader.writing = None;
+                reader.writing.clear();
                 reader.own_pending = true;
                 if e.message.contains("NOGROUP") {
                     reader.group_ready = false;
@@ -95,9 +96,10 @@ async fn follow(streams: &Streams, table: String, bg: &Background) {
             }
         }
     }
-    if let Some(last) = reader.writing.take() {
+    while let Some(last) = reader.writing.pop_front() {
         if let Err(e) = streams.finish(&mut conn, last).await {
-            tracing::warn!(table, error = %e.message, "last batch left pending");
+            tracing::warn!(table, error = %e.message, "last batches left pending");
+            break;
         }
     }
     tracing::info!(table, "stream reader stopped");
@@ -113,8 +115,9 @@ struct Reader<'a> {
     own_pending: bool,
     next_claim: Instant,
     group_ready: bool,
-    /// The batch being written while the next one is read: acknowledged by the next step.
-    writing: Option<Started>,
+    /// The batches being written while the next one is read, oldest first: each is
+    /// acknowledged once the batches behind it fill the pipeline.
+    writing: VecDeque<Started>,
 }
 
 impl Reader<'_> {
@@ -125,7 +128,7 @@ impl Reader<'_> {
         let (streams, table, consumer) = (self.streams, self.table, self.consumer);
         let claim_due = Instant::now() >= self.next_claim;
         if self.own_pending || claim_due || !self.group_ready {
-            if let Some(previous) = self.writing.take() {
+            while let Some(previous) = self.writing.pop_front() {
                 streams.finish(conn, previous).await?;
             }
         }
@@ -149,21 +152,28 @@ impl Reader<'_> {
             let every = (streams.claim_idle / 2).max(Duration::from_millis(500));
             self.next_claim = Instant::now() + every;
         }
-        let block = if self.writing.is_some() {
-            None
-        } else {
+        let block = if self.writing.is_empty() {
             Some(BLOCK)
+        } else {
+            None
         };
         let batch = streams.fetch(conn, consumer, table, ">", block).await?;
-        let next = match batch.is_empty() {
-            true => None,
-            false => Some(streams.start(table, batch).await?),
-        };
-        if let Some(previous) = self.writing.take() {
-            streams.finish(conn, previous).await?;
+        // Nothing new: acknowledge what is written before waiting for more.
+        let depth = if batch.is_empty() { 0 } else { self.depth() };
+        if !batch.is_empty() {
+            self.writing.push_back(streams.start(table, batch).await?);
         }
-        self.writing = next;
+        while self.writing.len() > depth {
+            if let Some(oldest) = self.writing.pop_front() {
+                streams.finish(conn, oldest).await?;
+            }
+        }
         Ok(())
+    }
+
+    /// Batches kept in flight: one per lane writing, and the one being read.
+    fn depth(&self) -> usize {
+        self.streams.batcher.writer.lanes.max(1) + 1
     }
 }
 
