@@ -134,17 +134,59 @@ class MariaDb:
                        check=True, timeout=LIMIT_S)
 
 
-def wait_rows(db, table, n, proc):
-    """Polls until `n` rows are in `table`; returns rows per second from the first row seen."""
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Where each run's CPU went while it wrote (seconds per process group), printed at the end.
+CPU = {}
+
+
+def cpu_by_group(worker_pid):
+    """CPU seconds used so far by the worker (and its children), the database server, Redis
+    and RabbitMQ, read from /proc."""
+    procs = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        procs[int(entry)] = (name, int(fields[1]), (int(fields[11]) + int(fields[12])))
+    groups = {"worker": 0, "database": 0, "redis": 0, "rabbitmq": 0}
+    for pid, (name, ppid, ticks) in procs.items():
+        p, chain = pid, set()
+        while p in procs and p not in chain:
+            if p == worker_pid:
+                groups["worker"] += ticks
+                break
+            chain.add(p)
+            p = procs[p][1]
+        else:
+            if name.startswith("postgres") or name.startswith("mariadbd"):
+                groups["database"] += ticks
+            elif name.startswith("redis-server"):
+                groups["redis"] += ticks
+            elif name.startswith("beam.smp"):
+                groups["rabbitmq"] += ticks
+    return {k: v / CLOCK_TICKS for k, v in groups.items()}
+
+
+def wait_rows(db, table, n, proc, label):
+    """Polls until `n` rows are in `table`; returns rows per second from the first row seen,
+    and records in CPU where the CPU went over the same window."""
     first = None
     deadline = time.monotonic() + LIMIT_S
     while True:
         count = db.count(table)
         now = time.monotonic()
         if count and first is None:
-            first = (now, count)
+            first = (now, count, cpu_by_group(proc.pid))
         if count >= n:
-            t0, c0 = first
+            t0, c0, cpu0 = first
+            cpu1 = cpu_by_group(proc.pid)
+            CPU[label] = dict({k: cpu1[k] - cpu0[k] for k in cpu1}, wall=now - t0)
             return (n - c0) / max(now - t0, 1e-6) if now > t0 else float("inf")
         if proc.poll() is not None:
             sys.exit(f"the worker exited ({proc.returncode}) with {count} of {n} rows written")
@@ -164,6 +206,7 @@ def persist_worker(args, queue, table, prefix, continuous, log):
         "MEDIAFARM_PERSIST_STREAM_PREFIX": prefix,
         "MEDIAFARM_PERSIST_STREAM_CONTINUOUS": "true" if continuous else "false",
         "MEDIAFARM_PERSIST_BATCH_SIZE": str(args.worker_batch),
+        "MEDIAFARM_PERSIST_WRITE_LANES": str(args.worker_lanes),
     }
     return subprocess.Popen(
         [args.worker, "-Q", queue, "--loglevel", "warning",
@@ -186,7 +229,7 @@ def run_jobs(args, db, app):
         with open(LOGS / "persist-write.log", "w") as log:
             proc = persist_worker(args, queue, table, "bench-unused:", False, log)
             try:
-                return wait_rows(db, table, args.rows, proc)
+                return wait_rows(db, table, args.rows, proc, "persist.write")
             finally:
                 stop(proc)
     finally:
@@ -212,7 +255,7 @@ def run_stream(args, db):
         with open(LOGS / "persist-stream.log", "w") as log:
             proc = persist_worker(args, queue, table, prefix, True, log)
             try:
-                return wait_rows(db, table, args.rows, proc)
+                return wait_rows(db, table, args.rows, proc, "stream")
             finally:
                 stop(proc)
     finally:
@@ -245,7 +288,7 @@ def run_celery(args, db, app, task):
                 cwd=ROOT / "bench", env=env, stdout=subprocess.DEVNULL, stderr=log,
             )
             try:
-                return wait_rows(db, table, args.rows, proc)
+                return wait_rows(db, table, args.rows, proc, task)
             finally:
                 stop(proc)
     finally:
@@ -281,6 +324,8 @@ def main():
     p.add_argument("--celery-concurrency", type=int, default=2)
     p.add_argument("--worker-batch", type=int, default=500,
                    help="persist-worker's persist_batch_size (its default: 500)")
+    p.add_argument("--worker-lanes", type=int, default=2,
+                   help="persist-worker's persist_write_lanes (its default: 2)")
     p.add_argument("--per-row", action="store_true",
                    help="also run Celery saving one row per task (slow: minutes at 100,000)")
     p.add_argument("--skip-jobs", action="store_true",
@@ -313,10 +358,13 @@ def main():
     rates[db.ceiling] = run_copy(args, db)
     copy = rates[db.ceiling]
     print(f"{args.rows} rows into {db.name} (worker: {args.worker}, "
-          f"persist_batch_size {args.worker_batch})")
+          f"persist_batch_size {args.worker_batch}, persist_write_lanes {args.worker_lanes})")
     for name, rate in rates.items():
         print(f"  {name:<66} {rate:>10.0f} rows/s  {rate / celery:6.2f}x best Celery batch"
               f"  {rate / copy:6.1%} of the ceiling")
+    print("CPU seconds while writing (worker incl. children / database / Redis / RabbitMQ, wall):")
+    for label, cpu in CPU.items():
+        print(f"  {label:<30} " + "  ".join(f"{k} {v:6.2f}" for k, v in cpu.items()))
 
 
 if __name__ == "__main__":

@@ -140,11 +140,15 @@ impl Streams {
             .query_async(conn)
             .await
             .map_err(redis_error)?;
-        let Redis::Array(parts) = &reply else {
+        let Redis::Array(parts) = reply else {
             return Ok((Handled::default(), "0-0".into()));
         };
-        let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
-        let batch = parts.get(1).map(entries).unwrap_or_default();
+        let mut parts = parts.into_iter();
+        let next = parts
+            .next()
+            .and_then(into_text)
+            .unwrap_or_else(|| "0-0".into());
+        let batch = parts.next().map(entries).unwrap_or_default();
         let handled = self.handle(conn, table, batch).await?;
         Ok((handled, next))
     }
@@ -175,7 +179,7 @@ impl Streams {
             .query_async(conn)
             .await
             .map_err(redis_error)?;
-        Ok(read_reply(&reply))
+        Ok(read_reply(reply))
     }
 
     /// Reads and writes up to a batch of entries for `consumer`: `from` = `>` for entries no
@@ -228,61 +232,70 @@ pub struct Entry {
     fields: Option<Fields>,
 }
 
-fn text(v: &Redis) -> Option<String> {
+/// A reply value as text, taking its bytes rather than copying them.
+fn into_text(v: Redis) -> Option<String> {
     match v {
-        Redis::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Redis::SimpleString(s) => Some(s.clone()),
+        Redis::BulkString(b) => String::from_utf8(b).ok(),
+        Redis::SimpleString(s) => Some(s),
         Redis::Int(n) => Some(n.to_string()),
         _ => None,
     }
 }
 
-fn pairs(v: &Redis) -> Option<Vec<(String, String)>> {
+fn pairs(v: Redis) -> Option<Vec<(String, String)>> {
     match v {
-        Redis::Array(items) => Some(
-            items
-                .chunks(2)
-                .filter_map(|p| Some((text(p.first()?)?, text(p.get(1)?)?)))
-                .collect(),
-        ),
+        Redis::Array(items) => {
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut items = items.into_iter();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                if let (Some(k), Some(v)) = (into_text(k), into_text(v)) {
+                    out.push((k, v));
+                }
+            }
+            Some(out)
+        }
         Redis::Map(items) => Some(
             items
-                .iter()
-                .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                .into_iter()
+                .filter_map(|(k, v)| Some((into_text(k)?, into_text(v)?)))
                 .collect(),
         ),
         _ => None,
     }
 }
 
-fn entries(v: &Redis) -> Vec<Entry> {
+fn entries(v: Redis) -> Vec<Entry> {
     let Redis::Array(items) = v else {
         return Vec::new();
     };
     items
-        .iter()
+        .into_iter()
         .filter_map(|e| match e {
-            Redis::Array(p) if p.len() == 2 => Some(Entry {
-                id: text(&p[0])?,
-                fields: pairs(&p[1]),
-            }),
+            Redis::Array(p) if p.len() == 2 => {
+                let mut p = p.into_iter();
+                let id = into_text(p.next()?)?;
+                Some(Entry {
+                    id,
+                    fields: pairs(p.next()?),
+                })
+            }
             _ => None,
         })
         .collect()
 }
 
 /// The entries of an `XREADGROUP` reply for one stream (RESP2 arrays or RESP3 maps).
-fn read_reply(v: &Redis) -> Vec<Entry> {
+fn read_reply(v: Redis) -> Vec<Entry> {
     match v {
         Redis::Array(streams) => streams
-            .iter()
+            .into_iter()
             .filter_map(|s| match s {
-                Redis::Array(p) if p.len() == 2 => Some(entries(&p[1])),
+                Redis::Array(p) if p.len() == 2 => p.into_iter().nth(1).map(entries),
                 _ => None,
             })
             .flatten()
             .collect(),
-        Redis::Map(streams) => streams.iter().flat_map(|(_, e)| entries(e)).collect(),
+        Redis::Map(streams) => streams.into_iter().flat_map(|(_, e)| entries(e)).collect(),
         _ => Vec::new(),
     }
 }
@@ -516,7 +529,7 @@ mod tests {
             bulk("persist:t"),
             Redis::Array(vec![entry.clone()]),
         ])]);
-        let got = read_reply(&resp2);
+        let got = read_reply(resp2);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].id, "1-0");
         assert_eq!(
@@ -524,7 +537,7 @@ mod tests {
             Some(&[("key".to_owned(), "{\"id\":1}".to_owned())][..])
         );
         let resp3 = Redis::Map(vec![(bulk("persist:t"), Redis::Array(vec![entry]))]);
-        assert_eq!(read_reply(&resp3).len(), 1);
-        assert!(read_reply(&Redis::Nil).is_empty());
+        assert_eq!(read_reply(resp3).len(), 1);
+        assert!(read_reply(Redis::Nil).is_empty());
     }
 }
