@@ -223,8 +223,48 @@ fn bind_column<'q>(
     })
 }
 
-/// Rows split so that no statement binds more than [`sql::MAX_PARAMS`] values.
+/// Rows split into statements of a power of two rows each (largest first), none binding more
+/// than [`sql::MAX_PARAMS`] values. The driver prepares each statement text once per
+/// connection and keeps it: with any row count allowed, nearly every batch would be a text of
+/// its own, prepared and closed again, which costs the server more than the write.
 fn chunks<'a>(rows: &'a [&'a Row]) -> impl Iterator<Item = &'a [&'a Row]> {
     let width = rows.first().map_or(1, |r| r.cells.len().max(1));
-    rows.chunks((sql::MAX_PARAMS / width).max(1))
+    let cap = prev_power_of_two((sql::MAX_PARAMS / width).clamp(1, MAX_CHUNK_ROWS));
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (chunk, tail) = rest.split_at(prev_power_of_two(rest.len()).min(cap));
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// Most rows in one MySQL statement.
+const MAX_CHUNK_ROWS: usize = 1024;
+
+/// The largest power of two not above `n` (n ≥ 1).
+fn prev_power_of_two(n: usize) -> usize {
+    1 << (usize::BITS - 1 - n.max(1).leading_zeros())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_come_in_powers_of_two() {
+        let row = Row {
+            columns: vec!["id".into()],
+            cells: vec![Cell::Int(1)],
+            key: vec!["1".into()],
+            version: None,
+        };
+        let rows: Vec<&Row> = std::iter::repeat(&row).take(2_500).collect();
+        let sizes: Vec<usize> = chunks(&rows).map(<[_]>::len).collect();
+        assert_eq!(sizes, vec![1024, 1024, 256, 128, 64, 4]);
+        assert_eq!(prev_power_of_two(1), 1);
+        assert_eq!(prev_power_of_two(1000), 512);
+    }
 }
