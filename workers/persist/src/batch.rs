@@ -3,10 +3,12 @@
 //! transaction per table. A job's future waits for its row's outcome, so the runtime stores
 //! the job's result — and acknowledges its message — only after the row is committed.
 //!
-//! **Order.** Batches are written one after another. Inside a batch, writes to one key are
-//! ordered by version (then arrival) and written in rounds — the first write of every key,
-//! then the second, … — in the one transaction, so the outcome is that of writing them one by
-//! one. Rows are never merged.
+//! **Order.** A batch's rows are split by key into `persist_write_lanes` lanes (a hash of
+//! table and key): each lane writes its parts one after another, on a connection of its own,
+//! while the other lanes write theirs, so every write to one key goes through one lane in
+//! the order it arrived. Inside a lane's part, writes to one key are ordered by version (then
+//! arrival) and written in rounds — the first write of every key, then the second, … — in the
+//! one transaction, so the outcome is that of writing them one by one. Rows are never merged.
 //!
 //! **A bad row.** When the database refuses a batch for its data, the batch is rolled back and
 //! its rows are written one per transaction, in the same order: the refused ones fail alone
@@ -43,6 +45,8 @@ pub struct Writer {
     pub pools: OnceLock<HashMap<String, Arc<Pool>>>,
     pub batch_size: usize,
     pub batch_wait: Duration,
+    /// Parts of batches written at once (at least 1).
+    pub lanes: usize,
 }
 
 impl Writer {
@@ -79,6 +83,12 @@ impl Batcher {
 
     /// Hands `row` to the batcher and waits until its batch has committed (or failed).
     pub async fn submit(&self, table: &str, row: Row) -> Result<(), TaskError> {
+        self.enqueue(table, row).await?.wait().await
+    }
+
+    /// Hands `row` to the batcher without waiting for its batch: rows are written in the
+    /// order they are enqueued, so a caller may read on while earlier rows are written.
+    pub async fn enqueue(&self, table: &str, row: Row) -> Result<Outcome, TaskError> {
         let (done, outcome) = oneshot::channel();
         let sender = self.sender.get_or_init(|| spawn(self.writer.clone()));
         let pending = Pending {
@@ -92,7 +102,16 @@ impl Batcher {
                 "the batcher has stopped",
             ));
         }
-        outcome.await.unwrap_or_else(|_| {
+        Ok(Outcome(outcome))
+    }
+}
+
+/// An enqueued row's outcome, known once its batch has committed (or failed).
+pub struct Outcome(oneshot::Receiver<Result<(), TaskError>>);
+
+impl Outcome {
+    pub async fn wait(self) -> Result<(), TaskError> {
+        self.0.await.unwrap_or_else(|_| {
             Err(TaskError::transient(
                 "WorkerStopping",
                 "the batcher stopped before the row's batch committed",
@@ -109,6 +128,15 @@ pub fn spawn(writer: Arc<Writer>) -> mpsc::Sender<Pending> {
 }
 
 async fn run(writer: Arc<Writer>, mut rx: mpsc::Receiver<Pending>) {
+    // A lane holds one part waiting beside the one it writes, so the next batch can gather
+    // while every lane is busy, and a slow lane holds the gathering back instead of piling up.
+    let lanes: Vec<mpsc::Sender<Vec<Pending>>> = (0..writer.lanes.max(1))
+        .map(|_| {
+            let (tx, rx) = mpsc::channel(1);
+            tokio::spawn(lane(writer.clone(), rx));
+            tx
+        })
+        .collect();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         let deadline = tokio::time::Instant::now() + writer.batch_wait;
@@ -118,8 +146,37 @@ async fn run(writer: Arc<Writer>, mut rx: mpsc::Receiver<Pending>) {
                 _ => break,
             }
         }
-        let mut by_table: BTreeMap<String, Vec<Pending>> = BTreeMap::new();
+        let mut parts: Vec<Vec<Pending>> = (0..lanes.len()).map(|_| Vec::new()).collect();
         for p in batch {
+            let i = lane_of(&p, lanes.len());
+            parts[i].push(p);
+        }
+        for (part, lane) in parts.into_iter().zip(&lanes) {
+            if !part.is_empty() {
+                // A lane ends only with the batcher: a failed send cannot happen while it runs.
+                let _ = lane.send(part).await;
+            }
+        }
+    }
+}
+
+/// The lane of a row: the same table and key always go to the same lane.
+fn lane_of(p: &Pending, lanes: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    if lanes <= 1 {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.table.hash(&mut h);
+    p.row.key.hash(&mut h);
+    (h.finish() % lanes as u64) as usize
+}
+
+/// Writes the parts handed to one lane, one after another, a transaction per table.
+async fn lane(writer: Arc<Writer>, mut parts: mpsc::Receiver<Vec<Pending>>) {
+    while let Some(part) = parts.recv().await {
+        let mut by_table: BTreeMap<String, Vec<Pending>> = BTreeMap::new();
+        for p in part {
             by_table.entry(p.table.clone()).or_default().push(p);
         }
         let writes = by_table

@@ -84,29 +84,26 @@ impl From<sqlx::Error> for Failure {
     }
 }
 
-macro_rules! bind_cells {
-    ($query:expr, $rows:expr, $dialect:expr) => {{
-        let mut q = $query;
-        for row in $rows {
-            for cell in &row.cells {
-                q = match cell {
-                    Cell::Null(ColumnType::Int) => q.bind(None::<i64>),
-                    Cell::Null(ColumnType::Float) => q.bind(None::<f64>),
-                    Cell::Null(ColumnType::Bool) => q.bind(None::<bool>),
-                    Cell::Null(_) => q.bind(None::<String>),
-                    Cell::Int(n) => q.bind(*n),
-                    Cell::Float(f) => q.bind(*f),
-                    Cell::Bool(b) => q.bind(*b),
-                    Cell::Text(s) | Cell::Json(s) => q.bind(s.clone()),
-                    Cell::Timestamp(t) => q.bind(match $dialect {
-                        Dialect::Postgres => Cell::rfc3339(t),
-                        Dialect::MySql => Cell::mysql_datetime(t),
-                    }),
-                };
-            }
+type MyQuery<'q> = sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments>;
+
+/// Binds every cell of `rows`, row by row, for MySQL's multi-row `VALUES`.
+fn bind_cells<'q>(mut q: MyQuery<'q>, rows: &[&Row]) -> MyQuery<'q> {
+    for row in rows {
+        for cell in &row.cells {
+            q = match cell {
+                Cell::Null(ColumnType::Int) => q.bind(None::<i64>),
+                Cell::Null(ColumnType::Float) => q.bind(None::<f64>),
+                Cell::Null(ColumnType::Bool) => q.bind(None::<bool>),
+                Cell::Null(_) => q.bind(None::<String>),
+                Cell::Int(n) => q.bind(*n),
+                Cell::Float(f) => q.bind(*f),
+                Cell::Bool(b) => q.bind(*b),
+                Cell::Text(s) | Cell::Json(s) => q.bind(s.clone()),
+                Cell::Timestamp(t) => q.bind(Cell::mysql_datetime(t)),
+            };
         }
-        q
-    }};
+    }
+    q
 }
 
 impl Pool {
@@ -118,32 +115,46 @@ impl Pool {
     }
 
     /// Writes `statements` (each a list of rows with the same columns) in order, in one
-    /// transaction; nothing is kept unless all of them are.
+    /// transaction; nothing is kept unless all of them are. PostgreSQL gets one statement of
+    /// column arrays per list ([`sql::upsert_arrays`]); MySQL multi-row `VALUES`, in chunks
+    /// under its parameter limit.
     pub async fn write(
         &self,
         table: &str,
         spec: &TableSpec,
         statements: &[Vec<&Row>],
     ) -> Result<(), Failure> {
-        let dialect = self.dialect();
-        // The same steps for both drivers; only their pool and transaction types differ.
-        macro_rules! write_in_one_transaction {
-            ($pool:expr) => {{
-                let mut tx = $pool.begin().await?;
+        match self {
+            Pool::Pg(pool) => {
+                let mut tx = pool.begin().await?;
+                for rows in statements.iter().filter(|r| !r.is_empty()) {
+                    let columns = &rows[0].columns;
+                    let text = sql::upsert_arrays(table, spec, columns);
+                    let mut q = sqlx::query(&text);
+                    for (i, ty) in sql::column_types(spec, columns).into_iter().enumerate() {
+                        q = bind_column(q, ty, rows, i)?;
+                    }
+                    q.execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+            }
+            Pool::My(pool) => {
+                let mut tx = pool.begin().await?;
                 for rows in statements {
                     for chunk in chunks(rows) {
-                        let text =
-                            sql::upsert(dialect, table, spec, &chunk[0].columns, chunk.len());
-                        let q = bind_cells!(sqlx::query(&text), chunk.iter(), dialect);
+                        let text = sql::upsert(
+                            Dialect::MySql,
+                            table,
+                            spec,
+                            &chunk[0].columns,
+                            chunk.len(),
+                        );
+                        let q = bind_cells(sqlx::query(&text), chunk);
                         q.execute(&mut *tx).await?;
                     }
                 }
                 tx.commit().await?;
-            }};
-        }
-        match self {
-            Pool::Pg(pool) => write_in_one_transaction!(pool),
-            Pool::My(pool) => write_in_one_transaction!(pool),
+            }
         }
         Ok(())
     }
@@ -157,8 +168,103 @@ impl Pool {
     }
 }
 
-/// Rows split so that no statement binds more than [`sql::MAX_PARAMS`] values.
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds column `i` of `rows` as one array of its declared type (see [`sql::array_type`]).
+/// Every row of a statement has the same columns, each cell of its column's type
+/// ([`crate::schema`] checked it); a cell of another type is refused, not guessed.
+fn bind_column<'q>(
+    q: PgQuery<'q>,
+    ty: ColumnType,
+    rows: &[&Row],
+    i: usize,
+) -> Result<PgQuery<'q>, Failure> {
+    fn collect<T>(
+        rows: &[&Row],
+        i: usize,
+        pick: impl Fn(&Cell) -> Option<Option<T>>,
+    ) -> Result<Vec<Option<T>>, Failure> {
+        rows.iter()
+            .map(|row| {
+                let cell = row.cells.get(i);
+                cell.and_then(|c| match c {
+                    Cell::Null(_) => Some(None),
+                    other => pick(other),
+                })
+                .ok_or_else(|| {
+                    Failure::Row(format!(
+                        "column `{}` holds {cell:?}, not a value of its declared type",
+                        row.columns.get(i).map_or("?", String::as_str)
+                    ))
+                })
+            })
+            .collect()
+    }
+    Ok(match ty {
+        ColumnType::Int => q.bind(collect(rows, i, |c| match c {
+            Cell::Int(n) => Some(Some(*n)),
+            _ => None,
+        })?),
+        ColumnType::Float => q.bind(collect(rows, i, |c| match c {
+            Cell::Float(f) => Some(Some(*f)),
+            _ => None,
+        })?),
+        ColumnType::Bool => q.bind(collect(rows, i, |c| match c {
+            Cell::Bool(b) => Some(Some(*b)),
+            _ => None,
+        })?),
+        ColumnType::Text | ColumnType::Json | ColumnType::Timestamp => {
+            q.bind(collect(rows, i, |c| match c {
+                Cell::Text(s) | Cell::Json(s) => Some(Some(s.clone())),
+                Cell::Timestamp(t) => Some(Some(Cell::rfc3339(t))),
+                _ => None,
+            })?)
+        }
+    })
+}
+
+/// Rows split into statements of a power of two rows each (largest first), none binding more
+/// than [`sql::MAX_PARAMS`] values. The driver prepares each statement text once per
+/// connection and keeps it: with any row count allowed, nearly every batch would be a text of
+/// its own, prepared and closed again, which costs the server more than the write.
 fn chunks<'a>(rows: &'a [&'a Row]) -> impl Iterator<Item = &'a [&'a Row]> {
     let width = rows.first().map_or(1, |r| r.cells.len().max(1));
-    rows.chunks((sql::MAX_PARAMS / width).max(1))
+    let cap = prev_power_of_two((sql::MAX_PARAMS / width).clamp(1, MAX_CHUNK_ROWS));
+    let mut rest = rows;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (chunk, tail) = rest.split_at(prev_power_of_two(rest.len()).min(cap));
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// Most rows in one MySQL statement.
+const MAX_CHUNK_ROWS: usize = 1024;
+
+/// The largest power of two not above `n` (n ≥ 1).
+fn prev_power_of_two(n: usize) -> usize {
+    1 << (usize::BITS - 1 - n.max(1).leading_zeros())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_come_in_powers_of_two() {
+        let row = Row {
+            columns: vec!["id".into()],
+            cells: vec![Cell::Int(1)],
+            key: vec!["1".into()],
+            version: None,
+        };
+        let rows: Vec<&Row> = std::iter::repeat(&row).take(2_500).collect();
+        let sizes: Vec<usize> = chunks(&rows).map(<[_]>::len).collect();
+        assert_eq!(sizes, vec![1024, 1024, 256, 128, 64, 4]);
+        assert_eq!(prev_power_of_two(1), 1);
+        assert_eq!(prev_power_of_two(1000), 512);
+    }
 }

@@ -11,10 +11,17 @@
 //! pending entries again (`XREADGROUP … 0`) before reading new ones. On stop it finishes the
 //! batch it holds and returns; a batch it cannot finish stays pending and is claimed later.
 //!
+//! **Overlap.** While batches are written (one per lane of the batcher), the reader reads and
+//! checks the next and hands it to the batcher, then acknowledges the oldest once it is
+//! committed. After a failure, the batch read behind the failed one is not
+//! acknowledged even if it committed: both are written again, in stream order, so a table
+//! without a version column still ends with the later write.
+//!
 //! Several workers may read one stream (each is a consumer of the group): a table with a
 //! version column keeps the order of its writes (stream ids as versions), one without keeps it
 //! only with a single reader.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +29,7 @@ use mediafarm::runtime::background::Background;
 use mediafarm::TaskError;
 use redis::aio::ConnectionManager;
 
-use crate::stream::Streams;
+use crate::stream::{Started, Streams};
 
 /// Longest one blocking read waits for new entries: how soon a reader sees a stop.
 const BLOCK: Duration = Duration::from_secs(1);
@@ -67,6 +74,7 @@ async fn follow(streams: &Streams, table: String, bg: &Background) {
         own_pending: true,
         next_claim: Instant::now(),
         group_ready: false,
+        writing: VecDeque::new(),
     };
     tracing::info!(table, stream = %streams.stream(&table), "reading the stream continuously");
     while !bg.is_stopping() {
@@ -74,6 +82,8 @@ async fn follow(streams: &Streams, table: String, bg: &Background) {
             Ok(()) => failures = 0,
             Err(e) => {
                 failures = failures.saturating_add(1);
+                // What was read after the failed batch is written again after it, in order.
+                reader.writing.clear();
                 reader.own_pending = true;
                 if e.message.contains("NOGROUP") {
                     reader.group_ready = false;
@@ -84,6 +94,12 @@ async fn follow(streams: &Streams, table: String, bg: &Background) {
                     break;
                 }
             }
+        }
+    }
+    while let Some(last) = reader.writing.pop_front() {
+        if let Err(e) = streams.finish(&mut conn, last).await {
+            tracing::warn!(table, error = %e.message, "last batches left pending");
+            break;
         }
     }
     tracing::info!(table, "stream reader stopped");
@@ -99,13 +115,23 @@ struct Reader<'a> {
     own_pending: bool,
     next_claim: Instant,
     group_ready: bool,
+    /// The batches being written while the next one is read, oldest first: each is
+    /// acknowledged once the batches behind it fill the pipeline.
+    writing: VecDeque<Started>,
 }
 
 impl Reader<'_> {
-    /// Own pending entries when there may be some, a dead consumer's when due, then one
-    /// blocking read of new entries.
+    /// Own pending entries when there may be some, a dead consumer's when due, then one read
+    /// of new entries, handed to the batcher while the previous batch is written; then the
+    /// previous batch is acknowledged. The read blocks only when nothing is being written.
     async fn step(&mut self, conn: &mut ConnectionManager) -> Result<(), TaskError> {
         let (streams, table, consumer) = (self.streams, self.table, self.consumer);
+        let claim_due = Instant::now() >= self.next_claim;
+        if self.own_pending || claim_due || !self.group_ready {
+            while let Some(previous) = self.writing.pop_front() {
+                streams.finish(conn, previous).await?;
+            }
+        }
         if !self.group_ready {
             streams.ensure_group(conn, &streams.stream(table)).await?;
             self.group_ready = true;
@@ -114,7 +140,7 @@ impl Reader<'_> {
             let handled = streams.read(conn, consumer, table, "0", None).await?;
             self.own_pending = handled.read > 0;
         }
-        if Instant::now() >= self.next_claim {
+        if claim_due {
             let mut cursor = "0-0".to_owned();
             loop {
                 let (_, next) = streams.claim(conn, consumer, table, &cursor).await?;
@@ -126,10 +152,28 @@ impl Reader<'_> {
             let every = (streams.claim_idle / 2).max(Duration::from_millis(500));
             self.next_claim = Instant::now() + every;
         }
-        streams
-            .read(conn, consumer, table, ">", Some(BLOCK))
-            .await
-            .map(|_| ())
+        let block = if self.writing.is_empty() {
+            Some(BLOCK)
+        } else {
+            None
+        };
+        let batch = streams.fetch(conn, consumer, table, ">", block).await?;
+        // Nothing new: acknowledge what is written before waiting for more.
+        let depth = if batch.is_empty() { 0 } else { self.depth() };
+        if !batch.is_empty() {
+            self.writing.push_back(streams.start(table, batch).await?);
+        }
+        while self.writing.len() > depth {
+            if let Some(oldest) = self.writing.pop_front() {
+                streams.finish(conn, oldest).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Batches kept in flight: one per lane writing, and the one being read.
+    fn depth(&self) -> usize {
+        self.streams.batcher.writer.lanes.max(1) + 1
     }
 }
 

@@ -64,6 +64,7 @@ pub fn writer(persist: &PersistSettings) -> Result<batch::Writer, ConfigError> {
         pools: Default::default(),
         batch_size: persist.persist_batch_size as usize,
         batch_wait: persist.persist_batch_wait,
+        lanes: persist.persist_write_lanes as usize,
     })
 }
 

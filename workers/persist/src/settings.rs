@@ -29,6 +29,10 @@ mediafarm::settings_group! {
         persist_batch_wait: Duration = Duration::from_millis(50), Seconds;
         /// Connections kept to each database.
         persist_pool_size: u32 = 4, Int(1, 200);
+        /// Batches written at once, each on its own connection: a batch's rows are split
+        /// by key into this many lanes, and each lane writes its part in order, so writes to
+        /// one key keep their order while other keys commit beside them.
+        persist_write_lanes: u32 = 2, Int(1, 64);
         /// Longest a batch waits for a database connection before its jobs are retried.
         persist_connect_timeout: Duration = Duration::from_secs(5), SecondsOrDefault;
         /// Redis Stream of a table's buffered rows: this prefix + the table's name.

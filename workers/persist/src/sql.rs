@@ -2,8 +2,9 @@
 //! be plain identifiers by [`crate::schema`]) and are quoted all the same; every value is a
 //! bound parameter, so nothing from a message is ever spliced into SQL.
 //!
-//! - PostgreSQL: `INSERT INTO "t" AS t (…) VALUES (…), (…) ON CONFLICT (key) DO UPDATE SET
-//!   c = excluded.c, … WHERE excluded.version >= t.version` (append: `DO NOTHING`).
+//! - PostgreSQL: `INSERT INTO "t" AS t (…) SELECT … FROM unnest($1::int8[], …) ON CONFLICT
+//!   (key) DO UPDATE SET c = excluded.c, … WHERE excluded.version >= t.version` (append: `DO
+//!   NOTHING`): one array per column, whatever the number of rows ([`upsert_arrays`]).
 //! - MySQL / MariaDB: `INSERT INTO `t` (…) VALUES (…) ON DUPLICATE KEY UPDATE c =
 //!   IF(VALUES(version) >= version, VALUES(c), c), …, version = IF(…)` — MySQL assigns left to
 //!   right, so the version column comes last or the later tests would see the new version.
@@ -40,7 +41,7 @@ impl Dialect {
 }
 
 /// The statement writing `rows` rows of `columns` (keys first, version last, as
-/// [`crate::schema::Row`] orders them) into `table`.
+/// [`crate::schema::Row`] orders them) into `table`, one bound parameter per value.
 pub fn upsert(
     dialect: Dialect,
     table: &str,
@@ -48,17 +49,9 @@ pub fn upsert(
     columns: &[String],
     rows: usize,
 ) -> String {
-    let q = |c: &str| dialect.quote(c);
-    let mut sql = format!("INSERT INTO {}", q(table));
-    if dialect == Dialect::Postgres {
-        sql.push_str(" AS t");
-    }
-    let names: Vec<String> = columns.iter().map(|c| q(c)).collect();
-    sql.push_str(&format!(" ({}) VALUES ", names.join(", ")));
-    let types: Vec<ColumnType> = columns
-        .iter()
-        .map(|c| spec.columns.get(c).copied().unwrap_or(ColumnType::Text))
-        .collect();
+    let mut sql = insert_into(dialect, table, columns);
+    sql.push_str(" VALUES ");
+    let types = column_types(spec, columns);
     let mut n = 0;
     for r in 0..rows {
         if r > 0 {
@@ -74,6 +67,78 @@ pub fn upsert(
         }
         sql.push(')');
     }
+    sql.push_str(&on_conflict(dialect, spec, columns));
+    sql
+}
+
+/// PostgreSQL's statement writing any number of rows of `columns` into `table` from one array
+/// parameter per column (`SELECT … FROM unnest($1::int8[], …)`): its text does not depend on
+/// the number of rows, so the server parses and plans it once per connection, and a batch
+/// binds a handful of arrays instead of thousands of values. Arrays are bound as
+/// [`array_type`] says; JSON and time stamp columns travel as text and are cast per element.
+pub fn upsert_arrays(table: &str, spec: &TableSpec, columns: &[String]) -> String {
+    let dialect = Dialect::Postgres;
+    let mut sql = insert_into(dialect, table, columns);
+    let types = column_types(spec, columns);
+    let selected: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| match ty {
+            ColumnType::Json => format!("u.c{i}::jsonb"),
+            ColumnType::Timestamp => format!("u.c{i}::timestamptz"),
+            _ => format!("u.c{i}"),
+        })
+        .collect();
+    let arrays: Vec<String> = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| format!("${}::{}", i + 1, array_type(*ty)))
+        .collect();
+    let aliases: Vec<String> = (0..types.len()).map(|i| format!("c{i}")).collect();
+    sql.push_str(&format!(
+        " SELECT {} FROM unnest({}) AS u({})",
+        selected.join(", "),
+        arrays.join(", "),
+        aliases.join(", ")
+    ));
+    sql.push_str(&on_conflict(dialect, spec, columns));
+    sql
+}
+
+/// The PostgreSQL array type a column's values are bound as in [`upsert_arrays`].
+pub fn array_type(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::Int => "int8[]",
+        ColumnType::Float => "float8[]",
+        ColumnType::Bool => "bool[]",
+        ColumnType::Text | ColumnType::Json | ColumnType::Timestamp => "text[]",
+    }
+}
+
+/// Each column's declared type (text for a column the declaration does not name).
+pub fn column_types(spec: &TableSpec, columns: &[String]) -> Vec<ColumnType> {
+    columns
+        .iter()
+        .map(|c| spec.columns.get(c).copied().unwrap_or(ColumnType::Text))
+        .collect()
+}
+
+/// `INSERT INTO "t" AS t ("a", "b")` (MySQL: no alias).
+fn insert_into(dialect: Dialect, table: &str, columns: &[String]) -> String {
+    let q = |c: &str| dialect.quote(c);
+    let mut sql = format!("INSERT INTO {}", q(table));
+    if dialect == Dialect::Postgres {
+        sql.push_str(" AS t");
+    }
+    let names: Vec<String> = columns.iter().map(|c| q(c)).collect();
+    sql.push_str(&format!(" ({})", names.join(", ")));
+    sql
+}
+
+/// What a row whose key exists already does: the version decides (see the module doc).
+fn on_conflict(dialect: Dialect, spec: &TableSpec, columns: &[String]) -> String {
+    let q = |c: &str| dialect.quote(c);
+    let mut sql = String::new();
     let updated: Vec<&String> = columns
         .iter()
         .filter(|c| !spec.key.contains(c) && spec.version.as_ref() != Some(*c))
@@ -181,6 +246,21 @@ mod tests {
             1,
         );
         assert!(sql.ends_with("ON CONFLICT (\"id\") DO NOTHING"), "{sql}");
+    }
+
+    #[test]
+    fn postgres_arrays_cast_json_and_time_stamps_per_element() {
+        let mut spec = spec(Some("v"), Mode::Upsert);
+        spec.columns.insert("doc".into(), ColumnType::Json);
+        let sql = upsert_arrays("users", &spec, &cols(&["id", "at", "doc", "v"]));
+        assert_eq!(
+            sql,
+            "INSERT INTO \"users\" AS t (\"id\", \"at\", \"doc\", \"v\") \
+             SELECT u.c0, u.c1::timestamptz, u.c2::jsonb, u.c3 \
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[]) AS u(c0, c1, c2, c3) \
+             ON CONFLICT (\"id\") DO UPDATE SET \"at\" = excluded.\"at\", \
+             \"doc\" = excluded.\"doc\", \"v\" = excluded.\"v\" WHERE excluded.\"v\" >= t.\"v\""
+        );
     }
 
     #[test]

@@ -29,7 +29,7 @@ use redis::Value as Redis;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::batch::Batcher;
+use crate::batch::{Batcher, Outcome};
 use crate::schema::Row;
 use crate::settings::PersistSettings;
 
@@ -140,26 +140,28 @@ impl Streams {
             .query_async(conn)
             .await
             .map_err(redis_error)?;
-        let Redis::Array(parts) = &reply else {
+        let Redis::Array(parts) = reply else {
             return Ok((Handled::default(), "0-0".into()));
         };
-        let next = parts.first().and_then(text).unwrap_or_else(|| "0-0".into());
-        let batch = parts.get(1).map(entries).unwrap_or_default();
-        let handled = self.handle(conn, table, &stream, batch).await?;
+        let mut parts = parts.into_iter();
+        let next = parts
+            .next()
+            .and_then(into_text)
+            .unwrap_or_else(|| "0-0".into());
+        let batch = parts.next().map(entries).unwrap_or_default();
+        let handled = self.handle(conn, table, batch).await?;
         Ok((handled, next))
     }
 
-    /// Reads and writes up to a batch of entries for `consumer`: `from` = `>` for entries no
-    /// consumer has read yet, `0` for those this consumer read and has not acknowledged;
-    /// `block` waits that long for new entries (use a dedicated connection for it).
-    pub async fn read(
+    /// Reads up to a batch of entries for `consumer` (see [`Self::read`]) without writing them.
+    pub async fn fetch(
         &self,
         conn: &mut ConnectionManager,
         consumer: &str,
         table: &str,
         from: &str,
         block: Option<Duration>,
-    ) -> Result<Handled, TaskError> {
+    ) -> Result<Vec<Entry>, TaskError> {
         let stream = self.stream(table);
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
@@ -177,26 +179,36 @@ impl Streams {
             .query_async(conn)
             .await
             .map_err(redis_error)?;
-        self.handle(conn, table, &stream, read_reply(&reply)).await
+        Ok(read_reply(reply))
     }
 
-    /// [`Self::process`], a transient failure as an error (after acknowledging what could be).
+    /// Reads and writes up to a batch of entries for `consumer`: `from` = `>` for entries no
+    /// consumer has read yet, `0` for those this consumer read and has not acknowledged;
+    /// `block` waits that long for new entries (use a dedicated connection for it).
+    pub async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        consumer: &str,
+        table: &str,
+        from: &str,
+        block: Option<Duration>,
+    ) -> Result<Handled, TaskError> {
+        let batch = self.fetch(conn, consumer, table, from, block).await?;
+        self.handle(conn, table, batch).await
+    }
+
+    /// Writes `batch` and acknowledges it ([`Self::start`], then [`Self::finish`]).
     async fn handle(
         &self,
         conn: &mut ConnectionManager,
         table: &str,
-        stream: &str,
         batch: Vec<Entry>,
     ) -> Result<Handled, TaskError> {
-        let read = batch.len();
-        if read == 0 {
+        if batch.is_empty() {
             return Ok(Handled::default());
         }
-        let (rows, dead, transient) = self.process(conn, table, stream, batch).await?;
-        match transient {
-            Some(e) => Err(e),
-            None => Ok(Handled { read, rows, dead }),
-        }
+        let started = self.start(table, batch).await?;
+        self.finish(conn, started).await
     }
 }
 
@@ -215,66 +227,75 @@ impl Flush {
 type Fields = Vec<(String, String)>;
 
 /// One stream entry: its id and fields (`None`: deleted since it was read).
-struct Entry {
+pub struct Entry {
     id: String,
     fields: Option<Fields>,
 }
 
-fn text(v: &Redis) -> Option<String> {
+/// A reply value as text, taking its bytes rather than copying them.
+fn into_text(v: Redis) -> Option<String> {
     match v {
-        Redis::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Redis::SimpleString(s) => Some(s.clone()),
+        Redis::BulkString(b) => String::from_utf8(b).ok(),
+        Redis::SimpleString(s) => Some(s),
         Redis::Int(n) => Some(n.to_string()),
         _ => None,
     }
 }
 
-fn pairs(v: &Redis) -> Option<Vec<(String, String)>> {
+fn pairs(v: Redis) -> Option<Vec<(String, String)>> {
     match v {
-        Redis::Array(items) => Some(
-            items
-                .chunks(2)
-                .filter_map(|p| Some((text(p.first()?)?, text(p.get(1)?)?)))
-                .collect(),
-        ),
+        Redis::Array(items) => {
+            let mut out = Vec::with_capacity(items.len() / 2);
+            let mut items = items.into_iter();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                if let (Some(k), Some(v)) = (into_text(k), into_text(v)) {
+                    out.push((k, v));
+                }
+            }
+            Some(out)
+        }
         Redis::Map(items) => Some(
             items
-                .iter()
-                .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                .into_iter()
+                .filter_map(|(k, v)| Some((into_text(k)?, into_text(v)?)))
                 .collect(),
         ),
         _ => None,
     }
 }
 
-fn entries(v: &Redis) -> Vec<Entry> {
+fn entries(v: Redis) -> Vec<Entry> {
     let Redis::Array(items) = v else {
         return Vec::new();
     };
     items
-        .iter()
+        .into_iter()
         .filter_map(|e| match e {
-            Redis::Array(p) if p.len() == 2 => Some(Entry {
-                id: text(&p[0])?,
-                fields: pairs(&p[1]),
-            }),
+            Redis::Array(p) if p.len() == 2 => {
+                let mut p = p.into_iter();
+                let id = into_text(p.next()?)?;
+                Some(Entry {
+                    id,
+                    fields: pairs(p.next()?),
+                })
+            }
             _ => None,
         })
         .collect()
 }
 
 /// The entries of an `XREADGROUP` reply for one stream (RESP2 arrays or RESP3 maps).
-fn read_reply(v: &Redis) -> Vec<Entry> {
+fn read_reply(v: Redis) -> Vec<Entry> {
     match v {
         Redis::Array(streams) => streams
-            .iter()
+            .into_iter()
             .filter_map(|s| match s {
-                Redis::Array(p) if p.len() == 2 => Some(entries(&p[1])),
+                Redis::Array(p) if p.len() == 2 => p.into_iter().nth(1).map(entries),
                 _ => None,
             })
             .flatten()
             .collect(),
-        Redis::Map(streams) => streams.iter().flat_map(|(_, e)| entries(e)).collect(),
+        Redis::Map(streams) => streams.into_iter().flat_map(|(_, e)| entries(e)).collect(),
         _ => Vec::new(),
     }
 }
@@ -326,36 +347,49 @@ impl Streams {
             .map_err(|e| e.0)
     }
 
-    /// Writes `batch`, acknowledges the committed and refused entries, dead-letters the
-    /// refused ones. Returns (committed, dead, a transient failure if any).
-    async fn process(
-        &self,
-        conn: &mut ConnectionManager,
-        table: &str,
-        stream: &str,
-        batch: Vec<Entry>,
-    ) -> Result<(u64, u64, Option<TaskError>), TaskError> {
-        let mut ack: Vec<String> = Vec::new();
-        // (entry id, reason, the entry's fields)
-        let mut dead: Vec<(String, String, Fields)> = Vec::new();
-        let mut rows = Vec::new();
+    /// Checks `batch`'s entries and hands their rows to the batcher, in stream order, without
+    /// waiting for them to be written: the caller may read the next batch meanwhile.
+    pub async fn start(&self, table: &str, batch: Vec<Entry>) -> Result<Started, TaskError> {
+        let mut started = Started {
+            stream: self.stream(table),
+            read: batch.len(),
+            ack: Vec::new(),
+            dead: Vec::new(),
+            writing: Vec::with_capacity(batch.len()),
+        };
         for e in batch {
             match e.fields {
-                None => ack.push(e.id),
+                None => started.ack.push(e.id),
                 Some(fields) => match self.row(table, &fields, &e.id) {
-                    Ok(row) => rows.push((e.id, fields, row)),
-                    Err(why) => dead.push((e.id, why, fields)),
+                    Ok(row) => {
+                        let outcome = self.batcher.enqueue(table, row).await?;
+                        started.writing.push((e.id, fields, outcome));
+                    }
+                    Err(why) => started.dead.push((e.id, why, fields)),
                 },
             }
         }
-        let outcomes = futures_util::future::join_all(
-            rows.iter()
-                .map(|(_, _, row)| self.batcher.submit(table, row.clone())),
-        )
-        .await;
+        Ok(started)
+    }
+
+    /// Waits for a started batch's rows, dead-letters the refused entries and acknowledges
+    /// the committed and refused ones. A transient failure (the database down) is an error,
+    /// returned after acknowledging what could be; the other entries stay pending.
+    pub async fn finish(
+        &self,
+        conn: &mut ConnectionManager,
+        started: Started,
+    ) -> Result<Handled, TaskError> {
+        let Started {
+            stream,
+            read,
+            mut ack,
+            mut dead,
+            writing,
+        } = started;
         let (mut committed, mut transient) = (0, None);
-        for ((id, fields, _), outcome) in rows.into_iter().zip(outcomes) {
-            match outcome {
+        for (id, fields, outcome) in writing {
+            match outcome.wait().await {
                 Ok(()) => {
                     committed += 1;
                     ack.push(id);
@@ -370,7 +404,7 @@ impl Streams {
             cmd.arg(&self.dead)
                 .arg("*")
                 .arg("stream")
-                .arg(stream)
+                .arg(&stream)
                 .arg("id")
                 .arg(&id)
                 .arg("reason")
@@ -384,15 +418,35 @@ impl Streams {
         }
         if !ack.is_empty() {
             redis::cmd("XACK")
-                .arg(stream)
+                .arg(&stream)
                 .arg(&self.group)
                 .arg(&ack)
                 .query_async::<Redis>(conn)
                 .await
                 .map_err(redis_error)?;
         }
-        Ok((committed, dead_count, transient))
+        match transient {
+            Some(e) => Err(e),
+            None => Ok(Handled {
+                read,
+                rows: committed,
+                dead: dead_count,
+            }),
+        }
     }
+}
+
+/// A batch of entries handed to the batcher ([`Streams::start`]), not yet acknowledged.
+pub struct Started {
+    stream: String,
+    /// Entries the read returned.
+    pub read: usize,
+    /// Entries deleted since they were read: nothing to write.
+    ack: Vec<String>,
+    /// (entry id, reason, the entry's fields) of the entries refused before writing.
+    dead: Vec<(String, String, Fields)>,
+    /// (entry id, its fields, its row's outcome), in stream order.
+    writing: Vec<(String, Fields, Outcome)>,
 }
 
 impl Task for Flush {
@@ -475,7 +529,7 @@ mod tests {
             bulk("persist:t"),
             Redis::Array(vec![entry.clone()]),
         ])]);
-        let got = read_reply(&resp2);
+        let got = read_reply(resp2);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].id, "1-0");
         assert_eq!(
@@ -483,7 +537,7 @@ mod tests {
             Some(&[("key".to_owned(), "{\"id\":1}".to_owned())][..])
         );
         let resp3 = Redis::Map(vec![(bulk("persist:t"), Redis::Array(vec![entry]))]);
-        assert_eq!(read_reply(&resp3).len(), 1);
-        assert!(read_reply(&Redis::Nil).is_empty());
+        assert_eq!(read_reply(resp3).len(), 1);
+        assert!(read_reply(Redis::Nil).is_empty());
     }
 }
