@@ -322,8 +322,8 @@ def main():
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=1000, help="rows per Celery task")
     p.add_argument("--celery-concurrency", type=int, default=2)
-    p.add_argument("--worker-batch", type=int, default=500,
-                   help="persist-worker's persist_batch_size (its default: 500)")
+    p.add_argument("--worker-batch", type=int, default=2000,
+                   help="persist-worker's persist_batch_size (its default: 2000)")
     p.add_argument("--worker-lanes", type=int, default=2,
                    help="persist-worker's persist_write_lanes (its default: 2)")
     p.add_argument("--per-row", action="store_true",

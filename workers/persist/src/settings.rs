@@ -24,7 +24,7 @@ mediafarm::settings_group! {
         /// "append") and `database_url`. In the environment: the same as a JSON object.
         persist_tables: Tables = Tables::default(), Custom(read_tables);
         /// Most rows in one batch (one transaction per table).
-        persist_batch_size: u32 = 500, Int(1, 50_000);
+        persist_batch_size: u32 = 2000, Int(1, 50_000);
         /// Longest a row waits for its batch to fill before the batch is written anyway.
         persist_batch_wait: Duration = Duration::from_millis(50), Seconds;
         /// Connections kept to each database.
