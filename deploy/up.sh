@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Brings up a local mediafarm on this machine and runs a real job through each worker:
-# installs/starts RabbitMQ and Redis if needed, builds the release binaries, starts every
-# worker in the background (logs in var/log, pids in var/run) and submits one job to each, and
-# the upload pipeline as a chain (image.transform → notify.webhook to a local receiver).
+# installs/starts RabbitMQ, Redis and PostgreSQL if needed, builds the release binaries, starts
+# every worker in the background (logs in var/log, pids in var/run) and submits one job to each,
+# the upload pipeline as a chain (image.transform → notify.webhook to a local receiver), and the
+# avatar pipeline (image.transform → persist.write of the variants' URLs into PostgreSQL).
 # Stop the farm with deploy/down.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ case "$PROFILE" in
 esac
 echo "[up] building $PROFILE binaries (a first release build takes a few minutes on 2 cores)"
 # shellcheck disable=SC2086
-cargo build $PROFILE_FLAG --locked -q -p mediafarm -p image-worker -p notify-worker -p snapshot-worker --bin mediafarm --bin image-worker --bin notify-worker --bin snapshot-worker --example echo-worker
+cargo build $PROFILE_FLAG --locked -q -p mediafarm -p image-worker -p notify-worker -p snapshot-worker -p persist-worker --bin mediafarm --bin image-worker --bin notify-worker --bin snapshot-worker --bin persist-worker --example echo-worker
 BIN=target/$PROFILE
 mkdir -p var/run var/log
 
@@ -101,6 +102,31 @@ EOF
 received=$(ls -t var/outbox/webhook/*.json | head -1)
 grep -q '"demo/upload-256.jpg"' "$received" || { echo "[up] the webhook did not carry the variants: $received"; exit 1; }
 echo "[up] the app's webhook received the variants' URLs: $received"
+
+# persist-worker: write-behind into PostgreSQL (scripts/setup.sh makes sure one answers on
+# 127.0.0.1:5432; PERSIST_DEMO_DATABASE_URL points the demo elsewhere). Its one table is
+# declared here; the avatar pipeline writes the transform's variant URLs into the profile's row.
+PERSIST_DB=${PERSIST_DEMO_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+psql "$PERSIST_DB" -q -v ON_ERROR_STOP=1 -c 'CREATE TABLE IF NOT EXISTS mediafarm_demo_profiles (
+  user_id bigint PRIMARY KEY, avatar_url text, avatar_small_url text, version bigint NOT NULL)'
+MEDIAFARM_PERSIST_DATABASE_URL="$PERSIST_DB" \
+MEDIAFARM_PERSIST_TABLES='{"mediafarm_demo_profiles": {"key": ["user_id"], "version": "version",
+  "columns": {"user_id": "int", "avatar_url": "text", "avatar_small_url": "text", "version": "int"}}}' \
+  start_worker persist-worker "$BIN/persist-worker" 9814
+echo "[up] the avatar pipeline, image.transform → persist.write into PostgreSQL, as a chain:"
+version=$(date +%s%3N)
+"$BIN/mediafarm" --config "$CONFIG" submit --workflow - --wait --timeout 60 <<EOF
+{"chain": [
+  {"task": "image.transform", "kwargs": {"source": "demo/original.png", "outputs": [
+    {"key": "demo/avatar-42-256.webp", "width": 256, "height": 256, "fit": "cover", "format": "webp"},
+    {"key": "demo/avatar-42-64.webp", "width": 64, "height": 64, "fit": "cover", "format": "webp"}]}},
+  {"task": "persist.write", "kwargs": {"table": "mediafarm_demo_profiles", "key": {"user_id": 42},
+    "version": $version, "from_parent": {"avatar_url": "/outputs/0/url", "avatar_small_url": "/outputs/1/url"}}}
+]}
+EOF
+row=$(psql "$PERSIST_DB" -tA -c "SELECT avatar_url FROM mediafarm_demo_profiles WHERE user_id = 42 AND version = $version")
+case "$row" in *demo/avatar-42-256.webp*) echo "[up] the profile row holds the variant's URL: $row";;
+  *) echo "[up] the profile row does not hold the variant's URL (got: '$row')"; exit 1;; esac
 
 # snapshot-worker: a generated local H.264 file as the stream (file:// sources are allowed only
 # under source_allowed_roots, given to this worker alone); one frame at 2.5 s, then a session
