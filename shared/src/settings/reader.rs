@@ -307,6 +307,30 @@ impl Reader {
     pub fn get(&self, name: &str) -> Option<&Raw> {
         self.values.get(name)
     }
+
+    /// A setting of named entries, `[<name>.<entry>]` tables in the file or the same as one
+    /// JSON object in the environment; `None` when it is not given (or given empty). A value
+    /// that does not fit `T` is refused with `accepted` (what fits) and why not.
+    pub fn named_tables<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        accepted: &str,
+    ) -> Result<Option<T>, SettingsError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Raw::Toml(v)) => v
+                .clone()
+                .try_into()
+                .map(Some)
+                .map_err(|e: toml::de::Error| {
+                    self.invalid(name, format!("{accepted}: {}", e.message()))
+                }),
+            Some(Raw::Env(s)) if s.trim().is_empty() => Ok(None),
+            Some(Raw::Env(s)) => serde_json::from_str(s)
+                .map(Some)
+                .map_err(|e| self.invalid(name, format!("{accepted}: {e}"))),
+        }
+    }
 }
 
 /// How one declared setting is read: `read` gets the setting's name and its default.

@@ -261,7 +261,7 @@ mod tests {
             key: vec!["1".into()],
             version: None,
         };
-        let rows: Vec<&Row> = std::iter::repeat(&row).take(2_500).collect();
+        let rows: Vec<&Row> = std::iter::repeat_n(&row, 2_500).collect();
         let sizes: Vec<usize> = chunks(&rows).map(<[_]>::len).collect();
         assert_eq!(sizes, vec![1024, 1024, 256, 128, 64, 4]);
         assert_eq!(prev_power_of_two(1), 1);

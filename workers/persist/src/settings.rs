@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use mediafarm::settings::kinds::*;
-use mediafarm::settings::{Raw, Reader, SettingsError, Value};
+use mediafarm::settings::{Reader, SettingsError, Value};
 
 use crate::schema::{self, Tables};
 
@@ -59,15 +59,8 @@ mediafarm::settings_group! {
 fn read_tables(reader: &Reader, name: &str, default: Tables) -> Result<Tables, SettingsError> {
     const ACCEPTED: &str = "tables as [persist_tables.<name>] with key, columns and optional \
                             version, mode, database_url (in the environment, a JSON object)";
-    let tables: Tables = match reader.get(name) {
-        None => return Ok(default),
-        Some(Raw::Toml(v)) => v.clone().try_into().map_err(|e: toml::de::Error| {
-            reader.invalid(name, format!("{ACCEPTED}: {}", e.message()))
-        })?,
-        Some(Raw::Env(s)) if s.trim().is_empty() => return Ok(default),
-        Some(Raw::Env(s)) => {
-            serde_json::from_str(s).map_err(|e| reader.invalid(name, format!("{ACCEPTED}: {e}")))?
-        }
+    let Some(tables) = reader.named_tables::<Tables>(name, ACCEPTED)? else {
+        return Ok(default);
     };
     tables.check().map_err(|why| reader.invalid(name, why))?;
     Ok(tables)

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use mediafarm::settings::kinds::*;
-use mediafarm::settings::{Raw, Reader, SettingsError, Value};
+use mediafarm::settings::{Reader, SettingsError, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::media::Format;
@@ -153,15 +153,8 @@ fn read_apps(reader: &Reader, name: &str, default: Apps) -> Result<Apps, Setting
     const ACCEPTED: &str = "applications as [hooks_apps.<app>] with stream_url, key and optional \
                             interval_s, deliver, stream_id, queue, format, quality, max_width \
                             (in the environment, a JSON object)";
-    let apps: Apps = match reader.get(name) {
-        None => return Ok(default),
-        Some(Raw::Toml(v)) => v.clone().try_into().map_err(|e: toml::de::Error| {
-            reader.invalid(name, format!("{ACCEPTED}: {}", e.message()))
-        })?,
-        Some(Raw::Env(s)) if s.trim().is_empty() => return Ok(default),
-        Some(Raw::Env(s)) => {
-            serde_json::from_str(s).map_err(|e| reader.invalid(name, format!("{ACCEPTED}: {e}")))?
-        }
+    let Some(apps) = reader.named_tables::<Apps>(name, ACCEPTED)? else {
+        return Ok(default);
     };
     apps.check().map_err(|why| reader.invalid(name, why))?;
     Ok(apps)
