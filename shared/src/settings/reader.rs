@@ -308,6 +308,17 @@ impl Reader {
         self.values.get(name)
     }
 
+    /// How a setting of named entries ([`Reader::named_tables`]) is shown: its TOML, `{}` when
+    /// it has none.
+    pub fn shown_tables<T: serde::Serialize>(value: &T, is_empty: bool) -> String {
+        if is_empty {
+            return "{}".into();
+        }
+        toml::Value::try_from(value)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|e| format!("({e})"))
+    }
+
     /// A setting of named entries, `[<name>.<entry>]` tables in the file or the same as one
     /// JSON object in the environment; `None` when it is not given (or given empty). A value
     /// that does not fit `T` is refused with `accepted` (what fits) and why not.

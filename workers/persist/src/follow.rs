@@ -13,8 +13,8 @@
 //!
 //! **Overlap.** While batches are written (one per lane of the batcher), the reader reads and
 //! checks the next and hands it to the batcher, then acknowledges the oldest once it is
-//! committed. After a failure, the batch read behind the failed one is not
-//! acknowledged even if it committed: both are written again, in stream order, so a table
+//! committed. After a failure, the batches read behind the failed one are not
+//! acknowledged even if they committed: all are written again, in stream order, so a table
 //! without a version column still ends with the later write.
 //!
 //! Several workers may read one stream (each is a consumer of the group): a table with a
@@ -122,8 +122,9 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     /// Own pending entries when there may be some, a dead consumer's when due, then one read
-    /// of new entries, handed to the batcher while the previous batch is written; then the
-    /// previous batch is acknowledged. The read blocks only when nothing is being written.
+    /// of new entries, handed to the batcher while earlier batches are written; then the
+    /// oldest beyond the pipeline's depth are acknowledged. The read blocks only when nothing
+    /// is being written.
     async fn step(&mut self, conn: &mut ConnectionManager) -> Result<(), TaskError> {
         let (streams, table, consumer) = (self.streams, self.table, self.consumer);
         let claim_due = Instant::now() >= self.next_claim;

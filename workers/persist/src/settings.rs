@@ -68,12 +68,7 @@ fn read_tables(reader: &Reader, name: &str, default: Tables) -> Result<Tables, S
 
 impl Value for Tables {
     fn shown(&self) -> String {
-        if self.0.is_empty() {
-            return "{}".into();
-        }
-        toml::Value::try_from(self)
-            .map(|v| v.to_string())
-            .unwrap_or_else(|e| format!("({e})"))
+        Reader::shown_tables(self, self.0.is_empty())
     }
 }
 

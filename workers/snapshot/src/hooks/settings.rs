@@ -162,12 +162,7 @@ fn read_apps(reader: &Reader, name: &str, default: Apps) -> Result<Apps, Setting
 
 impl Value for Apps {
     fn shown(&self) -> String {
-        if self.0.is_empty() {
-            return "{}".into();
-        }
-        toml::Value::try_from(self)
-            .map(|v| v.to_string())
-            .unwrap_or_else(|e| format!("({e})"))
+        Reader::shown_tables(self, self.0.is_empty())
     }
 }
 
