@@ -80,6 +80,13 @@ def run(cmd: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 # The programs that read the settings file, and how each is asked to list or check them.
 PROGRAMS = ("mediafarm", *WORKER_QUEUES, "snapshot-hooks")
+# The image (deploy/docker/<image>.Dockerfile) that ships a program other than its namesake.
+IMAGE_OF = {"snapshot-hooks": "snapshot-worker"}
+
+
+def image_of(program: str) -> str:
+    """The image built for `program`: its own, or the one IMAGE_OF says ships it."""
+    return IMAGE_OF.get(program, program)
 
 
 def program_args(program: str, cli_form: str) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import tomllib
 
 from common import (THIRD_PARTY, WORKER_QUEUES, ThirdParty, check_settings,
-                    container_args, env_problems, env_value, flag, image_user, kn,
+                    container_args, env_problems, env_value, flag, image_of, image_user, kn,
                     literal_mediafarm_env, program_of, settings_problems, third_party,
                     third_party_image_problems)
 
@@ -99,9 +99,9 @@ def mediafarm_problems(name: str, c: dict, pod: dict, settings: dict, cw: str) -
     # The image is the one built for the binary the container runs (deploy/docker).
     image_repo = c.get("image", "").rsplit("/", 1)[-1].split(":")[0]
     program = Path(args[0]).name if args else ""
-    if image_repo != program:
+    if image_repo != image_of(program):
         out.append(f"{cw}: runs {program or 'no command'} from image {c.get('image')}")
-    user = image_user(program)
+    user = image_user(image_of(program))
     if user is not None and user != f"{psc.get('runAsUser')}:{psc.get('runAsGroup')}":
         out.append(f"{cw}: runs as {psc.get('runAsUser')}:{psc.get('runAsGroup')}, "
                    f"its image's USER is {user}")
@@ -132,6 +132,21 @@ def mediafarm_problems(name: str, c: dict, pod: dict, settings: dict, cw: str) -
             if get.get("path") != path or port is None or probe_port != port:
                 out.append(f"{cw}: {probe} must GET {path} on metrics_addr's port {port}, "
                            f"not {get.get('port')!r}")
+    # snapshot-hooks serves /healthz on the address of its --addr (or hooks_addr): both probes
+    # and the `hooks` container port follow that port.
+    if program == "snapshot-hooks":
+        ports = {p.get("name"): p.get("containerPort") for p in c.get("ports") or []}
+        addr = flag(args, "--addr") or env_value(c, "MEDIAFARM_HOOKS_ADDR") or str(settings.get("hooks_addr", ""))
+        host, _, port_text = addr.rpartition(":")
+        port = int(port_text) if port_text.isdigit() else None
+        if host not in ("0.0.0.0", "[::]") or not port:
+            out.append(f"{cw}: listens on {addr!r}; the Service needs every interface and a fixed port")
+        elif ports.get("hooks") != port:
+            out.append(f"{cw}: container port `hooks` is {ports.get('hooks')}, it listens on {port}")
+        for probe in ("livenessProbe", "readinessProbe"):
+            get = (c.get(probe) or {}).get("httpGet") or {}
+            if get.get("path") != "/healthz" or ports.get(get.get("port"), get.get("port")) != port:
+                out.append(f"{cw}: {probe} must GET /healthz on port {port}")
     if name == "notify-worker":
         tdir = str(settings.get("notify_template_dir", "./templates"))
         if tdir not in mounts:
