@@ -1,10 +1,11 @@
 //! `image.transform` end to end in a worker on the real RabbitMQ and Redis, with local-directory
 //! storage: every EXIF orientation, alpha onto JPEG (white or a named background), padding,
-//! gravity, grayscale, 16-bit, CMYK, GIF and WebP sources, lossy WebP and AVIF outputs (AVIF
+//! gravity, grayscale, 16-bit, CMYK, GIF, WebP, HEIC and AVIF sources, lossy WebP and AVIF outputs (AVIF
 //! decoded by Pillow), Display P3 / Adobe RGB profiles converted to sRGB or kept with
 //! `strip_metadata: false`, `max_bytes`, and bad inputs (empty, truncated, HTML, SVG, a decompression
 //! bomb's header, over the byte limit) that each fail with a clear message while the worker
-//! keeps going. Fixtures are generated here, so nothing binary is committed.
+//! keeps going. Good sources are generated here (HEIC and AVIF by libheif's `heif-enc`); the
+//! bad ones are `fixtures/images/`.
 
 use std::io::Cursor;
 use std::time::Duration;
@@ -446,6 +447,99 @@ async fn grayscale_sixteen_bit_cmyk_gif_and_webp_sources_decode() {
             );
         }
     }
+    f.stop().await;
+}
+
+/// `png` encoded by libheif's own `heif-enc` (HEVC by x265; `-A`: AV1 by libaom), as a phone or
+/// an AVIF export would write it.
+fn heif_enc(png: &[u8], avif: bool) -> Vec<u8> {
+    let dir = mediafarm_tests::temp_dir("heif-enc");
+    let (src, out) = (dir.join("in.png"), dir.join("out.heif"));
+    std::fs::write(&src, png).unwrap();
+    let mut cmd = std::process::Command::new("heif-enc");
+    if avif {
+        cmd.arg("-A");
+    }
+    let status = cmd
+        .args(["-q", "90", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("heif-enc (libheif-examples, installed by scripts/setup.d/image.sh)");
+    assert!(status.success(), "heif-enc failed");
+    let data = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    data
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heic_and_avif_sources_decode_with_their_alpha() {
+    let f = ImageFarm::start("heif", |_| {}).await;
+    // 160×80, left half red, right half blue: odd chroma subsampling would blur the edge only.
+    let halves = DynamicImage::ImageRgb8(RgbImage::from_fn(160, 80, |x, _| {
+        if x < 80 {
+            Rgb([255, 0, 0])
+        } else {
+            Rgb([0, 0, 255])
+        }
+    }));
+    let png = encode(&halves, ImageFormat::Png);
+    f.upload("h/in.heic", heif_enc(&png, false)).await;
+    f.upload("h/in.avif", heif_enc(&png, true)).await;
+    // Opaque red on the left, fully transparent on the right: the alpha plane must survive.
+    let cut = DynamicImage::ImageRgba8(RgbaImage::from_fn(160, 80, |x, _| {
+        if x < 80 {
+            Rgba([255, 0, 0, 255])
+        } else {
+            Rgba([0, 0, 0, 0])
+        }
+    }));
+    f.upload(
+        "h/alpha.avif",
+        heif_enc(&encode(&cut, ImageFormat::Png), true),
+    )
+    .await;
+
+    for (src, format) in [("h/in.heic", "heic"), ("h/in.avif", "avif")] {
+        // 40 px wide: a quarter, so the source is box-shrunk by 2 on its way out of libheif.
+        let key = format!("o/{format}.jpg");
+        let out = f
+            .transform(
+                json!({"source": src, "outputs": [{"key": key, "width": 40, "format": "jpeg"}]}),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{src}: {e}"));
+        assert_eq!(out["source"]["format"], format, "{out}");
+        assert_eq!(
+            (
+                out["source"]["width"].as_u64(),
+                out["source"]["height"].as_u64()
+            ),
+            (Some(160), Some(80))
+        );
+        assert_eq!(
+            (
+                out["outputs"][0]["width"].as_u64(),
+                out["outputs"][0]["height"].as_u64()
+            ),
+            (Some(40), Some(20))
+        );
+        let p = f.output(&key).await.to_rgba8();
+        assert!(
+            is_red(*p.get_pixel(8, 10)),
+            "{src}: {:?}",
+            p.get_pixel(8, 10)
+        );
+        let right = *p.get_pixel(32, 10);
+        assert!(right[2] > 180 && right[0] < 80, "{src}: {right:?}");
+    }
+    f.transform(json!({"source": "h/alpha.avif", "outputs": [{"key": "o/alpha.png", "width": 80, "format": "png"}]}))
+        .await
+        .unwrap();
+    let p = f.output("o/alpha.png").await.to_rgba8();
+    let (left, right) = (*p.get_pixel(10, 20), *p.get_pixel(70, 20));
+    assert!(is_red(left) && left[3] > 240, "{left:?}");
+    assert!(right[3] < 16, "{right:?}");
     f.stop().await;
 }
 

@@ -3,3 +3,6 @@
 # codecs (libjpeg-turbo via mozjpeg-sys, libwebp via libwebp-sys) are compiled from their crates
 # with the C compiler setup.sh already installs. Sourced by scripts/setup.sh (uses apt_install).
 command -v nasm >/dev/null || apt_install nasm
+# HEIC and AVIF sources: image-worker links Debian's libheif (1.15 on Debian 12; heif.rs declares
+# the calls it makes). heif-enc (libheif-examples) makes the tests' HEIC and AVIF sources.
+apt_install libheif-dev libheif-examples

@@ -1,9 +1,10 @@
 //! Reading a source once: its type and pixel count checked from the header before any pixel
 //! is decoded, JPEGs through libjpeg-turbo at the smallest IDCT scale every output allows
 //! (shrink-on-load), PNG, GIF and WebP streamed and shrunk while they decode (`streamed.rs`),
-//! what neither covers (interlaced PNG, animated WebP, CMYK JPEG) through `image`; the EXIF
-//! orientation read (and returned, not applied: `orient.rs` turns each output after its
-//! resize); the ICC profile and EXIF block kept for the outputs.
+//! HEIC and AVIF through libheif (`heif.rs`), what none of these covers (interlaced PNG,
+//! animated WebP, CMYK JPEG) through `image`; the EXIF orientation read (and returned, not
+//! applied: `orient.rs` turns each output after its resize); the ICC profile and EXIF block
+//! kept for the outputs.
 //!
 //! Each path reserves from the worker's decode budget (`budget.rs`) what it will hold: its
 //! decoder's buffers and the decoded picture, and the resize's copies of it ([`resize_bytes`]).
@@ -16,9 +17,9 @@ use mediafarm::TaskError;
 
 use crate::budget::{reserve, Reservation};
 use crate::orient::swap_size;
-use crate::shrink::factor_for;
+use crate::shrink::{self, factor_for};
 use crate::spec::{invalid, SourceInfo};
-use crate::{jpeg, lowres, streamed};
+use crate::{heif, jpeg, lowres, streamed};
 
 /// A decoded source, 8-bit RGB or RGBA, as stored (not yet turned by its orientation).
 pub struct Decoded {
@@ -45,6 +46,9 @@ pub fn decode(
 ) -> Result<Decoded, TaskError> {
     if data.is_empty() {
         return Err(invalid("InvalidImage", "the source is empty (0 bytes)"));
+    }
+    if let Some(kind) = heif::sniff(data) {
+        return decode_heif(data, kind, max_pixels, share_needed);
     }
     let format = sniff(data)?;
     if format == ImageFormat::Jpeg {
@@ -76,12 +80,12 @@ fn sniff(data: &[u8]) -> Result<ImageFormat, TaskError> {
         }
         Ok(other) => Err(invalid(
             "UnsupportedImage",
-            format!("{other:?} sources are not accepted; send JPEG, PNG, GIF or WebP"),
+            format!("{other:?} sources are not accepted; send JPEG, PNG, GIF, WebP, HEIC or AVIF"),
         )),
         Err(_) => Err(invalid(
             "UnsupportedImage",
             format!(
-                "the source is not a JPEG, PNG, GIF or WebP image (first bytes: {})",
+                "the source is not a JPEG, PNG, GIF, WebP, HEIC or AVIF image (first bytes: {})",
                 first_bytes(data)
             ),
         )),
@@ -216,6 +220,55 @@ fn decode_jpeg(
         exif,
         reservation,
     }))
+}
+
+/// HEIC and AVIF: the header (size as shown, alpha, bit depth) checked before libheif decodes
+/// the whole primary image; the rotation boxes are applied by libheif, so no orientation is
+/// left to apply whatever `auto_orient` says.
+fn decode_heif(
+    data: &[u8],
+    kind: heif::Kind,
+    max_pixels: u64,
+    share_needed: impl Fn((u32, u32)) -> f64,
+) -> Result<Decoded, TaskError> {
+    let name = kind.name();
+    let file = heif::Heif::open(data).map_err(|e| {
+        invalid(
+            "InvalidImage",
+            format!("cannot read the {name} header: {e}"),
+        )
+    })?;
+    let header = file.header();
+    if header.width == 0 || header.height == 0 {
+        return Err(invalid(
+            "InvalidImage",
+            format!("cannot read the {name} header: its primary image has no size"),
+        ));
+    }
+    check_pixels(header.width, header.height, max_pixels)?;
+    let full = (header.width, header.height);
+    let share = share_needed(full);
+    let factor = factor_for(share);
+    let decoded = shrink::shrunk_size(full, factor);
+    let resize = resize_bytes(decoded, header.alpha, full, share);
+    let held = heif::decode_bytes(&header) + shrink::held_bytes(full, factor, header.alpha);
+    let reservation = reserve(held + resize);
+    let image = file
+        .decode(factor)
+        .map_err(|e| invalid("InvalidImage", format!("cannot decode the {name}: {e}")))?;
+    Ok(Decoded {
+        info: SourceInfo {
+            width: header.width,
+            height: header.height,
+            format: name.into(),
+            bytes: data.len() as u64,
+        },
+        icc: file.icc(),
+        exif: file.exif(),
+        image,
+        orientation: None,
+        reservation,
+    })
 }
 
 fn decode_other(

@@ -8,6 +8,7 @@ pub mod encode;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod geometry;
+pub mod heif;
 pub mod jpeg;
 pub mod lowres;
 pub mod orient;

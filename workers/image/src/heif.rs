@@ -1,0 +1,424 @@
+//! HEIF sources — HEIC (iPhone photos, HEVC inside) and AVIF (AV1 inside) — through Debian's
+//! libheif (HEVC by libde265, AV1 by dav1d or libaom). The few calls needed are declared here
+//! against libheif 1.15's C API, Debian 12's version: the maintained Rust binding
+//! (`libheif-rs`) needs 1.17 or newer, which Debian 12 does not ship.
+//!
+//! The file's boxes are parsed first (no pixel decoded) to check the size as shown — libheif
+//! applies the rotation and mirroring boxes itself — against `image_max_src_pixels`; only then
+//! is the primary image decoded, to 8-bit interleaved RGB or RGBA (10- and 12-bit sources are
+//! reduced by libheif). The ICC profile is kept; the EXIF block is kept with its orientation
+//! reset, since in HEIF the `irot`/`imir` boxes, already applied, are what turns the picture.
+
+use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ptr;
+
+use image::metadata::Orientation;
+use image::DynamicImage;
+
+use crate::shrink::{BoxShrink, Layout};
+
+/// The brands of the `ftyp` box that name a HEIF image file, and the format each is.
+const BRANDS: [(&[u8; 4], Kind); 8] = [
+    (b"heic", Kind::Heic),
+    (b"heix", Kind::Heic),
+    (b"heim", Kind::Heic),
+    (b"heis", Kind::Heic),
+    (b"avif", Kind::Avif),
+    (b"avis", Kind::Avif),
+    (b"mif1", Kind::Heif),
+    (b"msf1", Kind::Heif),
+];
+
+/// Which HEIF flavour a file says it is (the name in job results and errors).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Heic,
+    Avif,
+    /// A HEIF file whose brands name neither codec (`mif1` only).
+    Heif,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Heic => "heic",
+            Kind::Avif => "avif",
+            Kind::Heif => "heif",
+        }
+    }
+}
+
+/// The HEIF flavour of `data` from its `ftyp` box (major brand first, then the compatible
+/// ones), or `None` when it is not a HEIF file.
+pub fn sniff(data: &[u8]) -> Option<Kind> {
+    if data.len() < 16 || &data[4..8] != b"ftyp" {
+        return None;
+    }
+    let size = u32::from_be_bytes([data[0], data[1], data[2], data[3]]) as usize;
+    let end = size.clamp(16, data.len().min(256));
+    let brands = || std::iter::once(&data[8..12]).chain(data[16..end].chunks_exact(4));
+    // A codec's brand wins over the generic `mif1` wherever it is listed.
+    let kinds = brands().filter_map(|b| BRANDS.iter().find(|(brand, _)| b == *brand));
+    kinds
+        .map(|(_, kind)| *kind)
+        .min_by_key(|kind| *kind == Kind::Heif)
+}
+
+/// A HEIF file opened and its primary image's header read; nothing decoded yet.
+pub struct Heif<'a> {
+    ctx: *mut ffi::Context,
+    handle: *const ffi::Handle,
+    /// The context reads the caller's bytes in place.
+    _data: std::marker::PhantomData<&'a [u8]>,
+}
+
+/// What the header says, before decoding.
+#[derive(Debug, Clone, Copy)]
+pub struct Header {
+    /// The size as shown (rotation applied).
+    pub width: u32,
+    pub height: u32,
+    pub alpha: bool,
+    /// Bits per luma sample (8, 10, 12).
+    pub bits: u32,
+}
+
+impl<'a> Heif<'a> {
+    /// Parses the file's boxes and finds its primary image.
+    pub fn open(data: &'a [u8]) -> Result<Heif<'a>, String> {
+        // SAFETY: `heif_context_alloc` has no preconditions; a null return is handled.
+        let ctx = unsafe { ffi::heif_context_alloc() };
+        if ctx.is_null() {
+            return Err("libheif could not allocate a context".into());
+        }
+        let mut heif = Heif {
+            ctx,
+            handle: ptr::null(),
+            _data: std::marker::PhantomData,
+        };
+        // SAFETY: `ctx` is a live context; `data` outlives it (the lifetime on `Heif`), as
+        // the "without copy" read requires; null options mean libheif's defaults.
+        unsafe {
+            // Tiles decode on the calling thread: the worker's bounded CPU pool decides how
+            // many decodes run at once, not libheif.
+            ffi::heif_context_set_max_decoding_threads(ctx, 0);
+            check(ffi::heif_context_read_from_memory_without_copy(
+                ctx,
+                data.as_ptr().cast(),
+                data.len(),
+                ptr::null(),
+            ))?;
+            let mut handle = ptr::null_mut();
+            check(ffi::heif_context_get_primary_image_handle(ctx, &mut handle))?;
+            heif.handle = handle;
+        }
+        Ok(heif)
+    }
+
+    pub fn header(&self) -> Header {
+        // SAFETY: `handle` is the live primary image handle of a live context.
+        unsafe {
+            Header {
+                width: ffi::heif_image_handle_get_width(self.handle).max(0) as u32,
+                height: ffi::heif_image_handle_get_height(self.handle).max(0) as u32,
+                alpha: ffi::heif_image_handle_has_alpha_channel(self.handle) != 0,
+                bits: ffi::heif_image_handle_get_luma_bits_per_pixel(self.handle).max(0) as u32,
+            }
+        }
+    }
+
+    /// The embedded ICC profile, if the colour is given as one (not as `nclx` code points).
+    pub fn icc(&self) -> Option<Vec<u8>> {
+        // SAFETY: a live handle; the buffer has the size libheif reported for the profile.
+        unsafe {
+            let kind = ffi::heif_image_handle_get_color_profile_type(self.handle);
+            if kind != fourcc(b"prof") && kind != fourcc(b"rICC") {
+                return None;
+            }
+            let size = ffi::heif_image_handle_get_raw_color_profile_size(self.handle);
+            if size == 0 || size > MAX_METADATA {
+                return None;
+            }
+            let mut icc = vec![0u8; size];
+            check(ffi::heif_image_handle_get_raw_color_profile(
+                self.handle,
+                icc.as_mut_ptr().cast(),
+            ))
+            .ok()?;
+            Some(icc)
+        }
+    }
+
+    /// The first EXIF block from its TIFF header on (HEIF prefixes it with the offset to that
+    /// header), with its orientation reset: libheif has already turned the picture.
+    pub fn exif(&self) -> Option<Vec<u8>> {
+        let filter = c"Exif";
+        // SAFETY: a live handle; `ids` holds as many ids as asked for; the metadata buffer has
+        // the size libheif reported for that id.
+        let mut block = unsafe {
+            let count =
+                ffi::heif_image_handle_get_number_of_metadata_blocks(self.handle, filter.as_ptr());
+            if count <= 0 {
+                return None;
+            }
+            let mut id = 0u32;
+            let got = ffi::heif_image_handle_get_list_of_metadata_block_IDs(
+                self.handle,
+                filter.as_ptr(),
+                &mut id,
+                1,
+            );
+            if got != 1 {
+                return None;
+            }
+            let size = ffi::heif_image_handle_get_metadata_size(self.handle, id);
+            if !(4..=MAX_METADATA).contains(&size) {
+                return None;
+            }
+            let mut block = vec![0u8; size];
+            check(ffi::heif_image_handle_get_metadata(
+                self.handle,
+                id,
+                block.as_mut_ptr().cast(),
+            ))
+            .ok()?;
+            block
+        };
+        let offset = u32::from_be_bytes([block[0], block[1], block[2], block[3]]) as usize;
+        let start = 4usize.checked_add(offset).filter(|s| *s < block.len())?;
+        let mut tiff = block.split_off(start);
+        if !(tiff.starts_with(b"II*\0") || tiff.starts_with(b"MM\0*")) {
+            return None;
+        }
+        let _applied: Option<Orientation> = Orientation::remove_from_exif_chunk(&mut tiff);
+        Some(tiff)
+    }
+
+    /// Decodes the primary image to 8-bit RGB (RGBA when it has alpha), turned as shown and
+    /// box-shrunk by `factor` (1: full size; see `shrink.rs`).
+    pub fn decode(&self, factor: u32) -> Result<DynamicImage, String> {
+        let alpha = self.header().alpha;
+        let (chroma, channels) = if alpha {
+            (ffi::CHROMA_INTERLEAVED_RGBA, 4usize)
+        } else {
+            (ffi::CHROMA_INTERLEAVED_RGB, 3usize)
+        };
+        let mut img = ptr::null_mut();
+        // SAFETY: a live handle; null options mean libheif's defaults (transformations
+        // applied). On success `img` is a live image released by `Image`'s drop.
+        unsafe {
+            check(ffi::heif_decode_image(
+                self.handle,
+                &mut img,
+                ffi::COLORSPACE_RGB,
+                chroma,
+                ptr::null(),
+            ))?;
+        }
+        let img = Image(img);
+        let mut stride: c_int = 0;
+        // SAFETY: a live decoded image; the plane pointer stays valid while `img` lives, and
+        // libheif guarantees `stride * height` readable bytes for it.
+        let (width, height, rows) = unsafe {
+            let width = ffi::heif_image_get_width(img.0, ffi::CHANNEL_INTERLEAVED);
+            let height = ffi::heif_image_get_height(img.0, ffi::CHANNEL_INTERLEAVED);
+            let plane =
+                ffi::heif_image_get_plane_readonly(img.0, ffi::CHANNEL_INTERLEAVED, &mut stride);
+            if plane.is_null() || width <= 0 || height <= 0 || stride <= 0 {
+                return Err("libheif returned no picture".into());
+            }
+            let (w, h, s) = (width as usize, height as usize, stride as usize);
+            if s < w * channels {
+                return Err("libheif returned a picture narrower than its width".into());
+            }
+            (w, h, std::slice::from_raw_parts(plane, s * h))
+        };
+        // Copied out row by row, box-shrunk on the way when the outputs allow: libheif's
+        // picture is already full size, so a second full-size copy is never made.
+        let layout = if alpha { Layout::Rgba } else { Layout::Rgb };
+        let mut shrink = BoxShrink::new(width as u32, height as u32, factor, alpha);
+        for row in rows.chunks_exact(stride as usize) {
+            shrink.push_row(&row[..width * channels], layout);
+        }
+        Ok(shrink.finish())
+    }
+}
+
+impl Drop for Heif<'_> {
+    fn drop(&mut self) {
+        // SAFETY: each pointer is either null or owned by this value and released once.
+        unsafe {
+            if !self.handle.is_null() {
+                ffi::heif_image_handle_release(self.handle);
+            }
+            ffi::heif_context_free(self.ctx);
+        }
+    }
+}
+
+/// A decoded libheif image, released when dropped.
+struct Image(*mut ffi::Image);
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        // SAFETY: a live image from `heif_decode_image`, released once.
+        unsafe { ffi::heif_image_release(self.0) }
+    }
+}
+
+/// Bytes libheif holds while decoding a picture of `header`'s size: the decoded planes (4:4:4
+/// at the worst, two bytes a sample above 8 bits, plus alpha) and the interleaved picture it
+/// converts them into (both exist while it converts).
+pub fn decode_bytes(header: &Header) -> u64 {
+    let pixels = u64::from(header.width) * u64::from(header.height);
+    let sample = if header.bits > 8 { 2 } else { 1 };
+    let planes = pixels * sample * if header.alpha { 4 } else { 3 };
+    let interleaved = pixels * if header.alpha { 4 } else { 3 };
+    planes + interleaved
+}
+
+/// ICC profiles and EXIF blocks larger than this are dropped rather than copied.
+const MAX_METADATA: usize = 4 << 20;
+
+const fn fourcc(code: &[u8; 4]) -> u32 {
+    u32::from_be_bytes(*code)
+}
+
+fn check(e: ffi::Error) -> Result<(), String> {
+    if e.code == 0 {
+        return Ok(());
+    }
+    let message = if e.message.is_null() {
+        String::new()
+    } else {
+        // SAFETY: libheif's messages are static NUL-terminated strings (never null, says
+        // heif.h; checked anyway).
+        unsafe { CStr::from_ptr(e.message) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    Err(format!(
+        "{message} (libheif error {}.{})",
+        e.code, e.subcode
+    ))
+}
+
+/// libheif 1.15's C API, the calls this module makes (heif.h).
+#[allow(non_camel_case_types)]
+mod ffi {
+    use super::*;
+
+    #[repr(C)]
+    pub struct Context {
+        _opaque: [u8; 0],
+    }
+    #[repr(C)]
+    pub struct Handle {
+        _opaque: [u8; 0],
+    }
+    #[repr(C)]
+    pub struct Image {
+        _opaque: [u8; 0],
+    }
+
+    /// `struct heif_error`, returned by value.
+    #[repr(C)]
+    pub struct Error {
+        pub code: c_int,
+        pub subcode: c_int,
+        pub message: *const c_char,
+    }
+
+    pub const COLORSPACE_RGB: c_int = 1;
+    pub const CHROMA_INTERLEAVED_RGB: c_int = 10;
+    pub const CHROMA_INTERLEAVED_RGBA: c_int = 11;
+    pub const CHANNEL_INTERLEAVED: c_int = 10;
+
+    #[link(name = "heif")]
+    extern "C" {
+        pub fn heif_context_alloc() -> *mut Context;
+        pub fn heif_context_free(ctx: *mut Context);
+        pub fn heif_context_set_max_decoding_threads(ctx: *mut Context, max_threads: c_int);
+        pub fn heif_context_read_from_memory_without_copy(
+            ctx: *mut Context,
+            mem: *const c_void,
+            size: usize,
+            options: *const c_void,
+        ) -> Error;
+        pub fn heif_context_get_primary_image_handle(
+            ctx: *mut Context,
+            handle: *mut *mut Handle,
+        ) -> Error;
+        pub fn heif_image_handle_release(handle: *const Handle);
+        pub fn heif_image_handle_get_width(handle: *const Handle) -> c_int;
+        pub fn heif_image_handle_get_height(handle: *const Handle) -> c_int;
+        pub fn heif_image_handle_has_alpha_channel(handle: *const Handle) -> c_int;
+        pub fn heif_image_handle_get_luma_bits_per_pixel(handle: *const Handle) -> c_int;
+        pub fn heif_image_handle_get_color_profile_type(handle: *const Handle) -> u32;
+        pub fn heif_image_handle_get_raw_color_profile_size(handle: *const Handle) -> usize;
+        pub fn heif_image_handle_get_raw_color_profile(
+            handle: *const Handle,
+            out: *mut c_void,
+        ) -> Error;
+        pub fn heif_image_handle_get_number_of_metadata_blocks(
+            handle: *const Handle,
+            type_filter: *const c_char,
+        ) -> c_int;
+        pub fn heif_image_handle_get_list_of_metadata_block_IDs(
+            handle: *const Handle,
+            type_filter: *const c_char,
+            ids: *mut u32,
+            count: c_int,
+        ) -> c_int;
+        pub fn heif_image_handle_get_metadata_size(handle: *const Handle, id: u32) -> usize;
+        pub fn heif_image_handle_get_metadata(
+            handle: *const Handle,
+            id: u32,
+            out: *mut c_void,
+        ) -> Error;
+        pub fn heif_decode_image(
+            handle: *const Handle,
+            out: *mut *mut Image,
+            colorspace: c_int,
+            chroma: c_int,
+            options: *const c_void,
+        ) -> Error;
+        pub fn heif_image_get_width(img: *const Image, channel: c_int) -> c_int;
+        pub fn heif_image_get_height(img: *const Image, channel: c_int) -> c_int;
+        pub fn heif_image_get_plane_readonly(
+            img: *const Image,
+            channel: c_int,
+            stride: *mut c_int,
+        ) -> *const u8;
+        pub fn heif_image_release(img: *const Image);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brands_name_the_flavour() {
+        let ftyp = |major: &[u8; 4], compat: &[&[u8; 4]]| {
+            let mut b = Vec::new();
+            let size = 16 + 4 * compat.len() as u32;
+            b.extend_from_slice(&size.to_be_bytes());
+            b.extend_from_slice(b"ftyp");
+            b.extend_from_slice(major);
+            b.extend_from_slice(&0u32.to_be_bytes());
+            for c in compat {
+                b.extend_from_slice(*c);
+            }
+            b.extend_from_slice(&[0; 8]);
+            b
+        };
+        assert_eq!(sniff(&ftyp(b"heic", &[b"mif1"])), Some(Kind::Heic));
+        assert_eq!(sniff(&ftyp(b"mif1", &[b"avif"])), Some(Kind::Avif));
+        assert_eq!(sniff(&ftyp(b"avif", &[])), Some(Kind::Avif));
+        assert_eq!(sniff(&ftyp(b"mif1", &[b"miaf"])), Some(Kind::Heif));
+        // An MP4 video is an ISO BMFF file too, but not a HEIF image.
+        assert_eq!(sniff(&ftyp(b"isom", &[b"mp41"])), None);
+        assert_eq!(sniff(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"), None);
+    }
+}
