@@ -4,17 +4,22 @@
 //! decoded by Pillow), Display P3 / Adobe RGB profiles converted to sRGB or kept with
 //! `strip_metadata: false`, `max_bytes`, and bad inputs (empty, truncated, HTML, SVG, a decompression
 //! bomb's header, over the byte limit) that each fail with a clear message while the worker
-//! keeps going. Good sources are generated here (HEIC and AVIF by libheif's `heif-enc`); the
-//! bad ones are `fixtures/images/`.
+//! keeps going; smart crops (`entropy`, `attention`) keeping a subject the centre crop cuts, and
+//! a watermark read from a real S3-compatible server (moto), drawn where asked and cached. Good
+//! sources are generated here (HEIC and AVIF by libheif's `heif-enc`); the bad ones are
+//! `fixtures/images/`.
 
 use std::io::Cursor;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
+use image_worker::overlay::OverlayCache;
 use image_worker::{ImageSettings, Transform};
 use mediafarm::storage::Storage;
-use mediafarm::{ClientError, Registry, SendOptions};
+use mediafarm::{ClientError, Registry, SendOptions, Settings};
+use mediafarm_tests::s3::{http, s3_settings, Moto};
 use mediafarm_tests::{failed, python_env, run_python, settings, Farm};
 use serde_json::{json, Value};
 
@@ -24,6 +29,7 @@ struct ImageFarm {
     farm: Farm,
     storage: Storage,
     dir: std::path::PathBuf,
+    overlays: Arc<OverlayCache>,
 }
 
 impl ImageFarm {
@@ -33,10 +39,27 @@ impl ImageFarm {
         s.storage_url = format!("file://{}", dir.display());
         let mut image = ImageSettings::default();
         tweak(&mut image);
+        ImageFarm::start_on(label, s, image, dir).await
+    }
+
+    /// A farm whose storage is `s`'s (`dir` removed at the end).
+    async fn start_on(
+        label: &str,
+        s: Settings,
+        image: ImageSettings,
+        dir: std::path::PathBuf,
+    ) -> ImageFarm {
         let storage = Storage::from_settings(&s).unwrap();
-        let registry = Registry::new().register(Transform::new(&s, &image).unwrap());
+        let transform = Transform::new(&s, &image).unwrap();
+        let overlays = transform.overlays();
+        let registry = Registry::new().register(transform);
         let farm = Farm::start(label, s, registry).await;
-        ImageFarm { farm, storage, dir }
+        ImageFarm {
+            farm,
+            storage,
+            dir,
+            overlays,
+        }
     }
 
     async fn upload(&self, key: &str, data: Vec<u8>) {
@@ -1265,6 +1288,200 @@ async fn the_largest_source_of_every_format_succeeds() {
             let want = [mix(r), mix(g), mix(b)];
             assert!(close(got, want, 10), "{src}: {got:?}, want {want:?}");
         }
+    }
+    f.stop().await;
+}
+
+const SKIN: [u8; 3] = [224, 172, 140];
+const GREY: [u8; 3] = [128, 128, 128];
+
+/// 600×300 flat grey with a subject near the left edge: a skin-coloured disc 120 px across,
+/// centred at (90, 150), with a dark checkered band through it (skin tone and texture).
+fn subject_left() -> RgbImage {
+    RgbImage::from_fn(600, 300, |x, y| {
+        let (dx, dy) = (f64::from(x) + 0.5 - 90.0, f64::from(y) + 0.5 - 150.0);
+        if dx * dx + dy * dy > 60.0 * 60.0 {
+            Rgb(GREY)
+        } else if dy.abs() < 12.0 && (x / 4 + y / 4) % 2 == 0 {
+            Rgb([40, 30, 20])
+        } else {
+            Rgb(SKIN)
+        }
+    })
+}
+
+fn skin_pixels(img: &DynamicImage) -> usize {
+    let rgb = img.to_rgb8();
+    rgb.pixels().filter(|p| close(p.0, SKIN, 24)).count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smart_gravity_keeps_the_subject_the_centre_crop_cuts() {
+    let f = ImageFarm::start("smart", |_| {}).await;
+    let shown = subject_left();
+    f.upload(
+        "src/subject.png",
+        encode(&DynamicImage::ImageRgb8(shown.clone()), ImageFormat::Png),
+    )
+    .await;
+    // The same picture stored turned, shown upright by EXIF orientation 6 (the window is chosen
+    // in the stored frame and must land on the same subject).
+    let stored = DynamicImage::ImageRgb8(image::imageops::rotate270(&shown));
+    f.upload("src/subject-o6.jpg", with_orientation(jpeg_q95(&stored), 6))
+        .await;
+    // The subject's skin at output scale (cover 150×150 of a 300 px high source: ½ a side);
+    // about a tenth of it blends with the background or the dark band when resized, so a
+    // window holding the whole subject keeps at least 85 % of this, the centre crop nothing.
+    let whole = skin_pixels(&DynamicImage::ImageRgb8(shown)) / 4;
+    for (source, name) in [("src/subject.png", "png"), ("src/subject-o6.jpg", "o6")] {
+        let outputs: Vec<Value> = ["centre", "entropy", "attention"]
+            .iter()
+            .map(|g| {
+                json!({"key": format!("smart/{name}-{g}.png"), "width": 150, "height": 150,
+                       "fit": "cover", "gravity": g, "format": "png"})
+            })
+            .collect();
+        let r = f
+            .transform(json!({"source": source, "outputs": outputs}))
+            .await
+            .unwrap();
+        assert_eq!(r["outputs"][1]["width"], 150, "{r}");
+        let centre = skin_pixels(&f.output(&format!("smart/{name}-centre.png")).await);
+        assert!(
+            centre < whole / 100,
+            "{name}: the centre crop cut it: {centre} of {whole}"
+        );
+        for g in ["entropy", "attention"] {
+            let out = f.output(&format!("smart/{name}-{g}.png")).await;
+            assert_eq!((out.width(), out.height()), (150, 150));
+            let kept = skin_pixels(&out);
+            assert!(
+                kept * 100 >= whole * 85,
+                "{name} {g}: {kept} skin pixels of the subject's {whole}"
+            );
+        }
+    }
+    // Only `cover` takes them.
+    let err = failed(
+        f.transform(json!({"source": "src/subject.png", "outputs": [{"key": "x.png",
+            "width": 10, "height": 10, "fit": "contain", "gravity": "attention", "format": "png"}]}))
+            .await,
+    );
+    assert!(
+        err.message.contains("use it with fit cover"),
+        "{}",
+        err.message
+    );
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watermark_from_s3_is_drawn_where_asked_and_cached() {
+    let moto = Moto::start().await;
+    let bucket = format!("wm-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let (status, _) = http(moto.port, "PUT", &format!("/{bucket}")).await.unwrap();
+    assert_eq!(status, 200, "bucket created");
+    let f = ImageFarm::start_on(
+        "wm",
+        s3_settings(&moto, &bucket),
+        ImageSettings::default(),
+        mediafarm_tests::temp_dir("img-wm"),
+    )
+    .await;
+    const BLUE: [u8; 3] = [40, 90, 200];
+    let source = DynamicImage::ImageRgb8(RgbImage::from_pixel(800, 400, Rgb(BLUE)));
+    f.upload("src/blue.png", encode(&source, ImageFormat::Png))
+        .await;
+    // 80×40: opaque red, its right quarter fully transparent.
+    let mark = DynamicImage::ImageRgba8(RgbaImage::from_fn(80, 40, |x, _| {
+        Rgba([255, 0, 0, if x < 60 { 255 } else { 0 }])
+    }));
+    f.upload("marks/logo.png", encode(&mark, ImageFormat::Png))
+        .await;
+    let job = |position: &str, opacity: f64| {
+        json!({"source": "src/blue.png",
+               "watermark": {"key": "marks/logo.png", "position": position, "margin": 10,
+                             "opacity": opacity, "scale": 0.25},
+               "outputs": [
+                   {"key": format!("wm/{position}-200.png"), "width": 200, "format": "png"},
+                   {"key": format!("wm/{position}-100.jpg"), "width": 100, "format": "jpeg",
+                    "quality": 95},
+                   {"key": format!("wm/{position}-plain.png"), "width": 200, "format": "png",
+                    "watermark": false}]})
+    };
+    f.transform(job("southeast", 1.0)).await.unwrap();
+    assert_eq!((f.overlays.misses(), f.overlays.hits()), (1, 0));
+    // 200×100: the mark 50×25 at (200-10-50, 100-10-25) = (140, 65); its opaque part is the
+    // left 37 px or so.
+    let big = f.output("wm/southeast-200.png").await;
+    for (x, y) in [(141, 66), (160, 77), (170, 88)] {
+        assert!(close(rgb_at(&big, x, y), [255, 0, 0], 2), "({x}, {y})");
+    }
+    // Its transparent quarter, the margin and the rest of the picture are untouched.
+    for (x, y) in [
+        (185, 77),
+        (195, 95),
+        (139, 77),
+        (160, 63),
+        (100, 50),
+        (20, 20),
+    ] {
+        assert!(close(rgb_at(&big, x, y), BLUE, 1), "({x}, {y})");
+    }
+    // 100×50 JPEG: the mark 25×13 at (65, 27).
+    let small = f.output("wm/southeast-100.jpg").await;
+    assert!(
+        close(rgb_at(&small, 72, 33), [255, 0, 0], 40),
+        "{:?}",
+        rgb_at(&small, 72, 33)
+    );
+    assert!(close(rgb_at(&small, 30, 20), BLUE, 12));
+    // The output that opted out has none.
+    let plain = f.output("wm/southeast-plain.png").await;
+    assert!(plain.to_rgb8().pixels().all(|p| close(p.0, BLUE, 1)));
+
+    // Half opacity at the top left: the second job takes the overlay from the cache.
+    f.transform(job("northwest", 0.5)).await.unwrap();
+    assert_eq!((f.overlays.misses(), f.overlays.hits()), (1, 1));
+    let big = f.output("wm/northwest-200.png").await;
+    let half = [148, 45, 100]; // (red + blue) / 2
+    assert!(
+        close(rgb_at(&big, 20, 20), half, 2),
+        "{:?}",
+        rgb_at(&big, 20, 20)
+    );
+    assert!(close(rgb_at(&big, 5, 5), BLUE, 1));
+    assert!(close(rgb_at(&big, 150, 80), BLUE, 1));
+
+    // Clear errors: a missing key, an object that is not an image, values out of range.
+    f.upload("marks/readme.txt", b"not a picture".to_vec())
+        .await;
+    for (watermark, text) in [
+        (
+            json!({"key": "marks/none.png"}),
+            "no object at storage key \"marks/none.png\"",
+        ),
+        (
+            json!({"key": "marks/readme.txt"}),
+            "\"marks/readme.txt\" is not a JPEG, PNG, GIF or WebP",
+        ),
+        (
+            json!({"key": "marks/logo.png", "opacity": 2}),
+            "watermark.opacity is 2",
+        ),
+        (
+            json!({"key": "marks/logo.png", "scale": 0}),
+            "watermark.scale is 0",
+        ),
+        (json!({"key": "../logo.png"}), "watermark.key"),
+    ] {
+        let err = failed(
+            f.transform(json!({"source": "src/blue.png", "watermark": watermark,
+                "outputs": [{"key": "x.png", "format": "png"}]}))
+                .await,
+        );
+        assert_eq!(err.exc_type, "InvalidWatermark", "{}", err.message);
+        assert!(err.message.contains(text), "{text}: {}", err.message);
     }
     f.stop().await;
 }

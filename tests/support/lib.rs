@@ -12,6 +12,7 @@
 //! | [`certs`] | a test CA and a `localhost` certificate (openssl) |
 //! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
 //! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |
+//! | [`s3`] | moto's S3-compatible server, and settings with a bucket in it as storage |
 
 pub mod certs;
 pub mod fixtures;
@@ -20,6 +21,7 @@ pub mod http_fake;
 pub mod media;
 pub mod process;
 pub mod raw_amqp;
+pub mod s3;
 pub mod smtp;
 pub mod webhook;
 

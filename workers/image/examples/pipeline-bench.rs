@@ -65,6 +65,7 @@ fn main() -> Result<(), String> {
         crop,
         auto_orient: true,
         strip_metadata: true,
+        watermark: None,
         outputs: widths
             .iter()
             .map(|w| OutputSpec {
@@ -80,6 +81,7 @@ fn main() -> Result<(), String> {
                 speed: None,
                 background: None,
                 max_bytes: None,
+                watermark: true,
             })
             .collect(),
     };

@@ -37,26 +37,28 @@ pub struct Decoded {
 
 /// Decodes `data`. `share_needed` gets the full size as shown and returns the largest share
 /// of it (0–1, per side) any output needs: JPEGs are decoded at 1/2, 1/4 or 1/8 scale when
-/// that is enough.
+/// that is enough. `extra` gets the same size and returns the bytes the job holds besides the
+/// decode and the resize (a smart crop's map, a watermark's copies), reserved with them.
 pub fn decode(
     data: &[u8],
     auto_orient: bool,
     max_pixels: u64,
     share_needed: impl Fn((u32, u32)) -> f64,
+    extra: impl Fn((u32, u32)) -> u64,
 ) -> Result<Decoded, TaskError> {
     if data.is_empty() {
         return Err(invalid("InvalidImage", "the source is empty (0 bytes)"));
     }
     if let Some(kind) = heif::sniff(data) {
-        return decode_heif(data, kind, max_pixels, share_needed);
+        return decode_heif(data, kind, max_pixels, share_needed, extra);
     }
     let format = sniff(data)?;
     if format == ImageFormat::Jpeg {
-        if let Some(decoded) = decode_jpeg(data, auto_orient, max_pixels, &share_needed)? {
+        if let Some(decoded) = decode_jpeg(data, auto_orient, max_pixels, &share_needed, &extra)? {
             return Ok(decoded);
         }
     }
-    decode_other(data, format, auto_orient, max_pixels, share_needed)
+    decode_other(data, format, auto_orient, max_pixels, share_needed, extra)
 }
 
 /// Bytes the resize holds besides the decoded picture, for a decoded picture of `decoded`
@@ -160,6 +162,7 @@ fn decode_jpeg(
     auto_orient: bool,
     max_pixels: u64,
     share_needed: impl Fn((u32, u32)) -> f64,
+    extra: impl Fn((u32, u32)) -> u64,
 ) -> Result<Option<Decoded>, TaskError> {
     let cannot =
         |e: jpeg::JpegError| invalid("InvalidImage", format!("cannot decode the jpeg: {e}"));
@@ -184,7 +187,7 @@ fn decode_jpeg(
         (true, false) => header.coefficient_bytes,
     };
     let decoded = (scaled(header.width) as u32, scaled(header.height) as u32);
-    let resize = resize_bytes(decoded, false, (header.width, header.height), share);
+    let resize = resize_bytes(decoded, false, (header.width, header.height), share) + extra(full);
     let mut reservation = reserve(pixels + coefficients + resize);
     let low = if light {
         lowres::decode(data, eighths)
@@ -230,6 +233,7 @@ fn decode_heif(
     kind: heif::Kind,
     max_pixels: u64,
     share_needed: impl Fn((u32, u32)) -> f64,
+    extra: impl Fn((u32, u32)) -> u64,
 ) -> Result<Decoded, TaskError> {
     let name = kind.name();
     let file = heif::Heif::open(data).map_err(|e| {
@@ -250,7 +254,7 @@ fn decode_heif(
     let share = share_needed(full);
     let factor = factor_for(share);
     let decoded = shrink::shrunk_size(full, factor);
-    let resize = resize_bytes(decoded, header.alpha, full, share);
+    let resize = resize_bytes(decoded, header.alpha, full, share) + extra(full);
     let held = heif::decode_bytes(&header) + shrink::held_bytes(full, factor, header.alpha);
     let reservation = reserve(held + resize);
     let image = file
@@ -277,6 +281,7 @@ fn decode_other(
     auto_orient: bool,
     max_pixels: u64,
     share_needed: impl Fn((u32, u32)) -> f64,
+    extra: impl Fn((u32, u32)) -> u64,
 ) -> Result<Decoded, TaskError> {
     let name = format!("{format:?}").to_lowercase();
     let cannot =
@@ -312,7 +317,8 @@ fn decode_other(
     if format != ImageFormat::Jpeg {
         if let Some(plan) = streamed::plan(data, format, (width, height), factor_for(share)) {
             drop(decoder);
-            let resize = resize_bytes(plan.decoded_size(), plan.alpha, (width, height), share);
+            let resize =
+                resize_bytes(plan.decoded_size(), plan.alpha, (width, height), share) + extra(full);
             let reservation = reserve(plan.bytes + resize);
             let image = streamed::decode(data, &plan)
                 .map_err(|e| invalid("InvalidImage", format!("cannot decode the {name}: {e}")))?;
@@ -329,7 +335,7 @@ fn decode_other(
     // The whole picture, up to 8 bytes a pixel (16-bit RGBA) and its 8-bit copy, and the
     // resize's copies of it.
     let alpha = decoder.color_type().has_alpha();
-    let resize = resize_bytes((width, height), alpha, (width, height), share);
+    let resize = resize_bytes((width, height), alpha, (width, height), share) + extra(full);
     let reservation = reserve(pixels.saturating_mul(12).saturating_add(resize));
     // GIF and animated WebP: the first frame.
     let image = DynamicImage::from_decoder(decoder).map_err(cannot)?;
@@ -405,7 +411,7 @@ mod tests {
         let file = s.finish().unwrap();
         let header = jpeg::header(&file).unwrap();
         assert!(header.coefficient_bytes > LOWRES_ABOVE);
-        let decoded = decode(&file, true, 50_000_000, |_| 0.25).unwrap();
+        let decoded = decode(&file, true, 50_000_000, |_| 0.25, |_| 0).unwrap();
         assert_eq!(
             (decoded.image.width(), decoded.image.height()),
             (1050, 1050)

@@ -158,6 +158,7 @@ mod tests {
             speed: None,
             background: None,
             max_bytes: None,
+            watermark: true,
         }
     }
 

@@ -12,6 +12,10 @@ mediafarm::settings_group! {
         image_max_src_bytes: u64 = 50 << 20, Int(1024, 1 << 32);
         /// Largest source image accepted, in pixels (checked from its header, before decoding).
         image_max_src_pixels: u64 = 50_000_000, Int(1, 1 << 32);
+        /// Bytes of decoded watermark overlays a worker keeps (LRU; 4 bytes a pixel), counted
+        /// in its decode budget; also the largest overlay accepted (at least 4 MiB). 0: none
+        /// kept, each job decodes its overlay.
+        image_watermark_cache_bytes: u64 = 16 << 20, Int(0, 40 << 20);
     }
 }
 

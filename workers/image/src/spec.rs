@@ -4,6 +4,8 @@
 use mediafarm::TaskError;
 use serde::{Deserialize, Serialize};
 
+use crate::smartcrop::Smart;
+
 /// Most outputs one job may ask for.
 pub const MAX_OUTPUTS: usize = 16;
 /// Largest output side.
@@ -23,7 +25,36 @@ pub struct TransformArgs {
     /// EXIF (orientation reset when the picture was turned), in JPEG, PNG and WebP.
     #[serde(default = "yes")]
     pub strip_metadata: bool,
+    /// An image drawn over every output (unless the output says `watermark: false`).
+    #[serde(default)]
+    pub watermark: Option<Watermark>,
     pub outputs: Vec<OutputSpec>,
+}
+
+/// An overlay image from storage drawn onto each output before it is encoded (as imgproxy's
+/// `watermark` option: position, offset from the edges, opacity, scale to the output).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watermark {
+    /// Storage key of the overlay (JPEG, PNG, GIF or WebP; its alpha is kept).
+    pub key: String,
+    /// The side or corner it sits against (`centre` by default; not `entropy`/`attention`).
+    #[serde(default)]
+    pub position: Gravity,
+    /// Pixels between the overlay and the edges it sits against.
+    #[serde(default)]
+    pub margin: u32,
+    /// 0 (invisible) to 1 (as drawn, the default); multiplies the overlay's own alpha.
+    #[serde(default = "one")]
+    pub opacity: f64,
+    /// The overlay's width as a share of the output's width (0 < scale ≤ 1), its height
+    /// following its aspect ratio. Without it the overlay keeps its own size. Either way it is
+    /// shrunk to fit inside the margins.
+    pub scale: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 fn yes() -> bool {
@@ -65,6 +96,9 @@ pub struct OutputSpec {
     /// `#rrggbb` or `#rgb` (default white).
     pub background: Option<String>,
     pub max_bytes: Option<u64>,
+    /// `false`: this output gets no watermark even when the job has one.
+    #[serde(default = "yes")]
+    pub watermark: bool,
 }
 
 /// How the source fills the output box (as in sharp and imgproxy).
@@ -82,7 +116,8 @@ pub enum Fit {
     Inside,
 }
 
-/// The side or corner of the picture that `cover` keeps and `contain` aligns to.
+/// The side or corner of the picture that `cover` keeps and `contain` aligns to; `entropy`
+/// and `attention` (for `cover` only) choose the window by its content (`smartcrop.rs`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Gravity {
@@ -97,13 +132,27 @@ pub enum Gravity {
     Northwest,
     Southeast,
     Southwest,
+    /// The window whose edges carry the most information (libvips' `entropy`).
+    Entropy,
+    /// The window with the most edges, skin tones and saturated colour (libvips' `attention`).
+    Attention,
 }
 
 impl Gravity {
+    /// The smart crop this gravity asks for, if it is one.
+    pub fn smart(self) -> Option<Smart> {
+        match self {
+            Gravity::Entropy => Some(Smart::Entropy),
+            Gravity::Attention => Some(Smart::Attention),
+            _ => None,
+        }
+    }
+
     /// Where the kept window sits, as fractions of the spare room (0 = left/top, 1 = right/bottom).
+    /// The smart gravities' window depends on the picture (`smartcrop.rs`): centre here.
     pub fn anchor(self) -> (f64, f64) {
         match self {
-            Gravity::Centre => (0.5, 0.5),
+            Gravity::Centre | Gravity::Entropy | Gravity::Attention => (0.5, 0.5),
             Gravity::North => (0.5, 0.0),
             Gravity::South => (0.5, 1.0),
             Gravity::East => (1.0, 0.5),
@@ -242,6 +291,13 @@ pub fn check_args(args: &TransformArgs) -> Result<(), TaskError> {
                 "outputs[{i}].lossless is for WebP output only (PNG is always lossless)"
             ));
         }
+        if o.gravity.smart().is_some() && o.fit != Fit::Cover {
+            return bad(format!(
+                "outputs[{i}].gravity {:?} chooses what `cover` keeps; use it with fit cover",
+                o.gravity
+            )
+            .to_lowercase());
+        }
         if let Some(bg) = &o.background {
             if parse_colour(bg).is_none() {
                 return bad(format!(
@@ -249,6 +305,37 @@ pub fn check_args(args: &TransformArgs) -> Result<(), TaskError> {
                 ));
             }
         }
+    }
+    if let Some(w) = &args.watermark {
+        check_watermark(w)?;
+    }
+    Ok(())
+}
+
+fn check_watermark(w: &Watermark) -> Result<(), TaskError> {
+    let bad = |message: String| Err(invalid("InvalidWatermark", message));
+    if w.position.smart().is_some() {
+        return bad(format!(
+            "watermark.position {:?} is a crop gravity; use centre, north, south, east, west, \
+             northeast, northwest, southeast or southwest",
+            w.position
+        )
+        .to_lowercase());
+    }
+    if !(0.0..=1.0).contains(&w.opacity) {
+        return bad(format!("watermark.opacity is {}; use 0 to 1", w.opacity));
+    }
+    if let Some(scale) = w.scale.filter(|s| !(*s > 0.0 && *s <= 1.0)) {
+        return bad(format!(
+            "watermark.scale is {scale}; use more than 0 and at most 1 (a share of the output's \
+             width)"
+        ));
+    }
+    if w.margin > MAX_SIDE {
+        return bad(format!(
+            "watermark.margin is {}; at most {MAX_SIDE}",
+            w.margin
+        ));
     }
     Ok(())
 }
@@ -266,5 +353,80 @@ mod tests {
         assert_eq!(parse_colour("#ffff"), None);
         assert_eq!(parse_colour("#gggggg"), None);
         assert_eq!(parse_colour("#ééé"), None);
+    }
+
+    fn args(json: serde_json::Value) -> Result<(), String> {
+        let args: TransformArgs = serde_json::from_value(json).map_err(|e| e.to_string())?;
+        check_args(&args).map_err(|e| format!("{}: {}", e.exc_type, e.message))
+    }
+
+    #[test]
+    fn smart_gravities_are_for_cover() {
+        let out = |fit: &str, gravity: &str| {
+            args(
+                serde_json::json!({"source": "s", "outputs": [{"key": "o", "width": 10,
+                "height": 10, "fit": fit, "gravity": gravity, "format": "png"}]}),
+            )
+        };
+        assert_eq!(out("cover", "attention"), Ok(()));
+        assert_eq!(out("cover", "entropy"), Ok(()));
+        let err = out("contain", "entropy").unwrap_err();
+        assert_eq!(
+            err,
+            "InvalidArguments: outputs[0].gravity entropy chooses what `cover` keeps; use it \
+             with fit cover"
+        );
+        assert!(out("cover", "interesting")
+            .unwrap_err()
+            .contains("unknown variant"));
+    }
+
+    #[test]
+    fn watermark_values_out_of_range_are_named() {
+        let mark = |w: serde_json::Value| {
+            args(serde_json::json!({"source": "s", "watermark": w,
+                "outputs": [{"key": "o", "format": "png"}]}))
+        };
+        assert_eq!(
+            mark(
+                serde_json::json!({"key": "m.png", "position": "southeast", "margin": 8,
+                "opacity": 0.5, "scale": 0.25})
+            ),
+            Ok(())
+        );
+        assert_eq!(mark(serde_json::json!({"key": "m.png"})), Ok(()));
+        for (w, says) in [
+            (
+                serde_json::json!({"key": "m", "opacity": 1.5}),
+                "watermark.opacity is 1.5; use 0 to 1",
+            ),
+            (
+                serde_json::json!({"key": "m", "opacity": -0.1}),
+                "watermark.opacity is -0.1",
+            ),
+            (
+                serde_json::json!({"key": "m", "scale": 0.0}),
+                "watermark.scale is 0;",
+            ),
+            (
+                serde_json::json!({"key": "m", "scale": 2}),
+                "watermark.scale is 2;",
+            ),
+            (
+                serde_json::json!({"key": "m", "margin": 20000}),
+                "watermark.margin is 20000",
+            ),
+            (
+                serde_json::json!({"key": "m", "position": "attention"}),
+                "is a crop gravity",
+            ),
+        ] {
+            let err = mark(w.clone()).unwrap_err();
+            assert!(err.starts_with("InvalidWatermark: "), "{w}: {err}");
+            assert!(err.contains(says), "{w}: {err}");
+        }
+        assert!(mark(serde_json::json!({"key": "m", "size": 3}))
+            .unwrap_err()
+            .contains("unknown field `size`"));
     }
 }

@@ -314,6 +314,7 @@ mod tests {
             speed: None,
             background: None,
             max_bytes: None,
+            watermark: true,
         }
     }
 
@@ -341,6 +342,7 @@ mod tests {
                     crop: None,
                     auto_orient: true,
                     strip_metadata: true,
+                    watermark: None,
                     outputs: vec![png_output(width)],
                 };
                 let (_, made) = process(&data, &args, u64::MAX).unwrap();

@@ -1,8 +1,11 @@
 //! `image.transform`: read one source, decode it once, crop it, then derive every output from
-//! that one decode — resized to its fit, turned by its EXIF orientation (at output size, see
-//! `orient.rs`), converted to sRGB, padded or flattened, encoded to its format within
-//! `max_bytes` — and store each variant. The CPU part runs on the worker's
-//! bounded pool.
+//! that one decode — resized to its fit (`cover`'s window chosen by its gravity, or by the
+//! picture's content for `entropy`/`attention`, `smartcrop.rs`), turned by its EXIF orientation
+//! (at output size, see `orient.rs`), converted to sRGB, padded or flattened, watermarked
+//! (`overlay.rs`), encoded to its format within `max_bytes` — and store each variant. The CPU
+//! part runs on the worker's bounded pool.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use fast_image_resize::Resizer;
@@ -16,10 +19,12 @@ use crate::decode::{decode, Decoded};
 use crate::encode::{encode, Metadata};
 use crate::geometry::{check_crop, crop, flatten, pad, scale, target_size};
 use crate::orient::{plan_output, stored_crop, OutputPlan};
+use crate::overlay::{draw, draw_bytes, Overlay, OverlayCache};
 use crate::settings::ImageSettings;
+use crate::smartcrop::{Analysis, ANALYSIS_BYTES};
 use crate::spec::{
     check_args, invalid, parse_colour, Fit, Format, OutputInfo, SourceInfo, TransformArgs,
-    TransformResult,
+    TransformResult, Watermark,
 };
 
 /// What transparent pixels become in a JPEG unless the output names a background.
@@ -31,6 +36,7 @@ pub struct Transform {
     storage: Storage,
     max_src_bytes: u64,
     max_src_pixels: u64,
+    overlays: Arc<OverlayCache>,
 }
 
 impl Transform {
@@ -44,7 +50,42 @@ impl Transform {
             storage,
             max_src_bytes: image.image_max_src_bytes,
             max_src_pixels: image.image_max_src_pixels,
+            overlays: Arc::new(OverlayCache::new(image.image_watermark_cache_bytes)),
         })
+    }
+
+    /// This worker's watermark overlay cache (its hit and miss counts).
+    pub fn overlays(&self) -> Arc<OverlayCache> {
+        self.overlays.clone()
+    }
+
+    /// The decoded overlay for `w`: from the cache, or read from storage and decoded.
+    async fn overlay(&self, ctx: &TaskContext, w: &Watermark) -> Result<Arc<Overlay>, TaskError> {
+        if let Some(found) = self.overlays.get(&w.key) {
+            tracing::debug!(key = %w.key, "watermark overlay from the cache");
+            return Ok(found);
+        }
+        let data = self
+            .storage
+            .get(&w.key, self.max_src_bytes)
+            .await
+            .map_err(|e| match e {
+                mediafarm::storage::StorageError::NotFound { .. }
+                | mediafarm::storage::StorageError::TooLarge { .. } => {
+                    invalid("InvalidWatermark", format!("watermark.key: {e}"))
+                }
+                other => TaskError::from(other),
+            })?;
+        let cache = self.overlays.clone();
+        let key = w.key.clone();
+        let overlay = ctx
+            .cpu(move || {
+                let max = cache.max_overlay_bytes();
+                Overlay::decode(&data, &key, max, |bytes| cache.make_room(bytes)).map(Arc::new)
+            })
+            .await??;
+        self.overlays.insert(&w.key, overlay.clone());
+        Ok(overlay)
     }
 }
 
@@ -61,12 +102,19 @@ impl Task for Transform {
         args: TransformArgs,
     ) -> Result<TransformResult, TaskError> {
         let source = vet(&args)?;
+        let overlay = match &args.watermark {
+            Some(w) if args.outputs.iter().any(|o| o.watermark) => {
+                Some(self.overlay(&ctx, w).await?)
+            }
+            _ => None,
+        };
         let data = self.sources.read(&source, self.max_src_bytes).await?;
         let max_pixels = self.max_src_pixels;
         let specs = args.clone();
         let (info, encoded) = ctx
             .cpu(move || {
-                let made = process(&data, &specs, max_pixels);
+                let made = process_with(&data, &specs, max_pixels, overlay.as_deref());
+                drop(overlay);
                 drop(data);
                 // Jobs run on the CPU pool's threads in turn, and mimalloc returns a thread's
                 // freed pages to the OS only when that thread next allocates: the image
@@ -106,6 +154,10 @@ pub fn vet(args: &TransformArgs) -> Result<Source, TaskError> {
     for out in &args.outputs {
         mediafarm::storage::check_key(&out.key)?;
     }
+    if let Some(w) = &args.watermark {
+        mediafarm::storage::check_key(&w.key)
+            .map_err(|e| invalid("InvalidWatermark", format!("watermark.key: {e}")))?;
+    }
     Ok(Source::parse(&args.source)?)
 }
 
@@ -116,12 +168,47 @@ pub struct Encoded {
     pub height: u32,
 }
 
-/// Decodes `data` once and encodes every output (CPU only; no I/O).
+/// Decodes `data` once and encodes every output (CPU only; no I/O), without a watermark.
 pub fn process(
     data: &[u8],
     args: &TransformArgs,
     max_pixels: u64,
 ) -> Result<(SourceInfo, Vec<Encoded>), TaskError> {
+    process_with(data, args, max_pixels, None)
+}
+
+/// [`process`], drawing `overlay` (the decoded `args.watermark`) onto the outputs that take it.
+pub fn process_with(
+    data: &[u8],
+    args: &TransformArgs,
+    max_pixels: u64,
+    overlay: Option<&Overlay>,
+) -> Result<(SourceInfo, Vec<Encoded>), TaskError> {
+    let smart = args
+        .outputs
+        .iter()
+        .any(|o| o.fit == Fit::Cover && o.gravity.smart().is_some());
+    let watermark = args.watermark.as_ref().zip(overlay);
+    // What the job holds besides the decode and the resize: the smart crop's map, and the
+    // overlay's copies for the largest output (the overlay itself when it is not pinned).
+    let extra = |shown: (u32, u32)| {
+        let full = args.crop.map_or(shown, |c| (c.width, c.height));
+        let mut bytes = if smart { ANALYSIS_BYTES } else { 0 };
+        if let Some((w, o)) = watermark {
+            let largest = args
+                .outputs
+                .iter()
+                .filter(|spec| spec.watermark)
+                .map(|spec| match spec.fit {
+                    Fit::Contain => (spec.width.unwrap_or(full.0), spec.height.unwrap_or(full.1)),
+                    fit => target_size(full, fit, spec.width, spec.height),
+                })
+                .max_by_key(|&(w, h)| u64::from(w) * u64::from(h))
+                .unwrap_or((0, 0));
+            bytes += draw_bytes(o, largest, w) + if o.pinned() { 0 } else { o.bytes() };
+        }
+        bytes
+    };
     // Shrink-on-load: the share of the source's resolution the most demanding output needs
     // (all of it when cropping, where the crop rectangle is in full-size pixels).
     let share_needed = |full: (u32, u32)| {
@@ -144,7 +231,7 @@ pub fn process(
         icc,
         exif,
         reservation: _held,
-    } = decode(data, args.auto_orient, max_pixels, share_needed)?;
+    } = decode(data, args.auto_orient, max_pixels, share_needed, extra)?;
     // The pixels stay as stored until each output is made: the crop and every size are
     // mapped into the stored frame, and only the output-size picture is turned (orient.rs).
     let shown_full = (info.width, info.height);
@@ -168,6 +255,8 @@ pub fn process(
         icc: icc.as_deref(),
         exif: exif.as_deref(),
     };
+    // One analysis map for every smart-gravity output (in the stored frame, like `img`).
+    let analysis = smart.then(|| Analysis::of(&img));
     let mut resizer = Resizer::new();
     let plans: Vec<OutputPlan> = args
         .outputs
@@ -195,7 +284,11 @@ pub fn process(
             .filter(|d| d.width() >= rw.saturating_mul(2) && d.height() >= rh.saturating_mul(2))
             .min_by_key(|d| u64::from(d.width()) * u64::from(d.height()))
             .unwrap_or(&img);
-        let scaled = scale(&mut resizer, base, plan.resize_to, spec.fit, plan.anchor)?;
+        let anchor = match (spec.fit, spec.gravity.smart(), &analysis) {
+            (Fit::Cover, Some(smart), Some(map)) => map.anchor(smart, plan.resize_to),
+            _ => plan.anchor,
+        };
+        let scaled = scale(&mut resizer, base, plan.resize_to, spec.fit, anchor)?;
         if matches!(spec.fit, Fit::Inside | Fit::Contain) && (w, h) != full {
             derived.push(scaled.clone());
         }
@@ -225,6 +318,10 @@ pub fn process(
                 DynamicImage::ImageRgb8(flatten(shown, bg))
             }
             _ => shown,
+        };
+        let shown = match watermark.filter(|_| spec.watermark) {
+            Some((w, o)) => draw(shown, o, w, &mut resizer)?,
+            None => shown,
         };
         let data = encode(&shown, spec, meta).map_err(|e| match e.kind {
             mediafarm::FailureKind::Invalid => invalid(

@@ -65,6 +65,7 @@ fn job() -> TransformArgs {
         crop: None,
         auto_orient: true,
         strip_metadata: true,
+        watermark: None,
         outputs: [1280u32, 640, 160]
             .iter()
             .map(|w| OutputSpec {
@@ -80,6 +81,7 @@ fn job() -> TransformArgs {
                 speed: None,
                 background: None,
                 max_bytes: None,
+                watermark: true,
             })
             .collect(),
     }
@@ -151,7 +153,8 @@ fn the_budget_counts_what_each_streamed_source_holds() {
     ];
     for (name, data, (w, h)) in cases {
         let full_rgba = u64::from(w) * u64::from(h) * 4;
-        let (decoded, decode_peak) = peak_of(|| decode(&data, true, 50_000_000, share).unwrap());
+        let (decoded, decode_peak) =
+            peak_of(|| decode(&data, true, 50_000_000, share, |_| 0).unwrap());
         let reserved = decoded.reservation.bytes();
         assert!(
             decode_peak <= reserved,
