@@ -11,6 +11,7 @@
 //! | [`http_fake`] | a scripted HTTP server recording requests (SMS providers, webhooks) |
 //! | [`certs`] | a test CA and a `localhost` certificate (openssl) |
 //! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
+//! | [`s3`] | moto's S3-compatible server on loopback |
 //! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |
 
 pub mod certs;
@@ -20,6 +21,7 @@ pub mod http_fake;
 pub mod media;
 pub mod process;
 pub mod raw_amqp;
+pub mod s3;
 pub mod smtp;
 pub mod webhook;
 
