@@ -11,6 +11,7 @@
 //! | [`http_fake`] | a scripted HTTP server recording requests (SMS providers, webhooks) |
 //! | [`certs`] | a test CA and a `localhost` certificate (openssl) |
 //! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
+//! | [`s3`] | moto's S3-compatible server on loopback |
 //! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |
 //! | [`s3`] | moto's S3-compatible server, and settings with a bucket in it as storage |
 

@@ -92,3 +92,15 @@ pub fn s3_settings(moto: &Moto, bucket: &str) -> Settings {
     s.storage_s3_path_style = true;
     s
 }
+
+impl Moto {
+    /// Creates a bucket with a new name; returns the name.
+    pub async fn bucket(&self) -> String {
+        let bucket = format!("mf-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let (status, _) = http(self.port, "PUT", &format!("/{bucket}"))
+            .await
+            .expect("moto answers");
+        assert_eq!(status, 200, "bucket created");
+        bucket
+    }
+}

@@ -1,6 +1,7 @@
 //! A webhook receiver for snapshot-worker's frame deliveries: it checks every accepted POST's
 //! `X-Mediafarm-Signature` (HMAC-SHA256 over `<timestamp>.<body>` with [`SECRET`]) and keeps
-//! the bodies, and can refuse the first few with 503 to exercise redelivery.
+//! the bodies, and can refuse the first few with 503 to exercise redelivery, or come up late on
+//! a port chosen before (a receiver that was down).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -14,11 +15,13 @@ use sha2::Sha256;
 pub const SECRET: &str = "test-webhook-secret";
 
 /// Receives webhook POSTs; records (timestamp header, signature header, body) of those it
-/// accepts, and the `X-Mediafarm-Id` of every request.
+/// accepts, the `X-Mediafarm-Delivery-Id` of those it accepts, and the `X-Mediafarm-Id` of
+/// every request.
 pub struct Hook {
     port: u16,
     got: Arc<Mutex<Vec<(String, String, Value)>>>,
     pub ids: Arc<Mutex<Vec<String>>>,
+    pub delivery_ids: Arc<Mutex<Vec<String>>>,
 }
 
 impl Hook {
@@ -28,15 +31,26 @@ impl Hook {
 
     /// Answers the first `unavailable` requests with 503, then accepts.
     pub fn flaky(unavailable: usize) -> Hook {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Hook::serve(TcpListener::bind("127.0.0.1:0").unwrap(), unavailable)
+    }
+
+    /// Starts accepting on `127.0.0.1:<port>` (a port reserved with `free_port` while the
+    /// receiver was "down": connections to it were refused until now).
+    pub fn at(port: u16) -> Hook {
+        Hook::serve(TcpListener::bind(("127.0.0.1", port)).unwrap(), 0)
+    }
+
+    fn serve(listener: TcpListener, unavailable: usize) -> Hook {
         let port = listener.local_addr().unwrap().port();
         let got = Arc::new(Mutex::new(Vec::new()));
         let ids = Arc::new(Mutex::new(Vec::new()));
-        let (sink, seen) = (got.clone(), ids.clone());
+        let delivery_ids = Arc::new(Mutex::new(Vec::new()));
+        let (sink, seen, accepted) = (got.clone(), ids.clone(), delivery_ids.clone());
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let mut reader = BufReader::new(stream);
                 let (mut len, mut ts, mut sig) = (0usize, String::new(), String::new());
+                let mut delivery_id = String::new();
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
@@ -53,6 +67,8 @@ impl Hook {
                         ts = value;
                     } else if lower.starts_with("x-mediafarm-signature:") {
                         sig = value;
+                    } else if lower.starts_with("x-mediafarm-delivery-id:") {
+                        delivery_id = value;
                     } else if lower.starts_with("x-mediafarm-id:") {
                         seen.lock().unwrap().push(value);
                     }
@@ -82,10 +98,16 @@ impl Hook {
                     .collect();
                 assert_eq!(sig, format!("v1={want}"), "webhook signature");
                 let json: Value = serde_json::from_slice(&body).unwrap();
+                accepted.lock().unwrap().push(delivery_id);
                 sink.lock().unwrap().push((ts, sig, json));
             }
         });
-        Hook { port, got, ids }
+        Hook {
+            port,
+            got,
+            ids,
+            delivery_ids,
+        }
     }
 
     pub fn url(&self) -> String {

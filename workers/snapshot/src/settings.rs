@@ -28,6 +28,17 @@ mediafarm::settings_group! {
         /// How long a session keeps reconnecting to a dropped stream (with backoff) before it
         /// ends with its summary.
         snapshot_reconnect_window: Duration = Duration::from_secs(60), SecondsOrDefault;
+        /// Frame deliveries waiting per stream in its Redis outbox; a frame taken beyond that
+        /// is not queued but recorded as a dead letter (`outbox_full`).
+        snapshot_outbox_max: usize = 1000, Int(1, 1_000_000);
+        /// How long after a frame was taken its delivery is still tried; then it becomes a
+        /// dead letter (`deadline`) and the next frame's delivery goes on.
+        snapshot_delivery_deadline: Duration = Duration::from_secs(3600), SecondsOrDefault;
+        /// The longest pause between two tries of one delivery (from 1 s, doubling).
+        snapshot_delivery_backoff_max: Duration = Duration::from_secs(30), SecondsOrDefault;
+        /// Where the audit manifests go in storage (`<prefix>/<stream_id>/<YYYY-MM-DD>/`:
+        /// `index.json` and hour parts `<HH>.jsonl`); unset: no manifests.
+        snapshot_manifest_prefix: Option<String> = None, Str;
     }
 }
 

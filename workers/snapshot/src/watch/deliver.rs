@@ -1,38 +1,54 @@
 //! Delivery of each frame to the session's webhook: a JSON POST signed like notify-worker's
 //! webhooks ([`mediafarm::net::signing`]) — `X-Mediafarm-Timestamp: <unix seconds>` and
-//! `X-Mediafarm-Signature: v1=<hex HMAC-SHA256(webhook_secret, "<timestamp>.<body>")>`. The URL
-//! follows the webhook rules of [`mediafarm::net::outbound`] (`webhook_allowed_hosts`,
-//! `webhook_allow_http`, `webhook_allow_private`); the request connects to the addresses that
-//! were checked (no DNS rebinding) and follows no redirects. Each session's deliveries go out in order from their
-//! own task ([`Courier`]), so a slow receiver never holds up the frames, and a delivery that
-//! meets a network error, a timeout, 408, 429 or 5xx is tried again for up to a minute.
+//! `X-Mediafarm-Signature: v1=<hex HMAC-SHA256(webhook_secret, "<timestamp>.<body>")>` — with
+//! `X-Mediafarm-Delivery-Id: <stream_id>/<session_id>/<seq>` (and the older `X-Mediafarm-Id:
+//! <session_id>-<seq>`), the same on every try and from every worker. The URL follows the
+//! webhook rules of [`mediafarm::net::outbound`] (`webhook_allowed_hosts`, `webhook_allow_http`,
+//! `webhook_allow_private`); the request connects to the addresses that were checked (no DNS
+//! rebinding) and follows no redirects.
+//!
+//! Deliveries wait in the stream's outbox in Redis ([`super::outbox`]), written when the frame
+//! is recorded, and a [`Courier`] task per session sends its head, one at a time, in order, so
+//! a slow receiver never holds up the frames and a worker's death loses none: the session's
+//! next job (redelivery, continuation, or a later session on the stream) sends what is left
+//! first. A network error, a timeout, 408, 429 or 5xx is tried again (1 s doubling to
+//! `snapshot_delivery_backoff_max`) until `snapshot_delivery_deadline` after the frame was
+//! taken; then, or at once on another answer, the delivery becomes a dead letter with its
+//! reason and the courier goes on with the next frame.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mediafarm::net::{signing, OutboundError, OutboundPolicy, Redirects, SettingNames};
 use mediafarm::settings::WebhookSettings;
-use mediafarm::TaskError;
-use tokio::sync::mpsc;
-use tokio::time::Instant;
+use mediafarm::{ResultBackend, TaskError};
+use tokio::sync::Notify;
 use url::Url;
 
+use super::outbox::{self, DeadLetter, Entry};
+use super::session::unix_now;
 use super::state::LastFrame;
 
-/// How long one frame's delivery is retried before it counts as failed.
-const DELIVERY_DEADLINE: Duration = Duration::from_secs(60);
-/// The first pause between tries; it doubles, up to `MAX_BACKOFF`.
+/// The first pause between tries; it doubles, up to `snapshot_delivery_backoff_max`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(16);
-/// Frames waiting for delivery per session; beyond that a frame's delivery is dropped (and
-/// counted as failed) rather than the session waiting for the receiver.
-const QUEUE: usize = 16;
+/// How often an idle courier looks at the outbox without being woken (another worker's
+/// session on the stream could have left entries only in a race with this one's start).
+const IDLE_POLL: Duration = Duration::from_secs(5);
+/// The pause after Redis did not answer.
+const REDIS_PAUSE: Duration = Duration::from_secs(1);
+
+/// The header carrying a delivery's stable id.
+pub const DELIVERY_ID_HEADER: &str = "x-mediafarm-delivery-id";
 
 #[derive(Clone)]
 pub struct Deliverer {
     secret: Option<String>,
     policy: OutboundPolicy,
+    /// `snapshot_delivery_deadline`: from the frame's capture to giving its delivery up.
+    deadline: Duration,
+    /// `snapshot_delivery_backoff_max`.
+    backoff_max: Duration,
 }
 
 /// A checked webhook URL, and a client that connects only to the addresses checked.
@@ -71,9 +87,11 @@ fn policy_error(url: &str, e: OutboundError) -> TaskError {
 }
 
 impl Deliverer {
-    pub fn new(webhook: &WebhookSettings) -> Deliverer {
+    pub fn new(webhook: &WebhookSettings, deadline: Duration, backoff_max: Duration) -> Deliverer {
         Deliverer {
             secret: webhook.webhook_secret.clone(),
+            deadline,
+            backoff_max,
             policy: OutboundPolicy {
                 allow_http: webhook.webhook_allow_http,
                 allowed_hosts: webhook.webhook_allowed_hosts.clone(),
@@ -108,13 +126,18 @@ impl Deliverer {
     }
 
     /// One try at POSTing `body`, signed now.
-    async fn post(&self, to: &Target, id: &str, body: &str) -> Result<(), Refusal> {
+    async fn post(&self, to: &Target, entry: &Entry) -> Result<(), Refusal> {
+        let body = &entry.body;
         let timestamp = signing::now();
         let mut req = to
             .client
             .post(to.url.clone())
             .header("Content-Type", "application/json")
-            .header(signing::ID_HEADER, id)
+            .header(DELIVERY_ID_HEADER, &entry.id)
+            .header(
+                signing::ID_HEADER,
+                format!("{}-{}", entry.session_id, entry.seq),
+            )
             .header(signing::TIMESTAMP_HEADER, timestamp.to_string());
         if let Some(secret) = &self.secret {
             req = req.header(
@@ -152,124 +175,235 @@ impl Deliverer {
         })
     }
 
-    /// Delivers one frame, trying again on passing failures until `DELIVERY_DEADLINE`.
-    async fn deliver(&self, to: &Target, frame: &Frame) -> Result<(), String> {
-        let body = frame.body();
-        let id = format!("{}-{}", frame.session_id, frame.last.seq);
-        let deadline = frame.offered + DELIVERY_DEADLINE;
+    /// Delivers one entry, trying again on passing failures until its deadline. `Err` carries
+    /// the dead letter's reason (`deadline` or `refused`) and detail.
+    async fn deliver(&self, to: &Target, entry: &Entry) -> Result<(), (&'static str, String)> {
+        let deadline = entry.offered_at + self.deadline.as_secs_f64();
         let mut backoff = FIRST_BACKOFF;
         loop {
-            let refusal = match self.post(to, &id, &body).await {
+            let refusal = match self.post(to, entry).await {
                 Ok(()) => return Ok(()),
                 Err(r) => r,
             };
             let Some(asked) = refusal.retry_after else {
-                return Err(refusal.reason);
+                return Err(("refused", refusal.reason));
             };
             let wait = asked.max(backoff);
-            if Instant::now() + wait > deadline {
-                return Err(format!(
-                    "{} (gave up after {:?})",
-                    refusal.reason, DELIVERY_DEADLINE
+            if unix_now() + wait.as_secs_f64() > deadline {
+                return Err((
+                    "deadline",
+                    format!(
+                        "{} (gave up {} s after the frame was taken)",
+                        refusal.reason,
+                        self.deadline.as_secs_f64()
+                    ),
                 ));
             }
-            tracing::debug!(reason = %refusal.reason, ?wait, "frame delivery will be tried again");
+            tracing::debug!(id = %entry.id, reason = %refusal.reason, ?wait, "frame delivery will be tried again");
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            backoff = (backoff * 2).min(self.backoff_max.max(FIRST_BACKOFF));
         }
     }
 }
 
-/// One frame to deliver.
-struct Frame {
-    stream_id: String,
-    session_id: String,
-    last: LastFrame,
-    offered: Instant,
-}
-
-impl Frame {
-    fn body(&self) -> String {
-        let f = &self.last;
-        serde_json::json!({
-            "event": "snapshot.frame",
-            "stream_id": self.stream_id,
-            "session_id": self.session_id,
-            "seq": f.seq,
-            "key": f.key,
-            "url": f.url,
-            "width": f.width,
-            "height": f.height,
-            "bytes": f.bytes,
-            "pts_s": f.pts_s,
-            "captured_at": f.captured_at,
-        })
-        .to_string()
+/// A frame's delivery, made when the frame is recorded: the body is fixed then.
+pub fn entry(stream_id: &str, session_id: &str, url: &str, last: &LastFrame) -> Entry {
+    let id = outbox::delivery_id(stream_id, session_id, last.seq);
+    let body = serde_json::json!({
+        "event": "snapshot.frame",
+        "delivery_id": id,
+        "stream_id": stream_id,
+        "session_id": session_id,
+        "seq": last.seq,
+        "key": last.key,
+        "url": last.url,
+        "width": last.width,
+        "height": last.height,
+        "bytes": last.bytes,
+        "sha256": last.sha256,
+        "pts_s": last.pts_s,
+        "captured_at": last.captured_at,
+    })
+    .to_string();
+    Entry {
+        id,
+        stream_id: stream_id.to_owned(),
+        session_id: session_id.to_owned(),
+        seq: last.seq,
+        url: url.to_owned(),
+        body,
+        offered_at: last.wall_s,
     }
 }
 
-/// A session's delivery task: frames go out one at a time, in order.
+/// A session's delivery task: sends the head of its stream's outbox until the outbox is empty
+/// and the session is over.
 pub struct Courier {
-    frames: mpsc::Sender<Frame>,
     task: tokio::task::JoinHandle<()>,
-    /// Frames offered and not yet delivered or given up.
-    pending: Arc<AtomicU64>,
+    wake: Arc<Notify>,
+    closing: Arc<AtomicBool>,
+    /// Deliveries this job gave up (dead letters, the outbox's refusals included).
     failed: Arc<AtomicU64>,
+    backend: ResultBackend,
     stream_id: String,
-    session_id: String,
+}
+
+/// What the courier's loop shares.
+struct Run {
+    deliverer: Deliverer,
+    backend: ResultBackend,
+    stream_id: String,
+    /// The last target checked, by its URL text.
+    target: Option<(String, Target)>,
+    wake: Arc<Notify>,
+    closing: Arc<AtomicBool>,
+    failed: Arc<AtomicU64>,
 }
 
 impl Courier {
-    pub fn start(deliverer: Deliverer, to: Target, stream_id: &str, session_id: &str) -> Courier {
-        let (frames, mut queue) = mpsc::channel::<Frame>(QUEUE);
-        let pending = Arc::new(AtomicU64::new(0));
+    /// Starts delivering `stream_id`'s outbox; `checked` is the session's own target, checked
+    /// already (entries for other URLs, left by earlier sessions, are checked when they come).
+    pub fn start(
+        deliverer: Deliverer,
+        backend: ResultBackend,
+        stream_id: &str,
+        checked: Option<(String, Target)>,
+    ) -> Courier {
+        let wake = Arc::new(Notify::new());
+        let closing = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicU64::new(0));
-        let (p, f) = (pending.clone(), failed.clone());
-        let task = tokio::spawn(async move {
-            while let Some(frame) = queue.recv().await {
-                if let Err(reason) = deliverer.deliver(&to, &frame).await {
-                    f.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(stream_id = %frame.stream_id, seq = frame.last.seq, %reason, "frame delivery failed");
-                }
-                p.fetch_sub(1, Ordering::Relaxed);
-            }
-        });
-        Courier {
-            frames,
-            task,
-            pending,
-            failed,
+        let run = Run {
+            deliverer,
+            backend: backend.clone(),
             stream_id: stream_id.to_owned(),
-            session_id: session_id.to_owned(),
-        }
-    }
-
-    /// Queues a frame's delivery; with the queue full it is dropped and counted as failed.
-    pub fn offer(&self, last: &LastFrame) {
-        let frame = Frame {
-            stream_id: self.stream_id.clone(),
-            session_id: self.session_id.clone(),
-            last: last.clone(),
-            offered: Instant::now(),
+            target: checked,
+            wake: wake.clone(),
+            closing: closing.clone(),
+            failed: failed.clone(),
         };
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        if self.frames.try_send(frame).is_err() {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(stream_id = %self.stream_id, seq = last.seq, "frame delivery dropped: the receiver is {QUEUE} frames behind");
+        Courier {
+            task: tokio::spawn(run.go()),
+            wake,
+            closing,
+            failed,
+            backend,
+            stream_id: stream_id.to_owned(),
         }
     }
 
-    /// Waits up to `grace` for the queued deliveries; returns how many failed (those still
-    /// queued after `grace` included).
-    pub async fn finish(self, grace: Duration) -> u64 {
-        drop(self.frames);
+    /// A delivery was queued.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A delivery could not be queued (the outbox was full; its dead letter is written).
+    pub fn count_refused(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Waits up to `grace` for the outbox to empty, then stops. Returns how many deliveries
+    /// this job gave up and how many still wait in the outbox (the stream's next session
+    /// sends them first).
+    pub async fn finish(self, grace: Duration) -> (u64, u64) {
+        self.closing.store(true, Ordering::Relaxed);
+        self.wake.notify_one();
         let mut task = self.task;
         if tokio::time::timeout(grace, &mut task).await.is_err() {
             task.abort();
-            self.failed
-                .fetch_add(self.pending.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        self.failed.load(Ordering::Relaxed)
+        let pending = outbox::len(&self.backend, &self.stream_id)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(stream_id = %self.stream_id, error = %e, "cannot count the outbox");
+                0
+            });
+        (self.failed.load(Ordering::Relaxed), pending)
+    }
+}
+
+impl Run {
+    async fn go(mut self) {
+        loop {
+            let raw = match outbox::head(&self.backend, &self.stream_id).await {
+                Ok(Some(raw)) => raw,
+                Ok(None) if self.closing.load(Ordering::Relaxed) => return,
+                Ok(None) => {
+                    let _ = tokio::time::timeout(IDLE_POLL, self.wake.notified()).await;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(stream_id = %self.stream_id, error = %e, "cannot read the delivery outbox");
+                    tokio::time::sleep(REDIS_PAUSE).await;
+                    continue;
+                }
+            };
+            match serde_json::from_str::<Entry>(&raw) {
+                Ok(entry) => self.send(&raw, &entry).await,
+                Err(e) => {
+                    let entry = Entry {
+                        id: String::new(),
+                        stream_id: self.stream_id.clone(),
+                        session_id: String::new(),
+                        seq: 0,
+                        url: String::new(),
+                        body: raw.clone(),
+                        offered_at: 0.0,
+                    };
+                    self.give_up(&raw, &entry, "unreadable", e.to_string())
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Delivers the head `entry` (stored as `raw`) and removes it, or gives it up.
+    async fn send(&mut self, raw: &str, entry: &Entry) {
+        let target = match &self.target {
+            Some((url, t)) if *url == entry.url => Ok(t.clone()),
+            _ => self.deliverer.vet(&entry.url).await,
+        };
+        let outcome = match target {
+            Ok(t) => {
+                self.target = Some((entry.url.clone(), t.clone()));
+                self.deliverer.deliver(&t, entry).await
+            }
+            Err(e) if e.exc_type == "DeliverRefused" => Err(("refused", e.message)),
+            Err(e) if unix_now() < entry.offered_at + self.deliverer.deadline.as_secs_f64() => {
+                // Unreachable for now (its name does not resolve): as a failed try.
+                tracing::info!(id = %entry.id, error = %e, "frame delivery will be tried again");
+                tokio::time::sleep(self.deliverer.backoff_max.min(Duration::from_secs(5))).await;
+                return;
+            }
+            Err(e) => Err(("deadline", e.message)),
+        };
+        match outcome {
+            Ok(()) => {
+                // A removal lost to Redis is tried again; the delivery is not (at least once).
+                while let Err(e) = outbox::done(&self.backend, &self.stream_id, raw).await {
+                    tracing::warn!(id = %entry.id, error = %e, "cannot remove a delivered frame from the outbox");
+                    tokio::time::sleep(REDIS_PAUSE).await;
+                }
+            }
+            Err((reason, detail)) => self.give_up(raw, entry, reason, detail).await,
+        }
+    }
+
+    async fn give_up(&self, raw: &str, entry: &Entry, reason: &str, detail: String) {
+        tracing::warn!(stream_id = %self.stream_id, id = %entry.id, %reason, %detail, "frame delivery given up (dead letter)");
+        let letter = DeadLetter::of(entry, reason, detail);
+        loop {
+            match outbox::dead(&self.backend, &self.stream_id, raw, &letter).await {
+                Ok(moved) => {
+                    if moved {
+                        self.failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(id = %entry.id, error = %e, "cannot record a dead letter");
+                    tokio::time::sleep(REDIS_PAUSE).await;
+                }
+            }
+        }
     }
 }

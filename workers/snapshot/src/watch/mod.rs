@@ -1,13 +1,17 @@
 //! `snapshot.watch`: a session that stores one picture every `interval_s` of a stream until
 //! `duration_s`, a stop request (`mediafarm streams stop`), a revoke, or the stream's end. The
 //! blocking demux/decode half runs on its own thread ([`session`]); this async half stores each
-//! frame, records the session in Redis ([`state`]), reports PROGRESS, delivers webhooks
+//! frame, records the session in Redis ([`state`]) together with the frame's delivery in the
+//! stream's outbox ([`outbox`]) and the lines of its audit manifest ([`manifest`]), reports
+//! PROGRESS, delivers webhooks from that outbox
 //! ([`deliver`]) and, before RabbitMQ's ack timeout could matter, hands the session on as a
 //! continuation ([`TaskContext::continue_with`]) and ends its own job. Stop requests and
 //! revokes come through the runtime's signals ([`mediafarm::runtime::stop`], scope
 //! [`STOP_SCOPE`]).
 
 pub mod deliver;
+pub mod manifest;
+pub mod outbox;
 pub mod schedule;
 pub mod session;
 pub mod state;
@@ -46,7 +50,8 @@ const SLICE_MARGIN: Duration = Duration::from_secs(60);
 /// `CLAIM_TTL` (its worker died, its job was terminated) lapses.
 const CLAIM_RENEW: Duration = Duration::from_secs(5);
 const CLAIM_TTL: Duration = Duration::from_secs(30);
-/// How long the end of a job waits for its frames' deliveries still under way.
+/// How long the end of a session waits for its frames' deliveries still under way (what is
+/// left stays in the stream's outbox for its next session; a continuation does not wait).
 const DELIVERY_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -114,6 +119,8 @@ pub struct WatchSummary {
     pub started_at: String,
     pub last_frame: Option<LastFrame>,
     pub deliveries_failed: u64,
+    /// Deliveries still in the stream's outbox when this job ended.
+    pub deliveries_pending: u64,
 }
 
 pub struct Watch {
@@ -131,6 +138,8 @@ pub enum WatchSetupError {
          set it at most {most} s"
     )]
     Slice { slice: f64, longest: f64, most: f64 },
+    #[error("snapshot_manifest_prefix {prefix:?} is not a usable storage key prefix: {reason}")]
+    ManifestPrefix { prefix: String, reason: String },
 }
 
 impl Watch {
@@ -151,12 +160,24 @@ impl Watch {
                 most: most.as_secs_f64(),
             });
         }
+        if let Some(prefix) = &snapshot.snapshot_manifest_prefix {
+            mediafarm::storage::check_key(&format!("{prefix}/s/2000-01-01/index.json")).map_err(
+                |e| WatchSetupError::ManifestPrefix {
+                    prefix: prefix.clone(),
+                    reason: e.to_string(),
+                },
+            )?;
+        }
         Ok(Watch {
             settings: settings.clone(),
             snapshot: snapshot.clone(),
             storage,
             sessions: Arc::new(Semaphore::new(snapshot.snapshot_max_sessions)),
-            deliver: deliver::Deliverer::new(webhook),
+            deliver: deliver::Deliverer::new(
+                webhook,
+                snapshot.snapshot_delivery_deadline,
+                snapshot.snapshot_delivery_backoff_max,
+            ),
         })
     }
 }
@@ -257,7 +278,7 @@ impl Task for Watch {
             return Err(invalid("realtime and loop apply to files only".into()));
         }
         let deliver_to = match &args.deliver {
-            Some(url) => Some(self.deliver.vet(url).await?),
+            Some(url) => Some((url.clone(), self.deliver.vet(url).await?)),
             None => None,
         };
         let Ok(_session_slot) = self.sessions.clone().try_acquire_owned() else {
@@ -284,9 +305,17 @@ impl Task for Watch {
                 ),
             ));
         }
-        let courier = deliver_to.map(|to| {
-            deliver::Courier::start(self.deliver.clone(), to, &args.stream_id, &session_id)
-        });
+        // Also without `deliver` of its own, a session sends what earlier ones left queued.
+        let courier = if deliver_to.is_some() || outbox::len(&backend, &args.stream_id).await? > 0 {
+            Some(deliver::Courier::start(
+                self.deliver.clone(),
+                backend.clone(),
+                &args.stream_id,
+                deliver_to,
+            ))
+        } else {
+            None
+        };
         let mut claim = ClaimGuard {
             backend: backend.clone(),
             stream_id: args.stream_id.clone(),
@@ -340,13 +369,56 @@ impl Task for Watch {
         let mut renew_at = tokio::time::Instant::now() + CLAIM_RENEW;
         let mut why: Option<Ended> = None;
         let mut frames_this_job = 0u64;
+        let mut audit = self
+            .snapshot
+            .snapshot_manifest_prefix
+            .as_deref()
+            .map(|prefix| manifest::Manifest::new(self.storage.clone(), prefix, &args.stream_id));
+        // Reconnects counted when the last frame was taken: more at the next one is a drop.
+        let mut reconnects_at_frame = st.reconnects;
         let end = loop {
             tokio::select! {
                 event = rx.recv() => match event {
                     Some(Event::Frame { picture, pts_s, wall_s }) => {
+                        let prev = st.last.clone();
                         let last = self.store(&args, &mut st, picture, pts_s, wall_s).await?;
+                        let gap_reason = if st.reconnects > reconnects_at_frame {
+                            "stream_dropped"
+                        } else if frames_this_job == 0 {
+                            "resumed"
+                        } else {
+                            "late"
+                        };
+                        let part = manifest::Part::of(frame_time(&last));
+                        let encoded = match &audit {
+                            Some(_) => manifest::Manifest::encode(&audit_lines(
+                                &args, &session_id, prev.as_ref(), &last, gap_reason,
+                            ))?,
+                            None => Vec::new(),
+                        };
+                        reconnects_at_frame = st.reconnects;
                         frames_this_job += 1;
-                        state::save(&backend, &args.stream_id, &st).await?;
+                        let entry = args
+                            .deliver
+                            .as_deref()
+                            .map(|url| deliver::entry(&args.stream_id, &session_id, url, &last));
+                        let queued = outbox::commit(
+                            &backend,
+                            &st,
+                            &args.stream_id,
+                            entry.as_ref(),
+                            self.snapshot.snapshot_outbox_max,
+                            audit.as_ref().map(|_| outbox::ManifestLines {
+                                list_key: part.list_key(&args.stream_id),
+                                lines: &encoded,
+                                keep_s: manifest::KEEP_S,
+                            }),
+                        )
+                        .await?;
+                        if let Some(audit) = &mut audit {
+                            audit.touched(&part);
+                            audit.write(&backend).await;
+                        }
                         let progress = json!({
                             "stream_id": args.stream_id,
                             "session_id": session_id,
@@ -354,8 +426,13 @@ impl Task for Watch {
                             "last_frame": last,
                         });
                         ctx.update_state("PROGRESS", progress).await?;
-                        if let Some(courier) = &courier {
-                            courier.offer(&last);
+                        match (&courier, queued) {
+                            (Some(c), outbox::Queued::Queued) => c.wake(),
+                            (Some(c), outbox::Queued::Full) => {
+                                tracing::warn!(stream_id = %args.stream_id, seq = last.seq, "frame delivery not queued: the outbox is full (dead letter outbox_full)");
+                                c.count_refused();
+                            }
+                            _ => {}
                         }
                     }
                     Some(Event::Reconnecting { attempt, error }) => {
@@ -398,10 +475,18 @@ impl Task for Watch {
             (End::Stopped, Some(why)) => (why, None),
             (End::Stopped, None) => (Ended::Stopped, None),
         };
-        let deliveries_failed = match courier {
-            Some(courier) => courier.finish(DELIVERY_GRACE).await,
-            None => 0,
+        let grace = match ended {
+            // The continuation sends the rest; a superseded session leaves them to its successor.
+            Ended::Continued | Ended::Superseded => Duration::ZERO,
+            _ => DELIVERY_GRACE,
         };
+        let (deliveries_failed, deliveries_pending) = match courier {
+            Some(courier) => courier.finish(grace).await,
+            None => (0, 0),
+        };
+        if deliveries_pending > 0 {
+            tracing::info!(stream_id = %args.stream_id, deliveries_pending, "frame deliveries left in the stream's outbox");
+        }
         let mut summary = WatchSummary {
             stream_id: args.stream_id.clone(),
             session_id: session_id.clone(),
@@ -417,6 +502,7 @@ impl Task for Watch {
             ),
             last_frame: st.last.clone(),
             deliveries_failed,
+            deliveries_pending,
         };
         if ended == Ended::Continued {
             state::save(&backend, &args.stream_id, &st).await?;
@@ -426,6 +512,24 @@ impl Task for Watch {
         } else if ended != Ended::Superseded {
             finish(&ctx, &args.stream_id).await?;
             claim.release().await;
+        }
+        if let Some(audit) = &mut audit {
+            if !matches!(ended, Ended::Continued | Ended::Superseded) {
+                let now = chrono::Utc::now();
+                let end = manifest::Line::SessionEnd {
+                    session_id: session_id.clone(),
+                    at: mediafarm::protocol::format_time(now),
+                    ended: serde_json::to_value(ended)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    frames: st.frames,
+                };
+                if let Err(e) = audit.push(&backend, &manifest::Part::of(now), &[end]).await {
+                    tracing::warn!(stream_id = %args.stream_id, error = %e, "cannot record the session's end in the audit manifest");
+                }
+            }
+            audit.write(&backend).await;
         }
         tracing::info!(stream_id = %args.stream_id, ended = ?summary.ended, frames = summary.frames, "session slice over");
         Ok(summary)
@@ -455,6 +559,7 @@ impl Watch {
             ],
         )?;
         let (width, height) = (picture.width, picture.height);
+        let sha256 = manifest::hex_sha256(&picture.data);
         let stored = self
             .storage
             .put(&key, Bytes::from(picture.data), args.format.content_type())
@@ -466,6 +571,7 @@ impl Watch {
             width,
             height,
             bytes: stored.bytes,
+            sha256,
             pts_s,
             captured_at: mediafarm::protocol::format_time(at),
             wall_s,
@@ -475,6 +581,53 @@ impl Watch {
         st.last = Some(last.clone());
         Ok(last)
     }
+}
+
+fn frame_time(f: &LastFrame) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis((f.wall_s * 1000.0) as i64)
+        .unwrap_or_else(chrono::Utc::now)
+}
+
+/// The audit manifest's lines for a frame just stored: the session's start (its first frame),
+/// a gap since the previous frame when a whole tick or more has no frame, and the frame.
+fn audit_lines(
+    args: &WatchArgs,
+    session_id: &str,
+    prev: Option<&LastFrame>,
+    last: &LastFrame,
+    gap_reason: &'static str,
+) -> Vec<manifest::Line> {
+    let mut lines = Vec::with_capacity(2);
+    match prev {
+        None => lines.push(manifest::Line::SessionStart {
+            session_id: session_id.to_owned(),
+            at: last.captured_at.clone(),
+        }),
+        Some(prev) => {
+            let gap = last.wall_s - prev.wall_s;
+            if gap >= 2.0 * args.interval_s {
+                lines.push(manifest::Line::Gap {
+                    reason: gap_reason,
+                    from: prev.captured_at.clone(),
+                    to: last.captured_at.clone(),
+                    missed: ((gap / args.interval_s).round() as u64).saturating_sub(1),
+                    session_id: session_id.to_owned(),
+                });
+            }
+        }
+    }
+    lines.push(manifest::Line::Frame {
+        seq: last.seq,
+        session_id: session_id.to_owned(),
+        key: last.key.clone(),
+        captured_at: last.captured_at.clone(),
+        pts_s: last.pts_s,
+        sha256: last.sha256.clone(),
+        bytes: last.bytes,
+        width: last.width,
+        height: last.height,
+    });
+    lines
 }
 
 /// Stop request, revoke (of this job or of the session's first job), or `duration_s` over.

@@ -37,6 +37,9 @@ pub struct LastFrame {
     pub width: u32,
     pub height: u32,
     pub bytes: u64,
+    /// Hex SHA-256 of the stored object (empty in records written before it was kept).
+    #[serde(default)]
+    pub sha256: String,
     pub pts_s: f64,
     pub captured_at: String,
     /// Unix seconds when it was taken.
