@@ -7,13 +7,15 @@
 //! Rust and on Python, a chord whose header mixes Rust and Python workers, a chord with a failing
 //! header (the body's `ChordError` and errback), nested canvases (`chain(a, group(b, c), d, e)`
 //! run through a chord step with its body on Rust and on Python, a chain ending in a group, a
-//! chain and a group as `link=` callbacks), and canvas features mediafarm does not carry out
-//! failing clearly instead of being dropped.
-//! Then the same from the Rust producer API: a chain (also one with a group in the middle) and a
-//! group on Rust workers, a chain on a
-//! Python worker and across both, a chord joined by Python Celery from the size key the
-//! producer set, and `mediafarm submit --workflow`. Last, kill -9 of a worker during a chord
-//! of 1,000 headers: no header lost, the body sent once.
+//! chain and a group as `link=` callbacks, a chord whose body is a chain, on Rust and ending on
+//! Python), and canvas features mediafarm does not carry out failing clearly instead of being
+//! dropped.
+//! Then the same from the Rust producer API: a chain (also one with a group in the middle, and
+//! one ending in a group) and a group on Rust workers, a chain on a Python worker and across
+//! both, chains ending in a group and chords whose body is a chain on Rust and on Python
+//! workers, a chord joined by Python Celery from the size key the producer set, and
+//! `mediafarm submit --workflow`. Last, kill -9 of a worker during a chord of 1,000 headers: no
+//! header lost, the body sent once.
 
 use std::time::Duration;
 
@@ -522,6 +524,60 @@ async fn a_python_chain_ending_in_a_group_sends_the_group_the_value() {
     farm.stop().await;
 }
 
+/// What every `chord(header of 10, chain(b1, b2))` shows Python; returns b1's expected value.
+fn chord_chain_body_completed(out: &Value) -> Value {
+    let header: Vec<Value> = (0..10).map(|i| json!({ "h": i })).collect();
+    let b1 = json!({"b1": 1, "parent": header});
+    assert_eq!(
+        out["b1"]["ok"], b1,
+        "b1 got the header's results in order: {out:#}"
+    );
+    let headers = out["header_ids"].as_array().expect("header ids");
+    assert!(
+        headers.contains(&out["b1_parent_id"]),
+        "b1's parent is a header task: {out:#}"
+    );
+    assert_eq!(out["header_type"], "GroupResult", "{out:#}");
+    assert_eq!(
+        out["last_group_id"], out["group_id"],
+        "the chain's last step is in the chord's group, as Celery freezes it: {out:#}"
+    );
+    assert_eq!(out["keys_left"], 0, "the join's keys are deleted: {out:#}");
+    b1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_chord_whose_body_is_a_chain_runs_the_chain_on_rust() {
+    let (out, farm) = python_canvas("chord-chain-body").await;
+    let q = farm.queue.clone();
+    let b1 = chord_chain_body_completed(&out);
+    assert_eq!(
+        out["last"]["ok"],
+        json!({"b2": 1, "tally": format!("{q}/b2"), "parent": b1}),
+        "{out:#}"
+    );
+    assert_eq!(runs(&format!("{q}/b2")), 1, "the chain ran once");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(ready_count(&farm.settings, &q).await, 0);
+    farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_chord_whose_body_chain_ends_on_python_completes() {
+    let pyq = unique_queue("canvas-chordchain-py");
+    let py = PythonWorker::start(&pyq);
+    let (out, farm) = python_canvas_with("chord-chain-body-mixed", &[&pyq]).await;
+    drop(py);
+    let b1 = chord_chain_body_completed(&out);
+    assert_eq!(
+        out["last"]["ok"],
+        json!({"worker": "python", "parent": b1, "kwargs": {"w": 2}}),
+        "{out:#}"
+    );
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}
+
 // Workflows sent by the Rust producer API (`mediafarm::client::workflow`) and by
 // `mediafarm submit --workflow`.
 
@@ -591,6 +647,149 @@ async fn a_rust_produced_chain_with_a_group_in_the_middle_runs_through_its_chord
     assert_eq!(d.get(t).await.expect("the body"), body);
     assert_eq!(runs(&format!("{q}/e")), 1);
     farm.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chain_ending_in_a_group_sends_the_group_the_value() {
+    let farm = Farm::start("canvas-rs-chaingroup", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let c = chain([
+        ChainStep::from(rust_step(&q, json!({"a": 1}))),
+        group([
+            rust_step(&q, json!({"b": 1})),
+            rust_step(&q, json!({"c": 1})).si(),
+        ])
+        .into(),
+    ]);
+    let Err(err) = c.apply_async(&farm.client).await else {
+        panic!("a chain ending in a group has no one task's result")
+    };
+    assert!(err.to_string().contains("apply_async_group"), "{err}");
+    let g = c.apply_async_group(&farm.client).await.expect("sent");
+    let t = Duration::from_secs(30);
+    let a = json!({"a": 1});
+    assert_eq!(
+        g.get(t).await.expect("the group ends"),
+        vec![json!({"b": 1, "parent": a}), json!({"c": 1})]
+    );
+    let first = g.parent().expect("the first step");
+    assert_eq!(first.get(t).await.expect("first"), a);
+    let meta = first.meta().await.expect("read").expect("stored");
+    let members: Vec<Value> = g
+        .results
+        .iter()
+        .map(|r| json!([[r.id, null], null]))
+        .collect();
+    assert_eq!(
+        meta.children,
+        vec![json!([[g.id, null], members])],
+        "the group recorded as Celery's GroupResult"
+    );
+    for r in &g.results {
+        let meta = r.meta().await.expect("read").expect("stored");
+        assert_eq!(meta.extra["group_id"], json!(g.id));
+    }
+    farm.stop().await;
+}
+
+/// The Rust producer's chain ending in a group, carried out by Python Celery's worker: the
+/// wire form is Celery's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chain_ending_in_a_group_runs_on_a_python_worker() {
+    let pyq = unique_queue("canvas-rs-pygroup");
+    let py = PythonWorker::start(&pyq);
+    let client = Client::connect(&settings()).await.expect("client");
+    let wrap = |w: i64| {
+        Signature::new("pyside.wrap", mediafarm_tests::kwargs(json!({ "w": w }))).queue(&pyq)
+    };
+    let g = chain([
+        ChainStep::from(wrap(1).args(vec![json!("upload-7")])),
+        group([wrap(2), wrap(3)]).into(),
+    ])
+    .apply_async_group(&client)
+    .await
+    .expect("sent");
+    let got = g
+        .get(Duration::from_secs(60))
+        .await
+        .expect("the group ends on Python");
+    let first = json!({"worker": "python", "parent": "upload-7", "kwargs": {"w": 1}});
+    let h = |w: i64| json!({"worker": "python", "parent": first, "kwargs": {"w": w}});
+    assert_eq!(got, vec![h(2), h(3)]);
+    drop(py);
+    delete_queue(&settings(), &pyq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chord_whose_body_is_a_chain_runs_on_rust_workers() {
+    let farm = Farm::start("canvas-rs-chordchain", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let header = (0..5).map(|i| rust_step(&q, json!({ "i": i })));
+    let body = chain([
+        rust_step(&q, json!({"b1": 1})),
+        rust_step(&q, json!({"b2": 1, "tally": format!("{q}/b2")})),
+    ]);
+    let c = chord(header, body)
+        .apply_async(&farm.client)
+        .await
+        .expect("sent");
+    let t = Duration::from_secs(60);
+    let results: Vec<Value> = (0..5).map(|i| json!({ "i": i })).collect();
+    let b1 = json!({"b1": 1, "parent": results});
+    assert_eq!(
+        c.body.get(t).await.expect("the body chain ends"),
+        json!({"b2": 1, "tally": format!("{q}/b2"), "parent": b1})
+    );
+    let first = c.body.parent().expect("the chain's first step");
+    assert_eq!(first.get(t).await.expect("b1"), b1);
+    let meta = c.body.meta().await.expect("read").expect("stored");
+    assert_eq!(
+        meta.extra["group_id"],
+        json!(c.header.id),
+        "in the chord's group"
+    );
+    assert_eq!(runs(&format!("{q}/b2")), 1);
+    farm.stop().await;
+}
+
+/// Python Celery's worker joins a Rust-produced chord whose body is a chain: it reads the
+/// chain from the header's `chord` embed and runs it, as for its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chord_whose_body_is_a_chain_is_joined_by_python_celery() {
+    let pyq = unique_queue("canvas-rs-pychordchain");
+    let py = PythonWorker::start(&pyq);
+    let client = Client::connect(&settings()).await.expect("client");
+    let header = (0..3).map(|i| {
+        Signature::new("echo.echo", mediafarm_tests::kwargs(json!({ "i": i }))).queue(&pyq)
+    });
+    let wrap = |w: i64| {
+        Signature::new("pyside.wrap", mediafarm_tests::kwargs(json!({ "w": w }))).queue(&pyq)
+    };
+    let c = chord(header, chain([wrap(1), wrap(2)]))
+        .apply_async(&client)
+        .await
+        .expect("sent");
+    let got = c
+        .body
+        .get(Duration::from_secs(60))
+        .await
+        .expect("the body chain ran");
+    assert_eq!(got["kwargs"], json!({"w": 2}), "{got:#}");
+    let b1 = &got["parent"];
+    assert_eq!(b1["kwargs"], json!({"w": 1}), "{got:#}");
+    let parents: Vec<Value> = b1["parent"]
+        .as_array()
+        .expect("the header's results")
+        .iter()
+        .map(|r| r["kwargs"].clone())
+        .collect();
+    assert_eq!(
+        parents,
+        [json!({"i": 0}), json!({"i": 1}), json!({"i": 2})],
+        "{got:#}"
+    );
+    drop(py);
+    delete_queue(&settings(), &pyq).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -715,6 +914,7 @@ async fn mediafarm_submit_workflow_runs_a_chain_and_prints_the_last_result() {
         submit_workflow(&dir, &broker, &backend, &args, stdin)
     };
     let run2 = run.clone();
+    let run3 = run.clone();
     let from_file = {
         let file = file.display().to_string();
         tokio::task::spawn_blocking(move || run(vec!["--workflow".into(), file], None))
@@ -728,6 +928,34 @@ async fn mediafarm_submit_workflow_runs_a_chain_and_prints_the_last_result() {
     );
     let got: Value = serde_json::from_str(&stdout).expect("JSON printed");
     assert_eq!(got, json!({"c": 3}), "the chain's last result");
+
+    // A chain ending in a group: the group's results, in order.
+    let to_group = json!({"chain": [
+        {"task": "canvas.step", "kwargs": {"a": 1}, "options": {"queue": q}},
+        {"group": [
+            {"task": "canvas.step", "kwargs": {"b": 1}, "options": {"queue": q}},
+            {"task": "canvas.step", "kwargs": {"c": 1}, "options": {"queue": q}},
+        ]},
+    ]});
+    let out = tokio::task::spawn_blocking(move || {
+        run3(
+            vec!["--workflow".into(), "-".into()],
+            Some(to_group.to_string()),
+        )
+    })
+    .await
+    .expect("ran");
+    assert!(
+        out.status.success(),
+        "{out:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).expect("JSON printed");
+    assert_eq!(
+        got,
+        json!([{"b": 1, "parent": {"a": 1}}, {"c": 1, "parent": {"a": 1}}]),
+        "the group's results"
+    );
 
     // From stdin, with a step that fails: exit 1 naming the failed job.
     let failing = json!({"chain": [
@@ -873,6 +1101,83 @@ async fn a_rust_produced_chord_is_joined_by_python_celery_from_its_size_key() {
     assert_eq!(c.header.results.len(), 3);
     drop(py);
     delete_queue(&settings(), &pyq).await;
+}
+
+/// A job that sends a chord step and runs again after the chord finished (delivered again:
+/// its result was never stored, as when its worker dies between sending the header and
+/// storing) sends the same chord again. The chord was marked started, so its size is not set
+/// again: the header's copies run and join a chord with no size, and the body does not run a
+/// second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_run_again_after_its_chord_finished_does_not_run_the_body_twice() {
+    let farm = Farm::start("canvas-chord-rerun", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let (header_key, body_key) = (format!("{q}/header"), format!("{q}/body"));
+    let plan = chain([
+        ChainStep::from(rust_step(&q, json!({"a": 1}))),
+        group([
+            rust_step(&q, json!({"b": 1, "tally": header_key})),
+            rust_step(&q, json!({"c": 1})),
+        ])
+        .into(),
+        rust_step(&q, json!({"d": 1, "tally": body_key})).into(),
+    ])
+    .plan(chrono::Utc::now())
+    .expect("plan");
+    farm.client
+        .publish_batch(&q, std::slice::from_ref(&plan.msg))
+        .await
+        .expect("sent");
+    let body = farm.client.result(plan.ids.last().expect("the body's id"));
+    body.get(Duration::from_secs(30))
+        .await
+        .expect("the body ran");
+    assert_eq!((runs(&header_key), runs(&body_key)), (1, 1));
+
+    // The first job again, its result gone, delivered a second time (from a queue of its own,
+    // taken once and returned unacknowledged, so RabbitMQ marks it redelivered).
+    let mut conn = farm.client.backend().connection();
+    redis::cmd("DEL")
+        .arg(format!("celery-task-meta-{}", plan.msg.id))
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("redis");
+    let again = unique_queue("canvas-chord-rerun-again");
+    farm.client
+        .publish_batch(&again, std::slice::from_ref(&plan.msg))
+        .await
+        .expect("sent again");
+    let amqp = mediafarm::amqp::broker::connect(&farm.settings, "test redelivery")
+        .await
+        .expect("amqp");
+    let ch = amqp.create_channel().await.expect("channel");
+    let got = ch
+        .basic_get(
+            again.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("basic.get")
+        .expect("the message waits");
+    got.delivery
+        .acker
+        .nack(lapin::options::BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        })
+        .await
+        .expect("returned");
+    let _ = amqp.close(200, "done".into()).await;
+    let rerun = Farm::start_on(again, settings(), registry()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while runs(&header_key) < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(runs(&header_key), 2, "the rerun sent the header again");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(runs(&body_key), 1, "the body did not run a second time");
+    rerun.stop().await;
+    farm.stop().await;
 }
 
 /// An `echo-worker` process consuming `queue` at `-c 8`; killed when dropped.

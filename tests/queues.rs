@@ -2,7 +2,8 @@
 //! (`task_queue_max_priority`, per-job and default priorities, from Rust and from Python
 //! Celery), the error and the worker's behaviour when a queue exists with other arguments, and
 //! quorum queues (`task_default_queue_type = "quorum"`): normal, countdown and failing jobs, and
-//! a message delivered past `task_quorum_delivery_limit` landing in the dead-letter queue.
+//! a message delivered past `task_quorum_delivery_limit` landing in the dead-letter queue; and
+//! `task_inherit_parent_priority` passing a job's priority on to the workflow steps it sends.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -13,6 +14,7 @@ use chrono::{DateTime, Utc};
 use lapin::options::{BasicGetOptions, BasicNackOptions};
 use mediafarm::amqp::broker::{self, BrokerError, QueueShape};
 use mediafarm::amqp::reroute::dead_queue;
+use mediafarm::client::{chain, chord, group, Signature, Step};
 use mediafarm::{SendOptions, Settings, TaskState};
 use mediafarm_tests::process::Proc;
 use mediafarm_tests::{
@@ -421,6 +423,86 @@ fn priorities_on_quorum_queues_are_refused_at_start_up() {
         err.contains("task_queue_max_priority") && err.contains("quorum"),
         "{err}"
     );
+}
+
+/// `task_inherit_parent_priority`: what a job sends on when it succeeds (a callback, a chain's
+/// group step's members) and the body a chord header sends take the job's delivery priority
+/// unless they set their own; off, they get `task_default_priority`. Read from the priority
+/// queue nothing consumes, where they wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_steps_inherit_the_parents_priority_when_the_setting_is_on() {
+    for inherit in [true, false] {
+        let mut s = priority_settings();
+        s.worker_concurrency = 4;
+        s.task_inherit_parent_priority = inherit;
+        let farm = Farm::start("inheritprio", s.clone(), echo_registry()).await;
+        let next = unique_queue("inheritprio-next");
+        let echo = |k: &str| {
+            Signature::new("echo.echo", kwargs(json!({ k: 1 })))
+                .si()
+                .queue(&next)
+        };
+        let first = Signature::new("echo.echo", kwargs(json!({"a": 1})))
+            .queue(&farm.queue)
+            .priority(7)
+            .link(echo("callback"));
+        chain([
+            Step::from(first),
+            group([echo("member"), echo("own").priority(2)]).into(),
+        ])
+        .apply_async_group(&farm.client)
+        .await
+        .expect("chain sent");
+        let header = (0..2).map(|i| {
+            Signature::new("echo.echo", kwargs(json!({ "i": i })))
+                .queue(&farm.queue)
+                .priority(5)
+        });
+        chord(header, echo("body"))
+            .apply_async(&farm.client)
+            .await
+            .expect("chord sent");
+
+        let conn = broker::connect(&s, "test inherited priorities")
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        // Declared as the worker declares it, so it can be read before the first arrives.
+        broker::declare_queue(&ch, &next, &QueueShape::of(&s))
+            .await
+            .unwrap();
+        let mut seen = std::collections::BTreeMap::new();
+        let deadline = std::time::Instant::now() + WAIT;
+        while seen.len() < 4 && std::time::Instant::now() < deadline {
+            let got = ch
+                .basic_get(next.as_str().into(), BasicGetOptions { no_ack: true })
+                .await;
+            let Ok(Some(msg)) = got else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let body: Value = serde_json::from_slice(&msg.delivery.data).expect("a JSON body");
+            let key = body[1]
+                .as_object()
+                .and_then(|k| k.keys().next().cloned())
+                .expect("one kwarg");
+            seen.insert(key, *msg.delivery.properties.priority());
+        }
+        let (parent, header) = if inherit { (7, 5) } else { (1, 1) };
+        let want: std::collections::BTreeMap<String, Option<u8>> = [
+            ("callback", Some(parent)),
+            ("member", Some(parent)),
+            ("own", Some(2)),
+            ("body", Some(header)),
+        ]
+        .into_iter()
+        .map(|(k, p)| (k.to_owned(), p))
+        .collect();
+        assert_eq!(seen, want, "task_inherit_parent_priority = {inherit}");
+        let _ = conn.close(200, "done".into()).await;
+        farm.stop().await;
+        delete_queue(&s, &next).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -141,6 +141,30 @@ def main():
             if not out["keys_left"]:
                 break
             time.sleep(0.1)
+    elif scenario in ("chord-chain-body", "chord-chain-body-mixed"):
+        # `chord(header, chain(b1, b2))`: the chain is the body; b1 gets the header's results.
+        headers = [step(h=i) for i in range(10)]
+        b2 = step(b2=1, tally=queue + "/b2")
+        if scenario == "chord-chain-body-mixed":
+            b2 = signature("pyside.wrap", kwargs={"w": 2}, queue=sys.argv[3])
+        r = chord(headers, chain(step(b1=1), b2)).apply_async()
+        # `r` is the chain's last step; Celery makes its `parent` the header's GroupResult.
+        out = {"last": outcome(r, timeout=60), "last_id": r.id}
+        header = r.parent
+        out["header_type"] = type(header).__name__
+        out["group_id"] = header.id
+        out["header_ids"] = [h.id for h in header.results]
+        last_meta = app.backend.get_task_meta(r.id)
+        out["last_group_id"] = last_meta.get("group_id")
+        out["b1_id"] = last_meta.get("parent_id")
+        out["b1"] = outcome(app.AsyncResult(out["b1_id"]))
+        out["b1_parent_id"] = app.backend.get_task_meta(out["b1_id"]).get("parent_id")
+        keys = ["celery-taskset-meta-%s%s" % (header.id, k) for k in (".j", ".t", ".s")]
+        for _ in range(50):
+            out["keys_left"] = app.backend.client.exists(*keys)
+            if not out["keys_left"]:
+                break
+            time.sleep(0.1)
     elif scenario == "chain-group":
         res = chain(step(a=1), group(step(b=1), step(c=1))).apply_async()
         out = {"type": type(res).__name__, "values": res.get(timeout=60), "group_id": res.id}

@@ -44,8 +44,10 @@ enum Command {
         task: Option<String>,
         /// A workflow as JSON instead of one task (a file, or - for stdin): a signature,
         /// {"chain": [sig, ...]}, {"group": [sig, ...]} or {"chord": {"header": [sig, ...],
-        /// "body": sig}}, with sig = {"task", "args", "kwargs", "options", "immutable"}.
-        /// Prints (with --wait) the chain's last result, the group's list, the chord body's.
+        /// "body": sig or {"chain": [...]}}}, with sig = {"task", "args", "kwargs", "options",
+        /// "immutable"}; a chain's steps may also be groups and chords. Prints (with --wait)
+        /// the chain's last result (a list when it ends in a group), the group's list, the
+        /// chord body's.
         #[arg(long, value_name = "FILE|-", conflicts_with_all = ["task", "json", "queue", "countdown", "expires", "priority"])]
         workflow: Option<PathBuf>,
         /// Keyword arguments as a JSON object.

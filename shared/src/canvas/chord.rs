@@ -6,7 +6,9 @@
 //! (unless immutable), or — when a header failed — stores the body's FAILURE `ChordError`
 //! ("Dependency <id> raised ...") and sends the body's errbacks. A chord sent as a chain step
 //! holds the rest of the chain in its body's `chain` option (as Celery's `_chord.run` puts
-//! it); the body's message carries it on in its embed `chain`, as `callback.delay()` does.
+//! it); the body's message carries it on in its embed `chain`, as `callback.delay()` does. A
+//! body that is a chain sends its first step with the results and the rest as its chain; its
+//! `task_id` option (the last step's, as Celery freezes it) is the id a failed header fails.
 //!
 //! Exactly once: a header's member is encoded from its result as stored, with serde_json's
 //! compact output, so the same stored record always gives the same bytes and a redelivered
@@ -18,8 +20,8 @@ use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use crate::backend::result::{ResultMeta, TaskError, TaskState};
-use crate::canvas::next::{derived_id, message, Parent, Publish};
-use crate::canvas::{CanvasError, Signature};
+use crate::canvas::next::{derived_id, message, partial_args, Parent, Publish};
+use crate::canvas::{CanvasError, Kind, Signature};
 use crate::protocol::repr::py_repr;
 
 /// A header task's place in its chord: the message's `group`, `group_index` and embed `chord`.
@@ -97,19 +99,52 @@ pub fn results(members: &[String]) -> Result<Vec<Value>, String> {
 
 /// The body's message: the header results first in its args unless immutable, `parent_id` the
 /// header that completed the chord, its `group` the body's `group_id` option as Celery sends it.
+/// A body that is a chain sends its first step so (as Celery's `callback.delay(results)` on a
+/// chain does), the rest of the chain, and what follows the chain, in that step's embed
+/// `chain`.
 pub fn body_message(
     part: &ChordPart,
     results: Vec<Value>,
     header: Parent<'_>,
     now: DateTime<Utc>,
 ) -> Publish {
+    let results = [Value::Array(results)];
+    if let Kind::Chain(steps) = &part.body.kind {
+        if let Some((head, tail)) = steps.split_first() {
+            let first = partial_args(&part.body, &results);
+            let id = head.options.task_id.clone().unwrap_or_else(|| {
+                uuid::Uuid::new_v5(
+                    &super::next::NAMESPACE,
+                    format!("{}/chord-body/0", part.group).as_bytes(),
+                )
+                .to_string()
+            });
+            let mut p = message(head, &first, header, id, now);
+            // Reversed: what runs last first. The chain's own `chain` option follows the
+            // chain; the head's own runs right after the head.
+            let follows: Vec<Value> = part
+                .body
+                .options
+                .chain
+                .iter()
+                .cloned()
+                .chain(tail.iter().rev().map(|s| s.raw.clone()))
+                .chain(head.options.chain.iter().cloned())
+                .collect();
+            if !follows.is_empty() {
+                p.msg.embed.insert("chain".into(), Value::Array(follows));
+            }
+            return p;
+        }
+    }
     let id = body_id(part);
-    let mut p = message(&part.body, &[Value::Array(results)], header, id, now);
-    let option = |name: &str| part.body.raw.get("options").and_then(|o| o.get(name));
-    p.msg.group = option("group_id")
-        .and_then(Value::as_str)
-        .map(str::to_owned);
-    p.msg.group_index = option("group_index").and_then(Value::as_i64);
+    let mut p = message(&part.body, &results, header, id, now);
+    p.msg.group_index = part
+        .body
+        .raw
+        .get("options")
+        .and_then(|o| o.get("group_index"))
+        .and_then(Value::as_i64);
     p
 }
 

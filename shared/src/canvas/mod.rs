@@ -8,12 +8,13 @@
 //! with [`failure::failure_of`].
 //!
 //! A chord header (embed `chord`, header `group`) joins its chord in Redis once its result is
-//! stored, as Celery's Redis backend does (`chord.rs`); the body carries on any chain that
-//! followed the chord.
+//! stored, as Celery's Redis backend does (`chord.rs`); the body (one task, or a chain led by
+//! one) carries on any chain that followed the chord.
 //!
 //! What it promises: nothing in an embed is silently dropped. A canvas feature mediafarm does
-//! not carry out (a chord whose body is not one task, a group or chord inside a group or a
-//! chord's header, an errback that is not one task, `chunks`, `xmap`, `xstarmap`; see
+//! not carry out (a chord whose body is neither one task nor a chain led by one, a group or
+//! chord inside a group or a chord's header, an errback that is not one task, `chunks`, `xmap`,
+//! `xstarmap`; see
 //! `nested.rs`) is a [`CanvasError::Unsupported`] that the runtime turns into FAILURE before
 //! the job runs.
 
@@ -28,7 +29,7 @@ use serde_json::{Map, Value};
 pub use chord::ChordPart;
 pub use failure::{failure_of, ParentFailure};
 pub use nested::ChordSig;
-pub use next::{children_record, on_failure, on_success, Next, Parent, Publish};
+pub use next::{children_record, inherit_priority, on_failure, on_success, Next, Parent, Publish};
 pub use signature::{Kind, Signature, SignatureOptions, When};
 
 use crate::protocol::{preview, TaskMessage};
@@ -119,7 +120,7 @@ impl Canvas {
                 None | Some(Value::Null) => None,
                 Some(body) => {
                     let body = Signature::decode(body, "embed `chord`")?;
-                    single_task(&body, "embed `chord`", "chord bodies")?;
+                    nested::check_body(&body, "embed `chord` is")?;
                     Some(ChordPart::new(body, group, group_index)?)
                 }
             },
@@ -143,7 +144,7 @@ impl Canvas {
                 .get("chord")
                 .filter(|body| !body.is_null())
                 .and_then(|body| Signature::decode(body, "embed `chord`").ok())
-                .filter(|body| body.kind == Kind::Task)
+                .filter(|body| nested::check_body(body, "embed `chord` is").is_ok())
                 .and_then(|body| ChordPart::new(body, msg.group.as_deref(), msg.group_index).ok()),
         }
     }
@@ -167,4 +168,4 @@ fn single_task(sig: &Signature, path: &str, what: &str) -> Result<(), CanvasErro
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -3,15 +3,17 @@
 //! or `chain` (`kwargs.tasks`). Celery's producer turns `chain(a, group(b, c), d)` into a chain
 //! whose second step is a `celery.chord` with header `group(b, c)` and body `d`, and
 //! `chain(a, group(b, c))` into one whose last step is the `celery.group`; a `link=` may be a
-//! group or a chain.
+//! group or a chain; `chord(header, chain(b1, b2))` carries the chain as the body (its
+//! `task_id` option the last step's, that step's `group_id` the chord's).
 //!
 //! What is carried out: a group of single tasks; a chord whose header is a group of single
-//! tasks and whose body is one task; a chain of tasks, groups and chords (nested chains spliced
-//! in, a group followed by a task upgraded to a chord, as `_chain.prepare_steps` does). What is
-//! not is refused here, before the job runs, naming it: a chord or group inside a group or a
-//! chord's header, a chord whose body is not one task, a group followed by anything but a
-//! task, chord `kwargs`, options on a group, chord or chain that mediafarm would have to apply
-//! to every member, and every other `subtask_type` (`chunks`, `xmap`, `xstarmap`, ...).
+//! tasks and whose body is one task or a chain led by a task; a chain of tasks, groups and
+//! chords (nested chains spliced in, a group followed by a task upgraded to a chord, as
+//! `_chain.prepare_steps` does). What is not is refused here, before the job runs, naming it:
+//! a chord or group inside a group or a chord's header, a chord whose body is a group, a chord
+//! or a chain led by anything but a task, a group followed by anything but a task, chord
+//! `kwargs`, options on a group, chord or chain that mediafarm would have to apply to every
+//! member, and every other `subtask_type` (`chunks`, `xmap`, `xstarmap`, ...).
 
 use serde_json::{json, Map, Value};
 
@@ -67,7 +69,10 @@ pub(crate) fn decode_kind(
         )));
     }
     for (key, value) in options.into_iter().flatten() {
-        if !value.is_null() && !CANVAS_OPTIONS.contains(&key.as_str()) {
+        // A chain's own `chain` option is what follows it (a chord body's, when the chord is a
+        // chain step): Celery's `_chain.run` runs it after the chain's tasks, as mediafarm does.
+        let follows = name == "chain" && key == "chain";
+        if !value.is_null() && !follows && !CANVAS_OPTIONS.contains(&key.as_str()) {
             return Err(unsupported(format!(
                 "a {name} with option `{key}` = {}: mediafarm does not apply a {name}'s \
                  options to its members; set it on each member instead",
@@ -157,14 +162,27 @@ fn chord(header: Signature, body: Signature, path: &str) -> Result<Kind, CanvasE
             )))
         }
     }
-    if body.kind != Kind::Task {
-        return Err(CanvasError::Unsupported(format!(
-            "{path} is a chord whose body is a {}: mediafarm runs chord bodies that are one \
-             task",
-            body.kind.name()
-        )));
-    }
+    check_body(&body, &format!("{path} is a chord whose body is"))?;
     Ok(Kind::Chord(Box::new(ChordSig { header, body })))
+}
+
+/// A chord body mediafarm sends when its header completes: one task, or a chain whose first
+/// step is one task (which gets the header's results; the rest travel on as its chain).
+/// `subject` starts the error: "embed `chord` is".
+pub(crate) fn check_body(body: &Signature, subject: &str) -> Result<(), CanvasError> {
+    let what = match &body.kind {
+        Kind::Task => return Ok(()),
+        Kind::Chain(steps) => match steps.first() {
+            Some(first) if first.kind == Kind::Task => return Ok(()),
+            Some(first) => format!("a chain led by a {}", first.kind.name()),
+            None => "an empty chain".to_owned(),
+        },
+        other => format!("a {}", other.name()),
+    };
+    Err(CanvasError::Unsupported(format!(
+        "{subject} {what}: mediafarm runs chord bodies that are one task or a chain led by \
+         one task"
+    )))
 }
 
 /// `kwargs.tasks`: the signatures of a group or chain.

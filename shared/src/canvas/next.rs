@@ -21,7 +21,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
-use crate::canvas::{Canvas, Kind, Signature};
+use crate::canvas::{chord, Canvas, ChordPart, Kind, Signature};
 use crate::protocol::TaskMessage;
 
 /// Names the derived ids (UUID v5) of the messages a job sends on.
@@ -171,11 +171,20 @@ fn send(
                 }
             }
             if members.is_empty() {
-                // Nothing would ever join: the body goes at once with no results, as Celery.
-                let mut p = message(&c.body, &[Value::Array(Vec::new())], parent, body_id, now);
-                if !follows.is_empty() {
-                    p.msg.embed.insert("chain".into(), Value::Array(follows));
-                }
+                // Nothing would ever join: the body goes at once with no results, as Celery's
+                // `body.delay([])`, read back as the header's join would read it.
+                let part = ChordPart {
+                    group: group.clone(),
+                    index: None,
+                    body: Signature::decode(&body, "chord body").unwrap_or_else(|_| {
+                        // Only ids and the chain, each checked already, were added.
+                        let mut b = c.body.clone();
+                        b.options.task_id = Some(body_id.clone());
+                        b.options.chain = follows.clone();
+                        b
+                    }),
+                };
+                let p = chord::body_message(&part, Vec::new(), parent, now);
                 let child = children_record(&p.msg.id);
                 next.publish.push(p);
                 return child;
@@ -232,11 +241,23 @@ fn send_members(
 }
 
 /// The arguments a canvas passes on to what it holds: `first` (unless immutable), then its own.
-fn partial_args(sig: &Signature, first: &[Value]) -> Vec<Value> {
+pub(crate) fn partial_args(sig: &Signature, first: &[Value]) -> Vec<Value> {
     if sig.immutable {
         sig.args.clone()
     } else {
         first.iter().chain(&sig.args).cloned().collect()
+    }
+}
+
+/// Celery's `task_inherit_parent_priority`: each message that sets no priority of its own
+/// takes `priority`, the delivery priority of the job that sends it on. The worker applies it
+/// to what a SUCCESS sends (callbacks, the next chain step, a group's members, a chord's
+/// header) and to a chord's body; errbacks keep their own, as in Celery.
+pub fn inherit_priority(publish: &mut [Publish], priority: Option<u8>) {
+    for p in publish {
+        if p.msg.priority.is_none() {
+            p.msg.priority = priority;
+        }
     }
 }
 

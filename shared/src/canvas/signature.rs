@@ -107,6 +107,9 @@ pub struct SignatureOptions {
     pub stamps: Map<String, Value>,
     /// A group member's place (`group_index`), frozen by the producer.
     pub group_index: Option<i64>,
+    /// The group the task's result belongs to (`group_id`), sent as its `group` header: Celery
+    /// freezes a chord's body (the last step of a body that is a chain) with the chord's group.
+    pub group_id: Option<String>,
     /// The chain that follows the signature (reversed, as the embed `chain`), as Celery puts
     /// it in a chord body's options when the chord is a chain step (each already checked).
     pub chain: Vec<Value>,
@@ -115,7 +118,8 @@ pub struct SignatureOptions {
 impl SignatureOptions {
     /// Writes onto `msg` what these options decide about the message that sends the
     /// signature: when it runs and expires (relative times from `now`), its priority, time
-    /// limits, shadow name and reply queue, its own callbacks and errbacks, and its stamps.
+    /// limits, shadow name and reply queue, its group, its own callbacks and errbacks, and its
+    /// stamps.
     /// The worker (a chain's next step, a callback) and the producer both send through this.
     pub(crate) fn apply_to(&self, msg: &mut TaskMessage, now: DateTime<Utc>) {
         msg.eta = self.run_at.map(|w| w.resolve(now));
@@ -127,6 +131,7 @@ impl SignatureOptions {
         };
         msg.shadow = self.shadow.clone();
         msg.reply_to = self.reply_to.clone();
+        msg.group = self.group_id.clone();
         let list = |items: &[Value]| {
             if items.is_empty() {
                 Value::Null
@@ -415,6 +420,7 @@ fn decode_options(
         stamped_headers,
         stamps,
         group_index,
+        group_id: text("group_id")?,
         chain: links("chain")?,
     })
 }

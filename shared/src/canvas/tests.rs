@@ -280,6 +280,11 @@ fn unsupported_canvas_is_named_never_dropped() {
             "a group followed by a group",
         ),
         (
+            json!({"chord": {"task": "celery.chain", "subtask_type": "chain", "options": {},
+                             "kwargs": {"tasks": [group(json!([step(1)])), step(2)]}}}),
+            "embed `chord` is a chain led by a chord",
+        ),
+        (
             json!({"callbacks": [{"task": "celery.group", "kwargs": {"tasks": [step(1)]},
                                   "options": {"queue": "elsewhere"}, "subtask_type": "group"}]}),
             "a group with option `queue`",
@@ -335,7 +340,7 @@ fn nesting_is_bounded() {
     assert!(err.to_string().contains("nest deeper"), "{err}");
 }
 
-mod nested;
+pub(crate) mod nested;
 
 mod chord {
     use super::*;

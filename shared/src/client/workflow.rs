@@ -10,12 +10,18 @@
 //!   result, with its parents, is known at once. A later step may be a [`Step::Chord`], or a
 //!   [`Step::Group`] followed by a task, which is sent as a chord with that task as its body
 //!   (as `prepare_steps` upgrades it): a `celery.chord` signature whose group, header tasks and
-//!   body have their ids, carried out by the worker that runs the step before it.
+//!   body have their ids, carried out by the worker that runs the step before it. A chord step
+//!   whose body is a chain is sent as a chord of its first step followed by the rest, as
+//!   Celery 5.7 unrolls it. The last step may be a group (a `celery.group` signature with
+//!   its id and its members'): the chain's result is then that group's
+//!   ([`Chain::apply_async_group`]).
 //! - A group publishes every member with the `group` header (the group id) and `group_index`.
 //! - A chord sets the header's size in the result backend (`celery-taskset-meta-<gid>.s`, as
 //!   the Redis backend's `set_chord_size`) before publishing the header, each header task
 //!   carrying the body in its embed `chord`; the body holds its `task_id` and `group_id`.
-//!   An empty header sends the body at once with an empty list, as Celery does.
+//!   A body that is a chain ([`Body::Chain`]) travels as Celery's `celery.chain` signature,
+//!   every step's id assigned, its `task_id` and the last step's `group_id` those of the
+//!   chord. An empty header sends the body at once with an empty list, as Celery does.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -247,8 +253,8 @@ pub struct Chain {
 pub enum Step {
     Task(Signature),
     /// Followed by a task, sent as a chord with that task as its body (as Celery's
-    /// `prepare_steps` does); a group as the chain's last step is refused (the chain's
-    /// result is one task's).
+    /// `prepare_steps` does); as the chain's last step, sent as the group, whose result is
+    /// then the chain's.
     Group(Group),
     Chord(Chord),
 }
@@ -283,9 +289,30 @@ pub struct Group {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Chord {
     pub header: Vec<Signature>,
-    pub body: Signature,
+    pub body: Body,
     /// The group id (the header's) to use instead of a new UUID.
     pub id: Option<String>,
+}
+
+/// What a chord's header results go to: one task, or a chain whose first step (a task) gets
+/// them and whose last step's result is the chord's (Celery's `chord(header, chain(b1, b2))`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Body {
+    Task(Signature),
+    /// Its last step must be a task (the chord's result is one task's).
+    Chain(Chain),
+}
+
+impl From<Signature> for Body {
+    fn from(s: Signature) -> Body {
+        Body::Task(s)
+    }
+}
+
+impl From<Chain> for Body {
+    fn from(c: Chain) -> Body {
+        Body::Chain(c)
+    }
 }
 
 pub fn chain<S: Into<Step>>(steps: impl IntoIterator<Item = S>) -> Chain {
@@ -301,10 +328,10 @@ pub fn group(members: impl IntoIterator<Item = Signature>) -> Group {
     }
 }
 
-pub fn chord(header: impl IntoIterator<Item = Signature>, body: Signature) -> Chord {
+pub fn chord(header: impl IntoIterator<Item = Signature>, body: impl Into<Body>) -> Chord {
     Chord {
         header: header.into_iter().collect(),
-        body,
+        body: body.into(),
         id: None,
     }
 }
@@ -314,13 +341,31 @@ pub fn chord(header: impl IntoIterator<Item = Signature>, body: Signature) -> Ch
 pub struct ChainPlan {
     pub queue: String,
     pub msg: TaskMessage,
+    /// Each step's id: a task's, a chord's body's, a group's own (the group id).
     pub ids: Vec<String>,
+    /// The members' ids when the last step is a group.
+    pub last_group: Option<Vec<String>>,
+}
+
+/// A chain with every id assigned, as Celery's `prepare_steps` leaves it.
+struct FrozenChain {
+    /// The first step, a task.
+    first: Signature,
+    /// The other steps' wire forms, in running order.
+    rest: Vec<Value>,
+    ids: Vec<String>,
+    last_group: Option<Vec<String>>,
 }
 
 impl Chain {
-    /// The first step's message, the others reversed in its embed `chain`, every step with
-    /// its id assigned (a chord's group, header tasks and body too).
-    pub fn plan(&self, now: DateTime<Utc>) -> Result<ChainPlan, ClientError> {
+    /// Whether the last step is a group (the chain's result is then the group's).
+    pub fn ends_in_group(&self) -> bool {
+        matches!(self.steps.last(), Some(Step::Group(_)))
+    }
+
+    /// Every step with its id, in order; a chord step whose body is a chain unrolled into a
+    /// chord of the body's first step followed by the rest (as Celery 5.7's `prepare_steps`).
+    fn freeze(&self) -> Result<FrozenChain, ClientError> {
         let Some((first, rest)) = self.steps.split_first() else {
             return Err(ClientError::Workflow(
                 "a chain needs at least one step".into(),
@@ -334,28 +379,39 @@ impl Chain {
         let first = with_id(first.clone());
         let mut ids = vec![first.id().unwrap_or_default().to_owned()];
         let mut wire_rest = Vec::with_capacity(rest.len());
-        let mut steps = rest.iter();
+        let mut last_group = None;
+        let mut steps: std::collections::VecDeque<Step> = rest.iter().cloned().collect();
         let mut n = 0;
-        while let Some(step) = steps.next() {
+        while let Some(step) = steps.pop_front() {
             n += 1;
             let (value, id) = match step {
                 Step::Task(s) => {
-                    let s = with_id(s.clone());
+                    let s = with_id(s);
                     (s.to_value(), s.id().unwrap_or_default().to_owned())
                 }
                 Step::Chord(c) => {
-                    let frozen = c.frozen();
+                    let body = match c.body {
+                        Body::Task(b) => b,
+                        Body::Chain(chain) => {
+                            let mut inner = chain.steps.into_iter();
+                            let Some(Step::Task(head)) = inner.next() else {
+                                return Err(ClientError::Workflow(format!(
+                                    "chain step {n}: a chord's body chain must start with a task"
+                                )));
+                            };
+                            for (i, s) in inner.enumerate() {
+                                steps.insert(i, s);
+                            }
+                            head
+                        }
+                    };
+                    let frozen = FrozenChord::new(&c.header, body, c.id);
                     (frozen.to_value(), frozen.body_id)
                 }
                 // A group followed by a task: a chord, as Celery's `prepare_steps` makes it.
-                Step::Group(g) => match steps.next() {
+                Step::Group(g) => match steps.pop_front() {
                     Some(Step::Task(body)) => {
-                        let frozen = Chord {
-                            header: g.members.clone(),
-                            body: body.clone(),
-                            id: g.id.clone(),
-                        }
-                        .frozen();
+                        let frozen = FrozenChord::new(&g.members, body, g.id);
                         (frozen.to_value(), frozen.body_id)
                     }
                     Some(_) => {
@@ -364,12 +420,23 @@ impl Chain {
                              becomes a chord with that task as its body)"
                         )))
                     }
+                    // The last step: sent as the group, as Celery's `chain(a, group(b, c))`.
                     None => {
-                        return Err(ClientError::Workflow(format!(
-                            "chain step {n}: a group as a chain's last step is not sent by the \
-                             Rust producer (a chain's result is one task's): follow it with a \
-                             task"
-                        )))
+                        let id = g.id.unwrap_or_else(new_id);
+                        let members: Vec<Signature> = g
+                            .members
+                            .iter()
+                            .enumerate()
+                            .map(|(i, s)| with_id(s.clone()).set("group_index", json!(i)))
+                            .collect();
+                        last_group = Some(
+                            members
+                                .iter()
+                                .map(|m| m.id().unwrap_or_default().to_owned())
+                                .collect(),
+                        );
+                        let tasks: Vec<Value> = members.iter().map(Signature::to_value).collect();
+                        (group_value(&id, tasks), id)
                     }
                 },
             };
@@ -380,22 +447,82 @@ impl Chain {
             wire_rest.push(value);
             ids.push(id);
         }
-        let (queue, mut msg) = message(&first, now)?;
-        if !wire_rest.is_empty() {
-            wire_rest.reverse();
-            msg.embed.insert("chain".into(), Value::Array(wire_rest));
-        }
-        Ok(ChainPlan { queue, msg, ids })
+        Ok(FrozenChain {
+            first,
+            rest: wire_rest,
+            ids,
+            last_group,
+        })
     }
 
-    /// Sends the chain; the last step's result, whose `parent` is the step before it.
+    /// The first step's message, the others reversed in its embed `chain`, every step with
+    /// its id assigned (a chord's group, header tasks and body too; a group's and its
+    /// members').
+    pub fn plan(&self, now: DateTime<Utc>) -> Result<ChainPlan, ClientError> {
+        let FrozenChain {
+            first,
+            mut rest,
+            ids,
+            last_group,
+        } = self.freeze()?;
+        let (queue, mut msg) = message(&first, now)?;
+        if !rest.is_empty() {
+            rest.reverse();
+            msg.embed.insert("chain".into(), Value::Array(rest));
+        }
+        Ok(ChainPlan {
+            queue,
+            msg,
+            ids,
+            last_group,
+        })
+    }
+
+    /// Sends the chain; the last step's result, whose `parent` is the step before it. A chain
+    /// that ends in a group is sent with [`Chain::apply_async_group`].
     pub async fn apply_async(&self, client: &Client) -> Result<AsyncResult, ClientError> {
+        if self.ends_in_group() {
+            return Err(ClientError::Workflow(
+                "this chain ends in a group, whose result is a GroupResult: send it with \
+                 Chain::apply_async_group (or as a Workflow)"
+                    .into(),
+            ));
+        }
         let plan = self.plan(Utc::now())?;
         client
             .publish_batch(&plan.queue, std::slice::from_ref(&plan.msg))
             .await?;
         Ok(linked_results(client, &plan.ids))
     }
+
+    /// Sends a chain whose last step is a group (Celery's `chain(a, group(b, c))`); the
+    /// group's result, its members in order, whose `parent` is the step before it.
+    pub async fn apply_async_group(&self, client: &Client) -> Result<GroupResult, ClientError> {
+        let plan = self.plan(Utc::now())?;
+        let (Some(members), Some((id, before))) = (&plan.last_group, plan.ids.split_last()) else {
+            return Err(ClientError::Workflow(
+                "this chain does not end in a group: send it with Chain::apply_async".into(),
+            ));
+        };
+        client
+            .publish_batch(&plan.queue, std::slice::from_ref(&plan.msg))
+            .await?;
+        Ok(GroupResult {
+            id: id.clone(),
+            results: members.iter().map(|m| client.result(m)).collect(),
+            parent: Some(Box::new(linked_results(client, before))),
+        })
+    }
+}
+
+/// Celery's `celery.group` signature as a frozen chain step: its id, its members' ids and
+/// places in their options.
+fn group_value(id: &str, tasks: Vec<Value>) -> Value {
+    json!({
+        "task": "celery.group", "args": [], "immutable": false, "subtask_type": "group",
+        "options": {"task_id": id, "root_id": null, "parent_id": null},
+        "kwargs": {"tasks": tasks},
+    })
 }
 
 /// The last id's result, each one's `parent` the one before it.
@@ -435,6 +562,7 @@ impl Group {
                 .iter()
                 .map(|(_, m)| client.result(&m.id))
                 .collect(),
+            parent: None,
         })
     }
 }
@@ -444,7 +572,10 @@ impl Group {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChordPlan {
     pub group_id: String,
+    /// The body's id; a chain body's last step's.
     pub body_id: String,
+    /// Every step's id when the body is a chain (its last is `body_id`); empty otherwise.
+    pub body_chain: Vec<String>,
     /// The header's size, for `chord_size_key(group_id)`; 0 for an empty header.
     pub size: usize,
     pub publish: Vec<(String, TaskMessage)>,
@@ -471,15 +602,12 @@ impl FrozenChord {
             }},
         })
     }
-}
 
-impl Chord {
     /// Ids assigned: the group's, each header task's (with its `group_index`) and the body's.
-    fn frozen(&self) -> FrozenChord {
-        let group_id = self.id.clone().unwrap_or_else(new_id);
-        let body = with_id(self.body.clone());
-        let header = self
-            .header
+    fn new(header: &[Signature], body: Signature, id: Option<String>) -> FrozenChord {
+        let group_id = id.unwrap_or_else(new_id);
+        let body = with_id(body);
+        let header = header
             .iter()
             .enumerate()
             .map(|(i, s)| with_id(s.clone()).set("group_index", json!(i)).to_value())
@@ -491,33 +619,88 @@ impl Chord {
             body: body.to_value(),
         }
     }
+}
 
+impl Chord {
     pub fn plan(&self, now: DateTime<Utc>) -> Result<ChordPlan, ClientError> {
         let group_id = self.id.clone().unwrap_or_else(new_id);
-        let mut body = with_id(self.body.clone());
-        // As Celery's `freeze(group_id=...)` does for the body.
-        body.options
-            .entry("group_id")
-            .or_insert_with(|| Value::String(group_id.clone()));
-        let body_id = body.id().unwrap_or_default().to_owned();
-        wire::Signature::decode(&body.to_value(), "chord body").map_err(|e| bad_canvas(&e))?;
-        if self.header.is_empty() {
-            let mut body = body;
-            if !body.immutable {
-                body.args.insert(0, Value::Array(Vec::new()));
+        let (body, body_id, body_chain) = match &self.body {
+            Body::Task(b) => {
+                let mut body = with_id(b.clone());
+                // As Celery's `freeze(group_id=...)` does for the body.
+                body.options
+                    .entry("group_id")
+                    .or_insert_with(|| Value::String(group_id.clone()));
+                let id = body.id().unwrap_or_default().to_owned();
+                (body.to_value(), id, Vec::new())
             }
-            let one = message(&body, now)?;
+            Body::Chain(chain) => {
+                let frozen = chain.freeze()?;
+                if frozen.last_group.is_some() {
+                    return Err(ClientError::Workflow(
+                        "a chord's body chain must end in a task (the chord's result is one \
+                         task's)"
+                            .into(),
+                    ));
+                }
+                let body_id = frozen.ids.last().cloned().unwrap_or_default();
+                let mut tasks = vec![frozen.first.to_value()];
+                tasks.extend(frozen.rest);
+                // As Celery's `chain.freeze(body_id, group_id=...)`: the last step's result
+                // is the chord's, in the chord's group.
+                if let Some(Value::Object(options)) = tasks
+                    .last_mut()
+                    .filter(|t| t["subtask_type"].is_null())
+                    .and_then(|t| t.get_mut("options"))
+                {
+                    options
+                        .entry("group_id")
+                        .or_insert_with(|| Value::String(group_id.clone()));
+                }
+                let value = json!({
+                    "task": "celery.chain", "args": [], "immutable": false,
+                    "subtask_type": "chain", "options": {"task_id": body_id},
+                    "kwargs": {"tasks": tasks},
+                });
+                (value, body_id, frozen.ids)
+            }
+        };
+        wire::Signature::decode(&body, "chord body").map_err(|e| bad_canvas(&e))?;
+        if self.header.is_empty() {
+            // What a worker's join would send with no results: the body, or its chain's first
+            // step with the rest as its chain.
+            let part = crate::canvas::ChordPart {
+                group: group_id.clone(),
+                index: None,
+                body: wire::Signature::decode(&body, "chord body").map_err(|e| bad_canvas(&e))?,
+            };
+            let root = body_chain.first().unwrap_or(&body_id).clone();
+            let parent = crate::canvas::Parent {
+                id: &root,
+                root_id: &root,
+            };
+            let mut one = crate::canvas::chord::body_message(&part, Vec::new(), parent, now).msg;
+            // Sent by the producer: no parent, its own root.
+            one.parent_id = None;
+            one.root_id = Some(one.id.clone());
+            let queue = part.body.queue.clone();
+            let queue = match &part.body.kind {
+                wire::Kind::Chain(steps) => steps.first().map_or(queue, |s| s.queue.clone()),
+                _ => queue,
+            };
             return Ok(ChordPlan {
                 group_id,
                 body_id,
+                body_chain,
                 size: 0,
-                publish: vec![one],
+                publish: vec![(queue, one)],
             });
         }
-        let publish = members(&self.header, &group_id, Some(&body.to_value()), now)?;
+        let publish = members(&self.header, &group_id, Some(&body), now)?;
         Ok(ChordPlan {
             group_id,
             body_id,
+            body_chain,
             size: self.header.len(),
             publish,
         })
@@ -540,11 +723,14 @@ impl Chord {
             } else {
                 Vec::new()
             },
+            parent: None,
         };
-        Ok(ChordResult {
-            body: client.result(&plan.body_id),
-            header,
-        })
+        let body = if plan.body_chain.is_empty() {
+            client.result(&plan.body_id)
+        } else {
+            linked_results(client, &plan.body_chain)
+        };
+        Ok(ChordResult { body, header })
     }
 }
 
@@ -642,9 +828,16 @@ fn message(sig: &Signature, now: DateTime<Utc>) -> Result<(String, TaskMessage),
 pub struct GroupResult {
     pub id: String,
     pub results: Vec<AsyncResult>,
+    /// The chain step before the group, when the group ends a chain sent by this client.
+    parent: Option<Box<AsyncResult>>,
 }
 
 impl GroupResult {
+    /// The result of the step before this group in a chain sent by this client.
+    pub fn parent(&self) -> Option<&AsyncResult> {
+        self.parent.as_deref()
+    }
+
     /// Every member's return value in order; the first failure, as `ClientError::Failed`.
     pub async fn get(&self, timeout: Duration) -> Result<Vec<Value>, ClientError> {
         let deadline = Instant::now() + timeout;
@@ -657,7 +850,8 @@ impl GroupResult {
     }
 }
 
-/// A chord's result: the body's, and the header's group.
+/// A chord's result: the body's (a chain body's last step's, its parents the chain's steps),
+/// and the header's group.
 #[derive(Clone)]
 pub struct ChordResult {
     pub body: AsyncResult,
@@ -785,7 +979,8 @@ impl Workflow {
             "chord" => {
                 let Value::Object(c) = inner else {
                     return Err(bad(format!(
-                        "chord must be {{\"header\": [...], \"body\": signature}}; got {}",
+                        "chord must be {{\"header\": [...], \"body\": signature or \
+                         {{\"chain\": [...]}}}}; got {}",
                         preview(inner)
                     )));
                 };
@@ -795,8 +990,18 @@ impl Workflow {
                     )));
                 }
                 let header = list(c.get("header").unwrap_or(&Value::Null), "chord header")?;
-                let body =
-                    Signature::from_json(c.get("body").unwrap_or(&Value::Null), "chord body")?;
+                let body = c.get("body").unwrap_or(&Value::Null);
+                let body = if body.get("chain").is_some() {
+                    match Workflow::from_json(body) {
+                        Ok(Workflow::Chain(steps)) => Body::Chain(steps),
+                        Ok(_) => {
+                            return Err(bad("chord body: a signature or {\"chain\": [...]}".into()))
+                        }
+                        Err(e) => return Err(bad(format!("chord body: {e}"))),
+                    }
+                } else {
+                    Body::Task(Signature::from_json(body, "chord body")?)
+                };
                 Ok(Workflow::Chord(chord(header, body)))
             }
             other => Err(bad(format!(
@@ -809,6 +1014,9 @@ impl Workflow {
     pub async fn apply_async(&self, client: &Client) -> Result<WorkflowResult, ClientError> {
         Ok(match self {
             Workflow::Task(s) => WorkflowResult::Task(s.apply_async(client).await?),
+            Workflow::Chain(c) if c.ends_in_group() => {
+                WorkflowResult::Group(c.apply_async_group(client).await?)
+            }
             Workflow::Chain(c) => WorkflowResult::Task(c.apply_async(client).await?),
             Workflow::Group(g) => WorkflowResult::Group(g.apply_async(client).await?),
             Workflow::Chord(c) => WorkflowResult::Chord(c.apply_async(client).await?),

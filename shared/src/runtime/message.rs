@@ -499,7 +499,10 @@ async fn run(
             shared.events.task_succeeded(&msg.id, &value, elapsed);
             let mut meta = ResultMeta::success(&msg.id, Value::Null);
             if !canvas.is_empty() {
-                let next = canvas::on_success(&canvas, parent_of(&msg), &value, Utc::now());
+                let mut next = canvas::on_success(&canvas, parent_of(&msg), &value, Utc::now());
+                if shared.settings.task_inherit_parent_priority {
+                    canvas::inherit_priority(&mut next.publish, msg.priority);
+                }
                 meta.children = next.children;
                 before = next.publish;
                 sizes = next.chord_sizes;
@@ -827,9 +830,19 @@ impl<'a> Ending<'a> {
 async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
     trace::outcome(ending.store.map(|m| (m.status.as_str(), &m.result)));
     for (group, size) in &ending.sizes {
-        if let Err(e) = shared.backend.chord_set_size(group, *size).await {
-            tracing::warn!(%id, %group, error = %e, "could not set the size of the chord this job sends; returning the message to the queue");
-            return requeue_after_pause(shared, &job.delivery).await;
+        match shared
+            .backend
+            .chord_set_size(group, *size, job.delivery.redelivered)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(%id, %group, "this job ran before and started its chord then; the chord's size is left as that run set it, so the chord is not run twice");
+            }
+            Err(e) => {
+                tracing::warn!(%id, %group, error = %e, "could not set the size of the chord this job sends; returning the message to the queue");
+                return requeue_after_pause(shared, &job.delivery).await;
+            }
         }
     }
     if !publish_next(shared, id, &ending.before).await {
@@ -888,6 +901,8 @@ struct Join<'a> {
     header: Parent<'a>,
     /// The `.j` member, encoded from the result as stored (or as it would be stored).
     member: String,
+    /// The header's delivery priority, for `task_inherit_parent_priority`.
+    priority: Option<u8>,
 }
 
 impl<'a> Join<'a> {
@@ -896,6 +911,7 @@ impl<'a> Join<'a> {
             part,
             header: parent_of(msg),
             member: chord::member(&msg.id, &meta.status, &meta.result),
+            priority: msg.priority,
         })
     }
 }
@@ -929,8 +945,11 @@ async fn join_chord(shared: &Shared, join: &Join<'_>) -> bool {
     };
     match chord::results(&members) {
         Ok(results) => {
-            let body = chord::body_message(part, results, join.header, Utc::now());
-            if !publish_next(shared, id, std::slice::from_ref(&body)).await {
+            let mut body = [chord::body_message(part, results, join.header, Utc::now())];
+            if shared.settings.task_inherit_parent_priority {
+                canvas::inherit_priority(&mut body, join.priority);
+            }
+            if !publish_next(shared, id, &body).await {
                 return false;
             }
         }

@@ -77,6 +77,10 @@ crate::settings_group! {
         /// Priority of a job published without one (Celery's `task_default_priority`, 0 to
         /// 255; unset: Celery's 0). Only a queue with `task_queue_max_priority` honours it.
         task_default_priority: Option<u8> = None, OptInt(0, 255);
+        /// Celery's `task_inherit_parent_priority`: what a job sends on when it succeeds
+        /// (callbacks, the next chain step, a group's members, a chord's header) and the body a
+        /// chord header sends take the job's delivery priority, unless they set their own.
+        task_inherit_parent_priority: bool = false, Bool;
         /// The type of the work queues and their dead-letter queues (Celery's
         /// `task_default_queue_type`): `classic`, or `quorum` (replicated; RabbitMQ 3.10 or
         /// later). Delay queues and the control and reply queues stay classic.

@@ -247,3 +247,111 @@ fn a_chord_with_an_empty_header_sends_its_body_at_once_with_no_results() {
     assert_eq!(m.embed["chain"], json!([step("e")]));
     assert_eq!(next.children, vec![children_record(&m.id)]);
 }
+
+/// The embed `chord` of each header task Celery 5.7 sent for
+/// `chord([step(h=1), step(h=2)], chain(step(b1=1), step(b2=1)))`, captured from RabbitMQ
+/// (its group was `12108be6-b2b1-40f5-a7c2-4b6a33e0524e`).
+pub(crate) const CELERY_CHAIN_BODY: &str = r#"{"task": "celery.chain", "args": [], "kwargs": {"tasks": [{"task": "canvas.step", "args": [], "kwargs": {"b1": 1}, "options": {"queue": "q", "task_id": "ff5494af-fa5e-424e-88bb-49c6f1bb2ff6", "reply_to": "0fb66a30-02a9-3ae8-bf19-1d4a06f27bd2"}, "subtask_type": null, "immutable": false}, {"task": "canvas.step", "args": [], "kwargs": {"b2": 1}, "options": {"queue": "q", "task_id": "b9f78361-5f73-4c55-8ef9-62522e8fa536", "reply_to": "0fb66a30-02a9-3ae8-bf19-1d4a06f27bd2", "group_id": "12108be6-b2b1-40f5-a7c2-4b6a33e0524e"}, "subtask_type": null, "immutable": false}]}, "options": {"task_id": "b9f78361-5f73-4c55-8ef9-62522e8fa536"}, "subtask_type": "chain", "immutable": false}"#;
+
+/// A header of `chord([h1, h2], chain(b1, b2))` as Celery 5.7 sent it: the chain is the body.
+fn chain_body_header(index: i64) -> crate::protocol::TaskMessage {
+    let body: Value = serde_json::from_str(CELERY_CHAIN_BODY).unwrap();
+    let mut msg = crate::protocol::TaskMessage::new("canvas.step", Map::new());
+    msg.id = format!("h-{index}");
+    msg.group = Some("12108be6-b2b1-40f5-a7c2-4b6a33e0524e".into());
+    msg.group_index = Some(index);
+    msg.embed = embed(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": body}));
+    msg
+}
+
+#[test]
+fn a_chord_whose_body_is_a_chain_sends_its_first_step_the_results_and_the_rest_after() {
+    let part = Canvas::from_message(&chain_body_header(1))
+        .unwrap()
+        .chord
+        .expect("a chord header");
+    assert!(matches!(part.body.kind, Kind::Chain(ref s) if s.len() == 2));
+    assert_eq!(
+        crate::canvas::chord::body_id(&part),
+        "b9f78361-5f73-4c55-8ef9-62522e8fa536",
+        "the chain's id: its last step's, which a failed header fails"
+    );
+    let header = Parent {
+        id: "h-1",
+        root_id: "h-0",
+    };
+    let p = body_message(&part, vec![json!({"h": 1}), json!({"h": 2})], header, now());
+    assert_eq!(
+        p.msg.id, "ff5494af-fa5e-424e-88bb-49c6f1bb2ff6",
+        "b1, its frozen id"
+    );
+    assert_eq!(p.msg.kwargs, embed(json!({"b1": 1})));
+    assert_eq!(p.msg.args, vec![json!([{"h": 1}, {"h": 2}])]);
+    assert_eq!(p.msg.parent_id.as_deref(), Some("h-1"));
+    assert_eq!(
+        p.msg.group, None,
+        "only the last step is in the chord's group"
+    );
+    let chain = p.msg.embed["chain"]
+        .as_array()
+        .expect("the rest of the chain");
+    assert_eq!(chain.len(), 1);
+    assert_eq!(
+        chain[0]["options"]["task_id"],
+        "b9f78361-5f73-4c55-8ef9-62522e8fa536"
+    );
+    // b1's worker sends b2 with b1's value, in the chord's group as Celery freezes it.
+    let c = Canvas::from_embed(&p.msg.embed).unwrap();
+    let b1 = Parent {
+        id: "ff5494af-fa5e-424e-88bb-49c6f1bb2ff6",
+        root_id: "h-0",
+    };
+    let next = on_success(&c, b1, &json!({"b1": 1}), now());
+    assert_eq!(next.publish.len(), 1);
+    let b2 = &next.publish[0].msg;
+    assert_eq!(b2.id, "b9f78361-5f73-4c55-8ef9-62522e8fa536");
+    assert_eq!(b2.args, vec![json!({"b1": 1})]);
+    assert_eq!(
+        b2.group.as_deref(),
+        Some("12108be6-b2b1-40f5-a7c2-4b6a33e0524e")
+    );
+    assert_eq!(b2.embed["chain"], Value::Null);
+    // An immutable chain gets no results; its first step's own args only.
+    let mut frozen: Value = serde_json::from_str(CELERY_CHAIN_BODY).unwrap();
+    frozen["immutable"] = json!(true);
+    let mut msg = chain_body_header(0);
+    msg.embed.insert("chord".into(), frozen);
+    let part = Canvas::from_message(&msg).unwrap().chord.unwrap();
+    let p = body_message(&part, vec![json!(1)], header, now());
+    assert_eq!(p.msg.args, Vec::<Value>::new());
+}
+
+#[test]
+fn a_chord_with_a_chain_body_as_a_chain_step_carries_the_rest_after_the_body_chain() {
+    let chain_body: Value = serde_json::from_str(CELERY_CHAIN_BODY).unwrap();
+    let chord_step = json!({"task": "celery.chord", "args": [], "subtask_type": "chord",
+        "immutable": false, "options": {"task_id": GROUP},
+        "kwargs": {"kwargs": {}, "body": chain_body, "header": {"task": "celery.group",
+            "args": [], "subtask_type": "group", "immutable": false,
+            "options": {"task_id": GROUP}, "kwargs": {"tasks": [step("b")]}}}});
+    let last = step("e");
+    let e = embed(json!({"chain": [last, chord_step]}));
+    let c = Canvas::from_embed(&e).unwrap();
+    let next = on_success(&c, PARENT, &json!({"a": 1}), now());
+    assert_eq!(next.publish.len(), 1, "the header");
+    let header = &next.publish[0].msg;
+    let body = &header.embed["chord"];
+    assert_eq!(body["subtask_type"], "chain");
+    assert_eq!(body["options"]["chain"][0]["kwargs"], json!({"e": 1}));
+    // The join sends b1, then b2, then e.
+    let part = Canvas::from_message(header).unwrap().chord.unwrap();
+    let p = body_message(&part, vec![json!(1)], PARENT, now());
+    assert_eq!(p.msg.kwargs, embed(json!({"b1": 1})));
+    let rest = p.msg.embed["chain"].as_array().unwrap();
+    let kwargs: Vec<&Value> = rest.iter().map(|s| &s["kwargs"]).collect();
+    assert_eq!(
+        kwargs,
+        [&json!({"e": 1}), &json!({"b2": 1})],
+        "reversed: b2 next"
+    );
+}

@@ -104,8 +104,6 @@ fn a_group_in_a_chain_is_sent_as_a_chord_step_a_worker_carries_out() {
     assert_eq!(next.chord_sizes.len(), 1);
     assert_eq!(next.publish[0].msg.args, vec![json!(1)]);
 
-    let last = chain([Step::from(step(1)), group([step(2)]).into()]).plan(Utc::now());
-    assert!(last.expect_err("refused").to_string().contains("last step"));
     let first = chain([Step::from(group([step(2)])), step(1).into()]).plan(Utc::now());
     assert!(first
         .expect_err("refused")
@@ -186,7 +184,18 @@ fn a_workflow_reads_from_json_and_refuses_what_it_does_not_know() {
 
     let w = Workflow::from_json(&json!({"chord": {"header": [{"task": "a.b"}], "body": {"task": "c.d", "immutable": true}}}))
         .expect("a chord");
-    assert!(matches!(w, Workflow::Chord(ref c) if c.body.immutable && c.header.len() == 1));
+    assert!(
+        matches!(w, Workflow::Chord(ref c) if matches!(c.body, Body::Task(ref b) if b.immutable) && c.header.len() == 1)
+    );
+    let w = Workflow::from_json(&json!({"chord": {"header": [{"task": "a.b"}],
+        "body": {"chain": [{"task": "c.d"}, {"task": "c.e"}]}}}))
+    .expect("a chord whose body is a chain");
+    assert!(
+        matches!(w, Workflow::Chord(ref c) if matches!(c.body, Body::Chain(ref b) if b.steps.len() == 2))
+    );
+    let w = Workflow::from_json(&json!({"chain": [{"task": "a.b"}, {"group": [{"task": "c.d"}]}]}))
+        .expect("a chain ending in a group");
+    assert!(matches!(w, Workflow::Chain(ref c) if c.ends_in_group()));
     assert!(matches!(
         Workflow::from_json(&json!({"task": "a.b"})),
         Ok(Workflow::Task(_))
@@ -219,4 +228,148 @@ fn a_workflow_reads_from_json_and_refuses_what_it_does_not_know() {
         "unknown field `bdy`",
     );
     refused(json!([1]), "a workflow is a JSON object");
+}
+
+/// The embed `chain` Celery 5.7 sent with the first step of
+/// `chain(step(a=1), group(step(b=1), step(c=1)))`, captured from RabbitMQ (ids and the
+/// producer's `reply_to` aside, which the Rust producer does not send).
+const CELERY_CHAIN_GROUP: &str = r#"[{"task": "celery.group", "args": [], "kwargs": {"tasks": [{"task": "canvas.step", "args": [], "kwargs": {"b": 1}, "options": {"queue": "q", "task_id": "57badea8-d713-439d-8299-817caa5147bd", "reply_to": "1f146e54-b955-3f00-900d-2f10c47e6dce", "group_index": 0}, "subtask_type": null, "immutable": false}, {"task": "canvas.step", "args": [], "kwargs": {"c": 1}, "options": {"queue": "q", "task_id": "28389b1f-9d2e-49aa-b8bc-b35a7ae7c4e0", "reply_to": "1f146e54-b955-3f00-900d-2f10c47e6dce", "group_index": 1}, "subtask_type": null, "immutable": false}]}, "options": {"task_id": "8c70ee22-a150-48ed-b56b-a88b79a07ee4", "root_id": null, "parent_id": null}, "subtask_type": "group", "immutable": false}]"#;
+
+/// `v` with every id replaced by its first appearance's number and `reply_to` dropped, so two
+/// wire forms compare by shape.
+fn shape(v: &Value, ids: &mut Vec<String>) -> Value {
+    match v {
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "reply_to")
+                .map(|(k, v)| {
+                    let v = match (k.as_str(), v) {
+                        ("task_id" | "group_id", Value::String(id)) => {
+                            let n = ids.iter().position(|x| x == id).unwrap_or_else(|| {
+                                ids.push(id.clone());
+                                ids.len() - 1
+                            });
+                            json!(format!("id{n}"))
+                        }
+                        _ => shape(v, ids),
+                    };
+                    (k.clone(), v)
+                })
+                .collect(),
+        ),
+        Value::Array(items) => Value::Array(items.iter().map(|i| shape(i, ids)).collect()),
+        other => other.clone(),
+    }
+}
+
+fn canvas_step(k: &str) -> Signature {
+    Signature::new("canvas.step", kw(json!({ k: 1 }))).queue("q")
+}
+
+#[test]
+fn a_chain_ending_in_a_group_is_sent_as_celery_sends_it() {
+    let plan = chain([
+        Step::from(canvas_step("a")),
+        group([canvas_step("b"), canvas_step("c")]).into(),
+    ])
+    .plan(Utc::now())
+    .expect("plan");
+    let celery: Value = serde_json::from_str(CELERY_CHAIN_GROUP).unwrap();
+    assert_eq!(
+        shape(&plan.msg.embed["chain"], &mut Vec::new()),
+        shape(&celery, &mut Vec::new()),
+        "the same wire form as Celery 5.7's"
+    );
+    let members = plan.last_group.clone().expect("it ends in a group");
+    assert_eq!(members.len(), 2);
+    assert_eq!(plan.ids.len(), 2, "the first step and the group");
+    assert_eq!(
+        plan.msg.embed["chain"][0]["options"]["task_id"],
+        json!(plan.ids[1])
+    );
+    // What a worker sends once the first step returns: the members, in the group.
+    let canvas = Canvas::from_embed(&plan.msg.embed).expect("a worker reads the embed");
+    let parent = crate::canvas::Parent {
+        id: &plan.msg.id,
+        root_id: &plan.msg.id,
+    };
+    let next = crate::canvas::on_success(&canvas, parent, &json!({"a": 1}), Utc::now());
+    let sent: Vec<&str> = next.publish.iter().map(|p| p.msg.id.as_str()).collect();
+    assert_eq!(sent, members);
+    for (i, p) in next.publish.iter().enumerate() {
+        assert_eq!(p.msg.group.as_deref(), Some(plan.ids[1].as_str()));
+        assert_eq!(p.msg.group_index, Some(i as i64));
+        assert_eq!(p.msg.args, vec![json!({"a": 1})]);
+    }
+    let json = Workflow::from_json(&json!({"chain": [
+        {"task": "canvas.step"}, {"group": [{"task": "canvas.step"}]}]}))
+    .expect("reads");
+    let Workflow::Chain(c) = json else {
+        panic!("a chain")
+    };
+    assert!(c.plan(Utc::now()).expect("plan").last_group.is_some());
+}
+
+#[test]
+fn a_chord_whose_body_is_a_chain_carries_it_as_celery_does() {
+    let body = chain([canvas_step("b1"), canvas_step("b2")]);
+    let mut c = chord([canvas_step("h"), canvas_step("h")], body);
+    c.id = Some("12108be6-b2b1-40f5-a7c2-4b6a33e0524e".into());
+    let plan = c.plan(Utc::now()).expect("plan");
+    assert_eq!(plan.body_chain.len(), 2);
+    assert_eq!(plan.body_chain.last(), Some(&plan.body_id));
+    let celery: Value =
+        serde_json::from_str(crate::canvas::tests::nested::CELERY_CHAIN_BODY).unwrap();
+    for (_, msg) in &plan.publish {
+        let mut ids = vec![plan.group_id.clone()];
+        let mut celery_ids = vec![plan.group_id.clone()];
+        assert_eq!(
+            shape(&msg.embed["chord"], &mut ids),
+            shape(&celery, &mut celery_ids),
+            "the same wire form as Celery 5.7's"
+        );
+        assert_eq!(msg.group.as_deref(), Some(plan.group_id.as_str()));
+    }
+    // A chain's chord step whose body is a chain: a chord of its first step, then the rest.
+    let plan = chain([
+        Step::from(canvas_step("a")),
+        chord(
+            [canvas_step("h")],
+            chain([canvas_step("b1"), canvas_step("b2").task_id("b2")]),
+        )
+        .into(),
+        canvas_step("e").into(),
+    ])
+    .plan(Utc::now())
+    .expect("plan");
+    let steps = &plan.msg.embed["chain"];
+    assert_eq!(steps.as_array().map(Vec::len), Some(3), "{steps}");
+    assert_eq!(steps[2]["subtask_type"], "chord");
+    assert_eq!(steps[2]["kwargs"]["body"]["kwargs"], json!({"b1": 1}));
+    assert_eq!(steps[1]["options"]["task_id"], "b2");
+    assert_eq!(steps[0]["kwargs"], json!({"e": 1}));
+    // An empty header sends the chain's first step at once, with the rest as its chain.
+    let plan = chord([], chain([canvas_step("b1"), canvas_step("b2")]))
+        .plan(Utc::now())
+        .expect("plan");
+    let (queue, msg) = &plan.publish[0];
+    assert_eq!(queue, "q");
+    assert_eq!(msg.id, plan.body_chain[0]);
+    assert_eq!(msg.args, vec![json!([])]);
+    assert_eq!(
+        msg.embed["chain"][0]["options"]["task_id"],
+        json!(plan.body_id)
+    );
+    assert_eq!(msg.parent_id, None);
+    // A body chain ending in a group is refused: the chord's result is one task's.
+    let err = chord(
+        [canvas_step("h")],
+        chain([
+            Step::from(canvas_step("b1")),
+            group([canvas_step("x")]).into(),
+        ]),
+    )
+    .plan(Utc::now())
+    .expect_err("refused");
+    assert!(err.to_string().contains("must end in a task"), "{err}");
 }
