@@ -488,12 +488,14 @@ async fn workflow_steps_inherit_the_parents_priority_when_the_setting_is_on() {
                 .expect("one kwarg");
             seen.insert(key, *msg.delivery.properties.priority());
         }
-        let (parent, header) = if inherit { (7, 5) } else { (1, 1) };
+        // As Celery's worker: on, the parent's priority wins even over a member's own; the
+        // chord's body never inherits (Celery's join sends it with its own options only).
+        let (parent, own) = if inherit { (7, 7) } else { (1, 2) };
         let want: std::collections::BTreeMap<String, Option<u8>> = [
             ("callback", Some(parent)),
             ("member", Some(parent)),
-            ("own", Some(2)),
-            ("body", Some(header)),
+            ("own", Some(own)),
+            ("body", Some(1)),
         ]
         .into_iter()
         .map(|(k, p)| (k.to_owned(), p))

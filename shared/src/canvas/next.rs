@@ -249,15 +249,18 @@ pub(crate) fn partial_args(sig: &Signature, first: &[Value]) -> Vec<Value> {
     }
 }
 
-/// Celery's `task_inherit_parent_priority`: each message that sets no priority of its own
-/// takes `priority`, the delivery priority of the job that sends it on. The worker applies it
-/// to what a SUCCESS sends (callbacks, the next chain step, a group's members, a chord's
-/// header) and to a chord's body; errbacks keep their own, as in Celery.
+/// Celery's `task_inherit_parent_priority`: what a SUCCESS sends on (callbacks, the next chain
+/// step, a group's members, a chord's header) is sent with `priority`, the delivery priority of
+/// the job that sends it, over any priority of its own — Celery's worker passes the parent's
+/// priority as an `apply_async` option, and options given there win over the signature's. A
+/// parent that arrived without one leaves each message's own. Errbacks and a chord's body keep
+/// their own, as in Celery (its chord join sends the body with no parent priority).
 pub fn inherit_priority(publish: &mut [Publish], priority: Option<u8>) {
+    if priority.is_none() {
+        return;
+    }
     for p in publish {
-        if p.msg.priority.is_none() {
-            p.msg.priority = priority;
-        }
+        p.msg.priority = priority;
     }
 }
 

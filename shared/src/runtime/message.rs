@@ -901,8 +901,6 @@ struct Join<'a> {
     header: Parent<'a>,
     /// The `.j` member, encoded from the result as stored (or as it would be stored).
     member: String,
-    /// The header's delivery priority, for `task_inherit_parent_priority`.
-    priority: Option<u8>,
 }
 
 impl<'a> Join<'a> {
@@ -911,7 +909,6 @@ impl<'a> Join<'a> {
             part,
             header: parent_of(msg),
             member: chord::member(&msg.id, &meta.status, &meta.result),
-            priority: msg.priority,
         })
     }
 }
@@ -945,10 +942,7 @@ async fn join_chord(shared: &Shared, join: &Join<'_>) -> bool {
     };
     match chord::results(&members) {
         Ok(results) => {
-            let mut body = [chord::body_message(part, results, join.header, Utc::now())];
-            if shared.settings.task_inherit_parent_priority {
-                canvas::inherit_priority(&mut body, join.priority);
-            }
+            let body = [chord::body_message(part, results, join.header, Utc::now())];
             if !publish_next(shared, id, &body).await {
                 return false;
             }

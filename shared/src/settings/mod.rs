@@ -78,8 +78,9 @@ crate::settings_group! {
         /// 255; unset: Celery's 0). Only a queue with `task_queue_max_priority` honours it.
         task_default_priority: Option<u8> = None, OptInt(0, 255);
         /// Celery's `task_inherit_parent_priority`: what a job sends on when it succeeds
-        /// (callbacks, the next chain step, a group's members, a chord's header) and the body a
-        /// chord header sends take the job's delivery priority, unless they set their own.
+        /// (callbacks, the next chain step, a group's members, a chord's header) is sent with
+        /// the job's delivery priority, over its own, as Celery's worker does; errbacks and a
+        /// chord's body keep their own.
         task_inherit_parent_priority: bool = false, Bool;
         /// The type of the work queues and their dead-letter queues (Celery's
         /// `task_default_queue_type`): `classic`, or `quorum` (replicated; RabbitMQ 3.10 or
