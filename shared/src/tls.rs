@@ -271,7 +271,10 @@ pub enum RedisClientError {
 /// what to change, naming `keys`' setting. Empty when the text is no known TLS failure.
 pub fn explain(error: &str, keys: &TlsKeys) -> String {
     let (setting, ca, cert) = (keys.setting, keys.ca_certs, keys.certfile);
-    let hint = if error.contains("UnknownIssuer") || error.contains("unknown issuer") {
+    let hint = if error.contains("UnknownIssuer")
+        || error.contains("unknown issuer")
+        || error.contains("BadSignature")
+    {
         format!(
             "the server's certificate is not signed by a CA this client trusts: set {setting} \
              {ca} to the PEM file of the CA that signed it (without it the system's CAs are used)"
