@@ -114,7 +114,10 @@ pub fn test_pki(dir: &Path) -> TestPki {
     };
     let ec = "ec_paramgen_curve:prime256v1";
     // A name of its own, so a second test CA is an unknown issuer, not a namesake.
-    let ca_subject = format!("/CN=mediafarm TLS test CA {}", uuid::Uuid::new_v4().simple());
+    let ca_subject = format!(
+        "/CN=mediafarm TLS test CA {}",
+        uuid::Uuid::new_v4().simple()
+    );
     run(&[
         "req",
         "-x509",
