@@ -292,8 +292,7 @@ async fn a_job_runs_over_amqps_with_a_client_certificate_and_a_wrong_ca_is_named
     wrong.broker_use_ssl = Some(BrokerSsl(options(&other.ca, Some(&pki))));
     let err = mediafarm::amqp::broker::connect(&wrong, "test tls")
         .await
-        .err()
-        .expect("a wrong CA is refused")
+        .expect_err("a wrong CA is refused")
         .to_string();
     assert!(
         err.contains("UnknownIssuer") && err.contains("broker_use_ssl ca_certs"),

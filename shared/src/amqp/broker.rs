@@ -34,13 +34,12 @@ use crate::settings::Settings;
 pub enum BrokerError {
     #[error("broker URL {url} is not valid: {reason}")]
     Url { url: String, reason: String },
-    #[error("cannot connect to the broker at {url}: {source}{hint}")]
-    Connect {
-        url: String,
-        source: lapin::Error,
-        /// What to change, for a TLS handshake failure (empty otherwise).
-        hint: String,
-    },
+    /// For a TLS handshake failure the message ends with what to change.
+    #[error(
+        "cannot connect to the broker at {url}: {source}{hint}",
+        hint = crate::tls::explain(&.source.to_string(), &BROKER_KEYS)
+    )]
+    Connect { url: String, source: lapin::Error },
     #[error("cannot set up TLS to the broker: {0}")]
     Tls(#[from] crate::tls::TlsError),
     #[error("broker error: {0}")]
@@ -251,7 +250,6 @@ pub async fn connect(settings: &Settings, name: &str) -> Result<Connection, Brok
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(source)) => Err(BrokerError::Connect {
             url: redact(&settings.broker_url),
-            hint: crate::tls::explain(&source.to_string(), &BROKER_KEYS),
             source,
         }),
         Err(_) => Err(BrokerError::Connect {
@@ -259,7 +257,6 @@ pub async fn connect(settings: &Settings, name: &str) -> Result<Connection, Brok
             source: lapin::Error::from(lapin::ErrorKind::IOError(std::sync::Arc::new(
                 std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 10 s"),
             ))),
-            hint: String::new(),
         }),
     }
 }

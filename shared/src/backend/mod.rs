@@ -22,12 +22,14 @@ pub const KEY_PREFIX: &str = "celery-task-meta-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("result backend {url} is unreachable: {source}{hint}")]
+    /// For a TLS handshake failure the message ends with what to change.
+    #[error(
+        "result backend {url} is unreachable: {source}{hint}",
+        hint = crate::tls::explain(&.source.to_string(), &REDIS_KEYS)
+    )]
     Connect {
         url: String,
         source: redis::RedisError,
-        /// What to change, for a TLS handshake failure (empty otherwise).
-        hint: String,
     },
     #[error("cannot set up TLS to the result backend: {0}")]
     Tls(#[from] crate::tls::TlsError),
@@ -97,7 +99,6 @@ impl ResultBackend {
     ) -> Result<ResultBackend, BackendError> {
         let connect_err = |source: redis::RedisError| BackendError::Connect {
             url: redact(url),
-            hint: crate::tls::explain(&source.to_string(), &REDIS_KEYS),
             source,
         };
         let client = crate::tls::redis_client(url, ssl).map_err(|e| match e {
@@ -240,7 +241,6 @@ impl ResultBackend {
             .await
             .map_err(|source| BackendError::Connect {
                 url: self.fixed.url.clone(),
-                hint: crate::tls::explain(&source.to_string(), &REDIS_KEYS),
                 source,
             })
     }

@@ -433,7 +433,7 @@ async fn schedule(
     use mediafarm::beat::store::{BeatKeys, ScheduleStore};
     use mediafarm::schedule::parse_entry;
     let in_settings = |name: &str| beat.beat_schedule.iter().any(|e| e.name == name);
-    let backend = mediafarm::ResultBackend::from_settings(&settings).await?;
+    let backend = mediafarm::ResultBackend::from_settings(settings).await?;
     let store = ScheduleStore::new(backend.connection(), BeatKeys::new(&beat.beat_key_prefix));
     match command {
         ScheduleCommand::Add {
@@ -639,7 +639,7 @@ async fn dead(settings: &Settings, command: DeadCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
         DeadCommand::Replay { queue, id } => {
-            let backend = mediafarm::ResultBackend::from_settings(&settings).await?;
+            let backend = mediafarm::ResultBackend::from_settings(settings).await?;
             let n = dead_letters::replay(settings, &backend, &queue, id.as_deref()).await?;
             println!("replayed {n} message(s) from {queue}.dead to {queue}");
             if n == 0 && id.is_some() {
