@@ -44,7 +44,8 @@ command -v cc >/dev/null || apt_install build-essential
 command -v pkg-config >/dev/null || apt_install pkg-config
 
 # --- Redis --------------------------------------------------------------------------------
-# redis-server is needed even when Redis already runs: the fault tests restart a private one.
+# redis-server is needed even when Redis already runs: the fault tests restart a private one,
+# and tests/tls.rs starts one with only a TLS port (Debian's redis-server is built with TLS).
 command -v redis-server >/dev/null || apt_install redis-server
 if ! port_open 6379; then
   log "starting Redis on 127.0.0.1:6379"

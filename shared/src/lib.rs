@@ -20,6 +20,7 @@ pub mod runtime;
 pub mod schedule;
 pub mod settings;
 pub mod storage;
+pub mod tls;
 
 /// The allocator every mediafarm binary installs (`#[global_allocator] static A:
 /// mediafarm::FastAllocator = mediafarm::FastAllocator;`): mimalloc, which keeps the

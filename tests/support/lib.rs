@@ -9,7 +9,7 @@
 //! | [`webhook`] | a receiver checking snapshot-worker's signed frame deliveries |
 //! | [`smtp`] | an aiosmtpd sink and Python's MIME parser |
 //! | [`http_fake`] | a scripted HTTP server recording requests (SMS providers, webhooks) |
-//! | [`certs`] | a test CA and a `localhost` certificate (openssl) |
+//! | [`certs`] | a test CA, a `localhost` certificate and a client certificate (openssl) |
 //! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
 //! | [`s3`] | moto's S3-compatible server on loopback |
 //! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |

@@ -18,22 +18,30 @@ use lapin::options::{
     BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
     QueueDeclareOptions, QueuePurgeOptions,
 };
+use lapin::tcp::{AMQPUriTcpExt, RustlsConnector};
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::uri::AMQPUri;
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::amqp::table::{try_write_properties, TooLong};
 use crate::backend::redact;
 use crate::protocol::TaskMessage;
+use crate::settings::tls::BROKER_KEYS;
 use crate::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker URL {url} is not valid: {reason}")]
     Url { url: String, reason: String },
-    #[error("cannot connect to the broker at {url}: {source}")]
+    /// For a TLS handshake failure the message ends with what to change.
+    #[error(
+        "cannot connect to the broker at {url}: {source}{hint}",
+        hint = crate::tls::explain(&.source.to_string(), &BROKER_KEYS)
+    )]
     Connect { url: String, source: lapin::Error },
+    #[error("cannot set up TLS to the broker: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("broker error: {0}")]
     Amqp(#[from] lapin::Error),
     #[error("the broker refused message {id} (publisher confirm was a nack)")]
@@ -74,6 +82,7 @@ impl BrokerError {
                 | BrokerError::QueueName(_)
                 | BrokerError::Unpublishable { .. }
                 | BrokerError::QueueArguments { .. }
+                | BrokerError::Tls(_)
         )
     }
 }
@@ -205,11 +214,38 @@ pub fn parse_url(url: &str, heartbeat: u16) -> Result<AMQPUri, BrokerError> {
     Ok(uri)
 }
 
-/// Opens a connection named for the RabbitMQ management UI.
+/// The broker URL to connect to: with `broker_use_ssl` set on an `amqp://` URL, TLS is on
+/// as kombu turns it on, so the URL is read as `amqps://` (port 5671 unless it names one).
+pub fn effective_url(settings: &Settings) -> std::borrow::Cow<'_, str> {
+    match (
+        &settings.broker_use_ssl,
+        settings.broker_url.strip_prefix("amqp://"),
+    ) {
+        (Some(_), Some(rest)) => format!("amqps://{rest}").into(),
+        _ => settings.broker_url.as_str().into(),
+    }
+}
+
+/// Checks what connecting needs before the first try, so a bad value stops start-up instead
+/// of being retried: the URL, and the TLS files and options.
+pub fn check(settings: &Settings) -> Result<(), BrokerError> {
+    parse_url(&effective_url(settings), settings.broker_heartbeat)?;
+    crate::tls::broker_config(settings)?;
+    Ok(())
+}
+
+/// Opens a connection named for the RabbitMQ management UI; over TLS for `amqps://` or with
+/// `broker_use_ssl` (see [`crate::tls`]).
 pub async fn connect(settings: &Settings, name: &str) -> Result<Connection, BrokerError> {
-    let uri = parse_url(&settings.broker_url, settings.broker_heartbeat)?;
+    let uri = parse_url(&effective_url(settings), settings.broker_heartbeat)?;
+    let tls = crate::tls::broker_config(settings)?;
     let props = ConnectionProperties::default().with_connection_name(name.into());
-    let connect = Connection::connect_uri(uri, props);
+    let connect = async move {
+        match tls {
+            None => Connection::connect_uri(uri, props).await,
+            Some(config) => connect_tls(uri, props, config).await,
+        }
+    };
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(conn)) => Ok(conn),
         Ok(Err(source)) => Err(BrokerError::Connect {
@@ -223,6 +259,30 @@ pub async fn connect(settings: &Settings, name: &str) -> Result<Connection, Brok
             ))),
         }),
     }
+}
+
+/// AMQP over TLS with mediafarm's own rustls configuration (CA, client certificate,
+/// verification), where lapin's own TLS takes only a PEM chain and a PKCS#12 identity. The
+/// TCP connection is lapin's; the server name checked is the URL's host.
+async fn connect_tls(
+    uri: AMQPUri,
+    props: ConnectionProperties,
+    config: rustls::ClientConfig,
+) -> lapin::Result<Connection> {
+    let connector = RustlsConnector::from(config);
+    let runtime = lapin::runtime::default_runtime()?;
+    Connection::connector(
+        uri,
+        runtime,
+        async move |uri: AMQPUri, runtime| {
+            let mut plain = uri.clone();
+            plain.scheme = AMQPScheme::AMQP;
+            let stream = plain.connect_async(&runtime).await?;
+            Ok(stream.into_rustls(&connector, &uri.authority.host).await?)
+        },
+        props,
+    )
+    .await
 }
 
 pub fn check_queue_name(name: &str) -> Result<(), BrokerError> {

@@ -14,16 +14,25 @@ use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
 use crate::backend::result::{ResultMeta, TaskState};
+use crate::settings::tls::REDIS_KEYS;
+use crate::settings::{RedisBackendSsl, Settings};
+use crate::tls::RedisClientError;
 
 pub const KEY_PREFIX: &str = "celery-task-meta-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("result backend {url} is unreachable: {source}")]
+    /// For a TLS handshake failure the message ends with what to change.
+    #[error(
+        "result backend {url} is unreachable: {source}{hint}",
+        hint = crate::tls::explain(&.source.to_string(), &REDIS_KEYS)
+    )]
     Connect {
         url: String,
         source: redis::RedisError,
     },
+    #[error("cannot set up TLS to the result backend: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("result backend error: {0}")]
     Redis(#[from] redis::RedisError),
     #[error("result for {id} is not valid Celery result JSON: {source}")]
@@ -64,13 +73,38 @@ pub fn result_key(id: &str) -> String {
 }
 
 impl ResultBackend {
-    /// Connects to `url`; `expires` is how long results are kept, in seconds (`None`: forever).
+    /// Connects to `result_backend` with `redis_backend_use_ssl`, keeping results for
+    /// `result_expires`: what every program connects with.
+    pub async fn from_settings(settings: &Settings) -> Result<ResultBackend, BackendError> {
+        Self::connect_with(
+            &settings.result_backend,
+            settings.redis_backend_use_ssl.as_ref(),
+            settings.result_expires_secs(),
+        )
+        .await
+    }
+
+    /// Connects to `url` (TLS options only from a `rediss://` URL's query); `expires` is how
+    /// long results are kept, in seconds (`None`: forever).
     pub async fn connect(url: &str, expires: Option<u64>) -> Result<ResultBackend, BackendError> {
-        let connect_err = |source| BackendError::Connect {
+        Self::connect_with(url, None, expires).await
+    }
+
+    /// Connects to `url` with the TLS options of `ssl` (for a `rediss://` URL; see
+    /// [`crate::tls::redis_client`]).
+    pub async fn connect_with(
+        url: &str,
+        ssl: Option<&RedisBackendSsl>,
+        expires: Option<u64>,
+    ) -> Result<ResultBackend, BackendError> {
+        let connect_err = |source: redis::RedisError| BackendError::Connect {
             url: redact(url),
             source,
         };
-        let client = redis::Client::open(url).map_err(connect_err)?;
+        let client = crate::tls::redis_client(url, ssl).map_err(|e| match e {
+            RedisClientError::Tls(e) => BackendError::Tls(e),
+            RedisClientError::Redis(e) => connect_err(e),
+        })?;
         let conn = ConnectionManager::new_with_config(client.clone(), manager_config())
             .await
             .map_err(connect_err)?;

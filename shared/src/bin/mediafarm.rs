@@ -356,11 +356,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Streams {
             command: StreamsCommand::Stop { stream_id },
         } => {
-            let backend = mediafarm::ResultBackend::connect(
-                &settings.result_backend,
-                settings.result_expires_secs(),
-            )
-            .await?;
+            let backend = mediafarm::ResultBackend::from_settings(&settings).await?;
             // A session obeys requests made after it began.
             mediafarm::runtime::stop::request(
                 &backend,
@@ -372,11 +368,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Revoke { ids, terminate } => {
-            let backend = mediafarm::ResultBackend::connect(
-                &settings.result_backend,
-                settings.result_expires_secs(),
-            )
-            .await?;
+            let backend = mediafarm::ResultBackend::from_settings(&settings).await?;
             mediafarm::amqp::pidbox::broadcast(&settings, &backend, &ids, terminate).await?;
             let how = if terminate {
                 " (terminating if running)"
@@ -443,9 +435,7 @@ async fn schedule(
     use mediafarm::beat::store::{BeatKeys, ScheduleStore};
     use mediafarm::schedule::parse_entry;
     let in_settings = |name: &str| beat.beat_schedule.iter().any(|e| e.name == name);
-    let backend =
-        mediafarm::ResultBackend::connect(&settings.result_backend, settings.result_expires_secs())
-            .await?;
+    let backend = mediafarm::ResultBackend::from_settings(settings).await?;
     let store = ScheduleStore::new(backend.connection(), BeatKeys::new(&beat.beat_key_prefix));
     match command {
         ScheduleCommand::Add {
@@ -651,11 +641,7 @@ async fn dead(settings: &Settings, command: DeadCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
         DeadCommand::Replay { queue, id } => {
-            let backend = mediafarm::ResultBackend::connect(
-                &settings.result_backend,
-                settings.result_expires_secs(),
-            )
-            .await?;
+            let backend = mediafarm::ResultBackend::from_settings(settings).await?;
             let n = dead_letters::replay(settings, &backend, &queue, id.as_deref()).await?;
             println!("replayed {n} message(s) from {queue}.dead to {queue}");
             if n == 0 && id.is_some() {

@@ -69,14 +69,10 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(settings: &Settings) -> Result<Client, ClientError> {
-        crate::amqp::broker::parse_url(&settings.broker_url, settings.broker_heartbeat)?;
+        crate::amqp::broker::check(settings)?;
         Ok(Client {
             publisher: Publisher::new(settings),
-            backend: ResultBackend::connect(
-                &settings.result_backend,
-                settings.result_expires_secs(),
-            )
-            .await?,
+            backend: ResultBackend::from_settings(settings).await?,
             result_expires: settings.result_expires_secs(),
             events: settings.task_send_sent_event.then(|| {
                 // Celery's producers send as `gen<pid>@<host>` (its `anon_nodename`).

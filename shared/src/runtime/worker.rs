@@ -163,13 +163,10 @@ impl Worker {
             }
         }
         crate::observe::trace::install_from_env(&service_name())?;
-        // Parse the broker URL now, so a bad one stops start-up instead of being retried.
-        broker::parse_url(&self.settings.broker_url, self.settings.broker_heartbeat)?;
-        let backend = ResultBackend::connect(
-            &self.settings.result_backend,
-            self.settings.result_expires_secs(),
-        )
-        .await?;
+        // Check the broker URL and TLS files now, so a bad one stops start-up instead of being
+        // retried.
+        broker::check(&self.settings)?;
+        let backend = ResultBackend::from_settings(&self.settings).await?;
         let cluster = (self.settings.task_rate_limit_scope == "cluster").then_some(&backend);
         let rates = Arc::new(RateLimits::new(
             &self.registry,

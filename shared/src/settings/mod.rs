@@ -9,6 +9,7 @@ pub mod declare;
 mod rate;
 mod reader;
 pub mod sources;
+pub mod tls;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ pub use declare::{Declared, Group, Groups, SettingInfo};
 pub use rate::{RateLimit, RateParseError, TaskRate, RATE_FORMS};
 pub use reader::{Kind, Raw, Reader, Value};
 pub use sources::{owner_of, Sources, OWNERS};
+pub use tls::{BrokerSsl, CertReqs, RedisBackendSsl, TlsOptions};
 pub use webhook::WebhookSettings;
 
 /// The kinds a declaration reads its value as (`Int(1, 100)`, `Seconds`, `Url(&["https"])`...).
@@ -62,8 +64,14 @@ crate::settings_group! {
     pub struct Settings checked_by check_core {
         owner = "every program";
         prefixes = [];
-        /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`, Celery's `//` means vhost `/`).
+        /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`, Celery's `//` means vhost `/`;
+        /// `amqps://` for TLS, port 5671 by default).
         broker_url: String = "amqp://guest:guest@127.0.0.1:5672//".into(), Url(&["amqp", "amqps"]);
+        /// TLS to RabbitMQ (Celery's `broker_use_ssl`): `true` (the system's CAs), or a table of
+        /// `ca_certs`, `certfile`, `keyfile` (PEM files) and `cert_reqs` (`CERT_REQUIRED`, the
+        /// default; `CERT_OPTIONAL` verifies the same; `CERT_NONE` verifies nothing and is
+        /// logged as a warning). Set with an `amqp://` URL it turns TLS on, as kombu does.
+        broker_use_ssl: Option<BrokerSsl> = None, Custom(Reader::broker_use_ssl);
         /// Connections the producer side keeps open at most (kombu's pool limit).
         broker_pool_limit: usize = 10, Int(1, 1000);
         /// AMQP heartbeat in seconds (0 turns heartbeats off).
@@ -91,9 +99,15 @@ crate::settings_group! {
         /// worker that takes it). 0: no limit and no dead-letter arguments, which is exactly
         /// Celery's own quorum declaration.
         task_quorum_delivery_limit: u32 = 20, Int(0, 1_000_000);
-        /// Redis URL of the result backend.
+        /// Redis URL of the result backend; `rediss://` for TLS, where Celery's query keys
+        /// `ssl_cert_reqs`, `ssl_ca_certs`, `ssl_certfile` and `ssl_keyfile` are taken too.
         result_backend: String = "redis://127.0.0.1:6379/0".into(),
-            Url(&["redis", "redis+unix", "unix"]);
+            Url(&["redis", "rediss", "redis+unix", "unix"]);
+        /// TLS options of a `rediss://` result backend (Celery's `redis_backend_use_ssl`):
+        /// `true`, or a table of `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile` and
+        /// `ssl_cert_reqs` as in `broker_use_ssl`; the URL's own query keys win.
+        redis_backend_use_ssl: Option<RedisBackendSsl> = None,
+            Custom(Reader::redis_backend_use_ssl);
         /// How long results are kept (0: Celery keeps them forever; Redis needs no expiry then).
         result_expires: Duration = Duration::from_secs(86_400), Seconds;
         /// Always "json" (pickle is refused).
@@ -191,8 +205,19 @@ fn default_concurrency() -> usize {
         .unwrap_or(1)
 }
 
-/// Rules across the core settings: time limits fit each other and RabbitMQ's timeout.
+/// Rules across the core settings: time limits fit each other and RabbitMQ's timeout; TLS
+/// options of the result backend fit its URL.
 fn check_core(settings: &Settings) -> Result<(), SettingsError> {
+    if let Err(why) = tls::redis_tls_options(
+        &settings.result_backend,
+        settings.redis_backend_use_ssl.as_ref(),
+    ) {
+        return Err(SettingsError::Invalid {
+            name: "result_backend".into(),
+            value: format!("{:?}", tls::without_password(&settings.result_backend)),
+            accepted: why,
+        });
+    }
     if let (Some(max), true) = (settings.task_queue_max_priority, settings.quorum()) {
         return Err(SettingsError::Invalid {
             name: "task_queue_max_priority".into(),
@@ -494,10 +519,16 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("amqp://"), "{err}");
-        let err = from("result_backend = \"rediss://h:6380/0\"", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("TLS to Redis is not built in"), "{err}");
+        let err = from(
+            "result_backend = \"redis://:pw@h:6380/0?ssl_cert_reqs=none\"",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`result_backend`") && err.contains("rediss://") && !err.contains("pw"),
+            "{err}"
+        );
         let err = from("task_acks_late = false", &[]).unwrap_err().to_string();
         assert!(err.contains("after its result is stored"), "{err}");
         let err = from("timezone = \"Mars/Olympus\"", &[])
@@ -549,6 +580,68 @@ mod tests {
         .to_string();
         assert!(
             err.contains("`task_queue_max_priority`") && err.contains("quorum"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn tls_settings_take_celerys_names_as_a_table_true_or_json() {
+        let s = from(
+            "broker_url = \"amqps://u:p@mq.example.com//\"\n\
+             broker_use_ssl = { ca_certs = \"/etc/mf/ca.pem\", certfile = \"/etc/mf/c.pem\", \
+             keyfile = \"/etc/mf/c.key\", cert_reqs = \"CERT_REQUIRED\" }\n\
+             result_backend = \"rediss://:pw@cache.example.com:6380/0?ssl_cert_reqs=required\"\n\
+             redis_backend_use_ssl = { ssl_ca_certs = \"/etc/mf/redis-ca.pem\" }",
+            &[],
+        )
+        .unwrap();
+        let broker = s.broker_use_ssl.clone().unwrap().0;
+        assert_eq!(broker.ca_certs, Some(PathBuf::from("/etc/mf/ca.pem")));
+        assert_eq!(broker.keyfile, Some(PathBuf::from("/etc/mf/c.key")));
+        assert_eq!(broker.cert_reqs, CertReqs::Required);
+        let redis = s.redis_backend_use_ssl.clone().unwrap().0;
+        assert_eq!(redis.ca_certs, Some(PathBuf::from("/etc/mf/redis-ca.pem")));
+        let shown = Value::shown(&s.broker_use_ssl);
+        assert!(shown.contains("ca_certs = \"/etc/mf/ca.pem\""), "{shown}");
+        assert!(Value::shown(&s.redis_backend_use_ssl).contains("ssl_ca_certs"));
+        // true: the system's CAs, verified; the environment takes a JSON object.
+        let s = from("broker_use_ssl = true", &[]).unwrap();
+        assert_eq!(s.broker_use_ssl, Some(BrokerSsl::default()));
+        let s = from(
+            "broker_use_ssl = true",
+            &[("MEDIAFARM_BROKER_USE_SSL", r#"{"cert_reqs": "CERT_NONE"}"#)],
+        )
+        .unwrap();
+        assert_eq!(s.broker_use_ssl.unwrap().0.cert_reqs, CertReqs::None);
+        let s = from("broker_use_ssl = false", &[]).unwrap();
+        assert_eq!(s.broker_use_ssl, None);
+        for (bad, says) in [
+            (
+                "broker_use_ssl = { cert_reqs = \"CERT_MAYBE\" }",
+                "CERT_REQUIRED",
+            ),
+            (
+                "broker_use_ssl = { ssl_ca_certs = \"/x\" }",
+                "unknown key \"ssl_ca_certs\"",
+            ),
+            (
+                "broker_use_ssl = { certfile = \"/c.pem\" }",
+                "certfile is set without keyfile",
+            ),
+            ("broker_use_ssl = \"yes\"", "a table of ca_certs"),
+            (
+                "redis_backend_use_ssl = { ssl_cert_reqs = \"CERT_NONE\" }",
+                "scheme is not rediss://",
+            ),
+        ] {
+            let err = from(bad, &[]).unwrap_err().to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let err = from("", &[("MEDIAFARM_REDIS_BACKEND_USE_SSL", "{nope")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`redis_backend_use_ssl`") && err.contains("JSON"),
             "{err}"
         );
     }

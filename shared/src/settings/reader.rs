@@ -123,15 +123,7 @@ impl Reader {
             .is_some_and(|(scheme, rest)| schemes.contains(&scheme) && !rest.is_empty());
         if !scheme_ok {
             let list: Vec<String> = schemes.iter().map(|s| format!("{s}://…")).collect();
-            let tls_note = if url.starts_with("rediss://") {
-                " (TLS to Redis is not built into this release; reach Redis over a private network or a TLS sidecar)"
-            } else {
-                ""
-            };
-            return Err(self.invalid(
-                name,
-                format!("a URL starting with {}{tls_note}", list.join(" or ")),
-            ));
+            return Err(self.invalid(name, format!("a URL starting with {}", list.join(" or "))));
         }
         Ok(url)
     }

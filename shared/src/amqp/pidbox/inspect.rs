@@ -42,7 +42,8 @@ pub fn stats(node: &Node) -> Value {
 
 /// kombu's `Connection.info()` without the password, as Celery's `stats.broker`.
 fn broker_info(s: &Settings) -> Value {
-    let Ok(uri) = crate::amqp::broker::parse_url(&s.broker_url, s.broker_heartbeat) else {
+    let broker = crate::amqp::broker::effective_url(s);
+    let Ok(uri) = crate::amqp::broker::parse_url(&broker, s.broker_heartbeat) else {
         return json!("N/A");
     };
     let ssl = matches!(uri.scheme, lapin::uri::AMQPScheme::AMQPS);
