@@ -16,6 +16,9 @@ within the default limits (50 MP, 50 MB):
   alpha.webp    16383×3050 lossy WebP with alpha
   lossless.webp 16383×3050 lossless WebP
   big.gif       9400×5300 GIF (256 colours)
+  big.heic      8064×6048 HEIC (48 MP, an iPhone's largest; libheif's heif-enc with x265, q50)
+  alpha.avif    4032×3024 AVIF with alpha (12 MP; heif-enc -A with libaom, q50: AV1 encoding of
+                48 MP takes too long for a benchmark's set-up)
 
 Usage: .venv/bin/python bench/image_memory.py [--binary target/release/image-worker]
        [--only rgba.png,...] [--no-build]
@@ -24,6 +27,7 @@ Only 127.0.0.1 is contacted; every phase has a time limit and every process is s
 import argparse
 import os
 import struct
+import subprocess
 import sys
 import time
 import zlib
@@ -113,7 +117,18 @@ def make_sources():
         picture(16383, 3050, "RGB").save(p, lossless=True, quality=0, method=0)
     if (p := want("big.gif")):
         picture(9400, 5300, "RGB").quantize(256).save(p)
+    for name, (w, h, mode, avif) in HEIF_SOURCES.items():
+        if (p := want(name)):
+            png = p.with_suffix(".src.png")
+            picture(w, h, mode).save(png, compress_level=1)
+            subprocess.run(["heif-enc", *(["-A"] if avif else []), "-q", "50", "-o", str(p),
+                            str(png)], check=True, timeout=1800, stdout=subprocess.DEVNULL)
+            png.unlink()
     return made
+
+
+# HEIF sources: Pillow neither writes nor reads them (heif-enc makes them; sizes as made).
+HEIF_SOURCES = {"big.heic": (8064, 6048, "RGB", False), "alpha.avif": (4032, 3024, "RGBA", True)}
 
 
 def main():
@@ -148,8 +163,11 @@ def main():
     for name, path in sources.items():
         from PIL import Image
         Image.MAX_IMAGE_PIXELS = None
-        with Image.open(path) as im:
-            size = f"{im.width}×{im.height}"
+        if name in HEIF_SOURCES:
+            size = "{}×{}".format(*HEIF_SOURCES[name][:2])
+        else:
+            with Image.open(path) as im:
+                size = f"{im.width}×{im.height}"
         keys = image_broker.stage([path], f"fmt-{name}-")
         peaks = []
         for concurrency, jobs in ((1, 1), (2, args.jobs)):
