@@ -6,18 +6,7 @@ use std::process::Command;
 
 /// A test CA and a certificate for `localhost` it signed (openssl CLI): (ca.pem, cert, key).
 pub fn test_certificates(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs (scripts/setup.d/notify.sh installs it)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     let ec = [
         "-newkey",
         "ec",
@@ -100,18 +89,7 @@ pub struct TestPki {
 /// Makes a [`TestPki`] in `dir` (created) with the openssl CLI.
 pub fn test_pki(dir: &Path) -> TestPki {
     std::fs::create_dir_all(dir).unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs (scripts/setup.d/notify.sh installs it)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| openssl(dir, args);
     let ec = "ec_paramgen_curve:prime256v1";
     // A name of its own, so a second test CA is an unknown issuer, not a namesake.
     let ca_subject = format!(
@@ -207,4 +185,18 @@ pub fn test_pki(dir: &Path) -> TestPki {
         client_cert: dir.join("client.pem"),
         client_key: dir.join("client.key"),
     }
+}
+
+/// Runs the openssl CLI in `dir`; panics with its stderr when it fails.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs (scripts/setup.d/notify.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
