@@ -397,6 +397,79 @@ mod ffi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+
+    fn fixture(path: &str) -> Vec<u8> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fuzz/heif");
+        std::fs::read(dir.join(path)).unwrap()
+    }
+
+    /// Decodes `data` the way the worker does, a quarter of its size.
+    fn decode_all(data: &[u8]) -> Result<DynamicImage, String> {
+        let file = Heif::open(data)?;
+        file.icc();
+        file.exif();
+        file.decode(2)
+    }
+
+    #[test]
+    fn the_seeds_decode_to_their_colours() {
+        let halves = ["seeds/halves-64x48.heic", "seeds/halves-64x48.avif"];
+        for name in halves {
+            let data = fixture(name);
+            let file = Heif::open(&data).unwrap();
+            let h = file.header();
+            assert_eq!((h.width, h.height, h.alpha), (64, 48, false), "{name}");
+            let img = file.decode(2).unwrap().to_rgb8();
+            assert_eq!(img.dimensions(), (32, 24), "{name}");
+            let (left, right) = (img.get_pixel(4, 12).0, img.get_pixel(28, 12).0);
+            assert!(left[0] > 150 && left[2] < 90, "{name}: {left:?}");
+            assert!(right[2] > 150 && right[0] < 90, "{name}: {right:?}");
+        }
+        let alpha = fixture("seeds/alpha-96x64.avif");
+        let img = Heif::open(&alpha).unwrap().decode(1).unwrap();
+        assert!(img.color().has_alpha());
+        let a = img.to_rgba8().get_pixel(10, 10).0[3];
+        assert!((100..160).contains(&a), "half-transparent green: alpha {a}");
+    }
+
+    /// Damaged copies of the seeds (a fixed pseudo-random walk, so each run is the same) end
+    /// in a picture or an error, never a crash. `heif-convert` 1.15 crashes on the one in
+    /// `crashes/` (an unknown nclx matrix); this module never reads the nclx profile.
+    #[test]
+    fn damaged_files_fail_or_decode_but_never_crash() {
+        let crash = fixture("crashes/bad-nclx-matrix.avif");
+        let _ = decode_all(&crash);
+        let seeds = [
+            fixture("seeds/halves-64x48.heic"),
+            fixture("seeds/halves-64x48.avif"),
+            fixture("seeds/alpha-96x64.avif"),
+        ];
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let (mut ok, mut failed) = (0, 0);
+        for round in 0..300 {
+            let mut data = seeds[round % seeds.len()].clone();
+            for _ in 0..1 + next() % 8 {
+                let at = (next() % data.len() as u64) as usize;
+                data[at] = next() as u8;
+            }
+            match decode_all(&data) {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert!(e.contains("libheif"), "an error that names libheif: {e}");
+                    failed += 1;
+                }
+            }
+        }
+        assert_eq!(ok + failed, 300);
+        assert!(failed > 0, "some damage must be refused");
+    }
 
     #[test]
     fn brands_name_the_flavour() {
