@@ -17,7 +17,7 @@ use hmac::{Hmac, Mac};
 use mediafarm::settings::WebhookSettings;
 use mediafarm::storage::Storage;
 use mediafarm::{ClientError, FailureKind, Settings, TaskError};
-use mediafarm_tests::certs::test_certificates;
+use mediafarm_tests::certs::test_pki;
 use mediafarm_tests::http_fake::{HttpFake, Reply};
 use mediafarm_tests::smtp::{parse_eml, SmtpSink};
 use mediafarm_tests::{failed, python_env, run_python, settings, temp_dir, to, Farm};
@@ -1068,8 +1068,12 @@ fn failure_kinds_match_the_retry_rules() {
 async fn starttls_and_implicit_tls_with_a_verified_certificate() {
     let bin = notify_worker_binary();
     let root = temp_dir("tls");
-    let (ca, cert, key) = test_certificates(&root);
-    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let pki = test_pki(&root.join("pki"));
+    let ca = pki.ca;
+    let (cert, key) = (
+        pki.server_cert.to_str().unwrap(),
+        pki.server_key.to_str().unwrap(),
+    );
     let mut s = settings();
     s.storage_url = format!("file://{}", root.join("storage").display());
     let client = mediafarm::Client::connect(&s).await.unwrap();
