@@ -5,8 +5,8 @@
 //!
 //! The file's boxes are parsed first (no pixel decoded) to check the size as shown — libheif
 //! applies the rotation and mirroring boxes itself — against `image_max_src_pixels`; only then
-//! is the primary image decoded, to 8-bit interleaved RGB or RGBA (10- and 12-bit sources are
-//! reduced by libheif). The ICC profile is kept; the EXIF block is kept with its orientation
+//! is the primary image decoded, in the codec's own planes (YCbCr as coded), which `yuv.rs`
+//! turns into 8-bit RGB(A) a row at a time as the rows are shrunk. The ICC profile is kept; the EXIF block is kept with its orientation
 //! reset, since in HEIF the `irot`/`imir` boxes, already applied, are what turns the picture.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
@@ -16,6 +16,7 @@ use image::metadata::Orientation;
 use image::DynamicImage;
 
 use crate::shrink::{BoxShrink, Layout};
+use crate::yuv;
 
 /// The brands of the `ftyp` box that name a HEIF image file, and the format each is.
 const BRANDS: [(&[u8; 4], Kind); 8] = [
@@ -195,14 +196,59 @@ impl<'a> Heif<'a> {
     }
 
     /// Decodes the primary image to 8-bit RGB (RGBA when it has alpha), turned as shown and
-    /// box-shrunk by `factor` (1: full size; see `shrink.rs`).
+    /// box-shrunk by `factor` (1: full size; see `shrink.rs`). The picture is taken in the
+    /// decoder's own planes (YCbCr as coded, usually 4:2:0) and converted a row at a time as
+    /// it is shrunk (`yuv.rs`), so no interleaved copy of the whole picture is made; a matrix or
+    /// layout `yuv.rs` does not convert is left to libheif's conversion instead.
     pub fn decode(&self, factor: u32) -> Result<DynamicImage, String> {
+        let img = self.decode_as(ffi::COLORSPACE_UNDEFINED, ffi::CHROMA_UNDEFINED)?;
+        if let Some(planes) = native_planes(&img) {
+            let mut shrink = BoxShrink::new(
+                planes.width() as u32,
+                planes.height() as u32,
+                factor,
+                planes.has_alpha(),
+            );
+            let layout = if planes.has_alpha() {
+                Layout::Rgba
+            } else {
+                Layout::Rgb
+            };
+            let mut row = vec![0u8; planes.row_bytes()];
+            for y in 0..planes.height() {
+                planes.row(y, &mut row);
+                shrink.push_row(&row, layout);
+            }
+            return Ok(shrink.finish());
+        }
+        drop(img);
+        self.decode_interleaved(factor)
+    }
+
+    /// libheif's own conversion to interleaved 8-bit RGB(A), shrunk as it is copied out.
+    fn decode_interleaved(&self, factor: u32) -> Result<DynamicImage, String> {
         let alpha = self.header().alpha;
         let (chroma, channels) = if alpha {
             (ffi::CHROMA_INTERLEAVED_RGBA, 4usize)
         } else {
             (ffi::CHROMA_INTERLEAVED_RGB, 3usize)
         };
+        let img = self.decode_as(ffi::COLORSPACE_RGB, chroma)?;
+        let (width, height, stride, rows) = match plane(&img, ffi::CHANNEL_INTERLEAVED) {
+            Some(p) if p.width * channels <= p.stride => (p.width, p.height, p.stride, p.data),
+            _ => return Err("libheif returned no picture".into()),
+        };
+        // Copied out row by row, box-shrunk on the way when the outputs allow: libheif's
+        // picture is already full size, so a second full-size copy is never made.
+        let layout = if alpha { Layout::Rgba } else { Layout::Rgb };
+        let mut shrink = BoxShrink::new(width as u32, height as u32, factor, alpha);
+        for row in rows.chunks(stride).take(height) {
+            shrink.push_row(&row[..width * channels], layout);
+        }
+        Ok(shrink.finish())
+    }
+
+    fn decode_as(&self, colorspace: c_int, chroma: c_int) -> Result<Image, String> {
         let mut img = ptr::null_mut();
         // SAFETY: a live handle; null options mean libheif's defaults (transformations
         // applied). On success `img` is a live image released by `Image`'s drop.
@@ -210,38 +256,106 @@ impl<'a> Heif<'a> {
             check(ffi::heif_decode_image(
                 self.handle,
                 &mut img,
-                ffi::COLORSPACE_RGB,
+                colorspace,
                 chroma,
                 ptr::null(),
             ))?;
         }
-        let img = Image(img);
-        let mut stride: c_int = 0;
-        // SAFETY: a live decoded image; the plane pointer stays valid while `img` lives, and
-        // libheif guarantees `stride * height` readable bytes for it.
-        let (width, height, rows) = unsafe {
-            let width = ffi::heif_image_get_width(img.0, ffi::CHANNEL_INTERLEAVED);
-            let height = ffi::heif_image_get_height(img.0, ffi::CHANNEL_INTERLEAVED);
-            let plane =
-                ffi::heif_image_get_plane_readonly(img.0, ffi::CHANNEL_INTERLEAVED, &mut stride);
-            if plane.is_null() || width <= 0 || height <= 0 || stride <= 0 {
-                return Err("libheif returned no picture".into());
-            }
-            let (w, h, s) = (width as usize, height as usize, stride as usize);
-            if s < w * channels {
-                return Err("libheif returned a picture narrower than its width".into());
-            }
-            (w, h, std::slice::from_raw_parts(plane, s * h))
-        };
-        // Copied out row by row, box-shrunk on the way when the outputs allow: libheif's
-        // picture is already full size, so a second full-size copy is never made.
-        let layout = if alpha { Layout::Rgba } else { Layout::Rgb };
-        let mut shrink = BoxShrink::new(width as u32, height as u32, factor, alpha);
-        for row in rows.chunks_exact(stride as usize) {
-            shrink.push_row(&row[..width * channels], layout);
+        if img.is_null() {
+            return Err("libheif returned no picture".into());
         }
-        Ok(shrink.finish())
+        Ok(Image(img))
     }
+}
+
+/// One channel of a decoded image, or `None` when it has no such plane.
+fn plane(img: &Image, channel: c_int) -> Option<yuv::Plane<'_>> {
+    let mut stride: c_int = 0;
+    // SAFETY: a live decoded image; the plane pointer stays valid while `img` lives (the
+    // returned slice borrows it), and libheif allocates `stride * height` bytes for it.
+    unsafe {
+        let width = ffi::heif_image_get_width(img.0, channel);
+        let height = ffi::heif_image_get_height(img.0, channel);
+        let data = ffi::heif_image_get_plane_readonly(img.0, channel, &mut stride);
+        if data.is_null() || width <= 0 || height <= 0 || stride <= 0 {
+            return None;
+        }
+        let (width, height, stride) = (width as usize, height as usize, stride as usize);
+        Some(yuv::Plane {
+            data: std::slice::from_raw_parts(data, stride * height),
+            stride,
+            width,
+            height,
+        })
+    }
+}
+
+/// The decoded image's planes, when `yuv.rs` converts their kind: planar RGB (what libheif
+/// 1.15 hands back when asked for no particular colour space: it converts the codec's YCbCr to
+/// RGB planes itself), or YCbCr and monochrome planes with the matrix they were coded with
+/// (libheif's default when no `nclx` is given: BT.601, full range).
+fn native_planes(img: &Image) -> Option<yuv::Planes<'_>> {
+    // SAFETY: a live decoded image.
+    let (colorspace, chroma) = unsafe {
+        (
+            ffi::heif_image_get_colorspace(img.0),
+            ffi::heif_image_get_chroma_format(img.0),
+        )
+    };
+    let alpha = plane(img, ffi::CHANNEL_ALPHA);
+    if (colorspace, chroma) == (ffi::COLORSPACE_RGB, ffi::CHROMA_444) {
+        // The identity matrix reads G from the luma plane, B and R from the chroma ones.
+        return yuv::Planes::new(
+            bits(img, ffi::CHANNEL_G)?,
+            yuv::Subsampling::S444,
+            yuv::Matrix::from_nclx(0, true)?,
+            plane(img, ffi::CHANNEL_G)?,
+            Some((plane(img, ffi::CHANNEL_B)?, plane(img, ffi::CHANNEL_R)?)),
+            alpha,
+        );
+    }
+    let subsampling = match (colorspace, chroma) {
+        (ffi::COLORSPACE_MONOCHROME | ffi::COLORSPACE_YCBCR, ffi::CHROMA_MONOCHROME) => {
+            yuv::Subsampling::Monochrome
+        }
+        (ffi::COLORSPACE_YCBCR, ffi::CHROMA_420) => yuv::Subsampling::S420,
+        (ffi::COLORSPACE_YCBCR, ffi::CHROMA_422) => yuv::Subsampling::S422,
+        (ffi::COLORSPACE_YCBCR, ffi::CHROMA_444) => yuv::Subsampling::S444,
+        _ => return None,
+    };
+    // SAFETY: a live decoded image; the profile, when returned, is read and freed here.
+    let nclx = unsafe {
+        let mut profile = ptr::null_mut();
+        let found = ffi::heif_image_get_nclx_color_profile(img.0, &mut profile);
+        if found.code == 0 && !profile.is_null() {
+            let p = &*profile;
+            let read = (p.matrix_coefficients as u32, p.full_range_flag != 0);
+            ffi::heif_nclx_color_profile_free(profile);
+            Some(read)
+        } else {
+            None
+        }
+    };
+    let (matrix_coefficients, full_range) = nclx.unwrap_or((6, true));
+    let chroma_planes = match subsampling {
+        yuv::Subsampling::Monochrome => None,
+        _ => Some((plane(img, ffi::CHANNEL_CB)?, plane(img, ffi::CHANNEL_CR)?)),
+    };
+    yuv::Planes::new(
+        bits(img, ffi::CHANNEL_Y)?,
+        subsampling,
+        yuv::Matrix::from_nclx(matrix_coefficients, full_range)?,
+        plane(img, ffi::CHANNEL_Y)?,
+        chroma_planes,
+        alpha,
+    )
+}
+
+/// Bits a sample of `channel` uses, when it has the plane.
+fn bits(img: &Image, channel: c_int) -> Option<u32> {
+    // SAFETY: a live decoded image; a channel it lacks gives a negative or odd value.
+    let bits = unsafe { ffi::heif_image_get_bits_per_pixel_range(img.0, channel) };
+    u32::try_from(bits).ok().filter(|b| (8..=16).contains(b))
 }
 
 impl Drop for Heif<'_> {
@@ -266,15 +380,14 @@ impl Drop for Image {
     }
 }
 
-/// Bytes libheif holds while decoding a picture of `header`'s size: the decoded planes (4:4:4
-/// at the worst, two bytes a sample above 8 bits, plus alpha) and the interleaved picture it
-/// converts them into (both exist while it converts).
+/// Bytes libheif holds while decoding a picture of `header`'s size: the codec's decoded
+/// picture and the image libheif copies it into (both exist until the decode returns), each
+/// counted as 4:4:4 at the worst, two bytes a sample above 8 bits, plus alpha.
 pub fn decode_bytes(header: &Header) -> u64 {
     let pixels = u64::from(header.width) * u64::from(header.height);
     let sample = if header.bits > 8 { 2 } else { 1 };
     let planes = pixels * sample * if header.alpha { 4 } else { 3 };
-    let interleaved = pixels * if header.alpha { 4 } else { 3 };
-    planes + interleaved
+    2 * planes
 }
 
 /// ICC profiles and EXIF blocks larger than this are dropped rather than copied.
@@ -329,10 +442,35 @@ mod ffi {
         pub message: *const c_char,
     }
 
+    pub const COLORSPACE_YCBCR: c_int = 0;
     pub const COLORSPACE_RGB: c_int = 1;
+    pub const COLORSPACE_MONOCHROME: c_int = 2;
+    pub const COLORSPACE_UNDEFINED: c_int = 99;
+    pub const CHROMA_MONOCHROME: c_int = 0;
+    pub const CHROMA_420: c_int = 1;
+    pub const CHROMA_422: c_int = 2;
+    pub const CHROMA_444: c_int = 3;
     pub const CHROMA_INTERLEAVED_RGB: c_int = 10;
     pub const CHROMA_INTERLEAVED_RGBA: c_int = 11;
+    pub const CHROMA_UNDEFINED: c_int = 99;
+    pub const CHANNEL_Y: c_int = 0;
+    pub const CHANNEL_CB: c_int = 1;
+    pub const CHANNEL_CR: c_int = 2;
+    pub const CHANNEL_R: c_int = 3;
+    pub const CHANNEL_G: c_int = 4;
+    pub const CHANNEL_B: c_int = 5;
+    pub const CHANNEL_ALPHA: c_int = 6;
     pub const CHANNEL_INTERLEAVED: c_int = 10;
+
+    /// `struct heif_color_profile_nclx`, version 1 (the fields read here come first).
+    #[repr(C)]
+    pub struct Nclx {
+        pub version: u8,
+        pub color_primaries: c_int,
+        pub transfer_characteristics: c_int,
+        pub matrix_coefficients: c_int,
+        pub full_range_flag: u8,
+    }
 
     #[link(name = "heif")]
     extern "C" {
@@ -391,6 +529,11 @@ mod ffi {
             stride: *mut c_int,
         ) -> *const u8;
         pub fn heif_image_release(img: *const Image);
+        pub fn heif_image_get_colorspace(img: *const Image) -> c_int;
+        pub fn heif_image_get_chroma_format(img: *const Image) -> c_int;
+        pub fn heif_image_get_bits_per_pixel_range(img: *const Image, channel: c_int) -> c_int;
+        pub fn heif_image_get_nclx_color_profile(img: *const Image, out: *mut *mut Nclx) -> Error;
+        pub fn heif_nclx_color_profile_free(profile: *mut Nclx);
     }
 }
 
@@ -433,9 +576,60 @@ mod tests {
         assert!((100..160).contains(&a), "half-transparent green: alpha {a}");
     }
 
+    /// The worker's own conversion of the decoder's planes against libheif's, at full size:
+    /// 4:2:0, 4:2:2, 4:4:4, 10 bits, limited range, BT.709, lossless RGB and alpha all agree
+    /// within rounding (libheif 1.15 hands its RGB planes over; `yuv.rs`'s own tests cover
+    /// YCbCr planes).
+    #[test]
+    fn planes_convert_as_libheif_converts_them() {
+        let seeds = std::fs::read_dir(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fuzz/heif/seeds"),
+        )
+        .unwrap();
+        let mut checked = 0;
+        for entry in seeds {
+            let path = entry.unwrap().path();
+            let data = std::fs::read(&path).unwrap();
+            let file = Heif::open(&data).unwrap();
+            let native = file
+                .decode_as(ffi::COLORSPACE_UNDEFINED, ffi::CHROMA_UNDEFINED)
+                .unwrap();
+            assert!(
+                native_planes(&native).is_some(),
+                "{path:?}: the worker converts it"
+            );
+            drop(native);
+            let ours = file.decode(1).unwrap();
+            let theirs = file.decode_interleaved(1).unwrap();
+            assert_eq!(ours.color(), theirs.color(), "{path:?}");
+            let (a, b) = (ours.as_bytes(), theirs.as_bytes());
+            assert_eq!(a.len(), b.len(), "{path:?}");
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| x.abs_diff(*y))
+                .max()
+                .unwrap_or(0);
+            let mse = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(x.abs_diff(*y)).powi(2))
+                .sum::<f64>()
+                / a.len() as f64;
+            let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-9)).log10();
+            assert!(
+                psnr >= 45.0 && worst <= 4,
+                "{path:?}: {psnr:.1} dB, worst {worst}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 3);
+    }
+
     /// Damaged copies of the seeds (a fixed pseudo-random walk, so each run is the same) end
     /// in a picture or an error, never a crash. `heif-convert` 1.15 crashes on the one in
-    /// `crashes/` (an unknown nclx matrix); this module never reads the nclx profile.
+    /// `crashes/` (an unknown nclx matrix, in its own printing of it); this module reads the
+    /// profile through libheif's copy and leaves matrices it does not know to libheif.
     #[test]
     fn damaged_files_fail_or_decode_but_never_crash() {
         let crash = fixture("crashes/bad-nclx-matrix.avif");

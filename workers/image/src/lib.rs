@@ -21,6 +21,7 @@ pub mod spec;
 pub mod streamed;
 pub mod transform;
 mod webp_meta;
+pub mod yuv;
 
 pub use settings::ImageSettings;
 pub use transform::Transform;
