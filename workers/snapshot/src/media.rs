@@ -227,6 +227,31 @@ impl Input {
             .map(|t| t as f64 * self.time_base)
     }
 
+    /// Asks the demuxer to drop what a keyframe-only reader never uses before it copies it
+    /// out: every other stream (all containers honour that), and on FLV — RTMP's container —
+    /// the video's non-key packets too. Not on MP4/MOV: its demuxer then hands later keyframes
+    /// the composition offset of a skipped sample (a 4.0 s keyframe read as 4.1 s), and the
+    /// other demuxers (MPEG-TS, RTSP) ignore it.
+    pub fn keep_only_video_keyframes(&mut self) {
+        let flv = self
+            .ctx
+            .format()
+            .name()
+            .split(',')
+            .any(|n| n == "flv" || n == "live_flv");
+        for mut stream in self.ctx.streams_mut() {
+            let discard = if stream.index() != self.video {
+                ff::ffi::AVDiscard::AVDISCARD_ALL
+            } else if flv {
+                ff::ffi::AVDiscard::AVDISCARD_NONKEY
+            } else {
+                continue;
+            };
+            // SAFETY: a live stream of the open input; demuxers read `discard` per packet.
+            unsafe { (*stream.as_mut_ptr()).discard = discard };
+        }
+    }
+
     /// Reads the next packet into `pkt`.
     pub fn read(&mut self, pkt: &mut ff::Packet) -> Result<Read, MediaError> {
         // `Packet::read` hands the packet to av_read_frame as it is, and av_read_frame does not
@@ -325,6 +350,20 @@ impl KeyDecoder {
             frame: ff::frame::Video::empty(),
             url: input.url.clone(),
         })
+    }
+
+    /// Skips the in-loop deblocking (and HEVC's SAO) filter on the pictures decoded from now
+    /// on. A keyframe decoded on its own is the only picture made from it, so the filter only
+    /// smooths block edges of the snapshot: it predicts nothing that is kept.
+    pub fn skip_loop_filter(&mut self, skip: bool) {
+        let discard = if skip {
+            ff::ffi::AVDiscard::AVDISCARD_ALL
+        } else {
+            ff::ffi::AVDiscard::AVDISCARD_DEFAULT
+        };
+        // SAFETY: the decoder's live codec context, owned by `self.dec`; the field is read by
+        // the decoder per picture, so setting it between packets is what it is for.
+        unsafe { (*self.dec.as_mut_ptr()).skip_loop_filter = discard };
     }
 
     fn err(&self, reason: impl Into<String>) -> MediaError {

@@ -20,6 +20,9 @@ use crate::source::{SourceKind, StreamSource};
 /// A `realtime` file is read in batches of this much stream time.
 const PACE_BATCH: Duration = Duration::from_millis(100);
 
+/// The most a keyframe gap adds to the stall allowance of one read.
+const MAX_KEY_GAP: Duration = Duration::from_secs(60);
+
 /// What the session thread tells the job.
 pub enum Event {
     Frame {
@@ -186,6 +189,14 @@ fn stream(
     // Made now so a stream FFmpeg cannot decode fails at once, then dropped: a decoder lives
     // only for the tick it serves, so idle sessions hold no picture buffers.
     KeyDecoder::new(&input, true)?;
+    // Only keyframes are ever decoded: the demuxer drops the rest before copying it out where
+    // the container allows (FLV skips non-key video, which halves its demux time at 6 Mbit/s;
+    // every container drops the audio).
+    input.keep_only_video_keyframes();
+    // So one read may wait for a whole GOP: the stall allowance is the stall timeout plus the
+    // longest keyframe gap seen (assumed as long as the stall timeout until one is seen).
+    let mut key_gap = p.stall_timeout;
+    let mut last_key: Option<f64> = None;
     let mut pkt = ff::Packet::empty();
     let file = p.source.kind == SourceKind::File;
     if file {
@@ -198,7 +209,7 @@ fn stream(
     let mut newest_in_loop = f64::MIN;
     let mut pace: Option<(Instant, f64)> = None;
     loop {
-        interrupt.arm(p.stall_timeout);
+        interrupt.arm(p.stall_timeout + key_gap.min(MAX_KEY_GAP));
         match input.read(&mut pkt)? {
             Read::Other => continue,
             Read::Eof if file && p.looped => {
@@ -245,6 +256,13 @@ fn stream(
         if !pkt.is_key() {
             continue;
         }
+        if let Some(gap) = last_key
+            .map(|k| t - k)
+            .filter(|g| g.is_finite() && *g > 0.0)
+        {
+            key_gap = key_gap.max(Duration::from_secs_f64(gap.min(MAX_KEY_GAP.as_secs_f64())));
+        }
+        last_key = Some(t);
         let now = unix_now();
         if !sched.is_due(t, now) {
             continue;
