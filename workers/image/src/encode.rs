@@ -9,7 +9,7 @@ use crate::jpeg;
 use crate::spec::{invalid, Format, OutputSpec};
 use crate::webp_meta;
 
-const DEFAULT_QUALITY: u8 = 80;
+pub(crate) const DEFAULT_QUALITY: u8 = 80;
 /// The lowest quality `max_bytes` may push an output to.
 const MIN_QUALITY: u8 = 30;
 /// rav1e's speed 1–10: 7 encodes a 1280 px photo in well under a second on one core with

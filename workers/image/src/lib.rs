@@ -1,6 +1,7 @@
 //! image-worker: the `image.transform` task (crop, resize and compress an upload into stored
 //! variants). The binary in `main.rs` runs it as a Celery-compatible worker on queue `image`.
 
+pub mod anim;
 pub mod budget;
 pub mod colour;
 pub mod decode;
