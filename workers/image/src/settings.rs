@@ -21,7 +21,7 @@ mediafarm::settings_group! {
         image_max_anim_frames: u64 = 500, Int(1, 100_000);
         /// Most pixels an animation may carry, all frames together (frames × canvas width ×
         /// height), for the source and for each animated output; checked before decoding.
-        image_max_anim_pixels: u64 = 250_000_000, Int(1, 1 << 36);
+        image_max_anim_pixels: u64 = 100_000_000, Int(1, 1 << 36);
     }
 }
 

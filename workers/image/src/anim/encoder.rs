@@ -216,6 +216,11 @@ impl AnimEncoder {
             if sys::WebPAnimEncoderAssemble(self.enc.as_ptr(), &mut data) == 0 {
                 return Err(self.error("assembling the file"));
             }
+            // The file no longer needs the encoder nor its copy of the encoded frames: freed
+            // (by `Drop`) before the file is copied out, so at most two copies exist at once.
+            drop(self);
+            // glibc keeps freed heap pages resident; the encoded frames were many of them.
+            libc::malloc_trim(0);
             let out = std::slice::from_raw_parts(data.bytes, data.size).to_vec();
             sys::WebPDataClear(&mut data);
             Ok(out)

@@ -178,28 +178,32 @@ fn final_size(spec: &OutputSpec, plan: &OutputPlan) -> (u32, u32) {
     }
 }
 
-/// An estimate of an animated output's encoded frames, which the encoder holds until the file
-/// is assembled (and then once more as the file): measured at well under a byte a pixel for
-/// lossy frames (GIF-like content, quality 80), more for lossless ones.
+/// An estimate of an animated output's encoded frames, which the job holds up to three times
+/// (the encoder's and the assembled file; then the file and its copy out of libwebp, which
+/// stays while the other outputs finish):
+/// half a byte per pixel per frame lossy — measured 0.50 at quality 80 on frames that differ
+/// all over (noise, a moving bar: `examples/anim-memory.rs`), the worst case for inter-frame
+/// coding — and two lossless.
 fn encoded_bytes(frames: u32, (w, h): (u32, u32), lossless: bool) -> u64 {
     let pixels = u64::from(frames) * u64::from(w) * u64::from(h);
     if lossless {
-        pixels
+        2 * pixels
     } else {
-        pixels / 4
+        pixels / 2
     }
 }
 
-/// Makes every output marked in `moving` from `animation` (the probe of `data`) into `out`.
-pub fn encode(
-    data: &[u8],
+/// An animated output's index, plan and final size.
+type Planned = (usize, OutputPlan, (u32, u32));
+
+/// Each output in `moving`, planned and checked against the pixel budget; and the size the
+/// outputs are planned from (the crop's, or the canvas).
+fn plan(
     animation: &Animation,
     args: &TransformArgs,
     limits: &Limits,
-    watermark: Option<(&Watermark, &Overlay)>,
     moving: &[bool],
-    out: &mut [Option<Encoded>],
-) -> Result<(), TaskError> {
+) -> Result<((u32, u32), Vec<Planned>), TaskError> {
     let canvas = animation.canvas;
     if let Some(c) = args.crop {
         check_crop(c, canvas)?;
@@ -230,11 +234,22 @@ pub fn encode(
         }
         plans.push((i, plan, size));
     }
+    Ok((full, plans))
+}
+
+/// What making `plans` holds at once: the source's canvases, the cut, one resize and its
+/// finishing (the largest), every encoder with its frames, and the smart crop's map.
+fn held_bytes(
+    animation: &Animation,
+    args: &TransformArgs,
+    full: (u32, u32),
+    plans: &[Planned],
+    watermark: Option<(&Watermark, &Overlay)>,
+) -> u64 {
+    let canvas = animation.canvas;
     let smart = plans
         .iter()
         .any(|(i, _, _)| args.outputs[*i].gravity.smart().is_some());
-    // What is held at once: the source's canvases, the cut, one resize and its finishing (the
-    // largest), and every encoder with its frames.
     let source = match animation.kind {
         Kind::Gif => gif::held_bytes(canvas),
         Kind::Webp => webp::held_bytes(canvas),
@@ -262,11 +277,45 @@ pub fn encode(
         .map(|(i, _, size)| {
             let lossless = args.outputs[*i].lossless;
             encoder::held_bytes(*size, lossless)
-                + 2 * encoded_bytes(animation.frames, *size, lossless)
+                + 3 * encoded_bytes(animation.frames, *size, lossless)
         })
         .sum();
     let analysis = if smart { ANALYSIS_BYTES } else { 0 };
-    let _held = reserve(source + cut + resize + encoders + analysis);
+    source + cut + resize + encoders + analysis
+}
+
+/// The decode-budget reservation an `animated` job on `data` makes (without a watermark), or
+/// `None` when the source is not animated: for measuring it against what the job holds.
+#[doc(hidden)]
+pub fn reserved_bytes(
+    data: &[u8],
+    args: &TransformArgs,
+    limits: &Limits,
+) -> Result<Option<u64>, TaskError> {
+    let Some(animation) = probe(data, limits)? else {
+        return Ok(None);
+    };
+    let moving: Vec<bool> = args.outputs.iter().map(|o| o.animated).collect();
+    let (full, plans) = plan(&animation, args, limits, &moving)?;
+    Ok(Some(held_bytes(&animation, args, full, &plans, None)))
+}
+
+/// Makes every output marked in `moving` from `animation` (the probe of `data`) into `out`.
+pub fn encode(
+    data: &[u8],
+    animation: &Animation,
+    args: &TransformArgs,
+    limits: &Limits,
+    watermark: Option<(&Watermark, &Overlay)>,
+    moving: &[bool],
+    out: &mut [Option<Encoded>],
+) -> Result<(), TaskError> {
+    let canvas = animation.canvas;
+    let (full, plans) = plan(animation, args, limits, moving)?;
+    let smart = plans
+        .iter()
+        .any(|(i, _, _)| args.outputs[*i].gravity.smart().is_some());
+    let _held = reserve(held_bytes(animation, args, full, &plans, watermark));
 
     let mut made = Vec::with_capacity(plans.len());
     for (i, plan, size) in plans {
