@@ -584,6 +584,60 @@ mod tests {
     }
 
     #[test]
+    fn the_crop_and_the_watermark_apply_to_every_frame() {
+        let data = gif(Repeat::Infinite);
+        let mut args = job(vec![webp_output("o.webp", None, true)]);
+        // The right half: frame 2's green square is at (20, 10)–(30, 20), so at (0, 10) here.
+        args.crop = Some(crate::spec::Crop {
+            x: 20,
+            y: 0,
+            width: 20,
+            height: 30,
+        });
+        args.watermark = Some(Watermark {
+            key: "mark.png".into(),
+            position: Gravity::Southeast,
+            margin: 0,
+            opacity: 1.0,
+            scale: None,
+        });
+        let mut mark = Vec::new();
+        DynamicImage::ImageRgba8(RgbaImage::from_pixel(
+            4,
+            4,
+            image::Rgba([255, 255, 255, 255]),
+        ))
+        .write_to(&mut Cursor::new(&mut mark), image::ImageFormat::Png)
+        .unwrap();
+        let overlay = Overlay::decode(&mark, "mark.png", 1 << 20, |_| {}).unwrap();
+        let (_, made) = process_with(&data, &args, &limits(), Some(&overlay)).unwrap();
+        assert_eq!((made[0].width, made[0].height), (20, 30));
+        let frames = frames_of(&made[0].data);
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[1].0.get_pixel(5, 15).0, [0, 255, 0, 255]);
+        assert_eq!(frames[1].0.get_pixel(15, 5).0, [255, 0, 0, 255]);
+        for (i, (frame, _)) in frames.iter().enumerate() {
+            // The white mark in the bottom-right corner of every frame.
+            assert_eq!(frame.get_pixel(18, 28).0, [255, 255, 255, 255], "frame {i}");
+        }
+        // A crop outside the canvas is refused before anything is decoded.
+        args.crop = Some(crate::spec::Crop {
+            x: 30,
+            y: 0,
+            width: 20,
+            height: 30,
+        });
+        let err = process_with(&data, &args, &limits(), Some(&overlay))
+            .err()
+            .unwrap();
+        assert!(
+            err.message.contains("not inside the 40×30 source"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
     fn loop_counts_follow_the_gif() {
         for (repeat, want) in [
             (Repeat::Infinite, 0),
