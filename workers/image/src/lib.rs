@@ -21,7 +21,7 @@ pub mod smartcrop;
 pub mod spec;
 pub mod streamed;
 pub mod transform;
-mod webp_meta;
+pub(crate) mod webp_meta;
 
 pub use settings::ImageSettings;
 pub use transform::Transform;

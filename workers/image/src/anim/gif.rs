@@ -15,6 +15,8 @@ pub struct Header {
     pub frames: u32,
     /// WebP's meaning: 0 plays for ever, n plays n times.
     pub loop_count: u32,
+    /// The ICC profile (GIF's `ICCRGBG1` block, WebP's `ICCP` chunk).
+    pub icc: Option<Vec<u8>>,
 }
 
 /// Reads every block of `data` and counts its frames, decoding none (the LZW data is skipped).
@@ -52,6 +54,7 @@ pub fn header(data: &[u8]) -> Result<Header, String> {
         canvas,
         frames,
         loop_count,
+        icc: decoder.icc_profile().map(<[u8]>::to_vec),
     })
 }
 

@@ -16,9 +16,10 @@
 //!   every frame as they would to the still; `entropy`/`attention` choose their window on the
 //!   first frame and keep it, so the crop does not jump between frames.
 //!
-//! Not carried: EXIF orientation and ICC profiles of animated WebP sources (browsers ignore
-//! both on animations), and metadata in the output. `max_bytes` is checked, not met by lowering
-//! the quality: an animation is encoded once.
+//! Colour as for stills: a source's ICC profile (GIF's `ICCRGBG1` block, WebP's `ICCP`) is
+//! converted to sRGB, or with `strip_metadata: false` kept in the output instead. Not carried:
+//! EXIF (nor its orientation, which is not applied). `max_bytes` is checked, not met by
+//! lowering the quality: an animation is encoded once.
 
 mod encoder;
 pub mod gif;
@@ -31,14 +32,16 @@ use mediafarm::TaskError;
 pub use encoder::AnimEncoder;
 
 use crate::budget::reserve;
+use crate::colour::ToSrgb;
 use crate::decode::{check_pixels, resize_bytes};
-use crate::encode::DEFAULT_QUALITY;
+use crate::encode::{Metadata, DEFAULT_QUALITY};
 use crate::geometry::{check_crop, scale};
 use crate::orient::{plan_output, OutputPlan};
 use crate::overlay::{draw_bytes, Overlay};
 use crate::smartcrop::{Analysis, ANALYSIS_BYTES};
 use crate::spec::{invalid, Fit, OutputSpec, SourceInfo, TransformArgs, Watermark};
 use crate::transform::{dress, Encoded, Limits};
+use crate::webp_meta;
 
 /// The two animated formats read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,13 +60,14 @@ impl Kind {
 }
 
 /// An animated source, as its container describes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Animation {
     pub kind: Kind,
     pub canvas: (u32, u32),
     pub frames: u32,
     /// 0: for ever; n: played n times.
     pub loop_count: u32,
+    pub icc: Option<Vec<u8>>,
 }
 
 impl Animation {
@@ -104,6 +108,7 @@ pub fn probe(data: &[u8], limits: &Limits) -> Result<Option<Animation>, TaskErro
         canvas: header.canvas,
         frames: header.frames,
         loop_count: header.loop_count,
+        icc: header.icc,
     };
     if u64::from(animation.frames) > limits.max_anim_frames {
         return Err(invalid(
@@ -334,6 +339,11 @@ pub fn encode(
             )?,
         });
     }
+    // As for stills: stripped outputs are converted to sRGB, kept ones carry the profile.
+    let (to_srgb, keep_icc) = match animation.icc.as_deref() {
+        Some(icc) if args.strip_metadata => (ToSrgb::from_icc(icc), None),
+        icc => (None, icc),
+    };
     let name = animation.kind.name();
     let cannot = |e: String| invalid("InvalidImage", e);
     let mut frames = match animation.kind {
@@ -377,7 +387,7 @@ pub fn encode(
                 m.plan.finish(scaled),
                 m.spec,
                 m.plan.shown,
-                None,
+                to_srgb.as_ref(),
                 watermark,
                 &mut resizer,
             )?;
@@ -392,6 +402,16 @@ pub fn encode(
     }
     for m in made {
         let file = m.encoder.finish()?;
+        let file = match keep_icc {
+            Some(icc) => {
+                let meta = Metadata {
+                    icc: Some(icc),
+                    exif: None,
+                };
+                webp_meta::with_metadata(file, m.size, false, meta)?
+            }
+            None => file,
+        };
         if let Some(max) = m.spec.max_bytes.filter(|&max| file.len() as u64 > max) {
             return Err(invalid(
                 "OutputTooLarge",
@@ -689,6 +709,45 @@ mod tests {
         assert_eq!(frames[1].0.dimensions(), (16, 16));
         let green = frames[1].0.get_pixel(8, 8).0;
         assert!(green[1] > 150 && green[0] < 80, "{green:?}");
+    }
+
+    #[test]
+    fn a_profile_is_converted_to_srgb_or_kept() {
+        // A Display P3 animated WebP (lossless, so the pixels are exact).
+        let orange = [180u8, 120, 60];
+        let mut enc = AnimEncoder::new((8, 8), 0, 100, true).unwrap();
+        for colour in [orange, [0, 0, 255]] {
+            let frame = image::RgbImage::from_pixel(8, 8, image::Rgb(colour));
+            enc.add(&DynamicImage::ImageRgb8(frame), 100).unwrap();
+        }
+        let p3 = moxcms::ColorProfile::new_display_p3().encode().unwrap();
+        let meta = Metadata {
+            icc: Some(&p3),
+            exif: None,
+        };
+        let source = webp_meta::with_metadata(enc.finish().unwrap(), (8, 8), false, meta).unwrap();
+        assert_eq!(webp::header(&source).unwrap().icc.as_deref(), Some(&p3[..]));
+        // Stripped (the default): converted to sRGB as a still would be, untagged.
+        let mut args = job(vec![webp_output("o.webp", None, true)]);
+        let (_, made) = process_with(&source, &args, &limits(), None).unwrap();
+        let header = webp::header(&made[0].data).unwrap();
+        assert_eq!((header.frames, header.icc), (2, None));
+        let one = image::RgbImage::from_pixel(1, 1, image::Rgb(orange));
+        let mut want = DynamicImage::ImageRgb8(one);
+        ToSrgb::from_icc(&p3).unwrap().apply(&mut want);
+        let want = want.to_rgb8().get_pixel(0, 0).0;
+        assert_ne!(want, orange);
+        let got = frames_of(&made[0].data)[0].0.get_pixel(4, 4).0;
+        assert_eq!(got, [want[0], want[1], want[2], 255]);
+        // Kept: the same pixels, tagged, still an animation.
+        args.strip_metadata = false;
+        let (_, made) = process_with(&source, &args, &limits(), None).unwrap();
+        assert!(webp::is_animated(&made[0].data));
+        let header = webp::header(&made[0].data).unwrap();
+        assert_eq!(header.frames, 2);
+        assert_eq!(header.icc.as_deref(), Some(&p3[..]));
+        let got = frames_of(&made[0].data)[0].0.get_pixel(4, 4).0;
+        assert_eq!(got, [orange[0], orange[1], orange[2], 255]);
     }
 
     #[test]

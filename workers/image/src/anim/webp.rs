@@ -63,9 +63,29 @@ pub fn header(data: &[u8]) -> Result<Header, String> {
             ),
             frames: get(sys::WebPFormatFeature::WEBP_FF_FRAME_COUNT),
             loop_count: get(sys::WebPFormatFeature::WEBP_FF_LOOP_COUNT),
+            icc: chunk(demux, b"ICCP\0"),
         };
         sys::WebPDemuxDelete(demux);
         Ok(header)
+    }
+}
+
+/// The first chunk named `fourcc` (NUL-terminated) of an open demuxer, copied.
+///
+/// # Safety
+/// `demux` must be a live demuxer.
+unsafe fn chunk(demux: *const sys::WebPDemuxer, fourcc: &[u8; 5]) -> Option<Vec<u8>> {
+    let mut iter = MaybeUninit::<sys::WebPChunkIterator>::zeroed();
+    // SAFETY: the demuxer is alive (the caller's promise); on success the iterator points
+    // into the data it reads, copied here before the iterator is released.
+    unsafe {
+        if sys::WebPDemuxGetChunk(demux, fourcc.as_ptr().cast(), 1, iter.as_mut_ptr()) == 0 {
+            return None;
+        }
+        let mut iter = iter.assume_init();
+        let found = std::slice::from_raw_parts(iter.chunk.bytes, iter.chunk.size).to_vec();
+        sys::WebPDemuxReleaseChunkIterator(&mut iter);
+        Some(found)
     }
 }
 
