@@ -827,6 +827,48 @@ mod tests {
         assert_eq!(run(limits()), None);
     }
 
+    /// Damaged copies of an animated GIF and WebP (bytes overwritten, or cut) fail with a
+    /// message or decode; none panics (the composition's slicing is fed by the file).
+    #[test]
+    fn damaged_animations_fail_or_decode() {
+        let mut enc = AnimEncoder::new((24, 16), 0, 70, false).unwrap();
+        for i in 0..4u8 {
+            let frame = RgbaImage::from_fn(24, 16, |x, y| {
+                image::Rgba([i * 60, x as u8 * 10, y as u8 * 15, 128 + i * 30])
+            });
+            enc.add(&DynamicImage::ImageRgba8(frame), 50).unwrap();
+        }
+        let sources = [gif(Repeat::Finite(2)), enc.finish().unwrap()];
+        let args = job(vec![webp_output("o.webp", Some(12), false)]);
+        let mut seed = 12_345u32;
+        let mut next = |below: usize| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as usize % below
+        };
+        let (mut failed, mut made) = (0, 0);
+        for source in &sources {
+            for round in 0..150 {
+                let mut copy = source.clone();
+                if round % 3 == 0 {
+                    copy.truncate(16 + next(copy.len() - 16));
+                } else {
+                    for _ in 0..1 + next(4) {
+                        let at = 6 + next(copy.len() - 6);
+                        copy[at] = next(256) as u8;
+                    }
+                }
+                match process_with(&copy, &args, &limits(), None) {
+                    Ok(_) => made += 1,
+                    Err(e) => {
+                        assert!(!e.message.is_empty());
+                        failed += 1;
+                    }
+                }
+            }
+        }
+        assert!(failed > 0 && made > 0, "{failed} failed, {made} made");
+    }
+
     #[test]
     fn cut_animations_fail_naming_where() {
         let data = gif(Repeat::Infinite);
