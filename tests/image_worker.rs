@@ -7,7 +7,8 @@
 //! keeps going; smart crops (`entropy`, `attention`) keeping a subject the centre crop cuts, and
 //! a watermark read from a real S3-compatible server (moto), drawn where asked and cached. Good
 //! sources are generated here (HEIC and AVIF by libheif's `heif-enc`); the bad ones are
-//! `fixtures/images/`.
+//! `fixtures/images/`. Animated GIFs become animated WebPs (frames, sizes and durations read
+//! back), within the frame budget.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -612,13 +613,19 @@ async fn max_bytes_lowers_jpeg_quality_until_it_fits() {
 async fn bad_inputs_fail_clearly_and_the_worker_goes_on() {
     let f = ImageFarm::start("badimg", |s| s.image_max_src_bytes = 64 * 1024).await;
     let good = encode(&DynamicImage::ImageRgb8(red_left()), ImageFormat::Jpeg);
-    // Every file of fixtures/images/ fails as fixtures/README.md says.
+    // Every file of fixtures/images/ fails as fixtures/README.md says (`animated-` ones asked
+    // for an animated WebP, the others for a JPEG).
     for case in mediafarm_tests::fixtures::cases("images") {
         let key = case.file_name();
         let data = std::fs::read(&case.path).unwrap();
         f.upload(&format!("bad/{key}"), data).await;
+        let output = if key.starts_with("animated-") {
+            json!({"key": "x.webp", "format": "webp", "animated": true})
+        } else {
+            json!({"key": "x.jpg", "format": "jpeg"})
+        };
         let err = failed(
-            f.transform(json!({"source": format!("bad/{key}"), "outputs": [{"key": "x.jpg", "format": "jpeg"}]}))
+            f.transform(json!({"source": format!("bad/{key}"), "outputs": [output]}))
                 .await,
         );
         assert_eq!(
@@ -670,6 +677,10 @@ async fn bad_inputs_fail_clearly_and_the_worker_goes_on() {
         (
             json!({"source": "a.jpg", "outputs": [{"key": "x", "format": "jpeg", "fit": "cover", "width": 10}]}),
             "needs both",
+        ),
+        (
+            json!({"source": "a.gif", "outputs": [{"key": "x", "format": "png", "animated": true}]}),
+            "outputs[0].animated is for WebP output only",
         ),
     ] {
         let err = failed(f.transform(kwargs).await);
@@ -1483,5 +1494,99 @@ async fn watermark_from_s3_is_drawn_where_asked_and_cached() {
         assert_eq!(err.exc_type, "InvalidWatermark", "{}", err.message);
         assert!(err.message.contains(text), "{text}: {}", err.message);
     }
+    f.stop().await;
+}
+
+/// An animated GIF of `frames` frames of 60×40, each a different colour with a white bar that
+/// moves, frame `i` shown for `(i + 1) × 10` centiseconds; looped for ever.
+fn animated_gif(frames: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = image::codecs::gif::GifEncoder::new(&mut out);
+        enc.set_repeat(image::codecs::gif::Repeat::Infinite)
+            .unwrap();
+        for i in 0..frames {
+            let img = RgbaImage::from_fn(60, 40, |x, _| {
+                if x / 10 == i % 6 {
+                    Rgba([255, 255, 255, 255])
+                } else {
+                    Rgba([(i * 40) as u8, 255 - (i * 40) as u8, 90, 255])
+                }
+            });
+            let delay = image::Delay::from_numer_denom_ms((i + 1) * 100, 1);
+            enc.encode_frame(image::Frame::from_parts(img, 0, 0, delay))
+                .unwrap();
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn animated_gif_becomes_an_animated_webp_within_the_frame_budget() {
+    use image::AnimationDecoder;
+    let f = ImageFarm::start("animwebp", |s| s.image_max_anim_frames = 4).await;
+    f.upload("anim/ok.gif", animated_gif(3)).await;
+    let result = f
+        .transform(json!({"source": "anim/ok.gif", "outputs": [
+            {"key": "anim/small.webp", "format": "webp", "width": 30, "animated": true},
+            {"key": "anim/box.webp", "format": "webp", "width": 40, "height": 40, "fit": "cover", "animated": true},
+            {"key": "anim/poster.jpg", "format": "jpeg", "width": 30}
+        ]}))
+        .await
+        .unwrap();
+    let outputs = &result["outputs"];
+    assert_eq!(result["source"]["format"], "gif");
+    assert_eq!(outputs[0]["frames"], 3, "{result}");
+    assert_eq!(outputs[1]["frames"], 3, "{result}");
+    assert!(outputs[2].get("frames").is_none(), "{result}");
+    for (key, size) in [("anim/small.webp", (30, 20)), ("anim/box.webp", (40, 40))] {
+        let data = f.storage.get(key, 1 << 20).await.unwrap();
+        let decoder = image::codecs::webp::WebPDecoder::new(Cursor::new(&data[..])).unwrap();
+        assert!(decoder.has_animation(), "{key}");
+        let frames: Vec<image::Frame> = decoder.into_frames().map(|f| f.unwrap()).collect();
+        assert_eq!(frames.len(), 3, "{key}");
+        let durations: Vec<u32> = frames
+            .iter()
+            .map(|f| {
+                let (n, d) = f.delay().numer_denom_ms();
+                n / d
+            })
+            .collect();
+        assert_eq!(durations, [100, 200, 300], "{key}");
+        for (i, frame) in frames.iter().enumerate() {
+            assert_eq!(frame.buffer().dimensions(), size, "{key} frame {i}");
+        }
+        // Each frame's colour is its source frame's.
+        let px = frames[2].buffer().get_pixel(size.0 - 2, size.1 / 2).0;
+        assert!(
+            close([px[0], px[1], px[2]], [80, 175, 90], 24),
+            "{key}: {px:?}"
+        );
+    }
+    // The still output is the first frame.
+    let poster = f.output("anim/poster.jpg").await;
+    assert_eq!((poster.width(), poster.height()), (30, 20));
+    assert!(close(rgb_at(&poster, 28, 10), [0, 255, 90], 24));
+    // Over the frame budget: refused from the container.
+    f.upload("anim/long.gif", animated_gif(6)).await;
+    let err = failed(
+        f.transform(json!({"source": "anim/long.gif", "outputs": [
+            {"key": "anim/long.webp", "format": "webp", "animated": true}
+        ]}))
+        .await,
+    );
+    assert_eq!(err.exc_type, "SourceTooLarge");
+    assert_eq!(
+        err.message,
+        "the animated gif has 6 frames; the limit is 4 (image_max_anim_frames)"
+    );
+    // Without `animated`, the same source gives its first frame.
+    let still = f
+        .transform(json!({"source": "anim/long.gif", "outputs": [
+            {"key": "anim/first.webp", "format": "webp"}
+        ]}))
+        .await
+        .unwrap();
+    assert!(still["outputs"][0].get("frames").is_none());
     f.stop().await;
 }

@@ -82,6 +82,7 @@ fn main() -> Result<(), String> {
                 background: None,
                 max_bytes: None,
                 watermark: true,
+                animated: false,
             })
             .collect(),
     };

@@ -114,7 +114,7 @@ fn first_bytes(data: &[u8]) -> String {
     text
 }
 
-fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), TaskError> {
+pub(crate) fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(), TaskError> {
     let pixels = u64::from(width) * u64::from(height);
     if pixels > max_pixels {
         return Err(invalid(

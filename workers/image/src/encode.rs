@@ -9,7 +9,7 @@ use crate::jpeg;
 use crate::spec::{invalid, Format, OutputSpec};
 use crate::webp_meta;
 
-const DEFAULT_QUALITY: u8 = 80;
+pub(crate) const DEFAULT_QUALITY: u8 = 80;
 /// The lowest quality `max_bytes` may push an output to.
 const MIN_QUALITY: u8 = 30;
 /// rav1e's speed 1–10: 7 encodes a 1280 px photo in well under a second on one core with
@@ -53,7 +53,10 @@ pub fn encode(
             let mut data = Vec::new();
             img.write_with_encoder(image::codecs::webp::WebPEncoder::new_lossless(&mut data))
                 .map_err(failed)?;
-            within_lossless(webp_meta::with_metadata(data, img, meta)?, spec)
+            within_lossless(
+                webp_meta::with_metadata(data, size(img), img.color().has_alpha(), meta)?,
+                spec,
+            )
         }
         Format::Webp => {
             check_webp_size(img)?;
@@ -70,7 +73,7 @@ pub fn encode(
                 let data = pixels
                     .encode_simple(false, f32::from(q))
                     .map_err(|e| failed(format!("libwebp: {e:?}")))?;
-                webp_meta::with_metadata(data.to_vec(), img, meta)
+                webp_meta::with_metadata(data.to_vec(), size(img), img.color().has_alpha(), meta)
             })
         }
         Format::Jpeg => {
@@ -123,6 +126,10 @@ pub fn encode(
             })
         }
     }
+}
+
+fn size(img: &DynamicImage) -> (u32, u32) {
+    (img.width(), img.height())
 }
 
 fn check_webp_size(img: &DynamicImage) -> Result<(), TaskError> {

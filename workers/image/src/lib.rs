@@ -1,6 +1,7 @@
 //! image-worker: the `image.transform` task (crop, resize and compress an upload into stored
 //! variants). The binary in `main.rs` runs it as a Celery-compatible worker on queue `image`.
 
+pub mod anim;
 pub mod budget;
 pub mod colour;
 pub mod decode;
@@ -20,7 +21,7 @@ pub mod smartcrop;
 pub mod spec;
 pub mod streamed;
 pub mod transform;
-mod webp_meta;
+pub(crate) mod webp_meta;
 pub mod yuv;
 
 pub use settings::ImageSettings;

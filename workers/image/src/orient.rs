@@ -159,6 +159,7 @@ mod tests {
             background: None,
             max_bytes: None,
             watermark: true,
+            animated: false,
         }
     }
 

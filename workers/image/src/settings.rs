@@ -16,6 +16,12 @@ mediafarm::settings_group! {
         /// in its decode budget; also the largest overlay accepted (at least 4 MiB). 0: none
         /// kept, each job decodes its overlay.
         image_watermark_cache_bytes: u64 = 16 << 20, Int(0, 40 << 20);
+        /// Most frames an animated GIF or WebP source may have when an output asks for
+        /// `animated` (counted from its container, before any frame is decoded).
+        image_max_anim_frames: u64 = 500, Int(1, 100_000);
+        /// Most pixels an animation may carry, all frames together (frames × canvas width ×
+        /// height), for the source and for each animated output; checked before decoding.
+        image_max_anim_pixels: u64 = 100_000_000, Int(1, 1 << 36);
     }
 }
 

@@ -99,6 +99,12 @@ pub struct OutputSpec {
     /// `false`: this output gets no watermark even when the job has one.
     #[serde(default = "yes")]
     pub watermark: bool,
+    /// WebP only: an animated GIF or WebP source gives an animated WebP (every frame, with its
+    /// duration and the loop count), within `image_max_anim_frames` and
+    /// `image_max_anim_pixels` (`anim/`). A still source gives a still. Without it, an animated
+    /// source gives its first frame.
+    #[serde(default)]
+    pub animated: bool,
 }
 
 /// How the source fills the output box (as in sharp and imgproxy).
@@ -210,6 +216,9 @@ pub struct OutputInfo {
     pub height: u32,
     pub format: Format,
     pub bytes: u64,
+    /// Frames of an animated output (absent for a still).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -289,6 +298,13 @@ pub fn check_args(args: &TransformArgs) -> Result<(), TaskError> {
         if o.lossless && o.format != Format::Webp {
             return bad(format!(
                 "outputs[{i}].lossless is for WebP output only (PNG is always lossless)"
+            ));
+        }
+        if o.animated && o.format != Format::Webp {
+            return bad(format!(
+                "outputs[{i}].animated is for WebP output only ({} cannot animate here); \
+                 without it an animated source gives its first frame",
+                o.format.name()
             ));
         }
         if o.gravity.smart().is_some() && o.fit != Fit::Cover {
@@ -379,6 +395,24 @@ mod tests {
         assert!(out("cover", "interesting")
             .unwrap_err()
             .contains("unknown variant"));
+    }
+
+    #[test]
+    fn animated_is_for_webp_outputs() {
+        let out = |format: &str| {
+            args(
+                serde_json::json!({"source": "s", "outputs": [{"key": "o", "format": format,
+                "animated": true}]}),
+            )
+        };
+        assert_eq!(out("webp"), Ok(()));
+        for format in ["jpeg", "png", "avif"] {
+            let err = out(format).unwrap_err();
+            assert!(
+                err.starts_with("InvalidArguments: outputs[0].animated is for WebP output only"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -315,6 +315,7 @@ mod tests {
             background: None,
             max_bytes: None,
             watermark: true,
+            animated: false,
         }
     }
 

@@ -3,7 +3,8 @@
 //! picture's content for `entropy`/`attention`, `smartcrop.rs`), turned by its EXIF orientation
 //! (at output size, see `orient.rs`), converted to sRGB, padded or flattened, watermarked
 //! (`overlay.rs`), encoded to its format within `max_bytes` — and store each variant. The CPU
-//! part runs on the worker's bounded pool.
+//! part runs on the worker's bounded pool. Outputs asking for `animated` from an animated
+//! source are made frame by frame in `anim/` instead (after the still ones, if any).
 
 use std::sync::Arc;
 
@@ -14,6 +15,7 @@ use mediafarm::storage::sources::{Source, Sources};
 use mediafarm::storage::Storage;
 use mediafarm::{Settings, Task, TaskContext, TaskError};
 
+use crate::anim;
 use crate::colour::ToSrgb;
 use crate::decode::{decode, Decoded};
 use crate::encode::{encode, Metadata};
@@ -23,8 +25,8 @@ use crate::overlay::{draw, draw_bytes, Overlay, OverlayCache};
 use crate::settings::ImageSettings;
 use crate::smartcrop::{Analysis, ANALYSIS_BYTES};
 use crate::spec::{
-    check_args, invalid, parse_colour, Fit, Format, OutputInfo, SourceInfo, TransformArgs,
-    TransformResult, Watermark,
+    check_args, invalid, parse_colour, Fit, Format, OutputInfo, OutputSpec, SourceInfo,
+    TransformArgs, TransformResult, Watermark,
 };
 
 /// What transparent pixels become in a JPEG unless the output names a background.
@@ -35,7 +37,7 @@ pub struct Transform {
     sources: Sources,
     storage: Storage,
     max_src_bytes: u64,
-    max_src_pixels: u64,
+    limits: Limits,
     overlays: Arc<OverlayCache>,
 }
 
@@ -49,7 +51,7 @@ impl Transform {
             sources: Sources::new(settings, storage.clone()),
             storage,
             max_src_bytes: image.image_max_src_bytes,
-            max_src_pixels: image.image_max_src_pixels,
+            limits: Limits::from(image),
             overlays: Arc::new(OverlayCache::new(image.image_watermark_cache_bytes)),
         })
     }
@@ -109,11 +111,11 @@ impl Task for Transform {
             _ => None,
         };
         let data = self.sources.read(&source, self.max_src_bytes).await?;
-        let max_pixels = self.max_src_pixels;
+        let limits = self.limits;
         let specs = args.clone();
         let (info, encoded) = ctx
             .cpu(move || {
-                let made = process_with(&data, &specs, max_pixels, overlay.as_deref());
+                let made = process_with(&data, &specs, &limits, overlay.as_deref());
                 drop(overlay);
                 drop(data);
                 // Jobs run on the CPU pool's threads in turn, and mimalloc returns a thread's
@@ -139,6 +141,7 @@ impl Task for Transform {
                 height: out.height,
                 format: spec.format,
                 bytes: stored.bytes,
+                frames: out.frames,
             });
         }
         Ok(TransformResult {
@@ -166,38 +169,105 @@ pub struct Encoded {
     pub data: Vec<u8>,
     pub width: u32,
     pub height: u32,
+    /// Frames of an animated output.
+    pub frames: Option<u32>,
 }
 
-/// Decodes `data` once and encodes every output (CPU only; no I/O), without a watermark.
+/// The source limits a worker applies (its `image_max_*` settings).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Pixels of one picture (an animation's canvas).
+    pub max_pixels: u64,
+    /// Frames of an animated source made into an animated output.
+    pub max_anim_frames: u64,
+    /// Frames × width × height of such a source, and of each animated output.
+    pub max_anim_pixels: u64,
+}
+
+impl From<&ImageSettings> for Limits {
+    fn from(s: &ImageSettings) -> Limits {
+        Limits {
+            max_pixels: s.image_max_src_pixels,
+            max_anim_frames: s.image_max_anim_frames,
+            max_anim_pixels: s.image_max_anim_pixels,
+        }
+    }
+}
+
+/// Decodes `data` once and encodes every output (CPU only; no I/O), without a watermark;
+/// animations within the default settings' limits.
 pub fn process(
     data: &[u8],
     args: &TransformArgs,
     max_pixels: u64,
 ) -> Result<(SourceInfo, Vec<Encoded>), TaskError> {
-    process_with(data, args, max_pixels, None)
+    let limits = Limits {
+        max_pixels,
+        ..Limits::from(&ImageSettings::default())
+    };
+    process_with(data, args, &limits, None)
 }
 
 /// [`process`], drawing `overlay` (the decoded `args.watermark`) onto the outputs that take it.
+/// Outputs asking for `animated` from an animated GIF or WebP are made by `anim::encode`
+/// (after the still ones, each holding its own share of the decode budget in turn); from a
+/// still source they are stills.
 pub fn process_with(
     data: &[u8],
     args: &TransformArgs,
-    max_pixels: u64,
+    limits: &Limits,
     overlay: Option<&Overlay>,
 ) -> Result<(SourceInfo, Vec<Encoded>), TaskError> {
+    let animation = if args.outputs.iter().any(|o| o.animated) {
+        anim::probe(data, limits)?
+    } else {
+        None
+    };
+    let moving: Vec<bool> = args
+        .outputs
+        .iter()
+        .map(|o| o.animated && animation.is_some())
+        .collect();
+    let mut out: Vec<Option<Encoded>> = (0..args.outputs.len()).map(|_| None).collect();
+    let watermark = args.watermark.as_ref().zip(overlay);
+    let info = match &animation {
+        Some(a) if moving.iter().all(|&m| m) => a.info(data),
+        _ => process_stills(data, args, limits.max_pixels, watermark, &moving, &mut out)?,
+    };
+    if let Some(a) = &animation {
+        anim::encode(data, a, args, limits, watermark, &moving, &mut out)?;
+    }
+    Ok((info, out.into_iter().flatten().collect()))
+}
+
+/// The still outputs (those not `moving`) from one decode of `data`, into `out`.
+fn process_stills(
+    data: &[u8],
+    args: &TransformArgs,
+    max_pixels: u64,
+    watermark: Option<(&Watermark, &Overlay)>,
+    moving: &[bool],
+    out: &mut [Option<Encoded>],
+) -> Result<SourceInfo, TaskError> {
     let smart = args
         .outputs
         .iter()
-        .any(|o| o.fit == Fit::Cover && o.gravity.smart().is_some());
-    let watermark = args.watermark.as_ref().zip(overlay);
+        .zip(moving)
+        .any(|(o, &m)| !m && o.fit == Fit::Cover && o.gravity.smart().is_some());
+    let stills = || {
+        args.outputs
+            .iter()
+            .zip(moving)
+            .filter(|(_, &m)| !m)
+            .map(|(o, _)| o)
+    };
     // What the job holds besides the decode and the resize: the smart crop's map, and the
     // overlay's copies for the largest output (the overlay itself when it is not pinned).
     let extra = |shown: (u32, u32)| {
         let full = args.crop.map_or(shown, |c| (c.width, c.height));
         let mut bytes = if smart { ANALYSIS_BYTES } else { 0 };
         if let Some((w, o)) = watermark {
-            let largest = args
-                .outputs
-                .iter()
+            let largest = stills()
                 .filter(|spec| spec.watermark)
                 .map(|spec| match spec.fit {
                     Fit::Contain => (spec.width.unwrap_or(full.0), spec.height.unwrap_or(full.1)),
@@ -215,8 +285,7 @@ pub fn process_with(
         if args.crop.is_some() {
             return 1.0;
         }
-        args.outputs
-            .iter()
+        stills()
             .map(|spec| {
                 let (w, h) = target_size(full, spec.fit, spec.width, spec.height);
                 (f64::from(w) / f64::from(full.0)).max(f64::from(h) / f64::from(full.1))
@@ -265,14 +334,13 @@ pub fn process_with(
         .collect();
     // Largest first, so smaller outputs can be derived from a larger one already made (as
     // libvips does) instead of from the full source each time.
-    let mut order: Vec<usize> = (0..args.outputs.len()).collect();
+    let mut order: Vec<usize> = (0..args.outputs.len()).filter(|&i| !moving[i]).collect();
     order.sort_by_key(|&i| {
         let (w, h) = plans[i].shown;
         std::cmp::Reverse(u64::from(w) * u64::from(h))
     });
     // Stored-frame resizes, like `img`.
     let mut derived: Vec<DynamicImage> = Vec::new();
-    let mut out: Vec<Option<Encoded>> = (0..args.outputs.len()).map(|_| None).collect();
     for i in order {
         let spec = &args.outputs[i];
         let plan = plans[i];
@@ -292,37 +360,19 @@ pub fn process_with(
         if matches!(spec.fit, Fit::Inside | Fit::Contain) && (w, h) != full {
             derived.push(scaled.clone());
         }
-        let mut shown = plan.finish(scaled);
         let (convert, meta) = match (args.strip_metadata, spec.format) {
             (true, _) => (true, Metadata::default()),
             (false, Format::Avif) => (true, Metadata { icc: None, ..kept }),
             (false, _) => (false, kept),
         };
-        if let Some(conversion) = to_srgb.as_ref().filter(|_| convert) {
-            conversion.apply(&mut shown);
-        }
-        let background = match (
-            spec.background.as_deref().and_then(parse_colour),
-            spec.format,
-        ) {
-            (Some(bg), _) => Some(bg),
-            (None, Format::Jpeg) => Some(JPEG_BACKGROUND),
-            (None, _) => None,
-        };
-        let shown = match (spec.fit, background) {
-            (Fit::Contain, _) => {
-                let bounds = (spec.width.unwrap_or(w), spec.height.unwrap_or(h));
-                pad(shown, bounds, spec.gravity, background)
-            }
-            (_, Some(bg)) if shown.color().has_alpha() || spec.format == Format::Jpeg => {
-                DynamicImage::ImageRgb8(flatten(shown, bg))
-            }
-            _ => shown,
-        };
-        let shown = match watermark.filter(|_| spec.watermark) {
-            Some((w, o)) => draw(shown, o, w, &mut resizer)?,
-            None => shown,
-        };
+        let shown = dress(
+            plan.finish(scaled),
+            spec,
+            (w, h),
+            to_srgb.as_ref().filter(|_| convert),
+            watermark,
+            &mut resizer,
+        )?;
         let data = encode(&shown, spec, meta).map_err(|e| match e.kind {
             mediafarm::FailureKind::Invalid => invalid(
                 "OutputTooLarge",
@@ -334,7 +384,46 @@ pub fn process_with(
             data,
             width: shown.width(),
             height: shown.height(),
+            frames: None,
         });
     }
-    Ok((info, out.into_iter().flatten().collect()))
+    Ok(info)
+}
+
+/// Finishes one output from its resized, turned picture (`shown`, of size `(w, h)`):
+/// converted to sRGB by `to_srgb`, padded (`contain`) or flattened onto its background, and
+/// watermarked when it takes `watermark`.
+pub(crate) fn dress(
+    mut shown: DynamicImage,
+    spec: &OutputSpec,
+    (w, h): (u32, u32),
+    to_srgb: Option<&ToSrgb>,
+    watermark: Option<(&Watermark, &Overlay)>,
+    resizer: &mut Resizer,
+) -> Result<DynamicImage, TaskError> {
+    if let Some(conversion) = to_srgb {
+        conversion.apply(&mut shown);
+    }
+    let background = match (
+        spec.background.as_deref().and_then(parse_colour),
+        spec.format,
+    ) {
+        (Some(bg), _) => Some(bg),
+        (None, Format::Jpeg) => Some(JPEG_BACKGROUND),
+        (None, _) => None,
+    };
+    let shown = match (spec.fit, background) {
+        (Fit::Contain, _) => {
+            let bounds = (spec.width.unwrap_or(w), spec.height.unwrap_or(h));
+            pad(shown, bounds, spec.gravity, background)
+        }
+        (_, Some(bg)) if shown.color().has_alpha() || spec.format == Format::Jpeg => {
+            DynamicImage::ImageRgb8(flatten(shown, bg))
+        }
+        _ => shown,
+    };
+    match watermark.filter(|_| spec.watermark) {
+        Some((w, o)) => draw(shown, o, w, resizer),
+        None => Ok(shown),
+    }
 }

@@ -1,8 +1,8 @@
-//! ICC profile and EXIF in a WebP file: libwebp's simple encoder and `image`'s lossless one
-//! write no metadata, so the RIFF container is rebuilt in the extended (VP8X) layout around
-//! the encoded picture's chunks, as the WebP container specification lays it out.
+//! ICC profile and EXIF in a WebP file: libwebp's simple and animation encoders and `image`'s
+//! lossless one write no metadata, so the RIFF container is rebuilt in the extended (VP8X)
+//! layout around the encoded picture's chunks (an animation's `ANIM` and `ANMF` frames
+//! included, its flag kept), as the WebP container specification lays it out.
 
-use image::DynamicImage;
 use mediafarm::TaskError;
 
 use crate::encode::Metadata;
@@ -10,6 +10,7 @@ use crate::encode::Metadata;
 const ICC_FLAG: u8 = 0x20;
 const ALPHA_FLAG: u8 = 0x10;
 const EXIF_FLAG: u8 = 0x08;
+const ANIMATION_FLAG: u8 = 0x02;
 
 fn broken() -> TaskError {
     TaskError::permanent(
@@ -18,10 +19,12 @@ fn broken() -> TaskError {
     )
 }
 
-/// `data` (a complete WebP file) with `meta` added; unchanged when there is none to add.
+/// `data` (a complete WebP file of `(width, height)`, with `alpha` or not) with `meta` added;
+/// unchanged when there is none to add.
 pub fn with_metadata(
     data: Vec<u8>,
-    img: &DynamicImage,
+    (width, height): (u32, u32),
+    alpha: bool,
     meta: Metadata<'_>,
 ) -> Result<Vec<u8>, TaskError> {
     if meta.icc.is_none() && meta.exif.is_none() {
@@ -32,6 +35,7 @@ pub fn with_metadata(
     }
     // The picture's own chunks (ALPH, VP8, VP8L), without any VP8X the encoder wrote.
     let mut picture = Vec::new();
+    let mut kept = 0u8;
     let mut rest = &data[12..];
     while rest.len() >= 8 {
         let size = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
@@ -39,7 +43,9 @@ pub fn with_metadata(
         if rest.len() < 8 + size {
             return Err(broken());
         }
-        if &rest[..4] != b"VP8X" {
+        if &rest[..4] == b"VP8X" {
+            kept = rest.get(8).copied().unwrap_or(0) & (ANIMATION_FLAG | ALPHA_FLAG);
+        } else {
             picture.extend_from_slice(&rest[..padded.min(rest.len())]);
             if padded > rest.len() {
                 picture.push(0);
@@ -47,8 +53,8 @@ pub fn with_metadata(
         }
         rest = &rest[padded.min(rest.len())..];
     }
-    let mut flags = 0u8;
-    if img.color().has_alpha() {
+    let mut flags = kept;
+    if alpha {
         flags |= ALPHA_FLAG;
     }
     if meta.icc.is_some() {
@@ -58,8 +64,8 @@ pub fn with_metadata(
         flags |= EXIF_FLAG;
     }
     let mut vp8x = vec![flags, 0, 0, 0];
-    vp8x.extend_from_slice(&(img.width() - 1).to_le_bytes()[..3]);
-    vp8x.extend_from_slice(&(img.height() - 1).to_le_bytes()[..3]);
+    vp8x.extend_from_slice(&(width.max(1) - 1).to_le_bytes()[..3]);
+    vp8x.extend_from_slice(&(height.max(1) - 1).to_le_bytes()[..3]);
 
     let mut body = b"WEBP".to_vec();
     push_chunk(&mut body, b"VP8X", &vp8x);
@@ -90,7 +96,7 @@ fn push_chunk(out: &mut Vec<u8>, tag: &[u8; 4], payload: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use image::{ImageDecoder, RgbImage};
+    use image::{DynamicImage, ImageDecoder, RgbImage};
 
     #[test]
     fn profile_and_exif_are_readable_back() {
@@ -105,7 +111,7 @@ mod tests {
             icc: Some(&icc),
             exif: Some(&exif),
         };
-        let out = with_metadata(plain, &img, meta).unwrap();
+        let out = with_metadata(plain, (3, 5), false, meta).unwrap();
         let mut decoder =
             image::codecs::webp::WebPDecoder::new(std::io::Cursor::new(&out)).unwrap();
         assert_eq!(decoder.dimensions(), (3, 5));

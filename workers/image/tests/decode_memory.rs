@@ -82,6 +82,7 @@ fn job() -> TransformArgs {
                 background: None,
                 max_bytes: None,
                 watermark: true,
+                animated: false,
             })
             .collect(),
     }
