@@ -5,17 +5,20 @@
 //! from GStreamer's RTSP server. Checks frame timing in stream time, JPEG/PNG/WebP validity and
 //! sizes, crash-resume after `kill -9`, the hand-off to a continuation, stopping by CLI and by
 //! revoke, reconnecting, signed webhook delivery, deliveries that survive `kill -9` (the Redis
-//! outbox, dead letters), the audit manifest in a real S3-compatible server (moto), every bad
-//! source, and the Python celery client.
+//! outbox, dead letters), the audit manifest in a real S3-compatible server (moto), frame uploads
+//! to an authority over mutual TLS (a local rustls server that demands a client certificate),
+//! every bad source, and the Python celery client.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use mediafarm::{Client, ClientError, SendOptions, Settings, TaskState};
+use mediafarm_tests::certs::{test_pki, TestPki};
 use mediafarm_tests::media::{
     hls_writer, http_server, make_video, nginx_rtmp, rtmp_publisher, rtsp_server, silent_listener,
 };
+use mediafarm_tests::mtls::MtlsReceiver;
 use mediafarm_tests::process::Proc;
 use mediafarm_tests::s3::Moto;
 use mediafarm_tests::webhook::{Hook, SECRET};
@@ -882,6 +885,8 @@ async fn forget_stream(w: &World, stream_id: &str) {
     for prefix in [
         "mediafarm-snapshot-outbox-",
         "mediafarm-snapshot-dead-",
+        "mediafarm-snapshot-upload-outbox-",
+        "mediafarm-snapshot-upload-dead-",
         "mediafarm-snapshot-session-",
     ] {
         redis::cmd("DEL")
@@ -1179,4 +1184,231 @@ async fn the_audit_manifest_lists_every_frame_and_the_gaps_in_s3() {
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(data))
+}
+
+async fn upload_dead_letters_of(w: &World, stream_id: &str) -> Vec<Value> {
+    let mut redis = w.client.backend().connection();
+    let raw: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("mediafarm-snapshot-upload-dead-{stream_id}"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    raw.iter()
+        .map(|r| serde_json::from_str(r).unwrap())
+        .collect()
+}
+
+/// The frame lines of a stream's audit manifest in the world's file storage (prefix `audit`),
+/// seq → SHA-256; and the stream's manifest lists in Redis dropped.
+async fn manifest_frames(w: &World, stream_id: &str) -> std::collections::BTreeMap<u64, String> {
+    let mut frames = std::collections::BTreeMap::new();
+    let root = w.dir.join("storage").join("audit").join(stream_id);
+    for day in std::fs::read_dir(&root).unwrap().flatten() {
+        for part in std::fs::read_dir(day.path()).unwrap().flatten() {
+            if part.path().extension().is_some_and(|e| e == "jsonl") {
+                for line in std::fs::read_to_string(part.path()).unwrap().lines() {
+                    let v: Value = serde_json::from_str(line).unwrap();
+                    if v["type"] == "frame" {
+                        frames.insert(
+                            v["seq"].as_u64().unwrap(),
+                            v["sha256"].as_str().unwrap().to_owned(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let mut redis = w.client.backend().connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("mediafarm-snapshot-manifest-{stream_id}-*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for k in keys {
+        redis::cmd("DEL")
+            .arg(k)
+            .query_async::<()>(&mut redis)
+            .await
+            .unwrap();
+    }
+    frames
+}
+
+/// `[snapshot_authorities.<name>]` as the environment's JSON: the receiver's CA, and the
+/// client certificate of `client` (none when `None`).
+fn authority(url: &str, ca: &TestPki, client: Option<&TestPki>) -> Value {
+    let mut table = json!({"url": url, "ca_certs": ca.ca});
+    if let Some(c) = client {
+        table["certfile"] = json!(c.client_cert);
+        table["keyfile"] = json!(c.client_key);
+    }
+    table
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_are_uploaded_to_an_authority_over_mutual_tls() {
+    let pki_dir = mediafarm_tests::temp_dir("snap-mtls-pki");
+    let pki = test_pki(&pki_dir.join("authority"));
+    // Another CA: its client certificate is one the authority does not trust.
+    let stranger = test_pki(&pki_dir.join("stranger"));
+    let receiver = MtlsReceiver::start(&pki);
+    let url = format!(
+        "https://127.0.0.1:{}/frames/{{stream_id}}/{{seq}}.jpg",
+        receiver.port
+    );
+    let authorities = json!({
+        "city": authority(&url, &pki, Some(&pki)),
+        "nocert": authority(&url, &pki, None),
+        "stranger": authority(&url, &pki, Some(&stranger)),
+    })
+    .to_string();
+    let mut w = World::new(
+        "mtls",
+        &[
+            ("MEDIAFARM_SNAPSHOT_AUTHORITIES", &authorities),
+            ("MEDIAFARM_SNAPSHOT_MANIFEST_PREFIX", "audit"),
+        ],
+    )
+    .await;
+    make_video(&w.media("m.mp4"), 5, "160x120", 15);
+
+    // A key file that cannot be read stops the worker at start, naming the authority and file.
+    let missing = pki_dir.join("no-such.key");
+    let bad = json!({"broken": {"url": url, "certfile": pki.client_cert, "keyfile": missing}})
+        .to_string();
+    let log = w.dir.join("bad-start.log");
+    let mut proc = std::process::Command::new(snapshot_binary())
+        .args(["-Q", &w.queue, "--metrics-addr", "127.0.0.1:0"])
+        .envs(w.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("MEDIAFARM_SNAPSHOT_AUTHORITIES", &bad)
+        .env("NO_COLOR", "1")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(w.dir.join("bad-start.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let status = (0..600)
+        .find_map(|_| {
+            let s = proc.try_wait().unwrap();
+            if s.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            s
+        })
+        .unwrap_or_else(|| {
+            let _ = proc.kill();
+            panic!("a worker with an unreadable key file kept running")
+        });
+    assert!(!status.success());
+    let said = std::fs::read_to_string(w.dir.join("bad-start.err")).unwrap()
+        + &std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("snapshot_authorities.broken keyfile: cannot read")
+            && said.contains("no-such.key"),
+        "{said}"
+    );
+
+    w.start_worker("a");
+    // Without a client certificate, and with one the authority's CA did not sign: each frame's
+    // upload is a dead letter naming the cause, at once, and the worker goes on.
+    for (name, hint) in [
+        (
+            "nocert",
+            "set snapshot_authorities.nocert certfile and keyfile",
+        ),
+        ("stranger", "did not accept the client certificate"),
+    ] {
+        let stream_id = unique_stream(name);
+        let out = w
+            .run(
+                "snapshot.watch",
+                json!({"stream_id": stream_id, "stream_url": w.file_url("m.mp4"), "interval_s": 1,
+                       "key": "mt/{stream_id}/{seq}.jpg", "authority": name}),
+            )
+            .await
+            .unwrap();
+        let frames = out["frames"].as_u64().unwrap();
+        assert!(frames >= 3, "{out}");
+        assert_eq!(out["uploads_failed"], frames, "{out}");
+        assert_eq!(out["uploads_pending"], 0, "{out}");
+        let dead = upload_dead_letters_of(&w, &stream_id).await;
+        assert_eq!(dead.len() as u64, frames, "{dead:?}");
+        for d in &dead {
+            assert_eq!(d["reason"], "tls", "{d}");
+            let detail = d["detail"].as_str().unwrap();
+            assert!(
+                detail.contains(&format!("handshake with authority {name} failed"))
+                    && detail.contains(hint),
+                "{detail}"
+            );
+        }
+        manifest_frames(&w, &stream_id).await;
+        forget_stream(&w, &stream_id).await;
+    }
+    assert!(receiver.received().is_empty());
+    let refused = receiver.refused();
+    assert!(refused.len() >= 2, "{refused:?}");
+
+    // A name the worker does not have fails the job, listing those it has.
+    let err = failed(
+        w.run(
+            "snapshot.watch",
+            json!({"stream_id": unique_stream("nobody"), "stream_url": w.file_url("m.mp4"),
+                   "key": "mt/{seq}.jpg", "authority": "nobody"}),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "UnknownAuthority", "{err:?}");
+    assert!(
+        err.message.contains("city, nocert, stranger"),
+        "{}",
+        err.message
+    );
+
+    // With the authority's client certificate: every frame arrives, in order, whole.
+    let stream_id = unique_stream("city");
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": stream_id, "stream_url": w.file_url("m.mp4"), "interval_s": 1,
+                   "key": "mt/{stream_id}/{seq}.jpg", "authority": "city"}),
+        )
+        .await
+        .unwrap();
+    let frames = out["frames"].as_u64().unwrap();
+    assert!(frames >= 3, "{out}");
+    assert_eq!(out["uploads_failed"], 0, "{out}");
+    assert_eq!(out["uploads_pending"], 0, "{out}");
+    let session = out["session_id"].as_str().unwrap();
+    let manifest = manifest_frames(&w, &stream_id).await;
+    assert_eq!(manifest.len() as u64, frames, "{manifest:?}");
+    let got = receiver.received();
+    assert_eq!(got.len() as u64, frames, "one PUT per frame");
+    for (seq, r) in got.iter().enumerate() {
+        assert_eq!(r.method, "PUT");
+        assert_eq!(r.path, format!("/frames/{stream_id}/{seq}.jpg"));
+        let header = |name: &str| r.headers.get(name).cloned().unwrap_or_default();
+        assert_eq!(header("content-type"), "image/jpeg");
+        assert_eq!(header("x-mediafarm-stream-id"), stream_id);
+        assert_eq!(header("x-mediafarm-seq"), seq.to_string());
+        assert_eq!(
+            header("x-mediafarm-delivery-id"),
+            format!("{stream_id}/{session}/{seq}")
+        );
+        assert!(!header("x-mediafarm-captured-at").is_empty());
+        let sha = sha256_hex(&r.body);
+        assert_eq!(header("x-mediafarm-sha256"), sha);
+        assert_eq!(manifest[&(seq as u64)], sha, "the manifest's SHA-256");
+        assert_eq!(
+            r.body,
+            w.stored(&format!("mt/{stream_id}/{seq:06}.jpg")),
+            "the stored frame"
+        );
+        assert_jpeg(&r.body, 160, 120);
+    }
+    assert!(upload_dead_letters_of(&w, &stream_id).await.is_empty());
+    forget_stream(&w, &stream_id).await;
+    w.stop().await;
+    let _ = std::fs::remove_dir_all(pki_dir);
 }

@@ -9,6 +9,8 @@ use mediafarm::settings::kinds::*;
 use mediafarm::settings::WebhookSettings;
 use mediafarm::Settings;
 
+use crate::watch::upload::{read_authorities, Authorities};
+
 /// Everything snapshot-worker reads beside the core settings.
 pub type SnapshotGroups = (SnapshotSettings, WebhookSettings);
 
@@ -39,6 +41,12 @@ mediafarm::settings_group! {
         /// Where the audit manifests go in storage (`<prefix>/<stream_id>/<YYYY-MM-DD>/`:
         /// `index.json` and hour parts `<HH>.jsonl`); unset: no manifests.
         snapshot_manifest_prefix: Option<String> = None, Str;
+        /// The authorities frames may be uploaded to over mutual TLS, each as
+        /// `[snapshot_authorities.<name>]` with `url` (`https://`, `{stream_id}`,
+        /// `{session_id}`, `{seq}` filled in; each frame is PUT there), optional `ca_certs`,
+        /// `certfile`, `keyfile` (PEM files, read at start-up) and `timeout_s` (30). A session
+        /// names one as `authority`. In the environment: the same as a JSON object.
+        snapshot_authorities: Authorities = Authorities::default(), Custom(read_authorities);
     }
 }
 

@@ -36,7 +36,7 @@ mediafarm::settings_group! {
         /// `stream_url` (where the worker reads, `{app}` and `{name}` filled in), `key` (the
         /// storage key template of `snapshot.watch`; `{app}` and `{name}` filled in here,
         /// `{stream_id}`, `{seq}`, `{time}` by the worker), optional `interval_s` (20),
-        /// `deliver` (webhook of each frame), `stream_id` (template, default "{app}.{name}"),
+        /// `deliver` (webhook of each frame), `authority` (upload of each frame), `stream_id` (template, default "{app}.{name}"),
         /// `queue` ("snapshot"), `format`, `quality`, `max_width`. In the environment: the
         /// same as a JSON object.
         hooks_apps: Apps = Apps::default(), Custom(read_apps);
@@ -63,6 +63,10 @@ pub struct AppPolicy {
     pub interval_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deliver: Option<String>,
+    /// The authority (a name in the worker's `snapshot_authorities`) each frame is uploaded
+    /// to over mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
     /// The session's stream id (`{app}`, `{name}`): what `mediafarm streams stop` takes.
     #[serde(default = "default_stream_id")]
     pub stream_id: String,
@@ -142,6 +146,7 @@ impl AppPolicy {
             quality: self.quality,
             max_width: self.max_width,
             deliver: self.deliver.clone(),
+            authority: self.authority.clone(),
             realtime: false,
             looped: false,
             session: None,
@@ -151,7 +156,8 @@ impl AppPolicy {
 
 fn read_apps(reader: &Reader, name: &str, default: Apps) -> Result<Apps, SettingsError> {
     const ACCEPTED: &str = "applications as [hooks_apps.<app>] with stream_url, key and optional \
-                            interval_s, deliver, stream_id, queue, format, quality, max_width \
+                            interval_s, deliver, authority, stream_id, queue, format, quality, \
+                            max_width \
                             (in the environment, a JSON object)";
     let Some(apps) = reader.named_tables::<Apps>(name, ACCEPTED)? else {
         return Ok(default);
