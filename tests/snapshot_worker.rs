@@ -1412,3 +1412,77 @@ async fn frames_are_uploaded_to_an_authority_over_mutual_tls() {
     w.stop().await;
     let _ = std::fs::remove_dir_all(pki_dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authority_uploads_survive_kill_9_while_the_authority_is_down() {
+    let pki_dir = mediafarm_tests::temp_dir("snap-mtls-down-pki");
+    let pki = test_pki(&pki_dir);
+    // The authority is down: nothing listens on its port until later.
+    let port = mediafarm_tests::free_port();
+    let url = format!("https://127.0.0.1:{port}/frames/{{stream_id}}/{{seq}}.jpg");
+    let authorities = json!({"late": authority(&url, &pki, Some(&pki))}).to_string();
+    let mut w = World::new(
+        "mtls-down",
+        &[
+            ("MEDIAFARM_SNAPSHOT_AUTHORITIES", &authorities),
+            ("MEDIAFARM_SNAPSHOT_MANIFEST_PREFIX", "audit"),
+            ("MEDIAFARM_SNAPSHOT_DELIVERY_BACKOFF_MAX", "1"),
+        ],
+    )
+    .await;
+    // 12 s at its own pace, a tick every second.
+    make_video(&w.media("late.mp4"), 12, "160x120", 15);
+    let stream_id = unique_stream("late");
+    let first = w.start_worker("a");
+    let job = w
+        .send(
+            "snapshot.watch",
+            json!({"stream_id": stream_id, "stream_url": w.file_url("late.mp4"), "interval_s": 1,
+                   "realtime": true, "key": "ml/{stream_id}/{seq}.jpg", "authority": "late"}),
+        )
+        .await;
+    w.progress(&job.id, 3).await;
+    let waiting = list_len(&w, "mediafarm-snapshot-upload-outbox-", &stream_id).await;
+    assert!(waiting >= 3, "the uploads wait in Redis: {waiting}");
+    assert_eq!(
+        list_len(&w, "mediafarm-snapshot-outbox-", &stream_id).await,
+        0,
+        "no webhook lane for a session without deliver"
+    );
+    // Killed with uploads pending; the other worker takes the redelivered job.
+    w.start_worker("b");
+    w.workers[first].kill9();
+    let at_kill = w.progress(&job.id, 0).await["frames"].as_u64().unwrap();
+    w.progress(&job.id, at_kill + 2).await;
+    // The authority comes back.
+    let receiver = MtlsReceiver::at(&pki, port);
+    let out = job.get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "stream_ended", "{out}");
+    assert!(
+        out["frames_this_job"].as_u64().unwrap() < out["frames"].as_u64().unwrap(),
+        "the second worker resumed: {out}"
+    );
+    assert_eq!(out["uploads_failed"], 0, "{out}");
+    assert_eq!(out["uploads_pending"], 0, "{out}");
+    // Every frame exactly once (the authority was down while the worker died), in order.
+    let frames = out["frames"].as_u64().unwrap();
+    let manifest = manifest_frames(&w, &stream_id).await;
+    assert_eq!(manifest.len() as u64, frames, "{manifest:?}");
+    let got = receiver.received();
+    let paths: Vec<String> = got.iter().map(|r| r.path.clone()).collect();
+    let want: Vec<String> = (0..frames)
+        .map(|seq| format!("/frames/{stream_id}/{seq}.jpg"))
+        .collect();
+    assert_eq!(paths, want);
+    for (seq, r) in got.iter().enumerate() {
+        assert_eq!(manifest[&(seq as u64)], sha256_hex(&r.body));
+    }
+    assert_eq!(
+        list_len(&w, "mediafarm-snapshot-upload-outbox-", &stream_id).await,
+        0
+    );
+    assert!(upload_dead_letters_of(&w, &stream_id).await.is_empty());
+    forget_stream(&w, &stream_id).await;
+    w.stop().await;
+    let _ = std::fs::remove_dir_all(pki_dir);
+}

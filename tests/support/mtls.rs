@@ -35,6 +35,16 @@ pub struct MtlsReceiver {
 
 impl MtlsReceiver {
     pub fn start(pki: &TestPki) -> MtlsReceiver {
+        MtlsReceiver::serve(pki, TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// Starts accepting on `127.0.0.1:<port>` (a port reserved with `free_port` while the
+    /// receiver was "down": connections to it were refused until now).
+    pub fn at(pki: &TestPki, port: u16) -> MtlsReceiver {
+        MtlsReceiver::serve(pki, TcpListener::bind(("127.0.0.1", port)).unwrap())
+    }
+
+    fn serve(pki: &TestPki, listener: TcpListener) -> MtlsReceiver {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         for ca in CertificateDer::pem_file_iter(&pki.ca).unwrap() {
@@ -58,7 +68,6 @@ impl MtlsReceiver {
                 .with_single_cert(chain, key)
                 .unwrap(),
         );
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let received = Arc::new(Mutex::new(Vec::new()));
         let refused = Arc::new(Mutex::new(Vec::new()));
