@@ -70,6 +70,9 @@ impl World {
             ("MEDIAFARM_WORKER_SHUTDOWN_GRACE", "5".into()),
             ("MEDIAFARM_SNAPSHOT_RECONNECT_WINDOW", "3".into()),
             ("MEDIAFARM_TASK_DEFAULT_RETRY_DELAY", "1".into()),
+            // Redis is shared: a sweeper would send other tests' stranded outboxes. The
+            // sweeper's own test turns it on.
+            ("MEDIAFARM_SNAPSHOT_OUTBOX_SWEEP", "0".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -1483,6 +1486,88 @@ async fn authority_uploads_survive_kill_9_while_the_authority_is_down() {
     );
     assert!(upload_dead_letters_of(&w, &stream_id).await.is_empty());
     forget_stream(&w, &stream_id).await;
+    w.stop().await;
+    let _ = std::fs::remove_dir_all(pki_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranded_outbox_is_swept_without_a_new_session() {
+    let pki_dir = mediafarm_tests::temp_dir("snap-sweep-pki");
+    let pki = test_pki(&pki_dir);
+    // Webhook receiver and authority both down while the session runs and ends.
+    let (hook_port, authority_port) = (mediafarm_tests::free_port(), mediafarm_tests::free_port());
+    let url = format!("https://127.0.0.1:{authority_port}/frames/{{stream_id}}/{{seq}}.jpg");
+    let authorities = json!({"late": authority(&url, &pki, Some(&pki))}).to_string();
+    let mut w = World::new(
+        "sweep",
+        &[
+            ("MEDIAFARM_SNAPSHOT_AUTHORITIES", &authorities),
+            ("MEDIAFARM_SNAPSHOT_DELIVERY_BACKOFF_MAX", "1"),
+            ("MEDIAFARM_SNAPSHOT_OUTBOX_SWEEP", "1"),
+        ],
+    )
+    .await;
+    make_video(&w.media("s.mp4"), 5, "160x120", 15);
+    w.start_worker("a");
+    let stream_id = unique_stream("swept");
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": stream_id, "stream_url": w.file_url("s.mp4"), "interval_s": 1,
+                   "key": "sw/{stream_id}/{seq}.jpg", "authority": "late",
+                   "deliver": format!("http://127.0.0.1:{hook_port}/frames")}),
+        )
+        .await
+        .unwrap();
+    let frames = out["frames"].as_u64().unwrap();
+    assert!(frames >= 3, "{out}");
+    // The session ended with everything still queued, and no session follows on the stream.
+    assert_eq!(out["deliveries_pending"], frames, "{out}");
+    assert_eq!(out["uploads_pending"], frames, "{out}");
+    // Both come back; the worker's sweeper sends both outboxes, in order.
+    let hook = Hook::at(hook_port);
+    let receiver = MtlsReceiver::at(&pki, authority_port);
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while (hook.bodies().len() as u64) < frames || (receiver.received().len() as u64) < frames {
+        assert!(
+            std::time::Instant::now() < end,
+            "not swept within 60 s: {} deliveries and {} uploads of {frames}",
+            hook.bodies().len(),
+            receiver.received().len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let seqs: Vec<u64> = hook
+        .bodies()
+        .iter()
+        .map(|b| b["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..frames).collect::<Vec<_>>());
+    let paths: Vec<String> = receiver.received().iter().map(|r| r.path.clone()).collect();
+    let want: Vec<String> = (0..frames)
+        .map(|seq| format!("/frames/{stream_id}/{seq}.jpg"))
+        .collect();
+    assert_eq!(paths, want);
+    // Emptied, nothing given up.
+    for prefix in [
+        "mediafarm-snapshot-outbox-",
+        "mediafarm-snapshot-upload-outbox-",
+    ] {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while list_len(&w, prefix, &stream_id).await > 0 {
+            assert!(std::time::Instant::now() < end, "{prefix} not emptied");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(dead_letters_of(&w, &stream_id).await.is_empty());
+    assert!(upload_dead_letters_of(&w, &stream_id).await.is_empty());
+    forget_stream(&w, &stream_id).await;
+    let mut redis = w.client.backend().connection();
+    redis::cmd("DEL")
+        .arg(format!("mediafarm-snapshot-sweep-{stream_id}"))
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
     w.stop().await;
     let _ = std::fs::remove_dir_all(pki_dir);
 }

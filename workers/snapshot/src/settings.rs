@@ -41,6 +41,10 @@ mediafarm::settings_group! {
         /// Where the audit manifests go in storage (`<prefix>/<stream_id>/<YYYY-MM-DD>/`:
         /// `index.json` and hour parts `<HH>.jsonl`); unset: no manifests.
         snapshot_manifest_prefix: Option<String> = None, Str;
+        /// How often each worker looks for outboxes that no running session sends (their
+        /// stream's session ended with deliveries left, and none followed) and sends them
+        /// under the usual rules; 0: never (leftovers then wait for the stream's next session).
+        snapshot_outbox_sweep: Duration = Duration::from_secs(60), Seconds;
         /// The authorities frames may be uploaded to over mutual TLS, each as
         /// `[snapshot_authorities.<name>]` with `url` (`https://`, `{stream_id}`,
         /// `{session_id}`, `{seq}` filled in; each frame is PUT there), optional `ca_certs`,

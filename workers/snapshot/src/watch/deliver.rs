@@ -11,7 +11,7 @@
 //! is recorded, and a [`Courier`] task per session sends its head, one at a time, in order, so
 //! a slow receiver never holds up the frames and a worker's death loses none: the session's
 //! next job (redelivery, continuation, or a later session on the stream) sends what is left
-//! first. A network error, a timeout, 408, 429 or 5xx is tried again (1 s doubling to
+//! first, and when no session comes, a worker's outbox sweeper does ([`super::sweep`]). A network error, a timeout, 408, 429 or 5xx is tried again (1 s doubling to
 //! `snapshot_delivery_backoff_max`) until `snapshot_delivery_deadline` after the frame was
 //! taken; then, or at once on another answer, the delivery becomes a dead letter with its
 //! reason and the courier goes on with the next frame.

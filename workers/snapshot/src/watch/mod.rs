@@ -6,7 +6,8 @@
 //! PROGRESS, delivers webhooks from that outbox
 //! ([`deliver`]), uploads frames to an authority over mutual TLS from a second outbox
 //! ([`upload`]) and, before RabbitMQ's ack timeout could matter, hands the session on as a
-//! continuation ([`TaskContext::continue_with`]) and ends its own job. Stop requests and
+//! continuation ([`TaskContext::continue_with`]) and ends its own job. Outboxes that no
+//! session sends any more are swept by every worker's background [`sweep::Sweeper`]. Stop requests and
 //! revokes come through the runtime's signals ([`mediafarm::runtime::stop`], scope
 //! [`STOP_SCOPE`]).
 
@@ -16,6 +17,7 @@ pub mod outbox;
 pub mod schedule;
 pub mod session;
 pub mod state;
+pub mod sweep;
 pub mod upload;
 
 use std::sync::atomic::AtomicBool;
@@ -196,6 +198,19 @@ impl Watch {
                 snapshot.snapshot_delivery_deadline,
                 snapshot.snapshot_delivery_backoff_max,
             ),
+        })
+    }
+}
+
+impl Watch {
+    /// The outbox sweeper for the worker's background work; `None` when
+    /// `snapshot_outbox_sweep` is 0.
+    pub fn sweeper(&self) -> Option<sweep::Sweeper> {
+        let every = self.snapshot.snapshot_outbox_sweep;
+        (!every.is_zero()).then(|| sweep::Sweeper {
+            webhook: self.deliver.clone(),
+            upload: self.upload.clone(),
+            every,
         })
     }
 }
