@@ -95,8 +95,8 @@ impl Value for Authorities {
 /// (`snapshot_authorities.<name> certfile: cannot read …`).
 fn tls_keys(name: &str) -> TlsKeys {
     TlsKeys {
-        // Built once per authority at start-up (settings check and worker), so the few bytes
-        // kept for the process's life are bounded by the settings file.
+        // Made only when the settings are read and when the worker starts (never per upload),
+        // so the few bytes kept for the process's life are bounded by the settings file.
         setting: Box::leak(format!("{SETTING}.{name}").into_boxed_str()),
         ca_certs: "ca_certs",
         certfile: "certfile",
@@ -184,6 +184,8 @@ pub enum UploadSetupError {
 struct Prepared {
     url: String,
     policy: OutboundPolicy,
+    /// Its TLS key names, for the hints of handshake failures.
+    keys: TlsKeys,
 }
 
 /// Sends authority uploads: the prepared authorities, and where the frames are read.
@@ -215,7 +217,8 @@ impl Uploader {
     ) -> Result<Uploader, UploadSetupError> {
         let mut prepared = BTreeMap::new();
         for (name, a) in &authorities.0 {
-            let tls: ClientConfig = mediafarm::tls::client_config(&tls_keys(name), &a.options())?;
+            let keys = tls_keys(name);
+            let tls: ClientConfig = mediafarm::tls::client_config(&keys, &a.options())?;
             let policy = OutboundPolicy {
                 // The URL is the operator's, not a job's: any host, internal ones included
                 // (authorities are often reached inside a private network).
@@ -236,6 +239,7 @@ impl Uploader {
                 Prepared {
                     url: a.url.clone(),
                     policy,
+                    keys,
                 },
             );
         }
@@ -365,6 +369,10 @@ impl Uploader {
             .header("X-Mediafarm-Sha256", &frame.sha256)
             .body(data);
         let name = entry.authority.as_deref().unwrap_or_default();
+        let hint = |tls: &str| match self.authorities.get(name) {
+            Some(p) => mediafarm::tls::explain(tls, &p.keys),
+            None => String::new(),
+        };
         let resp = mediafarm::observe::trace::inject_http(req)
             .send()
             .await
@@ -374,7 +382,7 @@ impl Uploader {
                     format!(
                         "{}: the TLS handshake with authority {name} failed: {tls}{}",
                         to.url,
-                        mediafarm::tls::explain(&tls, &tls_keys(name))
+                        hint(&tls)
                     ),
                 ),
                 None => Refusal::passing(format!("{}: {e}", to.url)),
