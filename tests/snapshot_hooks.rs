@@ -95,6 +95,8 @@ impl World {
                 .args(["-Q", &self.queue, "-n", &format!("a@{}", self.queue)])
                 .args(["--metrics-addr", "127.0.0.1:0", "-c", "4", "-l", "info"])
                 .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                // Other tests' streams' outboxes (shared Redis) are theirs to send.
+                .env("MEDIAFARM_SNAPSHOT_OUTBOX_SWEEP", "0")
                 .env("NO_COLOR", "1")
                 .stdout(out.try_clone().unwrap())
                 .stderr(out),

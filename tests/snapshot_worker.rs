@@ -5,17 +5,20 @@
 //! from GStreamer's RTSP server. Checks frame timing in stream time, JPEG/PNG/WebP validity and
 //! sizes, crash-resume after `kill -9`, the hand-off to a continuation, stopping by CLI and by
 //! revoke, reconnecting, signed webhook delivery, deliveries that survive `kill -9` (the Redis
-//! outbox, dead letters), the audit manifest in a real S3-compatible server (moto), every bad
-//! source, and the Python celery client.
+//! outbox, dead letters), the audit manifest in a real S3-compatible server (moto), frame uploads
+//! to an authority over mutual TLS (a local rustls server that demands a client certificate),
+//! every bad source, and the Python celery client.
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use mediafarm::{Client, ClientError, SendOptions, Settings, TaskState};
+use mediafarm_tests::certs::{test_pki, TestPki};
 use mediafarm_tests::media::{
     hls_writer, http_server, make_video, nginx_rtmp, rtmp_publisher, rtsp_server, silent_listener,
 };
+use mediafarm_tests::mtls::MtlsReceiver;
 use mediafarm_tests::process::Proc;
 use mediafarm_tests::s3::Moto;
 use mediafarm_tests::webhook::{Hook, SECRET};
@@ -67,6 +70,9 @@ impl World {
             ("MEDIAFARM_WORKER_SHUTDOWN_GRACE", "5".into()),
             ("MEDIAFARM_SNAPSHOT_RECONNECT_WINDOW", "3".into()),
             ("MEDIAFARM_TASK_DEFAULT_RETRY_DELAY", "1".into()),
+            // Redis is shared: a sweeper would send other tests' stranded outboxes. The
+            // sweeper's own test turns it on.
+            ("MEDIAFARM_SNAPSHOT_OUTBOX_SWEEP", "0".into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -882,6 +888,8 @@ async fn forget_stream(w: &World, stream_id: &str) {
     for prefix in [
         "mediafarm-snapshot-outbox-",
         "mediafarm-snapshot-dead-",
+        "mediafarm-snapshot-upload-outbox-",
+        "mediafarm-snapshot-upload-dead-",
         "mediafarm-snapshot-session-",
     ] {
         redis::cmd("DEL")
@@ -1179,4 +1187,387 @@ async fn the_audit_manifest_lists_every_frame_and_the_gaps_in_s3() {
 fn sha256_hex(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(data))
+}
+
+async fn upload_dead_letters_of(w: &World, stream_id: &str) -> Vec<Value> {
+    let mut redis = w.client.backend().connection();
+    let raw: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("mediafarm-snapshot-upload-dead-{stream_id}"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    raw.iter()
+        .map(|r| serde_json::from_str(r).unwrap())
+        .collect()
+}
+
+/// The frame lines of a stream's audit manifest in the world's file storage (prefix `audit`),
+/// seq → SHA-256; and the stream's manifest lists in Redis dropped.
+async fn manifest_frames(w: &World, stream_id: &str) -> std::collections::BTreeMap<u64, String> {
+    let mut frames = std::collections::BTreeMap::new();
+    let root = w.dir.join("storage").join("audit").join(stream_id);
+    for day in std::fs::read_dir(&root).unwrap().flatten() {
+        for part in std::fs::read_dir(day.path()).unwrap().flatten() {
+            if part.path().extension().is_some_and(|e| e == "jsonl") {
+                for line in std::fs::read_to_string(part.path()).unwrap().lines() {
+                    let v: Value = serde_json::from_str(line).unwrap();
+                    if v["type"] == "frame" {
+                        frames.insert(
+                            v["seq"].as_u64().unwrap(),
+                            v["sha256"].as_str().unwrap().to_owned(),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let mut redis = w.client.backend().connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("mediafarm-snapshot-manifest-{stream_id}-*"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    for k in keys {
+        redis::cmd("DEL")
+            .arg(k)
+            .query_async::<()>(&mut redis)
+            .await
+            .unwrap();
+    }
+    frames
+}
+
+/// `[snapshot_authorities.<name>]` as the environment's JSON: the receiver's CA, and the
+/// client certificate of `client` (none when `None`).
+fn authority(url: &str, ca: &TestPki, client: Option<&TestPki>) -> Value {
+    let mut table = json!({"url": url, "ca_certs": ca.ca});
+    if let Some(c) = client {
+        table["certfile"] = json!(c.client_cert);
+        table["keyfile"] = json!(c.client_key);
+    }
+    table
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_are_uploaded_to_an_authority_over_mutual_tls() {
+    let pki_dir = mediafarm_tests::temp_dir("snap-mtls-pki");
+    let pki = test_pki(&pki_dir.join("authority"));
+    // Another CA: its client certificate is one the authority does not trust.
+    let stranger = test_pki(&pki_dir.join("stranger"));
+    let receiver = MtlsReceiver::start(&pki);
+    let url = format!(
+        "https://127.0.0.1:{}/frames/{{stream_id}}/{{seq}}.jpg",
+        receiver.port
+    );
+    let authorities = json!({
+        "city": authority(&url, &pki, Some(&pki)),
+        "nocert": authority(&url, &pki, None),
+        "stranger": authority(&url, &pki, Some(&stranger)),
+    })
+    .to_string();
+    let mut w = World::new(
+        "mtls",
+        &[
+            ("MEDIAFARM_SNAPSHOT_AUTHORITIES", &authorities),
+            ("MEDIAFARM_SNAPSHOT_MANIFEST_PREFIX", "audit"),
+        ],
+    )
+    .await;
+    make_video(&w.media("m.mp4"), 5, "160x120", 15);
+
+    // A key file that cannot be read stops the worker at start, naming the authority and file.
+    let missing = pki_dir.join("no-such.key");
+    let bad = json!({"broken": {"url": url, "certfile": pki.client_cert, "keyfile": missing}})
+        .to_string();
+    let log = w.dir.join("bad-start.log");
+    let mut proc = std::process::Command::new(snapshot_binary())
+        .args(["-Q", &w.queue, "--metrics-addr", "127.0.0.1:0"])
+        .envs(w.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env("MEDIAFARM_SNAPSHOT_AUTHORITIES", &bad)
+        .env("NO_COLOR", "1")
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(w.dir.join("bad-start.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let status = (0..600)
+        .find_map(|_| {
+            let s = proc.try_wait().unwrap();
+            if s.is_none() {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            s
+        })
+        .unwrap_or_else(|| {
+            let _ = proc.kill();
+            panic!("a worker with an unreadable key file kept running")
+        });
+    assert!(!status.success());
+    let said = std::fs::read_to_string(w.dir.join("bad-start.err")).unwrap()
+        + &std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("snapshot_authorities.broken keyfile: cannot read")
+            && said.contains("no-such.key"),
+        "{said}"
+    );
+
+    w.start_worker("a");
+    // Without a client certificate, and with one the authority's CA did not sign: each frame's
+    // upload is a dead letter naming the cause, at once, and the worker goes on.
+    for (name, hint) in [
+        (
+            "nocert",
+            "set snapshot_authorities.nocert certfile and keyfile",
+        ),
+        ("stranger", "did not accept the client certificate"),
+    ] {
+        let stream_id = unique_stream(name);
+        let out = w
+            .run(
+                "snapshot.watch",
+                json!({"stream_id": stream_id, "stream_url": w.file_url("m.mp4"), "interval_s": 1,
+                       "key": "mt/{stream_id}/{seq}.jpg", "authority": name}),
+            )
+            .await
+            .unwrap();
+        let frames = out["frames"].as_u64().unwrap();
+        assert!(frames >= 3, "{out}");
+        assert_eq!(out["uploads_failed"], frames, "{out}");
+        assert_eq!(out["uploads_pending"], 0, "{out}");
+        let dead = upload_dead_letters_of(&w, &stream_id).await;
+        assert_eq!(dead.len() as u64, frames, "{dead:?}");
+        for d in &dead {
+            assert_eq!(d["reason"], "tls", "{d}");
+            let detail = d["detail"].as_str().unwrap();
+            assert!(
+                detail.contains(&format!("handshake with authority {name} failed"))
+                    && detail.contains(hint),
+                "{detail}"
+            );
+        }
+        manifest_frames(&w, &stream_id).await;
+        forget_stream(&w, &stream_id).await;
+    }
+    assert!(receiver.received().is_empty());
+    let refused = receiver.refused();
+    assert!(refused.len() >= 2, "{refused:?}");
+
+    // A name the worker does not have fails the job, listing those it has.
+    let err = failed(
+        w.run(
+            "snapshot.watch",
+            json!({"stream_id": unique_stream("nobody"), "stream_url": w.file_url("m.mp4"),
+                   "key": "mt/{seq}.jpg", "authority": "nobody"}),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "UnknownAuthority", "{err:?}");
+    assert!(
+        err.message.contains("city, nocert, stranger"),
+        "{}",
+        err.message
+    );
+
+    // With the authority's client certificate: every frame arrives, in order, whole.
+    let stream_id = unique_stream("city");
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": stream_id, "stream_url": w.file_url("m.mp4"), "interval_s": 1,
+                   "key": "mt/{stream_id}/{seq}.jpg", "authority": "city"}),
+        )
+        .await
+        .unwrap();
+    let frames = out["frames"].as_u64().unwrap();
+    assert!(frames >= 3, "{out}");
+    assert_eq!(out["uploads_failed"], 0, "{out}");
+    assert_eq!(out["uploads_pending"], 0, "{out}");
+    let session = out["session_id"].as_str().unwrap();
+    let manifest = manifest_frames(&w, &stream_id).await;
+    assert_eq!(manifest.len() as u64, frames, "{manifest:?}");
+    let got = receiver.received();
+    assert_eq!(got.len() as u64, frames, "one PUT per frame");
+    for (seq, r) in got.iter().enumerate() {
+        assert_eq!(r.method, "PUT");
+        assert_eq!(r.path, format!("/frames/{stream_id}/{seq}.jpg"));
+        let header = |name: &str| r.headers.get(name).cloned().unwrap_or_default();
+        assert_eq!(header("content-type"), "image/jpeg");
+        assert_eq!(header("x-mediafarm-stream-id"), stream_id);
+        assert_eq!(header("x-mediafarm-seq"), seq.to_string());
+        assert_eq!(
+            header("x-mediafarm-delivery-id"),
+            format!("{stream_id}/{session}/{seq}")
+        );
+        assert!(!header("x-mediafarm-captured-at").is_empty());
+        let sha = sha256_hex(&r.body);
+        assert_eq!(header("x-mediafarm-sha256"), sha);
+        assert_eq!(manifest[&(seq as u64)], sha, "the manifest's SHA-256");
+        assert_eq!(
+            r.body,
+            w.stored(&format!("mt/{stream_id}/{seq:06}.jpg")),
+            "the stored frame"
+        );
+        assert_jpeg(&r.body, 160, 120);
+    }
+    assert!(upload_dead_letters_of(&w, &stream_id).await.is_empty());
+    forget_stream(&w, &stream_id).await;
+    w.stop().await;
+    let _ = std::fs::remove_dir_all(pki_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authority_uploads_survive_kill_9_while_the_authority_is_down() {
+    let pki_dir = mediafarm_tests::temp_dir("snap-mtls-down-pki");
+    let pki = test_pki(&pki_dir);
+    // The authority is down: nothing listens on its port until later.
+    let port = mediafarm_tests::free_port();
+    let url = format!("https://127.0.0.1:{port}/frames/{{stream_id}}/{{seq}}.jpg");
+    let authorities = json!({"late": authority(&url, &pki, Some(&pki))}).to_string();
+    let mut w = World::new(
+        "mtls-down",
+        &[
+            ("MEDIAFARM_SNAPSHOT_AUTHORITIES", &authorities),
+            ("MEDIAFARM_SNAPSHOT_MANIFEST_PREFIX", "audit"),
+            ("MEDIAFARM_SNAPSHOT_DELIVERY_BACKOFF_MAX", "1"),
+        ],
+    )
+    .await;
+    // 12 s at its own pace, a tick every second.
+    make_video(&w.media("late.mp4"), 12, "160x120", 15);
+    let stream_id = unique_stream("late");
+    let first = w.start_worker("a");
+    let job = w
+        .send(
+            "snapshot.watch",
+            json!({"stream_id": stream_id, "stream_url": w.file_url("late.mp4"), "interval_s": 1,
+                   "realtime": true, "key": "ml/{stream_id}/{seq}.jpg", "authority": "late"}),
+        )
+        .await;
+    w.progress(&job.id, 3).await;
+    let waiting = list_len(&w, "mediafarm-snapshot-upload-outbox-", &stream_id).await;
+    assert!(waiting >= 3, "the uploads wait in Redis: {waiting}");
+    assert_eq!(
+        list_len(&w, "mediafarm-snapshot-outbox-", &stream_id).await,
+        0,
+        "no webhook lane for a session without deliver"
+    );
+    // Killed with uploads pending; the other worker takes the redelivered job.
+    w.start_worker("b");
+    w.workers[first].kill9();
+    let at_kill = w.progress(&job.id, 0).await["frames"].as_u64().unwrap();
+    w.progress(&job.id, at_kill + 2).await;
+    // The authority comes back.
+    let receiver = MtlsReceiver::at(&pki, port);
+    let out = job.get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "stream_ended", "{out}");
+    assert!(
+        out["frames_this_job"].as_u64().unwrap() < out["frames"].as_u64().unwrap(),
+        "the second worker resumed: {out}"
+    );
+    assert_eq!(out["uploads_failed"], 0, "{out}");
+    assert_eq!(out["uploads_pending"], 0, "{out}");
+    // Every frame exactly once (the authority was down while the worker died), in order.
+    let frames = out["frames"].as_u64().unwrap();
+    let manifest = manifest_frames(&w, &stream_id).await;
+    assert_eq!(manifest.len() as u64, frames, "{manifest:?}");
+    let got = receiver.received();
+    let paths: Vec<String> = got.iter().map(|r| r.path.clone()).collect();
+    let want: Vec<String> = (0..frames)
+        .map(|seq| format!("/frames/{stream_id}/{seq}.jpg"))
+        .collect();
+    assert_eq!(paths, want);
+    for (seq, r) in got.iter().enumerate() {
+        assert_eq!(manifest[&(seq as u64)], sha256_hex(&r.body));
+    }
+    assert_eq!(
+        list_len(&w, "mediafarm-snapshot-upload-outbox-", &stream_id).await,
+        0
+    );
+    assert!(upload_dead_letters_of(&w, &stream_id).await.is_empty());
+    forget_stream(&w, &stream_id).await;
+    w.stop().await;
+    let _ = std::fs::remove_dir_all(pki_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranded_outbox_is_swept_without_a_new_session() {
+    let pki_dir = mediafarm_tests::temp_dir("snap-sweep-pki");
+    let pki = test_pki(&pki_dir);
+    // Webhook receiver and authority both down while the session runs and ends.
+    let (hook_port, authority_port) = (mediafarm_tests::free_port(), mediafarm_tests::free_port());
+    let url = format!("https://127.0.0.1:{authority_port}/frames/{{stream_id}}/{{seq}}.jpg");
+    let authorities = json!({"late": authority(&url, &pki, Some(&pki))}).to_string();
+    let mut w = World::new(
+        "sweep",
+        &[
+            ("MEDIAFARM_SNAPSHOT_AUTHORITIES", &authorities),
+            ("MEDIAFARM_SNAPSHOT_DELIVERY_BACKOFF_MAX", "1"),
+            ("MEDIAFARM_SNAPSHOT_OUTBOX_SWEEP", "1"),
+        ],
+    )
+    .await;
+    make_video(&w.media("s.mp4"), 5, "160x120", 15);
+    w.start_worker("a");
+    let stream_id = unique_stream("swept");
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": stream_id, "stream_url": w.file_url("s.mp4"), "interval_s": 1,
+                   "key": "sw/{stream_id}/{seq}.jpg", "authority": "late",
+                   "deliver": format!("http://127.0.0.1:{hook_port}/frames")}),
+        )
+        .await
+        .unwrap();
+    let frames = out["frames"].as_u64().unwrap();
+    assert!(frames >= 3, "{out}");
+    // The session ended with everything still queued, and no session follows on the stream.
+    assert_eq!(out["deliveries_pending"], frames, "{out}");
+    assert_eq!(out["uploads_pending"], frames, "{out}");
+    // Both come back; the worker's sweeper sends both outboxes, in order.
+    let hook = Hook::at(hook_port);
+    let receiver = MtlsReceiver::at(&pki, authority_port);
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while (hook.bodies().len() as u64) < frames || (receiver.received().len() as u64) < frames {
+        assert!(
+            std::time::Instant::now() < end,
+            "not swept within 60 s: {} deliveries and {} uploads of {frames}",
+            hook.bodies().len(),
+            receiver.received().len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let seqs: Vec<u64> = hook
+        .bodies()
+        .iter()
+        .map(|b| b["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..frames).collect::<Vec<_>>());
+    let paths: Vec<String> = receiver.received().iter().map(|r| r.path.clone()).collect();
+    let want: Vec<String> = (0..frames)
+        .map(|seq| format!("/frames/{stream_id}/{seq}.jpg"))
+        .collect();
+    assert_eq!(paths, want);
+    // Emptied, nothing given up.
+    for prefix in [
+        "mediafarm-snapshot-outbox-",
+        "mediafarm-snapshot-upload-outbox-",
+    ] {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while list_len(&w, prefix, &stream_id).await > 0 {
+            assert!(std::time::Instant::now() < end, "{prefix} not emptied");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(dead_letters_of(&w, &stream_id).await.is_empty());
+    assert!(upload_dead_letters_of(&w, &stream_id).await.is_empty());
+    forget_stream(&w, &stream_id).await;
+    let mut redis = w.client.backend().connection();
+    redis::cmd("DEL")
+        .arg(format!("mediafarm-snapshot-sweep-{stream_id}"))
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    w.stop().await;
+    let _ = std::fs::remove_dir_all(pki_dir);
 }

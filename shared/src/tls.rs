@@ -2,7 +2,10 @@
 //! (`rediss://`, `redis_backend_use_ssl`), through rustls with ring: the CA and client
 //! certificate files read with errors naming the setting, the key and the file; verification
 //! as `cert_reqs` asks, with a warning every time it is off; and a plain-words hint for the
-//! handshake failures people meet (unknown CA, wrong host name, client certificate missing).
+//! handshake failures people meet (unknown CA, wrong host name, client certificate missing or
+//! refused). Workers build the rustls configuration of their own TLS endpoints here too (with
+//! their own [`TlsKeys`] naming their settings), and find a TLS failure inside an HTTP client's
+//! error with [`tls_failure`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +14,11 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
+
+/// rustls' client configuration, as [`client_config`] builds it (for
+/// [`crate::net::OutboundPolicy::tls`]).
+pub use rustls::ClientConfig;
 
 use crate::settings::tls::{redis_tls_options, TlsKeys, TlsOptions, BROKER_KEYS, REDIS_KEYS};
 use crate::settings::RedisBackendSsl;
@@ -287,6 +294,16 @@ pub fn explain(error: &str, keys: &TlsKeys) -> String {
         "the server's certificate is outside its validity period (or this machine's clock is \
          wrong)"
             .into()
+    } else if error.contains("UnknownCA")
+        || error.contains("BadCertificate")
+        || error.contains("CertificateUnknown")
+        || error.contains("AccessDenied")
+    {
+        format!(
+            "the server did not accept the client certificate: {setting} {cert} must be signed \
+             by a CA the server trusts (and {} must be its key)",
+            keys.keyfile
+        )
     } else if error.contains("CertificateRequired")
         || error.contains("HandshakeFailure")
         || error.contains("certificate required")
@@ -307,6 +324,29 @@ pub fn explain(error: &str, keys: &TlsKeys) -> String {
         return String::new();
     };
     format!(" ({hint})")
+}
+
+/// The TLS failure inside `error`'s chain of sources, as rustls words it (`received fatal alert:
+/// CertificateRequired`, `invalid peer certificate: UnknownIssuer`), also when an I/O error
+/// wraps it; `None` when the chain holds no rustls error (a refused connection, a timeout).
+/// A handshake refused or a certificate not accepted does not change by trying again.
+pub fn tls_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        // An I/O error's `source()` skips the error it wraps: look at that one too.
+        if let Some(tls) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls.to_string());
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// `cert_reqs = CERT_NONE`: any certificate is taken; the handshake's signatures are still
@@ -429,6 +469,12 @@ mod tests {
         assert!(hint.contains("broker_use_ssl ca_certs"), "{hint}");
         let hint = explain("received fatal alert: CertificateRequired", &REDIS_KEYS);
         assert!(hint.contains("ssl_certfile and ssl_keyfile"), "{hint}");
+        let hint = explain("received fatal alert: UnknownCA", &BROKER_KEYS);
+        assert!(
+            hint.contains("did not accept the client certificate"),
+            "{hint}"
+        );
+        assert!(hint.contains("broker_use_ssl certfile"), "{hint}");
         assert_eq!(explain("Connection refused", &BROKER_KEYS), "");
     }
 }

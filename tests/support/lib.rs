@@ -10,6 +10,7 @@
 //! | [`smtp`] | an aiosmtpd sink and Python's MIME parser |
 //! | [`http_fake`] | a scripted HTTP server recording requests (SMS providers, webhooks) |
 //! | [`certs`] | a test CA, a `localhost` certificate and a client certificate (openssl) |
+//! | [`mtls`] | an HTTPS receiver that demands a client certificate of a [`certs`] CA |
 //! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
 //! | [`s3`] | moto's S3-compatible server on loopback |
 //! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |
@@ -20,6 +21,7 @@ pub mod fixtures;
 
 pub mod http_fake;
 pub mod media;
+pub mod mtls;
 pub mod process;
 pub mod raw_amqp;
 pub mod s3;

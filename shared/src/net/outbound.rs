@@ -15,6 +15,11 @@
 //! | `notify.webhook` | allows any | refused | returned as the answer | `webhook_timeout` | none |
 //! | snapshot frame deliveries | allows any | allowed | returned as the answer | `webhook_timeout` | the environment's |
 //! | snapshot stream URLs | refuses all | allowed | FFmpeg's | FFmpeg's | FFmpeg's (only [`OutboundPolicy::vet`]) |
+//! | snapshot authority uploads | allows any (the URL is the operator's) | refused | returned as the answer | the authority's `timeout_s` | none |
+//!
+//! A caller whose endpoint wants a client certificate (mutual TLS) sets [`OutboundPolicy::tls`]
+//! to a rustls configuration built by [`crate::tls::client_config`]; the client then uses it
+//! instead of reqwest's own (the same rustls, so still one TLS stack).
 //!
 //! Errors are [`OutboundError`]s whose text is the reason alone ("host x is not in
 //! source_allowed_hosts"); each caller wraps it in its own error kind and says which URL it was.
@@ -63,6 +68,9 @@ pub struct OutboundPolicy {
     /// Use the proxy from the environment (`HTTPS_PROXY`, …). The proxy, not this policy, then
     /// chooses the address connected to.
     pub system_proxy: bool,
+    /// The TLS configuration of the built client (CA, client certificate); `None`: reqwest's
+    /// own (the system's CAs, no client certificate).
+    pub tls: Option<std::sync::Arc<rustls::ClientConfig>>,
     pub names: SettingNames,
 }
 
@@ -143,6 +151,7 @@ impl OutboundPolicy {
             timeout: None,
             redirects: Redirects::Return,
             system_proxy: false,
+            tls: None,
             names,
         }
     }
@@ -233,6 +242,9 @@ impl OutboundPolicy {
         }
         if let Some(timeout) = self.timeout {
             builder = builder.timeout(timeout);
+        }
+        if let Some(tls) = &self.tls {
+            builder = builder.use_preconfigured_tls(rustls::ClientConfig::clone(tls));
         }
         // The name the connector looks up is the URL's host exactly as written (a trailing dot
         // included), so that is the name pinned.

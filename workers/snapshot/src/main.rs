@@ -21,8 +21,15 @@ fn main() -> ExitCode {
         let storage =
             mediafarm::storage::Storage::from_settings(settings).map_err(|e| e.to_string())?;
         let watch = Watch::new(settings, groups, storage.clone()).map_err(|e| e.to_string())?;
-        Ok(Registry::new()
+        let sweeper = watch.sweeper();
+        let registry = Registry::new()
             .register(Capture::new(settings, &groups.0, storage))
-            .register(watch))
+            .register(watch);
+        Ok(match sweeper {
+            Some(sweeper) => registry.background("snapshot-outbox-sweeper", move |bg| {
+                Box::pin(sweeper.clone().run(bg))
+            }),
+            None => registry,
+        })
     })
 }

@@ -9,6 +9,8 @@ use mediafarm::settings::kinds::*;
 use mediafarm::settings::WebhookSettings;
 use mediafarm::Settings;
 
+use crate::watch::upload::{read_authorities, Authorities};
+
 /// Everything snapshot-worker reads beside the core settings.
 pub type SnapshotGroups = (SnapshotSettings, WebhookSettings);
 
@@ -39,6 +41,16 @@ mediafarm::settings_group! {
         /// Where the audit manifests go in storage (`<prefix>/<stream_id>/<YYYY-MM-DD>/`:
         /// `index.json` and hour parts `<HH>.jsonl`); unset: no manifests.
         snapshot_manifest_prefix: Option<String> = None, Str;
+        /// How often each worker looks for outboxes that no running session sends (their
+        /// stream's session ended with deliveries left, and none followed) and sends them
+        /// under the usual rules; 0: never (leftovers then wait for the stream's next session).
+        snapshot_outbox_sweep: Duration = Duration::from_secs(60), Seconds;
+        /// The authorities frames may be uploaded to over mutual TLS, each as
+        /// `[snapshot_authorities.<name>]` with `url` (`https://`, `{stream_id}`,
+        /// `{session_id}`, `{seq}` filled in; each frame is PUT there), optional `ca_certs`,
+        /// `certfile`, `keyfile` (PEM files, read at start-up) and `timeout_s` (30). A session
+        /// names one as `authority`. In the environment: the same as a JSON object.
+        snapshot_authorities: Authorities = Authorities::default(), Custom(read_authorities);
     }
 }
 

@@ -36,9 +36,10 @@ mediafarm::settings_group! {
         /// `stream_url` (where the worker reads, `{app}` and `{name}` filled in), `key` (the
         /// storage key template of `snapshot.watch`; `{app}` and `{name}` filled in here,
         /// `{stream_id}`, `{seq}`, `{time}` by the worker), optional `interval_s` (20),
-        /// `deliver` (webhook of each frame), `stream_id` (template, default "{app}.{name}"),
-        /// `queue` ("snapshot"), `format`, `quality`, `max_width`. In the environment: the
-        /// same as a JSON object.
+        /// `deliver` (webhook of each frame), `authority` (a name in the worker's
+        /// `snapshot_authorities`: each frame uploaded over mutual TLS), `stream_id`
+        /// (template, default "{app}.{name}"), `queue` ("snapshot"), `format`, `quality`,
+        /// `max_width`. In the environment: the same as a JSON object.
         hooks_apps: Apps = Apps::default(), Custom(read_apps);
         /// Largest hook body accepted, in bytes.
         hooks_max_body: usize = 16_384, Int(1024, 1 << 20);
@@ -63,6 +64,10 @@ pub struct AppPolicy {
     pub interval_s: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deliver: Option<String>,
+    /// The authority (a name in the worker's `snapshot_authorities`) each frame is uploaded
+    /// to over mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
     /// The session's stream id (`{app}`, `{name}`): what `mediafarm streams stop` takes.
     #[serde(default = "default_stream_id")]
     pub stream_id: String,
@@ -120,6 +125,12 @@ impl Apps {
                 };
                 format!("[hooks_apps.{app}]: {}{also}", e.message)
             })?;
+            if let Some(authority) = policy.authority.as_deref().filter(|a| !name_ok(a)) {
+                return Err(format!(
+                    "[hooks_apps.{app}]: authority {authority:?} is not a name of \
+                     snapshot_authorities (1 to 60 of A-Z a-z 0-9 - _)"
+                ));
+            }
             if policy.queue.is_empty() {
                 return Err(format!("[hooks_apps.{app}]: queue is empty"));
             }
@@ -142,6 +153,7 @@ impl AppPolicy {
             quality: self.quality,
             max_width: self.max_width,
             deliver: self.deliver.clone(),
+            authority: self.authority.clone(),
             realtime: false,
             looped: false,
             session: None,
@@ -151,7 +163,8 @@ impl AppPolicy {
 
 fn read_apps(reader: &Reader, name: &str, default: Apps) -> Result<Apps, SettingsError> {
     const ACCEPTED: &str = "applications as [hooks_apps.<app>] with stream_url, key and optional \
-                            interval_s, deliver, stream_id, queue, format, quality, max_width \
+                            interval_s, deliver, authority, stream_id, queue, format, quality, \
+                            max_width \
                             (in the environment, a JSON object)";
     let Some(apps) = reader.named_tables::<Apps>(name, ACCEPTED)? else {
         return Ok(default);
@@ -298,10 +311,12 @@ hooks_token = "0123456789abcdef"
 stream_url = "rtmp://media:1935/{app}/{name}"
 key = "snaps/{stream_id}/{seq}.jpg"
 interval_s = 20
+authority = "city"
 "#;
         let h = read(text, &[]).unwrap();
         let live = &h.hooks_apps.0["live"];
         let args = live.watch_args("live", "room7");
+        assert_eq!(args.authority.as_deref(), Some("city"));
         assert_eq!(args.stream_id, "live.room7");
         assert_eq!(args.stream_url, "rtmp://media:1935/live/room7");
         assert_eq!(live.queue, "snapshot");
@@ -315,6 +330,7 @@ interval_s = 20
         )
         .unwrap();
         let args = h.hooks_apps.0["cams"].watch_args("cams", "c1");
+        assert_eq!(args.authority, None);
         assert_eq!(
             (args.stream_id.as_str(), args.key.as_str()),
             ("c1", "cams/c1/{seq}.jpg")
@@ -342,6 +358,12 @@ interval_s = 20
         )
         .unwrap_err();
         assert!(err.contains("interval"), "{err}");
+        let err = read(
+            "hooks_token = \"0123456789abcdef\"\n[hooks_apps.live]\nstream_url = \"rtmp://m/{app}/{name}\"\nkey = \"s/{seq}.jpg\"\nauthority = \"a b\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(err.contains("snapshot_authorities"), "{err}");
     }
 
     #[test]

@@ -11,10 +11,14 @@
 //! is recorded, and a [`Courier`] task per session sends its head, one at a time, in order, so
 //! a slow receiver never holds up the frames and a worker's death loses none: the session's
 //! next job (redelivery, continuation, or a later session on the stream) sends what is left
-//! first. A network error, a timeout, 408, 429 or 5xx is tried again (1 s doubling to
+//! first, and when no session comes, a worker's outbox sweeper does ([`super::sweep`]). A network error, a timeout, 408, 429 or 5xx is tried again (1 s doubling to
 //! `snapshot_delivery_backoff_max`) until `snapshot_delivery_deadline` after the frame was
 //! taken; then, or at once on another answer, the delivery becomes a dead letter with its
 //! reason and the courier goes on with the next frame.
+//!
+//! The same courier sends a stream's authority uploads ([`super::upload`]) from their own
+//! outbox ([`Lane::Upload`]): a [`Sender`] says which lane a courier serves and makes one try,
+//! and the retry rules above are the same for both.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,9 +30,10 @@ use mediafarm::{ResultBackend, TaskError};
 use tokio::sync::Notify;
 use url::Url;
 
-use super::outbox::{self, DeadLetter, Entry};
+use super::outbox::{self, DeadLetter, Entry, Lane};
 use super::session::unix_now;
 use super::state::LastFrame;
+use super::upload::Uploader;
 
 /// The first pause between tries; it doubles, up to `snapshot_delivery_backoff_max`.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
@@ -54,16 +59,62 @@ pub struct Deliverer {
 /// A checked webhook URL, and a client that connects only to the addresses checked.
 #[derive(Clone)]
 pub struct Target {
-    url: Url,
-    client: reqwest::Client,
+    pub(super) url: Url,
+    pub(super) client: reqwest::Client,
 }
 
 /// Why one try did not deliver, and whether another may.
 #[derive(Debug)]
-struct Refusal {
-    reason: String,
+pub(super) struct Refusal {
+    pub reason: String,
     /// `None`: trying again will not help (a 4xx other than 408 and 429).
-    retry_after: Option<Duration>,
+    pub retry_after: Option<Duration>,
+    /// The dead letter's reason when no try follows: `refused`, or the lane's own (`tls`, …).
+    pub kind: &'static str,
+}
+
+impl Refusal {
+    /// A failure that may pass (network, 5xx): tried again.
+    pub fn passing(reason: String) -> Refusal {
+        Refusal {
+            reason,
+            retry_after: Some(Duration::ZERO),
+            kind: "refused",
+        }
+    }
+
+    /// A failure that trying again does not change; `kind` is the dead letter's reason.
+    pub fn lasting(kind: &'static str, reason: String) -> Refusal {
+        Refusal {
+            reason,
+            retry_after: None,
+            kind,
+        }
+    }
+
+    /// The refusal of an answer that was not a 2xx: 408, 429 (with its `Retry-After`) and 5xx
+    /// pass; any other answer is lasting.
+    pub fn of_answer(url: &Url, resp: &reqwest::Response) -> Refusal {
+        let status = resp.status();
+        let retry_after = match status.as_u16() {
+            429 => Some(
+                resp.headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    // Capped: past the deadline it only means "give up", and an absurd value
+                    // must not overflow the clock arithmetic.
+                    .map_or(Duration::ZERO, |s| Duration::from_secs(s.min(3600))),
+            ),
+            408 | 500..=599 => Some(Duration::ZERO),
+            _ => None,
+        };
+        Refusal {
+            reason: format!("{url} answered {status}"),
+            retry_after,
+            kind: "refused",
+        }
+    }
 }
 
 fn refused(url: &str, why: impl std::fmt::Display) -> TaskError {
@@ -148,45 +199,73 @@ impl Deliverer {
         let resp = mediafarm::observe::trace::inject_http(req.body(body.to_owned()))
             .send()
             .await
-            .map_err(|e| Refusal {
-                reason: format!("{}: {e}", to.url),
-                retry_after: Some(Duration::ZERO),
-            })?;
-        let status = resp.status();
-        if status.is_success() {
+            .map_err(|e| Refusal::passing(format!("{}: {e}", to.url)))?;
+        if resp.status().is_success() {
             return Ok(());
         }
-        let retry_after = match status.as_u16() {
-            429 => Some(
-                resp.headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    // Capped: past the deadline it only means "give up", and an absurd value
-                    // must not overflow the clock arithmetic.
-                    .map_or(Duration::ZERO, |s| Duration::from_secs(s.min(3600))),
-            ),
-            408 | 500..=599 => Some(Duration::ZERO),
-            _ => None,
-        };
-        Err(Refusal {
-            reason: format!("{} answered {status}", to.url),
-            retry_after,
-        })
+        Err(Refusal::of_answer(&to.url, &resp))
+    }
+}
+
+/// What a courier sends, and how one try goes: webhook deliveries or authority uploads.
+#[derive(Clone)]
+pub enum Sender {
+    Webhook(Deliverer),
+    Upload(Uploader),
+}
+
+impl Sender {
+    pub fn lane(&self) -> Lane {
+        match self {
+            Sender::Webhook(_) => Lane::Webhook,
+            Sender::Upload(_) => Lane::Upload,
+        }
+    }
+
+    /// From the frame's capture to giving its delivery up, and the longest pause.
+    fn timing(&self) -> (Duration, Duration) {
+        match self {
+            Sender::Webhook(d) => (d.deadline, d.backoff_max),
+            Sender::Upload(u) => u.timing(),
+        }
+    }
+
+    /// The key a checked target is kept under between entries.
+    fn target_key(entry: &Entry) -> String {
+        match &entry.authority {
+            Some(name) => format!("{name} {}", entry.url),
+            None => entry.url.clone(),
+        }
+    }
+
+    /// Checks an entry's URL (and, for uploads, its authority) and builds its client.
+    async fn vet(&self, entry: &Entry) -> Result<Target, TaskError> {
+        match self {
+            Sender::Webhook(d) => d.vet(&entry.url).await,
+            Sender::Upload(u) => u.vet(entry).await,
+        }
+    }
+
+    async fn try_once(&self, to: &Target, entry: &Entry) -> Result<(), Refusal> {
+        match self {
+            Sender::Webhook(d) => d.post(to, entry).await,
+            Sender::Upload(u) => u.put(to, entry).await,
+        }
     }
 
     /// Delivers one entry, trying again on passing failures until its deadline. `Err` carries
     /// the dead letter's reason (`deadline` or `refused`) and detail.
     async fn deliver(&self, to: &Target, entry: &Entry) -> Result<(), (&'static str, String)> {
-        let deadline = entry.offered_at + self.deadline.as_secs_f64();
+        let (deadline_after, backoff_max) = self.timing();
+        let deadline = entry.offered_at + deadline_after.as_secs_f64();
         let mut backoff = FIRST_BACKOFF;
         loop {
-            let refusal = match self.post(to, entry).await {
+            let refusal = match self.try_once(to, entry).await {
                 Ok(()) => return Ok(()),
                 Err(r) => r,
             };
             let Some(asked) = refusal.retry_after else {
-                return Err(("refused", refusal.reason));
+                return Err((refusal.kind, refusal.reason));
             };
             let wait = asked.max(backoff);
             if unix_now() + wait.as_secs_f64() > deadline {
@@ -195,13 +274,13 @@ impl Deliverer {
                     format!(
                         "{} (gave up {} s after the frame was taken)",
                         refusal.reason,
-                        self.deadline.as_secs_f64()
+                        deadline_after.as_secs_f64()
                     ),
                 ));
             }
             tracing::debug!(id = %entry.id, reason = %refusal.reason, ?wait, "frame delivery will be tried again");
             tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(self.backoff_max.max(FIRST_BACKOFF));
+            backoff = (backoff * 2).min(backoff_max.max(FIRST_BACKOFF));
         }
     }
 }
@@ -231,6 +310,7 @@ pub fn entry(stream_id: &str, session_id: &str, url: &str, last: &LastFrame) -> 
         session_id: session_id.to_owned(),
         seq: last.seq,
         url: url.to_owned(),
+        authority: None,
         body,
         offered_at: last.wall_s,
     }
@@ -245,12 +325,13 @@ pub struct Courier {
     /// Deliveries this job gave up (dead letters, the outbox's refusals included).
     failed: Arc<AtomicU64>,
     backend: ResultBackend,
+    lane: Lane,
     stream_id: String,
 }
 
 /// What the courier's loop shares.
 struct Run {
-    deliverer: Deliverer,
+    sender: Sender,
     backend: ResultBackend,
     stream_id: String,
     /// The last target checked, by its URL text.
@@ -261,10 +342,11 @@ struct Run {
 }
 
 impl Courier {
-    /// Starts delivering `stream_id`'s outbox; `checked` is the session's own target, checked
-    /// already (entries for other URLs, left by earlier sessions, are checked when they come).
+    /// Starts delivering `stream_id`'s outbox of `sender`'s lane; `checked` is the session's
+    /// own webhook target, checked already (entries for other URLs, left by earlier sessions,
+    /// and uploads are checked when they come).
     pub fn start(
-        deliverer: Deliverer,
+        sender: Sender,
         backend: ResultBackend,
         stream_id: &str,
         checked: Option<(String, Target)>,
@@ -272,8 +354,9 @@ impl Courier {
         let wake = Arc::new(Notify::new());
         let closing = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicU64::new(0));
+        let lane = sender.lane();
         let run = Run {
-            deliverer,
+            sender,
             backend: backend.clone(),
             stream_id: stream_id.to_owned(),
             target: checked,
@@ -287,6 +370,7 @@ impl Courier {
             closing,
             failed,
             backend,
+            lane,
             stream_id: stream_id.to_owned(),
         }
     }
@@ -311,7 +395,7 @@ impl Courier {
         if tokio::time::timeout(grace, &mut task).await.is_err() {
             task.abort();
         }
-        let pending = outbox::len(&self.backend, &self.stream_id)
+        let pending = outbox::len(&self.backend, self.lane, &self.stream_id)
             .await
             .unwrap_or_else(|e| {
                 tracing::warn!(stream_id = %self.stream_id, error = %e, "cannot count the outbox");
@@ -324,7 +408,8 @@ impl Courier {
 impl Run {
     async fn go(mut self) {
         loop {
-            let raw = match outbox::head(&self.backend, &self.stream_id).await {
+            let lane = self.sender.lane();
+            let raw = match outbox::head(&self.backend, lane, &self.stream_id).await {
                 Ok(Some(raw)) => raw,
                 Ok(None) if self.closing.load(Ordering::Relaxed) => return,
                 Ok(None) => {
@@ -346,6 +431,7 @@ impl Run {
                         session_id: String::new(),
                         seq: 0,
                         url: String::new(),
+                        authority: None,
                         body: raw.clone(),
                         offered_at: 0.0,
                     };
@@ -358,20 +444,22 @@ impl Run {
 
     /// Delivers the head `entry` (stored as `raw`) and removes it, or gives it up.
     async fn send(&mut self, raw: &str, entry: &Entry) {
+        let key = Sender::target_key(entry);
         let target = match &self.target {
-            Some((url, t)) if *url == entry.url => Ok(t.clone()),
-            _ => self.deliverer.vet(&entry.url).await,
+            Some((k, t)) if *k == key => Ok(t.clone()),
+            _ => self.sender.vet(entry).await,
         };
+        let (deadline, backoff_max) = self.sender.timing();
         let outcome = match target {
             Ok(t) => {
-                self.target = Some((entry.url.clone(), t.clone()));
-                self.deliverer.deliver(&t, entry).await
+                self.target = Some((key, t.clone()));
+                self.sender.deliver(&t, entry).await
             }
             Err(e) if e.exc_type == "DeliverRefused" => Err(("refused", e.message)),
-            Err(e) if unix_now() < entry.offered_at + self.deliverer.deadline.as_secs_f64() => {
+            Err(e) if unix_now() < entry.offered_at + deadline.as_secs_f64() => {
                 // Unreachable for now (its name does not resolve): as a failed try.
                 tracing::info!(id = %entry.id, error = %e, "frame delivery will be tried again");
-                tokio::time::sleep(self.deliverer.backoff_max.min(Duration::from_secs(5))).await;
+                tokio::time::sleep(backoff_max.min(Duration::from_secs(5))).await;
                 return;
             }
             Err(e) => Err(("deadline", e.message)),
@@ -379,7 +467,8 @@ impl Run {
         match outcome {
             Ok(()) => {
                 // A removal lost to Redis is tried again; the delivery is not (at least once).
-                while let Err(e) = outbox::done(&self.backend, &self.stream_id, raw).await {
+                let lane = self.sender.lane();
+                while let Err(e) = outbox::done(&self.backend, lane, &self.stream_id, raw).await {
                     tracing::warn!(id = %entry.id, error = %e, "cannot remove a delivered frame from the outbox");
                     tokio::time::sleep(REDIS_PAUSE).await;
                 }
@@ -391,8 +480,9 @@ impl Run {
     async fn give_up(&self, raw: &str, entry: &Entry, reason: &str, detail: String) {
         tracing::warn!(stream_id = %self.stream_id, id = %entry.id, %reason, %detail, "frame delivery given up (dead letter)");
         let letter = DeadLetter::of(entry, reason, detail);
+        let lane = self.sender.lane();
         loop {
-            match outbox::dead(&self.backend, &self.stream_id, raw, &letter).await {
+            match outbox::dead(&self.backend, lane, &self.stream_id, raw, &letter).await {
                 Ok(moved) => {
                     if moved {
                         self.failed.fetch_add(1, Ordering::Relaxed);

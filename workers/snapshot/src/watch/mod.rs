@@ -4,8 +4,10 @@
 //! frame, records the session in Redis ([`state`]) together with the frame's delivery in the
 //! stream's outbox ([`outbox`]) and the lines of its audit manifest ([`manifest`]), reports
 //! PROGRESS, delivers webhooks from that outbox
-//! ([`deliver`]) and, before RabbitMQ's ack timeout could matter, hands the session on as a
-//! continuation ([`TaskContext::continue_with`]) and ends its own job. Stop requests and
+//! ([`deliver`]), uploads frames to an authority over mutual TLS from a second outbox
+//! ([`upload`]) and, before RabbitMQ's ack timeout could matter, hands the session on as a
+//! continuation ([`TaskContext::continue_with`]) and ends its own job. Outboxes that no
+//! session sends any more are swept by every worker's background [`sweep::Sweeper`]. Stop requests and
 //! revokes come through the runtime's signals ([`mediafarm::runtime::stop`], scope
 //! [`STOP_SCOPE`]).
 
@@ -15,6 +17,8 @@ pub mod outbox;
 pub mod schedule;
 pub mod session;
 pub mod state;
+pub mod sweep;
+pub mod upload;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -74,6 +78,9 @@ pub struct WatchArgs {
     /// Webhook each frame is POSTed to, signed with HMAC-SHA256.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deliver: Option<String>,
+    /// Authority (a name in `snapshot_authorities`) each frame is PUT to over mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
     /// Files: read at the stream's own pace (as a live source would arrive).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub realtime: bool,
@@ -121,6 +128,9 @@ pub struct WatchSummary {
     pub deliveries_failed: u64,
     /// Deliveries still in the stream's outbox when this job ended.
     pub deliveries_pending: u64,
+    /// Authority uploads this job gave up (dead letters), and those still waiting.
+    pub uploads_failed: u64,
+    pub uploads_pending: u64,
 }
 
 pub struct Watch {
@@ -129,6 +139,7 @@ pub struct Watch {
     storage: Storage,
     sessions: Arc<Semaphore>,
     deliver: deliver::Deliverer,
+    upload: upload::Uploader,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +151,8 @@ pub enum WatchSetupError {
     Slice { slice: f64, longest: f64, most: f64 },
     #[error("snapshot_manifest_prefix {prefix:?} is not a usable storage key prefix: {reason}")]
     ManifestPrefix { prefix: String, reason: String },
+    #[error(transparent)]
+    Authority(#[from] upload::UploadSetupError),
 }
 
 impl Watch {
@@ -168,7 +181,14 @@ impl Watch {
                 },
             )?;
         }
+        let upload = upload::Uploader::new(
+            &snapshot.snapshot_authorities,
+            storage.clone(),
+            snapshot.snapshot_delivery_deadline,
+            snapshot.snapshot_delivery_backoff_max,
+        )?;
         Ok(Watch {
+            upload,
             settings: settings.clone(),
             snapshot: snapshot.clone(),
             storage,
@@ -178,6 +198,19 @@ impl Watch {
                 snapshot.snapshot_delivery_deadline,
                 snapshot.snapshot_delivery_backoff_max,
             ),
+        })
+    }
+}
+
+impl Watch {
+    /// The outbox sweeper for the worker's background work; `None` when
+    /// `snapshot_outbox_sweep` is 0.
+    pub fn sweeper(&self) -> Option<sweep::Sweeper> {
+        let every = self.snapshot.snapshot_outbox_sweep;
+        (!every.is_zero()).then(|| sweep::Sweeper {
+            webhook: self.deliver.clone(),
+            upload: self.upload.clone(),
+            every,
         })
     }
 }
@@ -281,6 +314,9 @@ impl Task for Watch {
             Some(url) => Some((url.clone(), self.deliver.vet(url).await?)),
             None => None,
         };
+        if let Some(name) = &args.authority {
+            self.upload.check(name)?;
+        }
         let Ok(_session_slot) = self.sessions.clone().try_acquire_owned() else {
             return Err(TaskError::transient(
                 "TooManySessions",
@@ -305,13 +341,28 @@ impl Task for Watch {
                 ),
             ));
         }
-        // Also without `deliver` of its own, a session sends what earlier ones left queued.
-        let courier = if deliver_to.is_some() || outbox::len(&backend, &args.stream_id).await? > 0 {
+        // Also without `deliver` (or `authority`) of its own, a session sends what earlier
+        // ones left queued.
+        let courier = if deliver_to.is_some()
+            || outbox::len(&backend, outbox::Lane::Webhook, &args.stream_id).await? > 0
+        {
             Some(deliver::Courier::start(
-                self.deliver.clone(),
+                deliver::Sender::Webhook(self.deliver.clone()),
                 backend.clone(),
                 &args.stream_id,
                 deliver_to,
+            ))
+        } else {
+            None
+        };
+        let uploader = if args.authority.is_some()
+            || outbox::len(&backend, outbox::Lane::Upload, &args.stream_id).await? > 0
+        {
+            Some(deliver::Courier::start(
+                deliver::Sender::Upload(self.upload.clone()),
+                backend.clone(),
+                &args.stream_id,
+                None,
             ))
         } else {
             None
@@ -402,11 +453,20 @@ impl Task for Watch {
                             .deliver
                             .as_deref()
                             .map(|url| deliver::entry(&args.stream_id, &session_id, url, &last));
+                        let upload = args.authority.as_deref().and_then(|name| {
+                            self.upload.entry(
+                                &args.stream_id,
+                                &session_id,
+                                name,
+                                &last,
+                                args.format.content_type(),
+                            )
+                        });
                         let queued = outbox::commit(
                             &backend,
                             &st,
                             &args.stream_id,
-                            entry.as_ref(),
+                            (entry.as_ref(), upload.as_ref()),
                             self.snapshot.snapshot_outbox_max,
                             audit.as_ref().map(|_| outbox::ManifestLines {
                                 list_key: part.list_key(&args.stream_id),
@@ -426,13 +486,18 @@ impl Task for Watch {
                             "last_frame": last,
                         });
                         ctx.update_state("PROGRESS", progress).await?;
-                        match (&courier, queued) {
-                            (Some(c), outbox::Queued::Queued) => c.wake(),
-                            (Some(c), outbox::Queued::Full) => {
-                                tracing::warn!(stream_id = %args.stream_id, seq = last.seq, "frame delivery not queued: the outbox is full (dead letter outbox_full)");
-                                c.count_refused();
+                        for (c, queued, what) in [
+                            (&courier, queued.webhook, "delivery"),
+                            (&uploader, queued.upload, "upload"),
+                        ] {
+                            match (c, queued) {
+                                (Some(c), outbox::Queued::Queued) => c.wake(),
+                                (Some(c), outbox::Queued::Full) => {
+                                    tracing::warn!(stream_id = %args.stream_id, seq = last.seq, what, "frame not queued: the outbox is full (dead letter outbox_full)");
+                                    c.count_refused();
+                                }
+                                _ => {}
                             }
-                            _ => {}
                         }
                     }
                     Some(Event::Reconnecting { attempt, error }) => {
@@ -480,10 +545,18 @@ impl Task for Watch {
             Ended::Continued | Ended::Superseded => Duration::ZERO,
             _ => DELIVERY_GRACE,
         };
-        let (deliveries_failed, deliveries_pending) = match courier {
-            Some(courier) => courier.finish(grace).await,
-            None => (0, 0),
+        // Both couriers finish side by side, within one grace.
+        let finish_lane = |c: Option<deliver::Courier>| async move {
+            match c {
+                Some(c) => c.finish(grace).await,
+                None => (0, 0),
+            }
         };
+        let ((deliveries_failed, deliveries_pending), (uploads_failed, uploads_pending)) =
+            tokio::join!(finish_lane(courier), finish_lane(uploader));
+        if uploads_pending > 0 {
+            tracing::info!(stream_id = %args.stream_id, uploads_pending, "authority uploads left in the stream's outbox");
+        }
         if deliveries_pending > 0 {
             tracing::info!(stream_id = %args.stream_id, deliveries_pending, "frame deliveries left in the stream's outbox");
         }
@@ -503,6 +576,8 @@ impl Task for Watch {
             last_frame: st.last.clone(),
             deliveries_failed,
             deliveries_pending,
+            uploads_failed,
+            uploads_pending,
         };
         if ended == Ended::Continued {
             state::save(&backend, &args.stream_id, &st).await?;

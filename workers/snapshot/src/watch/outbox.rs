@@ -17,6 +17,11 @@
 //!   answer that retrying cannot change, a URL the policy now refuses) or never queued (the
 //!   outbox held `snapshot_outbox_max` entries already), with its reason and its body.
 //!
+//! - Authority uploads ([`super::upload`]) are a second lane with the same rules and lists of
+//!   their own ([`Lane::Upload`]: `mediafarm-snapshot-upload-outbox-<stream_id>` and
+//!   `mediafarm-snapshot-upload-dead-<stream_id>`), queued in the same step as the webhook's
+//!   entry: an authority that is down never holds up the webhook, nor the other way round.
+//!
 //! At least once: a worker killed after the receiver's 2xx and before the removal sends that
 //! frame again, under the same `X-Mediafarm-Delivery-Id`; receivers that drop an id they have
 //! seen get each frame exactly once. Both lists expire [`KEEP_S`] after their last write.
@@ -28,30 +33,38 @@ use super::state::{SessionState, SESSION_PREFIX};
 
 pub const OUTBOX_PREFIX: &str = "mediafarm-snapshot-outbox-";
 pub const DEAD_PREFIX: &str = "mediafarm-snapshot-dead-";
+/// The authority uploads' outbox and dead letters ([`Lane::Upload`]). No stream id makes one
+/// of these names equal to another lane's (`outbox-`, `dead-`, `upload-` differ at once).
+pub const UPLOAD_OUTBOX_PREFIX: &str = "mediafarm-snapshot-upload-outbox-";
+pub const UPLOAD_DEAD_PREFIX: &str = "mediafarm-snapshot-upload-dead-";
 /// Dead letters kept per stream (the newest).
 pub const DEAD_KEEP: u64 = 10_000;
 /// How long an outbox or a dead-letter list nobody writes is kept (as the session record).
 pub const KEEP_S: u64 = 7 * 86_400;
 
-/// Saves the session record, adds the audit manifest's lines (KEYS[4], when given) and queues
-/// the frame's delivery, or records it as a dead letter when the outbox is full. Returns 1
-/// queued, 2 outbox full, 0 nothing to queue.
+/// Saves the session record, adds the audit manifest's lines (KEYS[6], when given) and queues
+/// the frame's webhook delivery (KEYS[2], dead letters KEYS[3]) and authority upload (KEYS[4],
+/// KEYS[5]), each recorded as a dead letter instead when its outbox is full. Returns, per lane,
+/// 1 queued, 2 outbox full, 0 nothing to queue.
 const COMMIT_LUA: &str = r"
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-if KEYS[4] then
-  for i = 8, #ARGV do redis.call('RPUSH', KEYS[4], ARGV[i]) end
-  redis.call('EXPIRE', KEYS[4], ARGV[7])
+if KEYS[6] then
+  for i = 10, #ARGV do redis.call('RPUSH', KEYS[6], ARGV[i]) end
+  redis.call('EXPIRE', KEYS[6], ARGV[7])
 end
-if ARGV[3] == '' then return 0 end
-if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[4]) then
-  redis.call('RPUSH', KEYS[3], ARGV[5])
-  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[6]), -1)
-  redis.call('EXPIRE', KEYS[3], ARGV[2])
-  return 2
+local function queue(outbox, dead, raw, letter)
+  if raw == '' then return 0 end
+  if redis.call('LLEN', outbox) >= tonumber(ARGV[4]) then
+    redis.call('RPUSH', dead, letter)
+    redis.call('LTRIM', dead, -tonumber(ARGV[6]), -1)
+    redis.call('EXPIRE', dead, ARGV[2])
+    return 2
+  end
+  redis.call('RPUSH', outbox, raw)
+  redis.call('EXPIRE', outbox, ARGV[2])
+  return 1
 end
-redis.call('RPUSH', KEYS[2], ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-return 1
+return {queue(KEYS[2], KEYS[3], ARGV[3], ARGV[5]), queue(KEYS[4], KEYS[5], ARGV[8], ARGV[9])}
 ";
 
 /// Removes the head if it is still the entry delivered.
@@ -82,8 +95,12 @@ pub struct Entry {
     pub stream_id: String,
     pub session_id: String,
     pub seq: u64,
-    /// The webhook URL (checked again by the courier that sends it).
+    /// The webhook URL, or the authority's URL with the frame's values filled in (checked
+    /// again by the courier that sends it).
     pub url: String,
+    /// Uploads: the name of the authority in `snapshot_authorities` (its client certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
     pub body: String,
     /// Unix seconds when the frame was taken; the delivery deadline counts from here.
     pub offered_at: f64,
@@ -97,7 +114,9 @@ pub struct DeadLetter {
     pub session_id: String,
     pub seq: u64,
     pub url: String,
-    /// `outbox_full`, `deadline`, `refused` or `unreadable`.
+    /// `outbox_full`, `deadline`, `refused`, `unreadable`; uploads also `tls` (the handshake
+    /// was refused or a certificate not accepted) and `frame` (the stored frame is gone or
+    /// changed).
     pub reason: String,
     pub detail: String,
     /// Unix seconds when it was given up.
@@ -131,12 +150,27 @@ fn backend_error(e: impl std::fmt::Display) -> TaskError {
     TaskError::transient("BackendError", e.to_string())
 }
 
-fn outbox_key(stream_id: &str) -> String {
-    format!("{OUTBOX_PREFIX}{stream_id}")
+/// Which of a stream's two outboxes: webhook deliveries or authority uploads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    Webhook,
+    Upload,
 }
 
-fn dead_key(stream_id: &str) -> String {
-    format!("{DEAD_PREFIX}{stream_id}")
+impl Lane {
+    pub fn outbox_key(self, stream_id: &str) -> String {
+        match self {
+            Lane::Webhook => format!("{OUTBOX_PREFIX}{stream_id}"),
+            Lane::Upload => format!("{UPLOAD_OUTBOX_PREFIX}{stream_id}"),
+        }
+    }
+
+    pub fn dead_key(self, stream_id: &str) -> String {
+        match self {
+            Lane::Webhook => format!("{DEAD_PREFIX}{stream_id}"),
+            Lane::Upload => format!("{UPLOAD_DEAD_PREFIX}{stream_id}"),
+        }
+    }
 }
 
 /// What [`commit`] did with the frame's delivery.
@@ -156,39 +190,60 @@ pub struct ManifestLines<'a> {
     pub keep_s: u64,
 }
 
+/// What [`commit`] did with each lane's entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    pub webhook: Queued,
+    pub upload: Queued,
+}
+
+/// An entry as stored, and its dead letter should the outbox be full; empty texts for none.
+fn texts(entry: Option<&Entry>, cap: usize) -> Result<(String, String), TaskError> {
+    let Some(e) = entry else {
+        return Ok((String::new(), String::new()));
+    };
+    let dead = DeadLetter::of(
+        e,
+        "outbox_full",
+        format!("the stream's outbox held snapshot_outbox_max = {cap} deliveries"),
+    );
+    Ok((
+        serde_json::to_string(e).map_err(backend_error)?,
+        serde_json::to_string(&dead).map_err(backend_error)?,
+    ))
+}
+
+fn queued(code: Option<&i64>) -> Queued {
+    match code {
+        Some(1) => Queued::Queued,
+        Some(2) => Queued::Full,
+        _ => Queued::Nothing,
+    }
+}
+
 /// Saves the session record (with the new frame counted) and, in the same step, adds the
-/// frame's manifest lines and queues its delivery behind the stream's outbox (at most `cap`
-/// entries).
+/// frame's manifest lines and queues its webhook delivery and its authority upload behind
+/// their outboxes (at most `cap` entries each).
 pub async fn commit(
     backend: &ResultBackend,
     state: &SessionState,
     stream_id: &str,
-    entry: Option<&Entry>,
+    (webhook, upload): (Option<&Entry>, Option<&Entry>),
     cap: usize,
     manifest: Option<ManifestLines<'_>>,
-) -> Result<Queued, TaskError> {
+) -> Result<Committed, TaskError> {
     let mut conn = backend.connection();
     let text = serde_json::to_string(state).map_err(backend_error)?;
-    let (raw, dead) = match entry {
-        Some(e) => {
-            let dead = DeadLetter::of(
-                e,
-                "outbox_full",
-                format!("the stream's outbox held snapshot_outbox_max = {cap} deliveries"),
-            );
-            (
-                serde_json::to_string(e).map_err(backend_error)?,
-                serde_json::to_string(&dead).map_err(backend_error)?,
-            )
-        }
-        None => (String::new(), String::new()),
-    };
+    let (raw, dead) = texts(webhook, cap)?;
+    let (up_raw, up_dead) = texts(upload, cap)?;
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(COMMIT_LUA)
-        .arg(if manifest.is_some() { 4 } else { 3 })
+        .arg(if manifest.is_some() { 6 } else { 5 })
         .arg(format!("{SESSION_PREFIX}{stream_id}"))
-        .arg(outbox_key(stream_id))
-        .arg(dead_key(stream_id));
+        .arg(Lane::Webhook.outbox_key(stream_id))
+        .arg(Lane::Webhook.dead_key(stream_id))
+        .arg(Lane::Upload.outbox_key(stream_id))
+        .arg(Lane::Upload.dead_key(stream_id));
     if let Some(m) = &manifest {
         cmd.arg(&m.list_key);
     }
@@ -198,23 +253,28 @@ pub async fn commit(
         .arg(cap)
         .arg(dead)
         .arg(DEAD_KEEP)
-        .arg(manifest.as_ref().map_or(0, |m| m.keep_s));
+        .arg(manifest.as_ref().map_or(0, |m| m.keep_s))
+        .arg(up_raw)
+        .arg(up_dead);
     if let Some(m) = &manifest {
         cmd.arg(m.lines);
     }
-    let done: i64 = cmd.query_async(&mut conn).await.map_err(backend_error)?;
-    Ok(match done {
-        1 => Queued::Queued,
-        2 => Queued::Full,
-        _ => Queued::Nothing,
+    let done: Vec<i64> = cmd.query_async(&mut conn).await.map_err(backend_error)?;
+    Ok(Committed {
+        webhook: queued(done.first()),
+        upload: queued(done.get(1)),
     })
 }
 
 /// The oldest waiting delivery, as stored (the text [`done`] and [`dead`] compare).
-pub async fn head(backend: &ResultBackend, stream_id: &str) -> Result<Option<String>, TaskError> {
+pub async fn head(
+    backend: &ResultBackend,
+    lane: Lane,
+    stream_id: &str,
+) -> Result<Option<String>, TaskError> {
     let mut conn = backend.connection();
     redis::cmd("LINDEX")
-        .arg(outbox_key(stream_id))
+        .arg(lane.outbox_key(stream_id))
         .arg(0)
         .query_async(&mut conn)
         .await
@@ -222,22 +282,27 @@ pub async fn head(backend: &ResultBackend, stream_id: &str) -> Result<Option<Str
 }
 
 /// How many deliveries wait.
-pub async fn len(backend: &ResultBackend, stream_id: &str) -> Result<u64, TaskError> {
+pub async fn len(backend: &ResultBackend, lane: Lane, stream_id: &str) -> Result<u64, TaskError> {
     let mut conn = backend.connection();
     redis::cmd("LLEN")
-        .arg(outbox_key(stream_id))
+        .arg(lane.outbox_key(stream_id))
         .query_async(&mut conn)
         .await
         .map_err(backend_error)
 }
 
 /// Removes the delivered head `raw`; false when the head is another entry now.
-pub async fn done(backend: &ResultBackend, stream_id: &str, raw: &str) -> Result<bool, TaskError> {
+pub async fn done(
+    backend: &ResultBackend,
+    lane: Lane,
+    stream_id: &str,
+    raw: &str,
+) -> Result<bool, TaskError> {
     let mut conn = backend.connection();
     redis::cmd("EVAL")
         .arg(DONE_LUA)
         .arg(1)
-        .arg(outbox_key(stream_id))
+        .arg(lane.outbox_key(stream_id))
         .arg(raw)
         .query_async::<i64>(&mut conn)
         .await
@@ -248,6 +313,7 @@ pub async fn done(backend: &ResultBackend, stream_id: &str, raw: &str) -> Result
 /// Moves the head `raw` to the dead letters as `letter`; false when the head is another now.
 pub async fn dead(
     backend: &ResultBackend,
+    lane: Lane,
     stream_id: &str,
     raw: &str,
     letter: &DeadLetter,
@@ -257,8 +323,8 @@ pub async fn dead(
     redis::cmd("EVAL")
         .arg(DEAD_LUA)
         .arg(2)
-        .arg(outbox_key(stream_id))
-        .arg(dead_key(stream_id))
+        .arg(lane.outbox_key(stream_id))
+        .arg(lane.dead_key(stream_id))
         .arg(raw)
         .arg(text)
         .arg(DEAD_KEEP)
