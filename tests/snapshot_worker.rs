@@ -793,7 +793,8 @@ async fn sessions_beyond_the_limit_wait_for_a_free_slot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_session_for_a_watched_stream_is_refused() {
     let mut w = World::new("dup", &[]).await;
-    make_video(&w.media("d.mp4"), 30, "160x120", 15);
+    // Long enough that a loaded machine still stops it before the file ends.
+    make_video(&w.media("d.mp4"), 120, "160x120", 15);
     w.start_worker("a");
     let url = w.file_url("d.mp4");
     let kw = json!({"stream_id": "dup", "stream_url": url, "interval_s": 1, "realtime": true, "key": "d/{seq}.jpg"});
