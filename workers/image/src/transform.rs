@@ -121,6 +121,9 @@ impl Task for Transform {
                 // buffers of a job whose thread then sat idle stayed resident (RSS grew from
                 // 56 to 173 MB over 16 jobs on 50 MP sources). One collection per job
                 // returns them; purging on every free instead cost 40 % of the throughput.
+                // Collecting only after jobs over 25 MP gave no measurable CPU back on 8–24 MP
+                // photographs and 55 MB more peak RSS (BENCHMARKS.md, "Where an image job's
+                // CPU goes").
                 // SAFETY: `mi_collect` only releases this thread's free memory.
                 unsafe { libmimalloc_sys::mi_collect(true) };
                 made
@@ -223,6 +226,8 @@ pub fn process_with(
             })
             .fold(0.0f64, f64::max)
     };
+    // Stages are `trace` spans, off in a worker; `examples/stage-cpu.rs` times them in CPU.
+    let decoding = tracing::trace_span!("decode").entered();
     // The reservation is held until every output is made from the decoded image.
     let Decoded {
         image: img,
@@ -232,6 +237,7 @@ pub fn process_with(
         exif,
         reservation: _held,
     } = decode(data, args.auto_orient, max_pixels, share_needed, extra)?;
+    drop(decoding);
     // The pixels stay as stored until each output is made: the crop and every size are
     // mapped into the stored frame, and only the output-size picture is turned (orient.rs).
     let shown_full = (info.width, info.height);
@@ -288,7 +294,10 @@ pub fn process_with(
             (Fit::Cover, Some(smart), Some(map)) => map.anchor(smart, plan.resize_to),
             _ => plan.anchor,
         };
+        let resizing = tracing::trace_span!("resize").entered();
         let scaled = scale(&mut resizer, base, plan.resize_to, spec.fit, anchor)?;
+        drop(resizing);
+        let finishing = tracing::trace_span!("finish").entered();
         if matches!(spec.fit, Fit::Inside | Fit::Contain) && (w, h) != full {
             derived.push(scaled.clone());
         }
@@ -323,6 +332,8 @@ pub fn process_with(
             Some((w, o)) => draw(shown, o, w, &mut resizer)?,
             None => shown,
         };
+        drop(finishing);
+        let encoding = tracing::trace_span!("encode").entered();
         let data = encode(&shown, spec, meta).map_err(|e| match e.kind {
             mediafarm::FailureKind::Invalid => invalid(
                 "OutputTooLarge",
@@ -330,6 +341,7 @@ pub fn process_with(
             ),
             _ => e,
         })?;
+        drop(encoding);
         out[i] = Some(Encoded {
             data,
             width: shown.width(),
