@@ -14,7 +14,11 @@ and 24.5 MP — landscape and portrait, baseline and progressive, 4:4:4, 4:2:2 a
 three made from them the way cameras write: a baseline 4:2:0 q92 re-encode, and two copies
 carrying EXIF orientation 6 and 8 (the pixels untouched, only an EXIF block added).
 
-Usage: .venv/bin/python bench/image_stages.py [--rounds 3] [--no-build]
+Quality (`--psnr`): every output of both sides against libvips' (thumbnail with shrink-on-load
+and EXIF auto-rotation to 1280 px, the smaller ones LANCZOS3 from it), PSNR over RGB; the
+lowest per side is printed (target ≥ 35 dB).
+
+Usage: .venv/bin/python bench/image_stages.py [--rounds 3] [--no-build] [--psnr]
 """
 import argparse
 import glob
@@ -138,15 +142,69 @@ def rust_stages(files, rounds):
     return table
 
 
+def psnr(a, b):
+    """PSNR in dB between two pyvips images of one size (RGB)."""
+    import math
+    diff = a.cast("float") - b.cast("float")
+    mse = (diff * diff).avg()
+    return float("inf") if mse == 0 else 10 * math.log10(255 * 255 / mse)
+
+
+def vips_outputs(f):
+    import pyvips
+    big = pyvips.Image.thumbnail(f, WIDTHS[0], height=100_000, size="down").copy_memory()
+    outs = {WIDTHS[0]: big}
+    for w in WIDTHS[1:]:
+        outs[w] = big.resize(w / big.width, kernel="lanczos3")
+    return outs
+
+
+def lowest_psnr(files):
+    """{(side, width): (lowest PSNR, file)} of every output against libvips'."""
+    import pyvips
+    sys.path.insert(0, str(ROOT / "bench"))
+    from image_celery_app import pillow_job
+    kept = ROOT / "var" / "bench" / "stages-rust"
+    kept.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(ROOT / "target/release/examples/stage-cpu"), "--rounds", "1", "--keep",
+                    str(kept), *files], check=True, capture_output=True, timeout=1800)
+    outputs = [{"key": f"w{w}.jpg", "width": w, "format": "jpeg", "quality": 80} for w in WIDTHS]
+    worst = {(side, w): (float("inf"), "") for side in ("image-worker", "Pillow") for w in WIDTHS}
+    for f in files:
+        ref = vips_outputs(f)
+        _, made = pillow_job(Path(f).read_bytes(), outputs)
+        for w in WIDTHS:
+            ours = pyvips.Image.new_from_file(str(kept / f"{Path(f).name}.w{w}.jpg"))
+            theirs = pyvips.Image.new_from_buffer(made[f"w{w}.jpg"][0], "")
+            for side, img in (("image-worker", ours), ("Pillow", theirs)):
+                r = ref[w]
+                if abs(img.width - r.width) > 1 or abs(img.height - r.height) > 1:
+                    raise SystemExit(f"{side} {Path(f).name} w{w}: {img.width}×{img.height}, "
+                                     f"libvips {r.width}×{r.height}")
+                # A side rounded one pixel differently: the common area.
+                cw, ch = min(img.width, r.width), min(img.height, r.height)
+                value = psnr(img.crop(0, 0, cw, ch), r.crop(0, 0, cw, ch))
+                if value < worst[side, w][0]:
+                    worst[side, w] = (value, Path(f).name)
+    return worst
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-build", action="store_true")
+    parser.add_argument("--psnr", action="store_true", help="only the PSNR check")
     args = parser.parse_args()
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--locked", "-q", "-p", "image-worker",
                         "--example", "stage-cpu"], cwd=ROOT, check=True, timeout=3600)
     files = ensure_photos()
+    if args.psnr:
+        print("| side | output | lowest PSNR against libvips | file |")
+        print("| --- | ---: | ---: | --- |")
+        for (side, w), (value, where) in lowest_psnr(files).items():
+            print(f"| {side} | {w} px | {value:.1f} dB | {where} |")
+        return
     rust = rust_stages(files, args.rounds)
     pil = pillow_stages(files, args.rounds)
     cols = (*STAGES, "total")
