@@ -13,8 +13,18 @@ memory run, 50 MP sources (9400×5300, baseline and progressive) are made from a
 libvips and written under var/bench/ (never committed); image-worker's peak RSS is its
 /proc/<pid>/status VmHWM when the drain ends (Celery's is the largest of its processes').
 
+CPU per image (issue 18; the machine is shared, so images/s alone moves with other work): the
+user+system CPU time (/proc/<pid>/stat) of the worker process and every process under it (Celery
+prefork's pool children included), counted over the same window as the rate, divided by the jobs
+finished in it; and, for reference, that of RabbitMQ (beam.smp) and Redis over the window, which
+other users of the machine's services add to.
+
+--corpus photos (the default): bench/image_stages.py's 8–24 MP photographs (portrait and
+landscape, baseline and progressive, 4:4:4/4:2:2/4:2:0, EXIF-rotated copies); --corpus
+wallpapers: the wallpapers above, as earlier runs used.
+
 Usage: .venv/bin/python bench/image_broker.py [--jobs 48] [--big-jobs 12] [--rounds 1]
-       [--memory-only]
+       [--corpus photos|wallpapers] [--memory-only] [--no-memory] [--worker PATH]
 Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
 """
 import argparse
@@ -32,6 +42,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 import image_pipeline  # noqa: E402  (corpus fetching and tool installs)
+import image_stages  # noqa: E402  (the photo corpus)
 from bench_common import delete_queue, stop
 
 BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -105,13 +116,49 @@ def peak_rss_mb(pid):
     return best / 1024
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """utime + stime of `pid` and of every process under it, in seconds."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            pass
+    return total / TICK
+
+
+def service_pids():
+    """RabbitMQ's and Redis's processes on this machine."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if (d / "comm").read_text().strip() in ("beam.smp", "redis-server"):
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def services_cpu(pids):
+    return sum(cpu_seconds(p) for p in pids)
+
+
 def drain(app, label, command, keys, jobs, timeout, env):
     """Publishes `jobs`, starts `command(queue)`, waits until every job has a result; returns
-    (images/s, peak RSS MB)."""
+    (images/s, peak RSS MB, worker CPU ms per image, services CPU ms per image)."""
     queue = f"bench-img-{uuid.uuid4().hex[:8]}"
     store = redis.Redis.from_url(BACKEND)
     ids = [f"celery-task-meta-{queue}-{i}" for i in range(jobs)]
     publish(app, queue, keys, jobs)
+    services = service_pids()
     log_path = WORK / f"{label.replace(' ', '_')}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command(queue), cwd=ROOT / "bench", env={**os.environ, **env},
@@ -124,8 +171,10 @@ def drain(app, label, command, keys, jobs, timeout, env):
                 done = sum(v is not None for v in values)
                 now = time.monotonic()
                 if done and first is None:
-                    first = (now, done)
+                    first = (now, done, cpu_seconds(proc.pid), services_cpu(services))
                 if done >= jobs:
+                    cpu = cpu_seconds(proc.pid) - first[2]
+                    service_cpu = services_cpu(services) - first[3]
                     rss = peak_rss_mb(proc.pid)
                     break
                 if proc.poll() is not None:
@@ -141,21 +190,15 @@ def drain(app, label, command, keys, jobs, timeout, env):
             delete_queue(BROKER, queue)
             store.delete(*ids)
     seconds = now - first[0]
-    rate = (jobs - first[1]) / seconds if seconds > 0 else float("inf")
-    return rate, rss
+    counted = jobs - first[1]
+    rate = counted / seconds if seconds > 0 else float("inf")
+    per_image = 1000 / max(counted, 1)
+    return rate, rss, cpu * per_image, service_cpu * per_image
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=48)
-    parser.add_argument("--big-jobs", type=int, default=12)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--memory-only", action="store_true", help="only the 50 MP peak-RSS runs")
-    args = parser.parse_args()
-    image_pipeline.ensure_tools()
-    build()
+def wallpapers():
+    """The distinct wallpapers of bench/image_pipeline.py's corpus."""
     by_size = image_pipeline.ensure_corpus()
-    shutil.rmtree(STORAGE, ignore_errors=True)
     files = []
     for size in ((5120, 2880), (2560, 1600)):
         seen = set()
@@ -164,13 +207,33 @@ def main():
             if digest not in seen:
                 seen.add(digest)
                 files.append(f)
+    return files
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=48)
+    parser.add_argument("--big-jobs", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--corpus", choices=("photos", "wallpapers"), default="photos")
+    parser.add_argument("--memory-only", action="store_true", help="only the 50 MP peak-RSS runs")
+    parser.add_argument("--no-memory", action="store_true", help="skip the 50 MP peak-RSS runs")
+    parser.add_argument("--worker", type=Path, help="an image-worker binary to run instead of "
+                        "building target/release/image-worker (comparing builds)")
+    args = parser.parse_args()
+    if not args.no_memory:
+        image_pipeline.ensure_tools()  # libvips, for the 50 MP sources
+    if args.worker is None:
+        build()
+    worker = args.worker or ROOT / "target/release/image-worker"
+    shutil.rmtree(STORAGE, ignore_errors=True)
+    if args.corpus == "photos":
+        files = image_stages.ensure_photos()
+        described = f"{len(files)} photographs of 8–24 MP (bench/image_stages.py)"
+    else:
+        files = wallpapers()
+        described = f"{len(files)} distinct wallpapers (5120×2880 and 2560×1600)"
     keys = stage(files, "w")
-    big = make_50mp()
-    big_keys = {
-        "baseline 4:2:0": stage([big["baseline.jpg"]], "b"),
-        "baseline + progressive, 4:2:0": stage([big["baseline.jpg"], big["progressive.jpg"]], "bp"),
-        "progressive 4:4:4": stage([big["progressive-444.jpg"]], "p444"),
-    }
 
     os.environ.update({"BENCH_BROKER_URL": BROKER, "BENCH_RESULT_BACKEND": BACKEND,
                        "BENCH_STORAGE_DIR": str(STORAGE)})
@@ -180,7 +243,7 @@ def main():
                   "MEDIAFARM_STORAGE_URL": STORAGE.as_uri(), "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0"}
 
     def rust(q):
-        return [ROOT / "target/release/image-worker", "--concurrency", "2", "--queues", q,
+        return [worker, "--concurrency", "2", "--queues", q,
                 "--loglevel", "warning"]
 
     def celery(q):
@@ -189,30 +252,42 @@ def main():
                 "--without-heartbeat"]
 
     WORK.mkdir(parents=True, exist_ok=True)
-    rates = {"image-worker -c 2": [], "celery prefork -c 2 (Pillow)": []}
-    rss = {label: [] for label in rates}
+    celery_label = "celery prefork -c 2 (Pillow)"
+    runs = {"image-worker -c 2": [], celery_label: []}
     for _ in range(0 if args.memory_only else args.rounds):
         for label, command, env in (("image-worker -c 2", rust, worker_env),
-                                    ("celery prefork -c 2 (Pillow)", celery, {})):
-            rate, peak = drain(app, label, command, keys, args.jobs, 900, env)
-            rates[label].append(rate)
-            rss[label].append(peak)
-    print(f"\n{args.jobs} jobs per variant over {len(keys)} distinct wallpapers (5120×2880 and "
-          f"2560×1600), each → {', '.join(map(str, WIDTHS))} px JPEG q80; median of "
-          f"{args.rounds} round(s); {os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
-    print("| worker | images/s | peak RSS MB | × Celery |")
-    print("| --- | ---: | ---: | ---: |")
-    base = statistics.median(rates["celery prefork -c 2 (Pillow)"] or [float("nan")])
-    for label in rates if not args.memory_only else ():
-        r = statistics.median(rates[label])
-        print(f"| {label} | {r:.1f} | {max(rss[label]):.0f} | {r / base:.2f}× |")
+                                    (celery_label, celery, {})):
+            runs[label].append(drain(app, label, command, keys, args.jobs, 900, env))
+    if not args.memory_only:
+        print(f"\n{args.jobs} jobs per variant over {described}, each → "
+              f"{', '.join(map(str, WIDTHS))} px JPEG q80; median of {args.rounds} round(s); "
+              f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
+        print("| worker | images/s | × Celery | worker CPU ms/image | Celery CPU ÷ this | "
+              "RabbitMQ + Redis CPU ms/image | peak RSS MB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
 
+        def med(label, i):
+            return statistics.median(r[i] for r in runs[label])
+
+        for label in runs:
+            print(f"| {label} | {med(label, 0):.1f} | {med(label, 0) / med(celery_label, 0):.2f}× "
+                  f"| {med(label, 2):.1f} | {med(celery_label, 2) / med(label, 2):.2f}× "
+                  f"| {med(label, 3):.1f} | {max(r[1] for r in runs[label]):.0f} |")
+    if args.no_memory:
+        return
+
+    big = make_50mp()
+    big_keys = {
+        "baseline 4:2:0": stage([big["baseline.jpg"]], "b"),
+        "baseline + progressive, 4:2:0": stage([big["baseline.jpg"], big["progressive.jpg"]], "bp"),
+        "progressive 4:4:4": stage([big["progressive-444.jpg"]], "p444"),
+    }
     print(f"\n50 MP sources (9400×5300), {args.big_jobs} jobs, image-worker -c 2:")
     print("| sources | images/s | peak RSS MB (VmHWM) | target |")
     print("| --- | ---: | ---: | --- |")
     for label, ks in big_keys.items():
-        rate, peak = drain(app, f"image-worker 50MP {label}", rust, ks, args.big_jobs, 900,
-                           worker_env)
+        rate, peak, _, _ = drain(app, f"image-worker 50MP {label}", rust, ks, args.big_jobs, 900,
+                                 worker_env)
         print(f"| {label} | {rate:.1f} | {peak:.0f} | ≤ 256 MB: {'met' if peak <= 256 else 'NOT met'} |",
               flush=True)
 

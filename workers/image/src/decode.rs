@@ -146,14 +146,14 @@ fn orientation(exif: Option<Vec<u8>>, auto_orient: bool) -> (Option<Orientation>
 /// Smaller ones stay with libjpeg, which is faster at that size.
 const LOWRES_ABOVE: u64 = 96 << 20;
 
-/// The IDCT scale (in eighths) that still leaves every output its full detail.
+/// The smallest IDCT scale (in eighths, any of 1/8 … 8/8) that still leaves every output its
+/// full detail. libjpeg scales by any M/8, not only by powers of two: a 4224×3168 source whose
+/// largest output is 1280 wide decodes at 3/8 (1584 px) instead of 1/2 (2112 px), 44 % fewer
+/// pixels to convert and resize (BENCHMARKS.md, "Where an image job's CPU goes").
 fn eighths_for(share: f64) -> u8 {
-    match share {
-        s if s <= 0.125 => 1,
-        s if s <= 0.25 => 2,
-        s if s <= 0.5 => 4,
-        _ => 8,
-    }
+    // A hair of tolerance so that an exact share (640 of 5120 = 1/8) is not rounded up.
+    let eighths = (share * 8.0 - 1e-9).ceil();
+    eighths.clamp(1.0, 8.0) as u8
 }
 
 /// `None` for CMYK/YCCK JPEGs, which `image` decodes (with the Adobe inversion).
@@ -176,7 +176,8 @@ fn decode_jpeg(
     let full = swap_size(orient, (header.width, header.height));
     let share = share_needed(full);
     let eighths = eighths_for(share);
-    let scaled = |side: u32| u64::from(side.div_ceil(8 / u32::from(eighths)));
+    // libjpeg's scaled size: ceil(side × M / 8).
+    let scaled = |side: u32| (u64::from(side) * u64::from(eighths)).div_ceil(8);
     let pixels = scaled(header.width) * scaled(header.height) * 3;
     // A huge progressive source at 1/4 or 1/8 scale: the low-memory decoder keeps 4 of each
     // block's 64 coefficients (or 1); libjpeg, if it cannot, keeps them all.
@@ -383,11 +384,16 @@ mod tests {
     #[test]
     fn the_idct_scale_keeps_the_detail_asked_for() {
         assert_eq!(eighths_for(1.0), 8);
-        assert_eq!(eighths_for(0.51), 8);
+        assert_eq!(eighths_for(0.9), 8);
+        assert_eq!(eighths_for(0.51), 5);
         assert_eq!(eighths_for(0.5), 4);
+        // 1280 of 4224: 3/8 (1584 px) still covers it.
+        assert_eq!(eighths_for(1280.0 / 4224.0), 3);
         assert_eq!(eighths_for(0.25), 2);
         assert_eq!(eighths_for(0.2), 2);
+        assert_eq!(eighths_for(640.0 / 5120.0), 1);
         assert_eq!(eighths_for(0.1), 1);
+        assert_eq!(eighths_for(0.0), 1);
     }
 
     #[test]

@@ -123,6 +123,9 @@ impl Task for Transform {
                 // buffers of a job whose thread then sat idle stayed resident (RSS grew from
                 // 56 to 173 MB over 16 jobs on 50 MP sources). One collection per job
                 // returns them; purging on every free instead cost 40 % of the throughput.
+                // Collecting only after jobs over 25 MP gave no measurable CPU back on 8–24 MP
+                // photographs and 55 MB more peak RSS (BENCHMARKS.md, "Where an image job's
+                // CPU goes").
                 // SAFETY: `mi_collect` only releases this thread's free memory.
                 unsafe { libmimalloc_sys::mi_collect(true) };
                 made
@@ -292,6 +295,8 @@ fn process_stills(
             })
             .fold(0.0f64, f64::max)
     };
+    // Stages are `trace` spans, off in a worker; `examples/stage-cpu.rs` times them in CPU.
+    let decoding = tracing::trace_span!("decode").entered();
     // The reservation is held until every output is made from the decoded image.
     let Decoded {
         image: img,
@@ -301,6 +306,7 @@ fn process_stills(
         exif,
         reservation: _held,
     } = decode(data, args.auto_orient, max_pixels, share_needed, extra)?;
+    drop(decoding);
     // The pixels stay as stored until each output is made: the crop and every size are
     // mapped into the stored frame, and only the output-size picture is turned (orient.rs).
     let shown_full = (info.width, info.height);
@@ -356,7 +362,10 @@ fn process_stills(
             (Fit::Cover, Some(smart), Some(map)) => map.anchor(smart, plan.resize_to),
             _ => plan.anchor,
         };
+        let resizing = tracing::trace_span!("resize").entered();
         let scaled = scale(&mut resizer, base, plan.resize_to, spec.fit, anchor)?;
+        drop(resizing);
+        let finishing = tracing::trace_span!("finish").entered();
         if matches!(spec.fit, Fit::Inside | Fit::Contain) && (w, h) != full {
             derived.push(scaled.clone());
         }
@@ -373,6 +382,8 @@ fn process_stills(
             watermark,
             &mut resizer,
         )?;
+        drop(finishing);
+        let encoding = tracing::trace_span!("encode").entered();
         let data = encode(&shown, spec, meta).map_err(|e| match e.kind {
             mediafarm::FailureKind::Invalid => invalid(
                 "OutputTooLarge",
@@ -380,6 +391,7 @@ fn process_stills(
             ),
             _ => e,
         })?;
+        drop(encoding);
         out[i] = Some(Encoded {
             data,
             width: shown.width(),
