@@ -9,7 +9,9 @@
      (c) `ffmpeg -skip_frame nokey -i IN -vf fps=1/20 OUT%03d.jpg` (decodes keyframes only),
      (d) the same with `-threads 1` (no frame-threading hand-offs: ffmpeg's least CPU);
    ffmpeg's CPU from getrusage(RUSAGE_CHILDREN). Rounds interleaved; medians printed with the
-   ratios.
+   ratios. `--input noisy-1080p-h264` (6 Mbit/s), `noisy-720p-h264` (3 Mbit/s) or
+   `noisy-1080p-hevc` (4 Mbit/s) measure content like users' streams instead: a `mandelbrot`
+   zoom with temporal grain, 4 s GOP, 60 s (3 snapshots a pass).
 2. Sessions per core: one worker pinned to one core (`taskset -c 0`) runs N watch sessions on
    looping local copies of the input read at their own pace (`realtime`, `loop`), one tick per
    20 s, each frame delivered to a local webhook. A session is on schedule when no tick lands
@@ -52,15 +54,36 @@ def sh(*cmd, **kw):
     return subprocess.run(cmd, check=True, timeout=1800, **kw)
 
 
-def ensure_input():
+# Inputs like users' streams (issue 17): detail everywhere that changes every frame (a
+# `mandelbrot` zoom) with temporal grain, 4 s GOP, at the bitrates platforms ingest. Each is
+# (file name, lavfi source, encoder arguments).
+NOISY = "mandelbrot=s={size}:r=30,noise=alls=14:allf=t+u,format=yuv420p"
+INPUTS = {
+    "pattern": ("in-1080p30-gop2-120s.mp4", "testsrc2=size=1920x1080:rate=30", 120,
+                ["-c:v", "libx264", "-preset", "veryfast", "-g", "60", "-keyint_min", "60",
+                 "-sc_threshold", "0", "-pix_fmt", "yuv420p"]),
+    "noisy-1080p-h264": ("noisy-1080p30-h264-6M-gop4-60s.mp4", NOISY.format(size="1920x1080"), 60,
+                         ["-c:v", "libx264", "-preset", "veryfast", "-b:v", "6M", "-maxrate", "6M",
+                          "-bufsize", "12M", "-g", "120", "-keyint_min", "120", "-sc_threshold", "0"]),
+    "noisy-720p-h264": ("noisy-720p30-h264-3M-gop4-60s.mp4", NOISY.format(size="1280x720"), 60,
+                        ["-c:v", "libx264", "-preset", "veryfast", "-b:v", "3M", "-maxrate", "3M",
+                         "-bufsize", "6M", "-g", "120", "-keyint_min", "120", "-sc_threshold", "0"]),
+    "noisy-1080p-hevc": ("noisy-1080p30-hevc-4M-gop4-60s.mp4", NOISY.format(size="1920x1080"), 60,
+                         ["-c:v", "libx265", "-preset", "ultrafast", "-b:v", "4M",
+                          "-x265-params", "keyint=120:min-keyint=120:scenecut=0:log-level=error"]),
+}
+
+
+def ensure_input(name):
+    global INPUT
+    file, source, seconds, encode = INPUTS[name]
+    INPUT = WORK / file
     WORK.mkdir(parents=True, exist_ok=True)
     if not INPUT.exists():
-        print("making the 120 s 1080p30 input (once)...", file=sys.stderr)
+        print(f"making the {name} input (once)...", file=sys.stderr)
         tmp = INPUT.with_suffix(".part.mp4")
         sh("ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
-           "-i", "testsrc2=size=1920x1080:rate=30", "-t", "120", "-c:v", "libx264",
-           "-preset", "veryfast", "-g", "60", "-keyint_min", "60", "-sc_threshold", "0",
-           "-pix_fmt", "yuv420p", str(tmp))
+           "-i", source, "-t", str(seconds), *encode, str(tmp))
         tmp.rename(INPUT)
     sh("cargo", "build", "--release", "-q", "-p", "snapshot-worker", "--bin", "snapshot-worker", cwd=ROOT)
 
@@ -184,7 +207,7 @@ def cpu_per_snapshot(rounds):
         worker.stop()
         shutil.rmtree(storage, ignore_errors=True)
     ours = statistics.median(results["mediafarm watch"])
-    print(f"\nCPU per snapshot (1080p30 H.264, 2 s GOP, 120 s, one full-size JPEG per 20 s), median of {rounds}:")
+    print(f"\nCPU per snapshot ({INPUT.name}, one full-size JPEG per 20 s), median of {rounds}:")
     print(f"{'contender':40} {'snapshots':>9} {'CPU ms/snapshot':>16} {'÷ mediafarm':>12}")
     for name, values in results.items():
         med = statistics.median(values)
@@ -294,8 +317,10 @@ def main():
                     help="spread the sessions' starts over this many seconds (default 0: all at once)")
     ap.add_argument("--skip-sessions", action="store_true")
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--input", choices=sorted(INPUTS), default="pattern",
+                    help="pattern: testsrc2, 2 s GOP (the default); noisy-*: realistic content")
     args = ap.parse_args()
-    ensure_input()
+    ensure_input(args.input)
     if not args.skip_cpu:
         cpu_per_snapshot(args.rounds)
     if not args.skip_sessions:

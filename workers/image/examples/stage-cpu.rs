@@ -139,6 +139,7 @@ fn main() -> Result<(), String> {
                 background: None,
                 max_bytes: None,
                 watermark: false,
+                animated: false,
             })
             .collect(),
     };
