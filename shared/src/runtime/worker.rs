@@ -30,6 +30,7 @@ use crate::runtime::cpu::CpuPool;
 use crate::runtime::message::{self, Incoming, Shared};
 use crate::runtime::rate::{RateError, RateLimits};
 use crate::runtime::task::Registry;
+use crate::runtime::transport::Via;
 use crate::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
@@ -417,7 +418,10 @@ async fn consume_until_stopped(shared: Arc<Shared>) {
         hostname: host_label(&shared.hostname),
     };
     let mut attempt = 0;
-    loop {
+    if shared.settings.broker_is_redis() {
+        crate::runtime::redis_consumer::consume_until_stopped(shared.clone()).await;
+    }
+    while !shared.settings.broker_is_redis() {
         match consume(&shared, &mut attempt).await {
             Ok(()) => break,
             Err(e) => {
@@ -552,7 +556,7 @@ async fn consume_on(
                         delivery,
                         queue,
                         received_at: Instant::now(),
-                        rerouter: rerouter.clone(),
+                        via: Via::Amqp(rerouter.clone()),
                     };
                     shared.jobs.spawn(message::handle(shared.clone(), incoming));
                 }
