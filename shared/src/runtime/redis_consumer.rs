@@ -24,7 +24,7 @@ use crate::amqp::table::{try_write_properties, value_to_json};
 use crate::observe::metrics::{host_label, WorkerLabels};
 use crate::redis_broker::{Envelope, RedisBroker, Taken};
 use crate::runtime::message::{self, Incoming, Shared};
-use crate::runtime::transport::Via;
+use crate::runtime::transport::{FromRedis, Via};
 
 /// The longest wait between two polls of empty queues.
 pub const IDLE_POLL_MAX: Duration = Duration::from_millis(50);
@@ -194,11 +194,11 @@ async fn dispatch(
         delivery,
         queue,
         received_at: Instant::now(),
-        via: Via::Redis {
+        via: Via::Redis(Box::new(FromRedis {
             broker: broker.clone(),
             tag,
             envelope,
-        },
+        })),
     };
     let shared2 = shared.clone();
     shared.jobs.spawn(async move {

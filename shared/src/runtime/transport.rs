@@ -23,12 +23,15 @@ use crate::runtime::message::Incoming;
 /// Where a delivery goes back to.
 pub(crate) enum Via {
     Amqp(Arc<Rerouter>),
-    Redis {
-        broker: RedisBroker,
-        /// kombu's delivery tag: the message's key in `unacked`.
-        tag: String,
-        envelope: Envelope,
-    },
+    Redis(Box<FromRedis>),
+}
+
+/// A message taken from the Redis broker.
+pub(crate) struct FromRedis {
+    pub broker: RedisBroker,
+    /// kombu's delivery tag: the message's key in `unacked`.
+    pub tag: String,
+    pub envelope: Envelope,
 }
 
 fn json_headers(headers: &[(&str, AMQPValue)]) -> Map<String, serde_json::Value> {
@@ -46,7 +49,7 @@ impl Incoming {
                 self.delivery.acker.ack(BasicAckOptions::default()).await?;
                 Ok(())
             }
-            Via::Redis { broker, tag, .. } => Ok(broker.ack(tag).await?),
+            Via::Redis(r) => Ok(r.broker.ack(&r.tag).await?),
         }
     }
 
@@ -64,9 +67,7 @@ impl Incoming {
                 .await
                 .map(drop)
                 .map_err(BrokerError::from),
-            Via::Redis { broker, tag, .. } => {
-                broker.restore(tag).await.map(drop).map_err(Into::into)
-            }
+            Via::Redis(r) => r.broker.restore(&r.tag).await.map(drop).map_err(Into::into),
         };
         if let Err(e) = outcome {
             tracing::warn!(queue = %self.queue, error = %e, "could not return the message; the broker hands it out again on its own (connection loss or visibility timeout)");
@@ -83,7 +84,7 @@ impl Incoming {
                 .await
                 .map(drop)
                 .map_err(BrokerError::from),
-            Via::Redis { broker, tag, .. } => broker.ack(tag).await.map_err(Into::into),
+            Via::Redis(r) => r.broker.ack(&r.tag).await.map_err(Into::into),
         };
     }
 
@@ -106,18 +107,16 @@ impl Incoming {
                     )
                     .await
             }
-            Via::Redis {
-                broker,
-                tag,
-                envelope,
-            } => {
-                let later = envelope.republished(&json_headers(headers), &[], &self.queue);
+            Via::Redis(r) => {
+                let later = r
+                    .envelope
+                    .republished(&json_headers(headers), &[], &self.queue);
                 let due = std::time::SystemTime::now()
                     .checked_add(remaining)
                     .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                     .map(|d| d.as_secs_f64())
                     .unwrap_or(f64::MAX);
-                broker.delay(tag, &self.queue, &later, due).await?;
+                r.broker.delay(&r.tag, &self.queue, &later, due).await?;
                 Ok(remaining)
             }
         }
@@ -131,13 +130,11 @@ impl Incoming {
                     .dead(&self.delivery.properties, &self.delivery.data, why)
                     .await
             }
-            Via::Redis {
-                broker,
-                tag,
-                envelope,
-            } => {
-                let dead = envelope.republished(&json_headers(&why.headers()), &[], &why.queue);
-                Ok(broker.dead(tag, &why.queue, &dead.to_json()).await?)
+            Via::Redis(r) => {
+                let dead = r
+                    .envelope
+                    .republished(&json_headers(&why.headers()), &[], &why.queue);
+                Ok(r.broker.dead(&r.tag, &why.queue, &dead.to_json()).await?)
             }
         }
     }

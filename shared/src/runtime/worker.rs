@@ -1,4 +1,5 @@
-//! The worker runtime: connect, declare, consume from RabbitMQ with prefetch = concurrency ×
+//! The worker runtime: connect, declare, consume from RabbitMQ (or from Redis:
+//! [`super::redis_consumer`]) with prefetch = concurrency ×
 //! multiplier, hand each delivery to `job` (which runs at most `concurrency` at once and acks
 //! only after the outcome is stored), answer Celery's remote control on the pidbox (revokes,
 //! inspect, control; the queues consumed follow `add_consumer` / `cancel_consumer`), and
@@ -51,7 +52,8 @@ pub enum WorkerError {
     Traces(#[from] crate::observe::trace::TraceConfigError),
     #[error(
         "task {task} has a hard time limit of {} s; at most {} s is allowed: \
-         broker_consumer_timeout less the time to store the result and acknowledge",
+         broker_consumer_timeout (on Redis: broker_transport_options.visibility_timeout) less \
+         the time to store the result and acknowledge",
         limit.as_secs_f64(), longest.as_secs_f64()
     )]
     TimeLimit {
