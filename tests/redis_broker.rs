@@ -374,3 +374,46 @@ async fn kill_9_mid_job_returns_after_the_visibility_timeout_and_runs_once() {
     second.shutdown().await;
     forget_queue(&s, &q).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_returns_unfinished_jobs_to_their_queue_at_once() {
+    let mut s = redis_settings(BROKER);
+    s.worker_shutdown_grace = Duration::from_secs(1);
+    let q = unique_queue("rb-stop");
+    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
+        .hostname("redis-stop@%h")
+        .start()
+        .await
+        .expect("worker starts");
+    let client = Client::connect(&s).await.expect("client");
+    let r = client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"sleep_ms": 60_000})),
+            &SendOptions {
+                queue: Some(q.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("sent");
+    let broker = RedisBroker::connect(&s).await.expect("broker");
+    while broker.len(&q).await.expect("len") > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Taken; the job sleeps far past the grace period, so it cannot finish before the stop.
+    worker.shutdown().await;
+    assert_eq!(
+        broker.len(&q).await.expect("len"),
+        1,
+        "the unfinished job's message is back on its queue, not left to the visibility timeout"
+    );
+    let mut conn = redis(BROKER).await;
+    let unacked: Vec<String> = redis::cmd("HVALS")
+        .arg("unacked")
+        .query_async(&mut conn)
+        .await
+        .expect("hvals");
+    assert!(!unacked.iter().any(|m| m.contains(&r.id)));
+    forget_queue(&s, &q).await;
+}

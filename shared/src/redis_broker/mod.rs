@@ -50,6 +50,8 @@ use crate::settings::{Settings, TransportOptions};
 pub const DELAYED_KEY: &str = "mediafarm.delayed";
 /// kombu's binding sets: `_kombu.binding.<exchange>` holds `<routing key><sep><pattern><sep><queue>`.
 pub const BINDING_PREFIX: &str = "_kombu.binding.";
+/// kombu 5.7's set of bindings that never expire, per exchange.
+pub const PERMANENT_BINDING_PREFIX: &str = "_kombu.binding_permanent.";
 /// Delayed messages promoted per script run at most.
 const PROMOTE_BATCH: usize = 500;
 
@@ -159,9 +161,13 @@ impl RedisBroker {
         let sep = &self.opts.sep;
         let member = format!("{queue}{sep}{sep}{queue}");
         let mut conn = self.conn.clone();
-        redis::cmd("SADD")
-            .arg(format!("{BINDING_PREFIX}{queue}"))
-            .arg(member)
+        // kombu 5.7 also lists the member as permanent, so its sweep of expiring bindings
+        // leaves the table alone.
+        redis::pipe()
+            .sadd(format!("{BINDING_PREFIX}{queue}"), &member)
+            .ignore()
+            .sadd(format!("{PERMANENT_BINDING_PREFIX}{queue}"), &member)
+            .ignore()
             .query_async::<()>(&mut conn)
             .await?;
         self.lock_bound().insert(queue.to_owned());

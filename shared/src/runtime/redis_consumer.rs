@@ -10,8 +10,9 @@
 //! never waits. So a job reaching an idle worker waits up to that long more than with
 //! `BRPOP`, and an idle worker costs Redis about 20 script calls a second.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
@@ -31,8 +32,39 @@ pub const IDLE_POLL_MAX: Duration = Duration::from_millis(50);
 /// How often due delayed messages are promoted.
 const PROMOTE_EVERY: Duration = Duration::from_millis(100);
 
-/// Connects (with backoff), then takes and dispatches messages until stopped.
-pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) {
+/// What a stopped consumer still holds: messages taken whose handling has not ended.
+pub(crate) struct Held {
+    broker: RedisBroker,
+    tags: Arc<Mutex<HashSet<String>>>,
+}
+
+impl Held {
+    /// Returns to their queues the messages whose jobs did not end within the grace period
+    /// (as closing an AMQP connection returns its unacknowledged deliveries), instead of
+    /// leaving them to the visibility timeout.
+    pub(crate) async fn give_back(self) {
+        let tags: Vec<String> = lock(&self.tags).drain().collect();
+        for tag in tags {
+            match self.broker.restore(&tag).await {
+                Ok(true) => {
+                    tracing::info!(%tag, "returned an unfinished job's message to its queue")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%tag, error = %e, "could not return a message; it comes back after the visibility timeout")
+                }
+            }
+        }
+    }
+}
+
+fn lock(tags: &Mutex<HashSet<String>>) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    tags.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Connects (with backoff), then takes and dispatches messages until stopped; returns what
+/// it still holds (to give back after the grace period).
+pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) -> Option<Held> {
     let up = WorkerLabels {
         hostname: host_label(&shared.hostname),
     };
@@ -45,12 +77,13 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) {
                 attempt = attempt.saturating_add(1);
                 tracing::warn!(error = %e, retry_in = ?wait, "Redis broker unreachable; retrying");
                 tokio::select! {
-                    _ = shared.stop.cancelled() => return,
+                    _ = shared.stop.cancelled() => return None,
                     _ = tokio::time::sleep(wait) => {},
                 }
             }
         }
     };
+    let tags: Arc<Mutex<HashSet<String>>> = Arc::default();
     tokio::spawn(housekeeping(broker.clone(), shared.clone()));
     let wanted = shared.node.watch_queues();
     let permits = Arc::new(Semaphore::new(usize::from(
@@ -87,7 +120,7 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) {
                 match taken {
                     Some(taken) => {
                         idle = 0;
-                        dispatch(&shared, &broker, taken, permit).await;
+                        dispatch(&shared, &broker, &tags, taken, permit).await;
                     }
                     None => {
                         drop(permit);
@@ -117,6 +150,7 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) {
             }
         }
     }
+    Some(Held { broker, tags })
 }
 
 /// Promotes due delayed messages, and puts back messages past the visibility timeout, until
@@ -148,6 +182,7 @@ async fn housekeeping(broker: RedisBroker, shared: Arc<Shared>) {
 async fn dispatch(
     shared: &Arc<Shared>,
     broker: &RedisBroker,
+    held: &Arc<Mutex<HashSet<String>>>,
     taken: Taken,
     permit: OwnedSemaphorePermit,
 ) {
@@ -196,13 +231,15 @@ async fn dispatch(
         received_at: Instant::now(),
         via: Via::Redis(Box::new(FromRedis {
             broker: broker.clone(),
-            tag,
+            tag: tag.clone(),
             envelope,
         })),
     };
-    let shared2 = shared.clone();
+    let (shared2, held) = (shared.clone(), held.clone());
+    lock(&held).insert(tag.clone());
     shared.jobs.spawn(async move {
         message::handle(shared2, incoming).await;
+        lock(&held).remove(&tag);
         drop(permit);
     });
 }

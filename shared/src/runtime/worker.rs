@@ -414,22 +414,41 @@ async fn watch_backend(shared: Arc<Shared>) {
     }
 }
 
-/// Reconnects with backoff until stopped.
+/// Consumes (from RabbitMQ, or from Redis with a Redis `broker_url`), reconnecting with
+/// backoff, until stopped; then drains.
 async fn consume_until_stopped(shared: Arc<Shared>) {
     let up = WorkerLabels {
         hostname: host_label(&shared.hostname),
     };
-    let mut attempt = 0;
-    if shared.settings.broker_is_redis() {
-        crate::runtime::redis_consumer::consume_until_stopped(shared.clone()).await;
+    let held = if shared.settings.broker_is_redis() {
+        crate::runtime::redis_consumer::consume_until_stopped(shared.clone()).await
+    } else {
+        consume_amqp_until_stopped(&shared, &up).await;
+        None
+    };
+    shared.readiness.consuming.store(false, Ordering::Relaxed);
+    shared.metrics.up.get_or_create(&up).set(0);
+    drain(&shared).await;
+    if let Some(held) = held {
+        held.give_back().await;
     }
-    while !shared.settings.broker_is_redis() {
-        match consume(&shared, &mut attempt).await {
+    // Last, so the events of jobs that finished while draining go out before it.
+    shared
+        .events
+        .worker_offline(shared.load(), Duration::from_secs(2))
+        .await;
+}
+
+/// Reconnects to RabbitMQ with backoff until stopped.
+async fn consume_amqp_until_stopped(shared: &Arc<Shared>, up: &WorkerLabels) {
+    let mut attempt = 0;
+    loop {
+        match consume(shared, &mut attempt).await {
             Ok(()) => break,
             Err(e) => {
                 shared.readiness.broker.store(false, Ordering::Relaxed);
                 shared.readiness.consuming.store(false, Ordering::Relaxed);
-                shared.metrics.up.get_or_create(&up).set(0);
+                shared.metrics.up.get_or_create(up).set(0);
                 let wait = backoff(attempt);
                 attempt = attempt.saturating_add(1);
                 if matches!(e, BrokerError::QueueArguments { .. }) {
@@ -446,14 +465,6 @@ async fn consume_until_stopped(shared: Arc<Shared>) {
             }
         }
     }
-    shared.readiness.consuming.store(false, Ordering::Relaxed);
-    shared.metrics.up.get_or_create(&up).set(0);
-    drain(&shared).await;
-    // Last, so the events of jobs that finished while draining go out before it.
-    shared
-        .events
-        .worker_offline(shared.load(), Duration::from_secs(2))
-        .await;
 }
 
 /// Waits for running jobs and background work within the grace period; jobs left return to
