@@ -209,4 +209,32 @@ mod tests {
         let o = read_table(&from_env, TransportOptions::default()).expect("valid");
         assert_eq!(o.visibility_timeout, Duration::from_secs(7));
     }
+
+    #[test]
+    fn a_redis_broker_bounds_time_limits_by_its_visibility_timeout_and_refuses_events() {
+        use crate::settings::Settings;
+        let file = |extra: &str| -> toml::Table {
+            toml::from_str(&format!(
+                "broker_url = \"redis://127.0.0.1:6379/5\"\n\
+                 broker_transport_options = {{ visibility_timeout = 60 }}\n{extra}"
+            ))
+            .expect("toml")
+        };
+        let s = Settings::from_sources(file(""), "t.toml", std::iter::empty()).expect("valid");
+        assert!(s.broker_is_redis());
+        assert_eq!(s.ack_timeout(), Duration::from_secs(60));
+        assert_eq!(s.longest_hard_limit(), Duration::from_secs(45));
+        let e = Settings::from_sources(file("task_time_limit = 50"), "t.toml", std::iter::empty())
+            .expect_err("over the visibility timeout")
+            .to_string();
+        assert!(e.contains("visibility_timeout"), "{e}");
+        let env = [(
+            "MEDIAFARM_WORKER_SEND_TASK_EVENTS".to_owned(),
+            "true".to_owned(),
+        )];
+        let e = Settings::from_sources(file(""), "t.toml", env)
+            .expect_err("events need AMQP")
+            .to_string();
+        assert!(e.contains("worker_send_task_events"), "{e}");
+    }
 }
