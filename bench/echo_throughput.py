@@ -30,6 +30,10 @@ With `--otel` (issue 15) the headline echo-worker also runs with OpenTelemetry e
 a span per job, batched and posted as OTLP/JSON; the cost is its rate against the same worker
 with export off, in the same rounds.
 
+With `BENCH_BROKER_URL=redis://127.0.0.1:6379/N` (issue 19) both sides use Redis as the broker
+(kombu's Redis transport; the echo-worker's `broker_url` is the same URL) and the bare lapin
+ceiling is not run (it is an AMQP consumer).
+
 Usage: .venv/bin/python bench/echo_throughput.py [--jobs 20000] [--rounds 3] [--quick]
        [--publisher celery|lean] [--celery prefork:2] [--concurrency 8] [--set headline|full]
        [--baseline-worker PATH] [--events] [--otel] [--no-build]
@@ -59,6 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / "target" / "release"
 BROKER = os.environ.get("BENCH_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 BACKEND = os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/14")
+REDIS_BROKER = BROKER.startswith(("redis://", "rediss://", "redis+unix://", "unix://"))
 LOGS = ROOT / "var" / "bench"
 
 
@@ -196,6 +201,8 @@ def main():
         (f"echo-worker -c {c}", echo_worker(c), 300, None, worker_env, c * 4),
         (f"bare lapin prefetch {c * 4}", bare(c * 4), 300, None, None, c * 4),
     ]
+    if REDIS_BROKER:
+        variants.pop()
     if args.events:
         variants.insert(len(variants) - 1, (f"echo-worker -c {c} -E",
                                             echo_worker(c, events=True), 300, None, worker_env,
@@ -207,7 +214,7 @@ def main():
                 variants += [
                     (f"echo-worker -c {n}", echo_worker(n), 300, None, worker_env, n * 4),
                     (f"bare lapin prefetch {n * 4}", bare(n * 4), 300, None, None, n * 4),
-                ]
+                ][:1 if REDIS_BROKER else 2]
         variants.append((retrying, echo_worker(hc), 300, None, worker_env, hc * 4))
     # The earlier build runs at the headline concurrency, right after this build's headline.
     baseline = f"baseline echo-worker -c {c}"
@@ -263,9 +270,11 @@ def main():
               f"{rate[label] / celery_rate:.1f} | {share} |")
     head = f"echo-worker -c {c}"
     per_round = [a / b for a, b in zip(rates[head], rates[competitor])]
+    ceiling = (f", {100 * rate[head] / bare_by_prefetch[c * 4]:.0f} % of the bare ceiling"
+               if c * 4 in bare_by_prefetch else "")
     print(f"\nheadline: {head} (default settings) = {rate[head] / celery_rate:.1f}× "
-          f"{competitor} (per round {min(per_round):.1f}–{max(per_round):.1f}×; target ≥ 10×), "
-          f"{100 * rate[head] / bare_by_prefetch[c * 4]:.0f} % of the bare ceiling")
+          f"{competitor} (per round {min(per_round):.1f}–{max(per_round):.1f}×; target ≥ 10×)"
+          f"{ceiling}; broker {BROKER}")
     if args.baseline_worker:
         per_round = [a / b for a, b in zip(rates[head], rates[baseline])]
         print(f"this build vs the baseline build ({args.baseline_worker}), both -c {c}: "

@@ -1,6 +1,6 @@
 //! mediafarm: a Celery-compatible worker farm for media work. This crate holds everything two
 //! workers would otherwise write twice: settings, the Celery protocol v2 wire format, the
-//! RabbitMQ broker, the Redis result backend, the worker runtime, metrics and health
+//! RabbitMQ broker, the Redis broker, the Redis result backend, the worker runtime, metrics and health
 //! endpoints, the producer client and the `mediafarm` CLI.
 
 pub mod amqp;
@@ -16,6 +16,7 @@ mod layering;
 pub mod net;
 pub mod observe;
 pub mod protocol;
+pub mod redis_broker;
 pub mod runtime;
 pub mod schedule;
 pub mod settings;

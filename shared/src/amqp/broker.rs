@@ -27,6 +27,7 @@ use tokio::sync::{Mutex, Semaphore};
 use crate::amqp::table::{try_write_properties, TooLong};
 use crate::backend::redact;
 use crate::protocol::TaskMessage;
+use crate::redis_broker::RedisBroker;
 use crate::settings::tls::BROKER_KEYS;
 use crate::settings::Settings;
 
@@ -44,6 +45,8 @@ pub enum BrokerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("broker error: {0}")]
     Amqp(#[from] lapin::Error),
+    #[error(transparent)]
+    Redis(#[from] crate::redis_broker::RedisBrokerError),
     #[error("the broker refused message {id} (publisher confirm was a nack)")]
     Nacked { id: String },
     #[error("queue name {0:?} is not valid: 1 to 200 characters, no spaces")]
@@ -229,6 +232,16 @@ pub fn effective_url(settings: &Settings) -> std::borrow::Cow<'_, str> {
 /// Checks what connecting needs before the first try, so a bad value stops start-up instead
 /// of being retried: the URL, and the TLS files and options.
 pub fn check(settings: &Settings) -> Result<(), BrokerError> {
+    if settings.broker_is_redis() {
+        return match crate::tls::redis_client(&settings.broker_url, None) {
+            Ok(_) => Ok(()),
+            Err(crate::tls::RedisClientError::Tls(e)) => Err(BrokerError::Tls(e)),
+            Err(crate::tls::RedisClientError::Redis(e)) => Err(BrokerError::Url {
+                url: redact(&settings.broker_url),
+                reason: e.to_string(),
+            }),
+        };
+    }
     parse_url(&effective_url(settings), settings.broker_heartbeat)?;
     crate::tls::broker_config(settings)?;
     Ok(())
@@ -415,6 +428,8 @@ struct PublisherInner {
     idle: Mutex<Vec<Slot>>,
     limit: Semaphore,
     opened: AtomicUsize,
+    /// With a Redis `broker_url`: the Redis broker, connected on first use.
+    redis: tokio::sync::OnceCell<RedisBroker>,
 }
 
 const PUBLISH_ATTEMPTS: u32 = 5;
@@ -436,6 +451,7 @@ impl Publisher {
                 idle: Mutex::new(Vec::new()),
                 limit: Semaphore::new(settings.broker_pool_limit),
                 opened: AtomicUsize::new(0),
+                redis: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -458,6 +474,9 @@ impl Publisher {
         msgs: &[TaskMessage],
     ) -> Result<(), BrokerError> {
         check_queue_name(queue)?;
+        if self.inner.settings.broker_is_redis() {
+            return self.publish_redis(queue, msgs).await;
+        }
         let mut attempt = 0;
         let mut done = 0;
         loop {
@@ -476,6 +495,47 @@ impl Publisher {
             attempt += 1;
             tracing::warn!(error = %error, attempt, "publish failed, retrying");
             tokio::time::sleep(backoff(attempt)).await;
+        }
+    }
+
+    /// Publishes onto the Redis broker's lists (one pipelined round trip; Redis has no
+    /// confirms: the reply to the pipeline is the confirm), retrying as over AMQP.
+    async fn publish_redis(&self, queue: &str, msgs: &[TaskMessage]) -> Result<(), BrokerError> {
+        let default_priority = self.inner.settings.task_default_priority;
+        let encoded: Vec<_> = msgs
+            .iter()
+            .map(|msg| {
+                let (mut props, mut headers, body) = msg.encode();
+                if msg.priority.is_none() {
+                    props.priority = default_priority;
+                }
+                crate::observe::trace::inject_headers(&mut headers);
+                (props, headers, body)
+            })
+            .collect();
+        let mut attempt = 0;
+        loop {
+            let sent = async {
+                let broker = self
+                    .inner
+                    .redis
+                    .get_or_try_init(|| async {
+                        self.inner.opened.fetch_add(1, Ordering::Relaxed);
+                        RedisBroker::connect(&self.inner.settings).await
+                    })
+                    .await?;
+                broker.publish(queue, &encoded).await
+            }
+            .await;
+            match sent {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt + 1 >= PUBLISH_ATTEMPTS => return Err(e.into()),
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "publish to the Redis broker failed, retrying");
+                    tokio::time::sleep(backoff(attempt)).await;
+                }
+            }
         }
     }
 

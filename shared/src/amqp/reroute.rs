@@ -85,6 +85,20 @@ pub struct DeadReason {
     pub worker: String,
 }
 
+impl DeadReason {
+    /// The headers a dead letter carries: why, of what kind, when, from which queue and worker.
+    pub fn headers(&self) -> [(&'static str, AMQPValue); 5] {
+        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
+        [
+            (DEAD_REASON, text(&self.reason)),
+            (DEAD_TYPE, text(&self.kind)),
+            (DEAD_AT, text(&format_time(Utc::now()))),
+            (DEAD_QUEUE, text(&self.queue)),
+            (DEAD_WORKER, text(&self.worker)),
+        ]
+    }
+}
+
 /// A confirm-mode channel for re-publishing, and the delay and dead queues declared on it.
 /// A channel the broker closed (a refused declaration, say) is replaced on next use.
 pub struct Rerouter {
@@ -162,18 +176,7 @@ impl Rerouter {
     ) -> Result<(), BrokerError> {
         let dead = dead_queue(&why.queue);
         self.declare_dead(&why.queue).await?;
-        let text = |s: &str| AMQPValue::LongString(LongString::from(s));
-        let props = rewrite(
-            props,
-            &[
-                (DEAD_REASON, text(&why.reason)),
-                (DEAD_TYPE, text(&why.kind)),
-                (DEAD_AT, text(&format_time(Utc::now()))),
-                (DEAD_QUEUE, text(&why.queue)),
-                (DEAD_WORKER, text(&why.worker)),
-            ],
-            &[],
-        );
+        let props = rewrite(props, &why.headers(), &[]);
         self.publish("", &dead, props, body).await
     }
 

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures_util::FutureExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::AMQPValue;
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::{json, Value};
@@ -23,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::amqp::broker::{backoff, Publisher};
 use crate::amqp::pidbox::Node;
-use crate::amqp::reroute::{time_header, DeadReason, Rerouter, MIN_DELAY};
+use crate::amqp::reroute::{time_header, DeadReason, MIN_DELAY};
 use crate::amqp::table::{read_job_properties, read_properties};
 use crate::backend::result::{FailureKind, ResultMeta, TaskError, TaskState};
 use crate::backend::ResultBackend;
@@ -36,6 +35,7 @@ use crate::protocol::{DecodeError, TaskMessage};
 use crate::runtime::cpu::{panic_message, CpuPool};
 use crate::runtime::rate::{Admission, RateLimits};
 use crate::runtime::task::{Registry, Services, TaskContext, TaskPolicy};
+use crate::runtime::transport::Via;
 use crate::settings::Settings;
 
 /// What every job of a worker shares.
@@ -100,12 +100,14 @@ impl Shared {
     }
 }
 
-/// A delivery and where it came from.
+/// A delivery and where it came from. A message from Redis is read into the same AMQP
+/// delivery shape (properties, headers, body), so everything here is broker-blind but the
+/// steps in [`crate::runtime::transport`].
 pub(crate) struct Incoming {
     pub delivery: Delivery,
     pub queue: String,
     pub received_at: Instant,
-    pub rerouter: Arc<Rerouter>,
+    pub via: Via,
 }
 
 /// Handles one delivery to its end. A panic anywhere on the way (decode, policy, limits, run,
@@ -144,11 +146,7 @@ async fn settle_after_panic(shared: &Shared, job: &Incoming, what: String) {
         .await;
     if settled.is_err() {
         tracing::error!(queue = %job.queue, "failing the message panicked too; rejecting it without requeue");
-        let _ = job
-            .delivery
-            .acker
-            .reject(BasicRejectOptions { requeue: false })
-            .await;
+        job.reject_without_requeue().await;
     }
 }
 
@@ -221,7 +219,7 @@ async fn process(shared: &Arc<Shared>, job: &Incoming) {
         if !remaining.is_zero() {
             // Under the shortest delay bucket: not worth a trip through the broker.
             tokio::select! {
-                _ = shared.stop.cancelled() => return requeue(&job.delivery).await,
+                _ = shared.stop.cancelled() => return job.requeue().await,
                 _ = tokio::time::sleep(remaining) => {},
             }
             tracked.reserved();
@@ -372,7 +370,7 @@ impl Limits {
     /// acknowledged before the broker's delivery-ack timeout; `None`: not even at once.
     fn start_budget(&self, settings: &Settings) -> Option<Duration> {
         let deadline = settings
-            .broker_consumer_timeout
+            .ack_timeout()
             .saturating_sub(settings.ack_deadline_margin() / 2);
         deadline.checked_sub(self.hard)
     }
@@ -606,7 +604,7 @@ async fn retry(
         .events
         .task_retried(&msg.id, e, meta.traceback.as_deref().unwrap_or(""));
     if !store_with_retry(shared, &meta).await {
-        return requeue(&job.delivery).await;
+        return job.requeue().await;
     }
     let headers = [
         (
@@ -615,45 +613,26 @@ async fn retry(
         ),
         ("eta", time_header(eta)),
     ];
-    let sent = job
-        .rerouter
-        .delay(
-            &job.queue,
-            &job.delivery.properties,
-            &job.delivery.data,
-            wait,
-            &headers,
-        )
-        .await;
+    let sent = job.delay(wait, &headers).await;
     match sent {
-        Ok(_) => ack(&job.delivery, &msg.id).await,
+        Ok(_) => ack(job, &msg.id).await,
         Err(err) => {
             tracing::warn!(id = %msg.id, error = %err, "could not send the retry; returning the message to the queue");
-            requeue_after_pause(shared, &job.delivery).await
+            requeue_after_pause(shared, job).await
         }
     }
 }
 
 /// The ETA is ahead: park the message in a delay queue and let it go.
 async fn delay(shared: &Shared, job: &Incoming, msg: &TaskMessage, remaining: Duration) {
-    match job
-        .rerouter
-        .delay(
-            &job.queue,
-            &job.delivery.properties,
-            &job.delivery.data,
-            remaining,
-            &[],
-        )
-        .await
-    {
+    match job.delay(remaining, &[]).await {
         Ok(hop) => {
-            tracing::debug!(id = %msg.id, ?remaining, ?hop, "waiting for its ETA in a delay queue");
-            ack(&job.delivery, &msg.id).await
+            tracing::debug!(id = %msg.id, ?remaining, ?hop, "waiting for its ETA in the broker");
+            ack(job, &msg.id).await
         }
         Err(e) => {
             tracing::warn!(id = %msg.id, error = %e, "could not delay the message; returning it to the queue");
-            requeue_after_pause(shared, &job.delivery).await
+            requeue_after_pause(shared, job).await
         }
     }
 }
@@ -841,32 +820,32 @@ async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
             }
             Err(e) => {
                 tracing::warn!(%id, %group, error = %e, "could not set the size of the chord this job sends; returning the message to the queue");
-                return requeue_after_pause(shared, &job.delivery).await;
+                return requeue_after_pause(shared, job).await;
             }
         }
     }
     if !publish_next(shared, id, &ending.before).await {
-        return requeue_after_pause(shared, &job.delivery).await;
+        return requeue_after_pause(shared, job).await;
     }
     if let Some(meta) = ending.store {
         if !store_with_retry(shared, meta).await {
-            return requeue(&job.delivery).await;
+            return job.requeue().await;
         }
     }
     if !publish_next(shared, id, &ending.after).await {
-        return requeue_after_pause(shared, &job.delivery).await;
+        return requeue_after_pause(shared, job).await;
     }
     if let Some(join) = &ending.join {
         if !join_chord(shared, join).await {
-            return requeue_after_pause(shared, &job.delivery).await;
+            return requeue_after_pause(shared, job).await;
         }
     }
     if let Some(why) = &ending.dead {
         if !dead_letter(job, why).await {
-            return requeue_after_pause(shared, &job.delivery).await;
+            return requeue_after_pause(shared, job).await;
         }
     }
-    ack(&job.delivery, id).await;
+    ack(job, id).await;
 }
 
 /// Publishes a workflow's next messages with confirms; `false` when one could not be sent (the
@@ -971,11 +950,7 @@ fn parent_of(msg: &TaskMessage) -> Parent<'_> {
 }
 
 async fn dead_letter(job: &Incoming, why: &DeadReason) -> bool {
-    match job
-        .rerouter
-        .dead(&job.delivery.properties, &job.delivery.data, why)
-        .await
-    {
+    match job.dead_letter(why).await {
         Ok(()) => true,
         Err(e) => {
             tracing::warn!(error = %e, queue = %why.queue, "could not dead-letter the message; returning it to the queue");
@@ -1006,8 +981,8 @@ async fn store_with_retry(shared: &Shared, meta: &ResultMeta) -> bool {
     false
 }
 
-async fn ack(delivery: &Delivery, id: &str) {
-    if let Err(e) = delivery.acker.ack(BasicAckOptions::default()).await {
+async fn ack(job: &Incoming, id: &str) {
+    if let Err(e) = job.ack().await {
         tracing::warn!(%id, error = %e, "ack failed after the outcome was stored; the broker will redeliver and the copy will be skipped");
     }
 }
@@ -1016,27 +991,17 @@ async fn ack(delivery: &Delivery, id: &str) {
 /// or the job waited too long for a slot): Celery's `reject(requeue=True)`.
 async fn give_back(shared: &Shared, job: &Incoming, msg: &TaskMessage) {
     shared.events.task_rejected(&msg.id, true);
-    requeue(&job.delivery).await
+    job.requeue().await
 }
 
 /// Returns a message whose re-publishing failed, after a pause, so a lasting fault (a dead
 /// queue declared with other arguments, say) does not turn into a hot redelivery loop.
-async fn requeue_after_pause(shared: &Shared, delivery: &Delivery) {
+async fn requeue_after_pause(shared: &Shared, job: &Incoming) {
     tokio::select! {
         _ = shared.stop.cancelled() => {},
         _ = tokio::time::sleep(Duration::from_secs(1)) => {},
     }
-    requeue(delivery).await
-}
-
-pub(crate) async fn requeue(delivery: &Delivery) {
-    let _ = delivery
-        .acker
-        .nack(BasicNackOptions {
-            requeue: true,
-            multiple: false,
-        })
-        .await;
+    job.requeue().await
 }
 
 #[cfg(test)]

@@ -9,6 +9,8 @@ pub mod cli;
 pub mod cpu;
 pub mod message;
 pub mod rate;
+mod redis_consumer;
 pub mod stop;
 pub mod task;
+mod transport;
 pub mod worker;

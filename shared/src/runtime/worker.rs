@@ -1,4 +1,5 @@
-//! The worker runtime: connect, declare, consume from RabbitMQ with prefetch = concurrency ×
+//! The worker runtime: connect, declare, consume from RabbitMQ (or from Redis:
+//! [`super::redis_consumer`]) with prefetch = concurrency ×
 //! multiplier, hand each delivery to `job` (which runs at most `concurrency` at once and acks
 //! only after the outcome is stored), answer Celery's remote control on the pidbox (revokes,
 //! inspect, control; the queues consumed follow `add_consumer` / `cancel_consumer`), and
@@ -30,6 +31,7 @@ use crate::runtime::cpu::CpuPool;
 use crate::runtime::message::{self, Incoming, Shared};
 use crate::runtime::rate::{RateError, RateLimits};
 use crate::runtime::task::Registry;
+use crate::runtime::transport::Via;
 use crate::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +52,8 @@ pub enum WorkerError {
     Traces(#[from] crate::observe::trace::TraceConfigError),
     #[error(
         "task {task} has a hard time limit of {} s; at most {} s is allowed: \
-         broker_consumer_timeout less the time to store the result and acknowledge",
+         broker_consumer_timeout (on Redis: broker_transport_options.visibility_timeout) less \
+         the time to store the result and acknowledge",
         limit.as_secs_f64(), longest.as_secs_f64()
     )]
     TimeLimit {
@@ -411,19 +414,41 @@ async fn watch_backend(shared: Arc<Shared>) {
     }
 }
 
-/// Reconnects with backoff until stopped.
+/// Consumes (from RabbitMQ, or from Redis with a Redis `broker_url`), reconnecting with
+/// backoff, until stopped; then drains.
 async fn consume_until_stopped(shared: Arc<Shared>) {
     let up = WorkerLabels {
         hostname: host_label(&shared.hostname),
     };
+    let held = if shared.settings.broker_is_redis() {
+        crate::runtime::redis_consumer::consume_until_stopped(shared.clone()).await
+    } else {
+        consume_amqp_until_stopped(&shared, &up).await;
+        None
+    };
+    shared.readiness.consuming.store(false, Ordering::Relaxed);
+    shared.metrics.up.get_or_create(&up).set(0);
+    drain(&shared).await;
+    if let Some(held) = held {
+        held.give_back().await;
+    }
+    // Last, so the events of jobs that finished while draining go out before it.
+    shared
+        .events
+        .worker_offline(shared.load(), Duration::from_secs(2))
+        .await;
+}
+
+/// Reconnects to RabbitMQ with backoff until stopped.
+async fn consume_amqp_until_stopped(shared: &Arc<Shared>, up: &WorkerLabels) {
     let mut attempt = 0;
     loop {
-        match consume(&shared, &mut attempt).await {
+        match consume(shared, &mut attempt).await {
             Ok(()) => break,
             Err(e) => {
                 shared.readiness.broker.store(false, Ordering::Relaxed);
                 shared.readiness.consuming.store(false, Ordering::Relaxed);
-                shared.metrics.up.get_or_create(&up).set(0);
+                shared.metrics.up.get_or_create(up).set(0);
                 let wait = backoff(attempt);
                 attempt = attempt.saturating_add(1);
                 if matches!(e, BrokerError::QueueArguments { .. }) {
@@ -440,14 +465,6 @@ async fn consume_until_stopped(shared: Arc<Shared>) {
             }
         }
     }
-    shared.readiness.consuming.store(false, Ordering::Relaxed);
-    shared.metrics.up.get_or_create(&up).set(0);
-    drain(&shared).await;
-    // Last, so the events of jobs that finished while draining go out before it.
-    shared
-        .events
-        .worker_offline(shared.load(), Duration::from_secs(2))
-        .await;
 }
 
 /// Waits for running jobs and background work within the grace period; jobs left return to
@@ -552,7 +569,7 @@ async fn consume_on(
                         delivery,
                         queue,
                         received_at: Instant::now(),
-                        rerouter: rerouter.clone(),
+                        via: Via::Amqp(rerouter.clone()),
                     };
                     shared.jobs.spawn(message::handle(shared.clone(), incoming));
                 }

@@ -10,6 +10,7 @@ mod rate;
 mod reader;
 pub mod sources;
 pub mod tls;
+pub mod transport;
 pub mod webhook;
 
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ pub use rate::{RateLimit, RateParseError, TaskRate, RATE_FORMS};
 pub use reader::{Kind, Raw, Reader, Value};
 pub use sources::{owner_of, Sources, OWNERS};
 pub use tls::{BrokerSsl, CertReqs, RedisBackendSsl, TlsOptions};
+pub use transport::TransportOptions;
 pub use webhook::WebhookSettings;
 
 /// The kinds a declaration reads its value as (`Int(1, 100)`, `Seconds`, `Url(&["https"])`...).
@@ -65,8 +67,17 @@ crate::settings_group! {
         owner = "every program";
         prefixes = [];
         /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`, Celery's `//` means vhost `/`;
-        /// `amqps://` for TLS, port 5671 by default).
-        broker_url: String = "amqp://guest:guest@127.0.0.1:5672//".into(), Url(&["amqp", "amqps"]);
+        /// `amqps://` for TLS, port 5671 by default), or a Redis URL (`redis://host:port/db`,
+        /// `redis+unix:///path?db=N`, `rediss://`) for kombu's Redis transport (README: "Redis
+        /// as the broker").
+        broker_url: String = "amqp://guest:guest@127.0.0.1:5672//".into(),
+            Url(&["amqp", "amqps", "redis", "rediss", "redis+unix", "unix"]);
+        /// Options of the Redis broker transport, as Celery's `broker_transport_options` for
+        /// kombu's Redis transport: `visibility_timeout` (seconds, default 3600),
+        /// `priority_steps`, `sep`, `unacked_key`, `unacked_index_key`, `unacked_mutex_key`,
+        /// `unacked_mutex_expire`, `unacked_restore_limit`. Unused with an AMQP broker.
+        broker_transport_options: TransportOptions = TransportOptions::default(),
+            Custom(Reader::broker_transport_options);
         /// TLS to RabbitMQ (Celery's `broker_use_ssl`): `true` (the system's CAs), or a table of
         /// `ca_certs`, `certfile`, `keyfile` (PEM files) and `cert_reqs` (`CERT_REQUIRED`, the
         /// default; `CERT_OPTIONAL` verifies the same; `CERT_NONE` verifies nothing and is
@@ -218,6 +229,23 @@ fn check_core(settings: &Settings) -> Result<(), SettingsError> {
             accepted: why,
         });
     }
+    if settings.broker_is_redis() {
+        for (name, on) in [
+            ("worker_send_task_events", settings.worker_send_task_events),
+            ("task_send_sent_event", settings.task_send_sent_event),
+        ] {
+            if on {
+                return Err(SettingsError::Invalid {
+                    name: name.into(),
+                    value: "true".into(),
+                    accepted: "false while broker_url is a Redis URL: Celery events go out on \
+                               the broker, and mediafarm sends them over AMQP only (README, \
+                               \"Redis as the broker\")"
+                        .into(),
+                });
+            }
+        }
+    }
     if let (Some(max), true) = (settings.task_queue_max_priority, settings.quorum()) {
         return Err(SettingsError::Invalid {
             name: "task_queue_max_priority".into(),
@@ -256,11 +284,21 @@ fn check_core(settings: &Settings) -> Result<(), SettingsError> {
                 name: "task_time_limit".into(),
                 value: format!("{}", hard.as_secs_f64()),
                 accepted: format!(
-                    "at most {} s: broker_consumer_timeout ({} s) less {} s to store the result \
-                     and acknowledge, or RabbitMQ closes the channel under a long job",
+                    "at most {} s: {} ({} s) less {} s to store the result and acknowledge, \
+                     or {}",
                     most.as_secs_f64(),
-                    settings.broker_consumer_timeout.as_secs_f64(),
-                    settings.ack_deadline_margin().as_secs_f64()
+                    if settings.broker_is_redis() {
+                        "broker_transport_options.visibility_timeout"
+                    } else {
+                        "broker_consumer_timeout"
+                    },
+                    settings.ack_timeout().as_secs_f64(),
+                    settings.ack_deadline_margin().as_secs_f64(),
+                    if settings.broker_is_redis() {
+                        "another worker takes the message again under a long job"
+                    } else {
+                        "RabbitMQ closes the channel under a long job"
+                    }
                 ),
             });
         }
@@ -301,13 +339,29 @@ impl Settings {
     /// Time kept free between a job's hard limit and RabbitMQ's delivery-ack timeout, for
     /// storing the result and acknowledging: a quarter of the timeout, at most two minutes.
     pub fn ack_deadline_margin(&self) -> Duration {
-        (self.broker_consumer_timeout / 4).min(Duration::from_secs(120))
+        (self.ack_timeout() / 4).min(Duration::from_secs(120))
     }
 
     /// The longest hard time limit any job may have (jobs with none get this one).
     pub fn longest_hard_limit(&self) -> Duration {
-        self.broker_consumer_timeout
+        self.ack_timeout()
             .saturating_sub(self.ack_deadline_margin())
+    }
+
+    /// How long the broker waits for an acknowledgement before it gives the message to
+    /// another worker: RabbitMQ's `consumer_timeout`, or on Redis the transport's
+    /// `visibility_timeout`.
+    pub fn ack_timeout(&self) -> Duration {
+        if self.broker_is_redis() {
+            self.broker_transport_options.visibility_timeout
+        } else {
+            self.broker_consumer_timeout
+        }
+    }
+
+    /// The broker is Redis (kombu's Redis transport), not RabbitMQ.
+    pub fn broker_is_redis(&self) -> bool {
+        is_redis_url(&self.broker_url)
     }
 
     /// Unacknowledged messages the broker may hand this worker at once.
@@ -328,6 +382,13 @@ impl Settings {
         let s = self.result_expires.as_secs();
         (s > 0).then_some(s)
     }
+}
+
+/// A `redis://`, `rediss://`, `redis+unix://` or `unix://` URL.
+pub fn is_redis_url(url: &str) -> bool {
+    ["redis://", "rediss://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|p| url.starts_with(p))
 }
 
 /// Accepts JSON under its names and says why anything else is refused.

@@ -1,0 +1,493 @@
+//! Redis as the broker, on the wire kombu's Redis transport uses, so Python Celery producers
+//! and workers share queues with mediafarm (`broker_url = "redis://…"`).
+//!
+//! What it owns, and what it promises:
+//!
+//! - **Queues** are lists: a message is `LPUSH`ed onto `<queue>` (priority 0) or
+//!   `<queue><sep><step>` for the other `priority_steps` (kombu's `_q_for_pri`), and taken from
+//!   the other end, the lists in step order (on Redis a lower number is consumed first, as
+//!   in kombu). Each message is kombu's JSON [`Envelope`].
+//! - **Late acks**: a taken message is recorded in the `unacked` hash (kombu's
+//!   `[message, exchange, routing_key]` by delivery tag) and the `unacked_index` sorted set (by
+//!   the time it was taken) *in the same atomic step as it is taken* (a Lua script, see
+//!   [`scripts`]); kombu does it in two round trips, and a worker killed between them loses
+//!   the message. Acknowledging removes both entries.
+//! - **Visibility timeout**: every worker, under the `unacked_mutex` lock (kombu's
+//!   `restore_visible`), puts back on its queue each message taken longer ago than
+//!   `visibility_timeout`: a worker that died loses nothing. Every job's hard time limit is
+//!   kept below the visibility timeout (`Settings::ack_timeout`), so a running job is never
+//!   handed out twice.
+//! - **Delays** (ETA, countdown, retries) do not wait in worker memory (Celery's Redis
+//!   transport holds ETA jobs in the worker, and a job held past the visibility timeout is run
+//!   twice). The message moves, in one atomic step with its acknowledgement, into the sorted
+//!   set [`DELAYED_KEY`] scored by when it is due; every worker promotes due entries back
+//!   onto their lists with one script, so each is promoted once.
+//! - **Dead letters**: a message that can never run is pushed, with the reason in its
+//!   `x-mediafarm-dead-*` headers, onto the list `<queue>.dead` in the same atomic step as it
+//!   is acknowledged. A value in a list that is not a kombu envelope is moved there as it was.
+//!
+//! Not here yet: fanout by `PUBLISH` (the pidbox: `celery inspect`/`control` and broadcast
+//! revokes; revokes still reach workers within seconds through the result backend's revoked
+//! set), Celery events, `global_keyprefix`, and Redis Cluster or Sentinel.
+
+pub mod envelope;
+pub mod scripts;
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use serde_json::Value;
+
+pub use envelope::Envelope;
+
+use crate::protocol::Properties;
+use crate::settings::tls::without_password;
+use crate::settings::{Settings, TransportOptions};
+
+/// The sorted set of delayed messages (`<list key>\n<message>` scored by due time, Unix s).
+pub const DELAYED_KEY: &str = "mediafarm.delayed";
+/// kombu's binding sets: `_kombu.binding.<exchange>` holds `<routing key><sep><pattern><sep><queue>`.
+pub const BINDING_PREFIX: &str = "_kombu.binding.";
+/// kombu 5.7's set of bindings that never expire, per exchange.
+pub const PERMANENT_BINDING_PREFIX: &str = "_kombu.binding_permanent.";
+/// Delayed messages promoted per script run at most.
+const PROMOTE_BATCH: usize = 500;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedisBrokerError {
+    #[error("cannot connect to the Redis broker at {url}: {source}")]
+    Connect {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("cannot set up TLS to the Redis broker: {0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("Redis broker error: {0}")]
+    Redis(#[from] redis::RedisError),
+}
+
+/// A message taken from a queue, recorded as unacknowledged.
+#[derive(Debug)]
+pub struct Taken {
+    /// The queue it was taken from.
+    pub queue: String,
+    /// Its delivery tag, or `Err` with the raw value when it was not a kombu envelope (it is
+    /// not in `unacked` then).
+    pub message: Result<Envelope, (Vec<u8>, String)>,
+}
+
+/// A connection to the Redis broker and the transport's options. Clones share the connection.
+#[derive(Clone)]
+pub struct RedisBroker {
+    conn: ConnectionManager,
+    opts: TransportOptions,
+    /// Queues whose kombu binding this process has written.
+    bound: std::sync::Arc<Mutex<HashSet<String>>>,
+}
+
+/// `EVAL` of `script` over `keys` (Redis caches the compiled script by its hash; the text is
+/// a few hundred bytes per call).
+fn eval<K: AsRef<str>>(script: &str, keys: &[K]) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(script).arg(keys.len());
+    for k in keys {
+        cmd.arg(k.as_ref());
+    }
+    cmd
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+impl RedisBroker {
+    /// Connects to `broker_url` (a Redis URL; `rediss://` takes TLS options from its query).
+    pub async fn connect(settings: &Settings) -> Result<RedisBroker, RedisBrokerError> {
+        let url = &settings.broker_url;
+        let connect_err = |source| RedisBrokerError::Connect {
+            url: without_password(url),
+            source,
+        };
+        let client = crate::tls::redis_client(url, None).map_err(|e| match e {
+            crate::tls::RedisClientError::Tls(e) => RedisBrokerError::Tls(e),
+            crate::tls::RedisClientError::Redis(e) => connect_err(e),
+        })?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(connect_err)?;
+        Ok(RedisBroker {
+            conn,
+            opts: settings.broker_transport_options.clone(),
+            bound: Default::default(),
+        })
+    }
+
+    pub fn options(&self) -> &TransportOptions {
+        &self.opts
+    }
+
+    /// kombu's `_q_for_pri`: the list of `queue` for a message of `priority`.
+    pub fn list_key(&self, queue: &str, priority: u8) -> String {
+        list_key(&self.opts, queue, priority)
+    }
+
+    /// The lists to take from, in order: every queue's priority-0 list, then every queue's
+    /// next step, … (kombu's BRPOP key order).
+    pub fn consume_keys(&self, queues: &[String]) -> Vec<String> {
+        self.opts
+            .priority_steps
+            .iter()
+            .flat_map(|p| queues.iter().map(move |q| list_key(&self.opts, q, *p)))
+            .collect()
+    }
+
+    /// Writes kombu's binding of `queue` (exchange and routing key both the queue's name), as
+    /// kombu's `queue_declare` + `queue_bind` do, so a Python producer routing through the
+    /// exchange of that name reaches it. Once per queue per process.
+    pub async fn bind(&self, queue: &str) -> Result<(), RedisBrokerError> {
+        if self.lock_bound().contains(queue) {
+            return Ok(());
+        }
+        let sep = &self.opts.sep;
+        let member = format!("{queue}{sep}{sep}{queue}");
+        let mut conn = self.conn.clone();
+        // kombu 5.7 also lists the member as permanent, so its sweep of expiring bindings
+        // leaves the table alone.
+        redis::pipe()
+            .sadd(format!("{BINDING_PREFIX}{queue}"), &member)
+            .ignore()
+            .sadd(format!("{PERMANENT_BINDING_PREFIX}{queue}"), &member)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        self.lock_bound().insert(queue.to_owned());
+        Ok(())
+    }
+
+    fn lock_bound(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.bound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Publishes messages onto `queue` (each onto its priority's list) in one round trip.
+    pub async fn publish(
+        &self,
+        queue: &str,
+        messages: &[(Properties, serde_json::Map<String, Value>, Vec<u8>)],
+    ) -> Result<(), RedisBrokerError> {
+        self.bind(queue).await?;
+        let mut pipe = redis::pipe();
+        for (props, headers, body) in messages {
+            let e = Envelope::new(props, headers, body, queue);
+            pipe.lpush(self.list_key(queue, e.priority()), e.to_json())
+                .ignore();
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// Takes the next message of `queues` (priority order, then queue order), recording it as
+    /// unacknowledged in the same step. `None` when all are empty.
+    pub async fn fetch(&self, queues: &[String]) -> Result<Option<Taken>, RedisBrokerError> {
+        let keys = self.consume_keys(queues);
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let mut all = vec![
+            self.opts.unacked_key.clone(),
+            self.opts.unacked_index_key.clone(),
+        ];
+        all.extend(keys);
+        let mut conn = self.conn.clone();
+        let got: Option<(String, Vec<u8>, String)> = eval(scripts::FETCH, &all)
+            .arg(format!("{:.6}", now_secs()))
+            .query_async(&mut conn)
+            .await?;
+        let Some((key, raw, tag)) = got else {
+            return Ok(None);
+        };
+        let queue = self.queue_of_key(&key, queues);
+        let message = if tag.is_empty() {
+            let why = Envelope::parse(&raw)
+                .err()
+                .unwrap_or_else(|| "it has no delivery tag".into());
+            Err((raw, why))
+        } else {
+            Envelope::parse(&raw).map_err(|why| (raw, why))
+        };
+        Ok(Some(Taken { queue, message }))
+    }
+
+    fn queue_of_key(&self, key: &str, queues: &[String]) -> String {
+        queues
+            .iter()
+            .find(|q| {
+                key == q.as_str()
+                    || key
+                        .strip_prefix(q.as_str())
+                        .is_some_and(|rest| rest.starts_with(&self.opts.sep))
+            })
+            .cloned()
+            .unwrap_or_else(|| key.to_owned())
+    }
+
+    /// Acknowledges: the message leaves `unacked` and `unacked_index`.
+    pub async fn ack(&self, tag: &str) -> Result<(), RedisBrokerError> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .zrem(&self.opts.unacked_index_key, tag)
+            .ignore()
+            .hdel(&self.opts.unacked_key, tag)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Puts an unacknowledged message back on its queue, at the consuming end (it is taken
+    /// next), marked redelivered. `false` when it was no longer unacknowledged.
+    pub async fn restore(&self, tag: &str) -> Result<bool, RedisBrokerError> {
+        let mut conn = self.conn.clone();
+        let held: Option<String> = redis::cmd("HGET")
+            .arg(&self.opts.unacked_key)
+            .arg(tag)
+            .query_async(&mut conn)
+            .await?;
+        let Some(held) = held else {
+            return Ok(false);
+        };
+        let parsed: Option<(Value, String, String)> = serde_json::from_str(&held).ok();
+        let Some((message, exchange, routing_key)) = parsed else {
+            tracing::error!(%tag, "an unacked entry is not kombu's [message, exchange, routing_key]; dropping it from the index");
+            self.ack(tag).await?;
+            return Ok(false);
+        };
+        let mut e = match Envelope::parse(message.to_string().as_bytes()) {
+            Ok(e) => e,
+            Err(why) => {
+                tracing::error!(%tag, %why, "an unacked message is not a kombu envelope; dropping it from the index");
+                self.ack(tag).await?;
+                return Ok(false);
+            }
+        };
+        e.mark_redelivered();
+        let queues = self.lookup(&exchange, &routing_key).await?;
+        let mut keys = vec![
+            self.opts.unacked_key.clone(),
+            self.opts.unacked_index_key.clone(),
+        ];
+        keys.extend(queues.iter().map(|q| self.list_key(q, e.priority())));
+        let restored: i64 = eval(scripts::RESTORE, &keys)
+            .arg(tag)
+            .arg(&held)
+            .arg(e.to_json())
+            .arg("front")
+            .query_async(&mut conn)
+            .await?;
+        Ok(restored == 1)
+    }
+
+    /// kombu's `_lookup` for a direct exchange: the queues bound to `exchange` under
+    /// `routing_key`; the default exchange (or no binding) routes to the queue named by the
+    /// routing key.
+    async fn lookup(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Vec<String>, RedisBrokerError> {
+        if exchange.is_empty() {
+            return Ok(vec![routing_key.to_owned()]);
+        }
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{BINDING_PREFIX}{exchange}"))
+            .query_async(&mut conn)
+            .await?;
+        let sep = self.opts.sep.as_str();
+        let mut queues: Vec<String> = members
+            .iter()
+            .filter_map(|m| {
+                let mut parts = m.split(sep);
+                let (rk, _pattern, queue) = (parts.next()?, parts.next()?, parts.next()?);
+                (rk == routing_key).then(|| queue.to_owned())
+            })
+            .collect();
+        queues.sort();
+        queues.dedup();
+        if queues.is_empty() {
+            queues.push(routing_key.to_owned());
+        }
+        Ok(queues)
+    }
+
+    /// Acknowledges `tag` and, in the same step, parks `message` until `due` (Unix seconds),
+    /// when it goes back onto `queue`.
+    pub async fn delay(
+        &self,
+        tag: &str,
+        queue: &str,
+        message: &Envelope,
+        due: f64,
+    ) -> Result<(), RedisBrokerError> {
+        let entry = format!(
+            "{}\n{}",
+            self.list_key(queue, message.priority()),
+            message.to_json()
+        );
+        self.hand_over(tag, DELAYED_KEY, &format!("{due:.3}"), &entry)
+            .await
+    }
+
+    /// Acknowledges `tag` and, in the same step, pushes `message` onto `<queue>.dead`.
+    pub async fn dead(
+        &self,
+        tag: &str,
+        queue: &str,
+        message: &str,
+    ) -> Result<(), RedisBrokerError> {
+        self.hand_over(tag, &dead_list(queue), "list", message)
+            .await
+    }
+
+    async fn hand_over(
+        &self,
+        tag: &str,
+        key: &str,
+        how: &str,
+        value: &str,
+    ) -> Result<(), RedisBrokerError> {
+        let mut conn = self.conn.clone();
+        eval(
+            scripts::HAND_OVER,
+            &[&self.opts.unacked_key, &self.opts.unacked_index_key, key],
+        )
+        .arg(tag)
+        .arg(how)
+        .arg(value)
+        .query_async::<()>(&mut conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Moves delayed messages that are due back onto their lists; how many moved.
+    pub async fn promote_due(&self) -> Result<usize, RedisBrokerError> {
+        let mut conn = self.conn.clone();
+        let moved: usize = eval(scripts::PROMOTE, &[DELAYED_KEY])
+            .arg(format!("{:.3}", now_secs()))
+            .arg(PROMOTE_BATCH)
+            .query_async(&mut conn)
+            .await?;
+        Ok(moved)
+    }
+
+    /// kombu's `restore_visible`: under the `unacked_mutex` lock (skipped when another worker
+    /// holds it), puts back every message taken longer ago than the visibility timeout.
+    /// Returns how many were put back.
+    pub async fn restore_visible(&self) -> Result<usize, RedisBrokerError> {
+        let mut conn = self.conn.clone();
+        let token = uuid::Uuid::new_v4().to_string();
+        let expire_ms =
+            u64::try_from(self.opts.unacked_mutex_expire.as_millis()).unwrap_or(u64::MAX);
+        let locked: Option<String> = redis::cmd("SET")
+            .arg(&self.opts.unacked_mutex_key)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(expire_ms.max(1))
+            .query_async(&mut conn)
+            .await?;
+        if locked.is_none() {
+            return Ok(0);
+        }
+        let outcome = self.restore_expired(&mut conn).await;
+        let unlocked = eval(scripts::UNLOCK, &[&self.opts.unacked_mutex_key])
+            .arg(&token)
+            .query_async::<i64>(&mut conn)
+            .await;
+        if let Err(e) = unlocked {
+            tracing::warn!(error = %e, "could not release the unacked mutex; it expires on its own");
+        }
+        outcome
+    }
+
+    async fn restore_expired(
+        &self,
+        conn: &mut ConnectionManager,
+    ) -> Result<usize, RedisBrokerError> {
+        let ceil = now_secs() - self.opts.visibility_timeout.as_secs_f64();
+        let mut cmd = redis::cmd("ZRANGEBYSCORE");
+        cmd.arg(&self.opts.unacked_index_key)
+            .arg("-inf")
+            .arg(format!("{ceil:.3}"));
+        if let Some(n) = self.opts.unacked_restore_limit {
+            cmd.arg("LIMIT").arg(0).arg(n);
+        }
+        let tags: Vec<String> = cmd.query_async(conn).await?;
+        let mut restored = 0;
+        for tag in tags {
+            if self.restore(&tag).await? {
+                tracing::info!(%tag, visibility_timeout = ?self.opts.visibility_timeout, "a message unacknowledged past the visibility timeout is back on its queue");
+                restored += 1;
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Messages waiting in each list of `queue` (all priorities), for tests and metrics.
+    pub async fn len(&self, queue: &str) -> Result<u64, RedisBrokerError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for p in &self.opts.priority_steps {
+            pipe.llen(list_key(&self.opts, queue, *p));
+        }
+        let sizes: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(sizes.iter().sum())
+    }
+}
+
+/// kombu's `_q_for_pri` with `priority` (`bisect` over the steps).
+pub fn list_key(opts: &TransportOptions, queue: &str, priority: u8) -> String {
+    let step = opts
+        .priority_steps
+        .iter()
+        .rev()
+        .find(|s| **s <= priority)
+        .copied()
+        .unwrap_or(0);
+    if step == 0 {
+        queue.to_owned()
+    } else {
+        format!("{queue}{}{step}", opts.sep)
+    }
+}
+
+/// The dead-letter list of `queue`.
+pub fn dead_list(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn priority_lists_are_kombus() {
+        let o = TransportOptions::default();
+        assert_eq!(list_key(&o, "q", 0), "q");
+        assert_eq!(list_key(&o, "q", 2), "q");
+        assert_eq!(list_key(&o, "q", 3), "q\x06\x163");
+        assert_eq!(list_key(&o, "q", 8), "q\x06\x166");
+        assert_eq!(list_key(&o, "q", 9), "q\x06\x169");
+    }
+}

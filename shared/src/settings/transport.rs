@@ -1,0 +1,240 @@
+//! `broker_transport_options` for a `redis://` broker, named and defaulted as kombu's Redis
+//! transport names them (`kombu/transport/redis.py`, `Channel`): the visibility timeout, the
+//! priority steps and separator, and the keys of the unacknowledged-message index. A Python
+//! worker and a mediafarm worker given the same table see the same keys. Options kombu has
+//! that mediafarm does not implement are refused by name rather than ignored.
+
+use std::time::Duration;
+
+use super::reader::{Raw, Reader};
+use super::{SettingsError, Value};
+
+/// The Redis transport's options (kombu's defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransportOptions {
+    /// How long a message taken but not acknowledged stays invisible before any worker puts it
+    /// back on its queue (kombu: 3600 s). Every job's hard time limit is kept below it.
+    pub visibility_timeout: Duration,
+    /// The priority lists of a queue, in the order they are consumed (kombu: 0, 3, 6, 9; on
+    /// Redis a lower number is consumed first).
+    pub priority_steps: Vec<u8>,
+    /// Between a queue's name and its priority in a priority list's key (kombu: `\x06\x16`).
+    pub sep: String,
+    /// Hash of taken, unacknowledged messages by delivery tag (kombu: `unacked`).
+    pub unacked_key: String,
+    /// Sorted set of their delivery tags by the time they were taken (kombu: `unacked_index`).
+    pub unacked_index_key: String,
+    /// Lock held while putting back messages past their visibility timeout (`unacked_mutex`).
+    pub unacked_mutex_key: String,
+    /// How long that lock holds at most (kombu: 300 s).
+    pub unacked_mutex_expire: Duration,
+    /// At most this many expired messages are put back per pass (kombu: no limit).
+    pub unacked_restore_limit: Option<usize>,
+}
+
+impl Default for TransportOptions {
+    fn default() -> Self {
+        TransportOptions {
+            visibility_timeout: Duration::from_secs(3600),
+            priority_steps: vec![0, 3, 6, 9],
+            sep: "\x06\x16".into(),
+            unacked_key: "unacked".into(),
+            unacked_index_key: "unacked_index".into(),
+            unacked_mutex_key: "unacked_mutex".into(),
+            unacked_mutex_expire: Duration::from_secs(300),
+            unacked_restore_limit: None,
+        }
+    }
+}
+
+/// The keys accepted, for the error message.
+const ACCEPTED: &str = "a table of visibility_timeout (seconds), priority_steps (a list of \
+    0..=9, ascending), sep, unacked_key, unacked_index_key, unacked_mutex_key, \
+    unacked_mutex_expire (seconds), unacked_restore_limit; kombu's other Redis options \
+    (global_keyprefix, queue_order_strategy, fanout_prefix, …) are not supported yet";
+
+impl Value for TransportOptions {
+    fn shown(&self) -> String {
+        let mut t = toml::Table::new();
+        let secs = |d: Duration| toml::Value::Float(d.as_secs_f64());
+        t.insert("visibility_timeout".into(), secs(self.visibility_timeout));
+        t.insert(
+            "priority_steps".into(),
+            toml::Value::Array(
+                self.priority_steps
+                    .iter()
+                    .map(|p| toml::Value::Integer(i64::from(*p)))
+                    .collect(),
+            ),
+        );
+        t.insert("sep".into(), toml::Value::String(self.sep.clone()));
+        for (k, v) in [
+            ("unacked_key", &self.unacked_key),
+            ("unacked_index_key", &self.unacked_index_key),
+            ("unacked_mutex_key", &self.unacked_mutex_key),
+        ] {
+            t.insert(k.into(), toml::Value::String(v.clone()));
+        }
+        t.insert(
+            "unacked_mutex_expire".into(),
+            secs(self.unacked_mutex_expire),
+        );
+        if let Some(n) = self.unacked_restore_limit {
+            t.insert(
+                "unacked_restore_limit".into(),
+                toml::Value::Integer(i64::try_from(n).unwrap_or(i64::MAX)),
+            );
+        }
+        toml::Value::Table(t).to_string()
+    }
+}
+
+impl Reader {
+    pub fn broker_transport_options(
+        &self,
+        name: &str,
+        default: TransportOptions,
+    ) -> Result<TransportOptions, SettingsError> {
+        let Some(raw) = self.get(name) else {
+            return Ok(default);
+        };
+        let invalid = |why: String| SettingsError::Invalid {
+            name: name.into(),
+            value: raw.shown(),
+            accepted: why,
+        };
+        let table = match raw {
+            Raw::Toml(toml::Value::Table(t)) => t.clone(),
+            Raw::Env(s) => parse_env(s).ok_or_else(|| {
+                invalid(format!(
+                    "{ACCEPTED}; from the environment as JSON or a TOML inline table"
+                ))
+            })?,
+            Raw::Toml(_) => return Err(invalid(ACCEPTED.into())),
+        };
+        read_table(&table, default).map_err(|why| invalid(format!("{why}; {ACCEPTED}")))
+    }
+}
+
+fn parse_env(text: &str) -> Option<toml::Table> {
+    if let Ok(json) = serde_json::from_str::<serde_json::Value>(text) {
+        return toml::Value::try_from(json).ok()?.as_table().cloned();
+    }
+    let doc: toml::Table = toml::from_str(&format!("v = {text}")).ok()?;
+    doc.get("v")?.as_table().cloned()
+}
+
+fn seconds(key: &str, v: &toml::Value) -> Result<Duration, String> {
+    let s = match v {
+        toml::Value::Integer(i) => *i as f64,
+        toml::Value::Float(f) => *f,
+        _ => return Err(format!("{key} must be a number of seconds")),
+    };
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{key} must be a positive number of seconds"))
+}
+
+fn text(key: &str, v: &toml::Value) -> Result<String, String> {
+    match v.as_str() {
+        Some(s) if !s.is_empty() && !s.contains('\n') => Ok(s.to_owned()),
+        _ => Err(format!("{key} must be a non-empty string on one line")),
+    }
+}
+
+fn read_table(table: &toml::Table, mut o: TransportOptions) -> Result<TransportOptions, String> {
+    for (key, v) in table {
+        match key.as_str() {
+            "visibility_timeout" => o.visibility_timeout = seconds(key, v)?,
+            "unacked_mutex_expire" => o.unacked_mutex_expire = seconds(key, v)?,
+            "sep" => o.sep = text(key, v)?,
+            "unacked_key" => o.unacked_key = text(key, v)?,
+            "unacked_index_key" => o.unacked_index_key = text(key, v)?,
+            "unacked_mutex_key" => o.unacked_mutex_key = text(key, v)?,
+            "unacked_restore_limit" => {
+                o.unacked_restore_limit = match v.as_integer() {
+                    Some(n) if n > 0 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+                    _ => return Err("unacked_restore_limit must be a positive whole number".into()),
+                }
+            }
+            "priority_steps" => {
+                let steps: Option<Vec<u8>> = v.as_array().and_then(|a| {
+                    a.iter()
+                        .map(|p| p.as_integer().and_then(|p| u8::try_from(p).ok()))
+                        .collect()
+                });
+                match steps {
+                    Some(s)
+                        if !s.is_empty()
+                            && s[0] == 0
+                            && s.windows(2).all(|w| w[0] < w[1])
+                            && s.iter().all(|p| *p <= 9) =>
+                    {
+                        o.priority_steps = s
+                    }
+                    _ => {
+                        return Err(
+                            "priority_steps must be ascending whole numbers from 0 to 9, \
+                             starting at 0"
+                                .into(),
+                        )
+                    }
+                }
+            }
+            other => return Err(format!("unknown or unsupported option {other:?}")),
+        }
+    }
+    Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kombus_defaults_and_overrides() {
+        let o = TransportOptions::default();
+        assert_eq!(o.priority_steps, [0, 3, 6, 9]);
+        assert_eq!(o.sep, "\x06\x16");
+        let t: toml::Table =
+            toml::from_str("visibility_timeout = 5\npriority_steps = [0, 5]").expect("toml");
+        let o = read_table(&t, o).expect("valid");
+        assert_eq!(o.visibility_timeout, Duration::from_secs(5));
+        assert_eq!(o.priority_steps, [0, 5]);
+        let t: toml::Table = toml::from_str("global_keyprefix = \"x\"").expect("toml");
+        let e = read_table(&t, TransportOptions::default()).expect_err("refused");
+        assert!(e.contains("global_keyprefix"), "{e}");
+        let from_env = parse_env("{\"visibility_timeout\": 7}").expect("json");
+        let o = read_table(&from_env, TransportOptions::default()).expect("valid");
+        assert_eq!(o.visibility_timeout, Duration::from_secs(7));
+    }
+
+    #[test]
+    fn a_redis_broker_bounds_time_limits_by_its_visibility_timeout_and_refuses_events() {
+        use crate::settings::Settings;
+        let file = |extra: &str| -> toml::Table {
+            toml::from_str(&format!(
+                "broker_url = \"redis://127.0.0.1:6379/5\"\n\
+                 broker_transport_options = {{ visibility_timeout = 60 }}\n{extra}"
+            ))
+            .expect("toml")
+        };
+        let s = Settings::from_sources(file(""), "t.toml", std::iter::empty()).expect("valid");
+        assert!(s.broker_is_redis());
+        assert_eq!(s.ack_timeout(), Duration::from_secs(60));
+        assert_eq!(s.longest_hard_limit(), Duration::from_secs(45));
+        let e = Settings::from_sources(file("task_time_limit = 50"), "t.toml", std::iter::empty())
+            .expect_err("over the visibility timeout")
+            .to_string();
+        assert!(e.contains("visibility_timeout"), "{e}");
+        let env = [(
+            "MEDIAFARM_WORKER_SEND_TASK_EVENTS".to_owned(),
+            "true".to_owned(),
+        )];
+        let e = Settings::from_sources(file(""), "t.toml", env)
+            .expect_err("events need AMQP")
+            .to_string();
+        assert!(e.contains("worker_send_task_events"), "{e}");
+    }
+}
