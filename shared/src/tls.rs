@@ -16,8 +16,8 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 
-/// rustls' client configuration, as [`client_config`] builds it (for
-/// [`crate::net::OutboundPolicy::tls`]).
+/// rustls' client configuration, as [`client_config`] builds it (for `OutboundPolicy::tls` in
+/// `net`, which depends on this module, not the other way round).
 pub use rustls::ClientConfig;
 
 use crate::settings::tls::{redis_tls_options, TlsKeys, TlsOptions, BROKER_KEYS, REDIS_KEYS};
