@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use mediafarm::client::SendOptions;
-use mediafarm::{Client, ClientError, Worker};
+use mediafarm::{Client, ClientError};
 use mediafarm_tests::{
-    delete_queue, echo_registry, kwargs, python_env, run_python, settings, to, unique_queue, Farm,
-    PythonWorker,
+    delete_queue, echo_registry, kwargs, python_env, python_producer_against_echo, run_python,
+    settings, to, unique_queue, Farm, PythonWorker,
 };
 use serde_json::{json, Map, Value};
 
@@ -17,23 +17,11 @@ async fn python_producer(scenario: &str) -> Value {
 }
 
 async fn python_producer_with(scenario: &str, s: mediafarm::Settings) -> Value {
-    let q = unique_queue(&format!("py-{scenario}"));
-    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
-        .hostname("interop@%h")
-        .start()
-        .await
-        .expect("worker starts");
-    let env = python_env(&s);
-    let (q2, scenario2) = (q.clone(), scenario.to_owned());
-    let out =
-        tokio::task::spawn_blocking(move || run_python("producer.py", &[&q2, &scenario2], &env))
-            .await
-            .unwrap();
-    worker.shutdown().await;
+    let (out, q) = python_producer_against_echo(&s, "py", "interop@%h", scenario).await;
     delete_queue(&s, &q).await;
     // Scenarios that fail leave dead letters behind.
     delete_queue(&s, &format!("{q}.dead")).await;
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("producer.py printed {out:?}: {e}"))
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,7 +15,8 @@ use mediafarm::redis_broker::{list_key, RedisBroker, DELAYED_KEY};
 use mediafarm::{Client, ClientError, Settings, TaskState, Worker};
 use mediafarm_tests::process::{sigterm, Proc};
 use mediafarm_tests::{
-    binary, echo_registry, kwargs, python, run_python, settings, unique_queue, workspace_root,
+    binary, echo_registry, kwargs, python, python_env, python_producer_against_echo, settings,
+    unique_queue, workspace_root,
 };
 use serde_json::{json, Value};
 
@@ -26,13 +27,6 @@ fn redis_settings(url: &str) -> Settings {
     let mut s = settings();
     s.broker_url = url.into();
     s
-}
-
-fn python_env(s: &Settings) -> Vec<(&'static str, String)> {
-    vec![
-        ("BROKER_URL", s.broker_url.clone()),
-        ("RESULT_BACKEND", s.result_backend.clone()),
-    ]
 }
 
 async fn redis(url: &str) -> redis::aio::MultiplexedConnection {
@@ -66,21 +60,9 @@ async fn forget_queue(s: &Settings, queue: &str) {
 
 async fn python_producer(scenario: &str) -> Value {
     let s = redis_settings(BROKER);
-    let q = unique_queue(&format!("rb-{scenario}"));
-    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
-        .hostname("redis-interop@%h")
-        .start()
-        .await
-        .expect("worker starts");
-    let env = python_env(&s);
-    let (q2, scenario2) = (q.clone(), scenario.to_owned());
-    let out =
-        tokio::task::spawn_blocking(move || run_python("producer.py", &[&q2, &scenario2], &env))
-            .await
-            .expect("python ran");
-    worker.shutdown().await;
+    let (out, q) = python_producer_against_echo(&s, "rb", "redis-interop@%h", scenario).await;
     forget_queue(&s, &q).await;
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("producer.py printed {out:?}: {e}"))
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -395,6 +395,33 @@ pub fn python_env(settings: &Settings) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Runs `producer.py <queue> <scenario>` (the Python celery client) against an echo worker
+/// named `hostname` on a fresh queue `<prefix>-<scenario>-…` of `settings`; returns what the
+/// script printed, as JSON, and the queue, which the caller cleans up as its broker needs.
+pub async fn python_producer_against_echo(
+    settings: &Settings,
+    prefix: &str,
+    hostname: &str,
+    scenario: &str,
+) -> (Value, String) {
+    let q = unique_queue(&format!("{prefix}-{scenario}"));
+    let worker = Worker::new(settings.clone(), echo_registry(), vec![q.clone()])
+        .hostname(hostname)
+        .start()
+        .await
+        .expect("worker starts");
+    let env = python_env(settings);
+    let (q2, scenario2) = (q.clone(), scenario.to_owned());
+    let out =
+        tokio::task::spawn_blocking(move || run_python("producer.py", &[&q2, &scenario2], &env))
+            .await
+            .expect("python ran");
+    worker.shutdown().await;
+    let printed = serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("producer.py printed {out:?}: {e}"));
+    (printed, q)
+}
+
 /// The fixture most tests start from: a worker consuming a fresh queue, and a client.
 pub struct Farm {
     pub settings: Settings,
