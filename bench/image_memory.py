@@ -171,7 +171,7 @@ def main():
         keys = image_broker.stage([path], f"fmt-{name}-")
         peaks = []
         for concurrency, jobs in ((1, 1), (2, args.jobs)):
-            _, peak = image_broker.drain(app, f"memory {name} c{concurrency}", worker(concurrency),
+            _, peak, _, _ = image_broker.drain(app, f"memory {name} c{concurrency}", worker(concurrency),
                                          keys, jobs, 900, env)
             peaks.append(peak)
         mb = path.stat().st_size / 1e6
