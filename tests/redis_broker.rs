@@ -399,3 +399,70 @@ async fn stopping_returns_unfinished_jobs_to_their_queue_at_once() {
     assert!(!unacked.iter().any(|m| m.contains(&r.id)));
     forget_queue(&s, &q).await;
 }
+
+/// A kombu message whose body cannot be read, but whose headers name the job: its FAILURE is
+/// stored for the producer to see, and the message waits in `<queue>.dead` with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_body_stores_a_failure_and_is_dead_lettered() {
+    let s = redis_settings(BROKER);
+    let q = unique_queue("rb-unreadable");
+    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
+        .hostname("redis-unreadable@%h")
+        .start()
+        .await
+        .expect("worker starts");
+    let id = uuid::Uuid::new_v4().to_string();
+    let envelope = json!({
+        "body": "%%% not base64 %%%",
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "py", "task": "echo.echo", "id": id, "root_id": id},
+        "properties": {
+            "correlation_id": id,
+            "body_encoding": "base64",
+            "delivery_tag": uuid::Uuid::new_v4().to_string(),
+            "delivery_info": {"exchange": "", "routing_key": q},
+            "priority": 0,
+        },
+    });
+    let mut conn = redis(BROKER).await;
+    let list = list_key(&s.broker_transport_options, &q, 0);
+    let _: () = redis::cmd("LPUSH")
+        .arg(&list)
+        .arg(envelope.to_string())
+        .query_async(&mut conn)
+        .await
+        .expect("lpush");
+    let client = Client::connect(&s).await.expect("client");
+    match client.result(&id).get(Duration::from_secs(30)).await {
+        Err(ClientError::Failed { error, .. }) => {
+            assert_eq!(error.exc_type, "InvalidMessage");
+            assert!(error.message.contains("base64"), "{}", error.message);
+        }
+        other => panic!("expected a stored InvalidMessage failure, got {other:?}"),
+    }
+    let dead: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{q}.dead"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("lrange");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(
+        dead[0].contains(&id) && dead[0].contains("base64"),
+        "{}",
+        dead[0]
+    );
+    let unacked: Vec<String> = redis::cmd("HVALS")
+        .arg("unacked")
+        .query_async(&mut conn)
+        .await
+        .expect("hvals");
+    assert!(
+        !unacked.iter().any(|m| m.contains(&id)),
+        "left unacknowledged"
+    );
+    worker.shutdown().await;
+    forget_queue(&s, &q).await;
+}

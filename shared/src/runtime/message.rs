@@ -959,6 +959,24 @@ async fn dead_letter(job: &Incoming, why: &DeadReason) -> bool {
     }
 }
 
+/// Stores the FAILURE of a message refused before it reached [`handle`] (a Redis value whose
+/// body cannot be read), when its headers name the job; `false` when that could not be
+/// stored, so the caller leaves the message to come back instead of dead-lettering it.
+pub(crate) async fn store_refusal(
+    shared: &Shared,
+    id: &str,
+    task: &str,
+    kind: &'static str,
+    reason: &str,
+) -> bool {
+    let error = TaskError::invalid(kind, reason.to_owned());
+    let meta = ResultMeta::failure(id, &error, traceback_for(shared, task, id, &error));
+    shared
+        .events
+        .task_refused(id, task, &error, meta.traceback.as_deref().unwrap_or(""));
+    store_with_retry(shared, &meta).await
+}
+
 /// Retries a result write with backoff for about a minute; `false` sends the message back to
 /// the broker.
 async fn store_with_retry(shared: &Shared, meta: &ResultMeta) -> bool {

@@ -211,9 +211,12 @@ async fn dispatch(
     let properties = try_write_properties(&props, &headers);
     let (body, properties) = match (body, properties) {
         (Ok(b), Ok(p)) => (b, p),
-        (Err(why), _) => return dead_unreadable(broker, &envelope, &tag, unreadable(why)).await,
+        (Err(why), _) => {
+            return dead_unreadable(shared, broker, &envelope, &tag, unreadable(why)).await
+        }
         (_, Err(e)) => {
-            return dead_unreadable(broker, &envelope, &tag, unreadable(e.to_string())).await
+            return dead_unreadable(shared, broker, &envelope, &tag, unreadable(e.to_string()))
+                .await
         }
     };
     let (exchange, routing_key) = envelope.exchange_and_routing_key();
@@ -244,8 +247,26 @@ async fn dispatch(
     });
 }
 
-async fn dead_unreadable(broker: &RedisBroker, envelope: &Envelope, tag: &str, why: DeadReason) {
+/// Dead-letters a kombu message whose body or properties cannot be read, after storing its
+/// FAILURE when its headers name the job (`id`, and `task` for the traceback), as a refused
+/// AMQP message's is: nothing leaves the unacked set before its result is stored.
+async fn dead_unreadable(
+    shared: &Shared,
+    broker: &RedisBroker,
+    envelope: &Envelope,
+    tag: &str,
+    why: DeadReason,
+) {
     tracing::error!(queue = %why.queue, reason = %why.reason, "rejecting message");
+    let (_, named) = envelope.properties();
+    let text = |key: &str| named.get(key).and_then(serde_json::Value::as_str);
+    if let Some(id) = text("id") {
+        let task = text("task").unwrap_or("unknown");
+        if !message::store_refusal(shared, id, task, "InvalidMessage", &why.reason).await {
+            tracing::warn!(%id, "the refusal could not be stored; the message comes back after the visibility timeout");
+            return;
+        }
+    }
     let headers: Map<String, serde_json::Value> = why
         .headers()
         .iter()
