@@ -29,6 +29,24 @@ fn redis_settings(url: &str) -> Settings {
     s
 }
 
+/// The values of kombu's `unacked` hash: the messages some worker holds unacknowledged.
+async fn unacked(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    redis::cmd("HVALS")
+        .arg("unacked")
+        .query_async(conn)
+        .await
+        .expect("hvals")
+}
+
+/// An echo worker on queue `q` of the Redis-broker settings `s`.
+async fn echo_worker(s: &Settings, q: &str, hostname: &str) -> mediafarm::WorkerHandle {
+    Worker::new(s.clone(), echo_registry(), vec![q.to_owned()])
+        .hostname(hostname)
+        .start()
+        .await
+        .expect("worker starts")
+}
+
 async fn redis(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
         .expect("url")
@@ -95,11 +113,7 @@ async fn python_countdown_over_redis_waits_in_the_delayed_set_not_the_worker() {
 async fn a_delayed_job_is_parked_in_redis_and_acknowledged() {
     let s = redis_settings(BROKER);
     let q = unique_queue("rb-parked");
-    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
-        .hostname("redis-parked@%h")
-        .start()
-        .await
-        .expect("worker starts");
+    let worker = echo_worker(&s, &q, "redis-parked@%h").await;
     let client = Client::connect(&s).await.expect("client");
     let opts = SendOptions {
         queue: Some(q.clone()),
@@ -128,11 +142,7 @@ async fn a_delayed_job_is_parked_in_redis_and_acknowledged() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(parked, "the countdown job never reached {DELAYED_KEY}");
-    let unacked: Vec<String> = redis::cmd("HVALS")
-        .arg("unacked")
-        .query_async(&mut conn)
-        .await
-        .expect("hvals");
+    let unacked = unacked(&mut conn).await;
     assert!(
         !unacked.iter().any(|m| m.contains(&r.id)),
         "a parked job must not stay unacknowledged (it would be restored and run twice)"
@@ -231,11 +241,7 @@ async fn rust_producer_to_python_celery_worker_over_redis() {
         "the Python worker did not stop within 20 s of SIGTERM"
     );
     let mut conn = redis(BROKER).await;
-    let unacked: Vec<String> = redis::cmd("HVALS")
-        .arg("unacked")
-        .query_async(&mut conn)
-        .await
-        .expect("hvals");
+    let unacked = unacked(&mut conn).await;
     assert!(
         !unacked.iter().any(|m| m.contains(&q)),
         "the Python worker left a message unacknowledged: {unacked:?}"
@@ -344,11 +350,7 @@ async fn kill_9_mid_job_returns_after_the_visibility_timeout_and_runs_once() {
     // Nothing left that could run again: no list, no unacknowledged entry, no delayed entry.
     assert_eq!(broker.len(&q).await.expect("len"), 0);
     let mut conn = redis(KILL_BROKER).await;
-    let unacked: Vec<String> = redis::cmd("HVALS")
-        .arg("unacked")
-        .query_async(&mut conn)
-        .await
-        .expect("hvals");
+    let unacked = unacked(&mut conn).await;
     assert!(
         !unacked.iter().any(|m| m.contains(&q)),
         "left unacknowledged: {unacked:?}"
@@ -362,11 +364,7 @@ async fn stopping_returns_unfinished_jobs_to_their_queue_at_once() {
     let mut s = redis_settings(BROKER);
     s.worker_shutdown_grace = Duration::from_secs(1);
     let q = unique_queue("rb-stop");
-    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
-        .hostname("redis-stop@%h")
-        .start()
-        .await
-        .expect("worker starts");
+    let worker = echo_worker(&s, &q, "redis-stop@%h").await;
     let client = Client::connect(&s).await.expect("client");
     let r = client
         .send_task(
@@ -391,11 +389,7 @@ async fn stopping_returns_unfinished_jobs_to_their_queue_at_once() {
         "the unfinished job's message is back on its queue, not left to the visibility timeout"
     );
     let mut conn = redis(BROKER).await;
-    let unacked: Vec<String> = redis::cmd("HVALS")
-        .arg("unacked")
-        .query_async(&mut conn)
-        .await
-        .expect("hvals");
+    let unacked = unacked(&mut conn).await;
     assert!(!unacked.iter().any(|m| m.contains(&r.id)));
     forget_queue(&s, &q).await;
 }
@@ -406,11 +400,7 @@ async fn stopping_returns_unfinished_jobs_to_their_queue_at_once() {
 async fn an_unreadable_body_stores_a_failure_and_is_dead_lettered() {
     let s = redis_settings(BROKER);
     let q = unique_queue("rb-unreadable");
-    let worker = Worker::new(s.clone(), echo_registry(), vec![q.clone()])
-        .hostname("redis-unreadable@%h")
-        .start()
-        .await
-        .expect("worker starts");
+    let worker = echo_worker(&s, &q, "redis-unreadable@%h").await;
     let id = uuid::Uuid::new_v4().to_string();
     let envelope = json!({
         "body": "%%% not base64 %%%",
@@ -454,11 +444,7 @@ async fn an_unreadable_body_stores_a_failure_and_is_dead_lettered() {
         "{}",
         dead[0]
     );
-    let unacked: Vec<String> = redis::cmd("HVALS")
-        .arg("unacked")
-        .query_async(&mut conn)
-        .await
-        .expect("hvals");
+    let unacked = unacked(&mut conn).await;
     assert!(
         !unacked.iter().any(|m| m.contains(&id)),
         "left unacknowledged"
