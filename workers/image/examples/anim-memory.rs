@@ -12,7 +12,7 @@ use std::borrow::Cow;
 use std::time::Instant;
 
 use image_worker::anim::reserved_bytes;
-use image_worker::spec::{Fit, Format, Gravity, OutputSpec, TransformArgs};
+use image_worker::spec::{Format, OutputSpec, TransformArgs};
 use image_worker::transform::{process, Limits};
 use image_worker::ImageSettings;
 
@@ -72,20 +72,9 @@ fn gif(w: u16, h: u16, frames: u16) -> Vec<u8> {
 
 fn output(key: &str, width: u32) -> OutputSpec {
     OutputSpec {
-        key: key.into(),
         width: Some(width),
-        height: None,
-        fit: Fit::Inside,
-        gravity: Gravity::Centre,
-        format: Format::Webp,
-        quality: None,
-        lossless: false,
-        progressive: None,
-        speed: None,
-        background: None,
-        max_bytes: None,
-        watermark: true,
         animated: true,
+        ..OutputSpec::new(key, Format::Webp)
     }
 }
 

@@ -9,7 +9,7 @@
 
 use std::time::Instant;
 
-use image_worker::spec::{Crop, Fit, Format, Gravity, OutputSpec, TransformArgs};
+use image_worker::spec::{Crop, Format, OutputSpec, TransformArgs};
 use image_worker::transform::process;
 
 #[global_allocator]
@@ -69,20 +69,10 @@ fn main() -> Result<(), String> {
         outputs: widths
             .iter()
             .map(|w| OutputSpec {
-                key: format!("w{w}.jpg"),
                 width: Some(*w),
-                height: None,
-                fit: Fit::Inside,
-                gravity: Gravity::Centre,
-                format: Format::Jpeg,
                 quality: Some(quality),
-                lossless: false,
                 progressive: Some(progressive),
-                speed: None,
-                background: None,
-                max_bytes: None,
-                watermark: true,
-                animated: false,
+                ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
             })
             .collect(),
     };

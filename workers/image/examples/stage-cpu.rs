@@ -13,7 +13,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use image_worker::spec::{Fit, Format, Gravity, OutputSpec, TransformArgs};
+use image_worker::spec::{Format, OutputSpec, TransformArgs};
 use image_worker::transform::process;
 use tracing::span::{Attributes, Id};
 use tracing::Subscriber;
@@ -126,20 +126,11 @@ fn main() -> Result<(), String> {
         outputs: widths
             .iter()
             .map(|w| OutputSpec {
-                key: format!("w{w}.jpg"),
                 width: Some(*w),
-                height: None,
-                fit: Fit::Inside,
-                gravity: Gravity::Centre,
-                format: Format::Jpeg,
                 quality: Some(quality),
-                lossless: false,
                 progressive: Some(progressive),
-                speed: None,
-                background: None,
-                max_bytes: None,
                 watermark: false,
-                animated: false,
+                ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
             })
             .collect(),
     };

@@ -146,20 +146,11 @@ mod tests {
 
     fn spec(fit: Fit, width: Option<u32>, height: Option<u32>, gravity: Gravity) -> OutputSpec {
         OutputSpec {
-            key: "out".into(),
             width,
             height,
             fit,
             gravity,
-            format: Format::Png,
-            quality: None,
-            lossless: false,
-            progressive: None,
-            speed: None,
-            background: None,
-            max_bytes: None,
-            watermark: true,
-            animated: false,
+            ..OutputSpec::new("out", Format::Png)
         }
     }
 

@@ -107,6 +107,29 @@ pub struct OutputSpec {
     pub animated: bool,
 }
 
+impl OutputSpec {
+    /// The output a job gets when it names only `key` and `format`: every other field at the
+    /// default its JSON has (no size, `inside`, centre gravity, the watermark applied).
+    pub fn new(key: impl Into<String>, format: Format) -> OutputSpec {
+        OutputSpec {
+            key: key.into(),
+            width: None,
+            height: None,
+            fit: Fit::default(),
+            gravity: Gravity::default(),
+            format,
+            quality: None,
+            lossless: false,
+            progressive: None,
+            speed: None,
+            background: None,
+            max_bytes: None,
+            watermark: yes(),
+            animated: false,
+        }
+    }
+}
+
 /// How the source fills the output box (as in sharp and imgproxy).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "lowercase")]

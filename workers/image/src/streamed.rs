@@ -269,7 +269,7 @@ fn decode_webp(data: &[u8], plan: &Plan) -> Result<DynamicImage, String> {
 mod tests {
     use super::*;
     use crate::geometry::scale;
-    use crate::spec::{Fit, Format, Gravity, OutputSpec, TransformArgs};
+    use crate::spec::{Fit, Format, OutputSpec, TransformArgs};
     use crate::transform::process;
     use fast_image_resize::Resizer;
 
@@ -302,20 +302,8 @@ mod tests {
 
     fn png_output(width: u32) -> OutputSpec {
         OutputSpec {
-            key: format!("w{width}.png"),
             width: Some(width),
-            height: None,
-            fit: Fit::Inside,
-            gravity: Gravity::Centre,
-            format: Format::Png,
-            quality: None,
-            lossless: false,
-            progressive: None,
-            speed: None,
-            background: None,
-            max_bytes: None,
-            watermark: true,
-            animated: false,
+            ..OutputSpec::new(format!("w{width}.png"), Format::Png)
         }
     }
 

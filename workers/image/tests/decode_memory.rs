@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use image_worker::budget::DECODE_BUDGET;
 use image_worker::decode::decode;
-use image_worker::spec::{Fit, Format, Gravity, OutputSpec, TransformArgs};
+use image_worker::spec::{Format, OutputSpec, TransformArgs};
 use image_worker::transform::process;
 
 struct Counting;
@@ -69,20 +69,9 @@ fn job() -> TransformArgs {
         outputs: [1280u32, 640, 160]
             .iter()
             .map(|w| OutputSpec {
-                key: format!("w{w}.jpg"),
                 width: Some(*w),
-                height: None,
-                fit: Fit::Inside,
-                gravity: Gravity::Centre,
-                format: Format::Jpeg,
                 quality: Some(80),
-                lossless: false,
-                progressive: None,
-                speed: None,
-                background: None,
-                max_bytes: None,
-                watermark: true,
-                animated: false,
+                ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
             })
             .collect(),
     }

@@ -503,20 +503,10 @@ mod tests {
 
     fn webp_output(key: &str, width: Option<u32>, lossless: bool) -> OutputSpec {
         OutputSpec {
-            key: key.into(),
             width,
-            height: None,
-            fit: Fit::Inside,
-            gravity: Gravity::Centre,
-            format: Format::Webp,
-            quality: None,
             lossless,
-            progressive: None,
-            speed: None,
-            background: None,
-            max_bytes: None,
-            watermark: true,
             animated: true,
+            ..OutputSpec::new(key, Format::Webp)
         }
     }
 
