@@ -1242,6 +1242,19 @@ async fn manifest_frames(w: &World, stream_id: &str) -> std::collections::BTreeM
 
 /// `[snapshot_authorities.<name>]` as the environment's JSON: the receiver's CA, and the
 /// client certificate of `client` (none when `None`).
+/// The upload URL of a test authority listening on `port`.
+fn authority_url(port: u16) -> String {
+    format!("https://127.0.0.1:{port}/frames/{{stream_id}}/{{seq}}.jpg")
+}
+
+/// The paths the authority got are frames 0..`frames` of `stream_id`, each once, in order.
+fn assert_uploaded_in_order(got: &[String], stream_id: &str, frames: u64) {
+    let want: Vec<String> = (0..frames)
+        .map(|seq| format!("/frames/{stream_id}/{seq}.jpg"))
+        .collect();
+    assert_eq!(got, want);
+}
+
 fn authority(url: &str, ca: &TestPki, client: Option<&TestPki>) -> Value {
     let mut table = json!({"url": url, "ca_certs": ca.ca});
     if let Some(c) = client {
@@ -1258,10 +1271,7 @@ async fn frames_are_uploaded_to_an_authority_over_mutual_tls() {
     // Another CA: its client certificate is one the authority does not trust.
     let stranger = test_pki(&pki_dir.join("stranger"));
     let receiver = MtlsReceiver::start(&pki);
-    let url = format!(
-        "https://127.0.0.1:{}/frames/{{stream_id}}/{{seq}}.jpg",
-        receiver.port
-    );
+    let url = authority_url(receiver.port);
     let authorities = json!({
         "city": authority(&url, &pki, Some(&pki)),
         "nocert": authority(&url, &pki, None),
@@ -1423,7 +1433,7 @@ async fn authority_uploads_survive_kill_9_while_the_authority_is_down() {
     let pki = test_pki(&pki_dir);
     // The authority is down: nothing listens on its port until later.
     let port = mediafarm_tests::free_port();
-    let url = format!("https://127.0.0.1:{port}/frames/{{stream_id}}/{{seq}}.jpg");
+    let url = authority_url(port);
     let authorities = json!({"late": authority(&url, &pki, Some(&pki))}).to_string();
     let mut w = World::new(
         "mtls-down",
@@ -1474,10 +1484,7 @@ async fn authority_uploads_survive_kill_9_while_the_authority_is_down() {
     assert_eq!(manifest.len() as u64, frames, "{manifest:?}");
     let got = receiver.received();
     let paths: Vec<String> = got.iter().map(|r| r.path.clone()).collect();
-    let want: Vec<String> = (0..frames)
-        .map(|seq| format!("/frames/{stream_id}/{seq}.jpg"))
-        .collect();
-    assert_eq!(paths, want);
+    assert_uploaded_in_order(&paths, &stream_id, frames);
     for (seq, r) in got.iter().enumerate() {
         assert_eq!(manifest[&(seq as u64)], sha256_hex(&r.body));
     }
@@ -1497,7 +1504,7 @@ async fn a_stranded_outbox_is_swept_without_a_new_session() {
     let pki = test_pki(&pki_dir);
     // Webhook receiver and authority both down while the session runs and ends.
     let (hook_port, authority_port) = (mediafarm_tests::free_port(), mediafarm_tests::free_port());
-    let url = format!("https://127.0.0.1:{authority_port}/frames/{{stream_id}}/{{seq}}.jpg");
+    let url = authority_url(authority_port);
     let authorities = json!({"late": authority(&url, &pki, Some(&pki))}).to_string();
     let mut w = World::new(
         "sweep",
@@ -1545,10 +1552,7 @@ async fn a_stranded_outbox_is_swept_without_a_new_session() {
         .collect();
     assert_eq!(seqs, (0..frames).collect::<Vec<_>>());
     let paths: Vec<String> = receiver.received().iter().map(|r| r.path.clone()).collect();
-    let want: Vec<String> = (0..frames)
-        .map(|seq| format!("/frames/{stream_id}/{seq}.jpg"))
-        .collect();
-    assert_eq!(paths, want);
+    assert_uploaded_in_order(&paths, &stream_id, frames);
     // Emptied, nothing given up.
     for prefix in [
         "mediafarm-snapshot-outbox-",
