@@ -13,8 +13,11 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use image_worker::spec::{Format, OutputSpec, TransformArgs};
 use image_worker::transform::process;
+
+#[path = "common/bench_job.rs"]
+mod bench_job;
+use bench_job::BenchArgs;
 use tracing::span::{Attributes, Id};
 use tracing::Subscriber;
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
@@ -83,32 +86,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), String> {
-    let mut rounds = 3usize;
-    let mut widths = vec![1280u32, 640, 160];
-    let mut quality = 80u8;
-    let mut progressive = true;
     let mut keep = None;
-    let mut files = Vec::new();
-    let mut args = std::env::args().skip(1);
-    while let Some(a) = args.next() {
-        let mut value = || args.next().ok_or(format!("{a} needs a value"));
-        match a.as_str() {
-            "--rounds" => rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
-            "--quality" => quality = value()?.parse().map_err(|e| format!("--quality: {e}"))?,
-            "--baseline" => progressive = false,
-            "--keep" => keep = Some(std::path::PathBuf::from(value()?)),
-            "--widths" => {
-                widths = value()?
-                    .split(',')
-                    .map(|w| w.parse().map_err(|e| format!("--widths: {e}")))
-                    .collect::<Result<_, _>>()?
-            }
-            _ => files.push(a),
+    let args = BenchArgs::parse(|flag, value| {
+        if flag != "--keep" {
+            return Ok(false);
         }
-    }
-    if files.is_empty() {
-        return Err("no files given".into());
-    }
+        keep = Some(std::path::PathBuf::from(value()?));
+        Ok(true)
+    })?;
+    let (rounds, files) = (args.rounds, &args.files);
     let subscriber = tracing_subscriber::registry().with(CpuLayer.with_filter(
         tracing_subscriber::filter::filter_fn(|m| m.target().starts_with("image_worker")),
     ));
@@ -117,26 +103,10 @@ fn main() -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join(format!("stage-cpu-{}", std::process::id())));
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    let job = TransformArgs {
-        source: String::new(),
-        crop: None,
-        auto_orient: true,
-        strip_metadata: true,
-        watermark: None,
-        outputs: widths
-            .iter()
-            .map(|w| OutputSpec {
-                width: Some(*w),
-                quality: Some(quality),
-                progressive: Some(progressive),
-                watermark: false,
-                ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
-            })
-            .collect(),
-    };
+    let job = args.job(None);
     println!("file\t{}\ttotal\tout_bytes", STAGES.join("\t"));
     let mut totals: BTreeMap<&str, f64> = BTreeMap::new();
-    for file in &files {
+    for file in files {
         let mut per_stage: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
         let mut out_bytes = 0usize;
         for _ in 0..rounds.max(1) {
