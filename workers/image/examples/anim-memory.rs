@@ -92,17 +92,13 @@ fn main() -> Result<(), String> {
     // SAFETY: no other thread exists yet; only glibc's allocator settings change.
     unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let data = gif(w, h, frames);
-    let args = TransformArgs {
-        source: String::new(),
-        crop: None,
-        auto_orient: true,
-        strip_metadata: true,
-        watermark: None,
-        outputs: vec![
+    let args = TransformArgs::new(
+        "",
+        vec![
             output("full.webp", u32::from(w)),
             output("half.webp", u32::from(w) / 2),
         ],
-    };
+    );
     let limits = Limits::from(&ImageSettings::default());
     let reserved = reserved_bytes(&data, &args, &limits)
         .map_err(|e| e.message)?

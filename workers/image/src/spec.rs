@@ -107,6 +107,21 @@ pub struct OutputSpec {
     pub animated: bool,
 }
 
+impl TransformArgs {
+    /// The job for `source` and `outputs` with every other field at its JSON default (no crop,
+    /// EXIF orientation applied, metadata stripped, no watermark).
+    pub fn new(source: impl Into<String>, outputs: Vec<OutputSpec>) -> TransformArgs {
+        TransformArgs {
+            source: source.into(),
+            crop: None,
+            auto_orient: yes(),
+            strip_metadata: yes(),
+            watermark: None,
+            outputs,
+        }
+    }
+}
+
 impl OutputSpec {
     /// The output a job gets when it names only `key` and `format`: every other field at the
     /// default its JSON has (no size, `inside`, centre gravity, the watermark applied).

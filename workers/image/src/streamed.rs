@@ -326,14 +326,7 @@ mod tests {
         for (name, data) in [("png", png), ("gif", gif), ("webp", lossy)] {
             // 440: a 2× box first; 220: 4×.
             for width in [440u32, 220] {
-                let args = TransformArgs {
-                    source: String::new(),
-                    crop: None,
-                    auto_orient: true,
-                    strip_metadata: true,
-                    watermark: None,
-                    outputs: vec![png_output(width)],
-                };
+                let args = TransformArgs::new("", vec![png_output(width)]);
                 let (_, made) = process(&data, &args, u64::MAX).unwrap();
                 let got = image::load_from_memory(&made[0].data).unwrap();
                 let whole = image::load_from_memory(&data).unwrap();

@@ -60,21 +60,15 @@ fn peak_of<T>(f: impl FnOnce() -> T) -> (T, u64) {
 }
 
 fn job() -> TransformArgs {
-    TransformArgs {
-        source: String::new(),
-        crop: None,
-        auto_orient: true,
-        strip_metadata: true,
-        watermark: None,
-        outputs: [1280u32, 640, 160]
-            .iter()
-            .map(|w| OutputSpec {
-                width: Some(*w),
-                quality: Some(80),
-                ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
-            })
-            .collect(),
-    }
+    let outputs = [1280u32, 640, 160]
+        .iter()
+        .map(|w| OutputSpec {
+            width: Some(*w),
+            quality: Some(80),
+            ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
+        })
+        .collect();
+    TransformArgs::new("", outputs)
 }
 
 /// A PNG written row by row (never whole in memory): `channels` samples of `depth` bits.

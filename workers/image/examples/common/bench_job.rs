@@ -57,22 +57,19 @@ impl BenchArgs {
 
     /// The job: every width as a JPEG at the quality and scan mode asked for.
     pub fn job(&self, crop: Option<Crop>) -> TransformArgs {
+        let outputs = self
+            .widths
+            .iter()
+            .map(|w| OutputSpec {
+                width: Some(*w),
+                quality: Some(self.quality),
+                progressive: Some(self.progressive),
+                ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
+            })
+            .collect();
         TransformArgs {
-            source: String::new(),
             crop,
-            auto_orient: true,
-            strip_metadata: true,
-            watermark: None,
-            outputs: self
-                .widths
-                .iter()
-                .map(|w| OutputSpec {
-                    width: Some(*w),
-                    quality: Some(self.quality),
-                    progressive: Some(self.progressive),
-                    ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
-                })
-                .collect(),
+            ..TransformArgs::new("", outputs)
         }
     }
 }

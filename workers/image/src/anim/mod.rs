@@ -511,14 +511,7 @@ mod tests {
     }
 
     fn job(outputs: Vec<OutputSpec>) -> TransformArgs {
-        TransformArgs {
-            source: String::new(),
-            crop: None,
-            auto_orient: true,
-            strip_metadata: true,
-            watermark: None,
-            outputs,
-        }
+        TransformArgs::new("", outputs)
     }
 
     /// The frames of an animated WebP as libwebp's `WebPAnimDecoder` composes them, with their
