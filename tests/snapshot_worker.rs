@@ -1576,3 +1576,92 @@ async fn a_stranded_outbox_is_swept_without_a_new_session() {
     w.stop().await;
     let _ = std::fs::remove_dir_all(pki_dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_starting_on_a_swept_stream_takes_over_without_sending_twice() {
+    let hook_port = mediafarm_tests::free_port();
+    let url = format!("http://127.0.0.1:{hook_port}/frames");
+    let mut w = World::new(
+        "handover",
+        &[
+            ("MEDIAFARM_SNAPSHOT_DELIVERY_BACKOFF_MAX", "1"),
+            ("MEDIAFARM_SNAPSHOT_OUTBOX_SWEEP", "1"),
+        ],
+    )
+    .await;
+    make_video(&w.media("long.mp4"), 8, "160x120", 15);
+    make_video(&w.media("short.mp4"), 4, "160x120", 15);
+    w.start_worker("a");
+    let stream_id = unique_stream("handover");
+    // The receiver is down while the first session runs: it ends with every frame queued.
+    let first = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": stream_id, "stream_url": w.file_url("long.mp4"), "interval_s": 1,
+                   "key": "ho/{stream_id}/{seq}.jpg", "deliver": url}),
+        )
+        .await
+        .unwrap();
+    let queued = first["frames"].as_u64().unwrap();
+    assert!(queued >= 6, "{first}");
+    assert_eq!(first["deliveries_pending"], queued, "{first}");
+    // It comes back slow, so the sweeper has a delivery in flight most of the time...
+    let hook = Hook::slow_at(hook_port, Duration::from_millis(800));
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while hook.delivery_ids.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < end, "the sweeper sent nothing");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...when a session starts on the stream and takes the outbox over.
+    let second = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": stream_id, "stream_url": w.file_url("short.mp4"), "interval_s": 1,
+                   "realtime": true, "key": "ho/{stream_id}/{seq}.jpg", "deliver": url}),
+        )
+        .await
+        .unwrap();
+    let taken = second["frames_this_job"].as_u64().unwrap();
+    assert!(taken >= 3, "{second}");
+    let total = (queued + taken) as usize;
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while hook.delivery_ids.lock().unwrap().len() < total {
+        assert!(
+            std::time::Instant::now() < end,
+            "not delivered within 60 s: {:?}",
+            hook.delivery_ids.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A duplicate would be a request still queued at the receiver: give it time to show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Each delivery once: the first session's frames in order, then the second's.
+    let ids = hook.delivery_ids.lock().unwrap().clone();
+    let (s1, s2) = (
+        first["session_id"].as_str().unwrap(),
+        second["session_id"].as_str().unwrap(),
+    );
+    let mut want: Vec<String> = (0..queued)
+        .map(|seq| format!("{stream_id}/{s1}/{seq}"))
+        .collect();
+    let second_seqs: Vec<u64> = hook
+        .bodies()
+        .iter()
+        .filter(|b| b["session_id"] == s2)
+        .map(|b| b["seq"].as_u64().unwrap())
+        .collect();
+    want.extend(
+        second_seqs
+            .iter()
+            .map(|seq| format!("{stream_id}/{s2}/{seq}")),
+    );
+    assert_eq!(ids, want, "each frame once, in order");
+    assert_eq!(second_seqs.len() as u64, taken);
+    assert!(
+        second_seqs.windows(2).all(|p| p[0] < p[1]),
+        "{second_seqs:?}"
+    );
+    assert!(dead_letters_of(&w, &stream_id).await.is_empty());
+    forget_stream(&w, &stream_id).await;
+    w.stop().await;
+}

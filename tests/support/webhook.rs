@@ -1,11 +1,12 @@
 //! A webhook receiver for snapshot-worker's frame deliveries: it checks every accepted POST's
 //! `X-Mediafarm-Signature` (HMAC-SHA256 over `<timestamp>.<body>` with [`SECRET`]) and keeps
 //! the bodies, and can refuse the first few with 503 to exercise redelivery, or come up late on
-//! a port chosen before (a receiver that was down).
+//! a port chosen before (a receiver that was down), slowly if asked.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hmac::{Hmac, Mac};
 use serde_json::Value;
@@ -31,16 +32,26 @@ impl Hook {
 
     /// Answers the first `unavailable` requests with 503, then accepts.
     pub fn flaky(unavailable: usize) -> Hook {
-        Hook::serve(TcpListener::bind("127.0.0.1:0").unwrap(), unavailable)
+        Hook::serve(
+            TcpListener::bind("127.0.0.1:0").unwrap(),
+            unavailable,
+            Duration::ZERO,
+        )
     }
 
     /// Starts accepting on `127.0.0.1:<port>` (a port reserved with `free_port` while the
     /// receiver was "down": connections to it were refused until now).
     pub fn at(port: u16) -> Hook {
-        Hook::serve(TcpListener::bind(("127.0.0.1", port)).unwrap(), 0)
+        Hook::slow_at(port, Duration::ZERO)
     }
 
-    fn serve(listener: TcpListener, unavailable: usize) -> Hook {
+    /// [`Hook::at`], taking `each` to answer every request (one at a time): a slow receiver,
+    /// so a delivery is in flight for a while.
+    pub fn slow_at(port: u16, each: Duration) -> Hook {
+        Hook::serve(TcpListener::bind(("127.0.0.1", port)).unwrap(), 0, each)
+    }
+
+    fn serve(listener: TcpListener, unavailable: usize, each: Duration) -> Hook {
         let port = listener.local_addr().unwrap().port();
         let got = Arc::new(Mutex::new(Vec::new()));
         let ids = Arc::new(Mutex::new(Vec::new()));
@@ -78,6 +89,7 @@ impl Hook {
                     continue;
                 }
                 let mut stream = reader.into_inner();
+                std::thread::sleep(each);
                 if seen.lock().unwrap().len() <= unavailable {
                     let _ = stream.write_all(
                         b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",

@@ -19,6 +19,11 @@
 //! The same courier sends a stream's authority uploads ([`super::upload`]) from their own
 //! outbox ([`Lane::Upload`]): a [`Sender`] says which lane a courier serves and makes one try,
 //! and the retry rules above are the same for both.
+//!
+//! One courier sends a stream's lane at a time ([`Role`]): a session's waits while a sweeper
+//! holds the stream's sweep lease, and a sweeper's stops before its next entry, or its next
+//! try, once a session claims the stream. So a session starting on a stream being swept does
+//! not send the head in flight a second time beside the sweeper.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,9 +35,9 @@ use mediafarm::{ResultBackend, TaskError};
 use tokio::sync::Notify;
 use url::Url;
 
-use super::outbox::{self, DeadLetter, Entry, Lane};
+use super::outbox::{self, DeadLetter, Entry, Lane, SWEEP_PREFIX};
 use super::session::unix_now;
-use super::state::LastFrame;
+use super::state::{LastFrame, OWNER_PREFIX};
 use super::upload::Uploader;
 
 /// The first pause between tries; it doubles, up to `snapshot_delivery_backoff_max`.
@@ -42,6 +47,8 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const IDLE_POLL: Duration = Duration::from_secs(5);
 /// The pause after Redis did not answer.
 const REDIS_PAUSE: Duration = Duration::from_secs(1);
+/// How often a session's courier looks whether the sweeper has let its stream go.
+const HANDOVER_POLL: Duration = Duration::from_millis(250);
 
 /// The header carrying a delivery's stable id.
 pub const DELIVERY_ID_HEADER: &str = "x-mediafarm-delivery-id";
@@ -252,37 +259,6 @@ impl Sender {
             Sender::Upload(u) => u.put(to, entry).await,
         }
     }
-
-    /// Delivers one entry, trying again on passing failures until its deadline. `Err` carries
-    /// the dead letter's reason (`deadline` or `refused`) and detail.
-    async fn deliver(&self, to: &Target, entry: &Entry) -> Result<(), (&'static str, String)> {
-        let (deadline_after, backoff_max) = self.timing();
-        let deadline = entry.offered_at + deadline_after.as_secs_f64();
-        let mut backoff = FIRST_BACKOFF;
-        loop {
-            let refusal = match self.try_once(to, entry).await {
-                Ok(()) => return Ok(()),
-                Err(r) => r,
-            };
-            let Some(asked) = refusal.retry_after else {
-                return Err((refusal.kind, refusal.reason));
-            };
-            let wait = asked.max(backoff);
-            if unix_now() + wait.as_secs_f64() > deadline {
-                return Err((
-                    "deadline",
-                    format!(
-                        "{} (gave up {} s after the frame was taken)",
-                        refusal.reason,
-                        deadline_after.as_secs_f64()
-                    ),
-                ));
-            }
-            tracing::debug!(id = %entry.id, reason = %refusal.reason, ?wait, "frame delivery will be tried again");
-            tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(backoff_max.max(FIRST_BACKOFF));
-        }
-    }
 }
 
 /// A frame's delivery, made when the frame is recorded: the body is fixed then.
@@ -316,6 +292,25 @@ pub fn entry(stream_id: &str, session_id: &str, url: &str, last: &LastFrame) -> 
     }
 }
 
+/// Who a courier sends for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The session that claims the stream: it waits while a sweeper holds the stream.
+    Session,
+    /// The outbox sweeper, standing in while no session claims the stream: it gives the
+    /// stream up to a session that claims it.
+    Sweeper,
+}
+
+/// Whether a courier may send the next entry now.
+enum Turn {
+    Mine,
+    /// A sweeper still sends the stream (a session's courier waits).
+    Wait,
+    /// A session claims the stream (a sweeper's courier stops).
+    Over,
+}
+
 /// A session's delivery task: sends the head of its stream's outbox until the outbox is empty
 /// and the session is over.
 pub struct Courier {
@@ -332,6 +327,7 @@ pub struct Courier {
 /// What the courier's loop shares.
 struct Run {
     sender: Sender,
+    role: Role,
     backend: ResultBackend,
     stream_id: String,
     /// The last target checked, by its URL text.
@@ -351,12 +347,29 @@ impl Courier {
         stream_id: &str,
         checked: Option<(String, Target)>,
     ) -> Courier {
+        Courier::spawn(sender, Role::Session, backend, stream_id, checked)
+    }
+
+    /// Starts the sweeper's courier for `stream_id`'s outbox of `sender`'s lane: it stops
+    /// when the outbox is empty and closing, or when a session claims the stream.
+    pub fn sweep(sender: Sender, backend: ResultBackend, stream_id: &str) -> Courier {
+        Courier::spawn(sender, Role::Sweeper, backend, stream_id, None)
+    }
+
+    fn spawn(
+        sender: Sender,
+        role: Role,
+        backend: ResultBackend,
+        stream_id: &str,
+        checked: Option<(String, Target)>,
+    ) -> Courier {
         let wake = Arc::new(Notify::new());
         let closing = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicU64::new(0));
         let lane = sender.lane();
         let run = Run {
             sender,
+            role,
             backend: backend.clone(),
             stream_id: stream_id.to_owned(),
             target: checked,
@@ -406,8 +419,37 @@ impl Courier {
 }
 
 impl Run {
+    /// Whether this courier may send now: only one of a session's and a sweeper's does.
+    async fn turn(&self) -> Turn {
+        let (key, other) = match self.role {
+            Role::Session => (format!("{SWEEP_PREFIX}{}", self.stream_id), Turn::Wait),
+            Role::Sweeper => (format!("{OWNER_PREFIX}{}", self.stream_id), Turn::Over),
+        };
+        let mut conn = self.backend.connection();
+        match redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut conn)
+            .await
+        {
+            Ok(1) => other,
+            // Redis trouble shows (and is waited out) when the head is read.
+            _ => Turn::Mine,
+        }
+    }
+
     async fn go(mut self) {
         loop {
+            match self.turn().await {
+                Turn::Mine => {}
+                Turn::Wait => {
+                    tokio::time::sleep(HANDOVER_POLL).await;
+                    continue;
+                }
+                Turn::Over => {
+                    tracing::info!(stream_id = %self.stream_id, "a session claims the stream; the sweeper leaves its outbox to it");
+                    return;
+                }
+            }
             let lane = self.sender.lane();
             let raw = match outbox::head(&self.backend, lane, &self.stream_id).await {
                 Ok(Some(raw)) => raw,
@@ -453,7 +495,11 @@ impl Run {
         let outcome = match target {
             Ok(t) => {
                 self.target = Some((key, t.clone()));
-                self.sender.deliver(&t, entry).await
+                match self.deliver(&t, entry).await {
+                    Some(outcome) => outcome,
+                    // Handed over: the session's courier sends this entry from now on.
+                    None => return,
+                }
             }
             Err(e) if e.exc_type == "DeliverRefused" => Err(("refused", e.message)),
             Err(e) if unix_now() < entry.offered_at + deadline.as_secs_f64() => {
@@ -474,6 +520,45 @@ impl Run {
                 }
             }
             Err((reason, detail)) => self.give_up(raw, entry, reason, detail).await,
+        }
+    }
+
+    /// Delivers one entry, trying again on passing failures until its deadline. `Err` carries
+    /// the dead letter's reason (`deadline` or `refused`) and detail; `None` means a sweeper
+    /// handed the stream to a session between two tries.
+    async fn deliver(
+        &self,
+        to: &Target,
+        entry: &Entry,
+    ) -> Option<Result<(), (&'static str, String)>> {
+        let (deadline_after, backoff_max) = self.sender.timing();
+        let deadline = entry.offered_at + deadline_after.as_secs_f64();
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let refusal = match self.sender.try_once(to, entry).await {
+                Ok(()) => return Some(Ok(())),
+                Err(r) => r,
+            };
+            let Some(asked) = refusal.retry_after else {
+                return Some(Err((refusal.kind, refusal.reason)));
+            };
+            let wait = asked.max(backoff);
+            if unix_now() + wait.as_secs_f64() > deadline {
+                return Some(Err((
+                    "deadline",
+                    format!(
+                        "{} (gave up {} s after the frame was taken)",
+                        refusal.reason,
+                        deadline_after.as_secs_f64()
+                    ),
+                )));
+            }
+            tracing::debug!(id = %entry.id, reason = %refusal.reason, ?wait, "frame delivery will be tried again");
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(backoff_max.max(FIRST_BACKOFF));
+            if matches!(self.turn().await, Turn::Over) {
+                return None;
+            }
         }
     }
 

@@ -37,6 +37,9 @@ pub const DEAD_PREFIX: &str = "mediafarm-snapshot-dead-";
 /// of these names equal to another lane's (`outbox-`, `dead-`, `upload-` differ at once).
 pub const UPLOAD_OUTBOX_PREFIX: &str = "mediafarm-snapshot-upload-outbox-";
 pub const UPLOAD_DEAD_PREFIX: &str = "mediafarm-snapshot-upload-dead-";
+/// A stream's sweep lease: held by the worker whose sweeper sends the stream's outboxes
+/// ([`super::sweep`]) while no session does.
+pub const SWEEP_PREFIX: &str = "mediafarm-snapshot-sweep-";
 /// Dead letters kept per stream (the newest).
 pub const DEAD_KEEP: u64 = 10_000;
 /// How long an outbox or a dead-letter list nobody writes is kept (as the session record).

@@ -15,10 +15,11 @@
 //! so a stranded delivery ends delivered or as a dead letter with its reason, never expired
 //! unseen.
 //!
-//! A session that starts on the stream while it is swept runs its own courier beside the
-//! sweeper's for the rest of the budget: the head in flight may then be sent twice, under the
-//! same delivery id (the outbox is at least once already), and never removed twice (removals
-//! compare the head's text).
+//! A session that starts on the stream while it is swept takes over ([`super::deliver::Role`]):
+//! the sweeper's courier stops before its next entry or try once the session's claim exists,
+//! and the session's courier waits until the sweeper has let the lease go, so the head in
+//! flight is not sent a second time beside the sweeper. The lease is deleted when the sweep
+//! ends (compared with its holder), and lapses if the sweeper dies.
 
 use std::time::Duration;
 
@@ -26,12 +27,10 @@ use mediafarm::runtime::background::Background;
 use mediafarm::{ResultBackend, TaskError};
 
 use super::deliver::{Courier, Deliverer, Sender};
-use super::outbox::{self, Lane, OUTBOX_PREFIX, UPLOAD_OUTBOX_PREFIX};
+use super::outbox::{self, Lane, OUTBOX_PREFIX, SWEEP_PREFIX, UPLOAD_OUTBOX_PREFIX};
 use super::state::OWNER_PREFIX;
 use super::upload::Uploader;
 
-/// The prefix of a stream's sweep lease.
-pub const SWEEP_PREFIX: &str = "mediafarm-snapshot-sweep-";
 /// How long one sweep of one stream may deliver before it leaves the rest to the next round.
 pub const BUDGET: Duration = Duration::from_secs(30);
 /// Streams swept at once by one worker.
@@ -104,6 +103,26 @@ return 0
         .map_err(backend_error)
 }
 
+/// Lets the stream's sweep lease go, if this worker still holds it.
+async fn unlease(backend: &ResultBackend, stream_id: &str, holder: &str) {
+    const UNLEASE_LUA: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+    let mut conn = backend.connection();
+    if let Err(e) = redis::cmd("EVAL")
+        .arg(UNLEASE_LUA)
+        .arg(1)
+        .arg(format!("{SWEEP_PREFIX}{stream_id}"))
+        .arg(holder)
+        .query_async::<i64>(&mut conn)
+        .await
+    {
+        // It lapses by itself; a session on the stream waits for that.
+        tracing::warn!(%stream_id, error = %e, "cannot let the sweep lease go");
+    }
+}
+
 impl Sweeper {
     /// Sweeps every `every` until the worker stops.
     pub async fn run(self, bg: Background) {
@@ -134,7 +153,11 @@ impl Sweeper {
                 running.join_next().await;
             }
             let (this, backend) = (self.clone(), backend.clone());
-            running.spawn(async move { this.sweep(backend, stream_id).await });
+            let holder = bg.hostname().to_owned();
+            running.spawn(async move {
+                this.sweep(backend.clone(), stream_id.clone()).await;
+                unlease(&backend, &stream_id, &holder).await;
+            });
         }
         while running.join_next().await.is_some() {}
         Ok(())
@@ -151,8 +174,9 @@ impl Sweeper {
                     Ok(waiting) => {
                         let lane = sender.lane();
                         tracing::info!(%stream_id, ?lane, waiting, "sweeping an outbox no session sends");
-                        let courier = Courier::start(sender, backend, &stream_id, None);
-                        // Closing at once: it returns when the outbox is empty, or at the budget.
+                        let courier = Courier::sweep(sender, backend, &stream_id);
+                        // Closing at once: it returns when the outbox is empty, when a
+                        // session claims the stream, or at the budget.
                         let (failed, pending) = courier.finish(BUDGET).await;
                         tracing::info!(%stream_id, ?lane, failed, pending, "outbox swept");
                     }
