@@ -141,13 +141,15 @@ pub fn python() -> PathBuf {
 
 /// Runs `cargo build -q <args>` in the workspace, without the variables `cargo test` gives this
 /// process (such as CARGO_MANIFEST_DIR) that a plain `cargo build` does not have: build scripts
-/// watching them (ring's) would rebuild.
+/// watching them (ring's) would rebuild. `CARGO_BUILD_JOBS` is kept, so a machine that limits
+/// the test run's build jobs limits this build's too.
 fn cargo_build(args: &[&str]) {
+    const KEPT: [&str; 3] = ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS"];
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     for (var, _) in std::env::vars_os() {
         let var = var.to_string_lossy().into_owned();
-        if var.starts_with("CARGO_") && var != "CARGO_HOME" && var != "CARGO_TARGET_DIR" {
+        if var.starts_with("CARGO_") && !KEPT.contains(&var.as_str()) {
             cmd.env_remove(var);
         }
     }
