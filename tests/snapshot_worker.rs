@@ -439,10 +439,11 @@ async fn crash_resume_after_kill_9_misses_no_tick() {
     make_video(&w.media("live.mp4"), 20, "320x240", 15);
     let hook = Hook::start();
     let first = w.start_worker("a");
+    let stream_id = unique_stream("crashy");
     let job = w
         .send(
             "snapshot.watch",
-            json!({"stream_id": "crashy", "stream_url": w.file_url("live.mp4"), "interval_s": 1, "realtime": true,
+            json!({"stream_id": stream_id, "stream_url": w.file_url("live.mp4"), "interval_s": 1, "realtime": true,
                    "key": "c/{seq}.jpg", "deliver": hook.url()}),
         )
         .await;
@@ -496,7 +497,7 @@ async fn a_long_session_hands_itself_on_before_the_ack_timeout() {
     let first = w
         .run(
             "snapshot.watch",
-            json!({"stream_id": "sliced", "stream_url": w.file_url("long.mp4"), "interval_s": 1, "realtime": true, "key": "s/{seq}.jpg"}),
+            json!({"stream_id": unique_stream("sliced"), "stream_url": w.file_url("long.mp4"), "interval_s": 1, "realtime": true, "key": "s/{seq}.jpg"}),
         )
         .await
         .unwrap();
@@ -654,6 +655,7 @@ async fn rtmp_through_nginx_stopped_by_the_cli_and_by_revoke() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_celery_client_captures_and_reads_progress() {
     let mut w = World::new("py", &[]).await;
+    let stream_id = unique_stream("py");
     make_video(&w.media("py.mp4"), 30, "320x240", 15);
     w.start_worker("a");
     let script = r#"
@@ -661,9 +663,9 @@ import json, os, sys, time
 from celery import Celery
 app = Celery("p", broker=os.environ["BROKER_URL"], backend=os.environ["RESULT_BACKEND"])
 app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"])
-queue, url = sys.argv[1], sys.argv[2]
+queue, url, stream_id = sys.argv[1], sys.argv[2], sys.argv[3]
 cap = app.send_task("snapshot.capture", kwargs={"stream_url": url, "key": "py/cap.jpg", "at_s": 2}, queue=queue).get(timeout=60)
-watch = app.send_task("snapshot.watch", kwargs={"stream_id": "py", "stream_url": url, "interval_s": 1, "realtime": True, "duration_s": 60, "key": "py/{seq}.jpg"}, queue=queue)
+watch = app.send_task("snapshot.watch", kwargs={"stream_id": stream_id, "stream_url": url, "interval_s": 1, "realtime": True, "duration_s": 60, "key": "py/{seq}.jpg"}, queue=queue)
 seen = None
 for _ in range(600):
     if watch.state == "PROGRESS" and watch.info.get("frames", 0) >= 2:
@@ -673,7 +675,7 @@ for _ in range(600):
 print(json.dumps({"capture": cap, "progress": seen, "watch_id": watch.id}))
 "#;
     let out = Command::new(python())
-        .args(["-c", script, &w.queue, &w.file_url("py.mp4")])
+        .args(["-c", script, &w.queue, &w.file_url("py.mp4"), &stream_id])
         .env("BROKER_URL", &w.settings.broker_url)
         .env("RESULT_BACKEND", &w.settings.result_backend)
         .output()
@@ -689,8 +691,8 @@ print(json.dumps({"capture": cap, "progress": seen, "watch_id": watch.id}))
     assert_jpeg(&w.stored("py/cap.jpg"), 320, 240);
     assert_eq!(seen["progress"]["state"], "PROGRESS", "{seen}");
     assert!(seen["progress"]["info"]["frames"].as_u64().unwrap() >= 2);
-    assert_eq!(seen["progress"]["info"]["stream_id"], "py");
-    mediafarm_cli(&w, &["streams", "stop", "py"]);
+    assert_eq!(seen["progress"]["info"]["stream_id"], stream_id);
+    mediafarm_cli(&w, &["streams", "stop", &stream_id]);
     let id = seen["watch_id"].as_str().unwrap();
     let out = w.client.result(id).get(WAIT).await.unwrap();
     assert_eq!(out["ended"], "stopped");
@@ -797,7 +799,8 @@ async fn a_second_session_for_a_watched_stream_is_refused() {
     make_video(&w.media("d.mp4"), 120, "160x120", 15);
     w.start_worker("a");
     let url = w.file_url("d.mp4");
-    let kw = json!({"stream_id": "dup", "stream_url": url, "interval_s": 1, "realtime": true, "key": "d/{seq}.jpg"});
+    let stream_id = unique_stream("dup");
+    let kw = json!({"stream_id": stream_id, "stream_url": url, "interval_s": 1, "realtime": true, "key": "d/{seq}.jpg"});
     let first = w.send("snapshot.watch", kw.clone()).await;
     w.progress(&first.id, 1).await;
     let second = w.send("snapshot.watch", kw.clone()).await;
@@ -806,12 +809,12 @@ async fn a_second_session_for_a_watched_stream_is_refused() {
     assert!(err.message.contains(&first.id), "{}", err.message);
     // The refused one did not disturb the running session, and once that one is stopped the
     // stream can be watched again.
-    mediafarm_cli(&w, &["streams", "stop", "dup"]);
+    mediafarm_cli(&w, &["streams", "stop", &stream_id]);
     let out = first.get(WAIT).await.unwrap();
     assert_eq!(out["ended"], "stopped", "{out}");
     let third = w.send("snapshot.watch", kw).await;
     w.progress(&third.id, 1).await;
-    mediafarm_cli(&w, &["streams", "stop", "dup"]);
+    mediafarm_cli(&w, &["streams", "stop", &stream_id]);
     let out = third.get(WAIT).await.unwrap();
     assert_eq!(out["ended"], "stopped", "{out}");
     w.stop().await;
