@@ -198,8 +198,12 @@ async fn answer_control(broker: RedisBroker, shared: Arc<Shared>) {
         let wait = backoff(attempt);
         attempt = attempt.saturating_add(1);
         match outcome {
-            Ok(()) => tracing::warn!(retry_in = ?wait, "control subscription on the Redis broker lost; subscribing again"),
-            Err(e) => tracing::warn!(error = %e, retry_in = ?wait, "cannot subscribe to control requests on the Redis broker; retrying"),
+            Ok(()) => {
+                tracing::warn!(retry_in = ?wait, "control subscription on the Redis broker lost; subscribing again")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot subscribe to control requests on the Redis broker; retrying")
+            }
         }
         tokio::select! {
             _ = shared.stop.cancelled() => break,

@@ -185,9 +185,7 @@ fn read_table(table: &toml::Table, mut o: TransportOptions) -> Result<TransportO
                 }
             }
             "fanout_patterns" => {
-                o.fanout_patterns = v
-                    .as_bool()
-                    .ok_or("fanout_patterns must be true or false")?
+                o.fanout_patterns = v.as_bool().ok_or("fanout_patterns must be true or false")?
             }
             "unacked_restore_limit" => {
                 o.unacked_restore_limit = match v.as_integer() {
@@ -247,7 +245,12 @@ mod tests {
         let o = read_table(&t, TransportOptions::default()).expect("valid");
         assert_eq!((o.fanout_prefix.as_str(), o.fanout_patterns), ("", false));
         let t: toml::Table = toml::from_str("fanout_prefix = \"ev:\"").expect("toml");
-        assert_eq!(read_table(&t, TransportOptions::default()).expect("valid").fanout_prefix, "ev:");
+        assert_eq!(
+            read_table(&t, TransportOptions::default())
+                .expect("valid")
+                .fanout_prefix,
+            "ev:"
+        );
         let t: toml::Table = toml::from_str("fanout_patterns = 1").expect("toml");
         assert!(read_table(&t, TransportOptions::default()).is_err());
         let from_env = parse_env("{\"visibility_timeout\": 7}").expect("json");

@@ -138,7 +138,16 @@ pub async fn call(
     let oid = uuid::Uuid::new_v4().to_string();
     let queue = format!("{oid}.{REPLY_EXCHANGE}");
     broker.bind_queue(REPLY_EXCHANGE, &oid, &queue).await?;
-    let gathered = gather(&broker, &oid, &queue, method, arguments, destination, timeout).await;
+    let gathered = gather(
+        &broker,
+        &oid,
+        &queue,
+        method,
+        arguments,
+        destination,
+        timeout,
+    )
+    .await;
     // As kombu's auto-deleted reply queue: gone with its consumer.
     if let Err(e) = broker.delete_queue(REPLY_EXCHANGE, &oid, &queue).await {
         tracing::debug!(error = %e, %queue, "could not remove the reply queue; its list expires on its own");
