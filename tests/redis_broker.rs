@@ -574,6 +574,40 @@ async fn celery_inspect_control_and_revoke_reach_a_rust_worker_over_redis() {
     )
     .await;
     assert_eq!(control, json!({"ok": "time limits set successfully"}));
+    // add_consumer with a direct exchange writes kombu's binding; a fanout is refused.
+    let extra = format!("{q}-extra");
+    let exchange = format!("{q}-ex");
+    let added = celery_reply(
+        &s,
+        &node,
+        &["control", "add_consumer", &extra, &exchange, "direct", "rk"],
+    )
+    .await;
+    assert_eq!(added, json!({"ok": format!("add consumer {extra}")}));
+    let mut conn = redis(BROKER).await;
+    let bound: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(format!("_kombu.binding.{exchange}"))
+        .query_async(&mut conn)
+        .await
+        .expect("smembers");
+    assert_eq!(bound, [format!("rk\x06\x16\x06\x16{extra}")]);
+    let refused = celery_reply(
+        &s,
+        &node,
+        &["control", "add_consumer", &extra, "fan", "fanout"],
+    )
+    .await;
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("direct exchange")),
+        "{refused}"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(format!("_kombu.binding.{exchange}"))
+        .query_async(&mut conn)
+        .await
+        .expect("del");
 
     // Python's revoke (a broadcast with no reply, and not written to the revoked set in the
     // result backend): the worker learns it from the pidbox alone.
@@ -604,6 +638,7 @@ async fn celery_inspect_control_and_revoke_reach_a_rust_worker_over_redis() {
     assert_eq!(broker.len(&q).await.expect("len"), 0);
     worker.shutdown().await;
     forget_queue(&s, &q).await;
+    forget_queue(&s, &extra).await;
 }
 
 /// `mediafarm inspect` (the requester side of the pidbox on Redis) gathers the replies of a
