@@ -3,7 +3,10 @@
 //! worker (countdowns through the delayed set included), a Rust producer against a Python
 //! Celery worker, kombu's envelope and priority lists as Python writes them, and a worker
 //! killed with SIGKILL mid-job whose messages come back after the visibility timeout and
-//! run once.
+//! run once. Also what travels beside the queues: the pidbox (`celery inspect`/`control` and
+//! Python's revokes against a Rust worker, `mediafarm`'s mailbox call answered by Python and
+//! Rust workers), Celery events read by Python's `app.events.Receiver`, and the `mediafarm`
+//! CLI's `purge` and `dead list`/`dead replay`.
 //!
 //! Redis databases 9 and 10 hold the broker keys of these tests only (`unacked` and
 //! `unacked_index` are per database, as in kombu); nothing here flushes a database.
@@ -450,5 +453,441 @@ async fn an_unreadable_body_stores_a_failure_and_is_dead_lettered() {
         "left unacknowledged"
     );
     worker.shutdown().await;
+    forget_queue(&s, &q).await;
+}
+
+/// Runs `python -m celery -A celery_app ARGS` (tests/py) against `s`'s Redis broker, bounded in
+/// time; returns (exit code, stdout, stderr).
+async fn celery_cli(s: &Settings, args: &[&str]) -> (i32, String, String) {
+    let env = python_env(s);
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app"])
+            .args(&args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("the celery command runs")
+    });
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the celery command ends within 2 minutes")
+        .expect("ran");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `celery inspect|control ARGS --json` for one node over the Redis broker: that node's reply.
+async fn celery_reply(s: &Settings, node: &str, args: &[&str]) -> Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--destination", node, "--timeout", "10", "--json"]);
+    let (code, stdout, stderr) = celery_cli(s, &all).await;
+    assert_eq!(code, 0, "celery {args:?} failed: {stdout}\n{stderr}");
+    let replies: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("celery {args:?} printed {stdout:?}: {e}"));
+    // inspect prints one object by node; control a list of one-node objects.
+    let found = match &replies {
+        Value::Array(items) => items.iter().find_map(|r| r.get(node)),
+        other => other.get(node),
+    };
+    found
+        .cloned()
+        .unwrap_or_else(|| panic!("no reply from {node} to {args:?}: {replies}"))
+}
+
+/// Waits (at most 30 s) until `job` is in `state`.
+async fn until_state(job: &mediafarm::AsyncResult, state: TaskState) {
+    for _ in 0..3000 {
+        if job.state().await.expect("state") == state {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("job {} never reached {state:?}", job.id);
+}
+
+/// Python Celery's remote control against a Rust worker on the Redis broker: requests come by
+/// `PUBLISH` on `/9.celery.pidbox`, replies go onto the requester's reply list, and Python's
+/// `app.control.revoke` skips a job still waiting in its list and stops a running one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_inspect_control_and_revoke_reach_a_rust_worker_over_redis() {
+    let mut s = redis_settings(BROKER);
+    s.worker_concurrency = 1;
+    s.worker_prefetch_multiplier = 1;
+    s.task_track_started = true;
+    let q = unique_queue("rb-pidbox");
+    let node = format!("pidbox@{q}");
+    let worker = echo_worker(&s, &q, &node).await;
+
+    assert_eq!(
+        celery_reply(&s, &node, &["inspect", "ping"]).await,
+        json!({"ok": "pong"})
+    );
+    let registered = celery_reply(&s, &node, &["inspect", "registered"]).await;
+    assert!(
+        registered
+            .as_array()
+            .is_some_and(|r| r.iter().any(|t| t == "echo.echo")),
+        "{registered}"
+    );
+
+    // One job runs (concurrency 1, prefetch 1); the next waits in the Redis list.
+    let client = Client::connect(&s).await.expect("client");
+    let opts = SendOptions {
+        queue: Some(q.clone()),
+        ..Default::default()
+    };
+    let running = client
+        .send_task("echo.echo", kwargs(json!({"sleep_ms": 60_000})), &opts)
+        .await
+        .expect("sent");
+    until_state(&running, TaskState::Started).await;
+    let queued = client
+        .send_task("echo.echo", kwargs(json!({"queued": 1})), &opts)
+        .await
+        .expect("sent");
+    let broker = RedisBroker::connect(&s).await.expect("broker");
+    assert_eq!(
+        broker.len(&q).await.expect("len"),
+        1,
+        "the second job waits"
+    );
+
+    let active = celery_reply(&s, &node, &["inspect", "active"]).await;
+    assert!(
+        active
+            .as_array()
+            .is_some_and(|a| a.len() == 1 && a[0]["id"] == running.id.as_str()),
+        "{active}"
+    );
+    let stats = celery_reply(&s, &node, &["inspect", "stats"]).await;
+    assert_eq!(stats["pool"]["max-concurrency"], 1, "{stats}");
+    let control = celery_reply(
+        &s,
+        &node,
+        &["control", "time_limit", "echo.echo", "40", "50"],
+    )
+    .await;
+    assert_eq!(control, json!({"ok": "time limits set successfully"}));
+    // add_consumer with a direct exchange writes kombu's binding; a fanout is refused.
+    let extra = format!("{q}-extra");
+    let exchange = format!("{q}-ex");
+    let added = celery_reply(
+        &s,
+        &node,
+        &["control", "add_consumer", &extra, &exchange, "direct", "rk"],
+    )
+    .await;
+    assert_eq!(added, json!({"ok": format!("add consumer {extra}")}));
+    let mut conn = redis(BROKER).await;
+    let bound: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(format!("_kombu.binding.{exchange}"))
+        .query_async(&mut conn)
+        .await
+        .expect("smembers");
+    assert_eq!(bound, [format!("rk\x06\x16\x06\x16{extra}")]);
+    let refused = celery_reply(
+        &s,
+        &node,
+        &["control", "add_consumer", &extra, "fan", "fanout"],
+    )
+    .await;
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("direct exchange")),
+        "{refused}"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(format!("_kombu.binding.{exchange}"))
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+
+    // Python's revoke (a broadcast with no reply, and not written to the revoked set in the
+    // result backend): the worker learns it from the pidbox alone.
+    let env = python_env(&s);
+    let id = queued.id.clone();
+    tokio::task::spawn_blocking(move || {
+        mediafarm_tests::run_python("control.py", &["revoke", &id], &env)
+    })
+    .await
+    .expect("revoke sent");
+    let revoked = celery_reply(&s, &node, &["inspect", "revoked"]).await;
+    assert!(
+        revoked
+            .as_array()
+            .is_some_and(|r| r.iter().any(|i| i == queued.id.as_str())),
+        "{revoked}"
+    );
+    // terminate stops the running one; the worker then takes the revoked one and skips it.
+    let env = python_env(&s);
+    let id = running.id.clone();
+    tokio::task::spawn_blocking(move || {
+        mediafarm_tests::run_python("control.py", &["revoke", &id, "--terminate"], &env)
+    })
+    .await
+    .expect("terminate sent");
+    until_state(&running, TaskState::Revoked).await;
+    until_state(&queued, TaskState::Revoked).await;
+    assert_eq!(broker.len(&q).await.expect("len"), 0);
+    worker.shutdown().await;
+    forget_queue(&s, &q).await;
+    forget_queue(&s, &extra).await;
+}
+
+/// `mediafarm inspect` (the requester side of the pidbox on Redis) gathers the replies of a
+/// Python Celery worker and a Rust worker on the same Redis broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mediafarm_inspect_over_redis_hears_python_and_rust_workers() {
+    let s = redis_settings(BROKER);
+    let q = unique_queue("rb-ping");
+    let rust_node = format!("rust@{q}");
+    let py_node = format!("py@{q}");
+    let worker = echo_worker(&s, &q, &rust_node).await;
+    let _python = Proc::spawn(
+        std::process::Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
+            .args(["-Q", &q, "-l", "warning", "-n", &py_node])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .envs(python_env(&s))
+            .stdout(std::process::Stdio::null()),
+    );
+    let nodes = [rust_node.clone(), py_node.clone()];
+    let mut heard = Vec::new();
+    for _ in 0..60 {
+        let replies = mediafarm::amqp::pidbox::mailbox::call(
+            &s,
+            "ping",
+            json!({}),
+            Some(&nodes),
+            Duration::from_secs(2),
+        )
+        .await
+        .expect("the mailbox call is sent");
+        heard = replies;
+        if heard.len() == 2 {
+            break;
+        }
+    }
+    heard.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        heard,
+        vec![
+            (py_node.clone(), json!({"ok": "pong"})),
+            (rust_node.clone(), json!({"ok": "pong"})),
+        ]
+    );
+    worker.shutdown().await;
+    forget_queue(&s, &q).await;
+}
+
+/// The receiver's next line (at most a minute away).
+async fn next_line(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> String {
+    match tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await {
+        Ok(Ok(Some(line))) => line,
+        other => panic!("the receiver said nothing more: {other:?}"),
+    }
+}
+
+/// Celery events from a Rust worker on the Redis broker, read by Python's
+/// `app.events.Receiver` (tests/py/events.py, which Flower's state runs on): Celery makes
+/// `celeryev` a fanout on Redis, so they go by `PUBLISH` on `/9.celeryev/<routing key>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn celery_events_from_a_rust_worker_over_redis_reach_a_python_receiver() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut s = redis_settings(BROKER);
+    s.worker_send_task_events = true;
+    s.worker_heartbeat_interval = Duration::from_millis(500);
+    let q = unique_queue("rb-events");
+    let node = format!("events@{q}");
+    let mut receiver = tokio::process::Command::new(python())
+        .arg(workspace_root().join("tests/py/events.py"))
+        .args(["--hosts", &node, "--until", &node, "--deadline", "60"])
+        .envs(python_env(&s))
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python runs");
+    let mut lines = BufReader::new(receiver.stdout.take().expect("piped")).lines();
+    assert_eq!(next_line(&mut lines).await, "ready");
+    let worker = echo_worker(&s, &q, &node).await;
+    // The receiver subscribes as it starts polling, after "ready": a heartbeat it reports
+    // means it hears everything from now on.
+    let mut events: Vec<Value> = Vec::new();
+    loop {
+        let line: Value = serde_json::from_str(&next_line(&mut lines).await).expect("a JSON line");
+        let event = line["event"].clone();
+        events.push(event.clone());
+        if event["type"] == "worker-heartbeat" {
+            assert_eq!(line["alive"], true, "{line}");
+            break;
+        }
+    }
+    let client = Client::connect(&s).await.expect("client");
+    let r = client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"ev": 1})),
+            &SendOptions {
+                queue: Some(q.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("sent");
+    assert_eq!(
+        r.get(Duration::from_secs(30)).await.expect("ran"),
+        json!({"ev": 1})
+    );
+    worker.shutdown().await;
+    let report = loop {
+        let line: Value = serde_json::from_str(&next_line(&mut lines).await).expect("a JSON line");
+        if let Some(report) = line.get("report") {
+            break report.clone();
+        }
+        events.push(line["event"].clone());
+    };
+    assert_eq!(report["timed_out"], false, "no worker-offline: {events:#?}");
+    let of_job: Vec<&str> = events
+        .iter()
+        .filter(|e| e["uuid"] == r.id.as_str())
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert_eq!(
+        of_job,
+        ["task-received", "task-started", "task-succeeded"],
+        "{events:#?}"
+    );
+    assert_eq!(report["states"][&r.id], "SUCCESS", "{report}");
+    assert!(events.iter().any(|e| e["type"] == "worker-offline"));
+    let _ = receiver.wait().await;
+    forget_queue(&s, &q).await;
+}
+
+/// Runs the `mediafarm` CLI against the Redis broker of `s`; (exit code, stdout, stderr).
+fn cli(s: &Settings, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(binary("mediafarm"))
+        .args(args)
+        .env("MEDIAFARM_BROKER_URL", &s.broker_url)
+        .env("MEDIAFARM_RESULT_BACKEND", &s.result_backend)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the CLI runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `mediafarm purge`, `dead list` and `dead replay` on the Redis broker: `<queue>.dead` is
+/// listed oldest first without change, a replay moves the letter back onto its queue (where it
+/// fails again and comes back), and a purge empties every priority list of a queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_purges_lists_and_replays_dead_letters_on_redis() {
+    let s = redis_settings(BROKER);
+    let q = unique_queue("rb-cli");
+    let worker = echo_worker(&s, &q, "redis-cli@%h").await;
+    let client = Client::connect(&s).await.expect("client");
+    let opts = SendOptions {
+        queue: Some(q.clone()),
+        ..Default::default()
+    };
+    let r = client
+        .send_task("echo.echo", kwargs(json!({"fail": "disk full"})), &opts)
+        .await
+        .expect("sent");
+    assert!(r.get(Duration::from_secs(30)).await.is_err());
+    let s2 = s.clone();
+    let q2 = q.clone();
+    let list = move || {
+        let out = cli(&s2, &["dead", "list", &q2, "--json"]);
+        assert_eq!(out.0, Some(0), "{out:?}");
+        serde_json::from_str::<Vec<Value>>(out.1.trim()).expect("--json prints one JSON array")
+    };
+    // The dead letter is pushed right after the FAILURE is stored.
+    let mut letters = Vec::new();
+    for _ in 0..100 {
+        letters = tokio::task::spawn_blocking(list.clone())
+            .await
+            .expect("ran");
+        if !letters.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["id"], r.id.as_str());
+    assert_eq!(letters[0]["kind"], "EchoFailure");
+    assert_eq!(letters[0]["reason"], "disk full");
+    let (code, out, err) = cli(&s, &["dead", "list", &q]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains(&r.id) && out.contains("EchoFailure: disk full"),
+        "{out}"
+    );
+
+    let (code, out, _) = cli(&s, &["dead", "replay", &q, "--id", "nope"]);
+    assert_eq!(
+        (code, out.trim()),
+        (
+            Some(1),
+            format!("replayed 0 message(s) from {q}.dead to {q}").as_str()
+        )
+    );
+    let (code, out, err) = cli(&s, &["dead", "replay", &q, "--id", &r.id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("replayed 1 message(s)"), "{out}");
+    // Forgotten, run again, failed again, dead again: one letter, without the old headers
+    // doubled.
+    let mut again = Vec::new();
+    for _ in 0..100 {
+        again = tokio::task::spawn_blocking(list.clone())
+            .await
+            .expect("ran");
+        if !again.is_empty() && r.state().await.expect("state") == TaskState::Failure {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0]["id"], r.id.as_str());
+    worker.shutdown().await;
+
+    // Purge: jobs on two priority lists, all removed.
+    for priority in [0, 9] {
+        client
+            .send_task(
+                "echo.echo",
+                kwargs(json!({})),
+                &SendOptions {
+                    queue: Some(q.clone()),
+                    priority: Some(priority),
+                    ..Default::default()
+                },
+            )
+            .await
+            .expect("sent");
+    }
+    let broker = RedisBroker::connect(&s).await.expect("broker");
+    assert_eq!(broker.len(&q).await.expect("len"), 2);
+    let (code, out, err) = cli(&s, &["purge", &q]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out.trim(), format!("purged 2 message(s) from {q}"));
+    assert_eq!(broker.len(&q).await.expect("len"), 0);
     forget_queue(&s, &q).await;
 }

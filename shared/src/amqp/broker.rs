@@ -391,8 +391,13 @@ pub async fn declare_bound_queue(
     Ok(())
 }
 
-/// Removes every ready message from `queue`; returns how many were removed.
-pub async fn purge(settings: &Settings, queue: &str) -> Result<u32, BrokerError> {
+/// Removes every ready message from `queue`; returns how many were removed. On the Redis
+/// broker: every priority list of it (kombu's `_purge`); taken, unacknowledged ones stay.
+pub async fn purge(settings: &Settings, queue: &str) -> Result<u64, BrokerError> {
+    if settings.broker_is_redis() {
+        check_queue_name(queue)?;
+        return Ok(RedisBroker::connect(settings).await?.purge(queue).await?);
+    }
     let conn = connect(settings, "mediafarm purge").await?;
     let channel = conn.create_channel().await?;
     declare_queue(&channel, queue, &QueueShape::of(settings)).await?;
@@ -400,7 +405,7 @@ pub async fn purge(settings: &Settings, queue: &str) -> Result<u32, BrokerError>
         .queue_purge(queue.into(), QueuePurgeOptions::default())
         .await?;
     let _ = conn.close(200, "purged".into()).await;
-    Ok(n)
+    Ok(u64::from(n))
 }
 
 /// One pooled connection with a confirm-mode channel.

@@ -8,6 +8,10 @@
 //! quorum work queue RabbitMQ puts a message there itself once it was delivered more than
 //! `task_quorum_delivery_limit` times (every worker that took it died or gave it back); such a
 //! letter carries only RabbitMQ's `x-first-death-*` headers, from which the listing says why.
+//!
+//! On the Redis broker the dead letters are the list `<queue>.dead` (kombu envelopes with the
+//! same headers); listing reads it without changing it, and replaying moves each letter back
+//! onto its queue in one atomic step, after forgetting the job's stored result.
 
 use lapin::options::{BasicAckOptions, BasicGetOptions};
 use lapin::types::AMQPValue;
@@ -19,6 +23,7 @@ use crate::amqp::reroute::{
     dead_queue, Rerouter, DEAD_AT, DEAD_QUEUE, DEAD_REASON, DEAD_TYPE, DEAD_WORKER,
 };
 use crate::backend::{BackendError, ResultBackend};
+use crate::redis_broker::{Envelope, RedisBroker};
 use crate::settings::Settings;
 
 /// One dead letter as `mediafarm dead list` shows it.
@@ -61,25 +66,50 @@ fn broker_reason(reason: &str) -> (String, String) {
 }
 
 fn describe(props: &BasicProperties, bytes: usize) -> DeadLetter {
-    let by_broker = header(props, DEAD_TYPE)
+    describe_by(|name| header(props, name), bytes)
+}
+
+/// A letter from its headers, read by `header`.
+fn describe_by(header: impl Fn(&str) -> Option<String>, bytes: usize) -> DeadLetter {
+    let by_broker = header(DEAD_TYPE)
         .is_none()
-        .then(|| header(props, "x-first-death-reason"))
+        .then(|| header("x-first-death-reason"))
         .flatten()
         .map(|r| broker_reason(&r));
     let (kind, reason) = match by_broker {
         Some((kind, reason)) => (Some(kind), Some(reason)),
-        None => (header(props, DEAD_TYPE), header(props, DEAD_REASON)),
+        None => (header(DEAD_TYPE), header(DEAD_REASON)),
     };
     DeadLetter {
-        id: header(props, "id"),
-        task: header(props, "task"),
+        id: header("id"),
+        task: header("task"),
         kind,
         reason,
-        at: header(props, DEAD_AT),
-        queue: header(props, DEAD_QUEUE).or_else(|| header(props, "x-first-death-queue")),
-        worker: header(props, DEAD_WORKER),
+        at: header(DEAD_AT),
+        queue: header(DEAD_QUEUE).or_else(|| header("x-first-death-queue")),
+        worker: header(DEAD_WORKER),
         bytes,
     }
+}
+
+/// A letter on the Redis broker: a kombu envelope, or a value that was not one (kept as it
+/// was; only its size is known).
+fn describe_redis(stored: &str) -> DeadLetter {
+    let headers = Envelope::parse(stored.as_bytes())
+        .map(|e| e.properties().1)
+        .unwrap_or_default();
+    let text = |name: &str| {
+        headers.get(name).map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    };
+    let mut letter = describe_by(text, stored.len());
+    if letter.kind.is_none() && Envelope::parse(stored.as_bytes()).is_err() {
+        letter.kind = Some("InvalidMessage".into());
+        letter.reason = Some("not a kombu message; kept as it was taken from the queue".into());
+    }
+    letter
 }
 
 /// Declares the dead queue as the worker does and says how many letters it holds.
@@ -101,6 +131,12 @@ pub async fn list(
     queue: &str,
     limit: usize,
 ) -> Result<Vec<DeadLetter>, BrokerError> {
+    if settings.broker_is_redis() {
+        broker::check_queue_name(queue)?;
+        let redis = RedisBroker::connect(settings).await?;
+        let letters = redis.dead_letters(queue, limit).await?;
+        return Ok(letters.iter().map(|l| describe_redis(l)).collect());
+    }
     let (conn, channel, count) = open(settings, queue, "mediafarm dead list").await?;
     let mut out = Vec::new();
     for _ in 0..(count as usize).min(limit) {
@@ -121,6 +157,54 @@ pub async fn list(
     Ok(out)
 }
 
+/// [`replay`] on the Redis broker: each letter, oldest first, moves from `<queue>.dead` onto
+/// its queue's list in one atomic step, with its dead-letter headers removed and `retries`
+/// back at 0 (as over AMQP). A value that is not a kombu message stays where it is.
+async fn replay_redis(
+    settings: &Settings,
+    backend: &ResultBackend,
+    queue: &str,
+    id: Option<&str>,
+) -> Result<usize, ReplayError> {
+    broker::check_queue_name(queue)?;
+    let redis = RedisBroker::connect(settings)
+        .await
+        .map_err(BrokerError::from)?;
+    let letters = redis
+        .dead_letters(queue, usize::MAX)
+        .await
+        .map_err(BrokerError::from)?;
+    let mut reset = serde_json::Map::new();
+    reset.insert("retries".into(), serde_json::json!(0));
+    let mut replayed = 0;
+    for stored in letters {
+        let Ok(letter) = Envelope::parse(stored.as_bytes()) else {
+            continue;
+        };
+        let (_, headers) = letter.properties();
+        let job_id = headers.get("id").and_then(serde_json::Value::as_str);
+        if id.is_some_and(|want| job_id != Some(want)) {
+            continue;
+        }
+        if let Some(job_id) = job_id {
+            backend.forget(job_id).await?;
+        }
+        let again = letter.republished(
+            &reset,
+            &[DEAD_REASON, DEAD_TYPE, DEAD_AT, DEAD_QUEUE, DEAD_WORKER],
+            queue,
+        );
+        if redis
+            .replay_dead(queue, &stored, &again)
+            .await
+            .map_err(BrokerError::from)?
+        {
+            replayed += 1;
+        }
+    }
+    Ok(replayed)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
     #[error(transparent)]
@@ -139,6 +223,9 @@ pub async fn replay(
     queue: &str,
     id: Option<&str>,
 ) -> Result<usize, ReplayError> {
+    if settings.broker_is_redis() {
+        return replay_redis(settings, backend, queue, id).await;
+    }
     let (conn, channel, count) = open(settings, queue, "mediafarm dead replay").await?;
     let conn = std::sync::Arc::new(conn);
     let rerouter = Rerouter::open(conn.clone(), QueueShape::of(settings)).await?;

@@ -4,7 +4,8 @@
 //! `-rejected` from a worker, and `worker-online`, `worker-heartbeat` every
 //! `worker_heartbeat_interval` and `worker-offline` on shutdown. Bodies are Celery's field for
 //! field (`body`); they go out on the `event_exchange` topic exchange with Celery's routing
-//! keys (`publish`).
+//! keys (`publish`), or on the Redis broker by `PUBLISH` on that exchange's fanout channel, as
+//! Celery sends them there.
 //!
 //! What it promises the hot path: an event site costs one atomic load while events are off (the
 //! default, as in Celery). While they are on, a job's event is built and put on a bounded

@@ -1,6 +1,7 @@
 //! The background task that writes events to the broker: connects on the first event, declares
 //! the `event_exchange` as kombu declares Celery's (`Exchange('celeryev', type='topic')`:
-//! durable, not auto-deleted), and publishes with Celery's properties (JSON, UTF-8,
+//! durable, not auto-deleted) — or, on the Redis broker, publishes on its fanout channel as
+//! Celery does there — and publishes with Celery's properties (JSON, UTF-8,
 //! `delivery_mode=1`, a `hostname` header) and no publisher confirms. Events gather for
 //! [`LINGER`] after the first of a batch, then go at once: task events as one `task.multi`
 //! message (a JSON list, which `EventReceiver` unpacks as Celery's own buffered events), worker
@@ -17,6 +18,8 @@ use tokio::sync::mpsc;
 
 use super::{Event, Outgoing};
 use crate::amqp::broker::{self, backoff, BrokerError};
+use crate::protocol::Properties;
+use crate::redis_broker::{Envelope, RedisBroker};
 use crate::settings::Settings;
 
 /// Events taken from the queue at once, at most: one `task.multi` message carries up to this
@@ -29,9 +32,21 @@ const BATCH: usize = 512;
 /// Monitors see events at most this much later.
 const LINGER: Duration = Duration::from_millis(10);
 
-struct Link {
-    conn: Connection,
-    channel: Channel,
+/// Where events go: a channel to RabbitMQ, or the Redis broker (where Celery makes the event
+/// exchange a fanout: each event is `PUBLISH`ed on `/{db}.<event_exchange>/<routing key>`, which
+/// `app.events.Receiver` subscribes to as `/{db}.<event_exchange>/*`).
+enum Link {
+    Amqp { conn: Connection, channel: Channel },
+    Redis(RedisBroker),
+}
+
+impl Link {
+    async fn close(self, why: &str) {
+        if let Link::Amqp { conn, channel } = self {
+            let _ = channel.close(200, why.into()).await;
+            let _ = conn.close(200, why.into()).await;
+        }
+    }
 }
 
 pub(super) async fn run(
@@ -81,11 +96,19 @@ pub(super) async fn run(
             }
             if let Some(l) = &link {
                 let count = events.len() as u64;
-                if let Err(e) = publish(&l.channel, &exchange, &hostname, events).await {
+                let sent = match l {
+                    Link::Amqp { channel, .. } => {
+                        publish(channel, &exchange, &hostname, events).await
+                    }
+                    Link::Redis(broker) => {
+                        publish_redis(broker, &exchange, &hostname, events).await
+                    }
+                };
+                if let Err(e) = sent {
                     tracing::warn!(error = %e, "events: publishing failed; reconnecting on the next event");
                     dropped.inc_by(count);
                     if let Some(l) = link.take() {
-                        let _ = l.conn.close(200, "events: publish failed".into()).await;
+                        l.close("events: publish failed").await;
                     }
                 }
             }
@@ -95,12 +118,15 @@ pub(super) async fn run(
         }
     }
     if let Some(l) = link {
-        let _ = l.channel.close(200, "events: done".into()).await;
-        let _ = l.conn.close(200, "events: done".into()).await;
+        l.close("events: done").await;
     }
 }
 
 async fn open(settings: &Settings, name: &str, exchange: &str) -> Result<Link, BrokerError> {
+    if settings.broker_is_redis() {
+        // Nothing to declare: a fanout exchange on Redis is only a channel name.
+        return Ok(Link::Redis(RedisBroker::connect(settings).await?));
+    }
     let conn = broker::connect(settings, name).await?;
     let channel = conn.create_channel().await?;
     channel
@@ -115,7 +141,7 @@ async fn open(settings: &Settings, name: &str, exchange: &str) -> Result<Link, B
             FieldTable::default(),
         )
         .await?;
-    Ok(Link { conn, channel })
+    Ok(Link::Amqp { conn, channel })
 }
 
 /// The messages a batch becomes: `(routing key, body)`. Two or more task events go as one
@@ -169,6 +195,32 @@ async fn publish(
             )
             .await?;
     }
+    Ok(())
+}
+
+/// The same messages on the Redis broker: kombu envelopes (JSON, UTF-8, transient, the
+/// `hostname` header) published in one round trip.
+async fn publish_redis(
+    broker: &RedisBroker,
+    exchange: &str,
+    hostname: &str,
+    events: Vec<Event>,
+) -> Result<(), BrokerError> {
+    let mut headers = serde_json::Map::new();
+    headers.insert("hostname".into(), serde_json::Value::from(hostname));
+    let props = Properties {
+        content_type: Some("application/json".into()),
+        content_encoding: Some("utf-8".into()),
+        ..Properties::default()
+    };
+    let messages: Vec<(String, Envelope)> = messages(events)
+        .into_iter()
+        .map(|(key, payload)| {
+            let e = Envelope::routed(&props, &headers, &payload, (exchange, &key), 1);
+            (key, e)
+        })
+        .collect();
+    broker.publish_fanout(exchange, &messages).await?;
     Ok(())
 }
 

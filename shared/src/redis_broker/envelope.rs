@@ -32,6 +32,19 @@ impl Envelope {
     /// A new envelope for `queue` (published on the default exchange with the queue's name as
     /// routing key, as kombu does for `exchange=''`), with a fresh delivery tag.
     pub fn new(props: &Properties, headers: &Map<String, Value>, body: &[u8], queue: &str) -> Self {
+        Self::routed(props, headers, body, ("", queue), 2)
+    }
+
+    /// A new envelope published on `exchange` under `routing_key`, with kombu's
+    /// `delivery_mode` (2 persistent, 1 transient: pidbox replies and events) and a fresh
+    /// delivery tag.
+    pub fn routed(
+        props: &Properties,
+        headers: &Map<String, Value>,
+        body: &[u8],
+        (exchange, routing_key): (&str, &str),
+        delivery_mode: u8,
+    ) -> Self {
         let mut p = Map::new();
         let text = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
         p.insert("correlation_id".into(), text(&props.correlation_id));
@@ -39,10 +52,10 @@ impl Envelope {
         if let Some(e) = &props.expiration {
             p.insert("expiration".into(), Value::String(e.clone()));
         }
-        p.insert("delivery_mode".into(), json!(2));
+        p.insert("delivery_mode".into(), json!(delivery_mode));
         p.insert(
             "delivery_info".into(),
-            json!({"exchange": "", "routing_key": queue}),
+            json!({"exchange": exchange, "routing_key": routing_key}),
         );
         p.insert("priority".into(), json!(props.priority.unwrap_or(0)));
         p.insert("body_encoding".into(), json!("base64"));

@@ -26,11 +26,15 @@
 //!   `x-mediafarm-dead-*` headers, onto the list `<queue>.dead` in the same atomic step as it
 //!   is acknowledged. A value in a list that is not a kombu envelope is moved there as it was.
 //!
-//! Not here yet: fanout by `PUBLISH` (the pidbox: `celery inspect`/`control` and broadcast
-//! revokes; revokes still reach workers within seconds through the result backend's revoked
-//! set), Celery events, `global_keyprefix`, and Redis Cluster or Sentinel.
+//! - **Fanout and other exchanges** ([`fanout`]): kombu's fanout exchanges by `PUBLISH` (the
+//!   pidbox's requests, Celery's events), its direct exchanges through the binding sets (the
+//!   pidbox's replies), and the queue commands of the `mediafarm` CLI (purge, dead letters).
+//!
+//! Not here yet: `global_keyprefix`, and Redis Cluster or Sentinel.
 
 pub mod envelope;
+pub mod fanout;
+pub mod queues;
 pub mod scripts;
 
 use std::collections::HashSet;
@@ -82,6 +86,8 @@ pub struct Taken {
 #[derive(Clone)]
 pub struct RedisBroker {
     conn: ConnectionManager,
+    /// For connections of their own: subscriptions and blocking pops ([`fanout`]).
+    client: redis::Client,
     opts: TransportOptions,
     /// Queues whose kombu binding this process has written.
     bound: std::sync::Arc<Mutex<HashSet<String>>>,
@@ -122,11 +128,12 @@ impl RedisBroker {
             .set_response_timeout(Some(Duration::from_secs(10)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client, config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(connect_err)?;
         Ok(RedisBroker {
             conn,
+            client,
             opts: settings.broker_transport_options.clone(),
             bound: Default::default(),
         })
@@ -309,6 +316,20 @@ impl RedisBroker {
         if exchange.is_empty() {
             return Ok(vec![routing_key.to_owned()]);
         }
+        let mut queues = self.bound_queues(exchange, routing_key).await?;
+        if queues.is_empty() {
+            queues.push(routing_key.to_owned());
+        }
+        Ok(queues)
+    }
+
+    /// The queues bound to direct exchange `exchange` under `routing_key` (kombu's binding
+    /// set `_kombu.binding.<exchange>`), sorted, each once.
+    pub async fn bound_queues(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<Vec<String>, RedisBrokerError> {
         let mut conn = self.conn.clone();
         let members: Vec<String> = redis::cmd("SMEMBERS")
             .arg(format!("{BINDING_PREFIX}{exchange}"))
@@ -325,9 +346,6 @@ impl RedisBroker {
             .collect();
         queues.sort();
         queues.dedup();
-        if queues.is_empty() {
-            queues.push(routing_key.to_owned());
-        }
         Ok(queues)
     }
 

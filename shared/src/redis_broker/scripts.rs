@@ -89,3 +89,12 @@ pub const UNLOCK: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 "#;
+
+/// Moves dead letter `ARGV[1]` out of the list `KEYS[1]` (once) and pushes `ARGV[2]` (its
+/// replay) onto the list `KEYS[2]`, in one step: a replay is neither lost nor doubled by a
+/// crash. Returns 1 when moved, 0 when the letter was no longer there.
+pub const REPLAY: &str = r#"
+if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
+redis.call('LPUSH', KEYS[2], ARGV[2])
+return 1
+"#;

@@ -2,7 +2,8 @@
 //! Redis transport ([`crate::redis_broker`]). At most `prefetch_count` messages are taken and
 //! unacknowledged at once; each is handed to [`super::message::handle`] exactly as an AMQP
 //! delivery is. Beside it, every worker promotes delayed messages that are due and puts back
-//! messages left unacknowledged past the visibility timeout (a worker that died).
+//! messages left unacknowledged past the visibility timeout (a worker that died), and answers
+//! the pidbox ([`crate::amqp::pidbox::over_redis`]).
 //!
 //! Taking is polling: one script call takes a message and records it as unacknowledged
 //! atomically, which a blocking `BRPOP` cannot (a blocking command does not block inside a
@@ -20,6 +21,7 @@ use serde_json::Map;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::amqp::broker::backoff;
+use crate::amqp::pidbox;
 use crate::amqp::reroute::DeadReason;
 use crate::amqp::table::{try_write_properties, value_to_json};
 use crate::observe::metrics::{host_label, WorkerLabels};
@@ -85,6 +87,7 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) -> Option<Held> {
     };
     let tags: Arc<Mutex<HashSet<String>>> = Arc::default();
     tokio::spawn(housekeeping(broker.clone(), shared.clone()));
+    tokio::spawn(answer_control(broker.clone(), shared.clone()));
     let wanted = shared.node.watch_queues();
     let permits = Arc::new(Semaphore::new(usize::from(
         shared.settings.prefetch_count().max(1),
@@ -173,6 +176,38 @@ async fn housekeeping(broker: RedisBroker, shared: Arc<Shared>) {
         tokio::select! {
             _ = shared.stop.cancelled() => break,
             _ = tokio::time::sleep(PROMOTE_EVERY) => {},
+        }
+    }
+}
+
+/// Answers pidbox requests (`celery inspect`/`control`, revokes) from the Redis broker until
+/// the worker stops, subscribing again with backoff whenever the subscription is lost. A
+/// request published while it is not subscribed never reaches it (kombu's fanout keeps
+/// nothing); a revoke still does, through the revoked set in the result backend.
+async fn answer_control(broker: RedisBroker, shared: Arc<Shared>) {
+    let mut attempt = 0u32;
+    while !shared.stop.is_cancelled() {
+        let started = Instant::now();
+        let outcome = tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            o = pidbox::over_redis::listen(broker.clone(), shared.node.clone()) => o,
+        };
+        if started.elapsed() > Duration::from_secs(30) {
+            attempt = 0;
+        }
+        let wait = backoff(attempt);
+        attempt = attempt.saturating_add(1);
+        match outcome {
+            Ok(()) => {
+                tracing::warn!(retry_in = ?wait, "control subscription on the Redis broker lost; subscribing again")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot subscribe to control requests on the Redis broker; retrying")
+            }
+        }
+        tokio::select! {
+            _ = shared.stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {},
         }
     }
 }

@@ -229,23 +229,6 @@ fn check_core(settings: &Settings) -> Result<(), SettingsError> {
             accepted: why,
         });
     }
-    if settings.broker_is_redis() {
-        for (name, on) in [
-            ("worker_send_task_events", settings.worker_send_task_events),
-            ("task_send_sent_event", settings.task_send_sent_event),
-        ] {
-            if on {
-                return Err(SettingsError::Invalid {
-                    name: name.into(),
-                    value: "true".into(),
-                    accepted: "false while broker_url is a Redis URL: Celery events go out on \
-                               the broker, and mediafarm sends them over AMQP only (README, \
-                               \"Redis as the broker\")"
-                        .into(),
-                });
-            }
-        }
-    }
     if let (Some(max), true) = (settings.task_queue_max_priority, settings.quorum()) {
         return Err(SettingsError::Invalid {
             name: "task_queue_max_priority".into(),

@@ -30,6 +30,12 @@ pub struct TransportOptions {
     pub unacked_mutex_expire: Duration,
     /// At most this many expired messages are put back per pass (kombu: no limit).
     pub unacked_restore_limit: Option<usize>,
+    /// Before the exchange's name in the `PUBLISH` channel of a fanout exchange (the pidbox,
+    /// and `celeryev` on Redis), `{db}` replaced by the broker's database number (kombu:
+    /// `fanout_prefix = true`, i.e. `/{db}.`; `false` is no prefix).
+    pub fanout_prefix: String,
+    /// The routing key is appended to that channel as `/<routing key>` (kombu: true).
+    pub fanout_patterns: bool,
 }
 
 impl Default for TransportOptions {
@@ -43,15 +49,21 @@ impl Default for TransportOptions {
             unacked_mutex_key: "unacked_mutex".into(),
             unacked_mutex_expire: Duration::from_secs(300),
             unacked_restore_limit: None,
+            fanout_prefix: DEFAULT_FANOUT_PREFIX.into(),
+            fanout_patterns: true,
         }
     }
 }
 
+/// kombu's `keyprefix_fanout`.
+pub const DEFAULT_FANOUT_PREFIX: &str = "/{db}.";
+
 /// The keys accepted, for the error message.
 const ACCEPTED: &str = "a table of visibility_timeout (seconds), priority_steps (a list of \
     0..=9, ascending), sep, unacked_key, unacked_index_key, unacked_mutex_key, \
-    unacked_mutex_expire (seconds), unacked_restore_limit; kombu's other Redis options \
-    (global_keyprefix, queue_order_strategy, fanout_prefix, …) are not supported yet";
+    unacked_mutex_expire (seconds), unacked_restore_limit, fanout_prefix (true, false or a \
+    string), fanout_patterns (true or false); kombu's other Redis options (global_keyprefix, \
+    queue_order_strategy, …) are not supported yet";
 
 impl Value for TransportOptions {
     fn shown(&self) -> String {
@@ -78,6 +90,18 @@ impl Value for TransportOptions {
         t.insert(
             "unacked_mutex_expire".into(),
             secs(self.unacked_mutex_expire),
+        );
+        t.insert(
+            "fanout_prefix".into(),
+            if self.fanout_prefix.is_empty() {
+                toml::Value::Boolean(false)
+            } else {
+                toml::Value::String(self.fanout_prefix.clone())
+            },
+        );
+        t.insert(
+            "fanout_patterns".into(),
+            toml::Value::Boolean(self.fanout_patterns),
         );
         if let Some(n) = self.unacked_restore_limit {
             t.insert(
@@ -152,6 +176,17 @@ fn read_table(table: &toml::Table, mut o: TransportOptions) -> Result<TransportO
             "unacked_key" => o.unacked_key = text(key, v)?,
             "unacked_index_key" => o.unacked_index_key = text(key, v)?,
             "unacked_mutex_key" => o.unacked_mutex_key = text(key, v)?,
+            "fanout_prefix" => {
+                o.fanout_prefix = match v {
+                    toml::Value::Boolean(true) => DEFAULT_FANOUT_PREFIX.into(),
+                    toml::Value::Boolean(false) => String::new(),
+                    toml::Value::String(_) => text(key, v)?,
+                    _ => return Err("fanout_prefix must be true, false or a string".into()),
+                }
+            }
+            "fanout_patterns" => {
+                o.fanout_patterns = v.as_bool().ok_or("fanout_patterns must be true or false")?
+            }
             "unacked_restore_limit" => {
                 o.unacked_restore_limit = match v.as_integer() {
                     Some(n) if n > 0 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
@@ -205,13 +240,26 @@ mod tests {
         let t: toml::Table = toml::from_str("global_keyprefix = \"x\"").expect("toml");
         let e = read_table(&t, TransportOptions::default()).expect_err("refused");
         assert!(e.contains("global_keyprefix"), "{e}");
+        let t: toml::Table =
+            toml::from_str("fanout_prefix = false\nfanout_patterns = false").expect("toml");
+        let o = read_table(&t, TransportOptions::default()).expect("valid");
+        assert_eq!((o.fanout_prefix.as_str(), o.fanout_patterns), ("", false));
+        let t: toml::Table = toml::from_str("fanout_prefix = \"ev:\"").expect("toml");
+        assert_eq!(
+            read_table(&t, TransportOptions::default())
+                .expect("valid")
+                .fanout_prefix,
+            "ev:"
+        );
+        let t: toml::Table = toml::from_str("fanout_patterns = 1").expect("toml");
+        assert!(read_table(&t, TransportOptions::default()).is_err());
         let from_env = parse_env("{\"visibility_timeout\": 7}").expect("json");
         let o = read_table(&from_env, TransportOptions::default()).expect("valid");
         assert_eq!(o.visibility_timeout, Duration::from_secs(7));
     }
 
     #[test]
-    fn a_redis_broker_bounds_time_limits_by_its_visibility_timeout_and_refuses_events() {
+    fn a_redis_broker_bounds_time_limits_by_its_visibility_timeout_and_allows_events() {
         use crate::settings::Settings;
         let file = |extra: &str| -> toml::Table {
             toml::from_str(&format!(
@@ -228,13 +276,12 @@ mod tests {
             .expect_err("over the visibility timeout")
             .to_string();
         assert!(e.contains("visibility_timeout"), "{e}");
+        // Celery events go out by PUBLISH on Redis (Celery makes `celeryev` a fanout there).
         let env = [(
             "MEDIAFARM_WORKER_SEND_TASK_EVENTS".to_owned(),
             "true".to_owned(),
         )];
-        let e = Settings::from_sources(file(""), "t.toml", env)
-            .expect_err("events need AMQP")
-            .to_string();
-        assert!(e.contains("worker_send_task_events"), "{e}");
+        let s = Settings::from_sources(file(""), "t.toml", env).expect("events on Redis");
+        assert!(s.worker_send_task_events);
     }
 }

@@ -10,7 +10,7 @@ use lapin::{Channel, ExchangeKind};
 use serde_json::{json, Value};
 
 use super::mailbox::Request;
-use super::Node;
+use super::{Node, Via};
 use crate::amqp::broker::{self, BrokerError};
 
 fn ok(text: String) -> Value {
@@ -24,8 +24,9 @@ fn nok(text: String) -> Value {
 /// Starts consuming `queue` now (Celery replies `add consumer <queue>` at once). With an
 /// `exchange` other than the queue's own name, that exchange (of `exchange_type`, direct by
 /// default) is declared and bound with `routing_key` (default: the queue's name) first, as
-/// Celery's `add_task_queue` does.
-pub async fn add_consumer(node: &Node, channel: &Channel, req: &Request) -> Value {
+/// Celery's `add_task_queue` does. On the Redis broker only a direct exchange can be bound
+/// (kombu's binding set); any other type is refused with the reason.
+pub async fn add_consumer(node: &Node, via: Via<'_>, req: &Request) -> Value {
     let Some(queue) = req.text("queue") else {
         return nok(
             "TypeError(\"add_consumer() missing 1 required positional argument: 'queue'\")".into(),
@@ -37,9 +38,25 @@ pub async fn add_consumer(node: &Node, channel: &Channel, req: &Request) -> Valu
     if let Some(exchange) = req.text("exchange").filter(|e| *e != queue) {
         let kind = req.text("exchange_type").unwrap_or("direct");
         let routing_key = req.text("routing_key").unwrap_or(queue);
-        let shape = broker::QueueShape::of(&node.settings);
-        if let Err(e) = bind_to(channel, queue, &shape, exchange, kind, routing_key).await {
-            return nok(format!("{e}"));
+        let bound = match via {
+            Via::Amqp(channel) => {
+                let shape = broker::QueueShape::of(&node.settings);
+                bind_to(channel, queue, &shape, exchange, kind, routing_key)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Via::Redis(_) if kind != "direct" => Err(format!(
+                "exchange type {kind:?} cannot be bound on the Redis broker here: a {kind} \
+                 exchange on Redis delivers only to subscribers, not to a work queue; use a \
+                 direct exchange"
+            )),
+            Via::Redis(redis) => redis
+                .bind_queue(exchange, routing_key, queue)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        if let Err(e) = bound {
+            return nok(e);
         }
     }
     if node.add_queue(queue) {

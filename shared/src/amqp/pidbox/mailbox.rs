@@ -3,7 +3,8 @@
 //! the sender wants an answer, `reply_to` and `ticket`) and answers `{"<node>": reply}` to the
 //! reply exchange with the ticket header ([`send_reply`]). A requester ([`call`]) declares its
 //! own reply queue as kombu's `Mailbox.reply_queue` does, broadcasts, and gathers the replies
-//! carrying its ticket until the timeout. Nothing here knows what a method does.
+//! carrying its ticket until the timeout. Nothing here knows what a method does. The same
+//! messages on the Redis broker travel through [`super::over_redis`].
 
 use std::time::{Duration, Instant};
 
@@ -201,16 +202,14 @@ pub async fn send_reply(
     Ok(())
 }
 
-/// Publishes a request to every worker's mailbox (`reply_to`, when set, must name a queue the
-/// sender consumes).
-pub async fn publish(
-    channel: &Channel,
+/// The body of a mailbox request, as kombu's `Mailbox._publish` writes it (`ticket` and
+/// `reply_to` only when the sender waits for replies).
+pub fn request_body(
     method: &str,
     arguments: Value,
     destination: Option<&[String]>,
     reply_to: Option<&ReplyTo>,
-) -> Result<(), BrokerError> {
-    declare_exchange(channel).await?;
+) -> Value {
     let mut body = json!({
         "method": method,
         "arguments": arguments,
@@ -222,6 +221,20 @@ pub async fn publish(
         body["ticket"] = json!(to.ticket);
         body["reply_to"] = json!({"exchange": REPLY_EXCHANGE, "routing_key": to.routing_key});
     }
+    body
+}
+
+/// Publishes a request to every worker's mailbox (`reply_to`, when set, must name a queue the
+/// sender consumes).
+pub async fn publish(
+    channel: &Channel,
+    method: &str,
+    arguments: Value,
+    destination: Option<&[String]>,
+    reply_to: Option<&ReplyTo>,
+) -> Result<(), BrokerError> {
+    declare_exchange(channel).await?;
+    let body = request_body(method, arguments, destination, reply_to);
     let mut headers = FieldTable::default();
     headers.insert("clock".into(), AMQPValue::LongLongInt(1));
     headers.insert("expires".into(), AMQPValue::LongLongInt(0));
@@ -239,7 +252,8 @@ pub async fn publish(
 
 /// Sends `method` to every worker (or those in `destination`) and gathers `(node, reply)` in
 /// arrival order until `timeout`, or until every destination has answered — what kombu's
-/// `Mailbox._broadcast(reply=True)` does, so Python Celery workers answer it too.
+/// `Mailbox._broadcast(reply=True)` does, so Python Celery workers answer it too. On a Redis
+/// `broker_url` through [`super::over_redis::call`].
 pub async fn call(
     settings: &Settings,
     method: &str,
@@ -247,6 +261,11 @@ pub async fn call(
     destination: Option<&[String]>,
     timeout: Duration,
 ) -> Result<Vec<(String, Value)>, BrokerError> {
+    if settings.broker_is_redis() {
+        return Ok(
+            super::over_redis::call(settings, method, arguments, destination, timeout).await?,
+        );
+    }
     let conn = crate::amqp::broker::connect(settings, &format!("mediafarm {method}")).await?;
     let channel = conn.create_channel().await?;
     declare_reply_exchange(&channel).await?;

@@ -10,10 +10,13 @@
 //! - [`jobs`]: the jobs a worker holds (active, reserved, scheduled), which the runtime reports;
 //! - [`inspect`]: read-only replies (`ping`, `stats`, `active`, `registered`, `conf`, ...);
 //! - [`control`]: commands that change the worker (`add_consumer`, `cancel_consumer`,
-//!   `time_limit`, `shutdown`).
+//!   `time_limit`, `shutdown`);
+//! - [`over_redis`]: the same mailbox on the Redis broker (requests by `PUBLISH`, replies
+//!   pushed onto the requester's reply list), as kombu's Redis transport carries it.
 //!
-//! [`Node`] is what a worker exposes to its mailbox; [`listen`] reads requests and sends each to
-//! one match arm per method ([`dispatch`]). A method without an arm is answered as Celery
+//! [`Node`] is what a worker exposes to its mailbox; [`listen`] (or [`over_redis::listen`])
+//! reads requests and sends each to one match arm per method ([`dispatch`]), whichever broker
+//! carried it. A method without an arm is answered as Celery
 //! answers a method it has no handler for.
 
 pub mod commands;
@@ -21,6 +24,7 @@ pub mod control;
 pub mod inspect;
 pub mod jobs;
 pub mod mailbox;
+pub mod over_redis;
 pub mod revoke;
 
 use std::collections::HashMap;
@@ -38,6 +42,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::amqp::broker::BrokerError;
 use crate::backend::ResultBackend;
+use crate::redis_broker::RedisBroker;
 use crate::settings::Settings;
 
 pub use jobs::{JobState, Jobs, Tracked};
@@ -170,7 +175,7 @@ impl Node {
     }
 
     /// kombu's Lamport clock: forwarded on every request and reply.
-    fn forward_clock(&self) -> u64 {
+    pub(crate) fn forward_clock(&self) -> u64 {
         self.clock.fetch_add(1, Ordering::Relaxed) + 1
     }
 
@@ -179,9 +184,17 @@ impl Node {
     }
 }
 
+/// The broker a request came through, for the commands that change what is bound there
+/// (`add_consumer` with an exchange).
+#[derive(Clone, Copy)]
+pub enum Via<'a> {
+    Amqp(&'a Channel),
+    Redis(&'a RedisBroker),
+}
+
 /// Runs one request; `None` when Celery sends no reply (`shutdown` ends the worker instead).
 /// One arm per method: a new command is a new arm and a function in `inspect` or `control`.
-pub async fn dispatch(node: &Node, channel: &Channel, req: &Request) -> Option<Value> {
+pub async fn dispatch(node: &Node, via: Via<'_>, req: &Request) -> Option<Value> {
     Some(match req.method.as_str() {
         "ping" => json!({"ok": "pong"}),
         "stats" => inspect::stats(node),
@@ -199,7 +212,7 @@ pub async fn dispatch(node: &Node, channel: &Channel, req: &Request) -> Option<V
         "revoke" | "terminate" => {
             revoke::revoke(&node.revocations, &node.backend, &node.settings, req).await
         }
-        "add_consumer" => control::add_consumer(node, channel, req).await,
+        "add_consumer" => control::add_consumer(node, via, req).await,
         "cancel_consumer" => control::cancel_consumer(node, req),
         "time_limit" => control::time_limit(node, req),
         "shutdown" => {
@@ -245,7 +258,7 @@ pub async fn listen(channel: Channel, node: Arc<Node>) -> Result<(), BrokerError
         }
         node.forward_clock();
         tracing::debug!(method = %req.method, "control request");
-        let reply = dispatch(&node, &channel, &req).await;
+        let reply = dispatch(&node, Via::Amqp(&channel), &req).await;
         if let (Some(to), Some(reply)) = (&req.reply_to, reply) {
             let clock = node.forward_clock();
             if let Err(e) = mailbox::send_reply(&channel, hostname, to, clock, reply).await {

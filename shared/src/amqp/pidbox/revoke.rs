@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::mailbox::{self, Request};
 use crate::amqp::broker::BrokerError;
 use crate::backend::{BackendError, ResultBackend};
+use crate::redis_broker::RedisBroker;
 use crate::settings::Settings;
 
 /// Redis sorted set of revoked ids, scored by when the revoke may be forgotten.
@@ -227,14 +228,23 @@ pub async fn broadcast(
     terminate: bool,
 ) -> Result<(), RevokeError> {
     record(backend, ids, remember_until(settings)).await?;
-    let conn = crate::amqp::broker::connect(settings, "mediafarm revoke").await?;
-    let channel = conn.create_channel().await.map_err(BrokerError::from)?;
     let task_id = if ids.len() == 1 {
         json!(ids[0])
     } else {
         json!(ids)
     };
     let arguments = json!({"task_id": task_id, "terminate": terminate, "signal": "SIGTERM"});
+    if settings.broker_is_redis() {
+        let broker = RedisBroker::connect(settings)
+            .await
+            .map_err(BrokerError::from)?;
+        super::over_redis::publish(&broker, "revoke", arguments, None, None)
+            .await
+            .map_err(BrokerError::from)?;
+        return Ok(());
+    }
+    let conn = crate::amqp::broker::connect(settings, "mediafarm revoke").await?;
+    let channel = conn.create_channel().await.map_err(BrokerError::from)?;
     mailbox::publish(&channel, "revoke", arguments, None, None).await?;
     let _ = channel.close(200, "sent".into()).await;
     let _ = conn.close(200, "sent".into()).await;
