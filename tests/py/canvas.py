@@ -188,9 +188,81 @@ def main():
         g = r.children[0]
         out["group_type"] = type(g).__name__
         out["group_values"] = g.get(timeout=30)
+    elif scenario == "chord-chain-body-options":
+        # The chain's own options, applied as Celery's `_chain.run` does: `queue` (over the
+        # first step's own) and `countdown` to its first step, `link` to its last step,
+        # `link_error` (`on_error`) to every step and to the chord's error handling.
+        pyq = sys.argv[3]
+        cb_id, eb_id = str(uuid.uuid4()), str(uuid.uuid4())
+        headers = [step(h=i) for i in range(5)]
+        first = signature("pyside.wrap", kwargs={"w": 1}, queue=queue)  # the chain moves it
+        body = chain(first, step(b2=1, tally=queue + "/b2")).set(
+            queue=pyq, countdown=0.2, link=step(cb=1).set(task_id=cb_id))
+        body = body.on_error(signature("canvas.on_error", queue=queue).set(task_id=eb_id))
+        r = chord(headers, body).apply_async()
+        out = {"last": outcome(r, timeout=60), "last_id": r.id,
+               "callback": outcome(app.AsyncResult(cb_id), timeout=30)}
+        out["b1"] = outcome(app.AsyncResult(app.backend.get_task_meta(r.id).get("parent_id")))
+        # The same chain after a failed header: its id fails with ChordError, its errback runs.
+        eb2 = str(uuid.uuid4())
+        body = chain(step(b1=1), step(b2=1)).on_error(
+            signature("canvas.on_error", queue=queue).set(task_id=eb2))
+        r = chord([step(h=1), step(fail="frame 3 is corrupt")], body).apply_async()
+        out["failed_last"] = outcome(app.AsyncResult(r.id), timeout=60)
+        out["failed_last_id"] = r.id
+        out["failed_errback"] = outcome(app.AsyncResult(eb2), timeout=30)
+    elif scenario == "chord-group-body":
+        # `chord(header, group(...))`: every task of the group gets the header's results; a
+        # member runs on a Python worker. Then a failed header: each member fails with the
+        # header's own exception and its errback runs.
+        pyq = sys.argv[3]
+        headers = [step(h=i) for i in range(5)]
+        body = group(step(x=1), signature("pyside.wrap", kwargs={"w": 1}, queue=pyq),
+                     step(y=1, tally=queue + "/y"))
+        r = chord(headers, body).apply_async()
+        out = {"type": type(r).__name__, "values": r.get(timeout=60), "group_id": r.id,
+               "member_groups": [app.backend.get_task_meta(m.id).get("group_id")
+                                 for m in r.results],
+               "header_group": r.parent.id if r.parent is not None else None}
+        keys = ["celery-taskset-meta-%s%s" % (out["header_group"], k)
+                for k in (".j", ".t", ".s", ".d")]
+        for _ in range(50):  # the join deletes them once the body is published
+            out["keys_left"] = app.backend.client.exists(*keys)
+            out["claim"] = (app.backend.client.get(
+                "celery-taskset-meta-%s.c" % out["header_group"]) or b"").decode()
+            if not out["keys_left"] and out["claim"] == "done":
+                break
+            time.sleep(0.1)
+        eb = str(uuid.uuid4())
+        body = group(step(x=1).set(link_error=signature("canvas.on_error", queue=queue)
+                                   .set(task_id=eb)), step(y=1))
+        r = chord([step(h=1), step(fail="frame 3 is corrupt")], body).apply_async()
+        out["failed_members"] = [outcome(app.AsyncResult(m.id), timeout=60) for m in r.results]
+        out["failed_member_ids"] = [m.id for m in r.results]
+        out["failed_group"] = outcome(app.AsyncResult(r.id))
+        out["failed_errback"] = outcome(app.AsyncResult(eb), timeout=30)
+    elif scenario == "chord-chord-body":
+        # `chord(header, chord([x, y], z))`: x and y each get the outer header's results, z
+        # theirs; the inner chord's body joins on whichever worker finishes last.
+        headers = [step(h=i) for i in range(5)]
+        inner = chord([step(x=1), step(y=1)], step(z=1, tally=queue + "/z"))
+        r = chord(headers, inner).apply_async()
+        out = {"last": outcome(r, timeout=60), "last_id": r.id}
+        eb = str(uuid.uuid4())
+        inner = chord([step(x=1), step(y=1)],
+                      step(z=1).set(link_error=signature("canvas.on_error", queue=queue)
+                                    .set(task_id=eb)))
+        r = chord([step(h=1), step(fail="frame 3 is corrupt")], inner).apply_async()
+        out["failed_last"] = outcome(app.AsyncResult(r.id), timeout=60)
+        out["failed_last_id"] = r.id
+        out["failed_errback"] = outcome(app.AsyncResult(eb), timeout=30)
+        # In a chain, a chord whose body is a group followed by a task: Celery's producer makes
+        # the group and the task the chord's body chord.
+        last = chain(step(a=1), chord([step(h=1), step(h=2)], group(step(x=1), step(x=2))),
+                     step(z=2, tally=queue + "/z2")).apply_async()
+        out["chain_last"] = outcome(last, timeout=60)
     elif scenario == "unsupported":
-        body = chord([step(h=1), step(h=2)], group(step(x=1), step(x=2))).apply_async()
-        out = {"chord_headers": [outcome(r) for r in body.parent.results]}
+        out = {}
         # A chord inside a chord's header, as a callback.
         nested = chord([step(x=1), chord([step(y=1)], step(z=1))], step(w=1))
         r = step(g=1).apply_async(link=nested)

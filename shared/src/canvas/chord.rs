@@ -1,26 +1,29 @@
 //! A chord's join as Celery's Redis backend makes it (`on_chord_part_return`,
 //! `_unpack_chord_result`, `chord_error_from_stack` in `celery/backends/`): every header task,
-//! once its result is stored (SUCCESS, final FAILURE or REVOKED), adds
-//! [`member`] to the group's ordered set; the one that completes the count reads all results in
-//! `group_index` order and either sends the body with the list of results first in its args
-//! (unless immutable), or — when a header failed — stores the body's FAILURE `ChordError`
-//! ("Dependency <id> raised ...") and sends the body's errbacks. A chord sent as a chain step
-//! holds the rest of the chain in its body's `chain` option (as Celery's `_chord.run` puts
-//! it); the body's message carries it on in its embed `chain`, as `callback.delay()` does. A
-//! body that is a chain sends its first step with the results and the rest as its chain; its
-//! `task_id` option (the last step's, as Celery freezes it) is the id a failed header fails.
+//! once its result is stored (SUCCESS, final FAILURE or REVOKED), adds [`member`] to the
+//! group's ordered set; the one that completes the count and takes the dispatch claim
+//! (`backend::chord`) reads all results in `group_index` order and either sends the body with
+//! the list of results first in its args (unless immutable), or — when a header failed — stores
+//! the body's FAILURE and sends its errbacks. A chord sent as a chain step holds the rest of
+//! the chain in its body's `chain` option (as Celery's `_chord.run` puts it); the body's message
+//! carries it on in its embed `chain`, as `callback.delay()` does.
 //!
-//! Exactly once: a header's member is encoded from its result as stored, with serde_json's
-//! compact output, so the same stored record always gives the same bytes and a redelivered
-//! header adds nothing to the count. The counters are deleted after the body is sent; a crash
-//! between sending the body and deleting them sends the body again with the same task id (as
-//! Celery would), never loses it.
+//! The body may be one task, a chain (its first step gets the results, the rest follow as its
+//! chain; its `task_id` option, the last step's, is the id a failed header fails), a group
+//! (each task gets the results; a failed header fails each with the header's own exception, as
+//! `_handle_group_chord_error`) or a chord (its header tasks get the results; a failed header
+//! fails its body).
+//!
+//! Exactly once: a header task counts once however often it returns (the `.d` set), only the
+//! holder of the dispatch claim sends the body, and once sent the chord is marked done so late
+//! copies of a header are ignored. A crash between sending the body and marking it done sends
+//! it again when the claim has lapsed, with the same task id (as Celery would), never loses it.
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use crate::backend::result::{ResultMeta, TaskError, TaskState};
-use crate::canvas::next::{derived_id, message, partial_args, Parent, Publish};
+use crate::canvas::next::{derived_id, message, partial_args, Next, Parent, Publish};
 use crate::canvas::{CanvasError, Kind, Signature};
 use crate::protocol::repr::py_repr;
 
@@ -68,49 +71,72 @@ pub fn is_complete(ready: u64, diff: i64, size: Option<i64>) -> bool {
     }
 }
 
-/// The header results in order, or the `ChordError` message of the first that failed.
-pub fn results(members: &[String]) -> Result<Vec<Value>, String> {
+/// Why a chord's body does not run: a header failed (or was revoked, or its member cannot be
+/// read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordFailure {
+    /// The `ChordError` message: "Dependency <id> raised StepFailure('...')".
+    pub reason: String,
+    /// The failed header's stored exception (`exc_type`, `exc_message`, `exc_module`), which
+    /// Celery stores for each task of a group body; `None` when no header's could be read.
+    pub cause: Option<Value>,
+}
+
+/// The header results in order, or the `ChordError` of the first that failed.
+pub fn results(members: &[String]) -> Result<Vec<Value>, ChordFailure> {
+    let broken = |reason: String| ChordFailure {
+        reason,
+        cause: None,
+    };
     members
         .iter()
         .map(|raw| {
             let parsed: Value =
-                serde_json::from_str(raw).map_err(|e| format!("Join error: {e}"))?;
+                serde_json::from_str(raw).map_err(|e| broken(format!("Join error: {e}")))?;
             let (Some(tid), Some(state), Some(result)) = (
                 parsed.get(1).and_then(Value::as_str),
                 parsed.get(2).and_then(Value::as_str),
                 parsed.get(3),
             ) else {
-                return Err(format!(
+                return Err(broken(format!(
                     "Join error: chord member {} is not [1, id, state, result]",
                     crate::protocol::preview(&parsed)
-                ));
+                )));
             };
             // Celery's PROPAGATE_STATES.
             match state {
-                "FAILURE" | "REVOKED" => Err(format!(
-                    "Dependency {tid} raised {}",
-                    exception_repr(result)
-                )),
+                "FAILURE" | "REVOKED" => Err(ChordFailure {
+                    reason: format!("Dependency {tid} raised {}", exception_repr(result)),
+                    cause: Some(result.clone()),
+                }),
                 _ => Ok(result.clone()),
             }
         })
         .collect()
 }
 
-/// The body's message: the header results first in its args unless immutable, `parent_id` the
+/// The body's messages: the header results first in its args unless immutable, `parent_id` the
 /// header that completed the chord, its `group` the body's `group_id` option as Celery sends it.
-/// A body that is a chain sends its first step so (as Celery's `callback.delay(results)` on a
-/// chain does), the rest of the chain, and what follows the chain, in that step's embed
-/// `chain`.
+/// As Celery's `callback.delay(results)` sends each kind of body:
+///
+/// - a chain: its first step so, the rest of the chain, and what follows the chain, in that
+///   step's embed `chain`;
+/// - a group: each of its tasks so, with the group's id (the body's `task_id`) as their `group`
+///   and their `group_index`;
+/// - a chord: its header so, each task carrying the chord's body, after the chord's size is set
+///   ([`Next::chord_sizes`]), as a chord sent as a callback.
 pub fn body_message(
     part: &ChordPart,
     results: Vec<Value>,
     header: Parent<'_>,
     now: DateTime<Utc>,
-) -> Publish {
+) -> Next {
     let results = [Value::Array(results)];
-    if let Kind::Chain(steps) = &part.body.kind {
-        if let Some((head, tail)) = steps.split_first() {
+    let mut next = Next::default();
+    match &part.body.kind {
+        Kind::Chain(steps) if !steps.is_empty() => {
+            let (head, tail) = steps.split_at(1);
+            let head = &head[0];
             let first = partial_args(&part.body, &results);
             let id = head.options.task_id.clone().unwrap_or_else(|| {
                 uuid::Uuid::new_v5(
@@ -134,44 +160,135 @@ pub fn body_message(
             if !follows.is_empty() {
                 p.msg.embed.insert("chain".into(), Value::Array(follows));
             }
-            return p;
+            next.publish.push(p);
+        }
+        Kind::Group(members) => {
+            let partial = partial_args(&part.body, &results);
+            let gid = body_id(part);
+            for (i, m) in members.iter().enumerate() {
+                let id = m
+                    .options
+                    .task_id
+                    .clone()
+                    .unwrap_or_else(|| group_member_id(&gid, i));
+                let mut p = message(m, &partial, header, id, now);
+                p.msg.group = Some(gid.clone());
+                p.msg.group_index = m.options.group_index.or(i64::try_from(i).ok());
+                next.publish.push(p);
+            }
+        }
+        Kind::Chord(_) => {
+            super::next::send_one(&part.body, &results, header, "chord-body", now, &mut next);
+        }
+        _ => {
+            let id = body_id(part);
+            let mut p = message(&part.body, &results, header, id, now);
+            p.msg.group_index = part
+                .body
+                .raw
+                .get("options")
+                .and_then(|o| o.get("group_index"))
+                .and_then(Value::as_i64);
+            next.publish.push(p);
         }
     }
-    let id = body_id(part);
-    let mut p = message(&part.body, &results, header, id, now);
-    p.msg.group_index = part
-        .body
-        .raw
-        .get("options")
-        .and_then(|o| o.get("group_index"))
-        .and_then(Value::as_i64);
-    p
+    next
 }
 
-/// What a failed header does to the body, as `chord_error_from_stack`: the body's FAILURE
-/// `ChordError` to store and its errbacks, old style, with the body's id.
+/// The id of task `i` of a group body that the producer did not freeze.
+fn group_member_id(group: &str, i: usize) -> String {
+    uuid::Uuid::new_v5(&super::next::NAMESPACE, format!("{group}/{i}").as_bytes()).to_string()
+}
+
+/// What a failed header does to the body, as Celery's `chord_error_from_stack`: the results to
+/// store and the errbacks to send, old style, each with the id of what failed.
+///
+/// - A task or a chain body: FAILURE `ChordError` for the body's id (a chain's: its last
+///   step's), its errbacks (a chain's own `link_error`) with that id.
+/// - A group body (`_handle_group_chord_error`): each of its tasks FAILURE with the failed
+///   header's own exception, and the group's id too; each task's errbacks and the group's, with
+///   that task's id.
+/// - A chord body: FAILURE `ChordError` for its body's id (the result Python's
+///   `chord(...).apply_async()` returned waits on) and that body's errbacks.
 pub fn body_failure(
     part: &ChordPart,
-    reason: &str,
+    failure: &ChordFailure,
     now: DateTime<Utc>,
-) -> (ResultMeta, Vec<Publish>) {
-    let id = body_id(part);
-    let error =
-        TaskError::permanent("ChordError", reason.to_owned()).in_module("celery.exceptions");
-    let meta = ResultMeta::failure(
-        &id,
-        &error,
-        format!("celery.exceptions.ChordError: {reason}"),
-    );
-    let parent = Parent {
-        id: &id,
-        root_id: &id,
+) -> (Vec<ResultMeta>, Vec<Publish>) {
+    let reason = failure.reason.as_str();
+    let chord_error = |id: &str| {
+        let error =
+            TaskError::permanent("ChordError", reason.to_owned()).in_module("celery.exceptions");
+        ResultMeta::failure(
+            id,
+            &error,
+            format!("celery.exceptions.ChordError: {reason}"),
+        )
     };
-    let failed = Value::String(id.clone());
-    let errbacks = part
-        .body
-        .options
-        .link_error
+    match &part.body.kind {
+        Kind::Group(members) => {
+            let gid = body_id(part);
+            let original = |id: &str| match &failure.cause {
+                Some(cause) => {
+                    let mut meta = ResultMeta::new(id, TaskState::Failure, cause.clone());
+                    meta.traceback = Some(reason.to_owned());
+                    meta
+                }
+                None => chord_error(id),
+            };
+            let mut metas = Vec::with_capacity(members.len() + 1);
+            let mut errbacks = Vec::new();
+            for (i, m) in members.iter().enumerate() {
+                let id = m
+                    .options
+                    .task_id
+                    .clone()
+                    .unwrap_or_else(|| group_member_id(&gid, i));
+                metas.push(original(&id));
+                let mut seen: Vec<&Value> = Vec::new();
+                for raw in m
+                    .options
+                    .link_error
+                    .iter()
+                    .chain(&part.body.options.link_error)
+                {
+                    if !seen.contains(&raw) {
+                        seen.push(raw);
+                    }
+                }
+                errbacks.extend(errback_messages(&seen, &id, &format!("errback/{i}"), now));
+            }
+            metas.push(original(&gid));
+            (metas, errbacks)
+        }
+        Kind::Chord(c) => {
+            let id = body_id_of(&c.body, &part.group);
+            let links: Vec<&Value> = c.body.options.link_error.iter().collect();
+            let errbacks = errback_messages(&links, &id, "errback", now);
+            (vec![chord_error(&id)], errbacks)
+        }
+        _ => {
+            let id = body_id(part);
+            let links: Vec<&Value> = part.body.options.link_error.iter().collect();
+            let errbacks = errback_messages(&links, &id, "errback", now);
+            (vec![chord_error(&id)], errbacks)
+        }
+    }
+}
+
+/// The errbacks `links` (each decoded when the message was), old style, with `failed`'s id.
+fn errback_messages(
+    links: &[&Value],
+    failed: &str,
+    role: &str,
+    now: DateTime<Utc>,
+) -> Vec<Publish> {
+    let parent = Parent {
+        id: failed,
+        root_id: failed,
+    };
+    let failed_id = Value::String(failed.to_owned());
+    links
         .iter()
         .enumerate()
         // Each was decoded when the message was: a failure here cannot happen.
@@ -181,19 +298,22 @@ pub fn body_failure(
                 .map(|s| (i, s))
         })
         .map(|(i, sig)| {
-            let eid = derived_id(&sig, parent, &format!("errback/{i}"));
-            message(&sig, std::slice::from_ref(&failed), parent, eid, now)
+            let eid = derived_id(&sig, parent, &format!("{role}/{i}"));
+            message(&sig, std::slice::from_ref(&failed_id), parent, eid, now)
         })
-        .collect();
-    (meta, errbacks)
+        .collect()
 }
 
 /// The body's task id: the one the producer froze it with, else one derived from the group.
 pub fn body_id(part: &ChordPart) -> String {
-    part.body.options.task_id.clone().unwrap_or_else(|| {
+    body_id_of(&part.body, &part.group)
+}
+
+fn body_id_of(body: &Signature, group: &str) -> String {
+    body.options.task_id.clone().unwrap_or_else(|| {
         uuid::Uuid::new_v5(
             &super::next::NAMESPACE,
-            format!("{}/chord-body", part.group).as_bytes(),
+            format!("{group}/chord-body").as_bytes(),
         )
         .to_string()
     })

@@ -8,12 +8,12 @@
 //! with [`failure::failure_of`].
 //!
 //! A chord header (embed `chord`, header `group`) joins its chord in Redis once its result is
-//! stored, as Celery's Redis backend does (`chord.rs`); the body (one task, or a chain led by
-//! one) carries on any chain that followed the chord.
+//! stored, as Celery's Redis backend does (`chord.rs`); the body (one task, a chain led by one,
+//! a group or a chord) carries on any chain that followed the chord.
 //!
 //! What it promises: nothing in an embed is silently dropped. A canvas feature mediafarm does
-//! not carry out (a chord whose body is neither one task nor a chain led by one, a group or
-//! chord inside a group or a chord's header, an errback that is not one task, `chunks`, `xmap`,
+//! not carry out (a chord whose body is a chain led by a group or chord, a group or chord
+//! inside a group or a chord's header, an errback that is not one task, `chunks`, `xmap`,
 //! `xstarmap`; see
 //! `nested.rs`) is a [`CanvasError::Unsupported`] that the runtime turns into FAILURE before
 //! the job runs.

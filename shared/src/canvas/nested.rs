@@ -4,16 +4,21 @@
 //! whose second step is a `celery.chord` with header `group(b, c)` and body `d`, and
 //! `chain(a, group(b, c))` into one whose last step is the `celery.group`; a `link=` may be a
 //! group or a chain; `chord(header, chain(b1, b2))` carries the chain as the body (its
-//! `task_id` option the last step's, that step's `group_id` the chord's).
+//! `task_id` option the last step's, that step's `group_id` the chord's), `chord(header,
+//! group(x, y))` the group (its `task_id` the group's id), `chord(header, chord(h2, z))` the
+//! inner chord.
 //!
 //! What is carried out: a group of single tasks; a chord whose header is a group of single
-//! tasks and whose body is one task or a chain led by a task; a chain of tasks, groups and
-//! chords (nested chains spliced in, a group followed by a task upgraded to a chord, as
-//! `_chain.prepare_steps` does). What is not is refused here, before the job runs, naming it:
-//! a chord or group inside a group or a chord's header, a chord whose body is a group, a chord
-//! or a chain led by anything but a task, a group followed by anything but a task, chord
-//! `kwargs`, options on a group, chord or chain that mediafarm would have to apply to every
-//! member, and every other `subtask_type` (`chunks`, `xmap`, `xstarmap`, ...).
+//! tasks and whose body is one task, a chain led by a task, a group or a chord; a chain of
+//! tasks, groups and chords (nested chains spliced in, a group followed by a task upgraded to a
+//! chord, as `_chain.prepare_steps` does); a chain's own options, applied to its tasks as
+//! `_chain.run` applies them when the chain is sent as one (a chord's body, a callback). What is
+//! not is refused here, before the job runs, naming it: a chord or group inside a group or a
+//! chord's header, a chord whose body is a chain led by anything but a task, a chord whose body
+//! is a group followed by more chain steps, a group followed by anything but a task, chord
+//! `kwargs`, options on a group or chord that mediafarm would have to apply to every member,
+//! options on a chain spliced into another chain (Celery drops them), and every other
+//! `subtask_type` (`chunks`, `xmap`, `xstarmap`, ...).
 
 use serde_json::{json, Map, Value};
 
@@ -26,7 +31,7 @@ use crate::protocol::preview;
 pub struct ChordSig {
     /// The header, a [`Kind::Group`] of single tasks; its `task_id` option is the group id.
     pub header: Signature,
-    /// The body, one task.
+    /// The body: one task, a chain led by one, a group or a chord (see [`check_body`]).
     pub body: Signature,
 }
 
@@ -69,10 +74,10 @@ pub(crate) fn decode_kind(
         )));
     }
     for (key, value) in options.into_iter().flatten() {
-        // A chain's own `chain` option is what follows it (a chord body's, when the chord is a
-        // chain step): Celery's `_chain.run` runs it after the chain's tasks, as mediafarm does.
-        let follows = name == "chain" && key == "chain";
-        if !value.is_null() && !follows && !CANVAS_OPTIONS.contains(&key.as_str()) {
+        // A chain runs its own options as Celery's `_chain.run` does (`run_options`); only a
+        // `chord` option (a chain inside a chord's header) is not carried out.
+        let chain_runs_it = name == "chain" && key != "chord";
+        if !value.is_null() && !chain_runs_it && !CANVAS_OPTIONS.contains(&key.as_str()) {
             return Err(unsupported(format!(
                 "a {name} with option `{key}` = {}: mediafarm does not apply a {name}'s \
                  options to its members; set it on each member instead",
@@ -102,7 +107,11 @@ pub(crate) fn decode_kind(
                     "{path} is a chain with no tasks"
                 )));
             }
-            Ok(Kind::Chain(normalize(steps, path)?))
+            let steps = normalize(steps, path)?;
+            match options {
+                Some(o) => Ok(Kind::Chain(run_options(steps, o, path, depth)?)),
+                None => Ok(Kind::Chain(steps)),
+            }
         }
         _ => {
             match kwargs.get("kwargs") {
@@ -166,22 +175,22 @@ fn chord(header: Signature, body: Signature, path: &str) -> Result<Kind, CanvasE
     Ok(Kind::Chord(Box::new(ChordSig { header, body })))
 }
 
-/// A chord body mediafarm sends when its header completes: one task, or a chain whose first
-/// step is one task (which gets the header's results; the rest travel on as its chain).
-/// `subject` starts the error: "embed `chord` is".
+/// A chord body mediafarm sends when its header completes: one task, a chain whose first step
+/// is one task (which gets the header's results; the rest travel on as its chain), a group of
+/// tasks (each gets the results) or a chord (its header tasks get them). `subject` starts the
+/// error: "embed `chord` is".
 pub(crate) fn check_body(body: &Signature, subject: &str) -> Result<(), CanvasError> {
     let what = match &body.kind {
-        Kind::Task => return Ok(()),
+        Kind::Task | Kind::Group(_) | Kind::Chord(_) => return Ok(()),
         Kind::Chain(steps) => match steps.first() {
             Some(first) if first.kind == Kind::Task => return Ok(()),
             Some(first) => format!("a chain led by a {}", first.kind.name()),
             None => "an empty chain".to_owned(),
         },
-        other => format!("a {}", other.name()),
     };
     Err(CanvasError::Unsupported(format!(
-        "{subject} {what}: mediafarm runs chord bodies that are one task or a chain led by \
-         one task"
+        "{subject} {what}: mediafarm runs chord bodies that are one task, a chain led by one \
+         task, a group or a chord"
     )))
 }
 
@@ -211,12 +220,37 @@ pub(crate) fn normalize(steps: Vec<Signature>, path: &str) -> Result<Vec<Signatu
     let mut flat = Vec::with_capacity(steps.len());
     for step in steps {
         match step.kind {
-            // Already normalised when it was decoded.
-            Kind::Chain(inner) => flat.extend(inner),
+            // Already normalised when it was decoded. Celery splices a chain inside a chain
+            // without its options (`prepare_steps` takes its tasks only); rather than drop
+            // them, such a chain is refused.
+            Kind::Chain(inner) => {
+                if let Some(key) =
+                    option_keys(&step.raw).find(|k| *k != "chain" && !CANVAS_OPTIONS.contains(k))
+                {
+                    return Err(CanvasError::Unsupported(format!(
+                        "{path} has a chain inside it with option `{key}`: Celery splices a \
+                         nested chain in without its options, so mediafarm refuses it rather \
+                         than drop them; set it on the nested chain's tasks instead"
+                    )));
+                }
+                flat.extend(inner)
+            }
             _ => flat.push(step),
         }
     }
     let mut out = Vec::with_capacity(flat.len());
+    let last = flat.len().saturating_sub(1);
+    for (i, step) in flat.iter().enumerate() {
+        if let Kind::Chord(c) = &step.kind {
+            if i < last && matches!(c.body.kind, Kind::Group(_)) {
+                return Err(CanvasError::Unsupported(format!(
+                    "{path} has a chord whose body is a group followed by more steps: Celery \
+                     would send the rest of the chain with every task of that group, so \
+                     mediafarm does not carry it out; end the chain with that chord"
+                )));
+            }
+        }
+    }
     let mut steps = flat.into_iter();
     while let Some(step) = steps.next() {
         let Kind::Group(_) = step.kind else {
@@ -252,4 +286,131 @@ pub(crate) fn normalize(steps: Vec<Signature>, path: &str) -> Result<Vec<Signatu
         });
     }
     Ok(out)
+}
+
+/// The options of a chain that Celery's `_chain.run` takes for itself instead of passing them
+/// to the chain's first task (`_CHAIN_RUN_OPTIONS` in `celery/canvas.py`).
+const CHAIN_RUN_OPTIONS: &[&str] = &[
+    "chord",
+    "group_id",
+    "group_index",
+    "link",
+    "link_error",
+    "parent_id",
+    "root_id",
+    "task_id",
+];
+
+/// The names of the options `raw` sets (null ones left out).
+fn option_keys(raw: &Value) -> impl Iterator<Item = &str> {
+    raw.get("options")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, _)| k.as_str())
+}
+
+/// A chain's steps with the chain's own options applied as Celery's `_chain.run` applies them
+/// when the chain is sent as one (a chord's body, a callback): every option it does not take
+/// for itself (`queue`, `countdown`, `priority`, ...) goes to the first task, over the task's
+/// own; `link` is added to the last task's callbacks and `link_error` to every task's errbacks
+/// (a chord step's: its body's). Its ids and `chain` (what follows it) stay on the chain.
+fn run_options(
+    mut steps: Vec<Signature>,
+    options: &Map<String, Value>,
+    path: &str,
+    depth: usize,
+) -> Result<Vec<Signature>, CanvasError> {
+    let set = |name: &str| options.get(name).filter(|v| !v.is_null());
+    let first: Map<String, Value> = options
+        .iter()
+        .filter(|(k, v)| {
+            !v.is_null() && k.as_str() != "chain" && !CHAIN_RUN_OPTIONS.contains(&k.as_str())
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let list = |v: &Value| match v {
+        Value::Array(items) => items.clone(),
+        one => vec![one.clone()],
+    };
+    let links = set("link").map(list).unwrap_or_default();
+    let errbacks = set("link_error").map(list).unwrap_or_default();
+    if first.is_empty() && links.is_empty() && errbacks.is_empty() {
+        return Ok(steps);
+    }
+    let unsupported = |i: usize, kind: &str, what: &str| {
+        CanvasError::Unsupported(format!(
+            "{path} is a chain with {what} whose step {i} is a {kind}: mediafarm applies a \
+             chain's options to its tasks only; set it on the {kind}'s tasks instead"
+        ))
+    };
+    let last = steps.len().saturating_sub(1);
+    for (i, step) in steps.iter_mut().enumerate() {
+        let mut raw = step.raw.clone();
+        let mut changed = false;
+        if i == 0 && !first.is_empty() {
+            if step.kind != Kind::Task {
+                let key = first.keys().next().map(String::as_str).unwrap_or("");
+                return Err(unsupported(i, step.kind.name(), &format!("option `{key}`")));
+            }
+            with_options(&mut raw, |opts| {
+                for (k, v) in &first {
+                    opts.insert(k.clone(), v.clone());
+                }
+            });
+            changed = true;
+        }
+        if i == last && !links.is_empty() {
+            if step.kind != Kind::Task {
+                return Err(unsupported(i, step.kind.name(), "`link`"));
+            }
+            with_options(&mut raw, |o| append(o, "link", &links));
+            changed = true;
+        }
+        if !errbacks.is_empty() {
+            match &step.kind {
+                Kind::Task => with_options(&mut raw, |o| append(o, "link_error", &errbacks)),
+                // Celery's `prepare_steps` links a chord step's errbacks to its body too,
+                // which is where a failed header sends them.
+                Kind::Chord(c) if c.body.kind == Kind::Task => {
+                    if let Some(body) = raw.get_mut("kwargs").and_then(|k| k.get_mut("body")) {
+                        with_options(body, |o| append(o, "link_error", &errbacks));
+                    }
+                }
+                other => return Err(unsupported(i, other.name(), "`link_error`")),
+            }
+            changed = true;
+        }
+        if changed {
+            *step = decode_at(&raw, &format!("{path} task {i}"), depth + 1)?;
+        }
+    }
+    Ok(steps)
+}
+
+/// Runs `f` on the `options` object of a raw signature (an object, as it was decoded), made
+/// one if it is missing or null.
+fn with_options(raw: &mut Value, f: impl FnOnce(&mut Map<String, Value>)) {
+    if let Value::Object(sig) = raw {
+        let opts = sig.entry("options").or_insert_with(|| json!({}));
+        if !opts.is_object() {
+            *opts = json!({});
+        }
+        if let Value::Object(o) = opts {
+            f(o);
+        }
+    }
+}
+
+/// Adds `items` to the list option `name` (Celery's `append_to_list_option`), which may hold one
+/// signature, a list of them, or nothing yet.
+fn append(opts: &mut Map<String, Value>, name: &str, items: &[Value]) {
+    let mut all = match opts.remove(name) {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a,
+        Some(one) => vec![one],
+    };
+    all.extend(items.iter().cloned());
+    opts.insert(name.to_owned(), Value::Array(all));
 }

@@ -102,6 +102,19 @@ pub fn on_success(canvas: &Canvas, parent: Parent<'_>, retval: &Value, now: Date
     next
 }
 
+/// Sends `sig` (a chord, as a chord's body) as Celery's `sig.delay(first)` would, onto `next`.
+pub(crate) fn send_one(
+    sig: &Signature,
+    first: &[Value],
+    parent: Parent<'_>,
+    role: &str,
+    now: DateTime<Utc>,
+    next: &mut Next,
+) {
+    let child = send(sig, first, parent, role, &[], now, next);
+    next.children.push(child);
+}
+
 /// Sends `sig` as Celery's `sig.apply_async(first, chain=rest)` would, whatever its kind; `rest`
 /// is the chain that follows it (reversed, as the embed `chain`). Returns the child to record:
 /// a task's result, or a group's (a chord's header) in `GroupResult.as_tuple()` form.
@@ -163,7 +176,11 @@ fn send(
                 }
                 if let Some(o) = options.as_object_mut() {
                     o.insert("task_id".into(), Value::String(body_id.clone()));
-                    o.insert("group_id".into(), Value::String(group.clone()));
+                    // As Celery's `freeze`: a body frozen with a group (a chord's, when the
+                    // chord is itself a chord's body) keeps it.
+                    if o.get("group_id").is_none_or(Value::is_null) {
+                        o.insert("group_id".into(), Value::String(group.clone()));
+                    }
                     o.insert("root_id".into(), Value::String(parent.root_id.to_owned()));
                     if !follows.is_empty() {
                         o.insert("chain".into(), Value::Array(follows.clone()));
@@ -184,9 +201,13 @@ fn send(
                         b
                     }),
                 };
-                let p = chord::body_message(&part, Vec::new(), parent, now);
-                let child = children_record(&p.msg.id);
-                next.publish.push(p);
+                let body = chord::body_message(&part, Vec::new(), parent, now);
+                let child = match body.publish.as_slice() {
+                    [one] => children_record(&one.msg.id),
+                    _ => body.children.first().cloned().unwrap_or(Value::Null),
+                };
+                next.publish.extend(body.publish);
+                next.chord_sizes.extend(body.chord_sizes);
                 return child;
             }
             next.chord_sizes.push((group.clone(), members.len()));

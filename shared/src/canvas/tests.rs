@@ -234,14 +234,6 @@ fn unsupported_canvas_is_named_never_dropped() {
     };
     let cases = [
         (
-            json!({"chord": chord(group(json!([step(1)])), step(2))}),
-            "embed `chord` is a chord",
-        ),
-        (
-            json!({"chord": group(json!([step(1)]))}),
-            "embed `chord` is a group",
-        ),
-        (
             json!({"chord": {"task": "celery.chunks", "subtask_type": "chunks", "kwargs": {}}}),
             "chunks",
         ),
@@ -272,8 +264,14 @@ fn unsupported_canvas_is_named_never_dropped() {
             "a group whose member 1 is a chord",
         ),
         (
-            json!({"chain": [chord(group(json!([step(1)])), group(json!([step(2)])))]}),
-            "a chord whose body is a group",
+            json!({"chain": [step(5), chord(group(json!([step(1)])), group(json!([step(2)])))]}),
+            "a chord whose body is a group followed by more steps",
+        ),
+        (
+            json!({"chain": [step(5), {"task": "celery.chain", "subtask_type": "chain",
+                              "options": {"queue": "elsewhere"},
+                              "kwargs": {"tasks": [step(1), step(2)]}}]}),
+            "a chain inside it with option `queue`",
         ),
         (
             json!({"chain": [step(3), group(json!([step(1)])), group(json!([step(2)]))]}),
@@ -345,7 +343,9 @@ pub(crate) mod nested;
 mod chord {
     use super::*;
     use crate::backend::result::{ResultMeta, TaskState};
-    use crate::canvas::chord::{body_failure, body_message, is_complete, member, results};
+    use crate::canvas::chord::{
+        body_failure, body_message, is_complete, member, results, ChordFailure,
+    };
     use crate::protocol::TaskMessage;
 
     /// A header message as Celery 5.7 sent it for `chord([h1, h2], body.set(link_error=eb))`,
@@ -435,20 +435,26 @@ mod chord {
                         "exc_module": "celery.exceptions"}),
             ),
         ];
+        let failure = results(&failed).unwrap_err();
         assert_eq!(
-            results(&failed).unwrap_err(),
+            failure.reason,
             r#"Dependency b raised StepFailure('it\'s "bad"')"#
         );
-        assert!(results(&["nope".to_owned()])
-            .unwrap_err()
-            .starts_with("Join error"));
+        assert_eq!(
+            failure.cause.unwrap()["exc_type"],
+            "StepFailure",
+            "the failed header's own exception, for a group body's tasks"
+        );
+        let broken = results(&["nope".to_owned()]).unwrap_err();
+        assert!(broken.reason.starts_with("Join error"));
+        assert_eq!(broken.cause, None);
     }
 
     #[test]
     fn the_body_gets_the_results_first_and_the_completing_header_as_parent() {
         let msg = header(1);
         let part = Canvas::from_message(&msg).unwrap().chord.unwrap();
-        let p = body_message(
+        let sent = body_message(
             &part,
             vec![json!(1), json!(2)],
             Parent {
@@ -457,6 +463,9 @@ mod chord {
             },
             now(),
         );
+        assert_eq!(sent.publish.len(), 1);
+        assert!(sent.chord_sizes.is_empty());
+        let p = &sent.publish[0];
         assert_eq!(p.queue, "chordcap");
         assert_eq!(p.msg.id, "f679c3e3-d68c-4bae-b7b0-18d6e82abe17");
         assert_eq!(p.msg.args, vec![json!([1, 2])]);
@@ -468,13 +477,19 @@ mod chord {
         let mut immutable = part.clone();
         immutable.body.immutable = true;
         let p = body_message(&immutable, vec![json!(1)], PARENT, now());
-        assert!(p.msg.args.is_empty());
+        assert!(p.publish[0].msg.args.is_empty());
     }
 
     #[test]
     fn a_failed_header_fails_the_body_with_chord_error_and_sends_its_errbacks() {
         let part = Canvas::from_message(&header(0)).unwrap().chord.unwrap();
-        let (meta, errbacks) = body_failure(&part, "Dependency b raised X('y')", now());
+        let failure = ChordFailure {
+            reason: "Dependency b raised X('y')".into(),
+            cause: Some(json!({"exc_type": "X", "exc_message": ["y"], "exc_module": "m"})),
+        };
+        let (metas, errbacks) = body_failure(&part, &failure, now());
+        assert_eq!(metas.len(), 1);
+        let meta = &metas[0];
         assert_eq!(meta.task_id, "f679c3e3-d68c-4bae-b7b0-18d6e82abe17");
         assert_eq!(meta.status, TaskState::Failure);
         let e = meta.error().unwrap();
@@ -496,7 +511,7 @@ mod chord {
         assert_eq!(m.args, vec![json!(meta.task_id)]);
         assert_eq!(m.parent_id.as_deref(), Some(meta.task_id.as_str()));
         assert_eq!(m.root_id.as_deref(), Some(meta.task_id.as_str()));
-        let (_, again) = body_failure(&part, "Dependency b raised X('y')", now());
+        let (_, again) = body_failure(&part, &failure, now());
         assert_eq!(
             again[0].msg.id, m.id,
             "a second join sends the same errback id"

@@ -679,15 +679,20 @@ impl Chord {
                 id: &root,
                 root_id: &root,
             };
-            let mut one = crate::canvas::chord::body_message(&part, Vec::new(), parent, now).msg;
+            // A task or a chain body (what `Body` builds): one message.
+            let Some(first) = crate::canvas::chord::body_message(&part, Vec::new(), parent, now)
+                .publish
+                .into_iter()
+                .next()
+            else {
+                return Err(bad_canvas(&crate::canvas::CanvasError::Invalid(
+                    "the chord's body sends nothing".to_owned(),
+                )));
+            };
+            let (queue, mut one) = (first.queue, first.msg);
             // Sent by the producer: no parent, its own root.
             one.parent_id = None;
             one.root_id = Some(one.id.clone());
-            let queue = part.body.queue.clone();
-            let queue = match &part.body.kind {
-                wire::Kind::Chain(steps) => steps.first().map_or(queue, |s| s.queue.clone()),
-                _ => queue,
-            };
             return Ok(ChordPlan {
                 group_id,
                 body_id,
@@ -734,10 +739,14 @@ impl Chord {
     }
 }
 
-/// As the Redis backend's `set_chord_size`: SET (with the results' expiry) and PUBLISH.
+/// As Celery 5.7's Redis backend `set_chord_size`: the `.c` dispatch claim of an earlier run of
+/// the same group deleted, then SET (with the results' expiry) and PUBLISH.
 async fn set_chord_size(client: &Client, group_id: &str, size: usize) -> Result<(), ClientError> {
     let key = chord_size_key(group_id);
     let mut pipe = redis::pipe();
+    pipe.atomic()
+        .del(crate::backend::chord::group_key(group_id, ".c"))
+        .ignore();
     match client.result_expires {
         Some(secs) => pipe.set_ex(&key, size, secs).ignore(),
         None => pipe.set(&key, size).ignore(),

@@ -24,6 +24,7 @@ use crate::amqp::broker::{backoff, Publisher};
 use crate::amqp::pidbox::Node;
 use crate::amqp::reroute::{time_header, DeadReason, MIN_DELAY};
 use crate::amqp::table::{read_job_properties, read_properties};
+use crate::backend::chord::{self as backend_chord, PartReturn, TakeOver};
 use crate::backend::result::{FailureKind, ResultMeta, TaskError, TaskState};
 use crate::backend::ResultBackend;
 use crate::canvas::{self, chord, Canvas, ChordPart, Parent, Publish};
@@ -892,51 +893,145 @@ impl<'a> Join<'a> {
     }
 }
 
-/// Joins a header's result into its chord and, when it is the last, sends the body (or stores
-/// the body's `ChordError` and sends its errbacks). `false`: Redis or the broker failed before
-/// the chord was carried on; the header's message goes back and joins again when redelivered.
+/// Joins a header's result into its chord as Celery 5.7's Redis backend does
+/// (`backend::chord`) and, when it completes the count and takes the dispatch claim, sends the
+/// body (or stores the body's `ChordError` and sends its errbacks). `false`: Redis or the
+/// broker failed before the chord was carried on; the claim (if taken) is given back and the
+/// header's message goes back, to join again when redelivered.
 async fn join_chord(shared: &Shared, join: &Join<'_>) -> bool {
     let part = join.part;
     let id = join.header.id;
+    let group = part.group.as_str();
+    let token = backend_chord::claim_token();
     let count = match shared
         .backend
-        .chord_part_return(&part.group, &join.member, part.index)
+        .chord_part_return(group, id, &join.member, part.index, &token)
         .await
     {
-        Ok(count) => count,
+        Ok(PartReturn::Counted(count)) => count,
+        Ok(PartReturn::Done) => {
+            tracing::debug!(%id, %group, "the chord's body was already sent; this return is ignored");
+            return true;
+        }
         Err(e) => {
-            tracing::warn!(%id, group = %part.group, error = %e, "could not join the chord; returning the message to the queue");
+            tracing::warn!(%id, %group, error = %e, "could not join the chord; returning the message to the queue");
             return false;
         }
     };
     if !chord::is_complete(count.ready, count.diff, count.size) {
         return true;
     }
-    let members = match shared.backend.chord_members(&part.group).await {
+    if !count.claimed && !take_over(shared, id, group, &token).await {
+        return true;
+    }
+    let carried = dispatch_body(shared, join, &token).await;
+    if !carried {
+        if let Err(e) = shared.backend.chord_release(group, &token).await {
+            tracing::warn!(%id, %group, error = %e, "could not give the chord's dispatch claim back; it lapses by itself");
+        }
+    }
+    carried
+}
+
+/// A header completed the count while another worker held the dispatch claim (this header ran
+/// before, or two copies of it ran): waits for that claim to end. `true` when it lapsed with
+/// the chord unfinished (its holder died) and this worker took it; `false` when the chord
+/// finished (or the wait gave up: the holder's lease keeps being renewed).
+async fn take_over(shared: &Shared, id: &str, group: &str, token: &str) -> bool {
+    let deadline = tokio::time::Instant::now() + TAKE_OVER_WAIT;
+    loop {
+        match shared.backend.chord_take_over(group, token).await {
+            Ok(TakeOver::Finished) => return false,
+            Ok(TakeOver::Claimed) => {
+                tracing::info!(%id, %group, "the chord's dispatch claim lapsed unfinished; this header sends its body");
+                return true;
+            }
+            Ok(TakeOver::Held(left)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    tracing::warn!(%id, %group, "another worker kept the chord's dispatch claim; leaving the body to it");
+                    return false;
+                }
+                let nap = left.clamp(Duration::from_millis(20), Duration::from_secs(1));
+                tokio::time::sleep(nap).await;
+            }
+            Err(e) => {
+                tracing::warn!(%id, %group, error = %e, "could not read the chord's dispatch claim; leaving the body to its holder");
+                return false;
+            }
+        }
+    }
+}
+
+/// How long a header that completed its chord without the claim waits for the holder.
+const TAKE_OVER_WAIT: Duration = Duration::from_secs(60);
+
+/// Sends the body (or fails it) under the dispatch claim `token` holds; `false` when Redis or
+/// the broker failed first.
+async fn dispatch_body(shared: &Shared, join: &Join<'_>, token: &str) -> bool {
+    let part = join.part;
+    let id = join.header.id;
+    let group = part.group.as_str();
+    let members = match shared.backend.chord_members(group).await {
         Ok(members) => members,
         Err(e) => {
-            tracing::warn!(%id, group = %part.group, error = %e, "could not read the chord's results; returning the message to the queue");
+            tracing::warn!(%id, %group, error = %e, "could not read the chord's results; returning the message to the queue");
             return false;
         }
     };
     match chord::results(&members) {
         Ok(results) => {
-            let body = [chord::body_message(part, results, join.header, Utc::now())];
-            if !publish_next(shared, id, &body).await {
+            match shared
+                .backend
+                .chord_claim_extend(group, token, backend_chord::PUBLISH_CLAIM_SECS)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%id, %group, "the chord's dispatch claim is no longer this worker's; its body is not sent from here");
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(%id, %group, error = %e, "could not extend the chord's dispatch claim; returning the message to the queue");
+                    return false;
+                }
+            }
+            let body = chord::body_message(part, results, join.header, Utc::now());
+            // A chord body: its size first, as for any chord sent on. Set as for a rerun: a
+            // dispatch that failed after setting it leaves it as it is.
+            for (inner, size) in &body.chord_sizes {
+                if let Err(e) = shared.backend.chord_set_size(inner, *size, true).await {
+                    tracing::warn!(%id, %group, error = %e, "could not set the size of the chord that is this chord's body; returning the message to the queue");
+                    return false;
+                }
+            }
+            if !publish_next(shared, id, &body.publish).await {
                 return false;
+            }
+            match shared.backend.chord_cleanup(group, token).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(%id, %group, "the chord's dispatch claim lapsed before its keys were deleted; they expire by themselves");
+                }
+                Err(e) => {
+                    tracing::warn!(%id, %group, error = %e, "could not delete the chord's keys; they expire with result_expires");
+                }
             }
         }
         Err(reason) => {
-            tracing::info!(%id, group = %part.group, %reason, "a chord header failed; failing the body");
-            let (meta, errbacks) = chord::body_failure(part, &reason, Utc::now());
-            if !store_with_retry(shared, &meta).await || !publish_next(shared, id, &errbacks).await
-            {
+            tracing::info!(%id, %group, reason = %reason.reason, "a chord header failed; failing the body");
+            let (metas, errbacks) = chord::body_failure(part, &reason, Utc::now());
+            for meta in &metas {
+                if !store_with_retry(shared, meta).await {
+                    return false;
+                }
+            }
+            if !publish_next(shared, id, &errbacks).await {
                 return false;
             }
+            if let Err(e) = shared.backend.chord_drop_size(group).await {
+                tracing::warn!(%id, %group, error = %e, "could not delete the chord's size; it expires with result_expires");
+            }
         }
-    }
-    if let Err(e) = shared.backend.chord_forget(&part.group).await {
-        tracing::warn!(%id, group = %part.group, error = %e, "could not delete the chord's counters; they expire with result_expires");
     }
     true
 }

@@ -2,7 +2,7 @@
 //! worker sends when one is its next step or callback.
 
 use super::*;
-use crate::canvas::chord::body_message;
+use crate::canvas::chord::{body_failure, body_message};
 
 /// The embed `chain` Celery 5.7 sent with the first step of
 /// `chain(step(a=1), group(step(b=1), step(c=1)), step(d=1), step(e=1))`: the group and the
@@ -83,7 +83,9 @@ fn a_chord_step_sends_its_header_the_value_with_the_rest_of_the_chain_in_the_bod
         id: &header.id,
         root_id: "root-1",
     };
-    let body = body_message(&part, results.clone(), hp, now());
+    let body = body_message(&part, results.clone(), hp, now())
+        .publish
+        .remove(0);
     assert_eq!(body.msg.id, BODY);
     assert_eq!(body.msg.args, vec![json!(results)]);
     assert_eq!(body.msg.embed["chain"][0]["options"]["task_id"], LAST);
@@ -280,7 +282,9 @@ fn a_chord_whose_body_is_a_chain_sends_its_first_step_the_results_and_the_rest_a
         id: "h-1",
         root_id: "h-0",
     };
-    let p = body_message(&part, vec![json!({"h": 1}), json!({"h": 2})], header, now());
+    let p = body_message(&part, vec![json!({"h": 1}), json!({"h": 2})], header, now())
+        .publish
+        .remove(0);
     assert_eq!(
         p.msg.id, "ff5494af-fa5e-424e-88bb-49c6f1bb2ff6",
         "b1, its frozen id"
@@ -322,7 +326,9 @@ fn a_chord_whose_body_is_a_chain_sends_its_first_step_the_results_and_the_rest_a
     let mut msg = chain_body_header(0);
     msg.embed.insert("chord".into(), frozen);
     let part = Canvas::from_message(&msg).unwrap().chord.unwrap();
-    let p = body_message(&part, vec![json!(1)], header, now());
+    let p = body_message(&part, vec![json!(1)], header, now())
+        .publish
+        .remove(0);
     assert_eq!(p.msg.args, Vec::<Value>::new());
 }
 
@@ -345,7 +351,9 @@ fn a_chord_with_a_chain_body_as_a_chain_step_carries_the_rest_after_the_body_cha
     assert_eq!(body["options"]["chain"][0]["kwargs"], json!({"e": 1}));
     // The join sends b1, then b2, then e.
     let part = Canvas::from_message(header).unwrap().chord.unwrap();
-    let p = body_message(&part, vec![json!(1)], PARENT, now());
+    let p = body_message(&part, vec![json!(1)], PARENT, now())
+        .publish
+        .remove(0);
     assert_eq!(p.msg.kwargs, embed(json!({"b1": 1})));
     let rest = p.msg.embed["chain"].as_array().unwrap();
     let kwargs: Vec<&Value> = rest.iter().map(|s| &s["kwargs"]).collect();
@@ -354,4 +362,184 @@ fn a_chord_with_a_chain_body_as_a_chain_step_carries_the_rest_after_the_body_cha
         [&json!({"e": 1}), &json!({"b2": 1})],
         "reversed: b2 next"
     );
+}
+
+/// The embed `chord` Celery 5.7 sent for `chord([step(h=1)], chain(step(b1=1),
+/// step(b2=1)).set(queue="q2", countdown=3, link=step(cb=1)).on_error(step(eb=1)))`: the
+/// chain's own options stay on the chain.
+const CELERY_CHAIN_BODY_OPTIONS: &str = r#"{"task": "celery.chain", "args": [], "kwargs": {"tasks": [{"task": "canvas.step", "args": [], "kwargs": {"b1": 1}, "options": {"queue": "q", "task_id": "b7fe5f4e-daeb-4265-8917-dd9e6823f6a1", "reply_to": "e121bfba-0afb-35f2-9ad9-358b2ee5fe55"}, "subtask_type": null, "immutable": false}, {"task": "canvas.step", "args": [], "kwargs": {"b2": 1}, "options": {"queue": "q", "task_id": "13b0170e-080d-4494-aaa4-23f7e5b822a2", "reply_to": "e121bfba-0afb-35f2-9ad9-358b2ee5fe55", "group_id": "f385b844-2345-4412-b280-dc560511ff0f"}, "subtask_type": null, "immutable": false}]}, "options": {"queue": "q2", "countdown": 3, "link": {"task": "canvas.step", "args": [], "kwargs": {"cb": 1}, "options": {"queue": "q"}, "subtask_type": null, "immutable": false}, "link_error": [{"task": "canvas.step", "args": [], "kwargs": {"eb": 1}, "options": {"queue": "q"}, "subtask_type": null, "immutable": false}], "task_id": "13b0170e-080d-4494-aaa4-23f7e5b822a2"}, "subtask_type": "chain", "immutable": false}"#;
+
+/// The same for `chord([step(h=1)], group(step(x=1), step(y=1)))`: the group's `task_id` is
+/// its id; its tasks' `group_id` the chord's.
+const CELERY_GROUP_BODY: &str = r#"{"task": "celery.group", "args": [], "kwargs": {"tasks": [{"task": "canvas.step", "args": [], "kwargs": {"x": 1}, "options": {"queue": "q", "task_id": "231fa17e-7482-4014-bf46-5b5edee0e267", "reply_to": "1c6f0871-69b6-3434-9d7b-c5ff90b6aff5", "group_id": "359e11e6-3394-434b-8f18-7dd90443bffe", "group_index": 0}, "subtask_type": null, "immutable": false}, {"task": "canvas.step", "args": [], "kwargs": {"y": 1}, "options": {"queue": "q", "task_id": "fb14d16e-7086-4d77-a323-cbb8f0de579d", "reply_to": "1c6f0871-69b6-3434-9d7b-c5ff90b6aff5", "group_id": "359e11e6-3394-434b-8f18-7dd90443bffe", "group_index": 1}, "subtask_type": null, "immutable": false}]}, "options": {"task_id": "afc46fc7-1305-4025-8b81-72d26801e0bd", "group_id": "359e11e6-3394-434b-8f18-7dd90443bffe", "root_id": null, "parent_id": null}, "subtask_type": "group", "immutable": false}"#;
+
+/// The same for `chord([step(h=1)], chord([step(x=1), step(y=1)], step(z=1)))`: the inner
+/// chord's `task_id` is its header's group id; `z` keeps the outer chord's group.
+const CELERY_CHORD_BODY: &str = r#"{"task": "celery.chord", "args": [], "kwargs": {"kwargs": {}, "header": {"task": "celery.group", "args": [], "kwargs": {"tasks": [{"task": "canvas.step", "args": [], "kwargs": {"x": 1}, "options": {"queue": "q", "task_id": "e7c34c33-f5b5-46d7-8a60-ce66b7e0055a", "reply_to": "784af24f-8cc9-3708-9fdf-a3a4ad9f51b2", "group_index": 0}, "subtask_type": null, "immutable": false}, {"task": "canvas.step", "args": [], "kwargs": {"y": 1}, "options": {"queue": "q", "task_id": "aaa0e946-bbaa-41c7-84c7-68465b1311af", "reply_to": "784af24f-8cc9-3708-9fdf-a3a4ad9f51b2", "group_index": 1}, "subtask_type": null, "immutable": false}]}, "options": {"task_id": "cc88c917-4bc5-4785-a63c-b8ea62651088", "root_id": null, "parent_id": null}, "subtask_type": "group", "immutable": false}, "body": {"task": "canvas.step", "args": [], "kwargs": {"z": 1}, "options": {"queue": "q", "task_id": "b526523b-b061-4c71-96d4-e2ed8f1fcca5", "reply_to": "784af24f-8cc9-3708-9fdf-a3a4ad9f51b2", "group_id": "7f5af501-0038-4248-a38e-4a80a0335aac"}, "subtask_type": null, "immutable": false}}, "options": {"task_id": "cc88c917-4bc5-4785-a63c-b8ea62651088"}, "subtask_type": "chord", "immutable": false}"#;
+
+fn header_with_body(body: &str, group: &str) -> crate::protocol::TaskMessage {
+    let body: Value = serde_json::from_str(body).unwrap();
+    let mut msg = crate::protocol::TaskMessage::new("canvas.step", Map::new());
+    msg.id = "h-0".into();
+    msg.group = Some(group.into());
+    msg.group_index = Some(0);
+    msg.embed = embed(json!({"callbacks": null, "errbacks": null, "chain": null, "chord": body}));
+    msg
+}
+
+fn failure() -> crate::canvas::chord::ChordFailure {
+    crate::canvas::chord::ChordFailure {
+        reason: "Dependency h-0 raised StepFailure('bad')".into(),
+        cause: Some(json!({"exc_type": "StepFailure", "exc_message": ["bad"],
+                           "exc_module": "mediafarm.errors"})),
+    }
+}
+
+#[test]
+fn a_chord_body_chain_runs_its_own_options_as_celery_chain_run_does() {
+    let part = Canvas::from_message(&header_with_body(
+        CELERY_CHAIN_BODY_OPTIONS,
+        "f385b844-2345-4412-b280-dc560511ff0f",
+    ))
+    .unwrap()
+    .chord
+    .expect("a chord header");
+    let sent = body_message(&part, vec![json!(1)], PARENT, now());
+    assert_eq!(sent.publish.len(), 1);
+    let b1 = &sent.publish[0];
+    assert_eq!(b1.msg.id, "b7fe5f4e-daeb-4265-8917-dd9e6823f6a1");
+    assert_eq!(b1.queue, "q2", "the chain's queue, over b1's own");
+    assert!(
+        b1.msg.eta.is_some(),
+        "the chain's countdown delays its first step"
+    );
+    assert_eq!(b1.msg.args, vec![json!([1])]);
+    let eb = json!({"eb": 1});
+    assert_eq!(
+        b1.msg.embed["errbacks"][0]["kwargs"], eb,
+        "link_error on every step"
+    );
+    assert_eq!(
+        b1.msg.embed["callbacks"],
+        Value::Null,
+        "link on the last step only"
+    );
+    let b2 = &b1.msg.embed["chain"][0];
+    assert_eq!(
+        b2["options"]["task_id"],
+        "13b0170e-080d-4494-aaa4-23f7e5b822a2"
+    );
+    assert_eq!(
+        b2["options"]["queue"], "q",
+        "only the first step takes the chain's queue"
+    );
+    assert_eq!(b2["options"]["link"][0]["kwargs"], json!({"cb": 1}));
+    assert_eq!(b2["options"]["link_error"][0]["kwargs"], eb);
+    // A failed header fails the chain's id and sends the chain's own errback with it.
+    let (metas, errbacks) = body_failure(&part, &failure(), now());
+    assert_eq!(metas.len(), 1);
+    assert_eq!(metas[0].task_id, "13b0170e-080d-4494-aaa4-23f7e5b822a2");
+    assert_eq!(metas[0].error().unwrap().exc_type, "ChordError");
+    assert_eq!(errbacks.len(), 1);
+    assert_eq!(errbacks[0].msg.kwargs, embed(eb));
+    assert_eq!(
+        errbacks[0].msg.args,
+        vec![json!("13b0170e-080d-4494-aaa4-23f7e5b822a2")]
+    );
+}
+
+#[test]
+fn a_chord_whose_body_is_a_group_sends_each_task_the_results() {
+    let part = Canvas::from_message(&header_with_body(
+        CELERY_GROUP_BODY,
+        "359e11e6-3394-434b-8f18-7dd90443bffe",
+    ))
+    .unwrap()
+    .chord
+    .expect("a chord header");
+    let sent = body_message(&part, vec![json!(1), json!(2)], PARENT, now());
+    assert!(sent.chord_sizes.is_empty());
+    let ids: Vec<&str> = sent.publish.iter().map(|p| p.msg.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "231fa17e-7482-4014-bf46-5b5edee0e267",
+            "fb14d16e-7086-4d77-a323-cbb8f0de579d"
+        ],
+        "the ids the producer froze"
+    );
+    for (i, p) in sent.publish.iter().enumerate() {
+        assert_eq!(p.msg.args, vec![json!([1, 2])]);
+        assert_eq!(
+            p.msg.group.as_deref(),
+            Some("afc46fc7-1305-4025-8b81-72d26801e0bd"),
+            "the group's own id"
+        );
+        assert_eq!(p.msg.group_index, Some(i as i64));
+        assert_eq!(p.msg.parent_id.as_deref(), Some("p-1"));
+    }
+    // A failed header: each task and the group fail with the header's own exception.
+    let (metas, errbacks) = body_failure(&part, &failure(), now());
+    let failed: Vec<&str> = metas.iter().map(|m| m.task_id.as_str()).collect();
+    assert_eq!(
+        failed,
+        [
+            "231fa17e-7482-4014-bf46-5b5edee0e267",
+            "fb14d16e-7086-4d77-a323-cbb8f0de579d",
+            "afc46fc7-1305-4025-8b81-72d26801e0bd"
+        ]
+    );
+    for m in &metas {
+        assert_eq!(m.error().unwrap().exc_type, "StepFailure");
+        assert_eq!(m.error().unwrap().message, "bad");
+    }
+    assert!(errbacks.is_empty());
+}
+
+#[test]
+fn a_chord_whose_body_is_a_chord_sends_the_inner_header_after_setting_its_size() {
+    let part = Canvas::from_message(&header_with_body(
+        CELERY_CHORD_BODY,
+        "7f5af501-0038-4248-a38e-4a80a0335aac",
+    ))
+    .unwrap()
+    .chord
+    .expect("a chord header");
+    let sent = body_message(&part, vec![json!(1)], PARENT, now());
+    assert_eq!(
+        sent.chord_sizes,
+        vec![("cc88c917-4bc5-4785-a63c-b8ea62651088".to_owned(), 2)]
+    );
+    assert_eq!(sent.publish.len(), 2);
+    assert_eq!(
+        sent.publish[0].msg.id,
+        "e7c34c33-f5b5-46d7-8a60-ce66b7e0055a"
+    );
+    for p in &sent.publish {
+        assert_eq!(
+            p.msg.args,
+            vec![json!([1])],
+            "the outer header's results first"
+        );
+        assert_eq!(
+            p.msg.group.as_deref(),
+            Some("cc88c917-4bc5-4785-a63c-b8ea62651088")
+        );
+        let z = &p.msg.embed["chord"];
+        assert_eq!(
+            z["options"]["task_id"],
+            "b526523b-b061-4c71-96d4-e2ed8f1fcca5"
+        );
+        assert_eq!(
+            z["options"]["group_id"], "7f5af501-0038-4248-a38e-4a80a0335aac",
+            "z keeps the group it was frozen with"
+        );
+    }
+    let (metas, _) = body_failure(&part, &failure(), now());
+    assert_eq!(metas.len(), 1);
+    assert_eq!(
+        metas[0].task_id, "b526523b-b061-4c71-96d4-e2ed8f1fcca5",
+        "z, what Python's result waits on"
+    );
+    assert_eq!(metas[0].error().unwrap().exc_type, "ChordError");
 }
