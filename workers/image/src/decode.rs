@@ -131,7 +131,10 @@ pub(crate) fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(
 }
 
 /// The orientation to apply, and the EXIF block as the outputs should carry it.
-fn orientation(exif: Option<Vec<u8>>, auto_orient: bool) -> (Option<Orientation>, Option<Vec<u8>>) {
+pub(crate) fn orientation(
+    exif: Option<Vec<u8>>,
+    auto_orient: bool,
+) -> (Option<Orientation>, Option<Vec<u8>>) {
     match exif {
         Some(mut block) if auto_orient => {
             let o = Orientation::remove_from_exif_chunk(&mut block);
@@ -258,9 +261,15 @@ fn decode_heif(
     let resize = resize_bytes(decoded, header.alpha, full, share) + extra(full);
     let held = heif::decode_bytes(&header) + shrink::held_bytes(full, factor, header.alpha);
     let reservation = reserve(held + resize);
-    let image = file
-        .decode(factor)
-        .map_err(|e| invalid("InvalidImage", format!("cannot decode the {name}: {e}")))?;
+    // libheif's and libde265's planes (4–48 MiB each) come from glibc's heap once its mmap
+    // threshold has risen, and stay resident when freed. What the previous jobs left there is
+    // given back before this decode (the reservation holds the other heavy decodes off), and
+    // what this one leaves right after it: a heap walk each, on this path only.
+    heif::give_back_freed();
+    let image = file.decode(factor);
+    heif::give_back_freed();
+    let image =
+        image.map_err(|e| invalid("InvalidImage", format!("cannot decode the {name}: {e}")))?;
     Ok(Decoded {
         info: SourceInfo {
             width: header.width,

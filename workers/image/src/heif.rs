@@ -380,6 +380,17 @@ impl Drop for Image {
     }
 }
 
+/// Returns to the system the memory glibc's allocator keeps free after a decode (libheif and
+/// libde265 allocate with glibc's malloc, not the worker's allocator). After the first large
+/// plane is freed glibc raises its mmap threshold (up to 32 MiB), so later planes come from
+/// its heap and stay resident once freed; with two jobs their frees interleave and the heap's
+/// top is rarely free, so trimming the top alone gives little back. `malloc_trim` also
+/// releases the free pages inside the heap.
+pub fn give_back_freed() {
+    // SAFETY: `malloc_trim` only walks glibc's free lists under its own locks.
+    unsafe { libc::malloc_trim(0) };
+}
+
 /// Bytes libheif holds while decoding a picture of `header`'s size: the codec's decoded
 /// picture and the image libheif copies it into (both exist until the decode returns), each
 /// counted as 4:4:4 at the worst, two bytes a sample above 8 bits, plus alpha.
