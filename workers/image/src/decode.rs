@@ -261,15 +261,9 @@ fn decode_heif(
     let resize = resize_bytes(decoded, header.alpha, full, share) + extra(full);
     let held = heif::decode_bytes(&header) + shrink::held_bytes(full, factor, header.alpha);
     let reservation = reserve(held + resize);
-    // libheif's and libde265's planes (4–48 MiB each) come from glibc's heap once its mmap
-    // threshold has risen, and stay resident when freed. What the previous jobs left there is
-    // given back before this decode (the reservation holds the other heavy decodes off), and
-    // what this one leaves right after it: a heap walk each, on this path only.
-    heif::give_back_freed();
-    let image = file.decode(factor);
-    heif::give_back_freed();
-    let image =
-        image.map_err(|e| invalid("InvalidImage", format!("cannot decode the {name}: {e}")))?;
+    let image = file
+        .decode(factor)
+        .map_err(|e| invalid("InvalidImage", format!("cannot decode the {name}: {e}")))?;
     Ok(Decoded {
         info: SourceInfo {
             width: header.width,
