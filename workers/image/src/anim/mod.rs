@@ -372,7 +372,10 @@ pub fn encode(
                 )));
             }
             let one = std::slice::from_ref(planned);
-            files[k] = fit_within(max, (asked[k], files[k].len()), |quality| {
+            // The file over the limit goes first: the search then holds no more of this
+            // output's encoded frames than its first encode did (what `held_bytes` reserves).
+            let over_len = std::mem::take(&mut files[k]).len();
+            files[k] = fit_within(max, (asked[k], over_len), |quality| {
                 Ok(pass(data, animation, args, watermark, one, &[quality])?.remove(0))
             })?
             .map_err(|(quality, bytes)| {
