@@ -12,10 +12,15 @@ Every contender writes the same kind of JPEG: progressive 4:2:0 (image-worker's 
 baseline 4:2:0 with standard Huffman tables with --jpeg baseline (libvips' and Pillow's default).
 
 Corpus: the large JPEGs of Debian's plasma-workspace-wallpapers package (5120×2880 and
-2560×1600), fetched with `apt-get download` into bench/corpus/ (never committed). Installs
-libvips42 (apt) and bench/image_requirements.txt (.venv) when missing.
+2560×1600), fetched with `apt-get download` into bench/corpus/ (never committed). With
+--corpus photos: bench/image_stages.py's photographs instead (8–24 MP from Debian's ukui and
+lomiri wallpaper packages, plus camera-like and EXIF-rotated copies), in sub-groups by how the
+source is coded (baseline/progressive × chroma sampling), EXIF-rotated ones and portrait ones
+(a file can be in two sub-groups), and all together. Installs libvips42 (apt) and
+bench/image_requirements.txt (.venv) when missing.
 
 Usage: .venv/bin/python bench/image_pipeline.py [--rounds 3] [--max-files 8] [--jpeg progressive|baseline]
+       [--corpus wallpapers|photos] [--no-build]
 Only local files are read; every phase has a time limit.
 """
 import argparse
@@ -36,7 +41,7 @@ def sh(*cmd, **kw):
     return subprocess.run(cmd, check=True, timeout=900, **kw)
 
 
-def ensure_tools():
+def ensure_tools(build=True):
     if subprocess.run(["dpkg", "-s", "libvips42"], capture_output=True).returncode != 0:
         sudo = [] if os.geteuid() == 0 else ["sudo"]
         sh(*sudo, "apt-get", "install", "-y", "-qq", "--no-install-recommends", "libvips42")
@@ -45,8 +50,9 @@ def ensure_tools():
         import PIL  # noqa: F401
     except ImportError:
         sh(sys.executable, "-m", "pip", "install", "-q", "-r", str(ROOT / "bench" / "image_requirements.txt"))
-    sh("cargo", "build", "--release", "--locked", "-q", "-p", "image-worker", "--example", "pipeline-bench",
-       cwd=ROOT)
+    if build:
+        sh("cargo", "build", "--release", "--locked", "-q", "-p", "image-worker", "--example",
+           "pipeline-bench", cwd=ROOT)
 
 
 def ensure_corpus():
@@ -134,14 +140,59 @@ def time_python(which, files, rounds, kind):
     return float(out.stdout.strip())
 
 
+def interleaved(files, rounds, jpeg):
+    """Median ms/image of each contender over `files`, rounds interleaved (one of each
+    contender per round), so a change in the load from other processes falls on all three
+    alike; the median round counts."""
+    runs = {"rust": [], "vips": [], "pillow": []}
+    for _ in range(rounds):
+        runs["rust"].append(time_rust(files, 1, jpeg))
+        runs["vips"].append(time_python("vips", files, 1, jpeg))
+        runs["pillow"].append(time_python("pillow", files, 1, jpeg))
+    return tuple(statistics.median(runs[k]) for k in ("rust", "vips", "pillow"))
+
+
+def photo_groups():
+    """[(sub-group, files)] of bench/image_stages.py's photographs."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from image_stages import ensure_photos, describe
+    groups = {}
+    for f in ensure_photos():
+        size, kind, sampling, *orientation = describe(f).split()
+        w, h = map(int, size.split("×"))
+        kind = "progressive" if kind == "prog" else "baseline"
+        groups.setdefault(f"{kind} {sampling}", []).append(f)
+        if orientation:
+            groups.setdefault("EXIF-rotated (o6, o8)", []).append(f)
+        if h > w:
+            groups.setdefault("portrait", []).append(f)
+        groups.setdefault("**all**", []).append(f)
+    return sorted(groups.items(), key=lambda g: (g[0] == "**all**", g[0]))
+
+
+def main_photos(args):
+    print(f"photographs; one source → {', '.join(map(str, WIDTHS))} px wide {args.jpeg} JPEG q80; "
+          f"one core each; median of {args.rounds} rounds; {time.strftime('%Y-%m-%d %H:%M')}")
+    print("| sub-group | files | image-worker ms/image | libvips ms/image | Pillow ms/image | image-worker ÷ libvips |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, files in photo_groups():
+        rust, vips, pil = interleaved(files, args.rounds, args.jpeg)
+        print(f"| {name} | {len(files)} | {rust:.0f} | {vips:.0f} | {pil:.0f} | {rust / vips:.2f}× |",
+              flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-files", type=int, default=8)
     parser.add_argument("--jpeg", choices=("progressive", "baseline"), default="progressive",
                         help="the kind of JPEG every contender writes")
+    parser.add_argument("--corpus", choices=("wallpapers", "photos"), default="wallpapers")
+    parser.add_argument("--no-build", action="store_true")
     args = parser.parse_args()
-    ensure_tools()
+    ensure_tools(build=not args.no_build)
+    if args.corpus == "photos":
+        return main_photos(args)
     by_size = ensure_corpus()
     print(f"one source → {', '.join(map(str, WIDTHS))} px wide {args.jpeg} JPEG q80; one core each; "
           f"median of {args.rounds} rounds; {time.strftime('%Y-%m-%d')}")
@@ -162,14 +213,7 @@ def main():
             if not files:
                 print(f"| {size[0]}×{size[1]} | {kind} | 0 | – | – | – | – |")
                 continue
-            # Rounds interleaved (one of each contender per round), so a change in the load
-            # from other processes falls on all three alike; the median round counts.
-            runs = {"rust": [], "vips": [], "pillow": []}
-            for _ in range(args.rounds):
-                runs["rust"].append(time_rust(files, 1, args.jpeg))
-                runs["vips"].append(time_python("vips", files, 1, args.jpeg))
-                runs["pillow"].append(time_python("pillow", files, 1, args.jpeg))
-            rust, vips, pil = (statistics.median(runs[k]) for k in ("rust", "vips", "pillow"))
+            rust, vips, pil = interleaved(files, args.rounds, args.jpeg)
             print(f"| {size[0]}×{size[1]} | {kind} | {len(files)} | {rust:.0f} | {vips:.0f} | {pil:.0f} | "
                   f"{rust / vips:.2f}× (target ≤ 0.5×) |", flush=True)
 

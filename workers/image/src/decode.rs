@@ -131,7 +131,10 @@ pub(crate) fn check_pixels(width: u32, height: u32, max_pixels: u64) -> Result<(
 }
 
 /// The orientation to apply, and the EXIF block as the outputs should carry it.
-fn orientation(exif: Option<Vec<u8>>, auto_orient: bool) -> (Option<Orientation>, Option<Vec<u8>>) {
+pub(crate) fn orientation(
+    exif: Option<Vec<u8>>,
+    auto_orient: bool,
+) -> (Option<Orientation>, Option<Vec<u8>>) {
     match exif {
         Some(mut block) if auto_orient => {
             let o = Orientation::remove_from_exif_chunk(&mut block);

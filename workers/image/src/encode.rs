@@ -142,31 +142,45 @@ fn check_webp_size(img: &DynamicImage) -> Result<(), TaskError> {
     Ok(())
 }
 
+/// The qualities `max_bytes` may lower an output asked at `asked` to, highest first: 10 lower
+/// at a time, down to [`MIN_QUALITY`] (empty when `asked` is that low already). Animated
+/// outputs search the same ladder (`anim/mod.rs`).
+pub(crate) fn quality_ladder(asked: u8) -> Vec<u8> {
+    let mut ladder = Vec::new();
+    let mut quality = asked;
+    while quality > MIN_QUALITY {
+        quality = quality.saturating_sub(10).max(MIN_QUALITY);
+        ladder.push(quality);
+    }
+    ladder
+}
+
 /// Encodes at the asked quality, then 10 lower at a time while over `max_bytes`.
 fn lowering_quality(
     spec: &OutputSpec,
     mut encode_at: impl FnMut(u8) -> Result<Vec<u8>, TaskError>,
 ) -> Result<Vec<u8>, TaskError> {
-    let mut quality = spec.quality.unwrap_or(DEFAULT_QUALITY);
-    loop {
+    let asked = spec.quality.unwrap_or(DEFAULT_QUALITY);
+    let Some(max) = spec.max_bytes else {
+        return encode_at(asked);
+    };
+    let mut over = (asked, 0);
+    for quality in std::iter::once(asked).chain(quality_ladder(asked)) {
         let data = encode_at(quality)?;
-        match spec.max_bytes {
-            Some(max) if data.len() as u64 > max => {
-                if quality <= MIN_QUALITY {
-                    return Err(invalid(
-                        "OutputTooLarge",
-                        format!(
-                            "{} bytes at {} quality {MIN_QUALITY}, still over max_bytes {max}",
-                            data.len(),
-                            spec.format.name()
-                        ),
-                    ));
-                }
-                quality = quality.saturating_sub(10).max(MIN_QUALITY);
-            }
-            _ => return Ok(data),
+        if data.len() as u64 <= max {
+            return Ok(data);
         }
+        over = (quality, data.len());
     }
+    Err(invalid(
+        "OutputTooLarge",
+        format!(
+            "{} bytes at {} quality {}, still over max_bytes {max}",
+            over.1,
+            spec.format.name(),
+            over.0
+        ),
+    ))
 }
 
 fn within_lossless(data: Vec<u8>, spec: &OutputSpec) -> Result<Vec<u8>, TaskError> {

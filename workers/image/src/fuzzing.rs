@@ -16,7 +16,7 @@ const SOURCE_SIZES: [(u32, u32); 3] = [(1, 1), (4000, 3000), (1, 65_535)];
 pub fn transform_kwargs(data: &[u8]) -> Result<(TransformArgs, Source), TaskError> {
     let args = mediafarm::fuzzing::kwargs::<Transform>(data)?;
     let source = vet(&args)?;
-    let crop = args.crop.map(|c| (c.width, c.height));
+    let crop = args.crop.map(|c| c.size());
     for full in SOURCE_SIZES.into_iter().chain(crop) {
         for o in &args.outputs {
             let (w, h) = target_size(full, o.fit, o.width, o.height);

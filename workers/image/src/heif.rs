@@ -250,6 +250,7 @@ impl<'a> Heif<'a> {
 
     fn decode_as(&self, colorspace: c_int, chroma: c_int) -> Result<Image, String> {
         let mut img = ptr::null_mut();
+        let _mapped = MappedPlanes::new();
         // SAFETY: a live handle; null options mean libheif's defaults (transformations
         // applied). On success `img` is a live image released by `Image`'s drop.
         unsafe {
@@ -377,6 +378,46 @@ impl Drop for Image {
     fn drop(&mut self) {
         // SAFETY: a live image from `heif_decode_image`, released once.
         unsafe { ffi::heif_image_release(self.0) }
+    }
+}
+
+/// glibc's mmap threshold while libheif decodes: its default, so every plane (4–48 MiB) is
+/// mapped on its own and unmapped when freed.
+const DECODE_MMAP_THRESHOLD: c_int = 128 << 10;
+/// … and after: the highest that glibc's dynamic threshold reaches by itself (32 MiB on 64-bit),
+/// so the other decoders' buffers below it stay in the heap for the next job, as they would
+/// once the threshold had risen.
+const AFTER_MMAP_THRESHOLD: c_int = 32 << 20;
+
+/// Held while libheif decodes. libheif and libde265 allocate with glibc's malloc (not the
+/// worker's allocator), and glibc raises its mmap threshold to the size of a mapped block once
+/// it is freed, so from a worker's second HEIF decode on, its 4–32 MiB planes came from the
+/// heap and stayed resident when freed while the next, larger ones were mapped anew: a second
+/// 48 MP HEIC decode peaked 60 MB above the first, and held 80 MB more while its picture was
+/// converted (BENCHMARKS.md, "Peak memory per source format"). Setting the threshold turns
+/// glibc's dynamic one off for good, so it is set back to that one's ceiling, not lowered.
+/// The free pages left in the heap are given back before and after (`malloc_trim`).
+struct MappedPlanes;
+
+impl MappedPlanes {
+    fn new() -> MappedPlanes {
+        // SAFETY: `mallopt` and `malloc_trim` only change or walk glibc's allocator state,
+        // under its own locks.
+        unsafe {
+            libc::malloc_trim(0);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, DECODE_MMAP_THRESHOLD);
+        }
+        MappedPlanes
+    }
+}
+
+impl Drop for MappedPlanes {
+    fn drop(&mut self) {
+        // SAFETY: as in `new`.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, AFTER_MMAP_THRESHOLD);
+            libc::malloc_trim(0);
+        }
     }
 }
 

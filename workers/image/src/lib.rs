@@ -4,6 +4,7 @@
 pub mod anim;
 pub mod budget;
 pub mod colour;
+pub mod crop_box;
 pub mod decode;
 pub mod encode;
 #[doc(hidden)]

@@ -21,6 +21,8 @@
 //!   the centre (so a subject smaller than the window is kept whole and as centred as it can be,
 //!   and a flat picture keeps its centre).
 
+use std::ops::Range;
+
 use image::DynamicImage;
 
 /// Longest side of the analysis map, in pixels.
@@ -143,66 +145,74 @@ impl Analysis {
     pub fn anchor(&self, smart: Smart, aspect: (u32, u32)) -> (f64, f64) {
         let (w, h) = (self.width as f64, self.height as f64);
         let ratio = f64::from(aspect.0.max(1)) / f64::from(aspect.1.max(1));
-        if w / h > ratio {
-            let win = ((h * ratio).round() as usize).clamp(1, self.width);
-            let at = self.offset(smart, Axis::X, win);
-            (fraction(at, self.width - win), 0.5)
+        let window = if w / h > ratio {
+            (
+                ((h * ratio).round() as usize).clamp(1, self.width),
+                self.height,
+            )
         } else {
-            let win = ((w / ratio).round() as usize).clamp(1, self.height);
-            let at = self.offset(smart, Axis::Y, win);
-            (0.5, fraction(at, self.height - win))
-        }
+            (
+                self.width,
+                ((w / ratio).round() as usize).clamp(1, self.height),
+            )
+        };
+        self.place_map(smart, window)
     }
 
-    fn offset(&self, smart: Smart, axis: Axis, window: usize) -> usize {
-        match smart {
-            Smart::Entropy => self.entropy_offset(axis, window),
-            Smart::Attention => self.attention_offset(axis, window),
-        }
+    /// Where a window of `window` pixels goes in the picture of `picture` pixels this map was
+    /// made from (both in the stored frame): fractions of the spare room along each axis, as
+    /// [`Analysis::anchor`]. For a crop given by its size only (`crop.gravity`): the window
+    /// is found along both axes at once.
+    pub fn place(&self, smart: Smart, window: (u32, u32), picture: (u32, u32)) -> (f64, f64) {
+        let side = |win: u32, of: u32, map: usize| {
+            let scaled = f64::from(win) * map as f64 / f64::from(of.max(1));
+            (scaled.round() as usize).clamp(1, map)
+        };
+        self.place_map(
+            smart,
+            (
+                side(window.0, picture.0, self.width),
+                side(window.1, picture.1, self.height),
+            ),
+        )
     }
 
-    /// The length of the map along `axis`.
-    fn len(&self, axis: Axis) -> usize {
-        match axis {
-            Axis::X => self.width,
-            Axis::Y => self.height,
-        }
+    /// [`Analysis::place`] for a window given in map pixels (each side 1 to the map's).
+    fn place_map(&self, smart: Smart, (ww, wh): (usize, usize)) -> (f64, f64) {
+        let (x, y) = match smart {
+            Smart::Entropy => self.entropy_window(ww, wh),
+            Smart::Attention => self.attention_window(ww, wh),
+        };
+        (fraction(x, self.width - ww), fraction(y, self.height - wh))
     }
 
-    fn entropy_offset(&self, axis: Axis, window: usize) -> usize {
-        let len = self.len(axis);
-        let step = (len - window).div_ceil(8).max(1);
-        let (mut start, mut end) = (0, len);
-        while end - start > window {
-            let slice = step.min(end - start - window);
-            let first = self.entropy(axis, start, start + slice);
-            let last = self.entropy(axis, end - slice, end);
-            if first == last {
-                // Nothing to tell them apart (flat background on both sides): half a slice
-                // from each end, the odd pixel from the end trimmed less so far.
-                let half = if start <= len - end {
-                    slice - slice / 2
-                } else {
-                    slice / 2
-                };
-                start += half;
-                end -= slice - half;
-            } else if first < last {
-                start += slice;
-            } else {
-                end -= slice;
+    /// libvips' entropy crop: from the whole map, trim the lower-entropy slice from either end
+    /// of each axis still longer than the window (an eighth of that axis' excess at a time),
+    /// until the window is left; its top-left corner.
+    fn entropy_window(&self, ww: usize, wh: usize) -> (usize, usize) {
+        let (mut xs, mut ys) = (0..self.width, 0..self.height);
+        let step_x = (self.width - ww).div_ceil(8).max(1);
+        let step_y = (self.height - wh).div_ceil(8).max(1);
+        while xs.len() > ww || ys.len() > wh {
+            if xs.len() > ww {
+                let rows = ys.clone();
+                xs = trim(xs, self.width, ww, step_x, |band| {
+                    self.entropy(band, rows.clone())
+                });
+            }
+            if ys.len() > wh {
+                let columns = xs.clone();
+                ys = trim(ys, self.height, wh, step_y, |band| {
+                    self.entropy(columns.clone(), band)
+                });
             }
         }
-        start
+        (xs.start, ys.start)
     }
 
-    /// Shannon entropy (bits) of the luma histogram of the band `from..to` along `axis`.
-    fn entropy(&self, axis: Axis, from: usize, to: usize) -> f64 {
+    /// Shannon entropy (bits) of the luma histogram of the map's rectangle `xs` × `ys`.
+    fn entropy(&self, xs: Range<usize>, ys: Range<usize>) -> f64 {
         let mut histogram = [0u32; 256];
-        let (xs, ys) = match axis {
-            Axis::X => (from..to, 0..self.height),
-            Axis::Y => (0..self.width, from..to),
-        };
         for y in ys {
             for x in xs.clone() {
                 histogram[usize::from(self.luma[y * self.width + x])] += 1;
@@ -219,7 +229,9 @@ impl Analysis {
             .sum()
     }
 
-    fn attention_offset(&self, axis: Axis, window: usize) -> usize {
+    /// The window of `ww`×`wh` with the highest total score, and among windows within 0.1 % of
+    /// it the one nearest the centre; its top-left corner.
+    fn attention_window(&self, ww: usize, wh: usize) -> (usize, usize) {
         // The summed-area table of the score, one row and column of zeros first.
         let (w, h) = (self.width, self.height);
         let mut table = vec![0f64; (w + 1) * (h + 1)];
@@ -234,29 +246,54 @@ impl Analysis {
             table[y1 * (w + 1) + x1] - table[y0 * (w + 1) + x1] - table[y1 * (w + 1) + x0]
                 + table[y0 * (w + 1) + x0]
         };
-        let positions = self.len(axis) - window + 1;
-        let totals: Vec<f64> = (0..positions)
-            .map(|at| match axis {
-                Axis::X => sum(at, 0, at + window, h),
-                Axis::Y => sum(0, at, w, at + window),
+        let (across, down) = (w - ww + 1, h - wh + 1);
+        let totals: Vec<f64> = (0..across * down)
+            .map(|at| {
+                let (x, y) = (at % across, at / across);
+                sum(x, y, x + ww, y + wh)
             })
             .collect();
         let best = totals.iter().copied().fold(0f64, f64::max);
-        let centre = (positions - 1) as f64 / 2.0;
-        (0..positions)
+        let centre = ((across - 1) as f64 / 2.0, (down - 1) as f64 / 2.0);
+        let distance = |at: usize| {
+            let (x, y) = ((at % across) as f64, (at / across) as f64);
+            (x - centre.0).powi(2) + (y - centre.1).powi(2)
+        };
+        let at = (0..totals.len())
             .filter(|&at| totals[at] >= best * 0.999)
-            .min_by(|&a, &b| {
-                let (da, db) = ((a as f64 - centre).abs(), (b as f64 - centre).abs());
-                da.total_cmp(&db)
-            })
-            .unwrap_or(positions / 2)
+            .min_by(|&a, &b| distance(a).total_cmp(&distance(b)))
+            .unwrap_or(totals.len() / 2);
+        (at % across, at / across)
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Axis {
-    X,
-    Y,
+/// One trim of libvips' entropy crop along an axis of `len`: the window `span` (longer than
+/// `window`) loses a slice (at most `step`) from the end whose band has the lower entropy —
+/// half a slice from each end when they tie (nothing tells them apart: flat background on
+/// both sides), the odd pixel from the end trimmed less so far.
+fn trim(
+    span: Range<usize>,
+    len: usize,
+    window: usize,
+    step: usize,
+    entropy: impl Fn(Range<usize>) -> f64,
+) -> Range<usize> {
+    let (start, end) = (span.start, span.end);
+    let slice = step.min(end - start - window);
+    let first = entropy(start..start + slice);
+    let last = entropy(end - slice..end);
+    if first == last {
+        let half = if start <= len - end {
+            slice - slice / 2
+        } else {
+            slice / 2
+        };
+        start + half..end - (slice - half)
+    } else if first < last {
+        start + slice..end
+    } else {
+        start..end - slice
+    }
 }
 
 fn fraction(at: usize, room: usize) -> f64 {

@@ -17,7 +17,7 @@ pub struct TransformArgs {
     /// Storage key, `s3://`, `file://` (allowed roots) or `https://` (allowed hosts).
     pub source: String,
     #[serde(default)]
-    pub crop: Option<Crop>,
+    pub crop: Option<CropArg>,
     #[serde(default = "yes")]
     pub auto_orient: bool,
     /// `true` (the default): outputs carry no metadata and colours are converted to sRGB.
@@ -62,13 +62,93 @@ fn yes() -> bool {
 }
 
 /// A rectangle of the (oriented) source, in pixels.
-#[derive(Debug, Clone, Copy, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Crop {
     pub x: u32,
     pub y: u32,
     pub width: u32,
     pub height: u32,
+}
+
+/// The job's `crop`, in the (oriented) source's pixels, cut before any resize: a rectangle
+/// `{x, y, width, height}`, or `{width, height, gravity?}` placed by its gravity — a side or
+/// corner, `centre` (the default), or `entropy`/`attention` by the picture's content — as
+/// imgproxy's `crop:%width:%height:%gravity` (`crop_box.rs` places it).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(try_from = "CropFields")]
+pub enum CropArg {
+    At(Crop),
+    Placed {
+        width: u32,
+        height: u32,
+        gravity: Gravity,
+    },
+}
+
+/// `crop` as JSON, before it is known which form it takes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CropFields {
+    x: Option<u32>,
+    y: Option<u32>,
+    width: u32,
+    height: u32,
+    gravity: Option<Gravity>,
+}
+
+impl TryFrom<CropFields> for CropArg {
+    type Error = String;
+
+    fn try_from(f: CropFields) -> Result<CropArg, String> {
+        let (width, height) = (f.width, f.height);
+        match (f.x, f.y, f.gravity) {
+            (Some(x), Some(y), None) => Ok(CropArg::At(Crop {
+                x,
+                y,
+                width,
+                height,
+            })),
+            (None, None, gravity) => Ok(CropArg::Placed {
+                width,
+                height,
+                gravity: gravity.unwrap_or_default(),
+            }),
+            (Some(_), Some(_), Some(g)) => Err(format!(
+                "crop has x and y and gravity {}: give x and y, or a gravity to place it, \
+                 not both",
+                format!("{g:?}").to_lowercase()
+            )),
+            _ => Err(
+                "crop has only one of x and y: give both, or neither and a gravity to \
+                      place it (centre when none is given)"
+                    .into(),
+            ),
+        }
+    }
+}
+
+impl From<Crop> for CropArg {
+    fn from(c: Crop) -> CropArg {
+        CropArg::At(c)
+    }
+}
+
+impl CropArg {
+    /// The crop's size (as shown): what the outputs are sized from.
+    pub fn size(&self) -> (u32, u32) {
+        match *self {
+            CropArg::At(c) => (c.width, c.height),
+            CropArg::Placed { width, height, .. } => (width, height),
+        }
+    }
+
+    /// The smart crop that places it, if it is placed by one.
+    pub fn smart(&self) -> Option<Smart> {
+        match self {
+            CropArg::Placed { gravity, .. } => gravity.smart(),
+            CropArg::At(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -17,10 +17,11 @@ use mediafarm::{Settings, Task, TaskContext, TaskError};
 
 use crate::anim;
 use crate::colour::ToSrgb;
+use crate::crop_box;
 use crate::decode::{decode, Decoded};
 use crate::encode::{encode, Metadata};
-use crate::geometry::{check_crop, crop, flatten, pad, scale, target_size};
-use crate::orient::{plan_output, stored_crop, OutputPlan};
+use crate::geometry::{crop, flatten, pad, scale, target_size};
+use crate::orient::{plan_output, OutputPlan};
 use crate::overlay::{draw, draw_bytes, Overlay, OverlayCache};
 use crate::settings::ImageSettings;
 use crate::smartcrop::{Analysis, ANALYSIS_BYTES};
@@ -234,7 +235,7 @@ pub fn process_with(
     let mut out: Vec<Option<Encoded>> = (0..args.outputs.len()).map(|_| None).collect();
     let watermark = args.watermark.as_ref().zip(overlay);
     let info = match &animation {
-        Some(a) if moving.iter().all(|&m| m) => a.info(data),
+        Some(a) if moving.iter().all(|&m| m) => a.info(data, args.auto_orient),
         _ => process_stills(data, args, limits.max_pixels, watermark, &moving, &mut out)?,
     };
     if let Some(a) = &animation {
@@ -267,8 +268,14 @@ fn process_stills(
     // What the job holds besides the decode and the resize: the smart crop's map, and the
     // overlay's copies for the largest output (the overlay itself when it is not pinned).
     let extra = |shown: (u32, u32)| {
-        let full = args.crop.map_or(shown, |c| (c.width, c.height));
-        let mut bytes = if smart { ANALYSIS_BYTES } else { 0 };
+        let full = args.crop.map_or(shown, |c| c.size());
+        // The crop's own analysis (a smart-placed crop) is dropped before the outputs' one.
+        let smart_crop = args.crop.is_some_and(|c| c.smart().is_some());
+        let mut bytes = if smart || smart_crop {
+            ANALYSIS_BYTES
+        } else {
+            0
+        };
         if let Some((w, o)) = watermark {
             let largest = stills()
                 .filter(|spec| spec.watermark)
@@ -312,17 +319,14 @@ fn process_stills(
     let shown_full = (info.width, info.height);
     let img = match args.crop {
         Some(c) => {
-            check_crop(c, shown_full)?;
             // Crops decode at full scale (share 1), so the rectangle is in decoded pixels.
-            crop(img, stored_crop(orientation, c, shown_full))?
+            let rect = crop_box::stored_rect(c, orientation, shown_full, &img)?;
+            crop(img, rect)?
         }
         None => img,
     };
     // Sizes follow the (cropped) source's full size, whatever scale it was decoded at.
-    let full = match args.crop {
-        Some(c) => (c.width, c.height),
-        None => shown_full,
-    };
+    let full = args.crop.map_or(shown_full, |c| c.size());
     // Stripped outputs carry no profile, so their pixels must be sRGB; kept ones carry the
     // source's profile and keep its pixels — except AVIF, whose encoder here writes no ICC.
     let to_srgb = icc.as_deref().and_then(ToSrgb::from_icc);

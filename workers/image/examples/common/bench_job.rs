@@ -1,7 +1,7 @@
 //! What the pipeline benchmark examples share: their command line (`--rounds`, `--widths`,
 //! `--quality`, `--baseline`, then files) and the job they time (each width as a JPEG).
 
-use image_worker::spec::{Crop, Format, OutputSpec, TransformArgs};
+use image_worker::spec::{Crop, CropArg, Format, OutputSpec, TransformArgs};
 
 pub struct BenchArgs {
     pub rounds: usize,
@@ -68,7 +68,7 @@ impl BenchArgs {
             })
             .collect();
         TransformArgs {
-            crop,
+            crop: crop.map(CropArg::from),
             ..TransformArgs::new("", outputs)
         }
     }

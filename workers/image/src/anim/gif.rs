@@ -17,6 +17,8 @@ pub struct Header {
     pub loop_count: u32,
     /// The ICC profile (GIF's `ICCRGBG1` block, WebP's `ICCP` chunk).
     pub icc: Option<Vec<u8>>,
+    /// The EXIF block from its TIFF header on (WebP's `EXIF` chunk; GIF has none).
+    pub exif: Option<Vec<u8>>,
 }
 
 /// Reads every block of `data` and counts its frames, decoding none (the LZW data is skipped).
@@ -55,6 +57,7 @@ pub fn header(data: &[u8]) -> Result<Header, String> {
         frames,
         loop_count,
         icc: decoder.icc_profile().map(<[u8]>::to_vec),
+        exif: None,
     })
 }
 

@@ -16,16 +16,27 @@
 //!   every frame as they would to the still; `entropy`/`attention` choose their window on the
 //!   first frame and keep it, so the crop does not jump between frames.
 //!
+//! - **Turned as a still is.** An animated WebP's `EXIF` orientation is applied (with
+//!   `auto_orient`, the default) the way `orient.rs` applies a still's: crop, sizes and
+//!   gravity are in the shown frame, each output-size frame is turned after its resize.
+//! - **`max_bytes` met as a still meets it, in bounded CPU.** An output over its `max_bytes`
+//!   is made again at lower qualities from the still path's ladder (the asked quality, then
+//!   10 lower at a time down to 30): first at 30 — if even that is over, the job fails saying
+//!   so after two encodes — then by bisection for the highest quality of the ladder that fits.
+//!   Each attempt decodes the source again and encodes that output alone, so an output costs at
+//!   most [`MAX_ENCODES`] encodes of the animation (the still path's linear walk can take 8).
+//!   A lossless output cannot be lowered and fails at once.
+//!
 //! Colour as for stills: a source's ICC profile (GIF's `ICCRGBG1` block, WebP's `ICCP`) is
-//! converted to sRGB, or with `strip_metadata: false` kept in the output instead. Not carried:
-//! EXIF (nor its orientation, which is not applied). `max_bytes` is checked, not met by
-//! lowering the quality: an animation is encoded once.
+//! converted to sRGB, or with `strip_metadata: false` kept in the output instead, with the
+//! EXIF block (its orientation reset when it was applied).
 
 mod encoder;
 pub mod gif;
 pub mod webp;
 
 use fast_image_resize::Resizer;
+use image::metadata::Orientation;
 use image::DynamicImage;
 use mediafarm::TaskError;
 
@@ -33,10 +44,11 @@ pub use encoder::AnimEncoder;
 
 use crate::budget::reserve;
 use crate::colour::ToSrgb;
-use crate::decode::{check_pixels, resize_bytes};
-use crate::encode::{Metadata, DEFAULT_QUALITY};
-use crate::geometry::{check_crop, scale};
-use crate::orient::{plan_output, OutputPlan};
+use crate::crop_box;
+use crate::decode::{check_pixels, orientation, resize_bytes};
+use crate::encode::{quality_ladder, Metadata, DEFAULT_QUALITY};
+use crate::geometry::scale;
+use crate::orient::{plan_output, swap_size, OutputPlan};
 use crate::overlay::{draw_bytes, Overlay};
 use crate::smartcrop::{Analysis, ANALYSIS_BYTES};
 use crate::spec::{invalid, Fit, OutputSpec, SourceInfo, TransformArgs, Watermark};
@@ -68,17 +80,31 @@ pub struct Animation {
     /// 0: for ever; n: played n times.
     pub loop_count: u32,
     pub icc: Option<Vec<u8>>,
+    /// The EXIF block (an animated WebP's `EXIF` chunk), orientation included.
+    pub exif: Option<Vec<u8>>,
 }
 
 impl Animation {
-    /// The source as the job's result describes it.
-    pub fn info(&self, data: &[u8]) -> SourceInfo {
+    /// The source as the job's result describes it: its size as shown when `auto_orient`.
+    pub fn info(&self, data: &[u8], auto_orient: bool) -> SourceInfo {
+        let (width, height) = self.shown(auto_orient);
         SourceInfo {
-            width: self.canvas.0,
-            height: self.canvas.1,
+            width,
+            height,
             format: self.kind.name().into(),
             bytes: data.len() as u64,
         }
+    }
+
+    /// The orientation to apply (with `auto_orient`) and the EXIF block as outputs keep it
+    /// (its orientation reset when applied), as for a still (`decode.rs`).
+    fn orientation(&self, auto_orient: bool) -> (Option<Orientation>, Option<Vec<u8>>) {
+        orientation(self.exif.clone(), auto_orient)
+    }
+
+    /// The canvas as shown: its sides swapped by orientations 5–8.
+    fn shown(&self, auto_orient: bool) -> (u32, u32) {
+        swap_size(self.orientation(auto_orient).0, self.canvas)
     }
 
     fn pixels(&self) -> u64 {
@@ -109,6 +135,7 @@ pub fn probe(data: &[u8], limits: &Limits) -> Result<Option<Animation>, TaskErro
         frames: header.frames,
         loop_count: header.loop_count,
         icc: header.icc,
+        exif: header.exif,
     };
     if u64::from(animation.frames) > limits.max_anim_frames {
         return Err(invalid(
@@ -163,7 +190,6 @@ impl Frames<'_> {
 
 /// One animated output being made.
 struct Moving<'a> {
-    index: usize,
     spec: &'a OutputSpec,
     plan: OutputPlan,
     /// Its final size (`contain` pads to the box).
@@ -209,17 +235,18 @@ fn plan(
     limits: &Limits,
     moving: &[bool],
 ) -> Result<((u32, u32), Vec<Planned>), TaskError> {
-    let canvas = animation.canvas;
+    let shown = animation.shown(args.auto_orient);
+    let (orient, _) = animation.orientation(args.auto_orient);
     if let Some(c) = args.crop {
-        check_crop(c, canvas)?;
+        crop_box::check(c, shown)?;
     }
-    let full = args.crop.map_or(canvas, |c| (c.width, c.height));
+    let full = args.crop.map_or(shown, |c| c.size());
     let chosen: Vec<usize> = (0..args.outputs.len()).filter(|&i| moving[i]).collect();
     // Sizes and budgets first, before anything is decoded or reserved.
     let mut plans = Vec::with_capacity(chosen.len());
     for &i in &chosen {
         let spec = &args.outputs[i];
-        let plan = plan_output(full, None, spec);
+        let plan = plan_output(full, orient, spec);
         let size = final_size(spec, &plan);
         let pixels = u64::from(animation.frames) * u64::from(size.0) * u64::from(size.1);
         if pixels > limits.max_anim_pixels {
@@ -254,7 +281,8 @@ fn held_bytes(
     let canvas = animation.canvas;
     let smart = plans
         .iter()
-        .any(|(i, _, _)| args.outputs[*i].gravity.smart().is_some());
+        .any(|(i, _, _)| args.outputs[*i].gravity.smart().is_some())
+        || args.crop.is_some_and(|c| c.smart().is_some());
     let source = match animation.kind {
         Kind::Gif => gif::held_bytes(canvas),
         Kind::Webp => webp::held_bytes(canvas),
@@ -305,6 +333,10 @@ pub fn reserved_bytes(
     Ok(Some(held_bytes(&animation, args, full, &plans, None)))
 }
 
+/// Most encodes of one animated output: its first, then at most one at the lowest quality
+/// and three more bisecting the still path's ladder (at most 7 rungs below 100).
+pub const MAX_ENCODES: u32 = 5;
+
 /// Makes every output marked in `moving` from `animation` (the probe of `data`) into `out`.
 pub fn encode(
     data: &[u8],
@@ -315,34 +347,121 @@ pub fn encode(
     moving: &[bool],
     out: &mut [Option<Encoded>],
 ) -> Result<(), TaskError> {
-    let canvas = animation.canvas;
     let (full, plans) = plan(animation, args, limits, moving)?;
+    let _held = reserve(held_bytes(animation, args, full, &plans, watermark));
+    let asked: Vec<u8> = plans
+        .iter()
+        .map(|(i, _, _)| args.outputs[*i].quality.unwrap_or(DEFAULT_QUALITY))
+        .collect();
+    let mut files = pass(data, animation, args, watermark, &plans, &asked)?;
+    for (k, planned) in plans.iter().enumerate() {
+        let (i, _, size) = *planned;
+        let spec = &args.outputs[i];
+        if let Some(max) = spec.max_bytes.filter(|&max| files[k].len() as u64 > max) {
+            let over = |e: String| {
+                invalid(
+                    "OutputTooLarge",
+                    format!("outputs[{i}] ({}): {e}", spec.key),
+                )
+            };
+            if spec.lossless {
+                return Err(over(format!(
+                    "{} bytes, over max_bytes {max}; a lossless animated WebP cannot lower its \
+                     quality: ask for a smaller size or a lossy output",
+                    files[k].len()
+                )));
+            }
+            let one = std::slice::from_ref(planned);
+            // The file over the limit goes first: the search then holds no more of this
+            // output's encoded frames than its first encode did (what `held_bytes` reserves).
+            let over_len = std::mem::take(&mut files[k]).len();
+            files[k] = fit_within(max, (asked[k], over_len), |quality| {
+                Ok(pass(data, animation, args, watermark, one, &[quality])?.remove(0))
+            })?
+            .map_err(|(quality, bytes)| {
+                over(format!(
+                    "{bytes} bytes at webp quality {quality}, still over max_bytes {max}; ask for \
+                     a smaller size or a shorter animation"
+                ))
+            })?;
+        }
+        let file = std::mem::take(&mut files[k]);
+        let frames = webp::header(&file).map(|h| h.frames).ok();
+        out[i] = Some(Encoded {
+            data: file,
+            width: size.0,
+            height: size.1,
+            frames,
+        });
+    }
+    Ok(())
+}
+
+/// The file of the highest quality on the still path's ladder below `asked` (whose own file
+/// was over `max`) that fits in `max` bytes, made by `encode_at`: the lowest rung first, then
+/// bisection (sizes fall as the quality does). `Err((quality, bytes))` when even the lowest
+/// rung is over (`asked_bytes`: the asked quality's size, when it is the lowest).
+fn fit_within(
+    max: u64,
+    (asked, asked_bytes): (u8, usize),
+    mut encode_at: impl FnMut(u8) -> Result<Vec<u8>, TaskError>,
+) -> Result<Result<Vec<u8>, (u8, usize)>, TaskError> {
+    let ladder = quality_ladder(asked);
+    let Some(&lowest) = ladder.last() else {
+        // Asked for the lowest quality already.
+        return Ok(Err((asked, asked_bytes)));
+    };
+    let mut best = encode_at(lowest)?;
+    if best.len() as u64 > max {
+        return Ok(Err((lowest, best.len())));
+    }
+    // `ladder[fits]` fits; every rung before `first` is known (or taken) to be over.
+    let (mut first, mut fits) = (0, ladder.len() - 1);
+    while first < fits {
+        let mid = (first + fits) / 2;
+        let file = encode_at(ladder[mid])?;
+        if file.len() as u64 <= max {
+            (fits, best) = (mid, file);
+        } else {
+            first = mid + 1;
+        }
+    }
+    Ok(Ok(best))
+}
+
+/// One pass over the source's frames making each output of `plans` at the quality of the same
+/// index: its finished files (with the metadata kept, if any), in the same order.
+fn pass(
+    data: &[u8],
+    animation: &Animation,
+    args: &TransformArgs,
+    watermark: Option<(&Watermark, &Overlay)>,
+    plans: &[Planned],
+    qualities: &[u8],
+) -> Result<Vec<Vec<u8>>, TaskError> {
+    let canvas = animation.canvas;
+    let (orient, exif) = animation.orientation(args.auto_orient);
+    let shown_canvas = swap_size(orient, canvas);
     let smart = plans
         .iter()
         .any(|(i, _, _)| args.outputs[*i].gravity.smart().is_some());
-    let _held = reserve(held_bytes(animation, args, full, &plans, watermark));
-
     let mut made = Vec::with_capacity(plans.len());
-    for (i, plan, size) in plans {
+    for (&(i, plan, size), &quality) in plans.iter().zip(qualities) {
         let spec = &args.outputs[i];
         made.push(Moving {
-            index: i,
             spec,
             plan,
             size,
             anchor: plan.anchor,
-            encoder: AnimEncoder::new(
-                size,
-                animation.loop_count,
-                spec.quality.unwrap_or(DEFAULT_QUALITY),
-                spec.lossless,
-            )?,
+            encoder: AnimEncoder::new(size, animation.loop_count, quality, spec.lossless)?,
         });
     }
-    // As for stills: stripped outputs are converted to sRGB, kept ones carry the profile.
-    let (to_srgb, keep_icc) = match animation.icc.as_deref() {
-        Some(icc) if args.strip_metadata => (ToSrgb::from_icc(icc), None),
-        icc => (None, icc),
+    // As for stills: stripped outputs are converted to sRGB, kept ones carry the profile and
+    // the EXIF block.
+    let (to_srgb, kept) = match animation.icc.as_deref() {
+        _ if !args.strip_metadata => (None, Some((animation.icc.as_deref(), exif.as_deref()))),
+        Some(icc) => (ToSrgb::from_icc(icc), None),
+        None => (None, None),
     };
     let name = animation.kind.name();
     let cannot = |e: String| invalid("InvalidImage", e);
@@ -355,6 +474,9 @@ pub fn encode(
             "the {name}'s decoder and its container disagree on its size"
         )));
     }
+    // The crop is given in the shown frame; the frames are cut in their stored one, where
+    // the first frame places a crop given by its size (and every frame keeps that place).
+    let mut cut = None;
     let mut resizer = Resizer::new();
     let mut count = 0u32;
     while let Some(duration) = frames.next(count + 1).map_err(cannot)? {
@@ -365,8 +487,14 @@ pub fn encode(
                 animation.frames
             )));
         }
+        if count == 1 {
+            cut = args
+                .crop
+                .map(|c| crop_box::stored_rect(c, orient, shown_canvas, frames.canvas()))
+                .transpose()?;
+        }
         let cropped;
-        let base = match args.crop {
+        let base = match cut {
             Some(c) => {
                 cropped = frames.canvas().crop_imm(c.x, c.y, c.width, c.height);
                 &cropped
@@ -400,40 +528,17 @@ pub fn encode(
             animation.frames
         )));
     }
-    for m in made {
-        let file = m.encoder.finish()?;
-        let file = match keep_icc {
-            Some(icc) => {
-                let meta = Metadata {
-                    icc: Some(icc),
-                    exif: None,
-                };
-                webp_meta::with_metadata(file, m.size, false, meta)?
+    made.into_iter()
+        .map(|m| {
+            let file = m.encoder.finish()?;
+            match kept {
+                Some((icc, exif)) if icc.is_some() || exif.is_some() => {
+                    webp_meta::with_metadata(file, m.size, false, Metadata { icc, exif })
+                }
+                _ => Ok(file),
             }
-            None => file,
-        };
-        if let Some(max) = m.spec.max_bytes.filter(|&max| file.len() as u64 > max) {
-            return Err(invalid(
-                "OutputTooLarge",
-                format!(
-                    "outputs[{}] ({}): {} bytes, over max_bytes {max}; an animated output is \
-                     encoded once at its quality (not lowered to fit): ask for a lower quality \
-                     or a smaller size",
-                    m.index,
-                    m.spec.key,
-                    file.len()
-                ),
-            ));
-        }
-        let frames = webp::header(&file).map(|h| h.frames).ok();
-        out[m.index] = Some(Encoded {
-            data: file,
-            width: m.size.0,
-            height: m.size.1,
-            frames,
-        });
-    }
-    Ok(())
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -443,10 +548,10 @@ mod tests {
 
     use ::gif::{DisposalMethod, Encoder, Frame, Repeat};
     use image::codecs::webp::WebPDecoder;
-    use image::{AnimationDecoder, RgbaImage};
+    use image::{AnimationDecoder, ImageDecoder, RgbaImage};
 
     use super::*;
-    use crate::spec::{Format, Gravity};
+    use crate::spec::{CropArg, Format, Gravity};
     use crate::transform::{process, process_with};
 
     const RED: u8 = 0;
@@ -591,12 +696,12 @@ mod tests {
         let data = gif(Repeat::Infinite);
         let mut args = job(vec![webp_output("o.webp", None, true)]);
         // The right half: frame 2's green square is at (20, 10)–(30, 20), so at (0, 10) here.
-        args.crop = Some(crate::spec::Crop {
+        args.crop = Some(CropArg::from(crate::spec::Crop {
             x: 20,
             y: 0,
             width: 20,
             height: 30,
-        });
+        }));
         args.watermark = Some(Watermark {
             key: "mark.png".into(),
             position: Gravity::Southeast,
@@ -624,12 +729,12 @@ mod tests {
             assert_eq!(frame.get_pixel(18, 28).0, [255, 255, 255, 255], "frame {i}");
         }
         // A crop outside the canvas is refused before anything is decoded.
-        args.crop = Some(crate::spec::Crop {
+        args.crop = Some(CropArg::from(crate::spec::Crop {
             x: 30,
             y: 0,
             width: 20,
             height: 30,
-        });
+        }));
         let err = process_with(&data, &args, &limits(), Some(&overlay))
             .err()
             .unwrap();
@@ -879,6 +984,172 @@ mod tests {
             err.message.contains("the webp is cut short"),
             "{}",
             err.message
+        );
+    }
+
+    /// Four 96×64 frames of noise (a fixed xorshift, so every run is the same), 100 ms each,
+    /// made at quality 100: detail that lower qualities visibly shrink.
+    fn noisy_animation() -> Vec<u8> {
+        let mut state: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut enc = AnimEncoder::new((96, 64), 0, 100, false).unwrap();
+        for _ in 0..4 {
+            let frame = image::RgbImage::from_fn(96, 64, |_, _| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let [r, g, b, ..] = state.to_le_bytes();
+                image::Rgb([r, g, b])
+            });
+            enc.add(&DynamicImage::ImageRgb8(frame), 100).unwrap();
+        }
+        enc.finish().unwrap()
+    }
+
+    #[test]
+    fn max_bytes_lowers_an_animations_quality_or_fails_saying_so() {
+        let source = noisy_animation();
+        let made =
+            |spec: &OutputSpec| process_with(&source, &job(vec![spec.clone()]), &limits(), None);
+        let asked = webp_output("n.webp", None, false);
+        let at_asked = made(&asked).unwrap().1[0].data.len() as u64;
+        let lowest = OutputSpec {
+            quality: Some(30),
+            ..asked.clone()
+        };
+        let at_lowest = made(&lowest).unwrap().1[0].data.len() as u64;
+        assert!(at_lowest < at_asked * 3 / 4, "{at_lowest} vs {at_asked}");
+
+        // A limit between the two is met by a lower quality, every frame kept.
+        let max = (at_asked + at_lowest) / 2;
+        let limited = OutputSpec {
+            max_bytes: Some(max),
+            ..asked.clone()
+        };
+        let (_, out) = made(&limited).unwrap();
+        let len = out[0].data.len() as u64;
+        assert!(len <= max && len >= at_lowest, "{len} for max_bytes {max}");
+        assert_eq!(out[0].frames, Some(4));
+        assert_eq!(frames_of(&out[0].data).len(), 4);
+
+        // Below what quality 30 makes: a failure that says so.
+        let impossible = OutputSpec {
+            max_bytes: Some(at_lowest - 1),
+            ..asked.clone()
+        };
+        let err = made(&impossible)
+            .err()
+            .expect("over max_bytes at quality 30");
+        assert_eq!(err.exc_type, "OutputTooLarge");
+        assert!(
+            err.message.contains(&format!(
+                "{at_lowest} bytes at webp quality 30, still over max_bytes"
+            )),
+            "{}",
+            err.message
+        );
+
+        // Lossless cannot be lowered.
+        let lossless = OutputSpec {
+            max_bytes: Some(100),
+            ..webp_output("l.webp", None, true)
+        };
+        let err = made(&lossless).err().expect("lossless over max_bytes");
+        assert_eq!(err.exc_type, "OutputTooLarge");
+        assert!(err.message.contains("lossless"), "{}", err.message);
+    }
+
+    /// The search picks what the still path's linear walk picks, in fewer encodes.
+    #[test]
+    fn the_quality_search_bisects_the_still_ladder() {
+        let size = |q: u8| usize::from(q) * 100;
+        for asked in [100u8, 80, 75, 45, 31, 30, 10] {
+            for max in (0..=10_000).step_by(250) {
+                let mut calls = 0u32;
+                let got = fit_within(max, (asked, size(asked)), |q| {
+                    calls += 1;
+                    Ok(vec![0; size(q)])
+                })
+                .unwrap();
+                let walk = quality_ladder(asked)
+                    .into_iter()
+                    .find(|&q| size(q) as u64 <= max);
+                match walk {
+                    Some(q) => assert_eq!(got.map(|f| f.len()), Ok(size(q)), "{asked} {max}"),
+                    None => assert!(got.is_err(), "{asked} {max}"),
+                }
+                assert!(calls < MAX_ENCODES, "{asked} {max}: {calls} encodes");
+            }
+        }
+    }
+
+    #[test]
+    fn an_animated_webps_exif_orientation_is_applied() {
+        // Stored 64×48, red on the left and blue on the right, EXIF orientation 6 (turn 90°
+        // clockwise): shown 48×64, red on top.
+        let mut enc = AnimEncoder::new((64, 48), 0, 90, false).unwrap();
+        // Two frames, a shade apart (identical ones would be merged into one).
+        for (ms, shade) in [(100, 220), (200, 200)] {
+            let frame = image::RgbImage::from_fn(64, 48, |x, _| {
+                image::Rgb(if x < 32 {
+                    [shade, 20, 20]
+                } else {
+                    [20, 20, shade]
+                })
+            });
+            enc.add(&DynamicImage::ImageRgb8(frame), ms).unwrap();
+        }
+        let exif = b"MM\0\x2a\0\0\0\x08\0\x01\x01\x12\0\x03\0\0\0\x01\0\x06\0\0\0\0\0\0".to_vec();
+        let meta = Metadata {
+            icc: None,
+            exif: Some(&exif),
+        };
+        let source =
+            webp_meta::with_metadata(enc.finish().unwrap(), (64, 48), false, meta).unwrap();
+        assert_eq!(webp::header(&source).unwrap().exif, Some(exif));
+
+        let mut args = job(vec![webp_output("o.webp", Some(24), false)]);
+        args.strip_metadata = false;
+        let (info, made) = process_with(&source, &args, &limits(), None).unwrap();
+        assert_eq!((info.width, info.height), (48, 64));
+        assert_eq!((made[0].width, made[0].height), (24, 32));
+        let frames = frames_of(&made[0].data);
+        assert_eq!(frames.len(), 2);
+        let (top, bottom) = (
+            frames[1].0.get_pixel(12, 4).0,
+            frames[1].0.get_pixel(12, 28).0,
+        );
+        assert!(top[0] > 150 && top[2] < 90, "top {top:?}");
+        assert!(bottom[2] > 150 && bottom[0] < 90, "bottom {bottom:?}");
+        // The kept EXIF no longer turns it.
+        let kept = WebPDecoder::new(Cursor::new(&made[0].data))
+            .unwrap()
+            .exif_metadata()
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            Orientation::from_exif_chunk(&kept),
+            Some(Orientation::NoTransforms)
+        );
+
+        // Without auto_orient it stays as stored; a crop is in the shown frame.
+        args.auto_orient = false;
+        let (info, made) = process_with(&source, &args, &limits(), None).unwrap();
+        assert_eq!((info.width, info.height), (64, 48));
+        assert_eq!((made[0].width, made[0].height), (24, 18));
+        args.auto_orient = true;
+        args.crop = Some(CropArg::from(crate::spec::Crop {
+            x: 0,
+            y: 40,
+            width: 48,
+            height: 24,
+        }));
+        args.outputs[0].width = None;
+        let (_, made) = process_with(&source, &args, &limits(), None).unwrap();
+        assert_eq!((made[0].width, made[0].height), (48, 24));
+        let px = frames_of(&made[0].data)[0].0.get_pixel(24, 12).0;
+        assert!(
+            px[2] > 150 && px[0] < 90,
+            "the crop keeps the shown bottom (blue): {px:?}"
         );
     }
 }

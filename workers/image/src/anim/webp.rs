@@ -64,10 +64,20 @@ pub fn header(data: &[u8]) -> Result<Header, String> {
             frames: get(sys::WebPFormatFeature::WEBP_FF_FRAME_COUNT),
             loop_count: get(sys::WebPFormatFeature::WEBP_FF_LOOP_COUNT),
             icc: chunk(demux, b"ICCP\0"),
+            exif: chunk(demux, b"EXIF\0").map(exif_from_tiff_header),
         };
         sys::WebPDemuxDelete(demux);
         Ok(header)
     }
+}
+
+/// An `EXIF` chunk from its TIFF header on: the WebP specification says the chunk holds the
+/// TIFF data; a writer that copied it from a JPEG may have kept JPEG's `Exif\0\0` prefix.
+fn exif_from_tiff_header(mut chunk: Vec<u8>) -> Vec<u8> {
+    if chunk.starts_with(b"Exif\0\0") {
+        chunk.drain(..6);
+    }
+    chunk
 }
 
 /// The first chunk named `fourcc` (NUL-terminated) of an open demuxer, copied.
