@@ -757,12 +757,13 @@ async fn fifty_rtmp_sessions_share_a_few_threads_and_store_every_tick() {
     let url = format!("rtmp://127.0.0.1:{port}/live/many");
     let _publisher = rtmp_publisher(&url);
     let worker = w.start_worker_c("a", SESSIONS + 4);
+    let ids: Vec<String> = (0..SESSIONS).map(|_| unique_stream("many")).collect();
     let mut jobs = Vec::new();
-    for i in 0..SESSIONS {
+    for id in &ids {
         let job = w
             .send(
                 "snapshot.watch",
-                json!({"stream_id": format!("many{i}"), "stream_url": url, "interval_s": 1,
+                json!({"stream_id": id, "stream_url": url, "interval_s": 1,
                        "duration_s": 6, "key": "m/{stream_id}/{seq}.jpg"}),
             )
             .await;
@@ -777,15 +778,13 @@ async fn fifty_rtmp_sessions_share_a_few_threads_and_store_every_tick() {
         !names.iter().any(|n| n.starts_with("session-")),
         "session threads: {names:?}"
     );
-    for (i, job) in jobs.iter().enumerate() {
+    for (id, job) in ids.iter().zip(&jobs) {
         let out = job.get(WAIT).await.unwrap();
         assert_eq!(out["ended"], "duration", "{out}");
         let frames = out["frames"].as_u64().unwrap();
         // Every tick stored, under consecutive seqs, each a real picture.
-        let keys = w.stored_keys(&format!("m/many{i}"));
-        let want: Vec<String> = (0..frames)
-            .map(|s| format!("m/many{i}/{s:06}.jpg"))
-            .collect();
+        let keys = w.stored_keys(&format!("m/{id}"));
+        let want: Vec<String> = (0..frames).map(|s| format!("m/{id}/{s:06}.jpg")).collect();
         assert_eq!(keys, want, "{out}");
         for key in &keys {
             assert_jpeg(&w.stored(key), 320, 240);

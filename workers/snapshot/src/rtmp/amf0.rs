@@ -226,8 +226,7 @@ mod tests {
             read_all(&[0x0a, 0xff, 0xff, 0xff, 0xff, 0x05]),
             Err(AmfError::Short)
         );
-        let deep: Vec<u8> = std::iter::repeat([0x03, 0x00, 0x01, b'k'])
-            .take(40)
+        let deep: Vec<u8> = std::iter::repeat_n([0x03, 0x00, 0x01, b'k'], 40)
             .flatten()
             .collect();
         assert_eq!(read_all(&deep), Err(AmfError::Deep));
