@@ -233,6 +233,11 @@ async fn stream(
             let have_config = config.is_some();
             let msg = player
                 .next_media(&mut |head, first| {
+                    if head.type_id == chunk::AGGREGATE {
+                        // Not read yet: say so rather than take no frame silently.
+                        unsupported = Some("aggregate-message (several FLV tags per message)");
+                        return false;
+                    }
                     if head.type_id != chunk::VIDEO {
                         return false;
                     }
