@@ -18,7 +18,19 @@
    later than one GOP (2 s) behind its stream time; the largest N that keeps every session on
    schedule is printed. Bounded: each level runs --level-seconds.
 
+3. RTMP sessions per core (`--rtmp`, issue 17): one nginx-rtmp on 127.0.0.1 (pinned to core
+   1) with one stream published from a looped file (`-c copy`, so publishing costs next to
+   nothing): `lowrate` is 640x360 H.264 at 300 kbit/s with a 2 s GOP, `noisy-1080p-h264` the
+   realistic 6 Mbit/s one. N `snapshot.watch` sessions all play it (a tick per 20 s, each
+   frame delivered to a local webhook) in a worker pinned to core 0, on the RTMP engine
+   (`snapshot_rtmp_engine = true`) and on the thread path (`false`) in the same run. Lateness
+   of a frame: when its delivery reached the webhook, less its due time — the moment its
+   keyframe was published (the stream's wall-clock origin, the earliest `captured_at - pts_s`
+   seen in the run, plus `pts_s`). On schedule: every frame within 1 s of its due time and no
+   session short of ticks.
+
 Usage: .venv/bin/python bench/snapshot_cpu.py [--rounds 3] [--levels 50,100,200] [--level-seconds 50] [--stagger 20]
+       .venv/bin/python bench/snapshot_cpu.py --rtmp --levels 500,1000,2000 --old-levels 500,1000 [--rtmp-input lowrate]
 Needs ffmpeg (scripts/setup.d/snapshot.sh), RabbitMQ and Redis on 127.0.0.1. Local only.
 """
 import argparse
@@ -42,7 +54,8 @@ from celery import Celery
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "target" / "snapshot-bench"
 INPUT = WORK / "in-1080p30-gop2-120s.mp4"
-WORKER = ROOT / "target" / "release" / "snapshot-worker"
+# SNAPSHOT_WORKER: a release binary built elsewhere (then nothing is built here).
+WORKER = Path(os.environ.get("SNAPSHOT_WORKER", ROOT / "target" / "release" / "snapshot-worker"))
 BROKER = os.environ.get("BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
 BACKEND = os.environ.get("RESULT_BACKEND", "redis://127.0.0.1:6379/0")
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -74,6 +87,13 @@ INPUTS = {
 }
 
 
+LOWRATE = ("lowrate-640x360-300k-gop2-60s.mp4", "testsrc2=size=640x360:rate=30", 60,
+           ["-c:v", "libx264", "-preset", "veryfast", "-b:v", "300k", "-maxrate", "300k",
+            "-bufsize", "600k", "-g", "60", "-keyint_min", "60", "-sc_threshold", "0",
+            "-pix_fmt", "yuv420p"])
+INPUTS["lowrate"] = LOWRATE
+
+
 def ensure_input(name):
     global INPUT
     file, source, seconds, encode = INPUTS[name]
@@ -85,7 +105,8 @@ def ensure_input(name):
         sh("ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-f", "lavfi",
            "-i", source, "-t", str(seconds), *encode, str(tmp))
         tmp.rename(INPUT)
-    sh("cargo", "build", "--release", "-q", "-p", "snapshot-worker", "--bin", "snapshot-worker", cwd=ROOT)
+    if "SNAPSHOT_WORKER" not in os.environ:
+        sh("cargo", "build", "--release", "-q", "-p", "snapshot-worker", "--bin", "snapshot-worker", cwd=ROOT)
 
 
 def proc_cpu_s(pid):
@@ -223,8 +244,10 @@ class Deliveries(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        got = json.loads(body)
+        got["_received"] = time.time()
         with Deliveries.lock:
-            Deliveries.got.append(json.loads(body))
+            Deliveries.got.append(got)
         self.send_response(204)
         self.end_headers()
 
@@ -308,6 +331,144 @@ def sessions_per_core(levels, seconds, stagger):
     print(f"most sessions kept on schedule (no tick later than one GOP): {best}")
 
 
+LATE_OK_S = 1.0
+
+
+def nginx_rtmp(pin):
+    """nginx with the RTMP module on a free port, pinned to core `pin`; returns (proc, port, dir)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    d = Path(tempfile.mkdtemp(prefix="snapbench-nginx-"))
+    (d / "logs").mkdir()
+    (d / "nginx.conf").write_text(
+        "load_module /usr/lib/nginx/modules/ngx_rtmp_module.so;\n"
+        f"daemon off;\nmaster_process off;\nerror_log {d}/logs/error.log warn;\npid {d}/nginx.pid;\n"
+        "worker_rlimit_nofile 20000;\nevents { worker_connections 16000; }\n"
+        f"rtmp {{ server {{ listen 127.0.0.1:{port}; application live {{ live on; record off; idle_streams off; }} }} }}\n")
+    proc = subprocess.Popen(["taskset", "-c", str(pin), "nginx", "-p", str(d), "-c", str(d / "nginx.conf"),
+                             "-e", str(d / "logs/error.log")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    return proc, port, d
+
+
+def rtmp_publisher(url, pin):
+    """ffmpeg publishing INPUT looped at its own pace (stream copy) until stopped."""
+    flv = INPUT.with_suffix(".flv")
+    if not flv.exists():
+        sh("ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(INPUT), "-c", "copy", str(flv))
+    proc = subprocess.Popen(["taskset", "-c", str(pin), "ffmpeg", "-hide_banner", "-loglevel", "error",
+                             "-re", "-stream_loop", "-1", "-i", str(flv), "-c", "copy", "-f", "flv", url],
+                            stdin=subprocess.DEVNULL)
+    time.sleep(3)
+    if proc.poll() is not None:
+        raise SystemExit("the RTMP publisher did not start")
+    return proc
+
+
+def rtmp_level(engine, n, seconds, hook_port, stagger, url):
+    """Runs n sessions on `engine` (new: the RTMP engine; old: a thread each); returns the
+    deliveries and the worker's figures."""
+    storage = WORK / f"storage-rtmp-{engine}-{n}"
+    queue = f"bench-rtmp-{uuid.uuid4().hex[:8]}"
+    worker = Worker(queue, storage, pin=0, concurrency=n + 4, extra_env={
+        "MEDIAFARM_SNAPSHOT_MAX_SESSIONS": str(n),
+        "MEDIAFARM_SNAPSHOT_RTMP_ENGINE": "true" if engine == "new" else "false",
+        "MEDIAFARM_SOURCE_ALLOWED_HOSTS": "127.0.0.1",
+        "MEDIAFARM_SOURCE_ALLOW_PRIVATE": "true",
+    })
+    app = celery_app()
+    with Deliveries.lock:
+        Deliveries.got.clear()
+    ids = [f"r{engine}{n}-{i}-{uuid.uuid4().hex[:4]}" for i in range(n)]
+    for sid in ids:
+        time.sleep(stagger / n)
+        app.send_task("snapshot.watch", queue=queue, kwargs={
+            "stream_id": sid, "stream_url": url, "interval_s": INTERVAL_S,
+            "key": "rtmp/{stream_id}/{seq}.jpg", "deliver": f"http://127.0.0.1:{hook_port}/hook"})
+    c0, t0 = worker.cpu(), time.monotonic()
+    time.sleep(seconds)
+    cpu = worker.cpu() - c0
+    wall = time.monotonic() - t0
+    rss_mb = proc_rss_mb(worker.proc.pid)
+    threads = len(os.listdir(f"/proc/{worker.proc.pid}/task"))
+    import redis
+    r = redis.Redis.from_url(BACKEND)
+    now = f"{time.time():.3f}"
+    for sid in ids:
+        r.set(f"mediafarm-snapshot-stop-{sid}", now, ex=3600)
+    time.sleep(3)
+    worker.stop()
+    for sid in ids:
+        r.delete(f"mediafarm-snapshot-stop-{sid}", f"mediafarm-snapshot-session-{sid}")
+    shutil.rmtree(storage, ignore_errors=True)
+    with Deliveries.lock:
+        frames = list(Deliveries.got)
+    return {"engine": engine, "n": n, "ids": ids, "frames": frames, "seconds": seconds,
+            "cpu": 100 * cpu / wall, "rss": rss_mb, "threads": threads}
+
+
+def rtmp_report(levels):
+    """Lateness against the stream's wall-clock origin (the earliest captured_at - pts seen)."""
+    origin = min((when(f["captured_at"]) - f["pts_s"] for lv in levels for f in lv["frames"]), default=0.0)
+    print(f"{'engine':>6} {'sessions':>8} {'ticks':>6} {'short':>5} {'worst late':>10} {'p99 late':>8} "
+          f"{'CPU core 0':>10} {'RSS MB':>7} {'KB/session':>10} {'threads':>7}  on schedule")
+    for lv in levels:
+        by_stream = {}
+        for f in lv["frames"]:
+            by_stream.setdefault(f["stream_id"], []).append(f)
+        lates = sorted(f["_received"] - (origin + f["pts_s"]) for f in lv["frames"])
+        # The same for the moment the worker read the keyframe (its captured_at): what the
+        # engine itself adds, without storing, Redis and the webhook's own queueing.
+        read_lates = sorted(when(f["captured_at"]) - (origin + f["pts_s"]) for f in lv["frames"])
+        if read_lates:
+            print(f"       {lv['engine']} {lv['n']}: keyframe read late worst {read_lates[-1]:.2f} s, "
+                  f"p99 {read_lates[int(0.99 * (len(read_lates) - 1))]:.2f} s")
+        expected = int(lv["seconds"] // INTERVAL_S) + 1
+        short = sum(1 for sid in lv["ids"] if len(by_stream.get(sid, [])) < expected - 1)
+        worst = lates[-1] if lates else float("nan")
+        p99 = lates[int(0.99 * (len(lates) - 1))] if lates else float("nan")
+        ok = bool(lates) and worst <= LATE_OK_S and short == 0
+        print(f"{lv['engine']:>6} {lv['n']:>8} {len(lv['frames']):>6} {short:>5} {worst:>9.2f}s {p99:>7.2f}s "
+              f"{lv['cpu']:>9.1f}% {lv['rss']:>7.0f} {1024 * lv['rss'] / lv['n']:>10.0f} {lv['threads']:>7}  "
+              f"{'yes' if ok else 'NO'}")
+
+
+def rtmp_sessions(new_levels, old_levels, seconds, stagger, input_name):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Deliveries)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    nginx, port, ndir = nginx_rtmp(pin=1)
+    url = f"rtmp://127.0.0.1:{port}/live/bench"
+    publisher = rtmp_publisher(url, pin=1)
+    print(f"\nRTMP watch sessions on one core (worker taskset -c 0; nginx-rtmp and the publisher on core 1), "
+          f"input {INPUT.name}, a tick per {INTERVAL_S} s, starts spread over {stagger:g} s, "
+          f"{seconds} s per level after the last start:", flush=True)
+    levels = []
+    try:
+        # Interleaved: each old level right after the new one of the same size.
+        plan = [("new", n) for n in new_levels]
+        for n in old_levels:
+            at = next((i + 1 for i, (e, m) in enumerate(plan) if e == "new" and m == n), len(plan))
+            plan.insert(at, ("old", n))
+        for engine, n in plan:
+            lv = rtmp_level(engine, n, seconds, server.server_address[1], stagger, url)
+            levels.append(lv)
+            print(f"  ran {engine} {n}: {len(lv['frames'])} ticks, CPU {lv['cpu']:.1f} %, RSS {lv['rss']:.0f} MB",
+                  file=sys.stderr, flush=True)
+    finally:
+        publisher.terminate()
+        nginx.terminate()
+        for p in (publisher, nginx):
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(ndir, ignore_errors=True)
+        server.shutdown()
+    rtmp_report(levels)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -319,7 +480,18 @@ def main():
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--input", choices=sorted(INPUTS), default="pattern",
                     help="pattern: testsrc2, 2 s GOP (the default); noisy-*: realistic content")
+    ap.add_argument("--rtmp", action="store_true",
+                    help="RTMP sessions per core through nginx-rtmp, RTMP engine and thread path (part 3 only)")
+    ap.add_argument("--old-levels", default="",
+                    help="--rtmp: the levels also run on the thread path (default: none)")
+    ap.add_argument("--rtmp-input", choices=["lowrate", "noisy-1080p-h264", "noisy-720p-h264"], default="lowrate")
     args = ap.parse_args()
+    if args.rtmp:
+        ensure_input(args.rtmp_input)
+        old = [int(x) for x in args.old_levels.split(",") if x]
+        rtmp_sessions([int(x) for x in args.levels.split(",")], old, args.level_seconds, args.stagger,
+                      args.rtmp_input)
+        return
     ensure_input(args.input)
     if not args.skip_cpu:
         cpu_per_snapshot(args.rounds)

@@ -16,7 +16,8 @@ use std::time::Duration;
 use mediafarm::{Client, ClientError, SendOptions, Settings, TaskState};
 use mediafarm_tests::certs::{test_pki, TestPki};
 use mediafarm_tests::media::{
-    hls_writer, http_server, make_video, nginx_rtmp, rtmp_publisher, rtsp_server, silent_listener,
+    hls_writer, http_server, make_video, nginx_rtmp, rtmp_publisher, rtmp_publisher_h263,
+    rtsp_server, silent_listener,
 };
 use mediafarm_tests::mtls::MtlsReceiver;
 use mediafarm_tests::process::Proc;
@@ -101,12 +102,18 @@ impl World {
 
     /// Starts a worker; returns its index. Waits until it consumes (its log says so).
     fn start_worker(&mut self, name: &str) -> usize {
+        self.start_worker_c(name, 8)
+    }
+
+    /// [`World::start_worker`] with `concurrency` job slots.
+    fn start_worker_c(&mut self, name: &str, concurrency: usize) -> usize {
         let log = self.dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let proc = Proc::spawn(
             Command::new(snapshot_binary())
                 .args(["-Q", &self.queue, "-n", &format!("{name}@{}", self.queue)])
-                .args(["--metrics-addr", "127.0.0.1:0", "-c", "8", "-l", "info"])
+                .args(["--metrics-addr", "127.0.0.1:0", "-l", "info"])
+                .args(["-c", &concurrency.to_string()])
                 .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
                 .env("NO_COLOR", "1")
                 .stdout(out.try_clone().unwrap())
@@ -729,6 +736,116 @@ async fn a_dropped_stream_is_reconnected_and_an_ended_one_ends_the_session() {
     let keys = w.stored_keys("d");
     let want: Vec<String> = (0..frames).map(|i| format!("d/{i:06}.jpg")).collect();
     assert_eq!(keys, want);
+    w.stop().await;
+}
+
+/// The names of a running process's threads.
+fn thread_names(proc: &Proc) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{}/task", proc.0.id()))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
+                .map(|n| n.trim().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_rtmp_sessions_share_a_few_threads_and_store_every_tick() {
+    const SESSIONS: usize = 50;
+    let mut w = World::new("rtmp-many", &[("MEDIAFARM_SNAPSHOT_MAX_SESSIONS", "60")]).await;
+    let (_nginx, port) = nginx_rtmp(&w.dir.join("nginx"));
+    let url = format!("rtmp://127.0.0.1:{port}/live/many");
+    let _publisher = rtmp_publisher(&url);
+    let worker = w.start_worker_c("a", SESSIONS + 4);
+    let ids: Vec<String> = (0..SESSIONS).map(|_| unique_stream("many")).collect();
+    let mut jobs = Vec::new();
+    for id in &ids {
+        let job = w
+            .send(
+                "snapshot.watch",
+                json!({"stream_id": id, "stream_url": url, "interval_s": 1,
+                       "duration_s": 6, "key": "m/{stream_id}/{seq}.jpg"}),
+            )
+            .await;
+        jobs.push(job);
+    }
+    // Every session is running, on the engine: none has a thread of its own (the thread
+    // path names each `session-<stream_id>`).
+    w.progress(&jobs[SESSIONS - 1].id, 1).await;
+    let names = thread_names(&w.workers[worker]);
+    assert!(!names.is_empty());
+    assert!(
+        !names.iter().any(|n| n.starts_with("session-")),
+        "session threads: {names:?}"
+    );
+    for (id, job) in ids.iter().zip(&jobs) {
+        let out = job.get(WAIT).await.unwrap();
+        assert_eq!(out["ended"], "duration", "{out}");
+        let frames = out["frames"].as_u64().unwrap();
+        // Every tick stored, under consecutive seqs, each a real picture.
+        let keys = w.stored_keys(&format!("m/{id}"));
+        let want: Vec<String> = (0..frames).map(|s| format!("m/{id}/{s:06}.jpg")).collect();
+        assert_eq!(keys, want, "{out}");
+        for key in &keys {
+            assert_jpeg(&w.stored(key), 320, 240);
+        }
+        let last = &out["last_frame"];
+        assert_eq!(last["seq"].as_u64(), Some(frames - 1), "{out}");
+        assert_eq!(out["reconnects"], 0, "{out}");
+    }
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_sessions_fail_clearly_on_a_dead_server_a_missing_stream_and_another_codec() {
+    let mut w = World::new("rtmp-bad", &[]).await;
+    let (_nginx, port) = nginx_rtmp(&w.dir.join("nginx"));
+    w.start_worker("a");
+    let watch = |id: &str, url: String| json!({"stream_id": id, "stream_url": url, "interval_s": 1, "key": "b/{stream_id}/{seq}.jpg"});
+    // Nothing listens there.
+    let closed = mediafarm_tests::free_port();
+    let err = failed(
+        w.run(
+            "snapshot.watch",
+            watch("dead", format!("rtmp://127.0.0.1:{closed}/live/x")),
+        )
+        .await,
+    );
+    assert_eq!(err.exc_type, "SourceUnreachable", "{err:?}");
+    assert!(err.message.contains("refused"), "{}", err.message);
+    // The server is there, the stream is never published (nginx-rtmp refuses the play).
+    let err = failed(
+        w.run(
+            "snapshot.watch",
+            watch("nobody", format!("rtmp://127.0.0.1:{port}/live/nobody")),
+        )
+        .await,
+    );
+    assert!(
+        ["SourceUnreachable", "SourceUnreadable"].contains(&&*err.exc_type),
+        "{err:?}"
+    );
+    assert!(err.message.contains("/live/nobody"), "{}", err.message);
+    // Published in a codec the engine does not decode: named in the failure.
+    let h263 = format!("rtmp://127.0.0.1:{port}/live/h263");
+    let _publisher = rtmp_publisher_h263(&h263);
+    let err = failed(w.run("snapshot.watch", watch("h263", h263)).await);
+    assert_eq!(err.exc_type, "UnsupportedCodec", "{err:?}");
+    assert!(err.message.contains("Sorenson H.263"), "{}", err.message);
+    // The worker is still there.
+    let url = format!("rtmp://127.0.0.1:{port}/live/fine");
+    let _fine = rtmp_publisher(&url);
+    let job = w
+        .send(
+            "snapshot.watch",
+            json!({"stream_id": "fine", "stream_url": url, "interval_s": 1, "duration_s": 2,
+                   "key": "b/fine/{seq}.jpg"}),
+        )
+        .await;
+    let out = job.get(WAIT).await.unwrap();
+    assert!(out["frames"].as_u64().unwrap() >= 1, "{out}");
     w.stop().await;
 }
 

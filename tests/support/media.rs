@@ -203,7 +203,33 @@ pub fn nginx_rtmp_with(dir: &Path, live_directives: &str) -> (Proc, u16) {
 /// ffmpeg publishing a live `testsrc2` to `url` over RTMP until dropped, returned once the
 /// stream can be played.
 pub fn rtmp_publisher(url: &str) -> Proc {
-    let mut args = live_h264_args(LIVE_SOURCE_LIMIT_S);
+    rtmp_publisher_of(url, live_h264_args(LIVE_SOURCE_LIMIT_S))
+}
+
+/// [`rtmp_publisher`] in Sorenson H.263 (FLV's own codec, `-c:v flv`) instead of H.264: a
+/// stream FFmpeg reads but the RTMP engine does not decode.
+pub fn rtmp_publisher_h263(url: &str) -> Proc {
+    let limit = LIVE_SOURCE_LIMIT_S.to_string();
+    let args = [
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "testsrc2=size=320x240:rate=30",
+        "-t",
+        &limit,
+        "-c:v",
+        "flv",
+        "-g",
+        "15",
+    ];
+    rtmp_publisher_of(url, args.map(String::from).into())
+}
+
+fn rtmp_publisher_of(url: &str, mut args: Vec<String>) -> Proc {
     args.extend(["-f".to_owned(), "flv".to_owned(), url.to_owned()]);
     // nginx-rtmp refuses a player until the stream is published ("Operation not permitted"),
     // and refuses a publisher while it still holds the previous one of the same name (a

@@ -9,6 +9,7 @@ pub mod fuzzing;
 pub mod hooks;
 pub mod jpeg;
 pub mod media;
+pub mod rtmp;
 pub mod settings;
 pub mod source;
 pub mod template;

@@ -39,6 +39,8 @@ pub enum MediaError {
     PastEnd { url: String, at: f64, duration: f64 },
     #[error("{url} ended before it gave a video frame")]
     Ended { url: String },
+    #[error("{url} carries {codec} video; snapshot.watch decodes H.264 from RTMP sources")]
+    Codec { url: String, codec: &'static str },
 }
 
 impl From<MediaError> for mediafarm::TaskError {
@@ -57,9 +59,10 @@ impl From<MediaError> for mediafarm::TaskError {
             MediaError::Encode(_) => "EncodeError",
             MediaError::PastEnd { .. } => "AtPastEnd",
             MediaError::Ended { .. } => "StreamEnded",
+            MediaError::Codec { .. } => "UnsupportedCodec",
         };
         match e {
-            MediaError::NoVideo { .. } | MediaError::PastEnd { .. } => {
+            MediaError::NoVideo { .. } | MediaError::PastEnd { .. } | MediaError::Codec { .. } => {
                 TaskError::invalid(kind, e.to_string())
             }
             _ => TaskError::permanent(kind, e.to_string()),
@@ -349,6 +352,53 @@ impl KeyDecoder {
             dec,
             frame: ff::frame::Video::empty(),
             url: input.url.clone(),
+        })
+    }
+
+    /// A keyframe decoder for `codec` built from its configuration record (`extradata`: an
+    /// H.264 `avcC` as FLV's sequence header carries it) instead of an open demuxer: what the
+    /// RTMP engine uses, so no session holds an FFmpeg format context.
+    pub fn from_config(
+        codec: ff::codec::Id,
+        extradata: &[u8],
+        url: &str,
+    ) -> Result<KeyDecoder, MediaError> {
+        init();
+        let err = |reason: String| MediaError::Decode {
+            url: url.to_owned(),
+            reason,
+        };
+        let found = ff::decoder::find(codec)
+            .ok_or_else(|| err(format!("this FFmpeg has no {codec:?} decoder")))?;
+        let mut ctx = ff::codec::context::Context::new_with_codec(found);
+        if !extradata.is_empty() {
+            let len = i32::try_from(extradata.len())
+                .map_err(|_| err("the codec configuration is too large".into()))?;
+            // SAFETY: the context is ours and not open; FFmpeg wants extradata from av_malloc
+            // with zeroed padding after it, and frees it with the context.
+            unsafe {
+                let padding = ff::ffi::AV_INPUT_BUFFER_PADDING_SIZE as usize;
+                let p = ff::ffi::av_mallocz(extradata.len() + padding) as *mut u8;
+                if p.is_null() {
+                    return Err(err("out of memory".into()));
+                }
+                std::ptr::copy_nonoverlapping(extradata.as_ptr(), p, extradata.len());
+                let raw = ctx.as_mut_ptr();
+                (*raw).extradata = p;
+                (*raw).extradata_size = len;
+            }
+        }
+        ctx.set_threading(threading::Config {
+            kind: threading::Type::Slice,
+            count: 1,
+            ..Default::default()
+        });
+        ctx.set_flags(ff::codec::Flags::LOW_DELAY);
+        let dec = ctx.decoder().video().map_err(|e| err(e.to_string()))?;
+        Ok(KeyDecoder {
+            dec,
+            frame: ff::frame::Video::empty(),
+            url: url.to_owned(),
         })
     }
 

@@ -27,6 +27,10 @@ mediafarm::settings_group! {
         /// A session hands itself on as a continuation message after this long, so no delivery
         /// stays unacknowledged near RabbitMQ's consumer_timeout.
         snapshot_session_slice: Duration = Duration::from_secs(600), SecondsOrDefault;
+        /// Run `snapshot.watch` sessions on `rtmp://` sources on the RTMP engine (Tokio tasks
+        /// sharing a few threads, H.264 only); false: one thread per session running FFmpeg's
+        /// demuxer, as for the other kinds of source (other FLV codecs, comparisons).
+        snapshot_rtmp_engine: bool = true, Bool;
         /// How long a session keeps reconnecting to a dropped stream (with backoff) before it
         /// ends with its summary.
         snapshot_reconnect_window: Duration = Duration::from_secs(60), SecondsOrDefault;

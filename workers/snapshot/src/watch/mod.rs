@@ -1,6 +1,8 @@
 //! `snapshot.watch`: a session that stores one picture every `interval_s` of a stream until
 //! `duration_s`, a stop request (`mediafarm streams stop`), a revoke, or the stream's end. The
-//! blocking demux/decode half runs on its own thread ([`session`]); this async half stores each
+//! demux/decode half of an `rtmp://` session is a task of the RTMP engine ([`engine`]: many
+//! sessions on a few threads); for other sources it runs FFmpeg's blocking demuxer on its own
+//! thread ([`session`]). Both send the same events; this async half stores each
 //! frame, records the session in Redis ([`state`]) together with the frame's delivery in the
 //! stream's outbox ([`outbox`]) and the lines of its audit manifest ([`manifest`]), reports
 //! PROGRESS, delivers webhooks from that outbox
@@ -12,6 +14,7 @@
 //! [`STOP_SCOPE`]).
 
 pub mod deliver;
+pub mod engine;
 pub mod manifest;
 pub mod outbox;
 pub mod schedule;
@@ -408,12 +411,19 @@ impl Task for Watch {
             max_width: args.max_width,
         };
         let thread_stop = stop.clone();
-        std::thread::Builder::new()
-            .name(format!("session-{}", args.stream_id))
-            .spawn(move || session::run(params, thread_stop, tx))
-            .map_err(|e| {
-                TaskError::transient("ThreadError", format!("cannot start a session thread: {e}"))
-            })?;
+        if params.source.kind == SourceKind::Rtmp && self.snapshot.snapshot_rtmp_engine {
+            tokio::spawn(engine::run(params, thread_stop, tx));
+        } else {
+            std::thread::Builder::new()
+                .name(format!("session-{}", args.stream_id))
+                .spawn(move || session::run(params, thread_stop, tx))
+                .map_err(|e| {
+                    TaskError::transient(
+                        "ThreadError",
+                        format!("cannot start a session thread: {e}"),
+                    )
+                })?;
+        }
 
         let slice_end = tokio::time::Instant::now() + self.snapshot.snapshot_session_slice;
         let mut poll = tokio::time::interval(POLL);

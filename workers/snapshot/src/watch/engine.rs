@@ -1,0 +1,355 @@
+//! The RTMP engine: a `snapshot.watch` session on an `rtmp://` source as a Tokio task instead
+//! of an OS thread running FFmpeg's blocking demuxer. Many sessions share the runtime's few
+//! threads; each holds a socket, a [`Player`] (a 16 KiB receive buffer for a low-bitrate
+//! stream) and the stream's H.264 configuration, and no FFmpeg context.
+//!
+//! Per connection: play the stream, read what has arrived every [`READ_BATCH`] (so a session
+//! wakes about five times a second, not once per packet), judge each video message by its FLV
+//! tag header at its first chunk — inter frames, audio and keyframes not due are skipped
+//! without being copied — and keep only the keyframe that serves a due tick. That keyframe is
+//! decoded and encoded on the blocking pool, at most one per core at once ([`decode_slots`],
+//! inside the process's [`CpuGate`]), by a decoder built from the `avcC` record for that tick
+//! alone. What reaches the job is what the thread path sends ([`Event`]): same schedule
+//! ([`Schedule`]), same frame values, same reconnect and end rules, so storing, state, outbox,
+//! manifest, PROGRESS, continuation and stop/revoke are unchanged.
+//!
+//! H.264 only: a stream in another codec ends the session at once with `UnsupportedCodec`
+//! naming it. Other kinds of source (files, HLS, RTSP) keep the thread path (`session`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use ffmpeg_next as ff;
+use tokio::sync::{mpsc, Semaphore};
+
+use super::schedule::Schedule;
+use super::session::{unix_now, End, Event, SessionParams};
+use crate::cpu_gate::CpuGate;
+use crate::media::{EncodeSpec, Encoded, EncoderPool, KeyDecoder, MediaError};
+use crate::rtmp::flv::{self, Video};
+use crate::rtmp::{chunk, Player, RtmpError, Target};
+
+/// How long a session leaves its socket unread between batches: frames are at most this much
+/// later than their arrival, and a 2,000-session core wakes 10,000 times a second instead of
+/// 60,000 (one wake per packet at 30 fps).
+pub const READ_BATCH: Duration = Duration::from_millis(200);
+/// How often a session waiting on a silent socket (or connecting) looks at its stop flag.
+const STOP_POLL: Duration = Duration::from_millis(250);
+
+/// Keyframe decodes under way at once, process-wide: one per core. A burst of due ticks waits
+/// here (asynchronously) rather than as hundreds of parked blocking threads.
+fn decode_slots() -> &'static Arc<Semaphore> {
+    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
+    SLOTS.get_or_init(|| {
+        Arc::new(Semaphore::new(
+            std::thread::available_parallelism().map_or(1, |n| n.get()),
+        ))
+    })
+}
+
+/// Runs a session until it ends; always sends `Event::Ended` last (unless the job is gone).
+pub async fn run(p: SessionParams, stop: Arc<AtomicBool>, events: mpsc::Sender<Event>) {
+    let end = run_inner(&p, &stop, &events).await;
+    let _ = events.send(Event::Ended(end)).await;
+}
+
+/// What one connection shares with its session.
+struct Link<'a> {
+    p: &'a SessionParams,
+    target: &'a Target,
+    spec: EncodeSpec,
+    stop: &'a AtomicBool,
+    events: &'a mpsc::Sender<Event>,
+}
+
+async fn run_inner(p: &SessionParams, stop: &AtomicBool, events: &mpsc::Sender<Event>) -> End {
+    let spec = EncodeSpec {
+        format: p.format,
+        quality: p.quality,
+        max_width: p.max_width,
+    };
+    let target = match Target::parse(&p.source.url) {
+        Ok(t) => t,
+        Err(e) => {
+            return End::Failed(MediaError::Open {
+                url: p.source.shown.clone(),
+                reason: e.to_string(),
+            })
+        }
+    };
+    let link = Link {
+        p,
+        target: &target,
+        spec,
+        stop,
+        events,
+    };
+    let mut sched = Schedule::new(p.interval_s, p.last);
+    let mut last_progress = Instant::now();
+    let mut attempt = 0u32;
+    let mut ever_connected = false;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return End::Stopped;
+        }
+        let mut connected = false;
+        let outcome = stream(&link, &mut sched, &mut last_progress, &mut connected).await;
+        if connected {
+            ever_connected = true;
+            attempt = 0;
+        }
+        // The same rules as the thread path (`session::run`).
+        let error = match outcome {
+            Ok(end) => return end,
+            Err(MediaError::Stopped) => return End::Stopped,
+            Err(e) if p.fresh && !ever_connected => return End::Failed(e),
+            Err(e @ (MediaError::NoVideo { .. } | MediaError::Codec { .. })) => {
+                return End::Failed(e)
+            }
+            Err(e) => e,
+        };
+        if last_progress.elapsed() >= p.reconnect_window {
+            return End::StreamEnded {
+                detail: format!(
+                    "nothing new for {} s: {error}",
+                    p.reconnect_window.as_secs_f64()
+                ),
+            };
+        }
+        attempt += 1;
+        tracing::info!(stream = %p.source.shown, attempt, error = %error, "stream dropped; reconnecting");
+        if events
+            .send(Event::Reconnecting {
+                attempt,
+                error: error.to_string(),
+            })
+            .await
+            .is_err()
+        {
+            return End::Stopped;
+        }
+        let backoff =
+            Duration::from_millis(250 * 2u64.pow(attempt.min(6))).min(Duration::from_secs(10));
+        if sleep_unless_stopped(backoff, stop).await {
+            return End::Stopped;
+        }
+    }
+}
+
+/// True when stopped while sleeping.
+async fn sleep_unless_stopped(d: Duration, stop: &AtomicBool) -> bool {
+    let until = tokio::time::Instant::now() + d;
+    while tokio::time::Instant::now() < until {
+        if stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        tokio::time::sleep_until(until.min(tokio::time::Instant::now() + STOP_POLL)).await;
+    }
+    stop.load(Ordering::Relaxed)
+}
+
+async fn until_stopped(stop: &AtomicBool) {
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(STOP_POLL).await;
+    }
+}
+
+/// How a failure to connect or play reads, in the thread path's terms.
+fn open_error(e: RtmpError, url: &str) -> MediaError {
+    MediaError::Open {
+        url: url.to_owned(),
+        reason: e.to_string(),
+    }
+}
+
+fn read_error(e: RtmpError, url: &str) -> MediaError {
+    match e {
+        RtmpError::Refused { .. } | RtmpError::Handshake(_) | RtmpError::Url(_) => {
+            open_error(e, url)
+        }
+        RtmpError::Closed | RtmpError::Ended(_) => MediaError::Read {
+            url: url.to_owned(),
+            reason: "the stream ended".into(),
+        },
+        other => MediaError::Read {
+            url: url.to_owned(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Plays one connection until it ends. `Ok` ends the session; `Err` asks for a reconnect.
+/// `connected` is set once the stream's video configuration arrived and was usable.
+async fn stream(
+    link: &Link<'_>,
+    sched: &mut Schedule,
+    last_progress: &mut Instant,
+    connected: &mut bool,
+) -> Result<End, MediaError> {
+    let Link {
+        p,
+        target,
+        spec,
+        stop,
+        events,
+    } = *link;
+    let url = p.source.shown.as_str();
+    let timed_out = || MediaError::TimedOut {
+        url: url.to_owned(),
+        secs: p.stall_timeout.as_secs_f64(),
+    };
+    let mut player = tokio::select! {
+        r = tokio::time::timeout(p.stall_timeout, Player::play(target)) => match r {
+            Err(_) => return Err(timed_out()),
+            Ok(Err(e)) => return Err(open_error(e, url)),
+            Ok(Ok(player)) => player,
+        },
+        () = until_stopped(stop) => return Err(MediaError::Stopped),
+    };
+    sched.reconnected();
+    // The H.264 decoder configuration (`avcC`), from the stream's sequence header.
+    let mut config: Option<Vec<u8>> = None;
+    let mut last_data = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(MediaError::Stopped);
+        }
+        tokio::select! {
+            r = player.fill() => {
+                r.map_err(|e| read_error(e, url))?;
+                last_data = Instant::now();
+            }
+            () = tokio::time::sleep(STOP_POLL) => {
+                if last_data.elapsed() >= p.stall_timeout {
+                    return Err(timed_out());
+                }
+                continue;
+            }
+        }
+        let now = unix_now();
+        let mut unsupported: Option<&'static str> = None;
+        loop {
+            let have_config = config.is_some();
+            let msg = player
+                .next_media(&mut |head, first| {
+                    if head.type_id == chunk::AGGREGATE {
+                        // Not read yet: say so rather than take no frame silently.
+                        unsupported = Some("aggregate-message (several FLV tags per message)");
+                        return false;
+                    }
+                    if head.type_id != chunk::VIDEO {
+                        return false;
+                    }
+                    match flv::classify(first) {
+                        Video::AvcConfig => true,
+                        Video::AvcFrame { key, cts_ms } => {
+                            let t = presentation_s(head.timestamp, cts_ms);
+                            if sched.progressed(t) {
+                                *last_progress = Instant::now();
+                            }
+                            // Only a keyframe that serves a due tick is gathered.
+                            key && have_config && sched.is_due(t, now)
+                        }
+                        Video::Ignore => false,
+                        Video::Unsupported(codec) => {
+                            unsupported = Some(codec);
+                            false
+                        }
+                    }
+                })
+                .map_err(|e| read_error(e, url))?;
+            if let Some(codec) = unsupported {
+                return Err(MediaError::Codec {
+                    url: url.to_owned(),
+                    codec,
+                });
+            }
+            let Some(msg) = msg else { break };
+            match flv::classify(&msg.body) {
+                Video::AvcConfig => {
+                    let avcc = msg.body[flv::AVC_HEADER..].to_vec();
+                    // Made now so a configuration FFmpeg cannot use fails at once, then
+                    // dropped: a decoder lives only for the tick it serves.
+                    KeyDecoder::from_config(ff::codec::Id::H264, &avcc, url)?;
+                    config = Some(avcc);
+                    *connected = true;
+                }
+                Video::AvcFrame { key: true, cts_ms } => {
+                    let Some(avcc) = config.clone() else { continue };
+                    let t = presentation_s(msg.head.timestamp, cts_ms);
+                    let Some(picture) = decode(avcc, msg.body, spec, url).await? else {
+                        // A keyframe that does not decode alone: the next one serves the tick.
+                        continue;
+                    };
+                    sched.taken(t, now);
+                    let frame = Event::Frame {
+                        picture,
+                        pts_s: (t * 1000.0).round() / 1000.0,
+                        wall_s: now,
+                    };
+                    if events.send(frame).await.is_err() {
+                        return Err(MediaError::Stopped);
+                    }
+                }
+                _ => {}
+            }
+        }
+        player.flush().await.map_err(|e| read_error(e, url))?;
+        // A read that filled the buffer leaves more waiting: read on at once.
+        if !player.saturated() {
+            tokio::time::sleep(READ_BATCH).await;
+        }
+    }
+}
+
+/// A message's presentation time in seconds: its timestamp plus the composition offset, as
+/// FFmpeg's FLV demuxer computes `pts`.
+fn presentation_s(timestamp_ms: u32, cts_ms: i32) -> f64 {
+    (f64::from(timestamp_ms) + f64::from(cts_ms)) / 1000.0
+}
+
+/// Decodes one keyframe message (its FLV header included) and encodes the picture, on the
+/// blocking pool. `Ok(None)`: it did not decode on its own.
+async fn decode(
+    avcc: Vec<u8>,
+    tag: Vec<u8>,
+    spec: EncodeSpec,
+    url: &str,
+) -> Result<Option<Encoded>, MediaError> {
+    let _permit = decode_slots()
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| MediaError::Stopped)?;
+    let shown = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let _slot = CpuGate::global().enter();
+        let mut dec = KeyDecoder::from_config(ff::codec::Id::H264, &avcc, &shown)?;
+        let mut pkt = ff::Packet::copy(tag.get(flv::AVC_HEADER..).unwrap_or_default());
+        pkt.set_flags(ff::packet::Flags::KEY);
+        match dec.keyframe(&pkt) {
+            Ok(frame) => EncoderPool::global().encode(spec, frame).map(Some),
+            Err(e) => {
+                tracing::debug!(error = %e, "keyframe did not decode; waiting for the next");
+                Ok(None)
+            }
+        }
+    })
+    .await
+    .map_err(|e| MediaError::Decode {
+        url: url.to_owned(),
+        reason: format!("the decode task failed: {e}"),
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presentation_time_adds_the_composition_offset() {
+        assert_eq!(presentation_s(2000, 66), 2.066);
+        assert_eq!(presentation_s(2000, -33), 1.967);
+    }
+}
