@@ -5,7 +5,8 @@
 //! workers, a Python errback of a Rust task, a step that cannot take its parent's result, a
 //! group of 100 with `GroupResult` save/restore, chords of 100 joined in Redis with the body on
 //! Rust and on Python, a chord whose header mixes Rust and Python workers, a chord with a failing
-//! header (the body's `ChordError` and errback), nested canvases (`chain(a, group(b, c), d, e)`
+//! header (the body's `ChordError` and errback, and a chain step after such a chord failed with
+//! it, as Celery 5.7's `_fail_chain`), nested canvases (`chain(a, group(b, c), d, e)`
 //! run through a chord step with its body on Rust and on Python, a chain ending in a group, a
 //! chain and a group as `link=` callbacks, a chord whose body is a chain, on Rust and ending on
 //! Python, one whose body chain has options of its own, and chords whose body is a group or a
@@ -428,6 +429,26 @@ async fn a_chord_with_a_failing_header_fails_its_body_with_chord_error_and_calls
         }),
         "{out:#}"
     );
+    farm.stop().await;
+}
+
+/// Celery 5.7's `_fail_chain`: the step after a chord whose header failed is stored as the
+/// body's `ChordError`, so `.get()` on the chain's last result raises instead of waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_chain_after_a_chord_whose_header_fails_fails_with_chord_error() {
+    let (out, farm) = python_canvas("chain-chord-failing-header").await;
+    let failed = out["failed_header"].as_str().expect("failed header id");
+    let message = format!("Dependency {failed} raised StepFailure('frame 3 is corrupt')");
+    assert_eq!(out["via_parents"]["state"], "FAILURE", "{out:#}");
+    for which in ["body", "last"] {
+        assert_eq!(
+            (&out[which]["state"], &out[which]["exc_type"], &out[which]["message"]),
+            (&json!("FAILURE"), &json!("ChordError"), &json!(message)),
+            "{which}: {out:#}"
+        );
+    }
+    assert_eq!(runs(&format!("{}/c", farm.queue)), 0, "c never ran");
+    assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
     farm.stop().await;
 }
 
