@@ -442,7 +442,11 @@ async fn a_python_chain_after_a_chord_whose_header_fails_fails_with_chord_error(
     assert_eq!(out["via_parents"]["state"], "FAILURE", "{out:#}");
     for which in ["body", "last"] {
         assert_eq!(
-            (&out[which]["state"], &out[which]["exc_type"], &out[which]["message"]),
+            (
+                &out[which]["state"],
+                &out[which]["exc_type"],
+                &out[which]["message"]
+            ),
             (&json!("FAILURE"), &json!("ChordError"), &json!(message)),
             "{which}: {out:#}"
         );
