@@ -440,7 +440,13 @@ async fn a_python_chain_after_a_chord_whose_header_fails_fails_with_chord_error(
     let (out, farm) = python_canvas("chain-chord-failing-header").await;
     let failed = out["failed_header"].as_str().expect("failed header id");
     let message = format!("Dependency {failed} raised StepFailure('frame 3 is corrupt')");
-    assert_eq!(out["via_parents"]["state"], "FAILURE", "{out:#}");
+    // `.get()` on the returned result raises whichever it sees first: the failed header (it
+    // walks the parents) or c's own ChordError; its `state` may be read before c's is stored.
+    let raised = out["via_parents"]["exc_type"].as_str();
+    assert!(
+        matches!(raised, Some("StepFailure" | "ChordError")),
+        "{out:#}"
+    );
     for which in ["body", "last"] {
         assert_eq!(
             (

@@ -115,7 +115,7 @@ def main():
     elif scenario == "chain-chord-failing-header":
         # `chain(a, chord(header, body), c)` whose header fails: Celery 5.7's `_fail_chain`
         # fails `c` too. `c`'s own record is read without its parents (which `last.get()`
-        # walks first), so a `c` left PENDING times out here.
+        # walks, raising the failed header's error), so a `c` left PENDING times out here.
         headers = [step(h=1), step(fail="frame 3 is corrupt"), step(h=3)]
         last = chain(step(a=1), chord(headers, step(body=1)),
                      step(c=1, tally=queue + "/c")).apply_async()
