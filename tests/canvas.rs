@@ -5,7 +5,8 @@
 //! workers, a Python errback of a Rust task, a step that cannot take its parent's result, a
 //! group of 100 with `GroupResult` save/restore, chords of 100 joined in Redis with the body on
 //! Rust and on Python, a chord whose header mixes Rust and Python workers, a chord with a failing
-//! header (the body's `ChordError` and errback), nested canvases (`chain(a, group(b, c), d, e)`
+//! header (the body's `ChordError` and errback, and a chain step after such a chord failed with
+//! it, as Celery 5.7's `_fail_chain`), nested canvases (`chain(a, group(b, c), d, e)`
 //! run through a chord step with its body on Rust and on Python, a chain ending in a group, a
 //! chain and a group as `link=` callbacks, a chord whose body is a chain, on Rust and ending on
 //! Python, one whose body chain has options of its own, and chords whose body is a group or a
@@ -15,7 +16,8 @@
 //! Then the same from the Rust producer API: a chain (also one with a group in the middle, and
 //! one ending in a group) and a group on Rust workers, a chain on a Python worker and across
 //! both, chains ending in a group and chords whose body is a chain on Rust and on Python
-//! workers, a chord joined by Python Celery from the size key the producer set, and
+//! workers, a chord whose body is a group (a member on Python) and, sent as JSON, one whose
+//! body is a chord, a chord joined by Python Celery from the size key the producer set, and
 //! `mediafarm submit --workflow`. Last, kill -9 of a worker during a chord of 1,000 headers: no
 //! header lost, the body sent once.
 
@@ -428,6 +430,36 @@ async fn a_chord_with_a_failing_header_fails_its_body_with_chord_error_and_calls
         }),
         "{out:#}"
     );
+    farm.stop().await;
+}
+
+/// Celery 5.7's `_fail_chain`: the step after a chord whose header failed is stored as the
+/// body's `ChordError`, so `.get()` on the chain's last result raises instead of waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_chain_after_a_chord_whose_header_fails_fails_with_chord_error() {
+    let (out, farm) = python_canvas("chain-chord-failing-header").await;
+    let failed = out["failed_header"].as_str().expect("failed header id");
+    let message = format!("Dependency {failed} raised StepFailure('frame 3 is corrupt')");
+    // `.get()` on the returned result raises whichever it sees first: the failed header (it
+    // walks the parents) or c's own ChordError; its `state` may be read before c's is stored.
+    let raised = out["via_parents"]["exc_type"].as_str();
+    assert!(
+        matches!(raised, Some("StepFailure" | "ChordError")),
+        "{out:#}"
+    );
+    for which in ["body", "last"] {
+        assert_eq!(
+            (
+                &out[which]["state"],
+                &out[which]["exc_type"],
+                &out[which]["message"]
+            ),
+            (&json!("FAILURE"), &json!("ChordError"), &json!(message)),
+            "{which}: {out:#}"
+        );
+    }
+    assert_eq!(runs(&format!("{}/c", farm.queue)), 0, "c never ran");
+    assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
     farm.stop().await;
 }
 
@@ -949,6 +981,73 @@ async fn a_rust_produced_chord_whose_body_is_a_chain_runs_on_rust_workers() {
         "in the chord's group"
     );
     assert_eq!(runs(&format!("{q}/b2")), 1);
+    farm.stop().await;
+}
+
+/// `chord(header, group(x, w))` from the Rust producer: the join sends each task of the group
+/// the header's results, `x` on a Rust worker and `w` on a Python one, in the group's id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_produced_chord_whose_body_is_a_group_runs_on_rust_and_python_workers() {
+    let pyq = unique_queue("canvas-rs-chordgroup-py");
+    let py = PythonWorker::start(&pyq);
+    let farm = Farm::start("canvas-rs-chordgroup", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let header = (0..3).map(|i| rust_step(&q, json!({ "i": i })));
+    let wrap = Signature::new("pyside.wrap", mediafarm_tests::kwargs(json!({"w": 1}))).queue(&pyq);
+    let body = group([
+        rust_step(&q, json!({"x": 1, "tally": format!("{q}/x")})),
+        wrap,
+    ]);
+    let c = chord(header, body)
+        .apply_async(&farm.client)
+        .await
+        .expect("sent");
+    let t = Duration::from_secs(60);
+    let results: Vec<Value> = (0..3).map(|i| json!({ "i": i })).collect();
+    let got = c.get(t).await.expect("the group body ran");
+    assert_eq!(
+        got,
+        json!([
+            {"x": 1, "tally": format!("{q}/x"), "parent": results},
+            {"worker": "python", "parent": results, "kwargs": {"w": 1}},
+        ])
+    );
+    let g = c.body_group.as_ref().expect("a group body");
+    assert_eq!(g.id, c.body.id);
+    for r in &g.results {
+        let meta = r.meta().await.expect("read").expect("stored");
+        assert_eq!(meta.extra["group_id"], json!(g.id), "in the body's group");
+    }
+    assert_eq!(runs(&format!("{q}/x")), 1);
+    drop(py);
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}
+
+/// `chord(header, chord(h2, z))` as `mediafarm submit --workflow` JSON: the join sends the
+/// inner chord's header the outer results, its join sends `z` the inner results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_workflow_chord_whose_body_is_a_chord_runs_on_rust_workers() {
+    let farm = Farm::start("canvas-rs-chordchord", settings(), registry()).await;
+    let q = farm.queue.clone();
+    let sig = |kw: Value| json!({"task": "canvas.step", "kwargs": kw, "options": {"queue": q}});
+    let w = mediafarm::client::Workflow::from_json(&json!({"chord": {
+        "header": [sig(json!({"h": 0})), sig(json!({"h": 1}))],
+        "body": {"chord": {
+            "header": [sig(json!({"x": 1})), sig(json!({"y": 1}))],
+            "body": sig(json!({"z": 1, "tally": format!("{q}/z")})),
+        }},
+    }}))
+    .expect("reads");
+    let r = w.apply_async(&farm.client).await.expect("sent");
+    let outer = json!([{"h": 0}, {"h": 1}]);
+    assert_eq!(
+        r.get(Duration::from_secs(60)).await.expect("z ran"),
+        json!({"z": 1, "tally": format!("{q}/z"), "parent": [
+            {"x": 1, "parent": outer}, {"y": 1, "parent": outer}]})
+    );
+    assert_eq!(runs(&format!("{q}/z")), 1, "z ran once");
+    assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
     farm.stop().await;
 }
 

@@ -112,6 +112,18 @@ def main():
                "body": outcome(app.AsyncResult(r.id)),
                "failed_header": r.parent.results[1].id,
                "errback": outcome(app.AsyncResult(errback_id))}
+    elif scenario == "chain-chord-failing-header":
+        # `chain(a, chord(header, body), c)` whose header fails: Celery 5.7's `_fail_chain`
+        # fails `c` too. `c`'s own record is read without its parents (which `last.get()`
+        # walks, raising the failed header's error), so a `c` left PENDING times out here.
+        headers = [step(h=1), step(fail="frame 3 is corrupt"), step(h=3)]
+        last = chain(step(a=1), chord(headers, step(body=1)),
+                     step(c=1, tally=queue + "/c")).apply_async()
+        body = last.parent
+        out = {"via_parents": outcome(last, timeout=60), "last_id": last.id,
+               "body_id": body.id, "failed_header": body.parent.results[1].id,
+               "body": outcome(app.AsyncResult(body.id)),
+               "last": outcome(app.AsyncResult(last.id))}
     elif scenario in ("chain-chord", "chain-chord-python-body"):
         # Celery upgrades the group and the step after it to a chord; `e` follows the body.
         # `tally`: the Rust side counts how often a step ran with it.

@@ -6,7 +6,8 @@
 //! the list of results first in its args (unless immutable), or — when a header failed — stores
 //! the body's FAILURE and sends its errbacks. A chord sent as a chain step holds the rest of
 //! the chain in its body's `chain` option (as Celery's `_chord.run` puts it); the body's message
-//! carries it on in its embed `chain`, as `callback.delay()` does.
+//! carries it on in its embed `chain`, as `callback.delay()` does; when a header fails, every
+//! step of that chain fails with the body's `ChordError`, as Celery 5.7's `_fail_chain` does.
 //!
 //! The body may be one task, a chain (its first step gets the results, the rest follow as its
 //! chain; its `task_id` option, the last step's, is the id a failed header fails), a group
@@ -210,7 +211,57 @@ fn group_member_id(group: &str, i: usize) -> String {
 ///   that task's id.
 /// - A chord body: FAILURE `ChordError` for its body's id (the result Python's
 ///   `chord(...).apply_async()` returned waits on) and that body's errbacks.
+///
+/// Then, whatever the body, the chain that follows the chord (the body's `chain` option, when
+/// the chord is a chain step) fails with the same `ChordError`, as Celery 5.7's `_fail_chain`
+/// does ([`chain_failures`]), so `.get()` on the chain's last result raises instead of waiting.
 pub fn body_failure(
+    part: &ChordPart,
+    failure: &ChordFailure,
+    now: DateTime<Utc>,
+) -> (Vec<ResultMeta>, Vec<Publish>) {
+    let (mut metas, errbacks) = body_failure_of_body(part, failure, now);
+    metas.extend(chain_failures(&part.body.options.chain, &failure.reason));
+    (metas, errbacks)
+}
+
+/// The FAILURE records Celery 5.7's `_fail_chain` stores for the chain `chain` (reversed, as
+/// the embed `chain`) after a failed chord: `ChordError` with `reason` for every step that has
+/// a `task_id` option (with its `group_id` when it has one, no traceback), and for a step that
+/// is a chord, its body too (the result the steps after it wait on), descending as Celery does.
+/// Steps without an id are skipped, as in Celery. Celery also joins a step that is itself a
+/// chord header member (`chord` in its options) into its chord; mediafarm sends no such step.
+pub fn chain_failures(chain: &[Value], reason: &str) -> Vec<ResultMeta> {
+    let error =
+        TaskError::permanent("ChordError", reason.to_owned()).in_module("celery.exceptions");
+    let mut todo: std::collections::VecDeque<&Value> = chain.iter().collect();
+    let mut metas = Vec::new();
+    while let Some(step) = todo.pop_front() {
+        let options = step.get("options");
+        let text = |name: &str| options.and_then(|o| o.get(name)).and_then(Value::as_str);
+        if let Some(id) = text("task_id") {
+            let mut meta = ResultMeta::new(id, TaskState::Failure, error.to_celery_json());
+            if let Some(group) = text("group_id") {
+                meta.extra
+                    .insert("group_id".into(), Value::String(group.to_owned()));
+            }
+            metas.push(meta);
+        }
+        if step.get("subtask_type").and_then(Value::as_str) == Some("chord") {
+            if let Some(body) = step
+                .get("kwargs")
+                .and_then(|k| k.get("body"))
+                .filter(|b| !b.is_null())
+            {
+                todo.push_back(body);
+            }
+        }
+    }
+    metas
+}
+
+/// [`body_failure`] for the body itself.
+fn body_failure_of_body(
     part: &ChordPart,
     failure: &ChordFailure,
     now: DateTime<Utc>,

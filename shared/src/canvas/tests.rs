@@ -344,7 +344,7 @@ mod chord {
     use super::*;
     use crate::backend::result::{ResultMeta, TaskState};
     use crate::canvas::chord::{
-        body_failure, body_message, is_complete, member, results, ChordFailure,
+        body_failure, body_message, chain_failures, is_complete, member, results, ChordFailure,
     };
     use crate::protocol::TaskMessage;
 
@@ -516,5 +516,55 @@ mod chord {
             again[0].msg.id, m.id,
             "a second join sends the same errback id"
         );
+    }
+
+    /// Celery 5.7's `_fail_chain`: `chain(a, chord(h, body), c, d)` puts `[d, c]` in the
+    /// body's options; a failed header fails them with the body's `ChordError`.
+    #[test]
+    fn a_failed_header_fails_the_chain_that_follows_the_chord() {
+        let mut msg = header(0);
+        let step = |id: &str| {
+            json!({"task": "canvas.step", "args": [], "kwargs": {},
+                   "options": {"task_id": id, "queue": "chordcap"},
+                   "subtask_type": null, "immutable": false})
+        };
+        msg.embed["chord"]["options"]["chain"] = json!([step("d"), step("c")]);
+        let part = Canvas::from_message(&msg).unwrap().chord.unwrap();
+        let failure = ChordFailure {
+            reason: "Dependency b raised X('y')".into(),
+            cause: None,
+        };
+        let (metas, errbacks) = body_failure(&part, &failure, now());
+        let ids: Vec<&str> = metas.iter().map(|m| m.task_id.as_str()).collect();
+        assert_eq!(ids, ["f679c3e3-d68c-4bae-b7b0-18d6e82abe17", "d", "c"]);
+        for meta in &metas[1..] {
+            assert_eq!(meta.status, TaskState::Failure);
+            let e = meta.error().unwrap();
+            assert_eq!(e.exc_type, "ChordError");
+            assert_eq!(e.message, "Dependency b raised X('y')");
+            assert_eq!(meta.traceback, None, "Celery passes no traceback");
+        }
+        assert_eq!(errbacks.len(), 1, "the chain's steps send no errbacks");
+    }
+
+    #[test]
+    fn failing_a_chain_descends_into_a_chord_step_and_skips_steps_without_an_id() {
+        let chain = [
+            json!({"task": "celery.chord", "args": [], "subtask_type": "chord",
+                   "options": {"task_id": "k"}, "immutable": false,
+                   "kwargs": {"header": {"task": "celery.group", "args": [], "kwargs": {"tasks": []},
+                                         "options": {}, "subtask_type": "group", "immutable": false},
+                              "body": {"task": "z", "args": [], "kwargs": {}, "subtask_type": null,
+                                       "options": {"task_id": "z-id", "group_id": "g"},
+                                       "immutable": false}}}),
+            json!({"task": "no-id", "args": [], "kwargs": {}, "options": {},
+                   "subtask_type": null, "immutable": false}),
+        ];
+        let metas = chain_failures(&chain, "why");
+        let ids: Vec<&str> = metas.iter().map(|m| m.task_id.as_str()).collect();
+        assert_eq!(ids, ["k", "z-id"]);
+        assert_eq!(metas[1].extra["group_id"], "g");
+        assert!(!metas[0].extra.contains_key("group_id"));
+        assert!(chain_failures(&[], "why").is_empty());
     }
 }

@@ -21,7 +21,12 @@
 //!   carrying the body in its embed `chord`; the body holds its `task_id` and `group_id`.
 //!   A body that is a chain ([`Body::Chain`]) travels as Celery's `celery.chain` signature,
 //!   every step's id assigned, its `task_id` and the last step's `group_id` those of the
-//!   chord. An empty header sends the body at once with an empty list, as Celery does.
+//!   chord. A body that is a group ([`Body::Group`]) travels as Celery's `celery.group`
+//!   signature (its own id as `task_id`, the chord's as `group_id`, each task's id, `group_id`
+//!   and `group_index`); one that is a chord ([`Body::Chord`], whose body is a task) as Celery's
+//!   `celery.chord` signature with its own group id, its body's `group_id` the outer chord's,
+//!   as Celery 5.7 freezes them. An empty header sends the body at once with an empty list, as
+//!   Celery does (a chord body needs a header).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -295,12 +300,18 @@ pub struct Chord {
 }
 
 /// What a chord's header results go to: one task, or a chain whose first step (a task) gets
-/// them and whose last step's result is the chord's (Celery's `chord(header, chain(b1, b2))`).
+/// them and whose last step's result is the chord's (Celery's `chord(header, chain(b1, b2))`),
+/// or a group each of whose tasks gets them (`chord(header, group(x, y))`: the chord's result
+/// is the group's), or a chord each of whose header tasks gets them (`chord(header,
+/// chord(h2, z))`: the chord's result is `z`'s).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Body {
     Task(Signature),
     /// Its last step must be a task (the chord's result is one task's).
     Chain(Chain),
+    Group(Group),
+    /// Its own body must be a task.
+    Chord(Box<Chord>),
 }
 
 impl From<Signature> for Body {
@@ -312,6 +323,18 @@ impl From<Signature> for Body {
 impl From<Chain> for Body {
     fn from(c: Chain) -> Body {
         Body::Chain(c)
+    }
+}
+
+impl From<Group> for Body {
+    fn from(g: Group) -> Body {
+        Body::Group(g)
+    }
+}
+
+impl From<Chord> for Body {
+    fn from(c: Chord) -> Body {
+        Body::Chord(Box::new(c))
     }
 }
 
@@ -392,6 +415,12 @@ impl Chain {
                 Step::Chord(c) => {
                     let body = match c.body {
                         Body::Task(b) => b,
+                        Body::Group(_) | Body::Chord(_) => {
+                            return Err(ClientError::Workflow(format!(
+                                "chain step {n}: a chord step's body must be a task or a chain \
+                                 (a chord whose body is a group or a chord is sent on its own)"
+                            )))
+                        }
                         Body::Chain(chain) => {
                             let mut inner = chain.steps.into_iter();
                             let Some(Step::Task(head)) = inner.next() else {
@@ -576,6 +605,8 @@ pub struct ChordPlan {
     pub body_id: String,
     /// Every step's id when the body is a chain (its last is `body_id`); empty otherwise.
     pub body_chain: Vec<String>,
+    /// Each task's id when the body is a group (`body_id` is the group's id).
+    pub body_group: Option<Vec<String>>,
     /// The header's size, for `chord_size_key(group_id)`; 0 for an empty header.
     pub size: usize,
     pub publish: Vec<(String, TaskMessage)>,
@@ -597,7 +628,7 @@ impl FrozenChord {
             "options": {"task_id": self.group_id},
             "kwargs": {"kwargs": {}, "body": self.body, "header": {
                 "task": "celery.group", "args": [], "immutable": false, "subtask_type": "group",
-                "options": {"task_id": self.group_id},
+                "options": {"task_id": self.group_id, "root_id": null, "parent_id": null},
                 "kwargs": {"tasks": self.header},
             }},
         })
@@ -624,47 +655,12 @@ impl FrozenChord {
 impl Chord {
     pub fn plan(&self, now: DateTime<Utc>) -> Result<ChordPlan, ClientError> {
         let group_id = self.id.clone().unwrap_or_else(new_id);
-        let (body, body_id, body_chain) = match &self.body {
-            Body::Task(b) => {
-                let mut body = with_id(b.clone());
-                // As Celery's `freeze(group_id=...)` does for the body.
-                body.options
-                    .entry("group_id")
-                    .or_insert_with(|| Value::String(group_id.clone()));
-                let id = body.id().unwrap_or_default().to_owned();
-                (body.to_value(), id, Vec::new())
-            }
-            Body::Chain(chain) => {
-                let frozen = chain.freeze()?;
-                if frozen.last_group.is_some() {
-                    return Err(ClientError::Workflow(
-                        "a chord's body chain must end in a task (the chord's result is one \
-                         task's)"
-                            .into(),
-                    ));
-                }
-                let body_id = frozen.ids.last().cloned().unwrap_or_default();
-                let mut tasks = vec![frozen.first.to_value()];
-                tasks.extend(frozen.rest);
-                // As Celery's `chain.freeze(body_id, group_id=...)`: the last step's result
-                // is the chord's, in the chord's group.
-                if let Some(Value::Object(options)) = tasks
-                    .last_mut()
-                    .filter(|t| t["subtask_type"].is_null())
-                    .and_then(|t| t.get_mut("options"))
-                {
-                    options
-                        .entry("group_id")
-                        .or_insert_with(|| Value::String(group_id.clone()));
-                }
-                let value = json!({
-                    "task": "celery.chain", "args": [], "immutable": false,
-                    "subtask_type": "chain", "options": {"task_id": body_id},
-                    "kwargs": {"tasks": tasks},
-                });
-                (value, body_id, frozen.ids)
-            }
-        };
+        let FrozenBody {
+            value: body,
+            id: body_id,
+            chain: body_chain,
+            group: body_group,
+        } = freeze_body(&self.body, &group_id)?;
         wire::Signature::decode(&body, "chord body").map_err(|e| bad_canvas(&e))?;
         if self.header.is_empty() {
             // What a worker's join would send with no results: the body, or its chain's first
@@ -679,26 +675,36 @@ impl Chord {
                 id: &root,
                 root_id: &root,
             };
-            // A task or a chain body (what `Body` builds): one message.
-            let Some(first) = crate::canvas::chord::body_message(&part, Vec::new(), parent, now)
-                .publish
-                .into_iter()
-                .next()
-            else {
+            // A task or a chain body: one message; a group body: one per task.
+            let sent = crate::canvas::chord::body_message(&part, Vec::new(), parent, now);
+            if !sent.chord_sizes.is_empty() {
+                return Err(ClientError::Workflow(
+                    "a chord whose body is a chord needs a header".into(),
+                ));
+            }
+            if sent.publish.is_empty() {
                 return Err(bad_canvas(&crate::canvas::CanvasError::Invalid(
                     "the chord's body sends nothing".to_owned(),
                 )));
-            };
-            let (queue, mut one) = (first.queue, first.msg);
-            // Sent by the producer: no parent, its own root.
-            one.parent_id = None;
-            one.root_id = Some(one.id.clone());
+            }
+            let publish = sent
+                .publish
+                .into_iter()
+                .map(|p| {
+                    let mut one = p.msg;
+                    // Sent by the producer: no parent, its own root.
+                    one.parent_id = None;
+                    one.root_id = Some(one.id.clone());
+                    (p.queue, one)
+                })
+                .collect();
             return Ok(ChordPlan {
                 group_id,
                 body_id,
                 body_chain,
+                body_group,
                 size: 0,
-                publish: vec![(queue, one)],
+                publish,
             });
         }
         let publish = members(&self.header, &group_id, Some(&body), now)?;
@@ -706,6 +712,7 @@ impl Chord {
             group_id,
             body_id,
             body_chain,
+            body_group,
             size: self.header.len(),
             publish,
         })
@@ -735,8 +742,119 @@ impl Chord {
         } else {
             linked_results(client, &plan.body_chain)
         };
-        Ok(ChordResult { body, header })
+        let body_group = plan.body_group.map(|ids| GroupResult {
+            id: plan.body_id.clone(),
+            results: ids.iter().map(|id| client.result(id)).collect(),
+            parent: None,
+        });
+        Ok(ChordResult {
+            body,
+            header,
+            body_group,
+        })
     }
+}
+
+/// A chord's body with every id assigned, as Celery's `chord.freeze` leaves it.
+struct FrozenBody {
+    value: Value,
+    /// The id the chord's result is: the task's, a chain's last step's, a group's own id, an
+    /// inner chord's body's.
+    id: String,
+    /// A chain body's steps' ids.
+    chain: Vec<String>,
+    /// A group body's tasks' ids.
+    group: Option<Vec<String>>,
+}
+
+/// Freezes `body` for the chord whose header's group is `group_id`: a task takes that
+/// `group_id` (as Celery's `freeze(group_id=...)`), a chain's last step too; a group body
+/// keeps its own id as `task_id` and takes `group_id` in its options and each task's (with
+/// its `group_index`); a chord body gets its own group id and its body takes `group_id` (the
+/// outer chord's, as Celery 5.7 freezes it).
+fn freeze_body(body: &Body, group_id: &str) -> Result<FrozenBody, ClientError> {
+    let in_group = |mut sig: Signature| {
+        sig.options
+            .entry("group_id")
+            .or_insert_with(|| Value::String(group_id.to_owned()));
+        sig
+    };
+    let (value, id, chain, group) = match body {
+        Body::Task(b) => {
+            let body = in_group(with_id(b.clone()));
+            let id = body.id().unwrap_or_default().to_owned();
+            (body.to_value(), id, Vec::new(), None)
+        }
+        Body::Group(g) => {
+            let id = g.id.clone().unwrap_or_else(new_id);
+            let members: Vec<Signature> = g
+                .members
+                .iter()
+                .enumerate()
+                .map(|(i, s)| in_group(with_id(s.clone())).set("group_index", json!(i)))
+                .collect();
+            let ids = members
+                .iter()
+                .map(|m| m.id().unwrap_or_default().to_owned())
+                .collect();
+            let tasks: Vec<Value> = members.iter().map(Signature::to_value).collect();
+            let mut value = group_value(&id, tasks);
+            value["options"]["group_id"] = Value::String(group_id.to_owned());
+            (value, id, Vec::new(), Some(ids))
+        }
+        Body::Chord(inner) => {
+            let Body::Task(z) = &inner.body else {
+                return Err(ClientError::Workflow(
+                    "a chord body that is a chord must have a task as its own body".into(),
+                ));
+            };
+            if inner.header.is_empty() {
+                return Err(ClientError::Workflow(
+                    "a chord body that is a chord needs a header (send its body as the \
+                     chord's body instead)"
+                        .into(),
+                ));
+            }
+            let frozen = FrozenChord::new(&inner.header, in_group(z.clone()), inner.id.clone());
+            (frozen.to_value(), frozen.body_id, Vec::new(), None)
+        }
+        Body::Chain(chain) => {
+            let frozen = chain.freeze()?;
+            if frozen.last_group.is_some() {
+                return Err(ClientError::Workflow(
+                    "a chord's body chain must end in a task (the chord's result is one \
+                         task's)"
+                        .into(),
+                ));
+            }
+            let body_id = frozen.ids.last().cloned().unwrap_or_default();
+            let mut tasks = vec![frozen.first.to_value()];
+            tasks.extend(frozen.rest);
+            // As Celery's `chain.freeze(body_id, group_id=...)`: the last step's result
+            // is the chord's, in the chord's group.
+            if let Some(Value::Object(options)) = tasks
+                .last_mut()
+                .filter(|t| t["subtask_type"].is_null())
+                .and_then(|t| t.get_mut("options"))
+            {
+                options
+                    .entry("group_id")
+                    .or_insert_with(|| Value::String(group_id.to_owned()));
+            }
+            let value = json!({
+                "task": "celery.chain", "args": [], "immutable": false,
+                "subtask_type": "chain", "options": {"task_id": body_id},
+                "kwargs": {"tasks": tasks},
+            });
+            (value, body_id, frozen.ids, None)
+        }
+    };
+    Ok(FrozenBody {
+        value,
+        id,
+        chain,
+        group,
+    })
 }
 
 /// As Celery 5.7's Redis backend `set_chord_size`: the `.c` dispatch claim of an earlier run of
@@ -859,17 +977,31 @@ impl GroupResult {
     }
 }
 
-/// A chord's result: the body's (a chain body's last step's, its parents the chain's steps),
+/// A chord's result: the body's (a chain body's last step's, its parents the chain's steps;
+/// a chord body's body's; a group body's id, which has a record only if the chord failed),
 /// and the header's group.
 #[derive(Clone)]
 pub struct ChordResult {
     pub body: AsyncResult,
     pub header: GroupResult,
+    /// When the body is a group: its result, its tasks in order (what Python's
+    /// `chord(header, group(...)).apply_async()` returns).
+    pub body_group: Option<GroupResult>,
+}
+
+impl ChordResult {
+    /// The body's return value; a group body's, the list of its tasks' in order.
+    pub async fn get(&self, timeout: Duration) -> Result<Value, ClientError> {
+        match &self.body_group {
+            Some(g) => g.get(timeout).await.map(Value::Array),
+            None => self.body.get(timeout).await,
+        }
+    }
 }
 
 /// A workflow written as JSON (`mediafarm submit --workflow`): a signature, or
 /// `{"chain": [sig, ...]}`, `{"group": [sig, ...]}`, `{"chord": {"header": [sig, ...],
-/// "body": sig}}`.
+/// "body": sig, {"chain": [...]}, {"group": [...]} or {"chord": {...}}}}`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Workflow {
     Task(Signature),
@@ -902,7 +1034,7 @@ impl WorkflowResult {
         match self {
             WorkflowResult::Task(r) => r.get(timeout).await,
             WorkflowResult::Group(g) => g.get(timeout).await.map(Value::Array),
-            WorkflowResult::Chord(c) => c.body.get(timeout).await,
+            WorkflowResult::Chord(c) => c.get(timeout).await,
         }
     }
 }
@@ -988,8 +1120,9 @@ impl Workflow {
             "chord" => {
                 let Value::Object(c) = inner else {
                     return Err(bad(format!(
-                        "chord must be {{\"header\": [...], \"body\": signature or \
-                         {{\"chain\": [...]}}}}; got {}",
+                        "chord must be {{\"header\": [...], \"body\": signature, \
+                         {{\"chain\": [...]}}, {{\"group\": [...]}} or {{\"chord\": \
+                         {{...}}}}}}; got {}",
                         preview(inner)
                     )));
                 };
@@ -1000,11 +1133,18 @@ impl Workflow {
                 }
                 let header = list(c.get("header").unwrap_or(&Value::Null), "chord header")?;
                 let body = c.get("body").unwrap_or(&Value::Null);
-                let body = if body.get("chain").is_some() {
+                let nested = ["chain", "group", "chord"]
+                    .iter()
+                    .any(|k| body.get(k).is_some());
+                let body = if nested {
                     match Workflow::from_json(body) {
                         Ok(Workflow::Chain(steps)) => Body::Chain(steps),
-                        Ok(_) => {
-                            return Err(bad("chord body: a signature or {\"chain\": [...]}".into()))
+                        Ok(Workflow::Group(g)) => Body::Group(g),
+                        Ok(Workflow::Chord(c)) => Body::Chord(Box::new(c)),
+                        Ok(Workflow::Task(_)) => {
+                            return Err(bad("chord body: a signature, {\"chain\": [...]}, \
+                                            {\"group\": [...]} or {\"chord\": {...}}"
+                                .into()))
                         }
                         Err(e) => return Err(bad(format!("chord body: {e}"))),
                     }

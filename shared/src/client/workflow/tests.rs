@@ -373,3 +373,120 @@ fn a_chord_whose_body_is_a_chain_carries_it_as_celery_does() {
     .expect_err("refused");
     assert!(err.to_string().contains("must end in a task"), "{err}");
 }
+
+/// The header messages' embed `chord`, each the same, in `shape` with the chord's group first.
+fn sent_body(plan: &ChordPlan) -> Value {
+    let bodies: Vec<Value> = plan
+        .publish
+        .iter()
+        .map(|(_, m)| shape(&m.embed["chord"], &mut vec![plan.group_id.clone()]))
+        .collect();
+    assert!(bodies.windows(2).all(|w| w[0] == w[1]), "{bodies:?}");
+    bodies[0].clone()
+}
+
+#[test]
+fn a_chord_whose_body_is_a_group_carries_it_as_celery_does() {
+    let c = chord(
+        [canvas_step("h")],
+        group([canvas_step("x"), canvas_step("y")]),
+    );
+    let plan = c.plan(Utc::now()).expect("plan");
+    let celery: Value =
+        serde_json::from_str(crate::canvas::tests::nested::CELERY_GROUP_BODY).unwrap();
+    assert_eq!(
+        sent_body(&plan),
+        shape(
+            &celery,
+            &mut vec!["359e11e6-3394-434b-8f18-7dd90443bffe".into()]
+        ),
+        "the same wire form as Celery 5.7's"
+    );
+    let members = plan.body_group.clone().expect("a group body");
+    let body = &plan.publish[0].1.embed["chord"];
+    assert_eq!(body["options"]["task_id"], json!(plan.body_id));
+    assert_eq!(
+        body["kwargs"]["tasks"][1]["options"]["task_id"],
+        json!(members[1])
+    );
+    // The worker's join sends each task the results, in the group.
+    let part = Canvas::from_message(&plan.publish[0].1)
+        .expect("a worker reads it")
+        .chord
+        .expect("a chord header");
+    let parent = crate::canvas::Parent {
+        id: "h",
+        root_id: "h",
+    };
+    let sent = crate::canvas::chord::body_message(&part, vec![json!(1)], parent, Utc::now());
+    let ids: Vec<&str> = sent.publish.iter().map(|p| p.msg.id.as_str()).collect();
+    assert_eq!(ids, members.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(sent
+        .publish
+        .iter()
+        .all(|p| p.msg.group.as_deref() == Some(plan.body_id.as_str())));
+    // An empty header sends the group's tasks at once, each with [].
+    let plan = chord([], group([canvas_step("x"), canvas_step("y")]))
+        .plan(Utc::now())
+        .expect("plan");
+    assert_eq!(plan.publish.len(), 2);
+    assert!(plan.publish.iter().all(|(_, m)| m.args == vec![json!([])]));
+}
+
+#[test]
+fn a_chord_whose_body_is_a_chord_carries_it_as_celery_does() {
+    let inner = chord([canvas_step("x"), canvas_step("y")], canvas_step("z"));
+    let plan = chord([canvas_step("h")], inner.clone())
+        .plan(Utc::now())
+        .expect("plan");
+    let celery: Value =
+        serde_json::from_str(crate::canvas::tests::nested::CELERY_CHORD_BODY).unwrap();
+    assert_eq!(
+        sent_body(&plan),
+        shape(
+            &celery,
+            &mut vec!["7f5af501-0038-4248-a38e-4a80a0335aac".into()]
+        ),
+        "the same wire form as Celery 5.7's"
+    );
+    let body = &plan.publish[0].1.embed["chord"];
+    assert_eq!(
+        body["kwargs"]["body"]["options"]["task_id"],
+        json!(plan.body_id)
+    );
+    assert!(plan.body_group.is_none());
+    // Its body must be a task, and it needs a header.
+    let err = chord(
+        [canvas_step("h")],
+        chord([canvas_step("x")], group([canvas_step("z")])),
+    )
+    .plan(Utc::now())
+    .expect_err("refused");
+    assert!(err.to_string().contains("must have a task"), "{err}");
+    let err = chord([canvas_step("h")], chord([], canvas_step("z")))
+        .plan(Utc::now())
+        .expect_err("refused");
+    assert!(err.to_string().contains("needs a header"), "{err}");
+    // As JSON, for `mediafarm submit --workflow`.
+    let w = Workflow::from_json(&json!({"chord": {"header": [{"task": "canvas.step"}],
+        "body": {"chord": {"header": [{"task": "canvas.step"}], "body": {"task": "canvas.step"}}}}}))
+    .expect("reads");
+    assert!(matches!(w, Workflow::Chord(ref c) if matches!(c.body, Body::Chord(_))));
+    let w = Workflow::from_json(&json!({"chord": {"header": [{"task": "canvas.step"}],
+        "body": {"group": [{"task": "canvas.step"}, {"task": "canvas.step"}]}}}))
+    .expect("reads");
+    assert!(
+        matches!(w, Workflow::Chord(ref c) if matches!(c.body, Body::Group(ref g) if g.members.len() == 2))
+    );
+    // Not as a chain's chord step.
+    let err = chain([
+        Step::from(canvas_step("a")),
+        chord([canvas_step("h")], inner).into(),
+    ])
+    .plan(Utc::now())
+    .expect_err("refused");
+    assert!(
+        err.to_string().contains("must be a task or a chain"),
+        "{err}"
+    );
+}
