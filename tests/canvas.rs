@@ -463,6 +463,35 @@ async fn a_python_chain_after_a_chord_whose_header_fails_fails_with_chord_error(
     farm.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_chain_whose_middle_step_fails_fails_the_steps_after_it() {
+    let (out, farm) = python_canvas("failing-middle").await;
+    for which in ["via_parents", "failed", "after", "last"] {
+        assert_eq!(
+            (
+                &out[which]["state"],
+                &out[which]["exc_type"],
+                &out[which]["message"]
+            ),
+            (
+                &json!("FAILURE"),
+                &json!("StepFailure"),
+                &json!("frame 7 is corrupt")
+            ),
+            "{which}: {out:#}"
+        );
+    }
+    for step in ["c", "d"] {
+        assert_eq!(
+            runs(&format!("{}/{step}", farm.queue)),
+            0,
+            "{step} never ran"
+        );
+    }
+    assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
+    farm.stop().await;
+}
+
 /// `chain(a, group(b, c), d, e)` from Python, as Celery sends it: the group and `d` upgraded to
 /// a chord step in `a`'s chain. Checks what Python sees; returns the body's expected value.
 fn chain_chord_completed(out: &Value, queue: &str, body: &Value) {

@@ -54,6 +54,17 @@ def main():
         start = time.monotonic()
         last = chain(step(a=1), step(b=2).set(countdown=2)).apply_async()
         out = {"last": outcome(last), "elapsed": time.monotonic() - start}
+    elif scenario == "failing-middle":
+        # Celery 5.7's `mark_as_failure` → `_fail_chain`: the steps after a failed one get its
+        # FAILURE. Their records are read without their parents (which `.get()` walks, raising
+        # the failed step's error either way), so a step left PENDING times out here.
+        last = chain(step(a=1), step(fail="frame 7 is corrupt"), step(c=1, tally=queue + "/c"),
+                     step(d=1, tally=queue + "/d")).apply_async()
+        after = last.parent
+        out = {"via_parents": outcome(last, timeout=60),
+               "failed": outcome(app.AsyncResult(after.parent.id)),
+               "after": outcome(app.AsyncResult(after.id)),
+               "last": outcome(app.AsyncResult(last.id))}
     elif scenario == "retried-middle":
         last = chain(step(a=1), step(fail_times=1, retry_after_s=0.2), step(c=3)).apply_async()
         out = {"last": outcome(last), "middle": outcome(last.parent)}

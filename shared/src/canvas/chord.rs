@@ -226,21 +226,30 @@ pub fn body_failure(
 }
 
 /// The FAILURE records Celery 5.7's `_fail_chain` stores for the chain `chain` (reversed, as
-/// the embed `chain`) after a failed chord: `ChordError` with `reason` for every step that has
-/// a `task_id` option (with its `group_id` when it has one, no traceback), and for a step that
-/// is a chord, its body too (the result the steps after it wait on), descending as Celery does.
-/// Steps without an id are skipped, as in Celery. Celery also joins a step that is itself a
-/// chord header member (`chord` in its options) into its chord; mediafarm sends no such step.
+/// the embed `chain`) after a failed chord: [`fail_chain`] with `ChordError` and `reason`, no
+/// traceback.
 pub fn chain_failures(chain: &[Value], reason: &str) -> Vec<ResultMeta> {
     let error =
         TaskError::permanent("ChordError", reason.to_owned()).in_module("celery.exceptions");
+    fail_chain(chain, &error.to_celery_json(), None)
+}
+
+/// Celery's `_fail_chain`: the records of the steps chained after a failed one (`chain`, the
+/// embed `chain` as sent), each FAILURE with the failure's `result` and `traceback`, for
+/// every step that has a `task_id` option (with its `group_id` when it has one) and, for a
+/// step that is a chord, its body too (the result the steps after it wait on), descending as
+/// Celery does. Steps without an id are skipped, as in Celery. Celery also joins a step that
+/// is itself a chord header member (`chord` in its options) into its chord; mediafarm sends
+/// no such step.
+pub fn fail_chain(chain: &[Value], result: &Value, traceback: Option<&str>) -> Vec<ResultMeta> {
     let mut todo: std::collections::VecDeque<&Value> = chain.iter().collect();
     let mut metas = Vec::new();
     while let Some(step) = todo.pop_front() {
         let options = step.get("options");
         let text = |name: &str| options.and_then(|o| o.get(name)).and_then(Value::as_str);
         if let Some(id) = text("task_id") {
-            let mut meta = ResultMeta::new(id, TaskState::Failure, error.to_celery_json());
+            let mut meta = ResultMeta::new(id, TaskState::Failure, result.clone());
+            meta.traceback = traceback.map(str::to_owned);
             if let Some(group) = text("group_id") {
                 meta.extra
                     .insert("group_id".into(), Value::String(group.to_owned()));

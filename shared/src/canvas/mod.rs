@@ -4,7 +4,8 @@
 //! workflow on after a job ends (`next.rs`): on SUCCESS every callback and the next chain step,
 //! each receiving the job's return value unless immutable — a group or chord step sends its
 //! members (a chord setting its header's size first), a chain its first step; on a final
-//! FAILURE every errback, old style, with the failed job's id. A Rust errback reads what failed
+//! FAILURE every errback, old style, with the failed job's id, and the same FAILURE stored for
+//! every chain step after it, as Celery's `_fail_chain` does. A Rust errback reads what failed
 //! with [`failure::failure_of`].
 //!
 //! A chord header (embed `chord`, header `group`) joins its chord in Redis once its result is
@@ -32,6 +33,7 @@ pub use nested::ChordSig;
 pub use next::{children_record, inherit_priority, on_failure, on_success, Next, Parent, Publish};
 pub use signature::{Kind, Signature, SignatureOptions, When};
 
+use crate::backend::result::ResultMeta;
 use crate::protocol::{preview, TaskMessage};
 
 /// Why a message's canvas cannot be carried out.
@@ -70,6 +72,14 @@ pub struct Canvas {
 }
 
 impl Canvas {
+    /// The FAILURE records for the chain steps after this job when it failed for good with
+    /// `failed` (Celery's `mark_as_failure` → `_fail_chain`): `.get()` on the chain's last
+    /// result then raises the same error instead of waiting for ever.
+    pub fn chain_failures(&self, failed: &ResultMeta) -> Vec<ResultMeta> {
+        let raw: Vec<Value> = self.chain.iter().map(|step| step.raw.clone()).collect();
+        chord::fail_chain(&raw, &failed.result, failed.traceback.as_deref())
+    }
+
     /// Decodes a message's canvas: its embed `{callbacks, errbacks, chain, chord}` and, for a
     /// chord header, its `group` and `group_index` headers.
     pub fn from_message(msg: &TaskMessage) -> Result<Canvas, CanvasError> {

@@ -301,6 +301,7 @@ async fn already_done(shared: &Shared, job: &Incoming, msg: &TaskMessage, canvas
         let errbacks = canvas::on_failure(canvas, parent_of(msg), Utc::now());
         let ending = Ending {
             after: errbacks,
+            chained: canvas.chain_failures(&meta),
             join: Join::of(canvas, msg, &meta),
             ..Ending::dead_only(why)
         };
@@ -491,6 +492,7 @@ async fn run(
     let mut before = Vec::new();
     let mut sizes = Vec::new();
     let mut after = Vec::new();
+    let mut chained = Vec::new();
     let (mut meta, dead) = match outcome {
         Ok(value) => {
             l.succeeded.inc();
@@ -530,6 +532,7 @@ async fn run(
                     .events
                     .task_failed(&msg.id, &e, meta.traceback.as_deref().unwrap_or(""));
                 after = canvas::on_failure(&canvas, parent_of(&msg), Utc::now());
+                chained = canvas.chain_failures(&meta);
                 (meta, Some(why))
             } else {
                 l.failed(&e.exc_type);
@@ -540,6 +543,7 @@ async fn run(
                     .events
                     .task_failed(&msg.id, &e, meta.traceback.as_deref().unwrap_or(""));
                 after = canvas::on_failure(&canvas, parent_of(&msg), Utc::now());
+                chained = canvas.chain_failures(&meta);
                 (meta, Some(why))
             }
         }
@@ -561,6 +565,7 @@ async fn run(
         before,
         sizes,
         after,
+        chained,
         join: Join::of(&canvas, &msg, &meta),
         store: store.then_some(&meta),
         dead,
@@ -739,16 +744,18 @@ async fn refuse(
     });
     let why = dead_reason(shared, job, kind, e.reason.clone());
     let canvas = decoded.map(Canvas::salvage);
-    let (after, join) = match (decoded, &canvas, &meta) {
+    let (after, chained, join) = match (decoded, &canvas, &meta) {
         (Some(msg), Some(canvas), Some(meta)) => (
             canvas::on_failure(canvas, parent_of(msg), Utc::now()),
+            canvas.chain_failures(meta),
             Join::of(canvas, msg, meta),
         ),
-        _ => (Vec::new(), None),
+        _ => (Vec::new(), Vec::new(), None),
     };
     let ending = Ending {
         store: meta.as_ref(),
         after,
+        chained,
         join,
         dead: Some(why),
         ..Ending::ack_only()
@@ -759,7 +766,7 @@ async fn refuse(
 /// How a message ends, in the one order that keeps the promise of this module: set the size of
 /// any chord it sends, publish what carries its workflow on (callbacks, the next chain step),
 /// store the outcome (if there is one
-/// to store), publish its errbacks, join its chord (a chord header),
+/// to store) and a FAILURE's copies for the chain steps after it, publish its errbacks, join its chord (a chord header),
 /// copy the message to its dead-letter queue (if it failed for good), and only then
 /// acknowledge. A store that fails returns the
 /// message to the broker; a publish or dead letter that fails returns it after a pause.
@@ -770,6 +777,8 @@ struct Ending<'a> {
     sizes: Vec<(String, usize)>,
     /// Published after the outcome is stored (a FAILURE's errbacks).
     after: Vec<Publish>,
+    /// Stored right after the outcome: a FAILURE given to the chain steps after the job.
+    chained: Vec<ResultMeta>,
     /// A chord header's outcome, joined after it is stored.
     join: Option<Join<'a>>,
     store: Option<&'a ResultMeta>,
@@ -782,6 +791,7 @@ impl<'a> Ending<'a> {
             before: Vec::new(),
             sizes: Vec::new(),
             after: Vec::new(),
+            chained: Vec::new(),
             join: None,
             store: None,
             dead: None,
@@ -829,6 +839,11 @@ async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
         return requeue_after_pause(shared, job).await;
     }
     if let Some(meta) = ending.store {
+        if !store_with_retry(shared, meta).await {
+            return job.requeue().await;
+        }
+    }
+    for meta in &ending.chained {
         if !store_with_retry(shared, meta).await {
             return job.requeue().await;
         }
