@@ -24,7 +24,7 @@ use ffmpeg_next as ff;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::schedule::Schedule;
-use super::session::{unix_now, End, Event, SessionParams};
+use super::session::{after_read, reconnect_backoff, unix_now, End, Event, SessionParams};
 use crate::cpu_gate::CpuGate;
 use crate::media::{EncodeSpec, Encoded, EncoderPool, KeyDecoder, MediaError};
 use crate::rtmp::flv::{self, Video};
@@ -99,24 +99,10 @@ async fn run_inner(p: &SessionParams, stop: &AtomicBool, events: &mpsc::Sender<E
             ever_connected = true;
             attempt = 0;
         }
-        // The same rules as the thread path (`session::run`).
-        let error = match outcome {
-            Ok(end) => return end,
-            Err(MediaError::Stopped) => return End::Stopped,
-            Err(e) if p.fresh && !ever_connected => return End::Failed(e),
-            Err(e @ (MediaError::NoVideo { .. } | MediaError::Codec { .. })) => {
-                return End::Failed(e)
-            }
-            Err(e) => e,
+        let error = match after_read(outcome, p, ever_connected, last_progress) {
+            Ok(error) => error,
+            Err(end) => return end,
         };
-        if last_progress.elapsed() >= p.reconnect_window {
-            return End::StreamEnded {
-                detail: format!(
-                    "nothing new for {} s: {error}",
-                    p.reconnect_window.as_secs_f64()
-                ),
-            };
-        }
         attempt += 1;
         tracing::info!(stream = %p.source.shown, attempt, error = %error, "stream dropped; reconnecting");
         if events
@@ -129,9 +115,7 @@ async fn run_inner(p: &SessionParams, stop: &AtomicBool, events: &mpsc::Sender<E
         {
             return End::Stopped;
         }
-        let backoff =
-            Duration::from_millis(250 * 2u64.pow(attempt.min(6))).min(Duration::from_secs(10));
-        if sleep_unless_stopped(backoff, stop).await {
+        if sleep_unless_stopped(reconnect_backoff(attempt), stop).await {
             return End::Stopped;
         }
     }

@@ -118,21 +118,10 @@ fn run_inner(
             };
             stream(&link, spec, input, &mut sched, &mut last_progress)
         });
-        let error = match outcome {
-            Ok(end) => return end,
-            Err(MediaError::Stopped) => return End::Stopped,
-            Err(e) if p.fresh && !ever_connected => return End::Failed(e),
-            Err(e @ MediaError::NoVideo { .. }) => return End::Failed(e),
-            Err(e) => e,
+        let error = match after_read(outcome, p, ever_connected, last_progress) {
+            Ok(error) => error,
+            Err(end) => return end,
         };
-        if last_progress.elapsed() >= p.reconnect_window {
-            return End::StreamEnded {
-                detail: format!(
-                    "nothing new for {} s: {error}",
-                    p.reconnect_window.as_secs_f64()
-                ),
-            };
-        }
         attempt += 1;
         tracing::info!(stream = %p.source.shown, attempt, error = %error, "stream dropped; reconnecting");
         if events
@@ -144,12 +133,45 @@ fn run_inner(
         {
             return End::Stopped;
         }
-        let backoff =
-            Duration::from_millis(250 * 2u64.pow(attempt.min(6))).min(Duration::from_secs(10));
-        if sleep_unless_stopped(backoff, stop) {
+        if sleep_unless_stopped(reconnect_backoff(attempt), stop) {
             return End::Stopped;
         }
     }
+}
+
+/// How a session goes on after one go at its stream ended with `outcome`, the same on the
+/// thread path and the RTMP engine: `Err` ends the session (the stream ended, a stop, an
+/// error that another try cannot change, the first open of a fresh session failing, or
+/// `reconnect_window` without progress); `Ok` is the error to reconnect after.
+pub(super) fn after_read(
+    outcome: Result<End, MediaError>,
+    p: &SessionParams,
+    ever_connected: bool,
+    last_progress: Instant,
+) -> Result<MediaError, End> {
+    let error = match outcome {
+        Ok(end) => return Err(end),
+        Err(MediaError::Stopped) => return Err(End::Stopped),
+        Err(e) if p.fresh && !ever_connected => return Err(End::Failed(e)),
+        Err(e @ (MediaError::NoVideo { .. } | MediaError::Codec { .. })) => {
+            return Err(End::Failed(e))
+        }
+        Err(e) => e,
+    };
+    if last_progress.elapsed() >= p.reconnect_window {
+        return Err(End::StreamEnded {
+            detail: format!(
+                "nothing new for {} s: {error}",
+                p.reconnect_window.as_secs_f64()
+            ),
+        });
+    }
+    Ok(error)
+}
+
+/// The pause before reconnect `attempt` (1, 2, …): 0.5 s doubling, at most 10 s.
+pub(super) fn reconnect_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(250 * 2u64.pow(attempt.min(6))).min(Duration::from_secs(10))
 }
 
 /// True when stopped while sleeping.
