@@ -7,8 +7,8 @@ use std::time::Duration;
 use mediafarm::client::SendOptions;
 use mediafarm::{Client, ClientError};
 use mediafarm_tests::{
-    delete_queue, echo_registry, kwargs, python_env, python_producer_against_echo, run_python,
-    settings, to, unique_queue, Farm, PythonWorker,
+    celery_cli, delete_queue, echo_registry, kwargs, python_env, python_producer_against_echo,
+    run_python, settings, to, unique_queue, Farm, PythonWorker,
 };
 use serde_json::{json, Map, Value};
 
@@ -231,32 +231,6 @@ async fn celery_inspect_ping_gets_a_pong_from_a_mediafarm_worker() {
         .unwrap_or_else(|e| panic!("celery printed {stdout:?}: {e}"));
     assert_eq!(replies, json!({ node: {"ok": "pong"} }));
     farm.stop().await;
-}
-
-/// Runs `celery -A celery_app ARGS` from tests/py against `s`'s broker, bounded in time;
-/// returns (exit code, stdout, stderr).
-async fn celery_cli(s: &mediafarm::Settings, args: &[&str]) -> (i32, String, String) {
-    let env = python_env(s);
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    let run = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(mediafarm_tests::python())
-            .current_dir(mediafarm_tests::workspace_root().join("tests/py"))
-            .args(["-m", "celery", "-A", "celery_app"])
-            .args(&args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("the celery command runs")
-    });
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the celery command ends within 2 minutes")
-        .expect("ran");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `celery inspect|control ... --json` for one node: that node's reply.

@@ -18,8 +18,8 @@ use mediafarm::redis_broker::{list_key, RedisBroker, DELAYED_KEY};
 use mediafarm::{Client, ClientError, Settings, TaskState, Worker};
 use mediafarm_tests::process::{sigterm, Proc};
 use mediafarm_tests::{
-    binary, echo_registry, kwargs, python, python_env, python_producer_against_echo, settings,
-    unique_queue, workspace_root,
+    binary, celery_cli, echo_registry, kwargs, python, python_env, python_producer_against_echo,
+    settings, unique_queue, workspace_root,
 };
 use serde_json::{json, Value};
 
@@ -454,32 +454,6 @@ async fn an_unreadable_body_stores_a_failure_and_is_dead_lettered() {
     );
     worker.shutdown().await;
     forget_queue(&s, &q).await;
-}
-
-/// Runs `python -m celery -A celery_app ARGS` (tests/py) against `s`'s Redis broker, bounded in
-/// time; returns (exit code, stdout, stderr).
-async fn celery_cli(s: &Settings, args: &[&str]) -> (i32, String, String) {
-    let env = python_env(s);
-    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-    let run = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python())
-            .current_dir(workspace_root().join("tests/py"))
-            .args(["-m", "celery", "-A", "celery_app"])
-            .args(&args)
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("the celery command runs")
-    });
-    let out = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the celery command ends within 2 minutes")
-        .expect("ran");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// `celery inspect|control ARGS --json` for one node over the Redis broker: that node's reply.

@@ -397,6 +397,32 @@ pub fn python_env(settings: &Settings) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// Runs `python -m celery -A celery_app ARGS` from tests/py against `s`'s broker (AMQP or
+/// Redis), bounded in time; returns (exit code, stdout, stderr).
+pub async fn celery_cli(s: &Settings, args: &[&str]) -> (i32, String, String) {
+    let env = python_env(s);
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    let run = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app"])
+            .args(&args)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("the celery command runs")
+    });
+    let out = tokio::time::timeout(std::time::Duration::from_secs(120), run)
+        .await
+        .expect("the celery command ends within 2 minutes")
+        .expect("ran");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `producer.py <queue> <scenario>` (the Python celery client) against an echo worker
 /// named `hostname` on a fresh queue `<prefix>-<scenario>-…` of `settings`; returns what the
 /// script printed, as JSON, and the queue, which the caller cleans up as its broker needs.
