@@ -7,8 +7,8 @@ use std::time::Duration;
 use mediafarm::client::SendOptions;
 use mediafarm::{Client, ClientError};
 use mediafarm_tests::{
-    celery_cli, delete_queue, echo_registry, kwargs, python_env, python_producer_against_echo,
-    run_python, settings, to, unique_queue, Farm, PythonWorker,
+    celery_cli, celery_reply, delete_queue, echo_registry, kwargs, python_env,
+    python_producer_against_echo, run_python, settings, to, unique_queue, Farm, PythonWorker,
 };
 use serde_json::{json, Map, Value};
 
@@ -231,24 +231,6 @@ async fn celery_inspect_ping_gets_a_pong_from_a_mediafarm_worker() {
         .unwrap_or_else(|e| panic!("celery printed {stdout:?}: {e}"));
     assert_eq!(replies, json!({ node: {"ok": "pong"} }));
     farm.stop().await;
-}
-
-/// `celery inspect|control ... --json` for one node: that node's reply.
-async fn celery_reply(s: &mediafarm::Settings, node: &str, args: &[&str]) -> Value {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--destination", node, "--timeout", "10", "--json"]);
-    let (code, stdout, stderr) = celery_cli(s, &all).await;
-    assert_eq!(code, 0, "celery {args:?} failed: {stdout}\n{stderr}");
-    let replies: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("celery {args:?} printed {stdout:?}: {e}"));
-    // inspect prints one object by node; control a list of one-node objects.
-    let found = match &replies {
-        Value::Array(items) => items.iter().find_map(|r| r.get(node)),
-        other => other.get(node),
-    };
-    found
-        .cloned()
-        .unwrap_or_else(|| panic!("no reply from {node} to {args:?}: {replies}"))
 }
 
 /// Asks `node` `method` through the mailbox until `done(reply)` (at most 60 s).

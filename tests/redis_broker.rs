@@ -18,7 +18,7 @@ use mediafarm::redis_broker::{list_key, RedisBroker, DELAYED_KEY};
 use mediafarm::{Client, ClientError, Settings, TaskState, Worker};
 use mediafarm_tests::process::{sigterm, Proc};
 use mediafarm_tests::{
-    binary, celery_cli, echo_registry, kwargs, python, python_env, python_producer_against_echo,
+    binary, celery_reply, echo_registry, kwargs, python, python_env, python_producer_against_echo,
     settings, unique_queue, workspace_root,
 };
 use serde_json::{json, Value};
@@ -454,24 +454,6 @@ async fn an_unreadable_body_stores_a_failure_and_is_dead_lettered() {
     );
     worker.shutdown().await;
     forget_queue(&s, &q).await;
-}
-
-/// `celery inspect|control ARGS --json` for one node over the Redis broker: that node's reply.
-async fn celery_reply(s: &Settings, node: &str, args: &[&str]) -> Value {
-    let mut all: Vec<&str> = args.to_vec();
-    all.extend(["--destination", node, "--timeout", "10", "--json"]);
-    let (code, stdout, stderr) = celery_cli(s, &all).await;
-    assert_eq!(code, 0, "celery {args:?} failed: {stdout}\n{stderr}");
-    let replies: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("celery {args:?} printed {stdout:?}: {e}"));
-    // inspect prints one object by node; control a list of one-node objects.
-    let found = match &replies {
-        Value::Array(items) => items.iter().find_map(|r| r.get(node)),
-        other => other.get(node),
-    };
-    found
-        .cloned()
-        .unwrap_or_else(|| panic!("no reply from {node} to {args:?}: {replies}"))
 }
 
 /// Waits (at most 30 s) until `job` is in `state`.

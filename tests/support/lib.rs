@@ -423,6 +423,24 @@ pub async fn celery_cli(s: &Settings, args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// `celery inspect|control ARGS --json` for one node (AMQP or Redis broker): that node's reply.
+pub async fn celery_reply(s: &Settings, node: &str, args: &[&str]) -> Value {
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["--destination", node, "--timeout", "10", "--json"]);
+    let (code, stdout, stderr) = celery_cli(s, &all).await;
+    assert_eq!(code, 0, "celery {args:?} failed: {stdout}\n{stderr}");
+    let replies: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("celery {args:?} printed {stdout:?}: {e}"));
+    // inspect prints one object by node; control a list of one-node objects.
+    let found = match &replies {
+        Value::Array(items) => items.iter().find_map(|r| r.get(node)),
+        other => other.get(node),
+    };
+    found
+        .cloned()
+        .unwrap_or_else(|| panic!("no reply from {node} to {args:?}: {replies}"))
+}
+
 /// Runs `producer.py <queue> <scenario>` (the Python celery client) against an echo worker
 /// named `hostname` on a fresh queue `<prefix>-<scenario>-…` of `settings`; returns what the
 /// script printed, as JSON, and the queue, which the caller cleans up as its broker needs.
