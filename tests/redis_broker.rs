@@ -434,24 +434,37 @@ async fn an_unreadable_body_stores_a_failure_and_is_dead_lettered() {
         }
         other => panic!("expected a stored InvalidMessage failure, got {other:?}"),
     }
-    let dead: Vec<String> = redis::cmd("LRANGE")
-        .arg(format!("{q}.dead"))
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .expect("lrange");
+    // The dead letter is written after the FAILURE is stored (then the message is acked).
+    let mut dead: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        dead = redis::cmd("LRANGE")
+            .arg(format!("{q}.dead"))
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await
+            .expect("lrange");
+        if !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(dead.len(), 1, "{dead:?}");
     assert!(
         dead[0].contains(&id) && dead[0].contains("base64"),
         "{}",
         dead[0]
     );
-    let unacked = unacked(&mut conn).await;
-    assert!(
-        !unacked.iter().any(|m| m.contains(&id)),
-        "left unacknowledged"
-    );
+    // And acknowledged after its dead letter.
+    let mut acked = false;
+    for _ in 0..100 {
+        if !unacked(&mut conn).await.iter().any(|m| m.contains(&id)) {
+            acked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(acked, "left unacknowledged");
     worker.shutdown().await;
     forget_queue(&s, &q).await;
 }
