@@ -259,6 +259,31 @@ def when(text):
     return datetime.fromisoformat(text).timestamp()
 
 
+def measure_then_stop(worker, ids, seconds, storage):
+    """Measures the worker for `seconds` while sessions `ids` run, then stops every session
+    (the stop key each polls) and the worker and cleans up. Returns (CPU s, wall s, RSS MB,
+    threads, the deliveries received)."""
+    c0, t0 = worker.cpu(), time.monotonic()
+    time.sleep(seconds)
+    cpu = worker.cpu() - c0
+    wall = time.monotonic() - t0
+    rss_mb = proc_rss_mb(worker.proc.pid)
+    threads = len(os.listdir(f"/proc/{worker.proc.pid}/task"))
+    import redis
+    r = redis.Redis.from_url(BACKEND)
+    now = f"{time.time():.3f}"
+    for sid in ids:
+        r.set(f"mediafarm-snapshot-stop-{sid}", now, ex=3600)
+    time.sleep(3)
+    worker.stop()
+    for sid in ids:
+        r.delete(f"mediafarm-snapshot-stop-{sid}", f"mediafarm-snapshot-session-{sid}")
+    shutil.rmtree(storage, ignore_errors=True)
+    with Deliveries.lock:
+        frames = list(Deliveries.got)
+    return cpu, wall, rss_mb, threads, frames
+
+
 def sessions_level(n, seconds, hook_port, stagger):
     storage = WORK / f"storage-sessions-{n}"
     queue = f"bench-sessions-{uuid.uuid4().hex[:8]}"
@@ -276,25 +301,7 @@ def sessions_level(n, seconds, hook_port, stagger):
             "stream_id": sid, "stream_url": f"file://{INPUT}", "interval_s": INTERVAL_S,
             "realtime": True, "loop": True, "key": "sessions/{stream_id}/{seq}.jpg",
             "deliver": f"http://127.0.0.1:{hook_port}/hook"})
-    c0, t0 = worker.cpu(), time.monotonic()
-    time.sleep(seconds)
-    cpu = worker.cpu() - c0
-    wall = time.monotonic() - t0
-    rss_mb = proc_rss_mb(worker.proc.pid)
-    threads = len(os.listdir(f"/proc/{worker.proc.pid}/task"))
-    # Stop every session (the stop key each polls), then the worker.
-    import redis
-    r = redis.Redis.from_url(BACKEND)
-    now = f"{time.time():.3f}"
-    for sid in ids:
-        r.set(f"mediafarm-snapshot-stop-{sid}", now, ex=3600)
-    time.sleep(3)
-    worker.stop()
-    for sid in ids:
-        r.delete(f"mediafarm-snapshot-stop-{sid}", f"mediafarm-snapshot-session-{sid}")
-    shutil.rmtree(storage, ignore_errors=True)
-    with Deliveries.lock:
-        frames = list(Deliveries.got)
+    cpu, wall, rss_mb, threads, frames = measure_then_stop(worker, ids, seconds, storage)
     by_stream = {}
     for f in frames:
         by_stream.setdefault(f["stream_id"], []).append(f)
@@ -387,24 +394,7 @@ def rtmp_level(engine, n, seconds, hook_port, stagger, url):
         app.send_task("snapshot.watch", queue=queue, kwargs={
             "stream_id": sid, "stream_url": url, "interval_s": INTERVAL_S,
             "key": "rtmp/{stream_id}/{seq}.jpg", "deliver": f"http://127.0.0.1:{hook_port}/hook"})
-    c0, t0 = worker.cpu(), time.monotonic()
-    time.sleep(seconds)
-    cpu = worker.cpu() - c0
-    wall = time.monotonic() - t0
-    rss_mb = proc_rss_mb(worker.proc.pid)
-    threads = len(os.listdir(f"/proc/{worker.proc.pid}/task"))
-    import redis
-    r = redis.Redis.from_url(BACKEND)
-    now = f"{time.time():.3f}"
-    for sid in ids:
-        r.set(f"mediafarm-snapshot-stop-{sid}", now, ex=3600)
-    time.sleep(3)
-    worker.stop()
-    for sid in ids:
-        r.delete(f"mediafarm-snapshot-stop-{sid}", f"mediafarm-snapshot-session-{sid}")
-    shutil.rmtree(storage, ignore_errors=True)
-    with Deliveries.lock:
-        frames = list(Deliveries.got)
+    cpu, wall, rss_mb, threads, frames = measure_then_stop(worker, ids, seconds, storage)
     return {"engine": engine, "n": n, "ids": ids, "frames": frames, "seconds": seconds,
             "cpu": 100 * cpu / wall, "rss": rss_mb, "threads": threads}
 

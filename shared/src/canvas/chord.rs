@@ -167,11 +167,7 @@ pub fn body_message(
             let partial = partial_args(&part.body, &results);
             let gid = body_id(part);
             for (i, m) in members.iter().enumerate() {
-                let id = m
-                    .options
-                    .task_id
-                    .clone()
-                    .unwrap_or_else(|| group_member_id(&gid, i));
+                let id = group_member_id(m, &gid, i);
                 let mut p = message(m, &partial, header, id, now);
                 p.msg.group = Some(gid.clone());
                 p.msg.group_index = m.options.group_index.or(i64::try_from(i).ok());
@@ -196,9 +192,12 @@ pub fn body_message(
     next
 }
 
-/// The id of task `i` of a group body that the producer did not freeze.
-fn group_member_id(group: &str, i: usize) -> String {
-    uuid::Uuid::new_v5(&super::next::NAMESPACE, format!("{group}/{i}").as_bytes()).to_string()
+/// The id of task `i`, `member`, of a group body: the one the producer froze, else one derived
+/// from the group's id and `i` (the same on every worker).
+fn group_member_id(member: &Signature, group: &str, i: usize) -> String {
+    member.options.task_id.clone().unwrap_or_else(|| {
+        uuid::Uuid::new_v5(&super::next::NAMESPACE, format!("{group}/{i}").as_bytes()).to_string()
+    })
 }
 
 /// What a failed header does to the body, as Celery's `chord_error_from_stack`: the results to
@@ -299,11 +298,7 @@ fn body_failure_of_body(
             let mut metas = Vec::with_capacity(members.len() + 1);
             let mut errbacks = Vec::new();
             for (i, m) in members.iter().enumerate() {
-                let id = m
-                    .options
-                    .task_id
-                    .clone()
-                    .unwrap_or_else(|| group_member_id(&gid, i));
+                let id = group_member_id(m, &gid, i);
                 metas.push(original(&id));
                 let mut seen: Vec<&Value> = Vec::new();
                 for raw in m
