@@ -75,7 +75,8 @@ crate::settings_group! {
         /// Options of the Redis broker transport, as Celery's `broker_transport_options` for
         /// kombu's Redis transport: `visibility_timeout` (seconds, default 3600),
         /// `priority_steps`, `sep`, `unacked_key`, `unacked_index_key`, `unacked_mutex_key`,
-        /// `unacked_mutex_expire`, `unacked_restore_limit`. Unused with an AMQP broker.
+        /// `unacked_mutex_expire`, `unacked_restore_limit`, `fanout_prefix`, `fanout_patterns`,
+        /// `global_keyprefix`. Unused with an AMQP broker.
         broker_transport_options: TransportOptions = TransportOptions::default(),
             Custom(Reader::broker_transport_options);
         /// TLS to RabbitMQ (Celery's `broker_use_ssl`): `true` (the system's CAs), or a table of
