@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 
 const BROKER: &str = "redis://127.0.0.1:6379/9";
 const KILL_BROKER: &str = "redis://127.0.0.1:6379/10";
-/// Flower's test only: Flower reads every queue length of its database.
+/// Flower's and the Sentinel test's (Flower reads every queue length of its database).
 const FLOWER_BROKER: &str = "redis://127.0.0.1:6379/11";
 
 fn redis_settings(url: &str) -> Settings {
@@ -1119,4 +1119,65 @@ async fn global_keyprefix_is_kombus_both_ways() {
     if !keys.is_empty() {
         let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
     }
+}
+
+/// kombu's `sentinel://` broker URL through a real Redis Sentinel, started here on a free port
+/// of 127.0.0.1 monitoring the shared Redis under a group name of its own (never failed over;
+/// killed when the test ends): a Python producer given the same URL and `master_name` reaches
+/// a Rust worker that found the master through it, in the URL's database, and gets the result;
+/// a group no sentinel knows fails the connection, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_url_finds_the_broker_as_kombu_does() {
+    let port = mediafarm_tests::free_port();
+    let group = unique_queue("mf-sentinel");
+    let dir = mediafarm_tests::temp_dir("sentinel");
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+             sentinel monitor {group} 127.0.0.1 6379 1\n\
+             sentinel down-after-milliseconds {group} 600000\n\
+             sentinel failover-timeout {group} 600000\n",
+            dir.display()
+        ),
+    )
+    .expect("config written");
+    let _sentinel = Proc::spawn(
+        std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null()),
+    );
+    tokio::task::spawn_blocking(move || mediafarm_tests::process::wait_port(port))
+        .await
+        .expect("the sentinel listens");
+
+    let mut s = redis_settings(&format!("sentinel://127.0.0.1:{port}/11"));
+    s.broker_transport_options.master_name = Some(group.clone());
+    let (out, q) =
+        python_producer_against_echo(&s, "rb-sentinel", "sentinel@%h", "roundtrip").await;
+    assert_eq!(out["state"], "SUCCESS", "{out}");
+    assert_eq!(
+        out["ok"],
+        json!({"x": 1, "s": "中文", "nested": {"l": [1, 2.5, null]}})
+    );
+    // The worker used the URL's database: its binding is in database 11.
+    let mut conn = redis(FLOWER_BROKER).await;
+    let bound: bool = redis::cmd("EXISTS")
+        .arg(format!("_kombu.binding.{q}"))
+        .query_async(&mut conn)
+        .await
+        .expect("exists");
+    assert!(bound, "no binding for {q} in database 11");
+    forget_queue(&redis_settings(FLOWER_BROKER), &q).await;
+
+    let mut unknown = s.clone();
+    unknown.broker_transport_options.master_name = Some(format!("{group}-unknown"));
+    let e = match RedisBroker::connect(&unknown).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("connected through a group no sentinel knows"),
+    };
+    assert!(e.contains(&format!("{group}-unknown")), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -391,17 +391,26 @@ pub fn run_python(script: &str, args: &[&str], env: &[(&str, String)]) -> String
 }
 
 /// The URLs the Python side should use: the same as the Rust side's settings, and the Redis
-/// transport's `global_keyprefix` when one is set (tests/py/celery_app.py and producer.py read
+/// transport's `global_keyprefix` and `master_name` when set (tests/py/celery_app.py and producer.py read
 /// `BROKER_TRANSPORT_OPTIONS`).
 pub fn python_env(settings: &Settings) -> Vec<(&'static str, String)> {
     let mut env = vec![
         ("BROKER_URL", settings.broker_url.clone()),
         ("RESULT_BACKEND", settings.result_backend.clone()),
     ];
-    let prefix = &settings.broker_transport_options.global_keyprefix;
-    if !prefix.is_empty() {
-        let options = serde_json::json!({ "global_keyprefix": prefix });
-        env.push(("BROKER_TRANSPORT_OPTIONS", options.to_string()));
+    let o = &settings.broker_transport_options;
+    let mut options = Map::new();
+    if !o.global_keyprefix.is_empty() {
+        options.insert("global_keyprefix".into(), o.global_keyprefix.clone().into());
+    }
+    if let Some(name) = &o.master_name {
+        options.insert("master_name".into(), name.clone().into());
+    }
+    if !options.is_empty() {
+        env.push((
+            "BROKER_TRANSPORT_OPTIONS",
+            Value::Object(options).to_string(),
+        ));
     }
     env
 }

@@ -35,12 +35,16 @@
 //!   inside messages and entries (queues, routing keys) stay unprefixed, except the list key a
 //!   delayed entry names, which is the stored key.
 //!
-//! Not here yet: Redis Cluster or Sentinel.
+//! - **Sentinel** ([`sentinel`]): with a `sentinel://` URL, each connection asks the
+//!   sentinels for the master first (kombu's `SentinelChannel`).
+//!
+//! Not here yet: Redis Cluster, and following a Sentinel failover without a restart.
 
 pub mod envelope;
 pub mod fanout;
 pub mod queues;
 pub mod scripts;
+pub mod sentinel;
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -75,6 +79,8 @@ pub enum RedisBrokerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("Redis broker error: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("cannot find the Redis broker through Sentinel: {0}")]
+    Sentinel(String),
 }
 
 /// A message taken from a queue, recorded as unacknowledged.
@@ -139,8 +145,25 @@ fn now_secs() -> f64 {
 
 impl RedisBroker {
     /// Connects to `broker_url` (a Redis URL; `rediss://` takes TLS options from its query).
+    /// A `sentinel://` URL is resolved first: the sentinels name the master ([`sentinel`]).
     pub async fn connect(settings: &Settings) -> Result<RedisBroker, RedisBrokerError> {
-        let url = &settings.broker_url;
+        let resolved;
+        let url = if crate::settings::sentinel::is_sentinel(&settings.broker_url) {
+            let master = settings
+                .broker_transport_options
+                .master_name
+                .as_deref()
+                .ok_or_else(|| {
+                    RedisBrokerError::Sentinel(
+                        "a sentinel:// broker_url needs broker_transport_options.master_name"
+                            .into(),
+                    )
+                })?;
+            resolved = sentinel::master_url(&settings.broker_url, master).await?;
+            &resolved
+        } else {
+            &settings.broker_url
+        };
         let connect_err = |source| RedisBrokerError::Connect {
             url: without_password(url),
             source,

@@ -44,6 +44,9 @@ pub struct TransportOptions {
     /// applications share one Redis database. Not inside messages: a routing key or a queue
     /// name in `delivery_info` stays unprefixed, as kombu writes it.
     pub global_keyprefix: String,
+    /// The Sentinel group whose master is the broker, with a `sentinel://` `broker_url`
+    /// (kombu's `master_name`, required there; unused otherwise).
+    pub master_name: Option<String>,
 }
 
 impl TransportOptions {
@@ -67,6 +70,7 @@ impl Default for TransportOptions {
             fanout_prefix: DEFAULT_FANOUT_PREFIX.into(),
             fanout_patterns: true,
             global_keyprefix: String::new(),
+            master_name: None,
         }
     }
 }
@@ -78,8 +82,9 @@ pub const DEFAULT_FANOUT_PREFIX: &str = "/{db}.";
 const ACCEPTED: &str = "a table of visibility_timeout (seconds), priority_steps (a list of \
     0..=9, ascending), sep, unacked_key, unacked_index_key, unacked_mutex_key, \
     unacked_mutex_expire (seconds), unacked_restore_limit, fanout_prefix (true, false or a \
-    string), fanout_patterns (true or false), global_keyprefix (a string); kombu's other \
-    Redis options (queue_order_strategy, …) are not supported yet";
+    string), fanout_patterns (true or false), global_keyprefix (a string), master_name (a \
+    string, for a sentinel:// broker_url); kombu's other Redis options \
+    (queue_order_strategy, sentinel_kwargs, …) are not supported yet";
 
 impl Value for TransportOptions {
     fn shown(&self) -> String {
@@ -124,6 +129,9 @@ impl Value for TransportOptions {
                 "global_keyprefix".into(),
                 toml::Value::String(self.global_keyprefix.clone()),
             );
+        }
+        if let Some(name) = &self.master_name {
+            t.insert("master_name".into(), toml::Value::String(name.clone()));
         }
         if let Some(n) = self.unacked_restore_limit {
             t.insert(
@@ -212,6 +220,7 @@ fn read_table(table: &toml::Table, mut o: TransportOptions) -> Result<TransportO
                     _ => return Err("global_keyprefix must be a string on one line".into()),
                 }
             }
+            "master_name" => o.master_name = Some(text(key, v)?),
             "fanout_patterns" => {
                 o.fanout_patterns = v.as_bool().ok_or("fanout_patterns must be true or false")?
             }

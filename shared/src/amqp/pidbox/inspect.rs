@@ -72,6 +72,25 @@ fn broker_info(s: &Settings) -> Value {
 /// What a Python worker on kombu's Redis transport reports: the database as `virtual_host`,
 /// no login method, Celery's default heartbeat.
 fn redis_broker_info(s: &Settings) -> Value {
+    if let Ok(u) = crate::settings::sentinel::parse(&s.broker_url) {
+        let (host, port) = u.sentinels.first().cloned().unwrap_or_default();
+        return json!({
+            "hostname": host,
+            "userid": u.username,
+            "virtual_host": u.db.to_string(),
+            "port": port,
+            "insist": false,
+            "ssl": false,
+            "transport": "sentinel",
+            "connect_timeout": 4,
+            "transport_options": {"master_name": s.broker_transport_options.master_name},
+            "login_method": null,
+            "uri_prefix": null,
+            "heartbeat": f64::from(s.broker_heartbeat),
+            "failover_strategy": "round-robin",
+            "alternates": [],
+        });
+    }
     let Ok(client) = crate::tls::redis_client(&s.broker_url, None) else {
         return json!({ "transport": "redis" });
     };
