@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use mediafarm::client::SendOptions;
 use mediafarm::{Client, ClientError};
+use mediafarm_tests::flower::{assert_shows, Flower};
 use mediafarm_tests::{
     celery_cli, celery_reply, delete_queue, echo_registry, kwargs, python_env,
-    python_producer_against_echo, run_python, settings, to, unique_queue, Farm, PythonWorker,
+    python_producer_against_echo, settings, to, unique_queue, Farm, PythonWorker,
 };
 use serde_json::{json, Map, Value};
 
@@ -761,22 +762,7 @@ async fn flower_shows_a_mediafarm_worker_and_its_tasks() {
     s.worker_send_task_events = true;
     let farm = Farm::start("flower", s, echo_registry()).await;
     let node = format!("test@{}", farm.queue);
-    let port = mediafarm_tests::free_port();
-    let env = python_env(&farm.settings);
-    let _flower = mediafarm_tests::process::Proc::spawn(
-        std::process::Command::new(mediafarm_tests::python())
-            .current_dir(mediafarm_tests::workspace_root().join("tests/py"))
-            .args(["-m", "celery", "-A", "celery_app", "flower"])
-            .args(["--address=127.0.0.1", &format!("--port={port}")])
-            .env("FLOWER_UNAUTHENTICATED_API", "true")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(std::process::Stdio::null()),
-    );
-    tokio::task::spawn_blocking(move || mediafarm_tests::process::wait_port(port))
-        .await
-        .expect("Flower listens");
-    // Flower learns of tasks from events: give its event receiver a moment to bind.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let flower = Flower::start(&farm.settings).await;
     let ok = farm
         .client
         .send_task(
@@ -797,63 +783,10 @@ async fn flower_shows_a_mediafarm_worker_and_its_tasks() {
         .expect("sent");
     ok.get(Duration::from_secs(30)).await.expect("ok job ends");
     let _ = bad.get(Duration::from_secs(30)).await;
-    let shots = mediafarm_tests::workspace_root().join("var/flower");
-    std::fs::create_dir_all(&shots).expect("var/ is writable");
-    let args = [
-        format!("http://127.0.0.1:{port}"),
-        node.clone(),
-        ok.id.clone(),
-        bad.id.clone(),
-        shots.display().to_string(),
-    ];
-    let out = tokio::time::timeout(
-        Duration::from_secs(240),
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            run_python("flower_check.py", &args, &[])
-        }),
-    )
-    .await
-    .expect("the Flower check ends within 4 minutes")
-    .expect("ran");
-    let report: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{out}: {e}"));
-    assert_eq!(report["error"], Value::Null, "{report:#}");
-    assert!(
-        report["workers"].as_array().unwrap().contains(&json!(node)),
-        "{report:#}"
-    );
-    let okr = &report["ok"];
-    assert_eq!(okr["state"], "SUCCESS", "{report:#}");
-    assert_eq!(okr["name"], "echo.echo", "{report:#}");
-    assert_eq!(okr["worker"], json!(node), "{report:#}");
-    assert!(
-        okr["runtime"].as_f64().is_some_and(|r| r >= 0.0),
-        "{report:#}"
-    );
-    assert!(
-        okr["result"]
-            .as_str()
-            .is_some_and(|r| r.contains("in flower")),
-        "{report:#}"
-    );
-    let bad_r = &report["failed"];
-    assert_eq!(bad_r["state"], "FAILURE", "{report:#}");
-    assert!(
-        bad_r["exception"]
-            .as_str()
-            .is_some_and(|e| e.contains("flower sees this")),
-        "{report:#}"
-    );
-    let browser = &report["browser"];
-    assert_eq!(browser["workers_page_has_node"], true, "{report:#}");
-    assert_eq!(browser["tasks_page_has_ok"], true, "{report:#}");
-    assert_eq!(browser["tasks_page_has_failed"], true, "{report:#}");
-    assert!(
-        browser["failed_task_page"]
-            .as_str()
-            .is_some_and(|t| t.contains("flower sees this")),
-        "{report:#}"
-    );
-    assert!(shots.join("flower-tasks.png").exists());
+    let report = flower.check("flower", &node, &ok.id, &bad.id).await;
+    assert_shows(&report, &node, "in flower", "flower sees this");
+    assert!(mediafarm_tests::workspace_root()
+        .join("var/flower/flower-tasks.png")
+        .exists());
     farm.stop().await;
 }

@@ -8,7 +8,9 @@
 //! Rust workers), Celery events read by Python's `app.events.Receiver`, and the `mediafarm`
 //! CLI's `purge` and `dead list`/`dead replay`.
 //!
-//! Redis databases 9 and 10 hold the broker keys of these tests only (`unacked` and
+//! Flower (from the project's venv) watches a Rust worker on the Redis broker as it does on AMQP.
+//!
+//! Redis databases 9, 10 and 11 hold the broker keys of these tests only (`unacked` and
 //! `unacked_index` are per database, as in kombu); nothing here flushes a database.
 
 use std::time::Duration;
@@ -16,6 +18,7 @@ use std::time::Duration;
 use mediafarm::client::SendOptions;
 use mediafarm::redis_broker::{list_key, RedisBroker, DELAYED_KEY};
 use mediafarm::{Client, ClientError, Settings, TaskState, Worker};
+use mediafarm_tests::flower::{assert_shows, Flower};
 use mediafarm_tests::process::{sigterm, Proc};
 use mediafarm_tests::{
     binary, celery_reply, echo_registry, kwargs, python, python_env, python_producer_against_echo,
@@ -25,6 +28,8 @@ use serde_json::{json, Value};
 
 const BROKER: &str = "redis://127.0.0.1:6379/9";
 const KILL_BROKER: &str = "redis://127.0.0.1:6379/10";
+/// Flower's and the Sentinel test's (Flower reads every queue length of its database).
+const FLOWER_BROKER: &str = "redis://127.0.0.1:6379/11";
 
 fn redis_settings(url: &str) -> Settings {
     let mut s = settings();
@@ -747,6 +752,54 @@ async fn celery_events_from_a_rust_worker_over_redis_reach_a_python_receiver() {
     forget_queue(&s, &q).await;
 }
 
+/// Flower 2.x, unmodified, watching a Rust worker on the Redis broker (database 11, its own):
+/// as on AMQP (`celery_interop::flower_shows_a_mediafarm_worker_and_its_tasks`), its API lists
+/// the worker and both jobs with their states, runtime, result and exception, and its Workers,
+/// Tasks and worker pages show them in Debian's Chromium (the worker page renders the
+/// worker's `stats`, whose `broker` is kombu's description of the Redis transport).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flower_shows_a_rust_worker_and_its_tasks_over_redis() {
+    let mut s = redis_settings(FLOWER_BROKER);
+    s.worker_send_task_events = true;
+    let q = unique_queue("rb-flower");
+    let node = format!("flower@{q}");
+    let flower = Flower::start(&s).await;
+    let worker = echo_worker(&s, &q, &node).await;
+    let client = Client::connect(&s).await.expect("client");
+    let opts = SendOptions {
+        queue: Some(q.clone()),
+        ..Default::default()
+    };
+    let ok = client
+        .send_task("echo.echo", kwargs(json!({"shown": "on redis"})), &opts)
+        .await
+        .expect("sent");
+    let bad = client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"fail": "flower on redis"})),
+            &opts,
+        )
+        .await
+        .expect("sent");
+    ok.get(Duration::from_secs(30)).await.expect("ok job ends");
+    let _ = bad.get(Duration::from_secs(30)).await;
+    let report = flower.check("flower-redis", &node, &ok.id, &bad.id).await;
+    assert_shows(&report, &node, "on redis", "flower on redis");
+    assert!(
+        report["browser"]["worker_page_broker"]
+            .as_str()
+            .is_some_and(|t| t.contains("redis")),
+        "{report:#}"
+    );
+    assert!(workspace_root()
+        .join("var/flower/flower-redis-tasks.png")
+        .exists());
+    worker.shutdown().await;
+    drop(flower);
+    forget_queue(&s, &q).await;
+}
+
 /// Runs the `mediafarm` CLI against the Redis broker of `s`; (exit code, stdout, stderr).
 fn cli(s: &Settings, args: &[&str]) -> (Option<i32>, String, String) {
     let out = std::process::Command::new(binary("mediafarm"))
@@ -859,4 +912,272 @@ async fn the_cli_purges_lists_and_replays_dead_letters_on_redis() {
     assert_eq!(out.trim(), format!("purged 2 message(s) from {q}"));
     assert_eq!(broker.len(&q).await.expect("len"), 0);
     forget_queue(&s, &q).await;
+}
+
+type LogLines = tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>;
+
+/// `echo-worker` named `node` on queue `q` of `s`'s Redis broker, its log on a pipe: warnings,
+/// and the outcome of its check for another worker with its name (debug).
+fn named_echo_worker(s: &Settings, q: &str, node: &str) -> (tokio::process::Child, LogLines) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(binary("echo-worker"))
+        .args(["--queues", q, "-n", node, "--loglevel", "warn"])
+        .env("MEDIAFARM_BROKER_URL", &s.broker_url)
+        .env("MEDIAFARM_RESULT_BACKEND", &s.result_backend)
+        .env("MEDIAFARM_METRICS_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn,mediafarm::amqp::pidbox::over_redis=debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("echo-worker starts");
+    let lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+    (child, lines)
+}
+
+/// The log lines up to the first containing `needle` (at most a minute away).
+async fn log_until(lines: &mut LogLines, needle: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                let found = line.contains(needle);
+                seen.push(line);
+                if found {
+                    return seen;
+                }
+            }
+            other => panic!("no log line with {needle:?} ({other:?}); before it: {seen:#?}"),
+        }
+    }
+}
+
+const NO_DUPLICATE: &str = "no other worker has this node name";
+
+/// Two workers given one node name on the Redis broker: both get every pidbox request (a
+/// fanout has no exclusive mailbox queue to refuse the second, as AMQP's does), so a starting
+/// worker pings its own name and logs Celery's `DuplicateNodenameWarning` when another worker
+/// — Rust or Python Celery — answers; a worker with a name of its own does not. And
+/// `mediafarm inspect` warns as Celery's `flatten_reply` does when one name answers twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_worker_with_a_taken_node_name_warns_over_redis() {
+    let s = redis_settings(BROKER);
+    let q = unique_queue("rb-dupname");
+    let node = format!("dup@{q}");
+    let (_first, mut first_log) = named_echo_worker(&s, &q, &node);
+    let seen = log_until(&mut first_log, NO_DUPLICATE).await;
+    assert!(
+        !seen.iter().any(|l| l.contains("DuplicateNodename")),
+        "{seen:#?}"
+    );
+    let (_second, mut second_log) = named_echo_worker(&s, &q, &node);
+    let seen = log_until(&mut second_log, "DuplicateNodenameWarning").await;
+    let warning = seen.last().expect("a line");
+    assert!(warning.contains(&node), "{warning}");
+    assert!(!seen.iter().any(|l| l.contains(NO_DUPLICATE)), "{seen:#?}");
+
+    // The requester side: both answer a broadcast ping, and the CLI says so.
+    let (code, stdout, stderr) = cli(&s, &["inspect", "ping", "--timeout", "3"]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "DuplicateNodenameWarning: Received multiple replies from node name: {node}."
+        )),
+        "{stdout}\n{stderr}"
+    );
+
+    // A Python Celery worker holding a name: a Rust worker given it warns too.
+    let py_node = format!("pydup@{q}");
+    let _python = Proc::spawn(
+        std::process::Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
+            .args(["-Q", &q, "-l", "warning", "-n", &py_node])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .envs(python_env(&s))
+            .stdout(std::process::Stdio::null()),
+    );
+    let mut answered = false;
+    for _ in 0..60 {
+        let replies = mediafarm::amqp::pidbox::mailbox::call(
+            &s,
+            "ping",
+            json!({}),
+            Some(std::slice::from_ref(&py_node)),
+            Duration::from_secs(1),
+        )
+        .await
+        .expect("the mailbox call is sent");
+        if !replies.is_empty() {
+            answered = true;
+            break;
+        }
+    }
+    assert!(answered, "the Python worker never answered a ping");
+    let (_rust, mut rust_log) = named_echo_worker(&s, &q, &py_node);
+    let seen = log_until(&mut rust_log, "DuplicateNodenameWarning").await;
+    assert!(seen.last().expect("a line").contains(&py_node), "{seen:#?}");
+    forget_queue(&s, &q).await;
+}
+
+/// kombu's `global_keyprefix`, given to both sides: a Python producer's job reaches a Rust
+/// worker and its result comes back; a Rust producer's job (priority 6) waits in the prefixed
+/// priority list and a Python Celery worker runs it; `celery inspect ping` reaches the Rust
+/// worker through the prefixed pidbox channel and reply binding. Every key either side wrote
+/// for the queue carries the prefix, and none exists without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_keyprefix_is_kombus_both_ways() {
+    let mut s = redis_settings(BROKER);
+    let prefix = format!("{}:", unique_queue("rb-kp"));
+    s.broker_transport_options.global_keyprefix = prefix.clone();
+    // Python → Rust.
+    let (out, q) = python_producer_against_echo(&s, "rb-kp", "keyprefix@%h", "roundtrip").await;
+    assert_eq!(out["state"], "SUCCESS", "{out}");
+    assert_eq!(
+        out["ok"],
+        json!({"x": 1, "s": "中文", "nested": {"l": [1, 2.5, null]}})
+    );
+    let mut conn = redis(BROKER).await;
+    let bound: bool = redis::cmd("EXISTS")
+        .arg(format!("{prefix}_kombu.binding.{q}"))
+        .query_async(&mut conn)
+        .await
+        .expect("exists");
+    assert!(bound, "no prefixed binding for {q}");
+
+    // Rust → Python, and the pidbox both ways.
+    let rust_node = format!("keyprefix@{q}");
+    let worker = echo_worker(&s, &format!("{q}-rust"), &rust_node).await;
+    let reply = celery_reply(&s, &rust_node, &["inspect", "ping"]).await;
+    assert_eq!(reply, json!({"ok": "pong"}));
+    let client = Client::connect(&s).await.expect("client");
+    let job = client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"from": "rust", "prefixed": true})),
+            &SendOptions {
+                queue: Some(q.clone()),
+                priority: Some(6),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("sent");
+    let six: u64 = redis::cmd("LLEN")
+        .arg(format!("{prefix}{q}\x06\x166"))
+        .query_async(&mut conn)
+        .await
+        .expect("llen");
+    assert_eq!(six, 1, "not on the prefixed priority-6 list");
+    let _python = Proc::spawn(
+        std::process::Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
+            .args(["-Q", &q, "-l", "warning", "-n", &format!("py-{q}@%h")])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .envs(python_env(&s))
+            .stdout(std::process::Stdio::null()),
+    );
+    let v = job
+        .get(Duration::from_secs(60))
+        .await
+        .expect("python ran it");
+    assert_eq!(v["worker"], "python");
+    assert_eq!(v["kwargs"], json!({"from": "rust", "prefixed": true}));
+    worker.shutdown().await;
+
+    // Nothing of this queue was written without the prefix.
+    let unprefixed: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{q}*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    let stray: Vec<&String> = unprefixed
+        .iter()
+        .filter(|k| !k.starts_with(&prefix))
+        .collect();
+    assert!(stray.is_empty(), "keys without the prefix: {stray:?}");
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    keys.sort();
+    assert!(
+        keys.contains(&format!("{prefix}_kombu.binding.{q}-rust")),
+        "{keys:?}"
+    );
+    if !keys.is_empty() {
+        let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+    }
+}
+
+/// kombu's `sentinel://` broker URL through a real Redis Sentinel, started here on a free port
+/// of 127.0.0.1 monitoring the shared Redis under a group name of its own (never failed over;
+/// killed when the test ends): a Python producer given the same URL and `master_name` reaches
+/// a Rust worker that found the master through it, in the URL's database, and gets the result;
+/// a group no sentinel knows fails the connection, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_url_finds_the_broker_as_kombu_does() {
+    let port = mediafarm_tests::free_port();
+    let group = unique_queue("mf-sentinel");
+    let dir = mediafarm_tests::temp_dir("sentinel");
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+             sentinel monitor {group} 127.0.0.1 6379 1\n\
+             sentinel down-after-milliseconds {group} 600000\n\
+             sentinel failover-timeout {group} 600000\n",
+            dir.display()
+        ),
+    )
+    .expect("config written");
+    let _sentinel = Proc::spawn(
+        std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null()),
+    );
+    tokio::task::spawn_blocking(move || mediafarm_tests::process::wait_port(port))
+        .await
+        .expect("the sentinel listens");
+
+    let mut s = redis_settings(&format!("sentinel://127.0.0.1:{port}/11"));
+    s.broker_transport_options.master_name = Some(group.clone());
+    let (out, q) =
+        python_producer_against_echo(&s, "rb-sentinel", "sentinel@%h", "roundtrip").await;
+    assert_eq!(out["state"], "SUCCESS", "{out}");
+    assert_eq!(
+        out["ok"],
+        json!({"x": 1, "s": "中文", "nested": {"l": [1, 2.5, null]}})
+    );
+    // The worker used the URL's database: its binding is in database 11.
+    let mut conn = redis(FLOWER_BROKER).await;
+    let bound: bool = redis::cmd("EXISTS")
+        .arg(format!("_kombu.binding.{q}"))
+        .query_async(&mut conn)
+        .await
+        .expect("exists");
+    assert!(bound, "no binding for {q} in database 11");
+    forget_queue(&redis_settings(FLOWER_BROKER), &q).await;
+
+    let mut unknown = s.clone();
+    unknown.broker_transport_options.master_name = Some(format!("{group}-unknown"));
+    let e = match RedisBroker::connect(&unknown).await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("connected through a group no sentinel knows"),
+    };
+    assert!(e.contains(&format!("{group}-unknown")), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

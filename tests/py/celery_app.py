@@ -1,7 +1,9 @@
 """A plain Python Celery worker app, to prove a Python worker accepts what mediafarm publishes.
 
-Run: python -m celery -A celery_app worker -Q QUEUE -P solo (cwd tests/py).
+Run: python -m celery -A celery_app worker -Q QUEUE -P solo (cwd tests/py). BROKER_URL,
+RESULT_BACKEND and (optional, JSON) BROKER_TRANSPORT_OPTIONS come from the environment.
 """
+import json
 import os
 
 from celery import Celery
@@ -19,6 +21,8 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     worker_hijack_root_logger=False,
 )
+if os.environ.get("BROKER_TRANSPORT_OPTIONS"):
+    app.conf.broker_transport_options = json.loads(os.environ["BROKER_TRANSPORT_OPTIONS"])
 
 
 @app.task(name="echo.echo", bind=True)

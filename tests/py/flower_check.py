@@ -1,12 +1,14 @@
 """What Flower shows of a mediafarm worker: its HTTP API, then its pages in a real browser.
 
-Usage: flower_check.py FLOWER_URL NODE OK_TASK_ID FAILED_TASK_ID SCREENSHOT_DIR
+Usage: flower_check.py FLOWER_URL NODE OK_TASK_ID FAILED_TASK_ID SCREENSHOT_DIR [LABEL]
 
 1. Polls Flower's API (bounded: 60 s) until `/api/tasks` has both tasks in a ready state and
    `/api/workers?refresh=1` lists NODE.
 2. Opens Flower's Workers and Tasks pages in Debian's Chromium (headless, driven by Playwright
    with the system browser: Playwright cannot download its own here) and waits until NODE and
-   both task ids are on them; saves a screenshot of each into SCREENSHOT_DIR.
+   both task ids are on them; saves a screenshot of each into SCREENSHOT_DIR (named
+   LABEL-workers.png and LABEL-tasks.png, LABEL "flower" by default). Then opens NODE's own
+   page (Flower renders it from the worker's inspect replies) and reads its broker tab.
 
 Prints one JSON object with what it read; the Rust test asserts on it.
 """
@@ -50,7 +52,7 @@ def poll_api(base, node, ok_id, failed_id, limit=60.0):
     return tasks, workers, last_error or "timed out waiting for Flower to show both tasks"
 
 
-def browse(base, node, ok_id, failed_id, out_dir):
+def browse(base, node, ok_id, failed_id, out_dir, label):
     from playwright.sync_api import sync_playwright
 
     seen = {}
@@ -61,15 +63,19 @@ def browse(base, node, ok_id, failed_id, out_dir):
             page.goto(f"{base}/workers", wait_until="networkidle", timeout=30_000)
             page.wait_for_selector(f"text={node}", timeout=30_000)
             seen["workers_page_has_node"] = node in page.content()
-            page.screenshot(path=f"{out_dir}/flower-workers.png", full_page=True)
+            page.screenshot(path=f"{out_dir}/{label}-workers.png", full_page=True)
             page.goto(f"{base}/tasks", wait_until="networkidle", timeout=30_000)
             page.wait_for_selector(f"text={ok_id}", timeout=30_000)
             html = page.content()
             seen["tasks_page_has_ok"] = ok_id in html
             seen["tasks_page_has_failed"] = failed_id in html
-            page.screenshot(path=f"{out_dir}/flower-tasks.png", full_page=True)
+            page.screenshot(path=f"{out_dir}/{label}-tasks.png", full_page=True)
             page.goto(f"{base}/task/{failed_id}", wait_until="networkidle", timeout=30_000)
             seen["failed_task_page"] = page.inner_text("body")
+            reply = page.goto(f"{base}/worker/{node}", wait_until="networkidle", timeout=30_000)
+            seen["worker_page_status"] = reply.status if reply else None
+            broker_tab = page.query_selector("#tab-broker")
+            seen["worker_page_broker"] = broker_tab.text_content() if broker_tab else None
         finally:
             browser.close()
     return seen
@@ -77,6 +83,7 @@ def browse(base, node, ok_id, failed_id, out_dir):
 
 def main():
     base, node, ok_id, failed_id, out_dir = sys.argv[1:6]
+    label = sys.argv[6] if len(sys.argv) > 6 else "flower"
     tasks, workers, error = poll_api(base, node, ok_id, failed_id)
     report = {
         "error": error,
@@ -86,7 +93,7 @@ def main():
         "worker": workers.get(node),
     }
     if error is None:
-        report["browser"] = browse(base, node, ok_id, failed_id, out_dir)
+        report["browser"] = browse(base, node, ok_id, failed_id, out_dir, label)
     print(json.dumps(report, default=str))
 
 

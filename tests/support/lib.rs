@@ -14,11 +14,12 @@
 //! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
 //! | [`s3`] | moto's S3-compatible server on loopback |
 //! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |
+//! | [`flower`] | Flower from the venv against a farm (either broker), read by API and browser |
 //! | [`s3`] | moto's S3-compatible server, and settings with a bucket in it as storage |
 
 pub mod certs;
 pub mod fixtures;
-
+pub mod flower;
 pub mod http_fake;
 pub mod media;
 pub mod mtls;
@@ -389,12 +390,29 @@ pub fn run_python(script: &str, args: &[&str], env: &[(&str, String)]) -> String
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The URLs the Python side should use: the same as the Rust side's settings.
+/// The URLs the Python side should use: the same as the Rust side's settings, and the Redis
+/// transport's `global_keyprefix` and `master_name` when set (tests/py/celery_app.py and producer.py read
+/// `BROKER_TRANSPORT_OPTIONS`).
 pub fn python_env(settings: &Settings) -> Vec<(&'static str, String)> {
-    vec![
+    let mut env = vec![
         ("BROKER_URL", settings.broker_url.clone()),
         ("RESULT_BACKEND", settings.result_backend.clone()),
-    ]
+    ];
+    let o = &settings.broker_transport_options;
+    let mut options = Map::new();
+    if !o.global_keyprefix.is_empty() {
+        options.insert("global_keyprefix".into(), o.global_keyprefix.clone().into());
+    }
+    if let Some(name) = &o.master_name {
+        options.insert("master_name".into(), name.clone().into());
+    }
+    if !options.is_empty() {
+        env.push((
+            "BROKER_TRANSPORT_OPTIONS",
+            Value::Object(options).to_string(),
+        ));
+    }
+    env
 }
 
 /// Runs `python -m celery -A celery_app ARGS` from tests/py against `s`'s broker (AMQP or

@@ -232,6 +232,10 @@ pub fn effective_url(settings: &Settings) -> std::borrow::Cow<'_, str> {
 /// Checks what connecting needs before the first try, so a bad value stops start-up instead
 /// of being retried: the URL, and the TLS files and options.
 pub fn check(settings: &Settings) -> Result<(), BrokerError> {
+    if crate::settings::sentinel::is_sentinel(&settings.broker_url) {
+        // Read by the settings' own check; the master's address is known only when connecting.
+        return Ok(());
+    }
     if settings.broker_is_redis() {
         return match crate::tls::redis_client(&settings.broker_url, None) {
             Ok(_) => Ok(()),

@@ -563,6 +563,17 @@ async fn remote_call(
         eprintln!("Error: No nodes replied within time constraint");
         return Ok(ExitCode::from(69));
     }
+    let twice = mediafarm::amqp::pidbox::mailbox::named_twice(&replies);
+    if !twice.is_empty() {
+        // Celery's W_DUPNODE.
+        eprintln!(
+            "DuplicateNodenameWarning: Received multiple replies from node {}: {}.\n\
+             Please make sure you give each node a unique nodename using\n\
+             the worker `-n` option.",
+            if twice.len() == 1 { "name" } else { "names" },
+            twice.join(", ")
+        );
+    }
     if remote.json {
         // As Celery prints them: inspect one object by node, control a list of replies.
         let shown = match kind {

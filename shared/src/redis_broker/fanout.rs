@@ -21,17 +21,18 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use redis::aio::MultiplexedConnection;
 
-use super::{list_key, Envelope, RedisBroker, RedisBrokerError, BINDING_PREFIX};
+use super::{list_key, Envelope, RedisBroker, RedisBrokerError};
 
 /// kombu's `_get_publish_topic` with its options read: the `PUBLISH` channel of `exchange`
-/// for `routing_key` on database `db`.
+/// for `routing_key` on database `db`, with the `global_keyprefix` before it (kombu's
+/// prefixing client prefixes `PUBLISH` and `PSUBSCRIBE` channels too).
 pub fn topic(
     opts: &crate::settings::TransportOptions,
     db: i64,
     exchange: &str,
     routing_key: &str,
 ) -> String {
-    let prefix = opts.fanout_prefix.replace("{db}", &db.to_string());
+    let prefix = opts.key(&opts.fanout_prefix.replace("{db}", &db.to_string()));
     if !routing_key.is_empty() && opts.fanout_patterns {
         format!("{prefix}{exchange}/{routing_key}")
     } else {
@@ -92,7 +93,7 @@ impl RedisBroker {
     ) -> Result<(), RedisBrokerError> {
         let mut conn = self.conn.clone();
         redis::cmd("SADD")
-            .arg(format!("{BINDING_PREFIX}{exchange}"))
+            .arg(self.binding_key(exchange))
             .arg(self.binding(routing_key, queue))
             .query_async::<()>(&mut conn)
             .await?;
@@ -108,11 +109,8 @@ impl RedisBroker {
         queue: &str,
     ) -> Result<(), RedisBrokerError> {
         let mut pipe = redis::pipe();
-        pipe.srem(
-            format!("{BINDING_PREFIX}{exchange}"),
-            self.binding(routing_key, queue),
-        )
-        .ignore();
+        pipe.srem(self.binding_key(exchange), self.binding(routing_key, queue))
+            .ignore();
         for p in &self.opts.priority_steps {
             pipe.del(list_key(&self.opts, queue, *p)).ignore();
         }
@@ -208,5 +206,10 @@ mod tests {
             ..TransportOptions::default()
         };
         assert_eq!(topic(&plain, 9, "celeryev", "worker.heartbeat"), "celeryev");
+        let prefixed = TransportOptions {
+            global_keyprefix: "app1:".into(),
+            ..TransportOptions::default()
+        };
+        assert_eq!(topic(&prefixed, 3, "celeryev", "*"), "app1:/3.celeryev/*");
     }
 }

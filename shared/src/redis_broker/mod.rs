@@ -30,12 +30,21 @@
 //!   pidbox's requests, Celery's events), its direct exchanges through the binding sets (the
 //!   pidbox's replies), and the queue commands of the `mediafarm` CLI (purge, dead letters).
 //!
-//! Not here yet: `global_keyprefix`, and Redis Cluster or Sentinel.
+//! - **`global_keyprefix`**: every key above (and every fanout channel) is stored with the
+//!   transport option's prefix before it, as kombu's prefixing client sends them; the names
+//!   inside messages and entries (queues, routing keys) stay unprefixed, except the list key a
+//!   delayed entry names, which is the stored key.
+//!
+//! - **Sentinel** ([`sentinel`]): with a `sentinel://` URL, each connection asks the
+//!   sentinels for the master first (kombu's `SentinelChannel`).
+//!
+//! Not here yet: Redis Cluster, and following a Sentinel failover without a restart.
 
 pub mod envelope;
 pub mod fanout;
 pub mod queues;
 pub mod scripts;
+pub mod sentinel;
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -70,6 +79,8 @@ pub enum RedisBrokerError {
     Tls(#[from] crate::tls::TlsError),
     #[error("Redis broker error: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("cannot find the Redis broker through Sentinel: {0}")]
+    Sentinel(String),
 }
 
 /// A message taken from a queue, recorded as unacknowledged.
@@ -89,8 +100,29 @@ pub struct RedisBroker {
     /// For connections of their own: subscriptions and blocking pops ([`fanout`]).
     client: redis::Client,
     opts: TransportOptions,
+    /// `unacked`, `unacked_index`, `unacked_mutex` and the delayed set as stored (prefixed).
+    keys: std::sync::Arc<Keys>,
     /// Queues whose kombu binding this process has written.
     bound: std::sync::Arc<Mutex<HashSet<String>>>,
+}
+
+/// The fixed keys of the transport, with `global_keyprefix` before them.
+struct Keys {
+    unacked: String,
+    unacked_index: String,
+    unacked_mutex: String,
+    delayed: String,
+}
+
+impl Keys {
+    fn of(o: &TransportOptions) -> Keys {
+        Keys {
+            unacked: o.key(&o.unacked_key),
+            unacked_index: o.key(&o.unacked_index_key),
+            unacked_mutex: o.key(&o.unacked_mutex_key),
+            delayed: o.key(DELAYED_KEY),
+        }
+    }
 }
 
 /// `EVAL` of `script` over `keys` (Redis caches the compiled script by its hash; the text is
@@ -113,8 +145,25 @@ fn now_secs() -> f64 {
 
 impl RedisBroker {
     /// Connects to `broker_url` (a Redis URL; `rediss://` takes TLS options from its query).
+    /// A `sentinel://` URL is resolved first: the sentinels name the master ([`sentinel`]).
     pub async fn connect(settings: &Settings) -> Result<RedisBroker, RedisBrokerError> {
-        let url = &settings.broker_url;
+        let resolved;
+        let url = if crate::settings::sentinel::is_sentinel(&settings.broker_url) {
+            let master = settings
+                .broker_transport_options
+                .master_name
+                .as_deref()
+                .ok_or_else(|| {
+                    RedisBrokerError::Sentinel(
+                        "a sentinel:// broker_url needs broker_transport_options.master_name"
+                            .into(),
+                    )
+                })?;
+            resolved = sentinel::master_url(&settings.broker_url, master).await?;
+            &resolved
+        } else {
+            &settings.broker_url
+        };
         let connect_err = |source| RedisBrokerError::Connect {
             url: without_password(url),
             source,
@@ -131,10 +180,12 @@ impl RedisBroker {
         let conn = ConnectionManager::new_with_config(client.clone(), config)
             .await
             .map_err(connect_err)?;
+        let opts = settings.broker_transport_options.clone();
         Ok(RedisBroker {
             conn,
             client,
-            opts: settings.broker_transport_options.clone(),
+            keys: std::sync::Arc::new(Keys::of(&opts)),
+            opts,
             bound: Default::default(),
         })
     }
@@ -143,7 +194,7 @@ impl RedisBroker {
         &self.opts
     }
 
-    /// kombu's `_q_for_pri`: the list of `queue` for a message of `priority`.
+    /// kombu's `_q_for_pri`: the list of `queue` for a message of `priority` (as stored).
     pub fn list_key(&self, queue: &str, priority: u8) -> String {
         list_key(&self.opts, queue, priority)
     }
@@ -171,14 +222,22 @@ impl RedisBroker {
         // kombu 5.7 also lists the member as permanent, so its sweep of expiring bindings
         // leaves the table alone.
         redis::pipe()
-            .sadd(format!("{BINDING_PREFIX}{queue}"), &member)
+            .sadd(self.binding_key(queue), &member)
             .ignore()
-            .sadd(format!("{PERMANENT_BINDING_PREFIX}{queue}"), &member)
+            .sadd(
+                self.opts.key(&format!("{PERMANENT_BINDING_PREFIX}{queue}")),
+                &member,
+            )
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
         self.lock_bound().insert(queue.to_owned());
         Ok(())
+    }
+
+    /// kombu's binding set of `exchange`, as stored.
+    fn binding_key(&self, exchange: &str) -> String {
+        self.opts.key(&format!("{BINDING_PREFIX}{exchange}"))
     }
 
     fn lock_bound(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
@@ -210,10 +269,7 @@ impl RedisBroker {
         if keys.is_empty() {
             return Ok(None);
         }
-        let mut all = vec![
-            self.opts.unacked_key.clone(),
-            self.opts.unacked_index_key.clone(),
-        ];
+        let mut all = vec![self.keys.unacked.clone(), self.keys.unacked_index.clone()];
         all.extend(keys);
         let mut conn = self.conn.clone();
         let got: Option<(String, Vec<u8>, String)> = eval(scripts::FETCH, &all)
@@ -236,6 +292,9 @@ impl RedisBroker {
     }
 
     fn queue_of_key(&self, key: &str, queues: &[String]) -> String {
+        let key = key
+            .strip_prefix(self.opts.global_keyprefix.as_str())
+            .unwrap_or(key);
         queues
             .iter()
             .find(|q| {
@@ -253,9 +312,9 @@ impl RedisBroker {
         let mut conn = self.conn.clone();
         redis::pipe()
             .atomic()
-            .zrem(&self.opts.unacked_index_key, tag)
+            .zrem(&self.keys.unacked_index, tag)
             .ignore()
-            .hdel(&self.opts.unacked_key, tag)
+            .hdel(&self.keys.unacked, tag)
             .ignore()
             .query_async::<()>(&mut conn)
             .await?;
@@ -267,7 +326,7 @@ impl RedisBroker {
     pub async fn restore(&self, tag: &str) -> Result<bool, RedisBrokerError> {
         let mut conn = self.conn.clone();
         let held: Option<String> = redis::cmd("HGET")
-            .arg(&self.opts.unacked_key)
+            .arg(&self.keys.unacked)
             .arg(tag)
             .query_async(&mut conn)
             .await?;
@@ -290,10 +349,7 @@ impl RedisBroker {
         };
         e.mark_redelivered();
         let queues = self.lookup(&exchange, &routing_key).await?;
-        let mut keys = vec![
-            self.opts.unacked_key.clone(),
-            self.opts.unacked_index_key.clone(),
-        ];
+        let mut keys = vec![self.keys.unacked.clone(), self.keys.unacked_index.clone()];
         keys.extend(queues.iter().map(|q| self.list_key(q, e.priority())));
         let restored: i64 = eval(scripts::RESTORE, &keys)
             .arg(tag)
@@ -332,7 +388,7 @@ impl RedisBroker {
     ) -> Result<Vec<String>, RedisBrokerError> {
         let mut conn = self.conn.clone();
         let members: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(format!("{BINDING_PREFIX}{exchange}"))
+            .arg(self.binding_key(exchange))
             .query_async(&mut conn)
             .await?;
         let sep = self.opts.sep.as_str();
@@ -363,7 +419,7 @@ impl RedisBroker {
             self.list_key(queue, message.priority()),
             message.to_json()
         );
-        self.hand_over(tag, DELAYED_KEY, &format!("{due:.3}"), &entry)
+        self.hand_over(tag, &self.keys.delayed, &format!("{due:.3}"), &entry)
             .await
     }
 
@@ -374,7 +430,7 @@ impl RedisBroker {
         queue: &str,
         message: &str,
     ) -> Result<(), RedisBrokerError> {
-        self.hand_over(tag, &dead_list(queue), "list", message)
+        self.hand_over(tag, &dead_list(&self.opts, queue), "list", message)
             .await
     }
 
@@ -388,7 +444,7 @@ impl RedisBroker {
         let mut conn = self.conn.clone();
         eval(
             scripts::HAND_OVER,
-            &[&self.opts.unacked_key, &self.opts.unacked_index_key, key],
+            &[&self.keys.unacked, &self.keys.unacked_index, key],
         )
         .arg(tag)
         .arg(how)
@@ -401,7 +457,7 @@ impl RedisBroker {
     /// Moves delayed messages that are due back onto their lists; how many moved.
     pub async fn promote_due(&self) -> Result<usize, RedisBrokerError> {
         let mut conn = self.conn.clone();
-        let moved: usize = eval(scripts::PROMOTE, &[DELAYED_KEY])
+        let moved: usize = eval(scripts::PROMOTE, &[&self.keys.delayed])
             .arg(format!("{:.3}", now_secs()))
             .arg(PROMOTE_BATCH)
             .query_async(&mut conn)
@@ -418,7 +474,7 @@ impl RedisBroker {
         let expire_ms =
             u64::try_from(self.opts.unacked_mutex_expire.as_millis()).unwrap_or(u64::MAX);
         let locked: Option<String> = redis::cmd("SET")
-            .arg(&self.opts.unacked_mutex_key)
+            .arg(&self.keys.unacked_mutex)
             .arg(&token)
             .arg("NX")
             .arg("PX")
@@ -429,7 +485,7 @@ impl RedisBroker {
             return Ok(0);
         }
         let outcome = self.restore_expired(&mut conn).await;
-        let unlocked = eval(scripts::UNLOCK, &[&self.opts.unacked_mutex_key])
+        let unlocked = eval(scripts::UNLOCK, &[&self.keys.unacked_mutex])
             .arg(&token)
             .query_async::<i64>(&mut conn)
             .await;
@@ -445,7 +501,7 @@ impl RedisBroker {
     ) -> Result<usize, RedisBrokerError> {
         let ceil = now_secs() - self.opts.visibility_timeout.as_secs_f64();
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
-        cmd.arg(&self.opts.unacked_index_key)
+        cmd.arg(&self.keys.unacked_index)
             .arg("-inf")
             .arg(format!("{ceil:.3}"));
         if let Some(n) = self.opts.unacked_restore_limit {
@@ -474,7 +530,8 @@ impl RedisBroker {
     }
 }
 
-/// kombu's `_q_for_pri` with `priority` (`bisect` over the steps).
+/// kombu's `_q_for_pri` with `priority` (`bisect` over the steps), as stored (with the
+/// `global_keyprefix`).
 pub fn list_key(opts: &TransportOptions, queue: &str, priority: u8) -> String {
     let step = opts
         .priority_steps
@@ -484,15 +541,15 @@ pub fn list_key(opts: &TransportOptions, queue: &str, priority: u8) -> String {
         .copied()
         .unwrap_or(0);
     if step == 0 {
-        queue.to_owned()
+        opts.key(queue)
     } else {
-        format!("{queue}{}{step}", opts.sep)
+        opts.key(&format!("{queue}{}{step}", opts.sep))
     }
 }
 
-/// The dead-letter list of `queue`.
-pub fn dead_list(queue: &str) -> String {
-    format!("{queue}.dead")
+/// The dead-letter list of `queue`, as stored.
+pub fn dead_list(opts: &TransportOptions, queue: &str) -> String {
+    opts.key(&format!("{queue}.dead"))
 }
 
 #[cfg(test)]
@@ -507,5 +564,14 @@ mod tests {
         assert_eq!(list_key(&o, "q", 3), "q\x06\x163");
         assert_eq!(list_key(&o, "q", 8), "q\x06\x166");
         assert_eq!(list_key(&o, "q", 9), "q\x06\x169");
+        let prefixed = TransportOptions {
+            global_keyprefix: "app1:".into(),
+            ..TransportOptions::default()
+        };
+        assert_eq!(list_key(&prefixed, "q", 0), "app1:q");
+        assert_eq!(list_key(&prefixed, "q", 6), "app1:q\x06\x166");
+        assert_eq!(dead_list(&prefixed, "q"), "app1:q.dead");
+        assert_eq!(Keys::of(&prefixed).unacked_mutex, "app1:unacked_mutex");
+        assert_eq!(Keys::of(&prefixed).delayed, "app1:mediafarm.delayed");
     }
 }

@@ -32,7 +32,7 @@ impl RedisBroker {
         let from = -isize::try_from(limit).unwrap_or(isize::MAX);
         let mut conn = self.conn.clone();
         let mut letters: Vec<String> = redis::cmd("LRANGE")
-            .arg(dead_list(queue))
+            .arg(dead_list(&self.opts, queue))
             .arg(from)
             .arg(-1)
             .query_async(&mut conn)
@@ -51,7 +51,7 @@ impl RedisBroker {
     ) -> Result<bool, RedisBrokerError> {
         let mut conn = self.conn.clone();
         let target = self.list_key(queue, replay.priority());
-        let moved: i64 = eval(scripts::REPLAY, &[dead_list(queue), target])
+        let moved: i64 = eval(scripts::REPLAY, &[dead_list(&self.opts, queue), target])
             .arg(stored)
             .arg(replay.to_json())
             .query_async(&mut conn)

@@ -8,6 +8,7 @@
 pub mod declare;
 mod rate;
 mod reader;
+pub mod sentinel;
 pub mod sources;
 pub mod tls;
 pub mod transport;
@@ -69,13 +70,15 @@ crate::settings_group! {
         /// AMQP URL of RabbitMQ (`amqp://user:pass@host:port/vhost`, Celery's `//` means vhost `/`;
         /// `amqps://` for TLS, port 5671 by default), or a Redis URL (`redis://host:port/db`,
         /// `redis+unix:///path?db=N`, `rediss://`) for kombu's Redis transport (README: "Redis
-        /// as the broker").
+        /// as the broker"), or kombu's `sentinel://host:port[/db];sentinel://…` with
+        /// `broker_transport_options.master_name`.
         broker_url: String = "amqp://guest:guest@127.0.0.1:5672//".into(),
-            Url(&["amqp", "amqps", "redis", "rediss", "redis+unix", "unix"]);
+            Url(&["amqp", "amqps", "redis", "rediss", "redis+unix", "unix", "sentinel"]);
         /// Options of the Redis broker transport, as Celery's `broker_transport_options` for
         /// kombu's Redis transport: `visibility_timeout` (seconds, default 3600),
         /// `priority_steps`, `sep`, `unacked_key`, `unacked_index_key`, `unacked_mutex_key`,
-        /// `unacked_mutex_expire`, `unacked_restore_limit`. Unused with an AMQP broker.
+        /// `unacked_mutex_expire`, `unacked_restore_limit`, `fanout_prefix`, `fanout_patterns`,
+        /// `global_keyprefix`, `master_name`. Unused with an AMQP broker.
         broker_transport_options: TransportOptions = TransportOptions::default(),
             Custom(Reader::broker_transport_options);
         /// TLS to RabbitMQ (Celery's `broker_use_ssl`): `true` (the system's CAs), or a table of
@@ -252,6 +255,26 @@ fn check_core(settings: &Settings) -> Result<(), SettingsError> {
             });
         }
     }
+    if sentinel::is_sentinel(&settings.broker_url) {
+        let invalid = |accepted: String| SettingsError::Invalid {
+            name: "broker_url".into(),
+            value: format!("{:?}", tls::without_password(&settings.broker_url)),
+            accepted,
+        };
+        sentinel::parse(&settings.broker_url).map_err(|why| {
+            invalid(format!(
+                "sentinel://[:password@]host[:port][/db], `;`-separated for several \
+                 sentinels: {why}"
+            ))
+        })?;
+        if settings.broker_transport_options.master_name.is_none() {
+            return Err(invalid(
+                "a sentinel:// URL together with broker_transport_options.master_name (the \
+                 Sentinel group to ask for, as kombu requires)"
+                    .into(),
+            ));
+        }
+    }
     if settings.broker_consumer_timeout < Duration::from_secs(10) {
         return Err(SettingsError::Invalid {
             name: "broker_consumer_timeout".into(),
@@ -344,7 +367,7 @@ impl Settings {
 
     /// The broker is Redis (kombu's Redis transport), not RabbitMQ.
     pub fn broker_is_redis(&self) -> bool {
-        is_redis_url(&self.broker_url)
+        is_redis_url(&self.broker_url) || sentinel::is_sentinel(&self.broker_url)
     }
 
     /// Unacknowledged messages the broker may hand this worker at once.

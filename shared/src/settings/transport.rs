@@ -1,8 +1,10 @@
 //! `broker_transport_options` for a `redis://` broker, named and defaulted as kombu's Redis
 //! transport names them (`kombu/transport/redis.py`, `Channel`): the visibility timeout, the
 //! priority steps and separator, and the keys of the unacknowledged-message index. A Python
-//! worker and a mediafarm worker given the same table see the same keys. Options kombu has
-//! that mediafarm does not implement are refused by name rather than ignored.
+//! worker and a mediafarm worker given the same table see the same keys, `global_keyprefix`
+//! included (before every key and `PUBLISH` channel, as kombu's `PrefixedStrictRedis` puts
+//! it). Options kombu has that mediafarm does not implement are refused by name rather than
+//! ignored.
 
 use std::time::Duration;
 
@@ -36,6 +38,22 @@ pub struct TransportOptions {
     pub fanout_prefix: String,
     /// The routing key is appended to that channel as `/<routing key>` (kombu: true).
     pub fanout_patterns: bool,
+    /// Before every key (queue lists, `unacked`, `unacked_index`, `unacked_mutex`, the binding
+    /// sets, and mediafarm's delayed set and dead-letter lists) and every `PUBLISH` /
+    /// `PSUBSCRIBE` channel: kombu's `global_keyprefix` (default none), so several
+    /// applications share one Redis database. Not inside messages: a routing key or a queue
+    /// name in `delivery_info` stays unprefixed, as kombu writes it.
+    pub global_keyprefix: String,
+    /// The Sentinel group whose master is the broker, with a `sentinel://` `broker_url`
+    /// (kombu's `master_name`, required there; unused otherwise).
+    pub master_name: Option<String>,
+}
+
+impl TransportOptions {
+    /// `name` as stored in Redis: with the `global_keyprefix` before it.
+    pub fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.global_keyprefix)
+    }
 }
 
 impl Default for TransportOptions {
@@ -51,6 +69,8 @@ impl Default for TransportOptions {
             unacked_restore_limit: None,
             fanout_prefix: DEFAULT_FANOUT_PREFIX.into(),
             fanout_patterns: true,
+            global_keyprefix: String::new(),
+            master_name: None,
         }
     }
 }
@@ -62,8 +82,9 @@ pub const DEFAULT_FANOUT_PREFIX: &str = "/{db}.";
 const ACCEPTED: &str = "a table of visibility_timeout (seconds), priority_steps (a list of \
     0..=9, ascending), sep, unacked_key, unacked_index_key, unacked_mutex_key, \
     unacked_mutex_expire (seconds), unacked_restore_limit, fanout_prefix (true, false or a \
-    string), fanout_patterns (true or false); kombu's other Redis options (global_keyprefix, \
-    queue_order_strategy, …) are not supported yet";
+    string), fanout_patterns (true or false), global_keyprefix (a string), master_name (a \
+    string, for a sentinel:// broker_url); kombu's other Redis options \
+    (queue_order_strategy, sentinel_kwargs, …) are not supported yet";
 
 impl Value for TransportOptions {
     fn shown(&self) -> String {
@@ -103,6 +124,15 @@ impl Value for TransportOptions {
             "fanout_patterns".into(),
             toml::Value::Boolean(self.fanout_patterns),
         );
+        if !self.global_keyprefix.is_empty() {
+            t.insert(
+                "global_keyprefix".into(),
+                toml::Value::String(self.global_keyprefix.clone()),
+            );
+        }
+        if let Some(name) = &self.master_name {
+            t.insert("master_name".into(), toml::Value::String(name.clone()));
+        }
         if let Some(n) = self.unacked_restore_limit {
             t.insert(
                 "unacked_restore_limit".into(),
@@ -184,6 +214,13 @@ fn read_table(table: &toml::Table, mut o: TransportOptions) -> Result<TransportO
                     _ => return Err("fanout_prefix must be true, false or a string".into()),
                 }
             }
+            "global_keyprefix" => {
+                o.global_keyprefix = match v.as_str() {
+                    Some(s) if !s.contains('\n') => s.to_owned(),
+                    _ => return Err("global_keyprefix must be a string on one line".into()),
+                }
+            }
+            "master_name" => o.master_name = Some(text(key, v)?),
             "fanout_patterns" => {
                 o.fanout_patterns = v.as_bool().ok_or("fanout_patterns must be true or false")?
             }
@@ -237,9 +274,16 @@ mod tests {
         let o = read_table(&t, o).expect("valid");
         assert_eq!(o.visibility_timeout, Duration::from_secs(5));
         assert_eq!(o.priority_steps, [0, 5]);
-        let t: toml::Table = toml::from_str("global_keyprefix = \"x\"").expect("toml");
+        let t: toml::Table = toml::from_str("global_keyprefix = \"app1:\"").expect("toml");
+        let o = read_table(&t, TransportOptions::default()).expect("valid");
+        assert_eq!(o.key("unacked"), "app1:unacked");
+        assert_eq!(TransportOptions::default().key("unacked"), "unacked");
+        let t: toml::Table = toml::from_str("global_keyprefix = 1").expect("toml");
+        assert!(read_table(&t, TransportOptions::default()).is_err());
+        // What stays unsupported is still refused by name.
+        let t: toml::Table = toml::from_str("queue_order_strategy = \"sorted\"").expect("toml");
         let e = read_table(&t, TransportOptions::default()).expect_err("refused");
-        assert!(e.contains("global_keyprefix"), "{e}");
+        assert!(e.contains("queue_order_strategy"), "{e}");
         let t: toml::Table =
             toml::from_str("fanout_prefix = false\nfanout_patterns = false").expect("toml");
         let o = read_table(&t, TransportOptions::default()).expect("valid");

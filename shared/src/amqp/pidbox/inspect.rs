@@ -40,8 +40,12 @@ pub fn stats(node: &Node) -> Value {
     })
 }
 
-/// kombu's `Connection.info()` without the password, as Celery's `stats.broker`.
+/// kombu's `Connection.info()` without the password, as Celery's `stats.broker`. Always an
+/// object: Flower's worker page iterates over it.
 fn broker_info(s: &Settings) -> Value {
+    if s.broker_is_redis() {
+        return redis_broker_info(s);
+    }
     let broker = crate::amqp::broker::effective_url(s);
     let Ok(uri) = crate::amqp::broker::parse_url(&broker, s.broker_heartbeat) else {
         return json!("N/A");
@@ -60,6 +64,59 @@ fn broker_info(s: &Settings) -> Value {
         "login_method": "PLAIN",
         "uri_prefix": null,
         "heartbeat": uri.query.heartbeat.map_or(0.0, f64::from),
+        "failover_strategy": "round-robin",
+        "alternates": [],
+    })
+}
+
+/// What a Python worker on kombu's Redis transport reports: the database as `virtual_host`,
+/// no login method, Celery's default heartbeat.
+fn redis_broker_info(s: &Settings) -> Value {
+    if let Ok(u) = crate::settings::sentinel::parse(&s.broker_url) {
+        let (host, port) = u.sentinels.first().cloned().unwrap_or_default();
+        return json!({
+            "hostname": host,
+            "userid": u.username,
+            "virtual_host": u.db.to_string(),
+            "port": port,
+            "insist": false,
+            "ssl": false,
+            "transport": "sentinel",
+            "connect_timeout": 4,
+            "transport_options": {"master_name": s.broker_transport_options.master_name},
+            "login_method": null,
+            "uri_prefix": null,
+            "heartbeat": f64::from(s.broker_heartbeat),
+            "failover_strategy": "round-robin",
+            "alternates": [],
+        });
+    }
+    let Ok(client) = crate::tls::redis_client(&s.broker_url, None) else {
+        return json!({ "transport": "redis" });
+    };
+    let info = client.get_connection_info();
+    let (hostname, port, ssl) = match info.addr() {
+        redis::ConnectionAddr::Tcp(host, port) => (json!(host), json!(port), false),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => (json!(host), json!(port), true),
+        redis::ConnectionAddr::Unix(path) => {
+            (json!(path.display().to_string()), json!(null), false)
+        }
+        _ => (json!(null), json!(null), false),
+    };
+    let redis = info.redis_settings();
+    json!({
+        "hostname": hostname,
+        "userid": redis.username(),
+        "virtual_host": redis.db().to_string(),
+        "port": port,
+        "insist": false,
+        "ssl": ssl,
+        "transport": if ssl { "rediss" } else { "redis" },
+        "connect_timeout": 4,
+        "transport_options": {},
+        "login_method": null,
+        "uri_prefix": null,
+        "heartbeat": f64::from(s.broker_heartbeat),
         "failover_strategy": "round-robin",
         "alternates": [],
     })
@@ -268,11 +325,16 @@ pub fn report(node: &Node) -> Value {
         "\nsoftware -> mediafarm:{} (Celery protocol v2)\n\
          platform -> system:{} arch:{} kernel version:{} imp:Rust\n\
          loader   -> mediafarm\n\
-         settings -> transport:amqp results:{}\n\n{}\n",
+         settings -> transport:{} results:{}\n\n{}\n",
         env!("CARGO_PKG_VERSION"),
         std::env::consts::OS,
         std::env::consts::ARCH,
         kernel.trim(),
+        if node.settings.broker_is_redis() {
+            "redis"
+        } else {
+            "amqp"
+        },
         mask_password(&node.settings.result_backend),
         settings.join("\n"),
     );
@@ -346,6 +408,24 @@ mod tests {
         assert_eq!(q["routing_key"], "image");
         assert_eq!(q["durable"], true);
         assert_eq!(q.as_object().unwrap().len(), 18, "kombu's 18 keys");
+    }
+
+    #[test]
+    fn a_redis_broker_is_described_as_kombus_redis_transport() {
+        let s = Settings {
+            broker_url: "redis://app:s3cret@cache:6380/9".into(),
+            ..Settings::default()
+        };
+        let b = broker_info(&s);
+        assert_eq!(b["transport"], "redis");
+        assert_eq!(b["hostname"], "cache");
+        assert_eq!(b["port"], 6380);
+        assert_eq!(b["virtual_host"], "9");
+        assert_eq!(b["userid"], "app");
+        assert_eq!(b["ssl"], false);
+        assert!(!b.to_string().contains("s3cret"), "{b}");
+        // Flower's worker page iterates over it: an object, with kombu's 14 keys.
+        assert_eq!(b.as_object().map(|o| o.len()), Some(14), "{b}");
     }
 
     #[test]

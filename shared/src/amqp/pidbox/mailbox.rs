@@ -320,6 +320,20 @@ pub async fn call(
     Ok(replies)
 }
 
+/// The node names that answered more than once in `replies`, sorted: two running workers
+/// share each (Celery's `flatten_reply` warns with `DuplicateNodenameWarning` for them). On
+/// AMQP the second one has no mailbox queue and never answers; on Redis both do.
+pub fn named_twice(replies: &[(String, Value)]) -> Vec<String> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut twice = std::collections::BTreeSet::new();
+    for (node, _) in replies {
+        if !seen.insert(node.as_str()) {
+            twice.insert(node.clone());
+        }
+    }
+    twice.into_iter().collect()
+}
+
 /// Declares an exclusive, auto-deleted queue that expires 10 s after its consumer goes (kombu's
 /// `x-expires` for mailbox and reply queues), optionally with a message TTL, and binds it to
 /// `exchange` under `routing_key`.
@@ -361,6 +375,16 @@ pub(crate) async fn declare_mailbox_queue(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_answering_twice_is_named_once() {
+        let r = |n: &str| (n.to_owned(), json!({"ok": "pong"}));
+        assert!(named_twice(&[r("a@h"), r("b@h")]).is_empty());
+        assert_eq!(
+            named_twice(&[r("b@h"), r("a@h"), r("b@h"), r("b@h")]),
+            ["b@h"]
+        );
+    }
 
     #[test]
     fn reads_a_kombu_call_and_a_cast() {

@@ -11,6 +11,12 @@
 //!   `clock` headers; the requester pops it (kombu's `no_ack` reply consumer).
 //!
 //! What a request asks is answered by [`super::dispatch`], exactly as over AMQP.
+//!
+//! Two workers with one node name: on AMQP the second cannot take the exclusive mailbox queue
+//! and says so. A fanout has no such queue (both get every request and both answer), so once
+//! subscribed a worker pings its own name and ignores that one request itself: any answer comes
+//! from another running worker (Python or Rust) with its name, and it logs Celery's
+//! `DuplicateNodenameWarning`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,6 +32,9 @@ use crate::settings::Settings;
 
 /// kombu's `reply_queue_expires`: a reply list nobody reads goes after this.
 const REPLY_EXPIRES: Duration = Duration::from_secs(10);
+/// How long a starting worker waits for another worker with its name to answer its ping (a
+/// live worker answers within milliseconds; Celery's mingle waits 1 s for its hello).
+const DUPLICATE_PROBE_WAIT: Duration = Duration::from_secs(2);
 
 fn json_props() -> Properties {
     Properties {
@@ -41,6 +50,15 @@ pub async fn listen(broker: RedisBroker, node: Arc<Node>) -> Result<(), RedisBro
     let mut requests = Box::pin(broker.subscribe(CONTROL_EXCHANGE, "").await?);
     let hostname = node.hostname.clone();
     tracing::debug!(node = %hostname, channel = %broker.fanout_topic(CONTROL_EXCHANGE, ""), "listening for control requests on the Redis broker");
+    let probe = ReplyTo {
+        routing_key: uuid::Uuid::new_v4().to_string(),
+        ticket: uuid::Uuid::new_v4().to_string(),
+    };
+    tokio::spawn(warn_if_named_twice(
+        broker.clone(),
+        hostname.clone(),
+        probe.clone(),
+    ));
     while let Some(payload) = requests.next().await {
         let Some(req) = Envelope::parse(&payload)
             .ok()
@@ -50,7 +68,7 @@ pub async fn listen(broker: RedisBroker, node: Arc<Node>) -> Result<(), RedisBro
             tracing::debug!("control message ignored (not a kombu mailbox request)");
             continue;
         };
-        if !req.is_for(&hostname) {
+        if !req.is_for(&hostname) || req.reply_to.as_ref() == Some(&probe) {
             continue;
         }
         node.forward_clock();
@@ -64,6 +82,34 @@ pub async fn listen(broker: RedisBroker, node: Arc<Node>) -> Result<(), RedisBro
         }
     }
     Ok(())
+}
+
+/// Pings `hostname` with `probe` (which this worker's own listener ignores) and logs Celery's
+/// `DuplicateNodenameWarning` when anyone answers: another running worker has the name.
+async fn warn_if_named_twice(broker: RedisBroker, hostname: String, probe: ReplyTo) {
+    let destination = [hostname.clone()];
+    match call_on(
+        &broker,
+        &probe,
+        "ping",
+        json!({}),
+        Some(&destination),
+        DUPLICATE_PROBE_WAIT,
+    )
+    .await
+    {
+        Ok(replies) if !replies.is_empty() => tracing::warn!(
+            node = %hostname,
+            "DuplicateNodenameWarning: another running worker already has the node name \
+             {hostname} (it answered a ping to that name), so control commands sent to that \
+             name reach both and are answered twice. Give each worker its own -n (the \
+             default, mediafarm.<pid>@<host>, is unique)"
+        ),
+        Ok(_) => tracing::debug!(node = %hostname, "no other worker has this node name"),
+        Err(e) => {
+            tracing::debug!(error = %e, "could not check for another worker with this node name")
+        }
+    }
 }
 
 /// Pushes `{"<hostname>": reply}` onto the requester's reply queue, as kombu's
@@ -135,21 +181,29 @@ pub async fn call(
     timeout: Duration,
 ) -> Result<Vec<(String, Value)>, RedisBrokerError> {
     let broker = RedisBroker::connect(settings).await?;
-    let oid = uuid::Uuid::new_v4().to_string();
+    let to = ReplyTo {
+        routing_key: uuid::Uuid::new_v4().to_string(),
+        ticket: uuid::Uuid::new_v4().to_string(),
+    };
+    call_on(&broker, &to, method, arguments, destination, timeout).await
+}
+
+/// [`call`] on `broker`, with the replies asked for at `to` (its routing key names the reply
+/// queue, as kombu's `oid`).
+async fn call_on(
+    broker: &RedisBroker,
+    to: &ReplyTo,
+    method: &str,
+    arguments: Value,
+    destination: Option<&[String]>,
+    timeout: Duration,
+) -> Result<Vec<(String, Value)>, RedisBrokerError> {
+    let oid = &to.routing_key;
     let queue = format!("{oid}.{REPLY_EXCHANGE}");
-    broker.bind_queue(REPLY_EXCHANGE, &oid, &queue).await?;
-    let gathered = gather(
-        &broker,
-        &oid,
-        &queue,
-        method,
-        arguments,
-        destination,
-        timeout,
-    )
-    .await;
+    broker.bind_queue(REPLY_EXCHANGE, oid, &queue).await?;
+    let gathered = gather(broker, to, &queue, method, arguments, destination, timeout).await;
     // As kombu's auto-deleted reply queue: gone with its consumer.
-    if let Err(e) = broker.delete_queue(REPLY_EXCHANGE, &oid, &queue).await {
+    if let Err(e) = broker.delete_queue(REPLY_EXCHANGE, oid, &queue).await {
         tracing::debug!(error = %e, %queue, "could not remove the reply queue; its list expires on its own");
     }
     gathered
@@ -157,7 +211,7 @@ pub async fn call(
 
 async fn gather(
     broker: &RedisBroker,
-    oid: &str,
+    to: &ReplyTo,
     queue: &str,
     method: &str,
     arguments: Value,
@@ -166,11 +220,7 @@ async fn gather(
 ) -> Result<Vec<(String, Value)>, RedisBrokerError> {
     const POP_AT_MOST: Duration = Duration::from_secs(1);
     let mut conn = broker.blocking_connection(POP_AT_MOST).await?;
-    let to = ReplyTo {
-        routing_key: oid.to_owned(),
-        ticket: uuid::Uuid::new_v4().to_string(),
-    };
-    publish(broker, method, arguments, destination, Some(&to)).await?;
+    publish(broker, method, arguments, destination, Some(to)).await?;
     let limit = destination.map(<[String]>::len).filter(|n| *n > 0);
     let end = Instant::now() + timeout;
     let mut replies = Vec::new();
