@@ -22,12 +22,18 @@
    1) with one stream published from a looped file (`-c copy`, so publishing costs next to
    nothing): `lowrate` is 640x360 H.264 at 300 kbit/s with a 2 s GOP, `noisy-1080p-h264` the
    realistic 6 Mbit/s one. N `snapshot.watch` sessions all play it (a tick per 20 s, each
-   frame delivered to a local webhook) in a worker pinned to core 0, on the RTMP engine
-   (`snapshot_rtmp_engine = true`) and on the thread path (`false`) in the same run. Lateness
-   of a frame: when its delivery reached the webhook, less its due time — the moment its
-   keyframe was published (the stream's wall-clock origin, the earliest `captured_at - pts_s`
-   seen in the run, plus `pts_s`). On schedule: every frame within 1 s of its due time and no
-   session short of ticks.
+   frame delivered to a webhook) in a worker pinned to core 0, on the RTMP engine
+   (`snapshot_rtmp_engine = true`) and on the thread path (`false`) in the same run. The
+   webhook receiver is `bench/webhook_sink.py` (asyncio, keep-alive, backlog 4096) in its own
+   process on core 1, so it is not what makes frames late. Lateness of a frame: when its
+   delivery reached the receiver, less its tick's due time — `due_at` in the delivery, which
+   the engine takes from the connection's stream clock (the promptest arrival of the stream's
+   messages; `watch::timing`). The worker's own histogram
+   `mediafarm_snapshot_frame_late_seconds{stage}` (scraped from its /metrics before the level
+   stops) splits that lateness into read, encoded, stored, queued and delivered. The thread
+   path knows no due time: its frames are timed against the stream's wall-clock origin (the
+   earliest `captured_at - pts_s` of the run), marked as such. On schedule: every frame within
+   1 s of its due time and no session short of ticks.
 
 Usage: .venv/bin/python bench/snapshot_cpu.py [--rounds 3] [--levels 50,100,200] [--level-seconds 50] [--stagger 20]
        .venv/bin/python bench/snapshot_cpu.py --rtmp --levels 500,1000,2000 --old-levels 500,1000 [--rtmp-input lowrate]
@@ -123,8 +129,9 @@ def proc_rss_mb(pid):
 
 
 class Worker:
-    def __init__(self, queue, storage, extra_env=None, pin=None, concurrency=4):
+    def __init__(self, queue, storage, extra_env=None, pin=None, concurrency=4, metrics_port=0):
         self.queue = queue
+        self.metrics_port = metrics_port
         env = dict(os.environ)
         env.update({
             "MEDIAFARM_BROKER_URL": BROKER,
@@ -136,7 +143,7 @@ class Worker:
             "NO_COLOR": "1",
         })
         env.update(extra_env or {})
-        cmd = [str(WORKER), "-Q", queue, "-n", f"bench@{queue}", "--metrics-addr", "127.0.0.1:0",
+        cmd = [str(WORKER), "-Q", queue, "-n", f"bench@{queue}", "--metrics-addr", f"127.0.0.1:{metrics_port}",
                "-c", str(concurrency), "-l", "warning"]
         if pin is not None:
             cmd = ["taskset", "-c", str(pin)] + cmd
@@ -259,7 +266,7 @@ def when(text):
     return datetime.fromisoformat(text).timestamp()
 
 
-def measure_then_stop(worker, ids, seconds, storage):
+def measure_then_stop(worker, ids, seconds, storage, before_stop=None):
     """Measures the worker for `seconds` while sessions `ids` run, then stops every session
     (the stop key each polls) and the worker and cleans up. Returns (CPU s, wall s, RSS MB,
     threads, the deliveries received)."""
@@ -269,6 +276,7 @@ def measure_then_stop(worker, ids, seconds, storage):
     wall = time.monotonic() - t0
     rss_mb = proc_rss_mb(worker.proc.pid)
     threads = len(os.listdir(f"/proc/{worker.proc.pid}/task"))
+    worker.scraped = before_stop() if before_stop else None
     import redis
     r = redis.Redis.from_url(BACKEND)
     now = f"{time.time():.3f}"
@@ -374,65 +382,138 @@ def rtmp_publisher(url, pin):
     return proc
 
 
-def rtmp_level(engine, n, seconds, hook_port, stagger, url):
+def free_port():
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Sink:
+    """bench/webhook_sink.py on core `pin`: the deliveries of one level."""
+
+    def __init__(self, pin):
+        self.port = free_port()
+        self.out = Path(tempfile.mkstemp(prefix="snapbench-sink-", suffix=".jsonl")[1])
+        self.proc = subprocess.Popen(["taskset", "-c", str(pin), sys.executable, str(ROOT / "bench" / "webhook_sink.py"),
+                                      str(self.port), str(self.out)], stdin=subprocess.DEVNULL)
+        time.sleep(0.5)
+        if self.proc.poll() is not None:
+            raise SystemExit("the webhook sink did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        frames = [json.loads(line) for line in self.out.read_text().splitlines() if line.strip()]
+        self.out.unlink()
+        return frames
+
+
+def scrape_late(port):
+    """The worker's mediafarm_snapshot_frame_late_seconds: {stage: [(le, cumulative count)]}."""
+    import urllib.request
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    except OSError as e:
+        print(f"  (cannot scrape the worker's metrics: {e})", file=sys.stderr)
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith("mediafarm_snapshot_frame_late_seconds_bucket{"):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        fields = dict(kv.split("=", 1) for kv in labels[labels.index("{") + 1:labels.rindex("}")].split(","))
+        stage, le = fields["stage"].strip('"'), fields["le"].strip('"')
+        out.setdefault(stage, []).append((float("inf") if le == "+Inf" else float(le), int(float(value))))
+    return out
+
+
+def bucket_quantile(buckets, q):
+    """The upper bound of the bucket holding quantile q."""
+    total = buckets[-1][1] if buckets else 0
+    for le, count in buckets:
+        if total and count >= q * total:
+            return le
+    return float("nan")
+
+
+def rtmp_level(engine, n, seconds, stagger, url):
     """Runs n sessions on `engine` (new: the RTMP engine; old: a thread each); returns the
     deliveries and the worker's figures."""
     storage = WORK / f"storage-rtmp-{engine}-{n}"
     queue = f"bench-rtmp-{uuid.uuid4().hex[:8]}"
-    worker = Worker(queue, storage, pin=0, concurrency=n + 4, extra_env={
+    sink = Sink(pin=1)
+    metrics_port = free_port()
+    worker = Worker(queue, storage, pin=0, concurrency=n + 4, metrics_port=metrics_port, extra_env={
         "MEDIAFARM_SNAPSHOT_MAX_SESSIONS": str(n),
         "MEDIAFARM_SNAPSHOT_RTMP_ENGINE": "true" if engine == "new" else "false",
+        "MEDIAFARM_SNAPSHOT_OUTBOX_SWEEP": "0",
         "MEDIAFARM_SOURCE_ALLOWED_HOSTS": "127.0.0.1",
         "MEDIAFARM_SOURCE_ALLOW_PRIVATE": "true",
     })
     app = celery_app()
-    with Deliveries.lock:
-        Deliveries.got.clear()
-    ids = [f"r{engine}{n}-{i}-{uuid.uuid4().hex[:4]}" for i in range(n)]
+    ids = [f"r{engine}{n}-{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
     for sid in ids:
         time.sleep(stagger / n)
         app.send_task("snapshot.watch", queue=queue, kwargs={
             "stream_id": sid, "stream_url": url, "interval_s": INTERVAL_S,
-            "key": "rtmp/{stream_id}/{seq}.jpg", "deliver": f"http://127.0.0.1:{hook_port}/hook"})
-    cpu, wall, rss_mb, threads, frames = measure_then_stop(worker, ids, seconds, storage)
-    return {"engine": engine, "n": n, "ids": ids, "frames": frames, "seconds": seconds,
-            "cpu": 100 * cpu / wall, "rss": rss_mb, "threads": threads}
+            "key": "rtmp/{stream_id}/{seq}.jpg", "deliver": f"http://127.0.0.1:{sink.port}/hook"})
+    load0 = os.getloadavg()[0]
+    cpu, wall, rss_mb, threads, _ = measure_then_stop(
+        worker, ids, seconds, storage, before_stop=lambda: scrape_late(metrics_port))
+    stages = worker.scraped
+    frames = sink.stop()
+    return {"engine": engine, "n": n, "ids": ids, "frames": frames, "seconds": seconds, "stages": stages,
+            "cpu": 100 * cpu / wall, "rss": rss_mb, "threads": threads,
+            "load": (load0, os.getloadavg()[0])}
+
+
+def pct(values, q):
+    return values[int(q * (len(values) - 1))] if values else float("nan")
 
 
 def rtmp_report(levels):
-    """Lateness against the stream's wall-clock origin (the earliest captured_at - pts seen)."""
+    """Lateness against each tick's due time (`due_at`); the thread path's against the
+    stream's wall-clock origin (the earliest captured_at - pts seen)."""
     origin = min((when(f["captured_at"]) - f["pts_s"] for lv in levels for f in lv["frames"]), default=0.0)
-    print(f"{'engine':>6} {'sessions':>8} {'ticks':>6} {'short':>5} {'worst late':>10} {'p99 late':>8} "
-          f"{'CPU core 0':>10} {'RSS MB':>7} {'KB/session':>10} {'threads':>7}  on schedule")
+    print(f"{'engine':>6} {'sessions':>8} {'ticks':>6} {'short':>5} {'worst late':>10} {'p99 late':>8} {'p50 late':>8} "
+          f"{'CPU core 0':>10} {'RSS MB':>7} {'KB/session':>10} {'threads':>7} {'load avg':>10}  on schedule")
     for lv in levels:
         by_stream = {}
         for f in lv["frames"]:
             by_stream.setdefault(f["stream_id"], []).append(f)
-        lates = sorted(f["_received"] - (origin + f["pts_s"]) for f in lv["frames"])
-        # The same for the moment the worker read the keyframe (its captured_at): what the
-        # engine itself adds, without storing, Redis and the webhook's own queueing.
-        read_lates = sorted(when(f["captured_at"]) - (origin + f["pts_s"]) for f in lv["frames"])
-        if read_lates:
-            print(f"       {lv['engine']} {lv['n']}: keyframe read late worst {read_lates[-1]:.2f} s, "
-                  f"p99 {read_lates[int(0.99 * (len(read_lates) - 1))]:.2f} s")
+        timed = all("due_at" in f for f in lv["frames"])
+        due = (lambda f: when(f["due_at"])) if timed else (lambda f: origin + f["pts_s"])
+        lates = sorted(f["_received"] - due(f) for f in lv["frames"])
         expected = int(lv["seconds"] // INTERVAL_S) + 1
         short = sum(1 for sid in lv["ids"] if len(by_stream.get(sid, [])) < expected - 1)
         worst = lates[-1] if lates else float("nan")
-        p99 = lates[int(0.99 * (len(lates) - 1))] if lates else float("nan")
         ok = bool(lates) and worst <= LATE_OK_S and short == 0
-        print(f"{lv['engine']:>6} {lv['n']:>8} {len(lv['frames']):>6} {short:>5} {worst:>9.2f}s {p99:>7.2f}s "
-              f"{lv['cpu']:>9.1f}% {lv['rss']:>7.0f} {1024 * lv['rss'] / lv['n']:>10.0f} {lv['threads']:>7}  "
-              f"{'yes' if ok else 'NO'}")
+        print(f"{lv['engine']:>6} {lv['n']:>8} {len(lv['frames']):>6} {short:>5} {worst:>9.2f}s {pct(lates, 0.99):>7.2f}s "
+              f"{pct(lates, 0.5):>7.2f}s {lv['cpu']:>9.1f}% {lv['rss']:>7.0f} {1024 * lv['rss'] / lv['n']:>10.0f} "
+              f"{lv['threads']:>7} {lv['load'][0]:>4.1f}-{lv['load'][1]:<4.1f}  {'yes' if ok else 'NO'}"
+              f"{'' if timed else '  (thread path: against the origin estimate)'}")
+        if timed and lates:
+            reads = sorted(when(f["captured_at"]) - due(f) for f in lv["frames"])
+            print(f"       {lv['engine']} {lv['n']}: keyframe read late (captured_at - due_at) worst {reads[-1]:.2f} s, "
+                  f"p99 {pct(reads, 0.99):.2f} s; deliveries later than 1 s: {sum(1 for x in lates if x > LATE_OK_S)}")
+        for stage in ("read", "encoded", "stored", "queued", "delivered"):
+            b = lv["stages"].get(stage)
+            if b:
+                over = b[-1][1] - next((c for le, c in b if le == 1.0), 0)
+                print(f"       worker histogram {stage:>9}: {b[-1][1]:>6} frames, p50 ≤ {bucket_quantile(b, 0.5):g} s, "
+                      f"p99 ≤ {bucket_quantile(b, 0.99):g} s, over 1 s: {over}")
 
 
 def rtmp_sessions(new_levels, old_levels, seconds, stagger, input_name):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Deliveries)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     nginx, port, ndir = nginx_rtmp(pin=1)
-    url = f"rtmp://127.0.0.1:{port}/live/bench"
+    url = f"rtmp://127.0.0.1:{port}/live/bench-{uuid.uuid4().hex[:6]}"
     publisher = rtmp_publisher(url, pin=1)
-    print(f"\nRTMP watch sessions on one core (worker taskset -c 0; nginx-rtmp and the publisher on core 1), "
-          f"input {INPUT.name}, a tick per {INTERVAL_S} s, starts spread over {stagger:g} s, "
+    print(f"\nRTMP watch sessions on one core (worker taskset -c 0; nginx-rtmp, the publisher and the webhook "
+          f"receiver on core 1), input {INPUT.name}, a tick per {INTERVAL_S} s, starts spread over {stagger:g} s, "
           f"{seconds} s per level after the last start:", flush=True)
     levels = []
     try:
@@ -442,7 +523,7 @@ def rtmp_sessions(new_levels, old_levels, seconds, stagger, input_name):
             at = next((i + 1 for i, (e, m) in enumerate(plan) if e == "new" and m == n), len(plan))
             plan.insert(at, ("old", n))
         for engine, n in plan:
-            lv = rtmp_level(engine, n, seconds, server.server_address[1], stagger, url)
+            lv = rtmp_level(engine, n, seconds, stagger, url)
             levels.append(lv)
             print(f"  ran {engine} {n}: {len(lv['frames'])} ticks, CPU {lv['cpu']:.1f} %, RSS {lv['rss']:.0f} MB",
                   file=sys.stderr, flush=True)
@@ -455,7 +536,6 @@ def rtmp_sessions(new_levels, old_levels, seconds, stagger, input_name):
             except subprocess.TimeoutExpired:
                 p.kill()
         shutil.rmtree(ndir, ignore_errors=True)
-        server.shutdown()
     rtmp_report(levels)
 
 

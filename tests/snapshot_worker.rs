@@ -798,6 +798,82 @@ async fn fifty_rtmp_sessions_share_a_few_threads_and_store_every_tick() {
     w.stop().await;
 }
 
+/// The worker's `/metrics` address, from its log (`-l info` logs `metrics_addr` at start).
+fn logged_metrics_addr(w: &World, name: &str) -> std::net::SocketAddr {
+    let log = std::fs::read_to_string(w.dir.join(format!("{name}.log"))).unwrap_or_default();
+    log.split_whitespace()
+        .find_map(|f| f.strip_prefix("metrics_addr=")?.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics_addr in the log:\n{log}"))
+}
+
+/// `GET /metrics`, whole.
+async fn metrics_text(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// `mediafarm_snapshot_frame_late_seconds_count{stage="<stage>"}`, 0 when absent.
+fn late_count(metrics: &str, stage: &str) -> u64 {
+    let series = format!("mediafarm_snapshot_frame_late_seconds_count{{stage=\"{stage}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// An RTMP engine session's frames carry their tick's due time (`due_at`) in the delivery,
+/// and the worker's `/metrics` times every frame against it at each stage, up to the
+/// webhook's 2xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_frames_are_timed_against_their_due_time_up_to_delivery() {
+    let mut w = World::new("rtmp-due", &[]).await;
+    let (_nginx, port) = nginx_rtmp(&w.dir.join("nginx"));
+    let stream = unique_stream("due");
+    let url = format!("rtmp://127.0.0.1:{port}/live/{stream}");
+    let _publisher = rtmp_publisher(&url);
+    w.start_worker("a");
+    let hook = Hook::start();
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": stream, "stream_url": url, "interval_s": 1, "duration_s": 4,
+                   "key": "due/{stream_id}/{seq}.jpg", "deliver": hook.url()}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out["deliveries_failed"], 0, "{out}");
+    let frames = out["frames"].as_u64().unwrap();
+    assert!(frames >= 2, "{out}");
+    let bodies = hook.bodies();
+    assert_eq!(bodies.len() as u64, frames, "{bodies:?}");
+    let dues: Vec<_> = bodies
+        .iter()
+        .map(|b| {
+            b["due_at"]
+                .as_str()
+                .and_then(mediafarm::protocol::parse_time)
+                .unwrap_or_else(|| panic!("no due_at time in {b}"))
+        })
+        .collect();
+    assert!(dues.windows(2).all(|d| d[0] < d[1]), "{dues:?}");
+    let metrics = metrics_text(logged_metrics_addr(&w, "a")).await;
+    for stage in ["read", "encoded", "stored", "queued", "delivered"] {
+        assert!(
+            late_count(&metrics, stage) >= frames,
+            "{stage}: {frames} frames\n{metrics}"
+        );
+    }
+    assert_eq!(late_count(&metrics, "stored"), frames, "{metrics}");
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_sessions_fail_clearly_on_a_dead_server_a_missing_stream_and_another_codec() {
     let mut w = World::new("rtmp-bad", &[]).await;

@@ -24,7 +24,14 @@ fn main() -> ExitCode {
         let sweeper = watch.sweeper();
         let registry = Registry::new()
             .register(Capture::new(settings, &groups.0, storage))
-            .register(watch);
+            .register(watch)
+            // Puts the frame lateness histogram on `/metrics`, then holds until the worker stops.
+            .background("snapshot-frame-metrics", |bg| {
+                Box::pin(async move {
+                    snapshot_worker::watch::timing::register(bg.metrics());
+                    bg.stopping().await;
+                })
+            });
         Ok(match sweeper {
             Some(sweeper) => registry.background("snapshot-outbox-sweeper", move |bg| {
                 Box::pin(sweeper.clone().run(bg))

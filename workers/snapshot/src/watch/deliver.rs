@@ -38,6 +38,7 @@ use url::Url;
 use super::outbox::{self, DeadLetter, Entry, Lane, SWEEP_PREFIX};
 use super::session::unix_now;
 use super::state::{LastFrame, OWNER_PREFIX};
+use super::timing::{self, Stage};
 use super::upload::Uploader;
 
 /// The first pause between tries; it doubles, up to `snapshot_delivery_backoff_max`.
@@ -264,7 +265,7 @@ impl Sender {
 /// A frame's delivery, made when the frame is recorded: the body is fixed then.
 pub fn entry(stream_id: &str, session_id: &str, url: &str, last: &LastFrame) -> Entry {
     let id = outbox::delivery_id(stream_id, session_id, last.seq);
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "event": "snapshot.frame",
         "delivery_id": id,
         "stream_id": stream_id,
@@ -278,8 +279,14 @@ pub fn entry(stream_id: &str, session_id: &str, url: &str, last: &LastFrame) -> 
         "sha256": last.sha256,
         "pts_s": last.pts_s,
         "captured_at": last.captured_at,
-    })
-    .to_string();
+    });
+    if let Some(due) = last
+        .due_at
+        .and_then(|d| chrono::DateTime::from_timestamp_millis((d * 1000.0).round() as i64))
+    {
+        body["due_at"] = mediafarm::protocol::format_time(due).into();
+    }
+    let body = body.to_string();
     Entry {
         id,
         stream_id: stream_id.to_owned(),
@@ -289,6 +296,7 @@ pub fn entry(stream_id: &str, session_id: &str, url: &str, last: &LastFrame) -> 
         authority: None,
         body,
         offered_at: last.wall_s,
+        due_at: last.due_at,
     }
 }
 
@@ -476,6 +484,7 @@ impl Run {
                         authority: None,
                         body: raw.clone(),
                         offered_at: 0.0,
+                        due_at: None,
                     };
                     self.give_up(&raw, &entry, "unreadable", e.to_string())
                         .await;
@@ -512,6 +521,11 @@ impl Run {
         };
         match outcome {
             Ok(()) => {
+                let stage = match self.sender {
+                    Sender::Webhook(_) => Stage::Delivered,
+                    Sender::Upload(_) => Stage::Uploaded,
+                };
+                timing::record(stage, entry.due_at, unix_now());
                 // A removal lost to Redis is tried again; the delivery is not (at least once).
                 let lane = self.sender.lane();
                 while let Err(e) = outbox::done(&self.backend, lane, &self.stream_id, raw).await {

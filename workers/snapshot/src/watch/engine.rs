@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::schedule::Schedule;
 use super::session::{after_read, reconnect_backoff, unix_now, End, Event, SessionParams};
+use super::timing::{self, Stage, StreamClock};
 use crate::cpu_gate::CpuGate;
 use crate::media::{EncodeSpec, Encoded, EncoderPool, KeyDecoder, MediaError};
 use crate::rtmp::flv::{self, Video};
@@ -194,6 +195,8 @@ async fn stream(
     sched.reconnected();
     // The H.264 decoder configuration (`avcC`), from the stream's sequence header.
     let mut config: Option<Vec<u8>> = None;
+    // This connection's stream time against the wall clock: when each tick fell due.
+    let mut clock = StreamClock::default();
     let mut last_data = Instant::now();
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -229,6 +232,7 @@ async fn stream(
                         Video::AvcConfig => true,
                         Video::AvcFrame { key, cts_ms } => {
                             let t = presentation_s(head.timestamp, cts_ms);
+                            clock.observe(f64::from(head.timestamp) / 1000.0, now);
                             if sched.progressed(t) {
                                 *last_progress = Instant::now();
                             }
@@ -262,15 +266,19 @@ async fn stream(
                 Video::AvcFrame { key: true, cts_ms } => {
                     let Some(avcc) = config.clone() else { continue };
                     let t = presentation_s(msg.head.timestamp, cts_ms);
+                    let due_at = sched.due().and_then(|due| clock.wall(due));
+                    timing::record(Stage::Read, due_at, now);
                     let Some(picture) = decode(avcc, msg.body, spec, url).await? else {
                         // A keyframe that does not decode alone: the next one serves the tick.
                         continue;
                     };
+                    timing::record(Stage::Encoded, due_at, unix_now());
                     sched.taken(t, now);
                     let frame = Event::Frame {
                         picture,
                         pts_s: (t * 1000.0).round() / 1000.0,
                         wall_s: now,
+                        due_at,
                     };
                     if events.send(frame).await.is_err() {
                         return Err(MediaError::Stopped);

@@ -21,6 +21,7 @@ pub mod schedule;
 pub mod session;
 pub mod state;
 pub mod sweep;
+pub mod timing;
 pub mod upload;
 
 use std::sync::atomic::AtomicBool;
@@ -440,9 +441,10 @@ impl Task for Watch {
         let end = loop {
             tokio::select! {
                 event = rx.recv() => match event {
-                    Some(Event::Frame { picture, pts_s, wall_s }) => {
+                    Some(Event::Frame { picture, pts_s, wall_s, due_at }) => {
                         let prev = st.last.clone();
-                        let last = self.store(&args, &mut st, picture, pts_s, wall_s).await?;
+                        let last = self.store(&args, &mut st, picture, pts_s, wall_s, due_at).await?;
+                        timing::record(timing::Stage::Stored, due_at, session::unix_now());
                         let gap_reason = if st.reconnects > reconnects_at_frame {
                             "stream_dropped"
                         } else if frames_this_job == 0 {
@@ -485,6 +487,7 @@ impl Task for Watch {
                             }),
                         )
                         .await?;
+                        timing::record(timing::Stage::Queued, due_at, session::unix_now());
                         if let Some(audit) = &mut audit {
                             audit.touched(&part);
                             audit.write(&backend).await;
@@ -630,6 +633,7 @@ impl Watch {
         picture: crate::media::Encoded,
         pts_s: f64,
         wall_s: f64,
+        due_at: Option<f64>,
     ) -> Result<LastFrame, TaskError> {
         let at = chrono::DateTime::from_timestamp_millis((wall_s * 1000.0) as i64)
             .unwrap_or_else(chrono::Utc::now);
@@ -660,6 +664,7 @@ impl Watch {
             pts_s,
             captured_at: mediafarm::protocol::format_time(at),
             wall_s,
+            due_at,
         };
         st.next_seq += 1;
         st.frames += 1;

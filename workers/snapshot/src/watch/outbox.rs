@@ -107,6 +107,10 @@ pub struct Entry {
     pub body: String,
     /// Unix seconds when the frame was taken; the delivery deadline counts from here.
     pub offered_at: f64,
+    /// Unix seconds when the frame's tick fell due, where known: its delivery is timed
+    /// against it ([`super::timing`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<f64>,
 }
 
 /// A delivery given up, or never queued.

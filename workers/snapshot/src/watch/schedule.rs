@@ -84,6 +84,11 @@ impl Schedule {
         }
     }
 
+    /// The stream time the next tick is due at, once this connection's first keyframe set it.
+    pub fn due(&self) -> Option<f64> {
+        self.next_due
+    }
+
     pub fn last(&self) -> Option<LastTick> {
         self.last
     }

@@ -29,6 +29,9 @@ pub enum Event {
         picture: Encoded,
         pts_s: f64,
         wall_s: f64,
+        /// When its tick fell due (unix seconds), where the source tells (the RTMP engine's
+        /// [`super::timing::StreamClock`]).
+        due_at: Option<f64>,
     },
     Reconnecting {
         attempt: u32,
@@ -306,6 +309,7 @@ fn stream(
             picture,
             pts_s: (t * 1000.0).round() / 1000.0,
             wall_s: now,
+            due_at: None,
         };
         if events.blocking_send(frame).is_err() {
             return Err(MediaError::Stopped);

@@ -44,6 +44,9 @@ pub struct LastFrame {
     pub captured_at: String,
     /// Unix seconds when it was taken.
     pub wall_s: f64,
+    /// Unix seconds when its tick fell due (RTMP engine sessions; see `timing`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<f64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -303,6 +303,7 @@ impl Uploader {
             // Serializing a struct of strings and numbers cannot fail.
             body: serde_json::to_string(&body).unwrap_or_default(),
             offered_at: last.wall_s,
+            due_at: last.due_at,
         })
     }
 
