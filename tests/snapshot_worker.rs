@@ -1694,8 +1694,14 @@ async fn authority_uploads_survive_kill_9_while_the_authority_is_down() {
     let _ = std::fs::remove_dir_all(pki_dir);
 }
 
+/// The tests whose worker runs the outbox sweeper, one at a time: a sweeper sends every
+/// stranded outbox in the shared Redis, so beside another such test it would also sweep that
+/// test's streams (and race its sweeper) while the other test counts its deliveries.
+static SWEEPER_ON: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranded_outbox_is_swept_without_a_new_session() {
+    let _sweeper_on = SWEEPER_ON.lock().await;
     let pki_dir = mediafarm_tests::temp_dir("snap-sweep-pki");
     let pki = test_pki(&pki_dir);
     // Webhook receiver and authority both down while the session runs and ends.
@@ -1775,6 +1781,7 @@ async fn a_stranded_outbox_is_swept_without_a_new_session() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_starting_on_a_swept_stream_takes_over_without_sending_twice() {
+    let _sweeper_on = SWEEPER_ON.lock().await;
     let hook_port = mediafarm_tests::free_port();
     let url = format!("http://127.0.0.1:{hook_port}/frames");
     let mut w = World::new(
