@@ -125,11 +125,67 @@ fn lzma(body: &[u8], limit: usize) -> Result<Vec<u8>, lzma_rs::error::Error> {
         limit,
     };
     if body.starts_with(XZ_MAGIC) {
+        // lzma-rs has no memory limit for .xz and keeps a whole block in memory before it
+        // writes any of it to `out`: the limit is checked on the chunk headers first.
+        xz_within(body, limit)?;
         lzma_rs::xz_decompress(&mut input, &mut out)?;
     } else {
         lzma_rs::lzma_decompress_with_options(&mut input, &mut out, &options)?;
     }
     Ok(out.bytes)
+}
+
+/// Checks that an .xz body cannot inflate past `limit`, from the sizes its LZMA2 chunk headers
+/// declare (lzma-rs stops each chunk at its declared size), without decoding anything: a
+/// bomb is refused before a byte of it is inflated. A structure this walk cannot follow is
+/// refused as corrupt; the decoder would refuse it too.
+fn xz_within(body: &[u8], limit: usize) -> Result<(), lzma_rs::error::Error> {
+    let bad = |what: &str| lzma_rs::error::Error::XzError(format!("{what} (.xz structure)"));
+    let byte = |at: usize| body.get(at).copied().ok_or_else(|| bad("cut short"));
+    let be16 = |at: usize| -> Result<usize, lzma_rs::error::Error> {
+        Ok((usize::from(byte(at)?) << 8) | usize::from(byte(at + 1)?))
+    };
+    // Stream header: magic (6), flags (2; the check type in the low nibble), CRC32 (4).
+    let check = match byte(7)? & 0x0f {
+        0 => 0,
+        t => 4 << ((t - 1) / 3),
+    };
+    let (mut at, mut total) = (12usize, 0usize);
+    // Blocks until the index (a zero where a block header's size would be).
+    while byte(at)? != 0 {
+        let block = at;
+        at += (usize::from(byte(at)?) + 1) * 4;
+        loop {
+            let ctrl = byte(at)?;
+            let (unpacked, len) = match ctrl {
+                0 => break,
+                // Uncompressed chunk: its size, then the bytes.
+                1 | 2 => {
+                    let n = be16(at + 1)? + 1;
+                    (n, 3 + n)
+                }
+                // LZMA chunk: unpacked size (21 bits), packed size, new properties from 0xc0.
+                0x80..=0xff => {
+                    let n = ((usize::from(ctrl & 0x1f) << 16) | be16(at + 1)?) + 1;
+                    let packed = be16(at + 3)? + 1;
+                    (n, 5 + usize::from(ctrl >= 0xc0) + packed)
+                }
+                _ => return Err(bad("invalid LZMA2 chunk")),
+            };
+            total = total.saturating_add(unpacked);
+            if total > limit {
+                return Err(lzma_rs::error::Error::IoError(std::io::Error::new(
+                    std::io::ErrorKind::FileTooLarge,
+                    "declared size past the limit",
+                )));
+            }
+            at += len;
+        }
+        // The end marker, padding to four bytes from the block's start, the check.
+        at += 1;
+        at += (4 - (at - block) % 4) % 4 + check;
+    }
+    Ok(())
 }
 
 fn lzma_error(e: lzma_rs::error::Error, name: &str, limit: usize) -> CompressionError {
@@ -217,6 +273,36 @@ mod tests {
         lzma_rs::xz_compress(&mut std::io::Cursor::new(&zeros), &mut x).unwrap();
         let e = decompress("application/x-lzma", &x, 64 * 1024).unwrap_err();
         assert!(matches!(e, CompressionError::TooLarge { .. }), "{e}");
+    }
+
+    /// A real .xz bomb: Python's `lzma.compress` (what kombu's `lzma` compression calls) of
+    /// 64 MiB of zeros, 9.9 KB; the body of the `message_json` fuzz seed `xz-bomb-64-mib`.
+    fn xz_bomb() -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../fixtures/fuzz/message_json/seeds/xz-bomb-64-mib");
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let nul = data
+            .iter()
+            .position(|b| *b == 0)
+            .expect("headers, NUL, body");
+        data[nul + 1..].to_vec()
+    }
+
+    #[test]
+    fn xz_bombs_are_refused_from_their_chunk_headers() {
+        let bomb = xz_bomb();
+        // Whole, or cut short in its last chunks: refused as too large from the first chunk's
+        // header. lzma-rs alone would gather the whole block in memory first (64 MiB here; a
+        // 1 MB body holds about 6 GiB) and fail the cut one only at its end, as corrupt.
+        for body in [&bomb[..], &bomb[..bomb.len() - 200]] {
+            let e = decompress("application/x-lzma", body, 1 << 20).unwrap_err();
+            assert!(matches!(e, CompressionError::TooLarge { .. }), "{e}");
+        }
+        // A structure the walk cannot follow is corrupt, never read past its end.
+        for body in [&bomb[..13], &bomb[..40]] {
+            let e = decompress("xz", body, 64 << 20).unwrap_err();
+            assert!(matches!(e, CompressionError::Corrupt { .. }), "{e}");
+        }
     }
 
     #[test]

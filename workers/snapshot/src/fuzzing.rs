@@ -112,6 +112,15 @@ mod tests {
         ),
     ];
 
+    /// `rtmp_stream`'s pinned files (`fixtures/fuzz/rtmp_stream/make_seeds.py` writes the
+    /// seeds): (file, text the protocol error must contain); `None`: read to the end.
+    const RTMP_EXPECTED: &[(&str, Option<&str>)] = &[
+        ("seeds/play-session", None),
+        ("seeds/small-chunks", None),
+        ("seeds/extended-timestamps", None),
+        ("seeds/abort-and-unsupported", None),
+    ];
+
     /// A small deterministic generator (xorshift), so the stream test needs no dependency.
     struct Bytes(u64);
 
@@ -216,6 +225,19 @@ mod tests {
         }
         // Set Chunk Size (kept and applied), the config and both keyframes; the inter frame not.
         assert_eq!(rtmp_stream(&data), Ok(4));
+    }
+
+    #[test]
+    fn rtmp_stream_corpus_replays() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fuzz/rtmp_stream");
+        let ran = mediafarm::fuzzing::replay_expecting(&dir, RTMP_EXPECTED, |data| {
+            rtmp_stream(data).err()
+        });
+        assert!(ran >= RTMP_EXPECTED.len());
+        // nginx-rtmp's answers to connect, createStream and play (nine messages), the AVC
+        // configuration and the keyframe; the inter frame and the audio are passed over.
+        let session = std::fs::read(dir.join("seeds/play-session")).expect("seed");
+        assert_eq!(rtmp_stream(&session), Ok(11));
     }
 
     #[test]
