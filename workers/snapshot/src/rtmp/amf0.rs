@@ -168,7 +168,9 @@ fn read(data: &mut &[u8], depth: usize) -> Result<Value, AmfError> {
             if n > data.len() {
                 return Err(AmfError::Short);
             }
-            let mut items = Vec::with_capacity(n);
+            // The count only bounds the loop: reserving it would let each nested level of
+            // a hostile array reserve as many values as there are bytes left.
+            let mut items = Vec::with_capacity(n.min(16));
             for _ in 0..n {
                 items.push(read(data, depth + 1)?);
             }

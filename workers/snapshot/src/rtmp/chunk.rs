@@ -7,6 +7,11 @@
 
 /// The largest chunk size a peer may set (FFmpeg and the servers use 128 to 64 KiB).
 pub const MAX_CHUNK: usize = 1 << 20;
+/// The smallest chunk size accepted: a video message is judged by its first chunk, which must
+/// hold the FLV video tag's 5-byte header (frame type, codec, packet type, composition time).
+/// The protocol allows 1, no server sends less than 128, and below 5 every frame would be
+/// dropped unseen — a session that stalls silently — so it is refused by name instead.
+pub const MIN_CHUNK: usize = 5;
 /// The largest message kept (a 4K keyframe is a few MB).
 pub const MAX_MESSAGE: usize = 8 << 20;
 /// Chunk stream ids the reader tracks at once (servers use a handful).
@@ -28,7 +33,7 @@ pub const AGGREGATE: u8 = 22;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ChunkError {
-    #[error("the server set chunk size {0}; at most {MAX_CHUNK} is accepted")]
+    #[error("the server set chunk size {0}; {MIN_CHUNK} to {MAX_CHUNK} are accepted")]
     ChunkSize(u32),
     #[error("the server sent a {0}-byte message; at most {MAX_MESSAGE} is accepted")]
     TooLong(u32),
@@ -222,7 +227,7 @@ impl Reader {
         match head.type_id {
             SET_CHUNK_SIZE if body.len() >= 4 => {
                 let size = be32(&body) & 0x7fff_ffff;
-                if size as usize > MAX_CHUNK || size == 0 {
+                if !(MIN_CHUNK..=MAX_CHUNK).contains(&(size as usize)) {
                     return Err(ChunkError::ChunkSize(size));
                 }
                 self.chunk_size = size as usize;
@@ -342,6 +347,14 @@ mod tests {
             r.next(&wire, &mut |_, _| true),
             Err(ChunkError::ChunkSize(_))
         ));
+        // Too small to judge a video message by its first chunk.
+        let mut wire = Vec::new();
+        write_message(&mut wire, 2, SET_CHUNK_SIZE, 0, &4u32.to_be_bytes(), 128);
+        let mut r = Reader::default();
+        assert_eq!(
+            r.next(&wire, &mut |_, _| true),
+            Err(ChunkError::ChunkSize(4))
+        );
         let mut r = Reader::default();
         assert_eq!(
             r.next(&[0xc7, 1, 2], &mut |_, _| true),
