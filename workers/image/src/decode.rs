@@ -153,10 +153,22 @@ const LOWRES_ABOVE: u64 = 96 << 20;
 /// full detail. libjpeg scales by any M/8, not only by powers of two: a 4224×3168 source whose
 /// largest output is 1280 wide decodes at 3/8 (1584 px) instead of 1/2 (2112 px), 44 % fewer
 /// pixels to convert and resize (BENCHMARKS.md, "Where an image job's CPU goes").
-fn eighths_for(share: f64) -> u8 {
+///
+/// `share` is the largest output side over the source side (`size`, either frame), so an
+/// output has at most `floor(share × side)` pixels on each side; libjpeg's scaled side is
+/// `ceil(side × M / 8)`. Comparing those, rather than `share` with `M / 8`, keeps a rounded-up
+/// height from costing a whole eighth: a 2560×3837 portrait whose 1280-wide output is 1919
+/// tall (share 0.50013) decodes at 4/8 (1280×1919), not 5/8 (1600×2399), 36 % fewer pixels.
+fn eighths_for(share: f64, size: (u32, u32)) -> u8 {
     // A hair of tolerance so that an exact share (640 of 5120 = 1/8) is not rounded up.
-    let eighths = (share * 8.0 - 1e-9).ceil();
-    eighths.clamp(1.0, 8.0) as u8
+    let needed = |side: u32| (share * f64::from(side) + 1e-6).floor();
+    let scaled = |side: u32, m: u32| f64::from((side * m).div_ceil(8));
+    (1..=8u8)
+        .find(|&m| {
+            let m = u32::from(m);
+            scaled(size.0, m) >= needed(size.0) && scaled(size.1, m) >= needed(size.1)
+        })
+        .unwrap_or(8)
 }
 
 /// `None` for CMYK/YCCK JPEGs, which `image` decodes (with the Adobe inversion).
@@ -178,7 +190,7 @@ fn decode_jpeg(
     let (orient, exif) = orientation(header.exif, auto_orient);
     let full = swap_size(orient, (header.width, header.height));
     let share = share_needed(full);
-    let eighths = eighths_for(share);
+    let eighths = eighths_for(share, (header.width, header.height));
     // libjpeg's scaled size: ceil(side × M / 8).
     let scaled = |side: u32| (u64::from(side) * u64::from(eighths)).div_ceil(8);
     let pixels = scaled(header.width) * scaled(header.height) * 3;
@@ -386,17 +398,45 @@ mod tests {
 
     #[test]
     fn the_idct_scale_keeps_the_detail_asked_for() {
-        assert_eq!(eighths_for(1.0), 8);
-        assert_eq!(eighths_for(0.9), 8);
-        assert_eq!(eighths_for(0.51), 5);
-        assert_eq!(eighths_for(0.5), 4);
+        let size = (5120, 2880);
+        assert_eq!(eighths_for(1.0, size), 8);
+        assert_eq!(eighths_for(0.9, size), 8);
+        assert_eq!(eighths_for(0.51, size), 5);
+        assert_eq!(eighths_for(0.5, size), 4);
         // 1280 of 4224: 3/8 (1584 px) still covers it.
-        assert_eq!(eighths_for(1280.0 / 4224.0), 3);
-        assert_eq!(eighths_for(0.25), 2);
-        assert_eq!(eighths_for(0.2), 2);
-        assert_eq!(eighths_for(640.0 / 5120.0), 1);
-        assert_eq!(eighths_for(0.1), 1);
-        assert_eq!(eighths_for(0.0), 1);
+        assert_eq!(eighths_for(1280.0 / 4224.0, (4224, 3168)), 3);
+        assert_eq!(eighths_for(0.25, size), 2);
+        assert_eq!(eighths_for(0.2, size), 2);
+        assert_eq!(eighths_for(640.0 / 5120.0, size), 1);
+        assert_eq!(eighths_for(0.1, size), 1);
+        assert_eq!(eighths_for(0.0, size), 1);
+        // Asking for more than the source: full size.
+        assert_eq!(eighths_for(1.5, size), 8);
+    }
+
+    #[test]
+    fn a_rounded_up_height_does_not_cost_an_eighth() {
+        // A 2560×3837 portrait to 1280 wide: 1280×1919 (1918.5 rounded up), share 1919/3837,
+        // a hair over 1/2; libjpeg's 4/8 is ceil(3837 / 2) = 1919 tall, enough.
+        let share = 1919.0 / 3837.0;
+        assert!(share > 0.5);
+        assert_eq!(eighths_for(share, (2560, 3837)), 4);
+        // One pixel more than 4/8 gives: 5/8.
+        assert_eq!(eighths_for(1920.0 / 3837.0, (2560, 3837)), 5);
+        assert_eq!(eighths_for(1281.0 / 2560.0, (2560, 3837)), 5);
+    }
+
+    #[test]
+    fn a_portrait_decodes_at_the_scale_its_output_needs() {
+        // 256×383 stored, 128 wide: 128×192 (191.5 rounded up); 4/8 gives 128×192.
+        let (w, h) = (256u32, 383u32);
+        let rgb: Vec<u8> = (0..w * h)
+            .flat_map(|i| [(i % w) as u8, (i / w % 256) as u8, 60])
+            .collect();
+        let file = jpeg::encode_rgb(&rgb, w, h, 90, false, &Default::default()).unwrap();
+        let share = 192.0 / 383.0;
+        let decoded = decode(&file, true, 50_000_000, |_| share, |_| 0).unwrap();
+        assert_eq!((decoded.image.width(), decoded.image.height()), (128, 192));
     }
 
     #[test]
