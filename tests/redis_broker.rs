@@ -1216,6 +1216,24 @@ where
 /// is killed when the test ends, passing or not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_worker_follows_a_sentinel_failover() {
+    follows_a_failover(Failover::KillMaster).await;
+}
+
+/// The same, with the failover asked of the sentinel (`SENTINEL FAILOVER`): the old master
+/// stays up, demoted to a replica that refuses writes (`READONLY`), and the worker, whose
+/// connection is dropped by the demotion, must not settle back on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_leaves_a_demoted_master() {
+    follows_a_failover(Failover::AskTheSentinel).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Failover {
+    KillMaster,
+    AskTheSentinel,
+}
+
+async fn follows_a_failover(how: Failover) {
     let dir = mediafarm_tests::temp_dir("sentinel-failover");
     let mut ports = Vec::new();
     while ports.len() < 3 {
@@ -1297,7 +1315,17 @@ async fn a_running_worker_follows_a_sentinel_failover() {
         json!({"x": 1})
     );
 
-    master.kill9();
+    match how {
+        Failover::KillMaster => master.kill9(),
+        Failover::AskTheSentinel => {
+            let ok = ask_port(
+                sentinel_port,
+                redis::cmd("SENTINEL").arg("FAILOVER").arg(&group),
+            )
+            .await;
+            assert!(ok.is_some(), "SENTINEL FAILOVER refused");
+        }
+    }
     let replica_port_s = replica_port.to_string();
     poll_until("the sentinel names the replica as master", 300, || async {
         let addr = ask_port(
