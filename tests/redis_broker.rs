@@ -9,6 +9,8 @@
 //! CLI's `purge` and `dead list`/`dead replay`.
 //!
 //! Flower (from the project's venv) watches a Rust worker on the Redis broker as it does on AMQP.
+//! Redis Sentinel: a `sentinel://` URL, and a running worker following a failover of a private
+//! master/replica/sentinel set started by the test.
 //!
 //! Redis databases 9, 10 and 11 hold the broker keys of these tests only (`unacked` and
 //! `unacked_index` are per database, as in kombu); nothing here flushes a database.
