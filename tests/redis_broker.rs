@@ -9,6 +9,8 @@
 //! CLI's `purge` and `dead list`/`dead replay`.
 //!
 //! Flower (from the project's venv) watches a Rust worker on the Redis broker as it does on AMQP.
+//! Redis Sentinel: a `sentinel://` URL, and a running worker following a failover of a private
+//! master/replica/sentinel set started by the test.
 //!
 //! Redis databases 9, 10 and 11 hold the broker keys of these tests only (`unacked` and
 //! `unacked_index` are per database, as in kombu); nothing here flushes a database.
@@ -1179,5 +1181,208 @@ async fn a_sentinel_url_finds_the_broker_as_kombu_does() {
         Ok(_) => panic!("connected through a group no sentinel knows"),
     };
     assert!(e.contains(&format!("{group}-unknown")), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Asks `redis-server` on `port` one command, `None` while it cannot be reached.
+async fn ask_port(port: u16, cmd: &redis::Cmd) -> Option<redis::Value> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+    cmd.query_async(&mut conn).await.ok()
+}
+
+/// Polls `check` every 200 ms, at most `tries` times; panics with `what` when it never holds.
+async fn poll_until<F, Fut>(what: &str, tries: u32, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..tries {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("gave up waiting until {what}");
+}
+
+/// A running worker follows a Sentinel failover, as kombu does by asking the sentinels at each
+/// reconnection. Everything runs on private ports of 127.0.0.1 (the shared Redis is not
+/// touched as the broker; it stays the result backend): a `redis-server` master, a replica of
+/// it, and one sentinel (quorum 1) monitoring the master under a group name of its own. A
+/// Rust worker on the `sentinel://` URL runs a job; the master is then killed, the sentinel
+/// promotes the replica, and without any restart the same worker takes a job published by a
+/// new client (which finds the new master through the sentinels), a job published by the
+/// client that was connected before the failover (its publisher follows too), and answers a
+/// pidbox ping (its control subscription moved to the new master). Every process started here
+/// is killed when the test ends, passing or not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_follows_a_sentinel_failover() {
+    follows_a_failover(Failover::KillMaster).await;
+}
+
+/// The same, with the failover asked of the sentinel (`SENTINEL FAILOVER`): the old master
+/// stays up, demoted to a replica that refuses writes (`READONLY`), and the worker, whose
+/// connection is dropped by the demotion, must not settle back on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_worker_leaves_a_demoted_master() {
+    follows_a_failover(Failover::AskTheSentinel).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Failover {
+    KillMaster,
+    AskTheSentinel,
+}
+
+async fn follows_a_failover(how: Failover) {
+    let dir = mediafarm_tests::temp_dir("sentinel-failover");
+    let mut ports = Vec::new();
+    while ports.len() < 3 {
+        let p = mediafarm_tests::free_port();
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
+    let (master_port, replica_port, sentinel_port) = (ports[0], ports[1], ports[2]);
+    let server = |port: u16, name: &str| {
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data).expect("data dir");
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(&data)
+            .stdout(std::process::Stdio::null());
+        cmd
+    };
+    let mut master = Proc::spawn(&mut server(master_port, "master"));
+    let _replica = Proc::spawn(server(replica_port, "replica").args([
+        "--replicaof",
+        "127.0.0.1",
+        &master_port.to_string(),
+    ]));
+    let group = unique_queue("mf-failover");
+    let conf = dir.join("sentinel.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "port {sentinel_port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+             sentinel monitor {group} 127.0.0.1 {master_port} 1\n\
+             sentinel down-after-milliseconds {group} 1000\n\
+             sentinel failover-timeout {group} 10000\n",
+            dir.display()
+        ),
+    )
+    .expect("config written");
+    let _sentinel = Proc::spawn(
+        std::process::Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(std::process::Stdio::null()),
+    );
+    for port in [master_port, replica_port, sentinel_port] {
+        tokio::task::spawn_blocking(move || mediafarm_tests::process::wait_port(port))
+            .await
+            .expect("listening");
+    }
+    // The sentinel learns of the replica from the master's INFO (every 10 s at first).
+    poll_until("the sentinel knows the replica, in sync", 150, || async {
+        let replicas = ask_port(
+            sentinel_port,
+            redis::cmd("SENTINEL").arg("REPLICAS").arg(&group),
+        )
+        .await;
+        format!("{replicas:?}").contains(&replica_port.to_string())
+            && format!("{replicas:?}").contains("master-link-status")
+            && !format!("{replicas:?}").contains("disconnected")
+    })
+    .await;
+
+    let mut s = redis_settings(&format!("sentinel://127.0.0.1:{sentinel_port}/3"));
+    s.broker_transport_options.master_name = Some(group.clone());
+    let q = unique_queue("rb-failover");
+    let node = format!("failover@{q}");
+    let worker = echo_worker(&s, &q, &node).await;
+    let opts = SendOptions {
+        queue: Some(q.clone()),
+        ..Default::default()
+    };
+    let before = Client::connect(&s).await.expect("client");
+    let r = before
+        .send_task("echo.echo", kwargs(json!({"x": 1})), &opts)
+        .await
+        .expect("sent");
+    assert_eq!(
+        r.get(Duration::from_secs(30)).await.expect("ran"),
+        json!({"x": 1})
+    );
+
+    match how {
+        Failover::KillMaster => master.kill9(),
+        Failover::AskTheSentinel => {
+            let ok = ask_port(
+                sentinel_port,
+                redis::cmd("SENTINEL").arg("FAILOVER").arg(&group),
+            )
+            .await;
+            assert!(ok.is_some(), "SENTINEL FAILOVER refused");
+        }
+    }
+    let replica_port_s = replica_port.to_string();
+    poll_until("the sentinel names the replica as master", 300, || async {
+        let addr = ask_port(
+            sentinel_port,
+            redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(&group),
+        )
+        .await;
+        matches!(&addr, Some(redis::Value::Array(a)) if format!("{:?}", a.get(1)).contains(&replica_port_s))
+    })
+    .await;
+
+    let after = Client::connect(&s)
+        .await
+        .expect("client after the failover");
+    let r = after
+        .send_task("echo.echo", kwargs(json!({"x": 2})), &opts)
+        .await
+        .expect("sent through the new master");
+    assert_eq!(
+        r.get(Duration::from_secs(60))
+            .await
+            .expect("the same worker ran it"),
+        json!({"x": 2})
+    );
+    let r = before
+        .send_task("echo.echo", kwargs(json!({"x": 3})), &opts)
+        .await
+        .expect("the earlier client's publisher followed the master");
+    assert_eq!(
+        r.get(Duration::from_secs(60)).await.expect("ran"),
+        json!({"x": 3})
+    );
+    let destination = [node.clone()];
+    let mut answered = false;
+    for _ in 0..30 {
+        let replies = mediafarm::amqp::pidbox::mailbox::call(
+            &s,
+            "ping",
+            json!({}),
+            Some(&destination),
+            Duration::from_secs(1),
+        )
+        .await;
+        if replies.is_ok_and(|r| !r.is_empty()) {
+            answered = true;
+            break;
+        }
+    }
+    assert!(
+        answered,
+        "the worker's control subscription did not follow the master"
+    );
+    worker.shutdown().await;
+    drop(master);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -43,7 +43,11 @@ pub fn topic(
 impl RedisBroker {
     /// The database number of `broker_url` (the `{db}` of fanout channels).
     pub fn db(&self) -> i64 {
-        self.client.get_connection_info().redis_settings().db()
+        self.link
+            .client()
+            .get_connection_info()
+            .redis_settings()
+            .db()
     }
 
     /// The channel a fanout message on `exchange` under `routing_key` is published to.
@@ -62,7 +66,7 @@ impl RedisBroker {
         for (routing_key, envelope) in messages {
             pipe.publish(self.fanout_topic(exchange, routing_key), envelope.to_json());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let received: Vec<u64> = pipe.query_async(&mut conn).await?;
         Ok(received.iter().sum())
     }
@@ -75,7 +79,10 @@ impl RedisBroker {
         exchange: &str,
         routing_key: &str,
     ) -> Result<impl Stream<Item = Vec<u8>> + Send + 'static, RedisBrokerError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        // kombu asks the sentinels at each connection: a subscription lost to a failover
+        // comes back on the new master.
+        self.link.refresh().await;
+        let mut pubsub = self.link.client().get_async_pubsub().await?;
         pubsub
             .psubscribe(self.fanout_topic(exchange, &routing_key.replace('#', "*")))
             .await?;
@@ -91,7 +98,7 @@ impl RedisBroker {
         routing_key: &str,
         queue: &str,
     ) -> Result<(), RedisBrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         redis::cmd("SADD")
             .arg(self.binding_key(exchange))
             .arg(self.binding(routing_key, queue))
@@ -114,7 +121,7 @@ impl RedisBroker {
         for p in &self.opts.priority_steps {
             pipe.del(list_key(&self.opts, queue, *p)).ignore();
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }
@@ -148,7 +155,7 @@ impl RedisBroker {
                 pipe.cmd("PEXPIRE").arg(&key).arg(ms).ignore();
             }
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         pipe.query_async::<()>(&mut conn).await?;
         Ok(queues.len())
     }
@@ -162,7 +169,8 @@ impl RedisBroker {
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(longest + Duration::from_secs(5)));
         Ok(self
-            .client
+            .link
+            .client()
             .get_multiplexed_async_connection_with_config(&config)
             .await?)
     }

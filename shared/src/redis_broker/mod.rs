@@ -35,28 +35,27 @@
 //!   inside messages and entries (queues, routing keys) stay unprefixed, except the list key a
 //!   delayed entry names, which is the stored key.
 //!
-//! - **Sentinel** ([`sentinel`]): with a `sentinel://` URL, each connection asks the
-//!   sentinels for the master first (kombu's `SentinelChannel`).
+//! - **Sentinel** ([`sentinel`], [`link`]): with a `sentinel://` URL, connecting asks the
+//!   sentinels for the master first (kombu's `SentinelChannel`), and so does every failure
+//!   that says the master may have moved: a running worker follows a failover.
 //!
-//! Not here yet: Redis Cluster, and following a Sentinel failover without a restart.
+//! Not here yet: Redis Cluster.
 
 pub mod envelope;
 pub mod fanout;
+pub mod link;
 pub mod queues;
 pub mod scripts;
 pub mod sentinel;
 
 use std::collections::HashSet;
 use std::sync::Mutex;
-use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use serde_json::Value;
 
 pub use envelope::Envelope;
 
 use crate::protocol::Properties;
-use crate::settings::tls::without_password;
 use crate::settings::{Settings, TransportOptions};
 
 /// The sorted set of delayed messages (`<list key>\n<message>` scored by due time, Unix s).
@@ -96,9 +95,9 @@ pub struct Taken {
 /// A connection to the Redis broker and the transport's options. Clones share the connection.
 #[derive(Clone)]
 pub struct RedisBroker {
-    conn: ConnectionManager,
-    /// For connections of their own: subscriptions and blocking pops ([`fanout`]).
-    client: redis::Client,
+    /// The shared connection, and the client for connections of their own (subscriptions
+    /// and blocking pops, [`fanout`]).
+    link: std::sync::Arc<link::Link>,
     opts: TransportOptions,
     /// `unacked`, `unacked_index`, `unacked_mutex` and the delayed set as stored (prefixed).
     keys: std::sync::Arc<Keys>,
@@ -145,49 +144,22 @@ fn now_secs() -> f64 {
 
 impl RedisBroker {
     /// Connects to `broker_url` (a Redis URL; `rediss://` takes TLS options from its query).
-    /// A `sentinel://` URL is resolved first: the sentinels name the master ([`sentinel`]).
+    /// A `sentinel://` URL is resolved first: the sentinels name the master ([`sentinel`]),
+    /// and are asked again whenever the connection fails ([`link`]).
     pub async fn connect(settings: &Settings) -> Result<RedisBroker, RedisBrokerError> {
-        let resolved;
-        let url = if crate::settings::sentinel::is_sentinel(&settings.broker_url) {
-            let master = settings
-                .broker_transport_options
-                .master_name
-                .as_deref()
-                .ok_or_else(|| {
-                    RedisBrokerError::Sentinel(
-                        "a sentinel:// broker_url needs broker_transport_options.master_name"
-                            .into(),
-                    )
-                })?;
-            resolved = sentinel::master_url(&settings.broker_url, master).await?;
-            &resolved
-        } else {
-            &settings.broker_url
-        };
-        let connect_err = |source| RedisBrokerError::Connect {
-            url: without_password(url),
-            source,
-        };
-        let client = crate::tls::redis_client(url, None).map_err(|e| match e {
-            crate::tls::RedisClientError::Tls(e) => RedisBrokerError::Tls(e),
-            crate::tls::RedisClientError::Redis(e) => connect_err(e),
-        })?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .map_err(connect_err)?;
+        let link = link::Link::open(settings).await?;
         let opts = settings.broker_transport_options.clone();
         Ok(RedisBroker {
-            conn,
-            client,
+            link: std::sync::Arc::new(link),
             keys: std::sync::Arc::new(Keys::of(&opts)),
             opts,
             bound: Default::default(),
         })
+    }
+
+    /// The shared connection (following the master after a failover).
+    fn conn(&self) -> link::Conn {
+        self.link.conn()
     }
 
     pub fn options(&self) -> &TransportOptions {
@@ -218,7 +190,7 @@ impl RedisBroker {
         }
         let sep = &self.opts.sep;
         let member = format!("{queue}{sep}{sep}{queue}");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         // kombu 5.7 also lists the member as permanent, so its sweep of expiring bindings
         // leaves the table alone.
         redis::pipe()
@@ -257,7 +229,7 @@ impl RedisBroker {
             pipe.lpush(self.list_key(queue, e.priority()), e.to_json())
                 .ignore();
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }
@@ -271,7 +243,7 @@ impl RedisBroker {
         }
         let mut all = vec![self.keys.unacked.clone(), self.keys.unacked_index.clone()];
         all.extend(keys);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let got: Option<(String, Vec<u8>, String)> = eval(scripts::FETCH, &all)
             .arg(format!("{:.6}", now_secs()))
             .query_async(&mut conn)
@@ -309,7 +281,7 @@ impl RedisBroker {
 
     /// Acknowledges: the message leaves `unacked` and `unacked_index`.
     pub async fn ack(&self, tag: &str) -> Result<(), RedisBrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         redis::pipe()
             .atomic()
             .zrem(&self.keys.unacked_index, tag)
@@ -324,7 +296,7 @@ impl RedisBroker {
     /// Puts an unacknowledged message back on its queue, at the consuming end (it is taken
     /// next), marked redelivered. `false` when it was no longer unacknowledged.
     pub async fn restore(&self, tag: &str) -> Result<bool, RedisBrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let held: Option<String> = redis::cmd("HGET")
             .arg(&self.keys.unacked)
             .arg(tag)
@@ -386,7 +358,7 @@ impl RedisBroker {
         exchange: &str,
         routing_key: &str,
     ) -> Result<Vec<String>, RedisBrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let members: Vec<String> = redis::cmd("SMEMBERS")
             .arg(self.binding_key(exchange))
             .query_async(&mut conn)
@@ -441,7 +413,7 @@ impl RedisBroker {
         how: &str,
         value: &str,
     ) -> Result<(), RedisBrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         eval(
             scripts::HAND_OVER,
             &[&self.keys.unacked, &self.keys.unacked_index, key],
@@ -456,7 +428,7 @@ impl RedisBroker {
 
     /// Moves delayed messages that are due back onto their lists; how many moved.
     pub async fn promote_due(&self) -> Result<usize, RedisBrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let moved: usize = eval(scripts::PROMOTE, &[&self.keys.delayed])
             .arg(format!("{:.3}", now_secs()))
             .arg(PROMOTE_BATCH)
@@ -469,7 +441,7 @@ impl RedisBroker {
     /// holds it), puts back every message taken longer ago than the visibility timeout.
     /// Returns how many were put back.
     pub async fn restore_visible(&self) -> Result<usize, RedisBrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let token = uuid::Uuid::new_v4().to_string();
         let expire_ms =
             u64::try_from(self.opts.unacked_mutex_expire.as_millis()).unwrap_or(u64::MAX);
@@ -495,10 +467,7 @@ impl RedisBroker {
         outcome
     }
 
-    async fn restore_expired(
-        &self,
-        conn: &mut ConnectionManager,
-    ) -> Result<usize, RedisBrokerError> {
+    async fn restore_expired(&self, conn: &mut link::Conn) -> Result<usize, RedisBrokerError> {
         let ceil = now_secs() - self.opts.visibility_timeout.as_secs_f64();
         let mut cmd = redis::cmd("ZRANGEBYSCORE");
         cmd.arg(&self.keys.unacked_index)
@@ -520,7 +489,7 @@ impl RedisBroker {
 
     /// Messages waiting in each list of `queue` (all priorities), for tests and metrics.
     pub async fn len(&self, queue: &str) -> Result<u64, RedisBrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut pipe = redis::pipe();
         for p in &self.opts.priority_steps {
             pipe.llen(list_key(&self.opts, queue, *p));

@@ -15,7 +15,7 @@ impl RedisBroker {
             let key = list_key(&self.opts, queue, *p);
             pipe.llen(&key).del(&key).ignore();
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let sizes: Vec<u64> = pipe.query_async(&mut conn).await?;
         Ok(sizes.iter().sum())
     }
@@ -30,7 +30,7 @@ impl RedisBroker {
             return Ok(Vec::new());
         }
         let from = -isize::try_from(limit).unwrap_or(isize::MAX);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let mut letters: Vec<String> = redis::cmd("LRANGE")
             .arg(dead_list(&self.opts, queue))
             .arg(from)
@@ -49,7 +49,7 @@ impl RedisBroker {
         stored: &str,
         replay: &Envelope,
     ) -> Result<bool, RedisBrokerError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn();
         let target = self.list_key(queue, replay.priority());
         let moved: i64 = eval(scripts::REPLAY, &[dead_list(&self.opts, queue), target])
             .arg(stored)

@@ -8,9 +8,9 @@
 //!
 //! What it promises: every connection to the broker ([`super::RedisBroker::connect`]: a worker
 //! starting, each `mediafarm` command, each control call) asks the sentinels first, so it
-//! reaches the master of that moment. What it does not do yet: a running worker keeps the
-//! master it connected to, so after a failover it retries the old address until it is
-//! restarted (its `/readyz` fails meanwhile).
+//! reaches the master of that moment; a running process asks again whenever its connection
+//! fails or the server refuses a write as a replica, and follows the master there
+//! ([`super::link`]).
 
 use std::time::Duration;
 
