@@ -983,6 +983,12 @@ async fn take_over(shared: &Shared, id: &str, group: &str, token: &str) -> bool 
     }
 }
 
+/// How long the dispatch claim is extended to while the body is sent: mediafarm's publish
+/// estimate, or the claim's own lease if longer (Celery's `max(initial_expires, …)`).
+fn publish_claim_secs(backend: &ResultBackend) -> u64 {
+    backend_chord::PUBLISH_CLAIM_SECS.max(backend.chord_times().claim_secs)
+}
+
 /// How long a header that completed its chord without the claim waits for the holder.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(60);
 
@@ -1003,7 +1009,7 @@ async fn dispatch_body(shared: &Shared, join: &Join<'_>, token: &str) -> bool {
         Ok(results) => {
             match shared
                 .backend
-                .chord_claim_extend(group, token, backend_chord::PUBLISH_CLAIM_SECS)
+                .chord_claim_extend(group, token, publish_claim_secs(&shared.backend))
                 .await
             {
                 Ok(true) => {}
