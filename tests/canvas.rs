@@ -1606,3 +1606,80 @@ async fn kill_9_during_a_chord_of_1000_loses_no_header_and_sends_the_body_once()
     delete_queue(&s, &q).await;
     delete_queue(&s, &bodyq).await;
 }
+
+/// Celery's `result_chord_expires` sets how long a chord's counters live (here 120 s instead of
+/// `result_expires`), and `result_chord_join_timeout` the dispatch claim and the `done` mark
+/// after the body was sent (here 100 s: a 200 s claim, `done` for 400 s instead of 300).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_chord_expires_and_join_timeout_set_the_chords_expiries_as_in_celery() {
+    let mut s = settings();
+    s.result_chord_expires = Some(Duration::from_secs(120));
+    s.result_chord_join_timeout = Duration::from_secs(100);
+    let farm = Farm::start("canvas-chord-times", s.clone(), registry()).await;
+    let (q, late) = (farm.queue.clone(), unique_queue("canvas-chord-times-late"));
+    // The last header waits on a queue nobody consumes yet, so the chord stays open.
+    let header = (0..5)
+        .map(|i| rust_step(&q, json!({ "i": i })))
+        .chain([rust_step(&late, json!({ "i": 5 }))]);
+    let c = chord(header, rust_step(&q, json!({"body": true})))
+        .apply_async(&farm.client)
+        .await
+        .expect("sent");
+    let gid = c.header.id.clone();
+    let key = |suffix: &str| format!("celery-taskset-meta-{gid}{suffix}");
+    let mut conn = farm.client.backend().connection();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let joined: u64 = redis::cmd("ZCARD")
+            .arg(key(".j"))
+            .query_async(&mut conn)
+            .await
+            .expect("redis");
+        if joined == 5 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{joined} joined");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for suffix in [".j", ".s", ".d"] {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(key(suffix))
+            .query_async(&mut conn)
+            .await
+            .expect("redis");
+        assert!(
+            (1..=120).contains(&ttl),
+            "{suffix} expires in {ttl} s, not within result_chord_expires"
+        );
+    }
+    let last = Farm::start_on(late.clone(), s, registry()).await;
+    c.body
+        .get(Duration::from_secs(60))
+        .await
+        .expect("the body ran");
+    // The body's worker may store its result before the header's worker marks the chord done.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mark: Option<String> = redis::cmd("GET")
+            .arg(key(".c"))
+            .query_async(&mut conn)
+            .await
+            .expect("redis");
+        if mark.as_deref() == Some("done") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, ".c is {mark:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let done_ttl: i64 = redis::cmd("TTL")
+        .arg(key(".c"))
+        .query_async(&mut conn)
+        .await
+        .expect("redis");
+    assert!(
+        (301..=400).contains(&done_ttl),
+        ".c says done for {done_ttl} s; twice the 200 s claim is 400"
+    );
+    last.stop().await;
+    farm.stop().await;
+}

@@ -10,7 +10,7 @@
 //! - `.c`: the body's dispatch claim. The header whose return completes the count takes it
 //!   (SET NX with a random token and a lease) in the same script that counts; it extends the
 //!   lease before sending the body and, once sent, deletes `.j`, `.t`, `.s` and `.d` and sets
-//!   `.c` to `done` for [`DONE_SECS`], so late copies of a header are ignored instead of
+//!   `.c` to `done` (for [`DONE_SECS`] by default: [`ChordTimes`]), so late copies of a header are ignored instead of
 //!   starting the chord again. A header that completes the count while another worker holds the
 //!   claim sends nothing.
 //!
@@ -46,16 +46,73 @@ pub fn group_key(group: &str, suffix: &str) -> String {
 }
 
 /// How long the dispatch claim of a header that completed the count lasts while it reads the
-/// results: Celery's default (`result_chord_join_timeout` 3 s, doubled, at least 5 s).
+/// results, with Celery's default `result_chord_join_timeout` (3 s, doubled, at least 5 s).
 pub const CLAIM_SECS: u64 = 6;
 
 /// How long the claim lasts once extended to send the body (mediafarm's publish waits for the
-/// broker's confirm; Celery's estimate for its publish retries with default settings is 21 s).
+/// broker's confirm; Celery's estimate for its publish retries with default settings is 21 s),
+/// or the claim itself if longer.
 pub const PUBLISH_CLAIM_SECS: u64 = 30;
 
-/// How long `.c` says `done` after the body was sent, as Celery's default (twice the claim, at
-/// least 300 s): a copy of a header arriving later is ignored.
+/// How long `.c` says `done` after the body was sent, with Celery's defaults (twice the claim,
+/// at least 300 s): a copy of a header arriving later is ignored.
 pub const DONE_SECS: u64 = 300;
+
+/// A chord's expiries and leases, as Celery 5.7's Redis backend derives them from its settings
+/// (`on_chord_part_return`, `chord_expires`, `_chord_result_expires`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChordTimes {
+    /// The counters' expiry, renewed at each header's return (`None`: kept for ever).
+    pub expires: Option<u64>,
+    /// The group record's expiry: the longer of the counters' and the results' (`None`: for
+    /// ever, when either is).
+    pub group_expires: Option<u64>,
+    /// The dispatch claim's lease while the results are read, and when taken over.
+    pub claim_secs: u64,
+    /// How long `.c` says `done` after the body was sent.
+    pub done_secs: u64,
+}
+
+impl ChordTimes {
+    /// From `result_chord_join_timeout` (0: Celery's `None`, counted as 5 s),
+    /// `result_chord_expires` (`None`: as results; zero: for ever) and the results' expiry.
+    pub fn celery(
+        join_timeout: Duration,
+        chord_expires: Option<Duration>,
+        result_expires: Option<u64>,
+    ) -> ChordTimes {
+        let join = if join_timeout.is_zero() {
+            5.0
+        } else {
+            join_timeout.as_secs_f64()
+        };
+        // Python's int(): towards zero.
+        let claim_secs = ((join * 2.0) as u64).max(5);
+        let expires = match chord_expires {
+            None => result_expires,
+            Some(d) => Some(d.as_secs()).filter(|s| *s > 0),
+        };
+        ChordTimes {
+            expires,
+            group_expires: expires.zip(result_expires).map(|(c, r)| c.max(r)),
+            claim_secs,
+            done_secs: (claim_secs * 2).max(300),
+        }
+    }
+
+    /// Celery's defaults with results kept for `result_expires` seconds.
+    pub fn with_result_expires(result_expires: Option<u64>) -> ChordTimes {
+        ChordTimes::celery(Duration::from_secs(3), None, result_expires)
+    }
+
+    pub fn from_settings(settings: &crate::settings::Settings) -> ChordTimes {
+        ChordTimes::celery(
+            settings.result_chord_join_timeout,
+            settings.result_chord_expires,
+            settings.result_expires_secs(),
+        )
+    }
+}
 
 /// What one header task's return saw, atomically with adding itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,16 +262,16 @@ impl ResultBackend {
             group_key(group, ".c"),
         ];
         let score = index.map_or_else(|| "+inf".to_owned(), |i| i.to_string());
-        let expires = self.fixed.expires.unwrap_or(0);
+        let times = self.fixed.chord;
         let mut conn = self.conn.clone();
         let (ready, diff, size, claimed): (i64, Option<String>, Option<String>, i64) =
             eval(PART_RETURN, &keys)
                 .arg(task_id)
                 .arg(member)
                 .arg(&score)
-                .arg(expires)
-                .arg(expires)
-                .arg(CLAIM_SECS)
+                .arg(times.expires.unwrap_or(0))
+                .arg(times.group_expires.unwrap_or(0))
+                .arg(times.claim_secs)
                 .arg(token)
                 .query_async(&mut conn)
                 .await?;
@@ -260,7 +317,7 @@ impl ResultBackend {
     }
 
     /// Once the body was sent by `token`'s holder: deletes `.j`, `.t`, `.s` and `.d` and sets
-    /// `.c` to `done` for [`DONE_SECS`]. `false`: the claim was lost first (the keys are left
+    /// `.c` to `done` for [`ChordTimes::done_secs`]. `false`: the claim was lost first (the keys are left
     /// to expire).
     pub async fn chord_cleanup(&self, group: &str, token: &str) -> Result<bool, BackendError> {
         let keys = [
@@ -273,7 +330,7 @@ impl ResultBackend {
         let mut conn = self.conn.clone();
         let n: i64 = eval(CLEANUP, &keys)
             .arg(token)
-            .arg(DONE_SECS)
+            .arg(self.fixed.chord.done_secs)
             .query_async(&mut conn)
             .await?;
         Ok(n == 1)
@@ -300,7 +357,7 @@ impl ResultBackend {
 
     /// For a header whose return completed the count while another worker held the claim:
     /// whether the chord finished, or the claim lapsed unfinished and `token` took it
-    /// ([`CLAIM_SECS`]), or how long the holder's lease still runs.
+    /// ([`ChordTimes::claim_secs`]), or how long the holder's lease still runs.
     pub async fn chord_take_over(
         &self,
         group: &str,
@@ -310,7 +367,7 @@ impl ResultBackend {
         let mut conn = self.conn.clone();
         let (state, ttl_ms): (i64, i64) = eval(TAKE_OVER, &keys)
             .arg(token)
-            .arg(CLAIM_SECS)
+            .arg(self.fixed.chord.claim_secs)
             .query_async(&mut conn)
             .await?;
         Ok(match state {
@@ -363,7 +420,7 @@ impl ResultBackend {
             .ignore()
             .set_ex(&started, 1, marked)
             .ignore();
-        match self.fixed.expires {
+        match self.fixed.chord.expires {
             Some(secs) => pipe.set_ex(&skey, size, secs).ignore(),
             None => pipe.set(&skey, size).ignore(),
         };
@@ -375,5 +432,51 @@ impl ResultBackend {
     pub async fn chord_members(&self, group: &str) -> Result<Vec<String>, BackendError> {
         let mut conn = self.conn.clone();
         Ok(conn.zrange(group_key(group, ".j"), 0, -1).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ChordTimes;
+    use std::time::Duration;
+
+    #[test]
+    fn chord_times_are_derived_as_celerys_redis_backend_derives_them() {
+        let secs = Duration::from_secs;
+        let defaults = ChordTimes::celery(secs(3), None, Some(86_400));
+        assert_eq!(defaults, ChordTimes::with_result_expires(Some(86_400)));
+        assert_eq!(
+            defaults,
+            ChordTimes {
+                expires: Some(86_400),
+                group_expires: Some(86_400),
+                claim_secs: super::CLAIM_SECS,
+                done_secs: super::DONE_SECS,
+            }
+        );
+        // join_timeout: claim = max(5, int(2 × t)), done = max(2 × claim, 300); 0 is Celery's
+        // None, counted as 5 s.
+        let claim = |t: Duration| {
+            let c = ChordTimes::celery(t, None, Some(60));
+            (c.claim_secs, c.done_secs)
+        };
+        assert_eq!(claim(secs(0)), (10, 300));
+        assert_eq!(claim(Duration::from_millis(1200)), (5, 300));
+        assert_eq!(claim(Duration::from_millis(3700)), (7, 300));
+        assert_eq!(claim(secs(200)), (400, 800));
+        // chord_expires: the counters' expiry; the group record keeps the longer of it and the
+        // results'; 0 (or results kept for ever) means no expiry.
+        let exp = |chord: Option<u64>, results: Option<u64>| {
+            let c = ChordTimes::celery(secs(3), chord.map(secs), results);
+            (c.expires, c.group_expires)
+        };
+        assert_eq!(exp(Some(120), Some(86_400)), (Some(120), Some(86_400)));
+        assert_eq!(
+            exp(Some(90_000), Some(86_400)),
+            (Some(90_000), Some(90_000))
+        );
+        assert_eq!(exp(Some(0), Some(86_400)), (None, None));
+        assert_eq!(exp(Some(120), None), (Some(120), None));
+        assert_eq!(exp(None, None), (None, None));
     }
 }

@@ -58,6 +58,8 @@ pub struct ResultBackend {
 struct Fixed {
     client: redis::Client,
     expires: Option<u64>,
+    /// Chord expiries and leases (`result_chord_*`; Celery's defaults unless from settings).
+    chord: chord::ChordTimes,
     url: String,
 }
 
@@ -75,13 +77,24 @@ pub fn result_key(id: &str) -> String {
 impl ResultBackend {
     /// Connects to `result_backend` with `redis_backend_use_ssl`, keeping results for
     /// `result_expires`: what every program connects with.
+    /// `result_expires`, and the chord timings of `result_chord_join_timeout` and
+    /// `result_chord_expires`: what every program connects with.
     pub async fn from_settings(settings: &Settings) -> Result<ResultBackend, BackendError> {
-        Self::connect_with(
+        let mut backend = Self::connect_with(
             &settings.result_backend,
             settings.redis_backend_use_ssl.as_ref(),
             settings.result_expires_secs(),
         )
-        .await
+        .await?;
+        if let Some(fixed) = Arc::get_mut(&mut backend.fixed) {
+            fixed.chord = chord::ChordTimes::from_settings(settings);
+        }
+        Ok(backend)
+    }
+
+    /// The chord expiries and leases this backend joins chords with.
+    pub fn chord_times(&self) -> chord::ChordTimes {
+        self.fixed.chord
     }
 
     /// Connects to `url` (TLS options only from a `rediss://` URL's query); `expires` is how
@@ -113,6 +126,7 @@ impl ResultBackend {
             fixed: Arc::new(Fixed {
                 client,
                 expires,
+                chord: chord::ChordTimes::with_result_expires(expires),
                 url: redact(url),
             }),
         })

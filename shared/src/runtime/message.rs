@@ -37,6 +37,7 @@ use crate::runtime::cpu::{panic_message, CpuPool};
 use crate::runtime::rate::{Admission, RateLimits};
 use crate::runtime::task::{Registry, Services, TaskContext, TaskPolicy};
 use crate::runtime::transport::Via;
+use crate::runtime::window::Seat;
 use crate::settings::Settings;
 
 /// What every job of a worker shares.
@@ -109,6 +110,9 @@ pub(crate) struct Incoming {
     pub queue: String,
     pub received_at: Instant,
     pub via: Via,
+    /// The message's seat in the prefetch window it was delivered in: lent out while the job
+    /// finishes, taken back before the message is acknowledged or returned.
+    pub seat: Seat,
 }
 
 /// Handles one delivery to its end. A panic anywhere on the way (decode, policy, limits, run,
@@ -476,10 +480,12 @@ async fn run(
     l.runtime.observe(elapsed.as_secs_f64());
     shared.active.dec();
     // The slot bounds how many jobs *run* at once. Publishing what follows, storing the outcome
-    // and acknowledging are network waits: they go on without a slot (the prefetch window
-    // bounds them), so a job waiting for a publisher confirm or a Redis reply does not keep
-    // the next job from running.
+    // and acknowledging are network waits: they go on without a slot, so a job waiting for a
+    // publisher confirm or a Redis reply does not keep the next job from running; and on a
+    // place lent by the prefetch window (up to its most), so it does not keep the next message
+    // from being delivered either. The window narrows again just before the ack.
     drop(slot);
+    job.seat.finishing();
     let outcome = match ended {
         Ended::Terminated => {
             shared.events.task_revoked(&msg.id, true, false);
@@ -977,6 +983,12 @@ async fn take_over(shared: &Shared, id: &str, group: &str, token: &str) -> bool 
     }
 }
 
+/// How long the dispatch claim is extended to while the body is sent: mediafarm's publish
+/// estimate, or the claim's own lease if longer (Celery's `max(initial_expires, …)`).
+fn publish_claim_secs(backend: &ResultBackend) -> u64 {
+    backend_chord::PUBLISH_CLAIM_SECS.max(backend.chord_times().claim_secs)
+}
+
 /// How long a header that completed its chord without the claim waits for the holder.
 const TAKE_OVER_WAIT: Duration = Duration::from_secs(60);
 
@@ -997,7 +1009,7 @@ async fn dispatch_body(shared: &Shared, join: &Join<'_>, token: &str) -> bool {
         Ok(results) => {
             match shared
                 .backend
-                .chord_claim_extend(group, token, backend_chord::PUBLISH_CLAIM_SECS)
+                .chord_claim_extend(group, token, publish_claim_secs(&shared.backend))
                 .await
             {
                 Ok(true) => {}

@@ -124,6 +124,14 @@ crate::settings_group! {
             Custom(Reader::redis_backend_use_ssl);
         /// How long results are kept (0: Celery keeps them forever; Redis needs no expiry then).
         result_expires: Duration = Duration::from_secs(86_400), Seconds;
+        /// Celery's `result_chord_join_timeout` (seconds; 0 stands for Celery's `None`, which its
+        /// Redis backend counts as 5): a chord's dispatch claim lasts twice this (at least 5 s)
+        /// before another header may take it over, and `.c` says `done` for twice the claim (at
+        /// least 300 s) after the body was sent, as Celery 5.7's Redis backend derives them.
+        result_chord_join_timeout: Duration = Duration::from_secs(3), Seconds;
+        /// Celery's `result_chord_expires`: how long a chord's counters (`.j`, `.t`, `.s`, `.d`)
+        /// are kept, renewed at each header's return; unset: `result_expires`; 0: for ever.
+        result_chord_expires: Option<Duration> = None, OptSeconds;
         /// Always "json" (pickle is refused).
         task_serializer: String = "json".into(), Custom(Reader::serializer);
         /// Always "json" (pickle is refused).
