@@ -36,6 +36,24 @@ const KILL_BROKER: &str = "redis://127.0.0.1:6379/10";
 /// Flower's and the Sentinel test's (Flower reads every queue length of its database).
 const FLOWER_BROKER: &str = "redis://127.0.0.1:6379/11";
 
+/// A Python Celery worker (`tests/py/celery_app.py`, solo pool, no gossip, mingle or
+/// heartbeat) on queue `q` as node `node`, with `s`'s broker and backend; killed on drop.
+fn python_celery_worker(s: &Settings, q: &str, node: &str) -> Proc {
+    Proc::spawn(
+        std::process::Command::new(python())
+            .current_dir(workspace_root().join("tests/py"))
+            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
+            .args(["-Q", q, "-l", "warning", "-n", node])
+            .args([
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+            ])
+            .envs(python_env(s))
+            .stdout(std::process::Stdio::null()),
+    )
+}
+
 fn redis_settings(url: &str) -> Settings {
     let mut s = settings();
     s.broker_url = url.into();
@@ -208,19 +226,7 @@ async fn rust_producer_to_python_celery_worker_over_redis() {
         .expect("llen");
     assert_eq!(six, 1);
 
-    let _worker = Proc::spawn(
-        std::process::Command::new(python())
-            .current_dir(workspace_root().join("tests/py"))
-            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
-            .args(["-Q", &q, "-l", "warning", "-n", &format!("py-{q}@%h")])
-            .args([
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ])
-            .envs(python_env(&s))
-            .stdout(std::process::Stdio::null()),
-    );
+    let _worker = python_celery_worker(&s, &q, &format!("py-{q}@%h"));
     let v = ok
         .get(Duration::from_secs(60))
         .await
@@ -701,19 +707,7 @@ async fn mediafarm_inspect_over_redis_hears_python_and_rust_workers() {
     let rust_node = format!("rust@{q}");
     let py_node = format!("py@{q}");
     let worker = echo_worker(&s, &q, &rust_node).await;
-    let _python = Proc::spawn(
-        std::process::Command::new(python())
-            .current_dir(workspace_root().join("tests/py"))
-            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
-            .args(["-Q", &q, "-l", "warning", "-n", &py_node])
-            .args([
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ])
-            .envs(python_env(&s))
-            .stdout(std::process::Stdio::null()),
-    );
+    let _python = python_celery_worker(&s, &q, &py_node);
     let nodes = [rust_node.clone(), py_node.clone()];
     let mut heard = Vec::new();
     for _ in 0..60 {
@@ -1066,19 +1060,7 @@ async fn a_second_worker_with_a_taken_node_name_warns_over_redis() {
 
     // A Python Celery worker holding a name: a Rust worker given it warns too.
     let py_node = format!("pydup@{q}");
-    let _python = Proc::spawn(
-        std::process::Command::new(python())
-            .current_dir(workspace_root().join("tests/py"))
-            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
-            .args(["-Q", &q, "-l", "warning", "-n", &py_node])
-            .args([
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ])
-            .envs(python_env(&s))
-            .stdout(std::process::Stdio::null()),
-    );
+    let _python = python_celery_worker(&s, &q, &py_node);
     let mut answered = false;
     for _ in 0..60 {
         let replies = mediafarm::amqp::pidbox::mailbox::call(
@@ -1151,19 +1133,7 @@ async fn global_keyprefix_is_kombus_both_ways() {
         .await
         .expect("llen");
     assert_eq!(six, 1, "not on the prefixed priority-6 list");
-    let _python = Proc::spawn(
-        std::process::Command::new(python())
-            .current_dir(workspace_root().join("tests/py"))
-            .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
-            .args(["-Q", &q, "-l", "warning", "-n", &format!("py-{q}@%h")])
-            .args([
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-            ])
-            .envs(python_env(&s))
-            .stdout(std::process::Stdio::null()),
-    );
+    let _python = python_celery_worker(&s, &q, &format!("py-{q}@%h"));
     let v = job
         .get(Duration::from_secs(60))
         .await
