@@ -1780,6 +1780,60 @@ async fn a_stranded_outbox_is_swept_without_a_new_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_in_flight_when_the_grace_ends_is_not_sent_again() {
+    let _sweeper_on = SWEEPER_ON.lock().await;
+    let hook_port = mediafarm_tests::free_port();
+    // Each answer takes 3 s, so the session's 10 s grace ends with a delivery in flight.
+    let hook = Hook::slow_at(hook_port, Duration::from_secs(3));
+    let mut w = World::new("inflight", &[("MEDIAFARM_SNAPSHOT_OUTBOX_SWEEP", "1")]).await;
+    make_video(&w.media("v.mp4"), 8, "160x120", 15);
+    w.start_worker("a");
+    let stream_id = unique_stream("inflight");
+    let out = w
+        .run(
+            "snapshot.watch",
+            json!({"stream_id": stream_id, "stream_url": w.file_url("v.mp4"), "interval_s": 1,
+                   "key": "if/{stream_id}/{seq}.jpg",
+                   "deliver": format!("http://127.0.0.1:{hook_port}/frames")}),
+        )
+        .await
+        .unwrap();
+    let frames = out["frames"].as_u64().unwrap();
+    assert!(frames >= 6, "{out}");
+    // The grace ended before the outbox was empty: the sweeper sends the rest.
+    assert!(out["deliveries_pending"].as_u64().unwrap() > 0, "{out}");
+    let end = std::time::Instant::now() + Duration::from_secs(90);
+    while (hook.delivery_ids.lock().unwrap().len() as u64) < frames {
+        assert!(
+            std::time::Instant::now() < end,
+            "not delivered within 90 s: {:?}",
+            hook.delivery_ids.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A second send of the delivery cut off at the grace would still be on its way.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let session = out["session_id"].as_str().unwrap();
+    let want: Vec<String> = (0..frames)
+        .map(|seq| format!("{stream_id}/{session}/{seq}"))
+        .collect();
+    assert_eq!(
+        *hook.delivery_ids.lock().unwrap(),
+        want,
+        "each frame once, in order"
+    );
+    assert!(dead_letters_of(&w, &stream_id).await.is_empty());
+    forget_stream(&w, &stream_id).await;
+    let mut redis = w.client.backend().connection();
+    redis::cmd("DEL")
+        .arg(format!("mediafarm-snapshot-sweep-{stream_id}"))
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_starting_on_a_swept_stream_takes_over_without_sending_twice() {
     let _sweeper_on = SWEEPER_ON.lock().await;
     let hook_port = mediafarm_tests::free_port();

@@ -50,6 +50,11 @@ const IDLE_POLL: Duration = Duration::from_secs(5);
 const REDIS_PAUSE: Duration = Duration::from_secs(1);
 /// How often a session's courier looks whether the sweeper has let its stream go.
 const HANDOVER_POLL: Duration = Duration::from_millis(250);
+/// How long a courier past its grace may take to end the try in flight before it is cut off.
+/// Cutting a try off mid-request leaves a frame the receiver may already have in the outbox,
+/// and whoever sends the outbox next sends it again: waiting for the answer avoids that for
+/// any try that ends within it (`webhook_timeout` is 10 s by default).
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(30);
 
 /// The header carrying a delivery's stable id.
 pub const DELIVERY_ID_HEADER: &str = "x-mediafarm-delivery-id";
@@ -325,6 +330,8 @@ pub struct Courier {
     task: tokio::task::JoinHandle<()>,
     wake: Arc<Notify>,
     closing: Arc<AtomicBool>,
+    /// Past the grace: start no further try (the one in flight ends first).
+    halt: Arc<AtomicBool>,
     /// Deliveries this job gave up (dead letters, the outbox's refusals included).
     failed: Arc<AtomicU64>,
     backend: ResultBackend,
@@ -342,6 +349,7 @@ struct Run {
     target: Option<(String, Target)>,
     wake: Arc<Notify>,
     closing: Arc<AtomicBool>,
+    halt: Arc<AtomicBool>,
     failed: Arc<AtomicU64>,
 }
 
@@ -373,6 +381,7 @@ impl Courier {
     ) -> Courier {
         let wake = Arc::new(Notify::new());
         let closing = Arc::new(AtomicBool::new(false));
+        let halt = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(AtomicU64::new(0));
         let lane = sender.lane();
         let run = Run {
@@ -383,12 +392,14 @@ impl Courier {
             target: checked,
             wake: wake.clone(),
             closing: closing.clone(),
+            halt: halt.clone(),
             failed: failed.clone(),
         };
         Courier {
             task: tokio::spawn(run.go()),
             wake,
             closing,
+            halt,
             failed,
             backend,
             lane,
@@ -406,15 +417,25 @@ impl Courier {
         self.failed.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Waits up to `grace` for the outbox to empty, then stops. Returns how many deliveries
-    /// this job gave up and how many still wait in the outbox (the stream's next session
+    /// Waits up to `grace` for the outbox to empty, then stops: no new try starts, and the
+    /// one in flight is let end (up to [`IN_FLIGHT_WAIT`]) so that a frame the receiver got
+    /// is not left in the outbox to be sent again. Returns how many deliveries this job gave
+    /// up and how many still wait in the outbox (the stream's next session, or the sweeper,
     /// sends them first).
     pub async fn finish(self, grace: Duration) -> (u64, u64) {
         self.closing.store(true, Ordering::Relaxed);
         self.wake.notify_one();
         let mut task = self.task;
         if tokio::time::timeout(grace, &mut task).await.is_err() {
-            task.abort();
+            self.halt.store(true, Ordering::Relaxed);
+            self.wake.notify_one();
+            if tokio::time::timeout(IN_FLIGHT_WAIT, &mut task)
+                .await
+                .is_err()
+            {
+                tracing::warn!(stream_id = %self.stream_id, "a frame delivery still in flight was cut off; it will be sent again");
+                task.abort();
+            }
         }
         let pending = outbox::len(&self.backend, self.lane, &self.stream_id)
             .await
@@ -445,8 +466,29 @@ impl Run {
         }
     }
 
+    fn halted(&self) -> bool {
+        self.halt.load(Ordering::Relaxed)
+    }
+
+    /// Waits `d`, or less once the courier is halted; whether it still runs.
+    async fn pause(&self, d: Duration) -> bool {
+        let until = tokio::time::Instant::now() + d;
+        while !self.halted() {
+            if tokio::time::timeout_at(until, self.wake.notified())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        !self.halted()
+    }
+
     async fn go(mut self) {
         loop {
+            if self.halted() {
+                return;
+            }
             match self.turn().await {
                 Turn::Mine => {}
                 Turn::Wait => {
@@ -506,7 +548,8 @@ impl Run {
                 self.target = Some((key, t.clone()));
                 match self.deliver(&t, entry).await {
                     Some(outcome) => outcome,
-                    // Handed over: the session's courier sends this entry from now on.
+                    // Handed over (the session's courier sends this entry from now on),
+                    // or halted past the grace (the next sender does).
                     None => return,
                 }
             }
@@ -539,7 +582,7 @@ impl Run {
 
     /// Delivers one entry, trying again on passing failures until its deadline. `Err` carries
     /// the dead letter's reason (`deadline` or `refused`) and detail; `None` means a sweeper
-    /// handed the stream to a session between two tries.
+    /// handed the stream to a session, or the courier was halted, between two tries.
     async fn deliver(
         &self,
         to: &Target,
@@ -568,7 +611,10 @@ impl Run {
                 )));
             }
             tracing::debug!(id = %entry.id, reason = %refusal.reason, ?wait, "frame delivery will be tried again");
-            tokio::time::sleep(wait).await;
+            if !self.pause(wait).await {
+                // Halted between two tries: the entry stays at the head for whoever is next.
+                return None;
+            }
             backoff = (backoff * 2).min(backoff_max.max(FIRST_BACKOFF));
             if matches!(self.turn().await, Turn::Over) {
                 return None;
