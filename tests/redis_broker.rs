@@ -15,16 +15,19 @@
 //! Redis databases 9, 10 and 11 hold the broker keys of these tests only (`unacked` and
 //! `unacked_index` are per database, as in kombu); nothing here flushes a database.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mediafarm::client::SendOptions;
 use mediafarm::redis_broker::{list_key, RedisBroker, DELAYED_KEY};
-use mediafarm::{Client, ClientError, Settings, TaskState, Worker};
+use mediafarm::{Client, ClientError, Registry, Settings, TaskState, Worker};
 use mediafarm_tests::flower::{assert_shows, Flower};
+use mediafarm_tests::gate::Gate;
 use mediafarm_tests::process::{sigterm, Proc};
 use mediafarm_tests::{
     binary, celery_reply, echo_registry, kwargs, python, python_env, python_producer_against_echo,
-    settings, unique_queue, workspace_root,
+    settings, unique_queue, workspace_root, Counted,
 };
 use serde_json::{json, Value};
 
@@ -408,6 +411,78 @@ async fn stopping_returns_unfinished_jobs_to_their_queue_at_once() {
     let unacked = unacked(&mut conn).await;
     assert!(!unacked.iter().any(|m| m.contains(&r.id)));
     forget_queue(&s, &q).await;
+}
+
+/// On the Redis broker too, a job that only waits for its result store (a Redis the test
+/// holds) lends its place in the prefetch window: more messages are taken and run, up to
+/// `2 × prefetch_count` in all, and each runs once after the store comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_waiting_for_their_result_store_do_not_hold_the_prefetch_window() {
+    let mut s = redis_settings(BROKER);
+    let gate = Gate::start(Gate::upstream_of(&s.result_backend)).await;
+    let direct = s.clone();
+    s.result_backend = gate.redis_url(&s.result_backend);
+    s.worker_concurrency = 1;
+    s.worker_prefetch_multiplier = 2;
+    let q = unique_queue("rb-window");
+    let runs = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::new(
+        s,
+        Registry::new().register(Counted(runs.clone())),
+        vec![q.clone()],
+    )
+    .hostname("redis-window@%h")
+    .start()
+    .await
+    .expect("worker starts");
+    let client = Client::connect(&direct).await.expect("client");
+    let broker = RedisBroker::connect(&direct).await.expect("broker");
+    gate.hold();
+    let mut results = Vec::new();
+    for _ in 0..10 {
+        let opts = SendOptions {
+            queue: Some(q.clone()),
+            ..Default::default()
+        };
+        results.push(
+            client
+                .send_task("test.counted", Default::default(), &opts)
+                .await
+                .expect("sent"),
+        );
+    }
+    // A window of 2 (-c 1 × 2), widened by the two jobs that wait for Redis: four taken.
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while broker.len(&q).await.expect("len") != 6 || runs.load(Ordering::SeqCst) != 4 {
+        assert!(
+            std::time::Instant::now() < end,
+            "four jobs never ran: {} did",
+            runs.load(Ordering::SeqCst)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        broker.len(&q).await.expect("len"),
+        6,
+        "no more than 2 × prefetch taken"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+    gate.release();
+    for r in &results {
+        r.get(Duration::from_secs(20)).await.expect("stored");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 10, "each job ran once");
+    worker.shutdown().await;
+    let mut conn = redis(BROKER).await;
+    let unacked = unacked(&mut conn).await;
+    assert!(
+        !results
+            .iter()
+            .any(|r| unacked.iter().any(|m| m.contains(&r.id))),
+        "every message acknowledged"
+    );
+    forget_queue(&direct, &q).await;
 }
 
 /// A kombu message whose body cannot be read, but whose headers name the job: its FAILURE is

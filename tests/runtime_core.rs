@@ -8,9 +8,10 @@ use std::time::Duration;
 use lapin::BasicProperties;
 use mediafarm::client::SendOptions;
 use mediafarm::{Client, Job, Registry, Task, TaskContext, TaskError, TaskState, Worker};
+use mediafarm_tests::gate::Gate;
 use mediafarm_tests::{
     celery_props, delete_queue, echo_registry, failed, kwargs, publish_raw, ready_count, settings,
-    to, unique_queue, Farm,
+    to, unique_queue, Counted, Farm,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -986,5 +987,74 @@ async fn a_turn_beyond_the_ack_deadline_parks_the_job_in_a_delay_queue() {
         r#"celery_task_received_total{{name="test.limited_park",hostname="{q}",queue_name="{q}"}} 3"#
     );
     assert!(m.contains(&received), "{m}");
+    farm.stop().await;
+}
+
+/// Polls `check` every 10 ms until it holds, for up to [`WAIT`]; panics with `what` if it never
+/// does.
+async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let end = std::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(std::time::Instant::now() < end, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A job whose task returned and that only waits for its result store (here: a Redis the test
+/// holds) lends its place in the prefetch window, so the next messages are delivered and run;
+/// the window widens by `prefetch_count` at most, and every job still runs once, acknowledged
+/// only after its result is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_waiting_for_their_result_store_do_not_hold_the_prefetch_window() {
+    let mut s = settings();
+    let gate = Gate::start(Gate::upstream_of(&s.result_backend)).await;
+    let direct = s.clone();
+    s.result_backend = gate.redis_url(&s.result_backend);
+    s.worker_concurrency = 1;
+    s.worker_prefetch_multiplier = 2;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let farm = Farm::start("window", s, Registry::new().register(Counted(runs.clone()))).await;
+    let q = farm.queue.clone();
+    // Publishing needs no Redis; reading the results goes around the gate.
+    let client = Client::connect(&direct).await.unwrap();
+    gate.hold();
+    let mut results = Vec::new();
+    for _ in 0..10 {
+        results.push(
+            client
+                .send_task("test.counted", Map::new(), &to(&q))
+                .await
+                .unwrap(),
+        );
+    }
+    // A window of 2 (-c 1 × 2): the first two jobs run and wait for Redis; each lends its
+    // place, so two more are delivered and run; those two keep theirs (2 lent at most).
+    until("four jobs delivered", || async {
+        ready_count(&direct, &q).await == 6
+    })
+    .await;
+    until("four jobs run", || async {
+        runs.load(Ordering::SeqCst) == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ready_count(&direct, &q).await,
+        6,
+        "no more than 2 × prefetch held"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 4);
+    for r in &results {
+        assert_ne!(
+            r.state().await.unwrap(),
+            TaskState::Success,
+            "nothing is stored while Redis is held"
+        );
+    }
+    gate.release();
+    for r in &results {
+        r.get(WAIT).await.unwrap();
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 10, "each job ran once");
     farm.stop().await;
 }

@@ -13,6 +13,7 @@
 //! | [`mtls`] | an HTTPS receiver that demands a client certificate of a [`certs`] CA |
 //! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
 //! | [`s3`] | moto's S3-compatible server on loopback |
+//! | [`gate`] | a TCP relay in front of Redis that a test holds and releases (a slow backend) |
 //! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |
 //! | [`flower`] | Flower from the venv against a farm (either broker), read by API and browser |
 //! | [`s3`] | moto's S3-compatible server, and settings with a bucket in it as storage |
@@ -20,6 +21,7 @@
 pub mod certs;
 pub mod fixtures;
 pub mod flower;
+pub mod gate;
 pub mod http_fake;
 pub mod media;
 pub mod mtls;
@@ -368,6 +370,20 @@ impl Task for Echo {
 
 pub fn echo_registry() -> Registry {
     Registry::new().register(Echo)
+}
+
+/// `test.counted`: counts its runs in `runs` and returns `null` at once.
+pub struct Counted(pub std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Task for Counted {
+    const NAME: &'static str = "test.counted";
+    type Args = Map<String, Value>;
+    type Output = ();
+
+    async fn run(&self, _: TaskContext, _: Self::Args) -> Result<(), TaskError> {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
 }
 
 /// Runs a Python script from tests/py with arguments; returns stdout, panicking with stderr

@@ -37,6 +37,7 @@ use crate::runtime::cpu::{panic_message, CpuPool};
 use crate::runtime::rate::{Admission, RateLimits};
 use crate::runtime::task::{Registry, Services, TaskContext, TaskPolicy};
 use crate::runtime::transport::Via;
+use crate::runtime::window::Seat;
 use crate::settings::Settings;
 
 /// What every job of a worker shares.
@@ -109,6 +110,9 @@ pub(crate) struct Incoming {
     pub queue: String,
     pub received_at: Instant,
     pub via: Via,
+    /// The message's seat in the prefetch window it was delivered in: lent out while the job
+    /// finishes, taken back before the message is acknowledged or returned.
+    pub seat: Seat,
 }
 
 /// Handles one delivery to its end. A panic anywhere on the way (decode, policy, limits, run,
@@ -476,10 +480,12 @@ async fn run(
     l.runtime.observe(elapsed.as_secs_f64());
     shared.active.dec();
     // The slot bounds how many jobs *run* at once. Publishing what follows, storing the outcome
-    // and acknowledging are network waits: they go on without a slot (the prefetch window
-    // bounds them), so a job waiting for a publisher confirm or a Redis reply does not keep
-    // the next job from running.
+    // and acknowledging are network waits: they go on without a slot, so a job waiting for a
+    // publisher confirm or a Redis reply does not keep the next job from running; and on a
+    // place lent by the prefetch window (up to its most), so it does not keep the next message
+    // from being delivered either. The window narrows again just before the ack.
     drop(slot);
+    job.seat.finishing();
     let outcome = match ended {
         Ended::Terminated => {
             shared.events.task_revoked(&msg.id, true, false);

@@ -1,6 +1,7 @@
 //! Consuming from the Redis broker: what [`super::worker`]'s AMQP consumer does, on kombu's
 //! Redis transport ([`crate::redis_broker`]). At most `prefetch_count` messages are taken and
-//! unacknowledged at once; each is handed to [`super::message::handle`] exactly as an AMQP
+//! unacknowledged at once, plus one for each job that has only its finishing left, up to
+//! `prefetch_count` more ([`super::window`]); each is handed to [`super::message::handle`] exactly as an AMQP
 //! delivery is. Beside it, every worker promotes delayed messages that are due and puts back
 //! messages left unacknowledged past the visibility timeout (a worker that died), and answers
 //! the pidbox ([`crate::amqp::pidbox::over_redis`]).
@@ -18,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use lapin::message::Delivery;
 use serde_json::Map;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::amqp::broker::backoff;
 use crate::amqp::pidbox;
@@ -28,6 +28,7 @@ use crate::observe::metrics::{host_label, WorkerLabels};
 use crate::redis_broker::{Envelope, RedisBroker, Taken};
 use crate::runtime::message::{self, Incoming, Shared};
 use crate::runtime::transport::{FromRedis, Via};
+use crate::runtime::window::{Place, Seat, Window};
 
 /// The longest wait between two polls of empty queues.
 pub const IDLE_POLL_MAX: Duration = Duration::from_millis(50);
@@ -89,20 +90,15 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) -> Option<Held> {
     tokio::spawn(housekeeping(broker.clone(), shared.clone()));
     tokio::spawn(answer_control(broker.clone(), shared.clone()));
     let wanted = shared.node.watch_queues();
-    let permits = Arc::new(Semaphore::new(usize::from(
-        shared.settings.prefetch_count().max(1),
-    )));
+    let window = Window::for_settings(&shared.settings, false, false);
     let mut idle = 0u32;
     let mut healthy = false;
     tracing::info!(queues = ?*wanted.borrow(), "consuming from the Redis broker");
     loop {
-        let permit = tokio::select! {
+        let place = tokio::select! {
             biased;
             _ = shared.stop.cancelled() => break,
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
+            p = window.take() => p,
         };
         let queues = wanted.borrow().clone();
         for q in &queues {
@@ -123,10 +119,10 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) -> Option<Held> {
                 match taken {
                     Some(taken) => {
                         idle = 0;
-                        dispatch(&shared, &broker, &tags, taken, permit).await;
+                        dispatch(&shared, &broker, &tags, taken, &window, place).await;
                     }
                     None => {
-                        drop(permit);
+                        drop(place);
                         let wait =
                             (Duration::from_millis(2) * 2u32.pow(idle.min(5))).min(IDLE_POLL_MAX);
                         idle = idle.saturating_add(1);
@@ -138,7 +134,7 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) -> Option<Held> {
                 }
             }
             Err(e) => {
-                drop(permit);
+                drop(place);
                 healthy = false;
                 shared.readiness.broker.store(false, Ordering::Relaxed);
                 shared.readiness.consuming.store(false, Ordering::Relaxed);
@@ -219,7 +215,8 @@ async fn dispatch(
     broker: &RedisBroker,
     held: &Arc<Mutex<HashSet<String>>>,
     taken: Taken,
-    permit: OwnedSemaphorePermit,
+    window: &Arc<Window>,
+    place: Place,
 ) {
     let Taken { queue, message } = taken;
     let unreadable = |why: String| DeadReason {
@@ -272,13 +269,14 @@ async fn dispatch(
             tag: tag.clone(),
             envelope,
         })),
+        seat: Seat::new(window),
     };
     let (shared2, held) = (shared.clone(), held.clone());
     lock(&held).insert(tag.clone());
     shared.jobs.spawn(async move {
         message::handle(shared2, incoming).await;
         lock(&held).remove(&tag);
-        drop(permit);
+        drop(place);
     });
 }
 

@@ -42,8 +42,10 @@ fn json_headers(headers: &[(&str, AMQPValue)]) -> Map<String, serde_json::Value>
 }
 
 impl Incoming {
-    /// Acknowledges: the broker forgets the message.
+    /// Acknowledges: the broker forgets the message. Its lent place in the prefetch window
+    /// comes back first ([`super::window::Seat::vacate`]).
     pub(crate) async fn ack(&self) -> Result<(), BrokerError> {
+        self.seat.vacate().await;
         match &self.via {
             Via::Amqp(_) => {
                 self.delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -56,6 +58,7 @@ impl Incoming {
     /// Returns the message to its queue, to be taken again (AMQP `nack(requeue)`; on Redis
     /// kombu's restore, at the consuming end, marked redelivered).
     pub(crate) async fn requeue(&self) {
+        self.seat.vacate().await;
         let outcome = match &self.via {
             Via::Amqp(_) => self
                 .delivery
@@ -76,6 +79,7 @@ impl Incoming {
 
     /// Drops the message without returning it (the last resort after a panic).
     pub(crate) async fn reject_without_requeue(&self) {
+        self.seat.vacate().await;
         let _ = match &self.via {
             Via::Amqp(_) => self
                 .delivery

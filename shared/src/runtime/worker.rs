@@ -1,6 +1,6 @@
 //! The worker runtime: connect, declare, consume from RabbitMQ (or from Redis:
 //! [`super::redis_consumer`]) with prefetch = concurrency ×
-//! multiplier, hand each delivery to `job` (which runs at most `concurrency` at once and acks
+//! multiplier (widened for jobs that have only their finishing left: [`super::window`]), hand each delivery to `job` (which runs at most `concurrency` at once and acks
 //! only after the outcome is stored), answer Celery's remote control on the pidbox (revokes,
 //! inspect, control; the queues consumed follow `add_consumer` / `cancel_consumer`), and
 //! keep `/readyz` honest. A lost connection is re-established with backoff and consuming
@@ -32,6 +32,7 @@ use crate::runtime::message::{self, Incoming, Shared};
 use crate::runtime::rate::{RateError, RateLimits};
 use crate::runtime::task::Registry;
 use crate::runtime::transport::Via;
+use crate::runtime::window::{Seat, Window};
 use crate::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
@@ -503,14 +504,16 @@ async fn consume_on(
     attempt: &mut u32,
 ) -> Result<(), BrokerError> {
     let channel = conn.create_channel().await?;
-    let qos = if shared.settings.quorum() {
-        PER_CONSUMER
-    } else {
-        CHANNEL_WIDE
-    };
+    let quorum = shared.settings.quorum();
+    let qos = if quorum { PER_CONSUMER } else { CHANNEL_WIDE };
+    // Per-consumer QoS is fixed once a consumer starts: with quorum queues it cannot widen.
+    let window = Window::for_settings(&shared.settings, quorum, true);
     channel
-        .basic_qos(shared.settings.prefetch_count(), qos)
+        .basic_qos(window.qos_of(window.count()), qos)
         .await?;
+    if !quorum {
+        tokio::spawn(follow_window(channel.clone(), window.clone()));
+    }
     let rerouter = Arc::new(Rerouter::open(conn.clone(), QueueShape::of(&shared.settings)).await?);
     let control = conn.create_channel().await?;
     let listen = pidbox::listen(control, shared.node.clone());
@@ -570,6 +573,7 @@ async fn consume_on(
                         queue,
                         received_at: Instant::now(),
                         via: Via::Amqp(rerouter.clone()),
+                        seat: Seat::new(&window),
                     };
                     shared.jobs.spawn(message::handle(shared.clone(), incoming));
                 }
@@ -596,6 +600,35 @@ async fn consume_on(
         let _ = conn.close(200, "worker stopping".into()).await;
     }
     outcome
+}
+
+/// Keeps the channel's `basic.qos` at the window's size as finishing jobs widen and narrow it
+/// ([`Window`]), and reports each size confirmed, which a job that narrowed it waits for before
+/// its ack. The latest size is sent, so changes made while one `basic.qos` is in flight go out
+/// together in the next. Ends when the channel fails (the connection is replaced with a window
+/// of its own) or when the window is gone (its connection's jobs have all ended).
+async fn follow_window(channel: lapin::Channel, window: Arc<Window>) {
+    let mut changes = window.watch();
+    let mut applied = window.qos_of(window.count());
+    // Holding the window here would keep it alive for ever: follow it through the receiver.
+    let weak = Arc::downgrade(&window);
+    drop(window);
+    while changes.changed().await.is_ok() {
+        let Some(window) = weak.upgrade() else {
+            break;
+        };
+        let count = *changes.borrow_and_update();
+        let size = window.qos_of(count);
+        if size != applied {
+            if let Err(e) = channel.basic_qos(size, CHANNEL_WIDE).await {
+                tracing::debug!(error = %e, "could not change the prefetch window; the channel is gone");
+                window.not_applied_any_more();
+                break;
+            }
+            applied = size;
+        }
+        window.applied(count.changes);
+    }
 }
 
 type Deliveries = futures_util::stream::BoxStream<

@@ -1,0 +1,333 @@
+//! The prefetch window: how many messages a worker holds unacknowledged at once. It is
+//! `prefetch_count` (concurrency × multiplier) for messages that are waiting to run or running,
+//! widened by one for each job that has only its *finishing* left — the publisher confirm of
+//! what it sends on, its result store, its chord join — up to `prefetch_count` more.
+//!
+//! Why: a job keeps its message unacknowledged until its result is stored (late ack), but its
+//! concurrency slot is free as soon as its task returns. With a fixed window, jobs waiting on
+//! network round trips fill it, and the next message is not delivered although a slot is
+//! free: a chain step at the defaults (`-c 2`, prefetch 8) was bound by that. Celery widens its
+//! QoS the same way for messages that wait for their ETA (`QoS.increment_eventually`).
+//!
+//! What it promises:
+//! - at most `prefetch_count` messages waiting to run or running, as without the widening: a
+//!   finishing job gives its lent place back *before* its message is acknowledged (or
+//!   returned), and on RabbitMQ the narrower `basic.qos` is in force before the ack is sent
+//!   ([`Seat::vacate`]), so an ack never lets one more message in;
+//! - at most `2 × prefetch_count` unacknowledged in all (memory stays bounded by the settings);
+//! - nothing is acknowledged earlier than before: a lent place only lets the *next* message in.
+//!
+//! On RabbitMQ the window is applied with `basic.qos` on the consuming channel, by one task per
+//! channel (`worker::follow_window`) that sends the latest size, so changes made while one
+//! `basic.qos` is in flight go out together in the next. With quorum queues, whose QoS is per
+//! consumer and fixed once the consumer starts, it does not widen (Celery's is static then too).
+//! On the Redis broker the worker takes a message only when the window has room
+//! ([`Window::take`]), and narrowing is immediate.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+/// The window of one consuming connection.
+#[derive(Debug)]
+pub(crate) struct Window {
+    base: usize,
+    most_lent: usize,
+    state: watch::Sender<Count>,
+    /// On RabbitMQ: the last [`Count::changes`] whose size the broker has confirmed
+    /// (`basic.qos-ok`); `None` where the window is enforced here (the Redis broker).
+    applied: Option<watch::Sender<u64>>,
+}
+
+/// What the window counts now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Count {
+    /// Places lent to jobs that are finishing.
+    pub lent: usize,
+    /// Messages taken and not yet ended (counted only where the worker takes them itself:
+    /// the Redis broker).
+    pub held: usize,
+    /// How many times `lent` changed: what [`Window::applied`] is compared with.
+    pub changes: u64,
+}
+
+/// How long a job waits for its narrower window to reach RabbitMQ before acknowledging
+/// anyway (the channel is failing then: the ack fails too, or lets one more message in).
+const APPLY_WAIT: Duration = Duration::from_secs(5);
+
+impl Window {
+    /// A window of `base` messages that widens by at most `most_lent` for finishing jobs.
+    /// `remote`: the broker enforces it (RabbitMQ's `basic.qos`), and whoever applies it
+    /// reports through [`Window::applied`].
+    pub fn new(base: usize, most_lent: usize, remote: bool) -> Arc<Window> {
+        Arc::new(Window {
+            base: base.max(1),
+            most_lent,
+            state: watch::Sender::new(Count::default()),
+            applied: remote.then(|| watch::Sender::new(0)),
+        })
+    }
+
+    /// The window for `settings`: `prefetch_count`, widening by as much again unless `fixed`.
+    pub fn for_settings(
+        settings: &crate::settings::Settings,
+        fixed: bool,
+        remote: bool,
+    ) -> Arc<Window> {
+        let base = usize::from(settings.prefetch_count().max(1));
+        Window::new(base, if fixed { 0 } else { base }, remote)
+    }
+
+    /// How many messages may be unacknowledged now.
+    #[cfg(test)]
+    pub fn size(&self) -> usize {
+        self.base + self.state.borrow().lent
+    }
+
+    /// A size as RabbitMQ's `basic.qos` takes it.
+    pub fn qos_of(&self, count: Count) -> u16 {
+        u16::try_from(self.base + count.lent).unwrap_or(u16::MAX)
+    }
+
+    pub fn count(&self) -> Count {
+        *self.state.borrow()
+    }
+
+    /// Sees every change of the count.
+    pub fn watch(&self) -> watch::Receiver<Count> {
+        self.state.subscribe()
+    }
+
+    /// The broker has confirmed the size of the window as it was after `changes` changes.
+    pub fn applied(&self, changes: u64) {
+        if let Some(a) = &self.applied {
+            a.send_if_modified(|v| {
+                let newer = changes > *v;
+                *v = (*v).max(changes);
+                newer
+            });
+        }
+    }
+
+    /// Whoever applied the window stopped (its channel failed): nobody waits for it any more.
+    pub fn not_applied_any_more(&self) {
+        self.applied(u64::MAX);
+    }
+
+    /// Widens by one if fewer than the most are lent.
+    fn lend(self: &Arc<Self>) -> Option<Lent> {
+        let most = self.most_lent;
+        let lent = self.state.send_if_modified(|c| {
+            if c.lent < most {
+                c.lent += 1;
+                c.changes += 1;
+                true
+            } else {
+                false
+            }
+        });
+        lent.then(|| Lent {
+            window: self.clone(),
+        })
+    }
+
+    /// Waits until the window has room for one more message and counts it as held until the
+    /// returned place is dropped (the Redis broker, where the worker itself takes messages).
+    pub async fn take(self: &Arc<Self>) -> Place {
+        let mut seen = self.state.subscribe();
+        loop {
+            let base = self.base;
+            if self.state.send_if_modified(|c| {
+                if c.held < base + c.lent {
+                    c.held += 1;
+                    true
+                } else {
+                    false
+                }
+            }) {
+                return Place {
+                    window: self.clone(),
+                };
+            }
+            // The sender lives in `self`, so this cannot fail while we hold it.
+            let _ = seen.wait_for(|c| c.held < base + c.lent).await;
+        }
+    }
+}
+
+/// A place lent to a finishing job; the window narrows again when it is dropped.
+#[derive(Debug)]
+struct Lent {
+    window: Arc<Window>,
+}
+
+impl Drop for Lent {
+    /// Returns the place; the number of changes after it, for [`Seat::vacate`] to wait on.
+    fn drop(&mut self) {
+        self.window.state.send_modify(|c| {
+            c.lent = c.lent.saturating_sub(1);
+            c.changes += 1;
+        });
+    }
+}
+
+/// One delivered message's seat in its window: the job lends it out while it finishes
+/// ([`Seat::finishing`]) and takes it back before its message leaves ([`Seat::vacate`]).
+/// Dropped with the message, it gives back anything still lent.
+#[derive(Debug)]
+pub(crate) struct Seat {
+    window: Arc<Window>,
+    lent: Mutex<Option<Lent>>,
+}
+
+impl Seat {
+    pub fn new(window: &Arc<Window>) -> Seat {
+        Seat {
+            window: window.clone(),
+            lent: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Lent>> {
+        self.lent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The job's run ended and only its finishing is left: the window widens by one (up to
+    /// its most) until [`Seat::vacate`]. `true` when it widened.
+    pub fn finishing(&self) -> bool {
+        let mut lent = self.lock();
+        if lent.is_none() {
+            *lent = self.window.lend();
+        }
+        lent.is_some()
+    }
+
+    /// The message is about to be acknowledged or returned: the lent place (if any) comes
+    /// back first, and on RabbitMQ this waits until the narrower `basic.qos` is in force, so
+    /// the ack does not let one more message in than `prefetch_count` allows.
+    pub async fn vacate(&self) {
+        let Some(lent) = self.lock().take() else {
+            return;
+        };
+        drop(lent);
+        let Some(applied) = &self.window.applied else {
+            return;
+        };
+        let changes = self.window.count().changes;
+        let mut seen = applied.subscribe();
+        let wait = seen.wait_for(|v| *v >= changes);
+        if tokio::time::timeout(APPLY_WAIT, wait).await.is_err() {
+            tracing::warn!(
+                "the narrower prefetch window did not reach the broker in time; acknowledging anyway"
+            );
+        }
+    }
+}
+
+/// A message held from the Redis broker; its place frees when this is dropped.
+#[derive(Debug)]
+pub(crate) struct Place {
+    window: Arc<Window>,
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.window
+            .state
+            .send_modify(|c| c.held = c.held.saturating_sub(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    #[tokio::test]
+    async fn finishing_jobs_widen_the_window_up_to_the_most_and_it_narrows_as_they_end() {
+        let w = Window::new(8, 2, false);
+        assert_eq!(w.size(), 8);
+        let seats: Vec<Seat> = (0..3).map(|_| Seat::new(&w)).collect();
+        let widened: Vec<bool> = seats.iter().map(Seat::finishing).collect();
+        assert_eq!(widened, [true, true, false]);
+        assert!(seats[0].finishing(), "finishing twice lends once");
+        assert_eq!(w.size(), 10, "widened by two at most");
+        seats[2].vacate().await;
+        assert_eq!(
+            w.size(),
+            10,
+            "a job that was not lent a place gives none back"
+        );
+        seats[0].vacate().await;
+        assert_eq!(w.size(), 9);
+        let late = Seat::new(&w);
+        assert!(late.finishing());
+        drop(late);
+        assert_eq!(w.size(), 9, "a dropped seat gives its lent place back");
+        drop(seats);
+        assert_eq!(w.size(), 8);
+        assert!(
+            !Seat::new(&Window::new(8, 0, false)).finishing(),
+            "a fixed window never widens"
+        );
+    }
+
+    #[test]
+    fn a_huge_window_is_capped_for_basic_qos() {
+        let w = Window::new(usize::from(u16::MAX), 5, true);
+        let seat = Seat::new(&w);
+        assert!(seat.finishing());
+        assert_eq!(w.qos_of(w.count()), u16::MAX);
+    }
+
+    #[tokio::test]
+    async fn on_rabbitmq_a_job_acknowledges_only_once_the_narrower_window_is_applied() {
+        let w = Window::new(2, 2, true);
+        let seat = Seat::new(&w);
+        assert!(seat.finishing());
+        w.applied(w.count().changes);
+        let mut vacating = Box::pin(seat.vacate());
+        assert!(
+            (&mut vacating).now_or_never().is_none(),
+            "the narrower size is not confirmed yet"
+        );
+        assert_eq!(w.size(), 2, "but already asked for");
+        w.applied(w.count().changes);
+        vacating.await;
+        // A window whose channel failed does not hold acks up.
+        let seat = Seat::new(&w);
+        assert!(seat.finishing());
+        w.not_applied_any_more();
+        assert!(seat.vacate().now_or_never().is_some());
+    }
+
+    #[tokio::test]
+    async fn taking_waits_for_room_which_a_finishing_job_makes() {
+        let w = Window::new(2, 2, false);
+        let first = (w.take().await, Seat::new(&w));
+        let _second = w.take().await;
+        let mut third = Box::pin(w.take());
+        assert!(
+            (&mut third).now_or_never().is_none(),
+            "two held fill a window of two"
+        );
+        // The first job's run ends: its place is lent, and the third message may be taken
+        // while the first still waits for its result store.
+        assert!(first.1.finishing());
+        let third = third.await;
+        assert_eq!(w.count().held, 3);
+        let mut fourth = Box::pin(w.take());
+        assert!((&mut fourth).now_or_never().is_none());
+        // The first job ends: the lent place comes back before its own, so the window never
+        // has room in between.
+        first.1.vacate().await;
+        assert!((&mut fourth).now_or_never().is_none());
+        drop(first);
+        assert_eq!(w.count().held, 2);
+        assert!((&mut fourth).now_or_never().is_none());
+        drop(third);
+        let _fourth = fourth.await;
+        assert_eq!(w.count().held, 2);
+    }
+}
