@@ -468,6 +468,21 @@ async fn consume_amqp_until_stopped(shared: &Arc<Shared>, up: &WorkerLabels) {
     }
 }
 
+/// How long a stopping worker waits for one of the broker's answers in the close handshake.
+const STOP_STEP: Duration = Duration::from_secs(5);
+
+/// Awaits one step of a stop's handshake with the broker for at most [`STOP_STEP`]: a stop must
+/// end even when an answer never comes (the connection is dropped then, and RabbitMQ returns
+/// what was not acknowledged, as after a lost connection).
+async fn bounded<T>(what: &str, step: impl std::future::Future<Output = T>) {
+    if tokio::time::timeout(STOP_STEP, step).await.is_err() {
+        tracing::warn!(
+            step = what,
+            "the broker did not answer while the worker stopped; going on"
+        );
+    }
+}
+
 /// Waits for running jobs and background work within the grace period; jobs left return to
 /// the broker when the connection closes.
 async fn drain(shared: &Shared) {
@@ -589,15 +604,22 @@ async fn consume_on(
     if outcome.is_ok() {
         shared.readiness.consuming.store(false, Ordering::Relaxed);
         for tag in tags.values() {
-            let _ = channel
-                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
-                .await;
+            let cancel = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default());
+            bounded("cancelling a consumer", cancel).await;
         }
         // Jobs still waiting for a slot see the stop and return their messages; running
         // jobs need this connection to acknowledge, so it stays open while they drain.
         drain(shared).await;
-        let _ = channel.close(200, "worker stopping".into()).await;
-        let _ = conn.close(200, "worker stopping".into()).await;
+        bounded(
+            "closing the channel",
+            channel.close(200, "worker stopping".into()),
+        )
+        .await;
+        bounded(
+            "closing the connection",
+            conn.close(200, "worker stopping".into()),
+        )
+        .await;
     }
     outcome
 }
