@@ -54,6 +54,24 @@ fn python_celery_worker(s: &Settings, q: &str, node: &str) -> Proc {
     )
 }
 
+/// What `tests/py/producer.py`'s `roundtrip` scenario gets back from the echo worker.
+fn assert_roundtrip(out: &Value) {
+    assert_eq!(out["state"], "SUCCESS", "{out}");
+    assert_eq!(
+        out["ok"],
+        json!({"x": 1, "s": "中文", "nested": {"l": [1, 2.5, null]}})
+    );
+}
+
+/// Whether `key` exists in the Redis at `url`.
+async fn key_exists(url: &str, key: &str) -> bool {
+    redis::cmd("EXISTS")
+        .arg(key)
+        .query_async(&mut redis(url).await)
+        .await
+        .expect("exists")
+}
+
 fn redis_settings(url: &str) -> Settings {
     let mut s = settings();
     s.broker_url = url.into();
@@ -117,11 +135,7 @@ async fn python_producer(scenario: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_send_task_over_redis_gets_the_rust_result() {
     let out = python_producer("roundtrip").await;
-    assert_eq!(out["state"], "SUCCESS", "{out}");
-    assert_eq!(
-        out["ok"],
-        json!({"x": 1, "s": "中文", "nested": {"l": [1, 2.5, null]}})
-    );
+    assert_roundtrip(&out);
     let out = python_producer("failure").await;
     assert_eq!(out["state"], "FAILURE", "{out}");
     assert_eq!(out["exc_type"], "EchoFailure");
@@ -1096,17 +1110,9 @@ async fn global_keyprefix_is_kombus_both_ways() {
     s.broker_transport_options.global_keyprefix = prefix.clone();
     // Python → Rust.
     let (out, q) = python_producer_against_echo(&s, "rb-kp", "keyprefix@%h", "roundtrip").await;
-    assert_eq!(out["state"], "SUCCESS", "{out}");
-    assert_eq!(
-        out["ok"],
-        json!({"x": 1, "s": "中文", "nested": {"l": [1, 2.5, null]}})
-    );
+    assert_roundtrip(&out);
     let mut conn = redis(BROKER).await;
-    let bound: bool = redis::cmd("EXISTS")
-        .arg(format!("{prefix}_kombu.binding.{q}"))
-        .query_async(&mut conn)
-        .await
-        .expect("exists");
+    let bound = key_exists(BROKER, &format!("{prefix}_kombu.binding.{q}")).await;
     assert!(bound, "no prefixed binding for {q}");
 
     // Rust → Python, and the pidbox both ways.
@@ -1204,18 +1210,9 @@ async fn a_sentinel_url_finds_the_broker_as_kombu_does() {
     s.broker_transport_options.master_name = Some(group.clone());
     let (out, q) =
         python_producer_against_echo(&s, "rb-sentinel", "sentinel@%h", "roundtrip").await;
-    assert_eq!(out["state"], "SUCCESS", "{out}");
-    assert_eq!(
-        out["ok"],
-        json!({"x": 1, "s": "中文", "nested": {"l": [1, 2.5, null]}})
-    );
+    assert_roundtrip(&out);
     // The worker used the URL's database: its binding is in database 11.
-    let mut conn = redis(FLOWER_BROKER).await;
-    let bound: bool = redis::cmd("EXISTS")
-        .arg(format!("_kombu.binding.{q}"))
-        .query_async(&mut conn)
-        .await
-        .expect("exists");
+    let bound = key_exists(FLOWER_BROKER, &format!("_kombu.binding.{q}")).await;
     assert!(bound, "no binding for {q} in database 11");
     forget_queue(&redis_settings(FLOWER_BROKER), &q).await;
 

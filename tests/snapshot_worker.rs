@@ -1802,15 +1802,8 @@ async fn a_delivery_in_flight_when_the_grace_ends_is_not_sent_again() {
     assert!(frames >= 6, "{out}");
     // The grace ended before the outbox was empty: the sweeper sends the rest.
     assert!(out["deliveries_pending"].as_u64().unwrap() > 0, "{out}");
-    let end = std::time::Instant::now() + Duration::from_secs(90);
-    while (hook.delivery_ids.lock().unwrap().len() as u64) < frames {
-        assert!(
-            std::time::Instant::now() < end,
-            "not delivered within 90 s: {:?}",
-            hook.delivery_ids.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    hook.wait_for_deliveries(frames as usize, Duration::from_secs(90))
+        .await;
     // A second send of the delivery cut off at the grace would still be on its way.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let session = out["session_id"].as_str().unwrap();
@@ -1881,15 +1874,8 @@ async fn a_session_starting_on_a_swept_stream_takes_over_without_sending_twice()
     let taken = second["frames_this_job"].as_u64().unwrap();
     assert!(taken >= 3, "{second}");
     let total = (queued + taken) as usize;
-    let end = std::time::Instant::now() + Duration::from_secs(60);
-    while hook.delivery_ids.lock().unwrap().len() < total {
-        assert!(
-            std::time::Instant::now() < end,
-            "not delivered within 60 s: {:?}",
-            hook.delivery_ids.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hook.wait_for_deliveries(total, Duration::from_secs(60))
+        .await;
     // A duplicate would be a request still queued at the receiver: give it time to show.
     tokio::time::sleep(Duration::from_secs(2)).await;
     // Each delivery once: the first session's frames in order, then the second's.

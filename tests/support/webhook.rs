@@ -122,6 +122,20 @@ impl Hook {
         }
     }
 
+    /// Waits until `n` deliveries were accepted; fails after `within`, listing those seen.
+    pub async fn wait_for_deliveries(&self, n: usize, within: Duration) {
+        let end = std::time::Instant::now() + within;
+        while self.delivery_ids.lock().unwrap().len() < n {
+            assert!(
+                std::time::Instant::now() < end,
+                "not delivered within {} s: {:?}",
+                within.as_secs(),
+                self.delivery_ids.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}/frames", self.port)
     }
