@@ -264,7 +264,7 @@ impl BeatTest {
                 expires: headers["expires"].as_str().map(str::to_owned),
             });
         }
-        let _ = conn.close(200, "done".into()).await;
+        mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
         ticks.sort_by_key(|t| t.due_ms);
         ticks
     }

@@ -1495,7 +1495,7 @@ async fn a_job_run_again_after_its_chord_finished_does_not_run_the_body_twice() 
         })
         .await
         .expect("returned");
-    let _ = amqp.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&amqp, &[&ch], "done").await;
     let rerun = Farm::start_on(again, settings(), registry()).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while runs(&header_key) < 2 && std::time::Instant::now() < deadline {

@@ -419,7 +419,7 @@ async fn consumers_on(s: &mediafarm::Settings, queue: &str) -> u32 {
         )
         .await
         .expect("the queue exists");
-    let _ = conn.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
     q.consumer_count()
 }
 

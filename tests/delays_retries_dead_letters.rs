@@ -87,11 +87,12 @@ async fn bad_messages_are_dead_lettered_with_their_reason() {
             let mut s = settings();
             s.worker_concurrency = 1;
             let words: Vec<&str> = case.words.iter().map(String::as_str).collect();
-            // Bounded, so a stuck case fails naming its fixture instead of hanging the run.
+            // Bounded, so a stuck case fails naming its fixture instead of hanging the run; past
+            // the bounds of `Farm::stop`'s steps, so a stuck stop names its step instead.
             let run =
                 bad_message_saying(&label, s, raw.props, &raw.body, raw.id.as_deref(), &words);
-            let Ok(stored) = tokio::time::timeout(Duration::from_secs(120), run).await else {
-                return Some(format!("{}: did not end within 120 s", case.name));
+            let Ok(stored) = tokio::time::timeout(Duration::from_secs(240), run).await else {
+                return Some(format!("{}: did not end within 240 s", case.name));
             };
             let exc = stored.map(|e| e.exc_type.into_owned());
             (exc != case.exc_type)
@@ -625,7 +626,7 @@ async fn worker_resumes_after_its_queue_is_deleted_under_it() {
             )
             .await
             .is_ok();
-        let _ = conn.close(200, "done".into()).await;
+        mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
         if exists {
             break;
         }

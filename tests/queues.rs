@@ -152,7 +152,7 @@ async fn declare_plain(s: &Settings, queue: &str) {
     broker::declare_queue(&ch, queue, &QueueShape::default())
         .await
         .unwrap();
-    let _ = conn.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -298,7 +298,7 @@ async fn on_quorum_queues_jobs_countdowns_and_dead_letters_work() {
             "{refused:?}"
         );
     }
-    let _ = conn.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&conn, &[], "done").await;
     farm.stop().await;
 }
 
@@ -328,7 +328,7 @@ async fn dead_count(s: &Settings, queue: &str) -> u32 {
         )
         .await
         .expect("the dead-letter queue exists");
-    let _ = conn.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
     q.message_count()
 }
 
@@ -393,7 +393,7 @@ async fn a_message_delivered_past_the_limit_lands_in_the_dead_letter_queue() {
         letters[0].reason
     );
     assert_eq!(ready_count(&s, &q).await, 0);
-    let _ = conn.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
 
     // Not lost: replayed once a worker is there, it runs.
     let farm = Farm::start_on(q.clone(), s.clone(), echo_registry()).await;
@@ -501,7 +501,7 @@ async fn workflow_steps_inherit_the_parents_priority_when_the_setting_is_on() {
         .map(|(k, p)| (k.to_owned(), p))
         .collect();
         assert_eq!(seen, want, "task_inherit_parent_priority = {inherit}");
-        let _ = conn.close(200, "done".into()).await;
+        mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
         farm.stop().await;
         delete_queue(&s, &next).await;
     }
@@ -542,6 +542,6 @@ async fn mediafarm_submit_sends_the_priority_given_or_the_default() {
     }
     // Highest first: the queue was declared with x-max-priority by the CLI.
     assert_eq!(seen, [Some(7), Some(3)]);
-    let _ = conn.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
     delete_queue(&s, &q).await;
 }

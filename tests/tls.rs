@@ -285,7 +285,7 @@ async fn a_job_runs_over_amqps_with_a_client_certificate_and_a_wrong_ca_is_named
     let conn = mediafarm::amqp::broker::connect(&kombu_style, "test tls")
         .await
         .expect("amqp:// with broker_use_ssl speaks TLS");
-    let _ = conn.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&conn, &[], "done").await;
 
     // A CA that did not sign the broker's certificate.
     let mut wrong = s.clone();

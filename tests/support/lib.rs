@@ -12,7 +12,6 @@
 //! | [`certs`] | a test CA, a `localhost` certificate and a client certificate (openssl) |
 //! | [`mtls`] | an HTTPS receiver that demands a client certificate of a [`certs`] CA |
 //! | [`raw_amqp`] | a raw AMQP publisher for messages lapin cannot send |
-//! | [`s3`] | moto's S3-compatible server on loopback |
 //! | [`gate`] | a TCP relay in front of Redis that a test holds and releases (a slow backend) |
 //! | [`fixtures`] | the bad-input corpus in `fixtures/` and its table of expected errors |
 //! | [`flower`] | Flower from the venv against a farm (either broker), read by API and browser |
@@ -73,10 +72,30 @@ pub fn arm_watchdog() {
     });
 }
 
+/// Sends the worker's own logs to the test's output when `MEDIAFARM_TEST_LOG` holds a filter
+/// (`warn`, `mediafarm=debug`, ...): without it a test shows nothing of what a worker under it
+/// logged, which is what a hang or a lost message needs. Off by default; set once per binary.
+pub fn init_test_log() {
+    static SET: OnceLock<()> = OnceLock::new();
+    SET.get_or_init(|| {
+        let Ok(filter) = std::env::var("MEDIAFARM_TEST_LOG") else {
+            return;
+        };
+        let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+            panic!("MEDIAFARM_TEST_LOG={filter:?} is not a tracing filter: {e}")
+        });
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 /// Settings for tests: the machine's RabbitMQ and Redis (or `MEDIAFARM_*` overrides), any free
 /// metrics port, short grace period.
 pub fn settings() -> Settings {
     arm_watchdog();
+    init_test_log();
     let mut s = Settings::load(Path::new("/nonexistent/mediafarm.toml"), false)
         .expect("MEDIAFARM_* variables in the test environment are valid");
     s.metrics_addr = "127.0.0.1:0".parse().expect("static address");
@@ -242,8 +261,10 @@ pub async fn delete_queue(settings: &Settings, queue: &str) {
                     lapin::options::ExchangeDeleteOptions::default(),
                 )
                 .await;
+            mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
+        } else {
+            mediafarm::amqp::broker::close_quietly(&conn, &[], "done").await;
         }
-        let _ = conn.close(200, "done".into()).await;
     }
 }
 
@@ -269,7 +290,7 @@ pub async fn ready_count(settings: &Settings, queue: &str) -> u32 {
         )
         .await
         .expect("passive declare");
-    let _ = conn.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
     q.message_count()
 }
 
@@ -531,15 +552,45 @@ impl Farm {
         }
     }
 
-    /// Stops the worker as on SIGTERM and deletes the queue and its dead-letter queue.
+    /// Stops the worker as on SIGTERM and deletes the queue and its dead-letter queue. Each
+    /// step is bounded and a stuck one panics naming itself and the queue: a stop that hung
+    /// once left a test waiting with no word of which step it was in.
     pub async fn stop(self) {
-        self.worker.shutdown().await;
-        delete_queue(&self.settings, &self.queue).await;
-        delete_queue(
-            &self.settings,
-            &mediafarm::amqp::reroute::dead_queue(&self.queue),
+        let queue = self.queue.clone();
+        let dead = mediafarm::amqp::reroute::dead_queue(&queue);
+        // The worker's own bounds (grace, 5 s per close step, 2 s for worker-offline) add up
+        // to well under this.
+        within(&queue, "stopping the worker", 90, self.worker.shutdown()).await;
+        within(
+            &queue,
+            "deleting the queue",
+            30,
+            delete_queue(&self.settings, &queue),
         )
         .await;
+        within(
+            &queue,
+            "deleting the dead-letter queue",
+            30,
+            delete_queue(&self.settings, &dead),
+        )
+        .await;
+    }
+}
+
+/// Awaits `step` of `queue`'s farm for at most `seconds`, and panics naming both if it is
+/// still pending then.
+async fn within(
+    queue: &str,
+    what: &str,
+    seconds: u64,
+    step: impl std::future::Future<Output = ()>,
+) {
+    if tokio::time::timeout(Duration::from_secs(seconds), step)
+        .await
+        .is_err()
+    {
+        panic!("{queue}: {what} did not end within {seconds} s");
     }
 }
 
@@ -565,7 +616,7 @@ pub async fn publish_raw(s: &Settings, queue: &str, props: lapin::BasicPropertie
         .await
         .unwrap();
     assert!(confirm.await.unwrap().is_ack());
-    let _ = conn.close(200, "done".into()).await;
+    mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
 }
 
 /// The properties and headers Celery would send for job `id` of `task`.

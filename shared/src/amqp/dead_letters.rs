@@ -152,8 +152,7 @@ pub async fn list(
         out.push(describe(&msg.delivery.properties, msg.delivery.data.len()));
     }
     // Closing without acks returns every letter to the queue.
-    let _ = channel.close(200, "listed".into()).await;
-    let _ = conn.close(200, "listed".into()).await;
+    crate::amqp::broker::close_quietly(&conn, &[&channel], "listed").await;
     Ok(out)
 }
 
@@ -257,7 +256,6 @@ pub async fn replay(
         replayed += 1;
     }
     rerouter.close().await;
-    let _ = channel.close(200, "replayed".into()).await;
-    let _ = conn.close(200, "replayed".into()).await;
+    crate::amqp::broker::close_quietly(&conn, &[&channel], "replayed").await;
     Ok(replayed)
 }

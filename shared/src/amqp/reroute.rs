@@ -307,7 +307,11 @@ impl Rerouter {
 
     pub async fn close(&self) {
         let channel = self.state.lock().await.channel.clone();
-        let _ = channel.close(200, "done".into()).await;
+        let _ = tokio::time::timeout(
+            crate::amqp::broker::CLOSE_STEP,
+            channel.close(200, "done".into()),
+        )
+        .await;
     }
 }
 

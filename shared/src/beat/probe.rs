@@ -99,7 +99,7 @@ impl BeatProbe {
             }
         }
         if let Some(c) = amqp {
-            let _ = c.close(200, "beat stopping".into()).await;
+            crate::amqp::broker::close_quietly(&c, &[], "beat stopping").await;
         }
     }
 }

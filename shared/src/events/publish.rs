@@ -43,8 +43,7 @@ enum Link {
 impl Link {
     async fn close(self, why: &str) {
         if let Link::Amqp { conn, channel } = self {
-            let _ = channel.close(200, why.into()).await;
-            let _ = conn.close(200, why.into()).await;
+            crate::amqp::broker::close_quietly(&conn, &[&channel], why).await;
         }
     }
 }

@@ -315,8 +315,7 @@ pub async fn call(
             replies.extend(by_node);
         }
     }
-    let _ = channel.close(200, "done".into()).await;
-    let _ = conn.close(200, "done".into()).await;
+    crate::amqp::broker::close_quietly(&conn, &[&channel], "done").await;
     Ok(replies)
 }
 

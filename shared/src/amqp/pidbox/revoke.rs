@@ -246,8 +246,7 @@ pub async fn broadcast(
     let conn = crate::amqp::broker::connect(settings, "mediafarm revoke").await?;
     let channel = conn.create_channel().await.map_err(BrokerError::from)?;
     mailbox::publish(&channel, "revoke", arguments, None, None).await?;
-    let _ = channel.close(200, "sent".into()).await;
-    let _ = conn.close(200, "sent".into()).await;
+    crate::amqp::broker::close_quietly(&conn, &[&channel], "sent").await;
     Ok(())
 }
 
