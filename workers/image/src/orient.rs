@@ -110,7 +110,7 @@ pub fn plan_output(full: (u32, u32), orient: Option<Orientation>, spec: &OutputS
 
 impl OutputPlan {
     /// Turns the resized picture (stored frame, `resize_to`) into the shown frame.
-    pub fn finish(&self, mut resized: DynamicImage) -> DynamicImage {
+    pub fn finish(&self, resized: DynamicImage) -> DynamicImage {
         debug_assert_eq!((resized.width(), resized.height()), self.resize_to);
         match self.orient {
             Some(o) => turn(resized, o),
