@@ -16,7 +16,9 @@ carrying EXIF orientation 6 and 8 (the pixels untouched, only an EXIF block adde
 
 Quality (`--psnr`): every output of both sides against libvips' (thumbnail with shrink-on-load
 and EXIF auto-rotation to 1280 px, the smaller ones LANCZOS3 from it), PSNR over RGB; the
-lowest per side is printed (target ≥ 35 dB).
+lowest per side is printed (target ≥ 35 dB). Two more rows: libvips' own q80 JPEG (its default
+baseline encode) against those same unencoded pictures — what q80 alone costs — and
+image-worker's output against libvips' q80 JPEG, the issue's literal comparison.
 
 Usage: .venv/bin/python bench/image_stages.py [--rounds 3] [--no-build] [--psnr]
 """
@@ -169,15 +171,20 @@ def lowest_psnr(files):
     subprocess.run([str(ROOT / "target/release/examples/stage-cpu"), "--rounds", "1", "--keep",
                     str(kept), *files], check=True, capture_output=True, timeout=1800)
     outputs = [{"key": f"w{w}.jpg", "width": w, "format": "jpeg", "quality": 80} for w in WIDTHS]
-    worst = {(side, w): (float("inf"), "") for side in ("image-worker", "Pillow") for w in WIDTHS}
+    sides = ("image-worker", "Pillow", "libvips' own q80 JPEG", "image-worker vs libvips' JPEG")
+    worst = {(side, w): (float("inf"), "") for side in sides for w in WIDTHS}
     for f in files:
         ref = vips_outputs(f)
         _, made = pillow_job(Path(f).read_bytes(), outputs)
         for w in WIDTHS:
             ours = pyvips.Image.new_from_file(str(kept / f"{Path(f).name}.w{w}.jpg"))
             theirs = pyvips.Image.new_from_buffer(made[f"w{w}.jpg"][0], "")
-            for side, img in (("image-worker", ours), ("Pillow", theirs)):
-                r = ref[w]
+            # libvips' encoded output (its default baseline q80 JPEG): how far q80 itself takes
+            # a picture from the unencoded one, and image-worker's output against it.
+            vips_jpeg = pyvips.Image.new_from_buffer(ref[w].write_to_buffer(".jpg[Q=80]"), "")
+            for side, img, r in (("image-worker", ours, ref[w]), ("Pillow", theirs, ref[w]),
+                                 ("libvips' own q80 JPEG", vips_jpeg, ref[w]),
+                                 ("image-worker vs libvips' JPEG", ours, vips_jpeg)):
                 if abs(img.width - r.width) > 1 or abs(img.height - r.height) > 1:
                     raise SystemExit(f"{side} {Path(f).name} w{w}: {img.width}×{img.height}, "
                                      f"libvips {r.width}×{r.height}")

@@ -177,12 +177,13 @@ mod tests {
                 ]);
             }
         }
-        crate::jpeg::encode_rgb(
+        // libjpeg's own script (successive approximation), what cameras and libvips write.
+        crate::jpeg::encode_rgb_scans(
             &rgb,
             width as u32,
             height as u32,
             90,
-            true,
+            crate::jpeg::Scans::Simple,
             &Default::default(),
         )
         .unwrap()
@@ -241,12 +242,12 @@ mod tests {
                 ]);
             }
         }
-        crate::jpeg::encode_rgb(
+        crate::jpeg::encode_rgb_scans(
             &rgb,
             width as u32,
             height as u32,
             92,
-            true,
+            crate::jpeg::Scans::Simple,
             &Default::default(),
         )
         .unwrap()
