@@ -12,19 +12,29 @@
 //! What it promises:
 //! - at most `prefetch_count` messages waiting to run or running, as without the widening: a
 //!   finishing job gives its lent place back *before* its message is acknowledged (or
-//!   returned), and on RabbitMQ the narrower `basic.qos` is in force before the ack is sent
-//!   ([`Seat::vacate`]), so an ack never lets one more message in;
+//!   returned), and on RabbitMQ the narrower `basic.qos` goes out on the channel ahead of the
+//!   ack ([`Seat::vacate`]), and RabbitMQ applies it before it reads the ack, so an ack never
+//!   lets one more message in;
 //! - at most `2 × prefetch_count` unacknowledged in all (memory stays bounded by the settings);
 //! - nothing is acknowledged earlier than before: a lent place only lets the *next* message in.
 //!
+//! A finishing job that finds every place lent waits in line; a job that ends while it holds a
+//! lent place hands it to the first in line instead of giving it back, so under load (every
+//! place lent, finishing jobs in line) the window keeps its size: no `basic.qos` goes out and
+//! no ack waits for one. The count is the same as if the place had been given back and lent
+//! again, so the promises above hold unchanged.
+//!
 //! On RabbitMQ the window is applied with `basic.qos` on the consuming channel, by one task per
-//! channel (`worker::follow_window`) that sends the latest size, so changes made while one
-//! `basic.qos` is in flight go out together in the next. With quorum queues, whose QoS is per
+//! channel (`worker::follow_window`) that queues the latest size on the channel as it changes,
+//! without waiting for the previous `qos-ok`; an ack waits only until the narrower size is
+//! queued ahead of it, not for RabbitMQ's reply (a round trip per narrowing ack before). With
+//! quorum queues, whose QoS is per
 //! consumer and fixed once the consumer starts, it does not widen (Celery's is static then too).
 //! On the Redis broker the worker takes a message only when the window has room
 //! ([`Window::take`]), and narrowing is immediate.
 
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -35,9 +45,14 @@ pub(crate) struct Window {
     base: usize,
     most_lent: usize,
     state: watch::Sender<Count>,
-    /// On RabbitMQ: the last [`Count::changes`] whose size the broker has confirmed
-    /// (`basic.qos-ok`); `None` where the window is enforced here (the Redis broker).
+    /// On RabbitMQ: the last [`Count::changes`] whose size is queued on the consuming channel
+    /// (anything queued after it reaches RabbitMQ after it); `None` where the window is
+    /// enforced here (the Redis broker).
     applied: Option<watch::Sender<u64>>,
+    /// Finishing seats that found every place lent, oldest first: a lent place that a leaving
+    /// seat would give back goes to one of them instead. Entries of seats that left meanwhile
+    /// are skipped (and pruned when the line grows).
+    line: Mutex<VecDeque<Weak<Mutex<Part>>>>,
 }
 
 /// What the window counts now.
@@ -66,6 +81,7 @@ impl Window {
             most_lent,
             state: watch::Sender::new(Count::default()),
             applied: remote.then(|| watch::Sender::new(0)),
+            line: Mutex::new(VecDeque::new()),
         })
     }
 
@@ -99,7 +115,8 @@ impl Window {
         self.state.subscribe()
     }
 
-    /// The broker has confirmed the size of the window as it was after `changes` changes.
+    /// The size of the window as it was after `changes` changes is queued on the channel, ahead
+    /// of any ack queued from now on.
     pub fn applied(&self, changes: u64) {
         if let Some(a) = &self.applied {
             a.send_if_modified(|v| {
@@ -172,42 +189,83 @@ impl Drop for Lent {
     }
 }
 
+/// Where a seat stands in its window.
+#[derive(Debug, Default)]
+enum Part {
+    /// Waiting to run or running.
+    #[default]
+    Seated,
+    /// Finishing, in line for a lent place (every one was lent when it asked).
+    InLine,
+    /// Finishing on a lent place.
+    Lent(Lent),
+    /// Acknowledged or returned.
+    Left,
+}
+
 /// One delivered message's seat in its window: the job lends it out while it finishes
 /// ([`Seat::finishing`]) and takes it back before its message leaves ([`Seat::vacate`]).
 /// Dropped with the message, it gives back anything still lent.
 #[derive(Debug)]
 pub(crate) struct Seat {
     window: Arc<Window>,
-    lent: Mutex<Option<Lent>>,
+    part: Arc<Mutex<Part>>,
 }
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The line is pruned of seats that left when it grows past this many entries.
+const LINE_PRUNE: usize = 64;
 
 impl Seat {
     pub fn new(window: &Arc<Window>) -> Seat {
         Seat {
             window: window.clone(),
-            lent: Mutex::new(None),
+            part: Arc::new(Mutex::new(Part::Seated)),
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Lent>> {
-        self.lent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The job's run ended and only its finishing is left: the window widens by one (up to
-    /// its most) until [`Seat::vacate`]. `true` when it widened.
+    /// its most) until [`Seat::vacate`]; when every place is lent, the seat waits in line for
+    /// one that a leaving seat hands on. `true` when it holds a lent place now.
     pub fn finishing(&self) -> bool {
-        let mut lent = self.lock();
-        if lent.is_none() {
-            *lent = self.window.lend();
+        // Always the line, then a seat: the order every path takes both locks in.
+        let mut line = lock(&self.window.line);
+        let mut part = lock(&self.part);
+        match &*part {
+            Part::Lent(_) => return true,
+            Part::InLine | Part::Left => return false,
+            Part::Seated => {}
         }
-        lent.is_some()
+        if let Some(lent) = self.window.lend() {
+            *part = Part::Lent(lent);
+            return true;
+        }
+        *part = Part::InLine;
+        drop(part);
+        if line.len() >= LINE_PRUNE.max(2 * self.window.most_lent) {
+            line.retain(|w| {
+                w.upgrade()
+                    .is_some_and(|p| matches!(*lock(&p), Part::InLine))
+            });
+        }
+        line.push_back(Arc::downgrade(&self.part));
+        false
     }
 
-    /// The message is about to be acknowledged or returned: the lent place (if any) comes
-    /// back first, and on RabbitMQ this waits until the narrower `basic.qos` is in force, so
-    /// the ack does not let one more message in than `prefetch_count` allows.
+    /// The message is about to be acknowledged or returned: a lent place (if any) goes to the
+    /// first finishing seat in line, else comes back to the window; on RabbitMQ the latter
+    /// waits until the narrower `basic.qos` is queued ahead of the ack, so the ack does not let one more
+    /// message in than `prefetch_count` allows. Handing the place on changes nothing the
+    /// broker enforces, so that ack waits for nothing.
     pub async fn vacate(&self) {
-        let Some(lent) = self.lock().take() else {
+        let lent = match std::mem::replace(&mut *lock(&self.part), Part::Left) {
+            Part::Lent(lent) => lent,
+            _ => return,
+        };
+        let Some(lent) = self.window.hand_on(lent) else {
             return;
         };
         drop(lent);
@@ -222,6 +280,36 @@ impl Seat {
                 "the narrower prefetch window did not reach the broker in time; acknowledging anyway"
             );
         }
+    }
+}
+
+impl Window {
+    /// Gives `lent` to the first seat in line that still finishes; returns it when none does.
+    fn hand_on(&self, lent: Lent) -> Option<Lent> {
+        let mut line = lock(&self.line);
+        while let Some(next) = line.pop_front() {
+            let Some(next) = next.upgrade() else {
+                continue;
+            };
+            let mut part = lock(&next);
+            if matches!(*part, Part::InLine) {
+                *part = Part::Lent(lent);
+                return None;
+            }
+        }
+        Some(lent)
+    }
+
+    /// Seats in line now (tests).
+    #[cfg(test)]
+    fn in_line(&self) -> usize {
+        lock(&self.line)
+            .iter()
+            .filter(|w| {
+                w.upgrade()
+                    .is_some_and(|p| matches!(*lock(&p), Part::InLine))
+            })
+            .count()
     }
 }
 
@@ -329,5 +417,49 @@ mod tests {
         drop(third);
         let _fourth = fourth.await;
         assert_eq!(w.count().held, 2);
+    }
+
+    #[tokio::test]
+    async fn a_leaving_seat_hands_its_lent_place_to_the_first_finishing_seat_in_line() {
+        let w = Window::new(2, 1, true);
+        let (a, b, c) = (Seat::new(&w), Seat::new(&w), Seat::new(&w));
+        assert!(a.finishing());
+        assert!(!b.finishing(), "the only lendable place is lent");
+        assert!(!c.finishing());
+        assert_eq!(w.in_line(), 2);
+        let changes = w.count().changes;
+        // a leaves: its place goes to b, the window keeps its size, and a's ack waits for no
+        // basic.qos (none was applied at all here).
+        assert!(
+            a.vacate().now_or_never().is_some(),
+            "handing a place on waits for nothing"
+        );
+        assert_eq!((w.size(), w.count().changes), (3, changes));
+        assert!(b.finishing(), "b holds the place now");
+        assert_eq!(w.in_line(), 1);
+        // c leaves while in line: it held nothing and takes nothing any more.
+        assert!(c.vacate().now_or_never().is_some());
+        assert_eq!(w.in_line(), 0);
+        // b leaves with nobody in line: the window narrows, and b waits until that is applied.
+        let mut vacating = Box::pin(b.vacate());
+        assert!((&mut vacating).now_or_never().is_none());
+        assert_eq!(w.size(), 2);
+        w.applied(w.count().changes);
+        vacating.await;
+    }
+
+    #[tokio::test]
+    async fn the_line_forgets_seats_that_left() {
+        let w = Window::new(1, 1, false);
+        let holder = Seat::new(&w);
+        assert!(holder.finishing());
+        for _ in 0..1000 {
+            let s = Seat::new(&w);
+            assert!(!s.finishing());
+            s.vacate().await;
+        }
+        assert!(lock(&w.line).len() <= LINE_PRUNE + 1, "pruned as it grows");
+        holder.vacate().await;
+        assert_eq!(w.size(), 1, "nobody was in line: the place came back");
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream::{select_all, StreamExt};
+use futures_util::FutureExt;
 use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::Semaphore;
@@ -625,31 +626,61 @@ async fn consume_on(
 }
 
 /// Keeps the channel's `basic.qos` at the window's size as finishing jobs widen and narrow it
-/// ([`Window`]), and reports each size confirmed, which a job that narrowed it waits for before
-/// its ack. The latest size is sent, so changes made while one `basic.qos` is in flight go out
-/// together in the next. Ends when the channel fails (the connection is replaced with a window
-/// of its own) or when the window is gone (its connection's jobs have all ended).
+/// ([`Window`]), and reports each size *queued* on the channel, which a job that narrowed it
+/// waits for before its ack. Queued is enough: lapin sends a channel's frames in the order they
+/// were queued, and RabbitMQ handles them in that order (a global `basic.qos` is set in the
+/// channel's limiter before the next frame is read), so an ack queued after the narrower size
+/// is counted against it. Waiting for `qos-ok` instead cost every narrowing ack a round trip.
+/// Several `basic.qos` may be in flight; their `qos-ok`s are awaited here. Ends when the
+/// channel fails (the connection is replaced with a window of its own) or when the window is
+/// gone (its connection's jobs have all ended).
 async fn follow_window(channel: lapin::Channel, window: Arc<Window>) {
     let mut changes = window.watch();
-    let mut applied = window.qos_of(window.count());
+    let mut queued = window.qos_of(window.count());
     // Holding the window here would keep it alive for ever: follow it through the receiver.
     let weak = Arc::downgrade(&window);
     drop(window);
-    while changes.changed().await.is_ok() {
-        let Some(window) = weak.upgrade() else {
-            break;
-        };
-        let count = *changes.borrow_and_update();
-        let size = window.qos_of(count);
-        if size != applied {
-            if let Err(e) = channel.basic_qos(size, CHANNEL_WIDE).await {
-                tracing::debug!(error = %e, "could not change the prefetch window; the channel is gone");
-                window.not_applied_any_more();
-                break;
-            }
-            applied = size;
+    let mut replies = futures_util::stream::FuturesUnordered::new();
+    let failed = |e: lapin::Error| {
+        tracing::debug!(error = %e, "could not change the prefetch window; the channel is gone");
+        if let Some(window) = weak.upgrade() {
+            window.not_applied_any_more();
         }
-        window.applied(count.changes);
+    };
+    loop {
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let Some(window) = weak.upgrade() else {
+                    break;
+                };
+                let count = *changes.borrow_and_update();
+                let size = window.qos_of(count);
+                if size != queued {
+                    // lapin queues the frame when the call is first polled.
+                    let mut qos = Box::pin(channel.basic_qos(size, CHANNEL_WIDE));
+                    match (&mut qos).now_or_never() {
+                        Some(Err(e)) => {
+                            drop(window);
+                            failed(e);
+                            break;
+                        }
+                        Some(Ok(())) => {}
+                        None => replies.push(qos),
+                    }
+                    queued = size;
+                }
+                window.applied(count.changes);
+            }
+            Some(reply) = replies.next(), if !replies.is_empty() => {
+                if let Err(e) = reply {
+                    failed(e);
+                    break;
+                }
+            }
+        }
     }
 }
 
