@@ -40,7 +40,8 @@
    same file started GOP/20 apart (unaligned, as unrelated rooms' keyframes are). Also printed:
    frames over 1 s late, the worker's time waiting on a run queue (its threads' schedstat: CPU
    it wanted but other processes had, as % of the level's wall time), the TCP segments per second
-   the worker sent to Redis (`ss -tinp`: about one per command or pipeline, the worker's own
+   the worker sent to Redis (`ss -tinp`: its writes; the multiplexed connection coalesces
+   commands into one write when they queue up, so on a busy worker this counts fewer than its
    round trips) and the Redis server's commands per second (the whole server: other users
    count too).
 
@@ -477,8 +478,9 @@ def redis_commands():
 
 def redis_segments_out(pid):
     """TCP segments process `pid` has sent to Redis (port 6379) over its open connections
-    (`ss -tinp`): about one per command or pipeline it wrote, i.e. its own round trips to Redis,
-    whoever else uses the server."""
+    (`ss -tinp`): its own writes to Redis, whoever else uses the server (commands queued
+    together on the multiplexed connection share a write, so this is a lower bound on its
+    round trips)."""
     import re
     out = subprocess.run(["ss", "-tinpH", "dport = :6379"], capture_output=True, text=True).stdout
     total, mine = 0, False
