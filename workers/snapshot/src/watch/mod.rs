@@ -545,6 +545,8 @@ impl Task for Watch {
                 }
             }
         };
+        // No renewal of the claim from here on: it is given up or handed on below.
+        signals.leave().await;
         let (ended, detail) = match (end, why) {
             (End::Failed(e), _) => {
                 finish(&ctx, &args.stream_id).await?;

@@ -65,6 +65,9 @@ impl Entry {
 struct Inner {
     sessions: Mutex<HashMap<u64, Entry>>,
     next: AtomicU64,
+    /// Held while claims are renewed: a session leaving waits for it, so a renewal that took
+    /// it in before it left cannot take its stream's claim again after it gave the claim up.
+    renewing: tokio::sync::Mutex<()>,
 }
 
 /// The worker's poller (one per `snapshot.watch` task, started with its first session).
@@ -91,6 +94,16 @@ impl Registration {
                 std::future::pending::<()>().await;
             }
         }
+    }
+}
+
+impl Registration {
+    /// Leaves the look and waits out a claim renewal under way: call before giving the
+    /// stream's claim up (a renewal takes a free claim, as after a lapse).
+    pub async fn leave(self) {
+        let inner = self.inner.clone();
+        drop(self);
+        let _turn = inner.renewing.lock().await;
     }
 }
 
@@ -194,7 +207,7 @@ async fn run(inner: Weak<Inner>, backend: ResultBackend) {
         look(&inner, &backend, &asks).await;
         if tokio::time::Instant::now() >= renew_at {
             renew_at = tokio::time::Instant::now() + CLAIM_RENEW;
-            renew(&inner, &backend, &asks).await;
+            renew(&inner, &backend).await;
         }
     }
 }
@@ -235,8 +248,11 @@ async fn look(inner: &Inner, backend: &ResultBackend, asks: &[Ask]) {
     }
 }
 
-/// Renews every session's claim, one pipeline per chunk.
-async fn renew(inner: &Inner, backend: &ResultBackend, asks: &[Ask]) {
+/// Renews every session's claim, one pipeline per chunk. The sessions are taken under the
+/// `renewing` lock (see [`Registration::leave`]).
+async fn renew(inner: &Inner, backend: &ResultBackend) {
+    let _turn = inner.renewing.lock().await;
+    let asks = snapshot(inner);
     for chunk in asks.chunks(CHUNK) {
         let claims: Vec<(&str, &str)> = chunk
             .iter()
