@@ -34,9 +34,19 @@
    path knows no due time: its frames are timed against the stream's wall-clock origin (the
    earliest `captured_at - pts_s` of the run), marked as such. On schedule: every frame within
    1 s of its due time and no session short of ticks.
+   `--streams 1,20` runs every level twice: all sessions on one published stream (the aligned
+   worst case: every session's tick falls on one of that stream's keyframes, so at a 2 s GOP a
+   tenth of all sessions decode at once), then spread round-robin over 20 publishers of the
+   same file started GOP/20 apart (unaligned, as unrelated rooms' keyframes are). Also printed:
+   frames over 1 s late, the worker's time waiting on a run queue (its threads' schedstat: CPU
+   it wanted but other processes had, as % of the level's wall time), the TCP segments per second
+   the worker sent to Redis (`ss -tinp`: its writes; the multiplexed connection coalesces
+   commands into one write when they queue up, so on a busy worker this counts fewer than its
+   round trips) and the Redis server's commands per second (the whole server: other users
+   count too).
 
 Usage: .venv/bin/python bench/snapshot_cpu.py [--rounds 3] [--levels 50,100,200] [--level-seconds 50] [--stagger 20]
-       .venv/bin/python bench/snapshot_cpu.py --rtmp --levels 500,1000,2000 --old-levels 500,1000 [--rtmp-input lowrate]
+       .venv/bin/python bench/snapshot_cpu.py --rtmp --levels 500,1000,2000 --old-levels 500,1000 [--rtmp-input lowrate] [--streams 1,20]
 Needs ffmpeg (scripts/setup.d/snapshot.sh), RabbitMQ and Redis on 127.0.0.1. Local only.
 """
 import argparse
@@ -121,6 +131,20 @@ def proc_cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def proc_run_wait_s(pid):
+    """(on-CPU, waiting on a run queue) seconds summed over the process's live threads
+    (/proc/<pid>/task/*/schedstat): a worker that waits for a CPU as long as it runs was starved
+    by other processes, not limited by its own work."""
+    run = wait = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "schedstat").read_text().split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        run, wait = run + int(fields[0]), wait + int(fields[1])
+    return run / 1e9, wait / 1e9
+
+
 def proc_rss_mb(pid):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -162,7 +186,10 @@ class Worker:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-        os.unlink(self.log.name)
+        if os.environ.get("KEEP_WORKER_LOG"):
+            print(f"  worker log kept: {self.log.name}", file=sys.stderr)
+        else:
+            os.unlink(self.log.name)
         with celery_app().connection_for_write() as conn:
             for q in (self.queue, f"{self.queue}.dead"):
                 try:
@@ -271,9 +298,12 @@ def measure_then_stop(worker, ids, seconds, storage, before_stop=None):
     (the stop key each polls) and the worker and cleans up. Returns (CPU s, wall s, RSS MB,
     threads, the deliveries received)."""
     c0, t0 = worker.cpu(), time.monotonic()
+    rw0 = proc_run_wait_s(worker.proc.pid)
     time.sleep(seconds)
     cpu = worker.cpu() - c0
     wall = time.monotonic() - t0
+    rw1 = proc_run_wait_s(worker.proc.pid)
+    worker.waited = 100 * (rw1[1] - rw0[1]) / wall
     rss_mb = proc_rss_mb(worker.proc.pid)
     threads = len(os.listdir(f"/proc/{worker.proc.pid}/task"))
     worker.scraped = before_stop() if before_stop else None
@@ -368,7 +398,7 @@ def nginx_rtmp(pin):
     return proc, port, d
 
 
-def rtmp_publisher(url, pin):
+def rtmp_publisher(url, pin, wait=3.0):
     """ffmpeg publishing INPUT looped at its own pace (stream copy) until stopped."""
     flv = INPUT.with_suffix(".flv")
     if not flv.exists():
@@ -376,8 +406,8 @@ def rtmp_publisher(url, pin):
     proc = subprocess.Popen(["taskset", "-c", str(pin), "ffmpeg", "-hide_banner", "-loglevel", "error",
                              "-re", "-stream_loop", "-1", "-i", str(flv), "-c", "copy", "-f", "flv", url],
                             stdin=subprocess.DEVNULL)
-    time.sleep(3)
-    if proc.poll() is not None:
+    time.sleep(wait)
+    if wait and proc.poll() is not None:
         raise SystemExit("the RTMP publisher did not start")
     return proc
 
@@ -440,9 +470,32 @@ def bucket_quantile(buckets, q):
     return float("nan")
 
 
-def rtmp_level(engine, n, seconds, stagger, url):
-    """Runs n sessions on `engine` (new: the RTMP engine; old: a thread each); returns the
-    deliveries and the worker's figures."""
+def redis_commands():
+    """The Redis server's commands processed so far (the whole server: other users count too)."""
+    import redis
+    return int(redis.Redis.from_url(BACKEND).info("stats")["total_commands_processed"])
+
+
+def redis_segments_out(pid):
+    """TCP segments process `pid` has sent to Redis (port 6379) over its open connections
+    (`ss -tinp`): its own writes to Redis, whoever else uses the server (commands queued
+    together on the multiplexed connection share a write, so this is a lower bound on its
+    round trips)."""
+    import re
+    out = subprocess.run(["ss", "-tinpH", "dport = :6379"], capture_output=True, text=True).stdout
+    total, mine = 0, False
+    for line in out.splitlines():
+        if not line.startswith((" ", "\t")):
+            mine = f"pid={pid}," in line
+        elif mine:
+            m = re.search(r"\bsegs_out:(\d+)", line)
+            total += int(m.group(1)) if m else 0
+    return total
+
+
+def rtmp_level(engine, n, seconds, stagger, urls):
+    """Runs n sessions on `engine` (new: the RTMP engine; old: a thread each), spread round-robin
+    over the streams `urls`; returns the deliveries and the worker's figures."""
     storage = WORK / f"storage-rtmp-{engine}-{n}"
     queue = f"bench-rtmp-{uuid.uuid4().hex[:8]}"
     sink = Sink(pin=1)
@@ -456,19 +509,25 @@ def rtmp_level(engine, n, seconds, stagger, url):
     })
     app = celery_app()
     ids = [f"r{engine}{n}-{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
-    for sid in ids:
+    for i, sid in enumerate(ids):
         time.sleep(stagger / n)
         app.send_task("snapshot.watch", queue=queue, kwargs={
-            "stream_id": sid, "stream_url": url, "interval_s": INTERVAL_S,
+            "stream_id": sid, "stream_url": urls[i % len(urls)], "interval_s": INTERVAL_S,
             "key": "rtmp/{stream_id}/{seq}.jpg", "deliver": f"http://127.0.0.1:{sink.port}/hook"})
     load0 = os.getloadavg()[0]
-    cpu, wall, rss_mb, threads, _ = measure_then_stop(
-        worker, ids, seconds, storage, before_stop=lambda: scrape_late(metrics_port))
+    cmds0, segs0, t0 = redis_commands(), redis_segments_out(worker.proc.pid), time.monotonic()
+
+    def before_stop():
+        took = time.monotonic() - t0
+        worker.redis_rate = (redis_commands() - cmds0) / took
+        worker.redis_segs = (redis_segments_out(worker.proc.pid) - segs0) / took
+        return scrape_late(metrics_port)
+    cpu, wall, rss_mb, threads, _ = measure_then_stop(worker, ids, seconds, storage, before_stop=before_stop)
     stages = worker.scraped
     frames = sink.stop()
     return {"engine": engine, "n": n, "ids": ids, "frames": frames, "seconds": seconds, "stages": stages,
-            "cpu": 100 * cpu / wall, "rss": rss_mb, "threads": threads,
-            "load": (load0, os.getloadavg()[0])}
+            "cpu": 100 * cpu / wall, "rss": rss_mb, "threads": threads, "streams": len(urls),
+            "redis_rate": worker.redis_rate, "redis_segs": worker.redis_segs, "waited": worker.waited, "load": (load0, os.getloadavg()[0])}
 
 
 def pct(values, q):
@@ -479,8 +538,9 @@ def rtmp_report(levels):
     """Lateness against each tick's due time (`due_at`); the thread path's against the
     stream's wall-clock origin (the earliest captured_at - pts seen)."""
     origin = min((when(f["captured_at"]) - f["pts_s"] for lv in levels for f in lv["frames"]), default=0.0)
-    print(f"{'engine':>6} {'sessions':>8} {'ticks':>6} {'short':>5} {'worst late':>10} {'p99 late':>8} {'p50 late':>8} "
-          f"{'CPU core 0':>10} {'RSS MB':>7} {'KB/session':>10} {'threads':>7} {'load avg':>10}  on schedule")
+    print(f"{'engine':>6} {'streams':>7} {'sessions':>8} {'ticks':>6} {'short':>5} {'worst late':>10} {'p99 late':>8} "
+          f"{'p50 late':>8} {'over 1 s':>8} {'CPU core 0':>10} {'RSS MB':>7} {'KB/session':>10} {'threads':>7} "
+          f"{'run-queue wait':>14} {'to Redis seg/s':>14} {'Redis cmd/s':>11} {'load avg':>10}  on schedule")
     for lv in levels:
         by_stream = {}
         for f in lv["frames"]:
@@ -492,9 +552,11 @@ def rtmp_report(levels):
         short = sum(1 for sid in lv["ids"] if len(by_stream.get(sid, [])) < expected - 1)
         worst = lates[-1] if lates else float("nan")
         ok = bool(lates) and worst <= LATE_OK_S and short == 0
-        print(f"{lv['engine']:>6} {lv['n']:>8} {len(lv['frames']):>6} {short:>5} {worst:>9.2f}s {pct(lates, 0.99):>7.2f}s "
-              f"{pct(lates, 0.5):>7.2f}s {lv['cpu']:>9.1f}% {lv['rss']:>7.0f} {1024 * lv['rss'] / lv['n']:>10.0f} "
-              f"{lv['threads']:>7} {lv['load'][0]:>4.1f}-{lv['load'][1]:<4.1f}  {'yes' if ok else 'NO'}"
+        over = sum(1 for x in lates if x > LATE_OK_S)
+        print(f"{lv['engine']:>6} {lv['streams']:>7} {lv['n']:>8} {len(lv['frames']):>6} {short:>5} {worst:>9.2f}s "
+              f"{pct(lates, 0.99):>7.2f}s {pct(lates, 0.5):>7.2f}s {over:>8} {lv['cpu']:>9.1f}% {lv['rss']:>7.0f} "
+              f"{1024 * lv['rss'] / lv['n']:>10.0f} {lv['threads']:>7} {lv['waited']:>13.1f}% {lv['redis_segs']:>14.0f} {lv['redis_rate']:>11.0f} "
+              f"{lv['load'][0]:>4.1f}-{lv['load'][1]:<4.1f}  {'yes' if ok else 'NO'}"
               f"{'' if timed else '  (thread path: against the origin estimate)'}")
         if timed and lates:
             reads = sorted(when(f["captured_at"]) - due(f) for f in lv["frames"])
@@ -508,35 +570,58 @@ def rtmp_report(levels):
                       f"p99 ≤ {bucket_quantile(b, 0.99):g} s, over 1 s: {over}")
 
 
-def rtmp_sessions(new_levels, old_levels, seconds, stagger, input_name):
+def rtmp_sessions(new_levels, old_levels, seconds, stagger, input_name, streams=(1,)):
+    levels = []
+    for p in streams:
+        levels += rtmp_sessions_on(p, new_levels, old_levels, seconds, stagger)
+    rtmp_report(levels)
+
+
+def rtmp_sessions_on(p, new_levels, old_levels, seconds, stagger):
+    """The levels with the sessions spread over `p` published streams. p = 1: every session plays
+    one stream, so all their ticks fall on that stream's keyframes (the aligned worst case: a
+    burst of n / (interval / GOP) decodes per keyframe). p > 1: p publishers of the same file
+    started GOP / p apart, so the streams' keyframes are spread over the GOP as unrelated rooms'
+    are (a burst is n / (p * interval / GOP) decodes)."""
     nginx, port, ndir = nginx_rtmp(pin=1)
-    url = f"rtmp://127.0.0.1:{port}/live/bench-{uuid.uuid4().hex[:6]}"
-    publisher = rtmp_publisher(url, pin=1)
-    print(f"\nRTMP watch sessions on one core (worker taskset -c 0; nginx-rtmp, the publisher and the webhook "
-          f"receiver on core 1), input {INPUT.name}, a tick per {INTERVAL_S} s, starts spread over {stagger:g} s, "
-          f"{seconds} s per level after the last start:", flush=True)
+    tag = uuid.uuid4().hex[:6]
+    urls = [f"rtmp://127.0.0.1:{port}/live/bench-{tag}-{i}" for i in range(p)]
+    publishers = []
+    print(f"\nRTMP watch sessions on one core (worker taskset -c 0; nginx-rtmp, {p} publisher(s) and the webhook "
+          f"receiver on core 1), input {INPUT.name}, {p} stream(s) "
+          f"{'(aligned: one keyframe instant for all)' if p == 1 else f'(keyframes {GOP_S / p:.2f} s apart)'}, "
+          f"a tick per {INTERVAL_S} s, starts spread over {stagger:g} s, {seconds} s per level after the last start:",
+          flush=True)
     levels = []
     try:
+        for i, url in enumerate(urls):
+            # Each publisher's start sets its keyframe phase; rtmp_publisher waits 3 s itself.
+            t0 = time.monotonic()
+            publishers.append(rtmp_publisher(url, pin=1, wait=0.0))
+            time.sleep(max(0.0, GOP_S / p - (time.monotonic() - t0)))
+        time.sleep(3)
+        if any(pub.poll() is not None for pub in publishers):
+            raise SystemExit("an RTMP publisher did not start")
         # Interleaved: each old level right after the new one of the same size.
         plan = [("new", n) for n in new_levels]
         for n in old_levels:
             at = next((i + 1 for i, (e, m) in enumerate(plan) if e == "new" and m == n), len(plan))
             plan.insert(at, ("old", n))
         for engine, n in plan:
-            lv = rtmp_level(engine, n, seconds, stagger, url)
+            lv = rtmp_level(engine, n, seconds, stagger, urls)
             levels.append(lv)
             print(f"  ran {engine} {n}: {len(lv['frames'])} ticks, CPU {lv['cpu']:.1f} %, RSS {lv['rss']:.0f} MB",
                   file=sys.stderr, flush=True)
     finally:
-        publisher.terminate()
-        nginx.terminate()
-        for p in (publisher, nginx):
+        for proc in publishers + [nginx]:
+            proc.terminate()
+        for proc in publishers + [nginx]:
             try:
-                p.wait(timeout=10)
+                proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                p.kill()
+                proc.kill()
         shutil.rmtree(ndir, ignore_errors=True)
-    rtmp_report(levels)
+    return levels
 
 
 def main():
@@ -555,12 +640,15 @@ def main():
     ap.add_argument("--old-levels", default="",
                     help="--rtmp: the levels also run on the thread path (default: none)")
     ap.add_argument("--rtmp-input", choices=["lowrate", "noisy-1080p-h264", "noisy-720p-h264"], default="lowrate")
+    ap.add_argument("--streams", default="1",
+                    help="--rtmp: published streams the sessions are spread over, a list run in turn "
+                         "(1: aligned worst case, all ticks on one stream's keyframes; e.g. 20: unaligned)")
     args = ap.parse_args()
     if args.rtmp:
         ensure_input(args.rtmp_input)
         old = [int(x) for x in args.old_levels.split(",") if x]
         rtmp_sessions([int(x) for x in args.levels.split(",")], old, args.level_seconds, args.stagger,
-                      args.rtmp_input)
+                      args.rtmp_input, [int(x) for x in args.streams.split(",")])
         return
     ensure_input(args.input)
     if not args.skip_cpu:

@@ -1013,6 +1013,63 @@ async fn a_second_session_for_a_watched_stream_is_refused() {
     w.stop().await;
 }
 
+/// One worker looks up all its sessions' stop requests, revokes and claims together (one
+/// batched Redis look per poll): each session still obeys only what concerns it — a stop of its
+/// stream, a revoke of its job, its claim taken by another session — and the others run on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_polled_together_each_obey_only_their_own_signals() {
+    let mut w = World::new("poll", &[]).await;
+    make_video(&w.media("p.mp4"), 20, "160x120", 15);
+    w.start_worker("a");
+    let url = w.file_url("p.mp4");
+    let ids: Vec<String> = ["stopped", "revoked", "superseded", "runs-on"]
+        .iter()
+        .map(|l| unique_stream(l))
+        .collect();
+    let mut jobs = Vec::new();
+    for id in &ids {
+        let kw = json!({"stream_id": id, "stream_url": url, "interval_s": 1, "realtime": true,
+                        "loop": true, "key": "p/{stream_id}/{seq}.jpg"});
+        jobs.push(w.send("snapshot.watch", kw).await);
+    }
+    for job in &jobs {
+        w.progress(&job.id, 1).await;
+    }
+    mediafarm_cli(&w, &["streams", "stop", &ids[0]]);
+    mediafarm_cli(&w, &["revoke", &jobs[1].id]);
+    // Another session takes the third stream's claim (as after a lapse): the next renewal
+    // finds it held and ends this one.
+    let mut redis = w.client.backend().connection();
+    redis::cmd("SET")
+        .arg(format!("mediafarm-snapshot-owner-{}", ids[2]))
+        .arg("someone-else")
+        .arg("EX")
+        .arg(60)
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    for (job, want) in jobs.iter().zip(["stopped", "revoked", "superseded"]) {
+        let out = job.get(WAIT).await.unwrap();
+        assert_eq!(out["ended"], want, "{out}");
+    }
+    // The fourth heard none of it: still running, still taking frames.
+    let before = w.progress(&jobs[3].id, 1).await["frames"].as_u64().unwrap();
+    w.progress(&jobs[3].id, before + 1).await;
+    mediafarm_cli(&w, &["streams", "stop", &ids[3]]);
+    let out = jobs[3].get(WAIT).await.unwrap();
+    assert_eq!(out["ended"], "stopped", "{out}");
+    for id in &ids {
+        forget_stream(&w, id).await;
+        redis::cmd("DEL")
+            .arg(format!("mediafarm-snapshot-owner-{id}"))
+            .arg(format!("mediafarm-snapshot-stop-{id}"))
+            .query_async::<()>(&mut redis)
+            .await
+            .unwrap();
+    }
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_delivery_refused_for_a_while_is_tried_again() {
     let mut w = World::new("deliver-retry", &[]).await;

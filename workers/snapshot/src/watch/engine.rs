@@ -7,9 +7,9 @@
 //! wakes about five times a second, not once per packet), judge each video message by its FLV
 //! tag header at its first chunk — inter frames, audio and keyframes not due are skipped
 //! without being copied — and keep only the keyframe that serves a due tick. That keyframe is
-//! decoded and encoded on the blocking pool, at most one per core at once ([`decode_slots`],
-//! inside the process's [`CpuGate`]), by a decoder built from the `avcC` record for that tick
-//! alone. What reaches the job is what the thread path sends ([`Event`]): same schedule
+//! decoded and encoded on the blocking pool, at most one per core at once and the earliest due
+//! first ([`DueQueue`], inside the process's [`CpuGate`]), by a decoder built from the `avcC`
+//! record for that tick alone. What reaches the job is what the thread path sends ([`Event`]): same schedule
 //! ([`Schedule`]), same frame values, same reconnect and end rules, so storing, state, outbox,
 //! manifest, PROGRESS, continuation and stop/revoke are unchanged.
 //!
@@ -17,12 +17,13 @@
 //! naming it. Other kinds of source (files, HLS, RTSP) keep the thread path (`session`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ffmpeg_next as ff;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
+use super::due_queue::DueQueue;
 use super::schedule::Schedule;
 use super::session::{after_read, reconnect_backoff, unix_now, End, Event, SessionParams};
 use super::timing::{self, Stage, StreamClock};
@@ -37,17 +38,6 @@ use crate::rtmp::{chunk, Player, RtmpError, Target};
 pub const READ_BATCH: Duration = Duration::from_millis(200);
 /// How often a session waiting on a silent socket (or connecting) looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(250);
-
-/// Keyframe decodes under way at once, process-wide: one per core. A burst of due ticks waits
-/// here (asynchronously) rather than as hundreds of parked blocking threads.
-fn decode_slots() -> &'static Arc<Semaphore> {
-    static SLOTS: OnceLock<Arc<Semaphore>> = OnceLock::new();
-    SLOTS.get_or_init(|| {
-        Arc::new(Semaphore::new(
-            std::thread::available_parallelism().map_or(1, |n| n.get()),
-        ))
-    })
-}
 
 /// Runs a session until it ends; always sends `Event::Ended` last (unless the job is gone).
 pub async fn run(p: SessionParams, stop: Arc<AtomicBool>, events: mpsc::Sender<Event>) {
@@ -268,7 +258,9 @@ async fn stream(
                     let t = presentation_s(msg.head.timestamp, cts_ms);
                     let due_at = sched.due().and_then(|due| clock.wall(due));
                     timing::record(Stage::Read, due_at, now);
-                    let Some(picture) = decode(avcc, msg.body, spec, url).await? else {
+                    // Frames of a clock not known yet queue as due when read.
+                    let order = due_at.unwrap_or(now);
+                    let Some(picture) = decode(avcc, msg.body, spec, url, order).await? else {
                         // A keyframe that does not decode alone: the next one serves the tick.
                         continue;
                     };
@@ -302,18 +294,16 @@ fn presentation_s(timestamp_ms: u32, cts_ms: i32) -> f64 {
 }
 
 /// Decodes one keyframe message (its FLV header included) and encodes the picture, on the
-/// blocking pool. `Ok(None)`: it did not decode on its own.
+/// blocking pool, its turn in the [`DueQueue`] taken by `due` (unix seconds). `Ok(None)`: it
+/// did not decode on its own.
 async fn decode(
     avcc: Vec<u8>,
     tag: Vec<u8>,
     spec: EncodeSpec,
     url: &str,
+    due: f64,
 ) -> Result<Option<Encoded>, MediaError> {
-    let _permit = decode_slots()
-        .clone()
-        .acquire_owned()
-        .await
-        .map_err(|_| MediaError::Stopped)?;
+    let _slot = DueQueue::global().acquire(due).await;
     let shown = url.to_owned();
     tokio::task::spawn_blocking(move || {
         let _slot = CpuGate::global().enter();

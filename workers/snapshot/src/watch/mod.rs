@@ -11,12 +11,15 @@
 //! continuation ([`TaskContext::continue_with`]) and ends its own job. Outboxes that no
 //! session sends any more are swept by every worker's background [`sweep::Sweeper`]. Stop requests and
 //! revokes come through the runtime's signals ([`mediafarm::runtime::stop`], scope
-//! [`STOP_SCOPE`]).
+//! [`STOP_SCOPE`]), looked up for all the worker's sessions at once by its [`poller`], which
+//! also renews their claims on their streams.
 
 pub mod deliver;
+pub mod due_queue;
 pub mod engine;
 pub mod manifest;
 pub mod outbox;
+pub mod poller;
 pub mod schedule;
 pub mod session;
 pub mod state;
@@ -48,16 +51,13 @@ pub const DEFAULT_INTERVAL_S: f64 = 20.0;
 /// The scope of sessions' stop requests, by stream id (`mediafarm streams stop STREAM_ID`).
 pub use mediafarm::runtime::stop::STREAM_SESSIONS as STOP_SCOPE;
 const MIN_INTERVAL_S: f64 = 0.5;
-/// How often the job looks for stop requests, revokes and the end of `duration_s`.
-const POLL: Duration = Duration::from_millis(500);
 /// How long one open or read of the stream may block before it counts as a drop.
 const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time kept between the hand-off and the job's hard limit.
 const SLICE_MARGIN: Duration = Duration::from_secs(60);
-/// A running session renews its claim on the stream this often; a claim not renewed for
-/// `CLAIM_TTL` (its worker died, its job was terminated) lapses.
-const CLAIM_RENEW: Duration = Duration::from_secs(5);
-const CLAIM_TTL: Duration = Duration::from_secs(30);
+// A running session's claim on its stream lapses when not renewed for this long (its worker
+// died, its job was terminated); the worker's poller renews it.
+use poller::CLAIM_TTL;
 /// How long the end of a session waits for its frames' deliveries still under way (what is
 /// left stays in the stream's outbox for its next session; a continuation does not wait).
 const DELIVERY_GRACE: Duration = Duration::from_secs(10);
@@ -144,6 +144,9 @@ pub struct Watch {
     sessions: Arc<Semaphore>,
     deliver: deliver::Deliverer,
     upload: upload::Uploader,
+    /// Stop requests, revokes and claim renewals of all this worker's sessions, in one look
+    /// (started with the first session: it needs the runtime and the result backend).
+    poller: std::sync::OnceLock<poller::Poller>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -197,6 +200,7 @@ impl Watch {
             snapshot: snapshot.clone(),
             storage,
             sessions: Arc::new(Semaphore::new(snapshot.snapshot_max_sessions)),
+            poller: std::sync::OnceLock::new(),
             deliver: deliver::Deliverer::new(
                 webhook,
                 snapshot.snapshot_delivery_deadline,
@@ -427,8 +431,15 @@ impl Task for Watch {
         }
 
         let slice_end = tokio::time::Instant::now() + self.snapshot.snapshot_session_slice;
-        let mut poll = tokio::time::interval(POLL);
-        let mut renew_at = tokio::time::Instant::now() + CLAIM_RENEW;
+        let mut signals = self
+            .poller
+            .get_or_init(|| poller::Poller::start(backend.clone()))
+            .register(&args.stream_id, &session_id, &ctx.id, st.started_at);
+        // `duration_s` is counted from the session's start, across its slices.
+        let duration_end = args.duration_s.map(|d| {
+            let left = d - (session::unix_now() - st.started_at);
+            tokio::time::Instant::now() + Duration::from_secs_f64(left.clamp(0.0, 1e9))
+        });
         let mut why: Option<Ended> = None;
         let mut frames_this_job = 0u64;
         let mut audit = self
@@ -520,22 +531,13 @@ impl Task for Watch {
                     Some(Event::Ended(end)) => break end,
                     None => break End::Stopped,
                 },
-                _ = poll.tick(), if why.is_none() => {
-                    why = should_stop(&ctx, &args, &st).await;
-                    if why.is_none() && tokio::time::Instant::now() >= renew_at {
-                        renew_at = tokio::time::Instant::now() + CLAIM_RENEW;
-                        match state::claim(&backend, &args.stream_id, &session_id, CLAIM_TTL).await {
-                            Ok(None) => {}
-                            Ok(Some(holder)) => {
-                                tracing::warn!(stream_id = %args.stream_id, %holder, "the stream's claim went to another session; ending this one");
-                                why = Some(Ended::Superseded);
-                            }
-                            Err(e) => tracing::warn!(stream_id = %args.stream_id, error = %e, "cannot renew the stream's claim"),
-                        }
-                    }
-                    if why.is_some() {
-                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
+                stop_why = signals.verdict(), if why.is_none() => {
+                    why = Some(stop_why);
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                _ = sleep_until_some(duration_end), if why.is_none() => {
+                    why = Some(Ended::Duration);
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
                 }
                 _ = tokio::time::sleep_until(slice_end), if why.is_none() => {
                     why = Some(Ended::Continued);
@@ -543,6 +545,8 @@ impl Task for Watch {
                 }
             }
         };
+        // No renewal of the claim from here on: it is given up or handed on below.
+        signals.leave().await;
         let (ended, detail) = match (end, why) {
             (End::Failed(e), _) => {
                 finish(&ctx, &args.stream_id).await?;
@@ -720,22 +724,12 @@ fn audit_lines(
     lines
 }
 
-/// Stop request, revoke (of this job or of the session's first job), or `duration_s` over.
-async fn should_stop(ctx: &TaskContext, args: &WatchArgs, st: &SessionState) -> Option<Ended> {
-    if args
-        .duration_s
-        .is_some_and(|d| session::unix_now() - st.started_at >= d)
-    {
-        return Some(Ended::Duration);
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
-    let signals = ctx
-        .signals(STOP_SCOPE, &args.stream_id, &[&ctx.id, &st.session_id])
-        .await
-        .ok()?;
-    if signals.stop_requested_since(st.started_at) {
-        return Some(Ended::Stopped);
-    }
-    signals.revoked.then_some(Ended::Revoked)
 }
 
 /// Forgets an ended session: its record, and any stop request it obeyed.

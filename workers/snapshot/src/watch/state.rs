@@ -129,6 +129,30 @@ pub async fn claim(
         .map_err(backend_error)
 }
 
+/// [`claim`] for many `(stream_id, session_id)` pairs in one pipeline (the worker's poller
+/// renews all its sessions' claims at once); replies in order.
+pub async fn claim_many(
+    backend: &ResultBackend,
+    claims: &[(&str, &str)],
+    ttl: std::time::Duration,
+) -> Result<Vec<Option<String>>, TaskError> {
+    if claims.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ttl_ms = ttl.as_millis().max(1) as u64;
+    let mut pipe = redis::pipe();
+    for (stream_id, session_id) in claims {
+        pipe.cmd("EVAL")
+            .arg(CLAIM_LUA)
+            .arg(1)
+            .arg(format!("{OWNER_PREFIX}{stream_id}"))
+            .arg(*session_id)
+            .arg(ttl_ms);
+    }
+    let mut conn = backend.connection();
+    pipe.query_async(&mut conn).await.map_err(backend_error)
+}
+
 /// Gives up the claim on `stream_id` if `session_id` holds it.
 pub async fn release(
     backend: &ResultBackend,
