@@ -103,6 +103,29 @@ INPUTS = {
 }
 
 
+# More realistic inputs made from the 1080p H.264 one (its decoded pictures with fresh grain,
+# re-encoded: making the mandelbrot zoom again costs minutes per input on 2 shared cores). Each
+# is (file name, input it is made from, ffmpeg filter, encoder arguments).
+DERIVED = {
+    "noisy-720p-h264-3m": ("noisy-720p30-h264-3M-gop4-60s-from-h264.mp4", "noisy-1080p-h264",
+                           "scale=1280:720,noise=alls=14:allf=t+u,format=yuv420p",
+                           ["-c:v", "libx264", "-preset", "veryfast", "-b:v", "3M", "-maxrate", "3M",
+                            "-bufsize", "6M", "-g", "120", "-keyint_min", "120", "-sc_threshold", "0"]),
+    "noisy-1080p-h264-8m": ("noisy-1080p30-h264-8M-gop4-60s-from-h264.mp4", "noisy-1080p-h264",
+                            "noise=alls=14:allf=t+u,format=yuv420p",
+                            ["-c:v", "libx264", "-preset", "veryfast", "-b:v", "8M", "-maxrate", "8M",
+                             "-bufsize", "16M", "-g", "120", "-keyint_min", "120", "-sc_threshold", "0"]),
+    "noisy-1080p-hevc-4m": ("noisy-1080p30-hevc-4M-gop4-60s-from-h264.mp4", "noisy-1080p-h264",
+                            "noise=alls=14:allf=t+u,format=yuv420p",
+                            ["-c:v", "libx265", "-preset", "ultrafast", "-b:v", "4M",
+                             "-x265-params", "keyint=120:min-keyint=120:scenecut=0:log-level=error"]),
+    "noisy-720p-hevc": ("noisy-720p30-hevc-3M-gop4-60s-from-h264.mp4", "noisy-1080p-h264",
+                        "scale=1280:720,noise=alls=14:allf=t+u,format=yuv420p",
+                        ["-c:v", "libx265", "-preset", "ultrafast", "-b:v", "3M",
+                         "-x265-params", "keyint=120:min-keyint=120:scenecut=0:log-level=error"]),
+}
+
+
 LOWRATE = ("lowrate-640x360-300k-gop2-60s.mp4", "testsrc2=size=640x360:rate=30", 60,
            ["-c:v", "libx264", "-preset", "veryfast", "-b:v", "300k", "-maxrate", "300k",
             "-bufsize", "600k", "-g", "60", "-keyint_min", "60", "-sc_threshold", "0",
@@ -112,6 +135,18 @@ INPUTS["lowrate"] = LOWRATE
 
 def ensure_input(name):
     global INPUT
+    if name in DERIVED:
+        file, parent, vf, encode = DERIVED[name]
+        ensure_input(parent)
+        source = INPUT
+        INPUT = WORK / file
+        if not INPUT.exists():
+            print(f"making the {name} input from {source.name} (once)...", file=sys.stderr)
+            tmp = INPUT.with_suffix(".part.mp4")
+            sh("ffmpeg", "-hide_banner", "-loglevel", "error", "-y", "-i", str(source), "-vf", vf,
+               *encode, str(tmp))
+            tmp.rename(INPUT)
+        return
     file, source, seconds, encode = INPUTS[name]
     INPUT = WORK / file
     WORK.mkdir(parents=True, exist_ok=True)
@@ -224,6 +259,50 @@ def run_ffmpeg(extra, outdir):
     return cpu, len(list(outdir.glob("*.jpg")))
 
 
+def psnr_against(jpg, at):
+    """(luma, all-plane) PSNR of `jpg` against the full decode of INPUT's picture at `at` s."""
+    out = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-nostats", "-i", str(jpg), "-ss", f"{at:g}", "-i", str(INPUT),
+         # The first picture at `at`, its time set to the JPEG's (0), so psnr pairs the two.
+         "-lavfi", "[1:v]trim=end_frame=1,setpts=PTS-STARTPTS,format=yuvj420p[b];"
+                   "[0:v]format=yuvj420p[a];[a][b]psnr",
+         "-f", "null", "-"], capture_output=True, text=True, timeout=300).stderr
+    line = next((l for l in out.splitlines() if "PSNR y:" in l), None)
+    if line is None:
+        return None
+    fields = dict(f.split(":", 1) for f in line.split("PSNR", 1)[1].split() if ":" in f)
+    return float(fields["y"]), float(fields["average"])
+
+
+def jpeg_quality(jpegs, gop_s=4.0):
+    """(luma PSNR mean, worst, all-plane PSNR mean, mean KB) of JPEGs against the full decode
+    (every frame, loop filter on) of the picture each shows, compared as full-range 4:2:0 by
+    FFmpeg's psnr filter. The i-th JPEG shows a keyframe near i × INTERVAL_S (ffmpeg's fps
+    filter rounds to the nearest slot, so it may show one a GOP or two away): the best match
+    among those keyframes is the picture it shows (the content changes every frame, so a wrong
+    one scores ~13 dB)."""
+    ys, avgs, sizes = [], [], []
+    for i, jpg in enumerate(jpegs):
+        best = None
+        for k in (0, -1, 1, -2, 2, -3, 3):
+            at = i * INTERVAL_S + k * gop_s
+            if at < 0:
+                continue
+            got = psnr_against(jpg, at)
+            if got and (best is None or got[0] > best[0]):
+                best = got
+            if best and best[0] > 25:
+                break
+        if best is None:
+            continue
+        ys.append(best[0])
+        avgs.append(best[1])
+        sizes.append(jpg.stat().st_size / 1024)
+    if not ys:
+        return None
+    return statistics.mean(ys), min(ys), statistics.mean(avgs), statistics.mean(sizes)
+
+
 def cpu_per_snapshot(rounds):
     storage = WORK / "storage-cpu"
     queue = f"bench-snap-{uuid.uuid4().hex[:8]}"
@@ -258,17 +337,30 @@ def cpu_per_snapshot(rounds):
                 frames[name] = k
             print(f"round {r + 1}: " + ", ".join(f"{name} {v[-1]:.1f} ms" for name, v in results.items()),
                   file=sys.stderr)
+        # Output quality: the last session's JPEGs and each ffmpeg variant's last ones.
+        sessions = sorted((storage / "cpu").iterdir(), key=lambda d: d.stat().st_mtime)
+        our_jpegs = sorted(sessions[-1].glob("*.jpg"), key=lambda f: int(f.stem))
+        quality = {"mediafarm watch": jpeg_quality(our_jpegs)}
+        for i, name in enumerate(ffmpeg_variants):
+            quality[name] = jpeg_quality(sorted((WORK / f"ffmpeg-{i}").glob("*.jpg")))
     finally:
         worker.stop()
         shutil.rmtree(storage, ignore_errors=True)
     ours = statistics.median(results["mediafarm watch"])
     print(f"\nCPU per snapshot ({INPUT.name}, one full-size JPEG per 20 s), median of {rounds}:")
-    print(f"{'contender':40} {'snapshots':>9} {'CPU ms/snapshot':>16} {'÷ mediafarm':>12}")
+    print(f"{'contender':44} {'snapshots':>9} {'CPU ms/snapshot':>16} {'÷ mediafarm':>12} "
+          f"{'JPEG KB':>8} {'PSNR Y mean/worst':>18} {'PSNR avg':>9}")
     for name, values in results.items():
         med = statistics.median(values)
-        print(f"{name:40} {frames[name]:>9} {med:>16.1f} {med / ours:>11.1f}×")
+        q = quality.get(name)
+        qtext = f"{q[3]:>8.0f} {q[0]:>11.2f}/{q[1]:<6.2f} {q[2]:>9.2f}" if q else f"{'-':>8}"
+        print(f"{name:44} {frames[name]:>9} {med:>16.1f} {med / ours:>11.2f}× {qtext}")
     best = min(ffmpeg_variants, key=lambda name: statistics.median(results[name]))
-    print(f"cheapest ffmpeg ({best}): {statistics.median(results[best]) / ours:.1f}× mediafarm's CPU")
+    cheapest = statistics.median(results[best])
+    print(f"cheapest ffmpeg ({best}): {cheapest / ours:.1f}× mediafarm's CPU; "
+          f"mediafarm = {ours / cheapest:.3f}× ffmpeg (target ≤ 0.15×: {'met' if ours <= 0.15 * cheapest else 'NOT met'})")
+    print("PSNR: each JPEG against the full decode of the same picture (FFmpeg's psnr filter, full-range 4:2:0)")
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"target ≤ 20 ms per snapshot: {'met' if ours <= 20 else 'NOT met'} ({ours:.1f} ms)")
 
 
@@ -633,8 +725,10 @@ def main():
                     help="spread the sessions' starts over this many seconds (default 0: all at once)")
     ap.add_argument("--skip-sessions", action="store_true")
     ap.add_argument("--skip-cpu", action="store_true")
-    ap.add_argument("--input", choices=sorted(INPUTS), default="pattern",
-                    help="pattern: testsrc2, 2 s GOP (the default); noisy-*: realistic content")
+    ap.add_argument("--input", default="pattern",
+                    help="pattern: testsrc2, 2 s GOP (the default); noisy-*: realistic content; "
+                         "a comma-separated list measures each in turn (CPU part only). One of: "
+                         + ", ".join(sorted([*INPUTS, *DERIVED])))
     ap.add_argument("--rtmp", action="store_true",
                     help="RTMP sessions per core through nginx-rtmp, RTMP engine and thread path (part 3 only)")
     ap.add_argument("--old-levels", default="",
@@ -650,9 +744,15 @@ def main():
         rtmp_sessions([int(x) for x in args.levels.split(",")], old, args.level_seconds, args.stagger,
                       args.rtmp_input, [int(x) for x in args.streams.split(",")])
         return
-    ensure_input(args.input)
-    if not args.skip_cpu:
-        cpu_per_snapshot(args.rounds)
+    names = args.input.split(",")
+    unknown = [n for n in names if n not in INPUTS and n not in DERIVED]
+    if unknown:
+        raise SystemExit(f"unknown input(s) {unknown}: one of {sorted([*INPUTS, *DERIVED])}")
+    for name in names:
+        ensure_input(name)
+        if not args.skip_cpu:
+            print(f"\n== input {name}: load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+            cpu_per_snapshot(args.rounds)
     if not args.skip_sessions:
         sessions_per_core([int(x) for x in args.levels.split(",")], args.level_seconds, args.stagger)
 

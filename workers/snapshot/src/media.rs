@@ -70,13 +70,33 @@ impl From<MediaError> for mediafarm::TaskError {
     }
 }
 
-/// Quietens FFmpeg's own logging (errors only) once per process.
+/// Quietens FFmpeg's own logging (errors only) and keeps freed decoder memory for the next
+/// decode, once per process.
 pub fn init() {
     static INIT: Once = Once::new();
     INIT.call_once(|| {
         let _ = ff::init();
         ff::util::log::set_level(ff::util::log::Level::Fatal);
+        keep_decoder_memory();
     });
+}
+
+/// A decoder lives for one tick (so idle sessions hold no picture buffers), and each new one
+/// allocates its picture pool and tables again: megabytes that glibc otherwise hands back to
+/// the kernel on free (mmap'd blocks, or a trimmed heap top), so the next decoder page-faults
+/// them in again, zeroed by the kernel: about 870 page faults and 4–5 ms of CPU per 1080p
+/// keyframe, a quarter of the decode (BENCHMARKS.md). Blocks under 8 MB (a 1080p picture is
+/// 3 MB) now come from the heap and up to 32 MB of free space stays at each heap's top, so
+/// each glibc malloc arena that ran a decode keeps about one decoder's working set (≈ 10 MB
+/// at 1080p) instead. Rust's own allocations do not go through glibc (see the shared crate's
+/// global allocator); FFmpeg's do.
+fn keep_decoder_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes glibc's thresholds; valid parameters and values.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 32 << 20);
+    }
 }
 
 fn epoch() -> Instant {
@@ -140,6 +160,35 @@ pub struct Input {
     url: String,
     interrupt: Interrupt,
     timeout_s: f64,
+    /// MP4/MOV read keyframes only ([`Input::keep_only_video_keyframes`]).
+    mov_keys: bool,
+    key_seek: KeySeek,
+}
+
+/// Keyframe-only reading of an MP4/MOV file by seeking from one keyframe to the next, so the
+/// demuxer neither reads nor copies the pictures in between (at 6 Mbit/s, 15 MB per 20 s).
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum KeySeek {
+    Off,
+    /// On; no keyframe read yet since the open or the last seek.
+    Start,
+    /// On; the presentation time (stream time base) of the keyframe read last.
+    After(i64),
+}
+
+/// Whether the URL names an MP4/MOV file by its extension.
+fn mp4_named(url: &str) -> bool {
+    let path = url.split(['?', '#']).next().unwrap_or(url);
+    let ext = path.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase());
+    matches!(ext.as_deref(), Some("mp4" | "m4v" | "mov"))
+}
+
+/// Whether FFmpeg's MOV/MP4 demuxer reads this input.
+fn is_mov(ctx: &ff::format::context::Input) -> bool {
+    ctx.format()
+        .name()
+        .split(',')
+        .any(|n| n == "mov" || n == "mp4")
 }
 
 /// What one read gave.
@@ -160,19 +209,29 @@ impl Input {
         timeout: Duration,
     ) -> Result<Input, MediaError> {
         init();
-        let mut opts = ff::Dictionary::new();
-        match kind {
-            SourceKind::Rtsp => opts.set("rtsp_transport", "tcp"),
-            SourceKind::Rtmp => opts.set("rtmp_live", "live"),
-            SourceKind::Hls | SourceKind::File => {}
+        if kind == SourceKind::File && mp4_named(url) {
+            let ctx = open_context(url, shown, kind, interrupt, timeout, false)?;
+            let sized = ctx
+                .streams()
+                .best(ff::media::Type::Video)
+                // SAFETY: the stream's codec parameters, alive with the context.
+                .is_some_and(|s| unsafe { (*s.parameters().as_ptr()).width } > 0);
+            if is_mov(&ctx) && sized {
+                return Input::from_context(ctx, shown, interrupt, timeout);
+            }
+            // Named .mp4 but another container, or no picture size in its header: open it
+            // again with the probe's decode.
         }
-        if kind != SourceKind::File {
-            // Live sources: start on the first frames instead of probing for seconds.
-            opts.set("analyzeduration", "1000000");
-            opts.set("fflags", "nobuffer");
-        }
-        let ctx = ff::format::input_with_interrupt_and_dictionary(url, interrupt.callback(), opts)
-            .map_err(|e| open_error(e, shown, interrupt, timeout))?;
+        let ctx = open_context(url, shown, kind, interrupt, timeout, true)?;
+        Input::from_context(ctx, shown, interrupt, timeout)
+    }
+
+    fn from_context(
+        ctx: ff::format::context::Input,
+        shown: &str,
+        interrupt: &Interrupt,
+        timeout: Duration,
+    ) -> Result<Input, MediaError> {
         let stream =
             ctx.streams()
                 .best(ff::media::Type::Video)
@@ -196,6 +255,8 @@ impl Input {
             url: shown.to_owned(),
             interrupt: interrupt.clone(),
             timeout_s: timeout.as_secs_f64(),
+            mov_keys: false,
+            key_seek: KeySeek::Off,
         })
     }
 
@@ -232,9 +293,11 @@ impl Input {
 
     /// Asks the demuxer to drop what a keyframe-only reader never uses before it copies it
     /// out: every other stream (all containers honour that), and on FLV — RTMP's container —
-    /// the video's non-key packets too. Not on MP4/MOV: its demuxer then hands later keyframes
-    /// the composition offset of a skipped sample (a 4.0 s keyframe read as 4.1 s), and the
-    /// other demuxers (MPEG-TS, RTSP) ignore it.
+    /// the video's non-key packets too. On MP4/MOV, reads then seek from each keyframe to the
+    /// next instead (its index says where they are): the demuxer's own non-key discard would
+    /// hand later keyframes the composition offset of a skipped sample (a 4.0 s keyframe read
+    /// as 4.1 s), while a seek sets that offset right. The other demuxers (MPEG-TS, RTSP)
+    /// ignore the discard.
     pub fn keep_only_video_keyframes(&mut self) {
         let flv = self
             .ctx
@@ -242,6 +305,10 @@ impl Input {
             .name()
             .split(',')
             .any(|n| n == "flv" || n == "live_flv");
+        if is_mov(&self.ctx) {
+            self.mov_keys = true;
+            self.key_seek = KeySeek::Start;
+        }
         for mut stream in self.ctx.streams_mut() {
             let discard = if stream.index() != self.video {
                 ff::ffi::AVDiscard::AVDISCARD_ALL
@@ -261,8 +328,34 @@ impl Input {
         // free what a reused packet still holds: without this every packet's buffer leaked.
         // SAFETY: the packet is ours and not borrowed; unref leaves it blank and reusable.
         unsafe { ff::ffi::av_packet_unref(ff::packet::Mut::as_mut_ptr(pkt)) };
+        if let KeySeek::After(pts) = self.key_seek {
+            // Forward to the first keyframe presented after the last one. MOV takes the seek
+            // time as a presentation time and fails when no keyframe follows in its index (the
+            // file's end, or a fragmented file whose later fragments are not indexed yet):
+            // then plain reading goes on from where it is until the next seek, which is right
+            // in both cases (and at the end gives the last pictures' times, which a looped
+            // file's clock goes on from).
+            // SAFETY: the open context we own; the stream index is the video stream's.
+            let r = unsafe {
+                ff::ffi::av_seek_frame(self.ctx.as_mut_ptr(), self.video as i32, pts + 1, 0)
+            };
+            if r < 0 {
+                self.key_seek = KeySeek::Off;
+            }
+        }
         match pkt.read(&mut self.ctx) {
-            Ok(()) if pkt.stream() == self.video => Ok(Read::Video),
+            Ok(()) if pkt.stream() == self.video => {
+                if self.key_seek != KeySeek::Off && pkt.is_key() {
+                    let pts = pkt.pts().or(pkt.dts());
+                    self.key_seek = match (self.key_seek, pts) {
+                        // A seek that did not move forward: read plainly from here on.
+                        (KeySeek::After(last), Some(p)) if p <= last => KeySeek::Off,
+                        (_, Some(p)) => KeySeek::After(p),
+                        (_, None) => KeySeek::Off,
+                    };
+                }
+                Ok(Read::Video)
+            }
             Ok(()) => Ok(Read::Other),
             Err(ff::Error::Eof) => Ok(Read::Eof),
             Err(_) if self.interrupt.stopped() => Err(MediaError::Stopped),
@@ -279,12 +372,47 @@ impl Input {
 
     /// Seeks to the keyframe at or before `secs` (from the file's start).
     pub fn seek(&mut self, secs: f64) -> Result<(), MediaError> {
+        if self.mov_keys {
+            self.key_seek = KeySeek::Start;
+        }
         let ts = ((secs + self.start_s) * f64::from(ff::ffi::AV_TIME_BASE)) as i64;
         self.ctx.seek(ts, ..ts + 1).map_err(|e| MediaError::Read {
             url: self.url.clone(),
             reason: format!("cannot seek to {secs} s: {e}"),
         })
     }
+}
+
+/// Opens `url` and probes its streams; `probe_decode: false` skips the decode of a first
+/// picture that FFmpeg's probe (avformat_find_stream_info) does only to learn the pixel
+/// format, which nothing here needs: MP4/MOV's header gives the size, codec configuration,
+/// timing and start already, and at 1080p that decode cost more than two keyframe decodes
+/// (36–39 ms per open). A codec whitelist naming no decoder makes the probe skip it; our own
+/// decoders are separate codec contexts, which it does not restrict.
+fn open_context(
+    url: &str,
+    shown: &str,
+    kind: SourceKind,
+    interrupt: &Interrupt,
+    timeout: Duration,
+    probe_decode: bool,
+) -> Result<ff::format::context::Input, MediaError> {
+    let mut opts = ff::Dictionary::new();
+    match kind {
+        SourceKind::Rtsp => opts.set("rtsp_transport", "tcp"),
+        SourceKind::Rtmp => opts.set("rtmp_live", "live"),
+        SourceKind::Hls | SourceKind::File => {}
+    }
+    if kind != SourceKind::File {
+        // Live sources: start on the first frames instead of probing for seconds.
+        opts.set("analyzeduration", "1000000");
+        opts.set("fflags", "nobuffer");
+    }
+    if !probe_decode {
+        opts.set("codec_whitelist", "none");
+    }
+    ff::format::input_with_interrupt_and_dictionary(url, interrupt.callback(), opts)
+        .map_err(|e| open_error(e, shown, interrupt, timeout))
 }
 
 fn open_error(e: ff::Error, url: &str, interrupt: &Interrupt, timeout: Duration) -> MediaError {
@@ -750,4 +878,121 @@ pub fn shown(url: &str) -> String {
 /// Whether a kind of source is live (no seeking, ticks follow the stream as it comes).
 pub fn is_live(kind: SourceKind) -> bool {
     kind != SourceKind::File
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    /// An H.264 MP4 with B-frames (so its keyframes carry a composition offset), a keyframe
+    /// every second, and an audio track, made with the ffmpeg CLI.
+    fn mp4_with_b_frames(dir: &Path) -> PathBuf {
+        let path = dir.join("b-frames.mp4");
+        let status = std::process::Command::new("ffmpeg")
+            .args(["-hide_banner", "-loglevel", "error", "-y"])
+            .args(["-f", "lavfi", "-i", "testsrc2=size=320x240:rate=30"])
+            .args(["-f", "lavfi", "-i", "sine", "-t", "6"])
+            .args([
+                "-c:v", "libx264", "-preset", "veryfast", "-bf", "3", "-g", "30",
+            ])
+            .args([
+                "-keyint_min",
+                "30",
+                "-sc_threshold",
+                "0",
+                "-pix_fmt",
+                "yuv420p",
+            ])
+            .args(["-c:a", "aac"])
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .status()
+            .expect("ffmpeg runs (scripts/setup.d/snapshot.sh installs it)");
+        assert!(status.success());
+        path
+    }
+
+    fn open(url: &str, probe_decode: bool) -> Input {
+        let interrupt = Interrupt::new(Arc::new(AtomicBool::new(false)));
+        interrupt.arm(Duration::from_secs(30));
+        let timeout = Duration::from_secs(30);
+        init();
+        let ctx = open_context(
+            url,
+            url,
+            SourceKind::File,
+            &interrupt,
+            timeout,
+            probe_decode,
+        )
+        .unwrap();
+        Input::from_context(ctx, url, &interrupt, timeout).unwrap()
+    }
+
+    /// (keyframe pts, video packets read) to the end of the file.
+    fn keyframes(input: &mut Input) -> (Vec<i64>, usize) {
+        let mut pkt = ff::Packet::empty();
+        let (mut keys, mut read) = (Vec::new(), 0);
+        loop {
+            match input.read(&mut pkt).unwrap() {
+                Read::Video => {
+                    read += 1;
+                    if pkt.is_key() {
+                        keys.push(pkt.pts().unwrap());
+                    }
+                }
+                Read::Other => {}
+                Read::Eof => return (keys, read),
+            }
+        }
+    }
+
+    #[test]
+    fn mp4_keyframes_read_by_seeking_keep_their_presentation_times() {
+        let dir = std::env::temp_dir().join(format!("snapshot-media-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = mp4_with_b_frames(&dir).display().to_string();
+
+        // The full probe (it decodes a picture) and every packet read: the reference.
+        let mut plain = open(&url, true);
+        let (want, all) = keyframes(&mut plain);
+        assert_eq!(want.len(), 6, "{want:?}");
+
+        // What a watch session does: the probe without a decode, keyframes only.
+        let mut input = Input::open(
+            &url,
+            &url,
+            SourceKind::File,
+            &plain.interrupt,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        // SAFETY: the open inputs' own codec parameters.
+        let format = |i: &Input| unsafe { (*i.parameters().unwrap().as_ptr()).format };
+        assert_eq!(format(&input), -1, "opened without the probe's decode");
+        assert_ne!(format(&plain), -1);
+        assert_eq!(input.start_s(), plain.start_s());
+        assert_eq!(input.duration_s(), plain.duration_s());
+        input.keep_only_video_keyframes();
+        let (got, read) = keyframes(&mut input);
+        assert_eq!(got, want, "keyframes at their true times");
+        // Only the keyframes, plus the pictures after the last one (the end of the index).
+        assert!(read < 6 + 30, "{read} of {all} packets read");
+        assert!(all > 170, "{all}");
+
+        // A looped file starts over with keyframes only again.
+        input.seek(0.0).unwrap();
+        let (again, read_again) = keyframes(&mut input);
+        assert_eq!((again, read_again), (want, read));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn only_files_named_mp4_skip_the_probe_decode() {
+        assert!(mp4_named("file:///srv/a/room.MP4"));
+        assert!(mp4_named("/srv/a/room.mov?x=1"));
+        assert!(!mp4_named("file:///srv/a/room.ts"));
+        assert!(!mp4_named("file:///srv/a.mp4/room"));
+    }
 }
