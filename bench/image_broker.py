@@ -119,19 +119,20 @@ def peak_rss_mb(pid):
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid):
-    """utime + stime of `pid` and of every process under it, in seconds."""
+def cpu_seconds(pid, faults=False):
+    """utime + stime of `pid` and of every process under it, in seconds (with `faults`: the
+    minor page faults of the same processes instead)."""
     total, todo = 0, [pid]
     while todo:
         p = todo.pop()
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            total += int(fields[7]) if faults else int(fields[11]) + int(fields[12])
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
         except (OSError, ValueError, IndexError):
             pass
-    return total / TICK
+    return total if faults else total / TICK
 
 
 def service_pids():
@@ -153,7 +154,8 @@ def services_cpu(pids):
 
 def drain(app, label, command, keys, jobs, timeout, env):
     """Publishes `jobs`, starts `command(queue)`, waits until every job has a result; returns
-    (images/s, peak RSS MB, worker CPU ms per image, services CPU ms per image)."""
+    (images/s, peak RSS MB, worker CPU ms per image, services CPU ms per image, worker minor
+    page faults per image)."""
     queue = f"bench-img-{uuid.uuid4().hex[:8]}"
     store = redis.Redis.from_url(BACKEND)
     ids = [f"celery-task-meta-{queue}-{i}" for i in range(jobs)]
@@ -171,9 +173,11 @@ def drain(app, label, command, keys, jobs, timeout, env):
                 done = sum(v is not None for v in values)
                 now = time.monotonic()
                 if done and first is None:
-                    first = (now, done, cpu_seconds(proc.pid), services_cpu(services))
+                    first = (now, done, cpu_seconds(proc.pid), services_cpu(services),
+                             cpu_seconds(proc.pid, faults=True))
                 if done >= jobs:
                     cpu = cpu_seconds(proc.pid) - first[2]
+                    faults = cpu_seconds(proc.pid, faults=True) - first[4]
                     service_cpu = services_cpu(services) - first[3]
                     rss = peak_rss_mb(proc.pid)
                     break
@@ -193,7 +197,7 @@ def drain(app, label, command, keys, jobs, timeout, env):
     counted = jobs - first[1]
     rate = counted / seconds if seconds > 0 else float("inf")
     per_image = 1000 / max(counted, 1)
-    return rate, rss, cpu * per_image, service_cpu * per_image
+    return rate, rss, cpu * per_image, service_cpu * per_image, faults / max(counted, 1)
 
 
 def wallpapers():
@@ -220,6 +224,9 @@ def main():
     parser.add_argument("--no-memory", action="store_true", help="skip the 50 MP peak-RSS runs")
     parser.add_argument("--worker", type=Path, help="an image-worker binary to run instead of "
                         "building target/release/image-worker (comparing builds)")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for image-worker only (repeatable)")
+    parser.add_argument("--label", default="image-worker -c 2", help="image-worker's row label")
     args = parser.parse_args()
     if not args.no_memory:
         image_pipeline.ensure_tools()  # libvips, for the 50 MP sources
@@ -240,7 +247,8 @@ def main():
     from celery import Celery
     app = Celery("image_bench_client", broker=BROKER, backend=BACKEND)
     worker_env = {"MEDIAFARM_BROKER_URL": BROKER, "MEDIAFARM_RESULT_BACKEND": BACKEND,
-                  "MEDIAFARM_STORAGE_URL": STORAGE.as_uri(), "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0"}
+                  "MEDIAFARM_STORAGE_URL": STORAGE.as_uri(), "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0",
+                  **dict(kv.split("=", 1) for kv in args.worker_env)}
 
     def rust(q):
         return [worker, "--concurrency", "2", "--queues", q,
@@ -253,9 +261,9 @@ def main():
 
     WORK.mkdir(parents=True, exist_ok=True)
     celery_label = "celery prefork -c 2 (Pillow)"
-    runs = {"image-worker -c 2": [], celery_label: []}
+    runs = {args.label: [], celery_label: []}
     for _ in range(0 if args.memory_only else args.rounds):
-        for label, command, env in (("image-worker -c 2", rust, worker_env),
+        for label, command, env in ((args.label, rust, worker_env),
                                     (celery_label, celery, {})):
             runs[label].append(drain(app, label, command, keys, args.jobs, 900, env))
     if not args.memory_only:
@@ -263,8 +271,8 @@ def main():
               f"{', '.join(map(str, WIDTHS))} px JPEG q80; median of {args.rounds} round(s); "
               f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
         print("| worker | images/s | × Celery | worker CPU ms/image | Celery CPU ÷ this | "
-              "RabbitMQ + Redis CPU ms/image | peak RSS MB |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "RabbitMQ + Redis CPU ms/image | minor faults/image | peak RSS MB |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
 
         def med(label, i):
             return statistics.median(r[i] for r in runs[label])
@@ -272,7 +280,9 @@ def main():
         for label in runs:
             print(f"| {label} | {med(label, 0):.1f} | {med(label, 0) / med(celery_label, 0):.2f}× "
                   f"| {med(label, 2):.1f} | {med(celery_label, 2) / med(label, 2):.2f}× "
-                  f"| {med(label, 3):.1f} | {max(r[1] for r in runs[label]):.0f} |")
+                  f"| {med(label, 3):.1f} | {med(label, 4):.0f} "
+                  f"| {max(r[1] for r in runs[label]):.0f} |")
+        print(f"load average at the end: {os.getloadavg()}")
     if args.no_memory:
         return
 
@@ -286,7 +296,7 @@ def main():
     print("| sources | images/s | peak RSS MB (VmHWM) | target |")
     print("| --- | ---: | ---: | --- |")
     for label, ks in big_keys.items():
-        rate, peak, _, _ = drain(app, f"image-worker 50MP {label}", rust, ks, args.big_jobs, 900,
+        rate, peak, *_ = drain(app, f"image-worker 50MP {label}", rust, ks, args.big_jobs, 900,
                                  worker_env)
         print(f"| {label} | {rate:.1f} | {peak:.0f} | ≤ 256 MB: {'met' if peak <= 256 else 'NOT met'} |",
               flush=True)
