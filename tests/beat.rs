@@ -386,7 +386,9 @@ async fn a_bad_entry_stops_start_up_naming_entry_field_value_and_what_is_accepte
 async fn schedule_commands_add_list_remove_and_a_running_beat_follows_them() {
     let mut t = BeatTest::new(
         "beat-dyn",
-        "[beat_schedule.hourly]\ntask = \"echo.echo\"\nevery = \"1h\"\nqueue = \"{queue}\"\n",
+        // A settings entry that does not tick while the test runs: ticks sit on a grid from the
+        // Unix epoch, and an hourly one ticked into a run that crossed the hour.
+        "[beat_schedule.annual]\ntask = \"echo.echo\"\nevery = \"365d\"\nqueue = \"{queue}\"\n",
     );
     let beat = t.start_beat();
     t.wait_leader(None).await;
@@ -430,7 +432,7 @@ async fn schedule_commands_add_list_remove_and_a_running_beat_follows_them() {
         &q,
     ]);
     assert!(cron.status.success(), "{cron:?}");
-    let clash = t.cli(&["schedule", "add", "hourly", "echo.echo", "--every", "1s"]);
+    let clash = t.cli(&["schedule", "add", "annual", "echo.echo", "--every", "1s"]);
     assert!(!clash.status.success());
     assert!(String::from_utf8_lossy(&clash.stderr).contains("settings file"));
 
@@ -483,7 +485,7 @@ async fn schedule_commands_add_list_remove_and_a_running_beat_follows_them() {
     assert_eq!(
         names,
         [
-            ("hourly", "settings"),
+            ("annual", "settings"),
             ("dyn", "redis"),
             ("yearly", "redis")
         ]
