@@ -21,9 +21,8 @@ from pathlib import Path
 
 import redis
 from bench_common import delete_queue
-from canvas_throughput import (BACKEND, BROKER, RELEASE, Producer, Worker, celery, load,
-                               step)
-from celery import chain
+from canvas_throughput import (BACKEND, BROKER, RELEASE, Worker, celery, load,
+                               publish_chains)
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
@@ -66,9 +65,7 @@ def run(label, command, env, cwd, chains, rabbit, redis_pid):
     store = redis.Redis.from_url(BACKEND)
     store.flushdb()
     try:
-        with Producer():
-            lasts = [chain(step(queue, i=n), step(queue), step(queue)).apply_async().id
-                     for n in range(chains)]
+        lasts = publish_chains(queue, chains)
         with Worker(label, command, env, cwd, queue, 600) as w:
             w.wait_for(lambda: store.dbsize() > 0)
             pids = {"worker": w.proc.pid, "rabbitmq": rabbit, "redis": redis_pid,

@@ -110,6 +110,14 @@ class Worker:
         self.log.close()
 
 
+def publish_chains(queue, chains):
+    """Publishes `chains` 3-step `echo.step` chains through Celery's canvas; returns each chain's
+    last task id."""
+    with Producer():
+        return [chain(step(queue, i=n), step(queue), step(queue)).apply_async().id
+                for n in range(chains)]
+
+
 def load(store, task_id):
     raw = store.get(f"celery-task-meta-{task_id}")
     return json.loads(raw) if raw else None
@@ -144,9 +152,7 @@ def run_variant(label, command, env, cwd, chains, chord_size, timeout, rust_prod
     store = redis.Redis.from_url(BACKEND)
     store.flushdb()
     try:
-        with Producer():
-            lasts = [chain(step(queue, i=n), step(queue), step(queue)).apply_async().id
-                     for n in range(chains)]
+        lasts = publish_chains(queue, chains)
         with Worker(label, command, env, cwd, queue, timeout) as w:
             first = w.wait_for(lambda: store.dbsize() > 0)
             last = w.wait_for(lambda: store.dbsize() >= 3 * chains)
