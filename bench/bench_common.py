@@ -55,3 +55,17 @@ def build_release_examples():
         cwd=Path(__file__).resolve().parent.parent,
         check=True,
     )
+
+
+def worker_spec(spec):
+    """`PATH` or `PATH@VAR=VALUE,VAR=VALUE`: a worker binary to benchmark and the environment
+    it runs with (settings such as MEDIAFARM_WORKER_FINISHING_LIMIT), so several builds or
+    settings can be interleaved in one run. Returns (label, path, env); the label is the
+    binary's directory name, then the settings."""
+    path, _, settings = spec.partition("@")
+    env = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+    label = f"echo-worker {Path(path).parent.name}"
+    if env:
+        label += " " + " ".join(f"{k.removeprefix('MEDIAFARM_').lower()}={v}"
+                                for k, v in env.items())
+    return label, path, env

@@ -9,7 +9,7 @@ RabbitMQ and Redis are shared services: whatever else uses them during a run is 
 so their idle CPU over a quiet second is printed first for comparison.
 
 Usage: .venv/bin/python bench/canvas_cpu.py [--chains 2000] [--rounds 1] [--only mediafarm|celery]
-       [--worker PATH] [--concurrency N]
+       [--worker PATH[@VAR=VALUE,...]]... [--concurrency N]
 Assumes a release build (target/release/examples/echo-worker) unless --worker is given.
 """
 import argparse
@@ -20,7 +20,7 @@ import uuid
 from pathlib import Path
 
 import redis
-from bench_common import delete_queue
+from bench_common import delete_queue, worker_spec
 from canvas_throughput import (BACKEND, BROKER, RELEASE, Worker, celery, load,
                                publish_chains)
 
@@ -97,7 +97,9 @@ def main():
     parser.add_argument("--chains", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--only", choices=["mediafarm", "celery"])
-    parser.add_argument("--worker", default=str(RELEASE / "examples" / "echo-worker"))
+    parser.add_argument("--worker", action="append", metavar="PATH[@VAR=VALUE,...]",
+                        help="echo-worker binary, with settings in its environment; repeat to "
+                             "interleave several (default: the release build)")
     parser.add_argument("--concurrency", type=int)
     args = parser.parse_args()
     rabbit, redis_pid = pid_of("beam.smp"), pid_of("redis-server")
@@ -110,13 +112,16 @@ def main():
     worker_env = {"MEDIAFARM_BROKER_URL": BROKER, "MEDIAFARM_RESULT_BACKEND": BACKEND,
                   "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0"}
     given = ["--concurrency", str(args.concurrency)] if args.concurrency else []
-    mf = (f"echo-worker {Path(args.worker).parent.name}",
-          lambda q: [args.worker, "--queues", q, *given, "--loglevel", "warning"],
-          worker_env, None)
+    mfs = []
+    for spec in args.worker or [str(RELEASE / "examples" / "echo-worker")]:
+        label, path, env = worker_spec(spec)
+        mfs.append((label, lambda q, path=path: [path, "--queues", q, *given, "--loglevel",
+                                                  "warning"],
+                    {**worker_env, **env}, None))
     cy = ("celery prefork -c 2", celery,
           {"BENCH_BROKER_URL": BROKER, "BENCH_RESULT_BACKEND": BACKEND}, ROOT / "bench")
-    variants = [v for side, v in (("celery", cy), ("mediafarm", mf))
-                if args.only in (None, side)]
+    variants = ([cy] if args.only in (None, "celery") else []) + \
+        (mfs if args.only in (None, "mediafarm") else [])
     for _ in range(args.rounds):
         for label, command, env, cwd in variants:
             run(label, command, env, cwd, args.chains, rabbit, redis_pid)

@@ -21,7 +21,7 @@ Every result is checked: each chain's last result is SUCCESS and holds its paren
 the chord body got all header results in order.
 
 Usage: .venv/bin/python bench/canvas_throughput.py [--chains 500] [--chord-size 1000]
-       [--rounds 3] [--quick] [--concurrency N] [--no-build]
+       [--rounds 3] [--quick] [--concurrency N] [--no-build] [--worker PATH[@VAR=VALUE,...]]...
 Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
 """
 import argparse
@@ -36,7 +36,8 @@ import uuid
 from pathlib import Path
 
 import redis
-from bench_common import bench_app, build_release_examples, delete_queue, stop
+from bench_common import (bench_app, build_release_examples, delete_queue, stop,
+                          worker_spec)
 from celery import chain, chord, signature
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -213,10 +214,9 @@ def celery(queue):
             "--without-gossip", "--without-mingle", "--without-heartbeat"]
 
 
-def echo_worker(concurrency):
+def echo_worker(concurrency, path=RELEASE / "examples" / "echo-worker"):
     given = ["--concurrency", str(concurrency)] if concurrency else []
-    return lambda queue: [RELEASE / "examples" / "echo-worker", "--queues", queue, *given,
-                          "--loglevel", "warning"]
+    return lambda queue: [path, "--queues", queue, *given, "--loglevel", "warning"]
 
 
 def main():
@@ -230,6 +230,9 @@ def main():
                         help="echo-worker's --concurrency (default: its own default, the "
                              "number of cores)")
     parser.add_argument("--no-build", action="store_true")
+    parser.add_argument("--worker", action="append", metavar="PATH[@VAR=VALUE,...]",
+                        help="an echo-worker binary to run instead of the release build, with "
+                             "settings in its environment; repeat to interleave several")
     args = parser.parse_args()
     chains = 50 if args.quick else args.chains
     if not args.no_build:
@@ -244,10 +247,15 @@ def main():
     mf_label = (f"echo-worker -c {args.concurrency}" if args.concurrency
                 else "echo-worker (defaults)")
     celery_timeout = (chains * 3 + args.chord_size) * 40 // 1000 + 120
-    variants = [
-        (celery_label, celery, celery_env, ROOT / "bench", celery_timeout),
-        (mf_label, echo_worker(args.concurrency), worker_env, None, 120),
-    ]
+    variants = [(celery_label, celery, celery_env, ROOT / "bench", celery_timeout)]
+    if args.worker:
+        for spec in args.worker:
+            label, path, env = worker_spec(spec)
+            variants.append((label, echo_worker(args.concurrency, path), {**worker_env, **env},
+                             None, 120))
+    else:
+        variants.append((mf_label, echo_worker(args.concurrency), worker_env, None, 120))
+    mf_labels = [label for label, *_ in variants[1:]]
     if not (RELEASE / "mediafarm").exists():
         raise SystemExit(f"{RELEASE / 'mediafarm'} is missing: run without --no-build")
     for label, *_ in variants:
@@ -257,7 +265,7 @@ def main():
         for label, command, env, cwd, timeout in variants:
             rate, live, publish, drain, rust_live = run_variant(
                 label, command, env, cwd, chains, args.chord_size, timeout,
-                rust_producer=label == mf_label)
+                rust_producer=label in mf_labels)
             results[label].append((rate, live, publish, drain, rust_live))
             rust = f"; live with mediafarm's producer {rust_live:.3f} s" if rust_live else ""
             print(f"round {r + 1}: {label}: {rate:,.0f} chains/s; chord of {args.chord_size} "
@@ -284,16 +292,19 @@ def main():
         print(f"| {label} | {median(label, 0):,.0f} | {spread(label, 0, ',.0f')} | "
               f"{median(label, 1):.3f} | {spread(label, 1, '.3f')} | {median(label, 2):.3f} | "
               f"{median(label, 3):.3f} | {spread(label, 3, '.3f')} |")
-    mf, cy = mf_label, celery_label
-    print(f"\nchains: {mf} = {median(mf, 0) / median(cy, 0):.1f}× {cy} (target ≥ 8×)")
-    print(f"chord of {args.chord_size}, live: {median(cy, 1) / median(mf, 1):.1f}× ({cy}'s time "
-          f"÷ ours; target ≥ 8×; publishing alone, by Celery's client, took {median(cy, 2):.2f} s "
-          f"and {median(mf, 2):.2f} s of them)")
-    print(f"chord of {args.chord_size}, pre-published: {median(cy, 3) / median(mf, 3):.1f}× "
-          f"({cy}'s time ÷ ours)")
-    print(f"chord of {args.chord_size}, live, each side's own producer (Celery's canvas for "
-          f"Celery, `mediafarm submit --workflow` for mediafarm: {median(mf, 4):.3f} s, rounds "
-          f"{spread(mf, 4, '.3f')}): {median(cy, 1) / median(mf, 4):.1f}× (target ≥ 8×)")
+    cy = celery_label
+    for mf in mf_labels:
+        print(f"\nchains: {mf} = {median(mf, 0) / median(cy, 0):.1f}× {cy} (target ≥ 8×)")
+        print(f"chord of {args.chord_size}, live: {median(cy, 1) / median(mf, 1):.1f}× ({cy}'s "
+              f"time ÷ ours; target ≥ 8×; publishing alone, by Celery's client, took "
+              f"{median(cy, 2):.2f} s and {median(mf, 2):.2f} s of them)")
+        print(f"chord of {args.chord_size}, pre-published: {median(cy, 3) / median(mf, 3):.1f}× "
+              f"({cy}'s time ÷ ours)")
+        print(f"chord of {args.chord_size}, live, each side's own producer (Celery's canvas for "
+              f"Celery, `mediafarm submit --workflow` for mediafarm: {median(mf, 4):.3f} s, "
+              f"rounds {spread(mf, 4, '.3f')}): {median(cy, 1) / median(mf, 4):.1f}× "
+              f"(target ≥ 8×)")
+    print(f"load average at the end: {os.getloadavg()}")
 
 
 if __name__ == "__main__":

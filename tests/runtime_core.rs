@@ -1058,3 +1058,54 @@ async fn jobs_waiting_for_their_result_store_do_not_hold_the_prefetch_window() {
     assert_eq!(runs.load(Ordering::SeqCst), 10, "each job ran once");
     farm.stop().await;
 }
+
+/// `worker_finishing_limit` bounds how far finishing jobs widen the window: with 1, a window of
+/// 2 lets one more message in while both jobs wait for Redis, and no more; every job still runs
+/// once, acknowledged only after its result is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_finishing_limit_bounds_how_far_finishing_jobs_widen_the_window() {
+    let mut s = settings();
+    let gate = Gate::start(Gate::upstream_of(&s.result_backend)).await;
+    let direct = s.clone();
+    s.result_backend = gate.redis_url(&s.result_backend);
+    s.worker_concurrency = 1;
+    s.worker_prefetch_multiplier = 2;
+    s.worker_finishing_limit = Some(1);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let farm = Farm::start("lendlimit", s, Registry::new().register(Counted(runs.clone()))).await;
+    let q = farm.queue.clone();
+    let client = Client::connect(&direct).await.unwrap();
+    gate.hold();
+    let mut results = Vec::new();
+    for _ in 0..10 {
+        results.push(
+            client
+                .send_task("test.counted", Map::new(), &to(&q))
+                .await
+                .unwrap(),
+        );
+    }
+    // The first two run and wait for Redis; one of them is lent the one place, so a third is
+    // delivered and runs; the other waits in line.
+    until("three jobs delivered", || async {
+        ready_count(&direct, &q).await == 7
+    })
+    .await;
+    until("three jobs run", || async {
+        runs.load(Ordering::SeqCst) == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        ready_count(&direct, &q).await,
+        7,
+        "no more than prefetch + the finishing limit held"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 3);
+    gate.release();
+    for r in &results {
+        r.get(WAIT).await.unwrap();
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 10, "each job ran once");
+    farm.stop().await;
+}

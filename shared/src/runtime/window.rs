@@ -85,14 +85,16 @@ impl Window {
         })
     }
 
-    /// The window for `settings`: `prefetch_count`, widening by as much again unless `fixed`.
+    /// The window for `settings`: `prefetch_count`, widening by `worker_finishing_limit` unless
+    /// `fixed`.
     pub fn for_settings(
         settings: &crate::settings::Settings,
         fixed: bool,
         remote: bool,
     ) -> Arc<Window> {
         let base = usize::from(settings.prefetch_count().max(1));
-        Window::new(base, if fixed { 0 } else { base }, remote)
+        let most_lent = if fixed { 0 } else { settings.finishing_limit() };
+        Window::new(base, most_lent, remote)
     }
 
     /// How many messages may be unacknowledged now.

@@ -144,6 +144,12 @@ crate::settings_group! {
         worker_concurrency: usize = default_concurrency(), Int(1, 10_000);
         /// Unacknowledged messages held per unit of concurrency.
         worker_prefetch_multiplier: u16 = 4, Int(1, 1000);
+        /// Messages a worker may hold beyond `concurrency × worker_prefetch_multiplier` for jobs
+        /// whose task returned and that only wait for their finishing (the next step's publisher
+        /// confirm, the result store, a chord join): the prefetch window widens by one for each,
+        /// up to this many. It never lets more jobs wait to run or run. Unset: as many as
+        /// `concurrency × worker_prefetch_multiplier`; 0: the window never widens.
+        worker_finishing_limit: Option<usize> = None, OptInt(0, 65_535);
         /// Always true: a message is acknowledged only after its result is stored.
         task_acks_late: bool = true, Custom(Reader::acks_late);
         /// Store a STARTED state when a job begins.
@@ -384,6 +390,13 @@ impl Settings {
             .worker_concurrency
             .saturating_mul(self.worker_prefetch_multiplier as usize);
         n.min(u16::MAX as usize) as u16
+    }
+
+    /// How many places the prefetch window lends at most to finishing jobs
+    /// (`worker_finishing_limit`, by default `prefetch_count`).
+    pub fn finishing_limit(&self) -> usize {
+        self.worker_finishing_limit
+            .unwrap_or_else(|| usize::from(self.prefetch_count()))
     }
 
     /// Work queues are quorum queues (`task_default_queue_type = "quorum"`).
