@@ -429,7 +429,8 @@ async fn stopping_returns_unfinished_jobs_to_their_queue_at_once() {
 
 /// On the Redis broker too, a job that only waits for its result store (a Redis the test
 /// holds) lends its place in the prefetch window: more messages are taken and run, up to
-/// `2 × prefetch_count` in all, and each runs once after the store comes back.
+/// `prefetch_count + worker_finishing_limit` in all (here 2 + 2), and each runs once after the
+/// store comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_waiting_for_their_result_store_do_not_hold_the_prefetch_window() {
     let mut s = redis_settings(BROKER);
@@ -438,6 +439,7 @@ async fn jobs_waiting_for_their_result_store_do_not_hold_the_prefetch_window() {
     s.result_backend = gate.redis_url(&s.result_backend);
     s.worker_concurrency = 1;
     s.worker_prefetch_multiplier = 2;
+    s.worker_finishing_limit = Some(2);
     let q = unique_queue("rb-window");
     let runs = Arc::new(AtomicUsize::new(0));
     let worker = Worker::new(
@@ -479,7 +481,7 @@ async fn jobs_waiting_for_their_result_store_do_not_hold_the_prefetch_window() {
     assert_eq!(
         broker.len(&q).await.expect("len"),
         6,
-        "no more than 2 × prefetch taken"
+        "no more than prefetch + the finishing limit taken"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 4);
     gate.release();

@@ -1002,8 +1002,8 @@ async fn until<F: std::future::Future<Output = bool>>(what: &str, mut check: imp
 
 /// A job whose task returned and that only waits for its result store (here: a Redis the test
 /// holds) lends its place in the prefetch window, so the next messages are delivered and run;
-/// the window widens by `prefetch_count` at most, and every job still runs once, acknowledged
-/// only after its result is stored.
+/// the window widens by `worker_finishing_limit` at most (here 2), and every job still runs
+/// once, acknowledged only after its result is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_waiting_for_their_result_store_do_not_hold_the_prefetch_window() {
     let mut s = settings();
@@ -1012,6 +1012,7 @@ async fn jobs_waiting_for_their_result_store_do_not_hold_the_prefetch_window() {
     s.result_backend = gate.redis_url(&s.result_backend);
     s.worker_concurrency = 1;
     s.worker_prefetch_multiplier = 2;
+    s.worker_finishing_limit = Some(2);
     let runs = Arc::new(AtomicUsize::new(0));
     let farm = Farm::start("window", s, Registry::new().register(Counted(runs.clone()))).await;
     let q = farm.queue.clone();
@@ -1041,7 +1042,7 @@ async fn jobs_waiting_for_their_result_store_do_not_hold_the_prefetch_window() {
     assert_eq!(
         ready_count(&direct, &q).await,
         6,
-        "no more than 2 × prefetch held"
+        "no more than prefetch + the finishing limit held"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 4);
     for r in &results {
@@ -1072,7 +1073,12 @@ async fn the_finishing_limit_bounds_how_far_finishing_jobs_widen_the_window() {
     s.worker_prefetch_multiplier = 2;
     s.worker_finishing_limit = Some(1);
     let runs = Arc::new(AtomicUsize::new(0));
-    let farm = Farm::start("lendlimit", s, Registry::new().register(Counted(runs.clone()))).await;
+    let farm = Farm::start(
+        "lendlimit",
+        s,
+        Registry::new().register(Counted(runs.clone())),
+    )
+    .await;
     let q = farm.queue.clone();
     let client = Client::connect(&direct).await.unwrap();
     gate.hold();

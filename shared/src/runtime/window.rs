@@ -1,7 +1,8 @@
 //! The prefetch window: how many messages a worker holds unacknowledged at once. It is
 //! `prefetch_count` (concurrency × multiplier) for messages that are waiting to run or running,
 //! widened by one for each job that has only its *finishing* left — the publisher confirm of
-//! what it sends on, its result store, its chord join — up to `prefetch_count` more.
+//! what it sends on, its result store, its chord join — up to `worker_finishing_limit` more
+//! (by default 128, or `prefetch_count` when that is more).
 //!
 //! Why: a job keeps its message unacknowledged until its result is stored (late ack), but its
 //! concurrency slot is free as soon as its task returns. With a fixed window, jobs waiting on
@@ -15,7 +16,8 @@
 //!   returned), and on RabbitMQ the narrower `basic.qos` goes out on the channel ahead of the
 //!   ack ([`Seat::vacate`]), and RabbitMQ applies it before it reads the ack, so an ack never
 //!   lets one more message in;
-//! - at most `2 × prefetch_count` unacknowledged in all (memory stays bounded by the settings);
+//! - at most `prefetch_count + worker_finishing_limit` unacknowledged in all (memory stays
+//!   bounded by the settings);
 //! - nothing is acknowledged earlier than before: a lent place only lets the *next* message in.
 //!
 //! A finishing job that finds every place lent waits in line; a job that ends while it holds a
