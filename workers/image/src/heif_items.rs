@@ -20,6 +20,9 @@ pub struct Unhandled(pub &'static str);
 
 type Res<T> = Result<T, Unhandled>;
 
+/// `ipma`: per item id, its properties' 1-based `ipco` indexes and whether each is essential.
+type Associations = Vec<(u32, Vec<(u16, bool)>)>;
+
 /// How the primary image is decoded and shown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
@@ -129,7 +132,7 @@ pub fn plan(file: &[u8]) -> Res<Plan> {
     let mut locations: Vec<Location> = Vec::new();
     let mut refs: Vec<Reference> = Vec::new();
     let mut props: Vec<BoxRef> = Vec::new();
-    let mut assoc: Vec<(u32, Vec<(u16, bool)>)> = Vec::new();
+    let mut assoc: Associations = Vec::new();
     let mut idat = None;
     for b in children(file, meta_body) {
         let b = b?;
@@ -230,7 +233,7 @@ struct Items<'a> {
     infos: Vec<(u32, [u8; 4])>,
     locations: Vec<Location>,
     props: Vec<BoxRef>,
-    assoc: Vec<(u32, Vec<(u16, bool)>)>,
+    assoc: Associations,
     idat: Option<Range<usize>>,
 }
 
@@ -712,7 +715,7 @@ fn read_iref(file: &[u8], b: &BoxRef) -> Res<Vec<Reference>> {
     Ok(out)
 }
 
-fn read_ipma(file: &[u8], b: &BoxRef) -> Res<Vec<(u32, Vec<(u16, bool)>)>> {
+fn read_ipma(file: &[u8], b: &BoxRef) -> Res<Associations> {
     let mut r = Reader::full(file, b)?;
     let count = r.count(true)?;
     let mut out = Vec::with_capacity(count);
