@@ -1063,12 +1063,13 @@ mod tests {
     fn damaged_boxes_are_left_to_libheif_or_refused() {
         use build::*;
         let (hvcc, data, (w, h)) = seed_parts("seeds/halves-64x48.heic");
-        let item = |props: Vec<Vec<u8>>| Item {
-            id: 1,
+        let item_with = |id: u16, props: Vec<Vec<u8>>| Item {
+            id,
             kind: *b"hvc1",
             props,
             data: data.clone(),
         };
+        let item = |props: Vec<Vec<u8>>| item_with(1, props);
         // No hvcC: left to libheif, which cannot decode it either.
         let no_hvcc = mux(&[item(vec![ispe(w, h)])], 1, &[]);
         assert_eq!(
@@ -1078,6 +1079,27 @@ mod tests {
         // An ispe far from the stream's own size: not handed to libde265.
         let huge = mux(&[item(vec![hvcc.clone(), ispe(20000, 20000)])], 1, &[]);
         assert!(heif_items::plan(&huge).is_err());
+        // A 1×1 grid cut to 64×1 from a 64×64 tile: within twice its size plus 1 MP
+        // (`heif_items::tests` for the bound), so planned.
+        let thin = |n: u8| {
+            let mut items = vec![Item {
+                id: 1,
+                kind: *b"grid",
+                props: vec![ispe(64 * (u32::from(n) + 1), 1)],
+                data: [
+                    [0, 0, 0, n].as_slice(),
+                    &(64 * (u16::from(n) + 1)).to_be_bytes(),
+                    &[0, 1],
+                ]
+                .concat(),
+            }];
+            items.extend(
+                (2..2 + u16::from(n) + 1).map(|id| item_with(id, vec![hvcc.clone(), ispe(w, h)])),
+            );
+            mux(&items, 1, &[(1, (2..2 + u16::from(n) + 1).collect())])
+        };
+        assert!(heif_items::plan(&thin(0)).is_ok());
+        assert!(heif_items::plan(&thin(3)).is_ok());
         // Every cut of a good file: an error or a plan, never a panic, and a plan only while
         // every box it needs is whole.
         let good = mux(&[item(vec![hvcc.clone(), ispe(w, h)])], 1, &[]);

@@ -353,6 +353,10 @@ impl Items<'_> {
         if !near(sps.width, width) || !near(sps.height, height) {
             return Err(Unhandled("the HEVC picture size disagrees with ispe"));
         }
+        // …and not a thin picture whose coded rows (a multiple of 8) far outnumber its own.
+        if !within_twice(sps.width, sps.height, width, height) {
+            return Err(Unhandled("an HEVC picture much larger than its ispe"));
+        }
         Ok(Coded {
             config_nals,
             length_size,
@@ -441,6 +445,10 @@ impl Items<'_> {
         if !covers(cols, tile.0, w) || !covers(rows, tile.1, h) {
             return Err(Unhandled("tiles that do not fit the grid"));
         }
+        let all = |n: u32, t: u32| u32::try_from(u64::from(n) * u64::from(t)).unwrap_or(u32::MAX);
+        if !within_twice(all(cols, tile.0), all(rows, tile.1), w, h) {
+            return Err(Unhandled("tiles much larger than the grid"));
+        }
         Ok(Layout::Grid {
             rows,
             cols,
@@ -448,6 +456,12 @@ impl Items<'_> {
             tiles,
         })
     }
+}
+
+/// Whether a coded `cw`×`ch` area is at most twice the shown `w`×`h` one plus 1 MP: what is
+/// decoded stays bounded by the size checked against the limits.
+fn within_twice(cw: u32, ch: u32, w: u32, h: u32) -> bool {
+    u64::from(cw) * u64::from(ch) <= 2 * u64::from(w) * u64::from(h) + (1 << 20)
 }
 
 /// A box: its type and the byte range of its body.
@@ -888,5 +902,41 @@ impl Bits<'_> {
         }
         let rest = self.read(zeros)?;
         Some(((1u64 << zeros) - 1 + u64::from(rest)).min(u64::from(u32::MAX)) as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_decoded_stays_near_the_checked_size() {
+        // A phone's 4032×3024 as 8×6 tiles of 512: 4096×3072 coded.
+        assert!(within_twice(4096, 3072, 4032, 3024));
+        // 50 MP shown as 50 000 000 × 1 over coded rows of 8 (or a 64-high tile row).
+        assert!(!within_twice(50_000_000, 8, 50_000_000, 1));
+        // Small pictures always pass (1 MP of slack).
+        assert!(within_twice(1024, 1024, 1, 1));
+        assert!(!within_twice(1025, 1024, 1, 1));
+    }
+
+    #[test]
+    fn exp_golomb_and_sps_fields_read_as_written() {
+        // ue(v) of 0, 1, 2, 3: 1, 010, 011, 00100.
+        let mut b = Bits {
+            data: &[0b1010_0110, 0b0100_0000],
+            at: 0,
+        };
+        assert_eq!(
+            (b.ue(), b.ue(), b.ue(), b.ue()),
+            (Some(0), Some(1), Some(2), Some(3))
+        );
+        // 32 leading zeros: refused, not overflowed.
+        let mut b = Bits {
+            data: &[0, 0, 0, 0, 0x80],
+            at: 0,
+        };
+        assert_eq!(b.ue(), None);
+        assert!(read_sps(&[0x42, 0x01]).is_err());
     }
 }
