@@ -156,7 +156,8 @@ def drain(app, label, command, keys, jobs, timeout, env):
     """Publishes `jobs`, starts `command(queue)`, waits until every job has a result; returns
     (images/s, peak RSS MB, worker CPU ms per image, services CPU ms per image, worker minor
     page faults per image)."""
-    queue = f"bench-img-{uuid.uuid4().hex[:8]}"
+    # BENCH_QUEUE_TAG names who ran it when several share the broker.
+    queue = f"bench-img-{os.environ.get('BENCH_QUEUE_TAG', '')}{uuid.uuid4().hex[:8]}"
     store = redis.Redis.from_url(BACKEND)
     ids = [f"celery-task-meta-{queue}-{i}" for i in range(jobs)]
     publish(app, queue, keys, jobs)

@@ -19,6 +19,9 @@ within the default limits (50 MP, 50 MB):
   big.heic      8064×6048 HEIC (48 MP, an iPhone's largest; libheif's heif-enc with x265, q50)
   alpha.avif    4032×3024 AVIF with alpha (12 MP; heif-enc -A with libaom, q50: AV1 encoding of
                 48 MP takes too long for a benchmark's set-up)
+  grid.heic     8064×6048 HEIC as a phone writes it: a grid of 512×512 HEVC tiles (16×12, cut
+                to size at the right and bottom), each tile encoded by heif-enc (x265, q50) and
+                the tiles put in one file here (heif-enc 1.15 writes no grids)
 
 Usage: .venv/bin/python bench/image_memory.py [--binary target/release/image-worker]
        [--only rgba.png,...] [--no-build]
@@ -88,10 +91,71 @@ def png16(path, w, h, channels):
         out.write(chunk(b"IEND", b""))
 
 
-def make_sources():
+def heif_box(kind, body, version=None):
+    if version is not None:
+        body = bytes([version, 0, 0, 0]) + body
+    return struct.pack(">I", 8 + len(body)) + kind + body
+
+
+def grid_heic(path, w, h, tile=512):
+    """A HEIC whose primary image is a grid of `tile`-sized HEVC tiles, each encoded alone by
+    heif-enc; its hvcC and coded data are taken from heif-enc's file (one item: the data is
+    its mdat's body)."""
+    import tempfile
+    pic = picture(w, h, "RGB")
+    cols, rows = -(-w // tile), -(-h // tile)
+    tiles = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rows):
+            for c in range(cols):
+                png, out = Path(tmp) / "t.png", Path(tmp) / "t.heic"
+                pic.crop((c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)).save(png)
+                subprocess.run(["heif-enc", "-q", "50", "-o", str(out), str(png)], check=True,
+                               timeout=300, stdout=subprocess.DEVNULL)
+                data = out.read_bytes()
+                at = data.index(b"hvcC") - 4
+                hvcc = data[at:at + struct.unpack(">I", data[at:at + 4])[0]]
+                at = data.index(b"mdat") - 4
+                size = struct.unpack(">I", data[at:at + 4])[0]
+                tiles.append((hvcc, data[at + 8:at + size]))
+    ispe = lambda a, b: heif_box(b"ispe", struct.pack(">II", a, b), 0)
+    items = [(1, b"grid", [ispe(w, h)], struct.pack(">BBBBII", 0, 1, rows - 1, cols - 1, w, h))]
+    items += [(2 + i, b"hvc1", [hvcc, ispe(tile, tile)], d) for i, (hvcc, d) in enumerate(tiles)]
+    def meta(mdat_at):
+        hdlr = heif_box(b"hdlr", b"\0" * 4 + b"pict" + b"\0" * 13, 0)
+        pitm = heif_box(b"pitm", struct.pack(">H", 1), 0)
+        iinf = heif_box(b"iinf", struct.pack(">H", len(items)) + b"".join(
+            # Version 2; the tiles hidden (flags 1), as phones write them.
+            heif_box(b"infe", bytes([2, 0, 0, k == b"hvc1"]) + struct.pack(">HH", i, 0) + k
+                     + b"\0") for i, k, _, _ in items), 0)
+        dimg = heif_box(b"dimg", struct.pack(">HH", 1, len(tiles))
+                        + b"".join(struct.pack(">H", i) for i, *_ in items[1:]))
+        iref = heif_box(b"iref", dimg, 0)
+        ipco, ipma, n = b"", struct.pack(">I", len(items)), 0
+        for i, _, props, _ in items:
+            ipma += struct.pack(">HB", i, len(props))
+            for p in props:
+                ipco += p
+                n += 1
+                ipma += struct.pack(">H", 0x8000 | n)
+        # ipma version 0, flags 1: 15-bit property indexes (there are 2 a tile).
+        iprp = heif_box(b"iprp", heif_box(b"ipco", ipco) + heif_box(b"ipma", b"\0\0\0\1" + ipma))
+        iloc, at = struct.pack(">BBH", 0x44, 0, len(items)), mdat_at + 8
+        for i, _, _, d in items:
+            iloc += struct.pack(">HHHHII", i, 0, 0, 1, at, len(d))
+            at += len(d)
+        return heif_box(b"meta", hdlr + pitm + iinf + iref + iprp + heif_box(b"iloc", iloc, 1), 0)
+    ftyp = heif_box(b"ftyp", b"heic\0\0\0\0mif1heic")
+    body = ftyp + meta(len(ftyp) + len(meta(0)))
+    path.write_bytes(body + heif_box(b"mdat", b"".join(d for *_, d in items)))
+
+
+def make_sources(only=()):
     FORMATS.mkdir(parents=True, exist_ok=True)
     made = {}
     def want(name):
+        if only and name not in only:
+            return None
         path = FORMATS / name
         made[name] = path
         return None if path.exists() else path
@@ -124,11 +188,14 @@ def make_sources():
             subprocess.run(["heif-enc", *(["-A"] if avif else []), "-q", "50", "-o", str(p),
                             str(png)], check=True, timeout=1800, stdout=subprocess.DEVNULL)
             png.unlink()
+    if (p := want("grid.heic")):
+        grid_heic(p, 8064, 6048)
     return made
 
 
 # HEIF sources: Pillow neither writes nor reads them (heif-enc makes them; sizes as made).
 HEIF_SOURCES = {"big.heic": (8064, 6048, "RGB", False), "alpha.avif": (4032, 3024, "RGBA", True)}
+HEIF_SIZES = {**{k: v[:2] for k, v in HEIF_SOURCES.items()}, "grid.heic": (8064, 6048)}
 
 
 def main():
@@ -140,9 +207,7 @@ def main():
     args = parser.parse_args()
     if not args.no_build:
         image_broker.build()
-    sources = make_sources()
-    if args.only:
-        sources = {k: v for k, v in sources.items() if k in args.only.split(",")}
+    sources = make_sources(tuple(filter(None, args.only.split(","))))
     image_broker.STORAGE.mkdir(parents=True, exist_ok=True)
     broker, backend, storage = image_broker.BROKER, image_broker.BACKEND, image_broker.STORAGE
     os.environ.update({"BENCH_BROKER_URL": broker, "BENCH_RESULT_BACKEND": backend,
@@ -158,24 +223,26 @@ def main():
 
     print(f"\nimage-worker {args.binary}; each job → 1280, 640, 160 px JPEG q80; "
           f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"| source | size | file MB | peak RSS MB, 1 job -c 1 | peak RSS MB, {args.jobs} jobs -c 2 |")
-    print("| --- | --- | ---: | ---: | ---: |")
+    print(f"| source | size | file MB | peak RSS MB, 1 job -c 1 | peak RSS MB, {args.jobs} jobs -c 2 "
+          "| worker CPU ms a job (-c 2 run, after the first result) |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
     for name, path in sources.items():
         from PIL import Image
         Image.MAX_IMAGE_PIXELS = None
-        if name in HEIF_SOURCES:
-            size = "{}×{}".format(*HEIF_SOURCES[name][:2])
+        if name in HEIF_SIZES:
+            size = "{}×{}".format(*HEIF_SIZES[name])
         else:
             with Image.open(path) as im:
                 size = f"{im.width}×{im.height}"
         keys = image_broker.stage([path], f"fmt-{name}-")
         peaks = []
         for concurrency, jobs in ((1, 1), (2, args.jobs)):
-            _, peak, _, _ = image_broker.drain(app, f"memory {name} c{concurrency}", worker(concurrency),
-                                         keys, jobs, 900, env)
+            _, peak, cpu, *_ = image_broker.drain(app, f"memory {name} c{concurrency}",
+                                                  worker(concurrency), keys, jobs, 900, env)
             peaks.append(peak)
         mb = path.stat().st_size / 1e6
-        print(f"| {name} | {size} | {mb:.1f} | {peaks[0]:.0f} | {peaks[1]:.0f} |", flush=True)
+        print(f"| {name} | {size} | {mb:.1f} | {peaks[0]:.0f} | {peaks[1]:.0f} | {cpu:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

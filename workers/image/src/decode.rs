@@ -241,9 +241,10 @@ fn decode_jpeg(
     }))
 }
 
-/// HEIC and AVIF: the header (size as shown, alpha, bit depth) checked before libheif decodes
-/// the whole primary image; the rotation boxes are applied by libheif, so no orientation is
-/// left to apply whatever `auto_orient` says.
+/// HEIC and AVIF: the header (size as shown, alpha, bit depth) checked before the primary
+/// image is decoded — by libde265 directly for the HEVC images `heif_items.rs` reads, else by
+/// libheif. The rotation and mirroring boxes are always applied, whatever `auto_orient` says:
+/// by libheif as it decodes, or, after libde265, to each output as an EXIF orientation is.
 fn decode_heif(
     data: &[u8],
     kind: heif::Kind,
@@ -271,7 +272,7 @@ fn decode_heif(
     let factor = factor_for(share);
     let decoded = shrink::shrunk_size(full, factor);
     let resize = resize_bytes(decoded, header.alpha, full, share) + extra(full);
-    let held = heif::decode_bytes(&header) + shrink::held_bytes(full, factor, header.alpha);
+    let held = file.decode_bytes() + shrink::held_bytes(full, factor, header.alpha);
     let reservation = reserve(held + resize);
     let image = file
         .decode(factor)
@@ -286,7 +287,7 @@ fn decode_heif(
         icc: file.icc(),
         exif: file.exif(),
         image,
-        orientation: None,
+        orientation: file.orientation(),
         reservation,
     })
 }

@@ -6,6 +6,7 @@ use mediafarm::storage::sources::Source;
 use mediafarm::TaskError;
 
 use crate::geometry::target_size;
+use crate::heif_items::{Coded, Layout, Plan, Unhandled};
 use crate::spec::TransformArgs;
 use crate::transform::{vet, Transform};
 
@@ -29,6 +30,27 @@ pub fn transform_kwargs(data: &[u8]) -> Result<(TransformArgs, Source), TaskErro
     Ok((args, source))
 }
 
+/// The `heif_items` target: a HEIF file's boxes read into the plan for decoding its primary
+/// image with libde265 (`heif_items.rs`), or the reason it is left to libheif. Every byte
+/// range of a plan lies within `data` (checked here, so the fuzzer finds a range that does
+/// not).
+pub fn heif_items(data: &[u8]) -> Result<Plan, Unhandled> {
+    let plan = crate::heif_items::plan(data)?;
+    let coded: Vec<&Coded> = match &plan.layout {
+        Layout::Single(c) => vec![c],
+        Layout::Grid { tiles, .. } => tiles.iter().collect(),
+    };
+    for c in coded {
+        for r in c.extents.iter().chain(&c.config_nals) {
+            assert!(
+                r.start <= r.end && r.end <= data.len(),
+                "{r:?} outside the file"
+            );
+        }
+    }
+    Ok(plan)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -46,6 +68,30 @@ mod tests {
         ),
         ("seeds/bad-key", Some("`..` segment")),
     ];
+
+    /// HEIF files for the `heif_items` target: `None` for a plan, else the reason it is left
+    /// to libheif.
+    const HEIF_EXPECTED: &[(&str, Option<&str>)] = &[
+        ("seeds/halves-64x48.heic", None),
+        ("seeds/grad-10bit-64x48.heic", None),
+        ("seeds/grid-2x2-turned.heic", None),
+        ("seeds/alpha-96x64.avif", Some("auxiliary image")),
+        (
+            "seeds/halves-64x48.avif",
+            Some("an essential property it does not know"),
+        ),
+        ("seeds/no-hvcc.heic", Some("no hvcC")),
+        ("seeds/huge-ispe.heic", Some("disagrees with ispe")),
+        ("seeds/truncated-meta.heic", Some("cut short")),
+    ];
+
+    #[test]
+    fn heif_items_corpus_replays() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fuzz/heif_items");
+        mediafarm::fuzzing::replay_expecting(&dir, HEIF_EXPECTED, |data| {
+            heif_items(data).err().map(|e| e.0.to_string())
+        });
+    }
 
     #[test]
     fn image_spec_corpus_replays() {

@@ -15,8 +15,9 @@ use std::ptr;
 use image::metadata::Orientation;
 use image::DynamicImage;
 
+use crate::heif_items::{self, Plan};
 use crate::shrink::{BoxShrink, Layout};
-use crate::yuv;
+use crate::{de265, yuv};
 
 /// The brands of the `ftyp` box that name a HEIF image file, and the format each is.
 const BRANDS: [(&[u8; 4], Kind); 8] = [
@@ -69,8 +70,11 @@ pub fn sniff(data: &[u8]) -> Option<Kind> {
 pub struct Heif<'a> {
     ctx: *mut ffi::Context,
     handle: *const ffi::Handle,
-    /// The context reads the caller's bytes in place.
-    _data: std::marker::PhantomData<&'a [u8]>,
+    /// The file; the context reads it in place.
+    data: &'a [u8],
+    /// Where libde265 decodes the primary image without libheif (`heif_items.rs`), or `None`
+    /// when libheif decodes it.
+    plan: Option<Plan>,
 }
 
 /// What the header says, before decoding.
@@ -95,7 +99,8 @@ impl<'a> Heif<'a> {
         let mut heif = Heif {
             ctx,
             handle: ptr::null(),
-            _data: std::marker::PhantomData,
+            data,
+            plan: None,
         };
         // SAFETY: `ctx` is a live context; `data` outlives it (the lifetime on `Heif`), as
         // the "without copy" read requires; null options mean libheif's defaults.
@@ -113,7 +118,76 @@ impl<'a> Heif<'a> {
             check(ffi::heif_context_get_primary_image_handle(ctx, &mut handle))?;
             heif.handle = handle;
         }
+        heif.plan = heif.direct_plan();
         Ok(heif)
+    }
+
+    /// The plan for decoding with libde265 directly, when the file's boxes give one that
+    /// agrees with what libheif read (size as shown, no alpha, bit depth).
+    fn direct_plan(&self) -> Option<Plan> {
+        let header = self.header();
+        let plan = match heif_items::plan(self.data) {
+            Ok(plan) => plan,
+            Err(why) => {
+                tracing::debug!(reason = why.0, "HEIF image left to libheif");
+                return None;
+            }
+        };
+        let shown = if plan.turn.swaps() {
+            (plan.height, plan.width)
+        } else {
+            (plan.width, plan.height)
+        };
+        let bits = match &plan.layout {
+            heif_items::Layout::Single(c) => c.bits,
+            heif_items::Layout::Grid { tiles, .. } => tiles[0].bits,
+        };
+        let agrees = shown == (header.width, header.height) && !header.alpha && bits == header.bits;
+        if !agrees {
+            tracing::debug!("HEIF boxes disagree with libheif's header; left to libheif");
+        }
+        agrees.then_some(plan)
+    }
+
+    /// The turn still to apply to the decoded picture (`irot`/`imir`), when libde265 decodes
+    /// it: libheif applies them itself, the direct decode leaves them to each output
+    /// (`orient.rs`), as a JPEG's EXIF orientation is.
+    pub fn orientation(&self) -> Option<Orientation> {
+        let turn = self.plan.as_ref()?.turn;
+        let o = match (turn.quarter, turn.flip) {
+            (0, false) => return None,
+            (1, false) => Orientation::Rotate90,
+            (2, false) => Orientation::Rotate180,
+            (3, false) => Orientation::Rotate270,
+            (0, true) => Orientation::FlipHorizontal,
+            (1, true) => Orientation::Rotate90FlipH,
+            (2, true) => Orientation::FlipVertical,
+            _ => Orientation::Rotate270FlipH,
+        };
+        Some(o)
+    }
+
+    /// Whether libde265 decodes the primary image directly (else libheif does).
+    pub fn is_direct(&self) -> bool {
+        self.plan.is_some()
+    }
+
+    /// Bytes the decode holds besides the box shrink's output: libde265's picture and
+    /// metadata (one tile's, plus a band of RGB rows a tile high, for a grid), or what libheif
+    /// holds ([`decode_bytes`]).
+    pub fn decode_bytes(&self) -> u64 {
+        match self.plan.as_ref().map(|p| (p, &p.layout)) {
+            Some((_, heif_items::Layout::Single(c))) => {
+                de265::decode_bytes(c.coded.0, c.coded.1, c.bits, c.chroma)
+            }
+            Some((plan, heif_items::Layout::Grid { tiles, tile, .. })) => {
+                let t = &tiles[0];
+                de265::decode_bytes(t.coded.0, t.coded.1, t.bits, t.chroma)
+                    + u64::from(tile.1) * u64::from(plan.width) * 3
+                    + u64::from(tile.0) * 3
+            }
+            None => decode_bytes(&self.header()),
+        }
     }
 
     pub fn header(&self) -> Header {
@@ -201,6 +275,9 @@ impl<'a> Heif<'a> {
     /// it is shrunk (`yuv.rs`), so no interleaved copy of the whole picture is made; a matrix or
     /// layout `yuv.rs` does not convert is left to libheif's conversion instead.
     pub fn decode(&self, factor: u32) -> Result<DynamicImage, String> {
+        if let Some(plan) = &self.plan {
+            return self.decode_direct(plan, factor);
+        }
         let img = self.decode_as(ffi::COLORSPACE_UNDEFINED, ffi::CHROMA_UNDEFINED)?;
         if let Some(planes) = native_planes(&img) {
             let mut shrink = BoxShrink::new(
@@ -223,6 +300,65 @@ impl<'a> Heif<'a> {
         }
         drop(img);
         self.decode_interleaved(factor)
+    }
+
+    /// The primary image through libde265 directly, not turned (see [`Heif::orientation`]):
+    /// its picture's rows converted (`yuv.rs`) and box-shrunk as they are read; a grid's tiles
+    /// decoded one at a time, a row of tiles converted into a band of RGB rows a tile high.
+    fn decode_direct(&self, plan: &Plan, factor: u32) -> Result<DynamicImage, String> {
+        self.decode_tiles(plan, factor).map_err(|e| {
+            if e.contains("libde265") {
+                e
+            } else {
+                format!("{e} (decoding with libde265)")
+            }
+        })
+    }
+
+    fn decode_tiles(&self, plan: &Plan, factor: u32) -> Result<DynamicImage, String> {
+        let _mapped = MappedPlanes::new();
+        let mut shrink = BoxShrink::new(plan.width, plan.height, factor, false);
+        match &plan.layout {
+            heif_items::Layout::Single(item) => {
+                de265::decode(self.data, item, |planes| {
+                    let mut row = vec![0u8; planes.row_bytes()];
+                    for y in 0..planes.height() {
+                        planes.row(y, &mut row);
+                        shrink.push_row(&row, Layout::Rgb);
+                    }
+                })?;
+            }
+            heif_items::Layout::Grid {
+                rows,
+                cols,
+                tile,
+                tiles,
+            } => {
+                let (width, height) = (plan.width as usize, plan.height as usize);
+                let (tile_w, tile_h) = (tile.0 as usize, tile.1 as usize);
+                let mut band = vec![0u8; tile_h * width * 3];
+                let mut row = vec![0u8; tile_w * 3];
+                for r in 0..*rows as usize {
+                    let band_rows = tile_h.min(height.saturating_sub(r * tile_h));
+                    for c in 0..*cols as usize {
+                        let x0 = c * tile_w;
+                        let cw = tile_w.min(width.saturating_sub(x0));
+                        let item = &tiles[r * *cols as usize + c];
+                        de265::decode(self.data, item, |planes| {
+                            for y in 0..band_rows {
+                                planes.row(y, &mut row);
+                                let at = (y * width + x0) * 3;
+                                band[at..at + cw * 3].copy_from_slice(&row[..cw * 3]);
+                            }
+                        })?;
+                    }
+                    for y in 0..band_rows {
+                        shrink.push_row(&band[y * width * 3..(y + 1) * width * 3], Layout::Rgb);
+                    }
+                }
+            }
+        }
+        Ok(shrink.finish())
     }
 
     /// libheif's own conversion to interleaved 8-bit RGB(A), shrunk as it is copied out.
@@ -640,7 +776,16 @@ mod tests {
                 "{path:?}: the worker converts it"
             );
             drop(native);
-            let ours = file.decode(1).unwrap();
+            let heic = path.extension().is_some_and(|e| e == "heic");
+            assert_eq!(
+                file.is_direct(),
+                heic,
+                "{path:?}: libde265 decodes HEIC directly"
+            );
+            let mut ours = file.decode(1).unwrap();
+            if let Some(o) = file.orientation() {
+                ours = crate::orient::turn(ours, o);
+            }
             let theirs = file.decode_interleaved(1).unwrap();
             assert_eq!(ours.color(), theirs.color(), "{path:?}");
             let (a, b) = (ours.as_bytes(), theirs.as_bytes());
@@ -697,13 +842,387 @@ mod tests {
             match decode_all(&data) {
                 Ok(_) => ok += 1,
                 Err(e) => {
-                    assert!(e.contains("libheif"), "an error that names libheif: {e}");
+                    assert!(
+                        e.contains("libheif") || e.contains("libde265"),
+                        "an error that names the decoder: {e}"
+                    );
                     failed += 1;
                 }
             }
         }
         assert_eq!(ok + failed, 300);
         assert!(failed > 0, "some damage must be refused");
+    }
+
+    /// Boxes for building HEIF files in tests (`mux`).
+    pub(crate) mod build {
+        pub fn bx(kind: &[u8; 4], body: &[u8]) -> Vec<u8> {
+            let mut b = ((8 + body.len()) as u32).to_be_bytes().to_vec();
+            b.extend_from_slice(kind);
+            b.extend_from_slice(body);
+            b
+        }
+
+        pub fn full(kind: &[u8; 4], version: u8, body: &[u8]) -> Vec<u8> {
+            let mut b = vec![version, 0, 0, 0];
+            b.extend_from_slice(body);
+            bx(kind, &b)
+        }
+
+        pub fn ispe(w: u32, h: u32) -> Vec<u8> {
+            let mut b = w.to_be_bytes().to_vec();
+            b.extend_from_slice(&h.to_be_bytes());
+            full(b"ispe", 0, &b)
+        }
+
+        pub fn nclx(matrix: u16, full_range: bool) -> Vec<u8> {
+            let mut b = b"nclx".to_vec();
+            for v in [1u16, 13, matrix] {
+                b.extend_from_slice(&v.to_be_bytes());
+            }
+            b.push(if full_range { 0x80 } else { 0 });
+            bx(b"colr", &b)
+        }
+
+        pub struct Item {
+            pub id: u16,
+            pub kind: [u8; 4],
+            pub props: Vec<Vec<u8>>,
+            pub data: Vec<u8>,
+        }
+
+        /// A HEIF file of `items` (data in `mdat`), `primary` first, `dimg` references.
+        pub fn mux(items: &[Item], primary: u16, dimg: &[(u16, Vec<u16>)]) -> Vec<u8> {
+            let meta = |mdat_at: u32| {
+                let mut hdlr = vec![0; 4];
+                hdlr.extend_from_slice(b"pict");
+                hdlr.extend_from_slice(&[0; 13]);
+                let mut m = full(b"hdlr", 0, &hdlr);
+                m.extend(full(b"pitm", 0, &primary.to_be_bytes()));
+                let mut iinf = (items.len() as u16).to_be_bytes().to_vec();
+                for it in items {
+                    let mut e = it.id.to_be_bytes().to_vec();
+                    e.extend_from_slice(&[0, 0]);
+                    e.extend_from_slice(&it.kind);
+                    e.push(0);
+                    iinf.extend(full(b"infe", 2, &e));
+                }
+                m.extend(full(b"iinf", 0, &iinf));
+                if !dimg.is_empty() {
+                    let mut refs = Vec::new();
+                    for (from, to) in dimg {
+                        let mut r = from.to_be_bytes().to_vec();
+                        r.extend_from_slice(&(to.len() as u16).to_be_bytes());
+                        for t in to {
+                            r.extend_from_slice(&t.to_be_bytes());
+                        }
+                        refs.extend(bx(b"dimg", &r));
+                    }
+                    m.extend(full(b"iref", 0, &refs));
+                }
+                let mut ipco = Vec::new();
+                let mut ipma = (items.len() as u32).to_be_bytes().to_vec();
+                let mut index = 0u8;
+                for it in items {
+                    ipma.extend_from_slice(&it.id.to_be_bytes());
+                    ipma.push(it.props.len() as u8);
+                    for p in &it.props {
+                        ipco.extend_from_slice(p);
+                        index += 1;
+                        ipma.push(index);
+                    }
+                }
+                let mut iprp = bx(b"ipco", &ipco);
+                iprp.extend(full(b"ipma", 0, &ipma));
+                m.extend(bx(b"iprp", &iprp));
+                let mut iloc = vec![0x44, 0x00];
+                iloc.extend_from_slice(&(items.len() as u16).to_be_bytes());
+                let mut at = mdat_at + 8;
+                for it in items {
+                    iloc.extend_from_slice(&it.id.to_be_bytes());
+                    iloc.extend_from_slice(&[0, 0, 0, 0, 0, 1]);
+                    iloc.extend_from_slice(&at.to_be_bytes());
+                    iloc.extend_from_slice(&(it.data.len() as u32).to_be_bytes());
+                    at += it.data.len() as u32;
+                }
+                m.extend(full(b"iloc", 1, &iloc));
+                full(b"meta", 0, &m)
+            };
+            let mut file = bx(b"ftyp", b"heic\0\0\0\0mif1heic");
+            let size = file.len() + meta(0).len();
+            file.extend(meta(size as u32));
+            let data: Vec<u8> = items.iter().flat_map(|it| it.data.clone()).collect();
+            file.extend(bx(b"mdat", &data));
+            file
+        }
+    }
+
+    /// A seed's `hvcC` box, coded data and size.
+    fn seed_parts(name: &str) -> (Vec<u8>, Vec<u8>, (u32, u32)) {
+        let seed = fixture(name);
+        let at = seed.windows(4).position(|w| w == b"hvcC").unwrap() - 4;
+        let size = u32::from_be_bytes(seed[at..at + 4].try_into().unwrap()) as usize;
+        let hvcc = seed[at..at + size].to_vec();
+        let plan = heif_items::plan(&seed).unwrap();
+        // heif-enc 1.15 writes even one picture as a grid of one tile.
+        let c = match plan.layout {
+            heif_items::Layout::Single(c) => c,
+            heif_items::Layout::Grid { mut tiles, .. } => tiles.remove(0),
+        };
+        (hvcc, c.data(&seed), (c.width, c.height))
+    }
+
+    /// The direct decode, turned, against libheif's, at full size.
+    fn assert_matches_libheif(data: &[u8], what: &str) {
+        use image::GenericImageView;
+        let file = Heif::open(data).unwrap();
+        assert!(
+            file.is_direct(),
+            "{what}: decoded by libde265 directly ({:?}, {:?})",
+            heif_items::plan(data),
+            file.header()
+        );
+        let h = file.header();
+        let mut ours = file.decode(1).unwrap();
+        if let Some(o) = file.orientation() {
+            ours = crate::orient::turn(ours, o);
+        }
+        let theirs = file.decode_interleaved(1).unwrap();
+        assert_eq!(ours.dimensions(), (h.width, h.height), "{what}");
+        assert_eq!(ours.dimensions(), theirs.dimensions(), "{what}");
+        let (a, b) = (ours.to_rgb8(), theirs.to_rgb8());
+        let worst = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(0);
+        assert!(worst <= 2, "{what}: worst difference {worst}");
+    }
+
+    #[test]
+    fn turned_and_tiled_pictures_decode_as_libheif_decodes_them() {
+        use build::*;
+        let (hvcc, data, (w, h)) = seed_parts("seeds/halves-64x48.heic");
+        let single = |extra: Vec<Vec<u8>>| {
+            let mut props = vec![hvcc.clone(), ispe(w, h)];
+            props.extend(extra);
+            mux(
+                &[Item {
+                    id: 1,
+                    kind: *b"hvc1",
+                    props,
+                    data: data.clone(),
+                }],
+                1,
+                &[],
+            )
+        };
+        let irot = |a: u8| bx(b"irot", &[a]);
+        let imir = |a: u8| bx(b"imir", &[a]);
+        assert_matches_libheif(&single(vec![]), "plain");
+        for (name, extra) in [
+            ("irot 1", vec![irot(1)]),
+            ("irot 2", vec![irot(2)]),
+            ("irot 3", vec![irot(3)]),
+            ("imir 0", vec![imir(0)]),
+            ("imir 1", vec![imir(1)]),
+            ("irot 1, imir 0", vec![irot(1), imir(0)]),
+            ("irot 3, imir 1", vec![irot(3), imir(1)]),
+            ("nclx BT.709 limited", vec![nclx(1, false)]),
+        ] {
+            assert_matches_libheif(&single(extra), name);
+        }
+        // A 2×2 grid of the seed, cropped to 120×90 at the right and bottom.
+        let grid = |extra: Vec<Vec<u8>>| {
+            let mut props = vec![ispe(120, 90)];
+            props.extend(extra);
+            let mut items = vec![Item {
+                id: 1,
+                kind: *b"grid",
+                props,
+                data: vec![0, 0, 1, 1, 0, 120, 0, 90],
+            }];
+            for id in 2..6 {
+                items.push(Item {
+                    id,
+                    kind: *b"hvc1",
+                    props: vec![hvcc.clone(), ispe(w, h)],
+                    data: data.clone(),
+                });
+            }
+            mux(&items, 1, &[(1, vec![2, 3, 4, 5])])
+        };
+        assert_matches_libheif(&grid(vec![]), "grid");
+        assert_matches_libheif(&grid(vec![irot(1), imir(0)]), "turned grid");
+    }
+
+    /// Files the box reader leaves to libheif, and ones libde265 refuses with a clear error.
+    #[test]
+    fn damaged_boxes_are_left_to_libheif_or_refused() {
+        use build::*;
+        let (hvcc, data, (w, h)) = seed_parts("seeds/halves-64x48.heic");
+        let item_with = |id: u16, props: Vec<Vec<u8>>| Item {
+            id,
+            kind: *b"hvc1",
+            props,
+            data: data.clone(),
+        };
+        let item = |props: Vec<Vec<u8>>| item_with(1, props);
+        // No hvcC: left to libheif, which cannot decode it either.
+        let no_hvcc = mux(&[item(vec![ispe(w, h)])], 1, &[]);
+        assert_eq!(
+            heif_items::plan(&no_hvcc),
+            Err(heif_items::Unhandled("no hvcC"))
+        );
+        // An ispe far from the stream's own size: not handed to libde265.
+        let huge = mux(&[item(vec![hvcc.clone(), ispe(20000, 20000)])], 1, &[]);
+        assert!(heif_items::plan(&huge).is_err());
+        // A 1×1 grid cut to 64×1 from a 64×64 tile: within twice its size plus 1 MP
+        // (`heif_items::tests` for the bound), so planned.
+        let thin = |n: u8| {
+            let mut items = vec![Item {
+                id: 1,
+                kind: *b"grid",
+                props: vec![ispe(64 * (u32::from(n) + 1), 1)],
+                data: [
+                    [0, 0, 0, n].as_slice(),
+                    &(64 * (u16::from(n) + 1)).to_be_bytes(),
+                    &[0, 1],
+                ]
+                .concat(),
+            }];
+            items.extend(
+                (2..2 + u16::from(n) + 1).map(|id| item_with(id, vec![hvcc.clone(), ispe(w, h)])),
+            );
+            mux(&items, 1, &[(1, (2..2 + u16::from(n) + 1).collect())])
+        };
+        assert!(heif_items::plan(&thin(0)).is_ok());
+        assert!(heif_items::plan(&thin(3)).is_ok());
+        // Every cut of a good file: an error or a plan, never a panic, and a plan only while
+        // every box it needs is whole.
+        let good = mux(&[item(vec![hvcc.clone(), ispe(w, h)])], 1, &[]);
+        assert!(heif_items::plan(&good).is_ok());
+        for cut in 0..good.len() {
+            if let Ok(plan) = heif_items::plan(&good[..cut]) {
+                let heif_items::Layout::Single(c) = plan.layout else {
+                    panic!()
+                };
+                assert!(c.extents.iter().all(|e| e.end <= cut));
+            }
+        }
+        // Bytes of the data cut off after the boxes: libde265 fails or decodes, never crashes.
+        let mut short = mux(&[item(vec![hvcc.clone(), ispe(w, h)])], 1, &[]);
+        let n = short.len();
+        short[n - data.len() / 2..].fill(0);
+        let decoded = Heif::open(&short).map(|file| file.decode(1).is_ok());
+        assert!(decoded.is_ok(), "the boxes are whole");
+    }
+
+    /// Writes the HEIF files of `fixtures/fuzz/heif_items/seeds/` and the bad HEICs of
+    /// `fixtures/images/` (run by hand: `cargo test -p image-worker --lib write_heif_fixtures
+    /// -- --ignored`).
+    #[test]
+    #[ignore]
+    fn write_heif_fixtures() {
+        use build::*;
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures");
+        let (hvcc, data, (w, h)) = seed_parts("seeds/halves-64x48.heic");
+        let item = |id, props: Vec<Vec<u8>>| Item {
+            id,
+            kind: *b"hvc1",
+            props,
+            data: data.clone(),
+        };
+        let mut grid = vec![Item {
+            id: 1,
+            kind: *b"grid",
+            props: vec![ispe(120, 90), bx(b"irot", &[1]), bx(b"imir", &[0])],
+            data: vec![0, 0, 1, 1, 0, 120, 0, 90],
+        }];
+        grid.extend((2..6).map(|id| item(id, vec![hvcc.clone(), ispe(w, h)])));
+        let no_hvcc = mux(&[item(1, vec![ispe(w, h)])], 1, &[]);
+        // libheif 1.15 decodes this one (its 64×64 picture): not a bad input for the worker.
+        let huge = mux(&[item(1, vec![hvcc.clone(), ispe(8000, 6000)])], 1, &[]);
+        let good = mux(&[item(1, vec![hvcc.clone(), ispe(w, h)])], 1, &[]);
+        let meta_end = good.windows(4).position(|w| w == b"mdat").unwrap() - 20;
+        let seeds = root.join("fuzz/heif_items/seeds");
+        std::fs::create_dir_all(&seeds).unwrap();
+        for name in [
+            "halves-64x48.heic",
+            "grad-10bit-64x48.heic",
+            "alpha-96x64.avif",
+            "halves-64x48.avif",
+        ] {
+            std::fs::copy(root.join("fuzz/heif/seeds").join(name), seeds.join(name)).unwrap();
+        }
+        let files = [
+            (
+                seeds.join("grid-2x2-turned.heic"),
+                mux(&grid, 1, &[(1, vec![2, 3, 4, 5])]),
+            ),
+            (seeds.join("no-hvcc.heic"), no_hvcc.clone()),
+            (seeds.join("huge-ispe.heic"), huge.clone()),
+            (seeds.join("truncated-meta.heic"), good[..meta_end].to_vec()),
+            (root.join("images/no-hvcc.heic"), no_hvcc),
+            (
+                root.join("images/grid-missing-tile.heic"),
+                mux(&grid[..4], 1, &[(1, vec![2, 3, 4])]),
+            ),
+        ];
+        for (path, bytes) in files {
+            std::fs::write(path, bytes).unwrap();
+        }
+    }
+
+    /// The direct decode against libheif's on the files in `HEIC_COMPARE` (comma-separated;
+    /// run by hand on large sources: `HEIC_COMPARE=var/bench/image-formats/big.heic cargo test
+    /// -p image-worker --lib heic_compare -- --ignored --nocapture`): PSNR over the whole
+    /// picture at full size, and each decode's thread CPU time.
+    #[test]
+    #[ignore]
+    fn heic_compare() {
+        let cpu = || {
+            let mut t = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            // SAFETY: a valid timespec to write to.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+            t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+        };
+        let paths = std::env::var("HEIC_COMPARE").unwrap_or_default();
+        for path in paths.split(',').filter(|p| !p.is_empty()) {
+            let data = std::fs::read(path).unwrap();
+            let file = Heif::open(&data).unwrap();
+            assert!(file.is_direct(), "{path}");
+            let t0 = cpu();
+            let mut ours = file.decode(1).unwrap();
+            let t1 = cpu();
+            if let Some(o) = file.orientation() {
+                ours = crate::orient::turn(ours, o);
+            }
+            let ours = ours.into_rgb8();
+            let t2 = cpu();
+            let theirs = file.decode_interleaved(1).unwrap().into_rgb8();
+            let t3 = cpu();
+            assert_eq!(ours.dimensions(), theirs.dimensions(), "{path}");
+            let (mut sum, mut worst) = (0f64, 0u8);
+            for (a, b) in ours.as_raw().iter().zip(theirs.as_raw()) {
+                let d = a.abs_diff(*b);
+                worst = worst.max(d);
+                sum += f64::from(d) * f64::from(d);
+            }
+            let mse = sum / ours.as_raw().len() as f64;
+            let psnr = 10.0 * (255.0f64.powi(2) / mse.max(1e-12)).log10();
+            eprintln!(
+                "{path}: PSNR {psnr:.1} dB (worst {worst}); CPU: libde265 directly {:.2} s, \
+                 libheif {:.2} s",
+                t1 - t0,
+                t3 - t2
+            );
+        }
     }
 
     #[test]

@@ -5,12 +5,14 @@ pub mod anim;
 pub mod budget;
 pub mod colour;
 pub mod crop_box;
+pub mod de265;
 pub mod decode;
 pub mod encode;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod geometry;
 pub mod heif;
+pub mod heif_items;
 pub mod jpeg;
 pub mod lowres;
 pub mod orient;

@@ -1,0 +1,942 @@
+//! The HEIF boxes that say where an HEVC-coded primary image is and how it is shown, read
+//! without libheif so that `heif.rs` can hand its coded data to libde265 itself (`de265.rs`)
+//! and convert libde265's own picture a row at a time: libheif 1.15 always converts the
+//! picture to RGB planes while still holding its YCbCr copy (BENCHMARKS.md, "HEIC at `-c 2`:
+//! where libheif's peak is").
+//!
+//! Read here: `meta`'s `pitm`, `iinf`/`infe` (versions 2 and 3), `iloc` (versions 0–2, from the
+//! file or from `idat`), `iref` (`dimg`, `auxl`), `iprp`'s `ipco` and `ipma`, and the properties
+//! `hvcC`, `ispe`, `colr` (`nclx`), `irot` and `imir`. A primary image that is one `hvc1` item or
+//! a `grid` of `hvc1` tiles gets a [`Plan`]; anything else (alpha, a `clap` crop, another
+//! codec, an essential property not listed here, a grid whose tiles differ) is
+//! [`Unhandled`], and libheif decodes it as before. Nothing here panics on bad input: every
+//! length and offset is checked against the box it is in (the `heif_items` fuzz target).
+
+use std::ops::Range;
+
+/// Why a file is left to libheif (a short reason, logged at debug level).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unhandled(pub &'static str);
+
+type Res<T> = Result<T, Unhandled>;
+
+/// `ipma`: per item id, its properties' 1-based `ipco` indexes and whether each is essential.
+type Associations = Vec<(u32, Vec<(u16, bool)>)>;
+
+/// How the primary image is decoded and shown.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Its size as coded (`ispe` of the primary item), before `irot`/`imir`.
+    pub width: u32,
+    pub height: u32,
+    pub layout: Layout,
+    /// `irot` and `imir`, in their order, as one turn to apply after decoding.
+    pub turn: Turn,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// One `hvc1` item the size of the image.
+    Single(Coded),
+    /// A `grid`: `rows` × `cols` tiles of `tile` size each, row by row, cropped to the image's
+    /// size at the right and bottom edges.
+    Grid {
+        rows: u32,
+        cols: u32,
+        tile: (u32, u32),
+        tiles: Vec<Coded>,
+    },
+}
+
+/// One HEVC-coded item: its decoder configuration and its data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Coded {
+    /// Parameter-set NAL units from `hvcC` (byte ranges of the file).
+    pub config_nals: Vec<Range<usize>>,
+    /// Bytes of the length before each NAL unit of the data (1, 2 or 4).
+    pub length_size: usize,
+    /// The item's extents, in order (byte ranges of the file).
+    pub extents: Vec<Range<usize>>,
+    /// `ispe`.
+    pub width: u32,
+    pub height: u32,
+    /// The coded picture size from the sequence parameter set (before its conformance crop).
+    pub coded: (u32, u32),
+    /// Bits per luma sample and `chroma_format_idc` (0 mono, 1 4:2:0, 2 4:2:2, 3 4:4:4).
+    pub bits: u32,
+    pub chroma: u32,
+    /// A `colr` `nclx` box: (matrix coefficients, full range).
+    pub nclx: Option<(u32, bool)>,
+}
+
+impl Coded {
+    /// The item's data, its extents joined.
+    pub fn data(&self, file: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.extents.iter().map(|e| e.len()).sum());
+        for e in &self.extents {
+            out.extend_from_slice(&file[e.clone()]);
+        }
+        out
+    }
+}
+
+/// A turn of the picture: `quarter` clockwise quarter turns, then a left–right flip when
+/// `flip` (so every mix of `irot` and `imir` is one of the eight EXIF orientations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Turn {
+    pub quarter: u8,
+    pub flip: bool,
+}
+
+impl Turn {
+    /// Then turned `quarter` clockwise quarter turns.
+    fn rotate(self, quarter: u8) -> Turn {
+        let quarter = if self.flip {
+            (self.quarter + 4 - quarter % 4) % 4
+        } else {
+            (self.quarter + quarter) % 4
+        };
+        Turn { quarter, ..self }
+    }
+
+    /// Then flipped left–right.
+    fn flip(self) -> Turn {
+        Turn {
+            flip: !self.flip,
+            ..self
+        }
+    }
+
+    /// Whether width and height swap.
+    pub fn swaps(self) -> bool {
+        self.quarter % 2 == 1
+    }
+}
+
+/// Most items, properties, extents and tiles read; a file claiming more is left to libheif.
+const MAX_ENTRIES: usize = 4096;
+
+/// Reads the primary image's plan from a whole HEIF file.
+pub fn plan(file: &[u8]) -> Res<Plan> {
+    let meta = children(file, 0..file.len())
+        .find_map(|b| match b {
+            Ok(b) if &b.kind == b"meta" => Some(Ok(b)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .ok_or(Unhandled("no meta box"))??;
+    // `meta` is a full box: version and flags first.
+    let meta_body = full_body(file, &meta)?;
+    let mut primary = None;
+    let mut infos: Vec<(u32, [u8; 4])> = Vec::new();
+    let mut locations: Vec<Location> = Vec::new();
+    let mut refs: Vec<Reference> = Vec::new();
+    let mut props: Vec<BoxRef> = Vec::new();
+    let mut assoc: Associations = Vec::new();
+    let mut idat = None;
+    for b in children(file, meta_body) {
+        let b = b?;
+        match &b.kind {
+            b"pitm" => {
+                let mut r = Reader::full(file, &b)?;
+                primary = Some(if r.version == 0 {
+                    r.u16()? as u32
+                } else {
+                    r.u32()?
+                });
+            }
+            b"iinf" => infos = read_iinf(file, &b)?,
+            b"iloc" => locations = read_iloc(file, &b)?,
+            b"iref" => refs = read_iref(file, &b)?,
+            b"idat" => idat = Some(b.body.clone()),
+            b"iprp" => {
+                for c in children(file, b.body.clone()) {
+                    let c = c?;
+                    match &c.kind {
+                        b"ipco" => {
+                            props = children(file, c.body.clone()).collect::<Res<Vec<_>>>()?;
+                        }
+                        b"ipma" => assoc.extend(read_ipma(file, &c)?),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+        if infos.len() > MAX_ENTRIES || props.len() > MAX_ENTRIES {
+            return Err(Unhandled("too many items or properties"));
+        }
+    }
+    let primary = primary.ok_or(Unhandled("no pitm box"))?;
+    let items = Items {
+        file,
+        infos,
+        locations,
+        props,
+        assoc,
+        idat,
+    };
+    if refs
+        .iter()
+        .any(|r| &r.kind == b"auxl" && r.to.contains(&primary))
+    {
+        return Err(Unhandled("an auxiliary image (alpha or depth)"));
+    }
+    let kind = items.kind(primary)?;
+    let mut turn = Turn::default();
+    let mut ispe = None;
+    for p in items.properties(primary)? {
+        match &p.kind {
+            b"ispe" => ispe = Some(read_ispe(file, &p)?),
+            b"irot" => {
+                let angle = body(file, &p).first().ok_or(Unhandled("short irot"))? & 3;
+                // Anticlockwise quarter turns.
+                turn = turn.rotate((4 - angle) % 4);
+            }
+            b"imir" => {
+                let mode = body(file, &p).first().ok_or(Unhandled("short imir"))? & 1;
+                // HEIF's amendment 2 reads the bit as a `mode`: 0 exchanges top and bottom,
+                // 1 left and right — as iPhones write it and libheif applies it (the 2017
+                // text's "vertical axis" for 0 was read both ways).
+                turn = if mode == 1 {
+                    turn.flip()
+                } else {
+                    turn.rotate(2).flip()
+                };
+            }
+            b"clap" => return Err(Unhandled("a clean-aperture crop (clap)")),
+            _ => {}
+        }
+    }
+    let (width, height) = ispe.ok_or(Unhandled("no ispe on the primary image"))?;
+    let layout = match &kind {
+        b"hvc1" => {
+            let coded = items.coded(primary, false)?;
+            if (coded.width, coded.height) != (width, height) {
+                return Err(Unhandled("ispe disagrees"));
+            }
+            Layout::Single(coded)
+        }
+        b"grid" => items.grid(primary, &refs, (width, height))?,
+        _ => return Err(Unhandled("not an HEVC image")),
+    };
+    Ok(Plan {
+        width,
+        height,
+        layout,
+        turn,
+    })
+}
+
+struct Items<'a> {
+    file: &'a [u8],
+    infos: Vec<(u32, [u8; 4])>,
+    locations: Vec<Location>,
+    props: Vec<BoxRef>,
+    assoc: Associations,
+    idat: Option<Range<usize>>,
+}
+
+struct Location {
+    id: u32,
+    method: u8,
+    base: u64,
+    extents: Vec<(u64, u64)>,
+}
+
+struct Reference {
+    kind: [u8; 4],
+    from: u32,
+    to: Vec<u32>,
+}
+
+impl Items<'_> {
+    fn kind(&self, id: u32) -> Res<[u8; 4]> {
+        let mut found = self.infos.iter().filter(|(i, _)| *i == id);
+        match (found.next(), found.next()) {
+            (Some((_, kind)), None) => Ok(*kind),
+            (None, _) => Err(Unhandled("an item without infe")),
+            _ => Err(Unhandled("an item listed twice")),
+        }
+    }
+
+    /// The item's properties in `ipma` order; an essential one this module does not know
+    /// leaves the file to libheif.
+    fn properties(&self, id: u32) -> Res<Vec<BoxRef>> {
+        let Some((_, list)) = self.assoc.iter().find(|(i, _)| *i == id) else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::with_capacity(list.len());
+        for &(index, essential) in list {
+            if index == 0 {
+                continue;
+            }
+            let p = self
+                .props
+                .get(usize::from(index) - 1)
+                .ok_or(Unhandled("ipma names a missing property"))?;
+            let known = matches!(
+                &p.kind,
+                b"hvcC" | b"ispe" | b"colr" | b"pixi" | b"irot" | b"imir" | b"clap"
+            );
+            if essential && !known {
+                return Err(Unhandled("an essential property it does not know"));
+            }
+            out.push(p.clone());
+        }
+        Ok(out)
+    }
+
+    /// The item's bytes, as byte ranges of the file.
+    fn extents(&self, id: u32) -> Res<Vec<Range<usize>>> {
+        let loc = self
+            .locations
+            .iter()
+            .find(|l| l.id == id)
+            .ok_or(Unhandled("an item without iloc entry"))?;
+        let within = match loc.method {
+            0 => 0..self.file.len(),
+            1 => self.idat.clone().ok_or(Unhandled("no idat"))?,
+            _ => return Err(Unhandled("an item located by reference")),
+        };
+        let mut out = Vec::with_capacity(loc.extents.len());
+        for &(offset, length) in &loc.extents {
+            let start = loc
+                .base
+                .checked_add(offset)
+                .and_then(|s| usize::try_from(s).ok())
+                .and_then(|s| s.checked_add(within.start))
+                .filter(|s| *s <= within.end)
+                .ok_or(Unhandled("an extent outside the file"))?;
+            // A length of 0 means "to the end".
+            let end = if length == 0 {
+                within.end
+            } else {
+                usize::try_from(length)
+                    .ok()
+                    .and_then(|l| start.checked_add(l))
+                    .filter(|e| *e <= within.end)
+                    .ok_or(Unhandled("an extent outside the file"))?
+            };
+            out.push(start..end);
+        }
+        if out.is_empty() {
+            return Err(Unhandled("an item without data"));
+        }
+        Ok(out)
+    }
+
+    /// An `hvc1` item; a `tile` may not be turned (the image's own turn is read by [`plan`]).
+    fn coded(&self, id: u32, tile: bool) -> Res<Coded> {
+        if &self.kind(id)? != b"hvc1" {
+            return Err(Unhandled("a tile that is not HEVC"));
+        }
+        let mut hvcc = None;
+        let mut ispe = None;
+        let mut nclx = None;
+        for p in self.properties(id)? {
+            match &p.kind {
+                b"hvcC" => hvcc = Some(read_hvcc(self.file, &p)?),
+                b"ispe" => ispe = Some(read_ispe(self.file, &p)?),
+                b"colr" => nclx = nclx.or(read_nclx(self.file, &p)?),
+                b"irot" | b"imir" | b"clap" if tile => {
+                    return Err(Unhandled("a transformed tile"));
+                }
+                _ => {}
+            }
+        }
+        let (config_nals, length_size, sps) = hvcc.ok_or(Unhandled("no hvcC"))?;
+        let (width, height) = ispe.ok_or(Unhandled("no ispe on an HEVC item"))?;
+        // The decoder allocates for the sequence parameter set's size, so it must be the
+        // checked one (`ispe`) but for the conformance crop (less than a 64-pixel CTB).
+        let near = |coded: u32, shown: u32| coded >= shown && coded - shown < 64;
+        if !near(sps.width, width) || !near(sps.height, height) {
+            return Err(Unhandled("the HEVC picture size disagrees with ispe"));
+        }
+        // …and not a thin picture whose coded rows (a multiple of 8) far outnumber its own.
+        if !within_twice(sps.width, sps.height, width, height) {
+            return Err(Unhandled("an HEVC picture much larger than its ispe"));
+        }
+        Ok(Coded {
+            config_nals,
+            length_size,
+            extents: self.extents(id)?,
+            width,
+            height,
+            coded: (sps.width, sps.height),
+            bits: sps.bits,
+            chroma: sps.chroma,
+            nclx,
+        })
+    }
+
+    fn grid(&self, id: u32, refs: &[Reference], size: (u32, u32)) -> Res<Layout> {
+        let desc: Vec<u8> = {
+            let mut d = Vec::new();
+            for e in self.extents(id)? {
+                d.extend_from_slice(&self.file[e]);
+                if d.len() > 64 {
+                    return Err(Unhandled("a grid descriptor too long"));
+                }
+            }
+            d
+        };
+        // ImageGrid: version, flags (bit 0: 32-bit sizes), rows - 1, columns - 1, size.
+        let (&flags, rest) = desc
+            .get(1..)
+            .and_then(|d| d.split_first())
+            .ok_or(Unhandled("short grid"))?;
+        if desc[0] != 0 {
+            return Err(Unhandled("a grid version it does not know"));
+        }
+        let (rows, cols, w, h) = match (flags & 1, rest) {
+            (0, [r, c, w0, w1, h0, h1, ..]) => (
+                u32::from(*r) + 1,
+                u32::from(*c) + 1,
+                u32::from(u16::from_be_bytes([*w0, *w1])),
+                u32::from(u16::from_be_bytes([*h0, *h1])),
+            ),
+            (1, [r, c, w0, w1, w2, w3, h0, h1, h2, h3, ..]) => (
+                u32::from(*r) + 1,
+                u32::from(*c) + 1,
+                u32::from_be_bytes([*w0, *w1, *w2, *w3]),
+                u32::from_be_bytes([*h0, *h1, *h2, *h3]),
+            ),
+            _ => return Err(Unhandled("short grid")),
+        };
+        if (w, h) != size {
+            return Err(Unhandled("the grid's size disagrees with its ispe"));
+        }
+        let mut ids = refs
+            .iter()
+            .filter(|r| &r.kind == b"dimg" && r.from == id)
+            .flat_map(|r| r.to.iter().copied());
+        let tiles = (0..rows * cols)
+            .map(|_| {
+                ids.next()
+                    .ok_or(Unhandled("fewer tiles than the grid has"))
+                    .and_then(|t| self.coded(t, true))
+            })
+            .collect::<Res<Vec<_>>>()?;
+        if ids.next().is_some() {
+            return Err(Unhandled("more tiles than the grid has"));
+        }
+        let first = &tiles[0];
+        let same = |t: &Coded| {
+            (t.width, t.height, t.bits, t.chroma, t.nclx)
+                == (
+                    first.width,
+                    first.height,
+                    first.bits,
+                    first.chroma,
+                    first.nclx,
+                )
+        };
+        if !tiles.iter().all(same) {
+            return Err(Unhandled("tiles that differ"));
+        }
+        let tile = (first.width, first.height);
+        // The tiles cover the image, and no whole row or column of them lies outside it (so
+        // what is decoded is bounded by the checked size, plus one tile row and column).
+        let covers = |n: u32, t: u32, s: u32| {
+            let all = u64::from(n) * u64::from(t);
+            all >= u64::from(s) && all - u64::from(s) < u64::from(t)
+        };
+        if !covers(cols, tile.0, w) || !covers(rows, tile.1, h) {
+            return Err(Unhandled("tiles that do not fit the grid"));
+        }
+        let all = |n: u32, t: u32| u32::try_from(u64::from(n) * u64::from(t)).unwrap_or(u32::MAX);
+        if !within_twice(all(cols, tile.0), all(rows, tile.1), w, h) {
+            return Err(Unhandled("tiles much larger than the grid"));
+        }
+        Ok(Layout::Grid {
+            rows,
+            cols,
+            tile,
+            tiles,
+        })
+    }
+}
+
+/// Whether a coded `cw`×`ch` area is at most twice the shown `w`×`h` one plus 1 MP: what is
+/// decoded stays bounded by the size checked against the limits.
+fn within_twice(cw: u32, ch: u32, w: u32, h: u32) -> bool {
+    u64::from(cw) * u64::from(ch) <= 2 * u64::from(w) * u64::from(h) + (1 << 20)
+}
+
+/// A box: its type and the byte range of its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct BoxRef {
+    kind: [u8; 4],
+    body: Range<usize>,
+}
+
+/// The boxes inside `range` of `file`, in order; the first malformed one ends it with an error.
+fn children(file: &[u8], range: Range<usize>) -> impl Iterator<Item = Res<BoxRef>> + '_ {
+    let mut at = range.start;
+    let end = range.end.min(file.len());
+    let mut failed = false;
+    let mut count = 0;
+    std::iter::from_fn(move || {
+        if failed || at >= end {
+            return None;
+        }
+        count += 1;
+        let next = read_box(file, at, end, count);
+        match &next {
+            Ok((b, after)) => {
+                at = *after;
+                Some(Ok(b.clone()))
+            }
+            Err(e) => {
+                failed = true;
+                Some(Err(e.clone()))
+            }
+        }
+    })
+}
+
+fn read_box(file: &[u8], at: usize, end: usize, count: usize) -> Res<(BoxRef, usize)> {
+    if count > MAX_ENTRIES {
+        return Err(Unhandled("too many boxes"));
+    }
+    let short = Unhandled("a box cut short");
+    let head = file
+        .get(at..at + 8)
+        .filter(|_| at + 8 <= end)
+        .ok_or(short.clone())?;
+    let size = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as u64;
+    let kind = [head[4], head[5], head[6], head[7]];
+    let (size, mut header) = match size {
+        0 => ((end - at) as u64, 8usize),
+        1 => {
+            let large = file
+                .get(at + 8..at + 16)
+                .filter(|_| at + 16 <= end)
+                .ok_or(short.clone())?;
+            (
+                u64::from_be_bytes(large.try_into().map_err(|_| short.clone())?),
+                16,
+            )
+        }
+        s => (s, 8),
+    };
+    if &kind == b"uuid" {
+        header += 16;
+    }
+    let after = usize::try_from(size)
+        .ok()
+        .filter(|s| *s >= header)
+        .and_then(|s| at.checked_add(s))
+        .filter(|a| *a <= end)
+        .ok_or(short)?;
+    Ok((
+        BoxRef {
+            kind,
+            body: at + header..after,
+        },
+        after,
+    ))
+}
+
+fn body<'a>(file: &'a [u8], b: &BoxRef) -> &'a [u8] {
+    &file[b.body.clone()]
+}
+
+/// A full box's body after its version and flags.
+fn full_body(file: &[u8], b: &BoxRef) -> Res<Range<usize>> {
+    Reader::full(file, b).map(|r| r.at..r.end)
+}
+
+/// Big-endian reads within one box.
+struct Reader<'a> {
+    file: &'a [u8],
+    at: usize,
+    end: usize,
+    version: u8,
+    flags: u32,
+}
+
+impl<'a> Reader<'a> {
+    fn plain(file: &'a [u8], b: &BoxRef) -> Reader<'a> {
+        Reader {
+            file,
+            at: b.body.start,
+            end: b.body.end,
+            version: 0,
+            flags: 0,
+        }
+    }
+
+    fn full(file: &'a [u8], b: &BoxRef) -> Res<Reader<'a>> {
+        let mut r = Reader::plain(file, b);
+        let vf = r.u32()?;
+        r.version = (vf >> 24) as u8;
+        r.flags = vf & 0x00ff_ffff;
+        Ok(r)
+    }
+
+    fn bytes(&mut self, n: usize) -> Res<&'a [u8]> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|e| *e <= self.end)
+            .ok_or(Unhandled("a box cut short"))?;
+        let out = &self.file[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn uint(&mut self, n: usize) -> Res<u64> {
+        Ok(self
+            .bytes(n)?
+            .iter()
+            .fold(0u64, |v, b| (v << 8) | u64::from(*b)))
+    }
+
+    fn u8(&mut self) -> Res<u8> {
+        Ok(self.bytes(1)?[0])
+    }
+
+    fn u16(&mut self) -> Res<u16> {
+        Ok(self.uint(2)? as u16)
+    }
+
+    fn u32(&mut self) -> Res<u32> {
+        Ok(self.uint(4)? as u32)
+    }
+
+    fn fourcc(&mut self) -> Res<[u8; 4]> {
+        let b = self.bytes(4)?;
+        Ok([b[0], b[1], b[2], b[3]])
+    }
+
+    fn count(&mut self, wide: bool) -> Res<usize> {
+        let n = if wide {
+            self.u32()? as usize
+        } else {
+            usize::from(self.u16()?)
+        };
+        if n > MAX_ENTRIES {
+            return Err(Unhandled("too many entries"));
+        }
+        Ok(n)
+    }
+}
+
+fn read_iinf(file: &[u8], b: &BoxRef) -> Res<Vec<(u32, [u8; 4])>> {
+    let mut r = Reader::full(file, b)?;
+    let _count = r.count(r.version != 0)?;
+    let mut out = Vec::new();
+    for infe in children(file, r.at..r.end) {
+        let infe = infe?;
+        if &infe.kind != b"infe" {
+            continue;
+        }
+        let mut e = Reader::full(file, &infe)?;
+        if e.version < 2 {
+            return Err(Unhandled("an infe version before 2"));
+        }
+        let id = if e.version == 2 {
+            u32::from(e.u16()?)
+        } else {
+            e.u32()?
+        };
+        if e.u16()? != 0 {
+            return Err(Unhandled("a protected item"));
+        }
+        out.push((id, e.fourcc()?));
+        if out.len() > MAX_ENTRIES {
+            return Err(Unhandled("too many items"));
+        }
+    }
+    Ok(out)
+}
+
+fn read_iloc(file: &[u8], b: &BoxRef) -> Res<Vec<Location>> {
+    let mut r = Reader::full(file, b)?;
+    if r.version > 2 {
+        return Err(Unhandled("an iloc version it does not know"));
+    }
+    let sizes = r.u16()?;
+    let field = |shift: u16| -> Res<usize> {
+        match (sizes >> shift) & 0xf {
+            n @ (0 | 4 | 8) => Ok(usize::from(n)),
+            _ => Err(Unhandled("an iloc field size it does not know")),
+        }
+    };
+    let (offset_size, length_size, base_size) = (field(12)?, field(8)?, field(4)?);
+    let index_size = if r.version >= 1 { field(0)? } else { 0 };
+    let count = r.count(r.version == 2)?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let id = if r.version == 2 {
+            r.u32()?
+        } else {
+            u32::from(r.u16()?)
+        };
+        let method = if r.version >= 1 {
+            (r.u16()? & 0xf) as u8
+        } else {
+            0
+        };
+        if r.u16()? != 0 {
+            return Err(Unhandled("an item in another file"));
+        }
+        let base = r.uint(base_size)?;
+        let extent_count = r.count(false)?;
+        let mut extents = Vec::with_capacity(extent_count);
+        for _ in 0..extent_count {
+            let _index = r.uint(index_size)?;
+            extents.push((r.uint(offset_size)?, r.uint(length_size)?));
+        }
+        out.push(Location {
+            id,
+            method,
+            base,
+            extents,
+        });
+    }
+    Ok(out)
+}
+
+fn read_iref(file: &[u8], b: &BoxRef) -> Res<Vec<Reference>> {
+    let r = Reader::full(file, b)?;
+    let wide = r.version != 0;
+    let mut out = Vec::new();
+    for c in children(file, r.at..r.end) {
+        let c = c?;
+        let mut e = Reader::plain(file, &c);
+        let id = |e: &mut Reader| -> Res<u32> {
+            if wide {
+                e.u32()
+            } else {
+                e.u16().map(u32::from)
+            }
+        };
+        let from = id(&mut e)?;
+        let n = e.count(false)?;
+        let to = (0..n).map(|_| id(&mut e)).collect::<Res<Vec<_>>>()?;
+        out.push(Reference {
+            kind: c.kind,
+            from,
+            to,
+        });
+        if out.len() > MAX_ENTRIES {
+            return Err(Unhandled("too many references"));
+        }
+    }
+    Ok(out)
+}
+
+fn read_ipma(file: &[u8], b: &BoxRef) -> Res<Associations> {
+    let mut r = Reader::full(file, b)?;
+    let count = r.count(true)?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let id = if r.version < 1 {
+            u32::from(r.u16()?)
+        } else {
+            r.u32()?
+        };
+        let n = r.u8()?;
+        let mut list = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            let (essential, index) = if r.flags & 1 != 0 {
+                let v = r.u16()?;
+                (v & 0x8000 != 0, v & 0x7fff)
+            } else {
+                let v = r.u8()?;
+                (v & 0x80 != 0, u16::from(v & 0x7f))
+            };
+            list.push((index, essential));
+        }
+        out.push((id, list));
+    }
+    Ok(out)
+}
+
+fn read_ispe(file: &[u8], b: &BoxRef) -> Res<(u32, u32)> {
+    let mut r = Reader::full(file, b)?;
+    let size = (r.u32()?, r.u32()?);
+    if size.0 == 0 || size.1 == 0 {
+        return Err(Unhandled("an empty ispe"));
+    }
+    Ok(size)
+}
+
+/// `colr`: the `nclx` matrix and range, `None` for an ICC profile.
+fn read_nclx(file: &[u8], b: &BoxRef) -> Res<Option<(u32, bool)>> {
+    let mut r = Reader::plain(file, b);
+    if &r.fourcc()? != b"nclx" {
+        return Ok(None);
+    }
+    let (_primaries, _transfer, matrix) = (r.u16()?, r.u16()?, r.u16()?);
+    let full = r.u8()? & 0x80 != 0;
+    Ok(Some((u32::from(matrix), full)))
+}
+
+/// What the sequence parameter set says.
+struct Sps {
+    width: u32,
+    height: u32,
+    bits: u32,
+    chroma: u32,
+}
+
+/// `hvcC`: its parameter-set NAL units, the NAL length size, and the SPS read from them.
+fn read_hvcc(file: &[u8], b: &BoxRef) -> Res<(Vec<Range<usize>>, usize, Sps)> {
+    let mut r = Reader::plain(file, b);
+    let head = r.bytes(22)?;
+    let length_size = usize::from(head[21] & 3) + 1;
+    if length_size == 3 {
+        return Err(Unhandled("a 3-byte NAL length"));
+    }
+    let arrays = r.u8()?;
+    let mut nals = Vec::new();
+    let mut sps = None;
+    for _ in 0..arrays {
+        let kind = r.u8()? & 0x3f;
+        for _ in 0..r.count(false)? {
+            let len = usize::from(r.u16()?);
+            let start = r.at;
+            let nal = r.bytes(len)?;
+            if kind == 33 && sps.is_none() {
+                sps = Some(read_sps(nal)?);
+            }
+            nals.push(start..start + len);
+        }
+    }
+    Ok((nals, length_size, sps.ok_or(Unhandled("no SPS in hvcC"))?))
+}
+
+/// The fields of an HEVC sequence parameter set NAL unit up to its bit depths (H.265 7.3.2.2).
+fn read_sps(nal: &[u8]) -> Res<Sps> {
+    // The NAL header (2 bytes), then the payload without its emulation-prevention bytes.
+    let mut rbsp = Vec::with_capacity(nal.len().min(256));
+    let mut zeros = 0;
+    for &byte in nal.iter().skip(2).take(256) {
+        if zeros >= 2 && byte == 3 {
+            zeros = 0;
+            continue;
+        }
+        zeros = if byte == 0 { zeros + 1 } else { 0 };
+        rbsp.push(byte);
+    }
+    let mut bits = Bits { data: &rbsp, at: 0 };
+    let bad = || Unhandled("an SPS it cannot read");
+    bits.skip(4).ok_or_else(bad)?; // sps_video_parameter_set_id
+    let sub_layers = bits.read(3).ok_or_else(bad)?; // sps_max_sub_layers_minus1
+    bits.skip(1).ok_or_else(bad)?; // sps_temporal_id_nesting_flag
+                                   // profile_tier_level(1, sub_layers)
+    bits.skip(88 + 8).ok_or_else(bad)?;
+    let mut present = Vec::new();
+    for _ in 0..sub_layers {
+        present.push((bits.read(1).ok_or_else(bad)?, bits.read(1).ok_or_else(bad)?));
+    }
+    if sub_layers > 0 {
+        bits.skip(2 * (8 - sub_layers as usize)).ok_or_else(bad)?;
+    }
+    for (profile, level) in present {
+        bits.skip(88 * profile as usize + 8 * level as usize)
+            .ok_or_else(bad)?;
+    }
+    let _id = bits.ue().ok_or_else(bad)?;
+    let chroma = bits.ue().ok_or_else(bad)?;
+    if chroma > 3 {
+        return Err(bad());
+    }
+    if chroma == 3 && bits.read(1).ok_or_else(bad)? == 1 {
+        return Err(Unhandled("separate colour planes"));
+    }
+    let width = bits.ue().ok_or_else(bad)?;
+    let height = bits.ue().ok_or_else(bad)?;
+    if bits.read(1).ok_or_else(bad)? == 1 {
+        for _ in 0..4 {
+            bits.ue().ok_or_else(bad)?;
+        }
+    }
+    let luma = bits.ue().ok_or_else(bad)? + 8;
+    let chroma_bits = bits.ue().ok_or_else(bad)? + 8;
+    if luma > 16 || (chroma != 0 && chroma_bits != luma) {
+        return Err(Unhandled("luma and chroma of different depths"));
+    }
+    Ok(Sps {
+        width,
+        height,
+        bits: luma,
+        chroma,
+    })
+}
+
+/// Reads bits most significant first.
+struct Bits<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Bits<'_> {
+    fn read(&mut self, n: u32) -> Option<u32> {
+        let mut v = 0u32;
+        for _ in 0..n {
+            let byte = self.data.get(self.at / 8)?;
+            v = (v << 1) | u32::from((byte >> (7 - self.at % 8)) & 1);
+            self.at += 1;
+        }
+        Some(v)
+    }
+
+    fn skip(&mut self, n: usize) -> Option<()> {
+        self.at = self.at.checked_add(n)?;
+        (self.at <= self.data.len() * 8).then_some(())
+    }
+
+    /// An unsigned Exp-Golomb code (at most 31 leading zeros).
+    fn ue(&mut self) -> Option<u32> {
+        let mut zeros = 0;
+        while self.read(1)? == 0 {
+            zeros += 1;
+            if zeros > 31 {
+                return None;
+            }
+        }
+        let rest = self.read(zeros)?;
+        Some(((1u64 << zeros) - 1 + u64::from(rest)).min(u64::from(u32::MAX)) as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_is_decoded_stays_near_the_checked_size() {
+        // A phone's 4032×3024 as 8×6 tiles of 512: 4096×3072 coded.
+        assert!(within_twice(4096, 3072, 4032, 3024));
+        // 50 MP shown as 50 000 000 × 1 over coded rows of 8 (or a 64-high tile row).
+        assert!(!within_twice(50_000_000, 8, 50_000_000, 1));
+        // Small pictures always pass (1 MP of slack).
+        assert!(within_twice(1024, 1024, 1, 1));
+        assert!(!within_twice(1025, 1024, 1, 1));
+    }
+
+    #[test]
+    fn exp_golomb_and_sps_fields_read_as_written() {
+        // ue(v) of 0, 1, 2, 3: 1, 010, 011, 00100.
+        let mut b = Bits {
+            data: &[0b1010_0110, 0b0100_0000],
+            at: 0,
+        };
+        assert_eq!(
+            (b.ue(), b.ue(), b.ue(), b.ue()),
+            (Some(0), Some(1), Some(2), Some(3))
+        );
+        // 32 leading zeros: refused, not overflowed.
+        let mut b = Bits {
+            data: &[0, 0, 0, 0, 0x80],
+            at: 0,
+        };
+        assert_eq!(b.ue(), None);
+        assert!(read_sps(&[0x42, 0x01]).is_err());
+    }
+}
