@@ -9,7 +9,8 @@ worker starts; the rate counts from the first stored result to the N-th, so star
 
 Sources: the distinct JPEGs of bench/image_pipeline.py's corpus (Debian's
 plasma-workspace-wallpapers, 5120×2880 and 2560×1600, baseline and progressive). For the
-memory run, 50 MP sources (9400×5300, baseline and progressive) are made from a wallpaper with
+memory run, 50 MP sources (9400×5300, baseline and progressive) are made from a 5120×2880
+wallpaper (or, where the mirror has none, the largest landscape photo of --corpus photos) with
 libvips and written under var/bench/ (never committed); image-worker's peak RSS is its
 /proc/<pid>/status VmHWM when the drain ends (Celery's is the largest of its processes').
 
@@ -81,8 +82,15 @@ def make_50mp():
     if all(p.exists() for p in out.values()):
         return out
     by_size = image_pipeline.ensure_corpus()
-    src = next(f for f, kind in by_size[(5120, 2880)] if kind == "baseline")
-    img = pyvips.Image.new_from_file(src).resize(9400 / 5120, vscale=5300 / 2880)
+    wallpaper = [f for f, kind in by_size.get((5120, 2880), []) if kind == "baseline"]
+    if wallpaper:
+        img = pyvips.Image.new_from_file(wallpaper[0])
+    else:
+        # Not every Debian mirror still has a 5120×2880 wallpaper: the largest landscape
+        # photograph of the photo corpus instead (the same content kind, stretched to 50 MP).
+        img = max((pyvips.Image.new_from_file(f) for f in image_stages.ensure_photos()),
+                  key=lambda i: i.width * i.height if i.width > i.height else 0)
+    img = img.resize(9400 / img.width, vscale=5300 / img.height)
     for name, options in variants.items():
         img.write_to_file(str(out[name]), Q=90, **options)
     return out

@@ -24,7 +24,7 @@ within the default limits (50 MP, 50 MB):
                 the tiles put in one file here (heif-enc 1.15 writes no grids)
 
 Usage: .venv/bin/python bench/image_memory.py [--binary target/release/image-worker]
-       [--only rgba.png,...] [--no-build]
+       [--only rgba.png,...] [--no-build] [--jobs 4] [--worker-env NAME=VALUE ...]
 Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
 """
 import argparse
@@ -204,6 +204,8 @@ def main():
     parser.add_argument("--only", default="")
     parser.add_argument("--no-build", action="store_true")
     parser.add_argument("--jobs", type=int, default=4, help="jobs for the -c 2 run")
+    parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for image-worker (repeatable)")
     args = parser.parse_args()
     if not args.no_build:
         image_broker.build()
@@ -215,7 +217,8 @@ def main():
     from celery import Celery
     app = Celery("image_memory_client", broker=broker, backend=backend)
     env = {"MEDIAFARM_BROKER_URL": broker, "MEDIAFARM_RESULT_BACKEND": backend,
-           "MEDIAFARM_STORAGE_URL": storage.as_uri(), "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0"}
+           "MEDIAFARM_STORAGE_URL": storage.as_uri(), "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0",
+           **dict(kv.split("=", 1) for kv in args.worker_env)}
 
     def worker(concurrency):
         return lambda q: [args.binary, "--concurrency", str(concurrency), "--queues", q,
