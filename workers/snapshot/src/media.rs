@@ -172,8 +172,12 @@ enum KeySeek {
     Off,
     /// On; no keyframe read yet since the open or the last seek.
     Start,
-    /// On; the presentation time (stream time base) of the keyframe read last.
-    After(i64),
+    /// On; the presentation time (stream time base) of the keyframe read last, and where the
+    /// next read should go if later ([`Input::skip_keyframes_before`]).
+    After {
+        last: i64,
+        from: Option<i64>,
+    },
 }
 
 /// Whether the URL names an MP4/MOV file by its extension.
@@ -210,7 +214,7 @@ impl Input {
     ) -> Result<Input, MediaError> {
         init();
         if kind == SourceKind::File && mp4_named(url) {
-            let ctx = open_context(url, shown, kind, interrupt, timeout, false)?;
+            let ctx = open_header_only(url, shown, interrupt, timeout)?;
             let sized = ctx
                 .streams()
                 .best(ff::media::Type::Video)
@@ -220,9 +224,9 @@ impl Input {
                 return Input::from_context(ctx, shown, interrupt, timeout);
             }
             // Named .mp4 but another container, or no picture size in its header: open it
-            // again with the probe's decode.
+            // again with FFmpeg's full probe.
         }
-        let ctx = open_context(url, shown, kind, interrupt, timeout, true)?;
+        let ctx = open_context(url, shown, kind, interrupt, timeout)?;
         Input::from_context(ctx, shown, interrupt, timeout)
     }
 
@@ -322,24 +326,44 @@ impl Input {
         }
     }
 
+    /// Once MP4/MOV keyframes are read by seeking ([`Input::keep_only_video_keyframes`]):
+    /// the next read goes straight to the first keyframe presented at or after `secs` (stream
+    /// seconds, as [`Input::seconds`] gives them) instead of to the next keyframe, so a file
+    /// read as fast as it goes skips the keyframes no tick takes (four in five at a 4 s GOP and
+    /// a 20 s interval: ≈ 150–190 KB each at 1080p, 6 Mbit/s). No effect on other inputs, or
+    /// when `secs` is not later than the next keyframe anyway.
+    pub fn skip_keyframes_before(&mut self, secs: f64) {
+        if let KeySeek::After { last, .. } = self.key_seek {
+            let ts = (secs / self.time_base).ceil();
+            // Timestamps come from the file: a wild one leaves the plain next-keyframe seek.
+            let from = (ts.is_finite() && ts > (last + 1) as f64 && ts < i64::MAX as f64)
+                .then_some(ts as i64);
+            self.key_seek = KeySeek::After { last, from };
+        }
+    }
+
     /// Reads the next packet into `pkt`.
     pub fn read(&mut self, pkt: &mut ff::Packet) -> Result<Read, MediaError> {
         // `Packet::read` hands the packet to av_read_frame as it is, and av_read_frame does not
         // free what a reused packet still holds: without this every packet's buffer leaked.
         // SAFETY: the packet is ours and not borrowed; unref leaves it blank and reusable.
         unsafe { ff::ffi::av_packet_unref(ff::packet::Mut::as_mut_ptr(pkt)) };
-        if let KeySeek::After(pts) = self.key_seek {
-            // Forward to the first keyframe presented after the last one. MOV takes the seek
-            // time as a presentation time and fails when no keyframe follows in its index (the
-            // file's end, or a fragmented file whose later fragments are not indexed yet):
-            // then plain reading goes on from where it is until the next seek, which is right
-            // in both cases (and at the end gives the last pictures' times, which a looped
-            // file's clock goes on from).
-            // SAFETY: the open context we own; the stream index is the video stream's.
-            let r = unsafe {
-                ff::ffi::av_seek_frame(self.ctx.as_mut_ptr(), self.video as i32, pts + 1, 0)
+        if let KeySeek::After { last, from } = self.key_seek {
+            // Forward to the first keyframe presented after the last one (or at or after
+            // `from`). MOV takes the seek time as a presentation time and fails when no
+            // keyframe follows in its index (the file's end, or a fragmented file whose later
+            // fragments are not indexed yet): then plain reading goes on from where it is
+            // until the next seek, which is right in both cases (and at the end gives the last
+            // pictures' times, which a looped file's clock goes on from).
+            let seek = |ctx: &mut ff::format::context::Input, ts: i64| {
+                // SAFETY: the open context we own; the stream index is the video stream's.
+                unsafe { ff::ffi::av_seek_frame(ctx.as_mut_ptr(), self.video as i32, ts, 0) }
             };
-            if r < 0 {
+            // Past the index's last keyframe `from` fails; the keyframes up to there are read
+            // as before, so plain reading starts no earlier than the last one.
+            let moved = from.is_some_and(|ts| seek(&mut self.ctx, ts) >= 0)
+                || seek(&mut self.ctx, last + 1) >= 0;
+            if !moved {
                 self.key_seek = KeySeek::Off;
             }
         }
@@ -349,8 +373,11 @@ impl Input {
                     let pts = pkt.pts().or(pkt.dts());
                     self.key_seek = match (self.key_seek, pts) {
                         // A seek that did not move forward: read plainly from here on.
-                        (KeySeek::After(last), Some(p)) if p <= last => KeySeek::Off,
-                        (_, Some(p)) => KeySeek::After(p),
+                        (KeySeek::After { last, .. }, Some(p)) if p <= last => KeySeek::Off,
+                        (_, Some(p)) => KeySeek::After {
+                            last: p,
+                            from: None,
+                        },
                         (_, None) => KeySeek::Off,
                     };
                 }
@@ -383,19 +410,14 @@ impl Input {
     }
 }
 
-/// Opens `url` and probes its streams; `probe_decode: false` skips the decode of a first
-/// picture that FFmpeg's probe (avformat_find_stream_info) does only to learn the pixel
-/// format, which nothing here needs: MP4/MOV's header gives the size, codec configuration,
-/// timing and start already, and at 1080p that decode cost more than two keyframe decodes
-/// (36–39 ms per open). A codec whitelist naming no decoder makes the probe skip it; our own
-/// decoders are separate codec contexts, which it does not restrict.
+/// Opens `url` and probes its streams (avformat_find_stream_info: for most containers the
+/// probe reads packets and decodes a first picture to learn what the header does not say).
 fn open_context(
     url: &str,
     shown: &str,
     kind: SourceKind,
     interrupt: &Interrupt,
     timeout: Duration,
-    probe_decode: bool,
 ) -> Result<ff::format::context::Input, MediaError> {
     let mut opts = ff::Dictionary::new();
     match kind {
@@ -408,11 +430,51 @@ fn open_context(
         opts.set("analyzeduration", "1000000");
         opts.set("fflags", "nobuffer");
     }
-    if !probe_decode {
-        opts.set("codec_whitelist", "none");
-    }
     ff::format::input_with_interrupt_and_dictionary(url, interrupt.callback(), opts)
         .map_err(|e| open_error(e, shown, interrupt, timeout))
+}
+
+/// Opens a file by its container's header alone, without FFmpeg's probe. An MP4/MOV header
+/// has everything the sessions use — picture size, codec configuration, time base, start,
+/// duration, reordering delay (the same values as after the probe; checked in a unit test)
+/// — while the probe decoded the first picture only to learn its pixel format (36–39 ms per
+/// 1080p open), and without that decode still read ≈ 5 MB of packets to learn nothing more
+/// (≈ 1 ms per open). Our decoders are separate codec contexts, made from these parameters.
+fn open_header_only(
+    url: &str,
+    shown: &str,
+    interrupt: &Interrupt,
+    timeout: Duration,
+) -> Result<ff::format::context::Input, MediaError> {
+    let failed = |reason: &str| MediaError::Open {
+        url: shown.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let path = std::ffi::CString::new(url).map_err(|_| failed("the URL holds a NUL byte"))?;
+    // SAFETY: what ffmpeg-next's input_with_interrupt_and_dictionary does, less the probe: a
+    // fresh context gets the interrupt callback (whose closure the guard keeps alive as long
+    // as the wrapped context); avformat_open_input frees the context itself when it fails.
+    unsafe {
+        let mut ctx = ff::ffi::avformat_alloc_context();
+        if ctx.is_null() {
+            return Err(failed("out of memory"));
+        }
+        let callback = ff::util::interrupt::new(Box::new(interrupt.callback()));
+        (*ctx).interrupt_callback = callback.interrupt;
+        let r = ff::ffi::avformat_open_input(
+            &mut ctx,
+            path.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null_mut(),
+        );
+        if r < 0 {
+            return Err(open_error(ff::Error::from(r), shown, interrupt, timeout));
+        }
+        Ok(ff::format::context::Input::wrap_with_interrupt(
+            ctx,
+            callback.guard,
+        ))
+    }
 }
 
 fn open_error(e: ff::Error, url: &str, interrupt: &Interrupt, timeout: Duration) -> MediaError {
@@ -913,20 +975,13 @@ mod tests {
         path
     }
 
-    fn open(url: &str, probe_decode: bool) -> Input {
+    /// `url` opened with FFmpeg's full probe (it decodes a picture).
+    fn open_probed(url: &str) -> Input {
         let interrupt = Interrupt::new(Arc::new(AtomicBool::new(false)));
         interrupt.arm(Duration::from_secs(30));
         let timeout = Duration::from_secs(30);
         init();
-        let ctx = open_context(
-            url,
-            url,
-            SourceKind::File,
-            &interrupt,
-            timeout,
-            probe_decode,
-        )
-        .unwrap();
+        let ctx = open_context(url, url, SourceKind::File, &interrupt, timeout).unwrap();
         Input::from_context(ctx, url, &interrupt, timeout).unwrap()
     }
 
@@ -955,11 +1010,11 @@ mod tests {
         let url = mp4_with_b_frames(&dir).display().to_string();
 
         // The full probe (it decodes a picture) and every packet read: the reference.
-        let mut plain = open(&url, true);
+        let mut plain = open_probed(&url);
         let (want, all) = keyframes(&mut plain);
         assert_eq!(want.len(), 6, "{want:?}");
 
-        // What a watch session does: the probe without a decode, keyframes only.
+        // What a watch session does: the header alone (no probe), keyframes only.
         let mut input = Input::open(
             &url,
             &url,
@@ -974,6 +1029,15 @@ mod tests {
         assert_ne!(format(&plain), -1);
         assert_eq!(input.start_s(), plain.start_s());
         assert_eq!(input.duration_s(), plain.duration_s());
+        assert_eq!(input.time_base, plain.time_base);
+        // What the decoders are made from: the same as after the probe.
+        // SAFETY: as above.
+        let decoding = |i: &Input| unsafe {
+            let p = &*i.parameters().unwrap().as_ptr();
+            let extra = std::slice::from_raw_parts(p.extradata, p.extradata_size as usize);
+            (p.codec_id, p.width, p.height, p.video_delay, extra.to_vec())
+        };
+        assert_eq!(decoding(&input), decoding(&plain));
         input.keep_only_video_keyframes();
         let (got, read) = keyframes(&mut input);
         assert_eq!(got, want, "keyframes at their true times");
@@ -985,6 +1049,58 @@ mod tests {
         input.seek(0.0).unwrap();
         let (again, read_again) = keyframes(&mut input);
         assert_eq!((again, read_again), (want, read));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The next keyframe read, in seconds, and the video packets read to get there.
+    fn next_keyframe(input: &mut Input, pkt: &mut ff::Packet) -> Option<(f64, usize)> {
+        let mut read = 0;
+        loop {
+            match input.read(pkt).unwrap() {
+                Read::Video => {
+                    read += 1;
+                    if pkt.is_key() {
+                        return Some((input.seconds(pkt).unwrap(), read));
+                    }
+                }
+                Read::Other => {}
+                Read::Eof => return None,
+            }
+        }
+    }
+
+    #[test]
+    fn mp4_reads_skip_to_the_first_keyframe_at_or_after_a_time() {
+        let dir = std::env::temp_dir().join(format!("snapshot-media-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let url = mp4_with_b_frames(&dir).display().to_string();
+        let mut plain = open_probed(&url);
+        let (want, _) = keyframes(&mut plain);
+        let secs: Vec<f64> = want.iter().map(|&p| p as f64 * plain.time_base).collect();
+        assert_eq!(secs.len(), 6, "{secs:?}");
+
+        let mut input = Input::open(
+            &url,
+            &url,
+            SourceKind::File,
+            &plain.interrupt,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        input.keep_only_video_keyframes();
+        let mut pkt = ff::Packet::empty();
+        let mut next = |input: &mut Input| next_keyframe(input, &mut pkt);
+        assert_eq!(next(&mut input), Some((secs[0], 1)));
+        // Between the 2nd and 3rd keyframes: straight to the 3rd, one packet read.
+        input.skip_keyframes_before((secs[1] + secs[2]) / 2.0);
+        assert_eq!(next(&mut input), Some((secs[2], 1)));
+        // A millisecond before one (as a tick's slack asks): that one.
+        input.skip_keyframes_before(secs[4] - 0.001);
+        assert_eq!(next(&mut input), Some((secs[4], 1)));
+        // Past the last keyframe: the next one as without the skip, then the file's end.
+        input.skip_keyframes_before(secs[5] + 10.0);
+        assert_eq!(next(&mut input), Some((secs[5], 1)));
+        assert_eq!(next(&mut input), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
