@@ -252,10 +252,11 @@ fn expand_luma(s: u8) -> u8 {
     (((s - 16) * 298 + 128) >> 8) as u8
 }
 
-/// 16–240 around 128 → 0–255 around 128 (255/224 ≈ 291/256): `((s - 128)·291 + 128) >> 8
-/// + 128`, clamped, which is `(291·s − 4352) >> 8`. For inputs clamped to 15–240 that lies
-/// within 13..=65488, so it is computed in wrapping 16-bit arithmetic (the product alone
-/// may wrap; the difference comes out right); the same results as the 32-bit formula.
+/// 16–240 around 128 → 0–255 around 128 (255/224 ≈ 291/256):
+/// `(((s - 128)·291 + 128) >> 8) + 128`, clamped, which is `(291·s − 4352) >> 8`. For inputs
+/// clamped to 15–240 that lies within 13..=65488, so it is computed in wrapping 16-bit
+/// arithmetic (the product alone may wrap; the difference comes out right); the same results
+/// as the 32-bit formula.
 #[inline(always)]
 fn expand_chroma(s: u8) -> u8 {
     let s = u16::from(s.clamp(15, 240));
