@@ -172,12 +172,8 @@ enum KeySeek {
     Off,
     /// On; no keyframe read yet since the open or the last seek.
     Start,
-    /// On; the presentation time (stream time base) of the keyframe read last, and where the
-    /// next read should go if later ([`Input::skip_keyframes_before`]).
-    After {
-        last: i64,
-        from: Option<i64>,
-    },
+    /// On; the presentation time (stream time base) of the keyframe read last.
+    After(i64),
 }
 
 /// Whether the URL names an MP4/MOV file by its extension.
@@ -326,44 +322,24 @@ impl Input {
         }
     }
 
-    /// Once MP4/MOV keyframes are read by seeking ([`Input::keep_only_video_keyframes`]):
-    /// the next read goes straight to the first keyframe presented at or after `secs` (stream
-    /// seconds, as [`Input::seconds`] gives them) instead of to the next keyframe, so a file
-    /// read as fast as it goes skips the keyframes no tick takes (four in five at a 4 s GOP and
-    /// a 20 s interval: ≈ 150–190 KB each at 1080p, 6 Mbit/s). No effect on other inputs, or
-    /// when `secs` is not later than the next keyframe anyway.
-    pub fn skip_keyframes_before(&mut self, secs: f64) {
-        if let KeySeek::After { last, .. } = self.key_seek {
-            let ts = (secs / self.time_base).ceil();
-            // Timestamps come from the file: a wild one leaves the plain next-keyframe seek.
-            let from = (ts.is_finite() && ts > (last + 1) as f64 && ts < i64::MAX as f64)
-                .then_some(ts as i64);
-            self.key_seek = KeySeek::After { last, from };
-        }
-    }
-
     /// Reads the next packet into `pkt`.
     pub fn read(&mut self, pkt: &mut ff::Packet) -> Result<Read, MediaError> {
         // `Packet::read` hands the packet to av_read_frame as it is, and av_read_frame does not
         // free what a reused packet still holds: without this every packet's buffer leaked.
         // SAFETY: the packet is ours and not borrowed; unref leaves it blank and reusable.
         unsafe { ff::ffi::av_packet_unref(ff::packet::Mut::as_mut_ptr(pkt)) };
-        if let KeySeek::After { last, from } = self.key_seek {
-            // Forward to the first keyframe presented after the last one (or at or after
-            // `from`). MOV takes the seek time as a presentation time and fails when no
-            // keyframe follows in its index (the file's end, or a fragmented file whose later
-            // fragments are not indexed yet): then plain reading goes on from where it is
-            // until the next seek, which is right in both cases (and at the end gives the last
-            // pictures' times, which a looped file's clock goes on from).
-            let seek = |ctx: &mut ff::format::context::Input, ts: i64| {
-                // SAFETY: the open context we own; the stream index is the video stream's.
-                unsafe { ff::ffi::av_seek_frame(ctx.as_mut_ptr(), self.video as i32, ts, 0) }
+        if let KeySeek::After(pts) = self.key_seek {
+            // Forward to the first keyframe presented after the last one. MOV takes the seek
+            // time as a presentation time and fails when no keyframe follows in its index (the
+            // file's end, or a fragmented file whose later fragments are not indexed yet):
+            // then plain reading goes on from where it is until the next seek, which is right
+            // in both cases (and at the end gives the last pictures' times, which a looped
+            // file's clock goes on from).
+            // SAFETY: the open context we own; the stream index is the video stream's.
+            let r = unsafe {
+                ff::ffi::av_seek_frame(self.ctx.as_mut_ptr(), self.video as i32, pts + 1, 0)
             };
-            // Past the index's last keyframe `from` fails; the keyframes up to there are read
-            // as before, so plain reading starts no earlier than the last one.
-            let moved = from.is_some_and(|ts| seek(&mut self.ctx, ts) >= 0)
-                || seek(&mut self.ctx, last + 1) >= 0;
-            if !moved {
+            if r < 0 {
                 self.key_seek = KeySeek::Off;
             }
         }
@@ -373,11 +349,8 @@ impl Input {
                     let pts = pkt.pts().or(pkt.dts());
                     self.key_seek = match (self.key_seek, pts) {
                         // A seek that did not move forward: read plainly from here on.
-                        (KeySeek::After { last, .. }, Some(p)) if p <= last => KeySeek::Off,
-                        (_, Some(p)) => KeySeek::After {
-                            last: p,
-                            from: None,
-                        },
+                        (KeySeek::After(last), Some(p)) if p <= last => KeySeek::Off,
+                        (_, Some(p)) => KeySeek::After(p),
                         (_, None) => KeySeek::Off,
                     };
                 }
@@ -1049,58 +1022,6 @@ mod tests {
         input.seek(0.0).unwrap();
         let (again, read_again) = keyframes(&mut input);
         assert_eq!((again, read_again), (want, read));
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    /// The next keyframe read, in seconds, and the video packets read to get there.
-    fn next_keyframe(input: &mut Input, pkt: &mut ff::Packet) -> Option<(f64, usize)> {
-        let mut read = 0;
-        loop {
-            match input.read(pkt).unwrap() {
-                Read::Video => {
-                    read += 1;
-                    if pkt.is_key() {
-                        return Some((input.seconds(pkt).unwrap(), read));
-                    }
-                }
-                Read::Other => {}
-                Read::Eof => return None,
-            }
-        }
-    }
-
-    #[test]
-    fn mp4_reads_skip_to_the_first_keyframe_at_or_after_a_time() {
-        let dir = std::env::temp_dir().join(format!("snapshot-media-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let url = mp4_with_b_frames(&dir).display().to_string();
-        let mut plain = open_probed(&url);
-        let (want, _) = keyframes(&mut plain);
-        let secs: Vec<f64> = want.iter().map(|&p| p as f64 * plain.time_base).collect();
-        assert_eq!(secs.len(), 6, "{secs:?}");
-
-        let mut input = Input::open(
-            &url,
-            &url,
-            SourceKind::File,
-            &plain.interrupt,
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        input.keep_only_video_keyframes();
-        let mut pkt = ff::Packet::empty();
-        let mut next = |input: &mut Input| next_keyframe(input, &mut pkt);
-        assert_eq!(next(&mut input), Some((secs[0], 1)));
-        // Between the 2nd and 3rd keyframes: straight to the 3rd, one packet read.
-        input.skip_keyframes_before((secs[1] + secs[2]) / 2.0);
-        assert_eq!(next(&mut input), Some((secs[2], 1)));
-        // A millisecond before one (as a tick's slack asks): that one.
-        input.skip_keyframes_before(secs[4] - 0.001);
-        assert_eq!(next(&mut input), Some((secs[4], 1)));
-        // Past the last keyframe: the next one as without the skip, then the file's end.
-        input.skip_keyframes_before(secs[5] + 10.0);
-        assert_eq!(next(&mut input), Some((secs[5], 1)));
-        assert_eq!(next(&mut input), None);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

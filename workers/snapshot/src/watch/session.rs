@@ -305,12 +305,6 @@ fn stream(
             }
         };
         sched.taken(t, now);
-        if file && !p.realtime {
-            // Read as fast as it goes, a file needs no keyframe before the next due one.
-            if let Some(due) = sched.due() {
-                input.skip_keyframes_before(due - offset - 0.001);
-            }
-        }
         let frame = Event::Frame {
             picture,
             pts_s: (t * 1000.0).round() / 1000.0,
