@@ -3,8 +3,10 @@
 1. CPU per snapshot. Same input for all: 1080p30 H.264, 2 s GOP, 120 s (made here with the
    ffmpeg CLI from `testsrc2`), one full-size JPEG every 20 s (6 per pass):
      (a) a `snapshot.watch` session in the release snapshot-worker (a real worker on the real
-         RabbitMQ and Redis, job sent with the Python celery client), CPU read from
-         /proc/<pid>/stat of the worker around the session, less the worker's idle CPU;
+         RabbitMQ and Redis, job sent with the Python celery client), CPU read from the
+         worker process's CPU clock (nanoseconds; /proc/<pid>/stat's 10 ms ticks where that
+         clock cannot be read) around the session, less the worker's idle CPU;
+         `--compare BINARY` runs a second worker's sessions beside it in the same rounds (A/B);
      (b) `ffmpeg -i IN -vf fps=1/20 OUT%03d.jpg` (decodes every frame);
      (c) `ffmpeg -skip_frame nokey -i IN -vf fps=1/20 OUT%03d.jpg` (decodes keyframes only),
      (d) the same with `-threads 1` (no frame-threading hand-offs: ffmpeg's least CPU);
@@ -161,9 +163,15 @@ def ensure_input(name):
 
 
 def proc_cpu_s(pid):
-    """utime + stime of a process (its finished threads included), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    """CPU time of a process (its finished threads included), in seconds: Linux's CPU clock of
+    that process (clock_getcpuclockid(pid), to the nanosecond), else utime + stime from
+    /proc/<pid>/stat, which counts in 10 ms ticks (±10 ms on each reading)."""
+    try:
+        # MAKE_PROCESS_CPUCLOCK(pid, CPUCLOCK_SCHED): what glibc's clock_getcpuclockid returns.
+        return time.clock_gettime((~pid << 3) | 2)
+    except OSError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICKS
 
 
 def proc_run_wait_s(pid):
@@ -188,7 +196,7 @@ def proc_rss_mb(pid):
 
 
 class Worker:
-    def __init__(self, queue, storage, extra_env=None, pin=None, concurrency=4, metrics_port=0):
+    def __init__(self, queue, storage, extra_env=None, pin=None, concurrency=4, metrics_port=0, binary=None):
         self.queue = queue
         self.metrics_port = metrics_port
         env = dict(os.environ)
@@ -202,7 +210,7 @@ class Worker:
             "NO_COLOR": "1",
         })
         env.update(extra_env or {})
-        cmd = [str(WORKER), "-Q", queue, "-n", f"bench@{queue}", "--metrics-addr", f"127.0.0.1:{metrics_port}",
+        cmd = [str(binary or WORKER), "-Q", queue, "-n", f"bench@{queue}", "--metrics-addr", f"127.0.0.1:{metrics_port}",
                "-c", str(concurrency), "-l", "warning"]
         if pin is not None:
             cmd = ["taskset", "-c", str(pin)] + cmd
@@ -303,16 +311,23 @@ def jpeg_quality(jpegs, gop_s=4.0):
     return statistics.mean(ys), min(ys), statistics.mean(avgs), statistics.mean(sizes)
 
 
-def cpu_per_snapshot(rounds):
+def cpu_per_snapshot(rounds, sessions=3, compare=None):
+    """`compare`: a second snapshot-worker binary (B), its sessions run in the same rounds right
+    beside the first one's (A), in alternating order, so both see the same minutes of load."""
     storage = WORK / "storage-cpu"
-    queue = f"bench-snap-{uuid.uuid4().hex[:8]}"
-    worker = Worker(queue, storage)
+    contenders = [("mediafarm watch", WORKER, storage)]
+    if compare:
+        contenders.append(("mediafarm watch [B]", Path(compare), WORK / "storage-cpu-b"))
+    workers = {}
     app = celery_app()
-    # One warm-up session (page cache, first connections), then the idle rate over 3 s.
-    run_watch(app, worker, 0.0)
-    c0, t0 = worker.cpu(), time.monotonic()
-    time.sleep(3)
-    idle_rate = (worker.cpu() - c0) / (time.monotonic() - t0)
+    for name, binary, store in contenders:
+        w = Worker(f"bench-snap-{uuid.uuid4().hex[:8]}", store, binary=binary)
+        workers[name] = w
+        # One warm-up session (page cache, first connections), then the idle rate over 3 s.
+        run_watch(app, w, 0.0)
+        c0, t0 = w.cpu(), time.monotonic()
+        time.sleep(3)
+        w.idle_rate = (w.cpu() - c0) / (time.monotonic() - t0)
     # ffmpeg gets its cheapest flags too: keyframes only, and a single decoding thread (frame
     # threading spends CPU on hand-offs; CPU, not latency, is what is compared).
     ffmpeg_variants = {
@@ -320,17 +335,21 @@ def cpu_per_snapshot(rounds):
         "ffmpeg -skip_frame nokey fps=1/20": ["-skip_frame", "nokey"],
         "ffmpeg -threads 1 -skip_frame nokey fps=1/20": ["-threads", "1", "-skip_frame", "nokey"],
     }
-    results = {"mediafarm watch": [], **{name: [] for name in ffmpeg_variants}}
+    results = {**{name: [] for name, _, _ in contenders}, **{name: [] for name in ffmpeg_variants}}
     frames = {}
+    quality = {}
     try:
         for r in range(rounds):
-            # Three sessions per round: /proc counts CPU in 10 ms ticks.
-            total, n = 0.0, 0
-            for _ in range(3):
-                cpu, k = run_watch(app, worker, idle_rate)
-                total, n = total + cpu, n + k
-            results["mediafarm watch"].append(total * 1000 / n)
-            frames["mediafarm watch"] = n // 3
+            # `sessions` sessions per round and contender (the worker's CPU is read to the
+            # nanosecond where Linux allows, else in /proc's 10 ms ticks: then raise it).
+            order = contenders if r % 2 == 0 else contenders[::-1]
+            for name, _, _ in order:
+                total, n = 0.0, 0
+                for _ in range(sessions):
+                    cpu, k = run_watch(app, workers[name], workers[name].idle_rate)
+                    total, n = total + cpu, n + k
+                results[name].append(total * 1000 / n)
+                frames[name] = n // sessions
             for i, (name, extra) in enumerate(ffmpeg_variants.items()):
                 cpu, k = run_ffmpeg(extra, WORK / f"ffmpeg-{i}")
                 results[name].append(cpu * 1000 / k)
@@ -338,27 +357,34 @@ def cpu_per_snapshot(rounds):
             print(f"round {r + 1}: " + ", ".join(f"{name} {v[-1]:.1f} ms" for name, v in results.items()),
                   file=sys.stderr)
         # Output quality: the last session's JPEGs and each ffmpeg variant's last ones.
-        sessions = sorted((storage / "cpu").iterdir(), key=lambda d: d.stat().st_mtime)
-        our_jpegs = sorted(sessions[-1].glob("*.jpg"), key=lambda f: int(f.stem))
-        quality = {"mediafarm watch": jpeg_quality(our_jpegs)}
+        for name, _, store in contenders:
+            done = sorted((store / "cpu").iterdir(), key=lambda d: d.stat().st_mtime)
+            quality[name] = jpeg_quality(sorted(done[-1].glob("*.jpg"), key=lambda f: int(f.stem)))
         for i, name in enumerate(ffmpeg_variants):
             quality[name] = jpeg_quality(sorted((WORK / f"ffmpeg-{i}").glob("*.jpg")))
     finally:
-        worker.stop()
-        shutil.rmtree(storage, ignore_errors=True)
+        for (_, _, store), w in zip(contenders, workers.values()):
+            w.stop()
+            shutil.rmtree(store, ignore_errors=True)
     ours = statistics.median(results["mediafarm watch"])
-    print(f"\nCPU per snapshot ({INPUT.name}, one full-size JPEG per 20 s), median of {rounds}:")
-    print(f"{'contender':44} {'snapshots':>9} {'CPU ms/snapshot':>16} {'÷ mediafarm':>12} "
+    print(f"\nCPU per snapshot ({INPUT.name}, one full-size JPEG per 20 s), median of {rounds} rounds "
+          f"of {sessions} sessions:")
+    for name, binary, _ in contenders:
+        print(f"  {name}: {binary}")
+    print(f"{'contender':44} {'snapshots':>9} {'CPU ms/snapshot':>16} {'rounds':>18} {'÷ mediafarm':>12} "
           f"{'JPEG KB':>8} {'PSNR Y mean/worst':>18} {'PSNR avg':>9}")
     for name, values in results.items():
         med = statistics.median(values)
         q = quality.get(name)
         qtext = f"{q[3]:>8.0f} {q[0]:>11.2f}/{q[1]:<6.2f} {q[2]:>9.2f}" if q else f"{'-':>8}"
-        print(f"{name:44} {frames[name]:>9} {med:>16.1f} {med / ours:>11.2f}× {qtext}")
+        spread = f"{min(values):.1f}–{max(values):.1f}"
+        print(f"{name:44} {frames[name]:>9} {med:>16.1f} {spread:>18} {med / ours:>11.2f}× {qtext}")
     best = min(ffmpeg_variants, key=lambda name: statistics.median(results[name]))
     cheapest = statistics.median(results[best])
-    print(f"cheapest ffmpeg ({best}): {cheapest / ours:.1f}× mediafarm's CPU; "
-          f"mediafarm = {ours / cheapest:.3f}× ffmpeg (target ≤ 0.15×: {'met' if ours <= 0.15 * cheapest else 'NOT met'})")
+    for name, _, _ in contenders:
+        mine = statistics.median(results[name])
+        print(f"cheapest ffmpeg ({best}): {cheapest / mine:.1f}× {name}'s CPU; "
+              f"{name} = {mine / cheapest:.3f}× ffmpeg (target ≤ 0.15×: {'met' if mine <= 0.15 * cheapest else 'NOT met'})")
     print("PSNR: each JPEG against the full decode of the same picture (FFmpeg's psnr filter, full-range 4:2:0)")
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"target ≤ 20 ms per snapshot: {'met' if ours <= 20 else 'NOT met'} ({ours:.1f} ms)")
@@ -724,6 +750,11 @@ def main():
     ap.add_argument("--stagger", type=float, default=0.0,
                     help="spread the sessions' starts over this many seconds (default 0: all at once)")
     ap.add_argument("--skip-sessions", action="store_true")
+    ap.add_argument("--sessions", type=int, default=3,
+                    help="CPU part: watch sessions per round and worker (each a pass of the file)")
+    ap.add_argument("--compare", default=None,
+                    help="CPU part: a second snapshot-worker binary whose sessions run beside "
+                         "SNAPSHOT_WORKER's in the same rounds (A/B in the same minutes)")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--input", default="pattern",
                     help="pattern: testsrc2, 2 s GOP (the default); noisy-*: realistic content; "
@@ -752,7 +783,7 @@ def main():
         ensure_input(name)
         if not args.skip_cpu:
             print(f"\n== input {name}: load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-            cpu_per_snapshot(args.rounds)
+            cpu_per_snapshot(args.rounds, args.sessions, args.compare)
     if not args.skip_sessions:
         sessions_per_core([int(x) for x in args.levels.split(",")], args.level_seconds, args.stagger)
 

@@ -210,7 +210,7 @@ impl Input {
     ) -> Result<Input, MediaError> {
         init();
         if kind == SourceKind::File && mp4_named(url) {
-            let ctx = open_context(url, shown, kind, interrupt, timeout, false)?;
+            let ctx = open_header_only(url, shown, interrupt, timeout)?;
             let sized = ctx
                 .streams()
                 .best(ff::media::Type::Video)
@@ -220,9 +220,9 @@ impl Input {
                 return Input::from_context(ctx, shown, interrupt, timeout);
             }
             // Named .mp4 but another container, or no picture size in its header: open it
-            // again with the probe's decode.
+            // again with FFmpeg's full probe.
         }
-        let ctx = open_context(url, shown, kind, interrupt, timeout, true)?;
+        let ctx = open_context(url, shown, kind, interrupt, timeout)?;
         Input::from_context(ctx, shown, interrupt, timeout)
     }
 
@@ -383,19 +383,14 @@ impl Input {
     }
 }
 
-/// Opens `url` and probes its streams; `probe_decode: false` skips the decode of a first
-/// picture that FFmpeg's probe (avformat_find_stream_info) does only to learn the pixel
-/// format, which nothing here needs: MP4/MOV's header gives the size, codec configuration,
-/// timing and start already, and at 1080p that decode cost more than two keyframe decodes
-/// (36–39 ms per open). A codec whitelist naming no decoder makes the probe skip it; our own
-/// decoders are separate codec contexts, which it does not restrict.
+/// Opens `url` and probes its streams (avformat_find_stream_info: for most containers the
+/// probe reads packets and decodes a first picture to learn what the header does not say).
 fn open_context(
     url: &str,
     shown: &str,
     kind: SourceKind,
     interrupt: &Interrupt,
     timeout: Duration,
-    probe_decode: bool,
 ) -> Result<ff::format::context::Input, MediaError> {
     let mut opts = ff::Dictionary::new();
     match kind {
@@ -408,11 +403,51 @@ fn open_context(
         opts.set("analyzeduration", "1000000");
         opts.set("fflags", "nobuffer");
     }
-    if !probe_decode {
-        opts.set("codec_whitelist", "none");
-    }
     ff::format::input_with_interrupt_and_dictionary(url, interrupt.callback(), opts)
         .map_err(|e| open_error(e, shown, interrupt, timeout))
+}
+
+/// Opens a file by its container's header alone, without FFmpeg's probe. An MP4/MOV header
+/// has everything the sessions use — picture size, codec configuration, time base, start,
+/// duration, reordering delay (the same values as after the probe; checked in a unit test)
+/// — while the probe decoded the first picture only to learn its pixel format (36–39 ms per
+/// 1080p open), and without that decode still read ≈ 5 MB of packets to learn nothing more
+/// (≈ 1 ms per open). Our decoders are separate codec contexts, made from these parameters.
+fn open_header_only(
+    url: &str,
+    shown: &str,
+    interrupt: &Interrupt,
+    timeout: Duration,
+) -> Result<ff::format::context::Input, MediaError> {
+    let failed = |reason: &str| MediaError::Open {
+        url: shown.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let path = std::ffi::CString::new(url).map_err(|_| failed("the URL holds a NUL byte"))?;
+    // SAFETY: what ffmpeg-next's input_with_interrupt_and_dictionary does, less the probe: a
+    // fresh context gets the interrupt callback (whose closure the guard keeps alive as long
+    // as the wrapped context); avformat_open_input frees the context itself when it fails.
+    unsafe {
+        let mut ctx = ff::ffi::avformat_alloc_context();
+        if ctx.is_null() {
+            return Err(failed("out of memory"));
+        }
+        let callback = ff::util::interrupt::new(Box::new(interrupt.callback()));
+        (*ctx).interrupt_callback = callback.interrupt;
+        let r = ff::ffi::avformat_open_input(
+            &mut ctx,
+            path.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null_mut(),
+        );
+        if r < 0 {
+            return Err(open_error(ff::Error::from(r), shown, interrupt, timeout));
+        }
+        Ok(ff::format::context::Input::wrap_with_interrupt(
+            ctx,
+            callback.guard,
+        ))
+    }
 }
 
 fn open_error(e: ff::Error, url: &str, interrupt: &Interrupt, timeout: Duration) -> MediaError {
@@ -913,20 +948,13 @@ mod tests {
         path
     }
 
-    fn open(url: &str, probe_decode: bool) -> Input {
+    /// `url` opened with FFmpeg's full probe (it decodes a picture).
+    fn open_probed(url: &str) -> Input {
         let interrupt = Interrupt::new(Arc::new(AtomicBool::new(false)));
         interrupt.arm(Duration::from_secs(30));
         let timeout = Duration::from_secs(30);
         init();
-        let ctx = open_context(
-            url,
-            url,
-            SourceKind::File,
-            &interrupt,
-            timeout,
-            probe_decode,
-        )
-        .unwrap();
+        let ctx = open_context(url, url, SourceKind::File, &interrupt, timeout).unwrap();
         Input::from_context(ctx, url, &interrupt, timeout).unwrap()
     }
 
@@ -955,11 +983,11 @@ mod tests {
         let url = mp4_with_b_frames(&dir).display().to_string();
 
         // The full probe (it decodes a picture) and every packet read: the reference.
-        let mut plain = open(&url, true);
+        let mut plain = open_probed(&url);
         let (want, all) = keyframes(&mut plain);
         assert_eq!(want.len(), 6, "{want:?}");
 
-        // What a watch session does: the probe without a decode, keyframes only.
+        // What a watch session does: the header alone (no probe), keyframes only.
         let mut input = Input::open(
             &url,
             &url,
@@ -974,6 +1002,15 @@ mod tests {
         assert_ne!(format(&plain), -1);
         assert_eq!(input.start_s(), plain.start_s());
         assert_eq!(input.duration_s(), plain.duration_s());
+        assert_eq!(input.time_base, plain.time_base);
+        // What the decoders are made from: the same as after the probe.
+        // SAFETY: as above.
+        let decoding = |i: &Input| unsafe {
+            let p = &*i.parameters().unwrap().as_ptr();
+            let extra = std::slice::from_raw_parts(p.extradata, p.extradata_size as usize);
+            (p.codec_id, p.width, p.height, p.video_delay, extra.to_vec())
+        };
+        assert_eq!(decoding(&input), decoding(&plain));
         input.keep_only_video_keyframes();
         let (got, read) = keyframes(&mut input);
         assert_eq!(got, want, "keyframes at their true times");
