@@ -1,17 +1,18 @@
 # syntax=docker/dockerfile:1.7
 # image-worker: build in the Rust image, run on Debian bookworm slim with libheif (HEIC and AVIF
-# sources; it pulls in libde265 and dav1d/libaom), the one system library the binary links.
+# sources; it pulls in libde265, which the binary also links, and dav1d/libaom).
 # Build from the repository root:
 #   docker build -f deploy/docker/image-worker.Dockerfile -t mediafarm/image-worker .
 
 FROM rust:1.95-bookworm AS builder
 # nasm assembles libjpeg-turbo's x86 SIMD code when mozjpeg-sys builds it (libjpeg-turbo and
 # libwebp are compiled from their crates and linked statically: the runtime needs neither);
-# libheif-dev for linking libheif. Debian's packages float with bookworm's updates on purpose;
-# pinning breaks at the next point release.
+# libheif-dev and libde265-dev for linking libheif and libde265 (HEIC decoded directly).
+# Debian's packages float with bookworm's updates on purpose; pinning breaks at the next point
+# release.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nasm libheif-dev \
+ && apt-get install -y --no-install-recommends nasm libheif-dev libde265-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -29,7 +30,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # floating versions.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates libheif1 \
+ && apt-get install -y --no-install-recommends ca-certificates libheif1 libde265-0 \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 65532 --user-group --no-create-home --shell /usr/sbin/nologin mediafarm
 COPY --from=builder /out/image-worker /usr/local/bin/image-worker

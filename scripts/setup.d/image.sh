@@ -4,5 +4,7 @@
 # with the C compiler setup.sh already installs. Sourced by scripts/setup.sh (uses apt_install).
 command -v nasm >/dev/null || apt_install nasm
 # HEIC and AVIF sources: image-worker links Debian's libheif (1.15 on Debian 12; heif.rs declares
-# the calls it makes). heif-enc (libheif-examples) makes the tests' HEIC and AVIF sources.
-apt_install libheif-dev libheif-examples
+# the calls it makes) and, for HEVC-coded HEIC, libde265 directly (de265.rs; libheif-dev pulls it
+# in, named here because the binary links it itself). heif-enc (libheif-examples) makes the
+# tests' HEIC and AVIF sources.
+apt_install libheif-dev libde265-dev libheif-examples
