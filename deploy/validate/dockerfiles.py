@@ -102,10 +102,14 @@ BASE_LIBRARIES = {"libc.so.6", "libm.so.6", "libgcc_s.so.1", "ld-linux-x86-64.so
 
 def runtime_libraries(text: str) -> set[str]:
     """Shared libraries the runtime stage provides: the base ones, plus the sonames of the
-    Debian runtime packages it installs (Debian names them lib<name><soversion>)."""
+    Debian runtime packages it installs (Debian names them lib<name><soversion>, or
+    lib<name>-<soversion> when the name ends in a digit)."""
     runtime = text.rsplit("\nFROM ", 1)[-1]
     libs = set(BASE_LIBRARIES)
     for name, version in re.findall(r"(?<![\w-])(lib[a-z]+?)(\d+)(?![\w.+-])", runtime):
+        libs.add(f"{name}.so.{version}")
+    # A name that ends in a digit takes a dash before its soversion (libde265-0: libde265.so.0).
+    for name, version in re.findall(r"(?<![\w-])(lib[a-z0-9]*\d)-(\d+)(?![\w.+-])", runtime):
         libs.add(f"{name}.so.{version}")
     return libs
 
