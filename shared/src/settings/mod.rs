@@ -62,8 +62,9 @@ pub use crate::protocol::PICKLE_REFUSAL;
 
 /// Finishing jobs a worker keeps in flight by default beyond its prefetch window
 /// (`worker_finishing_limit`): enough for RabbitMQ's batched confirms at a few thousand steps a
-/// second (BENCHMARKS.md, issue 14: chains 1.5× faster and a quarter less CPU per step than with
-/// `prefetch_count` places on 2 cores), each holding one message until its ack.
+/// second (BENCHMARKS.md, issue 14: on a loaded 2-core machine, chains 1.5× faster and a quarter
+/// less CPU per step than with `prefetch_count` places; within noise of it when the cores are
+/// free), each holding one message until its ack.
 pub const DEFAULT_FINISHING_LIMIT: usize = 128;
 
 use kinds::*;
