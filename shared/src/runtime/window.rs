@@ -2,7 +2,7 @@
 //! `prefetch_count` (concurrency × multiplier) for messages that are waiting to run or running,
 //! widened by one for each job that has only its *finishing* left — the publisher confirm of
 //! what it sends on, its result store, its chord join — up to `worker_finishing_limit` more
-//! (by default 128, or `prefetch_count` when that is more).
+//! (by default `prefetch_count`).
 //!
 //! Why: a job keeps its message unacknowledged until its result is stored (late ack), but its
 //! concurrency slot is free as soon as its task returns. With a fixed window, jobs waiting on

@@ -60,13 +60,6 @@ pub enum SettingsError {
 
 pub use crate::protocol::PICKLE_REFUSAL;
 
-/// Finishing jobs a worker keeps in flight by default beyond its prefetch window
-/// (`worker_finishing_limit`): enough for RabbitMQ's batched confirms at a few thousand steps a
-/// second (BENCHMARKS.md, issue 14: on a loaded 2-core machine, chains 1.5× faster and a quarter
-/// less CPU per step than with `prefetch_count` places; within noise of it when the cores are
-/// free), each holding one message until its ack.
-pub const DEFAULT_FINISHING_LIMIT: usize = 128;
-
 use kinds::*;
 
 crate::settings_group! {
@@ -154,11 +147,11 @@ crate::settings_group! {
         /// Messages a worker may hold beyond `concurrency × worker_prefetch_multiplier` for jobs
         /// whose task returned and that only wait for their finishing (the next step's publisher
         /// confirm, the result store, a chord join): the prefetch window widens by one for each,
-        /// up to this many. It never lets more jobs wait to run or run. Unset: 128, or
-        /// `concurrency × worker_prefetch_multiplier` when that is more (a finishing job waits
-        /// for RabbitMQ, which confirms persistent messages in batches every few ms to 25 ms, so
-        /// a worker finishing thousands of steps a second needs about a hundred in flight:
-        /// BENCHMARKS.md, issue 14); 0: the window never widens.
+        /// up to this many. It never lets more jobs wait to run or run. Unset:
+        /// `concurrency × worker_prefetch_multiplier`. A finishing job waits for RabbitMQ, which
+        /// confirms persistent messages in batches every few ms to 25 ms; on a loaded machine
+        /// 128 gave chains 1.5× faster with a third less RabbitMQ CPU per step, with the cores
+        /// free it was within noise (BENCHMARKS.md, issue 14); 0: the window never widens.
         worker_finishing_limit: Option<usize> = None, OptInt(0, 65_535);
         /// Always true: a message is acknowledged only after its result is stored.
         task_acks_late: bool = true, Custom(Reader::acks_late);
@@ -403,11 +396,10 @@ impl Settings {
     }
 
     /// How many places the prefetch window lends at most to finishing jobs
-    /// (`worker_finishing_limit`; by default [`DEFAULT_FINISHING_LIMIT`] or `prefetch_count`,
-    /// whichever is more).
+    /// (`worker_finishing_limit`; by default `prefetch_count`).
     pub fn finishing_limit(&self) -> usize {
         self.worker_finishing_limit
-            .unwrap_or_else(|| DEFAULT_FINISHING_LIMIT.max(usize::from(self.prefetch_count())))
+            .unwrap_or_else(|| usize::from(self.prefetch_count()))
     }
 
     /// Work queues are quorum queues (`task_default_queue_type = "quorum"`).
@@ -498,14 +490,9 @@ mod tests {
         let s = from("", &[]).unwrap();
         assert_eq!(s, Settings::default());
         assert_eq!(s.prefetch_count() as usize, s.worker_concurrency * 4);
-        let limit = DEFAULT_FINISHING_LIMIT.max(usize::from(s.prefetch_count()));
-        assert_eq!(s.finishing_limit(), limit);
-        let wide = from("worker_concurrency = 100", &[]).unwrap();
-        assert_eq!(
-            wide.finishing_limit(),
-            400,
-            "never fewer than prefetch_count"
-        );
+        assert_eq!(s.finishing_limit(), usize::from(s.prefetch_count()));
+        let wide = from("worker_finishing_limit = 128", &[]).unwrap();
+        assert_eq!(wide.finishing_limit(), 128);
         let none = from("worker_finishing_limit = 0", &[]).unwrap();
         assert_eq!(none.finishing_limit(), 0);
     }
