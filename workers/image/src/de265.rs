@@ -137,17 +137,8 @@ impl<'a> Picture<'a> {
             let width = ffi::de265_get_image_width(img, c);
             let height = ffi::de265_get_image_height(img, c);
             let data = ffi::de265_get_image_plane(img, c, &mut stride);
-            if data.is_null() || width <= 0 || height <= 0 || stride <= 0 {
-                return None;
-            }
-            let (width, height, stride) = (width as usize, height as usize, stride as usize);
             // libde265's stride is in bytes, its planes `stride * height` bytes at least.
-            Some(yuv::Plane {
-                data: std::slice::from_raw_parts(data, stride * height),
-                stride,
-                width,
-                height,
-            })
+            yuv::Plane::from_c(data, width, height, stride)
         };
         let y = plane(0).ok_or("libde265 returned no luma plane")?;
         if (y.width, y.height) != (item.width as usize, item.height as usize) {

@@ -414,16 +414,7 @@ fn plane(img: &Image, channel: c_int) -> Option<yuv::Plane<'_>> {
         let width = ffi::heif_image_get_width(img.0, channel);
         let height = ffi::heif_image_get_height(img.0, channel);
         let data = ffi::heif_image_get_plane_readonly(img.0, channel, &mut stride);
-        if data.is_null() || width <= 0 || height <= 0 || stride <= 0 {
-            return None;
-        }
-        let (width, height, stride) = (width as usize, height as usize, stride as usize);
-        Some(yuv::Plane {
-            data: std::slice::from_raw_parts(data, stride * height),
-            stride,
-            width,
-            height,
-        })
+        yuv::Plane::from_c(data, width, height, stride)
     }
 }
 

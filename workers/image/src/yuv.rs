@@ -73,6 +73,31 @@ pub struct Plane<'a> {
 }
 
 impl<'a> Plane<'a> {
+    /// A plane a C decoder handed out (`data`, sizes and `stride` in bytes as it reports them),
+    /// or `None` when it reported none.
+    ///
+    /// # Safety
+    /// When `data` is not null it must point at `stride × height` readable bytes that stay
+    /// valid and unchanged for `'a`.
+    pub unsafe fn from_c(
+        data: *const u8,
+        width: std::ffi::c_int,
+        height: std::ffi::c_int,
+        stride: std::ffi::c_int,
+    ) -> Option<Plane<'a>> {
+        if data.is_null() || width <= 0 || height <= 0 || stride <= 0 {
+            return None;
+        }
+        let (width, height, stride) = (width as usize, height as usize, stride as usize);
+        Some(Plane {
+            // SAFETY: the caller's promise above.
+            data: unsafe { std::slice::from_raw_parts(data, stride * height) },
+            stride,
+            width,
+            height,
+        })
+    }
+
     /// Whether `height` rows of `width` samples of `bytes` each lie within `data`.
     fn covers(&self, bytes: usize) -> bool {
         self.height > 0
