@@ -1461,15 +1461,25 @@ async fn a_job_run_again_after_its_chord_finished_does_not_run_the_body_twice() 
         .await
         .expect("the body ran");
     assert_eq!((runs(&header_key), runs(&body_key)), (1, 1));
+    // The body's result does not mean the first job has stored its own: that job stores it
+    // after RabbitMQ confirms the header it sent (Celery's order), and RabbitMQ delivers a
+    // message before it confirms it, so the whole chord can end first. Deleting the record
+    // before it is written would leave the rerun below to find it and rightly skip the job.
+    farm.client
+        .result(&plan.msg.id)
+        .get(Duration::from_secs(30))
+        .await
+        .expect("the first job's result is stored");
 
     // The first job again, its result gone, delivered a second time (from a queue of its own,
     // taken once and returned unacknowledged, so RabbitMQ marks it redelivered).
     let mut conn = farm.client.backend().connection();
-    redis::cmd("DEL")
+    let deleted: u32 = redis::cmd("DEL")
         .arg(format!("celery-task-meta-{}", plan.msg.id))
-        .query_async::<()>(&mut conn)
+        .query_async(&mut conn)
         .await
         .expect("redis");
+    assert_eq!(deleted, 1, "the first job's result was there to delete");
     let again = unique_queue("canvas-chord-rerun-again");
     farm.client
         .publish_batch(&again, std::slice::from_ref(&plan.msg))
