@@ -75,6 +75,8 @@ pub struct Heif<'a> {
     /// Where libde265 decodes the primary image without libheif (`heif_items.rs`), or `None`
     /// when libheif decodes it.
     plan: Option<Plan>,
+    /// The size as shown, read from the boxes by `heif_items::shown_size` when they give it.
+    shown: Option<(u32, u32)>,
 }
 
 /// What the header says, before decoding.
@@ -101,6 +103,7 @@ impl<'a> Heif<'a> {
             handle: ptr::null(),
             data,
             plan: None,
+            shown: heif_items::shown_size(data).ok(),
         };
         // SAFETY: `ctx` is a live context; `data` outlives it (the lifetime on `Heif`), as
         // the "without copy" read requires; null options mean libheif's defaults.
@@ -190,16 +193,23 @@ impl<'a> Heif<'a> {
         }
     }
 
+    /// The primary image's header. Its size is the one the boxes give when it is libheif's
+    /// turned a quarter: libheif 1.15 reports the unturned size for files that list `irot`
+    /// before `ispe` (Canon's HIF), yet decodes the turned picture.
     pub fn header(&self) -> Header {
         // SAFETY: `handle` is the live primary image handle of a live context.
-        unsafe {
+        let mut header = unsafe {
             Header {
                 width: ffi::heif_image_handle_get_width(self.handle).max(0) as u32,
                 height: ffi::heif_image_handle_get_height(self.handle).max(0) as u32,
                 alpha: ffi::heif_image_handle_has_alpha_channel(self.handle) != 0,
                 bits: ffi::heif_image_handle_get_luma_bits_per_pixel(self.handle).max(0) as u32,
             }
+        };
+        if self.shown == Some((header.height, header.width)) {
+            (header.width, header.height) = (header.height, header.width);
         }
+        header
     }
 
     /// The embedded ICC profile, if the colour is given as one (not as `nclx` code points).
@@ -401,7 +411,26 @@ impl<'a> Heif<'a> {
         if img.is_null() {
             return Err("libheif returned no picture".into());
         }
-        Ok(Image(img))
+        let img = Image(img);
+        // The outputs are laid out from the header's size: a picture of another size would
+        // come out stretched, so it is an error instead.
+        // SAFETY: a live decoded image.
+        let size = unsafe {
+            (
+                ffi::heif_image_get_primary_width(img.0),
+                ffi::heif_image_get_primary_height(img.0),
+            )
+        };
+        let header = self.header();
+        if (i64::from(size.0), i64::from(size.1))
+            != (i64::from(header.width), i64::from(header.height))
+        {
+            return Err(format!(
+                "libheif decoded a {}x{} picture where the header gives {}x{}",
+                size.0, size.1, header.width, header.height
+            ));
+        }
+        Ok(img)
     }
 }
 
@@ -690,6 +719,8 @@ mod ffi {
             options: *const c_void,
         ) -> Error;
         pub fn heif_image_get_width(img: *const Image, channel: c_int) -> c_int;
+        pub fn heif_image_get_primary_width(img: *const Image) -> c_int;
+        pub fn heif_image_get_primary_height(img: *const Image) -> c_int;
         pub fn heif_image_get_height(img: *const Image, channel: c_int) -> c_int;
         pub fn heif_image_get_plane_readonly(
             img: *const Image,
@@ -1047,6 +1078,19 @@ mod tests {
         };
         assert_matches_libheif(&grid(vec![]), "grid");
         assert_matches_libheif(&grid(vec![irot(1), imir(0)]), "turned grid");
+
+        // Canon's HIF files list `irot` before `ispe`; libheif 1.15's header then gives the
+        // unturned size while its decode is turned (outputs came out stretched).
+        let mut canon = grid(vec![irot(1)]);
+        // The grid's `ipma` entry (id 1, two properties: `ispe` 1, `irot` 2) names `irot` first.
+        let ipma = canon.windows(4).position(|w| w == b"ipma").unwrap();
+        let grid_entry = ipma + 4 + 4 + 4;
+        assert_eq!(&canon[grid_entry..grid_entry + 5], &[0, 1, 2, 1, 2]);
+        canon[grid_entry + 3..grid_entry + 5].copy_from_slice(&[2, 1]);
+        let file = Heif::open(&canon).unwrap();
+        let h = file.header();
+        assert_eq!((h.width, h.height), (90, 120), "the shown size");
+        assert_matches_libheif(&canon, "irot listed before ispe");
     }
 
     /// Files the box reader leaves to libheif, and ones libde265 refuses with a clear error.

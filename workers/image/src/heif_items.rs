@@ -118,6 +118,50 @@ const MAX_ENTRIES: usize = 4096;
 
 /// Reads the primary image's plan from a whole HEIF file.
 pub fn plan(file: &[u8]) -> Res<Plan> {
+    let (items, refs, primary) = read_meta(file)?;
+    if refs
+        .iter()
+        .any(|r| &r.kind == b"auxl" && r.to.contains(&primary))
+    {
+        return Err(Unhandled("an auxiliary image (alpha or depth)"));
+    }
+    let kind = items.kind(primary)?;
+    let ((width, height), turn) = items.geometry(primary)?;
+    let layout = match &kind {
+        b"hvc1" => {
+            let coded = items.coded(primary, false)?;
+            if (coded.width, coded.height) != (width, height) {
+                return Err(Unhandled("ispe disagrees"));
+            }
+            Layout::Single(coded)
+        }
+        b"grid" => items.grid(primary, &refs, (width, height))?,
+        _ => return Err(Unhandled("not an HEVC image")),
+    };
+    Ok(Plan {
+        width,
+        height,
+        layout,
+        turn,
+    })
+}
+
+/// The primary image's size as shown: its `ispe` turned by its `irot` (whatever their order
+/// in `ipma`), for any coding, alpha or not. libheif 1.15 reports the unturned size for a
+/// file that lists `irot` before `ispe` (Canon's HIF files do) while it decodes the turned
+/// picture; this is what its decode gives. `Unhandled` when a `clap` crops the picture too.
+pub fn shown_size(file: &[u8]) -> Res<(u32, u32)> {
+    let (items, _, primary) = read_meta(file)?;
+    let ((width, height), turn) = items.geometry(primary)?;
+    Ok(if turn.swaps() {
+        (height, width)
+    } else {
+        (width, height)
+    })
+}
+
+/// The `meta` box's items, references and primary item id.
+fn read_meta(file: &[u8]) -> Res<(Items<'_>, Vec<Reference>, u32)> {
     let meta = children(file, 0..file.len())
         .find_map(|b| match b {
             Ok(b) if &b.kind == b"meta" => Some(Ok(b)),
@@ -176,56 +220,7 @@ pub fn plan(file: &[u8]) -> Res<Plan> {
         assoc,
         idat,
     };
-    if refs
-        .iter()
-        .any(|r| &r.kind == b"auxl" && r.to.contains(&primary))
-    {
-        return Err(Unhandled("an auxiliary image (alpha or depth)"));
-    }
-    let kind = items.kind(primary)?;
-    let mut turn = Turn::default();
-    let mut ispe = None;
-    for p in items.properties(primary)? {
-        match &p.kind {
-            b"ispe" => ispe = Some(read_ispe(file, &p)?),
-            b"irot" => {
-                let angle = body(file, &p).first().ok_or(Unhandled("short irot"))? & 3;
-                // Anticlockwise quarter turns.
-                turn = turn.rotate((4 - angle) % 4);
-            }
-            b"imir" => {
-                let mode = body(file, &p).first().ok_or(Unhandled("short imir"))? & 1;
-                // HEIF's amendment 2 reads the bit as a `mode`: 0 exchanges top and bottom,
-                // 1 left and right — as iPhones write it and libheif applies it (the 2017
-                // text's "vertical axis" for 0 was read both ways).
-                turn = if mode == 1 {
-                    turn.flip()
-                } else {
-                    turn.rotate(2).flip()
-                };
-            }
-            b"clap" => return Err(Unhandled("a clean-aperture crop (clap)")),
-            _ => {}
-        }
-    }
-    let (width, height) = ispe.ok_or(Unhandled("no ispe on the primary image"))?;
-    let layout = match &kind {
-        b"hvc1" => {
-            let coded = items.coded(primary, false)?;
-            if (coded.width, coded.height) != (width, height) {
-                return Err(Unhandled("ispe disagrees"));
-            }
-            Layout::Single(coded)
-        }
-        b"grid" => items.grid(primary, &refs, (width, height))?,
-        _ => return Err(Unhandled("not an HEVC image")),
-    };
-    Ok(Plan {
-        width,
-        height,
-        layout,
-        turn,
-    })
+    Ok((items, refs, primary))
 }
 
 struct Items<'a> {
@@ -251,6 +246,38 @@ struct Reference {
 }
 
 impl Items<'_> {
+    /// The item's `ispe` (its size as coded) and the turn its `irot` and `imir` make, in
+    /// their `ipma` order.
+    fn geometry(&self, id: u32) -> Res<((u32, u32), Turn)> {
+        let mut turn = Turn::default();
+        let mut ispe = None;
+        for p in self.properties(id)? {
+            match &p.kind {
+                b"ispe" => ispe = Some(read_ispe(self.file, &p)?),
+                b"irot" => {
+                    let angle = body(self.file, &p).first().ok_or(Unhandled("short irot"))? & 3;
+                    // Anticlockwise quarter turns.
+                    turn = turn.rotate((4 - angle) % 4);
+                }
+                b"imir" => {
+                    let mode = body(self.file, &p).first().ok_or(Unhandled("short imir"))? & 1;
+                    // HEIF's amendment 2 reads the bit as a `mode`: 0 exchanges top and
+                    // bottom, 1 left and right — as iPhones write it and libheif applies it
+                    // (the 2017 text's "vertical axis" for 0 was read both ways).
+                    turn = if mode == 1 {
+                        turn.flip()
+                    } else {
+                        turn.rotate(2).flip()
+                    };
+                }
+                b"clap" => return Err(Unhandled("a clean-aperture crop (clap)")),
+                _ => {}
+            }
+        }
+        let ispe = ispe.ok_or(Unhandled("no ispe on the primary image"))?;
+        Ok((ispe, turn))
+    }
+
     fn kind(&self, id: u32) -> Res<[u8; 4]> {
         let mut found = self.infos.iter().filter(|(i, _)| *i == id);
         match (found.next(), found.next()) {
