@@ -24,7 +24,9 @@ within the default limits (50 MP, 50 MB):
                 the tiles put in one file here (heif-enc 1.15 writes no grids)
 
 Usage: .venv/bin/python bench/image_memory.py [--binary target/release/image-worker]
-       [--only rgba.png,...] [--no-build] [--jobs 4] [--worker-env NAME=VALUE ...]
+       [--only rgba.png,...] [--real-heif] [--no-build] [--jobs 4] [--worker-env NAME=VALUE ...]
+(`--real-heif`: also the phones' and cameras' HEIC/HIF files bench/heif_real.py fetches;
+`--only` names them too.)
 Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
 """
 import argparse
@@ -204,12 +206,26 @@ def main():
     parser.add_argument("--only", default="")
     parser.add_argument("--no-build", action="store_true")
     parser.add_argument("--jobs", type=int, default=4, help="jobs for the -c 2 run")
+    parser.add_argument("--real-heif", action="store_true",
+                        help="also the device HEIC/HIF files of bench/heif_real.py")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for image-worker (repeatable)")
     args = parser.parse_args()
     if not args.no_build:
         image_broker.build()
-    sources = make_sources(tuple(filter(None, args.only.split(","))))
+    only = tuple(filter(None, args.only.split(",")))
+    sources = make_sources(only)
+    real_sizes = {}
+    if args.real_heif:
+        import heif_real
+        for name, (path, _) in heif_real.fetch().items():
+            # 200MP.heic is over the limit: refused from its header, nothing decoded.
+            if name != "200MP.heic" and (not only or name in only):
+                sources[name] = path
+                info = subprocess.run(["heif-info", str(path)], capture_output=True,
+                                      text=True, timeout=120).stdout
+                line = next(x for x in info.splitlines() if "primary" in x)
+                real_sizes[name] = line.split()[1].replace("x", "×")
     image_broker.STORAGE.mkdir(parents=True, exist_ok=True)
     broker, backend, storage = image_broker.BROKER, image_broker.BACKEND, image_broker.STORAGE
     os.environ.update({"BENCH_BROKER_URL": broker, "BENCH_RESULT_BACKEND": backend,
@@ -232,7 +248,9 @@ def main():
     for name, path in sources.items():
         from PIL import Image
         Image.MAX_IMAGE_PIXELS = None
-        if name in HEIF_SIZES:
+        if name in real_sizes:
+            size = real_sizes[name] + " (libheif's header)"
+        elif name in HEIF_SIZES:
             size = "{}×{}".format(*HEIF_SIZES[name])
         else:
             with Image.open(path) as im:
