@@ -33,9 +33,21 @@ pub fn transform_kwargs(data: &[u8]) -> Result<(TransformArgs, Source), TaskErro
 /// The `heif_items` target: a HEIF file's boxes read into the plan for decoding its primary
 /// image with libde265 (`heif_items.rs`), or the reason it is left to libheif. Every byte
 /// range of a plan lies within `data` (checked here, so the fuzzer finds a range that does
-/// not).
+/// not). The size as shown (`heif_items::shown_size`) is read too, and agrees with the
+/// plan's whenever there is one.
 pub fn heif_items(data: &[u8]) -> Result<Plan, Unhandled> {
+    let shown = crate::heif_items::shown_size(data);
     let plan = crate::heif_items::plan(data)?;
+    let turned = if plan.turn.swaps() {
+        (plan.height, plan.width)
+    } else {
+        (plan.width, plan.height)
+    };
+    assert_eq!(
+        shown,
+        Ok(turned),
+        "the size as shown disagrees with the plan"
+    );
     let coded: Vec<&Coded> = match &plan.layout {
         Layout::Single(c) => vec![c],
         Layout::Grid { tiles, .. } => tiles.iter().collect(),
