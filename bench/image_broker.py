@@ -24,8 +24,12 @@ other users of the machine's services add to.
 landscape, baseline and progressive, 4:4:4/4:2:2/4:2:0, EXIF-rotated copies); --corpus
 wallpapers: the wallpapers above, as earlier runs used.
 
+A/B of builds: give --worker several times (each `PATH` or `LABEL=PATH`); every round runs
+each of them and Celery once, in an order rotated from round to round, so the builds share the
+same minutes of a shared machine.
+
 Usage: .venv/bin/python bench/image_broker.py [--jobs 48] [--big-jobs 12] [--rounds 1]
-       [--corpus photos|wallpapers] [--memory-only] [--no-memory] [--worker PATH]
+       [--corpus photos|wallpapers] [--memory-only] [--no-memory] [--worker [LABEL=]PATH]...
 Only 127.0.0.1 is contacted; every phase has a time limit and every process is stopped.
 """
 import argparse
@@ -170,7 +174,7 @@ def drain(app, label, command, keys, jobs, timeout, env):
     ids = [f"celery-task-meta-{queue}-{i}" for i in range(jobs)]
     publish(app, queue, keys, jobs)
     services = service_pids()
-    log_path = WORK / f"{label.replace(' ', '_')}.log"
+    log_path = WORK / f"{''.join(c if c.isalnum() or c in '.-' else '_' for c in label)}.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command(queue), cwd=ROOT / "bench", env={**os.environ, **env},
                                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -231,17 +235,23 @@ def main():
     parser.add_argument("--corpus", choices=("photos", "wallpapers"), default="photos")
     parser.add_argument("--memory-only", action="store_true", help="only the 50 MP peak-RSS runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the 50 MP peak-RSS runs")
-    parser.add_argument("--worker", type=Path, help="an image-worker binary to run instead of "
-                        "building target/release/image-worker (comparing builds)")
+    parser.add_argument("--worker", action="append", default=[], metavar="[LABEL=]PATH",
+                        help="an image-worker binary to run instead of building "
+                        "target/release/image-worker; repeat it to compare builds in the same "
+                        "rounds")
     parser.add_argument("--worker-env", action="append", default=[], metavar="NAME=VALUE",
                         help="an environment variable for image-worker only (repeatable)")
     parser.add_argument("--label", default="image-worker -c 2", help="image-worker's row label")
     args = parser.parse_args()
     if not args.no_memory:
         image_pipeline.ensure_tools()  # libvips, for the 50 MP sources
-    if args.worker is None:
+    if not args.worker:
         build()
-    worker = args.worker or ROOT / "target/release/image-worker"
+    workers = {}
+    for w in args.worker or [str(ROOT / "target/release/image-worker")]:
+        label, _, path = w.rpartition("=")
+        workers[label or (args.label if not workers else path)] = Path(path)
+    worker = next(iter(workers.values()))
     shutil.rmtree(STORAGE, ignore_errors=True)
     if args.corpus == "photos":
         files = image_stages.ensure_photos()
@@ -259,8 +269,8 @@ def main():
                   "MEDIAFARM_STORAGE_URL": STORAGE.as_uri(), "MEDIAFARM_METRICS_ADDR": "127.0.0.1:0",
                   **dict(kv.split("=", 1) for kv in args.worker_env)}
 
-    def rust(q):
-        return [worker, "--concurrency", "2", "--queues", q,
+    def rust(q, binary=worker):
+        return [binary, "--concurrency", "2", "--queues", q,
                 "--loglevel", "warning"]
 
     def celery(q):
@@ -270,11 +280,17 @@ def main():
 
     WORK.mkdir(parents=True, exist_ok=True)
     celery_label = "celery prefork -c 2 (Pillow)"
-    runs = {args.label: [], celery_label: []}
-    for _ in range(0 if args.memory_only else args.rounds):
-        for label, command, env in ((args.label, rust, worker_env),
-                                    (celery_label, celery, {})):
+    variants = [(label, lambda q, b=binary: rust(q, b), worker_env)
+                for label, binary in workers.items()]
+    variants.append((celery_label, celery, {}))
+    runs = {label: [] for label, _, _ in variants}
+    for r in range(0 if args.memory_only else args.rounds):
+        turn = r % len(variants)
+        for label, command, env in variants[turn:] + variants[:turn]:
             runs[label].append(drain(app, label, command, keys, args.jobs, 900, env))
+            print(f"round {r + 1}: {label}: {runs[label][-1][0]:.1f} images/s, "
+                  f"{runs[label][-1][2]:.1f} CPU ms/image, {runs[label][-1][4]:.0f} faults/image, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
     if not args.memory_only:
         print(f"\n{args.jobs} jobs per variant over {described}, each → "
               f"{', '.join(map(str, WIDTHS))} px JPEG q80; median of {args.rounds} round(s); "
