@@ -4,11 +4,12 @@
 //! (`CLOCK_THREAD_CPUTIME_ID`), so a machine shared with other work does not change it.
 //! `bench/image_stages.py` runs it beside the same breakdown for Pillow.
 //!
-//! Usage: stage-cpu [--rounds 3] [--widths 1280,640,160] [--quality 80] [--baseline]
+//! Usage: stage-cpu [--rounds 3] [--widths 1280,640,160] [--quality 80] [--baseline] [--png]
 //! [--keep DIR] FILE...
 //! Prints, per file and then in total, the CPU milliseconds per image of each stage (the
 //! median over rounds), tab-separated with a header line. `--keep DIR`: the outputs stay in DIR
-//! as `<file name>.w<width>.jpg` (for the PSNR check of `bench/image_stages.py`).
+//! as `<file name>.w<width>.jpg` (for the PSNR check of `bench/image_stages.py`); with `--png`
+//! they are lossless `.png` files, the resized pixels before any JPEG encode.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;

@@ -1,5 +1,6 @@
 //! What the pipeline benchmark examples share: their command line (`--rounds`, `--widths`,
-//! `--quality`, `--baseline`, then files) and the job they time (each width as a JPEG).
+//! `--quality`, `--baseline`, `--png`, then files) and the job they time (each width as a JPEG,
+//! or with `--png` as a PNG: the resized pixels before any lossy encode, for quality checks).
 
 use image_worker::spec::{Crop, CropArg, Format, OutputSpec, TransformArgs};
 
@@ -8,6 +9,8 @@ pub struct BenchArgs {
     pub widths: Vec<u32>,
     pub quality: u8,
     pub progressive: bool,
+    /// Lossless PNG outputs instead of JPEG ones.
+    pub png: bool,
     pub files: Vec<String>,
 }
 
@@ -22,6 +25,7 @@ impl BenchArgs {
             widths: vec![1280, 640, 160],
             quality: 80,
             progressive: true,
+            png: false,
             files: Vec::new(),
         };
         let mut args = std::env::args().skip(1);
@@ -35,6 +39,7 @@ impl BenchArgs {
                     parsed.quality = value()?.parse().map_err(|e| format!("--quality: {e}"))?
                 }
                 "--baseline" => parsed.progressive = false,
+                "--png" => parsed.png = true,
                 "--widths" => {
                     parsed.widths = value()?
                         .split(',')
@@ -55,16 +60,22 @@ impl BenchArgs {
         Ok(parsed)
     }
 
-    /// The job: every width as a JPEG at the quality and scan mode asked for.
+    /// The job: every width as a JPEG at the quality and scan mode asked for (or as a PNG).
     pub fn job(&self, crop: Option<Crop>) -> TransformArgs {
         let outputs = self
             .widths
             .iter()
-            .map(|w| OutputSpec {
-                width: Some(*w),
-                quality: Some(self.quality),
-                progressive: Some(self.progressive),
-                ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
+            .map(|w| match self.png {
+                true => OutputSpec {
+                    width: Some(*w),
+                    ..OutputSpec::new(format!("w{w}.png"), Format::Png)
+                },
+                false => OutputSpec {
+                    width: Some(*w),
+                    quality: Some(self.quality),
+                    progressive: Some(self.progressive),
+                    ..OutputSpec::new(format!("w{w}.jpg"), Format::Jpeg)
+                },
             })
             .collect();
         TransformArgs {
