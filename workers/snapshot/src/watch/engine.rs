@@ -9,7 +9,7 @@
 //! is off the reactor so the packets arriving in between wake no thread), judge each video message by its FLV
 //! tag header at its first chunk — inter frames, audio and keyframes not due are skipped
 //! without being copied — and keep only the keyframe that serves a due tick. That keyframe is
-//! decoded and encoded on the blocking pool, at most one per core at once and the earliest due
+//! decoded and encoded on the decode queue's own threads, one per core, the earliest due
 //! first ([`DueQueue`], inside the process's [`CpuGate`]), by a decoder built from the `avcC`
 //! record for that tick alone. What reaches the job is what the thread path sends ([`Event`]): same schedule
 //! ([`Schedule`]), same frame values, same reconnect and end rules, so storing, state, outbox,
@@ -356,9 +356,9 @@ fn presentation_s(timestamp_ms: u32, cts_ms: i32) -> f64 {
     (f64::from(timestamp_ms) + f64::from(cts_ms)) / 1000.0
 }
 
-/// Decodes one keyframe message (its FLV header included) and encodes the picture, on the
-/// blocking pool, its turn in the [`DueQueue`] taken by `due_at` (unix seconds; a frame of a
-/// clock not known yet queues as due when `read`). `Ok(None)`: it did not decode on its own.
+/// Decodes one keyframe message (its FLV header included) and encodes the picture on the
+/// [`DueQueue`]'s threads, its turn taken by `due_at` (unix seconds; a frame of a clock not
+/// known yet queues as due when `read`). `Ok(None)`: it did not decode on its own.
 async fn decode(
     avcc: Vec<u8>,
     tag: Vec<u8>,
@@ -367,32 +367,47 @@ async fn decode(
     due_at: Option<f64>,
     read: f64,
 ) -> Result<Option<Encoded>, MediaError> {
-    let _slot = DueQueue::global().acquire(due_at.unwrap_or(read)).await;
     let shown = url.to_owned();
-    tokio::task::spawn_blocking(move || {
+    let work = move || {
         let _slot = CpuGate::global().enter();
         let (wall0, cpu0) = (Instant::now(), timing::thread_cpu_s());
         timing::record(Stage::Decoding, due_at, unix_now());
-        let out = (|| {
-            let mut dec = KeyDecoder::from_config(ff::codec::Id::H264, &avcc, &shown)?;
-            let mut pkt = ff::Packet::copy(tag.get(flv::AVC_HEADER..).unwrap_or_default());
-            pkt.set_flags(ff::packet::Flags::KEY);
-            match dec.keyframe(&pkt) {
-                Ok(frame) => EncoderPool::global().encode(spec, frame).map(Some),
-                Err(e) => {
-                    tracing::debug!(error = %e, "keyframe did not decode; waiting for the next");
-                    Ok(None)
-                }
-            }
-        })();
+        let out = decode_now(&avcc, &tag, spec, &shown);
         timing::record_decode(timing::thread_cpu_s() - cpu0, wall0.elapsed().as_secs_f64());
         out
-    })
-    .await
-    .map_err(|e| MediaError::Decode {
+    };
+    let failed = |why: &str| MediaError::Decode {
         url: url.to_owned(),
-        reason: format!("the decode task failed: {e}"),
-    })?
+        reason: format!("the decode task failed: {why}"),
+    };
+    match DueQueue::global() {
+        Some(queue) => queue
+            .run(due_at.unwrap_or(read), work)
+            .await
+            .ok_or_else(|| failed("it panicked"))?,
+        // No decode threads could be started: the runtime's blocking pool, in asking order.
+        None => tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|e| failed(&e.to_string()))?,
+    }
+}
+
+fn decode_now(
+    avcc: &[u8],
+    tag: &[u8],
+    spec: EncodeSpec,
+    url: &str,
+) -> Result<Option<Encoded>, MediaError> {
+    let mut dec = KeyDecoder::from_config(ff::codec::Id::H264, avcc, url)?;
+    let mut pkt = ff::Packet::copy(tag.get(flv::AVC_HEADER..).unwrap_or_default());
+    pkt.set_flags(ff::packet::Flags::KEY);
+    match dec.keyframe(&pkt) {
+        Ok(frame) => EncoderPool::global().encode(spec, frame).map(Some),
+        Err(e) => {
+            tracing::debug!(error = %e, "keyframe did not decode; waiting for the next");
+            Ok(None)
+        }
+    }
 }
 
 #[cfg(test)]
