@@ -45,7 +45,12 @@
    the worker sent to Redis (`ss -tinp`: its writes; the multiplexed connection coalesces
    commands into one write when they queue up, so on a busy worker this counts fewer than its
    round trips) and the Redis server's commands per second (the whole server: other users
-   count too).
+   count too). Per level also: the worker's CPU per session-second, both cores' split (busy,
+   irq + softirq, idle from /proc/stat: whether core 0 was full, and with what) and, for
+   workers that export them, the keyframe decodes' CPU and wall time (a wall time well above
+   the CPU time: the decoding thread waited for the core). `--compare BINARY` runs every RTMP
+   engine level on SNAPSHOT_WORKER (A) and on BINARY (B) back to back, alternating which goes
+   first, so both see the same minutes.
 
 Usage: .venv/bin/python bench/snapshot_cpu.py [--rounds 3] [--levels 50,100,200] [--level-seconds 50] [--stagger 20]
        .venv/bin/python bench/snapshot_cpu.py --rtmp --levels 500,1000,2000 --old-levels 500,1000 [--rtmp-input lowrate] [--streams 1,20]
