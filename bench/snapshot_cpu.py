@@ -193,6 +193,23 @@ def proc_run_wait_s(pid):
     return run / 1e9, wait / 1e9
 
 
+def proc_switches(pid):
+    """(voluntary, involuntary) context switches summed over the process's live threads: a
+    voluntary one is a thread going to sleep (so about one wake-up each)."""
+    vol = invol = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                invol += int(line.split()[1])
+    return vol, invol
+
+
 def proc_rss_mb(pid):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -672,6 +689,7 @@ def rtmp_level(engine, n, seconds, stagger, urls, binary=None, label=None):
     load0 = os.getloadavg()[0]
     cmds0, segs0, t0 = redis_commands(), redis_segments_out(worker.proc.pid), time.monotonic()
     core0 = [cpu_times(c) for c in (0, 1)]
+    sw0 = proc_switches(worker.proc.pid)
     # The decode clocks so far (the starts): the level's figures are the difference.
     decode0 = scrape_late(metrics_port).get("_decode", [0.0, 0.0, 0])
 
@@ -680,6 +698,7 @@ def rtmp_level(engine, n, seconds, stagger, urls, binary=None, label=None):
         worker.redis_rate = (redis_commands() - cmds0) / took
         worker.redis_segs = (redis_segments_out(worker.proc.pid) - segs0) / took
         worker.cores = [core_split(b, cpu_times(c)) for c, b in enumerate(core0)]
+        worker.switches = [(a - b) / took for a, b in zip(proc_switches(worker.proc.pid), sw0)]
         return scrape_late(metrics_port)
     cpu, wall, rss_mb, threads, _ = measure_then_stop(worker, ids, seconds, storage, before_stop=before_stop)
     stages = worker.scraped
@@ -687,7 +706,7 @@ def rtmp_level(engine, n, seconds, stagger, urls, binary=None, label=None):
     decode = [a - b for a, b in zip(d1, decode0)] if d1 else None
     frames = sink.stop()
     return {"engine": engine, "n": n, "ids": ids, "frames": frames, "seconds": seconds, "stages": stages,
-            "label": label or engine, "decode": decode, "cores": worker.cores, "cpu_s": cpu, "wall": wall,
+            "label": label or engine, "decode": decode, "cores": worker.cores, "switches": worker.switches, "cpu_s": cpu, "wall": wall,
             "cpu": 100 * cpu / wall, "rss": rss_mb, "threads": threads, "streams": len(urls),
             "redis_rate": worker.redis_rate, "redis_segs": worker.redis_segs, "waited": worker.waited, "load": (load0, os.getloadavg()[0])}
 
@@ -728,7 +747,8 @@ def rtmp_report(levels):
         c0, c1 = lv["cores"]
         line = (f"       {lv['label']} {lv['n']}: worker CPU {per_session_ms:.3f} ms per session-second; "
                 f"core 0 busy {c0['busy']:.0f} % irq {c0['irq']:.0f} % idle {c0['idle']:.0f} %; "
-                f"core 1 busy {c1['busy']:.0f} % irq {c1['irq']:.0f} % idle {c1['idle']:.0f} %")
+                f"core 1 busy {c1['busy']:.0f} % irq {c1['irq']:.0f} % idle {c1['idle']:.0f} %; "
+                f"thread switches {lv['switches'][0]:.0f}/s voluntary, {lv['switches'][1]:.0f}/s involuntary")
         if lv["decode"] and lv["decode"][2]:
             cpu_s, wall_s, count = lv["decode"]
             line += (f"; decodes {count} ({count / lv['wall']:.0f}/s): {1000 * cpu_s / count:.2f} ms CPU, "
