@@ -276,8 +276,12 @@ async fn stream(
             }
         }
         player.write_now().map_err(|e| read_error(e, url))?;
-        // A read that filled the buffer leaves more waiting: read on at once.
-        if !player.saturated() {
+        // A read that filled the buffer leaves more waiting: read on once the other tasks had
+        // their turn (the socket is off the reactor, so nothing else would make this task
+        // yield while a backlog lasts).
+        if player.saturated() {
+            tokio::task::yield_now().await;
+        } else {
             let due_in = sched
                 .due()
                 .and_then(|due| clock.wall(due))
