@@ -6,8 +6,8 @@
 //! Per connection: play the stream, read what has arrived on a timer rather than on the
 //! socket's readiness ([`Cadence`]: every [`READ_BATCH`] near a due tick, up to [`IDLE_BATCH`]
 //! between ticks, so a session wakes a few times a second, not once per packet, and its socket
-//! is off the reactor so the packets arriving in between wake no thread), judge each video message by its FLV
-//! tag header at its first chunk — inter frames, audio and keyframes not due are skipped
+//! is off the reactor so the packets arriving in between wake no thread), judge each video
+//! message by its FLV tag header at its first chunk — inter frames, audio and keyframes not due are skipped
 //! without being copied — and keep only the keyframe that serves a due tick. That keyframe is
 //! decoded and encoded on the decode queue's own threads, one per core, the earliest due
 //! first ([`DueQueue`], inside the process's [`CpuGate`]), by a decoder built from the `avcC`
