@@ -45,7 +45,12 @@
    the worker sent to Redis (`ss -tinp`: its writes; the multiplexed connection coalesces
    commands into one write when they queue up, so on a busy worker this counts fewer than its
    round trips) and the Redis server's commands per second (the whole server: other users
-   count too).
+   count too). Per level also: the worker's CPU per session-second, both cores' split (busy,
+   irq + softirq, idle from /proc/stat: whether core 0 was full, and with what) and, for
+   workers that export them, the keyframe decodes' CPU and wall time (a wall time well above
+   the CPU time: the decoding thread waited for the core). `--compare BINARY` runs every RTMP
+   engine level on SNAPSHOT_WORKER (A) and on BINARY (B) back to back, alternating which goes
+   first, so both see the same minutes.
 
 Usage: .venv/bin/python bench/snapshot_cpu.py [--rounds 3] [--levels 50,100,200] [--level-seconds 50] [--stagger 20]
        .venv/bin/python bench/snapshot_cpu.py --rtmp --levels 500,1000,2000 --old-levels 500,1000 [--rtmp-input lowrate] [--streams 1,20]
@@ -186,6 +191,23 @@ def proc_run_wait_s(pid):
             continue
         run, wait = run + int(fields[0]), wait + int(fields[1])
     return run / 1e9, wait / 1e9
+
+
+def proc_switches(pid):
+    """(voluntary, involuntary) context switches summed over the process's live threads: a
+    voluntary one is a thread going to sleep (so about one wake-up each)."""
+    vol = invol = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            text = (task / "status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                invol += int(line.split()[1])
+    return vol, invol
 
 
 def proc_rss_mb(pid):
@@ -570,6 +592,17 @@ def scrape_late(port):
         return {}
     out = {}
     for line in text.splitlines():
+        # The decodes' clocks (workers from 2026-12-01 on): "_decode" = [cpu s, wall s, count].
+        if line.startswith(("mediafarm_snapshot_decode_seconds_total{", "mediafarm_snapshot_decodes_total ")):
+            name, value = line.rsplit(" ", 1)
+            d = out.setdefault("_decode", [0.0, 0.0, 0])
+            if 'clock="cpu"' in name:
+                d[0] = float(value)
+            elif 'clock="wall"' in name:
+                d[1] = float(value)
+            else:
+                d[2] = int(float(value))
+            continue
         if not line.startswith("mediafarm_snapshot_frame_late_seconds_bucket{"):
             continue
         labels, value = line.rsplit(" ", 1)
@@ -611,14 +644,35 @@ def redis_segments_out(pid):
     return total
 
 
-def rtmp_level(engine, n, seconds, stagger, urls):
+def cpu_times(core):
+    """/proc/stat's jiffies of one core: {user, nice, system, idle, iowait, irq, softirq, steal}."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+            return dict(zip(names, (int(x) for x in line.split()[1:9])))
+    return {}
+
+
+def core_split(before, after):
+    """Where a core's time went between two cpu_times readings, % of the interval: busy (user,
+    nice, system), irq (irq + softirq: mostly the loopback TCP the worker's sockets cause),
+    idle (idle + iowait)."""
+    d = {k: after[k] - before.get(k, 0) for k in after}
+    total = sum(d.values()) or 1
+    return {"busy": 100 * (d["user"] + d["nice"] + d["system"]) / total,
+            "irq": 100 * (d["irq"] + d["softirq"]) / total,
+            "idle": 100 * (d["idle"] + d["iowait"]) / total}
+
+
+def rtmp_level(engine, n, seconds, stagger, urls, binary=None, label=None):
     """Runs n sessions on `engine` (new: the RTMP engine; old: a thread each), spread round-robin
-    over the streams `urls`; returns the deliveries and the worker's figures."""
+    over the streams `urls`, in `binary` (default SNAPSHOT_WORKER); returns the deliveries and
+    the worker's figures."""
     storage = WORK / f"storage-rtmp-{engine}-{n}"
     queue = f"bench-rtmp-{uuid.uuid4().hex[:8]}"
     sink = Sink(pin=1)
     metrics_port = free_port()
-    worker = Worker(queue, storage, pin=0, concurrency=n + 4, metrics_port=metrics_port, extra_env={
+    worker = Worker(queue, storage, pin=0, concurrency=n + 4, metrics_port=metrics_port, binary=binary, extra_env={
         "MEDIAFARM_SNAPSHOT_MAX_SESSIONS": str(n),
         "MEDIAFARM_SNAPSHOT_RTMP_ENGINE": "true" if engine == "new" else "false",
         "MEDIAFARM_SNAPSHOT_OUTBOX_SWEEP": "0",
@@ -634,16 +688,25 @@ def rtmp_level(engine, n, seconds, stagger, urls):
             "key": "rtmp/{stream_id}/{seq}.jpg", "deliver": f"http://127.0.0.1:{sink.port}/hook"})
     load0 = os.getloadavg()[0]
     cmds0, segs0, t0 = redis_commands(), redis_segments_out(worker.proc.pid), time.monotonic()
+    core0 = [cpu_times(c) for c in (0, 1)]
+    sw0 = proc_switches(worker.proc.pid)
+    # The decode clocks so far (the starts): the level's figures are the difference.
+    decode0 = scrape_late(metrics_port).get("_decode", [0.0, 0.0, 0])
 
     def before_stop():
         took = time.monotonic() - t0
         worker.redis_rate = (redis_commands() - cmds0) / took
         worker.redis_segs = (redis_segments_out(worker.proc.pid) - segs0) / took
+        worker.cores = [core_split(b, cpu_times(c)) for c, b in enumerate(core0)]
+        worker.switches = [(a - b) / took for a, b in zip(proc_switches(worker.proc.pid), sw0)]
         return scrape_late(metrics_port)
     cpu, wall, rss_mb, threads, _ = measure_then_stop(worker, ids, seconds, storage, before_stop=before_stop)
     stages = worker.scraped
+    d1 = stages.get("_decode")
+    decode = [a - b for a, b in zip(d1, decode0)] if d1 else None
     frames = sink.stop()
     return {"engine": engine, "n": n, "ids": ids, "frames": frames, "seconds": seconds, "stages": stages,
+            "label": label or engine, "decode": decode, "cores": worker.cores, "switches": worker.switches, "cpu_s": cpu, "wall": wall,
             "cpu": 100 * cpu / wall, "rss": rss_mb, "threads": threads, "streams": len(urls),
             "redis_rate": worker.redis_rate, "redis_segs": worker.redis_segs, "waited": worker.waited, "load": (load0, os.getloadavg()[0])}
 
@@ -656,7 +719,7 @@ def rtmp_report(levels):
     """Lateness against each tick's due time (`due_at`); the thread path's against the
     stream's wall-clock origin (the earliest captured_at - pts seen)."""
     origin = min((when(f["captured_at"]) - f["pts_s"] for lv in levels for f in lv["frames"]), default=0.0)
-    print(f"{'engine':>6} {'streams':>7} {'sessions':>8} {'ticks':>6} {'short':>5} {'worst late':>10} {'p99 late':>8} "
+    print(f"{'build':>6} {'streams':>7} {'sessions':>8} {'ticks':>6} {'short':>5} {'worst late':>10} {'p99 late':>8} "
           f"{'p50 late':>8} {'over 1 s':>8} {'CPU core 0':>10} {'RSS MB':>7} {'KB/session':>10} {'threads':>7} "
           f"{'run-queue wait':>14} {'to Redis seg/s':>14} {'Redis cmd/s':>11} {'load avg':>10}  on schedule")
     for lv in levels:
@@ -671,7 +734,7 @@ def rtmp_report(levels):
         worst = lates[-1] if lates else float("nan")
         ok = bool(lates) and worst <= LATE_OK_S and short == 0
         over = sum(1 for x in lates if x > LATE_OK_S)
-        print(f"{lv['engine']:>6} {lv['streams']:>7} {lv['n']:>8} {len(lv['frames']):>6} {short:>5} {worst:>9.2f}s "
+        print(f"{lv['label']:>6} {lv['streams']:>7} {lv['n']:>8} {len(lv['frames']):>6} {short:>5} {worst:>9.2f}s "
               f"{pct(lates, 0.99):>7.2f}s {pct(lates, 0.5):>7.2f}s {over:>8} {lv['cpu']:>9.1f}% {lv['rss']:>7.0f} "
               f"{1024 * lv['rss'] / lv['n']:>10.0f} {lv['threads']:>7} {lv['waited']:>13.1f}% {lv['redis_segs']:>14.0f} {lv['redis_rate']:>11.0f} "
               f"{lv['load'][0]:>4.1f}-{lv['load'][1]:<4.1f}  {'yes' if ok else 'NO'}"
@@ -680,7 +743,18 @@ def rtmp_report(levels):
             reads = sorted(when(f["captured_at"]) - due(f) for f in lv["frames"])
             print(f"       {lv['engine']} {lv['n']}: keyframe read late (captured_at - due_at) worst {reads[-1]:.2f} s, "
                   f"p99 {pct(reads, 0.99):.2f} s; deliveries later than 1 s: {sum(1 for x in lates if x > LATE_OK_S)}")
-        for stage in ("read", "encoded", "stored", "queued", "delivered"):
+        per_session_ms = 1000 * lv["cpu_s"] / (lv["n"] * lv["wall"])
+        c0, c1 = lv["cores"]
+        line = (f"       {lv['label']} {lv['n']}: worker CPU {per_session_ms:.3f} ms per session-second; "
+                f"core 0 busy {c0['busy']:.0f} % irq {c0['irq']:.0f} % idle {c0['idle']:.0f} %; "
+                f"core 1 busy {c1['busy']:.0f} % irq {c1['irq']:.0f} % idle {c1['idle']:.0f} %; "
+                f"thread switches {lv['switches'][0]:.0f}/s voluntary, {lv['switches'][1]:.0f}/s involuntary")
+        if lv["decode"] and lv["decode"][2]:
+            cpu_s, wall_s, count = lv["decode"]
+            line += (f"; decodes {count} ({count / lv['wall']:.0f}/s): {1000 * cpu_s / count:.2f} ms CPU, "
+                     f"{1000 * wall_s / count:.2f} ms wall each ({100 * cpu_s / lv['cpu_s']:.0f} % of the worker's CPU)")
+        print(line)
+        for stage in ("read", "decoding", "encoded", "stored", "queued", "delivered"):
             b = lv["stages"].get(stage)
             if b:
                 over = b[-1][1] - next((c for le, c in b if le == 1.0), 0)
@@ -688,14 +762,14 @@ def rtmp_report(levels):
                       f"p99 ≤ {bucket_quantile(b, 0.99):g} s, over 1 s: {over}")
 
 
-def rtmp_sessions(new_levels, old_levels, seconds, stagger, input_name, streams=(1,)):
+def rtmp_sessions(new_levels, old_levels, seconds, stagger, input_name, streams=(1,), compare=None):
     levels = []
     for p in streams:
-        levels += rtmp_sessions_on(p, new_levels, old_levels, seconds, stagger)
+        levels += rtmp_sessions_on(p, new_levels, old_levels, seconds, stagger, compare)
     rtmp_report(levels)
 
 
-def rtmp_sessions_on(p, new_levels, old_levels, seconds, stagger):
+def rtmp_sessions_on(p, new_levels, old_levels, seconds, stagger, compare=None):
     """The levels with the sessions spread over `p` published streams. p = 1: every session plays
     one stream, so all their ticks fall on that stream's keyframes (the aligned worst case: a
     burst of n / (interval / GOP) decodes per keyframe). p > 1: p publishers of the same file
@@ -725,11 +799,20 @@ def rtmp_sessions_on(p, new_levels, old_levels, seconds, stagger):
         for n in old_levels:
             at = next((i + 1 for i, (e, m) in enumerate(plan) if e == "new" and m == n), len(plan))
             plan.insert(at, ("old", n))
-        for engine, n in plan:
-            lv = rtmp_level(engine, n, seconds, stagger, urls)
+        # --compare: each RTMP engine level on both binaries back to back, A first, then B
+        # first at the next level (so neither always runs second, e.g. on a warmer nginx).
+        runs = []
+        for i, (engine, n) in enumerate(plan):
+            if compare and engine == "new":
+                pair = [(None, "A"), (compare, "B")]
+                runs += [(engine, n, b, l) for b, l in (pair if len(runs) // 2 % 2 == 0 else pair[::-1])]
+            else:
+                runs.append((engine, n, None, None))
+        for engine, n, binary, label in runs:
+            lv = rtmp_level(engine, n, seconds, stagger, urls, binary=binary, label=label)
             levels.append(lv)
-            print(f"  ran {engine} {n}: {len(lv['frames'])} ticks, CPU {lv['cpu']:.1f} %, RSS {lv['rss']:.0f} MB",
-                  file=sys.stderr, flush=True)
+            print(f"  ran {lv['label']} {n}: {len(lv['frames'])} ticks, CPU {lv['cpu']:.1f} %, RSS {lv['rss']:.0f} MB, "
+                  f"load {lv['load'][0]:.1f}-{lv['load'][1]:.1f}", file=sys.stderr, flush=True)
     finally:
         for proc in publishers + [nginx]:
             proc.terminate()
@@ -754,7 +837,9 @@ def main():
                     help="CPU part: watch sessions per round and worker (each a pass of the file)")
     ap.add_argument("--compare", default=None,
                     help="CPU part: a second snapshot-worker binary whose sessions run beside "
-                         "SNAPSHOT_WORKER's in the same rounds (A/B in the same minutes)")
+                         "SNAPSHOT_WORKER's in the same rounds (A/B in the same minutes); --rtmp: "
+                         "each RTMP engine level runs on SNAPSHOT_WORKER (A) and on this binary (B) "
+                         "back to back")
     ap.add_argument("--skip-cpu", action="store_true")
     ap.add_argument("--input", default="pattern",
                     help="pattern: testsrc2, 2 s GOP (the default); noisy-*: realistic content; "
@@ -773,7 +858,7 @@ def main():
         ensure_input(args.rtmp_input)
         old = [int(x) for x in args.old_levels.split(",") if x]
         rtmp_sessions([int(x) for x in args.levels.split(",")], old, args.level_seconds, args.stagger,
-                      args.rtmp_input, [int(x) for x in args.streams.split(",")])
+                      args.rtmp_input, [int(x) for x in args.streams.split(",")], args.compare)
         return
     names = args.input.split(",")
     unknown = [n for n in names if n not in INPUTS and n not in DERIVED]

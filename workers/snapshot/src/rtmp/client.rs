@@ -1,10 +1,15 @@
 //! An RTMP player over a Tokio socket: the plain (version 3, digest-less) handshake, `connect`,
 //! `createStream` and `play` as FFmpeg's RTMP client sends them, then media messages read in
-//! batches with [`Player::fill`] and handed out by [`Player::next_media`], which answers the
+//! batches with [`Player::read_now`] and handed out by [`Player::next_media`], which answers the
 //! server's pings and acknowledgement window on the way. What the caller does not keep of a
 //! media message is never copied (see [`super::chunk`]). Memory per player: its receive
 //! buffer ([`INITIAL_BUFFER`], growing to at most [`MAX_BUFFER`] for fast streams) plus the
 //! messages it keeps.
+//!
+//! Once `play` is sent the socket leaves the runtime's reactor and is read on the caller's
+//! timer with non-blocking calls ([`Player::read_now`]): a registered socket makes the reactor
+//! report every packet the server sends (about 30 a second per stream, 60,000 a second on a
+//! 2,000-session core), waking its thread for data nobody waits for until the next batch.
 
 use std::io::ErrorKind;
 
@@ -103,9 +108,30 @@ impl Target {
     }
 }
 
+/// The player's socket: on the reactor while commands wait for answers, off it once playing.
+enum Sock {
+    Reactor(TcpStream),
+    /// Non-blocking, read and written only when the caller asks.
+    Polled(std::net::TcpStream),
+    /// Only while the socket moves from one to the other.
+    Gone,
+}
+
+impl Sock {
+    /// The socket while commands wait for answers (before `play` is sent).
+    fn reactor(&mut self) -> Result<&mut TcpStream, RtmpError> {
+        match self {
+            Sock::Reactor(sock) => Ok(sock),
+            _ => Err(RtmpError::Io(std::io::Error::other(
+                "the connection is no longer driven by the runtime",
+            ))),
+        }
+    }
+}
+
 /// A playing connection; see the module doc.
 pub struct Player {
-    sock: TcpStream,
+    sock: Sock,
     reader: Reader,
     buf: Vec<u8>,
     start: usize,
@@ -147,20 +173,7 @@ impl Player {
     pub async fn play(target: &Target) -> Result<Player, RtmpError> {
         let sock = TcpStream::connect((target.host.as_str(), target.port)).await?;
         sock.set_nodelay(true)?;
-        let mut p = Player {
-            sock,
-            reader: Reader::default(),
-            buf: vec![0; INITIAL_BUFFER],
-            start: 0,
-            end: 0,
-            saturated: false,
-            out: Vec::with_capacity(1024),
-            received: 0,
-            acked: 0,
-            window: 0,
-            stream_id: 0,
-            txn: 0.0,
-        };
+        let mut p = Player::new(Sock::Reactor(sock));
         p.handshake().await?;
         chunk::write_message(
             &mut p.out,
@@ -220,7 +233,34 @@ impl Player {
             OUT_CHUNK,
         );
         p.flush().await?;
+        p.leave_reactor()?;
         Ok(p)
+    }
+
+    fn new(sock: Sock) -> Player {
+        Player {
+            sock,
+            reader: Reader::default(),
+            buf: vec![0; INITIAL_BUFFER],
+            start: 0,
+            end: 0,
+            saturated: false,
+            out: Vec::with_capacity(1024),
+            received: 0,
+            acked: 0,
+            window: 0,
+            stream_id: 0,
+            txn: 0.0,
+        }
+    }
+
+    /// Takes the socket off the reactor (it stays non-blocking): from now on it is read only
+    /// by [`Player::read_now`] and written by [`Player::write_now`].
+    fn leave_reactor(&mut self) -> Result<(), RtmpError> {
+        if let Sock::Reactor(sock) = std::mem::replace(&mut self.sock, Sock::Gone) {
+            self.sock = Sock::Polled(sock.into_std()?);
+        }
+        Ok(())
     }
 
     async fn handshake(&mut self) -> Result<(), RtmpError> {
@@ -237,7 +277,7 @@ impl Player {
             x ^= x << 5;
             *b = x as u8;
         }
-        self.sock.write_all(&c0c1).await?;
+        self.sock.reactor()?.write_all(&c0c1).await?;
         let mut s0s1 = vec![0u8; 1537];
         self.read_exact(&mut s0s1).await?;
         if s0s1[0] != 3 {
@@ -246,14 +286,14 @@ impl Player {
                 s0s1[0]
             )));
         }
-        self.sock.write_all(&s0s1[1..]).await?;
+        self.sock.reactor()?.write_all(&s0s1[1..]).await?;
         let mut s2 = vec![0u8; 1536];
         self.read_exact(&mut s2).await?;
         Ok(())
     }
 
     async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), RtmpError> {
-        match self.sock.read_exact(buf).await {
+        match self.sock.reactor()?.read_exact(buf).await {
             Ok(_) => Ok(()),
             Err(e) if e.kind() == ErrorKind::UnexpectedEof => Err(RtmpError::Closed),
             Err(e) => Err(e.into()),
@@ -354,9 +394,9 @@ impl Player {
         Ok(None)
     }
 
-    /// Waits until the socket has data, then reads what it has into the buffer (one read).
-    /// Call [`Player::next_media`] until it gives `None` before the next fill.
-    pub async fn fill(&mut self) -> Result<usize, RtmpError> {
+    /// Makes room in the receive buffer for the next read: moves what is left to its front
+    /// and grows it (up to [`MAX_BUFFER`]) when reads keep filling it.
+    fn make_room(&mut self) {
         if self.start > 0 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
@@ -369,34 +409,71 @@ impl Player {
             self.buf.resize((self.buf.len() * 2).min(MAX_BUFFER), 0);
         }
         if self.end == self.buf.len() {
-            // Cannot happen while the caller drains `next_media` between fills (a buffer
+            // Cannot happen while the caller drains `next_media` between reads (a buffer
             // always holds a whole chunk), but a zero-length read must not read as a close.
             self.buf
                 .resize(self.buf.len() + self.reader.max_chunk_bytes(), 0);
         }
+    }
+
+    /// Takes in `n` bytes just read into the buffer; queues an acknowledgement when the
+    /// server's window is used up.
+    fn took(&mut self, n: usize) {
+        self.saturated = self.end + n == self.buf.len();
+        self.end += n;
+        self.received += n as u64;
+        if self.window > 0 && self.received - self.acked >= u64::from(self.window) {
+            self.acked = self.received;
+            let seq = (self.received & 0xffff_ffff) as u32;
+            chunk::write_message(
+                &mut self.out,
+                2,
+                chunk::ACK,
+                0,
+                &seq.to_be_bytes(),
+                OUT_CHUNK,
+            );
+        }
+    }
+
+    /// Before `play`: waits until the socket has data, then reads what it has (one read).
+    async fn fill(&mut self) -> Result<usize, RtmpError> {
+        self.make_room();
         loop {
-            self.sock.readable().await?;
-            match self.sock.try_read(&mut self.buf[self.end..]) {
+            let sock = self.sock.reactor()?;
+            sock.readable().await?;
+            match sock.try_read(&mut self.buf[self.end..]) {
                 Ok(0) => return Err(RtmpError::Closed),
                 Ok(n) => {
-                    self.saturated = self.end + n == self.buf.len();
-                    self.end += n;
-                    self.received += n as u64;
-                    if self.window > 0 && self.received - self.acked >= u64::from(self.window) {
-                        self.acked = self.received;
-                        let seq = (self.received & 0xffff_ffff) as u32;
-                        chunk::write_message(
-                            &mut self.out,
-                            2,
-                            chunk::ACK,
-                            0,
-                            &seq.to_be_bytes(),
-                            OUT_CHUNK,
-                        );
-                    }
+                    self.took(n);
                     return Ok(n);
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Once playing: reads what the socket has now (one non-blocking read; 0 when nothing
+    /// arrived since the last). Call [`Player::next_media`] until it gives `None` before the
+    /// next read.
+    pub fn read_now(&mut self) -> Result<usize, RtmpError> {
+        self.make_room();
+        let Sock::Polled(sock) = &mut self.sock else {
+            return Err(RtmpError::Closed);
+        };
+        loop {
+            match std::io::Read::read(sock, &mut self.buf[self.end..]) {
+                Ok(0) => return Err(RtmpError::Closed),
+                Ok(n) => {
+                    self.took(n);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    self.saturated = false;
+                    return Ok(0);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -443,12 +520,33 @@ impl Player {
         }
     }
 
-    /// Sends what is queued (acknowledgements, pongs).
-    pub async fn flush(&mut self) -> Result<(), RtmpError> {
+    /// Before `play`: sends what is queued (commands).
+    async fn flush(&mut self) -> Result<(), RtmpError> {
         if !self.out.is_empty() {
-            self.sock.write_all(&self.out).await?;
+            self.sock.reactor()?.write_all(&self.out).await?;
             self.out.clear();
         }
+        Ok(())
+    }
+
+    /// Once playing: sends what is queued (acknowledgements, pongs) as far as the socket takes
+    /// it now; the rest goes with the next call. These are a few bytes a second, so the send
+    /// buffer holds them unless the server stopped reading.
+    pub fn write_now(&mut self) -> Result<(), RtmpError> {
+        let Sock::Polled(sock) = &mut self.sock else {
+            return Err(RtmpError::Closed);
+        };
+        let mut sent = 0;
+        while sent < self.out.len() {
+            match std::io::Write::write(sock, &self.out[sent..]) {
+                Ok(0) => return Err(RtmpError::Closed),
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.out.drain(..sent);
         Ok(())
     }
 
@@ -480,5 +578,76 @@ mod tests {
         assert_eq!(t.stream, "a/b?token=x");
         assert!(Target::parse("rtmp://h/live").is_err());
         assert!(Target::parse("rtmps://h/live/x").is_err());
+    }
+
+    /// A playing player on one end of a local connection, the server's end as the other.
+    fn polled_pair() -> (Player, std::net::TcpStream) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        client.set_nonblocking(true).unwrap();
+        (Player::new(Sock::Polled(client)), server)
+    }
+
+    /// Reads until something arrived (loopback delivers at once; the bound only keeps a
+    /// broken test from hanging).
+    fn read_some(p: &mut Player) -> Result<usize, RtmpError> {
+        for _ in 0..1000 {
+            let n = p.read_now()?;
+            if n > 0 {
+                return Ok(n);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(0)
+    }
+
+    #[test]
+    fn a_playing_player_reads_without_waiting_and_answers_pings() {
+        use std::io::{Read, Write};
+        let (mut p, mut server) = polled_pair();
+        // Nothing sent yet: the read comes back empty instead of waiting.
+        assert_eq!(p.read_now().unwrap(), 0);
+        assert!(!p.saturated());
+        let mut sent = Vec::new();
+        chunk::write_message(
+            &mut sent,
+            2,
+            chunk::USER_CONTROL,
+            0,
+            &[0, 6, 1, 2, 3, 4],
+            128,
+        );
+        chunk::write_message(&mut sent, 6, chunk::VIDEO, 1, &[0x17, 0, 0, 0, 0, 9], 128);
+        server.write_all(&sent).unwrap();
+        let mut got = 0;
+        while got < sent.len() {
+            let n = read_some(&mut p).unwrap();
+            assert!(n > 0, "the sent bytes never arrived");
+            got += n;
+        }
+        let video = p
+            .next_media(&mut |_, _| true)
+            .unwrap()
+            .expect("the video message");
+        assert_eq!(video.body, [0x17, 0, 0, 0, 0, 9]);
+        assert!(p.next_media(&mut |_, _| true).unwrap().is_none());
+        // The ping was answered into the out queue; write_now sends it.
+        p.write_now().unwrap();
+        let mut pong = Vec::new();
+        chunk::write_message(
+            &mut pong,
+            2,
+            chunk::USER_CONTROL,
+            0,
+            &[0, 7, 1, 2, 3, 4],
+            OUT_CHUNK,
+        );
+        let mut answer = vec![0; pong.len()];
+        server.read_exact(&mut answer).unwrap();
+        assert_eq!(answer, pong);
+        // The server going away reads as a close, not as "nothing yet".
+        drop(server);
+        assert!(matches!(read_some(&mut p), Err(RtmpError::Closed)));
     }
 }

@@ -1,37 +1,46 @@
-//! The RTMP engine's decode queue: at most `slots` keyframe decodes at once, process-wide, and
-//! when more are waiting the one whose tick fell due first goes next (earliest due first), not
-//! the one that asked first. A burst of due keyframes (many sessions' ticks on one instant, a
-//! runtime that fell behind) is then worked off in the order that keeps the fewest frames past
-//! their due time: a session whose read came late because its task ran late is not also queued
-//! behind keyframes due after its own. Ties keep the order of asking.
+//! The RTMP engine's decode queue: keyframe decodes (and their encodes) run on threads of their
+//! own, `threads` at once process-wide, and when more are waiting the one whose tick fell due
+//! first goes next (earliest due first), not the one that asked first. A burst of due keyframes
+//! (many sessions' ticks on one instant, a runtime that fell behind) is then worked off in the
+//! order that keeps the fewest frames past their due time. Ties keep the order of asking.
 //!
-//! Waiting is asynchronous (a waiter is a future, not a parked blocking thread), and a waiter
-//! dropped before its turn, or after being handed a slot it never used, gives the slot on.
+//! The threads take the next job from the queue themselves, back to back: a decode never waits
+//! for the async runtime to hand it its turn (with a slot handed through the runtime, each
+//! decode of a burst waited for the runtime's one thread to poll the next session between
+//! reads of thousands of sockets), and the runtime only hears of finished pictures. A job whose
+//! session went away before its turn (stopped, revoked) is dropped unrun.
 
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use tokio::sync::oneshot;
 
-/// The queue's state: free slots and who waits for one.
+type Work = Box<dyn FnOnce() + Send>;
+
+/// The queue and its threads.
 pub struct DueQueue {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
     state: Mutex<State>,
+    ready: Condvar,
 }
 
 struct State {
-    free: usize,
-    waiting: BinaryHeap<Waiter>,
+    waiting: BinaryHeap<Job>,
     asked: u64,
 }
 
-struct Waiter {
+struct Job {
     due: f64,
     asked: u64,
-    tx: oneshot::Sender<()>,
+    /// Runs the work unless its asker went away (then returns without running it).
+    work: Work,
 }
 
-impl Waiter {
+impl Job {
     /// Earliest due first, then first asked: the heap's greatest.
     fn rank(&self, other: &Self) -> Ordering {
         other
@@ -41,134 +50,133 @@ impl Waiter {
     }
 }
 
-impl PartialEq for Waiter {
+impl PartialEq for Job {
     fn eq(&self, other: &Self) -> bool {
         self.rank(other) == Ordering::Equal
     }
 }
-impl Eq for Waiter {}
-impl PartialOrd for Waiter {
+impl Eq for Job {}
+impl PartialOrd for Job {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
-impl Ord for Waiter {
+impl Ord for Job {
     fn cmp(&self, other: &Self) -> Ordering {
         self.rank(other)
     }
 }
 
-/// A decode slot held; given to the next waiter (or freed) when dropped.
-pub struct Slot<'a> {
-    queue: &'a DueQueue,
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.queue.release();
-    }
-}
-
-/// A waiter's side while it waits: gives back a slot handed to it if it is dropped unused.
-struct Pending<'a> {
-    queue: &'a DueQueue,
-    rx: oneshot::Receiver<()>,
-    done: bool,
-}
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        self.rx.close();
-        if self.rx.try_recv().is_ok() {
-            self.queue.release();
-        }
-    }
-}
-
 impl DueQueue {
-    pub fn new(slots: usize) -> DueQueue {
-        DueQueue {
+    /// A queue served by `threads` threads (at least one), named `name`.
+    pub fn new(threads: usize, name: &str) -> std::io::Result<DueQueue> {
+        let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                free: slots.max(1),
                 waiting: BinaryHeap::new(),
                 asked: 0,
             }),
+            ready: Condvar::new(),
+        });
+        // The threads live as long as the process: the global queue is never dropped.
+        for _ in 0..threads.max(1) {
+            let shared = shared.clone();
+            std::thread::Builder::new()
+                .name(name.to_owned())
+                .spawn(move || serve(&shared))?;
         }
+        Ok(DueQueue { shared })
     }
 
-    /// The process's queue: one slot per core the process may run on.
-    pub fn global() -> &'static DueQueue {
-        static QUEUE: OnceLock<DueQueue> = OnceLock::new();
-        QUEUE.get_or_init(|| {
-            DueQueue::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
-        })
+    /// The process's queue: one thread per core the process may run on. `None` when its
+    /// threads could not be started (the caller decodes on the blocking pool instead).
+    pub fn global() -> Option<&'static DueQueue> {
+        static QUEUE: OnceLock<Option<DueQueue>> = OnceLock::new();
+        QUEUE
+            .get_or_init(|| {
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                DueQueue::new(threads, "snapshot-decode")
+                    .map_err(|e| tracing::warn!(error = %e, "cannot start the decode threads"))
+                    .ok()
+            })
+            .as_ref()
     }
 
-    /// Waits for a slot; `due` (unix seconds) is when the frame's tick fell due.
-    pub async fn acquire(&self, due: f64) -> Slot<'_> {
-        let rx = {
-            let mut st = self.lock();
-            if st.free > 0 && st.waiting.is_empty() {
-                st.free -= 1;
-                return Slot { queue: self };
-            }
-            let (tx, rx) = oneshot::channel();
-            st.asked += 1;
-            let asked = st.asked;
-            st.waiting.push(Waiter { due, asked, tx });
-            rx
-        };
-        let mut pending = Pending {
-            queue: self,
-            rx,
-            done: false,
-        };
-        // The sender is only dropped after a send, so an error cannot happen; were it to,
-        // going on without a slot would only decode one frame more at once.
-        let _ = (&mut pending.rx).await;
-        pending.done = true;
-        Slot { queue: self }
-    }
-
-    /// Hands a slot to the earliest-due live waiter, or frees it.
-    fn release(&self) {
-        let mut st = self.lock();
-        while let Some(w) = st.waiting.pop() {
-            if w.tx.send(()).is_ok() {
+    /// Runs `work` on one of the queue's threads in its turn; `due` (unix seconds) is when the
+    /// frame's tick fell due. `None` if the work panicked. Dropping the future before the
+    /// work's turn takes it out of the running.
+    pub async fn run<T, F>(&self, due: f64, work: F) -> Option<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let work: Work = Box::new(move || {
+            if tx.is_closed() {
                 return;
             }
+            let _ = tx.send(work());
+        });
+        {
+            let mut st = self.shared.lock();
+            st.asked += 1;
+            let asked = st.asked;
+            st.waiting.push(Job { due, asked, work });
         }
-        st.free += 1;
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding this lock leaves consistent counts (no user code runs inside).
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    #[cfg(test)]
-    fn free(&self) -> usize {
-        self.lock().free
+        self.shared.ready.notify_one();
+        rx.await.ok()
     }
 
     #[cfg(test)]
     fn waiting(&self) -> usize {
-        self.lock().waiting.len()
+        self.shared.lock().waiting.len()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock leaves a consistent heap (no user code runs inside).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A queue thread: takes the earliest-due job and runs it, for ever.
+fn serve(shared: &Shared) {
+    loop {
+        let job = {
+            let mut st = shared.lock();
+            loop {
+                if let Some(job) = st.waiting.pop() {
+                    break job;
+                }
+                st = shared.ready.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        };
+        // A panicking decode drops its reply (its asker gets `None`); the thread goes on.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job.work));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
+    use std::sync::mpsc;
 
-    #[tokio::test]
-    async fn the_earliest_due_waiter_goes_first_then_the_first_asked() {
-        let q: &'static DueQueue = Box::leak(Box::new(DueQueue::new(1)));
-        let held = q.acquire(0.0).await;
+    /// A job that holds the queue's one thread until `release` is sent.
+    fn hold(q: &'static DueQueue) -> (mpsc::Sender<()>, tokio::task::JoinHandle<Option<()>>) {
+        let (release, held) = mpsc::channel::<()>();
+        let (started_tx, started) = mpsc::channel::<()>();
+        let task = tokio::spawn(q.run(0.0, move || {
+            started_tx.send(()).unwrap();
+            held.recv().unwrap();
+        }));
+        started.recv().unwrap();
+        (release, task)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_earliest_due_job_runs_first_then_the_first_asked() {
+        let q: &'static DueQueue = Box::leak(Box::new(DueQueue::new(1, "test-decode").unwrap()));
+        let (release, holder) = hold(q);
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         // Asked in this order; due at these times.
@@ -179,57 +187,51 @@ mod tests {
             ("mid-b", 20.0),
         ] {
             let order = order.clone();
-            tasks.push(tokio::spawn(async move {
-                let _slot = q.acquire(due).await;
+            tasks.push(tokio::spawn(q.run(due, move || {
                 order.lock().unwrap().push(name);
-            }));
-            // Let each waiter queue before the next asks.
+                name
+            })));
+            // Let each job queue before the next asks.
             while q.waiting() < tasks.len() {
                 tokio::task::yield_now().await;
             }
         }
-        drop(held);
+        release.send(()).unwrap();
+        assert_eq!(holder.await.unwrap(), Some(()));
+        let mut answers = Vec::new();
         for t in tasks {
-            t.await.unwrap();
+            answers.push(t.await.unwrap());
         }
         assert_eq!(
             *order.lock().unwrap(),
             vec!["early", "mid-a", "mid-b", "late"]
         );
-        assert_eq!(q.free(), 1);
+        assert_eq!(
+            answers,
+            vec![Some("late"), Some("early"), Some("mid-a"), Some("mid-b")]
+        );
     }
 
-    #[tokio::test]
-    async fn a_waiter_dropped_before_or_after_its_turn_gives_the_slot_on() {
-        let q: &'static DueQueue = Box::leak(Box::new(DueQueue::new(1)));
-        let held = q.acquire(0.0).await;
-        // Dropped while waiting.
-        let gone = tokio::spawn(async move {
-            let _ = q.acquire(1.0).await;
-        });
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_job_whose_asker_left_is_not_run_and_a_panic_answers_none() {
+        let q: &'static DueQueue = Box::leak(Box::new(DueQueue::new(1, "test-decode").unwrap()));
+        let (release, holder) = hold(q);
+        let ran = Arc::new(Mutex::new(false));
+        let flag = ran.clone();
+        let gone = tokio::spawn(q.run(1.0, move || *flag.lock().unwrap() = true));
         while q.waiting() < 1 {
             tokio::task::yield_now().await;
         }
         gone.abort();
         let _ = gone.await;
-        drop(held);
-        assert_eq!(q.free(), 1);
-        // Handed the slot, then dropped before it ran.
-        let held = q.acquire(0.0).await;
-        let mut waiter = Box::pin(q.acquire(2.0));
-        assert!(futures_poll_once(waiter.as_mut()).is_none());
-        drop(held);
-        drop(waiter);
-        assert_eq!(q.free(), 1);
-    }
-
-    /// Polls a future once without a runtime's help.
-    fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) -> Option<F::Output> {
-        let waker = std::task::Waker::noop();
-        let mut cx = std::task::Context::from_waker(waker);
-        match f.poll(&mut cx) {
-            std::task::Poll::Ready(v) => Some(v),
-            std::task::Poll::Pending => None,
-        }
+        release.send(()).unwrap();
+        holder.await.unwrap();
+        // The next job runs after the abandoned one was taken off (one thread, in order).
+        assert_eq!(q.run(2.0, || 7).await, Some(7));
+        assert!(!*ran.lock().unwrap(), "the abandoned job ran");
+        let panicked: Option<u8> = q.run(3.0, || panic!("a decoder bug")).await;
+        assert_eq!(panicked, None);
+        // The thread survived the panic.
+        assert_eq!(q.run(4.0, || 8).await, Some(8));
     }
 }

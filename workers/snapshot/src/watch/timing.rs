@@ -1,7 +1,7 @@
 //! How late each frame is against its tick's due time, at every stage of its way: the keyframe
 //! read from the socket, decoded and encoded, stored, recorded with its delivery queued, and
 //! delivered (the receiver's 2xx). Read off the worker's `/metrics` as
-//! `mediafarm_snapshot_frame_late_seconds{stage="read"|"encoded"|"stored"|"queued"|"delivered"|"uploaded"}`
+//! `mediafarm_snapshot_frame_late_seconds{stage="read"|"decoding"|"encoded"|"stored"|"queued"|"delivered"|"uploaded"}`
 //! (a histogram; a stage's figure counts everything before it), and per frame as `due_at` in
 //! the frame's record and its webhook body.
 //!
@@ -13,10 +13,12 @@
 //! ahead of the wall (a publisher's burst) makes frames look later, never earlier. Only the RTMP
 //! engine knows due times; frames of the thread path carry none and are not counted.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::OnceLock;
 
 use mediafarm::observe::metrics::Metrics;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 
@@ -25,6 +27,8 @@ use prometheus_client::metrics::histogram::Histogram;
 pub enum Stage {
     /// Its keyframe was read from the socket and chosen for the tick.
     Read,
+    /// Its decode began: it had its turn in the decode queue and a thread ran it.
+    Decoding,
     /// Decoded and encoded.
     Encoded,
     /// Written to storage.
@@ -41,6 +45,7 @@ impl Stage {
     pub fn label(self) -> &'static str {
         match self {
             Stage::Read => "read",
+            Stage::Decoding => "decoding",
             Stage::Encoded => "encoded",
             Stage::Stored => "stored",
             Stage::Queued => "queued",
@@ -74,13 +79,76 @@ fn late() -> &'static Late {
 /// The metric's name in `/metrics`.
 pub const METRIC: &str = "mediafarm_snapshot_frame_late_seconds";
 
-/// Adds the lateness histogram to the worker's metrics (once per worker start).
+/// The decodes' time by clock (`_total{clock="cpu"|"wall"}`): a wall time well above the CPU
+/// time means the decoding thread waited for a core (other threads had it), not that decoding
+/// got dearer.
+pub const DECODE_METRIC: &str = "mediafarm_snapshot_decode_seconds";
+/// How many keyframes were decoded and encoded (`_total`).
+pub const DECODES_METRIC: &str = "mediafarm_snapshot_decodes";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClockLabels {
+    clock: &'static str,
+}
+
+type Seconds = Family<ClockLabels, Counter<f64, AtomicU64>>;
+
+fn decode_seconds() -> &'static Seconds {
+    static SECONDS: OnceLock<Seconds> = OnceLock::new();
+    SECONDS.get_or_init(Seconds::default)
+}
+
+fn decodes() -> &'static Counter {
+    static DECODES: OnceLock<Counter> = OnceLock::new();
+    DECODES.get_or_init(Counter::default)
+}
+
+/// Adds the lateness histogram and the decode clocks to the worker's metrics (once per
+/// worker start).
 pub fn register(metrics: &Metrics) {
     metrics.register(
         METRIC,
         "How late a frame was at each stage against its tick's due time (RTMP engine)",
         late().clone(),
     );
+    metrics.register(
+        DECODE_METRIC,
+        "Time the RTMP engine's keyframe decodes and encodes took, by clock (cpu: the decoding thread's)",
+        decode_seconds().clone(),
+    );
+    metrics.register(
+        DECODES_METRIC,
+        "Keyframes the RTMP engine decoded and encoded",
+        decodes().clone(),
+    );
+}
+
+/// Records one keyframe's decode and encode: `cpu` seconds of its thread's CPU time over `wall`
+/// seconds.
+pub fn record_decode(cpu: f64, wall: f64) {
+    let add = |clock, s: f64| {
+        decode_seconds()
+            .get_or_create(&ClockLabels { clock })
+            .inc_by(s.max(0.0));
+    };
+    add("cpu", cpu);
+    add("wall", wall);
+    decodes().inc();
+}
+
+/// The calling thread's CPU time (seconds), to time a piece of work on it.
+pub fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a timespec to write into.
+    let ok = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0;
+    if ok {
+        ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+    } else {
+        0.0
+    }
 }
 
 /// Records that a frame due at `due_at` (unix seconds) reached `stage` at `at`. Early is 0.
