@@ -250,7 +250,8 @@ def main():
     workers = {}
     for w in args.worker or [str(ROOT / "target/release/image-worker")]:
         label, _, path = w.rpartition("=")
-        workers[label or (args.label if not workers else path)] = Path(path)
+        # Resolved here: the workers run from bench/.
+        workers[label or (args.label if not workers else path)] = Path(path).resolve()
     worker = next(iter(workers.values()))
     shutil.rmtree(STORAGE, ignore_errors=True)
     if args.corpus == "photos":
