@@ -117,10 +117,13 @@ def main():
         errback = signature("canvas.on_error", queue=queue).set(task_id=errback_id)
         headers = [step(h=1), step(fail="frame 3 is corrupt"), step(h=3)]
         r = chord(headers, step(body=1).set(link_error=errback)).apply_async()
-        # `r.get()` re-raises the failed header first (Celery walks a result's parents); the
-        # body's own record is read without them.
-        out = {"via_parent": outcome(r, timeout=60), "body_id": r.id,
-               "body": outcome(app.AsyncResult(r.id)),
+        # The body's own record first, read without its parents: once it has failed, the
+        # header's failure is stored too (a header stores its result before it joins), so
+        # `r.get()` then deterministically re-raises the failed header (Celery walks a
+        # result's parents before waiting). Called earlier, `get()` raises whichever it sees
+        # first — with Celery's own workers too.
+        body = outcome(app.AsyncResult(r.id), timeout=60)
+        out = {"via_parent": outcome(r, timeout=60), "body_id": r.id, "body": body,
                "failed_header": r.parent.results[1].id,
                "errback": outcome(app.AsyncResult(errback_id))}
     elif scenario == "chain-chord-failing-header":
