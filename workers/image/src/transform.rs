@@ -378,16 +378,11 @@ fn process_stills(
             (false, _) => (false, kept),
         };
         let to_srgb = to_srgb.as_ref().filter(|_| convert);
-        // An output that is the resize itself — not turned, converted, padded, flattened or
-        // watermarked (`dress` leaves an opaque 8-bit RGB `inside` picture as it is) — is
+        // An output that is the resize itself — not turned, and left as it is by `dress` — is
         // encoded from the kept resize instead of from a copy of it (a 1280 px output's copy
         // was 7 % of a job's page faults through the broker).
-        let as_resized = keep
-            && spec.fit == Fit::Inside
-            && plan.orient.is_none()
-            && to_srgb.is_none()
-            && !(spec.watermark && watermark.is_some())
-            && matches!(scaled, DynamicImage::ImageRgb8(_));
+        let as_resized =
+            keep && plan.orient.is_none() && dress_leaves(&scaled, spec, to_srgb, watermark);
         let dressed;
         let shown: &DynamicImage = if as_resized {
             derived.push(scaled);
@@ -428,6 +423,20 @@ fn process_stills(
 /// Finishes one output from its resized, turned picture (`shown`, of size `(w, h)`):
 /// converted to sRGB by `to_srgb`, padded (`contain`) or flattened onto its background, and
 /// watermarked when it takes `watermark`.
+/// Whether [`dress`] hands `shown` back as it is: no colour conversion, no padding, nothing to
+/// flatten (8-bit RGB already), no watermark.
+fn dress_leaves(
+    shown: &DynamicImage,
+    spec: &OutputSpec,
+    to_srgb: Option<&ToSrgb>,
+    watermark: Option<(&Watermark, &Overlay)>,
+) -> bool {
+    to_srgb.is_none()
+        && spec.fit != Fit::Contain
+        && matches!(shown, DynamicImage::ImageRgb8(_))
+        && watermark.filter(|_| spec.watermark).is_none()
+}
+
 pub(crate) fn dress(
     mut shown: DynamicImage,
     spec: &OutputSpec,

@@ -15,22 +15,16 @@ use ffmpeg_next as ff;
 use snapshot_worker::media::{Format, FrameEncoder, Input, Interrupt, KeyDecoder, Read};
 use snapshot_worker::source::SourceKind;
 
-/// CPU time this thread has run (nanoseconds).
-struct Instant(u64);
+/// CPU time this thread has run (`watch::timing`'s thread clock).
+struct Instant(f64);
 
 impl Instant {
     fn now() -> Instant {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: a valid clock id and a timespec to write into.
-        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-        Instant(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+        Instant(snapshot_worker::watch::timing::thread_cpu_s())
     }
 
     fn elapsed(&self) -> Duration {
-        Duration::from_nanos(Instant::now().0.saturating_sub(self.0))
+        Duration::from_secs_f64((Instant::now().0 - self.0).max(0.0))
     }
 }
 
