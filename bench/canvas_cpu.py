@@ -28,13 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_of(pid):
-    """User + system seconds of `pid` and of its live descendants."""
+def cpu_of(pid, descendants=True):
+    """User + system seconds of `pid` and (unless `descendants` is False) of its live
+    descendants."""
     total = 0.0
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / TICK
+        if not descendants:
+            return total
         for task in os.listdir(f"/proc/{pid}/task"):
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 for child in f.read().split():
@@ -56,8 +59,13 @@ def pid_of(name):
     raise SystemExit(f"no process named {name}")
 
 
+POLLER = "poller (this script)"
+
+
 def sample(pids):
-    return {name: cpu_of(pid) for name, pid in pids.items()}
+    # The script's own process is the contender's parent: counted with its descendants it
+    # would count the worker twice.
+    return {name: cpu_of(pid, descendants=name != POLLER) for name, pid in pids.items()}
 
 
 def run(label, command, env, cwd, chains, rabbit, redis_pid):
@@ -69,7 +77,7 @@ def run(label, command, env, cwd, chains, rabbit, redis_pid):
         with Worker(label, command, env, cwd, queue, 600) as w:
             w.wait_for(lambda: store.dbsize() > 0)
             pids = {"worker": w.proc.pid, "rabbitmq": rabbit, "redis": redis_pid,
-                    "poller (this script)": os.getpid()}
+                    POLLER: os.getpid()}
             before, began = sample(pids), time.monotonic()
             ended = w.wait_for(lambda: store.dbsize() >= 3 * chains)
             after = sample(pids)

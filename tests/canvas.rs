@@ -24,7 +24,7 @@
 use std::time::Duration;
 
 use mediafarm::client::{chain, chord, group, Signature, Step as ChainStep};
-use mediafarm::{Client, Registry, Task, TaskContext, TaskError, TaskState};
+use mediafarm::{Client, Registry, Settings, Task, TaskContext, TaskError, TaskState};
 use mediafarm_tests::{
     dead_letters, delete_queue, new_id, python_env, ready_count, run_python, settings,
     unique_queue, Echo, Farm, PythonWorker,
@@ -33,8 +33,8 @@ use serde_json::{json, Map, Value};
 
 /// `canvas.step`: returns its kwargs; a parent's result arrives under `parent`. `fail` fails
 /// permanently with that message; `fail_times: n` fails transiently while `retries < n`
-/// (retrying after `retry_after_s`) and then reports `retries`; `tally: key` counts the run
-/// under `key` (see [`runs`]).
+/// (retrying after `retry_after_s`) and then reports `retries`; `sleep_ms: n` waits that long
+/// first; `tally: key` counts the run under `key` (see [`runs`]).
 struct Step;
 
 /// How many times `canvas.step` ran with each `tally` (the workers run in this process).
@@ -62,6 +62,9 @@ impl Task for Step {
     ) -> Result<Self::Output, TaskError> {
         if let Some(msg) = kwargs.get("fail").and_then(Value::as_str) {
             return Err(TaskError::permanent("StepFailure", msg.to_owned()));
+        }
+        if let Some(ms) = kwargs.get("sleep_ms").and_then(Value::as_u64) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
         }
         if let Some(key) = kwargs.get("tally").and_then(Value::as_str) {
             if let Ok(mut tally) = TALLY.lock() {
@@ -122,7 +125,12 @@ async fn python_canvas(scenario: &str) -> (Value, Farm) {
 }
 
 async fn python_canvas_with(scenario: &str, extra: &[&str]) -> (Value, Farm) {
-    let farm = Farm::start(&format!("canvas-{scenario}"), settings(), registry()).await;
+    python_canvas_on(scenario, extra, settings()).await
+}
+
+/// As [`python_canvas_with`], the worker and the Python producer configured as `settings`.
+async fn python_canvas_on(scenario: &str, extra: &[&str], settings: Settings) -> (Value, Farm) {
+    let farm = Farm::start(&format!("canvas-{scenario}"), settings, registry()).await;
     let env = python_env(&farm.settings);
     let mut args = vec![farm.queue.clone(), scenario.to_owned()];
     args.extend(extra.iter().map(|a| a.to_string()));
@@ -405,6 +413,44 @@ async fn a_chord_whose_header_mixes_rust_and_python_workers_completes_once() {
         }
     }
     // Exactly once: nothing else was published to the body's queue.
+    assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
+    farm.stop().await;
+    delete_queue(&settings(), &pyq).await;
+}
+
+/// Celery's `result_backend_transport_options = {"result_chord_ordered": False}` on the
+/// producer, the Python worker and (as the same setting) the Rust worker: the header results
+/// are joined in a list, in the order they ended, by whichever side completes the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unordered_chord_mixing_rust_and_python_headers_joins_in_arrival_order() {
+    let mut s = settings();
+    s.result_backend_transport_options.result_chord_ordered = false;
+    let pyq = unique_queue("canvas-pyunordered");
+    let py = PythonWorker::start_with(&pyq, &s);
+    let (out, farm) = python_canvas_on("chord-mixed-unordered", &[&pyq], s).await;
+    drop(py);
+    assert_eq!(out["body"]["state"], "SUCCESS", "{out:#}");
+    assert_eq!(out["keys_left"], 0, "{out:#}");
+    let body = &out["body"]["ok"];
+    assert_eq!(body["worker"], "python", "{out:#}");
+    let results = body["parent"].as_array().expect("the results");
+    assert_eq!(results.len(), 20, "{out:#}");
+    let h = |r: &Value| r["h"].as_u64().or_else(|| r["kwargs"]["h"].as_u64());
+    let mut seen: Vec<u64> = results.iter().filter_map(h).collect();
+    // Header 0 sleeps while the other Rust headers (odd) run on the worker's other slots: in
+    // arrival order it comes after all of them, where the ordered join puts it first. (The
+    // Python headers may end later still: their worker starts with the test.)
+    let position = |want: u64| seen.iter().position(|&x| x == want);
+    let zero = position(0).expect("header 0's result");
+    assert_eq!(results[zero], json!({"h": 0, "sleep_ms": 1500}), "{out:#}");
+    for odd in (1..20).step_by(2) {
+        assert!(
+            position(odd) < Some(zero),
+            "header {odd} ended before header 0: {seen:?}"
+        );
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..20).collect::<Vec<u64>>(), "{out:#}");
     assert_eq!(ready_count(&farm.settings, &farm.queue).await, 0);
     farm.stop().await;
     delete_queue(&settings(), &pyq).await;

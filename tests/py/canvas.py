@@ -94,7 +94,8 @@ def main():
         out["group_ids"] = sorted({app.backend.get_task_meta(r.id).get("group_id")
                                    for r in res.results})
         out["group_id"] = res.id
-    elif scenario in ("chord-rust-body", "chord-python-body", "chord-mixed"):
+    elif scenario in ("chord-rust-body", "chord-python-body", "chord-mixed",
+                      "chord-mixed-unordered"):
         headers = [step(h=i) for i in range(100)]
         body = step(body=1)
         if scenario == "chord-python-body":
@@ -102,6 +103,13 @@ def main():
         if scenario == "chord-mixed":
             py = lambda i: signature("echo.echo", kwargs={"h": i}, queue=sys.argv[3])
             headers = [step(h=i) if i % 2 else py(i) for i in range(20)]
+        if scenario == "chord-mixed-unordered":
+            # `result_chord_ordered = False` on every side: header 0 ends after the other Rust
+            # headers, so its result follows theirs where the ordered join would put it first.
+            py = lambda i: signature("echo.echo", kwargs={"h": i}, queue=sys.argv[3])
+            headers = [step(h=0, sleep_ms=1500)]
+            headers += [step(h=i) if i % 2 else py(i) for i in range(1, 20)]
+            body = signature("pyside.wrap", kwargs={"w": 1}, queue=sys.argv[3])
         r = chord(headers, body).apply_async()
         out = {"body": outcome(r, timeout=90), "body_id": r.id, "group_id": r.parent.id}
         out["body_parent_id"] = app.backend.get_task_meta(r.id).get("parent_id")

@@ -1,7 +1,8 @@
 """A plain Python Celery worker app, to prove a Python worker accepts what mediafarm publishes.
 
 Run: python -m celery -A celery_app worker -Q QUEUE -P solo (cwd tests/py). BROKER_URL,
-RESULT_BACKEND and (optional, JSON) BROKER_TRANSPORT_OPTIONS come from the environment.
+RESULT_BACKEND and (optional, JSON) BROKER_TRANSPORT_OPTIONS and
+RESULT_BACKEND_TRANSPORT_OPTIONS come from the environment.
 """
 import json
 import os
@@ -23,6 +24,9 @@ app.conf.update(
 )
 if os.environ.get("BROKER_TRANSPORT_OPTIONS"):
     app.conf.broker_transport_options = json.loads(os.environ["BROKER_TRANSPORT_OPTIONS"])
+if os.environ.get("RESULT_BACKEND_TRANSPORT_OPTIONS"):
+    app.conf.result_backend_transport_options = json.loads(
+        os.environ["RESULT_BACKEND_TRANSPORT_OPTIONS"])
 
 
 @app.task(name="echo.echo", bind=True)

@@ -1,8 +1,8 @@
 """A plain Celery producer, as a Django app would be: send_task + AsyncResult.get().
 
 Usage: producer.py QUEUE SCENARIO. Prints one JSON object describing what Python saw.
-BROKER_URL, RESULT_BACKEND and (optional, JSON) BROKER_TRANSPORT_OPTIONS come from the
-environment.
+BROKER_URL, RESULT_BACKEND and (optional, JSON) BROKER_TRANSPORT_OPTIONS and
+RESULT_BACKEND_TRANSPORT_OPTIONS come from the environment.
 """
 import json
 import os
@@ -21,6 +21,9 @@ app.conf.result_serializer = "json"
 app.conf.accept_content = ["json"]
 if os.environ.get("BROKER_TRANSPORT_OPTIONS"):
     app.conf.broker_transport_options = json.loads(os.environ["BROKER_TRANSPORT_OPTIONS"])
+if os.environ.get("RESULT_BACKEND_TRANSPORT_OPTIONS"):
+    app.conf.result_backend_transport_options = json.loads(
+        os.environ["RESULT_BACKEND_TRANSPORT_OPTIONS"])
 
 
 def outcome(result, timeout=20):

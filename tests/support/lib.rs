@@ -449,6 +449,15 @@ pub fn python_env(settings: &Settings) -> Vec<(&'static str, String)> {
             Value::Object(options).to_string(),
         ));
     }
+    if !settings
+        .result_backend_transport_options
+        .result_chord_ordered
+    {
+        env.push((
+            "RESULT_BACKEND_TRANSPORT_OPTIONS",
+            serde_json::json!({"result_chord_ordered": false}).to_string(),
+        ));
+    }
     env
 }
 
@@ -709,6 +718,11 @@ pub struct PythonWorker(std::process::Child);
 
 impl PythonWorker {
     pub fn start(queue: &str) -> PythonWorker {
+        PythonWorker::start_with(queue, &settings())
+    }
+
+    /// A Python worker whose Celery app is configured as `settings` (`python_env`).
+    pub fn start_with(queue: &str, settings: &Settings) -> PythonWorker {
         let child = std::process::Command::new(python())
             .current_dir(workspace_root().join("tests/py"))
             .args(["-m", "celery", "-A", "celery_app", "worker", "-P", "solo"])
@@ -725,7 +739,7 @@ impl PythonWorker {
                 "--without-mingle",
                 "--without-heartbeat",
             ])
-            .envs(python_env(&settings()))
+            .envs(python_env(settings))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .spawn()

@@ -2,7 +2,9 @@
 //! `celery/backends/redis.py` reads and writes them, so Python and Rust workers sharing a
 //! chord join it exactly once. Under `celery-taskset-meta-<group>`:
 //!
-//! - `.j`: the header results, a sorted set of `[1, id, state, result]` scored by `group_index`;
+//! - `.j`: the header results, a sorted set of `[1, id, state, result]` scored by `group_index`
+//!   (a list in the order the header tasks ended with `result_chord_ordered = false`, as
+//!   Celery's `result_backend_transport_options` allow);
 //! - `.d`: the set of `<task id>:<group_index>` already counted, so a header task that runs
 //!   again (redelivered) counts once even if it returned something else the second time;
 //! - `.t`: tasks added to the chord after it was sent (`add_to_chord`); `.s`: the header's size,
@@ -149,17 +151,28 @@ pub enum TakeOver {
 /// Adds a header's return unless `<id>:<index>` was counted, reads the counters, renews their
 /// expiry and, when the count is complete, takes the dispatch claim. KEYS: `.j .t .s .d`, the
 /// group record, `.c`. ARGV: task id, member, score, expiry, group record expiry, claim lease,
-/// token. Returns `{ready, diff, size, claimed}`, ready -1 when the chord is done.
+/// token, `1` when `.j` is ordered (a sorted set) or `0` (a list). Returns
+/// `{ready, diff, size, claimed}`, ready -1 when the chord is done.
 const PART_RETURN: &str = r#"
 if redis.call('GET', KEYS[6]) == 'done' then
   return {-1, false, false, 0}
 end
+local ordered = ARGV[8] == '1'
 local seen = ARGV[1] .. ':' .. ARGV[3]
 if redis.call('SISMEMBER', KEYS[4], seen) == 0 then
-  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  if ordered then
+    redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+  else
+    redis.call('RPUSH', KEYS[1], ARGV[2])
+  end
   redis.call('SADD', KEYS[4], seen)
 end
-local ready = redis.call('ZCOUNT', KEYS[1], '-inf', '+inf')
+local ready
+if ordered then
+  ready = redis.call('ZCOUNT', KEYS[1], '-inf', '+inf')
+else
+  ready = redis.call('LLEN', KEYS[1])
+end
 local ttl, group_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 if ttl > 0 then
   for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ttl) end
@@ -273,6 +286,7 @@ impl ResultBackend {
                 .arg(times.group_expires.unwrap_or(0))
                 .arg(times.claim_secs)
                 .arg(token)
+                .arg(u8::from(self.fixed.chord_ordered))
                 .query_async(&mut conn)
                 .await?;
         let Ok(ready) = u64::try_from(ready) else {
@@ -428,10 +442,16 @@ impl ResultBackend {
         Ok(true)
     }
 
-    /// The header results in `group_index` order, as encoded by whoever added them.
+    /// The header results, as encoded by whoever added them: in `group_index` order, or in
+    /// the order they were added with `result_chord_ordered = false`.
     pub async fn chord_members(&self, group: &str) -> Result<Vec<String>, BackendError> {
         let mut conn = self.conn.clone();
-        Ok(conn.zrange(group_key(group, ".j"), 0, -1).await?)
+        let jkey = group_key(group, ".j");
+        Ok(if self.fixed.chord_ordered {
+            conn.zrange(jkey, 0, -1).await?
+        } else {
+            conn.lrange(jkey, 0, -1).await?
+        })
     }
 }
 

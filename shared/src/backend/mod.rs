@@ -60,6 +60,9 @@ struct Fixed {
     expires: Option<u64>,
     /// Chord expiries and leases (`result_chord_*`; Celery's defaults unless from settings).
     chord: chord::ChordTimes,
+    /// Celery's `result_chord_ordered`: a chord's header results in a sorted set by
+    /// `group_index` (true, the default) or a list in arrival order.
+    chord_ordered: bool,
     url: String,
 }
 
@@ -76,7 +79,6 @@ pub fn result_key(id: &str) -> String {
 
 impl ResultBackend {
     /// Connects to `result_backend` with `redis_backend_use_ssl`, keeping results for
-    /// `result_expires`: what every program connects with.
     /// `result_expires`, and the chord timings of `result_chord_join_timeout` and
     /// `result_chord_expires`: what every program connects with.
     pub async fn from_settings(settings: &Settings) -> Result<ResultBackend, BackendError> {
@@ -88,6 +90,9 @@ impl ResultBackend {
         .await?;
         if let Some(fixed) = Arc::get_mut(&mut backend.fixed) {
             fixed.chord = chord::ChordTimes::from_settings(settings);
+            fixed.chord_ordered = settings
+                .result_backend_transport_options
+                .result_chord_ordered;
         }
         Ok(backend)
     }
@@ -127,6 +132,7 @@ impl ResultBackend {
                 client,
                 expires,
                 chord: chord::ChordTimes::with_result_expires(expires),
+                chord_ordered: true,
                 url: redact(url),
             }),
         })

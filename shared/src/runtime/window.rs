@@ -119,6 +119,23 @@ impl Window {
         self.state.subscribe()
     }
 
+    /// Keeps `node`'s `prefetch_in_effect` (what `inspect stats` reports) at this window's
+    /// size, for as long as the window lives.
+    pub fn report_to(self: &Arc<Self>, node: Arc<crate::amqp::pidbox::Node>) {
+        node.set_prefetch_in_effect(self.qos_of(self.count()));
+        let mut changes = self.watch();
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(window) = weak.upgrade() else {
+                    break;
+                };
+                let count = *changes.borrow_and_update();
+                node.set_prefetch_in_effect(window.qos_of(count));
+            }
+        });
+    }
+
     /// The size of the window as it was after `changes` changes is queued on the channel, ahead
     /// of any ack queued from now on.
     pub fn applied(&self, changes: u64) {
@@ -363,6 +380,54 @@ mod tests {
             !Seat::new(&Window::new(8, 0, false)).finishing(),
             "a fixed window never widens"
         );
+    }
+
+    #[tokio::test]
+    async fn inspect_stats_reports_the_window_in_effect() {
+        use crate::amqp::pidbox::Node;
+        let settings = crate::settings::Settings {
+            worker_concurrency: 1,
+            worker_prefetch_multiplier: 2,
+            ..Default::default()
+        };
+        let backend = crate::backend::ResultBackend::connect("redis://127.0.0.1:6379/0", None)
+            .await
+            .expect("Redis on 127.0.0.1:6379");
+        let node = Arc::new(Node::new(
+            "stats@test".into(),
+            settings.clone(),
+            backend,
+            Arc::default(),
+            Vec::new(),
+            Vec::new(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        assert_eq!(
+            node.prefetch_in_effect(),
+            2,
+            "the setting before any consumer"
+        );
+        let w = Window::for_settings(&settings, false, true);
+        w.report_to(node.clone());
+        let seat = Seat::new(&w);
+        assert!(seat.finishing());
+        let reported = async {
+            while node.prefetch_in_effect() != 3 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), reported)
+            .await
+            .expect("the widened window is reported");
+        drop(seat);
+        let narrowed = async {
+            while node.prefetch_in_effect() != 2 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), narrowed)
+            .await
+            .expect("and the narrowed one");
     }
 
     #[test]

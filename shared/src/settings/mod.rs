@@ -8,6 +8,7 @@
 pub mod declare;
 mod rate;
 mod reader;
+pub mod result_transport;
 pub mod sentinel;
 pub mod sources;
 pub mod tls;
@@ -21,6 +22,7 @@ use std::time::Duration;
 pub use declare::{Declared, Group, Groups, SettingInfo};
 pub use rate::{RateLimit, RateParseError, TaskRate, RATE_FORMS};
 pub use reader::{Kind, Raw, Reader, Value};
+pub use result_transport::ResultTransportOptions;
 pub use sources::{owner_of, Sources, OWNERS};
 pub use tls::{BrokerSsl, CertReqs, RedisBackendSsl, TlsOptions};
 pub use transport::TransportOptions;
@@ -132,6 +134,12 @@ crate::settings_group! {
         /// Celery's `result_chord_expires`: how long a chord's counters (`.j`, `.t`, `.s`, `.d`)
         /// are kept, renewed at each header's return; unset: `result_expires`; 0: for ever.
         result_chord_expires: Option<Duration> = None, OptSeconds;
+        /// Celery's `result_backend_transport_options`: only `result_chord_ordered` (default
+        /// true: a chord's header results are kept in a sorted set by `group_index`; false: in
+        /// a list, in the order the header tasks ended). Give every worker of a chord, Python
+        /// or Rust, the same value.
+        result_backend_transport_options: ResultTransportOptions =
+            ResultTransportOptions::default(), Custom(Reader::result_backend_transport_options);
         /// Always "json" (pickle is refused).
         task_serializer: String = "json".into(), Custom(Reader::serializer);
         /// Always "json" (pickle is refused).

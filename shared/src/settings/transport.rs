@@ -170,7 +170,7 @@ impl Reader {
     }
 }
 
-fn parse_env(text: &str) -> Option<toml::Table> {
+pub(super) fn parse_env(text: &str) -> Option<toml::Table> {
     if let Ok(json) = serde_json::from_str::<serde_json::Value>(text) {
         return toml::Value::try_from(json).ok()?.as_table().cloned();
     }

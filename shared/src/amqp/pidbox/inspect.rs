@@ -1,10 +1,10 @@
 //! Read-only replies, each in the shape Celery 5.7's `celery/worker/control.py` returns, so
 //! `celery inspect` prints them and Flower reads them unchanged: `stats` (Celery's
-//! `Worker.stats()`: totals, pid, clock, uptime, pool, broker, prefetch_count, rusage),
-//! `active`/`reserved`/`scheduled`/`query_task` (Celery's `Request.info()`), `registered`,
-//! `active_queues` (kombu's `Queue.as_dict(recurse=True)`), `revoked`, `conf` (the core
-//! settings, secrets masked as Celery's `filter_hidden_settings` masks them), `report`, and
-//! `hello` (mingle's exchange of revoked ids, so Python workers starting beside a mediafarm
+//! `Worker.stats()`: totals, pid, clock, uptime, pool, broker, the prefetch window in effect
+//! as `prefetch_count`, rusage), `active`/`reserved`/`scheduled`/`query_task` (Celery's
+//! `Request.info()`), `registered`, `active_queues` (kombu's `Queue.as_dict(recurse=True)`),
+//! `revoked`, `conf` (the core settings, secrets masked as Celery's `filter_hidden_settings`
+//! masks them), `report`, and `hello` (mingle's exchange of revoked ids, so Python workers starting beside a mediafarm
 //! worker do not log a failed sync).
 
 use serde_json::{json, Map, Value};
@@ -35,7 +35,7 @@ pub fn stats(node: &Node) -> Value {
             "writes": "N/A",
         },
         "broker": broker_info(s),
-        "prefetch_count": s.prefetch_count(),
+        "prefetch_count": node.prefetch_in_effect(),
         "rusage": rusage().unwrap_or_else(|| json!("N/A")),
     })
 }

@@ -28,7 +28,7 @@ pub mod over_redis;
 pub mod revoke;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,9 @@ pub struct Node {
     handlers: Mutex<HashMap<&'static str, Handler>>,
     started: Instant,
     clock: AtomicU64,
+    /// The prefetch window the consumer applies now (it widens while finished jobs wait for
+    /// their result to be stored); 0 until a consumer reports one.
+    prefetch_in_effect: AtomicU32,
 }
 
 /// A command a higher layer answers: Celery's keyword arguments in, the reply out.
@@ -105,6 +108,7 @@ impl Node {
             handlers: Mutex::new(HashMap::new()),
             started: Instant::now(),
             clock: AtomicU64::new(0),
+            prefetch_in_effect: AtomicU32::new(0),
         }
     }
 
@@ -181,6 +185,21 @@ impl Node {
 
     pub fn clock(&self) -> u64 {
         self.clock.load(Ordering::Relaxed)
+    }
+
+    /// Records the prefetch window the consumer has just applied.
+    pub fn set_prefetch_in_effect(&self, size: u16) {
+        self.prefetch_in_effect
+            .store(u32::from(size), Ordering::Relaxed);
+    }
+
+    /// The prefetch window in effect, as Celery's `stats` reports its consumer's current QoS:
+    /// the configured `prefetch_count` until a consumer has applied one.
+    pub fn prefetch_in_effect(&self) -> u16 {
+        match self.prefetch_in_effect.load(Ordering::Relaxed) {
+            0 => self.settings.prefetch_count(),
+            size => u16::try_from(size).unwrap_or(u16::MAX),
+        }
     }
 }
 
