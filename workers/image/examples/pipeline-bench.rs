@@ -16,7 +16,8 @@
 use std::time::Instant;
 
 use image_worker::spec::Crop;
-use image_worker::transform::process;
+use image_worker::transform::{process, Limits};
+use image_worker::ImageSettings;
 
 #[path = "common/bench_job.rs"]
 mod bench_job;
@@ -51,6 +52,8 @@ impl Clock {
 }
 
 fn main() -> Result<(), String> {
+    // The worker's own pixel limit: a source it would refuse is refused here too.
+    let max_pixels = Limits::from(&ImageSettings::default()).max_pixels;
     let mut crop = None;
     let mut clock = Clock::Wall;
     let mut sizes = false;
@@ -99,7 +102,7 @@ fn main() -> Result<(), String> {
     let job = args.job(crop);
     if warm_up {
         for data in &sources {
-            process(data, &job, u64::MAX).map_err(|e| e.to_string())?;
+            process(data, &job, max_pixels).map_err(|e| e.to_string())?;
         }
     }
     let origin = Instant::now();
@@ -109,7 +112,7 @@ fn main() -> Result<(), String> {
         made.clear();
         let began = clock.now_ms(origin);
         for data in &sources {
-            let (_, outputs) = process(data, &job, u64::MAX).map_err(|e| e.to_string())?;
+            let (_, outputs) = process(data, &job, max_pixels).map_err(|e| e.to_string())?;
             made.push(
                 outputs
                     .iter()

@@ -14,7 +14,8 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
-use image_worker::transform::process;
+use image_worker::transform::{process, Limits};
+use image_worker::ImageSettings;
 
 #[path = "common/bench_job.rs"]
 mod bench_job;
@@ -87,6 +88,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> Result<(), String> {
+    // The worker's own pixel limit: a source it would refuse is refused here too.
+    let max_pixels = Limits::from(&ImageSettings::default()).max_pixels;
     let mut keep = None;
     let args = BenchArgs::parse(|flag, value| {
         if flag != "--keep" {
@@ -116,7 +119,7 @@ fn main() -> Result<(), String> {
             let data = std::fs::read(file).map_err(|e| format!("{file}: {e}"))?;
             add("read", thread_cpu_ns() - began);
             let processing = thread_cpu_ns();
-            let (_, encoded) = process(&data, &job, u64::MAX).map_err(|e| e.to_string())?;
+            let (_, encoded) = process(&data, &job, max_pixels).map_err(|e| e.to_string())?;
             add("process", thread_cpu_ns() - processing);
             let writing = thread_cpu_ns();
             out_bytes = 0;
