@@ -409,25 +409,19 @@ mod tests {
         );
         let w = Window::for_settings(&settings, false, true);
         w.report_to(node.clone());
+        let reported = |want: u16| {
+            let node = node.clone();
+            tokio::time::timeout(Duration::from_secs(5), async move {
+                while node.prefetch_in_effect() != want {
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
         let seat = Seat::new(&w);
         assert!(seat.finishing());
-        let reported = async {
-            while node.prefetch_in_effect() != 3 {
-                tokio::task::yield_now().await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), reported)
-            .await
-            .expect("the widened window is reported");
+        reported(3).await.expect("the widened window is reported");
         drop(seat);
-        let narrowed = async {
-            while node.prefetch_in_effect() != 2 {
-                tokio::task::yield_now().await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), narrowed)
-            .await
-            .expect("and the narrowed one");
+        reported(2).await.expect("and the narrowed one");
     }
 
     #[test]

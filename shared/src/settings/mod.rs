@@ -439,7 +439,7 @@ pub fn check_content_type(value: &str) -> Result<(), String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
 
     #[test]
     fn hard_limits_must_fit_under_rabbitmqs_consumer_timeout() {
@@ -484,7 +484,8 @@ mod tests {
 
     use super::*;
 
-    fn from(toml_text: &str, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+    /// Settings from a TOML text and `MEDIAFARM_*` variables, for tests of this module's.
+    pub(crate) fn from(toml_text: &str, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
         let table: toml::Table = toml_text.parse().expect("test TOML parses");
         Settings::from_sources(
             table,

@@ -84,16 +84,7 @@ impl Reader {
 
 #[cfg(test)]
 mod tests {
-    use crate::settings::{Settings, SettingsError};
-
-    fn from(toml_text: &str, env: &[(&str, &str)]) -> Result<Settings, SettingsError> {
-        let table: toml::Table = toml_text.parse().expect("test TOML parses");
-        Settings::from_sources(
-            table,
-            "test.toml",
-            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
-        )
-    }
+    use crate::settings::tests::from;
 
     #[test]
     fn result_chord_ordered_is_read_as_celery_names_it_and_other_keys_are_refused() {
