@@ -33,20 +33,25 @@ pub fn transform_kwargs(data: &[u8]) -> Result<(TransformArgs, Source), TaskErro
 /// The `heif_items` target: a HEIF file's boxes read into the plan for decoding its primary
 /// image with libde265 (`heif_items.rs`), or the reason it is left to libheif. Every byte
 /// range of a plan lies within `data` (checked here, so the fuzzer finds a range that does
-/// not). The size as shown (`heif_items::shown_size`) is read too, and agrees with the
-/// plan's whenever there is one.
+/// not), and so does its crop within the picture. The size as shown (`heif_items::shown_size`)
+/// is read too, and agrees with the plan's whenever there is one.
 pub fn heif_items(data: &[u8]) -> Result<Plan, Unhandled> {
     let shown = crate::heif_items::shown_size(data);
     let plan = crate::heif_items::plan(data)?;
-    let turned = if plan.turn.swaps() {
-        (plan.height, plan.width)
-    } else {
-        (plan.width, plan.height)
-    };
     assert_eq!(
         shown,
-        Ok(turned),
+        Ok(plan.shown()),
         "the size as shown disagrees with the plan"
+    );
+    let crop = plan.crop;
+    assert!(
+        crop.width >= 1
+            && crop.height >= 1
+            && u64::from(crop.x) + u64::from(crop.width) <= u64::from(plan.width)
+            && u64::from(crop.y) + u64::from(crop.height) <= u64::from(plan.height),
+        "the crop {crop:?} leaves the {}x{} picture",
+        plan.width,
+        plan.height
     );
     let coded: Vec<&Coded> = match &plan.layout {
         Layout::Single(c) => vec![c],
@@ -87,6 +92,11 @@ mod tests {
         ("seeds/halves-64x48.heic", None),
         ("seeds/grad-10bit-64x48.heic", None),
         ("seeds/grid-2x2-turned.heic", None),
+        ("seeds/clap-turned.heic", None),
+        (
+            "seeds/clap-outside.heic",
+            Some("a clean aperture outside the picture"),
+        ),
         ("seeds/alpha-96x64.avif", Some("auxiliary image")),
         (
             "seeds/halves-64x48.avif",

@@ -3,11 +3,13 @@
 //! against libheif 1.15's C API, Debian 12's version: the maintained Rust binding
 //! (`libheif-rs`) needs 1.17 or newer, which Debian 12 does not ship.
 //!
-//! The file's boxes are parsed first (no pixel decoded) to check the size as shown — libheif
-//! applies the rotation and mirroring boxes itself — against `image_max_src_pixels`; only then
-//! is the primary image decoded, in the codec's own planes (YCbCr as coded), which `yuv.rs`
-//! turns into 8-bit RGB(A) a row at a time as the rows are shrunk. The ICC profile is kept; the EXIF block is kept with its orientation
-//! reset, since in HEIF the `irot`/`imir` boxes, already applied, are what turns the picture.
+//! The file's boxes are parsed first (no pixel decoded) to check the size as shown — after the
+//! clean-aperture crop, rotation and mirroring boxes, which libheif applies itself and the
+//! direct decode crops while converting and turns per output — against
+//! `image_max_src_pixels`; only then is the primary image decoded, in the codec's own planes
+//! (YCbCr as coded), which `yuv.rs` turns into 8-bit RGB(A) a row at a time as the rows are
+//! shrunk. The ICC profile is kept; the EXIF block is kept with its orientation reset, since
+//! in HEIF the `irot`/`imir` boxes, already applied, are what turns the picture.
 
 use std::ffi::{c_char, c_int, c_void, CStr};
 use std::ptr;
@@ -75,8 +77,8 @@ pub struct Heif<'a> {
     /// Where libde265 decodes the primary image without libheif (`heif_items.rs`), or `None`
     /// when libheif decodes it.
     plan: Option<Plan>,
-    /// The size as shown, read from the boxes by `heif_items::shown_size` when they give it.
-    shown: Option<(u32, u32)>,
+    /// The sizes as shown and as coded, read from the boxes when they give them.
+    sizes: Option<heif_items::Sizes>,
 }
 
 /// What the header says, before decoding.
@@ -103,7 +105,7 @@ impl<'a> Heif<'a> {
             handle: ptr::null(),
             data,
             plan: None,
-            shown: heif_items::shown_size(data).ok(),
+            sizes: heif_items::sizes(data).ok(),
         };
         // SAFETY: `ctx` is a live context; `data` outlives it (the lifetime on `Heif`), as
         // the "without copy" read requires; null options mean libheif's defaults.
@@ -136,16 +138,20 @@ impl<'a> Heif<'a> {
                 return None;
             }
         };
-        let shown = if plan.turn.swaps() {
-            (plan.height, plan.width)
-        } else {
-            (plan.width, plan.height)
-        };
+        let shown = plan.shown();
         let bits = match &plan.layout {
             heif_items::Layout::Single(c) => c.bits,
             heif_items::Layout::Grid { tiles, .. } => tiles[0].bits,
         };
-        let agrees = shown == (header.width, header.height) && !header.alpha && bits == header.bits;
+        // libheif's own header gives the size shown, or that turned (`irot` listed before
+        // `ispe`), or the coded one (`clap` and `irot` listed before `ispe`).
+        let (w, h) = self.libheif_size();
+        let coded = (plan.width, plan.height);
+        let libheif_agrees = [shown, coded].iter().any(|&s| s == (w, h) || s == (h, w));
+        let agrees = libheif_agrees
+            && shown == (header.width, header.height)
+            && !header.alpha
+            && bits == header.bits;
         if !agrees {
             tracing::debug!("HEIF boxes disagree with libheif's header; left to libheif");
         }
@@ -176,8 +182,9 @@ impl<'a> Heif<'a> {
     }
 
     /// Bytes the decode holds besides the box shrink's output: libde265's picture and
-    /// metadata (one tile's, plus a band of RGB rows a tile high, for a grid), or what libheif
-    /// holds ([`decode_bytes`]).
+    /// metadata, whole even when a `clap` shows part of it (one tile's, plus a band of RGB
+    /// rows a tile high and as wide as what is shown, for a grid), or what libheif holds
+    /// ([`decode_bytes`], for the picture as coded when a `clap` crops it).
     pub fn decode_bytes(&self) -> u64 {
         match self.plan.as_ref().map(|p| (p, &p.layout)) {
             Some((_, heif_items::Layout::Single(c))) => {
@@ -186,30 +193,52 @@ impl<'a> Heif<'a> {
             Some((plan, heif_items::Layout::Grid { tiles, tile, .. })) => {
                 let t = &tiles[0];
                 de265::decode_bytes(t.coded.0, t.coded.1, t.bits, t.chroma)
-                    + u64::from(tile.1) * u64::from(plan.width) * 3
-                    + u64::from(tile.0) * 3
+                    + u64::from(tile.1) * u64::from(plan.crop.width) * 3
             }
-            None => decode_bytes(&self.header()),
+            None => {
+                // libheif decodes and converts the whole coded picture before it crops it.
+                let mut header = self.header();
+                if let Some(heif_items::Sizes { coded: (w, h), .. }) = self.sizes {
+                    let pixels = |w: u32, h: u32| u64::from(w) * u64::from(h);
+                    if pixels(w, h) > pixels(header.width, header.height) {
+                        (header.width, header.height) = (w, h);
+                    }
+                }
+                decode_bytes(&header)
+            }
         }
     }
 
-    /// The primary image's header. Its size is the one the boxes give when it is libheif's
-    /// turned a quarter: libheif 1.15 reports the unturned size for files that list `irot`
-    /// before `ispe` (Canon's HIF), yet decodes the turned picture.
+    /// The primary image's header. Its size is the one the boxes give (`clap` crops and
+    /// `irot` turns applied in their order) when they give one: libheif 1.15 reports the
+    /// unturned size for files that list `irot` before `ispe` (Canon's HIF) and ignores a
+    /// `clap` listed before `ispe`, yet decodes the cropped, turned picture.
     pub fn header(&self) -> Header {
+        let (width, height) = self.libheif_size();
         // SAFETY: `handle` is the live primary image handle of a live context.
         let mut header = unsafe {
             Header {
-                width: ffi::heif_image_handle_get_width(self.handle).max(0) as u32,
-                height: ffi::heif_image_handle_get_height(self.handle).max(0) as u32,
+                width,
+                height,
                 alpha: ffi::heif_image_handle_has_alpha_channel(self.handle) != 0,
                 bits: ffi::heif_image_handle_get_luma_bits_per_pixel(self.handle).max(0) as u32,
             }
         };
-        if self.shown == Some((header.height, header.width)) {
-            (header.width, header.height) = (header.height, header.width);
+        if let Some(sizes) = self.sizes {
+            (header.width, header.height) = sizes.shown;
         }
         header
+    }
+
+    /// The size libheif's header gives.
+    fn libheif_size(&self) -> (u32, u32) {
+        // SAFETY: `handle` is the live primary image handle of a live context.
+        unsafe {
+            (
+                ffi::heif_image_handle_get_width(self.handle).max(0) as u32,
+                ffi::heif_image_handle_get_height(self.handle).max(0) as u32,
+            )
+        }
     }
 
     /// The embedded ICC profile, if the colour is given as one (not as `nclx` code points).
@@ -325,18 +354,22 @@ impl<'a> Heif<'a> {
         })
     }
 
+    /// Only the samples within the plan's crop are converted: a `clap` costs no copy.
     fn decode_tiles(&self, plan: &Plan, factor: u32) -> Result<DynamicImage, String> {
         let _mapped = MappedPlanes::new();
-        let mut shrink = BoxShrink::new(plan.width, plan.height, factor, false);
+        let crop = plan.crop;
+        let mut shrink = BoxShrink::new(crop.width, crop.height, factor, false);
         match &plan.layout {
             heif_items::Layout::Single(item) => {
                 de265::decode(self.data, item, |planes| {
+                    let planes = cut(planes, crop.columns(), crop.rows())?;
                     let mut row = vec![0u8; planes.row_bytes()];
                     for y in 0..planes.height() {
                         planes.row(y, &mut row);
                         shrink.push_row(&row, Layout::Rgb);
                     }
-                })?;
+                    Ok::<_, String>(())
+                })??;
             }
             heif_items::Layout::Grid {
                 rows,
@@ -344,25 +377,40 @@ impl<'a> Heif<'a> {
                 tile,
                 tiles,
             } => {
-                let (width, height) = (plan.width as usize, plan.height as usize);
+                let (columns, shown_rows) = (crop.columns(), crop.rows());
+                let width = columns.len();
                 let (tile_w, tile_h) = (tile.0 as usize, tile.1 as usize);
                 let mut band = vec![0u8; tile_h * width * 3];
-                let mut row = vec![0u8; tile_w * 3];
+                let overlap = |a: &std::ops::Range<usize>, start: usize, len: usize| {
+                    a.start.max(start)..a.end.min(start + len)
+                };
                 for r in 0..*rows as usize {
-                    let band_rows = tile_h.min(height.saturating_sub(r * tile_h));
+                    // The tile row's rows that are shown, in the tiles' own coordinates.
+                    let ys = overlap(&shown_rows, r * tile_h, tile_h);
+                    if ys.is_empty() {
+                        continue;
+                    }
+                    let ys = ys.start - r * tile_h..ys.end - r * tile_h;
                     for c in 0..*cols as usize {
-                        let x0 = c * tile_w;
-                        let cw = tile_w.min(width.saturating_sub(x0));
+                        let xs = overlap(&columns, c * tile_w, tile_w);
+                        if xs.is_empty() {
+                            continue;
+                        }
+                        // Where the tile's shown columns go in the band.
+                        let at = (xs.start - columns.start) * 3;
+                        let xs = xs.start - c * tile_w..xs.end - c * tile_w;
                         let item = &tiles[r * *cols as usize + c];
                         de265::decode(self.data, item, |planes| {
-                            for y in 0..band_rows {
-                                planes.row(y, &mut row);
-                                let at = (y * width + x0) * 3;
-                                band[at..at + cw * 3].copy_from_slice(&row[..cw * 3]);
+                            let planes = cut(planes, xs, ys.clone())?;
+                            let n = planes.row_bytes();
+                            for y in 0..planes.height() {
+                                let start = y * width * 3 + at;
+                                planes.row(y, &mut band[start..start + n]);
                             }
-                        })?;
+                            Ok::<_, String>(())
+                        })??;
                     }
-                    for y in 0..band_rows {
+                    for y in 0..ys.len() {
                         shrink.push_row(&band[y * width * 3..(y + 1) * width * 3], Layout::Rgb);
                     }
                 }
@@ -432,6 +480,17 @@ impl<'a> Heif<'a> {
         }
         Ok(img)
     }
+}
+
+/// The part of a decoded picture within a plan's crop.
+fn cut<'a>(
+    planes: &yuv::Planes<'a>,
+    columns: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+) -> Result<yuv::Planes<'a>, String> {
+    planes
+        .window(columns, rows)
+        .ok_or_else(|| "the clean aperture lies outside the HEVC picture".to_string())
 }
 
 /// One channel of a decoded image, or `None` when it has no such plane.
@@ -897,6 +956,17 @@ mod tests {
             full(b"ispe", 0, &b)
         }
 
+        /// A `clap` box: width, height, horizontal and vertical offset, each (numerator,
+        /// denominator).
+        pub fn clap(w: (u32, u32), h: (u32, u32), x: (i32, u32), y: (i32, u32)) -> Vec<u8> {
+            let mut b = Vec::new();
+            for (n, d) in [w, h, (x.0 as u32, x.1), (y.0 as u32, y.1)] {
+                b.extend_from_slice(&n.to_be_bytes());
+                b.extend_from_slice(&d.to_be_bytes());
+            }
+            bx(b"clap", &b)
+        }
+
         pub fn nclx(matrix: u16, full_range: bool) -> Vec<u8> {
             let mut b = b"nclx".to_vec();
             for v in [1u16, 13, matrix] {
@@ -1093,6 +1163,217 @@ mod tests {
         assert_matches_libheif(&canon, "irot listed before ispe");
     }
 
+    /// `clap` crops, alone and mixed with turns in every order, on single pictures and grids:
+    /// decoded directly, cropped and turned as libheif crops and turns them, with the header
+    /// giving the size as shown.
+    #[test]
+    fn clean_apertures_decode_as_libheif_decodes_them() {
+        use build::*;
+        let irot = |a: u8| bx(b"irot", &[a]);
+        let imir = |a: u8| bx(b"imir", &[a]);
+        // `props` in this order (the item's `hvcC` first).
+        let single = |seed: &str, props: Vec<Vec<u8>>| {
+            let (hvcc, data, _) = seed_parts(seed);
+            let mut all = vec![hvcc];
+            all.extend(props);
+            mux(
+                &[Item {
+                    id: 1,
+                    kind: *b"hvc1",
+                    props: all,
+                    data,
+                }],
+                1,
+                &[],
+            )
+        };
+        let shown = |data: &[u8]| {
+            let h = Heif::open(data).unwrap().header();
+            (h.width, h.height)
+        };
+        // R grows to the right, G downwards: every turn and crop shows.
+        let grad = "seeds/grad-422-64x48.heic";
+        // A sharp red–blue edge at x = 32 in 4:2:0: a crop at an odd column shows whether
+        // chroma is read where libheif reads it.
+        let halves = "seeds/halves-64x48.heic";
+        // The seeds' pictures are coded 64×64 (heif-enc shows them as 64×48 grids of one).
+        let centred = clap((40, 1), (30, 1), (0, 1), (0, 1));
+        // Off centre, at an odd column and row: left -2.5 + 31.5 - 20 = 9, top
+        // 5 + 31.5 - 14 = 22.5, rounded to 23.
+        let odd = clap((41, 1), (29, 1), (-5, 2), (5, 1));
+        let cases = [
+            (
+                "clap alone",
+                grad,
+                vec![ispe(64, 64), centred.clone()],
+                (40, 30),
+            ),
+            (
+                "heif-enc's: the top 48 rows",
+                grad,
+                vec![ispe(64, 64), clap((64, 1), (48, 1), (0, 1), (-8, 1))],
+                (64, 48),
+            ),
+            (
+                "odd offsets",
+                grad,
+                vec![ispe(64, 64), odd.clone()],
+                (41, 29),
+            ),
+            (
+                "odd offsets, 4:2:0",
+                halves,
+                vec![ispe(64, 64), odd.clone()],
+                (41, 29),
+            ),
+            (
+                "odd size at odd columns, 4:2:0",
+                halves,
+                vec![ispe(64, 64), clap((33, 1), (47, 1), (2, 1), (0, 1))],
+                (33, 47),
+            ),
+            (
+                "clap before irot",
+                grad,
+                vec![ispe(64, 64), odd.clone(), irot(1)],
+                (29, 41),
+            ),
+            (
+                "irot before clap",
+                grad,
+                vec![ispe(64, 64), irot(1), odd.clone()],
+                (41, 29),
+            ),
+            (
+                "irot 3 before clap",
+                grad,
+                vec![
+                    ispe(64, 64),
+                    irot(3),
+                    clap((29, 1), (41, 1), (3, 1), (-5, 1)),
+                ],
+                (29, 41),
+            ),
+            (
+                "clap with imir",
+                grad,
+                vec![ispe(64, 64), imir(0), odd.clone(), imir(1)],
+                (41, 29),
+            ),
+            (
+                "irot, imir, clap, irot",
+                grad,
+                vec![ispe(64, 64), irot(1), imir(1), odd.clone(), irot(2)],
+                (41, 29),
+            ),
+            (
+                "two claps",
+                grad,
+                vec![
+                    ispe(64, 64),
+                    clap((50, 1), (40, 1), (3, 1), (1, 1)),
+                    irot(1),
+                    clap((31, 1), (21, 1), (-3, 1), (2, 1)),
+                ],
+                (31, 21),
+            ),
+            (
+                "10 bits, irot before clap",
+                "seeds/grad-10bit-64x48.heic",
+                vec![ispe(64, 64), irot(3), odd.clone()],
+                (41, 29),
+            ),
+        ];
+        for (what, seed, props, size) in cases {
+            let file = single(seed, props);
+            assert_eq!(shown(&file), size, "{what}: the header's size");
+            assert_matches_libheif(&file, what);
+            // libde265 holds the whole coded picture, whatever the crop.
+            let heif = Heif::open(&file).unwrap();
+            let Some(heif_items::Layout::Single(c)) = heif.plan.as_ref().map(|p| &p.layout) else {
+                panic!("{what}: one picture");
+            };
+            assert_eq!(
+                heif.decode_bytes(),
+                de265::decode_bytes(64, 64, c.bits, c.chroma),
+                "{what}"
+            );
+        }
+
+        // libheif 1.15 reads neither an `irot` nor a `clap` listed before `ispe` into its
+        // header (Canon's HIF lists `irot` first), yet decodes the cropped, turned picture.
+        let canon = single(grad, vec![odd.clone(), irot(1), ispe(64, 64)]);
+        assert_eq!(shown(&canon), (29, 41), "clap and irot before ispe");
+        assert_matches_libheif(&canon, "clap and irot before ispe");
+        let canon = single(grad, vec![irot(1), ispe(64, 64), odd.clone()]);
+        assert_eq!(shown(&canon), (41, 29), "irot before ispe, then clap");
+        assert_matches_libheif(&canon, "irot before ispe, then clap");
+
+        // A 2×2 grid of 64×48 tiles shown as 120×90, cropped across the tiles' edges; tiles
+        // wholly outside the crop are not decoded.
+        let (hvcc, data, (w, h)) = seed_parts(grad);
+        let grid = |props: Vec<Vec<u8>>| {
+            let mut items = vec![Item {
+                id: 1,
+                kind: *b"grid",
+                props,
+                data: vec![0, 0, 1, 1, 0, 120, 0, 90],
+            }];
+            for id in 2..6 {
+                items.push(Item {
+                    id,
+                    kind: *b"hvc1",
+                    props: vec![hvcc.clone(), ispe(w, h)],
+                    data: data.clone(),
+                });
+            }
+            mux(&items, 1, &[(1, vec![2, 3, 4, 5])])
+        };
+        for (what, props, size) in [
+            (
+                "grid, clap",
+                vec![ispe(120, 90), clap((101, 1), (77, 1), (-5, 1), (3, 1))],
+                (101, 77),
+            ),
+            (
+                "grid, clap within the first tile column",
+                vec![ispe(120, 90), clap((41, 1), (31, 1), (-36, 1), (-21, 1))],
+                (41, 31),
+            ),
+            (
+                "grid, irot before clap",
+                vec![
+                    ispe(120, 90),
+                    irot(1),
+                    imir(0),
+                    clap((77, 1), (101, 1), (3, 1), (-5, 1)),
+                ],
+                (77, 101),
+            ),
+            (
+                "grid, clap before irot",
+                vec![
+                    ispe(120, 90),
+                    clap((101, 1), (77, 1), (-5, 1), (3, 1)),
+                    irot(3),
+                ],
+                (77, 101),
+            ),
+        ] {
+            let file = grid(props);
+            assert_eq!(shown(&file), size, "{what}: the header's size");
+            assert_matches_libheif(&file, what);
+            // A tile's picture, and a band a tile high as wide as the crop.
+            let heif = Heif::open(&file).unwrap();
+            let crop = heif.plan.as_ref().unwrap().crop;
+            assert_eq!(
+                heif.decode_bytes(),
+                de265::decode_bytes(64, 64, 8, 2) + 64 * u64::from(crop.width) * 3,
+                "{what}"
+            );
+        }
+    }
+
     /// Files the box reader leaves to libheif, and ones libde265 refuses with a clear error.
     #[test]
     fn damaged_boxes_are_left_to_libheif_or_refused() {
@@ -1178,6 +1459,19 @@ mod tests {
         }];
         grid.extend((2..6).map(|id| item(id, vec![hvcc.clone(), ispe(w, h)])));
         let no_hvcc = mux(&[item(1, vec![ispe(w, h)])], 1, &[]);
+        // A clean aperture at odd offsets between two turns, and one outside the picture.
+        let clapped = |c: Vec<u8>| {
+            let props = vec![
+                hvcc.clone(),
+                ispe(w, h),
+                bx(b"irot", &[1]),
+                c,
+                bx(b"imir", &[0]),
+            ];
+            mux(&[item(1, props)], 1, &[])
+        };
+        let clap_turned = clapped(clap((41, 1), (29, 1), (-5, 2), (5, 1)));
+        let clap_outside = clapped(clap((41, 1), (29, 1), (20, 1), (5, 1)));
         // libheif 1.15 decodes this one (its 64×64 picture): not a bad input for the worker.
         let huge = mux(&[item(1, vec![hvcc.clone(), ispe(8000, 6000)])], 1, &[]);
         let good = mux(&[item(1, vec![hvcc.clone(), ispe(w, h)])], 1, &[]);
@@ -1198,6 +1492,8 @@ mod tests {
                 mux(&grid, 1, &[(1, vec![2, 3, 4, 5])]),
             ),
             (seeds.join("no-hvcc.heic"), no_hvcc.clone()),
+            (seeds.join("clap-turned.heic"), clap_turned),
+            (seeds.join("clap-outside.heic"), clap_outside),
             (seeds.join("huge-ispe.heic"), huge.clone()),
             (seeds.join("truncated-meta.heic"), good[..meta_end].to_vec()),
             (root.join("images/no-hvcc.heic"), no_hvcc),

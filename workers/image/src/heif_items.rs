@@ -6,11 +6,18 @@
 //!
 //! Read here: `meta`'s `pitm`, `iinf`/`infe` (versions 2 and 3), `iloc` (versions 0–2, from the
 //! file or from `idat`), `iref` (`dimg`, `auxl`), `iprp`'s `ipco` and `ipma`, and the properties
-//! `hvcC`, `ispe`, `colr` (`nclx`), `irot` and `imir`. A primary image that is one `hvc1` item or
-//! a `grid` of `hvc1` tiles gets a [`Plan`]; anything else (alpha, a `clap` crop, another
-//! codec, an essential property not listed here, a grid whose tiles differ) is
-//! [`Unhandled`], and libheif decodes it as before. Nothing here panics on bad input: every
-//! length and offset is checked against the box it is in (the `heif_items` fuzz target).
+//! `hvcC`, `ispe`, `colr` (`nclx`), `irot`, `imir` and `clap`. A primary image that is one `hvc1`
+//! item or a `grid` of `hvc1` tiles gets a [`Plan`]; anything else (alpha, another codec, an
+//! essential property not listed here, a grid whose tiles differ, a `clap` libheif would clamp
+//! or round differently) is [`Unhandled`], and libheif decodes it as before. Nothing here
+//! panics on bad input: every length and offset is checked against the box it is in (the
+//! `heif_items` fuzz target).
+//!
+//! `clap`, `irot` and `imir` apply in their `ipma` order, as libheif 1.15 applies them to its
+//! RGB picture. A plan keeps them as one crop in coded (unturned) coordinates, taken while the
+//! rows are converted, then one turn: cropping commutes with turning once the crop is turned
+//! back by the turns listed before it. libheif converts the whole coded picture to RGB before
+//! it crops (even at an odd offset), so converting only the cropped samples gives its picture.
 
 use std::ops::Range;
 
@@ -26,12 +33,41 @@ type Associations = Vec<(u32, Vec<(u16, bool)>)>;
 /// How the primary image is decoded and shown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// Its size as coded (`ispe` of the primary item), before `irot`/`imir`.
+    /// Its size as coded (`ispe` of the primary item), before `clap`, `irot` and `imir`.
     pub width: u32,
     pub height: u32,
     pub layout: Layout,
-    /// `irot` and `imir`, in their order, as one turn to apply after decoding.
+    /// The part of the coded picture that is shown: the `clap` crops turned back into coded
+    /// coordinates, or the whole picture.
+    pub crop: Rect,
+    /// `irot` and `imir`, in their order, as one turn to apply after cropping.
     pub turn: Turn,
+}
+
+impl Plan {
+    /// The size as shown: the crop, turned.
+    pub fn shown(&self) -> (u32, u32) {
+        self.turn.size((self.crop.width, self.crop.height))
+    }
+}
+
+/// A rectangle of a picture, in pixels from its top-left corner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rect {
+    pub x: u32,
+    pub y: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl Rect {
+    pub fn columns(&self) -> Range<usize> {
+        self.x as usize..self.x as usize + self.width as usize
+    }
+
+    pub fn rows(&self) -> Range<usize> {
+        self.y as usize..self.y as usize + self.height as usize
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +147,47 @@ impl Turn {
     pub fn swaps(self) -> bool {
         self.quarter % 2 == 1
     }
+
+    /// A picture of `size`, turned.
+    pub fn size(self, (w, h): (u32, u32)) -> (u32, u32) {
+        if self.swaps() {
+            (h, w)
+        } else {
+            (w, h)
+        }
+    }
+
+    /// The rectangle of a `size` picture that turns into `shown`, a rectangle of the turned
+    /// picture (which must lie within it).
+    fn unturn(self, size: (u32, u32), shown: Rect) -> Rect {
+        let (tw, _) = self.size(size);
+        // Undo the flip, in the turned picture.
+        let mut r = if self.flip {
+            Rect {
+                x: tw - shown.x - shown.width,
+                ..shown
+            }
+        } else {
+            shown
+        };
+        // Undo each clockwise quarter turn: one takes a `w`×`h` picture's (x, y, cw, ch) to
+        // (h - y - ch, x, ch, cw) of the `h`×`w` one.
+        for i in (0..self.quarter % 4).rev() {
+            // The picture's height before the quarter turn being undone.
+            let (_, h) = Turn {
+                quarter: i,
+                flip: false,
+            }
+            .size(size);
+            r = Rect {
+                x: r.y,
+                y: h - r.x - r.width,
+                width: r.height,
+                height: r.width,
+            };
+        }
+        r
+    }
 }
 
 /// Most items, properties, extents and tiles read; a file claiming more is left to libheif.
@@ -126,7 +203,13 @@ pub fn plan(file: &[u8]) -> Res<Plan> {
         return Err(Unhandled("an auxiliary image (alpha or depth)"));
     }
     let kind = items.kind(primary)?;
-    let ((width, height), turn) = items.geometry(primary)?;
+    let geometry = items.geometry(primary)?;
+    let (width, height) = geometry.ispe;
+    let (crop, turn) = geometry.resolve()?;
+    // What is decoded stays bounded by the size checked against the limits (the cropped one).
+    if !within_twice(width, height, crop.width, crop.height) {
+        return Err(Unhandled("a clean aperture much smaller than the picture"));
+    }
     let layout = match &kind {
         b"hvc1" => {
             let coded = items.coded(primary, false)?;
@@ -142,22 +225,249 @@ pub fn plan(file: &[u8]) -> Res<Plan> {
         width,
         height,
         layout,
+        crop,
         turn,
     })
 }
 
-/// The primary image's size as shown: its `ispe` turned by its `irot` (whatever their order
-/// in `ipma`), for any coding, alpha or not. libheif 1.15 reports the unturned size for a
-/// file that lists `irot` before `ispe` (Canon's HIF files do) while it decodes the turned
-/// picture; this is what its decode gives. `Unhandled` when a `clap` crops the picture too.
+/// The primary image's size as shown: its `ispe` cropped by its `clap` and turned by its
+/// `irot` (whatever their order in `ipma`), for any coding, alpha or not. libheif 1.15 reports
+/// the unturned size for a file that lists `irot` before `ispe` (Canon's HIF files do), and
+/// the uncropped one for a `clap` listed before `ispe`, while it decodes the cropped, turned
+/// picture; this is what its decode gives.
 pub fn shown_size(file: &[u8]) -> Res<(u32, u32)> {
+    sizes(file).map(|s| s.shown)
+}
+
+/// The primary image's sizes, read from its boxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// As shown ([`shown_size`]).
+    pub shown: (u32, u32),
+    /// As coded (`ispe`), before any crop or turn: what a decoder holds.
+    pub coded: (u32, u32),
+}
+
+pub fn sizes(file: &[u8]) -> Res<Sizes> {
     let (items, _, primary) = read_meta(file)?;
-    let ((width, height), turn) = items.geometry(primary)?;
-    Ok(if turn.swaps() {
-        (height, width)
-    } else {
-        (width, height)
+    let geometry = items.geometry(primary)?;
+    let (crop, turn) = geometry.resolve()?;
+    Ok(Sizes {
+        shown: turn.size((crop.width, crop.height)),
+        coded: geometry.ispe,
     })
+}
+
+/// What turns and crops the coded picture: its `ispe` and its transformative properties, in
+/// their `ipma` order.
+struct Geometry {
+    ispe: (u32, u32),
+    steps: Vec<Step>,
+}
+
+enum Step {
+    /// `irot` or `imir`, as a turn.
+    Turn(Turn),
+    Clap(Clap),
+}
+
+impl Geometry {
+    /// The steps as one crop of the coded picture (in its coordinates) and one turn after it.
+    fn resolve(&self) -> Res<(Rect, Turn)> {
+        let (width, height) = self.ispe;
+        let mut crop = Rect {
+            x: 0,
+            y: 0,
+            width,
+            height,
+        };
+        let mut turn = Turn::default();
+        for step in &self.steps {
+            match step {
+                Step::Turn(t) => {
+                    turn = if t.flip {
+                        turn.rotate(t.quarter).flip()
+                    } else {
+                        turn.rotate(t.quarter)
+                    }
+                }
+                Step::Clap(clap) => {
+                    // The clean aperture of the picture as it is at this step (cropped and
+                    // turned by the steps before), turned back into the crop so far.
+                    let size = (crop.width, crop.height);
+                    let shown = clap.rect(turn.size(size))?;
+                    let inner = turn.unturn(size, shown);
+                    crop = Rect {
+                        x: crop.x + inner.x,
+                        y: crop.y + inner.y,
+                        ..inner
+                    };
+                }
+            }
+        }
+        Ok((crop, turn))
+    }
+}
+
+/// A `clap` box (ISO/IEC 14496-12 CleanApertureBox): the clean aperture's width and height and
+/// its centre's offset from the picture's, as fractions.
+#[derive(Debug, Clone, Copy)]
+struct Clap {
+    width: Fraction,
+    height: Fraction,
+    horizontal: Fraction,
+    vertical: Fraction,
+}
+
+impl Clap {
+    fn read(file: &[u8], b: &BoxRef) -> Res<Clap> {
+        let mut r = Reader::plain(file, b);
+        let mut part = |signed: bool| -> Res<i64> {
+            let v = r.u32()?;
+            // Sizes and denominators above 2^31 are refused by libheif.
+            match (signed, i32::try_from(v)) {
+                (true, _) => Ok(i64::from(v as i32)),
+                (false, Ok(v)) => Ok(i64::from(v)),
+                (false, Err(_)) => Err(Unhandled("a clap value out of range")),
+            }
+        };
+        let mut fraction = |signed: bool| -> Res<Fraction> {
+            let num = part(signed)?;
+            let den = part(false)?;
+            if den == 0 {
+                return Err(Unhandled("a clap fraction over zero"));
+            }
+            Fraction::new(num, den)
+        };
+        Ok(Clap {
+            width: fraction(false)?,
+            height: fraction(false)?,
+            horizontal: fraction(true)?,
+            vertical: fraction(true)?,
+        })
+    }
+
+    /// The clean aperture of a picture of `size`, rounded as libheif 1.15 rounds it (its
+    /// `Box_clap::left_rounded` and kin): the left edge rounded towards zero, the top to the
+    /// nearest, the right and bottom edges to the nearest after the width less one; then its
+    /// size is what its header gives (the width and height rounded). `Unhandled` when libheif
+    /// would clamp the rectangle to the picture or its header would not give the decoded
+    /// size (it then fails on its own decode's size).
+    fn rect(&self, (w, h): (u32, u32)) -> Res<Rect> {
+        let edge = |offset: Fraction, size: Fraction, picture: u32, round_down: bool| {
+            let picture = i64::from(picture);
+            // left = offset + (picture - 1) / 2 - (size - 1) / 2
+            let start = offset
+                .add(Fraction::new(picture - 1, 2)?)?
+                .sub(size.add_int(-1)?.div_int(2)?)?;
+            let start = if round_down {
+                start.round_down()?
+            } else {
+                start.round()?
+            };
+            let end = size.add_int(-1)?.add_int(start)?.round()?;
+            let length = size.round()?;
+            if start < 0 || end >= picture || end - start + 1 != length || length < 1 {
+                return Err(Unhandled("a clean aperture outside the picture"));
+            }
+            // Within 0..picture, so within u32.
+            Ok((start as u32, length as u32))
+        };
+        let (x, width) = edge(self.horizontal, self.width, w, true)?;
+        let (y, height) = edge(self.vertical, self.height, h, false)?;
+        Ok(Rect {
+            x,
+            y,
+            width,
+            height,
+        })
+    }
+}
+
+/// A fraction as libheif 1.15 keeps one (its `Fraction`): both parts halved, rounding towards
+/// zero, while the denominator is beyond ±2^16 or, the denominator above 1, the numerator is
+/// (Debian's 1.15.1-1+deb12u1 carries upstream's fix that stops at a denominator of 1; 1.15.1
+/// itself halved it to zero and divided by it), and added and subtracted in 32 bits. Matching
+/// its arithmetic gives its rounding exactly; where it would overflow 32 bits, the file is
+/// left to it.
+#[derive(Debug, Clone, Copy)]
+struct Fraction {
+    num: i64,
+    den: i64,
+}
+
+impl Fraction {
+    const MAX: i64 = 1 << 16;
+
+    /// Sums and products of two 32-bit parts are formed in 128 bits, so only libheif
+    /// overflows, never this.
+    fn new(num: impl Into<i128>, den: impl Into<i128>) -> Res<Fraction> {
+        let part = |v: i128| {
+            i32::try_from(v)
+                .map(i64::from)
+                .map_err(|_| Unhandled("a clap fraction libheif overflows"))
+        };
+        let (mut num, mut den) = (part(num.into())?, part(den.into())?);
+        while den.abs() > Self::MAX {
+            num /= 2;
+            den /= 2;
+        }
+        while den > 1 && num.abs() > Self::MAX {
+            num /= 2;
+            den /= 2;
+        }
+        Ok(Fraction { num, den })
+    }
+
+    fn add(self, b: Fraction) -> Res<Fraction> {
+        let (n, d, bn, bd) = (
+            i128::from(self.num),
+            i128::from(self.den),
+            i128::from(b.num),
+            i128::from(b.den),
+        );
+        if d == bd {
+            Fraction::new(n + bn, d)
+        } else {
+            Fraction::new(n * bd + bn * d, d * bd)
+        }
+    }
+
+    fn sub(self, b: Fraction) -> Res<Fraction> {
+        self.add(Fraction {
+            num: -b.num,
+            den: b.den,
+        })
+    }
+
+    fn add_int(self, v: i64) -> Res<Fraction> {
+        Fraction::new(
+            i128::from(self.num) + i128::from(v) * i128::from(self.den),
+            self.den,
+        )
+    }
+
+    fn div_int(self, v: i64) -> Res<Fraction> {
+        Fraction::new(self.num, i128::from(self.den) * i128::from(v))
+    }
+
+    fn divisor(self) -> Res<i64> {
+        match self.den {
+            0 => Err(Unhandled("a clap fraction over zero")),
+            d => Ok(d),
+        }
+    }
+
+    /// Towards zero, as C divides.
+    fn round_down(self) -> Res<i64> {
+        Ok(self.num / self.divisor()?)
+    }
+
+    /// libheif's `round`: half the denominator added, then divided towards zero.
+    fn round(self) -> Res<i64> {
+        let den = self.divisor()?;
+        Ok((self.num + den / 2) / den)
+    }
 }
 
 /// The `meta` box's items, references and primary item id.
@@ -246,10 +556,10 @@ struct Reference {
 }
 
 impl Items<'_> {
-    /// The item's `ispe` (its size as coded) and the turn its `irot` and `imir` make, in
-    /// their `ipma` order.
-    fn geometry(&self, id: u32) -> Res<((u32, u32), Turn)> {
-        let mut turn = Turn::default();
+    /// The item's `ispe` (its size as coded) and its `irot`, `imir` and `clap`, in their
+    /// `ipma` order.
+    fn geometry(&self, id: u32) -> Res<Geometry> {
+        let mut steps = Vec::new();
         let mut ispe = None;
         for p in self.properties(id)? {
             match &p.kind {
@@ -257,25 +567,26 @@ impl Items<'_> {
                 b"irot" => {
                     let angle = body(self.file, &p).first().ok_or(Unhandled("short irot"))? & 3;
                     // Anticlockwise quarter turns.
-                    turn = turn.rotate((4 - angle) % 4);
+                    steps.push(Step::Turn(Turn::default().rotate((4 - angle) % 4)));
                 }
                 b"imir" => {
                     let mode = body(self.file, &p).first().ok_or(Unhandled("short imir"))? & 1;
                     // HEIF's amendment 2 reads the bit as a `mode`: 0 exchanges top and
                     // bottom, 1 left and right — as iPhones write it and libheif applies it
                     // (the 2017 text's "vertical axis" for 0 was read both ways).
-                    turn = if mode == 1 {
+                    let turn = Turn::default();
+                    steps.push(Step::Turn(if mode == 1 {
                         turn.flip()
                     } else {
                         turn.rotate(2).flip()
-                    };
+                    }));
                 }
-                b"clap" => return Err(Unhandled("a clean-aperture crop (clap)")),
+                b"clap" => steps.push(Step::Clap(Clap::read(self.file, &p)?)),
                 _ => {}
             }
         }
         let ispe = ispe.ok_or(Unhandled("no ispe on the primary image"))?;
-        Ok((ispe, turn))
+        Ok(Geometry { ispe, steps })
     }
 
     fn kind(&self, id: u32) -> Res<[u8; 4]> {
@@ -945,6 +1256,119 @@ mod tests {
         // Small pictures always pass (1 MP of slack).
         assert!(within_twice(1024, 1024, 1, 1));
         assert!(!within_twice(1025, 1024, 1, 1));
+    }
+
+    /// A picture of numbered pixels, turned as [`Turn`] says: clockwise quarter turns, then a
+    /// left–right flip.
+    fn turned(picture: &[Vec<u32>], turn: Turn) -> Vec<Vec<u32>> {
+        let mut p = picture.to_vec();
+        for _ in 0..turn.quarter {
+            let (w, h) = (p[0].len(), p.len());
+            // Clockwise: the new row y is the old column y, read bottom to top.
+            p = (0..w)
+                .map(|y| (0..h).map(|x| p[h - 1 - x][y]).collect())
+                .collect();
+        }
+        if turn.flip {
+            for row in &mut p {
+                row.reverse();
+            }
+        }
+        p
+    }
+
+    fn cropped(picture: &[Vec<u32>], r: Rect) -> Vec<Vec<u32>> {
+        picture[r.rows()]
+            .iter()
+            .map(|row| row[r.columns()].to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn a_crop_turned_back_then_turned_is_the_crop_of_the_turned_picture() {
+        let (w, h) = (5u32, 3u32);
+        let picture: Vec<Vec<u32>> = (0..h)
+            .map(|y| (0..w).map(|x| y * w + x).collect())
+            .collect();
+        for quarter in 0..4 {
+            for flip in [false, true] {
+                let turn = Turn { quarter, flip };
+                let shown = turned(&picture, turn);
+                let (tw, th) = turn.size((w, h));
+                assert_eq!((shown[0].len(), shown.len()), (tw as usize, th as usize));
+                for (x, y, cw, ch) in [(0, 0, 1, 1), (1, 0, 2, 3), (0, 1, tw, th - 1), (2, 1, 1, 2)]
+                {
+                    let r = Rect {
+                        x,
+                        y,
+                        width: cw.min(tw - x),
+                        height: ch.min(th - y),
+                    };
+                    let back = turn.unturn((w, h), r);
+                    assert_eq!(
+                        turned(&cropped(&picture, back), turn),
+                        cropped(&shown, r),
+                        "{turn:?} {r:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    fn clap(w: (i64, i64), h: (i64, i64), x: (i64, i64), y: (i64, i64)) -> Clap {
+        let f = |(n, d)| Fraction::new(n, d).unwrap();
+        Clap {
+            width: f(w),
+            height: f(h),
+            horizontal: f(x),
+            vertical: f(y),
+        }
+    }
+
+    #[test]
+    fn clean_apertures_round_as_libheif_rounds_them() {
+        let rect = |x, y, width, height| Rect {
+            x,
+            y,
+            width,
+            height,
+        };
+        // Centred: 4000×3000 of 4032×3024.
+        let c = clap((4000, 1), (3000, 1), (0, 1), (0, 1));
+        assert_eq!(c.rect((4032, 3024)), Ok(rect(16, 12, 4000, 3000)));
+        // An odd margin: the left edge rounds towards zero, the top to the nearest (both 1.5).
+        let c = clap((61, 1), (45, 1), (0, 1), (0, 1));
+        assert_eq!(c.rect((64, 48)), Ok(rect(1, 2, 61, 45)));
+        // heif-enc's own: the odd size's offset is -(W - w)/2, cropping at the right.
+        let c = clap((63, 1), (47, 1), (-1, 2), (-1, 2));
+        assert_eq!(c.rect((64, 48)), Ok(rect(0, 0, 63, 47)));
+        // Offsets move the centre; fractional sizes round to the nearest, and the left edge
+        // (-5 + 63/2 - 39.5/2 = 6.75) down.
+        let c = clap((81, 2), (30, 1), (-5, 1), (3, 1));
+        assert_eq!(c.rect((64, 48)), Ok(rect(6, 12, 41, 30)));
+        // A top edge of -1 exactly: libheif's rounding (dividing towards zero) makes it 0.
+        let c = clap((40, 1), (30, 1), (0, 1), (-10, 1));
+        assert_eq!(c.rect((64, 48)), Ok(rect(12, 0, 40, 30)));
+        // Outside the picture, or too large: left to libheif (it clamps, then fails).
+        for c in [
+            clap((40, 1), (30, 1), (20, 1), (0, 1)),
+            clap((40, 1), (30, 1), (0, 1), (-12, 1)),
+            clap((65, 1), (48, 1), (0, 1), (0, 1)),
+            clap((0, 1), (48, 1), (0, 1), (0, 1)),
+        ] {
+            assert!(c.rect((64, 48)).is_err(), "{c:?}");
+        }
+        // Large parts are halved as libheif halves them (65 567 / 1 is left unhalved: far
+        // right of the picture); what overflows its 32 bits is refused, never panics.
+        let c = clap((64, 1), (48, 1), (65_536, 1), (0, 1));
+        assert!(c.rect((64, 48)).is_err());
+        let big = Fraction::new(200_001, 4).unwrap();
+        assert_eq!((big.num, big.den), (50_000, 1));
+        let wide = Fraction::new(70_000, 1).unwrap();
+        assert_eq!((wide.num, wide.den), (70_000, 1));
+        assert!(Fraction::new(1i64 << 40, 1).is_err());
+        let c = clap((i32::MAX as i64, 1), (48, 1), (i32::MAX as i64, 1), (0, 1));
+        assert!(c.rect((u32::MAX, 48)).is_err());
     }
 
     #[test]

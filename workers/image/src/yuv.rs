@@ -11,6 +11,8 @@
 //! and BT.2020 non-constant are not handled here: [`Matrix::from_nclx`] says so and the caller
 //! asks libheif to convert instead.
 
+use std::ops::Range;
+
 /// How Y, Cb and Cr map to R, G and B, as fixed-point factors.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Matrix {
@@ -128,9 +130,13 @@ pub enum Subsampling {
     S444,
 }
 
-/// A picture's planes, checked to be complete for its size.
+/// A picture's planes, checked to be complete for its size, and the window of them that is
+/// converted (all of them unless [`Planes::window`] says otherwise).
 #[derive(Debug)]
 pub struct Planes<'a> {
+    /// The window's top-left corner, in luma samples.
+    x0: usize,
+    y0: usize,
     width: usize,
     height: usize,
     bits: u32,
@@ -173,6 +179,8 @@ impl<'a> Planes<'a> {
         let alpha_ok =
             alpha.is_none_or(|a| a.covers(bytes) && a.width >= width && a.height >= height);
         (y.covers(bytes) && chroma_ok && alpha_ok).then_some(Planes {
+            x0: 0,
+            y0: 0,
             width,
             height,
             bits,
@@ -181,6 +189,24 @@ impl<'a> Planes<'a> {
             y,
             chroma,
             alpha,
+        })
+    }
+
+    /// The same planes, converting only `columns` of `rows` (of the window so far): a crop
+    /// that copies nothing. Each sample reads the chroma its place in the whole picture
+    /// reads, as when the whole picture is converted and then cropped. `None` for an empty
+    /// window or one that does not lie within.
+    pub fn window(&self, columns: Range<usize>, rows: Range<usize>) -> Option<Planes<'a>> {
+        let within = |r: &Range<usize>, size: usize| r.start < r.end && r.end <= size;
+        if !within(&columns, self.width) || !within(&rows, self.height) {
+            return None;
+        }
+        Some(Planes {
+            x0: self.x0 + columns.start,
+            y0: self.y0 + rows.start,
+            width: columns.len(),
+            height: rows.len(),
+            ..*self
         })
     }
 
@@ -225,6 +251,7 @@ impl<'a> Planes<'a> {
         let round = 1i64 << (down - 1);
         let to8 = |v: i64| ((v + round) >> down).clamp(0, 255) as u8;
         let channels = if self.has_alpha() { 4 } else { 3 };
+        let y = self.y0 + y;
         let luma = self.y.row(y);
         let alpha = self.alpha.map(|a| a.row(y));
         let chroma_y = match self.subsampling {
@@ -240,6 +267,7 @@ impl<'a> Planes<'a> {
         };
         let m = self.matrix;
         for (x, px) in out.chunks_exact_mut(channels).take(self.width).enumerate() {
+            let x = self.x0 + x;
             let luma_value =
                 i64::from((sample(luma, x) - y_offset).clamp(0, max)) * i64::from(y_scale);
             let (r, g, b) = match chroma {
@@ -354,6 +382,52 @@ mod tests {
         let mut out = [7u8; 8];
         planes.row(0, &mut out);
         assert_eq!(out, [0, 0, 0, 255, 255, 255, 255, 0]);
+    }
+
+    #[test]
+    fn a_window_converts_the_samples_the_whole_picture_would() {
+        let matrix = Matrix::from_nclx(6, true).expect("BT.601");
+        // 6×4 4:2:0, every sample different: luma, then 3×2 chroma.
+        let luma: Vec<u8> = (0..24).map(|v| 40 + v * 7).collect();
+        let (cb, cr) = ([60u8, 200, 90, 150, 30, 240], [220u8, 50, 130, 80, 250, 10]);
+        let planes = Planes::new(
+            8,
+            Subsampling::S420,
+            matrix,
+            plane(&luma, 6, 4),
+            Some((plane(&cb, 3, 2), plane(&cr, 3, 2))),
+            None,
+        )
+        .expect("complete planes");
+        let whole: Vec<Vec<u8>> = (0..4)
+            .map(|y| {
+                let mut row = vec![0u8; 18];
+                planes.row(y, &mut row);
+                row
+            })
+            .collect();
+        // Odd columns and rows: the chroma read is the whole picture's, not re-phased.
+        let window = planes.window(1..4, 1..4).expect("within");
+        assert_eq!(
+            (window.width(), window.height(), window.row_bytes()),
+            (3, 3, 9)
+        );
+        for y in 0..3 {
+            let mut row = vec![0u8; 9];
+            window.row(y, &mut row);
+            assert_eq!(row, whole[y + 1][3..12], "row {y}");
+        }
+        // A window of a window is taken from the first.
+        let inner = window.window(1..3, 2..3).expect("within");
+        let mut row = vec![0u8; 6];
+        inner.row(0, &mut row);
+        assert_eq!(row, whole[3][6..12]);
+        assert!(planes.window(4..7, 0..1).is_none(), "past the right edge");
+        assert!(planes.window(2..2, 0..1).is_none(), "empty");
+        assert!(
+            window.window(0..3, 0..4).is_none(),
+            "past the window's bottom"
+        );
     }
 
     #[test]
