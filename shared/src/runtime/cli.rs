@@ -151,11 +151,11 @@ pub fn run_worker_main<G: Groups>(
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name(binary)
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if settings.worker_async_threads > 0 {
+        builder.worker_threads(settings.worker_async_threads);
+    }
+    let runtime = match builder.enable_all().thread_name(binary).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{binary}: cannot start the async runtime: {e}");

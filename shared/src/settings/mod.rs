@@ -150,6 +150,13 @@ crate::settings_group! {
         timezone: String = "UTC".into(), Custom(Reader::timezone);
         /// Jobs a worker process runs at once.
         worker_concurrency: usize = default_concurrency(), Int(1, 10_000);
+        /// Threads running a worker's async side: the broker's and Redis's I/O and each job's
+        /// awaits (CPU work runs on the bounded blocking pool, not here). 0: one per core,
+        /// Tokio's default. 1, the default: a hand-off between two async threads costs a
+        /// context switch, and on two cores shared with RabbitMQ and Redis one thread gave
+        /// 11–34 % less worker CPU per chain step and 5 % more `echo.echo` jobs/s than one per
+        /// core (BENCHMARKS.md, issue 14).
+        worker_async_threads: usize = 1, Int(0, 1_024);
         /// Unacknowledged messages held per unit of concurrency.
         worker_prefetch_multiplier: u16 = 4, Int(1, 1000);
         /// Messages a worker may hold beyond `concurrency × worker_prefetch_multiplier` for jobs
