@@ -91,7 +91,11 @@ async fn sigterm_under_load_loses_nothing() {
         "unfinished jobs went back to the queue"
     );
 
-    let mut second = worker_cmd(&q).spawn().unwrap();
+    // The rest on a worker whose async side runs on one thread (`worker_async_threads`).
+    let mut second = worker_cmd(&q)
+        .env("MEDIAFARM_WORKER_ASYNC_THREADS", "1")
+        .spawn()
+        .unwrap();
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.get(Duration::from_secs(60)).await.unwrap()["i"], i);
     }

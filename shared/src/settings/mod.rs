@@ -151,12 +151,12 @@ crate::settings_group! {
         /// Jobs a worker process runs at once.
         worker_concurrency: usize = default_concurrency(), Int(1, 10_000);
         /// Threads running a worker's async side: the broker's and Redis's I/O and each job's
-        /// awaits (CPU work runs on the bounded blocking pool, not here). 0: one per core,
-        /// Tokio's default. 1, the default: a hand-off between two async threads costs a
-        /// context switch, and on two cores shared with RabbitMQ and Redis one thread gave
-        /// 11–34 % less worker CPU per chain step and 5 % more `echo.echo` jobs/s than one per
-        /// core (BENCHMARKS.md, issue 14).
-        worker_async_threads: usize = 1, Int(0, 1_024);
+        /// awaits (CPU work runs on the bounded blocking pool). 0, the default: one per core,
+        /// Tokio's default. On two cores shared with RabbitMQ and Redis, 1 suits a worker whose
+        /// jobs only wait (a hand-off between async threads costs a context switch): 11–34 %
+        /// less worker CPU per no-op chain step, 5 % more `echo.echo` jobs/s; but image-worker
+        /// made 13 % fewer images/s with it (BENCHMARKS.md, issue 14).
+        worker_async_threads: usize = 0, Int(0, 1_024);
         /// Unacknowledged messages held per unit of concurrency.
         worker_prefetch_multiplier: u16 = 4, Int(1, 1000);
         /// Messages a worker may hold beyond `concurrency × worker_prefetch_multiplier` for jobs
