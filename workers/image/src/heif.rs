@@ -1049,6 +1049,32 @@ mod tests {
         }
     }
 
+    /// A 2×2 grid shown as 120×90 with `props`, its four tiles the seed's coded picture
+    /// (`seed_parts`).
+    fn two_by_two_grid(
+        props: Vec<Vec<u8>>,
+        hvcc: &[u8],
+        data: &[u8],
+        (w, h): (u32, u32),
+    ) -> Vec<u8> {
+        use build::*;
+        let mut items = vec![Item {
+            id: 1,
+            kind: *b"grid",
+            props,
+            data: vec![0, 0, 1, 1, 0, 120, 0, 90],
+        }];
+        for id in 2..6 {
+            items.push(Item {
+                id,
+                kind: *b"hvc1",
+                props: vec![hvcc.to_vec(), ispe(w, h)],
+                data: data.to_vec(),
+            });
+        }
+        mux(&items, 1, &[(1, vec![2, 3, 4, 5])])
+    }
+
     /// A seed's `hvcC` box, coded data and size.
     fn seed_parts(name: &str) -> (Vec<u8>, Vec<u8>, (u32, u32)) {
         let seed = fixture(name);
@@ -1130,21 +1156,7 @@ mod tests {
         let grid = |extra: Vec<Vec<u8>>| {
             let mut props = vec![ispe(120, 90)];
             props.extend(extra);
-            let mut items = vec![Item {
-                id: 1,
-                kind: *b"grid",
-                props,
-                data: vec![0, 0, 1, 1, 0, 120, 0, 90],
-            }];
-            for id in 2..6 {
-                items.push(Item {
-                    id,
-                    kind: *b"hvc1",
-                    props: vec![hvcc.clone(), ispe(w, h)],
-                    data: data.clone(),
-                });
-            }
-            mux(&items, 1, &[(1, vec![2, 3, 4, 5])])
+            two_by_two_grid(props, &hvcc, &data, (w, h))
         };
         assert_matches_libheif(&grid(vec![]), "grid");
         assert_matches_libheif(&grid(vec![irot(1), imir(0)]), "turned grid");
@@ -1312,23 +1324,7 @@ mod tests {
         // A 2×2 grid of 64×48 tiles shown as 120×90, cropped across the tiles' edges; tiles
         // wholly outside the crop are not decoded.
         let (hvcc, data, (w, h)) = seed_parts(grad);
-        let grid = |props: Vec<Vec<u8>>| {
-            let mut items = vec![Item {
-                id: 1,
-                kind: *b"grid",
-                props,
-                data: vec![0, 0, 1, 1, 0, 120, 0, 90],
-            }];
-            for id in 2..6 {
-                items.push(Item {
-                    id,
-                    kind: *b"hvc1",
-                    props: vec![hvcc.clone(), ispe(w, h)],
-                    data: data.clone(),
-                });
-            }
-            mux(&items, 1, &[(1, vec![2, 3, 4, 5])])
-        };
+        let grid = |props: Vec<Vec<u8>>| two_by_two_grid(props, &hvcc, &data, (w, h));
         for (what, props, size) in [
             (
                 "grid, clap",
