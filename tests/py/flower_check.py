@@ -65,6 +65,9 @@ def browse(base, node, ok_id, failed_id, out_dir, label):
             seen["workers_page_has_node"] = node in page.content()
             page.screenshot(path=f"{out_dir}/{label}-workers.png", full_page=True)
             page.goto(f"{base}/tasks", wait_until="networkidle", timeout=30_000)
+            # Flower lists 15 tasks a page, newest first, and sees every test's events on
+            # the broker: filter by this worker's name (its search box) so the two are shown.
+            page.fill("#tasks-table_filter input", node)
             page.wait_for_selector(f"text={ok_id}", timeout=30_000)
             html = page.content()
             seen["tasks_page_has_ok"] = ok_id in html
