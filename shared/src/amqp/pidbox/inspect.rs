@@ -4,8 +4,8 @@
 //! as `prefetch_count`, rusage), `active`/`reserved`/`scheduled`/`query_task` (Celery's
 //! `Request.info()`), `registered`, `active_queues` (kombu's `Queue.as_dict(recurse=True)`),
 //! `revoked`, `conf` (the core settings, secrets masked as Celery's `filter_hidden_settings`
-//! masks them), `report`, and `hello` (mingle's exchange of revoked ids, so Python workers starting beside a mediafarm
-//! worker do not log a failed sync).
+//! masks them), `report`, and `hello` (mingle's exchange of revoked ids, so Python workers
+//! starting beside a mediafarm worker do not log a failed sync).
 
 use serde_json::{json, Map, Value};
 
