@@ -91,7 +91,7 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) -> Option<Held> {
     tokio::spawn(answer_control(broker.clone(), shared.clone()));
     let wanted = shared.node.watch_queues();
     let window = Window::for_settings(&shared.settings, false, false);
-    window.report_to(shared.node.clone());
+    window.report_to(&shared.node);
     let mut idle = 0u32;
     let mut healthy = false;
     tracing::info!(queues = ?*wanted.borrow(), "consuming from the Redis broker");

@@ -119,21 +119,13 @@ impl Window {
         self.state.subscribe()
     }
 
-    /// Keeps `node`'s `prefetch_in_effect` (what `inspect stats` reports) at this window's
-    /// size, for as long as the window lives.
-    pub fn report_to(self: &Arc<Self>, node: Arc<crate::amqp::pidbox::Node>) {
-        node.set_prefetch_in_effect(self.qos_of(self.count()));
-        let mut changes = self.watch();
+    /// Makes this window what `node`'s `inspect stats` reports as `prefetch_count`, read when
+    /// asked (nothing is done per change), for as long as the window lives.
+    pub fn report_to(self: &Arc<Self>, node: &crate::amqp::pidbox::Node) {
         let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
-                let Some(window) = weak.upgrade() else {
-                    break;
-                };
-                let count = *changes.borrow_and_update();
-                node.set_prefetch_in_effect(window.qos_of(count));
-            }
-        });
+        node.set_prefetch_source(Box::new(move || {
+            weak.upgrade().map(|w| w.qos_of(w.count()))
+        }));
     }
 
     /// The size of the window as it was after `changes` changes is queued on the channel, ahead
@@ -408,7 +400,7 @@ mod tests {
             "the setting before any consumer"
         );
         let w = Window::for_settings(&settings, false, true);
-        w.report_to(node.clone());
+        w.report_to(&node);
         let reported = |want: u16| {
             let node = node.clone();
             tokio::time::timeout(Duration::from_secs(5), async move {

@@ -527,7 +527,7 @@ async fn consume_on(
     channel
         .basic_qos(window.qos_of(window.count()), qos)
         .await?;
-    window.report_to(shared.node.clone());
+    window.report_to(&shared.node);
     if !quorum {
         tokio::spawn(follow_window(channel.clone(), window.clone()));
     }

@@ -5,7 +5,7 @@
 //! given the same value: the two shapes are different Redis types. Celery's other backend
 //! transport options (`retry_policy`, …) are refused by name rather than ignored.
 
-use super::reader::{Raw, Reader};
+use super::reader::Reader;
 use super::{SettingsError, Value};
 
 /// The options of the Redis result backend mediafarm implements (Celery's defaults).
@@ -45,41 +45,24 @@ impl Reader {
         name: &str,
         default: ResultTransportOptions,
     ) -> Result<ResultTransportOptions, SettingsError> {
-        let Some(raw) = self.get(name) else {
-            return Ok(default);
-        };
-        let invalid = |why: &str| SettingsError::Invalid {
-            name: name.into(),
-            value: raw.shown(),
-            accepted: why.into(),
-        };
-        let table = match raw {
-            Raw::Toml(toml::Value::Table(t)) => t.clone(),
-            Raw::Env(s) => super::transport::parse_env(s).ok_or_else(|| {
-                invalid(&format!(
-                    "{ACCEPTED}; from the environment as JSON or a TOML inline table"
-                ))
-            })?,
-            Raw::Toml(_) => return Err(invalid(ACCEPTED)),
-        };
-        let mut options = default;
-        for (key, v) in &table {
-            match (key.as_str(), v) {
-                ("result_chord_ordered", toml::Value::Boolean(b)) => {
-                    options.result_chord_ordered = *b;
-                }
-                ("result_chord_ordered", _) => {
-                    return Err(invalid(&format!(
-                        "result_chord_ordered must be true or false; {ACCEPTED}"
-                    )))
-                }
-                (other, _) => {
-                    return Err(invalid(&format!("unknown key {other}; {ACCEPTED}")));
-                }
-            }
-        }
-        Ok(options)
+        self.options_table(name, default, ACCEPTED, read_table)
     }
+}
+
+fn read_table(
+    table: &toml::Table,
+    mut options: ResultTransportOptions,
+) -> Result<ResultTransportOptions, String> {
+    for (key, v) in table {
+        match (key.as_str(), v) {
+            ("result_chord_ordered", toml::Value::Boolean(b)) => options.result_chord_ordered = *b,
+            ("result_chord_ordered", _) => {
+                return Err("result_chord_ordered must be true or false".into())
+            }
+            (other, _) => return Err(format!("unknown key {other}")),
+        }
+    }
+    Ok(options)
 }
 
 #[cfg(test)]

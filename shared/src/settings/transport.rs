@@ -149,6 +149,19 @@ impl Reader {
         name: &str,
         default: TransportOptions,
     ) -> Result<TransportOptions, SettingsError> {
+        self.options_table(name, default, ACCEPTED, read_table)
+    }
+
+    /// A table of options (Celery's `*_transport_options`): from the file as a TOML table, or
+    /// from the environment as JSON or a TOML inline table, each key read by `read` over
+    /// `default`; any error names the setting and `accepted`.
+    pub(super) fn options_table<T>(
+        &self,
+        name: &str,
+        default: T,
+        accepted: &str,
+        read: impl FnOnce(&toml::Table, T) -> Result<T, String>,
+    ) -> Result<T, SettingsError> {
         let Some(raw) = self.get(name) else {
             return Ok(default);
         };
@@ -161,16 +174,16 @@ impl Reader {
             Raw::Toml(toml::Value::Table(t)) => t.clone(),
             Raw::Env(s) => parse_env(s).ok_or_else(|| {
                 invalid(format!(
-                    "{ACCEPTED}; from the environment as JSON or a TOML inline table"
+                    "{accepted}; from the environment as JSON or a TOML inline table"
                 ))
             })?,
-            Raw::Toml(_) => return Err(invalid(ACCEPTED.into())),
+            Raw::Toml(_) => return Err(invalid(accepted.into())),
         };
-        read_table(&table, default).map_err(|why| invalid(format!("{why}; {ACCEPTED}")))
+        read(&table, default).map_err(|why| invalid(format!("{why}; {accepted}")))
     }
 }
 
-pub(super) fn parse_env(text: &str) -> Option<toml::Table> {
+fn parse_env(text: &str) -> Option<toml::Table> {
     if let Ok(json) = serde_json::from_str::<serde_json::Value>(text) {
         return toml::Value::try_from(json).ok()?.as_table().cloned();
     }

@@ -28,7 +28,7 @@ pub mod over_redis;
 pub mod revoke;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -76,10 +76,13 @@ pub struct Node {
     handlers: Mutex<HashMap<&'static str, Handler>>,
     started: Instant,
     clock: AtomicU64,
-    /// The prefetch window the consumer applies now (it widens while finished jobs wait for
-    /// their result to be stored); 0 until a consumer reports one.
-    prefetch_in_effect: AtomicU32,
+    /// Reads the prefetch window the consumer applies now (it widens while finished jobs wait
+    /// for their result to be stored); `None` until a consumer gives one, or once it is gone.
+    prefetch_source: Mutex<Option<PrefetchSource>>,
 }
+
+/// How `stats` reads the consumer's window, set by the runtime (which this module cannot name).
+pub type PrefetchSource = Box<dyn Fn() -> Option<u16> + Send + Sync>;
 
 /// A command a higher layer answers: Celery's keyword arguments in, the reply out.
 pub type Handler = Arc<dyn Fn(&Map<String, Value>) -> Value + Send + Sync>;
@@ -108,7 +111,7 @@ impl Node {
             handlers: Mutex::new(HashMap::new()),
             started: Instant::now(),
             clock: AtomicU64::new(0),
-            prefetch_in_effect: AtomicU32::new(0),
+            prefetch_source: Mutex::new(None),
         }
     }
 
@@ -187,19 +190,23 @@ impl Node {
         self.clock.load(Ordering::Relaxed)
     }
 
-    /// Records the prefetch window the consumer has just applied.
-    pub fn set_prefetch_in_effect(&self, size: u16) {
-        self.prefetch_in_effect
-            .store(u32::from(size), Ordering::Relaxed);
+    /// Where `stats` reads the prefetch window in effect from (the current consumer's).
+    pub fn set_prefetch_source(&self, source: PrefetchSource) {
+        *self
+            .prefetch_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(source);
     }
 
     /// The prefetch window in effect, as Celery's `stats` reports its consumer's current QoS:
-    /// the configured `prefetch_count` until a consumer has applied one.
+    /// the configured `prefetch_count` while no consumer gives one.
     pub fn prefetch_in_effect(&self) -> u16 {
-        match self.prefetch_in_effect.load(Ordering::Relaxed) {
-            0 => self.settings.prefetch_count(),
-            size => u16::try_from(size).unwrap_or(u16::MAX),
-        }
+        self.prefetch_source
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .and_then(|read| read())
+            .unwrap_or_else(|| self.settings.prefetch_count())
     }
 }
 
