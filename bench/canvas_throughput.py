@@ -209,9 +209,14 @@ def run_variant(label, command, env, cwd, chains, chord_size, timeout, rust_prod
                 subprocess.run([RELEASE / "mediafarm", "submit", "--workflow", "-"],
                                input=workflow, text=True, env={**os.environ, **env},
                                stdout=subprocess.DEVNULL, check=True, timeout=timeout)
+                submitted = time.time()
                 w.wait_for(lambda: store.exists(f"celery-task-meta-{body}"))
                 check_chord(label, store, body, chord_size)
                 rust_live = done_at(load(store, body)) - rust_began
+                first = min(done_times(store, skip={body})) - rust_began
+                print(f"  {label}: mediafarm submit ran {submitted - rust_began:.3f} s; first "
+                      f"header result at {first:.3f} s, body at {rust_live:.3f} s",
+                      file=sys.stderr, flush=True)
 
         # Pre-published chord: the worker alone, as for the chains, from the first header's
         # `date_done` to the body's.

@@ -1430,3 +1430,68 @@ async fn follows_a_failover(how: Failover) {
     drop(master);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A batch larger than one publishing round trip arrives whole and in order; one fetch takes
+/// as many messages as asked (each recorded unacknowledged), in that order; and the doorbell an
+/// idle worker waits on rings when a message lands without taking it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_fetched_in_order_and_the_doorbell_rings_without_taking() {
+    use mediafarm::protocol::TaskMessage;
+    use mediafarm::redis_broker::doorbell::Doorbell;
+
+    let s = redis_settings(BROKER);
+    let q = unique_queue("rb-batch");
+    let broker = RedisBroker::connect(&s).await.expect("broker");
+    let mut bell = Doorbell::default();
+    let queues = vec![q.clone()];
+    assert!(
+        !bell.wait(&broker, &queues, Duration::from_millis(50)).await,
+        "rang on an empty queue"
+    );
+
+    let client = Client::connect(&s).await.expect("client");
+    let msgs: Vec<TaskMessage> = (0..150)
+        .map(|i| TaskMessage::new("echo.echo", kwargs(json!({ "n": i }))))
+        .collect();
+    let ids: Vec<String> = msgs.iter().map(|m| m.id.clone()).collect();
+    let publish = {
+        let (client, q) = (client.clone(), q.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client.publish_batch(&q, &msgs).await.expect("published");
+        })
+    };
+    assert!(
+        bell.wait(&broker, &queues, Duration::from_secs(30)).await,
+        "the doorbell did not ring when messages landed"
+    );
+    publish.await.expect("publisher");
+    assert_eq!(
+        broker.len(&q).await.expect("len"),
+        150,
+        "the doorbell took a message"
+    );
+
+    let mut taken = broker.fetch(&queues, 100).await.expect("fetch");
+    assert_eq!(taken.len(), 100);
+    taken.extend(broker.fetch(&queues, 100).await.expect("fetch"));
+    assert_eq!(taken.len(), 150);
+    assert!(broker.fetch(&queues, 100).await.expect("fetch").is_empty());
+    let mut conn = redis(BROKER).await;
+    let held = unacked(&mut conn).await;
+    let mut got = Vec::new();
+    for t in &taken {
+        assert_eq!(t.queue, q);
+        let env = t.message.as_ref().expect("a kombu envelope");
+        let tag = env.tag().expect("tag").to_owned();
+        assert!(
+            held.iter().any(|h| h.contains(&tag)),
+            "{tag} not recorded as unacknowledged"
+        );
+        let (_, headers) = env.properties();
+        got.push(headers["id"].as_str().expect("id").to_owned());
+        broker.ack(&tag).await.expect("ack");
+    }
+    assert_eq!(got, ids, "not taken in the order published");
+    forget_queue(&s, &q).await;
+}

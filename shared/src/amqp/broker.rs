@@ -457,6 +457,8 @@ struct PublisherInner {
 }
 
 const PUBLISH_ATTEMPTS: u32 = 5;
+/// How many messages one round trip to the Redis broker publishes.
+const REDIS_PUBLISH_CHUNK: usize = 64;
 
 /// Confirms of messages whose frames were written, in publish order.
 type Pending<'m> = Vec<(&'m str, lapin::PublisherConfirm)>;
@@ -522,9 +524,22 @@ impl Publisher {
         }
     }
 
-    /// Publishes onto the Redis broker's lists (one pipelined round trip; Redis has no
-    /// confirms: the reply to the pipeline is the confirm), retrying as over AMQP.
+    /// Publishes onto the Redis broker's lists, [`REDIS_PUBLISH_CHUNK`] messages per pipelined
+    /// round trip (Redis has no confirms: the reply to the pipeline is the confirm), retrying
+    /// as over AMQP. Chunks let a worker start on the first messages of a large batch while the
+    /// rest are still being encoded, and keep the encoded copies small.
     async fn publish_redis(&self, queue: &str, msgs: &[TaskMessage]) -> Result<(), BrokerError> {
+        for chunk in msgs.chunks(REDIS_PUBLISH_CHUNK) {
+            self.publish_redis_chunk(queue, chunk).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_redis_chunk(
+        &self,
+        queue: &str,
+        msgs: &[TaskMessage],
+    ) -> Result<(), BrokerError> {
         let default_priority = self.inner.settings.task_default_priority;
         let encoded: Vec<_> = msgs
             .iter()

@@ -583,14 +583,15 @@ impl Group {
     /// Sends every member; the group's result, members in order.
     pub async fn apply_async(&self, client: &Client) -> Result<GroupResult, ClientError> {
         let plan = self.plan(Utc::now())?;
-        publish_all(client, &plan.publish).await?;
+        let results = plan
+            .publish
+            .iter()
+            .map(|(_, m)| client.result(&m.id))
+            .collect();
+        publish_all(client, plan.publish).await?;
         Ok(GroupResult {
             id: plan.id,
-            results: plan
-                .publish
-                .iter()
-                .map(|(_, m)| client.result(&m.id))
-                .collect(),
+            results,
             parent: None,
         })
     }
@@ -724,7 +725,6 @@ impl Chord {
         if plan.size > 0 {
             set_chord_size(client, &plan.group_id, plan.size).await?;
         }
-        publish_all(client, &plan.publish).await?;
         let header = GroupResult {
             id: plan.group_id.clone(),
             results: if plan.size > 0 {
@@ -737,6 +737,7 @@ impl Chord {
             },
             parent: None,
         };
+        publish_all(client, plan.publish).await?;
         let body = if plan.body_chain.is_empty() {
             client.result(&plan.body_id)
         } else {
@@ -900,13 +901,13 @@ fn members(
 }
 
 /// Publishes each queue's messages as one batch (one wait for the confirms).
-async fn publish_all(client: &Client, msgs: &[(String, TaskMessage)]) -> Result<(), ClientError> {
-    let mut by_queue: BTreeMap<&str, Vec<TaskMessage>> = BTreeMap::new();
+async fn publish_all(client: &Client, msgs: Vec<(String, TaskMessage)>) -> Result<(), ClientError> {
+    let mut by_queue: BTreeMap<String, Vec<TaskMessage>> = BTreeMap::new();
     for (queue, msg) in msgs {
-        by_queue.entry(queue).or_default().push(msg.clone());
+        by_queue.entry(queue).or_default().push(msg);
     }
     for (queue, batch) in by_queue {
-        client.publish_batch(queue, &batch).await?;
+        client.publish_batch(&queue, &batch).await?;
     }
     Ok(())
 }

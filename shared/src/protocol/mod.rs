@@ -463,8 +463,13 @@ fn empty_embed() -> Map<String, Value> {
         .collect()
 }
 
+/// Celery's `origin` of what this process sends, read once (a batch of a thousand messages
+/// asked the kernel for the host name a thousand times).
 fn default_origin() -> String {
-    format!("gen{}@{}", std::process::id(), crate::hostname())
+    static ORIGIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ORIGIN
+        .get_or_init(|| format!("gen{}@{}", std::process::id(), crate::hostname()))
+        .clone()
 }
 
 fn truncated_repr(v: &Value) -> String {

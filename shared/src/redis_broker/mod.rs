@@ -41,6 +41,7 @@
 //!
 //! Not here yet: Redis Cluster.
 
+pub mod doorbell;
 pub mod envelope;
 pub mod fanout;
 pub mod link;
@@ -234,33 +235,40 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// Takes the next message of `queues` (priority order, then queue order), recording it as
-    /// unacknowledged in the same step. `None` when all are empty.
-    pub async fn fetch(&self, queues: &[String]) -> Result<Option<Taken>, RedisBrokerError> {
+    /// Takes up to `most` messages of `queues` (priority order, then queue order), recording
+    /// each as unacknowledged in the same step, in one round trip. Empty when all are empty.
+    pub async fn fetch(
+        &self,
+        queues: &[String],
+        most: usize,
+    ) -> Result<Vec<Taken>, RedisBrokerError> {
         let keys = self.consume_keys(queues);
-        if keys.is_empty() {
-            return Ok(None);
+        if keys.is_empty() || most == 0 {
+            return Ok(Vec::new());
         }
         let mut all = vec![self.keys.unacked.clone(), self.keys.unacked_index.clone()];
         all.extend(keys);
         let mut conn = self.conn();
-        let got: Option<(String, Vec<u8>, String)> = eval(scripts::FETCH, &all)
+        let got: Vec<(String, Vec<u8>, String)> = eval(scripts::FETCH, &all)
             .arg(format!("{:.6}", now_secs()))
+            .arg(most)
             .query_async(&mut conn)
             .await?;
-        let Some((key, raw, tag)) = got else {
-            return Ok(None);
-        };
-        let queue = self.queue_of_key(&key, queues);
-        let message = if tag.is_empty() {
-            let why = Envelope::parse(&raw)
-                .err()
-                .unwrap_or_else(|| "it has no delivery tag".into());
-            Err((raw, why))
-        } else {
-            Envelope::parse(&raw).map_err(|why| (raw, why))
-        };
-        Ok(Some(Taken { queue, message }))
+        Ok(got
+            .into_iter()
+            .map(|(key, raw, tag)| {
+                let queue = self.queue_of_key(&key, queues);
+                let message = if tag.is_empty() {
+                    let why = Envelope::parse(&raw)
+                        .err()
+                        .unwrap_or_else(|| "it has no delivery tag".into());
+                    Err((raw, why))
+                } else {
+                    Envelope::parse(&raw).map_err(|why| (raw, why))
+                };
+                Taken { queue, message }
+            })
+            .collect())
     }
 
     fn queue_of_key(&self, key: &str, queues: &[String]) -> String {

@@ -5,20 +5,28 @@
 //! list named inside each delayed entry (so the Redis broker is a single Redis, not a cluster —
 //! kombu's transport needs that too).
 
-/// Takes the first message of the lists `KEYS[3..]` (in that order: the priority lists of the
-/// queues, highest priority first) from their consuming end, and records it in
-/// `unacked` (`KEYS[1]`, kombu's `[message, exchange, routing_key]` JSON by delivery tag) and
-/// `unacked_index` (`KEYS[2]`, by `ARGV[1]`, the time now) in the same step.
-/// Returns `{list key, message, tag}`, with an empty tag for a message that is not a kombu
-/// envelope (it is then in neither: the caller dead-letters it); nil when all are empty.
+/// Takes up to `ARGV[2]` messages from the lists `KEYS[3..]` (in that order: the priority
+/// lists of the queues, highest priority first, each emptied before the next is read) from
+/// their consuming end, and records each in `unacked` (`KEYS[1]`, kombu's
+/// `[message, exchange, routing_key]` JSON by delivery tag) and `unacked_index` (`KEYS[2]`,
+/// by `ARGV[1]`, the time now) in the same step.
+/// Returns `{list key, message, tag, list key, message, tag, ...}`, with an empty tag for a
+/// message that is not a kombu envelope (it is then in neither: the caller dead-letters it);
+/// an empty array when all are empty.
 pub const FETCH: &str = r#"
+local most = tonumber(ARGV[2]) or 1
+local out = {}
+local taken = 0
 for i = 3, #KEYS do
-  local m = redis.call('RPOP', KEYS[i])
-  if m then
+  while taken < most do
+    local m = redis.call('RPOP', KEYS[i])
+    if not m then break end
+    taken = taken + 1
     local ok, env = pcall(cjson.decode, m)
+    local tag = ''
     if ok and type(env) == 'table' and type(env['properties']) == 'table'
         and type(env['properties']['delivery_tag']) == 'string' then
-      local tag = env['properties']['delivery_tag']
+      tag = env['properties']['delivery_tag']
       local info = env['properties']['delivery_info']
       local ex, rk = '', ''
       if type(info) == 'table' then
@@ -27,12 +35,14 @@ for i = 3, #KEYS do
       end
       redis.call('HSET', KEYS[1], tag, '[' .. m .. ',' .. cjson.encode(ex) .. ',' .. cjson.encode(rk) .. ']')
       redis.call('ZADD', KEYS[2], ARGV[1], tag)
-      return {KEYS[i], m, tag}
     end
-    return {KEYS[i], m, ''}
+    out[#out + 1] = KEYS[i]
+    out[#out + 1] = m
+    out[#out + 1] = tag
   end
+  if taken >= most then break end
 end
-return false
+return out
 "#;
 
 /// Puts message `ARGV[1]` (a tag in `unacked` `KEYS[1]`) back, if `unacked` still holds

@@ -1,16 +1,18 @@
 //! Consuming from the Redis broker: what [`super::worker`]'s AMQP consumer does, on kombu's
 //! Redis transport ([`crate::redis_broker`]). At most `prefetch_count` messages are taken and
 //! unacknowledged at once, plus one for each job that has only its finishing left, up to
-//! `prefetch_count` more ([`super::window`]); each is handed to [`super::message::handle`] exactly as an AMQP
-//! delivery is. Beside it, every worker promotes delayed messages that are due and puts back
+//! `worker_finishing_limit` more ([`super::window`]); each is handed to
+//! [`super::message::handle`] exactly as an AMQP delivery is. Beside it, every worker promotes delayed messages that are due and puts back
 //! messages left unacknowledged past the visibility timeout (a worker that died), and answers
 //! the pidbox ([`crate::amqp::pidbox::over_redis`]).
 //!
-//! Taking is polling: one script call takes a message and records it as unacknowledged
-//! atomically, which a blocking `BRPOP` cannot (a blocking command does not block inside a
-//! script). An idle worker asks again after 2 ms, doubling to [`IDLE_POLL_MAX`]; a busy one
-//! never waits. So a job reaching an idle worker waits up to that long more than with
-//! `BRPOP`, and an idle worker costs Redis about 20 script calls a second.
+//! Taking is polling: one script call takes as many messages as the window has room for (at
+//! most [`FETCH_MOST`]) and records them as unacknowledged atomically, which a blocking
+//! `BRPOP` cannot (a blocking command does not block inside a script). An idle worker asks
+//! again after 2 ms, doubling to [`IDLE_POLL_MAX`], or as soon as its doorbell rings (a
+//! message pushed onto a queue's main list: [`crate::redis_broker::doorbell`]); a busy one
+//! never waits. An idle worker costs Redis about 20 script calls and 20 blocking waits a
+//! second.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
@@ -25,6 +27,7 @@ use crate::amqp::pidbox;
 use crate::amqp::reroute::DeadReason;
 use crate::amqp::table::{try_write_properties, value_to_json};
 use crate::observe::metrics::{host_label, WorkerLabels};
+use crate::redis_broker::doorbell::Doorbell;
 use crate::redis_broker::{Envelope, RedisBroker, Taken};
 use crate::runtime::message::{self, Incoming, Shared};
 use crate::runtime::transport::{FromRedis, Via};
@@ -32,6 +35,8 @@ use crate::runtime::window::{Place, Seat, Window};
 
 /// The longest wait between two polls of empty queues.
 pub const IDLE_POLL_MAX: Duration = Duration::from_millis(50);
+/// The most messages one round trip takes (each needs a free place in the window).
+const FETCH_MOST: usize = 32;
 /// How often due delayed messages are promoted.
 const PROMOTE_EVERY: Duration = Duration::from_millis(100);
 
@@ -93,14 +98,23 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) -> Option<Held> {
     let window = Window::for_settings(&shared.settings, false, false);
     window.report_to(&shared.node);
     let mut idle = 0u32;
+    let mut doorbell = Doorbell::default();
     let mut healthy = false;
     tracing::info!(queues = ?*wanted.borrow(), "consuming from the Redis broker");
     loop {
-        let place = tokio::select! {
+        let first = tokio::select! {
             biased;
             _ = shared.stop.cancelled() => break,
             p = window.take() => p,
         };
+        // Every place free now is filled by the same round trip.
+        let mut places = vec![first];
+        while places.len() < FETCH_MOST {
+            match window.try_take() {
+                Some(p) => places.push(p),
+                None => break,
+            }
+        }
         let queues = wanted.borrow().clone();
         for q in &queues {
             // Once per queue per process (the broker remembers); a failure is retried here.
@@ -108,7 +122,7 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) -> Option<Held> {
                 tracing::debug!(queue = %q, error = %e, "could not write the queue's kombu binding");
             }
         }
-        match broker.fetch(&queues).await {
+        match broker.fetch(&queues, places.len()).await {
             Ok(taken) => {
                 if !healthy {
                     healthy = true;
@@ -117,25 +131,29 @@ pub(crate) async fn consume_until_stopped(shared: Arc<Shared>) -> Option<Held> {
                     shared.readiness.consuming.store(true, Ordering::Relaxed);
                     shared.metrics.up.get_or_create(&up).set(1);
                 }
-                match taken {
-                    Some(taken) => {
-                        idle = 0;
-                        dispatch(&shared, &broker, &tags, taken, &window, place).await;
+                if taken.is_empty() {
+                    drop(places);
+                    let wait =
+                        (Duration::from_millis(2) * 2u32.pow(idle.min(5))).min(IDLE_POLL_MAX);
+                    idle = idle.saturating_add(1);
+                    tokio::select! {
+                        _ = shared.stop.cancelled() => break,
+                        rung = doorbell.wait(&broker, &queues, wait) => {
+                            if rung {
+                                idle = 0;
+                            }
+                        },
                     }
-                    None => {
-                        drop(place);
-                        let wait =
-                            (Duration::from_millis(2) * 2u32.pow(idle.min(5))).min(IDLE_POLL_MAX);
-                        idle = idle.saturating_add(1);
-                        tokio::select! {
-                            _ = shared.stop.cancelled() => break,
-                            _ = tokio::time::sleep(wait) => {},
-                        }
+                } else {
+                    idle = 0;
+                    // The places left over (fewer messages than places) are dropped here.
+                    for (taken, place) in taken.into_iter().zip(places) {
+                        dispatch(&shared, &broker, &tags, taken, &window, place).await;
                     }
                 }
             }
             Err(e) => {
-                drop(place);
+                drop(places);
                 healthy = false;
                 shared.readiness.broker.store(false, Ordering::Relaxed);
                 shared.readiness.consuming.store(false, Ordering::Relaxed);

@@ -167,22 +167,30 @@ impl Window {
     pub async fn take(self: &Arc<Self>) -> Place {
         let mut seen = self.state.subscribe();
         loop {
+            if let Some(place) = self.try_take() {
+                return place;
+            }
             let base = self.base;
-            if self.state.send_if_modified(|c| {
+            // The sender lives in `self`, so this cannot fail while we hold it.
+            let _ = seen.wait_for(|c| c.held < base + c.lent).await;
+        }
+    }
+
+    /// A place when the window has room for one more message now, as [`Window::take`].
+    pub fn try_take(self: &Arc<Self>) -> Option<Place> {
+        let base = self.base;
+        self.state
+            .send_if_modified(|c| {
                 if c.held < base + c.lent {
                     c.held += 1;
                     true
                 } else {
                     false
                 }
-            }) {
-                return Place {
-                    window: self.clone(),
-                };
-            }
-            // The sender lives in `self`, so this cannot fail while we hold it.
-            let _ = seen.wait_for(|c| c.held < base + c.lent).await;
-        }
+            })
+            .then(|| Place {
+                window: self.clone(),
+            })
     }
 }
 
