@@ -6,9 +6,9 @@
 //! a producer pushes. Every blocked worker is woken (Redis serves the next blocked client while
 //! the list is still not empty), and whichever takes the message first takes it.
 //!
-//! The doorbell only shortens a wait: a failure (a Redis older than 6.2 without `BLMOVE`, a lost
-//! connection) is logged once and the consumer waits out its poll interval as before; its
-//! connections are opened again at the next wait. Messages sent with a priority other than
+//! The doorbell only shortens a wait: after a failure (a Redis older than 6.2 without `BLMOVE`,
+//! a lost connection, a master demoted by a failover) the consumer waits out its poll intervals
+//! as before, and the doorbell's connections are opened again [`RETRY_AFTER`] later. Messages sent with a priority other than
 //! the lowest (their own lists) and delayed ones wait for the poll.
 
 use std::time::Duration;
@@ -17,10 +17,15 @@ use redis::aio::MultiplexedConnection;
 
 use super::{RedisBroker, RedisBrokerError};
 
+/// After a failure, how long the doorbell is left unused (plain polling) before it is tried
+/// again, so that a Redis without `BLMOVE` is not sent a new connection at every poll.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+
 /// One blocking connection per queue being watched, opened on first use.
 #[derive(Default)]
 pub struct Doorbell {
     lines: Vec<(String, MultiplexedConnection)>,
+    unused_until: Option<tokio::time::Instant>,
     warned: bool,
 }
 
@@ -29,14 +34,19 @@ impl Doorbell {
     /// `true` when rung. On an error, sleeps out the rest of `wait`.
     pub async fn wait(&mut self, broker: &RedisBroker, queues: &[String], wait: Duration) -> bool {
         let started = tokio::time::Instant::now();
+        if self.unused_until.is_some_and(|t| started < t) {
+            tokio::time::sleep(wait).await;
+            return false;
+        }
         match self.ring(broker, queues, wait).await {
             Ok(rung) => rung,
             Err(e) => {
                 if !self.warned {
                     self.warned = true;
-                    tracing::info!(error = %e, "cannot wait for messages with BLMOVE; polling only");
+                    tracing::info!(error = %e, retry_in = ?RETRY_AFTER, "cannot wait for messages with BLMOVE; polling meanwhile");
                 }
                 self.lines.clear();
+                self.unused_until = Some(started + RETRY_AFTER);
                 tokio::time::sleep_until(started + wait).await;
                 false
             }
