@@ -83,7 +83,7 @@ class Worker:
     def __init__(self, label, command, env, cwd, queue, timeout):
         self.label, self.timeout = label, timeout
         LOGS.mkdir(parents=True, exist_ok=True)
-        self.log_path = LOGS / f"canvas_{label.replace(' ', '_')}.log"
+        self.log_path = log_path(label)
         self.log = open(self.log_path, "a")
         self.proc = subprocess.Popen(command(queue), cwd=cwd, env={**os.environ, **env},
                                      stdin=subprocess.DEVNULL, stdout=self.log,
@@ -157,6 +157,10 @@ def check_chord(label, store, body, size):
                          f"{str(meta['result'])[:300]}, not the {size} header results")
 
 
+def log_path(label):
+    return LOGS / f"canvas_{label.replace(' ', '_').replace('/', '_')}.log"
+
+
 def rust_chord(queue, size, body_id):
     """The same chord as `send_chord`, as the JSON `mediafarm submit --workflow` reads."""
     def sig(**kwargs):
@@ -206,7 +210,8 @@ def run_variant(label, command, env, cwd, chains, chord_size, timeout, rust_prod
                 body = str(uuid.uuid4())
                 workflow = rust_chord(queue, chord_size, body)
                 rust_began = time.time()
-                subprocess.run([RELEASE / "mediafarm", "submit", "--workflow", "-"],
+                subprocess.run([env.get("BENCH_MEDIAFARM", RELEASE / "mediafarm"), "submit",
+                                "--workflow", "-"],
                                input=workflow, text=True, env={**os.environ, **env},
                                stdout=subprocess.DEVNULL, check=True, timeout=timeout)
                 submitted = time.time()
@@ -259,7 +264,9 @@ def main():
     parser.add_argument("--no-build", action="store_true")
     parser.add_argument("--worker", action="append", metavar="PATH[@VAR=VALUE,...]",
                         help="an echo-worker binary to run instead of the release build, with "
-                             "settings in its environment; repeat to interleave several")
+                             "settings in its environment; repeat to interleave several "
+                             "(BENCH_MEDIAFARM=PATH among the settings: the `mediafarm` binary "
+                             "that sends that variant's live chord)")
     args = parser.parse_args()
     chains = 50 if args.quick else args.chains
     if not args.no_build:
@@ -286,7 +293,7 @@ def main():
     if not (RELEASE / "mediafarm").exists():
         raise SystemExit(f"{RELEASE / 'mediafarm'} is missing: run without --no-build")
     for label, *_ in variants:
-        (LOGS / f"canvas_{label.replace(' ', '_')}.log").unlink(missing_ok=True)
+        log_path(label).unlink(missing_ok=True)
     results = {label: [] for label, *_ in variants}
     for r in range(args.rounds):
         for label, command, env, cwd, timeout in variants:

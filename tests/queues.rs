@@ -4,6 +4,8 @@
 //! quorum queues (`task_default_queue_type = "quorum"`): normal, countdown and failing jobs, and
 //! a message delivered past `task_quorum_delivery_limit` landing in the dead-letter queue; and
 //! `task_inherit_parent_priority` passing a job's priority on to the workflow steps it sends.
+//! Also a producer's large batch: whole and in publish order, and stopped at a message that
+//! cannot be written.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -542,6 +544,55 @@ async fn mediafarm_submit_sends_the_priority_given_or_the_default() {
     }
     // Highest first: the queue was declared with x-max-priority by the CLI.
     assert_eq!(seen, [Some(7), Some(3)]);
+    mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
+    delete_queue(&s, &q).await;
+}
+
+/// A batch larger than the publisher queues on a channel at once (256) arrives whole and in
+/// order; a message that cannot be written (an id too long for AMQP's `correlation_id`) ends
+/// the batch there with an error naming it, everything before it published once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_batch_arrives_in_order_and_stops_at_an_unpublishable_message() {
+    use mediafarm::protocol::TaskMessage;
+    use mediafarm::{Client, ClientError};
+
+    let s = settings();
+    let q = unique_queue("batch-order");
+    let client = Client::connect(&s).await.expect("client");
+    let batch = |n: usize| -> Vec<TaskMessage> {
+        (0..n)
+            .map(|i| TaskMessage::new("echo.echo", kwargs(json!({ "n": i }))))
+            .collect()
+    };
+    let good = batch(600);
+    client.publish_batch(&q, &good).await.expect("published");
+    let mut bad = batch(600);
+    bad[400].id = "x".repeat(300);
+    match client.publish_batch(&q, &bad).await {
+        Err(ClientError::Broker(BrokerError::Unpublishable { id, .. })) => {
+            assert!(id.starts_with("xxx"), "{id}")
+        }
+        other => panic!("not refused as unpublishable: {other:?}"),
+    }
+
+    let conn = broker::connect(&s, "test batch order").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(msg) = ch
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        let id = msg.delivery.properties.correlation_id().clone();
+        seen.push(id.map(|i| i.to_string()).unwrap_or_default());
+    }
+    let want: Vec<String> = good
+        .iter()
+        .chain(&bad[..400])
+        .map(|m| m.id.clone())
+        .collect();
+    assert_eq!(seen.len(), want.len(), "messages in the queue");
+    assert!(seen == want, "not in publish order");
     mediafarm::amqp::broker::close_quietly(&conn, &[&ch], "done").await;
     delete_queue(&s, &q).await;
 }

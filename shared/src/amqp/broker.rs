@@ -650,41 +650,80 @@ async fn send_on<'m>(
         slot.declared.insert(queue.to_owned());
     }
     let mut pending = Vec::with_capacity(msgs.len());
-    for msg in msgs {
-        let (mut props, mut headers, body) = msg.encode();
-        if msg.priority.is_none() {
-            if let Some(p) = default_priority {
-                props.priority = Some(p);
+    for window in msgs.chunks(PUBLISHES_QUEUED) {
+        let mut encoded = Vec::with_capacity(window.len());
+        let mut unpublishable = None;
+        for msg in window {
+            let (mut props, mut headers, body) = msg.encode();
+            if msg.priority.is_none() {
+                if let Some(p) = default_priority {
+                    props.priority = Some(p);
+                }
+            }
+            crate::observe::trace::inject_headers(&mut headers);
+            match try_write_properties(&props, &headers) {
+                Ok(properties) => encoded.push((msg.id.as_str(), body, properties)),
+                Err(reason) => {
+                    let id = msg.id.chars().take(64).collect();
+                    unpublishable = Some(BrokerError::Unpublishable { id, reason });
+                    break;
+                }
             }
         }
-        crate::observe::trace::inject_headers(&mut headers);
-        let properties = match try_write_properties(&props, &headers) {
-            Ok(p) => p,
-            Err(reason) => {
-                let id = msg.id.chars().take(64).collect();
-                return Err(SendError::Cut(
-                    pending,
-                    BrokerError::Unpublishable { id, reason },
-                ));
-            }
-        };
         // Celery publishes to the default exchange with the queue's name as routing key.
-        let confirm = slot
-            .channel
-            .basic_publish(
+        let publishes = encoded.iter().map(|(_, body, properties)| {
+            slot.channel.basic_publish(
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
-                &body,
-                properties,
+                body,
+                properties.clone(),
             )
-            .await;
-        match confirm {
-            Ok(c) => pending.push((msg.id.as_str(), c)),
-            Err(e) => return Err(SendError::Cut(pending, e.into())),
+        });
+        let written = queued_in_order(publishes.collect()).await;
+        for ((id, _, _), confirm) in encoded.iter().zip(written) {
+            match confirm {
+                Ok(c) => pending.push((*id, c)),
+                Err(e) => return Err(SendError::Cut(pending, e.into())),
+            }
+        }
+        if let Some(e) = unpublishable {
+            return Err(SendError::Cut(pending, e));
         }
     }
     Ok(pending)
+}
+
+/// How many publishes of one batch are queued on the channel before their writes are awaited.
+const PUBLISHES_QUEUED: usize = 256;
+
+/// Polls every future once, in order, before waiting on any, then waits for all; their outputs
+/// in order. lapin's `basic_publish` queues its frames and takes its confirm's delivery tag on
+/// its first poll and then waits until the frames are written: awaited one by one, every message
+/// cost a hand-off to lapin's I/O thread and a write of its own (~0.2 ms each for a chord of
+/// 1,000); polled together, the I/O thread writes them in a few large writes, in publish order.
+async fn queued_in_order<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
+    use std::future::Future as _;
+    let mut futures: Vec<_> = futures
+        .into_iter()
+        .map(|f| Box::pin(futures_util::future::maybe_done(f)))
+        .collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for f in &mut futures {
+            done &= f.as_mut().poll(cx).is_ready();
+        }
+        if done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    futures
+        .iter_mut()
+        .filter_map(|f| f.as_mut().take_output())
+        .collect()
 }
 
 /// Awaits confirms in publish order: how many leading ones were acks, and the first failure.
