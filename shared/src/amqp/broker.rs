@@ -651,7 +651,7 @@ async fn send_on<'m>(
     }
     let mut pending = Vec::with_capacity(msgs.len());
     for window in msgs.chunks(PUBLISHES_QUEUED) {
-        let mut encoded = Vec::with_capacity(window.len());
+        let (mut ids, mut bodies, mut properties) = (Vec::new(), Vec::new(), Vec::new());
         let mut unpublishable = None;
         for msg in window {
             let (mut props, mut headers, body) = msg.encode();
@@ -662,7 +662,11 @@ async fn send_on<'m>(
             }
             crate::observe::trace::inject_headers(&mut headers);
             match try_write_properties(&props, &headers) {
-                Ok(properties) => encoded.push((msg.id.as_str(), body, properties)),
+                Ok(p) => {
+                    ids.push(msg.id.as_str());
+                    bodies.push(body);
+                    properties.push(p);
+                }
                 Err(reason) => {
                     let id = msg.id.chars().take(64).collect();
                     unpublishable = Some(BrokerError::Unpublishable { id, reason });
@@ -671,19 +675,19 @@ async fn send_on<'m>(
             }
         }
         // Celery publishes to the default exchange with the queue's name as routing key.
-        let publishes = encoded.iter().map(|(_, body, properties)| {
+        let publishes = bodies.iter().zip(properties).map(|(body, properties)| {
             slot.channel.basic_publish(
                 "".into(),
                 queue.into(),
                 BasicPublishOptions::default(),
                 body,
-                properties.clone(),
+                properties,
             )
         });
         let written = queued_in_order(publishes.collect()).await;
-        for ((id, _, _), confirm) in encoded.iter().zip(written) {
+        for (id, confirm) in ids.into_iter().zip(written) {
             match confirm {
-                Ok(c) => pending.push((*id, c)),
+                Ok(c) => pending.push((id, c)),
                 Err(e) => return Err(SendError::Cut(pending, e.into())),
             }
         }

@@ -2,9 +2,10 @@
 //! Redis transport ([`crate::redis_broker`]). At most `prefetch_count` messages are taken and
 //! unacknowledged at once, plus one for each job that has only its finishing left, up to
 //! `worker_finishing_limit` more ([`super::window`]); each is handed to
-//! [`super::message::handle`] exactly as an AMQP delivery is. Beside it, every worker promotes delayed messages that are due and puts back
-//! messages left unacknowledged past the visibility timeout (a worker that died), and answers
-//! the pidbox ([`crate::amqp::pidbox::over_redis`]).
+//! [`super::message::handle`] exactly as an AMQP delivery is. Beside it, every worker promotes
+//! delayed messages that are due and puts back messages left unacknowledged past the
+//! visibility timeout (a worker that died), and answers the pidbox
+//! ([`crate::amqp::pidbox::over_redis`]).
 //!
 //! Taking is polling: one script call takes as many messages as the window has room for (at
 //! most [`FETCH_MOST`]) and records them as unacknowledged atomically, which a blocking
