@@ -1,7 +1,7 @@
 """What the benchmark scripts share: the Celery app their Celery side runs, configured as
 mediafarm's workers are (JSON only, late acks, prefetch multiplier 4, Redis backend; broker and
-backend from BENCH_BROKER_URL / BENCH_RESULT_BACKEND), stopping a contender, and deleting a
-benchmark queue with its exchange.
+backend from BENCH_BROKER_URL / BENCH_RESULT_BACKEND), stopping a contender, deleting a
+benchmark queue with its exchange, and reading a process's CPU time from /proc.
 """
 import os
 import signal
@@ -44,6 +44,40 @@ def delete_queue(broker, queue):
         channel = conn.channel()
         channel.queue_delete(queue)
         channel.exchange_delete(queue)
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(pid, descendants=True):
+    """User + system seconds of `pid` and (unless `descendants` is False) of its live
+    descendants."""
+    total = 0.0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / TICK
+        if not descendants:
+            return total
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                for child in f.read().split():
+                    total += cpu_of(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
+
+
+def pid_of(name):
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().strip() == name:
+                        return int(entry)
+            except FileNotFoundError:
+                continue
+    raise SystemExit(f"no process named {name}")
 
 
 def build_release_examples():

@@ -20,45 +20,11 @@ import uuid
 from pathlib import Path
 
 import redis
-from bench_common import delete_queue, worker_spec
+from bench_common import cpu_of, delete_queue, pid_of, worker_spec
 from canvas_throughput import (BACKEND, BROKER, RELEASE, Worker, celery, load,
                                publish_chains)
 
 ROOT = Path(__file__).resolve().parent.parent
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_of(pid, descendants=True):
-    """User + system seconds of `pid` and (unless `descendants` is False) of its live
-    descendants."""
-    total = 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / TICK
-        if not descendants:
-            return total
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                for child in f.read().split():
-                    total += cpu_of(int(child))
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return total
-
-
-def pid_of(name):
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == name:
-                        return int(entry)
-            except FileNotFoundError:
-                continue
-    raise SystemExit(f"no process named {name}")
-
-
 POLLER = "poller (this script)"
 
 

@@ -14,17 +14,11 @@ import statistics
 import subprocess
 import time
 
+from bench_common import cpu_of, delete_queue, pid_of
+
+BROKER = "amqp://guest:guest@127.0.0.1:5672//"
 BACKEND = os.environ.get("BENCH_RESULT_BACKEND", "redis://127.0.0.1:6379/15")
 QUEUE = "bench-producer-chord"
-
-
-def rabbitmq_pid():
-    return int(subprocess.check_output("pgrep -f beam.smp | head -1", shell=True))
-
-
-def cpu_seconds(pid):
-    fields = open(f"/proc/{pid}/stat").read().split(")")[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def purge():
@@ -43,7 +37,7 @@ def main():
                                      "body": sig(body=True)}})
     env = {**os.environ, "MEDIAFARM_RESULT_BACKEND": BACKEND}
     env.pop("MEDIAFARM_BROKER_URL", None)
-    beam = rabbitmq_pid()
+    beam = pid_of("beam.smp")
     results = {}
     for _ in range(args.runs):
         for spec in args.binaries:
@@ -51,7 +45,7 @@ def main():
             purge()
             time.sleep(0.3)
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
-            broker_before = cpu_seconds(beam)
+            broker_before = cpu_of(beam, descendants=False)
             began = time.time()
             subprocess.run([path, "submit", "--workflow", "-"], input=workflow, text=True,
                            env=env, stdout=subprocess.DEVNULL, check=True)
@@ -59,9 +53,8 @@ def main():
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             time.sleep(0.2)
             own = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-            results.setdefault(label, []).append((wall, own, cpu_seconds(beam) - broker_before))
-    subprocess.run(["rabbitmqctl", "delete_queue", QUEUE],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            results.setdefault(label, []).append((wall, own, cpu_of(beam, descendants=False) - broker_before))
+    delete_queue(BROKER, QUEUE)
     print(f"chord of {args.chord_size} by `mediafarm submit --workflow`, no worker, "
           f"{args.runs} alternating runs each")
     print("| producer | wall s (median, range) | producer CPU s (median) | RabbitMQ CPU s (median) |")

@@ -701,11 +701,11 @@ async fn send_on<'m>(
 /// How many publishes of one batch are queued on the channel before their writes are awaited.
 const PUBLISHES_QUEUED: usize = 256;
 
-/// Polls every future once, in order, before waiting on any, then waits for all; their outputs
-/// in order. lapin's `basic_publish` queues its frames and takes its confirm's delivery tag on
-/// its first poll and then waits until the frames are written: awaited one by one, every message
-/// cost a hand-off to lapin's I/O thread and a write of its own (~0.2 ms each for a chord of
-/// 1,000); polled together, the I/O thread writes them in a few large writes, in publish order.
+/// Polls every future once, in order, then awaits each in turn; their outputs in order.
+/// lapin's `basic_publish` queues its frames and takes its confirm's delivery tag on its first
+/// poll and then waits until the frames are written: awaited one by one, every message cost a
+/// hand-off to lapin's I/O thread and a write of its own (~0.2 ms each for a chord of 1,000);
+/// all queued first, the I/O thread writes them in a few large writes, in publish order.
 async fn queued_in_order<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Output> {
     use std::future::Future as _;
     let mut futures: Vec<_> = futures
@@ -713,17 +713,16 @@ async fn queued_in_order<F: std::future::Future>(futures: Vec<F>) -> Vec<F::Outp
         .map(|f| Box::pin(futures_util::future::maybe_done(f)))
         .collect();
     std::future::poll_fn(|cx| {
-        let mut done = true;
         for f in &mut futures {
-            done &= f.as_mut().poll(cx).is_ready();
+            // A future done at its first poll keeps its output; the rest are awaited below.
+            let _ = f.as_mut().poll(cx);
         }
-        if done {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
+        std::task::Poll::Ready(())
     })
     .await;
+    for f in &mut futures {
+        f.as_mut().await;
+    }
     futures
         .iter_mut()
         .filter_map(|f| f.as_mut().take_output())

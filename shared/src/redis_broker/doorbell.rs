@@ -8,8 +8,9 @@
 //!
 //! The doorbell only shortens a wait: after a failure (a Redis older than 6.2 without `BLMOVE`,
 //! a lost connection, a master demoted by a failover) the consumer waits out its poll intervals
-//! as before, and the doorbell's connections are opened again [`RETRY_AFTER`] later. Messages sent with a priority other than
-//! the lowest (their own lists) and delayed ones wait for the poll.
+//! as before, and the doorbell's connections are opened again [`RETRY_AFTER`] later. Messages
+//! sent with a priority other than the lowest (their own lists) and delayed ones wait for the
+//! poll.
 
 use std::time::Duration;
 
