@@ -1347,6 +1347,79 @@ async fn mediafarm_submit_workflow_runs_a_chain_and_prints_the_last_result() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("StepFailure: no such upload"), "{stderr}");
+
+    // Several workflows on one stdin: each is sent (and its id printed) as soon as it is whole,
+    // while the next is still to be written; a pretty-printed one as well as one per line.
+    let first = json!({"chain": [
+        {"task": "canvas.step", "kwargs": {"a": 1}, "options": {"queue": q}},
+        {"task": "canvas.step", "kwargs": {"b": 2}, "options": {"queue": q}},
+    ]});
+    let second = json!({"task": "canvas.step", "kwargs": {"c": 3}, "options": {"queue": q}});
+    let mut child = std::process::Command::new(mediafarm_tests::binary("mediafarm"))
+        .args(["submit", "--workflow", "-"])
+        .env("MEDIAFARM_BROKER_URL", &farm.settings.broker_url)
+        .env("MEDIAFARM_RESULT_BACKEND", &farm.settings.result_backend)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mediafarm runs");
+    let mut input = child.stdin.take().expect("stdin");
+    let stdout = child.stdout.take().expect("stdout");
+    let (ids_tx, mut ids) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = ids_tx.send(line);
+        }
+    });
+    {
+        use std::io::Write;
+        let pretty = serde_json::to_string_pretty(&first).expect("JSON");
+        input.write_all(pretty.as_bytes()).expect("stdin");
+        input.flush().expect("stdin");
+    }
+    let first_id = tokio::time::timeout(Duration::from_secs(30), ids.recv())
+        .await
+        .expect("the first workflow's id is printed before stdin ends")
+        .expect("a line");
+    assert_eq!(
+        farm.client
+            .result(&first_id)
+            .get(Duration::from_secs(30))
+            .await
+            .expect("the first workflow ran while stdin was still open"),
+        json!({"b": 2, "parent": {"a": 1}})
+    );
+    {
+        use std::io::Write;
+        writeln!(input, "\n{second}").expect("stdin");
+    }
+    drop(input);
+    let second_id = tokio::time::timeout(Duration::from_secs(30), ids.recv())
+        .await
+        .expect("the second id")
+        .expect("a line");
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .expect("joined")
+        .expect("mediafarm ends");
+    assert!(
+        out.status.success(),
+        "{out:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        farm.client
+            .result(&second_id)
+            .get(Duration::from_secs(30))
+            .await
+            .expect("the second workflow ran"),
+        json!({"c": 3})
+    );
     farm.stop().await;
 }
 

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use mediafarm::amqp::pidbox::commands::{self, CommandType};
 use mediafarm::beat::settings::BeatSettings;
+use mediafarm::client::json_stream::JsonStream;
 use mediafarm::client::{Client, ClientError, SendOptions, Workflow};
 use mediafarm::settings::Group;
 use mediafarm::Settings;
@@ -45,9 +46,10 @@ enum Command {
         /// A workflow as JSON instead of one task (a file, or - for stdin): a signature,
         /// {"chain": [sig, ...]}, {"group": [sig, ...]} or {"chord": {"header": [sig, ...],
         /// "body": sig or {"chain": [...]}}}, with sig = {"task", "args", "kwargs", "options",
-        /// "immutable"}; a chain's steps may also be groups and chords. Prints (with --wait)
-        /// the chain's last result (a list when it ends in a group), the group's list, the
-        /// chord body's.
+        /// "immutable"}; a chain's steps may also be groups and chords. Several workflows may
+        /// follow one another (one per line, or pretty-printed): each is sent as soon as it has
+        /// been read, on one connection, and its id printed. Prints (with --wait) the chain's
+        /// last result (a list when it ends in a group), the group's list, the chord body's.
         #[arg(long, value_name = "FILE|-", conflicts_with_all = ["task", "json", "queue", "countdown", "expires", "priority"])]
         workflow: Option<PathBuf>,
         /// Keyword arguments as a JSON object.
@@ -269,25 +271,53 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout: t,
             ..
         } => {
-            let text = if path == std::path::Path::new("-") {
-                std::io::read_to_string(std::io::stdin()).context("--workflow -: reading stdin")?
-            } else {
-                std::fs::read_to_string(&path)
-                    .with_context(|| format!("--workflow {}", path.display()))?
-            };
-            let value = serde_json::from_str::<Value>(&text)
-                .with_context(|| format!("--workflow {} is not valid JSON", path.display()))?;
-            let workflow = Workflow::from_json(&value)?;
             let t = timeout(t)?;
+            // Connected before the input is read: a script writing workflows one by one to
+            // stdin has each sent as soon as it is whole, on this one connection.
             let client = Client::connect(&settings).await?;
-            let result = workflow.apply_async(&client).await?;
-            client.flush_events(Duration::from_secs(2)).await;
-            if !wait {
-                println!("{}", result.id());
-                return Ok(ExitCode::SUCCESS);
+            let mut documents = read_documents(&path)?;
+            let mut stream = JsonStream::new();
+            let mut failed = false;
+            loop {
+                let value = match stream.next_document() {
+                    Ok(Some(value)) => value,
+                    Ok(None) => match documents.recv().await {
+                        Some(Ok(bytes)) => {
+                            stream.push(&bytes);
+                            continue;
+                        }
+                        Some(Err(e)) => {
+                            return Err(e).with_context(|| format!("--workflow {}", path.display()))
+                        }
+                        None => break,
+                    },
+                    Err(e) => bail!("--workflow {}: {e}", path.display()),
+                };
+                let number = stream.documents();
+                let workflow = Workflow::from_json(&value)
+                    .with_context(|| format!("--workflow {}: workflow {number}", path.display()))?;
+                let result = workflow.apply_async(&client).await?;
+                if !wait {
+                    println!("{}", result.id());
+                    // A script reading the ids as it writes workflows must not wait for exit.
+                    std::io::Write::flush(&mut std::io::stdout())?;
+                    continue;
+                }
+                eprintln!("{}", result.id());
+                failed |= report(result.get(t).await)? != ExitCode::SUCCESS;
             }
-            eprintln!("{}", result.id());
-            report(result.get(t).await)
+            stream
+                .finish()
+                .with_context(|| format!("--workflow {}", path.display()))?;
+            if stream.documents() == 0 {
+                bail!("--workflow {}: no workflow in it", path.display());
+            }
+            client.flush_events(Duration::from_secs(2)).await;
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Submit {
             task,
@@ -661,6 +691,40 @@ async fn dead(settings: &Settings, command: DeadCommand) -> anyhow::Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The bytes of `--workflow`'s file or stdin, chunk by chunk as reads return them, from a
+/// thread of their own (stdin blocks; the connection's tasks must keep running meanwhile).
+fn read_documents(
+    path: &std::path::Path,
+) -> anyhow::Result<tokio::sync::mpsc::Receiver<std::io::Result<Vec<u8>>>> {
+    let mut input: Box<dyn std::io::Read + Send> = if path == std::path::Path::new("-") {
+        Box::new(std::io::stdin())
+    } else {
+        Box::new(
+            std::fs::File::open(path).with_context(|| format!("--workflow {}", path.display()))?,
+        )
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    std::thread::Builder::new()
+        .name("workflow-input".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let read = match input.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => Ok(buf[..n].to_vec()),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => Err(e),
+                };
+                let stop = read.is_err();
+                if tx.blocking_send(read).is_err() || stop {
+                    return;
+                }
+            }
+        })
+        .context("cannot start the thread reading --workflow")?;
+    Ok(rx)
 }
 
 fn report(outcome: Result<Value, ClientError>) -> anyhow::Result<ExitCode> {

@@ -1,6 +1,7 @@
 //! The producer side: send a job (typed or by task name) and read its result, as Celery's
 //! `send_task` and `AsyncResult` do; workflows (chain, group, chord) in [`workflow`].
 
+pub mod json_stream;
 pub mod workflow;
 
 pub use workflow::{
