@@ -239,46 +239,6 @@ pub fn claim_token() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
-/// A chord header's return, as [`ResultBackend::chord_part_return`] adds it.
-#[derive(Debug, Clone, Copy)]
-pub struct ChordPartReturn<'a> {
-    /// The header task's id.
-    pub task_id: &'a str,
-    /// Its `.j` member (the encoded result).
-    pub member: &'a str,
-    /// Its `group_index` (`None`: scored `+inf`, as Celery scores a part without one).
-    pub index: Option<i64>,
-    /// The dispatch claim's token, taken when this return completes the count.
-    pub token: &'a str,
-}
-
-/// The part-return script's reply: ready (negative: the body was sent), `.t`, `.s`, claimed.
-type PartReply = (i64, Option<String>, Option<String>, i64);
-
-fn part_return(group: &str, reply: PartReply) -> Result<PartReturn, BackendError> {
-    let (ready, diff, size, claimed) = reply;
-    let Ok(ready) = u64::try_from(ready) else {
-        return Ok(PartReturn::Done);
-    };
-    let number = |suffix: &str, v: Option<String>| -> Result<Option<i64>, BackendError> {
-        v.map(|text| {
-            text.trim()
-                .parse::<i64>()
-                .map_err(|_| BackendError::ChordCounter {
-                    key: group_key(group, suffix),
-                    value: crate::protocol::preview_str(&text),
-                })
-        })
-        .transpose()
-    };
-    Ok(PartReturn::Counted(PartCount {
-        ready,
-        diff: number(".t", diff)?.unwrap_or(0),
-        size: number(".s", size)?,
-        claimed: claimed == 1,
-    }))
-}
-
 fn eval(script: &str, keys: &[String]) -> redis::Cmd {
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(script).arg(keys.len());
@@ -296,57 +256,59 @@ impl ResultBackend {
     pub async fn chord_part_return(
         &self,
         group: &str,
-        part: &ChordPartReturn<'_>,
+        task_id: &str,
+        member: &str,
+        index: Option<i64>,
+        token: &str,
     ) -> Result<PartReturn, BackendError> {
-        let mut conn = self.conn.clone();
-        let reply: PartReply = self
-            .part_return_cmd(group, part)
-            .query_async(&mut conn)
-            .await?;
-        part_return(group, reply)
-    }
-
-    /// Stores a chord header's result `meta` and then joins it as [`Self::chord_part_return`]
-    /// does, in one round trip (the two commands run in this order on one connection, as two
-    /// calls would). On an error either may have run: joining again is safe, a task and index
-    /// being counted once.
-    pub async fn store_and_chord_part_return(
-        &self,
-        meta: &crate::backend::result::ResultMeta,
-        group: &str,
-        part: &ChordPartReturn<'_>,
-    ) -> Result<PartReturn, BackendError> {
-        let mut pipe = redis::pipe();
-        self.add_store(&mut pipe, meta);
-        pipe.add_command(self.part_return_cmd(group, part));
-        let mut conn = self.conn.clone();
-        let (reply,): (PartReply,) = pipe.query_async(&mut conn).await?;
-        part_return(group, reply)
-    }
-
-    fn part_return_cmd(&self, group: &str, part: &ChordPartReturn<'_>) -> redis::Cmd {
-        let keys = [
+        let (jkey, tkey, skey) = (
             group_key(group, ".j"),
             group_key(group, ".t"),
             group_key(group, ".s"),
+        );
+        let keys = [
+            jkey,
+            tkey.clone(),
+            skey.clone(),
             group_key(group, ".d"),
             group_key(group, ""),
             group_key(group, ".c"),
         ];
-        let score = part
-            .index
-            .map_or_else(|| "+inf".to_owned(), |i| i.to_string());
+        let score = index.map_or_else(|| "+inf".to_owned(), |i| i.to_string());
         let times = self.fixed.chord;
-        let mut cmd = eval(PART_RETURN, &keys);
-        cmd.arg(part.task_id)
-            .arg(part.member)
-            .arg(&score)
-            .arg(times.expires.unwrap_or(0))
-            .arg(times.group_expires.unwrap_or(0))
-            .arg(times.claim_secs)
-            .arg(part.token)
-            .arg(u8::from(self.fixed.chord_ordered));
-        cmd
+        let mut conn = self.conn.clone();
+        let (ready, diff, size, claimed): (i64, Option<String>, Option<String>, i64) =
+            eval(PART_RETURN, &keys)
+                .arg(task_id)
+                .arg(member)
+                .arg(&score)
+                .arg(times.expires.unwrap_or(0))
+                .arg(times.group_expires.unwrap_or(0))
+                .arg(times.claim_secs)
+                .arg(token)
+                .arg(u8::from(self.fixed.chord_ordered))
+                .query_async(&mut conn)
+                .await?;
+        let Ok(ready) = u64::try_from(ready) else {
+            return Ok(PartReturn::Done);
+        };
+        let number = |key: &str, v: Option<String>| -> Result<Option<i64>, BackendError> {
+            v.map(|text| {
+                text.trim()
+                    .parse::<i64>()
+                    .map_err(|_| BackendError::ChordCounter {
+                        key: key.to_owned(),
+                        value: crate::protocol::preview_str(&text),
+                    })
+            })
+            .transpose()
+        };
+        Ok(PartReturn::Counted(PartCount {
+            ready,
+            diff: number(&tkey, diff)?.unwrap_or(0),
+            size: number(&skey, size)?,
+            claimed: claimed == 1,
+        }))
     }
 
     /// Extends `token`'s dispatch claim to `secs` before the body is sent (or takes it again if

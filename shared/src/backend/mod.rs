@@ -144,27 +144,22 @@ impl ResultBackend {
 
     /// Stores `meta` and tells waiters, atomically.
     pub async fn store(&self, meta: &ResultMeta) -> Result<(), BackendError> {
-        let mut pipe = redis::pipe();
-        self.add_store(&mut pipe, meta);
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
-    }
-
-    /// Adds storing `meta` to `pipe`, its replies ignored: SET before PUBLISH on the same
-    /// connection, so a woken waiter always finds the record. (Celery wraps the pair in
-    /// MULTI/EXEC; the order alone suffices.)
-    pub(crate) fn add_store(&self, pipe: &mut redis::Pipeline, meta: &ResultMeta) {
         let key = result_key(&meta.task_id);
         // Sized for a typical record up front: growing the buffer from empty was a visible part
         // of storing a small result. Serialising a struct of JSON values cannot fail.
         let mut value = Vec::with_capacity(RECORD_CAPACITY);
         let _ = serde_json::to_writer(&mut value, meta);
+        // One round trip; SET before PUBLISH on the same connection, so a woken waiter always
+        // finds the record. (Celery wraps the pair in MULTI/EXEC; the order alone suffices.)
+        let mut pipe = redis::pipe();
         match self.fixed.expires {
             Some(secs) => pipe.set_ex(&key, &value, secs).ignore(),
             None => pipe.set(&key, &value).ignore(),
         };
         pipe.publish(&key, &value).ignore();
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
     }
 
     /// The stored record, or `None` while the job is PENDING (no record yet).

@@ -24,9 +24,9 @@ use crate::amqp::broker::{backoff, Publisher};
 use crate::amqp::pidbox::Node;
 use crate::amqp::reroute::{time_header, DeadReason, MIN_DELAY};
 use crate::amqp::table::{read_job_properties, read_properties};
-use crate::backend::chord::{self as backend_chord, ChordPartReturn, PartReturn, TakeOver};
+use crate::backend::chord::{self as backend_chord, PartReturn, TakeOver};
 use crate::backend::result::{FailureKind, ResultMeta, TaskError, TaskState};
-use crate::backend::{BackendError, ResultBackend};
+use crate::backend::ResultBackend;
 use crate::canvas::{self, chord, Canvas, ChordPart, Parent, Publish};
 use crate::events::{Events, Load};
 use crate::observe::http::Readiness;
@@ -844,27 +844,7 @@ async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
     if !publish_next(shared, id, &ending.before).await {
         return requeue_after_pause(shared, job).await;
     }
-    // A chord header whose outcome is stored and joined with nothing between: both in one
-    // round trip. On an error the two steps are taken apart below, as for any other job.
-    let mut joined = None;
-    if let (Some(meta), Some(join), true) = (
-        ending.store,
-        &ending.join,
-        ending.chained.is_empty() && ending.after.is_empty(),
-    ) {
-        let token = backend_chord::claim_token();
-        match shared
-            .backend
-            .store_and_chord_part_return(meta, &join.part.group, &join.part_return(&token))
-            .await
-        {
-            Ok(counted) => joined = Some((counted, token)),
-            Err(e) => {
-                tracing::debug!(%id, error = %e, "storing and joining in one round trip failed; taking them apart");
-            }
-        }
-    }
-    if let (Some(meta), None) = (ending.store, &joined) {
+    if let Some(meta) = ending.store {
         if !store_with_retry(shared, meta).await {
             return job.requeue().await;
         }
@@ -878,11 +858,7 @@ async fn settle(shared: &Shared, job: &Incoming, id: &str, ending: Ending<'_>) {
         return requeue_after_pause(shared, job).await;
     }
     if let Some(join) = &ending.join {
-        let carried = match joined {
-            Some((counted, token)) => carry_on(shared, join, Ok(counted), &token).await,
-            None => join_chord(shared, join).await,
-        };
-        if !carried {
+        if !join_chord(shared, join).await {
             return requeue_after_pause(shared, job).await;
         }
     }
@@ -929,15 +905,6 @@ struct Join<'a> {
 }
 
 impl<'a> Join<'a> {
-    fn part_return<'t>(&'t self, token: &'t str) -> ChordPartReturn<'t> {
-        ChordPartReturn {
-            task_id: self.header.id,
-            member: &self.member,
-            index: self.part.index,
-            token,
-        }
-    }
-
     fn of(canvas: &'a Canvas, msg: &'a TaskMessage, meta: &ResultMeta) -> Option<Join<'a>> {
         canvas.chord.as_ref().map(|part| Join {
             part,
@@ -953,26 +920,15 @@ impl<'a> Join<'a> {
 /// broker failed before the chord was carried on; the claim (if taken) is given back and the
 /// header's message goes back, to join again when redelivered.
 async fn join_chord(shared: &Shared, join: &Join<'_>) -> bool {
-    let token = backend_chord::claim_token();
-    let counted = shared
-        .backend
-        .chord_part_return(&join.part.group, &join.part_return(&token))
-        .await;
-    carry_on(shared, join, counted, &token).await
-}
-
-/// What [`join_chord`] does once the header's return is counted (by itself, or in the same
-/// round trip as the header's result was stored), under the claim token it was counted with.
-async fn carry_on(
-    shared: &Shared,
-    join: &Join<'_>,
-    counted: Result<PartReturn, BackendError>,
-    token: &str,
-) -> bool {
     let part = join.part;
     let id = join.header.id;
     let group = part.group.as_str();
-    let count = match counted {
+    let token = backend_chord::claim_token();
+    let count = match shared
+        .backend
+        .chord_part_return(group, id, &join.member, part.index, &token)
+        .await
+    {
         Ok(PartReturn::Counted(count)) => count,
         Ok(PartReturn::Done) => {
             tracing::debug!(%id, %group, "the chord's body was already sent; this return is ignored");
@@ -986,12 +942,12 @@ async fn carry_on(
     if !chord::is_complete(count.ready, count.diff, count.size) {
         return true;
     }
-    if !count.claimed && !take_over(shared, id, group, token).await {
+    if !count.claimed && !take_over(shared, id, group, &token).await {
         return true;
     }
-    let carried = dispatch_body(shared, join, token).await;
+    let carried = dispatch_body(shared, join, &token).await;
     if !carried {
-        if let Err(e) = shared.backend.chord_release(group, token).await {
+        if let Err(e) = shared.backend.chord_release(group, &token).await {
             tracing::warn!(%id, %group, error = %e, "could not give the chord's dispatch claim back; it lapses by itself");
         }
     }
