@@ -272,10 +272,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } => {
             let t = timeout(t)?;
+            let mut documents = read_documents(&path)?;
             // Connected before the input is read: a script writing workflows one by one to
             // stdin has each sent as soon as it is whole, on this one connection.
             let client = Client::connect(&settings).await?;
-            let mut documents = read_documents(&path)?;
             let mut stream = JsonStream::new();
             let mut failed = false;
             loop {
