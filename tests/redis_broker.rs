@@ -573,6 +573,154 @@ async fn an_unreadable_body_stores_a_failure_and_is_dead_lettered() {
     forget_queue(&s, &q).await;
 }
 
+/// Values Redis's JSON reader (`cjson`, which the take script uses to find the delivery tag)
+/// accepts and serde_json refuses — bytes that are not UTF-8, `NaN`, nesting past 128 levels —
+/// were taken into `unacked` and then dead-lettered without their tag, so they stayed there;
+/// and the visibility sweep, reading `unacked` as text, stopped at the first that was not
+/// UTF-8, so no message held by a dead worker after it was ever put back. Now both paths
+/// dead-letter them under their tag, and a good message behind one is restored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothing_unacked() {
+    let mut s = redis_settings(BROKER);
+    // Keys of this test's own (`<prefix>unacked` …): its sweep sees no other test's entries.
+    let prefix = format!("{}:", unique_queue("rb-poison"));
+    s.broker_transport_options.global_keyprefix = prefix.clone();
+    let q = unique_queue("rb-poison");
+    let (unacked_key, index_key) = (format!("{prefix}unacked"), format!("{prefix}unacked_index"));
+    let dead_key = format!("{prefix}{q}.dead");
+    let poison = |tag: &str, extra: &[u8]| -> Vec<u8> {
+        let mut v = format!(r#"{{"body": "W10=", "properties": {{"delivery_tag": "{tag}", "body_encoding": "base64", "delivery_info": {{"exchange": "", "routing_key": "{q}"}}}}, "headers": {{"x": "#).into_bytes();
+        v.extend_from_slice(extra);
+        v.extend_from_slice(b"}}");
+        v
+    };
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let tags = ["p-utf8", "p-nan", "p-deep"].map(|t| format!("{t}-{q}"));
+    let values = [
+        poison(&tags[0], b"\"\xff\xfe\""),
+        poison(&tags[1], b"NaN"),
+        poison(&tags[2], deep.as_bytes()),
+    ];
+    let mut conn = redis(BROKER).await;
+    let list = list_key(&s.broker_transport_options, &q, 0);
+    for v in &values {
+        let _: () = redis::cmd("LPUSH")
+            .arg(&list)
+            .arg(v.as_slice())
+            .query_async(&mut conn)
+            .await
+            .expect("lpush");
+    }
+    let worker = echo_worker(&s, &q, "redis-poison@%h").await;
+    let client = Client::connect(&s).await.expect("client");
+    let after = client
+        .send_task(
+            "echo.echo",
+            kwargs(json!({"after": "poison"})),
+            &SendOptions {
+                queue: Some(q.clone()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("sent");
+    after
+        .get(Duration::from_secs(30))
+        .await
+        .expect("the worker runs the message after the poison");
+    let held = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut pipe = redis::pipe();
+        for t in &tags {
+            pipe.hexists(&unacked_key, t);
+        }
+        let mut conn = conn.clone();
+        async move {
+            pipe.query_async::<Vec<bool>>(&mut conn)
+                .await
+                .expect("hexists")
+        }
+    };
+    let mut still = Vec::new();
+    for _ in 0..100 {
+        still = held(&mut conn).await;
+        let dead: u64 = redis::cmd("LLEN")
+            .arg(&dead_key)
+            .query_async(&mut conn)
+            .await
+            .expect("llen");
+        if dead == 3 && still.iter().all(|h| !h) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(still, vec![false; 3], "poison left in unacked");
+    worker.shutdown().await;
+
+    // The sweep: a poison entry whose taker died before dead-lettering it, the oldest, and a
+    // good message held by a dead worker behind it.
+    let _: () = redis::cmd("DEL")
+        .arg(&dead_key)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    let good_id = uuid::Uuid::new_v4().to_string();
+    let good = json!({
+        "body": "W1tdLCB7ImFmdGVyIjogInN3ZWVwIn0sIHt9XQ==",
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"lang": "py", "task": "echo.echo", "id": good_id, "root_id": good_id},
+        "properties": {
+            "correlation_id": good_id,
+            "body_encoding": "base64",
+            "delivery_tag": "good-tag",
+            "delivery_info": {"exchange": "", "routing_key": q},
+            "priority": 0,
+        },
+    });
+    let mut entry = b"[".to_vec();
+    entry.extend_from_slice(&values[0]);
+    entry.extend_from_slice(format!(r#","","{q}"]"#).as_bytes());
+    let _: () = redis::pipe()
+        .hset(&unacked_key, &tags[0], entry.as_slice())
+        .ignore()
+        .zadd(&index_key, &tags[0], 1)
+        .ignore()
+        .hset(&unacked_key, "good-tag", format!(r#"[{good},"","{q}"]"#))
+        .ignore()
+        .zadd(&index_key, "good-tag", 2)
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("held by a dead worker");
+    let broker = RedisBroker::connect(&s).await.expect("broker");
+    let restored = broker.restore_visible().await.expect("the sweep runs");
+    assert_eq!(restored, 1, "the good message is put back");
+    let left: u64 = redis::cmd("HLEN")
+        .arg(&unacked_key)
+        .query_async(&mut conn)
+        .await
+        .expect("hlen");
+    assert_eq!(left, 0, "the sweep left entries in unacked");
+    let dead: Vec<Vec<u8>> = redis::cmd("LRANGE")
+        .arg(&dead_key)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .expect("lrange");
+    assert_eq!(dead.len(), 1, "the poison entry is a dead letter");
+    assert!(String::from_utf8_lossy(&dead[0]).contains(&tags[0]));
+    let worker = echo_worker(&s, &q, "redis-poison-2@%h").await;
+    let put_back = client
+        .result(&good_id)
+        .get(Duration::from_secs(30))
+        .await
+        .expect("the restored message runs");
+    assert_eq!(put_back, json!({"after": "sweep"}));
+    worker.shutdown().await;
+    forget_queue(&s, &q).await;
+}
+
 /// Waits (at most 30 s) until `job` is in `state`.
 async fn until_state(job: &mediafarm::AsyncResult, state: TaskState) {
     for _ in 0..3000 {

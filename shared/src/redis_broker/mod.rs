@@ -88,9 +88,21 @@ pub enum RedisBrokerError {
 pub struct Taken {
     /// The queue it was taken from.
     pub queue: String,
-    /// Its delivery tag, or `Err` with the raw value when it was not a kombu envelope (it is
-    /// not in `unacked` then).
-    pub message: Result<Envelope, (Vec<u8>, String)>,
+    /// The envelope, or what was taken when it is not one this worker can read.
+    pub message: Result<Envelope, Unreadable>,
+}
+
+/// A value taken from a queue that is not a kombu envelope this worker can read.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub raw: Vec<u8>,
+    pub why: String,
+    /// The delivery tag Redis's own JSON reader found in it, under which the take recorded it
+    /// in `unacked` (Redis's `cjson` accepts what serde_json refuses: bytes that are not UTF-8,
+    /// `NaN`, nesting past 128 levels); empty when Redis could not read it either, and then it
+    /// is in neither. Dead-lettering it under this tag takes it out of `unacked` in the same
+    /// step.
+    pub tag: String,
 }
 
 /// A connection to the Redis broker and the transport's options. Clones share the connection.
@@ -258,13 +270,14 @@ impl RedisBroker {
             .into_iter()
             .map(|(key, raw, tag)| {
                 let queue = self.queue_of_key(&key, queues);
-                let message = if tag.is_empty() {
-                    let why = Envelope::parse(&raw)
-                        .err()
-                        .unwrap_or_else(|| "it has no delivery tag".into());
-                    Err((raw, why))
-                } else {
-                    Envelope::parse(&raw).map_err(|why| (raw, why))
+                let message = match Envelope::parse(&raw) {
+                    Ok(envelope) if !tag.is_empty() => Ok(envelope),
+                    Ok(_) => Err(Unreadable {
+                        raw,
+                        why: "it has no delivery tag".into(),
+                        tag,
+                    }),
+                    Err(why) => Err(Unreadable { raw, why, tag }),
                 };
                 Taken { queue, message }
             })
@@ -305,7 +318,8 @@ impl RedisBroker {
     /// next), marked redelivered. `false` when it was no longer unacknowledged.
     pub async fn restore(&self, tag: &str) -> Result<bool, RedisBrokerError> {
         let mut conn = self.conn();
-        let held: Option<String> = redis::cmd("HGET")
+        // Bytes, not text: a value Redis's JSON reader took may not be UTF-8.
+        let held: Option<Vec<u8>> = redis::cmd("HGET")
             .arg(&self.keys.unacked)
             .arg(tag)
             .query_async(&mut conn)
@@ -313,19 +327,14 @@ impl RedisBroker {
         let Some(held) = held else {
             return Ok(false);
         };
-        let parsed: Option<(Value, String, String)> = serde_json::from_str(&held).ok();
-        let Some((message, exchange, routing_key)) = parsed else {
-            tracing::error!(%tag, "an unacked entry is not kombu's [message, exchange, routing_key]; dropping it from the index");
-            self.ack(tag).await?;
-            return Ok(false);
-        };
-        let mut e = match Envelope::parse(message.to_string().as_bytes()) {
-            Ok(e) => e,
-            Err(why) => {
-                tracing::error!(%tag, %why, "an unacked message is not a kombu envelope; dropping it from the index");
-                self.ack(tag).await?;
-                return Ok(false);
-            }
+        let parsed = serde_json::from_slice::<(Value, String, String)>(&held)
+            .map_err(|e| format!("it is not kombu's [message, exchange, routing_key] ({e})"))
+            .and_then(|(message, exchange, routing_key)| {
+                Envelope::parse(message.to_string().as_bytes()).map(|e| (e, exchange, routing_key))
+            });
+        let (mut e, exchange, routing_key) = match parsed {
+            Ok(parsed) => parsed,
+            Err(why) => return self.dead_unacked(tag, &held, &why).await,
         };
         e.mark_redelivered();
         let queues = self.lookup(&exchange, &routing_key).await?;
@@ -339,6 +348,31 @@ impl RedisBroker {
             .query_async(&mut conn)
             .await?;
         Ok(restored == 1)
+    }
+
+    /// An `unacked` entry this worker cannot read — a value Redis's JSON reader took and
+    /// serde_json refuses, whose taker stopped before dead-lettering it — moved as it is to the
+    /// dead letters of the queue its routing key names (read from the entry's end, which
+    /// [`scripts::FETCH`] wrote), in the same step as it leaves `unacked`. Not put back: it
+    /// would only be taken and refused again.
+    async fn dead_unacked(
+        &self,
+        tag: &str,
+        held: &[u8],
+        why: &str,
+    ) -> Result<bool, RedisBrokerError> {
+        let entry = String::from_utf8_lossy(held);
+        let Some((message, exchange, routing_key)) = split_unacked(&entry) else {
+            tracing::error!(%tag, %why, "an unacked entry is not kombu's [message, exchange, routing_key], and its routing key cannot be read; dropping it from the index");
+            self.ack(tag).await?;
+            return Ok(false);
+        };
+        let queues = self.lookup(&exchange, &routing_key).await?;
+        tracing::error!(%tag, %why, ?queues, "an unacked message is not a kombu envelope this worker can read; moving it to the dead letters as it was");
+        for queue in &queues {
+            self.dead(tag, queue, message).await?;
+        }
+        Ok(false)
     }
 
     /// kombu's `_lookup` for a direct exchange: the queues bound to `exchange` under
@@ -487,9 +521,16 @@ impl RedisBroker {
         let tags: Vec<String> = cmd.query_async(conn).await?;
         let mut restored = 0;
         for tag in tags {
-            if self.restore(&tag).await? {
-                tracing::info!(%tag, visibility_timeout = ?self.opts.visibility_timeout, "a message unacknowledged past the visibility timeout is back on its queue");
-                restored += 1;
+            // One entry that cannot be put back must not hold back the others behind it.
+            match self.restore(&tag).await {
+                Ok(true) => {
+                    tracing::info!(%tag, visibility_timeout = ?self.opts.visibility_timeout, "a message unacknowledged past the visibility timeout is back on its queue");
+                    restored += 1;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(%tag, error = %e, "could not put an unacknowledged message back; it is tried again at the next sweep");
+                }
             }
         }
         Ok(restored)
@@ -524,6 +565,30 @@ pub fn list_key(opts: &TransportOptions, queue: &str, priority: u8) -> String {
     }
 }
 
+/// Splits an `unacked` entry as [`scripts::FETCH`] writes it — `[<message>,<exchange>,<routing
+/// key>]`, the last two JSON strings from Redis's `cjson.encode` — from its end, so that a
+/// message serde_json cannot read still gives its exchange and routing key.
+fn split_unacked(entry: &str) -> Option<(&str, String, String)> {
+    let inner = entry.strip_prefix('[')?.strip_suffix(']')?;
+    let (rest, routing_key) = last_json_string(inner)?;
+    let (rest, exchange) = last_json_string(rest.strip_suffix(',')?)?;
+    Some((rest.strip_suffix(',')?, exchange, routing_key))
+}
+
+/// The JSON string that ends `text`, and what comes before it.
+fn last_json_string(text: &str) -> Option<(&str, String)> {
+    let bytes = text.as_bytes();
+    if bytes.len() < 2 || bytes[bytes.len() - 1] != b'"' {
+        return None;
+    }
+    // Its opening quote: the nearest `"` before the closing one that no backslash escapes.
+    let open = (0..bytes.len() - 1).rev().find(|&i| {
+        bytes[i] == b'"' && bytes[..i].iter().rev().take_while(|b| **b == b'\\').count() % 2 == 0
+    })?;
+    let value: String = serde_json::from_str(&text[open..]).ok()?;
+    Some((&text[..open], value))
+}
+
 /// The dead-letter list of `queue`, as stored.
 pub fn dead_list(opts: &TransportOptions, queue: &str) -> String {
     opts.key(&format!("{queue}.dead"))
@@ -532,6 +597,30 @@ pub fn dead_list(opts: &TransportOptions, queue: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unacked_entry_gives_its_exchange_and_routing_key_whatever_its_message() {
+        let entry = r#"[{"a": NaN, "b": "x\"]"},"","images"]"#;
+        assert_eq!(
+            split_unacked(entry),
+            Some((r#"{"a": NaN, "b": "x\"]"}"#, String::new(), "images".into()))
+        );
+        let entry = r#"[{"k": "\\"},"ex\"\\","r\/k \u00e9\\"]"#;
+        assert_eq!(
+            split_unacked(entry),
+            Some((r#"{"k": "\\"}"#, "ex\"\\".into(), "r/k é\\".into()))
+        );
+        for bad in [
+            "",
+            "[]",
+            r#"["a","b"]"#,
+            r#"[x,"a",b]"#,
+            r#"[x,"a","b""#,
+            r#"x,"a","b"]"#,
+        ] {
+            assert_eq!(split_unacked(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn priority_lists_are_kombus() {

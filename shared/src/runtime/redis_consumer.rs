@@ -29,7 +29,7 @@ use crate::amqp::reroute::DeadReason;
 use crate::amqp::table::{try_write_properties, value_to_json};
 use crate::observe::metrics::{host_label, WorkerLabels};
 use crate::redis_broker::doorbell::Doorbell;
-use crate::redis_broker::{Envelope, RedisBroker, Taken};
+use crate::redis_broker::{Envelope, RedisBroker, Taken, Unreadable};
 use crate::runtime::message::{self, Incoming, Shared};
 use crate::runtime::transport::{FromRedis, Via};
 use crate::runtime::window::{Place, Seat, Window};
@@ -247,11 +247,11 @@ async fn dispatch(
     };
     let envelope = match message {
         Ok(e) => e,
-        Err((raw, why)) => {
+        Err(Unreadable { raw, why, tag }) => {
             let why = format!("the value taken from the Redis list is not a kombu message: {why}");
             tracing::error!(%queue, %why, "moving it to the dead letters as it was");
             let raw = String::from_utf8_lossy(&raw).into_owned();
-            if let Err(e) = broker.dead("", &queue, &raw).await {
+            if let Err(e) = broker.dead(&tag, &queue, &raw).await {
                 tracing::error!(%queue, error = %e, "could not dead-letter an unreadable value; it is lost");
             }
             return;
