@@ -596,10 +596,18 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
     };
     let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
     let tags = ["p-utf8", "p-nan", "p-deep"].map(|t| format!("{t}-{q}"));
+    let mut bad_tag = poison("@@", b"1");
+    let at = bad_tag
+        .windows(2)
+        .position(|w| w == b"@@")
+        .expect("the tag");
+    bad_tag.splice(at..at + 2, *b"\xff\xfe");
     let values = [
         poison(&tags[0], b"\"\xff\xfe\""),
         poison(&tags[1], b"NaN"),
         poison(&tags[2], deep.as_bytes()),
+        // A tag that is not UTF-8: not recorded in `unacked` at all (no reader could name it).
+        bad_tag,
     ];
     let mut conn = redis(BROKER).await;
     let list = list_key(&s.broker_transport_options, &q, 0);
@@ -648,12 +656,24 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
             .query_async(&mut conn)
             .await
             .expect("llen");
-        if dead == 3 && still.iter().all(|h| !h) {
+        if dead == 4 && still.iter().all(|h| !h) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(still, vec![false; 3], "poison left in unacked");
+    let left: u64 = redis::cmd("HLEN")
+        .arg(&unacked_key)
+        .query_async(&mut conn)
+        .await
+        .expect("hlen");
+    assert_eq!(left, 0, "entries left in unacked");
+    let dead: u64 = redis::cmd("LLEN")
+        .arg(&dead_key)
+        .query_async(&mut conn)
+        .await
+        .expect("llen");
+    assert_eq!(dead, 4, "every poison value is a dead letter");
     worker.shutdown().await;
 
     // The sweep: a poison entry whose taker died before dead-lettering it, the oldest, and a

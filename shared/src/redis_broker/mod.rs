@@ -518,9 +518,17 @@ impl RedisBroker {
         if let Some(n) = self.opts.unacked_restore_limit {
             cmd.arg("LIMIT").arg(0).arg(n);
         }
-        let tags: Vec<String> = cmd.query_async(conn).await?;
+        // Bytes: a tag another kombu client recorded need not be UTF-8 (this worker's take
+        // records only printable ASCII), and one such must not stop the sweep.
+        let tags: Vec<Vec<u8>> = cmd.query_async(conn).await?;
         let mut restored = 0;
         for tag in tags {
+            let Ok(tag) = String::from_utf8(tag) else {
+                tracing::warn!(
+                    "an unacked entry's delivery tag is not UTF-8; it is left where it is"
+                );
+                continue;
+            };
             // One entry that cannot be put back must not hold back the others behind it.
             match self.restore(&tag).await {
                 Ok(true) => {

@@ -12,7 +12,9 @@
 /// by `ARGV[1]`, the time now) in the same step.
 /// Returns `{list key, message, tag, list key, message, tag, ...}`, with an empty tag for a
 /// message that is not a kombu envelope (it is then in neither: the caller dead-letters it);
-/// an empty array when all are empty.
+/// an empty array when all are empty. A tag must be 1–255 bytes of printable ASCII (kombu's
+/// and mediafarm's are UUIDs): any other (bytes that are not UTF-8, say) would be a key of
+/// `unacked` that no reader of it could name.
 pub const FETCH: &str = r#"
 local most = tonumber(ARGV[2]) or 1
 local out = {}
@@ -25,7 +27,9 @@ for i = 3, #KEYS do
     local ok, env = pcall(cjson.decode, m)
     local tag = ''
     if ok and type(env) == 'table' and type(env['properties']) == 'table'
-        and type(env['properties']['delivery_tag']) == 'string' then
+        and type(env['properties']['delivery_tag']) == 'string'
+        and #env['properties']['delivery_tag'] <= 255
+        and string.find(env['properties']['delivery_tag'], '^[!-~]+$') then
       tag = env['properties']['delivery_tag']
       local info = env['properties']['delivery_info']
       local ex, rk = '', ''
