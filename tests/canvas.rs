@@ -1348,8 +1348,9 @@ async fn mediafarm_submit_workflow_runs_a_chain_and_prints_the_last_result() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("StepFailure: no such upload"), "{stderr}");
 
-    // Several workflows on one stdin: each is sent (and its id printed) as soon as it is whole,
-    // while the next is still to be written; a pretty-printed one as well as one per line.
+    // Several workflows on one stdin: each is sent (and its id printed) as soon as the line
+    // that ends it is read, while the next is still to be written; a pretty-printed one as
+    // well as one per line.
     let first = json!({"chain": [
         {"task": "canvas.step", "kwargs": {"a": 1}, "options": {"queue": q}},
         {"task": "canvas.step", "kwargs": {"b": 2}, "options": {"queue": q}},
@@ -1379,7 +1380,7 @@ async fn mediafarm_submit_workflow_runs_a_chain_and_prints_the_last_result() {
     {
         use std::io::Write;
         let pretty = serde_json::to_string_pretty(&first).expect("JSON");
-        input.write_all(pretty.as_bytes()).expect("stdin");
+        writeln!(input, "{pretty}").expect("stdin");
         input.flush().expect("stdin");
     }
     let first_id = tokio::time::timeout(Duration::from_secs(30), ids.recv())

@@ -47,8 +47,8 @@ enum Command {
         /// {"chain": [sig, ...]}, {"group": [sig, ...]} or {"chord": {"header": [sig, ...],
         /// "body": sig or {"chain": [...]}}}, with sig = {"task", "args", "kwargs", "options",
         /// "immutable"}; a chain's steps may also be groups and chords. Several workflows may
-        /// follow one another (one per line, or pretty-printed): each is sent as soon as it has
-        /// been read, on one connection, and its id printed. Prints (with --wait) the chain's
+        /// follow one another (one per line, or pretty-printed): each is sent as soon as the
+        /// line ending it has been read, on one connection, and its id printed. Prints (with --wait) the chain's
         /// last result (a list when it ends in a group), the group's list, the chord body's.
         #[arg(long, value_name = "FILE|-", conflicts_with_all = ["task", "json", "queue", "countdown", "expires", "priority"])]
         workflow: Option<PathBuf>,
@@ -277,10 +277,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // stdin has each sent as soon as it is whole, on this one connection.
             let client = Client::connect(&settings).await?;
             let mut stream = JsonStream::new();
-            let mut failed = false;
+            let (mut failed, mut ended) = (false, false);
             loop {
                 let value = match stream.next_document() {
                     Ok(Some(value)) => value,
+                    Ok(None) if ended => break,
                     Ok(None) => match documents.recv().await {
                         Some(Ok(bytes)) => {
                             stream.push(&bytes);
@@ -289,7 +290,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         Some(Err(e)) => {
                             return Err(e).with_context(|| format!("--workflow {}", path.display()))
                         }
-                        None => break,
+                        None => {
+                            stream.end();
+                            ended = true;
+                            continue;
+                        }
                     },
                     Err(e) => bail!("--workflow {}: {e}", path.display()),
                 };

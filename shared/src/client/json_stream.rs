@@ -1,7 +1,7 @@
-//! Splits a byte stream into the JSON documents it holds, each handed out as soon as its last
-//! byte has arrived: what lets `mediafarm submit --workflow -` send one workflow per document
-//! written to its stdin (one per line, or pretty-printed over many) on a connection it opened
-//! once, instead of one process and one connection per workflow.
+//! Splits a byte stream into the JSON documents it holds, each handed out once a line ends
+//! after it (or the input ends): what lets `mediafarm submit --workflow -` send one workflow
+//! per document written to its stdin (one per line, or pretty-printed over many) on a
+//! connection it opened once, instead of one process and one connection per workflow.
 
 use serde_json::Value;
 
@@ -25,6 +25,10 @@ pub enum JsonStreamError {
 pub struct JsonStream {
     pending: Vec<u8>,
     handed_out: usize,
+    /// An unfinished document is parsed again once this many bytes are pending (twice what
+    /// the last try had), at a line's end, or at the input's end: a large document arriving
+    /// in many reads is parsed a few times, not once per read.
+    next_try: usize,
 }
 
 impl JsonStream {
@@ -35,12 +39,22 @@ impl JsonStream {
     /// Adds bytes as they arrive (any split: inside a document, a string or a UTF-8 sequence).
     pub fn push(&mut self, bytes: &[u8]) {
         self.pending.extend_from_slice(bytes);
+        if bytes.ends_with(b"\n") {
+            self.next_try = 0;
+        }
     }
 
-    /// The next whole document, or `None` until more bytes arrive. A document is re-parsed
-    /// from its start on each call while it is incomplete, so callers push what a read
-    /// returned (a pipe's chunk), not byte by byte.
+    /// The input has ended: what is pending is parsed at the next call whatever its size.
+    pub fn end(&mut self) {
+        self.next_try = 0;
+    }
+
+    /// The next whole document, or `None` until more bytes arrive. A document is handed out
+    /// at the latest when a line ends after it, or when the input ends ([`Self::end`]).
     pub fn next_document(&mut self) -> Result<Option<Value>, JsonStreamError> {
+        if self.pending.len() < self.next_try {
+            return Ok(None);
+        }
         let mut documents =
             serde_json::Deserializer::from_slice(&self.pending).into_iter::<Value>();
         match documents.next() {
@@ -48,9 +62,13 @@ impl JsonStream {
                 let end = documents.byte_offset();
                 self.pending.drain(..end);
                 self.handed_out += 1;
+                self.next_try = 0;
                 Ok(Some(value))
             }
-            Some(Err(e)) if e.is_eof() => Ok(None),
+            Some(Err(e)) if e.is_eof() => {
+                self.next_try = self.pending.len().saturating_mul(2);
+                Ok(None)
+            }
             None => {
                 // Only whitespace so far: nothing to keep.
                 self.pending.clear();
@@ -65,12 +83,7 @@ impl JsonStream {
 
     /// At the end of the input: an error when a document was left unfinished.
     pub fn finish(&self) -> Result<(), JsonStreamError> {
-        let rest = self
-            .pending
-            .iter()
-            .filter(|b| !b.is_ascii_whitespace())
-            .count();
-        if rest == 0 {
+        if self.pending.iter().all(u8::is_ascii_whitespace) {
             return Ok(());
         }
         Err(JsonStreamError::Truncated {
@@ -95,9 +108,9 @@ mod tests {
     }
 
     #[test]
-    fn documents_are_handed_out_as_their_last_byte_arrives_whatever_the_split() {
+    fn documents_are_handed_out_whatever_the_split() {
         let text =
-            "{\"task\": \"a\", \"kwargs\": {\"s\": \"é—\\\"}\"}}\n\n[1,\n 2]\n{\"chain\": []}  \n";
+            "{\"task\": \"a\", \"kwargs\": {\"s\": \"é—\\\"}\"}}\n\n[1,\n 2]\n{\"chain\": []}";
         let want = vec![
             json!({"task": "a", "kwargs": {"s": "é—\"}"}}),
             json!([1, 2]),
@@ -108,16 +121,10 @@ mod tests {
             let mut got = Vec::new();
             for piece in text.as_bytes().chunks(chunk) {
                 stream.push(piece);
-                let before = got.len();
                 got.extend(all(&mut stream));
-                // Handed out on the piece that closes it, not later.
-                if got.len() > before {
-                    assert!(
-                        piece.contains(&b'}') || piece.contains(&b']'),
-                        "chunks of {chunk}"
-                    );
-                }
             }
+            stream.end();
+            got.extend(all(&mut stream));
             assert_eq!(got, want, "chunks of {chunk}");
             assert_eq!(stream.documents(), 3);
             stream.finish().unwrap();
@@ -125,9 +132,44 @@ mod tests {
     }
 
     #[test]
+    fn a_document_is_out_as_soon_as_a_line_ends_after_it() {
+        let mut stream = JsonStream::new();
+        stream.push(b"{\"a\":\n");
+        assert_eq!(stream.next_document().unwrap(), None);
+        stream.push(b" 1}\n");
+        assert_eq!(stream.next_document().unwrap(), Some(json!({"a": 1})));
+        stream.push(b"[2]\n");
+        assert_eq!(stream.next_document().unwrap(), Some(json!([2])));
+        assert_eq!(stream.next_document().unwrap(), None);
+    }
+
+    #[test]
+    fn a_large_document_in_many_reads_is_parsed_a_few_times() {
+        let members: Vec<Value> = (0..5000)
+            .map(|i| json!({"task": "t", "kwargs": {"i": i}}))
+            .collect();
+        let doc = json!({ "group": members });
+        let text = doc.to_string();
+        let mut stream = JsonStream::new();
+        let mut tries = 0;
+        for piece in text.as_bytes().chunks(512) {
+            stream.push(piece);
+            if stream.pending.len() >= stream.next_try {
+                tries += 1;
+            }
+            assert_eq!(stream.next_document().unwrap(), None);
+        }
+        stream.end();
+        assert_eq!(stream.next_document().unwrap(), Some(doc));
+        // Some 200 KB in 512-byte reads: about log2(400) tries, not 400.
+        assert!(tries <= 12, "{tries} parses");
+    }
+
+    #[test]
     fn an_unfinished_or_invalid_document_is_an_error_naming_it() {
         let mut stream = JsonStream::new();
         stream.push(b"{\"a\": 1}\n{\"b\": [1, 2");
+        stream.end();
         assert_eq!(all(&mut stream), vec![json!({"a": 1})]);
         match stream.finish() {
             Err(JsonStreamError::Truncated { number: 2, bytes }) => assert!(bytes > 0),
@@ -136,6 +178,7 @@ mod tests {
 
         let mut stream = JsonStream::new();
         stream.push(b"{\"a\": 1} {\"b\": tru}");
+        stream.end();
         assert_eq!(stream.next_document().unwrap(), Some(json!({"a": 1})));
         let err = stream.next_document().unwrap_err();
         assert!(
