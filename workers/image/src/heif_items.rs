@@ -1194,8 +1194,10 @@ fn read_sps(nal: &[u8]) -> Res<Sps> {
             bits.ue().ok_or_else(bad)?;
         }
     }
-    let luma = bits.ue().ok_or_else(bad)? + 8;
-    let chroma_bits = bits.ue().ok_or_else(bad)? + 8;
+    // Depths are coded minus 8; a code near 2^32 must be refused, not wrapped to a small depth.
+    let depth = |bits: &mut Bits| bits.ue().and_then(|minus8| minus8.checked_add(8));
+    let luma = depth(&mut bits).ok_or_else(bad)?;
+    let chroma_bits = depth(&mut bits).ok_or_else(bad)?;
     if luma > 16 || (chroma != 0 && chroma_bits != luma) {
         return Err(Unhandled("luma and chroma of different depths"));
     }
@@ -1246,6 +1248,48 @@ impl Bits<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An HEVC SPS NAL unit (no sub-layers) with the given Exp-Golomb coded depths minus 8.
+    fn sps(luma_minus8: u64, chroma_minus8: u64) -> Vec<u8> {
+        let mut bits: Vec<bool> = Vec::new();
+        let mut put = |v: u64, n: u32| (0..n).rev().for_each(|i| bits.push(v >> i & 1 == 1));
+        let ue = |put: &mut dyn FnMut(u64, u32), v: u64| {
+            let len = 64 - (v + 1).leading_zeros();
+            put(0, len - 1);
+            put(v + 1, len);
+        };
+        put(0, 4); // vps id
+        put(0, 3); // no sub-layers
+        put(1, 1); // temporal id nesting
+        put(0x0101_0101_0101_0101, 64); // profile_tier_level: 96 bits, no zero bytes
+        put(0x0101_0101, 32);
+        ue(&mut put, 0); // sps id
+        ue(&mut put, 1); // 4:2:0
+        ue(&mut put, 64); // width
+        ue(&mut put, 48); // height
+        put(0, 1); // no conformance window
+        ue(&mut put, luma_minus8);
+        ue(&mut put, chroma_minus8);
+        put(0xff, 8);
+        let mut nal = vec![0x42, 0x01];
+        nal.extend(bits.chunks(8).map(|b| {
+            b.iter()
+                .enumerate()
+                .fold(0u8, |byte, (i, bit)| byte | (u8::from(*bit) << (7 - i)))
+        }));
+        nal
+    }
+
+    #[test]
+    fn an_sps_depth_code_near_2_to_the_32_is_refused_not_wrapped() {
+        let ok = read_sps(&sps(2, 2)).expect("a 10-bit SPS");
+        assert_eq!((ok.width, ok.height, ok.bits, ok.chroma), (64, 48, 10, 1));
+        // 2^32 − 2, the largest code `ue` reads: plus 8 overflowed (a panic in a debug build,
+        // a 6-bit depth in a release one).
+        for (luma, chroma) in [(4_294_967_294, 2), (2, 4_294_967_294)] {
+            assert!(read_sps(&sps(luma, chroma)).is_err(), "{luma} {chroma}");
+        }
+    }
 
     #[test]
     fn what_is_decoded_stays_near_the_checked_size() {
