@@ -105,6 +105,9 @@ mod tests {
         ("seeds/no-hvcc.heic", Some("no hvcC")),
         ("seeds/huge-ispe.heic", Some("disagrees with ispe")),
         ("seeds/truncated-meta.heic", Some("cut short")),
+        // Found by `heif_items` (2026-12-02): a grid of sizes near 2^32, whose area bound
+        // overflowed u64 (a panic in debug builds, a wrapped, meaningless bound in release).
+        ("crashes/grid-area-overflow.heic", Some("not an HEVC image")),
     ];
 
     #[test]

@@ -799,7 +799,9 @@ impl Items<'_> {
 /// Whether a coded `cw`×`ch` area is at most twice the shown `w`×`h` one plus 1 MP: what is
 /// decoded stays bounded by the size checked against the limits.
 fn within_twice(cw: u32, ch: u32, w: u32, h: u32) -> bool {
-    u64::from(cw) * u64::from(ch) <= 2 * u64::from(w) * u64::from(h) + (1 << 20)
+    // In u128: twice a u32 × u32 area passes u64 (an overflow panic in debug builds, and in
+    // release a wrapped bound that no longer bounds anything).
+    u128::from(cw) * u128::from(ch) <= 2 * u128::from(w) * u128::from(h) + (1 << 20)
 }
 
 /// A box: its type and the byte range of its body.
@@ -1300,6 +1302,9 @@ mod tests {
         // Small pictures always pass (1 MP of slack).
         assert!(within_twice(1024, 1024, 1, 1));
         assert!(!within_twice(1025, 1024, 1, 1));
+        // Sizes near 2^32 (fuzz/artifacts' 70 crashes of 2026-12-02: 2·w·h overflowed u64).
+        assert!(within_twice(u32::MAX, u32::MAX, u32::MAX, u32::MAX));
+        assert!(!within_twice(u32::MAX, u32::MAX, u32::MAX / 4, u32::MAX / 4));
     }
 
     /// A picture of numbered pixels, turned as [`Turn`] says: clockwise quarter turns, then a
