@@ -106,7 +106,7 @@ mod tests {
         ("seeds/huge-ispe.heic", Some("disagrees with ispe")),
         ("seeds/truncated-meta.heic", Some("cut short")),
         // Found by `heif_items` (2026-12-02): a grid of sizes near 2^32, whose area bound
-        // overflowed u64 (a panic in debug builds, a wrapped, meaningless bound in release).
+        // overflowed u64 (a panic with overflow checks; in release a spurious refusal).
         ("crashes/grid-area-overflow.heic", Some("not an HEVC image")),
     ];
 

@@ -799,8 +799,8 @@ impl Items<'_> {
 /// Whether a coded `cw`×`ch` area is at most twice the shown `w`×`h` one plus 1 MP: what is
 /// decoded stays bounded by the size checked against the limits.
 fn within_twice(cw: u32, ch: u32, w: u32, h: u32) -> bool {
-    // In u128: twice a u32 × u32 area passes u64 (an overflow panic in debug builds, and in
-    // release a wrapped bound that no longer bounds anything).
+    // In u128: twice a u32 × u32 area passes u64 (an overflow panic with overflow checks; in
+    // release the wrapped bound refused what it should have admitted).
     u128::from(cw) * u128::from(ch) <= 2 * u128::from(w) * u128::from(h) + (1 << 20)
 }
 
@@ -1304,7 +1304,12 @@ mod tests {
         assert!(!within_twice(1025, 1024, 1, 1));
         // Sizes near 2^32 (fuzz/artifacts' 70 crashes of 2026-12-02: 2·w·h overflowed u64).
         assert!(within_twice(u32::MAX, u32::MAX, u32::MAX, u32::MAX));
-        assert!(!within_twice(u32::MAX, u32::MAX, u32::MAX / 4, u32::MAX / 4));
+        assert!(!within_twice(
+            u32::MAX,
+            u32::MAX,
+            u32::MAX / 4,
+            u32::MAX / 4
+        ));
     }
 
     /// A picture of numbered pixels, turned as [`Turn`] says: clockwise quarter turns, then a
