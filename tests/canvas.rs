@@ -1383,10 +1383,15 @@ async fn mediafarm_submit_workflow_runs_a_chain_and_prints_the_last_result() {
         writeln!(input, "{pretty}").expect("stdin");
         input.flush().expect("stdin");
     }
-    let first_id = tokio::time::timeout(Duration::from_secs(30), ids.recv())
-        .await
-        .expect("the first workflow's id is printed before stdin ends")
-        .expect("a line");
+    async fn next_id(ids: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) -> String {
+        let line = tokio::time::timeout(Duration::from_secs(30), ids.recv()).await;
+        line.expect(what).expect("a line")
+    }
+    let first_id = next_id(
+        &mut ids,
+        "the first workflow's id is printed before stdin ends",
+    )
+    .await;
     assert_eq!(
         farm.client
             .result(&first_id)
@@ -1400,10 +1405,7 @@ async fn mediafarm_submit_workflow_runs_a_chain_and_prints_the_last_result() {
         writeln!(input, "\n{second}").expect("stdin");
     }
     drop(input);
-    let second_id = tokio::time::timeout(Duration::from_secs(30), ids.recv())
-        .await
-        .expect("the second id")
-        .expect("a line");
+    let second_id = next_id(&mut ids, "the second id").await;
     let out = tokio::task::spawn_blocking(move || child.wait_with_output())
         .await
         .expect("joined")

@@ -573,6 +573,15 @@ async fn an_unreadable_body_stores_a_failure_and_is_dead_lettered() {
     forget_queue(&s, &q).await;
 }
 
+/// `LLEN` or `HLEN` (`cmd`) of `key`.
+async fn length(conn: &mut redis::aio::MultiplexedConnection, cmd: &str, key: &str) -> u64 {
+    redis::cmd(cmd)
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("length")
+}
+
 /// Values Redis's JSON reader (`cjson`, which the take script uses to find the delivery tag)
 /// accepts and serde_json refuses — bytes that are not UTF-8, `NaN`, nesting past 128 levels —
 /// were taken into `unacked` and then dead-lettered without their tag, so they stayed there;
@@ -653,28 +662,15 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
     let mut still = Vec::new();
     for _ in 0..100 {
         still = held(&mut conn).await;
-        let dead: u64 = redis::cmd("LLEN")
-            .arg(&dead_key)
-            .query_async(&mut conn)
-            .await
-            .expect("llen");
-        if dead == 5 && still.iter().all(|h| !h) {
+        if length(&mut conn, "LLEN", &dead_key).await == 5 && still.iter().all(|h| !h) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(still, vec![false; 3], "poison left in unacked");
-    let left: u64 = redis::cmd("HLEN")
-        .arg(&unacked_key)
-        .query_async(&mut conn)
-        .await
-        .expect("hlen");
+    let left = length(&mut conn, "HLEN", &unacked_key).await;
     assert_eq!(left, 0, "entries left in unacked");
-    let dead: u64 = redis::cmd("LLEN")
-        .arg(&dead_key)
-        .query_async(&mut conn)
-        .await
-        .expect("llen");
+    let dead = length(&mut conn, "LLEN", &dead_key).await;
     assert_eq!(dead, 5, "every poison value is a dead letter");
     worker.shutdown().await;
 
@@ -717,11 +713,7 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
     let broker = RedisBroker::connect(&s).await.expect("broker");
     let restored = broker.restore_visible().await.expect("the sweep runs");
     assert_eq!(restored, 1, "the good message is put back");
-    let left: u64 = redis::cmd("HLEN")
-        .arg(&unacked_key)
-        .query_async(&mut conn)
-        .await
-        .expect("hlen");
+    let left = length(&mut conn, "HLEN", &unacked_key).await;
     assert_eq!(left, 0, "the sweep left entries in unacked");
     let dead: Vec<Vec<u8>> = redis::cmd("LRANGE")
         .arg(&dead_key)

@@ -272,23 +272,14 @@ impl RedisBroker {
                 let queue = self.queue_of_key(&key, queues);
                 let message = match Envelope::parse(&raw) {
                     Ok(envelope) if !tag.is_empty() => Ok(envelope),
-                    // The script took it but did not record it: a tag the take refuses to
-                    // key `unacked` with, or JSON Redis's reader refuses.
-                    Ok(envelope) => {
-                        let keyable = envelope.tag().is_some_and(|t| {
-                            (1..=255).contains(&t.len()) && t.bytes().all(|b| b.is_ascii_graphic())
-                        });
-                        let why = if keyable {
-                            "Redis's JSON reader (cjson) cannot read it"
-                        } else {
-                            "its properties.delivery_tag is not 1–255 bytes of printable ASCII"
-                        };
-                        Err(Unreadable {
-                            raw,
-                            why: why.into(),
-                            tag,
-                        })
-                    }
+                    // The script took it but did not record it (its rule, [`scripts::FETCH`]).
+                    Ok(_) => Err(Unreadable {
+                        raw,
+                        why: "its properties.delivery_tag is not 1–255 bytes of printable ASCII, \
+                              or Redis's JSON reader (cjson) cannot read it"
+                            .into(),
+                        tag,
+                    }),
                     Err(why) => Err(Unreadable { raw, why, tag }),
                 };
                 Taken { queue, message }
