@@ -672,6 +672,31 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
     assert_eq!(left, 0, "entries left in unacked");
     let dead = length(&mut conn, "LLEN", &dead_key).await;
     assert_eq!(dead, 5, "every poison value is a dead letter");
+    // Kept byte for byte (they used to be stored with U+FFFD for what was not UTF-8) …
+    let mut kept = dead_values(&mut conn, &dead_key).await;
+    let mut sent = values.to_vec();
+    kept.sort();
+    sent.sort();
+    assert_eq!(kept, sent, "the dead letters are not the values as they were");
+    // … and `mediafarm dead list` says why each could not be read.
+    let letters = mediafarm::amqp::dead_letters::list(&s, &q, 10)
+        .await
+        .expect("dead list");
+    assert_eq!(letters.len(), 5);
+    for letter in &letters {
+        assert_eq!(letter.kind.as_deref(), Some("InvalidMessage"), "{letter:?}");
+        let reason = letter.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains("kept as it was taken") && reason.len() > 60,
+            "{letter:?}"
+        );
+    }
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.reason.as_deref().is_some_and(|r| r.contains("delivery_tag"))),
+        "the letter refused for its tag says so: {letters:?}"
+    );
     worker.shutdown().await;
 
     // The sweep: a poison entry whose taker died before dead-lettering it, the oldest, and a
@@ -715,15 +740,8 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
     assert_eq!(restored, 1, "the good message is put back");
     let left = length(&mut conn, "HLEN", &unacked_key).await;
     assert_eq!(left, 0, "the sweep left entries in unacked");
-    let dead: Vec<Vec<u8>> = redis::cmd("LRANGE")
-        .arg(&dead_key)
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .expect("lrange");
-    assert_eq!(dead.len(), 1, "the poison entry is a dead letter");
-    assert!(String::from_utf8_lossy(&dead[0]).contains(&tags[0]));
+    let dead = dead_values(&mut conn, &dead_key).await;
+    assert_eq!(dead, vec![values[0].clone()], "the poison entry, as it was, is a dead letter");
     let worker = echo_worker(&s, &q, "redis-poison-2@%h").await;
     let put_back = client
         .result(&good_id)
@@ -733,6 +751,17 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
     assert_eq!(put_back, json!({"after": "sweep"}));
     worker.shutdown().await;
     forget_queue(&s, &q).await;
+}
+
+/// Every value of list `key`, as bytes.
+async fn dead_values(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<Vec<u8>> {
+    redis::cmd("LRANGE")
+        .arg(key)
+        .arg(0)
+        .arg(-1)
+        .query_async(conn)
+        .await
+        .expect("lrange")
 }
 
 /// Waits (at most 30 s) until `job` is in `state`.

@@ -13,6 +13,7 @@ use serde_json::{Map, Value};
 use crate::amqp::table::{read_job_properties, read_properties, try_write_properties};
 use crate::backend::result::TaskError;
 use crate::protocol::{DecodeError, Properties, TaskMessage, JSON_CONTENT_TYPE};
+use crate::redis_broker::Envelope;
 use crate::runtime::task::{typed_args, Task, TaskContext};
 
 /// `task_message_max_bytes`' default: what a worker with default settings accepts.
@@ -78,6 +79,39 @@ pub fn message_json(data: &[u8]) -> MessageOutcome {
     // Through the field-table conversion the broker edge does on the way out and back in.
     match try_write_properties(&props, &headers) {
         Ok(basic) => delivered(&basic, body),
+        Err(e) => MessageOutcome::BadFrame(e.to_string()),
+    }
+}
+
+/// A value taken from a Redis queue's list (kombu's envelope: JSON holding the base64 body,
+/// the properties and the headers), through the path `redis_consumer::dispatch` takes: read,
+/// then properties, body and the field-table conversion, then as any delivery. Its retry and
+/// dead-letter copies (`republished`, `mark_redelivered`) must read back as envelopes.
+pub fn redis_envelope(data: &[u8]) -> MessageOutcome {
+    let refused = |reason: String| {
+        MessageOutcome::Refused(DecodeError {
+            id: None,
+            task: None,
+            reason,
+        })
+    };
+    let envelope = match Envelope::parse(data) {
+        Ok(e) => e,
+        Err(why) => return refused(why),
+    };
+    let _ = (envelope.exchange_and_routing_key(), envelope.priority());
+    let mut again = envelope.republished(&Map::new(), &["redelivered"], "q");
+    again.mark_redelivered();
+    if let Err(e) = Envelope::parse(again.to_json().as_bytes()) {
+        panic!("a republished envelope does not read back: {e}");
+    }
+    let (props, headers) = envelope.properties();
+    let body = match envelope.body() {
+        Ok(b) => b,
+        Err(why) => return refused(why),
+    };
+    match try_write_properties(&props, &headers) {
+        Ok(basic) => delivered(&basic, &body),
         Err(e) => MessageOutcome::BadFrame(e.to_string()),
     }
 }
@@ -311,6 +345,26 @@ mod tests {
             "message_json/crashes/task-id-over-255-bytes",
             Some("the task id (correlation_id) is 256 bytes"),
         ),
+        // Python Celery's values on a Redis list (`redis_envelope/make_seeds.py`), and values
+        // only Redis's own JSON reader would take.
+        ("redis_envelope/seeds/celery-plain", None),
+        ("redis_envelope/seeds/celery-positional-priority", None),
+        ("redis_envelope/seeds/celery-zlib", None),
+        ("redis_envelope/seeds/celery-chain", None),
+        (
+            "redis_envelope/seeds/celery-other-task",
+            Some("unknown task \"image.transform\""),
+        ),
+        ("redis_envelope/seeds/not-utf8", Some("it is not JSON")),
+        ("redis_envelope/seeds/nan", Some("it is not JSON")),
+        (
+            "redis_envelope/seeds/no-tag",
+            Some("it has no properties.delivery_tag"),
+        ),
+        (
+            "redis_envelope/seeds/body-not-base64",
+            Some("its body is not valid base64"),
+        ),
     ];
 
     fn check(target: &str, entry: fn(&[u8]) -> MessageOutcome) {
@@ -338,6 +392,11 @@ mod tests {
     #[test]
     fn message_json_corpus_replays() {
         check("message_json", message_json);
+    }
+
+    #[test]
+    fn redis_envelope_corpus_replays() {
+        check("redis_envelope", redis_envelope);
     }
 
     #[test]

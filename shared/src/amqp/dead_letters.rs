@@ -93,9 +93,11 @@ fn describe_by(header: impl Fn(&str) -> Option<String>, bytes: usize) -> DeadLet
 }
 
 /// A letter on the Redis broker: a kombu envelope, or a value that was not one (kept as it
-/// was; only its size is known).
-fn describe_redis(stored: &str) -> DeadLetter {
-    let headers = Envelope::parse(stored.as_bytes())
+/// was taken, byte for byte; why it could not be read is worked out again from it).
+fn describe_redis(stored: &[u8]) -> DeadLetter {
+    let parsed = Envelope::parse(stored);
+    let headers = parsed
+        .as_ref()
         .map(|e| e.properties().1)
         .unwrap_or_default();
     let text = |name: &str| {
@@ -105,9 +107,16 @@ fn describe_redis(stored: &str) -> DeadLetter {
         })
     };
     let mut letter = describe_by(text, stored.len());
-    if letter.kind.is_none() && Envelope::parse(stored.as_bytes()).is_err() {
+    if letter.kind.is_none() {
         letter.kind = Some("InvalidMessage".into());
-        letter.reason = Some("not a kombu message; kept as it was taken from the queue".into());
+        letter.reason = Some(match parsed {
+            Err(why) => format!("not a kombu message ({why}); kept as it was taken from the queue"),
+            // Only the take's own rule refuses an envelope that reads (`redis_broker::scripts`).
+            Ok(_) => "its properties.delivery_tag is not 1–255 bytes of printable ASCII, or \
+                      Redis's JSON reader (cjson) cannot read it; kept as it was taken from the \
+                      queue"
+                .into(),
+        });
     }
     letter
 }
@@ -177,7 +186,7 @@ async fn replay_redis(
     reset.insert("retries".into(), serde_json::json!(0));
     let mut replayed = 0;
     for stored in letters {
-        let Ok(letter) = Envelope::parse(stored.as_bytes()) else {
+        let Ok(letter) = Envelope::parse(&stored) else {
             continue;
         };
         let (_, headers) = letter.properties();

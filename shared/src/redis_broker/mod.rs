@@ -364,8 +364,7 @@ impl RedisBroker {
         held: &[u8],
         why: &str,
     ) -> Result<bool, RedisBrokerError> {
-        let entry = String::from_utf8_lossy(held);
-        let Some((message, exchange, routing_key)) = split_unacked(&entry) else {
+        let Some((message, exchange, routing_key)) = split_unacked(held) else {
             tracing::error!(%tag, %why, "an unacked entry is not kombu's [message, exchange, routing_key], and its routing key cannot be read; dropping it from the index");
             self.ack(tag).await?;
             return Ok(false);
@@ -436,7 +435,12 @@ impl RedisBroker {
             self.list_key(queue, message.priority()),
             message.to_json()
         );
-        self.hand_over(tag, &self.keys.delayed, &format!("{due:.3}"), &entry)
+        self.hand_over(
+            tag,
+            &self.keys.delayed,
+            &format!("{due:.3}"),
+            entry.as_bytes(),
+        )
             .await
     }
 
@@ -445,7 +449,7 @@ impl RedisBroker {
         &self,
         tag: &str,
         queue: &str,
-        message: &str,
+        message: &[u8],
     ) -> Result<(), RedisBrokerError> {
         self.hand_over(tag, &dead_list(&self.opts, queue), "list", message)
             .await
@@ -456,7 +460,7 @@ impl RedisBroker {
         tag: &str,
         key: &str,
         how: &str,
-        value: &str,
+        value: &[u8],
     ) -> Result<(), RedisBrokerError> {
         let mut conn = self.conn();
         eval(
@@ -579,16 +583,16 @@ pub fn list_key(opts: &TransportOptions, queue: &str, priority: u8) -> String {
 /// Splits an `unacked` entry as [`scripts::FETCH`] writes it — `[<message>,<exchange>,<routing
 /// key>]`, the last two JSON strings from Redis's `cjson.encode` — from its end, so that a
 /// message serde_json cannot read still gives its exchange and routing key.
-fn split_unacked(entry: &str) -> Option<(&str, String, String)> {
-    let inner = entry.strip_prefix('[')?.strip_suffix(']')?;
+fn split_unacked(entry: &[u8]) -> Option<(&[u8], String, String)> {
+    let inner = entry.strip_prefix(b"[")?.strip_suffix(b"]")?;
     let (rest, routing_key) = last_json_string(inner)?;
-    let (rest, exchange) = last_json_string(rest.strip_suffix(',')?)?;
-    Some((rest.strip_suffix(',')?, exchange, routing_key))
+    let (rest, exchange) = last_json_string(rest.strip_suffix(b",")?)?;
+    Some((rest.strip_suffix(b",")?, exchange, routing_key))
 }
 
-/// The JSON string that ends `text`, and what comes before it.
-fn last_json_string(text: &str) -> Option<(&str, String)> {
-    let bytes = text.as_bytes();
+/// The JSON string that ends `bytes`, and what comes before it (kept as bytes: the message
+/// before it need not be UTF-8).
+fn last_json_string(bytes: &[u8]) -> Option<(&[u8], String)> {
     if bytes.len() < 2 || bytes[bytes.len() - 1] != b'"' {
         return None;
     }
@@ -596,8 +600,8 @@ fn last_json_string(text: &str) -> Option<(&str, String)> {
     let open = (0..bytes.len() - 1).rev().find(|&i| {
         bytes[i] == b'"' && bytes[..i].iter().rev().take_while(|b| **b == b'\\').count() % 2 == 0
     })?;
-    let value: String = serde_json::from_str(&text[open..]).ok()?;
-    Some((&text[..open], value))
+    let value: String = serde_json::from_slice(&bytes[open..]).ok()?;
+    Some((&bytes[..open], value))
 }
 
 /// The dead-letter list of `queue`, as stored.
@@ -611,15 +615,25 @@ mod tests {
 
     #[test]
     fn an_unacked_entry_gives_its_exchange_and_routing_key_whatever_its_message() {
-        let entry = r#"[{"a": NaN, "b": "x\"]"},"","images"]"#;
+        let entry = br#"[{"a": NaN, "b": "x\"]"},"","images"]"#;
         assert_eq!(
             split_unacked(entry),
-            Some((r#"{"a": NaN, "b": "x\"]"}"#, String::new(), "images".into()))
+            Some((
+                &br#"{"a": NaN, "b": "x\"]"}"#[..],
+                String::new(),
+                "images".into()
+            ))
         );
-        let entry = r#"[{"k": "\\"},"ex\"\\","r\/k \u00e9\\"]"#;
+        let entry = br#"[{"k": "\\"},"ex\"\\","r\/k \u00e9\\"]"#;
         assert_eq!(
             split_unacked(entry),
-            Some((r#"{"k": "\\"}"#, "ex\"\\".into(), "r/k é\\".into()))
+            Some((&br#"{"k": "\\"}"#[..], "ex\"\\".into(), "r/k é\\".into()))
+        );
+        // A message that is not UTF-8 keeps its bytes.
+        let entry = b"[{\"v\": \"\xff\xfe\"},\"\",\"q\"]";
+        assert_eq!(
+            split_unacked(entry),
+            Some((&b"{\"v\": \"\xff\xfe\"}"[..], String::new(), "q".into()))
         );
         for bad in [
             "",
@@ -629,7 +643,7 @@ mod tests {
             r#"[x,"a","b""#,
             r#"x,"a","b"]"#,
         ] {
-            assert_eq!(split_unacked(bad), None, "{bad}");
+            assert_eq!(split_unacked(bad.as_bytes()), None, "{bad}");
         }
     }
 

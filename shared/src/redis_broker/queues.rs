@@ -20,18 +20,19 @@ impl RedisBroker {
         Ok(sizes.iter().sum())
     }
 
-    /// Up to `limit` dead letters of `queue` as stored, oldest first, left where they are.
+    /// Up to `limit` dead letters of `queue` as stored (bytes: a value that was not a kombu
+    /// message is kept as it was taken, UTF-8 or not), oldest first, left where they are.
     pub async fn dead_letters(
         &self,
         queue: &str,
         limit: usize,
-    ) -> Result<Vec<String>, RedisBrokerError> {
+    ) -> Result<Vec<Vec<u8>>, RedisBrokerError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let from = -isize::try_from(limit).unwrap_or(isize::MAX);
         let mut conn = self.conn();
-        let mut letters: Vec<String> = redis::cmd("LRANGE")
+        let mut letters: Vec<Vec<u8>> = redis::cmd("LRANGE")
             .arg(dead_list(&self.opts, queue))
             .arg(from)
             .arg(-1)
@@ -46,7 +47,7 @@ impl RedisBroker {
     pub async fn replay_dead(
         &self,
         queue: &str,
-        stored: &str,
+        stored: &[u8],
         replay: &Envelope,
     ) -> Result<bool, RedisBrokerError> {
         let mut conn = self.conn();

@@ -250,7 +250,6 @@ async fn dispatch(
         Err(Unreadable { raw, why, tag }) => {
             let why = format!("the value taken from the Redis list is not a kombu message: {why}");
             tracing::error!(%queue, %why, "moving it to the dead letters as it was");
-            let raw = String::from_utf8_lossy(&raw).into_owned();
             if let Err(e) = broker.dead(&tag, &queue, &raw).await {
                 tracing::error!(%queue, error = %e, "could not dead-letter an unreadable value; it is lost");
             }
@@ -326,7 +325,7 @@ async fn dead_unreadable(
         .map(|(k, v)| ((*k).to_owned(), value_to_json(v)))
         .collect();
     let dead = envelope.republished(&headers, &[], &why.queue);
-    if let Err(e) = broker.dead(tag, &why.queue, &dead.to_json()).await {
+    if let Err(e) = broker.dead(tag, &why.queue, dead.to_json().as_bytes()).await {
         tracing::warn!(error = %e, "could not dead-letter; the message comes back after the visibility timeout");
     }
 }

@@ -61,6 +61,7 @@ pub fn pin(bytes: u64) -> Option<Reservation> {
 
 fn take(bytes: u64, pinned: bool) -> Option<Reservation> {
     let mut held = POOL.held.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut waited: Option<std::time::Instant> = None;
     loop {
         if pinned && held.pinned + bytes > MAX_PINNED {
             return None;
@@ -80,6 +81,7 @@ fn take(bytes: u64, pinned: bool) -> Option<Reservation> {
                 bytes = capped,
                 pinned,
                 held = held.total,
+                waited_ms = waited.map_or(0.0, |t| t.elapsed().as_secs_f64() * 1e3),
                 "decode memory reserved"
             );
             return Some(Reservation {
@@ -87,6 +89,7 @@ fn take(bytes: u64, pinned: bool) -> Option<Reservation> {
                 pinned,
             });
         }
+        waited.get_or_insert_with(std::time::Instant::now);
         held = POOL
             .freed
             .wait(held)
