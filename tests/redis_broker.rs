@@ -677,7 +677,10 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
     let mut sent = values.to_vec();
     kept.sort();
     sent.sort();
-    assert_eq!(kept, sent, "the dead letters are not the values as they were");
+    assert_eq!(
+        kept, sent,
+        "the dead letters are not the values as they were"
+    );
     // … and `mediafarm dead list` says why each could not be read.
     let letters = mediafarm::amqp::dead_letters::list(&s, &q, 10)
         .await
@@ -692,9 +695,10 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
         );
     }
     assert!(
-        letters
-            .iter()
-            .any(|l| l.reason.as_deref().is_some_and(|r| r.contains("delivery_tag"))),
+        letters.iter().any(|l| l
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains("delivery_tag"))),
         "the letter refused for its tag says so: {letters:?}"
     );
     worker.shutdown().await;
@@ -741,7 +745,11 @@ async fn values_redis_reads_but_serde_refuses_are_dead_lettered_and_leave_nothin
     let left = length(&mut conn, "HLEN", &unacked_key).await;
     assert_eq!(left, 0, "the sweep left entries in unacked");
     let dead = dead_values(&mut conn, &dead_key).await;
-    assert_eq!(dead, vec![values[0].clone()], "the poison entry, as it was, is a dead letter");
+    assert_eq!(
+        dead,
+        vec![values[0].clone()],
+        "the poison entry, as it was, is a dead letter"
+    );
     let worker = echo_worker(&s, &q, "redis-poison-2@%h").await;
     let put_back = client
         .result(&good_id)

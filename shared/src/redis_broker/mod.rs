@@ -441,7 +441,7 @@ impl RedisBroker {
             &format!("{due:.3}"),
             entry.as_bytes(),
         )
-            .await
+        .await
     }
 
     /// Acknowledges `tag` and, in the same step, pushes `message` onto `<queue>.dead`.

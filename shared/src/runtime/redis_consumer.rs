@@ -325,7 +325,10 @@ async fn dead_unreadable(
         .map(|(k, v)| ((*k).to_owned(), value_to_json(v)))
         .collect();
     let dead = envelope.republished(&headers, &[], &why.queue);
-    if let Err(e) = broker.dead(tag, &why.queue, dead.to_json().as_bytes()).await {
+    if let Err(e) = broker
+        .dead(tag, &why.queue, dead.to_json().as_bytes())
+        .await
+    {
         tracing::warn!(error = %e, "could not dead-letter; the message comes back after the visibility timeout");
     }
 }

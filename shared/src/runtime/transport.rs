@@ -138,7 +138,9 @@ impl Incoming {
                 let dead = r
                     .envelope
                     .republished(&json_headers(&why.headers()), &[], &why.queue);
-                Ok(r.broker.dead(&r.tag, &why.queue, dead.to_json().as_bytes()).await?)
+                Ok(r.broker
+                    .dead(&r.tag, &why.queue, dead.to_json().as_bytes())
+                    .await?)
             }
         }
     }
