@@ -252,6 +252,10 @@ def main():
                         "--example", "stage-cpu"], cwd=ROOT, check=True, timeout=3600)
     files = ensure_photos()
     if args.psnr:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import image_pipeline  # libvips and pyvips, installed on a fresh machine
+
+        image_pipeline.ensure_tools(build=False)
         table = all_psnr(files)
         if args.per_file:
             print("| file | " + " | ".join(f"{side}, {w}" for side in SIDES for w in WIDTHS) + " |")

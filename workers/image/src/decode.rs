@@ -144,11 +144,6 @@ pub(crate) fn orientation(
     }
 }
 
-/// Progressive JPEGs whose libjpeg coefficient buffer would be larger than this (above ~16 MP
-/// at 4:4:4, ~33 MP at 4:2:0) go to the low-memory decoder when decoded at 1/4 or 1/8 scale.
-/// Smaller ones stay with libjpeg, which is faster at that size.
-const LOWRES_ABOVE: u64 = 96 << 20;
-
 /// The smallest IDCT scale (in eighths, any of 1/8 … 8/8) that still leaves every output its
 /// full detail. libjpeg scales by any M/8, not only by powers of two: a 4224×3168 source whose
 /// largest output is 1280 wide decodes at 3/8 (1584 px) instead of 1/2 (2112 px), 44 % fewer
@@ -194,12 +189,14 @@ fn decode_jpeg(
     // libjpeg's scaled size: ceil(side × M / 8).
     let scaled = |side: u32| (u64::from(side) * u64::from(eighths)).div_ceil(8);
     let pixels = scaled(header.width) * scaled(header.height) * 3;
-    // A huge progressive source at 1/4 or 1/8 scale: the low-memory decoder keeps 4 of each
-    // block's 64 coefficients (or 1); libjpeg, if it cannot, keeps them all.
-    let light = header.progressive && eighths <= 2 && header.coefficient_bytes > LOWRES_ABOVE;
+    // A progressive source at up to 1/2 scale: the compact decoder keeps the n×n of each
+    // block's 64 coefficients the scaled picture is made of (and a bit of history for each);
+    // libjpeg, if it cannot, keeps them all.
+    let light = header.progressive && eighths <= lowres::MOST_EIGHTHS;
     let coefficients = match (header.progressive, light) {
         (false, _) => 0,
-        (true, true) => header.coefficient_bytes / 16,
+        // Its planes, besides the coefficients: as many bytes as the RGB picture at most.
+        (true, true) => lowres::held_bytes(header.coefficient_bytes, eighths) + pixels,
         (true, false) => header.coefficient_bytes,
     };
     let decoded = (scaled(header.width) as u32, scaled(header.height) as u32);
@@ -441,8 +438,8 @@ mod tests {
     }
 
     #[test]
-    fn a_huge_progressive_source_at_a_quarter_takes_the_low_memory_decoder() {
-        // 4200×4200 at 4:4:4: 106 MB of libjpeg coefficients, over LOWRES_ABOVE.
+    fn a_huge_progressive_source_at_three_eighths_takes_the_compact_decoder() {
+        // 4200×4200 at 4:4:4: 106 MB of libjpeg coefficients.
         let (w, h) = (4200u32, 4200u32);
         let rgb: Vec<u8> = (0..w * h)
             .flat_map(|i| {
@@ -460,23 +457,22 @@ mod tests {
         s.write_scanlines(&rgb).unwrap();
         let file = s.finish().unwrap();
         let header = jpeg::header(&file).unwrap();
-        assert!(header.coefficient_bytes > LOWRES_ABOVE);
-        let decoded = decode(&file, true, 50_000_000, |_| 0.25, |_| 0).unwrap();
+        let decoded = decode(&file, true, 50_000_000, |_| 0.3, |_| 0).unwrap();
         assert_eq!(
             (decoded.image.width(), decoded.image.height()),
-            (1050, 1050)
+            (1575, 1575)
         );
-        // Reserved for 4 coefficients a block (with the 1/4-scale picture and its resize),
-        // not libjpeg's 64.
+        // Reserved for 9 coefficients a block and their history (with the 3/8-scale picture,
+        // its planes and its resize), not libjpeg's 64.
         assert!(
-            decoded.reservation.bytes() < header.coefficient_bytes / 4,
+            decoded.reservation.bytes() < header.coefficient_bytes * 2 / 3,
             "{}",
             decoded.reservation.bytes()
         );
         let px = decoded.image.to_rgb8();
-        for (x, y) in [(10u32, 10u32), (525, 525), (1000, 200)] {
+        for (x, y) in [(10u32, 10u32), (787, 787), (1500, 300)] {
             let got = px.get_pixel(x, y).0;
-            let want = [(x * 4 * 255 / w) as u8, (y * 4 * 255 / h) as u8, 90];
+            let want = [(x * 8 * 255 / 3 / w) as u8, (y * 8 * 255 / 3 / h) as u8, 90];
             for (g, e) in got.iter().zip(want) {
                 assert!(g.abs_diff(e) <= 4, "({x},{y}): {got:?} vs {want:?}");
             }
