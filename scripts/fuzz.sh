@@ -18,7 +18,7 @@ secs=${1:-600}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} = 0 ]; then
-  targets=(rtmp_stream message_frame message_json redis_envelope image_spec heif_items snapshot_args notify_args)
+  targets=(rtmp_stream message_frame message_json redis_envelope image_spec heif_items progressive_jpeg snapshot_args notify_args)
 fi
 sanitizer=${FUZZ_SANITIZER:-none}
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}

@@ -68,6 +68,35 @@ pub fn heif_items(data: &[u8]) -> Result<Plan, Unhandled> {
     Ok(plan)
 }
 
+/// Most pixels a source may have with the default settings (`image_max_pixels`), checked from
+/// the header before any decode, as `decode.rs` does.
+const MAX_PIXELS: u64 = 50_000_000;
+
+/// The `progressive_jpeg` target: the first byte picks the scale (`byte % 4 + 1` eighths), the
+/// rest is a JPEG given to the compact progressive decoder (`lowres.rs`) when its header (read
+/// by libjpeg, as the worker reads it) is within the default pixel limit. `None`: left to
+/// libjpeg. A picture it returns has the scaled size and all its pixels.
+pub fn progressive_jpeg(data: &[u8]) -> Option<(u32, u32)> {
+    let (&pick, file) = data.split_first()?;
+    let eighths = pick % 4 + 1;
+    let header = crate::jpeg::header(file).ok()?;
+    if u64::from(header.width) * u64::from(header.height) > MAX_PIXELS {
+        return None;
+    }
+    let rgb = crate::lowres::decode(file, eighths)?;
+    let scaled = |side: u32| (u64::from(side) * u64::from(eighths)).div_ceil(8);
+    assert_eq!(
+        (u64::from(rgb.width), u64::from(rgb.height)),
+        (scaled(header.width), scaled(header.height)),
+        "the picture's size is not the scaled size libjpeg reads from the header"
+    );
+    assert_eq!(
+        rgb.pixels.len() as u64,
+        u64::from(rgb.width) * u64::from(rgb.height) * 3
+    );
+    Some((rgb.width, rgb.height))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +138,23 @@ mod tests {
         // overflowed u64 (a panic with overflow checks; in release a spurious refusal).
         ("crashes/grid-area-overflow.heic", Some("not an HEVC image")),
     ];
+
+    #[test]
+    fn progressive_jpeg_corpus_replays() {
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/fuzz/progressive_jpeg");
+        let expected: &[(&str, Option<&str>)] = &[
+            ("seeds/444-64x48-3of8", None),
+            ("seeds/420-61x37-half", None),
+            ("seeds/422-50x40-quarter", None),
+            ("seeds/grey-40x30-eighth", None),
+        ];
+        mediafarm::fuzzing::replay_expecting(&dir, expected, |data| {
+            progressive_jpeg(data)
+                .is_none()
+                .then(|| "left to libjpeg".to_owned())
+        });
+    }
 
     #[test]
     fn heif_items_corpus_replays() {

@@ -158,6 +158,7 @@ impl<'a> Bits<'a> {
         v
     }
 
+    #[inline]
     fn bit(&mut self) -> u32 {
         self.bits(1)
     }
@@ -185,6 +186,7 @@ impl<'a> Bits<'a> {
     }
 
     /// A `size`-bit magnitude, sign-extended as JPEG codes it.
+    #[inline]
     fn receive_extend(&mut self, size: u8) -> i32 {
         if size == 0 {
             return 0;
@@ -514,16 +516,33 @@ impl Decoder {
             self.width.div_ceil(8 * self.hmax) * self.height.div_ceil(8 * self.vmax)
         };
         let mcus_x = self.width.div_ceil(8 * self.hmax);
+        let row_len = if n == 1 { own_blocks_w } else { mcus_x };
+        let (mut column, mut row, mut to_restart) = (0, 0, self.restart_interval);
         for mcu in 0..mcus {
-            if self.restart_interval > 0 && mcu > 0 && mcu % self.restart_interval == 0 {
-                bits.restart()?;
-                for c in &mut self.components {
-                    c.dc_pred = 0;
+            if mcu > 0 {
+                column += 1;
+                if column == row_len {
+                    (column, row) = (0, row + 1);
                 }
-                eob_run = 0;
+            }
+            if self.restart_interval > 0 {
+                if to_restart == 0 {
+                    bits.restart()?;
+                    for c in &mut self.components {
+                        c.dc_pred = 0;
+                    }
+                    eob_run = 0;
+                    to_restart = self.restart_interval;
+                }
+                to_restart -= 1;
             }
             if n == 1 {
-                let (x, y) = (mcu % own_blocks_w, mcu / own_blocks_w);
+                // A block inside an end-of-band run of a first AC pass holds nothing new.
+                if start > 0 && ah == 0 && eob_run > 0 {
+                    eob_run -= 1;
+                    continue;
+                }
+                let (x, y) = (column, row);
                 self.unit(
                     &mut bits,
                     members[0],
@@ -536,7 +555,7 @@ impl Decoder {
                     &mut eob_run,
                 )?;
             } else {
-                let (mx, my) = (mcu % mcus_x, mcu / mcus_x);
+                let (mx, my) = (column, row);
                 for &member in &members {
                     let (h, v) = (self.components[member.0].h, self.components[member.0].v);
                     for by in 0..v {
@@ -686,11 +705,14 @@ impl Decoder {
                 }
             }
             if *eob_run > 0 {
-                while k <= end {
-                    if nonzero & (1 << k) != 0 {
-                        refine(k, bits, block);
+                // A correction bit for each non-zero coefficient left in the band, in order.
+                if k <= end {
+                    let band = (u64::MAX >> (63 - end)) & (u64::MAX << k);
+                    let mut left = nonzero & band;
+                    while left != 0 {
+                        refine(left.trailing_zeros() as usize, bits, block);
+                        left &= left - 1;
                     }
-                    k += 1;
                 }
                 *eob_run -= 1;
             }
