@@ -116,6 +116,32 @@ impl<'a> Bits<'a> {
     }
 
     fn fill(&mut self) {
+        // Most of the time the next 8 bytes hold no 0xFF (no stuffing, no marker): take as
+        // many of them as fit at once.
+        if !self.hit_marker && self.count <= 56 {
+            if let Some(chunk) = self.data.get(self.at..self.at + 8) {
+                let mut word = [0u8; 8];
+                word.copy_from_slice(chunk);
+                let word = u64::from_be_bytes(word);
+                let inverted = !word;
+                let has_ff = inverted.wrapping_sub(0x0101_0101_0101_0101)
+                    & !inverted
+                    & 0x8080_8080_8080_8080
+                    != 0;
+                if !has_ff {
+                    let bytes = (64 - self.count) / 8;
+                    let fresh = if bytes == 8 {
+                        word
+                    } else {
+                        word >> (64 - 8 * bytes)
+                    };
+                    self.acc |= fresh << (64 - self.count - 8 * bytes);
+                    self.count += 8 * bytes;
+                    self.at += bytes as usize;
+                    return;
+                }
+            }
+        }
         while self.count <= 56 {
             let mut byte = 0u8;
             if self.hit_marker {
@@ -144,7 +170,7 @@ impl<'a> Bits<'a> {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn bits(&mut self, n: u32) -> u32 {
         if n == 0 {
             return 0;
@@ -158,12 +184,12 @@ impl<'a> Bits<'a> {
         v
     }
 
-    #[inline]
+    #[inline(always)]
     fn bit(&mut self) -> u32 {
         self.bits(1)
     }
 
-    #[inline]
+    #[inline(always)]
     fn decode(&mut self, t: &Huffman) -> Option<u8> {
         if self.count < 16 {
             self.fill();
@@ -186,7 +212,7 @@ impl<'a> Bits<'a> {
     }
 
     /// A `size`-bit magnitude, sign-extended as JPEG codes it.
-    #[inline]
+    #[inline(always)]
     fn receive_extend(&mut self, size: u8) -> i32 {
         if size == 0 {
             return 0;
@@ -763,6 +789,9 @@ impl Decoder {
                 // Frequencies → pixels along rows, then along columns.
                 let mut t = [[0f32; N]; N];
                 for v in 0..N {
+                    if f[v * N..][..N].iter().all(|&c| c == 0) {
+                        continue;
+                    }
                     let mut d = [0f32; N];
                     for u in 0..N {
                         d[u] = f32::from(f[v * N + u]) * q[v][u];
@@ -823,11 +852,11 @@ impl Decoder {
                 let yr = &luma_plane[y * luma_stride..][..w];
                 let (cb, cr) = (&chroma[0][y * w..][..w], &chroma[1][y * w..][..w]);
                 let out = &mut pixels[y * w * 3..][..w * 3];
-                for (x, px) in out.chunks_exact_mut(3).enumerate() {
-                    let (l, b, r) = (i32::from(yr[x]), usize::from(cb[x]), usize::from(cr[x]));
-                    px[0] = clamp(l + table.cr_r[r]);
-                    px[1] = clamp(l + ((table.cb_g[b] + table.cr_g[r]) >> 16));
-                    px[2] = clamp(l + table.cb_b[b]);
+                for (((px, &l), &b), &r) in out.chunks_exact_mut(3).zip(yr).zip(cb).zip(cr) {
+                    let (l, b, r) = (usize::from(l), usize::from(b), usize::from(r));
+                    px[0] = table.limit(l, table.cr_r[r]);
+                    px[1] = table.limit(l, (table.cb_g[b] + table.cr_g[r]) >> 16);
+                    px[2] = table.limit(l, table.cb_b[b]);
                 }
             }
         }
@@ -855,7 +884,7 @@ impl Decoder {
         let (pw, ph) = ((cw * n).div_ceil(8).max(1), (ch * n).div_ceil(8).max(1));
         let row = |y: usize| &plane[y.min(ph - 1) * stride..][..pw];
         let mut out = vec![0u8; w * h];
-        let mut wide = vec![0u16; pw * 2 + 2];
+        let mut sums = vec![0u16; pw];
         for y in 0..h {
             let dst = &mut out[y * w..][..w];
             if fy == 1 {
@@ -863,11 +892,10 @@ impl Decoder {
                 if fx == 1 {
                     dst.copy_from_slice(&src[..w]);
                 } else {
-                    let sums: Vec<u16> = src.iter().map(|&v| u16::from(v) * 4).collect();
-                    widen(&sums, &mut wide, 4, 8);
-                    for (d, &v) in dst.iter_mut().zip(&wide) {
-                        *d = v as u8;
+                    for (s, &v) in sums.iter_mut().zip(src) {
+                        *s = u16::from(v) * 4;
                     }
+                    widen(&sums, dst, 4, 8);
                 }
                 continue;
             }
@@ -878,20 +906,15 @@ impl Decoder {
             } else {
                 (near + 1).min(ph - 1)
             };
-            let sums: Vec<u16> = row(near)
-                .iter()
-                .zip(row(far))
-                .map(|(&a, &b)| 3 * u16::from(a) + u16::from(b))
-                .collect();
+            for ((s, &a), &b) in sums.iter_mut().zip(row(near)).zip(row(far)) {
+                *s = 3 * u16::from(a) + u16::from(b);
+            }
             if fx == 1 {
                 for (d, &s) in dst.iter_mut().zip(&sums) {
                     *d = ((s + 2) >> 2) as u8;
                 }
             } else {
-                widen(&sums, &mut wide, 8, 7);
-                for (d, &v) in dst.iter_mut().zip(&wide) {
-                    *d = v as u8;
-                }
+                widen(&sums, dst, 8, 7);
             }
         }
         Some(out)
@@ -899,21 +922,22 @@ impl Decoder {
 }
 
 /// Doubles a row of sums (each 4× a sample: 4·s, or 3·near + far) horizontally with weights
-/// 3/4 and 1/4, as libjpeg's fancy upsampling, adding `even` and `odd` before the final shift
-/// (libjpeg rounds the two halves differently so that errors do not pile up one way).
-fn widen(sums: &[u16], out: &mut [u16], even: u32, odd: u32) {
-    let len = sums.len();
-    let s = |i: usize| u32::from(sums[i.min(len - 1)]);
-    for i in 0..len {
-        let left = s(i.saturating_sub(1));
-        let right = s(i + 1);
-        out[2 * i] = ((3 * s(i) + left + even) >> 4) as u16;
-        out[2 * i + 1] = ((3 * s(i) + right + odd) >> 4) as u16;
+/// 3/4 and 1/4, as libjpeg's fancy upsampling, into `out` (as much of it as the doubled row
+/// covers), adding `even` and `odd` before the final shift (libjpeg rounds the two halves
+/// differently so that errors do not pile up one way).
+fn widen(sums: &[u16], out: &mut [u8], even: u16, odd: u16) {
+    let Some(&last) = sums.last() else {
+        return;
+    };
+    for (i, pair) in out.chunks_mut(2).enumerate().take(sums.len()) {
+        let this = 3 * sums[i];
+        let left = if i == 0 { sums[0] } else { sums[i - 1] };
+        pair[0] = ((this + left + even) >> 4) as u8;
+        if let Some(second) = pair.get_mut(1) {
+            let right = sums.get(i + 1).copied().unwrap_or(last);
+            *second = ((this + right + odd) >> 4) as u8;
+        }
     }
-}
-
-fn clamp(v: i32) -> u8 {
-    v.clamp(0, 255) as u8
 }
 
 /// JFIF's YCbCr → RGB in 16-bit fixed point, as libjpeg's tables.
@@ -925,6 +949,12 @@ struct YccTable {
 }
 
 impl YccTable {
+    /// Luma `l` plus `offset`, clamped to 0–255.
+    #[inline(always)]
+    fn limit(&self, l: usize, offset: i32) -> u8 {
+        (l as i32 + offset).clamp(0, 255) as u8
+    }
+
     fn get() -> &'static YccTable {
         static TABLE: std::sync::OnceLock<YccTable> = std::sync::OnceLock::new();
         TABLE.get_or_init(|| {
