@@ -195,8 +195,9 @@ fn decode_jpeg(
     let light = header.progressive && eighths <= lowres::MOST_EIGHTHS;
     let coefficients = match (header.progressive, light) {
         (false, _) => 0,
-        // Its planes, besides the coefficients: as many bytes as the RGB picture at most.
-        (true, true) => lowres::held_bytes(header.coefficient_bytes, eighths) + pixels,
+        (true, true) => {
+            lowres::held_bytes(header.coefficient_bytes, eighths, data.len() as u64, pixels)
+        }
         (true, false) => header.coefficient_bytes,
     };
     let decoded = (scaled(header.width) as u32, scaled(header.height) as u32);

@@ -262,12 +262,17 @@ pub fn decode(data: &[u8], eighths: u8) -> Option<Rgb> {
     Decoder::new(usize::from(eighths), refines_ac(data)?).run(data)
 }
 
-/// Bytes this decoder holds for a file whose libjpeg coefficient buffer is
-/// `coefficient_bytes` (128 bytes a block), decoded at `eighths`/8: its kept coefficients and,
-/// when the file refines AC bands, one bit of history per coefficient.
-pub fn held_bytes(coefficient_bytes: u64, eighths: u8) -> u64 {
+/// Most bytes this decoder holds besides the RGB picture it returns, for a `file_bytes` file
+/// whose libjpeg coefficient buffer is `coefficient_bytes` (128 bytes a block), decoded at
+/// `eighths`/8 to a picture of `rgb_bytes`: its copy of the file without the scans the scale
+/// does not read, and the larger of its kept coefficients (with a bit of history for each
+/// coefficient) plus one plane being made, or its planes (luma and two upsampled chroma planes,
+/// one more while it is being made: 4 bytes a pixel) once the coefficients are dropped.
+pub fn held_bytes(coefficient_bytes: u64, eighths: u8, file_bytes: u64, rgb_bytes: u64) -> u64 {
     let n = u64::from(eighths.clamp(1, 4));
-    coefficient_bytes / 128 * (2 * n * n + 8)
+    let coefficients = coefficient_bytes / 128 * (2 * n * n + 8);
+    let planes = rgb_bytes / 3 * 4;
+    file_bytes + (coefficients + planes).max(planes + rgb_bytes) - rgb_bytes
 }
 
 /// Whether any scan of `data` is an AC refinement (then every block keeps which of its
@@ -819,7 +824,9 @@ impl Decoder {
         plane
     }
 
-    fn picture(self) -> Option<Rgb> {
+    /// The RGB picture. The coefficients are dropped once the planes are made, before the
+    /// picture is allocated, so the two are never held together.
+    fn picture(mut self) -> Option<Rgb> {
         let ids: Vec<u8> = self.components.iter().map(|c| c.id).collect();
         // Adobe's "no transform", or libjpeg's guess from component ids 'R', 'G', 'B': the
         // samples are RGB, not YCbCr.
@@ -828,14 +835,19 @@ impl Decoder {
         }
         let n = self.n;
         let (w, h) = ((self.width * n).div_ceil(8), (self.height * n).div_ceil(8));
-        let mut pixels = vec![0u8; w.checked_mul(h)?.checked_mul(3)?];
         let luma = self.components.first()?;
         if luma.h != self.hmax || luma.v != self.vmax {
             return None;
         }
         let luma_plane = self.plane(luma);
         let luma_stride = luma.stride * n;
-        if self.components.len() == 1 {
+        let chroma: Vec<Vec<u8>> = self.components[1..]
+            .iter()
+            .map(|c| self.upsampled(c, w, h))
+            .collect::<Option<_>>()?;
+        self.components.clear();
+        let mut pixels = vec![0u8; w.checked_mul(h)?.checked_mul(3)?];
+        if chroma.is_empty() {
             for y in 0..h {
                 let row = &luma_plane[y * luma_stride..][..w];
                 for (px, &l) in pixels[y * w * 3..][..w * 3].chunks_exact_mut(3).zip(row) {
@@ -843,10 +855,6 @@ impl Decoder {
                 }
             }
         } else {
-            let chroma: Vec<Vec<u8>> = self.components[1..]
-                .iter()
-                .map(|c| self.upsampled(c, w, h))
-                .collect::<Option<_>>()?;
             let table = YccTable::get();
             for y in 0..h {
                 let yr = &luma_plane[y * luma_stride..][..w];
