@@ -275,35 +275,58 @@ pub fn held_bytes(coefficient_bytes: u64, eighths: u8, file_bytes: u64, rgb_byte
     file_bytes + (coefficients + planes).max(planes + rgb_bytes) - rgb_bytes
 }
 
+/// One marker segment of a JPEG: its marker, its body (empty for EOI), and where the segment
+/// ends (for a scan, where its entropy-coded data begins).
+struct Segment<'a> {
+    marker: u8,
+    body: &'a [u8],
+    end: usize,
+}
+
+/// The marker segment at `at` (fill bytes before its marker skipped); `None` when there is no
+/// well-formed segment there.
+fn segment(d: &[u8], mut at: usize) -> Option<Segment<'_>> {
+    if *d.get(at)? != 0xFF {
+        return None;
+    }
+    while *d.get(at + 1)? == 0xFF {
+        at += 1;
+    }
+    let marker = *d.get(at + 1)?;
+    if marker == 0xD9 {
+        return Some(Segment {
+            marker,
+            body: &[],
+            end: at + 2,
+        });
+    }
+    let len = be16(d, at + 2)?;
+    Some(Segment {
+        marker,
+        body: d.get(at + 4..at + 2 + len)?,
+        end: at + 2 + len,
+    })
+}
+
 /// Whether any scan of `data` is an AC refinement (then every block keeps which of its
 /// coefficients are already non-zero). `None` when the scans cannot be walked.
 fn refines_ac(d: &[u8]) -> Option<bool> {
     let mut at = 2;
     loop {
-        if *d.get(at)? != 0xFF {
-            return None;
-        }
-        let marker = *d.get(at + 1)?;
-        if marker == 0xFF {
-            at += 1;
-            continue;
-        }
-        if marker == 0xD9 {
-            return Some(false);
-        }
-        let len = be16(d, at + 2)?;
-        let body = d.get(at + 4..at + 2 + len)?;
-        if marker == 0xDA {
-            let n = usize::from(*body.first()?);
-            let start = *body.get(1 + 2 * n)?;
-            let ah = *body.get(3 + 2 * n)? >> 4;
-            if start > 0 && ah > 0 {
-                return Some(true);
+        let Segment { marker, body, end } = segment(d, at)?;
+        match marker {
+            0xD9 => return Some(false),
+            0xDA => {
+                let n = usize::from(*body.first()?);
+                let start = *body.get(1 + 2 * n)?;
+                let ah = *body.get(3 + 2 * n)? >> 4;
+                if start > 0 && ah > 0 {
+                    return Some(true);
+                }
+                at = crate::scans::entropy_end(d, end)?;
             }
-            at = crate::scans::entropy_end(d, at + 2 + len)?;
-            continue;
+            _ => at = end,
         }
-        at += 2 + len;
     }
 }
 
@@ -396,33 +419,22 @@ impl Decoder {
     fn run(mut self, d: &[u8]) -> Option<Rgb> {
         let mut at = 2;
         loop {
-            if *d.get(at)? != 0xFF {
-                return None;
-            }
-            let marker = *d.get(at + 1)?;
-            if marker == 0xFF {
-                at += 1;
-                continue;
-            }
-            if marker == 0xD9 {
-                break;
-            }
-            let len = be16(d, at + 2)?;
-            let body = d.get(at + 4..at + 2 + len)?;
+            let Segment { marker, body, end } = segment(d, at)?;
             match marker {
+                0xD9 => break,
                 0xDB => self.quant_tables(body)?,
                 0xC4 => self.huffman_tables(body)?,
                 0xC2 => self.frame(body)?,
                 0xDD => self.restart_interval = be16(body, 0)?,
                 0xEE if body.starts_with(b"Adobe") => self.adobe_transform = body.get(11).copied(),
                 0xDA => {
-                    at = self.scan(d, body, at + 2 + len)?;
+                    at = self.scan(d, body, end)?;
                     continue;
                 }
                 0xC0 | 0xC1 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => return None,
                 _ => {}
             }
-            at += 2 + len;
+            at = end;
         }
         self.picture()
     }
