@@ -2,10 +2,10 @@
 //! coefficients of every block of a progressive file until its last scan (300 MB for a 50 MP
 //! 4:4:4 picture, zeroed and faulted in for every job) and turns them into pixels after the
 //! last scan. An IDCT at `n`/8 reads only the `n`×`n` lowest frequencies of each block, so this
-//! decoder keeps only those (2·n² bytes a block) and, when the file has AC refinement scans,
-//! one bit per coefficient saying it is already non-zero (8 bytes a block: a refinement pass
-//! sends a correction bit for exactly those, so the bitstream cannot be followed without
-//! them). [`crate::scans`] first drops the scans such a scale does not need.
+//! decoder keeps only those (2·n² bytes a block) and one bit per coefficient saying it is
+//! already non-zero (8 bytes a block: a refinement pass sends a correction bit for exactly
+//! those, so the bitstream cannot be followed without them). [`crate::scans`] first drops the
+//! scans such a scale does not need.
 //!
 //! Each output sample is the exact average of the area of the full-size block it covers (the
 //! basis functions' means over it), chroma is upsampled as libjpeg's "fancy" upsampling does
@@ -30,8 +30,9 @@ struct Component {
     rows: usize,
     /// `n`×`n` coefficients per block, row-major over stride × rows blocks.
     coefs: Vec<i16>,
-    /// Per block, which zig-zag positions are already non-zero (kept only when the file has
-    /// AC refinement scans, which need it).
+    /// Per block, which zig-zag positions are already non-zero (what AC refinement scans
+    /// need; kept for every file, as finding out whether it has such scans would read the
+    /// whole file once more).
     nonzero: Vec<u64>,
     dc_pred: i32,
 }
@@ -259,7 +260,7 @@ pub fn decode(data: &[u8], eighths: u8) -> Option<Rgb> {
     // Without the scans the scale does not read (when there are any to drop).
     let selected = crate::scans::for_scale(data, eighths);
     let data = selected.as_deref().unwrap_or(data);
-    Decoder::new(usize::from(eighths), refines_ac(data)?).run(data)
+    Decoder::new(usize::from(eighths)).run(data)
 }
 
 /// Most bytes this decoder holds besides the RGB picture it returns, for a `file_bytes` file
@@ -308,28 +309,6 @@ fn segment(d: &[u8], mut at: usize) -> Option<Segment<'_>> {
     })
 }
 
-/// Whether any scan of `data` is an AC refinement (then every block keeps which of its
-/// coefficients are already non-zero). `None` when the scans cannot be walked.
-fn refines_ac(d: &[u8]) -> Option<bool> {
-    let mut at = 2;
-    loop {
-        let Segment { marker, body, end } = segment(d, at)?;
-        match marker {
-            0xD9 => return Some(false),
-            0xDA => {
-                let n = usize::from(*body.first()?);
-                let start = *body.get(1 + 2 * n)?;
-                let ah = *body.get(3 + 2 * n)? >> 4;
-                if start > 0 && ah > 0 {
-                    return Some(true);
-                }
-                at = crate::scans::entropy_end(d, end)?;
-            }
-            _ => at = end,
-        }
-    }
-}
-
 /// For an `n`×`n` output block: zig-zag position → slot of the coefficient kept, the `n`×`n`
 /// lowest frequencies row by row (`u8::MAX`: not kept).
 fn kept_slots(n: usize) -> [u8; 64] {
@@ -376,8 +355,6 @@ struct Decoder {
     /// Output pixels per block side (the scale in eighths).
     n: usize,
     slots: [u8; 64],
-    /// Whether blocks keep a bit per coefficient saying it is already non-zero.
-    history: bool,
     quant: [[u16; 64]; 4],
     dc_tables: [Option<Huffman>; 4],
     ac_tables: [Option<Huffman>; 4],
@@ -398,11 +375,10 @@ fn be16(d: &[u8], at: usize) -> Option<usize> {
 }
 
 impl Decoder {
-    fn new(n: usize, history: bool) -> Decoder {
+    fn new(n: usize) -> Decoder {
         Decoder {
             n,
             slots: kept_slots(n),
-            history,
             quant: [[0; 64]; 4],
             dc_tables: Default::default(),
             ac_tables: Default::default(),
@@ -511,11 +487,7 @@ impl Decoder {
                 stride,
                 rows,
                 coefs: vec![0; blocks.checked_mul(per_block)?],
-                nonzero: if self.history {
-                    vec![0; blocks]
-                } else {
-                    Vec::new()
-                },
+                nonzero: vec![0; blocks],
                 dc_pred: 0,
             });
         }
@@ -542,7 +514,7 @@ impl Decoder {
         if start > end || end > 63 || al > 13 {
             return None;
         }
-        if start > 0 && (n != 1 || (ah != 0 && !self.history)) {
+        if start > 0 && n != 1 {
             // Interleaved AC scans are not JPEG.
             return None;
         }
