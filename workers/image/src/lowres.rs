@@ -39,7 +39,7 @@ struct Component {
 
 #[derive(Default, Clone)]
 struct Huffman {
-    /// (code length, symbol) for each 9-bit prefix; length 0: longer code.
+    /// (code length, symbol) for each `FAST_BITS`-bit prefix; length 0: longer code.
     fast: Vec<(u8, u8)>,
     /// Canonical decoding: for lengths 1..=16, the largest code, the first code and its index.
     max_code: [i32; 18],
@@ -51,7 +51,7 @@ struct Huffman {
 impl Huffman {
     fn new(counts: &[u8; 16], values: &[u8]) -> Option<Huffman> {
         let mut t = Huffman {
-            fast: vec![(0, 0); 512],
+            fast: vec![(0, 0); 1 << FAST_BITS],
             max_code: [-1; 18],
             values: values.to_vec(),
             ..Default::default()
@@ -64,8 +64,8 @@ impl Huffman {
             t.min_code[len] = code;
             for _ in 0..n {
                 let symbol = *values.get(k)?;
-                if len <= 9 {
-                    let shift = 9 - len;
+                if len <= FAST_BITS as usize {
+                    let shift = FAST_BITS as usize - len;
                     let first = (code as usize) << shift;
                     for e in t.fast.get_mut(first..first + (1 << shift))? {
                         *e = (len as u8, symbol);
@@ -85,7 +85,24 @@ impl Huffman {
         t.max_code[17] = i32::MAX;
         Some(t)
     }
+
+    /// A code longer than `FAST_BITS` at the start of the next 16 bits: its length and symbol.
+    #[inline(always)]
+    fn long_code(&self, next16: u32) -> Option<(u32, u8)> {
+        for len in FAST_BITS as usize + 1..=16 {
+            let code = (next16 >> (16 - len)) as i32;
+            if code <= self.max_code[len] {
+                let i = self.val_ptr[len] + code - self.min_code[len];
+                return Some((len as u32, *self.values.get(usize::try_from(i).ok()?)?));
+            }
+        }
+        None
+    }
 }
+
+/// Bits of a Huffman code looked up at once; longer codes are decoded by their length from the
+/// next 16 bits, not bit by bit.
+const FAST_BITS: u32 = 11;
 
 /// Reads the entropy-coded bits of a scan: 0xFF00 is a literal 0xFF, a marker ends the data
 /// (zeros are read past it, as libjpeg does, and counted as an error at the end).
@@ -195,21 +212,16 @@ impl<'a> Bits<'a> {
         if self.count < 16 {
             self.fill();
         }
-        let (len, symbol) = t.fast[(self.acc >> 55) as usize];
+        let (len, symbol) = t.fast[(self.acc >> (64 - FAST_BITS)) as usize];
         if len > 0 {
             self.acc <<= len;
             self.count -= u32::from(len);
             return Some(symbol);
         }
-        let mut code = 0i32;
-        for len in 1..=16usize {
-            code = (code << 1) | self.bit() as i32;
-            if code <= t.max_code[len] {
-                let i = t.val_ptr[len] + code - t.min_code[len];
-                return t.values.get(usize::try_from(i).ok()?).copied();
-            }
-        }
-        None
+        let (len, symbol) = t.long_code((self.acc >> 48) as u32)?;
+        self.acc <<= len;
+        self.count -= len;
+        Some(symbol)
     }
 
     /// A `size`-bit magnitude, sign-extended as JPEG codes it.
@@ -218,12 +230,10 @@ impl<'a> Bits<'a> {
         if size == 0 {
             return 0;
         }
+        // Without a branch: the sign of a coefficient is a coin toss to a branch predictor.
         let v = self.bits(u32::from(size)) as i32;
-        if v < (1 << (size - 1)) {
-            v - (1 << size) + 1
-        } else {
-            v
-        }
+        let negative = ((v >> (size - 1)) & 1) ^ 1;
+        v - (negative << size) + negative
     }
 
     /// After a restart interval: drop the partial byte and step over the RSTn marker.
@@ -750,57 +760,48 @@ impl Decoder {
     }
 
     fn plane_n<const N: usize>(&self, c: &Component) -> Vec<u8> {
-        let all = area_weights(N);
-        let mut w = [[0f32; N]; N];
-        for (row, from) in w.iter_mut().zip(all) {
-            row.copy_from_slice(&from[..N]);
-        }
+        let (w, nn) = (area_weights(N), N * N);
         let table = &self.quant[c.quant];
-        let mut q = [[0f32; N]; N];
-        for (r, row) in q.iter_mut().enumerate() {
-            for (col, v) in row.iter_mut().enumerate() {
-                *v = f32::from(table[r * 8 + col]);
+        // For each kept frequency, the N×N block it adds (its basis function's area averages
+        // times its quantiser): a block costs one pass over its samples per non-zero frequency,
+        // and most blocks have few.
+        let mut basis = [[0f32; 16]; 16];
+        for (s, block) in basis.iter_mut().enumerate().take(nn) {
+            let (v, u) = (s / N, s % N);
+            let q = f32::from(table[v * 8 + u]);
+            for (p, sample) in block.iter_mut().enumerate().take(nn) {
+                *sample = w[p / N][v] * w[p % N][u] * q;
             }
         }
         let pw = c.stride * N;
         let mut plane = vec![0u8; pw * c.rows * N];
-        let to_u8 = |v: f32| ((v + 128.5) as i32).clamp(0, 255) as u8;
-        for (by, blocks) in c.coefs.chunks_exact(c.stride * N * N).enumerate() {
+        // Rounded by the float unit itself: 2²³ added to a value of 0–255 leaves its nearest
+        // integer in the low bits, with no conversion instruction (which Rust would saturate).
+        let to_u8 = |v: f32| ((v + 128.0).clamp(0.0, 255.0) + 8_388_608.0).to_bits() as u8;
+        for (by, blocks) in c.coefs.chunks_exact(c.stride * nn).enumerate() {
             let band = &mut plane[by * N * pw..][..N * pw];
-            for (bx, f) in blocks.chunks_exact(N * N).enumerate() {
+            for (bx, f) in blocks.chunks_exact(nn).enumerate() {
+                let dc = f32::from(f[0]) * basis[0][0];
                 if f[1..].iter().all(|&v| v == 0) {
-                    let v = to_u8(f32::from(f[0]) * q[0][0] / 8.0);
+                    let v = to_u8(dc);
                     for y in 0..N {
                         band[y * pw + bx * N..][..N].fill(v);
                     }
                     continue;
                 }
-                // Frequencies → pixels along rows, then along columns.
-                let mut t = [[0f32; N]; N];
-                for v in 0..N {
-                    if f[v * N..][..N].iter().all(|&c| c == 0) {
-                        continue;
-                    }
-                    let mut d = [0f32; N];
-                    for u in 0..N {
-                        d[u] = f32::from(f[v * N + u]) * q[v][u];
-                    }
-                    for x in 0..N {
-                        let mut sum = 0.0;
-                        for u in 0..N {
-                            sum += w[x][u] * d[u];
+                let mut sum = [dc; 16];
+                for (&v, column) in f.iter().zip(&basis).skip(1) {
+                    if v != 0 {
+                        let v = f32::from(v);
+                        for (acc, &b) in sum[..nn].iter_mut().zip(column) {
+                            *acc += b * v;
                         }
-                        t[v][x] = sum;
                     }
                 }
                 for y in 0..N {
                     let out = &mut band[y * pw + bx * N..][..N];
-                    for x in 0..N {
-                        let mut sum = 0.0;
-                        for v in 0..N {
-                            sum += w[y][v] * t[v][x];
-                        }
-                        out[x] = to_u8(sum);
+                    for (o, &v) in out.iter_mut().zip(&sum[y * N..]) {
+                        *o = to_u8(v);
                     }
                 }
             }
