@@ -1,6 +1,6 @@
 //! `scan-selection`: for each progressive JPEG given, the decode time at a reduced scale with
 //! every scan, with only the scans that scale needs (`scans.rs`), and with the low-memory
-//! decoder (`lowres.rs`, 1/4 and 1/8 only), and how far the last two pictures are from the
+//! decoder (`lowres.rs`, 1/8 to 1/2), and how far the last two pictures are from the
 //! first (PSNR over RGB, largest difference). Decode only, no resize or encode.
 //!
 //! Usage: scan-selection [--eighths 2] [--rounds 5] FILE...

@@ -782,7 +782,13 @@ impl Decoder {
             let band = &mut plane[by * N * pw..][..N * pw];
             for (bx, f) in blocks.chunks_exact(nn).enumerate() {
                 let dc = f32::from(f[0]) * basis[0][0];
-                if f[1..].iter().all(|&v| v == 0) {
+                // The non-zero AC frequencies, found without a branch each: a test per
+                // coefficient would be mispredicted about as often as taken.
+                let mut ac = 0u32;
+                for (i, &v) in f.iter().enumerate().skip(1) {
+                    ac |= u32::from(v != 0) << i;
+                }
+                if ac == 0 {
                     let v = to_u8(dc);
                     for y in 0..N {
                         band[y * pw + bx * N..][..N].fill(v);
@@ -790,12 +796,12 @@ impl Decoder {
                     continue;
                 }
                 let mut sum = [dc; 16];
-                for (&v, column) in f.iter().zip(&basis).skip(1) {
-                    if v != 0 {
-                        let v = f32::from(v);
-                        for (acc, &b) in sum[..nn].iter_mut().zip(column) {
-                            *acc += b * v;
-                        }
+                while ac != 0 {
+                    let i = ac.trailing_zeros() as usize;
+                    ac &= ac - 1;
+                    let v = f32::from(f[i]);
+                    for (acc, &b) in sum[..nn].iter_mut().zip(&basis[i]) {
+                        *acc += b * v;
                     }
                 }
                 for y in 0..N {
@@ -840,16 +846,15 @@ impl Decoder {
                 }
             }
         } else {
-            let table = YccTable::get();
             for y in 0..h {
                 let yr = &luma_plane[y * luma_stride..][..w];
                 let (cb, cr) = (&chroma[0][y * w..][..w], &chroma[1][y * w..][..w]);
                 let out = &mut pixels[y * w * 3..][..w * 3];
                 for (((px, &l), &b), &r) in out.chunks_exact_mut(3).zip(yr).zip(cb).zip(cr) {
-                    let (l, b, r) = (usize::from(l), usize::from(b), usize::from(r));
-                    px[0] = table.limit(l, table.cr_r[r]);
-                    px[1] = table.limit(l, (table.cb_g[b] + table.cr_g[r]) >> 16);
-                    px[2] = table.limit(l, table.cb_b[b]);
+                    let (l, b, r) = (i32::from(l), i32::from(b) - 128, i32::from(r) - 128);
+                    px[0] = (l + ((CR_R * r + HALF) >> 16)).clamp(0, 255) as u8;
+                    px[1] = (l + ((HALF - CB_G * b - CR_G * r) >> 16)).clamp(0, 255) as u8;
+                    px[2] = (l + ((CB_B * b + HALF) >> 16)).clamp(0, 255) as u8;
                 }
             }
         }
@@ -922,54 +927,50 @@ fn widen(sums: &[u16], out: &mut [u8], even: u16, odd: u16) {
     let Some(&last) = sums.last() else {
         return;
     };
-    for (i, pair) in out.chunks_mut(2).enumerate().take(sums.len()) {
+    let at = |i: usize, out: &mut [u8]| {
         let this = 3 * sums[i];
         let left = if i == 0 { sums[0] } else { sums[i - 1] };
-        pair[0] = ((this + left + even) >> 4) as u8;
-        if let Some(second) = pair.get_mut(1) {
+        if let Some(first) = out.get_mut(2 * i) {
+            *first = ((this + left + even) >> 4) as u8;
+        }
+        if let Some(second) = out.get_mut(2 * i + 1) {
             let right = sums.get(i + 1).copied().unwrap_or(last);
             *second = ((this + right + odd) >> 4) as u8;
+        }
+    };
+    // Samples with both neighbours and both outputs inside `out`, in a loop without edge cases
+    // (one the compiler vectorises); then the edges.
+    let whole = (out.len() / 2).min(sums.len());
+    if whole >= 3 {
+        let middle = out[2..2 * (whole - 1)].chunks_exact_mut(2);
+        for (o, w) in middle.zip(sums.windows(3)) {
+            let this = 3 * w[1];
+            o[0] = ((this + w[0] + even) >> 4) as u8;
+            o[1] = ((this + w[2] + odd) >> 4) as u8;
+        }
+        at(0, out);
+        for i in whole - 1..sums.len().min(out.len().div_ceil(2)) {
+            at(i, out);
+        }
+    } else {
+        for i in 0..sums.len().min(out.len().div_ceil(2)) {
+            at(i, out);
         }
     }
 }
 
-/// JFIF's YCbCr → RGB in 16-bit fixed point, as libjpeg's tables.
-struct YccTable {
-    cr_r: [i32; 256],
-    cb_b: [i32; 256],
-    cr_g: [i32; 256],
-    cb_g: [i32; 256],
+/// JFIF's YCbCr → RGB factors in 16-bit fixed point, as libjpeg's `FIX`: computed per pixel
+/// from these, the results are those of libjpeg's tables (made by the same formulas), and the
+/// loop is one the compiler vectorises.
+const fn fix(x: f64) -> i32 {
+    (x * 65536.0 + 0.5) as i32
 }
 
-impl YccTable {
-    /// Luma `l` plus `offset`, clamped to 0–255.
-    #[inline(always)]
-    fn limit(&self, l: usize, offset: i32) -> u8 {
-        (l as i32 + offset).clamp(0, 255) as u8
-    }
-
-    fn get() -> &'static YccTable {
-        static TABLE: std::sync::OnceLock<YccTable> = std::sync::OnceLock::new();
-        TABLE.get_or_init(|| {
-            let fix = |x: f64| (x * 65536.0 + 0.5) as i32;
-            let half = 1 << 15;
-            let mut t = YccTable {
-                cr_r: [0; 256],
-                cb_b: [0; 256],
-                cr_g: [0; 256],
-                cb_g: [0; 256],
-            };
-            for i in 0..256 {
-                let x = i as i32 - 128;
-                t.cr_r[i] = (fix(1.40200) * x + half) >> 16;
-                t.cb_b[i] = (fix(1.77200) * x + half) >> 16;
-                t.cr_g[i] = -fix(0.71414) * x;
-                t.cb_g[i] = -fix(0.34414) * x + half;
-            }
-            t
-        })
-    }
-}
+const CR_R: i32 = fix(1.40200);
+const CB_B: i32 = fix(1.77200);
+const CR_G: i32 = fix(0.71414);
+const CB_G: i32 = fix(0.34414);
+const HALF: i32 = 1 << 15;
 
 #[cfg(test)]
 mod tests {
@@ -1040,6 +1041,57 @@ mod tests {
     /// mozjpeg's own progressive script (its default profile) with a restart marker every 7
     /// MCUs: libjpeg's C API, as the crate exposes no restart setting.
     fn progressive_with_restarts(rgb: &[u8], w: u32, h: u32) -> Vec<u8> {
+        scripted(rgb, w, h, None)
+    }
+
+    /// A scan: the components it holds, its band (Ss, Se) and bit positions (Ah, Al).
+    type Scan = (&'static [i32], i32, i32, i32, i32);
+
+    /// Scan scripts other encoders write (Photoshop's, jpegtran's `-scans`, mozjpeg's): the
+    /// DC in one scan per component, spectral bands without successive approximation, and
+    /// the DC and AC each refined two or three times.
+    const SCRIPTS: [&[Scan]; 3] = [
+        &[
+            (&[0], 0, 0, 0, 0),
+            (&[1], 0, 0, 0, 0),
+            (&[2], 0, 0, 0, 0),
+            (&[0], 1, 2, 0, 0),
+            (&[0], 3, 9, 0, 0),
+            (&[1], 1, 63, 0, 0),
+            (&[0], 10, 63, 0, 0),
+            (&[2], 1, 63, 0, 0),
+        ],
+        &[
+            (&[0], 0, 0, 0, 0),
+            (&[1, 2], 0, 0, 0, 0),
+            (&[0], 1, 8, 0, 2),
+            (&[1], 1, 63, 0, 0),
+            (&[2], 1, 63, 0, 0),
+            (&[0], 9, 63, 0, 2),
+            (&[0], 1, 63, 2, 1),
+            (&[0], 1, 63, 1, 0),
+        ],
+        &[
+            (&[0, 1, 2], 0, 0, 0, 2),
+            (&[0], 1, 5, 0, 3),
+            (&[1], 1, 63, 0, 2),
+            (&[2], 1, 63, 0, 2),
+            (&[0], 6, 63, 0, 3),
+            (&[0, 1, 2], 0, 0, 2, 1),
+            (&[0], 1, 63, 3, 2),
+            (&[0], 1, 63, 2, 1),
+            (&[1], 1, 63, 2, 1),
+            (&[2], 1, 63, 2, 1),
+            (&[0, 1, 2], 0, 0, 1, 0),
+            (&[0], 1, 63, 1, 0),
+            (&[1], 1, 63, 1, 0),
+            (&[2], 1, 63, 1, 0),
+        ],
+    ];
+
+    /// A 4:2:0 progressive file with a restart marker every 7 MCUs, by `script` or else by
+    /// mozjpeg's own.
+    fn scripted(rgb: &[u8], w: u32, h: u32, script: Option<&[Scan]>) -> Vec<u8> {
         use mozjpeg_sys::*;
         // SAFETY: the libjpeg compress sequence on zeroed structs, as its manual gives it; the
         // rows point into `rgb`, which outlives the calls; the output buffer is freed once.
@@ -1055,9 +1107,38 @@ mod tests {
             cinfo.image_height = h;
             cinfo.input_components = 3;
             cinfo.in_color_space = J_COLOR_SPACE::JCS_RGB;
+            if script.is_some() {
+                // libjpeg's defaults: mozjpeg's would rewrite the scan script.
+                jpeg_c_set_int_param(
+                    &mut cinfo,
+                    J_INT_PARAM::JINT_COMPRESS_PROFILE,
+                    JCP_FASTEST as i32,
+                );
+            }
             jpeg_set_defaults(&mut cinfo);
             jpeg_set_quality(&mut cinfo, 88, 1);
-            jpeg_simple_progression(&mut cinfo);
+            let scans: Vec<jpeg_scan_info> = script
+                .unwrap_or_default()
+                .iter()
+                .map(|&(comps, ss, se, ah, al)| {
+                    let mut component_index = [0; 4];
+                    component_index[..comps.len()].copy_from_slice(comps);
+                    jpeg_scan_info {
+                        comps_in_scan: comps.len() as i32,
+                        component_index,
+                        Ss: ss,
+                        Se: se,
+                        Ah: ah,
+                        Al: al,
+                    }
+                })
+                .collect();
+            if scans.is_empty() {
+                jpeg_simple_progression(&mut cinfo);
+            } else {
+                cinfo.scan_info = scans.as_ptr();
+                cinfo.num_scans = scans.len() as i32;
+            }
             // In MCUs for every scan (`restart_in_rows` would differ per scan, and mozjpeg's
             // optimised scans then keep the first scan's DRI).
             cinfo.restart_interval = 7;
@@ -1073,6 +1154,22 @@ mod tests {
             jpeg_destroy_compress(&mut cinfo);
             libc::free(buffer.cast());
             out
+        }
+    }
+
+    /// Files as other encoders lay out their scans decode as libjpeg decodes them, at every
+    /// scale, with the scans a scale does not need dropped first (`scans.rs`).
+    #[test]
+    fn other_encoders_scan_scripts_decode() {
+        let (w, h) = (150u32, 90u32);
+        let rgb = photo(w, h);
+        for (i, script) in SCRIPTS.into_iter().enumerate() {
+            let file = scripted(&rgb, w, h, Some(script));
+            let sos = file.windows(2).filter(|p| p == &[0xFF, 0xDA]).count();
+            assert_eq!(sos, script.len(), "script {i}: every scan written");
+            for eighths in 1..=4u8 {
+                assert_close_to_libjpeg(&file, eighths, &format!("script {i}"));
+            }
         }
     }
 
