@@ -148,6 +148,13 @@ mod tests {
             ("seeds/420-61x37-half", None),
             ("seeds/422-50x40-quarter", None),
             ("seeds/grey-40x30-eighth", None),
+            // Found by `progressive_jpeg` (2026-12-02): FF 00 between two segments, which
+            // libjpeg skips as garbage and the decoder's walk read as a segment with a length:
+            // the two found different frame headers (a 24×20 picture for libjpeg's 24×18).
+            (
+                "crashes/stuffed-zero-between-segments",
+                Some("left to libjpeg"),
+            ),
         ];
         mediafarm::fuzzing::replay_expecting(&dir, expected, |data| {
             progressive_jpeg(data)

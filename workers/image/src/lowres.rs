@@ -311,6 +311,9 @@ fn segment(d: &[u8], mut at: usize) -> Option<Segment<'_>> {
             end: at + 2,
         });
     }
+    if !crate::scans::has_length(marker) {
+        return None;
+    }
     let len = be16(d, at + 2)?;
     Some(Segment {
         marker,

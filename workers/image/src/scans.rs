@@ -52,6 +52,15 @@ struct AcScan {
     kept: bool,
 }
 
+/// Whether a marker between segments is followed by a length, as libjpeg reads it. The others
+/// — a stuffed zero (FF 00, which libjpeg skips as garbage there), TEM, RSTn, SOI — stand alone
+/// or are errors, so a walk that read a length after them would part ways with libjpeg's (a
+/// fuzzed file had another frame header "inside" a segment after FF 00): the walks here and in
+/// `lowres.rs` give such files up to libjpeg instead.
+pub fn has_length(marker: u8) -> bool {
+    !matches!(marker, 0x00 | 0x01 | 0xD0..=0xD9)
+}
+
 /// The file with only the scans an `eighths`/8 decode needs, or `None` when it is not a
 /// progressive Huffman JPEG, nothing can be dropped, or its structure is not as expected (the
 /// caller then decodes the original, which reports any damage).
@@ -84,6 +93,7 @@ pub fn for_scale(data: &[u8], eighths: u8) -> Option<Vec<u8>> {
             0xC2 => progressive = true,
             // Any other frame type: baseline, lossless, arithmetic coding.
             0xC0 | 0xC1 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => return None,
+            m if !has_length(m) => return None,
             _ => {}
         }
         let len = usize::from(u16::from_be_bytes([*data.get(at + 2)?, *data.get(at + 3)?]));
