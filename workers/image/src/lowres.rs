@@ -16,6 +16,7 @@
 //! precisely.
 
 use crate::jpeg::Rgb;
+use crate::scans::{segment, Segment};
 
 struct Component {
     id: u8,
@@ -286,42 +287,6 @@ pub fn held_bytes(coefficient_bytes: u64, eighths: u8, file_bytes: u64, rgb_byte
     file_bytes + (coefficients + planes).max(planes + rgb_bytes) - rgb_bytes
 }
 
-/// One marker segment of a JPEG: its marker, its body (empty for EOI), and where the segment
-/// ends (for a scan, where its entropy-coded data begins).
-struct Segment<'a> {
-    marker: u8,
-    body: &'a [u8],
-    end: usize,
-}
-
-/// The marker segment at `at` (fill bytes before its marker skipped); `None` when there is no
-/// well-formed segment there.
-fn segment(d: &[u8], mut at: usize) -> Option<Segment<'_>> {
-    if *d.get(at)? != 0xFF {
-        return None;
-    }
-    while *d.get(at + 1)? == 0xFF {
-        at += 1;
-    }
-    let marker = *d.get(at + 1)?;
-    if marker == 0xD9 {
-        return Some(Segment {
-            marker,
-            body: &[],
-            end: at + 2,
-        });
-    }
-    if !crate::scans::has_length(marker) {
-        return None;
-    }
-    let len = be16(d, at + 2)?;
-    Some(Segment {
-        marker,
-        body: d.get(at + 4..at + 2 + len)?,
-        end: at + 2 + len,
-    })
-}
-
 /// For an `n`×`n` output block: zig-zag position → slot of the coefficient kept, the `n`×`n`
 /// lowest frequencies row by row (`u8::MAX`: not kept).
 fn kept_slots(n: usize) -> [u8; 64] {
@@ -408,7 +373,9 @@ impl Decoder {
     fn run(mut self, d: &[u8]) -> Option<Rgb> {
         let mut at = 2;
         loop {
-            let Segment { marker, body, end } = segment(d, at)?;
+            let Segment {
+                marker, body, end, ..
+            } = segment(d, at)?;
             match marker {
                 0xD9 => break,
                 0xDB => self.quant_tables(body)?,
@@ -944,6 +911,7 @@ fn widen(sums: &[u16], out: &mut [u8], even: u16, odd: u16) {
     // Samples with both neighbours and both outputs inside `out`, in a loop without edge cases
     // (one the compiler vectorises); then the edges.
     let whole = (out.len() / 2).min(sums.len());
+    let mut edge_from = 1;
     if whole >= 3 {
         let middle = out[2..2 * (whole - 1)].chunks_exact_mut(2);
         for (o, w) in middle.zip(sums.windows(3)) {
@@ -951,14 +919,10 @@ fn widen(sums: &[u16], out: &mut [u8], even: u16, odd: u16) {
             o[0] = ((this + w[0] + even) >> 4) as u8;
             o[1] = ((this + w[2] + odd) >> 4) as u8;
         }
-        at(0, out);
-        for i in whole - 1..sums.len().min(out.len().div_ceil(2)) {
-            at(i, out);
-        }
-    } else {
-        for i in 0..sums.len().min(out.len().div_ceil(2)) {
-            at(i, out);
-        }
+        edge_from = whole - 1;
+    }
+    for i in std::iter::once(0).chain(edge_from..sums.len().min(out.len().div_ceil(2))) {
+        at(i, out);
     }
 }
 

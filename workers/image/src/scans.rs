@@ -52,13 +52,48 @@ struct AcScan {
     kept: bool,
 }
 
-/// Whether a marker between segments is followed by a length, as libjpeg reads it. The others
-/// — a stuffed zero (FF 00, which libjpeg skips as garbage there), TEM, RSTn, SOI — stand alone
-/// or are errors, so a walk that read a length after them would part ways with libjpeg's (a
-/// fuzzed file had another frame header "inside" a segment after FF 00): the walks here and in
-/// `lowres.rs` give such files up to libjpeg instead.
-pub fn has_length(marker: u8) -> bool {
-    !matches!(marker, 0x00 | 0x01 | 0xD0..=0xD9)
+/// One marker segment of a JPEG: its marker, where it starts (its 0xFF), its body (empty for
+/// EOI), and where it ends (for a scan, where its entropy-coded data begins).
+pub(crate) struct Segment<'a> {
+    pub marker: u8,
+    pub start: usize,
+    pub body: &'a [u8],
+    pub end: usize,
+}
+
+/// The marker segment at `at` (fill bytes before its marker skipped); `None` when there is no
+/// well-formed segment there. The file walks here and in `lowres.rs` both read with this.
+///
+/// A marker that carries no length where libjpeg reads segments — a stuffed zero (FF 00, which
+/// libjpeg skips as garbage there), TEM, RSTn, SOI — is `None` too: a walk that read a length
+/// after it would part ways with libjpeg's (a fuzzed file had another frame header "inside" a
+/// segment after FF 00), so such files are left to libjpeg.
+pub(crate) fn segment(d: &[u8], mut at: usize) -> Option<Segment<'_>> {
+    if *d.get(at)? != 0xFF {
+        return None;
+    }
+    while *d.get(at + 1)? == 0xFF {
+        at += 1;
+    }
+    let marker = *d.get(at + 1)?;
+    if marker == 0xD9 {
+        return Some(Segment {
+            marker,
+            start: at,
+            body: &[],
+            end: at + 2,
+        });
+    }
+    if matches!(marker, 0x00 | 0x01 | 0xD0..=0xD8) {
+        return None;
+    }
+    let len = usize::from(u16::from_be_bytes([*d.get(at + 2)?, *d.get(at + 3)?]));
+    Some(Segment {
+        marker,
+        start: at,
+        body: d.get(at + 4..at + 2 + len)?,
+        end: at + 2 + len,
+    })
 }
 
 /// The file with only the scans an `eighths`/8 decode needs, or `None` when it is not a
@@ -77,15 +112,13 @@ pub fn for_scale(data: &[u8], eighths: u8) -> Option<Vec<u8>> {
     let mut seen: Vec<AcScan> = Vec::new();
     let mut dropped = false;
     loop {
-        if *data.get(at)? != 0xFF {
-            return None;
-        }
-        let marker = *data.get(at + 1)?;
+        let Segment {
+            marker,
+            start: segment_start,
+            body: header,
+            end: segment_end,
+        } = segment(data, at)?;
         match marker {
-            0xFF => {
-                at += 1;
-                continue;
-            }
             0xD9 => {
                 out.extend_from_slice(&[0xFF, 0xD9]);
                 break;
@@ -93,23 +126,16 @@ pub fn for_scale(data: &[u8], eighths: u8) -> Option<Vec<u8>> {
             0xC2 => progressive = true,
             // Any other frame type: baseline, lossless, arithmetic coding.
             0xC0 | 0xC1 | 0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF => return None,
-            m if !has_length(m) => return None,
             _ => {}
         }
-        let len = usize::from(u16::from_be_bytes([*data.get(at + 2)?, *data.get(at + 3)?]));
-        let segment_end = at + 2 + len;
-        if len < 2 || segment_end > data.len() {
-            return None;
-        }
         if marker != 0xDA {
-            out.extend_from_slice(&data[at..segment_end]);
+            out.extend_from_slice(&data[segment_start..segment_end]);
             at = segment_end;
             continue;
         }
         if !progressive {
             return None;
         }
-        let header = &data[at + 4..segment_end];
         let components = usize::from(*header.first()?);
         if components == 0 || header.len() != 1 + 2 * components + 3 {
             return None;
@@ -149,7 +175,7 @@ pub fn for_scale(data: &[u8], eighths: u8) -> Option<Vec<u8>> {
             kept
         };
         if kept {
-            out.extend_from_slice(&data[at..scan_end]);
+            out.extend_from_slice(&data[segment_start..scan_end]);
         } else {
             dropped = true;
         }
